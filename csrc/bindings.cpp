@@ -1,0 +1,33 @@
+// Declares the bitdecode torch ops; the implementations live in ops.cpp.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "bitdecode/ops.h"
+
+TORCH_LIBRARY(bitdecode, m) {
+  m.def(
+      "quantize_to_pages(Tensor key, Tensor value, Tensor slot_mapping, Tensor(a!) cache, "
+      "Tensor? rotation_signs, int bits, int group_size, int block_size) -> ()");
+  m.def(
+      "dequantize_pages(Tensor cache, Tensor block_table, Tensor seq_lens, Tensor out_start, "
+      "Tensor(a!) key_out, Tensor(b!) value_out, int bits, int group_size, int block_size, "
+      "int max_tokens) -> ()");
+  m.def(
+      "decode(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
+      "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
+      "int min_tiles_per_split) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
+  m.impl("quantize_to_pages", &bitdecode::quantize_to_pages);
+  m.impl("dequantize_pages", &bitdecode::dequantize_pages);
+  m.impl("decode", &bitdecode::decode);
+}
+
+// `import vllm_bitdecode._C` loads this library, which registers the ops above; the
+// module itself is empty (ops are reached through torch.ops.bitdecode).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,143 @@
+// Register-level building blocks: dtype traits, mma.m16n8k16, lop3 unpacking of
+// packed codes straight into MMA operand registers, and the in-row channel order.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace bitdecode {
+
+template <typename T>
+struct DtypeTraits;
+
+template <>
+struct DtypeTraits<__nv_bfloat16> {
+  using pair = __nv_bfloat162;
+  // (code | 0x4300) is the bf16 number 128 + code, exact for codes < 128.
+  static constexpr uint32_t kMagic = 0x43004300u;
+  static constexpr float kMagicValue = 128.0f;
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&p);
+  }
+  __device__ static uint32_t sub_magic(uint32_t x) {
+    const __nv_bfloat162 m = __floats2bfloat162_rn(kMagicValue, kMagicValue);
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&x), m);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <>
+struct DtypeTraits<__half> {
+  using pair = __half2;
+  // (code | 0x6400) is the fp16 number 1024 + code, exact for codes < 1024.
+  static constexpr uint32_t kMagic = 0x64006400u;
+  static constexpr float kMagicValue = 1024.0f;
+  __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static __half from_float(float x) { return __float2half_rn(x); }
+  __device__ static uint32_t pack(float lo, float hi) {
+    __half2 p = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&p);
+  }
+  __device__ static uint32_t sub_magic(uint32_t x) {
+    const __half2 m = __floats2half2_rn(kMagicValue, kMagicValue);
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&x), m);
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+__device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint32_t bits) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(x), "r"(mask), "r"(bits));  // (x&m)|b
+  return r;
+}
+
+// Unpack the code pair (slot i, slot i + vpw/2) of a packed word into one register
+// of two T values: low half = slot i, high half = slot i + vpw/2. No shuffles: the
+// page stores codes in exactly this order (page_format.py).
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t unpack_pair(uint32_t word, int i) {
+  constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
+  return DtypeTraits<T>::sub_magic(lop3_and_or(word >> (BITS * i), kMask, DtypeTraits<T>::kMagic));
+}
+
+// ---- in-row channel order (the CUDA twin of page_format.py's *_channel_of_slot) ----
+template <int HEAD, int BITS>
+struct RowOrder {
+  static constexpr int kValuesPerWord = 32 / BITS;
+  static constexpr int kRowWords = HEAD * BITS / 32;
+  static constexpr int kRowBytes = kRowWords * 4;
+  static constexpr int kKWordsPerLane = kRowWords / 4;   // lane quad position t owns these
+  static constexpr int kKStepsPerWord = kValuesPerWord / 4;
+  static constexpr int kVWordsPerLane = kRowWords / 8;   // lane group c = lane/4 owns these
+
+  // K: (word, slot) -> channel, as page_format._k_channel_of_slot.
+  __device__ static int k_channel(int word, int slot) {
+    const int t = word / kKWordsPerLane, w = word % kKWordsPerLane;
+    const int i = slot % (kValuesPerWord / 2), elem = slot / (kValuesPerWord / 2);
+    const int kstep = w * kKStepsPerWord + i / 2;
+    return 16 * kstep + 8 * (i % 2) + 2 * t + elem;
+  }
+  // V: (word, slot) -> channel, as page_format._v_channel_of_slot.
+  __device__ static int v_channel(int word, int slot) {
+    const int c = word / kVWordsPerLane, h = word % kVWordsPerLane;
+    return c + 8 * (h * kValuesPerWord + slot);
+  }
+  // K: channel -> (word, slot). Inverse of page_format._k_channel_of_slot.
+  __device__ static void k_slot(int channel, int& word, int& slot) {
+    const int kstep = channel / 16, r = channel % 16;
+    const int part = r / 8, t = (r % 8) / 2, elem = r % 2;
+    const int i = 2 * (kstep % kKStepsPerWord) + part;
+    word = t * kKWordsPerLane + kstep / kKStepsPerWord;
+    slot = i + elem * (kValuesPerWord / 2);
+  }
+  // V: channel -> (word, slot). Inverse of page_format._v_channel_of_slot.
+  __device__ static void v_slot(int channel, int& word, int& slot) {
+    const int c = channel % 8, j = channel / 8;
+    word = c * kVWordsPerLane + j / kValuesPerWord;
+    slot = j % kValuesPerWord;
+  }
+};
+
+// Fast Walsh-Hadamard transform of `rows` vectors of HEAD floats in shared memory,
+// with the sign flip first and the 1/sqrt(HEAD) scale last: the same butterfly order
+// as reference.rotate, so results are bit-identical. All threads of the block call it.
+template <int HEAD>
+__device__ void rotate_rows_smem(float* x, int rows, const float* signs) {
+  for (int idx = threadIdx.x; idx < rows * HEAD; idx += blockDim.x) x[idx] *= signs[idx % HEAD];
+  __syncthreads();
+  for (int h = 1; h < HEAD; h *= 2) {
+    for (int idx = threadIdx.x; idx < rows * HEAD / 2; idx += blockDim.x) {
+      const int row = idx / (HEAD / 2), k = idx % (HEAD / 2);
+      const int lo = (k / h) * 2 * h + (k % h);
+      float* v = x + row * HEAD;
+      const float a = v[lo], b = v[lo + h];
+      v[lo] = a + b;
+      v[lo + h] = a - b;
+    }
+    __syncthreads();
+  }
+  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(HEAD)));  // as reference
+  for (int idx = threadIdx.x; idx < rows * HEAD; idx += blockDim.x) x[idx] *= inv;
+  __syncthreads();
+}
+
+}  // namespace bitdecode

@@ -1,0 +1,20 @@
+// Kernel launchers, one explicit instantiation per (dtype, bits, group) in
+// csrc/instantiations/ so the heavy decode template compiles in parallel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "bitdecode/params.h"
+
+namespace bitdecode {
+
+template <typename T, int BITS, int GROUP>
+void launch_quantize(const QuantizeParams& p, cudaStream_t stream);
+
+template <typename T, int BITS, int GROUP>
+void launch_dequantize(const DequantizeParams& p, cudaStream_t stream);
+
+template <typename T, int BITS, int GROUP>
+void launch_decode(const DecodeParams& p, cudaStream_t stream);
+
+}  // namespace bitdecode

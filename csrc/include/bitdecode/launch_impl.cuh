@@ -1,0 +1,39 @@
+// Definitions of the launchers declared in launch.h (included by the instantiation files).
+#pragma once
+
+#include "bitdecode/decode_kernel.cuh"
+#include "bitdecode/launch.h"
+#include "bitdecode/quantize_kernel.cuh"
+
+namespace bitdecode {
+
+constexpr int kHeadSize = 128;
+
+template <typename T, int BITS, int GROUP>
+void launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
+  const int64_t items = static_cast<int64_t>(p.num_tokens) * p.num_kv_heads;
+  if (items == 0) return;
+  const dim3 grid(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps));
+  quantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
+  const int64_t items = static_cast<int64_t>(p.max_tokens) * p.num_kv_heads;
+  if (items == 0 || p.num_seqs == 0) return;
+  const dim3 grid(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps),
+                  p.num_seqs);
+  dequantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  if (p.num_seqs == 0) return;
+  const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
+  decode_kernel<T, kHeadSize, BITS, GROUP><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  if (p.num_splits > 1) {
+    combine_kernel<T, kHeadSize><<<dim3(p.num_seqs, p.num_heads), kHeadSize, 0, stream>>>(p);
+  }
+}
+
+}  // namespace bitdecode

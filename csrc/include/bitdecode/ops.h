@@ -1,0 +1,37 @@
+// Host entry points registered as torch ops in bindings.cpp (shapes in comments).
+#pragma once
+
+#include <torch/all.h>
+
+#include <optional>
+
+namespace bitdecode {
+
+void quantize_to_pages(const at::Tensor& key,           // [tokens, kv_heads, 128]
+                       const at::Tensor& value,         // [tokens, kv_heads, 128]
+                       const at::Tensor& slot_mapping,  // [>= tokens] int64
+                       at::Tensor& cache,               // [blocks, kv_heads, region] uint8
+                       const std::optional<at::Tensor>& rotation_signs,  // [128] f32
+                       int64_t bits, int64_t group_size, int64_t block_size);
+
+void dequantize_pages(const at::Tensor& cache,        // [blocks, kv_heads, region] uint8
+                      const at::Tensor& block_table,  // [seqs, max_blocks] int32
+                      const at::Tensor& seq_lens,     // [seqs] int32, tokens to read
+                      const at::Tensor& out_start,    // [seqs + 1] int32
+                      at::Tensor& key_out,            // [total, kv_heads, 128]
+                      at::Tensor& value_out,          // [total, kv_heads, 128]
+                      int64_t bits, int64_t group_size, int64_t block_size,
+                      int64_t max_tokens);
+
+void decode(at::Tensor& out,                 // [seqs, heads, 128]
+            const at::Tensor& q,             // [seqs, heads, 128]
+            const at::Tensor& cache,         // [blocks, kv_heads, region] uint8
+            const at::Tensor& block_table,   // [seqs, max_blocks] int32
+            const at::Tensor& seq_lens,      // [seqs] int32
+            at::Tensor& partial_out,         // [splits, seqs, heads, 128] f32
+            at::Tensor& partial_lse,         // [splits, seqs, heads] f32
+            const std::optional<at::Tensor>& rotation_signs,  // [128] f32
+            double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
+            int64_t num_splits, int64_t min_tiles_per_split);
+
+}  // namespace bitdecode

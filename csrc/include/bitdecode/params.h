@@ -1,0 +1,73 @@
+// Plain-data parameter blocks of the BITDECODE kernels. Torch-free: raw pointers,
+// int64 strides in elements of the pointed-to type (bytes for the cache).
+#pragma once
+
+#include <cstdint>
+
+namespace bitdecode {
+
+// Geometry of one page, mirrored from vllm_bitdecode/page_format.py (the tests check
+// that both agree). All offsets are in bytes from the start of a head region.
+struct PageGeometry {
+  int block_size;       // tokens per page
+  int row_bytes;        // packed bytes of one token's K (or V) row
+  int param_bytes;      // K and V scale + zero of every group of one token
+  int v_rows_offset;    // = block_size * row_bytes
+  int params_offset;    // = 2 * block_size * row_bytes
+};
+
+// Quantize-on-write: tokens [num_tokens, num_kv_heads, head_size] -> pages.
+struct QuantizeParams {
+  const void* key;               // [num_tokens, num_kv_heads, head_size]
+  const void* value;             // [num_tokens, num_kv_heads, head_size]
+  int64_t key_stride_token, key_stride_head;
+  int64_t value_stride_token, value_stride_head;
+  const int64_t* slot_mapping;   // [num_tokens]; block * block_size + offset, < 0 skips
+  uint8_t* cache;                // [num_blocks, num_kv_heads, head_region_bytes]
+  int64_t cache_stride_block, cache_stride_head;
+  const float* rotation_signs;   // [head_size] or nullptr: no K rotation
+  int num_tokens;
+  int num_kv_heads;
+  PageGeometry page;
+};
+
+// Decode attention: one query token per sequence over its quantized pages.
+struct DecodeParams {
+  const void* q;                 // [num_seqs, num_heads, head_size]
+  int64_t q_stride_token, q_stride_head;
+  void* out;                     // [num_seqs, num_heads, head_size]
+  int64_t out_stride_token, out_stride_head;
+  const uint8_t* cache;          // [num_blocks, num_kv_heads, head_region_bytes]
+  int64_t cache_stride_block, cache_stride_head;
+  const int32_t* block_table;    // [num_seqs, max_blocks_per_seq]
+  int64_t block_table_stride;
+  const int32_t* seq_lens;       // [num_seqs]
+  float* partial_out;            // [num_splits, num_seqs, num_heads, head_size], if num_splits > 1
+  float* partial_lse;            // [num_splits, num_seqs, num_heads] (log2 domain)
+  const float* rotation_signs;   // [head_size] or nullptr: Q is not rotated
+  float softmax_scale;
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int num_splits;                // grid.x; fixed per batch size so CUDA graphs can replay it
+  int min_tiles_per_split;       // a split never gets fewer 16-token tiles than this
+  PageGeometry page;
+};
+
+// Dequantize pages back to the model dtype (prefill over cached, quantized history).
+struct DequantizeParams {
+  const uint8_t* cache;
+  int64_t cache_stride_block, cache_stride_head;
+  const int32_t* block_table;    // [num_seqs, max_blocks_per_seq]
+  int64_t block_table_stride;
+  const int32_t* seq_lens;       // [num_seqs] tokens to read per sequence
+  const int32_t* out_start;      // [num_seqs + 1] first output row of each sequence
+  void* key_out;                 // [total_tokens, num_kv_heads, head_size] (rotated if stored so)
+  void* value_out;               // [total_tokens, num_kv_heads, head_size]
+  int num_seqs;
+  int num_kv_heads;
+  int max_tokens;                // upper bound of seq_lens, sizes the grid
+  PageGeometry page;
+};
+
+}  // namespace bitdecode

@@ -1,0 +1,195 @@
+// Quantize-on-write and its inverse (dequantize pages for prefill over cached history).
+//
+// One warp per (token, KV head). Lane l holds channels 4l..4l+3 of K and of V; the
+// optional K rotation is a warp-level Walsh-Hadamard transform (butterflies over
+// registers, then over lanes), min/max per group are lane reductions, and the codes
+// are repacked through shared memory into the MMA-friendly row order.
+#pragma once
+
+#include "bitdecode/fragments.cuh"
+#include "bitdecode/params.h"
+
+namespace bitdecode {
+
+constexpr int kQuantizeWarps = 4;
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* src, float (&x)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(src);  // 4 x 16-bit
+  const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] = DtypeTraits<T>::to_float(v[i]);
+}
+
+// Walsh-Hadamard over 128 values spread 4 per lane (same butterflies as reference.rotate).
+__device__ __forceinline__ void rotate_warp128(float (&x)[4], const float* signs, int lane) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] *= signs[4 * lane + i];
+  // strides 1 and 2 stay inside the lane
+#pragma unroll
+  for (int h = 1; h < 4; h *= 2) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if ((i & h) == 0) {
+        const float a = x[i], b = x[i + h];
+        x[i] = a + b;
+        x[i + h] = a - b;
+      }
+    }
+  }
+  // strides 4..64 pair lane l with lane l ^ (h / 4)
+#pragma unroll
+  for (int lanes = 1; lanes < 32; lanes *= 2) {
+    const bool upper = lane & lanes;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, x[i], lanes);
+      x[i] = upper ? other - x[i] : x[i] + other;
+    }
+  }
+  const float inv = static_cast<float>(1.0 / sqrt(128.0));
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] = __fmul_rn(x[i], inv);  // no fma with what follows
+}
+
+// Quantize the 4 values of this lane against its group's min/max; writes the codes to
+// `codes` (natural channel order) and returns the stored (scale, zero) of the group.
+template <typename T, int BITS, int GROUP>
+__device__ __forceinline__ void quantize_lane(const float (&x)[4], uint8_t* codes, int lane,
+                                              T& scale_out, T& zero_out) {
+  constexpr int kLanesPerGroup = GROUP / 4;
+  constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
+  float lo = fminf(fminf(x[0], x[1]), fminf(x[2], x[3]));
+  float hi = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+#pragma unroll
+  for (int o = 1; o < kLanesPerGroup; o *= 2) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  // Round scale and zero to the stored dtype first, then quantize against the stored
+  // values, so dequantization with them is the quantizer's own inverse.
+  scale_out = DtypeTraits<T>::from_float(__fdiv_rn(hi - lo, kLevels));
+  zero_out = DtypeTraits<T>::from_float(lo);
+  const float s = DtypeTraits<T>::to_float(scale_out);
+  const float z = DtypeTraits<T>::to_float(zero_out);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float q = 0.0f;
+    if (s > 0.0f) q = fminf(fmaxf(rintf(__fdiv_rn(x[i] - z, s)), 0.0f), kLevels);
+    codes[4 * lane + i] = static_cast<uint8_t>(q);
+  }
+}
+
+template <typename T, int HEAD, int BITS, int GROUP>
+__global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeParams p) {
+  static_assert(HEAD == 128, "one warp holds 4 channels per lane");
+  using Order = RowOrder<HEAD, BITS>;
+  constexpr int kGroups = HEAD / GROUP;
+  __shared__ uint8_t codes[kQuantizeWarps][2][HEAD];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kQuantizeWarps + warp;
+  if (item >= static_cast<int64_t>(p.num_tokens) * p.num_kv_heads) return;
+  const int token = static_cast<int>(item / p.num_kv_heads);
+  const int head = static_cast<int>(item % p.num_kv_heads);
+  const int64_t slot = p.slot_mapping[token];
+  if (slot < 0) return;  // padding token
+  const int64_t block = slot / p.page.block_size;
+  const int offset = static_cast<int>(slot % p.page.block_size);
+  uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
+
+  float k[4], v[4];
+  load4(static_cast<const T*>(p.key) + token * p.key_stride_token + head * p.key_stride_head +
+            4 * lane, k);
+  load4(static_cast<const T*>(p.value) + token * p.value_stride_token +
+            head * p.value_stride_head + 4 * lane, v);
+  if (p.rotation_signs != nullptr) rotate_warp128(k, p.rotation_signs, lane);
+
+  T ks, kz, vs, vz;
+  quantize_lane<T, BITS, GROUP>(k, codes[warp][0], lane, ks, kz);
+  quantize_lane<T, BITS, GROUP>(v, codes[warp][1], lane, vs, vz);
+
+  // params: [K: (scale, zero) x groups][V: (scale, zero) x groups]
+  constexpr int kLanesPerGroup = GROUP / 4;
+  if (lane % kLanesPerGroup == 0) {
+    const int g = lane / kLanesPerGroup;
+    T* prm = reinterpret_cast<T*>(region + p.page.params_offset + offset * p.page.param_bytes);
+    prm[2 * g] = ks;
+    prm[2 * g + 1] = kz;
+    prm[2 * (kGroups + g)] = vs;
+    prm[2 * (kGroups + g) + 1] = vz;
+  }
+  __syncwarp();
+
+  // Lanes [0, row_words) pack K words, the next row_words lanes pack V words.
+  if (lane < 2 * Order::kRowWords) {
+    const bool is_v = lane >= Order::kRowWords;
+    const int word = is_v ? lane - Order::kRowWords : lane;
+    const uint8_t* src = codes[warp][is_v ? 1 : 0];
+    uint32_t packed = 0;
+#pragma unroll
+    for (int s = 0; s < Order::kValuesPerWord; ++s) {
+      const int c = is_v ? Order::v_channel(word, s) : Order::k_channel(word, s);
+      packed |= static_cast<uint32_t>(src[c]) << (BITS * s);
+    }
+    const int rows = is_v ? p.page.v_rows_offset : 0;
+    reinterpret_cast<uint32_t*>(region + rows + offset * Order::kRowBytes)[word] = packed;
+  }
+}
+
+// Inverse: pages -> model dtype, one warp per (sequence, token, KV head).
+template <typename T, int HEAD, int BITS, int GROUP>
+__global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(DequantizeParams p) {
+  static_assert(HEAD == 128, "one warp holds 4 channels per lane");
+  using Order = RowOrder<HEAD, BITS>;
+  constexpr int kGroups = HEAD / GROUP;
+  __shared__ uint32_t rows[kQuantizeWarps][2][Order::kRowWords];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int seq = blockIdx.y;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * kQuantizeWarps + warp;
+  const int token = static_cast<int>(item / p.num_kv_heads);
+  const int head = static_cast<int>(item % p.num_kv_heads);
+  if (token >= p.seq_lens[seq]) return;
+  const int64_t block = p.block_table[seq * p.block_table_stride + token / p.page.block_size];
+  const int offset = token % p.page.block_size;
+  const uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
+
+  if (lane < 2 * Order::kRowWords) {
+    const bool is_v = lane >= Order::kRowWords;
+    const int word = is_v ? lane - Order::kRowWords : lane;
+    const int base = is_v ? p.page.v_rows_offset : 0;
+    rows[warp][is_v][word] =
+        reinterpret_cast<const uint32_t*>(region + base + offset * Order::kRowBytes)[word];
+  }
+  __syncwarp();
+
+  const T* prm = reinterpret_cast<const T*>(region + p.page.params_offset +
+                                            offset * p.page.param_bytes);
+  const int g = (4 * lane) / GROUP;
+  const float ks = DtypeTraits<T>::to_float(prm[2 * g]);
+  const float kz = DtypeTraits<T>::to_float(prm[2 * g + 1]);
+  const float vs = DtypeTraits<T>::to_float(prm[2 * (kGroups + g)]);
+  const float vz = DtypeTraits<T>::to_float(prm[2 * (kGroups + g) + 1]);
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+
+  const int64_t out_row = static_cast<int64_t>(p.out_start[seq]) + token;
+  T* k_out = static_cast<T*>(p.key_out) + (out_row * p.num_kv_heads + head) * HEAD + 4 * lane;
+  T* v_out = static_cast<T*>(p.value_out) + (out_row * p.num_kv_heads + head) * HEAD + 4 * lane;
+  T kv[4], vv[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int w, s;
+    Order::k_slot(4 * lane + i, w, s);
+    // mul then add, unfused, exactly as reference.dequantize
+    const float kc = static_cast<float>((rows[warp][0][w] >> (BITS * s)) & kMask);
+    kv[i] = DtypeTraits<T>::from_float(__fadd_rn(__fmul_rn(kc, ks), kz));
+    Order::v_slot(4 * lane + i, w, s);
+    const float vc = static_cast<float>((rows[warp][1][w] >> (BITS * s)) & kMask);
+    vv[i] = DtypeTraits<T>::from_float(__fadd_rn(__fmul_rn(vc, vs), vz));
+  }
+  *reinterpret_cast<uint2*>(k_out) = *reinterpret_cast<const uint2*>(kv);
+  *reinterpret_cast<uint2*>(v_out) = *reinterpret_cast<const uint2*>(vv);
+}
+
+}  // namespace bitdecode

@@ -1,0 +1,244 @@
+// Torch-facing entry points: check every argument, fill a params struct, dispatch on
+// (dtype, bits, group size) to the launchers. No kernel code here.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <optional>
+
+#include "bitdecode/launch.h"
+#include "bitdecode/ops.h"
+
+namespace bitdecode {
+namespace {
+
+constexpr int64_t kHead = 128;
+constexpr int64_t kMaxGqaRows = 16;
+
+PageGeometry page_geometry(int64_t bits, int64_t group_size, int64_t block_size) {
+  TORCH_CHECK(bits == 4 || bits == 2, "bitdecode: bits must be 4 or 2, got ", bits);
+  TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
+              "bitdecode: group_size must be 32, 64 or 128, got ", group_size);
+  TORCH_CHECK(block_size > 0 && block_size % 16 == 0 && block_size <= 1024,
+              "bitdecode: block_size must be a multiple of 16, got ", block_size);
+  PageGeometry g;
+  g.block_size = static_cast<int>(block_size);
+  g.row_bytes = static_cast<int>(kHead * bits / 8);
+  g.param_bytes = static_cast<int>(8 * (kHead / group_size));
+  g.v_rows_offset = g.block_size * g.row_bytes;
+  g.params_offset = 2 * g.block_size * g.row_bytes;
+  return g;
+}
+
+int64_t head_region_bytes(const PageGeometry& g) {
+  return static_cast<int64_t>(g.block_size) * (2 * g.row_bytes + g.param_bytes);
+}
+
+void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads) {
+  TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3,
+              "bitdecode: cache must be a CUDA uint8 tensor [num_blocks, num_kv_heads, "
+              "head_region_bytes]");
+  TORCH_CHECK(cache.size(1) == num_kv_heads, "bitdecode: cache has ", cache.size(1),
+              " KV heads, inputs have ", num_kv_heads);
+  TORCH_CHECK(cache.size(2) == head_region_bytes(g), "bitdecode: cache head region is ",
+              cache.size(2), " bytes, the page format needs ", head_region_bytes(g));
+  TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == cache.size(2),
+              "bitdecode: cache head regions must be contiguous");
+  TORCH_CHECK(cache.stride(0) % 16 == 0, "bitdecode: cache pages must be 16-byte aligned");
+}
+
+void check_tokens(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.size(2) == kHead, "bitdecode: ", name,
+              " must be a CUDA tensor [tokens, heads, 128]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "bitdecode: ",
+              name, " must be bfloat16 or float16");
+  TORCH_CHECK(x.stride(2) == 1 && x.stride(1) % 8 == 0 && x.stride(0) % 8 == 0, "bitdecode: ",
+              name, " rows must be contiguous and 16-byte aligned");
+}
+
+const float* signs_ptr(const std::optional<at::Tensor>& signs) {
+  if (!signs.has_value()) return nullptr;
+  TORCH_CHECK(signs->is_cuda() && signs->scalar_type() == at::kFloat && signs->numel() == kHead &&
+                  signs->is_contiguous(),
+              "bitdecode: rotation_signs must be a contiguous CUDA float32 tensor of 128");
+  return signs->data_ptr<float>();
+}
+
+// FlashAttention-style static switches: the body sees T, kBits and kGroup as types /
+// compile-time constants.
+#define BITDECODE_GROUP_SWITCH(GROUP, ...)          \
+  if ((GROUP) == 32) {                              \
+    constexpr int kGroup = 32;                      \
+    __VA_ARGS__                                     \
+  } else if ((GROUP) == 64) {                       \
+    constexpr int kGroup = 64;                      \
+    __VA_ARGS__                                     \
+  } else {                                          \
+    constexpr int kGroup = 128;                     \
+    __VA_ARGS__                                     \
+  }
+#define BITDECODE_BITS_SWITCH(BITS, GROUP, ...)     \
+  if ((BITS) == 4) {                                \
+    constexpr int kBits = 4;                        \
+    BITDECODE_GROUP_SWITCH(GROUP, __VA_ARGS__)      \
+  } else {                                          \
+    constexpr int kBits = 2;                        \
+    BITDECODE_GROUP_SWITCH(GROUP, __VA_ARGS__)      \
+  }
+#define BITDECODE_DISPATCH(DTYPE, BITS, GROUP, ...) \
+  if ((DTYPE) == at::kBFloat16) {                   \
+    using T = __nv_bfloat16;                        \
+    BITDECODE_BITS_SWITCH(BITS, GROUP, __VA_ARGS__) \
+  } else {                                          \
+    using T = __half;                               \
+    BITDECODE_BITS_SWITCH(BITS, GROUP, __VA_ARGS__) \
+  }
+
+}  // namespace
+
+void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
+                       const at::Tensor& slot_mapping, at::Tensor& cache,
+                       const std::optional<at::Tensor>& rotation_signs, int64_t bits,
+                       int64_t group_size, int64_t block_size) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  check_tokens(key, "key");
+  check_tokens(value, "value");
+  TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
+              "bitdecode: key and value must have the same shape and dtype");
+  TORCH_CHECK(slot_mapping.is_cuda() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.dim() == 1 && slot_mapping.size(0) <= key.size(0),
+              "bitdecode: slot_mapping must be a CUDA int64 vector, one entry per actual token "
+              "(key and value may carry padding rows after them)");
+  check_cache(cache, g, key.size(1));
+  const c10::cuda::CUDAGuard guard(key.device());
+
+  QuantizeParams p;
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.key_stride_token = key.stride(0), p.key_stride_head = key.stride(1);
+  p.value_stride_token = value.stride(0), p.value_stride_head = value.stride(1);
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  p.rotation_signs = signs_ptr(rotation_signs);
+  p.num_tokens = static_cast<int>(slot_mapping.size(0));  // key may be padded
+  p.num_kv_heads = static_cast<int>(key.size(1));
+  p.page = g;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(key.scalar_type(), bits, group_size,
+                     launch_quantize<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
+                      const at::Tensor& seq_lens, const at::Tensor& out_start,
+                      at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
+                      int64_t group_size, int64_t block_size, int64_t max_tokens) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  check_tokens(key_out, "key_out");
+  check_tokens(value_out, "value_out");
+  TORCH_CHECK(key_out.is_contiguous() && value_out.is_contiguous() &&
+                  key_out.sizes() == value_out.sizes(),
+              "bitdecode: key_out and value_out must be contiguous and of one shape");
+  check_cache(cache, g, key_out.size(1));
+  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
+                  block_table.dim() == 2 && block_table.stride(1) == 1,
+              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
+                  block_table.size(0) >= num_seqs,
+              "bitdecode: seq_lens must be CUDA int32 with a block_table row per sequence");
+  TORCH_CHECK(out_start.is_cuda() && out_start.scalar_type() == at::kInt &&
+                  out_start.numel() >= num_seqs + 1,
+              "bitdecode: out_start must be CUDA int32 [num_seqs + 1]");
+  TORCH_CHECK(max_tokens <= block_table.size(1) * block_size,
+              "bitdecode: max_tokens exceeds what the block table can address");
+  const c10::cuda::CUDAGuard guard(cache.device());
+
+  DequantizeParams p;
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.block_table_stride = block_table.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.out_start = out_start.data_ptr<int32_t>();
+  p.key_out = key_out.data_ptr();
+  p.value_out = value_out.data_ptr();
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_kv_heads = static_cast<int>(key_out.size(1));
+  p.max_tokens = static_cast<int>(max_tokens);
+  p.page = g;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(key_out.scalar_type(), bits, group_size,
+                     launch_dequantize<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+            const at::Tensor& block_table, const at::Tensor& seq_lens, at::Tensor& partial_out,
+            at::Tensor& partial_lse, const std::optional<at::Tensor>& rotation_signs,
+            double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
+            int64_t num_splits, int64_t min_tiles_per_split) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  check_tokens(q, "q");
+  check_tokens(out, "out");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "bitdecode: out must match q in shape and dtype");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
+  check_cache(cache, g, num_kv_heads);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
+              "bitdecode: query heads per KV head must divide evenly and be at most ",
+              kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
+  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
+                  block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  block_table.size(0) >= num_seqs,
+              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
+                  seq_lens.size(0) >= num_seqs,
+              "bitdecode: seq_lens must be a CUDA int32 vector with one entry per sequence");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1,
+              "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split >= 1");
+  if (num_splits > 1) {
+    TORCH_CHECK(partial_out.is_cuda() && partial_out.scalar_type() == at::kFloat &&
+                    partial_out.is_contiguous() &&
+                    partial_out.numel() >= num_splits * num_seqs * num_heads * kHead,
+                "bitdecode: partial_out must be contiguous CUDA float32 with room for "
+                "[num_splits, num_seqs, num_heads, 128]");
+    TORCH_CHECK(partial_lse.is_cuda() && partial_lse.scalar_type() == at::kFloat &&
+                    partial_lse.is_contiguous() &&
+                    partial_lse.numel() >= num_splits * num_seqs * num_heads,
+                "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
+                "[num_splits, num_seqs, num_heads]");
+  }
+  const c10::cuda::CUDAGuard guard(q.device());
+
+  DecodeParams p;
+  p.q = q.data_ptr();
+  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
+  p.out = out.data_ptr();
+  p.out_stride_token = out.stride(0), p.out_stride_head = out.stride(1);
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.block_table_stride = block_table.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
+  p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
+  p.rotation_signs = signs_ptr(rotation_signs);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.num_splits = static_cast<int>(num_splits);
+  p.min_tiles_per_split = static_cast<int>(min_tiles_per_split);
+  p.page = g;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
+                     launch_decode<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace bitdecode

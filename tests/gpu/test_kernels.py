@@ -1,0 +1,261 @@
+"""BITDECODE kernels against the plain-PyTorch reference (float32, CPU).
+
+Quantize-on-write must reproduce the reference bit for bit; decode must match attention
+over the *dequantized* reference cache within rounding (quantization error is judged
+separately, against bf16 attention). Outputs are poisoned before every launch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_bitdecode import reference as ref
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
+from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+
+
+def _ops():
+    from vllm_bitdecode import ops
+
+    return ops
+
+
+def _random_cache(num_blocks: int, heads: int, fmt: PageFormat, gen: torch.Generator):
+    """Pages full of random bytes: a kernel that reads what it should not shows up."""
+    return torch.randint(0, 256, (num_blocks, heads, fmt.head_region_bytes), dtype=torch.uint8,
+                         generator=gen)
+
+
+def _fill_pages(seq_lens, heads, fmt, dtype, rotate, gen, extra_blocks=3):
+    """Write random K/V for every sequence into shuffled pages; returns cache, block table."""
+    blocks_per_seq = [(n + fmt.block_size - 1) // fmt.block_size for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + extra_blocks
+    cache = _random_cache(num_blocks, heads, fmt, gen)
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    nxt = 0
+    for i, nb in enumerate(blocks_per_seq):
+        table[i, :nb] = perm[nxt : nxt + nb].to(torch.int32)
+        nxt += nb
+    for i, n in enumerate(seq_lens):
+        k = (torch.randn(n, heads, fmt.head_size, generator=gen) * 2).to(dtype)
+        v = torch.randn(n, heads, fmt.head_size, generator=gen).to(dtype)
+        pos = torch.arange(n)
+        slots = table[i, pos // fmt.block_size].long() * fmt.block_size + pos % fmt.block_size
+        ref.write_tokens(cache, k, v, slots, fmt, rotate)
+    return cache, table
+
+
+# ---- quantize-on-write --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_quantize_matches_reference_bit_for_bit(dtype, bits, group_size, block_size, rotate):
+    gen = torch.Generator().manual_seed(hash((bits, group_size, block_size, rotate)) % 2**31)
+    fmt = PageFormat(128, bits, group_size, block_size)
+    heads, num_blocks, num_tokens = 8, 11, 97
+    key = (torch.randn(num_tokens + 5, heads, 128, generator=gen) * 3).to(dtype)  # padded
+    value = torch.randn(num_tokens + 5, heads, 128, generator=gen).to(dtype)
+    key[3, 2, :] = 0.5  # a constant row: zero range
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::7] = -1  # padding tokens must not be written
+    cache = _random_cache(num_blocks, heads, fmt, gen)
+
+    expected = cache.clone()
+    ref.write_tokens(expected, key[:num_tokens], value[:num_tokens], slots, fmt, rotate)
+
+    got = cache.to(DEV)
+    signs = rotation_signs(128).to(DEV) if rotate else None
+    _ops().quantize_to_pages(key.to(DEV), value.to(DEV), slots.to(DEV), got, signs,
+                             bits, group_size, block_size)
+    torch.cuda.synchronize()
+    diff = (got.cpu() != expected).nonzero()
+    assert diff.numel() == 0, f"{diff.shape[0]} bytes differ, first at {diff[:5].tolist()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_quantize_reads_strided_inputs(dtype, bits, group_size):
+    """vLLM passes K and V as views into the fused QKV projection output."""
+    gen = torch.Generator().manual_seed(7)
+    fmt = PageFormat(128, bits, group_size, 16)
+    heads, n = 8, 40
+    qkv = torch.randn(n, (32 + 2 * heads) * 128, generator=gen).to(dtype)
+    key = qkv[:, 32 * 128 : (32 + heads) * 128].view(n, heads, 128)
+    value = qkv[:, (32 + heads) * 128 :].view(n, heads, 128)
+    slots = torch.randperm(4 * 16, generator=gen)[:n]
+    cache = _random_cache(4, heads, fmt, gen)
+    expected = cache.clone()
+    ref.write_tokens(expected, key, value, slots, fmt, False)
+    qkv_d = qkv.to(DEV)
+    got = cache.to(DEV)
+    _ops().quantize_to_pages(
+        qkv_d[:, 32 * 128 : (32 + heads) * 128].view(n, heads, 128),
+        qkv_d[:, (32 + heads) * 128 :].view(n, heads, 128),
+        slots.to(DEV), got, None, bits, group_size, 16,
+    )
+    assert torch.equal(got.cpu(), expected)
+
+
+# ---- dequantize (prefill over cached history) -----------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_dequantize_matches_reference(dtype, bits, group_size):
+    gen = torch.Generator().manual_seed(bits * 100 + group_size)
+    fmt = PageFormat(128, bits, group_size, 16)
+    seq_lens = [5, 33, 130]
+    cache, table = _fill_pages(seq_lens, 4, fmt, dtype, True, gen)
+    total = sum(seq_lens)
+    k_out = torch.full((total, 4, 128), float("nan"), dtype=dtype, device=DEV)
+    v_out = torch.full_like(k_out, float("nan"))
+    starts = torch.tensor([0, 5, 38, 168], dtype=torch.int32)
+    _ops().dequantize_pages(cache.to(DEV), table.to(DEV), torch.tensor(seq_lens, dtype=torch.int32,
+                            device=DEV), starts.to(DEV), k_out, v_out, bits, group_size, 16,
+                            max(seq_lens))
+    for i, n in enumerate(seq_lens):
+        nb = (n + 15) // 16
+        k, v = ref.read_blocks(cache, table[i, :nb], n, fmt, dtype)
+        s = int(starts[i])
+        assert torch.equal(k_out[s : s + n].cpu(), k.to(dtype))
+        assert torch.equal(v_out[s : s + n].cpu(), v.to(dtype))
+
+
+# ---- decode ---------------------------------------------------------------------------
+def _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, scale):
+    b, hq, d = q.shape
+    out = torch.full((b, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
+    partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
+    partial_lse = torch.full((num_splits * b * hq,), float("nan"), device=DEV)
+    signs = rotation_signs(d).to(DEV) if rotate else None
+    _ops().decode(out, q.to(DEV), cache.to(DEV), table.to(DEV),
+                  torch.tensor(seq_lens, dtype=torch.int32, device=DEV), partial_out,
+                  partial_lse, signs, scale, fmt.bits, fmt.group_size, fmt.block_size,
+                  num_splits, MIN_TILES_PER_SPLIT)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+def _reference_decode(q, cache, table, seq_lens, fmt, rotate, scale):
+    b = q.shape[0]
+    qsl = torch.arange(b + 1)
+    return ref.paged_attention(q, cache, table, torch.tensor(seq_lens), qsl, scale, fmt, rotate)
+
+
+def _rel_err(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_decode_matches_dequantized_reference(dtype, bits, group_size, gqa, rotate):
+    gen = torch.Generator().manual_seed(1000 * bits + 10 * gqa + group_size + rotate)
+    kv_heads = 2
+    fmt = PageFormat(128, bits, group_size, 16)
+    seq_lens = [1, 17, 100, 1000, 2049]  # odd lengths, partial last pages
+    cache, table = _fill_pages(seq_lens, kv_heads, fmt, dtype, rotate, gen)
+    q = torch.randn(len(seq_lens), kv_heads * gqa, 128, generator=gen).to(dtype)
+    scale = 128**-0.5
+    expected = _reference_decode(q, cache, table, seq_lens, fmt, rotate, scale)
+    for num_splits in (1, plan_num_splits(len(seq_lens), kv_heads, 132), 64):
+        got = _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, scale)
+        assert torch.isfinite(got).all(), f"unwritten or NaN output, num_splits={num_splits}"
+        err = _rel_err(got, expected)
+        assert err <= 1e-2, f"num_splits={num_splits}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("block_size", [16, 32, 64, 128])
+def test_decode_block_sizes_and_long_sequence_split_everywhere(bits, block_size):
+    """One long sequence split over every SM, next to very short ones."""
+    gen = torch.Generator().manual_seed(block_size + bits)
+    fmt = PageFormat(128, bits, 128, block_size)
+    seq_lens = [3, 20000, 1, 300]
+    cache, table = _fill_pages(seq_lens, 8, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(len(seq_lens), 32, 128, generator=gen).to(torch.bfloat16)
+    expected = _reference_decode(q, cache, table, seq_lens, fmt, True, 0.1)
+    for num_splits in (1, 132):
+        got = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, 0.1)
+        assert torch.isfinite(got).all()
+        assert _rel_err(got, expected) <= 1e-2
+
+
+def test_decode_zero_length_sequences_write_zeros():
+    """CUDA-graph padding rows have seq_len 0: their output must be 0, not NaN."""
+    gen = torch.Generator().manual_seed(3)
+    fmt = PageFormat(128, 4, 128, 16)
+    cache, table = _fill_pages([40, 40], 2, fmt, torch.bfloat16, False, gen)
+    q = torch.randn(2, 8, 128, generator=gen).to(torch.bfloat16)
+    for num_splits in (1, 4):
+        got = _run_decode(q, cache, table, [0, 40], fmt, False, num_splits, 0.1)
+        assert torch.equal(got[0], torch.zeros_like(got[0]))
+        assert torch.isfinite(got[1]).all() and got[1].abs().sum() > 0
+
+
+def test_quantization_error_vs_bf16_attention():
+    """Separately from kernel error: how far 4/2-bit pages move decode from bf16 attention."""
+    gen = torch.Generator().manual_seed(11)
+    n, kv_heads, gqa = 3000, 2, 4
+    k = torch.randn(n, kv_heads, 128, generator=gen)
+    k[:, :, :4] *= 8  # outlier channels, as real keys have
+    k = k.to(torch.bfloat16)
+    v = torch.randn(n, kv_heads, 128, generator=gen).to(torch.bfloat16)
+    q = torch.randn(1, kv_heads * gqa, 128, generator=gen).to(torch.bfloat16)
+    exact = ref.attention(q, k, v, 128**-0.5)
+    errs = {}
+    for bits in (4, 2):
+        for rotate in (False, True):
+            fmt = PageFormat(128, bits, 128, 16)
+            cache = torch.zeros((n + 15) // 16, kv_heads, fmt.head_region_bytes, dtype=torch.uint8)
+            ref.write_tokens(cache, k, v, torch.arange(n), fmt, rotate)
+            table = torch.arange(cache.shape[0], dtype=torch.int32)[None]
+            got = _run_decode(q, cache, table, [n], fmt, rotate, 8, 128**-0.5)
+            errs[(bits, rotate)] = _rel_err(got, exact)
+    print("relative error vs bf16 attention:", errs)
+    assert errs[(4, True)] < 0.1 and errs[(2, True)] < 0.45
+    assert errs[(4, True)] <= errs[(4, False)] and errs[(2, True)] <= errs[(2, False)]
+
+
+def test_decode_under_cuda_graph_replay():
+    """Captured once, replayed with new lengths and queries written in place."""
+    gen = torch.Generator().manual_seed(5)
+    fmt = PageFormat(128, 4, 128, 16)
+    seq_lens = [700, 1500, 33]
+    cache, table = _fill_pages(seq_lens, 8, fmt, torch.bfloat16, True, gen)
+    cache, table = cache.to(DEV), table.to(DEV)
+    b, hq = 3, 32
+    splits = plan_num_splits(b, 8, 132)
+    q = torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    lens = torch.tensor([1, 1, 1], dtype=torch.int32, device=DEV)
+    out = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=DEV)
+    po = torch.empty(splits * b * hq * 128, device=DEV)
+    pl = torch.empty(splits * b * hq, device=DEV)
+    signs = rotation_signs(128).to(DEV)
+    ops = _ops()
+
+    def step():
+        ops.decode(out, q, cache, table, lens, po, pl, signs, 0.1, 4, 128, 16, splits,
+                   MIN_TILES_PER_SPLIT)
+
+    step()  # warm up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+    q.copy_(torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16))
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _reference_decode(q.cpu(), cache.cpu(), table.cpu(), seq_lens, fmt, True, 0.1)
+    assert _rel_err(out.cpu(), expected) <= 1e-2

@@ -1,0 +1,110 @@
+"""How BITDECODE gets into vLLM 0.20 without forking it. Every step is idempotent.
+
+1. ``AttentionBackendEnum`` is a closed Enum, and vLLM resolves a layer's backend by
+   ``AttentionBackendEnum[backend.get_name()]``. A real member named BITDECODE (value:
+   our class path) makes the CLI string, ``LLM(attention_backend="BITDECODE")``, the
+   config validator and that lookup all work unchanged. (The ``CUSTOM`` slot would make
+   users type CUSTOM, and logs would say CUSTOM.)
+2. ``Attention.get_kv_cache_spec`` builds a ``FullAttentionSpec`` from the bf16 head
+   size, which would size pages for bf16. For layers whose backend is BITDECODE it now
+   returns :class:`BitDecodeAttentionSpec`, whose page size is the packed page's.
+   ``--kv-cache-dtype`` stays ``auto``: the bit width comes from ``--additional-config``.
+3. ``--attention-backend`` has no choices list in vLLM's help; the help text gains the
+   list of backend names, BITDECODE included.
+"""
+
+from __future__ import annotations
+
+import functools
+from enum import Enum
+
+
+def register_backend_enum(name: str, class_path: str) -> Enum:
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return add_enum_member(AttentionBackendEnum, name, class_path)
+
+
+def add_enum_member(enum_cls: type[Enum], name: str, value: str) -> Enum:
+    """Append a member to an existing Enum class (no-op if it is already there)."""
+    existing = enum_cls._member_map_.get(name)
+    if existing is not None:
+        if existing.value != value:
+            raise ValueError(f"{enum_cls.__name__}.{name} already exists with {existing.value!r}")
+        return existing
+    member = object.__new__(enum_cls)
+    member._name_ = name
+    member._value_ = value
+    member._sort_order_ = len(enum_cls._member_names_)
+    enum_cls._member_names_.append(name)
+    enum_cls._member_map_[name] = member
+    enum_cls._value2member_map_[value] = member
+    type.__setattr__(enum_cls, name, member)
+    return member
+
+
+def _is_bitdecode(attn_backend: object) -> bool:
+    from vllm_bitdecode import BACKEND_NAME
+
+    get_name = getattr(attn_backend, "get_name", None)
+    return get_name is not None and get_name() == BACKEND_NAME
+
+
+def patch_kv_cache_spec() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    original = Attention.get_kv_cache_spec
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        if spec is None or not _is_bitdecode(self.attn_backend):
+            return spec
+        from vllm_bitdecode import config
+        from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
+
+        cfg = config.check_vllm_config(vllm_config)
+        return BitDecodeAttentionSpec(
+            block_size=spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size,
+            dtype=_uint8(),
+            bits=cfg.bits,
+            group_size=cfg.group_size,
+        )
+
+    get_kv_cache_spec._bitdecode = True
+    Attention.get_kv_cache_spec = get_kv_cache_spec
+
+
+def _uint8():
+    import torch
+
+    return torch.uint8
+
+
+def patch_cli_help() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.add_cli_args
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original(parser, *args, **kwargs)
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+        names = ", ".join(m for m in AttentionBackendEnum.__members__ if m != "CUSTOM")
+        for action in parser._actions:
+            if "--attention-backend" in action.option_strings:
+                action.help = (action.help or "Attention backend to use.") + (
+                    f"\n\nChoices: auto, {names}"
+                )
+        return parser
+
+    add_cli_args._bitdecode = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)

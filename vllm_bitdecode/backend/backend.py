@@ -1,0 +1,87 @@
+"""BitDecodeAttentionBackend: the static facts vLLM asks of an attention backend."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from vllm.v1.attention.backend import AttentionBackend, AttentionType
+
+from vllm_bitdecode import config, page_format
+
+if TYPE_CHECKING:
+    from vllm_bitdecode.backend.impl import BitDecodeAttentionImpl
+    from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
+
+BACKEND_NAME = "BITDECODE"
+
+
+class BitDecodeAttentionBackend(AttentionBackend):
+    """Paged attention over 4-bit / 2-bit KV pages (see docs/page-format.md)."""
+
+    accept_output_buffer: bool = True
+    forward_includes_kv_cache_update: bool = False  # vLLM calls do_kv_cache_update first
+    supported_dtypes: ClassVar[list[torch.dtype]] = list(page_format.SUPPORTED_DTYPES)
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "bfloat16", "float16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type[BitDecodeAttentionImpl]:
+        from vllm_bitdecode.backend.impl import BitDecodeAttentionImpl
+
+        return BitDecodeAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[BitDecodeMetadataBuilder]:
+        from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
+
+        return BitDecodeMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int]:
+        return list(page_format.SUPPORTED_BLOCK_SIZES)
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        cache_dtype_str: str = "auto",
+    ) -> tuple[int, ...]:
+        # K and V of a token live in the same page, so there is no leading 2.
+        fmt = config.get_active().page_format(head_size, block_size)
+        return (num_blocks, num_kv_heads, fmt.head_region_bytes)
+
+    @staticmethod
+    def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
+        if include_num_layers_dimension:
+            return (1, 0, 2, 3)  # keep each layer's pages together
+        return (0, 1, 2)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return list(page_format.SUPPORTED_HEAD_SIZES)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return capability.major == 9  # the kernels are built for sm_90a (H100 / H200)
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        # vLLM calls this in every worker, with the engine's config current, right after
+        # the device is set up and before weights or KV cache are allocated: the place
+        # to reject a bad setting with one clear line.
+        from vllm.config import get_current_vllm_config_or_none
+
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is not None:
+            config.set_active(config.check_vllm_config(vllm_config))
+        return super().get_preferred_block_size(default_block_size)

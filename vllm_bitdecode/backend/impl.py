@@ -1,0 +1,172 @@
+"""BitDecodeAttentionImpl: per-layer quantize-on-write and attention."""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+from vllm_bitdecode import config, ops
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, BitDecodeMetadata
+from vllm_bitdecode.reference import rotation_matrix
+
+
+class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int,
+        alibi_slopes: list[float] | None,
+        sliding_window: int | None,
+        kv_cache_dtype: str,
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        **unsupported: object,
+    ) -> None:
+        def refuse(what: str) -> config.BitDecodeConfigError:
+            return config.BitDecodeConfigError(f"{what} is not supported by BITDECODE")
+
+        if attn_type != AttentionType.DECODER:
+            raise refuse(f"attention type {attn_type}")
+        if alibi_slopes is not None:
+            raise refuse("ALiBi")
+        if logits_soft_cap:
+            raise refuse("logits soft-capping")
+        if kv_sharing_target_layer_name is not None:
+            raise refuse("KV sharing between layers")
+        if any(v is not None for v in unsupported.values()):
+            raise refuse(f"attention option(s) {sorted(unsupported)}")
+        config.check_model(
+            head_size=head_size,
+            dtype=torch.get_default_dtype(),
+            kv_cache_dtype=kv_cache_dtype,
+            block_size=None,
+            sliding_window=sliding_window,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+        )
+        vllm_config = get_current_vllm_config_or_none()
+        if vllm_config is not None:
+            self.bitdecode = config.check_vllm_config(vllm_config)
+        else:
+            self.bitdecode = config.get_active()
+        config.set_active(self.bitdecode)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.fa_version = get_flash_attn_version(head_size=head_size)
+        # defined by vLLM on CUDA platforms only, hence imported here
+        from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
+
+        self._flash_attn_varlen = flash_attn_varlen_func
+        self._rotation: torch.Tensor | None = None  # [D, D] float32, rotates prefill Q
+        self._fmt = None  # page format, known once the cache is bound
+
+    # ---- quantize-on-write --------------------------------------------------------------
+    def do_kv_cache_update(
+        self,
+        layer: torch.nn.Module,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        if self._fmt is None:
+            self._fmt = self.bitdecode.page_format(
+                self.head_size, _block_size(kv_cache, self.bitdecode, self.head_size)
+            )
+        fmt = self._fmt
+        ops.quantize_to_pages(
+            key, value, slot_mapping, kv_cache,
+            _signs(self.bitdecode, key.device, self.head_size),
+            fmt.bits, fmt.group_size, fmt.block_size,
+        )
+
+    # ---- attention ----------------------------------------------------------------------
+    def forward(
+        self,
+        layer: torch.nn.Module,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8
+        attn_metadata: BitDecodeMetadata | None,
+        output: torch.Tensor | None = None,  # [num_tokens, num_heads, head_size]
+        output_scale: torch.Tensor | None = None,
+        output_block_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        assert output is not None, "BITDECODE writes into vLLM's output buffer"
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("BITDECODE does not produce quantized outputs")
+        md = attn_metadata
+        if md is None:  # profiling run: no cache yet
+            return output.fill_(0)
+        fmt = md.page_format
+        if md.num_decodes > 0:
+            nd = md.num_decodes
+            ops.decode(
+                output[:nd], query[:nd], kv_cache, md.decode_block_table, md.decode_seq_lens,
+                md.partial_out, md.partial_lse, md.rotation_signs, self.scale,
+                fmt.bits, fmt.group_size, fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT,
+            )
+        if md.prefill is not None:
+            self._prefill(query, kv_cache, md, output)
+        return output
+
+    def _prefill(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, md: BitDecodeMetadata,
+        output: torch.Tensor,
+    ) -> None:
+        """Prefill chunks attend to their whole context read back from the pages."""
+        pf = md.prefill
+        fmt = md.page_format
+        start, end = md.num_decode_tokens, md.num_actual_tokens
+        k = torch.empty(
+            (pf.total_kv_tokens, self.num_kv_heads, self.head_size),
+            dtype=query.dtype, device=query.device,
+        )
+        v = torch.empty_like(k)
+        ops.dequantize_pages(
+            kv_cache, pf.block_table, pf.seq_lens, pf.kv_start_loc, k, v,
+            fmt.bits, fmt.group_size, fmt.block_size, pf.max_seq_len,
+        )
+        q = query[start:end]
+        if md.rotation_signs is not None:  # K was stored rotated: rotate Q the same way
+            q = (q.float() @ self._rotation_matrix(q)).to(q.dtype)
+        self._flash_attn_varlen(
+            q=q, k=k, v=v,
+            max_seqlen_q=pf.max_query_len, cu_seqlens_q=pf.query_start_loc,
+            max_seqlen_k=pf.max_seq_len, cu_seqlens_k=pf.kv_start_loc,
+            softmax_scale=self.scale, causal=True, out=output[start:end],
+            fa_version=self.fa_version,
+        )
+
+    def _rotation_matrix(self, like: torch.Tensor) -> torch.Tensor:
+        if self._rotation is None or self._rotation.device != like.device:
+            self._rotation = rotation_matrix(self.head_size).to(like.device)
+        return self._rotation
+
+
+def _block_size(kv_cache: torch.Tensor, cfg: config.BitDecodeConfig, head_size: int) -> int:
+    """Tokens per page, recovered from the cache's head-region size."""
+    per_token = cfg.page_format(head_size, 16).bytes_per_token_head
+    return kv_cache.shape[-1] // per_token
+
+
+_SIGNS: dict[torch.device, torch.Tensor] = {}
+
+
+def _signs(cfg: config.BitDecodeConfig, device: torch.device, head_size: int):
+    if not cfg.rotate_k:
+        return None
+    if device not in _SIGNS:
+        from vllm_bitdecode.page_format import rotation_signs
+
+        _SIGNS[device] = rotation_signs(head_size).to(device)
+    return _SIGNS[device]

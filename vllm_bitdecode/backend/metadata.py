@@ -1,0 +1,151 @@
+"""Per-step metadata: the decode split plan and the prefill layout, built once per step.
+
+vLLM reorders every batch so that single-token decodes come first. Decodes go to the
+BITDECODE split-K kernel; the remaining requests (prefills and chunked-prefill
+continuations) read their whole context back from the quantized pages and run
+FlashAttention over it, so every query, whatever the schedule, sees the same
+quantized keys and values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.v1.attention.backend import (
+    AttentionCGSupport,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+from vllm_bitdecode import config
+from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+# A split never reads fewer than this many 16-token tiles: below that, the combine
+# pass costs more than the parallelism gains.
+MIN_TILES_PER_SPLIT = 8
+# Aim for this many CTAs per SM when choosing how many splits a decode batch gets.
+CTAS_PER_SM = 2
+MAX_SPLITS = 64
+
+
+def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
+    """Splits per sequence for a decode batch; depends on the batch size only, so a
+    CUDA graph captured for a batch size replays the same grid."""
+    if num_seqs <= 0:
+        return 1
+    ctas = num_seqs * num_kv_heads
+    return max(1, min(MAX_SPLITS, -(-CTAS_PER_SM * num_sms // ctas)))
+
+
+@dataclass
+class PrefillMetadata:
+    query_start_loc: torch.Tensor  # [num_prefills + 1] int32, from the first prefill token
+    kv_start_loc: torch.Tensor  # [num_prefills + 1] int32, rows of the dequantized context
+    seq_lens: torch.Tensor  # [num_prefills] int32, context length including new tokens
+    block_table: torch.Tensor  # [num_prefills, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+    total_kv_tokens: int
+
+
+@dataclass
+class BitDecodeMetadata:
+    num_actual_tokens: int
+    slot_mapping: torch.Tensor  # [num_actual_tokens] int64
+    # decodes: the first num_decodes requests, one query token each
+    num_decodes: int
+    decode_seq_lens: torch.Tensor  # [num_decodes] int32
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks] int32
+    num_splits: int
+    # prefills: the rest, their tokens start at num_decode_tokens
+    num_decode_tokens: int
+    prefill: PrefillMetadata | None
+    # shared by every layer
+    page_format: PageFormat
+    rotation_signs: torch.Tensor | None  # [head_size] float32 on the device
+    partial_out: torch.Tensor  # split-K workspace, float32
+    partial_lse: torch.Tensor
+
+
+class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
+    # Full CUDA graphs for pure-decode batches; mixed batches run piecewise (attention
+    # eager), where the prefill path may allocate its dequantization buffer.
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device: torch.device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        self.bitdecode = config.check_vllm_config(vllm_config)
+        config.set_active(self.bitdecode)
+        model = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        self.num_heads = model.get_num_attention_heads(parallel)
+        self.num_kv_heads = model.get_num_kv_heads(parallel)
+        self.head_size = model.get_head_size()
+        self.page_format = self.bitdecode.page_format(self.head_size, kv_cache_spec.block_size)
+        self.rotation_signs = (
+            rotation_signs(self.head_size).to(device) if self.bitdecode.rotate_k else None
+        )
+        self.num_sms = (
+            torch.cuda.get_device_properties(device).multi_processor_count
+            if torch.cuda.is_available()
+            else 132
+        )
+        # Split-K workspace for the largest decode batch, allocated once so that CUDA
+        # graphs capture fixed addresses.
+        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        rows = max(b * plan_num_splits(b, self.num_kv_heads, self.num_sms)
+                   for b in range(1, max_seqs + 1))
+        self.partial_out = torch.empty(
+            rows * self.num_heads * self.head_size, dtype=torch.float32, device=device
+        )
+        self.partial_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=device)
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> BitDecodeMetadata:
+        cam = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            cam, decode_threshold=1
+        )
+        prefill = None
+        if num_prefills > 0:
+            prefill = self._build_prefill(cam, num_decodes, num_decode_tokens)
+        return BitDecodeMetadata(
+            num_actual_tokens=cam.num_actual_tokens,
+            slot_mapping=cam.slot_mapping,
+            num_decodes=num_decodes,
+            decode_seq_lens=cam.seq_lens[:num_decodes],
+            decode_block_table=cam.block_table_tensor[:num_decodes],
+            num_splits=plan_num_splits(num_decodes, self.num_kv_heads, self.num_sms),
+            num_decode_tokens=num_decode_tokens,
+            prefill=prefill,
+            page_format=self.page_format,
+            rotation_signs=self.rotation_signs,
+            partial_out=self.partial_out,
+            partial_lse=self.partial_lse,
+        )
+
+    def _build_prefill(
+        self, cam: CommonAttentionMetadata, num_decodes: int, num_decode_tokens: int
+    ) -> PrefillMetadata:
+        # seq_lens_cpu_upper_bound is exact for prefill rows; no device sync needed.
+        seq_lens_cpu = cam.seq_lens_cpu_upper_bound[num_decodes : cam.num_reqs].to(torch.int32)
+        qsl_cpu = cam.query_start_loc_cpu[num_decodes : cam.num_reqs + 1] - num_decode_tokens
+        kv_start = torch.zeros(seq_lens_cpu.numel() + 1, dtype=torch.int32)
+        torch.cumsum(seq_lens_cpu, 0, out=kv_start[1:])
+        query_lens = qsl_cpu[1:] - qsl_cpu[:-1]
+        return PrefillMetadata(
+            query_start_loc=qsl_cpu.to(torch.int32).to(self.device, non_blocking=True),
+            kv_start_loc=kv_start.to(self.device, non_blocking=True),
+            seq_lens=cam.seq_lens[num_decodes : cam.num_reqs],
+            block_table=cam.block_table_tensor[num_decodes : cam.num_reqs],
+            max_query_len=int(query_lens.max()),
+            max_seq_len=int(seq_lens_cpu.max()),
+            total_kv_tokens=int(kv_start[-1]),
+        )

@@ -1,0 +1,219 @@
+"""Plain-PyTorch reference of everything the kernels do. Runs on the CPU in float32.
+
+This is the oracle of every kernel test: the quantize kernel must reproduce
+:func:`write_tokens` bit for bit, and the decode kernel must match
+:func:`paged_attention` on the dequantized cache within rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+
+# ---- rotation ---------------------------------------------------------------------------
+def rotate(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal randomized Hadamard transform over the last dim, in float32.
+
+    ``H = WHT(diag(signs)) / sqrt(d)``; butterflies run in the same order as the
+    kernels (stride 1, 2, 4, ...), so results agree bit for bit.
+    """
+    d = x.shape[-1]
+    y = x.to(torch.float32) * rotation_signs(d).to(x.device)
+    shape = y.shape
+    h = 1
+    while h < d:
+        y = y.reshape(*shape[:-1], d // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return y.reshape(shape) * torch.tensor(1.0 / math.sqrt(d), dtype=torch.float32)
+
+
+def rotation_matrix(d: int) -> torch.Tensor:
+    """``R`` with ``rotate(x) == x @ R`` up to rounding (float32, orthonormal)."""
+    return rotate(torch.eye(d, dtype=torch.float32))
+
+
+# ---- quantize ---------------------------------------------------------------------------
+def quantize(
+    x: torch.Tensor, fmt: PageFormat, param_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization per token and group of channels.
+
+    x: [..., head_size] (already rotated where wanted).
+    Returns codes [..., head_size] (int32, natural channel order) and scale, zero
+    [..., groups] in ``param_dtype``. Scale and zero are rounded to ``param_dtype``
+    *before* the codes are computed, so dequantizing with the stored values is the
+    quantizer's own inverse.
+    """
+    xf = x.to(torch.float32).unflatten(-1, (fmt.groups, fmt.group_size))
+    lo = xf.amin(dim=-1)
+    hi = xf.amax(dim=-1)
+    scale_p = ((hi - lo) / fmt.levels).to(param_dtype)
+    zero_p = lo.to(param_dtype)
+    s = scale_p.to(torch.float32).unsqueeze(-1)
+    z = zero_p.to(torch.float32).unsqueeze(-1)
+    codes = torch.where(
+        s > 0,
+        torch.clamp(torch.round((xf - z) / torch.where(s > 0, s, 1.0)), 0, fmt.levels),
+        torch.zeros_like(xf),
+    )
+    return codes.to(torch.int32).flatten(-2), scale_p, zero_p
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: PageFormat
+) -> torch.Tensor:
+    """codes [..., head_size], scale/zero [..., groups] -> float32 [..., head_size]."""
+    c = codes.to(torch.float32).unflatten(-1, (fmt.groups, fmt.group_size))
+    s = scale.to(torch.float32).unsqueeze(-1)
+    z = zero.to(torch.float32).unsqueeze(-1)
+    return (c * s + z).flatten(-2)
+
+
+# ---- pack -------------------------------------------------------------------------------
+def pack_rows(codes: torch.Tensor, channel_of_slot: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [..., head_size] -> packed rows [..., row_bytes] (uint8, little-endian words)."""
+    vpw = 32 // bits
+    slots = codes[..., channel_of_slot.to(codes.device)].to(torch.int64)
+    slots = slots.unflatten(-1, (-1, vpw))
+    shifts = torch.arange(vpw, device=codes.device, dtype=torch.int64) * bits
+    words = (slots << shifts).sum(dim=-1)  # [..., row_words], < 2**32
+    byte_shifts = torch.arange(4, device=codes.device, dtype=torch.int64) * 8
+    return ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).to(torch.uint8).flatten(-2)
+
+
+def unpack_rows(rows: torch.Tensor, channel_of_slot: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack_rows`: [..., row_bytes] uint8 -> codes [..., head_size] int32."""
+    vpw = 32 // bits
+    b = rows.to(torch.int64).unflatten(-1, (-1, 4))
+    words = (b << (torch.arange(4, device=rows.device, dtype=torch.int64) * 8)).sum(-1)
+    shifts = torch.arange(vpw, device=rows.device, dtype=torch.int64) * bits
+    slots = ((words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).flatten(-2)
+    codes = torch.empty_like(slots)
+    codes[..., channel_of_slot.to(rows.device)] = slots
+    return codes.to(torch.int32)
+
+
+# ---- pages ------------------------------------------------------------------------------
+def _params_view(cache: torch.Tensor, fmt: PageFormat, dtype: torch.dtype) -> torch.Tensor:
+    """[num_blocks, heads, block_size, 2 (K,V), groups, 2 (scale, zero)] view of the params."""
+    region = cache[:, :, fmt.params_offset : fmt.head_region_bytes]
+    n, h = cache.shape[:2]
+    return region.contiguous().view(dtype).view(n, h, fmt.block_size, 2, fmt.groups, 2)
+
+
+def write_tokens(
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8, updated in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens], block * block_size + offset; < 0 = skip
+    fmt: PageFormat,
+    rotate_k: bool,
+) -> None:
+    """Quantize, pack and store tokens: what the quantize-on-write kernel does."""
+    dtype = key.dtype
+    keep = slot_mapping >= 0
+    key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    if key.shape[0] == 0:
+        return
+    kq, ks, kz = quantize(rotate(key) if rotate_k else key, fmt, dtype)
+    vq, vs, vz = quantize(value, fmt, dtype)
+    blocks = slot_mapping // fmt.block_size
+    offs = slot_mapping % fmt.block_size
+    k_rows = pack_rows(kq, fmt.k_channel_of_slot(), fmt.bits)  # [tokens, heads, row_bytes]
+    v_rows = pack_rows(vq, fmt.v_channel_of_slot(), fmt.bits)
+    params = torch.stack(
+        (torch.stack((ks, kz), -1), torch.stack((vs, vz), -1)), dim=-3
+    )  # [tokens, heads, 2, groups, 2]
+    param_bytes = params.contiguous().view(torch.uint8).flatten(-3)
+    n, h, bs, rb, pb = cache.shape[0], cache.shape[1], fmt.block_size, fmt.row_bytes, (
+        fmt.param_bytes_per_token
+    )
+    # views of the three regions as [blocks, heads, block_size, bytes]; writes land in cache
+    k_region = cache[:, :, fmt.k_rows_offset : fmt.k_rows_offset + bs * rb].view(n, h, bs, rb)
+    v_region = cache[:, :, fmt.v_rows_offset : fmt.v_rows_offset + bs * rb].view(n, h, bs, rb)
+    p_region = cache[:, :, fmt.params_offset : fmt.params_offset + bs * pb].view(n, h, bs, pb)
+    k_region[blocks, :, offs] = k_rows
+    v_region[blocks, :, offs] = v_rows
+    p_region[blocks, :, offs] = param_bytes
+
+
+def read_blocks(
+    cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int, fmt: PageFormat,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize the first ``num_tokens`` tokens stored in ``block_ids``.
+
+    Returns K, V as float32 [num_tokens, num_kv_heads, head_size] (K still rotated
+    if it was stored rotated).
+    """
+    pages = cache[block_ids.long()]  # [nb, heads, region]
+    rb, bs = fmt.row_bytes, fmt.block_size
+    k_rows = pages[:, :, : bs * rb].unflatten(-1, (bs, rb))
+    v_rows = pages[:, :, fmt.v_rows_offset : fmt.v_rows_offset + bs * rb].unflatten(-1, (bs, rb))
+    params = _params_view(pages, fmt, dtype)  # [nb, heads, bs, 2, groups, 2]
+    kc = unpack_rows(k_rows, fmt.k_channel_of_slot(), fmt.bits)
+    vc = unpack_rows(v_rows, fmt.v_channel_of_slot(), fmt.bits)
+    k = dequantize(kc, params[..., 0, :, 0], params[..., 0, :, 1], fmt)
+    v = dequantize(vc, params[..., 1, :, 0], params[..., 1, :, 1], fmt)
+    # [nb, heads, bs, D] -> [nb * bs, heads, D]
+    k = k.transpose(1, 2).flatten(0, 1)[:num_tokens]
+    v = v.transpose(1, 2).flatten(0, 1)[:num_tokens]
+    return k, v
+
+
+def attention(
+    q: torch.Tensor,  # [q_len, num_heads, D]
+    k: torch.Tensor,  # [kv_len, num_kv_heads, D]
+    v: torch.Tensor,  # [kv_len, num_kv_heads, D]
+    scale: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Float32 softmax attention with GQA; causal aligns the last query with the last key."""
+    q_len, hq, _ = q.shape
+    kv_len, hk, _ = k.shape
+    rep = hq // hk
+    k = k.float().repeat_interleave(rep, dim=1)
+    v = v.float().repeat_interleave(rep, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if causal:
+        qpos = torch.arange(q_len).unsqueeze(1) + (kv_len - q_len)
+        mask = torch.arange(kv_len).unsqueeze(0) > qpos
+        s = s.masked_fill(mask.to(s.device), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, v)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [num_tokens, num_heads, D], all query tokens of the batch
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes]
+    block_table: torch.Tensor,  # [num_seqs, max_blocks]
+    seq_lens: torch.Tensor,  # [num_seqs], context length including the new tokens
+    query_start_loc: torch.Tensor,  # [num_seqs + 1]
+    scale: float,
+    fmt: PageFormat,
+    rotate_k: bool,
+) -> torch.Tensor:
+    """Causal attention of every query token over its sequence's quantized pages.
+
+    Returns float32 [num_tokens, num_heads, D]. Q is rotated like K when ``rotate_k``.
+    Scales and zeros are stored in the model dtype, which ``q`` must be (bf16 / fp16).
+    """
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"q must be in the model dtype (bfloat16 or float16), got {q.dtype}")
+    out = torch.empty(q.shape, dtype=torch.float32)
+    qf = rotate(q) if rotate_k else q.float()
+    for i in range(seq_lens.shape[0]):
+        start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+        if end == start:
+            continue
+        n = int(seq_lens[i])
+        nblocks = (n + fmt.block_size - 1) // fmt.block_size
+        k, v = read_blocks(cache, block_table[i, :nblocks], n, fmt, q.dtype)
+        out[start:end] = attention(qf[start:end], k, v, scale)
+    return out
