@@ -9,6 +9,8 @@
    size, which would size pages for bf16. For layers whose backend is BITDECODE it now
    returns :class:`BitDecodeAttentionSpec`, whose page size is the packed page's.
    ``--kv-cache-dtype`` stays ``auto``: the bit width comes from ``--additional-config``.
+   The scheduler picks a block manager by the exact spec type, so the spec is mapped
+   to vLLM's ``FullAttentionManager`` (prefix caching, preemption: unchanged).
 3. ``--attention-backend`` has no choices list in vLLM's help; the help text gains the
    list of backend names, BITDECODE included.
 """
@@ -52,6 +54,11 @@ def _is_bitdecode(attn_backend: object) -> bool:
 
 def patch_kv_cache_spec() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.v1.core import single_type_kv_cache_manager as managers
+
+    from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
+
+    managers.spec_manager_map.setdefault(BitDecodeAttentionSpec, managers.FullAttentionManager)
 
     original = Attention.get_kv_cache_spec
     if getattr(original, "_bitdecode", False):
@@ -63,7 +70,6 @@ def patch_kv_cache_spec() -> None:
         if spec is None or not _is_bitdecode(self.attn_backend):
             return spec
         from vllm_bitdecode import config
-        from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
 
         cfg = config.check_vllm_config(vllm_config)
         return BitDecodeAttentionSpec(

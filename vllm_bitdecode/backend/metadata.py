@@ -135,7 +135,10 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         self, cam: CommonAttentionMetadata, num_decodes: int, num_decode_tokens: int
     ) -> PrefillMetadata:
         # seq_lens_cpu_upper_bound is exact for prefill rows; no device sync needed.
-        seq_lens_cpu = cam.seq_lens_cpu_upper_bound[num_decodes : cam.num_reqs].to(torch.int32)
+        bound = cam.seq_lens_cpu_upper_bound
+        if bound is None:  # older callers: one small copy, prefill steps only
+            bound = cam.seq_lens.cpu()
+        seq_lens_cpu = bound[num_decodes : cam.num_reqs].to(torch.int32)
         qsl_cpu = cam.query_start_loc_cpu[num_decodes : cam.num_reqs + 1] - num_decode_tokens
         kv_start = torch.zeros(seq_lens_cpu.numel() + 1, dtype=torch.int32)
         torch.cumsum(seq_lens_cpu, 0, out=kv_start[1:])
