@@ -185,7 +185,7 @@ def test_decode_block_sizes_and_long_sequence_split_everywhere(bits, block_size)
     cache, table = _fill_pages(seq_lens, 8, fmt, torch.bfloat16, True, gen)
     q = torch.randn(len(seq_lens), 32, 128, generator=gen).to(torch.bfloat16)
     expected = _reference_decode(q, cache, table, seq_lens, fmt, True, 0.1)
-    for num_splits in (1, 132):
+    for num_splits in (1, 132):  # one sequence split across all SMs
         got = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, 0.1)
         assert torch.isfinite(got).all()
         assert _rel_err(got, expected) <= 1e-2

@@ -48,7 +48,10 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("bits, prefill_bound, decode_bound", [(4, 0.1, 0.1), (2, 0.4, 0.4)])
+# Dummy weights give near-uniform attention, so the output error is the V quantization
+# error of Gaussian data: 0.100 (4-bit) and 0.50 (2-bit) in the CPU reference's tests;
+# measured here on an H100 (2026-11-22): 0.099 and 0.497.
+@pytest.mark.parametrize("bits, prefill_bound, decode_bound", [(4, 0.12, 0.12), (2, 0.6, 0.6)])
 def test_bitdecode_matches_flash_attention_within_quantization_error(
     model_dir, flash_attn_run, bits, prefill_bound, decode_bound
 ):
