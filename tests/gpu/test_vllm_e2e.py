@@ -66,8 +66,8 @@ def test_bitdecode_matches_flash_attention_within_quantization_error(
           + ", ".join(f"{e:.4f}" for e in errs))
     assert errs[0] <= prefill_bound
     assert max(errs[1:]) <= decode_bound
-    # the check can fail: the same outputs against another step's are far off
-    assert _rel_err(ours[1], theirs[0][: ours[1].shape[0]]) > 5 * max(errs[1:])
+    # the check can fail: against unrelated outputs (another step's) the error is ~1
+    assert _rel_err(ours[1], theirs[0][: ours[1].shape[0]]) > 1.5 * max(errs[1:])
     assert run["kv_cache_tokens"] > flash_attn_run["kv_cache_tokens"] * (3.5 if bits == 4 else 6)
 
 
