@@ -1,0 +1,234 @@
+"""Paged decode: vLLM's FlashAttention-3 (bf16 / fp8 KV) vs BITDECODE (4 / 2 bit), one run.
+
+32 query / 8 KV heads, d = 128, one query token per sequence, every sequence at the same
+context length, pages scattered at random. Each case is timed with CUDA events around
+a single call, after an L2 flush, median of --reps; effective bandwidth counts the KV
+bytes the kernel must read (K + V, plus scales for BITDECODE). Also times the
+quantize-on-write kernel against vLLM's reshape_and_cache_flash for the same tokens.
+
+    python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
+from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+HQ, HKV, D = 32, 8, 128
+BLOCK = 16
+DTYPE = torch.bfloat16
+FP8 = torch.float8_e4m3fn
+
+
+class Timer:
+    def __init__(self, reps: int):
+        self.reps = reps
+        self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+
+    def __call__(self, fn) -> float:
+        fn()  # warm up
+        times = []
+        for _ in range(self.reps):
+            self.flush.zero_()  # evict L2 so every read comes from HBM
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    """Device-to-device copy, bytes read + written per second (GB/s)."""
+    a = torch.empty(2 * 2**30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = timer(lambda: b.copy_(a))
+    return 2 * a.numel() / ms / 1e6
+
+
+def block_table(batch: int, context: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    per_seq = context // BLOCK
+    num_blocks = batch * per_seq
+    perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    return perm.view(batch, per_seq).cuda(), num_blocks
+
+
+def bench_fa3(batch, context, kv, timer, gen) -> tuple[float, int]:
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    table, num_blocks = block_table(batch, context, gen)
+    k = torch.randn(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
+    kw = {}
+    if kv == "fp8":
+        k, v, q = k.to(FP8), v.to(FP8), q.to(FP8)
+        ones = torch.ones(batch, HKV, dtype=torch.float32, device="cuda")
+        kw = dict(q_descale=ones, k_descale=ones, v_descale=ones)
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    out = torch.empty(batch, HQ, D, dtype=DTYPE, device="cuda")
+
+    def run():
+        flash_attn_varlen_func(q, k, v, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=context,
+                               seqused_k=seqused, block_table=table, softmax_scale=D**-0.5,
+                               causal=True, out=out, fa_version=3, **kw)
+
+    ms = timer(run)
+    return ms, batch * context * HKV * D * 2 * k.element_size()
+
+
+def fill_pages(num_blocks: int, fmt: PageFormat) -> torch.Tensor:
+    """Quantize random K/V into every page with the BITDECODE kernel itself."""
+    from vllm_bitdecode import ops
+
+    cache = torch.empty(num_blocks, HKV, fmt.head_region_bytes, dtype=torch.uint8, device="cuda")
+    chunk = 1 << 16
+    signs = rotation_signs(D).cuda()
+    for start in range(0, num_blocks * BLOCK, chunk):
+        n = min(chunk, num_blocks * BLOCK - start)
+        k = torch.randn(n, HKV, D, dtype=DTYPE, device="cuda")
+        slots = torch.arange(start, start + n, device="cuda")
+        ops.quantize_to_pages(k, torch.randn_like(k), slots, cache, signs, fmt.bits,
+                              fmt.group_size, BLOCK)
+    return cache
+
+
+def bench_bitdecode(batch, context, bits, timer, gen) -> tuple[float, int, int]:
+    from vllm_bitdecode import ops
+
+    fmt = PageFormat(D, bits, 128, BLOCK)
+    table, num_blocks = block_table(batch, context, gen)
+    cache = fill_pages(num_blocks, fmt)
+    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    splits = plan_num_splits(batch, HKV, torch.cuda.get_device_properties(0).multi_processor_count)
+    po = torch.empty(splits * batch * HQ * D, device="cuda")
+    pl = torch.empty(splits * batch * HQ, device="cuda")
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    signs = rotation_signs(D).cuda()
+
+    def run():
+        ops.decode(out, q, cache, table, lens, po, pl, signs, D**-0.5, bits, 128, BLOCK, splits,
+                   MIN_TILES_PER_SPLIT)
+
+    ms = timer(run)
+    return ms, batch * context * HKV * fmt.bytes_per_token_head, splits
+
+
+def bench_write(num_tokens: int, timer: Timer) -> dict:
+    """Quantize-on-write vs vLLM's bf16 reshape_and_cache_flash, same tokens and slots."""
+    from vllm import _custom_ops as vllm_ops
+
+    from vllm_bitdecode import ops
+
+    fmt = PageFormat(D, 4, 128, BLOCK)
+    num_blocks = 4 * num_tokens // BLOCK + 1
+    slots = torch.randperm(num_blocks * BLOCK, device="cuda")[:num_tokens]
+    k = torch.randn(num_tokens, HKV, D, dtype=DTYPE, device="cuda")
+    v = torch.randn_like(k)
+    kc = torch.empty(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda")
+    vc = torch.empty_like(kc)
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+    ms_ref = timer(lambda: vllm_ops.reshape_and_cache_flash(k, v, kc, vc, slots, "auto", one, one))
+    cache = torch.empty(num_blocks, HKV, fmt.head_region_bytes, dtype=torch.uint8, device="cuda")
+    signs = rotation_signs(D).cuda()
+    ms = timer(lambda: ops.quantize_to_pages(k, v, slots, cache, signs, 4, 128, BLOCK))
+    return {"num_tokens": num_tokens, "reshape_and_cache_flash_ms": ms_ref,
+            "bitdecode_quantize_ms": ms, "ratio": ms / ms_ref}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--max-gb", type=float, default=40.0, help="skip cases whose bf16 KV is larger")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    timer = Timer(args.reps)
+    gen = torch.Generator().manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    copy_gbps = copy_bandwidth(timer)
+    print(f"{gpu}: device copy {copy_gbps:.0f} GB/s (read + write)", flush=True)
+    records = []
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            if batch * context * HKV * D * 4 / 1e9 > args.max_gb:
+                continue
+            base = {}
+            rows = []
+            for kv in ("bf16", "fp8"):
+                ms, nbytes = bench_fa3(batch, context, kv, timer, gen)
+                base[kv] = ms
+                rows.append(dict(impl="fa3", kv=kv, ms=ms, bytes=nbytes))
+            for bits in (4, 2):
+                ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
+                rows.append(dict(impl="bitdecode", kv=f"int{bits}", ms=ms, bytes=nbytes,
+                                 num_splits=splits))
+            for r in rows:
+                r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6,
+                         speedup_vs_fa3_bf16=base["bf16"] / r["ms"],
+                         speedup_vs_fa3_fp8=base["fp8"] / r["ms"])
+                r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
+                print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {r['kv']:<5} "
+                      f"{r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s  x{r['speedup_vs_fa3_bf16']:.2f} "
+                      f"vs bf16  x{r['speedup_vs_fa3_fp8']:.2f} vs fp8", flush=True)
+            records += rows
+            torch.cuda.empty_cache()
+    writes = [bench_write(n, timer) for n in (64, 4096, 65536)]
+    for w in writes:
+        print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "
+              f"{w['reshape_and_cache_flash_ms']:.4f} ms, quantize "
+              f"{w['bitdecode_quantize_ms']:.4f} ms (x{w['ratio']:.2f})")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
+               copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D), block_size=BLOCK,
+               records=records, quantize_on_write=writes)
+    slug = gpu.replace("NVIDIA ", "").replace(" ", "_").lower()
+    out = Path(args.out or f"benchmarks/results/decode_{slug}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    plot(doc, out.with_suffix(".png"))
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = sorted({r["context"] for r in doc["records"]})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
+    for ax, ctx in zip(axes[0], contexts, strict=True):
+        for impl, kv in (("fa3", "bf16"), ("fa3", "fp8"), ("bitdecode", "int4"),
+                         ("bitdecode", "int2")):
+            pts = sorted((r["batch"], r["gbps"]) for r in doc["records"]
+                         if r["context"] == ctx and r["impl"] == impl and r["kv"] == kv)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{impl} {kv}")
+        ax.axhline(doc["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"context {ctx // 1024}K")
+        ax.set_xlabel("batch")
+        ax.set_ylabel("effective GB/s (KV bytes read / time)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"paged decode, 32/8 heads, d=128 - {doc['device']} ({doc['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
