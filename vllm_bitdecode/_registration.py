@@ -4,7 +4,8 @@
    ``AttentionBackendEnum[backend.get_name()]``. A real member named BITDECODE (value:
    our class path) makes the CLI string, ``LLM(attention_backend="BITDECODE")``, the
    config validator and that lookup all work unchanged. (The ``CUSTOM`` slot would make
-   users type CUSTOM, and logs would say CUSTOM.)
+   users type CUSTOM, and logs would say CUSTOM.) The member pickles by name through
+   this module, so a process that has not loaded plugins yet can still unpickle it.
 2. ``Attention.get_kv_cache_spec`` builds a ``FullAttentionSpec`` from the bf16 head
    size, which would size pages for bf16. For layers whose backend is BITDECODE it now
    returns :class:`BitDecodeAttentionSpec`, whose page size is the packed page's.
@@ -24,7 +25,25 @@ from enum import Enum
 def register_backend_enum(name: str, class_path: str) -> Enum:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    return add_enum_member(AttentionBackendEnum, name, class_path)
+    member = add_enum_member(AttentionBackendEnum, name, class_path)
+    # vLLM pickles its config into the engine-core process, which unpickles it before it
+    # loads plugins: by value the member would not exist there yet. Unpickling through
+    # _backend_member registers the plugin first.
+    member.__reduce_ex__ = _reduce_backend_member
+    return member
+
+
+def _reduce_backend_member(protocol: int):
+    return (_backend_member, ())
+
+
+def _backend_member() -> Enum:
+    import vllm_bitdecode
+
+    vllm_bitdecode.register()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[vllm_bitdecode.BACKEND_NAME]
 
 
 def add_enum_member(enum_cls: type[Enum], name: str, value: str) -> Enum:

@@ -43,6 +43,16 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def _errors(log: str) -> str:
+    """The lines that explain a failed start, wherever they are in a long log."""
+    keep = [ln for ln in log.splitlines()
+            if any(w in ln for w in ("Error", "error:", "Exception", "raise ", "File \""))]
+    if out := os.environ.get("OUT"):
+        with open(os.path.join(out, "server.log"), "w") as f:
+            f.write(log)
+    return "\n".join(keep[-80:])
+
+
 def test_vllm_serve_with_bitdecode_answers_completions(tmp_path):
     model = write_llama_config(tmp_path / "llama", num_hidden_layers=2, vocab_size=32000,
                                max_position_embeddings=4096)
@@ -59,7 +69,7 @@ def test_vllm_serve_with_bitdecode_answers_completions(tmp_path):
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 240
         while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            assert proc.poll() is None, _errors((tmp_path / "server.log").read_text())
             try:
                 urllib.request.urlopen(base + "/health", timeout=2)
                 break

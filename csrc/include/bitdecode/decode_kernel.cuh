@@ -6,12 +6,15 @@
 // streams every 4th tile:
 //
 //   S = Q K^T   8 k-steps x 2 n-tiles; K codes go from the page into B-fragment
-//               registers with one lop3 per register (page_format.py's K order);
-//               per-token scale/zero are applied to the fp32 accumulator:
-//               S = scale * (Q . codes) + zero * sum(Q)   (per group of channels)
+//               registers with one lop3 per register (page_format.py's K order),
+//               as M + code (M = 128 for bf16, 1024 for fp16, exact); per-token
+//               scale/zero are applied to the fp32 accumulator, M folded into zero:
+//               S = scale * (Q . (M + codes)) + (zero - scale * M) * sum(Q)
 //   softmax     online, in registers, base 2
 //   O += P V    P's accumulator fragments are V's A operand (no shared memory);
-//               the V scale multiplies P's columns, the V zero adds P . zero.
+//               the V scale multiplies P's columns, the V zero adds P . zero
+//               (V codes are unbiased first: see unpack_pair_biased). The output is
+//               rescaled only in steps where some row's running max moved.
 //
 // The four warps merge through shared memory; with several splits the CTA writes a
 // normalized partial output and its log-sum-exp, and combine_kernel reduces them.
@@ -73,6 +76,8 @@ struct TileRegs {
   __device__ static int token_of(int i, int t) { return 2 * t + (i & 1) + 8 * (i >> 1); }
 };
 
+// Forcing 3 CTAs/SM (<= 168 registers) was measured slower at large batches on an
+// H100 (wave quantization, spills), so the compiler keeps its 182 registers.
 template <typename T, int HEAD, int BITS, int GROUP>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
   using Tr = DtypeTraits<T>;
@@ -205,7 +210,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         const T* kp = reinterpret_cast<const T*>(&cur.prm[i][gi]);
         const T* vp = reinterpret_cast<const T*>(&cur.prm[i][kGroups + gi]);
         k_scale[i][gi] = valid[i] ? Tr::to_float(kp[0]) : 0.0f;
-        k_zero[i][gi] = valid[i] ? Tr::to_float(kp[1]) : 0.0f;
+        k_zero[i][gi] = valid[i] ? Tr::to_float(kp[1]) - k_scale[i][gi] * Tr::kMagicValue : 0.0f;
         v_scale[i][gi] = valid[i] ? Tr::to_float(vp[0]) : 0.0f;
         v_zero[i][gi] = valid[i] ? Tr::to_float(vp[1]) : 0.0f;
       }
@@ -223,8 +228,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       const int w = ks / Order::kKStepsPerWord, i0 = 2 * (ks % Order::kKStepsPerWord);
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
-        const uint32_t b0 = unpack_pair<T, BITS>(cur.k[nt][w], i0);
-        const uint32_t b1 = unpack_pair<T, BITS>(cur.k[nt][w], i0 + 1);
+        const uint32_t b0 = unpack_pair_biased<T, BITS>(cur.k[nt][w], i0);
+        const uint32_t b1 = unpack_pair_biased<T, BITS>(cur.k[nt][w], i0 + 1);
         Tr::mma(acc[gi][nt], qa[ks], b0, b1);
       }
     }
@@ -243,7 +248,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       }
 
     // online softmax over the two rows this lane holds
-    float p_[2][4];
+    float p_[2][4], corr[2];
+    bool moved = false;
 #pragma unroll
     for (int row = 0; row < 2; ++row) {
       float mx = fmaxf(fmaxf(s[0][2 * row], s[0][2 * row + 1]),
@@ -252,7 +258,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = fmaxf(m_run[row], mx);
       const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      const float corr = exp2f(m_run[row] - m_use);
+      corr[row] = exp2f(m_run[row] - m_use);
+      moved |= m_new != m_run[row];
       m_run[row] = m_new;
       float sum = 0.0f;
 #pragma unroll
@@ -262,11 +269,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
           p_[nt][2 * row + c] = exp2f(s[nt][2 * row + c] - m_use);
           sum += p_[nt][2 * row + c];
         }
-      l_run[row] = l_run[row] * corr + sum;
+      l_run[row] = l_run[row] * corr[row] + sum;
+    }
+    // Once the running max settles (most of a long sequence), this branch is skipped.
+    if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j) o[j][2 * row] *= corr, o[j][2 * row + 1] *= corr;
+      for (int row = 0; row < 2; ++row) {
 #pragma unroll
-      for (int gi = 0; gi < kGroups; ++gi) zsum[row][gi] *= corr;
+        for (int j = 0; j < kNTiles; ++j) o[j][2 * row] *= corr[row], o[j][2 * row + 1] *= corr[row];
+#pragma unroll
+        for (int gi = 0; gi < kGroups; ++gi) zsum[row][gi] *= corr[row];
+      }
     }
 
     // O += (P * v_scale) . codes  +  P . v_zero
@@ -288,8 +301,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         const uint32_t sel = slot < kHalf ? 0x5410u : 0x7632u;
         const uint32_t ab = __byte_perm(cur.v[0][h], cur.v[1][h], sel);  // tokens 2t, 2t+1
         const uint32_t cd = __byte_perm(cur.v[2][h], cur.v[3][h], sel);  // tokens 2t+8, 2t+9
-        Tr::mma(o[j], pa, unpack_pair<T, BITS>(ab, slot % kHalf),
-                unpack_pair<T, BITS>(cd, slot % kHalf));
+        Tr::mma(o[j], pa, Tr::sub_magic(unpack_pair_biased<T, BITS>(ab, slot % kHalf)),
+                Tr::sub_magic(unpack_pair_biased<T, BITS>(cd, slot % kHalf)));
       }
     }
     cur = nxt;

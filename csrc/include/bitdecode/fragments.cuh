@@ -72,11 +72,15 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint3
 
 // Unpack the code pair (slot i, slot i + vpw/2) of a packed word into one register
 // of two T values: low half = slot i, high half = slot i + vpw/2. No shuffles: the
-// page stores codes in exactly this order (page_format.py).
+// page stores codes in exactly this order (page_format.py). One lop3 (after a shift)
+// per register: the values are kMagicValue + code, exactly. For K the offset folds
+// into the zero point (zero - scale * kMagicValue) because sum(Q) uses the same rounded
+// Q as the MMA; for V it must be subtracted (sub_magic): the MMA sees P * scale rounded
+// to 16 bits, and an fp32 correction would not cancel kMagicValue times that rounding.
 template <typename T, int BITS>
-__device__ __forceinline__ uint32_t unpack_pair(uint32_t word, int i) {
+__device__ __forceinline__ uint32_t unpack_pair_biased(uint32_t word, int i) {
   constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
-  return DtypeTraits<T>::sub_magic(lop3_and_or(word >> (BITS * i), kMask, DtypeTraits<T>::kMagic));
+  return lop3_and_or(word >> (BITS * i), kMask, DtypeTraits<T>::kMagic);
 }
 
 // ---- in-row channel order (the CUDA twin of page_format.py's *_channel_of_slot) ----

@@ -1,0 +1,324 @@
+"""How the plugin hooks into the installed vLLM 0.20 (no mocks of vLLM internals).
+
+Covers the ``vllm.general_plugins`` entry point, the ``BITDECODE`` member added to
+``AttentionBackendEnum``, the config / engine-args paths that take the backend name,
+the ``Attention.get_kv_cache_spec`` and ``EngineArgs.add_cli_args`` patches, and the
+KV-cache spec / backend shape arithmetic that vLLM sizes the cache with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import pickle
+from enum import Enum
+
+import pytest
+import torch
+import vllm.plugins
+from vllm.config import AttentionConfig
+from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
+from vllm.v1.core import single_type_kv_cache_manager as managers
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+import vllm_bitdecode
+from vllm_bitdecode import _registration
+from vllm_bitdecode import config as bd_config
+from vllm_bitdecode.backend.backend import BitDecodeAttentionBackend
+from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
+from vllm_bitdecode.page_format import PageFormat
+
+GROUP = "vllm.general_plugins"
+FLASH_ATTN_PATH = "vllm.v1.attention.backends.flash_attn.FlashAttentionBackend"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    """Go through vLLM's own plugin loader once, then register twice more (re-entrant)."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr(vllm.plugins, "plugins_loaded", False)  # force the loader to run here
+    try:
+        vllm.plugins.load_general_plugins()
+    finally:
+        mp.undo()
+    vllm_bitdecode.register()
+    vllm_bitdecode.register()
+    return AttentionBackendEnum["BITDECODE"]
+
+
+@pytest.fixture
+def restore_active():
+    saved = bd_config._active
+    yield
+    bd_config._active = saved
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def test_entry_point_declared_in_installed_metadata():
+    eps = [ep for ep in importlib.metadata.entry_points(group=GROUP) if ep.name == "bitdecode"]
+    assert len(eps) == 1
+    (ep,) = eps
+    assert ep.value == "vllm_bitdecode:register"
+    assert ep.dist is not None and ep.dist.name == "vllm-bitdecode"
+    assert ep.load() is vllm_bitdecode.register
+
+
+def test_vllm_plugin_loader_finds_register():
+    plugins = vllm.plugins.load_plugins_by_group(GROUP)
+    assert plugins.get("bitdecode") is vllm_bitdecode.register
+
+
+# ---------------------------------------------------------------- the enum member
+
+
+def test_exactly_one_member_after_repeated_register(registered):
+    names_before = list(AttentionBackendEnum._member_names_)
+    vllm_bitdecode.register()
+    assert list(AttentionBackendEnum._member_names_) == names_before
+    assert names_before.count("BITDECODE") == 1
+    assert [m.name for m in AttentionBackendEnum].count("BITDECODE") == 1
+    assert len(AttentionBackendEnum) == len(names_before)
+
+
+def test_every_lookup_gives_the_same_member(registered):
+    member = registered
+    assert isinstance(member, AttentionBackendEnum)
+    assert member.name == "BITDECODE"
+    assert member.value == vllm_bitdecode.BACKEND_PATH
+    assert AttentionBackendEnum["BITDECODE"] is member
+    assert AttentionBackendEnum["bitdecode".upper()] is member
+    assert AttentionBackendEnum.BITDECODE is member
+    assert AttentionBackendEnum(vllm_bitdecode.BACKEND_PATH) is member
+    assert AttentionBackendEnum.__members__["BITDECODE"] is member
+    assert member in AttentionBackendEnum
+    assert [m for m in list(AttentionBackendEnum) if m.name == "BITDECODE"] == [member]
+    assert [m for m in list(AttentionBackendEnum) if m is member] == [member]
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        assert pickle.loads(pickle.dumps(member, protocol=protocol)) is member
+
+
+def test_member_resolves_to_backend_class(registered):
+    cls = registered.get_class()
+    assert cls is BitDecodeAttentionBackend
+    assert cls.get_name() == "BITDECODE"
+    assert AttentionBackendEnum[cls.get_name()] is registered  # vLLM's own lookup
+    assert not registered.is_overridden()
+
+
+def test_other_members_untouched(registered):
+    flash = AttentionBackendEnum["FLASH_ATTN"]
+    assert AttentionBackendEnum.FLASH_ATTN is flash
+    assert flash.value == FLASH_ATTN_PATH
+    assert flash.get_path() == FLASH_ATTN_PATH
+    assert AttentionBackendEnum(FLASH_ATTN_PATH) is flash
+    assert AttentionBackendEnum._member_names_[0] == "FLASH_ATTN"
+    custom = AttentionBackendEnum["CUSTOM"]
+    assert AttentionBackendEnum.CUSTOM is custom
+    assert custom.value is None
+    assert custom is not registered and flash is not registered
+    # BITDECODE is appended, after every built-in member
+    assert AttentionBackendEnum._member_names_[-1] == "BITDECODE"
+    assert AttentionBackendEnum._member_names_.index("CUSTOM") < len(AttentionBackendEnum) - 1
+
+
+def test_add_enum_member_on_a_private_enum():
+    class Color(Enum):
+        RED = "r"
+
+    green = _registration.add_enum_member(Color, "GREEN", "g")
+    assert _registration.add_enum_member(Color, "GREEN", "g") is green
+    assert [m.name for m in Color] == ["RED", "GREEN"]
+    assert Color["GREEN"] is Color.GREEN is Color("g") is green
+    with pytest.raises(ValueError, match="GREEN"):
+        _registration.add_enum_member(Color, "GREEN", "other")
+    assert Color.GREEN.value == "g"
+
+
+# ---------------------------------------------------------------- config / engine args
+
+
+@pytest.mark.parametrize("name", ["BITDECODE", "bitdecode", "BitDecode"])
+def test_attention_config_accepts_name(registered, name):
+    assert AttentionConfig(backend=name).backend is registered
+
+
+def test_attention_config_still_rejects_unknown_names(registered):
+    with pytest.raises(ValueError, match="BITDECODE"):  # listed among the valid options
+        AttentionConfig(backend="NOT_A_BACKEND")
+
+
+def test_engine_args_take_the_string(registered):
+    args = EngineArgs(model="x", attention_backend="BITDECODE")
+    assert args.attention_backend == "BITDECODE"
+    assert AttentionConfig(backend=args.attention_backend).backend is registered
+
+
+# ---------------------------------------------------------------- patches
+
+
+def test_kv_cache_spec_patched_exactly_once():
+    patched = Attention.get_kv_cache_spec
+    assert getattr(patched, "_bitdecode", False) is True
+    inner = patched.__wrapped__
+    assert not getattr(inner, "_bitdecode", False), "wrapped more than once"
+    assert not hasattr(inner, "__wrapped__")
+    assert inner.__qualname__ == "Attention.get_kv_cache_spec"
+    _registration.patch_kv_cache_spec()
+    vllm_bitdecode.register()
+    assert Attention.get_kv_cache_spec is patched
+
+
+def test_spec_maps_to_full_attention_manager():
+    assert managers.spec_manager_map[BitDecodeAttentionSpec] is managers.FullAttentionManager
+    assert managers.spec_manager_map[FullAttentionSpec] is managers.FullAttentionManager
+
+
+def test_cli_help_patched_exactly_once():
+    raw = EngineArgs.__dict__["add_cli_args"]
+    assert isinstance(raw, staticmethod)
+    patched = EngineArgs.add_cli_args
+    assert getattr(patched, "_bitdecode", False) is True
+    inner = patched.__wrapped__
+    assert not getattr(inner, "_bitdecode", False), "wrapped more than once"
+    assert inner.__module__ == "vllm.engine.arg_utils"
+    _registration.patch_cli_help()
+    vllm_bitdecode.register()
+    assert EngineArgs.add_cli_args is patched
+
+
+@pytest.mark.parametrize("help_text", ["Attention backend to use.", None])
+def test_cli_help_lists_backends(monkeypatch, registered, help_text):
+    """Run the real wrapper around a stand-in original that builds a plain parser
+    (the full vLLM parser cannot be built without a GPU)."""
+
+    def fake_add_cli_args(parser):
+        parser.add_argument("--attention-backend", type=str, default=None, help=help_text)
+        parser.add_argument("--other", help="Something else.")
+        return parser
+
+    monkeypatch.setattr(EngineArgs, "add_cli_args", staticmethod(fake_add_cli_args))
+    _registration.patch_cli_help()  # wraps the stand-in (it has no _bitdecode mark)
+    wrapper = EngineArgs.add_cli_args
+    assert wrapper is not fake_add_cli_args
+    assert wrapper.__wrapped__ is fake_add_cli_args
+
+    parser = wrapper(argparse.ArgumentParser(prog="vllm"))
+    actions = {a.dest: a for a in parser._actions}
+    backend_help = actions["attention_backend"].help
+    assert backend_help.startswith(help_text or "Attention backend")
+    for name in ("auto", "BITDECODE", "FLASH_ATTN", "TRITON_ATTN"):
+        assert name in backend_help
+    assert "CUSTOM" not in backend_help
+    assert actions["other"].help == "Something else."
+    text = parser.format_help()
+    assert "BITDECODE" in text and "FLASH_ATTN" in text
+    assert parser.parse_args(["--attention-backend", "BITDECODE"]).attention_backend == (
+        "BITDECODE"
+    )
+
+
+# ---------------------------------------------------------------- spec arithmetic
+
+
+def _spec(bits=4, group_size=128, **kw):
+    args = dict(block_size=16, num_kv_heads=8, head_size=128, head_size_v=128)
+    args.update(kw)
+    return BitDecodeAttentionSpec(dtype=torch.uint8, bits=bits, group_size=group_size, **args)
+
+
+BF16_PAGE = FullAttentionSpec(
+    block_size=16, num_kv_heads=8, head_size=128, head_size_v=128, dtype=torch.bfloat16
+).page_size_bytes
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_spec_page_size_is_the_packed_page(bits, group_size):
+    spec = _spec(bits, group_size)
+    expected = PageFormat(128, bits, group_size, 16).page_bytes(8)
+    assert spec.page_size_bytes == expected
+    assert spec.real_page_size_bytes == expected
+    assert spec.page_size_bytes < BF16_PAGE
+
+
+@pytest.mark.parametrize(("bits", "min_ratio"), [(4, 3.75), (2, 7.0)])
+def test_spec_compression_vs_bf16(bits, min_ratio):
+    assert BF16_PAGE == 2 * 16 * 8 * 128 * 2
+    assert BF16_PAGE / _spec(bits, 128).page_size_bytes > min_ratio
+
+
+def test_spec_merge_keeps_format():
+    a = _spec(bits=2, group_size=64)  # not the defaults, so a lost field shows
+    merged = BitDecodeAttentionSpec.merge([a, a])
+    assert type(merged) is BitDecodeAttentionSpec
+    assert (merged.bits, merged.group_size) == (2, 64)
+    assert merged.page_size_bytes == a.page_size_bytes
+    assert merged == a
+
+
+@pytest.mark.parametrize("other", [{"bits": 2, "group_size": 128}, {"bits": 4, "group_size": 64}])
+def test_spec_merge_rejects_mixed_formats(other):
+    with pytest.raises(ValueError, match="page format"):
+        BitDecodeAttentionSpec.merge([_spec(4, 128), _spec(**other)])
+
+
+# ---------------------------------------------------------------- backend statics
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kv_cache_shape_uses_active_config(restore_active, bits):
+    bd_config.set_active(bd_config.BitDecodeConfig(bits=bits))
+    shape = BitDecodeAttentionBackend.get_kv_cache_shape(
+        num_blocks=5, block_size=16, num_kv_heads=8, head_size=128
+    )
+    fmt = PageFormat(128, bits, 128, 16)
+    assert shape == (5, 8, fmt.head_region_bytes)
+    # one block of the cache tensor (uint8) is exactly the spec's page
+    assert shape[1] * shape[2] == _spec(bits, 128).page_size_bytes
+
+
+def test_kv_cache_shape_without_config_fails(restore_active):
+    bd_config._active = None
+    with pytest.raises(bd_config.BitDecodeConfigError, match="not configured"):
+        BitDecodeAttentionBackend.get_kv_cache_shape(5, 16, 8, 128)
+
+
+GOOD = dict(
+    head_size=128,
+    dtype=torch.bfloat16,
+    kv_cache_dtype="auto",
+    block_size=16,
+    use_mla=False,
+    has_sink=False,
+    use_sparse=False,
+    use_mm_prefix=False,
+    use_per_head_quant_scales=False,
+    device_capability=DeviceCapability(9, 0),
+    attn_type=AttentionType.DECODER,
+)
+
+
+@pytest.mark.parametrize(
+    ("override", "reason"),
+    [
+        ({}, None),
+        ({"dtype": torch.float16}, None),
+        ({"block_size": 64}, None),
+        ({"head_size": 64}, "head_size not supported"),
+        ({"dtype": torch.float32}, "dtype not supported"),
+        ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype not supported"),
+        ({"device_capability": DeviceCapability(8, 0)}, "compute capability not supported"),
+        ({"device_capability": DeviceCapability(10, 0)}, "compute capability not supported"),
+        ({"block_size": 8}, "block_size not supported"),
+        ({"use_mla": True}, "MLA not supported"),
+    ],
+)
+def test_validate_configuration(override, reason):
+    reasons = BitDecodeAttentionBackend.validate_configuration(**{**GOOD, **override})
+    assert reasons == ([] if reason is None else [reason])
