@@ -30,6 +30,9 @@ namespace bitdecode {
 constexpr int kDecodeWarps = 4;
 constexpr int kTileTokens = 16;  // one PV k-step
 constexpr int kMaxGqa = 16;      // query heads per KV head that fit the MMA M dimension
+// 16-token tiles in flight per warp: 3 fit the registers at group 128 (217 at 4 bits,
+// no spills); finer groups hold more accumulators and would spill at 3.
+constexpr int stages_for_group(int group) { return group == 128 ? 3 : 2; }
 
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N]) {
@@ -181,21 +184,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   float m_run[2] = {-INFINITY, -INFINITY};
   float l_run[2] = {0.0f, 0.0f};
 
-  int tile = tile_begin + warp;
-  Tile cur;
-  if (tile < tile_end) {
+  // Each warp keeps kStages tiles of loads in flight (register ring, compile-time
+  // indexed after unrolling): decode is latency-bound at one tile of look-ahead.
+  constexpr int kStages = stages_for_group(GROUP);
+  Tile ring[kStages];
+  auto load_tile = [&](int tile, Tile& dst) {
     int off;
     const uint8_t* pg = tile_page(tile, off);
-    cur.load(pg, off, p.page, lane);
+    dst.load(pg, off, p.page, lane);
+  };
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    const int tile = tile_begin + warp + s * kDecodeWarps;
+    if (tile < tile_end) load_tile(tile, ring[s]);
   }
-  for (; tile < tile_end; tile += kDecodeWarps) {
-    Tile nxt;
-    const int next = tile + kDecodeWarps;
-    if (next < tile_end) {  // issue the next tile's loads before using this one
-      int off;
-      const uint8_t* pg = tile_page(next, off);
-      nxt.load(pg, off, p.page, lane);
-    }
+  auto process = [&](const Tile& cur, int tile) {
     const int token0 = tile * kTileTokens;
 
     // per-token scale / zero of this lane's 4 tokens; tokens past the end get 0 so that
@@ -305,7 +308,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
                 Tr::sub_magic(unpack_pair_biased<T, BITS>(cd, slot % kHalf)));
       }
     }
-    cur = nxt;
+  };
+  for (int base = tile_begin + warp; base < tile_end; base += kStages * kDecodeWarps) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      const int tile = base + s * kDecodeWarps;
+      if (tile < tile_end) {
+        const int ahead = tile + (kStages - 1) * kDecodeWarps;
+        if (ahead < tile_end) load_tile(ahead, ring[(s + kStages - 1) % kStages]);
+        process(ring[s], tile);
+      }
+    }
   }
 
   // ---- finish this warp: quad sums, add the V zero term, hand to shared memory ------
