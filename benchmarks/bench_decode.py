@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 from pathlib import Path
@@ -192,8 +193,10 @@ def main() -> None:
         print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "
               f"{w['reshape_and_cache_flash_ms']:.4f} ms, quantize "
               f"{w['bitdecode_quantize_ms']:.4f} ms (x{w['ratio']:.2f})")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    # the GPU machine's copy of the tree has no .git: pass BITDECODE_COMMIT there
+    commit = os.environ.get("BITDECODE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip() or "unknown"
     doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
                copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D), block_size=BLOCK,
                records=records, quantize_on_write=writes)

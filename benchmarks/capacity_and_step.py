@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -56,8 +57,10 @@ def main() -> None:
     for r in records:
         r["capacity_vs_bf16"] = r["kv_cache_tokens"] / base["kv_cache_tokens"]
         r["step_speedup_vs_bf16"] = base["ms_per_step"] / r["ms_per_step"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    # the GPU machine's copy of the tree has no .git: pass BITDECODE_COMMIT there
+    commit = os.environ.get("BITDECODE_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip() or "unknown"
     doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
                model="llama3-8b-shape dummy weights", records=records)
     slug = gpu.replace("NVIDIA ", "").replace(" ", "_").lower()
