@@ -59,6 +59,7 @@ BAD_SETTINGS = [
     ({"bitdecode": {"group_size": 16}}, ["group_size", "16"]),
     ({"bitdecode": {"group_size": 256}}, ["group_size", "256"]),
     ({"bitdecode": {"group_size": "64"}}, ["group_size", "'64'"]),
+    ({"bitdecode": {"group_size": 64.0}}, ["group_size", "64.0"]),
     ({"bitdecode": {"rotate_k": "yes"}}, ["rotate_k", "'yes'"]),
     ({"bitdecode": {"rotate_k": 1}}, ["rotate_k"]),
     ({"bitdecode": [4]}, ["bitdecode", "dict", "list"]),
