@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, decode_slots, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
 
 HQ, HKV, D = 32, 8, 128
@@ -113,7 +113,8 @@ def bench_bitdecode(batch, context, bits, timer, gen) -> tuple[float, int, int]:
     cache = fill_pages(num_blocks, fmt)
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
     out = torch.empty_like(q)
-    splits = plan_num_splits(batch, HKV, torch.cuda.get_device_properties(0).multi_processor_count)
+    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"))
+    splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
     po = torch.empty(splits * batch * HQ * D, device="cuda")
     pl = torch.empty(splits * batch * HQ, device="cuda")
     lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")

@@ -17,6 +17,9 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
       "int min_tiles_per_split) -> ()");
+  // No tensor arguments, so a catch-all kernel rather than a CUDA one.
+  m.def("decode_ctas_per_sm(ScalarType dtype, int bits, int group_size, int gqa) -> int",
+        &bitdecode::decode_ctas_per_sm);
 }
 
 TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {

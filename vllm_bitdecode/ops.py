@@ -38,3 +38,4 @@ def _decode_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
 quantize_to_pages = torch.ops.bitdecode.quantize_to_pages
 dequantize_pages = torch.ops.bitdecode.dequantize_pages
 decode = torch.ops.bitdecode.decode
+decode_ctas_per_sm = torch.ops.bitdecode.decode_ctas_per_sm

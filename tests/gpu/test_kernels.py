@@ -168,11 +168,42 @@ def test_decode_matches_dequantized_reference(dtype, bits, group_size, gqa, rota
     q = torch.randn(len(seq_lens), kv_heads * gqa, 128, generator=gen).to(dtype)
     scale = 128**-0.5
     expected = _reference_decode(q, cache, table, seq_lens, fmt, rotate, scale)
-    for num_splits in (1, plan_num_splits(len(seq_lens), kv_heads, 132), 64):
+    for num_splits in (1, plan_num_splits(len(seq_lens), kv_heads, 132, 4), 64):
         got = _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, scale)
         assert torch.isfinite(got).all(), f"unwritten or NaN output, num_splits={num_splits}"
         err = _rel_err(got, expected)
         assert err <= 1e-2, f"num_splits={num_splits}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("gqa", [6, 12, 16])
+def test_decode_wide_and_uneven_gqa_groups(dtype, bits, group_size, gqa):
+    """More than 8 query heads per KV head take the kernel's second MMA head tile; 6 and
+    12 leave some of its columns empty."""
+    gen = torch.Generator().manual_seed(7 * gqa + bits + group_size)
+    fmt = PageFormat(128, bits, group_size, 32)
+    seq_lens = [5, 333, 4097]
+    cache, table = _fill_pages(seq_lens, 2, fmt, dtype, True, gen)
+    q = torch.randn(len(seq_lens), 2 * gqa, 128, generator=gen).to(dtype)
+    expected = _reference_decode(q, cache, table, seq_lens, fmt, True, 128**-0.5)
+    for num_splits in (1, 7):
+        got = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, 128**-0.5)
+        assert torch.isfinite(got).all(), f"unwritten or NaN output, num_splits={num_splits}"
+        assert _rel_err(got, expected) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gqa", [1, 8, 16])
+def test_decode_occupancy_query(dtype, gqa):
+    """The split planner sizes waves with this; the kernel is built for >= 2 CTAs per SM."""
+    for bits in (4, 2):
+        for group_size in (32, 64, 128):
+            ctas = _ops().decode_ctas_per_sm(dtype, bits, group_size, gqa)
+            assert 2 <= ctas <= 32, (bits, group_size, ctas)
+    with pytest.raises(RuntimeError, match="query heads per KV head"):
+        _ops().decode_ctas_per_sm(dtype, 4, 128, 17)
 
 
 @pytest.mark.parametrize("bits", [4, 2])
@@ -238,7 +269,7 @@ def test_decode_under_cuda_graph_replay():
     cache, table = _fill_pages(seq_lens, 8, fmt, torch.bfloat16, True, gen)
     cache, table = cache.to(DEV), table.to(DEV)
     b, hq = 3, 32
-    splits = plan_num_splits(b, 8, 132)
+    splits = plan_num_splits(b, 8, 132, 4)
     q = torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16).to(DEV)
     lens = torch.tensor([1, 1, 1], dtype=torch.int32, device=DEV)
     out = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=DEV)

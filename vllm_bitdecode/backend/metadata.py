@@ -25,18 +25,27 @@ from vllm_bitdecode.page_format import PageFormat, rotation_signs
 # A split never reads fewer than this many 16-token tiles: below that, the combine
 # pass costs more than the parallelism gains.
 MIN_TILES_PER_SPLIT = 8
-# Aim for this many CTAs per SM when choosing how many splits a decode batch gets.
-CTAS_PER_SM = 2
 MAX_SPLITS = 64
 
 
-def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int) -> int:
-    """Splits per sequence for a decode batch; depends on the batch size only, so a
-    CUDA graph captured for a batch size replays the same grid."""
+def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm: int) -> int:
+    """Splits per sequence for a decode batch: as many as fit in one wave of resident
+    CTAs (never more, so no CTA waits for a second wave). Depends on the batch size
+    only, so a CUDA graph captured for a batch size replays the same grid."""
     if num_seqs <= 0:
         return 1
-    ctas = num_seqs * num_kv_heads
-    return max(1, min(MAX_SPLITS, -(-CTAS_PER_SM * num_sms // ctas)))
+    slots = ctas_per_sm * num_sms
+    return max(1, min(MAX_SPLITS, slots // (num_seqs * num_kv_heads)))
+
+
+def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
+                 device: torch.device) -> tuple[int, int]:
+    """(SMs, decode CTAs resident per SM) of this device for these decode kernels."""
+    from vllm_bitdecode import ops
+
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    with torch.cuda.device(device):
+        return num_sms, int(ops.decode_ctas_per_sm(dtype, bits, group_size, gqa))
 
 
 @dataclass
@@ -88,20 +97,21 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         self.rotation_signs = (
             rotation_signs(self.head_size).to(device) if self.bitdecode.rotate_k else None
         )
-        self.num_sms = (
-            torch.cuda.get_device_properties(device).multi_processor_count
-            if torch.cuda.is_available()
-            else 132
+        self.num_sms, self.ctas_per_sm = decode_slots(
+            model.dtype, self.bitdecode.bits, self.bitdecode.group_size,
+            self.num_heads // self.num_kv_heads, device,
         )
         # Split-K workspace for the largest decode batch, allocated once so that CUDA
         # graphs capture fixed addresses.
         max_seqs = vllm_config.scheduler_config.max_num_seqs
-        rows = max(b * plan_num_splits(b, self.num_kv_heads, self.num_sms)
-                   for b in range(1, max_seqs + 1))
+        rows = max(b * self._num_splits(b) for b in range(1, max_seqs + 1))
         self.partial_out = torch.empty(
             rows * self.num_heads * self.head_size, dtype=torch.float32, device=device
         )
         self.partial_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=device)
+
+    def _num_splits(self, num_decodes: int) -> int:
+        return plan_num_splits(num_decodes, self.num_kv_heads, self.num_sms, self.ctas_per_sm)
 
     def build(
         self,
@@ -122,7 +132,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             num_decodes=num_decodes,
             decode_seq_lens=cam.seq_lens[:num_decodes],
             decode_block_table=cam.block_table_tensor[:num_decodes],
-            num_splits=plan_num_splits(num_decodes, self.num_kv_heads, self.num_sms),
+            num_splits=self._num_splits(num_decodes),
             num_decode_tokens=num_decode_tokens,
             prefill=prefill,
             page_format=self.page_format,

@@ -1,20 +1,28 @@
 // Split-K paged decode attention over quantized pages, on tensor cores.
 //
 // Grid (num_splits, num_kv_heads, num_seqs), 4 warps. A CTA owns one KV head of one
-// sequence and a contiguous range of 16-token tiles; the query heads of the GQA group
-// fill the M = 16 rows of mma.m16n8k16 (rows beyond the group are zero). Each warp
-// streams every 4th tile:
+// sequence and a contiguous range of 16-token tiles; warp w takes tiles w, w+4, w+8, ...
+// of that range and streams them through its own ring of shared-memory buffers, filled
+// by the bulk-copy engine (cp.async.bulk + one mbarrier per buffer). Nothing in flight
+// sits in registers and the warps never wait for each other until the final merge.
 //
-//   S = Q K^T   8 k-steps x 2 n-tiles; K codes go from the page into B-fragment
-//               registers with one lop3 per register (page_format.py's K order),
-//               as M + code (M = 128 for bf16, 1024 for fp16, exact); per-token
-//               scale/zero are applied to the fp32 accumulator, M folded into zero:
-//               S = scale * (Q . (M + codes)) + (zero - scale * M) * sum(Q)
-//   softmax     online, in registers, base 2
-//   O += P V    P's accumulator fragments are V's A operand (no shared memory);
-//               the V scale multiplies P's columns, the V zero adds P . zero
-//               (V codes are unbiased first: see unpack_pair_biased). The output is
-//               rescaled only in steps where some row's running max moved.
+// The products are computed transposed, so that the few query heads of a GQA group fill
+// the MMA's N = 8 dimension instead of padding its M = 16:
+//
+//   S^T  = K Q^T     mma.m16n8k16, A = 16 tokens x 16 channels of K codes, B = Q^T.
+//                    K codes go from the page into A-fragment registers with one lop3
+//                    per register (page_format.py's K order) as M + code, exact
+//                    (M = 128 for bf16, 1024 for fp16). Per-token scale and zero act on
+//                    the fp32 accumulator, M folded into the zero:
+//                    S = scale * (Q . (M + codes)) + (zero - scale * M) * sum(Q)
+//   softmax          online, base 2, over 32-token steps; the output is rescaled only
+//                    in steps where some head's running max moved
+//   O^T += V^T P^T   A = 16 channels x 16 tokens of V codes (M + code, the page's V
+//                    order), B = P^T: the S^T accumulator times the per-token V scale,
+//                    rounded to 16 bits and transposed in registers (movmatrix).
+//                    M * sum(P^T) is taken back with one more MMA whose A is all M, so
+//                    the correction uses exactly the 16-bit values the MMA saw; the V
+//                    zero adds P . zero in fp32.
 //
 // The four warps merge through shared memory; with several splits the CTA writes a
 // normalized partial output and its log-sum-exp, and combine_kernel reduces them.
@@ -22,21 +30,45 @@
 
 #include <cfloat>
 
+#include "bitdecode/async_copy.cuh"
 #include "bitdecode/fragments.cuh"
 #include "bitdecode/params.h"
 
 namespace bitdecode {
 
 constexpr int kDecodeWarps = 4;
-constexpr int kTileTokens = 16;  // one PV k-step
-constexpr int kMaxGqa = 16;      // query heads per KV head that fit the MMA M dimension
-// 16-token tiles in flight per warp: 3 fit the registers at group 128 (217 at 4 bits,
-// no spills); finer groups hold more accumulators and would spill at 3.
-constexpr int stages_for_group(int group) { return group == 128 ? 3 : 2; }
+constexpr int kTileTokens = 16;  // one k-step of P V
+constexpr int kMaxGqa = 16;      // query heads per KV head: two MMA N tiles
+
+// Compile-time shape of one decode instantiation. HEAD_TILES = 1 serves up to 8 query
+// heads per KV head, 2 up to 16.
+template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES>
+struct DecodeShape {
+  using Order = RowOrder<HEAD, BITS>;
+  static constexpr int kGroups = HEAD / GROUP;
+  static constexpr int kHeads = 8 * HEAD_TILES;
+  static constexpr int kRowBytes = Order::kRowBytes;
+  static constexpr int kParamBytes = 2 * 2 * kGroups * static_cast<int>(sizeof(T));
+  // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes].
+  static constexpr int kVOffset = kTileTokens * kRowBytes;
+  static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
+  static constexpr int kTileBytes = kParamOffset + kTileTokens * kParamBytes;
+  static constexpr int kStepTiles = 2;  // tiles per softmax step
+  // Buffers per warp: the step being computed plus at least two tiles in flight, more
+  // when tiles are small (2 bits), within about 36 KB per CTA.
+  static constexpr int kFit = 36 * 1024 / (kDecodeWarps * kTileBytes);
+  static constexpr int kStages = kFit >= 8 ? 8 : 4;
+  static constexpr int kRingBytes = kDecodeWarps * kStages * kTileBytes;
+  static constexpr int kMergeBytes = kDecodeWarps * kHeads * (HEAD + 2) * 4;
+  static constexpr int kSmemBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+  static_assert(kTileBytes % 16 == 0, "bulk copies move multiples of 16 bytes");
+  static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared memory limit");
+  static_assert(GROUP % 16 == 0, "an MMA tile of 16 channels lies in one group");
+};
 
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N]) {
-  static_assert(N == 1 || N == 2 || N == 4 || N == 8, "vector width");
+  static_assert(N == 1 || N == 2 || N % 4 == 0, "vector width");
   if constexpr (N == 1) {
     dst[0] = *reinterpret_cast<const uint32_t*>(src);
   } else if constexpr (N == 2) {
@@ -51,52 +83,24 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
   }
 }
 
-// What one lane needs of one 16-token tile, loaded straight from the page.
-template <int HEAD, int BITS, int GROUP>
-struct TileRegs {
-  using Order = RowOrder<HEAD, BITS>;
-  static constexpr int kGroups = HEAD / GROUP;
-  uint32_t k[2][Order::kKWordsPerLane];  // tokens g and g + 8 (the two S n-tiles)
-  uint32_t v[4][Order::kVWordsPerLane];  // tokens 2t, 2t+1, 2t+8, 2t+9
-  uint32_t prm[4][2 * kGroups];          // same 4 tokens: K (scale, zero) x groups, then V
-
-  __device__ void load(const uint8_t* head_page, int offset, const PageGeometry& pg, int lane) {
-    const int g = lane / 4, t = lane % 4;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const uint8_t* row = head_page + (offset + nt * 8 + g) * Order::kRowBytes;
-      load_words(row + t * Order::kKWordsPerLane * 4, k[nt]);
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int tok = offset + token_of(i, t);
-      load_words(head_page + pg.v_rows_offset + tok * Order::kRowBytes +
-                     g * Order::kVWordsPerLane * 4, v[i]);
-      load_words(head_page + pg.params_offset + tok * pg.param_bytes, prm[i]);
-    }
-  }
-  // Token (within the tile) of this lane's i-th V / param slot.
-  __device__ static int token_of(int i, int t) { return 2 * t + (i & 1) + 8 * (i >> 1); }
-};
-
-// Forcing 3 CTAs/SM (<= 168 registers) was measured slower at large batches on an
-// H100 (wave quantization, spills), so the compiler keeps its 182 registers.
-template <typename T, int HEAD, int BITS, int GROUP>
+template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
   using Tr = DtypeTraits<T>;
-  using Order = RowOrder<HEAD, BITS>;
-  using Tile = TileRegs<HEAD, BITS, GROUP>;
-  constexpr int kGroups = HEAD / GROUP;
-  constexpr int kKSteps = HEAD / 16;
-  constexpr int kNTiles = HEAD / 8;
-  constexpr int kRows = 16;
+  using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES>;
+  using Order = typename Shape::Order;
+  constexpr int kGroups = Shape::kGroups;
+  constexpr int kHeads = Shape::kHeads;
+  constexpr int HT = HEAD_TILES;
+  constexpr int kKSteps = HEAD / 16;  // k-steps of S^T, and m-tiles of O^T
   constexpr int kHalf = Order::kValuesPerWord / 2;
+  constexpr int kStages = Shape::kStages;
+  constexpr int kStep = Shape::kStepTiles;
+  constexpr int R = Shape::kRowBytes, P = Shape::kParamBytes;
 
-  __shared__ float q_smem[kRows * HEAD];
-  __shared__ float merge_o[kDecodeWarps][kRows * HEAD];
-  __shared__ float merge_m[kDecodeWarps][kRows];
-  __shared__ float merge_l[kDecodeWarps][kRows];
-  __shared__ float qsum_smem[kRows][kGroups];
+  extern __shared__ __align__(128) uint8_t smem[];  // copy rings, then the merge area
+  __shared__ float q_smem[kHeads * HEAD];
+  __shared__ float qsum_smem[kHeads][kGroups];
+  __shared__ uint64_t bars[kDecodeWarps][kStages];
 
   const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -123,8 +127,53 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     return;
   }
 
+  // ---- this warp's tiles, its copy ring, and the block-table entries ahead of it ------
+  const int first_tile = tile_begin + warp;
+  const int n_local =
+      first_tile < tile_end ? (tile_end - first_tile + kDecodeWarps - 1) / kDecodeWarps : 0;
+  uint8_t* ring = smem + warp * kStages * Shape::kTileBytes;
+  uint64_t* bar = bars[warp];
+  if (lane == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&bar[s], 1);
+    fence_mbarrier_init();
+  }
+  __syncwarp();
+
+  const uint8_t* head_base = p.cache + kv_head * p.cache_stride_head;
+  const int32_t* table = p.block_table + seq * p.block_table_stride;
+  const int block_size = p.page.block_size;
+  auto tile_token0 = [&](int i) { return (first_tile + kDecodeWarps * i) * kTileTokens; };
+  auto table_entry = [&](int i) { return i < n_local ? table[tile_token0(i) / block_size] : 0; };
+  // Lane l holds the page of local tile 32 * window + l, and of the window after it, so
+  // the block-table load is never on the path of a copy.
+  int window = 0;
+  int page_cur = table_entry(lane), page_next = table_entry(32 + lane);
+  auto issue = [&](int i) {  // all lanes, i increasing: copy local tile i into its buffer
+    if (i >= 32 * (window + 1)) {
+      ++window;
+      page_cur = page_next;
+      page_next = table_entry(32 * (window + 1) + lane);
+    }
+    const int page = __shfl_sync(0xffffffffu, page_cur, i % 32);
+    if (lane == 0) {
+      const int offset = tile_token0(i) % block_size;
+      const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block;
+      uint8_t* dst = ring + (i % kStages) * Shape::kTileBytes;
+      uint64_t* b = &bar[i % kStages];
+      fence_proxy_async_shared();  // the warp's reads of this buffer come first
+      mbarrier_arrive_expect_tx(b, Shape::kTileBytes);
+      bulk_copy_to_smem(dst, src + offset * R, kTileTokens * R, b);
+      bulk_copy_to_smem(dst + Shape::kVOffset, src + p.page.v_rows_offset + offset * R,
+                        kTileTokens * R, b);
+      bulk_copy_to_smem(dst + Shape::kParamOffset, src + p.page.params_offset + offset * P,
+                        kTileTokens * P, b);
+    }
+  };
+  for (int i = 0; i < kStages && i < n_local; ++i) issue(i);
+
   // ---- Q: load the group's heads, rotate like K, round to T, per-group sums ----------
-  for (int idx = threadIdx.x; idx < kRows * HEAD; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < kHeads * HEAD; idx += blockDim.x) {
     const int row = idx / HEAD, c = idx % HEAD;
     float x = 0.0f;
     if (row < gqa) {
@@ -134,218 +183,263 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     q_smem[idx] = x;
   }
   __syncthreads();
-  if (p.rotation_signs != nullptr) rotate_rows_smem<HEAD>(q_smem, kRows, p.rotation_signs);
-  for (int idx = threadIdx.x; idx < kRows * HEAD; idx += blockDim.x) {
+  if (p.rotation_signs != nullptr) rotate_rows_smem<HEAD>(q_smem, kHeads, p.rotation_signs);
+  for (int idx = threadIdx.x; idx < kHeads * HEAD; idx += blockDim.x) {
     q_smem[idx] = Tr::to_float(Tr::from_float(q_smem[idx]));  // the values the MMA sees
   }
   __syncthreads();
-  if (threadIdx.x < kRows * kGroups) {
+  if (threadIdx.x < kHeads * kGroups) {
     const int row = threadIdx.x / kGroups, gi = threadIdx.x % kGroups;
     float s = 0.0f;
     for (int c = 0; c < GROUP; ++c) s += q_smem[row * HEAD + gi * GROUP + c];
     qsum_smem[row][gi] = s;
   }
-  uint32_t qa[kKSteps][4];  // A fragments of Q for every k-step
+  uint32_t qb[kKSteps][HT][2];  // B fragments of Q^T: head 8 ht + g, channels of k-step ks
 #pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks) {
-    const float* r0 = q_smem + g * HEAD + 16 * ks + 2 * t;
-    const float* r1 = r0 + 8 * HEAD;
-    qa[ks][0] = Tr::pack(r0[0], r0[1]);
-    qa[ks][1] = Tr::pack(r1[0], r1[1]);
-    qa[ks][2] = Tr::pack(r0[8], r0[9]);
-    qa[ks][3] = Tr::pack(r1[8], r1[9]);
-  }
+  for (int ks = 0; ks < kKSteps; ++ks)
+#pragma unroll
+    for (int ht = 0; ht < HT; ++ht) {
+      const float* r = q_smem + (8 * ht + g) * HEAD + 16 * ks + 2 * t;
+      qb[ks][ht][0] = Tr::pack(r[0], r[1]);
+      qb[ks][ht][1] = Tr::pack(r[8], r[9]);
+    }
   __syncthreads();
-  float qsum[2][kGroups];
+  float qsum[HT][2][kGroups];  // heads 8 ht + 2t + c
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+  for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) qsum[r][gi] = qsum_smem[g + 8 * r][gi];
+    for (int c = 0; c < 2; ++c)
+#pragma unroll
+      for (int gi = 0; gi < kGroups; ++gi) qsum[ht][c][gi] = qsum_smem[8 * ht + 2 * t + c][gi];
 
-  // ---- stream tiles --------------------------------------------------------------
+  // ---- stream the tiles ----------------------------------------------------------------
+  // Accumulator layouts (c = 0, 1 picks head 8 ht + 2t + c):
+  //   S^T  s[ht][2 r + c]       token g + 8 r of the tile
+  //   O^T  o[ht][m][2 r + c]    channel 16 m + g + 8 r
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const uint8_t* head_base = p.cache + kv_head * p.cache_stride_head;
-  const int32_t* table = p.block_table + seq * p.block_table_stride;
-  auto tile_page = [&](int tile, int& offset) {
-    const int token0 = tile * kTileTokens;
-    offset = token0 % p.page.block_size;
-    return head_base + static_cast<int64_t>(table[token0 / p.page.block_size]) *
-                           p.cache_stride_block;
-  };
-
-  float o[kNTiles][4];
+  float o[HT][kKSteps][4];
+  float magic_sum[HT][kGroups][4];  // M * sum of the 16-bit P^T values, per V group
+  float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * V zero
+  float m_run[HT][2], l_run[HT][2];
 #pragma unroll
-  for (int j = 0; j < kNTiles; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
-  float zsum[2][kGroups];  // sum over tokens of P * V zero, per row and group
+  for (int ht = 0; ht < HT; ++ht) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r)
+    for (int m = 0; m < kKSteps; ++m) o[ht][m][0] = o[ht][m][1] = o[ht][m][2] = o[ht][m][3] = 0.0f;
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) zsum[r][gi] = 0.0f;
-  float m_run[2] = {-INFINITY, -INFINITY};
-  float l_run[2] = {0.0f, 0.0f};
-
-  // Each warp keeps kStages tiles of loads in flight (register ring, compile-time
-  // indexed after unrolling): decode is latency-bound at one tile of look-ahead.
-  constexpr int kStages = stages_for_group(GROUP);
-  Tile ring[kStages];
-  auto load_tile = [&](int tile, Tile& dst) {
-    int off;
-    const uint8_t* pg = tile_page(tile, off);
-    dst.load(pg, off, p.page, lane);
-  };
+    for (int gi = 0; gi < kGroups; ++gi) {
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    const int tile = tile_begin + warp + s * kDecodeWarps;
-    if (tile < tile_end) load_tile(tile, ring[s]);
+      for (int k = 0; k < 4; ++k) magic_sum[ht][gi][k] = 0.0f;
+      zero_sum[ht][0][gi] = zero_sum[ht][1][gi] = 0.0f;
+    }
+    m_run[ht][0] = m_run[ht][1] = -INFINITY;
+    l_run[ht][0] = l_run[ht][1] = 0.0f;
   }
-  auto process = [&](const Tile& cur, int tile) {
-    const int token0 = tile * kTileTokens;
+  const uint32_t magic_a[4] = {Tr::kMagic, Tr::kMagic, Tr::kMagic, Tr::kMagic};
 
-    // per-token scale / zero of this lane's 4 tokens; tokens past the end get 0 so that
-    // whatever bytes sit there cannot turn into NaN
-    float k_scale[4][kGroups], k_zero[4][kGroups], v_scale[4][kGroups], v_zero[4][kGroups];
-    bool valid[4];
+  for (int i0 = 0; i0 < n_local; i0 += kStep) {
+    float s[kStep][HT][4];
+    float v_scale[kStep][2][kGroups], v_zero[kStep][2][kGroups];
+
+    // S^T of each tile of the step, in the log2 domain
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      valid[i] = token0 + Tile::token_of(i, t) < seq_len;
+    for (int st = 0; st < kStep; ++st) {
+      const int i = i0 + st;
+      if (i >= n_local) {
 #pragma unroll
-      for (int gi = 0; gi < kGroups; ++gi) {
-        const T* kp = reinterpret_cast<const T*>(&cur.prm[i][gi]);
-        const T* vp = reinterpret_cast<const T*>(&cur.prm[i][kGroups + gi]);
-        k_scale[i][gi] = valid[i] ? Tr::to_float(kp[0]) : 0.0f;
-        k_zero[i][gi] = valid[i] ? Tr::to_float(kp[1]) - k_scale[i][gi] * Tr::kMagicValue : 0.0f;
-        v_scale[i][gi] = valid[i] ? Tr::to_float(vp[0]) : 0.0f;
-        v_zero[i][gi] = valid[i] ? Tr::to_float(vp[1]) : 0.0f;
+        for (int ht = 0; ht < HT; ++ht) s[st][ht][0] = s[st][ht][1] = s[st][ht][2] = s[st][ht][3] = -INFINITY;
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int gi = 0; gi < kGroups; ++gi) v_scale[st][r][gi] = v_zero[st][r][gi] = 0.0f;
+        continue;
+      }
+      mbarrier_wait(&bar[i % kStages], (i / kStages) & 1);
+      const uint8_t* buf = ring + (i % kStages) * Shape::kTileBytes;
+      const int token0 = tile_token0(i);
+
+      uint32_t kw[2][Order::kKWordsPerLane];  // tokens g, g + 8
+      uint32_t prm[2][P / 4];
+      bool valid[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        load_words(buf + (g + 8 * r) * R + t * Order::kKWordsPerLane * 4, kw[r]);
+        load_words(buf + Shape::kParamOffset + (g + 8 * r) * P, prm[r]);
+        valid[r] = token0 + g + 8 * r < seq_len;
+      }
+      float acc[kGroups][HT][4];
+#pragma unroll
+      for (int gi = 0; gi < kGroups; ++gi)
+#pragma unroll
+        for (int ht = 0; ht < HT; ++ht) acc[gi][ht][0] = acc[gi][ht][1] = acc[gi][ht][2] = acc[gi][ht][3] = 0.0f;
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const int gi = ks * 16 / GROUP;
+        const int w = ks / Order::kKStepsPerWord, j = 2 * (ks % Order::kKStepsPerWord);
+        const uint32_t a[4] = {unpack_pair_biased<T, BITS>(kw[0][w], j),
+                               unpack_pair_biased<T, BITS>(kw[1][w], j),
+                               unpack_pair_biased<T, BITS>(kw[0][w], j + 1),
+                               unpack_pair_biased<T, BITS>(kw[1][w], j + 1)};
+#pragma unroll
+        for (int ht = 0; ht < HT; ++ht) Tr::mma(acc[gi][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
+      }
+      // Tokens past the end get no weight and zero V parameters, whatever bytes sit there.
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float k_scale[kGroups], k_zero[kGroups];
+#pragma unroll
+        for (int gi = 0; gi < kGroups; ++gi) {
+          const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
+          const T* vp = reinterpret_cast<const T*>(&prm[r][kGroups + gi]);
+          const float ksc = Tr::to_float(kp[0]);
+          k_scale[gi] = ksc * scale_log2;
+          k_zero[gi] = (Tr::to_float(kp[1]) - ksc * Tr::kMagicValue) * scale_log2;
+          v_scale[st][r][gi] = valid[r] ? Tr::to_float(vp[0]) : 0.0f;
+          v_zero[st][r][gi] = valid[r] ? Tr::to_float(vp[1]) : 0.0f;
+        }
+#pragma unroll
+        for (int ht = 0; ht < HT; ++ht)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            float x = 0.0f;
+#pragma unroll
+            for (int gi = 0; gi < kGroups; ++gi)
+              x += k_scale[gi] * acc[gi][ht][2 * r + c] + k_zero[gi] * qsum[ht][c][gi];
+            s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
+          }
       }
     }
 
-    // S = Q . codes per group
-    float acc[kGroups][2][4];
-#pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi)
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) acc[gi][nt][0] = acc[gi][nt][1] = acc[gi][nt][2] = acc[gi][nt][3] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      const int gi = ks * 16 / GROUP;
-      const int w = ks / Order::kKStepsPerWord, i0 = 2 * (ks % Order::kKStepsPerWord);
-#pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const uint32_t b0 = unpack_pair_biased<T, BITS>(cur.k[nt][w], i0);
-        const uint32_t b1 = unpack_pair_biased<T, BITS>(cur.k[nt][w], i0 + 1);
-        Tr::mma(acc[gi][nt], qa[ks], b0, b1);
-      }
-    }
-    // scores in the log2 domain; element (nt, r): row g + 8 (r >> 1), token 8 nt + 2t + (r & 1)
-    float s[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int i = 2 * nt + (r & 1);
-        float x = 0.0f;
-#pragma unroll
-        for (int gi = 0; gi < kGroups; ++gi)
-          x += k_scale[i][gi] * acc[gi][nt][r] + k_zero[i][gi] * qsum[r >> 1][gi];
-        s[nt][r] = valid[i] ? x * scale_log2 : -INFINITY;
-      }
-
-    // online softmax over the two rows this lane holds
-    float p_[2][4], corr[2];
+    // online softmax per head over the step's 32 tokens (8 lanes g share a head)
+    float corr[HT][2];
     bool moved = false;
 #pragma unroll
-    for (int row = 0; row < 2; ++row) {
-      float mx = fmaxf(fmaxf(s[0][2 * row], s[0][2 * row + 1]),
-                       fmaxf(s[1][2 * row], s[1][2 * row + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m_run[row], mx);
-      const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-      corr[row] = exp2f(m_run[row] - m_use);
-      moved |= m_new != m_run[row];
-      m_run[row] = m_new;
-      float sum = 0.0f;
+    for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt)
+      for (int c = 0; c < 2; ++c) {
+        float mx = -INFINITY;
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          p_[nt][2 * row + c] = exp2f(s[nt][2 * row + c] - m_use);
-          sum += p_[nt][2 * row + c];
-        }
-      l_run[row] = l_run[row] * corr[row] + sum;
-    }
+        for (int st = 0; st < kStep; ++st) mx = fmaxf(mx, fmaxf(s[st][ht][c], s[st][ht][2 + c]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float m_new = fmaxf(m_run[ht][c], mx);
+        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+        corr[ht][c] = exp2f(m_run[ht][c] - m_use);
+        moved |= m_new != m_run[ht][c];
+        m_run[ht][c] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int st = 0; st < kStep; ++st)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            s[st][ht][2 * r + c] = exp2f(s[st][ht][2 * r + c] - m_use);
+            sum += s[st][ht][2 * r + c];
+          }
+        l_run[ht][c] = l_run[ht][c] * corr[ht][c] + sum;
+      }
     // Once the running max settles (most of a long sequence), this branch is skipped.
     if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-      for (int row = 0; row < 2; ++row) {
+      for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
-        for (int j = 0; j < kNTiles; ++j) o[j][2 * row] *= corr[row], o[j][2 * row + 1] *= corr[row];
+        for (int k = 0; k < 4; ++k) {
+          const float f = corr[ht][k & 1];
 #pragma unroll
-        for (int gi = 0; gi < kGroups; ++gi) zsum[row][gi] *= corr[row];
-      }
+          for (int m = 0; m < kKSteps; ++m) o[ht][m][k] *= f;
+#pragma unroll
+          for (int gi = 0; gi < kGroups; ++gi) magic_sum[ht][gi][k] *= f;
+          if (k < 2) {
+#pragma unroll
+            for (int gi = 0; gi < kGroups; ++gi) zero_sum[ht][k][gi] *= f;
+          }
+        }
     }
 
-    // O += (P * v_scale) . codes  +  P . v_zero
+    // O^T += V^T (P * v_scale)^T, per tile and V group
 #pragma unroll
-    for (int gv = 0; gv < kGroups; ++gv) {
-      uint32_t pa[4];
-      pa[0] = Tr::pack(p_[0][0] * v_scale[0][gv], p_[0][1] * v_scale[1][gv]);
-      pa[1] = Tr::pack(p_[0][2] * v_scale[0][gv], p_[0][3] * v_scale[1][gv]);
-      pa[2] = Tr::pack(p_[1][0] * v_scale[2][gv], p_[1][1] * v_scale[3][gv]);
-      pa[3] = Tr::pack(p_[1][2] * v_scale[2][gv], p_[1][3] * v_scale[3][gv]);
+    for (int st = 0; st < kStep; ++st) {
+      const int i = i0 + st;
+      if (i >= n_local) continue;
+      const uint8_t* vrows = ring + (i % kStages) * Shape::kTileBytes + Shape::kVOffset;
+      uint32_t vw[4][Order::kVWordsPerLane];  // tokens 2t, 2t+1, 2t+8, 2t+9; channels g + 8j
 #pragma unroll
-      for (int row = 0; row < 2; ++row) {
-        zsum[row][gv] += p_[0][2 * row] * v_zero[0][gv] + p_[0][2 * row + 1] * v_zero[1][gv] +
-                         p_[1][2 * row] * v_zero[2][gv] + p_[1][2 * row + 1] * v_zero[3][gv];
+      for (int k = 0; k < 4; ++k) {
+        const int tok = 2 * t + (k & 1) + 8 * (k >> 1);
+        load_words(vrows + tok * R + g * Order::kVWordsPerLane * 4, vw[k]);
       }
-#pragma unroll
-      for (int j = gv * GROUP / 8; j < (gv + 1) * GROUP / 8; ++j) {
+      // register of V^T codes: channel g + 8j, tokens (2t, 2t+1) [lo = 0] or (2t+8, 2t+9)
+      auto v_pair = [&](int j, int lo) {
         const int h = j / Order::kValuesPerWord, slot = j % Order::kValuesPerWord;
         const uint32_t sel = slot < kHalf ? 0x5410u : 0x7632u;
-        const uint32_t ab = __byte_perm(cur.v[0][h], cur.v[1][h], sel);  // tokens 2t, 2t+1
-        const uint32_t cd = __byte_perm(cur.v[2][h], cur.v[3][h], sel);  // tokens 2t+8, 2t+9
-        Tr::mma(o[j], pa, Tr::sub_magic(unpack_pair_biased<T, BITS>(ab, slot % kHalf)),
-                Tr::sub_magic(unpack_pair_biased<T, BITS>(cd, slot % kHalf)));
+        return unpack_pair_biased<T, BITS>(__byte_perm(vw[lo][h], vw[lo + 1][h], sel),
+                                           slot % kHalf);
+      };
+#pragma unroll
+      for (int gv = 0; gv < kGroups; ++gv) {
+        uint32_t pb[HT][2];  // B fragments of (P * v_scale)^T: tokens 2t.. / 2t+8.., head g
+#pragma unroll
+        for (int ht = 0; ht < HT; ++ht) {
+          const float* pr = s[st][ht];
+          pb[ht][0] = movmatrix_trans(Tr::pack(pr[0] * v_scale[st][0][gv], pr[1] * v_scale[st][0][gv]));
+          pb[ht][1] = movmatrix_trans(Tr::pack(pr[2] * v_scale[st][1][gv], pr[3] * v_scale[st][1][gv]));
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            zero_sum[ht][c][gv] += pr[c] * v_zero[st][0][gv] + pr[2 + c] * v_zero[st][1][gv];
+          Tr::mma(magic_sum[ht][gv], magic_a, pb[ht][0], pb[ht][1]);
+        }
+#pragma unroll
+        for (int m = gv * GROUP / 16; m < (gv + 1) * GROUP / 16; ++m) {
+          const uint32_t a[4] = {v_pair(2 * m, 0), v_pair(2 * m + 1, 0), v_pair(2 * m, 2),
+                                 v_pair(2 * m + 1, 2)};
+#pragma unroll
+          for (int ht = 0; ht < HT; ++ht) Tr::mma(o[ht][m], a, pb[ht][0], pb[ht][1]);
+        }
       }
     }
-  };
-  for (int base = tile_begin + warp; base < tile_end; base += kStages * kDecodeWarps) {
+
+    // refill the step's buffers once every lane has read them
+    __syncwarp();
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) {
-      const int tile = base + s * kDecodeWarps;
-      if (tile < tile_end) {
-        const int ahead = tile + (kStages - 1) * kDecodeWarps;
-        if (ahead < tile_end) load_tile(ahead, ring[(s + kStages - 1) % kStages]);
-        process(ring[s], tile);
-      }
+    for (int st = 0; st < kStep; ++st) {
+      const int i = i0 + st + kStages;
+      if (i < n_local) issue(i);
     }
   }
 
-  // ---- finish this warp: quad sums, add the V zero term, hand to shared memory ------
+  // ---- finish this warp: sums over the 8 lanes of a head, hand to shared memory ------
 #pragma unroll
-  for (int row = 0; row < 2; ++row) {
-    l_run[row] += __shfl_xor_sync(0xffffffffu, l_run[row], 1);
-    l_run[row] += __shfl_xor_sync(0xffffffffu, l_run[row], 2);
+  for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) {
-      zsum[row][gi] += __shfl_xor_sync(0xffffffffu, zsum[row][gi], 1);
-      zsum[row][gi] += __shfl_xor_sync(0xffffffffu, zsum[row][gi], 2);
+    for (int c = 0; c < 2; ++c) {
+#pragma unroll
+      for (int x = 4; x < 32; x *= 2) {
+        l_run[ht][c] += __shfl_xor_sync(0xffffffffu, l_run[ht][c], x);
+#pragma unroll
+        for (int gi = 0; gi < kGroups; ++gi)
+          zero_sum[ht][c][gi] += __shfl_xor_sync(0xffffffffu, zero_sum[ht][c][gi], x);
+      }
     }
-  }
+  __syncthreads();  // the merge area overlaps every warp's copy ring
+  float* merge_o = reinterpret_cast<float*>(smem);       // [warps][kHeads][HEAD]
+  float* merge_m = merge_o + kDecodeWarps * kHeads * HEAD;  // [warps][kHeads]
+  float* merge_l = merge_m + kDecodeWarps * kHeads;         // [warps][kHeads]
 #pragma unroll
-  for (int j = 0; j < kNTiles; ++j) {
-    const int gi = 8 * j / GROUP, c = 8 * j + 2 * t;
+  for (int ht = 0; ht < HT; ++ht) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int row = g + 8 * (r >> 1);
-      merge_o[warp][row * HEAD + c + (r & 1)] = o[j][r] + zsum[r >> 1][gi];
-    }
-  }
-  if (t == 0) {
+    for (int m = 0; m < kKSteps; ++m)
 #pragma unroll
-    for (int row = 0; row < 2; ++row) {
-      merge_m[warp][g + 8 * row] = m_run[row];
-      merge_l[warp][g + 8 * row] = l_run[row];
+      for (int k = 0; k < 4; ++k) {
+        const int ch = 16 * m + g + 8 * (k >> 1), head = 8 * ht + 2 * t + (k & 1);
+        const int gi = ch / GROUP;
+        merge_o[(warp * kHeads + head) * HEAD + ch] =
+            o[ht][m][k] - magic_sum[ht][gi][k & 1] + zero_sum[ht][k & 1][gi];
+      }
+    if (g == 0) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        merge_m[warp * kHeads + 8 * ht + 2 * t + c] = m_run[ht][c];
+        merge_l[warp * kHeads + 8 * ht + 2 * t + c] = l_run[ht][c];
+      }
     }
   }
   __syncthreads();
@@ -355,13 +449,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     const int row = idx / HEAD, c = idx % HEAD;
     float m = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, merge_m[w][row]);
+    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, merge_m[w * kHeads + row]);
     float l = 0.0f, acc_o = 0.0f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
-      const float f = merge_m[w][row] == -INFINITY ? 0.0f : exp2f(merge_m[w][row] - m);
-      l += merge_l[w][row] * f;
-      acc_o += merge_o[w][row * HEAD + c] * f;
+      const float mw = merge_m[w * kHeads + row];
+      const float f = mw == -INFINITY ? 0.0f : exp2f(mw - m);
+      l += merge_l[w * kHeads + row] * f;
+      acc_o += merge_o[(w * kHeads + row) * HEAD + c] * f;
     }
     const float result = l > 0.0f ? acc_o / l : 0.0f;
     const int head = kv_head * gqa + row;

@@ -24,11 +24,6 @@ struct DtypeTraits<__nv_bfloat16> {
     __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&p);
   }
-  __device__ static uint32_t sub_magic(uint32_t x) {
-    const __nv_bfloat162 m = __floats2bfloat162_rn(kMagicValue, kMagicValue);
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&x), m);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -50,11 +45,6 @@ struct DtypeTraits<__half> {
     __half2 p = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&p);
   }
-  __device__ static uint32_t sub_magic(uint32_t x) {
-    const __half2 m = __floats2half2_rn(kMagicValue, kMagicValue);
-    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&x), m);
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -73,10 +63,9 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint3
 // Unpack the code pair (slot i, slot i + vpw/2) of a packed word into one register
 // of two T values: low half = slot i, high half = slot i + vpw/2. No shuffles: the
 // page stores codes in exactly this order (page_format.py). One lop3 (after a shift)
-// per register: the values are kMagicValue + code, exactly. For K the offset folds
-// into the zero point (zero - scale * kMagicValue) because sum(Q) uses the same rounded
-// Q as the MMA; for V it must be subtracted (sub_magic): the MMA sees P * scale rounded
-// to 16 bits, and an fp32 correction would not cancel kMagicValue times that rounding.
+// per register: the values are kMagicValue + code, exactly. The decode kernel takes the
+// offset back exactly: for K it folds into the zero point (sum(Q) uses the same rounded
+// Q as the MMA); for V one extra MMA sums the same 16-bit P * scale values the MMA saw.
 template <typename T, int BITS>
 __device__ __forceinline__ uint32_t unpack_pair_biased(uint32_t word, int i) {
   constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;

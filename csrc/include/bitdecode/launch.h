@@ -17,4 +17,8 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
 
+// Decode CTAs resident per SM for `gqa` query heads per KV head (-1 on a CUDA error).
+template <typename T, int BITS, int GROUP>
+int decode_ctas_per_sm(int gqa);
+
 }  // namespace bitdecode

@@ -26,11 +26,38 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
   dequantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
+template <typename T, int BITS, int GROUP, int HEAD_TILES>
+void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
+  decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>
+      <<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
+}
+
+template <typename T, int BITS, int GROUP, int HEAD_TILES>
+int decode_tiles_ctas_per_sm() {
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  int ctas = 0;
+  const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>, kDecodeWarps * 32,
+      Shape::kSmemBytes);
+  return err == cudaSuccess ? ctas : -1;
+}
+
+template <typename T, int BITS, int GROUP>
+int decode_ctas_per_sm(int gqa) {
+  return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1>()
+                  : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2>();
+}
+
 template <typename T, int BITS, int GROUP>
 void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
-  const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
-  decode_kernel<T, kHeadSize, BITS, GROUP><<<grid, kDecodeWarps * 32, 0, stream>>>(p);
+  if (p.num_heads <= 8 * p.num_kv_heads) {
+    launch_decode_tiles<T, BITS, GROUP, 1>(p, stream);
+  } else {
+    launch_decode_tiles<T, BITS, GROUP, 2>(p, stream);
+  }
   if (p.num_splits > 1) {
     combine_kernel<T, kHeadSize><<<dim3(p.num_seqs, p.num_heads), kHeadSize, 0, stream>>>(p);
   }

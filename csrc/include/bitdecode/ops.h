@@ -34,4 +34,8 @@ void decode(at::Tensor& out,                 // [seqs, heads, 128]
             double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
             int64_t num_splits, int64_t min_tiles_per_split);
 
+// Decode CTAs that fit on one SM at once; the split planner fills whole waves with it.
+int64_t decode_ctas_per_sm(at::ScalarType dtype, int64_t bits, int64_t group_size,
+                           int64_t gqa);
+
 }  // namespace bitdecode
