@@ -9,6 +9,21 @@ namespace bitdecode {
 
 constexpr int kHeadSize = 128;
 
+// Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
+// asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
+template <typename T, int BITS, int GROUP, int HEAD_TILES>
+void allow_decode_smem() {
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  constexpr int kMaxDevices = 64;
+  static bool done[kMaxDevices] = {};  // one array per instantiation
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < kMaxDevices && done[device]) return;
+  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>,
+                       cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+  if (device < kMaxDevices) done[device] = true;
+}
+
 template <typename T, int BITS, int GROUP>
 void launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.num_tokens) * p.num_kv_heads;
@@ -29,15 +44,17 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
 template <typename T, int BITS, int GROUP, int HEAD_TILES>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES>();
   const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
-  decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>
-      <<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
+  kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
 }
 
 template <typename T, int BITS, int GROUP, int HEAD_TILES>
 int decode_tiles_ctas_per_sm() {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
   int ctas = 0;
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES>();
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>, kDecodeWarps * 32,
       Shape::kSmemBytes);

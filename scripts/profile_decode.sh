@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Nsight Compute profile of the decode kernel at B=8 x 128K (int4 and int2), plus its
+# SASS, for the kernel notes. On the GPU machine, after the build:
+#     bash scripts/profile_decode.sh      # -> ${OUT:-/tmp/bitdecode-out}/ncu_decode.txt, decode.sass
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/bitdecode-out}"
+mkdir -p "$OUT"
+NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
+# each bits case runs the kernel twice (warm-up, one timed rep): profile the timed ones
+"$NCU" --kernel-name regex:decode_kernel --launch-skip 1 --launch-count 3 \
+  --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+  --section SchedulerStats --section WarpStateStats --section LaunchStats \
+  --section InstructionStats --section ComputeWorkloadAnalysis \
+  python3 benchmarks/bench_decode.py --batches 8 --contexts 131072 --reps 1 \
+  --out /tmp/ncu_bench.json > "$OUT/ncu_decode.txt" 2>&1
+so=$(python3 -c "import vllm_bitdecode._C as m; print(m.__file__)")
+CUOBJDUMP="$(dirname "$NCU")/cuobjdump"
+[ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || echo cuobjdump)
+"$CUOBJDUMP" -sass "$so" > "$OUT/decode.sass" 2>&1 || true
+grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|One or More" \
+  "$OUT/ncu_decode.txt" | head -60
