@@ -22,10 +22,12 @@ PageGeometry page_geometry(int64_t bits, int64_t group_size, int64_t block_size)
   TORCH_CHECK(bits == 4 || bits == 2, "bitdecode: bits must be 4 or 2, got ", bits);
   TORCH_CHECK(group_size == 32 || group_size == 64 || group_size == 128,
               "bitdecode: group_size must be 32, 64 or 128, got ", group_size);
-  TORCH_CHECK(block_size > 0 && block_size % 16 == 0 && block_size <= 1024,
-              "bitdecode: block_size must be a multiple of 16, got ", block_size);
+  TORCH_CHECK(block_size >= 16 && block_size <= 1024 && (block_size & (block_size - 1)) == 0,
+              "bitdecode: block_size must be a power of two in [16, 1024], got ", block_size);
   PageGeometry g;
   g.block_size = static_cast<int>(block_size);
+  g.block_shift = 0;
+  while ((int64_t{1} << g.block_shift) < block_size) ++g.block_shift;
   g.row_bytes = static_cast<int>(kHead * bits / 8);
   g.param_bytes = static_cast<int>(8 * (kHead / group_size));
   g.v_rows_offset = g.block_size * g.row_bytes;

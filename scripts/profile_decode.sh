@@ -11,12 +11,18 @@ NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
 "$NCU" --kernel-name regex:decode_kernel --launch-skip 1 --launch-count 3 \
   --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
   --section SchedulerStats --section WarpStateStats --section LaunchStats \
-  --section InstructionStats --section ComputeWorkloadAnalysis \
+  --section InstructionStats --section ComputeWorkloadAnalysis --print-details all \
   python3 benchmarks/bench_decode.py --batches 8 --contexts 131072 --reps 1 \
   --out /tmp/ncu_bench.json > "$OUT/ncu_decode.txt" 2>&1
 so=$(python3 -c "import vllm_bitdecode._C as m; print(m.__file__)")
 CUOBJDUMP="$(dirname "$NCU")/cuobjdump"
 [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || echo cuobjdump)
-"$CUOBJDUMP" -sass "$so" > "$OUT/decode.sass" 2>&1 || true
-grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Warp Cycles Per Issued|Stall|One or More" \
+# SASS of the bf16 / 4-bit / group-128 / 8-heads kernel, and its opcode histogram
+FN=_ZN9bitdecode13decode_kernelI13__nv_bfloat16Li128ELi4ELi128ELi1EEEvNS_12DecodeParamsE
+"$CUOBJDUMP" -sass -fun "$FN" "$so" > "$OUT/decode_bf16_4bit.sass" 2>&1 || true
+grep -oE "^\s+/\*[0-9a-f]+\*/\s+[@!A-Z0-9_. ]+" "$OUT/decode_bf16_4bit.sass" \
+  | awk '{op=$2; if (op ~ /^@/) op=$3; sub(/\..*/, "", op); print op}' | sort | uniq -c | sort -rn \
+  > "$OUT/decode_bf16_4bit.opcodes"
+head -30 "$OUT/decode_bf16_4bit.opcodes"
+grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Instructions  |Active Threads|Stall|stall" \
   "$OUT/ncu_decode.txt" | head -60

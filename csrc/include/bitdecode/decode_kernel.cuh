@@ -54,10 +54,11 @@ struct DecodeShape {
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
   static constexpr int kTileBytes = kParamOffset + kTileTokens * kParamBytes;
   static constexpr int kStepTiles = 2;  // tiles per softmax step
-  // Buffers per warp: the step being computed plus at least two tiles in flight, more
-  // when tiles are small (2 bits), within about 36 KB per CTA.
-  static constexpr int kFit = 36 * 1024 / (kDecodeWarps * kTileBytes);
-  static constexpr int kStages = kFit >= 8 ? 8 : 4;
+  // Buffers per warp: the step being computed plus as many tiles in flight as fit in
+  // 44 KB per CTA (four CTAs per SM), at most 8.
+  static constexpr int kFit = 44 * 1024 / (kDecodeWarps * kTileBytes);
+  static constexpr int kStages = kFit >= 8 ? 8 : kFit;
+  static_assert(kStages >= kStepTiles + 2, "at least two tiles in flight per warp");
   static constexpr int kRingBytes = kDecodeWarps * kStages * kTileBytes;
   static constexpr int kMergeBytes = kDecodeWarps * kHeads * (HEAD + 2) * 4;
   static constexpr int kSmemBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
@@ -65,6 +66,13 @@ struct DecodeShape {
   static_assert(kSmemBytes <= 48 * 1024, "fits the default dynamic shared memory limit");
   static_assert(GROUP % 16 == 0, "an MMA tile of 16 channels lies in one group");
 };
+
+// 2^x in one MUFU op; 2^-inf = 0, which masked tokens and empty rows rely on.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
 
 template <int N>
 __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N]) {
@@ -142,9 +150,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
 
   const uint8_t* head_base = p.cache + kv_head * p.cache_stride_head;
   const int32_t* table = p.block_table + seq * p.block_table_stride;
-  const int block_size = p.page.block_size;
+  const int block_shift = p.page.block_shift;
+  const bool whole_page = p.page.block_size == kTileTokens;  // a tile is one contiguous region
   auto tile_token0 = [&](int i) { return (first_tile + kDecodeWarps * i) * kTileTokens; };
-  auto table_entry = [&](int i) { return i < n_local ? table[tile_token0(i) / block_size] : 0; };
+  auto table_entry = [&](int i) { return i < n_local ? table[tile_token0(i) >> block_shift] : 0; };
   // Lane l holds the page of local tile 32 * window + l, and of the window after it, so
   // the block-table load is never on the path of a copy.
   int window = 0;
@@ -157,17 +166,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     }
     const int page = __shfl_sync(0xffffffffu, page_cur, i % 32);
     if (lane == 0) {
-      const int offset = tile_token0(i) % block_size;
       const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block;
       uint8_t* dst = ring + (i % kStages) * Shape::kTileBytes;
       uint64_t* b = &bar[i % kStages];
       fence_proxy_async_shared();  // the warp's reads of this buffer come first
       mbarrier_arrive_expect_tx(b, Shape::kTileBytes);
-      bulk_copy_to_smem(dst, src + offset * R, kTileTokens * R, b);
-      bulk_copy_to_smem(dst + Shape::kVOffset, src + p.page.v_rows_offset + offset * R,
-                        kTileTokens * R, b);
-      bulk_copy_to_smem(dst + Shape::kParamOffset, src + p.page.params_offset + offset * P,
-                        kTileTokens * P, b);
+      if (whole_page) {
+        bulk_copy_to_smem(dst, src, Shape::kTileBytes, b);
+      } else {  // K rows, V rows and parameters of 16 tokens inside a larger page
+        const int offset = tile_token0(i) & (p.page.block_size - 1);
+        bulk_copy_to_smem(dst, src + offset * R, kTileTokens * R, b);
+        bulk_copy_to_smem(dst + Shape::kVOffset, src + p.page.v_rows_offset + offset * R,
+                          kTileTokens * R, b);
+        bulk_copy_to_smem(dst + Shape::kParamOffset, src + p.page.params_offset + offset * P,
+                          kTileTokens * P, b);
+      }
     }
   };
   for (int i = 0; i < kStages && i < n_local; ++i) issue(i);
@@ -324,7 +337,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float m_new = fmaxf(m_run[ht][c], mx);
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-        corr[ht][c] = exp2f(m_run[ht][c] - m_use);
+        corr[ht][c] = fast_exp2(m_run[ht][c] - m_use);
         moved |= m_new != m_run[ht][c];
         m_run[ht][c] = m_new;
         float sum = 0.0f;
@@ -332,7 +345,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         for (int st = 0; st < kStep; ++st)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            s[st][ht][2 * r + c] = exp2f(s[st][ht][2 * r + c] - m_use);
+            s[st][ht][2 * r + c] = fast_exp2(s[st][ht][2 * r + c] - m_use);
             sum += s[st][ht][2 * r + c];
           }
         l_run[ht][c] = l_run[ht][c] * corr[ht][c] + sum;
@@ -454,7 +467,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) {
       const float mw = merge_m[w * kHeads + row];
-      const float f = mw == -INFINITY ? 0.0f : exp2f(mw - m);
+      const float f = mw == -INFINITY ? 0.0f : fast_exp2(mw - m);
       l += merge_l[w * kHeads + row] * f;
       acc_o += merge_o[(w * kHeads + row) * HEAD + c] * f;
     }
@@ -484,7 +497,7 @@ __global__ void __launch_bounds__(HEAD) combine_kernel(DecodeParams p) {
     for (int s = 0; s < p.num_splits; ++s) {
       const float lse = p.partial_lse[s * stride + base];
       if (lse == -INFINITY) continue;  // an empty split wrote no partial output
-      const float w = exp2f(lse - m);
+      const float w = fast_exp2(lse - m);
       total += w;
       acc += w * p.partial_out[(s * stride + base) * HEAD + c];
     }

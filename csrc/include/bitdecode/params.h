@@ -9,7 +9,8 @@ namespace bitdecode {
 // Geometry of one page, mirrored from vllm_bitdecode/page_format.py (the tests check
 // that both agree). All offsets are in bytes from the start of a head region.
 struct PageGeometry {
-  int block_size;       // tokens per page
+  int block_size;       // tokens per page, a power of two
+  int block_shift;      // log2(block_size)
   int row_bytes;        // packed bytes of one token's K (or V) row
   int param_bytes;      // K and V scale + zero of every group of one token
   int v_rows_offset;    // = block_size * row_bytes
