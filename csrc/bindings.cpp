@@ -17,15 +17,14 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
       "int min_tiles_per_split) -> ()");
-  // No tensor arguments, so a catch-all kernel rather than a CUDA one.
-  m.def("decode_ctas_per_sm(ScalarType dtype, int bits, int group_size, int gqa) -> int",
-        &bitdecode::decode_ctas_per_sm);
+  m.def("decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa) -> int");
 }
 
 TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("quantize_to_pages", &bitdecode::quantize_to_pages);
   m.impl("dequantize_pages", &bitdecode::dequantize_pages);
   m.impl("decode", &bitdecode::decode);
+  m.impl("decode_ctas_per_sm", &bitdecode::decode_ctas_per_sm);
 }
 
 // `import vllm_bitdecode._C` loads this library, which registers the ops above; the

@@ -243,18 +243,19 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-int64_t decode_ctas_per_sm(at::ScalarType dtype, int64_t bits, int64_t group_size,
+int64_t decode_ctas_per_sm(const at::Tensor& query_like, int64_t bits, int64_t group_size,
                            int64_t gqa) {
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
-              "bitdecode: decode runs on bfloat16 or float16 queries, got ", dtype);
+  const at::ScalarType dtype = query_like.scalar_type();
+  TORCH_CHECK(query_like.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf),
+              "bitdecode: decode runs on CUDA bfloat16 or float16 queries, got ", dtype);
   TORCH_CHECK(gqa >= 1 && gqa <= kMaxGqaRows, "bitdecode: query heads per KV head must be in "
               "[1, ", kMaxGqaRows, "], got ", gqa);
   page_geometry(bits, group_size, 16);  // checks bits and group_size
+  const c10::cuda::CUDAGuard guard(query_like.device());
   int ctas = -1;
   BITDECODE_DISPATCH(dtype, bits, group_size,
                      ctas = decode_ctas_per_sm<T, kBits, kGroup>(static_cast<int>(gqa));)
-  TORCH_CHECK(ctas > 0, "bitdecode: could not query the decode kernel's occupancy "
-              "(is a CUDA device visible?)");
+  TORCH_CHECK(ctas > 0, "bitdecode: could not query the decode kernel's occupancy");
   return ctas;
 }
 

@@ -198,12 +198,39 @@ def test_decode_wide_and_uneven_gqa_groups(dtype, bits, group_size, gqa):
 @pytest.mark.parametrize("gqa", [1, 8, 16])
 def test_decode_occupancy_query(dtype, gqa):
     """The split planner sizes waves with this; the kernel is built for >= 2 CTAs per SM."""
+    q = torch.empty(0, dtype=dtype, device=DEV)
     for bits in (4, 2):
         for group_size in (32, 64, 128):
-            ctas = _ops().decode_ctas_per_sm(dtype, bits, group_size, gqa)
+            ctas = _ops().decode_ctas_per_sm(q, bits, group_size, gqa)
             assert 2 <= ctas <= 32, (bits, group_size, ctas)
     with pytest.raises(RuntimeError, match="query heads per KV head"):
-        _ops().decode_ctas_per_sm(dtype, 4, 128, 17)
+        _ops().decode_ctas_per_sm(q, 4, 128, 17)
+    with pytest.raises(RuntimeError, match="bits must be 4 or 2"):
+        _ops().decode_ctas_per_sm(q, 3, 128, gqa)
+
+
+def test_decode_bad_arguments_raise_clear_errors():
+    fmt = PageFormat(128, 4, 128, 16)
+    cache = torch.zeros(4, 2, fmt.head_region_bytes, dtype=torch.uint8, device=DEV)
+    q = torch.randn(1, 8, 128, dtype=torch.bfloat16, device=DEV)
+    out = torch.empty_like(q)
+    table = torch.zeros(1, 4, dtype=torch.int32, device=DEV)
+    lens = torch.tensor([20], dtype=torch.int32, device=DEV)
+    ws = torch.empty(1024 * 128, device=DEV)
+
+    def call(**kw):
+        a = dict(q=q, bits=4, block_size=16, table=table, out=out)
+        a.update(kw)
+        _ops().decode(a["out"], a["q"], cache, a["table"], lens, ws, ws, None, 0.1, a["bits"],
+                      128, a["block_size"], 1, MIN_TILES_PER_SPLIT)
+
+    call()  # the valid call works
+    for kw, message in [(dict(bits=3), "bits must be 4 or 2"),
+                        (dict(block_size=48), "block_size must be a power of two"),
+                        (dict(q=q.float(), out=out.float()), "bfloat16 or float16"),
+                        (dict(table=table.long()), "block_table must be a CUDA int32")]:
+        with pytest.raises(RuntimeError, match=message):
+            call(**kw)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

@@ -44,8 +44,8 @@ def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
     from vllm_bitdecode import ops
 
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    with torch.cuda.device(device):
-        return num_sms, int(ops.decode_ctas_per_sm(dtype, bits, group_size, gqa))
+    query_like = torch.empty(0, dtype=dtype, device=device)
+    return num_sms, int(ops.decode_ctas_per_sm(query_like, bits, group_size, gqa))
 
 
 @dataclass

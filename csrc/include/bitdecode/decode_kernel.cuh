@@ -29,6 +29,7 @@
 #pragma once
 
 #include <cfloat>
+#include <type_traits>
 
 #include "bitdecode/async_copy.cuh"
 #include "bitdecode/fragments.cuh"
@@ -53,12 +54,14 @@ struct DecodeShape {
   static constexpr int kVOffset = kTileTokens * kRowBytes;
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
   static constexpr int kTileBytes = kParamOffset + kTileTokens * kParamBytes;
-  static constexpr int kStepTiles = 2;  // tiles per softmax step
+  // Tiles per softmax step: 2, or 1 where two tiles' state would spill (group 32 with
+  // two head tiles).
+  static constexpr int kStepTiles = kGroups * HEAD_TILES >= 8 ? 1 : 2;
   // Buffers per warp: the step being computed plus as many tiles in flight as fit in
   // 44 KB per CTA (four CTAs per SM), at most 8.
   static constexpr int kFit = 44 * 1024 / (kDecodeWarps * kTileBytes);
   static constexpr int kStages = kFit >= 8 ? 8 : kFit;
-  static_assert(kStages >= kStepTiles + 2, "at least two tiles in flight per warp");
+  static_assert(kStages >= 4, "at least two tiles in flight per warp");
   static constexpr int kRingBytes = kDecodeWarps * kStages * kTileBytes;
   static constexpr int kMergeBytes = kDecodeWarps * kHeads * (HEAD + 2) * 4;
   static constexpr int kSmemBytes = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
@@ -158,7 +161,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   // the block-table load is never on the path of a copy.
   int window = 0;
   int page_cur = table_entry(lane), page_next = table_entry(32 + lane);
-  auto issue = [&](int i) {  // all lanes, i increasing: copy local tile i into its buffer
+  // All lanes, i increasing: copy local tile i into ring buffer `stage`.
+  auto issue = [&](int i, int stage) {
     if (i >= 32 * (window + 1)) {
       ++window;
       page_cur = page_next;
@@ -167,8 +171,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     const int page = __shfl_sync(0xffffffffu, page_cur, i % 32);
     if (lane == 0) {
       const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block;
-      uint8_t* dst = ring + (i % kStages) * Shape::kTileBytes;
-      uint64_t* b = &bar[i % kStages];
+      uint8_t* dst = ring + stage * Shape::kTileBytes;
+      uint64_t* b = &bar[stage];
       fence_proxy_async_shared();  // the warp's reads of this buffer come first
       mbarrier_arrive_expect_tx(b, Shape::kTileBytes);
       if (whole_page) {
@@ -183,7 +187,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       }
     }
   };
-  for (int i = 0; i < kStages && i < n_local; ++i) issue(i);
+  for (int i = 0; i < kStages && i < n_local; ++i) issue(i, i);
 
   // ---- Q: load the group's heads, rotate like K, round to T, per-group sums ----------
   for (int idx = threadIdx.x; idx < kHeads * HEAD; idx += blockDim.x) {
@@ -249,25 +253,24 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   }
   const uint32_t magic_a[4] = {Tr::kMagic, Tr::kMagic, Tr::kMagic, Tr::kMagic};
 
-  for (int i0 = 0; i0 < n_local; i0 += kStep) {
-    float s[kStep][HT][4];
-    float v_scale[kStep][2][kGroups], v_zero[kStep][2][kGroups];
+  // Ring position of the next tile to consume, and the barrier phase it completes.
+  int stage = 0;
+  uint32_t phase = 0;
+  // One softmax step over NT tiles (all of them present: no per-tile checks).
+  auto run_step = [&](auto num_tiles, int i0) {
+    constexpr int NT = decltype(num_tiles)::value;
+    float s[NT][HT][4];
+    float v_scale[NT][2][kGroups], v_zero[NT][2][kGroups];
+    int stages[NT];
 
     // S^T of each tile of the step, in the log2 domain
 #pragma unroll
-    for (int st = 0; st < kStep; ++st) {
+    for (int st = 0; st < NT; ++st) {
       const int i = i0 + st;
-      if (i >= n_local) {
-#pragma unroll
-        for (int ht = 0; ht < HT; ++ht) s[st][ht][0] = s[st][ht][1] = s[st][ht][2] = s[st][ht][3] = -INFINITY;
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-          for (int gi = 0; gi < kGroups; ++gi) v_scale[st][r][gi] = v_zero[st][r][gi] = 0.0f;
-        continue;
-      }
-      mbarrier_wait(&bar[i % kStages], (i / kStages) & 1);
-      const uint8_t* buf = ring + (i % kStages) * Shape::kTileBytes;
+      stages[st] = stage;
+      mbarrier_wait(&bar[stage], phase);
+      if (++stage == kStages) stage = 0, phase ^= 1;
+      const uint8_t* buf = ring + stages[st] * Shape::kTileBytes;
       const int token0 = tile_token0(i);
 
       uint32_t kw[2][Order::kKWordsPerLane];  // tokens g, g + 8
@@ -313,9 +316,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float x = 0.0f;
+            float x = k_scale[0] * acc[0][ht][2 * r + c] + k_zero[0] * qsum[ht][c][0];
 #pragma unroll
-            for (int gi = 0; gi < kGroups; ++gi)
+            for (int gi = 1; gi < kGroups; ++gi)
               x += k_scale[gi] * acc[gi][ht][2 * r + c] + k_zero[gi] * qsum[ht][c][gi];
             s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
           }
@@ -331,7 +334,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       for (int c = 0; c < 2; ++c) {
         float mx = -INFINITY;
 #pragma unroll
-        for (int st = 0; st < kStep; ++st) mx = fmaxf(mx, fmaxf(s[st][ht][c], s[st][ht][2 + c]));
+        for (int st = 0; st < NT; ++st) mx = fmaxf(mx, fmaxf(s[st][ht][c], s[st][ht][2 + c]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
@@ -342,7 +345,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         m_run[ht][c] = m_new;
         float sum = 0.0f;
 #pragma unroll
-        for (int st = 0; st < kStep; ++st)
+        for (int st = 0; st < NT; ++st)
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             s[st][ht][2 * r + c] = fast_exp2(s[st][ht][2 * r + c] - m_use);
@@ -370,10 +373,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
 
     // O^T += V^T (P * v_scale)^T, per tile and V group
 #pragma unroll
-    for (int st = 0; st < kStep; ++st) {
-      const int i = i0 + st;
-      if (i >= n_local) continue;
-      const uint8_t* vrows = ring + (i % kStages) * Shape::kTileBytes + Shape::kVOffset;
+    for (int st = 0; st < NT; ++st) {
+      const uint8_t* vrows = ring + stages[st] * Shape::kTileBytes + Shape::kVOffset;
       uint32_t vw[4][Order::kVWordsPerLane];  // tokens 2t, 2t+1, 2t+8, 2t+9; channels g + 8j
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -413,11 +414,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     // refill the step's buffers once every lane has read them
     __syncwarp();
 #pragma unroll
-    for (int st = 0; st < kStep; ++st) {
+    for (int st = 0; st < NT; ++st) {
       const int i = i0 + st + kStages;
-      if (i < n_local) issue(i);
+      if (i < n_local) issue(i, stages[st]);
     }
-  }
+  };
+  int i0 = 0;
+  for (; i0 + kStep <= n_local; i0 += kStep) run_step(std::integral_constant<int, kStep>{}, i0);
+  for (; i0 < n_local; ++i0) run_step(std::integral_constant<int, 1>{}, i0);
+
 
   // ---- finish this warp: sums over the 8 lanes of a head, hand to shared memory ------
 #pragma unroll

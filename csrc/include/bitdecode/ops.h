@@ -35,7 +35,7 @@ void decode(at::Tensor& out,                 // [seqs, heads, 128]
             int64_t num_splits, int64_t min_tiles_per_split);
 
 // Decode CTAs that fit on one SM at once; the split planner fills whole waves with it.
-int64_t decode_ctas_per_sm(at::ScalarType dtype, int64_t bits, int64_t group_size,
-                           int64_t gqa);
+int64_t decode_ctas_per_sm(const at::Tensor& query_like,  // any CUDA tensor of the query dtype
+                           int64_t bits, int64_t group_size, int64_t gqa);
 
 }  // namespace bitdecode
