@@ -189,28 +189,31 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   };
   for (int i = 0; i < kStages && i < n_local; ++i) issue(i, i);
 
-  // ---- Q: load the group's heads, rotate like K, round to T, per-group sums ----------
-  for (int idx = threadIdx.x; idx < kHeads * HEAD; idx += blockDim.x) {
-    const int row = idx / HEAD, c = idx % HEAD;
-    float x = 0.0f;
+  // ---- Q: warp w prepares rows w, w + 4, ...: load, rotate like K, round to T (the
+  // values the MMA sees), and sum per group --------------------------------------------
+  static_assert(HEAD == 32 * 4, "a warp holds one row, 4 channels per lane");
+  for (int row = warp; row < kHeads; row += kDecodeWarps) {
+    float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (row < gqa) {
-      x = Tr::to_float(static_cast<const T*>(p.q)[seq * p.q_stride_token +
-                                                  (kv_head * gqa + row) * p.q_stride_head + c]);
+      const T* src = static_cast<const T*>(p.q) + seq * p.q_stride_token +
+                     (kv_head * gqa + row) * p.q_stride_head + 4 * lane;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = Tr::to_float(src[j]);
     }
-    q_smem[idx] = x;
+    if (p.rotation_signs != nullptr) rotate_row_warp(v, p.rotation_signs, lane);
+    float part = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[j] = Tr::to_float(Tr::from_float(v[j]));
+      q_smem[row * HEAD + 4 * lane + j] = v[j];
+      part += v[j];
+    }
+    constexpr int kLanesPerGroup = GROUP / 4;
+#pragma unroll
+    for (int x = 1; x < kLanesPerGroup; x *= 2) part += __shfl_xor_sync(0xffffffffu, part, x);
+    if (lane % kLanesPerGroup == 0) qsum_smem[row][lane / kLanesPerGroup] = part;
   }
   __syncthreads();
-  if (p.rotation_signs != nullptr) rotate_rows_smem<HEAD>(q_smem, kHeads, p.rotation_signs);
-  for (int idx = threadIdx.x; idx < kHeads * HEAD; idx += blockDim.x) {
-    q_smem[idx] = Tr::to_float(Tr::from_float(q_smem[idx]));  // the values the MMA sees
-  }
-  __syncthreads();
-  if (threadIdx.x < kHeads * kGroups) {
-    const int row = threadIdx.x / kGroups, gi = threadIdx.x % kGroups;
-    float s = 0.0f;
-    for (int c = 0; c < GROUP; ++c) s += q_smem[row * HEAD + gi * GROUP + c];
-    qsum_smem[row][gi] = s;
-  }
   uint32_t qb[kKSteps][HT][2];  // B fragments of Q^T: head 8 ht + g, channels of k-step ks
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks)
@@ -220,7 +223,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       qb[ks][ht][0] = Tr::pack(r[0], r[1]);
       qb[ks][ht][1] = Tr::pack(r[8], r[9]);
     }
-  __syncthreads();
   float qsum[HT][2][kGroups];  // heads 8 ht + 2t + c
 #pragma unroll
   for (int ht = 0; ht < HT; ++ht)

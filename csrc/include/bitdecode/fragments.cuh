@@ -110,27 +110,34 @@ struct RowOrder {
   }
 };
 
-// Fast Walsh-Hadamard transform of `rows` vectors of HEAD floats in shared memory,
-// with the sign flip first and the 1/sqrt(HEAD) scale last: the same butterfly order
-// as reference.rotate, so results are bit-identical. All threads of the block call it.
-template <int HEAD>
-__device__ void rotate_rows_smem(float* x, int rows, const float* signs) {
-  for (int idx = threadIdx.x; idx < rows * HEAD; idx += blockDim.x) x[idx] *= signs[idx % HEAD];
-  __syncthreads();
-  for (int h = 1; h < HEAD; h *= 2) {
-    for (int idx = threadIdx.x; idx < rows * HEAD / 2; idx += blockDim.x) {
-      const int row = idx / (HEAD / 2), k = idx % (HEAD / 2);
-      const int lo = (k / h) * 2 * h + (k % h);
-      float* v = x + row * HEAD;
-      const float a = v[lo], b = v[lo + h];
-      v[lo] = a + b;
-      v[lo + h] = a - b;
+// Fast Walsh-Hadamard transform of one 128-vector held by a warp, 4 consecutive values
+// per lane (lane l: elements 4l .. 4l+3), with the sign flip first and the 1/sqrt(128)
+// scale last: the same butterflies in the same order as reference.rotate, so results
+// are bit-identical. Distances 1 and 2 stay in registers, 4 .. 64 use shuffles.
+__device__ __forceinline__ void rotate_row_warp(float (&v)[4], const float* signs, int lane) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] *= signs[4 * lane + j];
+#pragma unroll
+  for (int h = 1; h <= 2; h *= 2)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j & h) continue;
+      const float a = v[j], b = v[j + h];
+      v[j] = a + b;
+      v[j + h] = a - b;
     }
-    __syncthreads();
+#pragma unroll
+  for (int m = 1; m < 32; m *= 2) {  // distance 4m: the partner element is in lane ^ m
+    const bool upper = lane & m;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float other = __shfl_xor_sync(0xffffffffu, v[j], m);
+      v[j] = upper ? other - v[j] : v[j] + other;
+    }
   }
-  const float inv = static_cast<float>(1.0 / sqrt(static_cast<double>(HEAD)));  // as reference
-  for (int idx = threadIdx.x; idx < rows * HEAD; idx += blockDim.x) x[idx] *= inv;
-  __syncthreads();
+  const float inv = static_cast<float>(1.0 / sqrt(128.0));  // as reference
+#pragma unroll
+  for (int j = 0; j < 4; ++j) v[j] *= inv;
 }
 
 }  // namespace bitdecode
