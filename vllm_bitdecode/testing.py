@@ -3,6 +3,17 @@
 Each engine runs in a fresh subprocess (``python -m vllm_bitdecode.testing SPEC OUT``) so
 that engines with different backends never share GPU memory or plugin state, and so the
 engine log (which carries vLLM's "GPU KV cache size" line) can be read back.
+
+A spec can ask one engine for several things in turn, so that one start-up (35-55 s with
+compilation) serves many checks: ``generate`` (one batch, optional attention capture),
+``jobs`` (named batches with prefix-cache resets, attention capture with positions,
+vLLM's counters and CUDA-graph replays per job), ``decode_timing`` / ``decode_timings``
+(ms per decode step) and ``throughput`` (a ``vllm bench throughput``-style run).
+
+A model directory for ``vllm serve`` / ``vllm bench`` (config.json plus a tiny word-level
+tokenizer with a chat template) is written by::
+
+    python -m vllm_bitdecode.testing make-model DIR [--layers N] [--vocab-size V]
 """
 
 from __future__ import annotations
@@ -37,6 +48,22 @@ LLAMA3_8B = {
     "eos_token_id": 2,
 }
 
+# A tiny Llama for serving tests: 8 query / 2 KV heads of d=128 (GQA 4), 2 layers.
+TINY_LLAMA = dict(
+    hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
+    head_dim=128, num_hidden_layers=2, vocab_size=32000, max_position_embeddings=32768,
+)
+
+# Token ids 0-2 of the test tokenizer; they match LLAMA3_8B's bos/eos ids.
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# Plain words the test tokenizer knows, so that chat prompts map to real ids.
+TOKENIZER_WORDS = ("user", "assistant", "system", ":", "hello", "tell", "me", "a", "story",
+                   "about", "the", "sea", ".", ",", "?")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+
 
 def write_llama_config(path: str | Path, **overrides: Any) -> Path:
     """A directory holding only config.json: enough for load_format="dummy"."""
@@ -46,25 +73,82 @@ def write_llama_config(path: str | Path, **overrides: Any) -> Path:
     return path
 
 
+def tokenizer_vocab(vocab_size: int) -> dict[str, int]:
+    """One word per id: the special tokens, a few English words, then ``w<id>``."""
+    words = [*SPECIAL_TOKENS, *TOKENIZER_WORDS]
+    if vocab_size < len(words):
+        raise ValueError(f"vocab_size {vocab_size} < {len(words)} fixed tokens")
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"w{i}": i for i in range(len(words), vocab_size)})
+    return vocab
+
+
+def write_tiny_tokenizer(path: str | Path, vocab_size: int) -> Path:
+    """tokenizer.json + tokenizer_config.json (with a chat template) for ``vocab_size`` ids.
+
+    A word-level tokenizer with exactly as many ids as the model's vocabulary, so that
+    every id a dummy-weight model samples decodes (to ``w<id>``, space-separated), and
+    text prompts split on whitespace and punctuation. Enough for ``vllm serve`` (text
+    and chat endpoints) and for ``vllm bench``'s random dataset; no download needed.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.WordLevel(vocab=tokenizer_vocab(vocab_size), unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<unk>",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_max_length": 1 << 20,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def write_model_dir(path: str | Path, tokenizer: bool = True, **overrides: Any) -> Path:
+    """config.json (Llama-3-8B shape unless overridden) and, by default, the tiny tokenizer."""
+    if tokenizer:
+        # without a transformers_version, transformers 4.57 takes a local tokenizer for
+        # a Mistral one and warns about its regex
+        overrides = {"transformers_version": "4.57.1", **overrides}
+    path = write_llama_config(path, **overrides)
+    if tokenizer:
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+        write_tiny_tokenizer(path, vocab)
+    return path
+
+
 def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    """``LLM(**kwargs)`` for a spec; ``backend`` None or "auto" lets vLLM choose."""
     backend = spec.get("backend", "BITDECODE")
     kw: dict[str, Any] = dict(
         model=spec["model"],
         load_format="dummy",
         skip_tokenizer_init=True,
-        attention_backend=backend,
         enforce_eager=spec.get("enforce_eager", False),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
         max_model_len=spec.get("max_model_len", 8192),
         max_num_seqs=spec.get("max_num_seqs", 64),
         seed=0,
     )
+    if backend not in (None, "auto"):
+        kw["attention_backend"] = backend
     if backend == "BITDECODE":
         kw["additional_config"] = {"bitdecode": spec.get("bitdecode", {})}
     if "kv_cache_dtype" in spec:
         kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
     for key in ("max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",
-                "num_gpu_blocks_override", "block_size"):
+                "num_gpu_blocks_override", "block_size", "disable_log_stats",
+                "compilation_config", "logprobs_mode"):
         if key in spec:
             kw[key] = spec[key]
     return kw
@@ -85,13 +169,126 @@ def _fetch_hook(model):
     return model._bitdecode_attn_outputs
 
 
+def _install_capture(model):
+    """Record, at every forward (eager engines only), the last layer's attention output
+    rows with the position of each row, so that runs with different schedules (chunks,
+    cache hits, preemption) can be compared row by row."""
+    layer = model.model.layers[-1].self_attn
+    store: dict[str, list] = {"positions": [], "rows": []}
+    model._bitdecode_capture = store
+
+    def before(mod, args, kwargs):
+        positions = kwargs["positions"] if "positions" in kwargs else args[0]
+        store["positions"].append(positions.detach().reshape(-1).cpu())
+
+    def after(mod, args, out):
+        store["rows"].append(out.detach().reshape(out.shape[0], -1).cpu())
+
+    layer.register_forward_pre_hook(before, with_kwargs=True)
+    layer.attn.register_forward_hook(after)
+    return True
+
+
+def _reset_capture(model):
+    model._bitdecode_capture["positions"].clear()
+    model._bitdecode_capture["rows"].clear()
+    return True
+
+
+def _fetch_capture(model):
+    import torch
+
+    store = model._bitdecode_capture
+    pos, rows = store["positions"], store["rows"]
+    if len(pos) != len(rows):
+        raise RuntimeError(f"capture out of step: {len(pos)} positions, {len(rows)} outputs")
+    sizes = [int(r.shape[0]) for r in rows]
+    for p, r in zip(pos, rows, strict=True):
+        if p.numel() != r.shape[0]:
+            raise RuntimeError(f"capture: {p.numel()} positions for {r.shape[0]} rows")
+    return {
+        "positions": torch.cat(pos) if pos else torch.empty(0, dtype=torch.long),
+        "rows": torch.cat(rows) if rows else torch.empty(0),
+        "forward_sizes": sizes,
+        "forward_first_positions": [int(p[0]) if p.numel() else -1 for p in pos],
+    }
+
+
+class _GraphReplayCounter:
+    """Counts ``torch.cuda.CUDAGraph.replay`` calls (full and piecewise vLLM graphs)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.count = 0
+        original = torch.cuda.CUDAGraph.replay
+        counter = self
+
+        def replay(graph, *args, **kwargs):
+            counter.count += 1
+            return original(graph, *args, **kwargs)
+
+        torch.cuda.CUDAGraph.replay = replay
+
+
+def counters(llm) -> dict[str, float]:
+    """vLLM's Prometheus counters by name (needs ``disable_log_stats=False``), else {}."""
+    try:
+        metrics = llm.get_metrics()
+    except AssertionError:  # stat logging disabled
+        return {}
+    out: dict[str, float] = {}
+    for m in metrics:
+        if type(m).__name__ == "Counter":
+            out[m.name] = out.get(m.name, 0) + m.value
+    return out
+
+
+def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str, Any]:
+    if job.get("reset_prefix_cache"):
+        if not llm.reset_prefix_cache():
+            raise RuntimeError(f"job {job['name']}: reset_prefix_cache() refused")
+    if job.get("capture"):
+        llm.apply_model(_reset_capture)
+    before = counters(llm)
+    replays_before = replays.count if replays else 0
+    params = sampling_params_cls(
+        max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
+        logprobs=job.get("logprobs", 1),
+    )
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params,
+                        use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    after = counters(llm)
+    res: dict[str, Any] = {
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        "finish_reasons": [o.outputs[0].finish_reason for o in outs],
+        "num_cached_tokens": [o.num_cached_tokens for o in outs],
+        "logprobs": [
+            [{int(t): float(lp.logprob) for t, lp in step.items()}
+             for step in (o.outputs[0].logprobs or [])]
+            for o in outs
+        ],
+        "metrics": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        "graph_replays": (replays.count - replays_before) if replays else None,
+        "seconds": seconds,
+    }
+    if job.get("capture"):
+        res["capture"] = llm.apply_model(_fetch_capture)[0]
+    return res
+
+
 def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     """Build one engine from ``spec`` and run what it asks; returns plain data."""
     import torch
     from vllm import LLM, SamplingParams
 
+    replays = _GraphReplayCounter() if spec.get("count_graph_replays") else None
+    t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(spec))
-    result: dict[str, Any] = {}
+    result: dict[str, Any] = {"startup_s": time.perf_counter() - t0,
+                              "device_name": torch.cuda.get_device_name()}
     gen = spec.get("generate")
     if gen:
         if gen.get("capture_attention"):
@@ -114,16 +311,34 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
         result["num_logprobs"] = len(lps)
         if gen.get("capture_attention"):
             result["attention"] = llm.apply_model(_fetch_hook)[0]
+    jobs = spec.get("jobs")
+    if jobs:
+        if any(j.get("capture") for j in jobs):
+            llm.apply_model(_install_capture)
+        result["jobs"] = {}
+        for job in jobs:
+            result["jobs"][job["name"]] = _run_job(llm, SamplingParams, job, replays)
     timing = spec.get("decode_timing")
     if timing:
         result["decode_timing"] = _time_decode(llm, SamplingParams, timing)
+    timings = spec.get("decode_timings")
+    if timings:
+        result["decode_timings"] = [_time_decode(llm, SamplingParams, t) for t in timings]
+    tp = spec.get("throughput")
+    if tp:
+        result["throughput"] = _throughput(llm, SamplingParams, tp)
     del llm
     torch.cuda.empty_cache()
     return result
 
 
 def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, float]:
-    """ms per decode step: (time for 1 + n tokens - time for 1 token) / n, same prompts."""
+    """ms per decode step: (time for 1 + n tokens - time for 1 token) / n, same prompts.
+
+    With prefix caching on (vLLM's default), only the warm-up prefills the prompts; the
+    timed runs find them cached and recompute at most one block per request, the same
+    in both runs, so the difference is n decode steps.
+    """
     import random
 
     rng = random.Random(0)
@@ -137,11 +352,107 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, 
         llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     run(2)  # warm up (compilation, graphs), and fills the prefix cache if enabled
+    warmup = time.perf_counter() - t0
     prefill_only = min(run(1) for _ in range(2))
     full = min(run(1 + steps) for _ in range(2))
     return {"ms_per_step": 1000 * (full - prefill_only) / steps, "batch": batch,
-            "context": context, "steps": steps}
+            "context": context, "steps": steps, "warmup_s": warmup}
+
+
+def _throughput(llm, sampling_params_cls, cfg: dict[str, Any]) -> dict[str, Any]:
+    """``vllm bench throughput``'s measurement on random token prompts of fixed length:
+    all requests submitted at once, ignore_eos, temperature 1; total (prompt + output)
+    tokens / s over the whole run, as that benchmark reports it."""
+    import torch
+
+    n, lin, lout = cfg["num_prompts"], cfg["input_len"], cfg["output_len"]
+    gen = torch.Generator().manual_seed(cfg.get("seed", 0))
+    ids = torch.randint(100, cfg.get("vocab_high", 30000), (n, lin), generator=gen).tolist()
+    prompts = [{"prompt_token_ids": p} for p in ids]
+    if cfg.get("warmup", True):  # graphs and kernels ready before the clock starts
+        llm.generate([{"prompt_token_ids": ids[0][:256]}],
+                     sampling_params_cls(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    llm.reset_prefix_cache()  # no request finds another's blocks (or the warm-up's)
+    before = counters(llm)
+    sp = sampling_params_cls(n=1, temperature=1.0, top_p=1.0, ignore_eos=True,
+                             max_tokens=lout)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    after = counters(llm)
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    in_tokens = sum(len(o.prompt_token_ids) for o in outs)
+    return {
+        "num_prompts": n, "input_len": lin, "output_len": lout, "elapsed_s": elapsed,
+        "prompt_tokens": in_tokens, "output_tokens": out_tokens,
+        "requests_per_s": n / elapsed,
+        "total_tokens_per_s": (in_tokens + out_tokens) / elapsed,
+        "output_tokens_per_s": out_tokens / elapsed,
+        "num_preemptions": after.get("vllm:num_preemptions", 0)
+        - before.get("vllm:num_preemptions", 0),
+    }
+
+
+def match_rows_by_position(test: dict[str, Any], ref: dict[str, Any]) -> tuple[Any, float]:
+    """Compare two attention captures (``positions`` [N] and ``rows`` [N, H*D], as
+    returned for jobs with ``capture``) row by row.
+
+    For every row of ``test``: the smallest relative error |t - r| / |r| against the rows
+    of ``ref`` at the same position (one per request that reached it; inf where ``ref``
+    has none); and the overall relative error sqrt(sum |t - r|^2 / sum |r|^2) over those
+    best matches. Returns (per-row errors tensor, overall error).
+    """
+    import math
+
+    import torch
+
+    tp, tr = test["positions"], test["rows"].float()
+    rp, rr = ref["positions"], ref["rows"].float()
+    r_order = torch.argsort(rp, stable=True)
+    rp, rr = rp[r_order], rr[r_order]
+    r_pos, r_cnt = torch.unique_consecutive(rp, return_counts=True)
+    r_start = torch.cumsum(r_cnt, 0) - r_cnt
+    where = {int(p): (int(s), int(c)) for p, s, c in zip(r_pos, r_start, r_cnt, strict=True)}
+    t_order = torch.argsort(tp, stable=True)
+    t_pos, t_cnt = torch.unique_consecutive(tp[t_order], return_counts=True)
+    t_start = torch.cumsum(t_cnt, 0) - t_cnt
+    errs = torch.full((tp.numel(),), math.inf)
+    num = den = 0.0
+    single_t, single_r = [], []  # positions with one reference row: compared at once
+    for p, s, c in zip(t_pos.tolist(), t_start.tolist(), t_cnt.tolist(), strict=True):
+        if p not in where:
+            continue
+        rs, rc = where[p]
+        idx = t_order[s : s + c]
+        if rc == 1:
+            single_t.append(idx)
+            single_r.append(torch.full((c,), rs))
+            continue
+        cand = rr[rs : rs + rc]
+        dist = torch.cdist(tr[idx], cand, compute_mode="donot_use_mm_for_euclid_dist")
+        norms = cand.norm(dim=1).clamp_min(1e-30)
+        best = (dist / norms).argmin(dim=1)
+        d_best = dist.gather(1, best[:, None])[:, 0]
+        n_best = norms[best]
+        errs[idx] = d_best / n_best
+        num += float((d_best**2).sum())
+        den += float((n_best**2).sum())
+    if single_t:
+        ti, ri = torch.cat(single_t), torch.cat(single_r)
+        d_best = (tr[ti] - rr[ri]).norm(dim=1)
+        n_best = rr[ri].norm(dim=1).clamp_min(1e-30)
+        errs[ti] = d_best / n_best
+        num += float((d_best**2).sum())
+        den += float((n_best**2).sum())
+    return errs, math.sqrt(num / den) if den else math.inf
+
+
+def parse_kv_cache_tokens(log: str) -> int | None:
+    """vLLM's "GPU KV cache size: N tokens" (the last one in the log), or None."""
+    found = re.findall(r"GPU KV cache size: ([\d,]+) tokens", log)
+    return int(found[-1].replace(",", "")) if found else None
 
 
 def run_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
@@ -161,13 +472,40 @@ def run_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, A
         import torch
 
         result = torch.load(out_path, weights_only=False)
-    m = re.search(r"GPU KV cache size: ([\d,]+) tokens", log)
-    result["kv_cache_tokens"] = int(m.group(1).replace(",", "")) if m else None
+    result["kv_cache_tokens"] = parse_kv_cache_tokens(log)
     result["log"] = log
     return result
 
 
+def _make_model_cli(argv: list[str]) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m vllm_bitdecode.testing make-model",
+        description="Write a dummy-weight Llama model directory (config.json, tiny "
+                    "tokenizer with a chat template) for vllm serve / vllm bench "
+                    "with --load-format dummy. Llama-3-8B shape unless overridden.",
+    )
+    ap.add_argument("path")
+    ap.add_argument("--layers", type=int, default=None, help="num_hidden_layers")
+    ap.add_argument("--vocab-size", type=int, default=None)
+    ap.add_argument("--tiny", action="store_true",
+                    help="the 2-layer, 1024-wide test model instead of the 8B shape")
+    ap.add_argument("--no-tokenizer", action="store_true")
+    args = ap.parse_args(argv)
+    overrides: dict[str, Any] = dict(TINY_LLAMA) if args.tiny else {}
+    if args.layers is not None:
+        overrides["num_hidden_layers"] = args.layers
+    if args.vocab_size is not None:
+        overrides["vocab_size"] = args.vocab_size
+    path = write_model_dir(args.path, tokenizer=not args.no_tokenizer, **overrides)
+    print(path)
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "make-model":
+        _make_model_cli(sys.argv[2:])
+        return
     import torch
 
     spec = json.loads(Path(sys.argv[1]).read_text())

@@ -1,26 +1,36 @@
-"""The literal `vllm serve ... --attention-backend BITDECODE` command, on loopback.
+"""The literal `vllm serve MODEL --attention-backend BITDECODE` command, on loopback.
 
-A smoke test for issue #2 (the server starts and answers with the BITDECODE backend);
-the full OpenAI-server test, streaming included, belongs to issue #4.
+One server (a dummy-weight 2-layer Llama plus a tiny word-level tokenizer with a chat
+template, written at test time) answers /v1/completions and /v1/chat/completions, each
+streamed (server-sent events, read with urllib) and not; the answers are checked (token
+counts, finish reasons, non-empty text, streamed text equal to the unstreamed one), and
+the last test shuts the server down and checks that it exits.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from vllm_bitdecode.testing import write_llama_config
+from vllm_bitdecode.testing import write_model_dir
 
 pytestmark = pytest.mark.gpu
 
 VLLM_CLI = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+SERVED_NAME = "bitdecode-tiny"
+PROMPT = "hello , tell me a story about the sea ."
+MESSAGES = [{"role": "system", "content": "tell a story"},
+            {"role": "user", "content": "hello , tell me a story about the sea ?"}]
 
 
 def test_serve_help_lists_bitdecode():
@@ -43,6 +53,32 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
+def _post_stream(url: str, body: dict) -> list[dict]:
+    """POST with "stream": true; the JSON events of the server-sent event stream, which
+    must end with "data: [DONE]"."""
+    req = urllib.request.Request(url, data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json",
+                                          "Accept": "text/event-stream"})
+    events: list[dict] = []
+    done = False
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        assert resp.headers.get("Content-Type", "").startswith("text/event-stream")
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line or line.startswith(":"):
+                continue
+            assert line.startswith("data: "), line
+            data = line[len("data: "):]
+            if data == "[DONE]":
+                done = True
+                break
+            event = json.loads(data)
+            assert "error" not in event, f"error in stream: {event['error']}"
+            events.append(event)
+    assert done, "stream ended without [DONE]"
+    return events
+
+
 def _errors(log: str) -> str:
     """The lines that explain a failed start, wherever they are in a long log."""
     keep = [ln for ln in log.splitlines()
@@ -53,39 +89,172 @@ def _errors(log: str) -> str:
     return "\n".join(keep[-80:])
 
 
-def test_vllm_serve_with_bitdecode_answers_completions(tmp_path):
-    model = write_llama_config(tmp_path / "llama", num_hidden_layers=2, vocab_size=32000,
-                               max_position_embeddings=4096)
+class Server:
+    def __init__(self, proc: subprocess.Popen, base: str, log_path: Path, model: Path) -> None:
+        self.proc, self.base, self.log_path, self.model = proc, base, log_path, model
+        self.children: list = []  # psutil processes under the server (the engine core)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.model))
+
+
+def _children(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _alive(proc) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("serve")
+    model = write_model_dir(tmp / "llama", num_hidden_layers=2, vocab_size=32000,
+                            max_position_embeddings=4096)
     port = _free_port()
-    log = open(tmp_path / "server.log", "w")
+    log_path = tmp / "server.log"
+    log = open(log_path, "w")
     proc = subprocess.Popen(
         [*VLLM_CLI, "serve", str(model), "--attention-backend", "BITDECODE",
          "--additional-config", '{"bitdecode": {"bits": 4}}', "--load-format", "dummy",
-         "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "2048",
+         "--served-model-name", SERVED_NAME, "--enforce-eager", "--max-model-len", "2048",
          "--gpu-memory-utilization", "0.3", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
     )
+    srv = Server(proc, f"http://127.0.0.1:{port}", log_path, model)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 240
+        deadline = time.time() + 300
         while True:
-            assert proc.poll() is None, _errors((tmp_path / "server.log").read_text())
+            assert proc.poll() is None, _errors(srv.log())
             try:
-                urllib.request.urlopen(base + "/health", timeout=2)
+                urllib.request.urlopen(srv.base + "/health", timeout=2)
                 break
             except OSError:
-                assert time.time() < deadline, "server did not come up"
+                assert time.time() < deadline, "server did not come up:\n" + _errors(srv.log())
                 time.sleep(2)
-        reply = _post(base + "/v1/completions", {
-            "model": str(model), "prompt": list(range(100, 400)), "max_tokens": 8,
-            "temperature": 0, "ignore_eos": True, "return_token_ids": True,
-        })
-        choice = reply["choices"][0]
-        assert choice["finish_reason"] == "length"
-        assert reply["usage"]["completion_tokens"] == 8
-        text = (tmp_path / "server.log").read_text()
-        assert "BITDECODE" in text
+        srv.children = _children(proc.pid)
+        yield srv
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=30)
+        for child in srv.children:  # the engine process, if it lingers
+            if _alive(child):
+                child.kill()
         log.close()
+
+
+def test_vllm_serve_with_bitdecode_answers_completions(server):
+    """Token-id prompt (the original smoke test), non-streaming."""
+    reply = _post(server.base + "/v1/completions", {
+        "model": SERVED_NAME, "prompt": list(range(100, 400)), "max_tokens": 8,
+        "temperature": 0, "ignore_eos": True, "return_token_ids": True,
+    })
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 8
+    assert reply["usage"]["prompt_tokens"] == 300
+    assert len(choice["token_ids"]) == 8
+    assert "BITDECODE" in server.log()
+
+
+def test_models_endpoint_lists_the_served_model(server):
+    with urllib.request.urlopen(server.base + "/v1/models", timeout=30) as resp:
+        models = json.loads(resp.read())
+    assert [m["id"] for m in models["data"]] == [SERVED_NAME]
+
+
+def test_completions_text_prompt_streaming_and_not(server):
+    body = {"model": SERVED_NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True}
+    reply = _post(server.base + "/v1/completions", body)
+    assert reply["object"] == "text_completion"
+    assert len(reply["choices"]) == 1
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["text"].strip(), "empty completion text"
+    usage = reply["usage"]
+    assert usage["completion_tokens"] == 12
+    assert usage["prompt_tokens"] == len(server.tokenizer()(PROMPT).input_ids) == 10
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 12
+
+    events = _post_stream(server.base + "/v1/completions",
+                          {**body, "stream_options": {"include_usage": True}})
+    chunks = [e for e in events if e.get("choices")]
+    assert chunks and all(e["object"] == "text_completion" for e in events)
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0].get(
+        "finish_reason")]
+    assert finish == ["length"]
+    assert events[-1]["usage"]["completion_tokens"] == 12
+    assert events[-1]["usage"]["prompt_tokens"] == usage["prompt_tokens"]
+    assert text == choice["text"], "streamed text differs from the unstreamed answer"
+
+
+def test_chat_completions_streaming_and_not(server):
+    body = {"model": SERVED_NAME, "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+            "ignore_eos": True}
+    reply = _post(server.base + "/v1/chat/completions", body)
+    assert reply["object"] == "chat.completion"
+    assert len(reply["choices"]) == 1
+    choice = reply["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert choice["message"]["role"] == "assistant"
+    content = choice["message"]["content"]
+    assert isinstance(content, str) and content.strip(), "empty chat answer"
+    usage = reply["usage"]
+    assert usage["completion_tokens"] == 10
+    # the chat template was applied: "role : content" lines, then "assistant :"
+    rendered = server.tokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True,
+                                                      tokenize=True)
+    assert usage["prompt_tokens"] == len(rendered) == 19
+
+    events = _post_stream(server.base + "/v1/chat/completions",
+                          {**body, "stream_options": {"include_usage": True}})
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    chunks = [e for e in events if e.get("choices")]
+    assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0].get(
+        "finish_reason")]
+    assert finish == ["length"]
+    assert events[-1]["usage"]["completion_tokens"] == 10
+    assert streamed == content, "streamed chat answer differs from the unstreamed one"
+
+
+def test_server_shuts_down_on_sigterm(server):
+    """Last test of the module: SIGTERM ends the server and its engine process within a
+    minute, and the port stops answering."""
+    assert server.proc.poll() is None, "server died before the shutdown test"
+    assert server.children, "no engine process found under vllm serve"
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        code = server.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("vllm serve did not exit within 60 s of SIGTERM")
+    print(f"vllm serve exited with code {code}")
+    deadline = time.time() + 30
+    while any(_alive(c) for c in server.children):
+        assert time.time() < deadline, "engine process still running after the server exited"
+        time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.base + "/health", timeout=2)

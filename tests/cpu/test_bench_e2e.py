@@ -1,0 +1,221 @@
+"""CPU checks of benchmarks/bench_e2e.py: arguments, engine specs, the `vllm bench
+throughput` command it can run, records, ratios, targets and merging."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "bench_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_e2e"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resolve_backends(bench):
+    assert bench.resolve_backends("all") == list(bench.BACKENDS)
+    assert bench.resolve_backends("int4, bf16") == ["FLASH_ATTN:bf16", "BITDECODE:int4"]
+    assert bench.resolve_backends("BITDECODE") == ["BITDECODE:int4", "BITDECODE:int2"]
+    assert bench.resolve_backends("tq4,flash_attn:fp8") == ["FLASH_ATTN:fp8", "TURBOQUANT:tq4"]
+    with pytest.raises(ValueError, match="unknown backend"):
+        bench.resolve_backends("int3")
+
+
+def test_resolve_cases(bench):
+    assert bench.resolve_cases("all") == list(bench.CASES)
+    assert bench.resolve_cases("throughput,decode_b1_128k") == ["decode_b1_128k", "throughput"]
+    with pytest.raises(ValueError):
+        bench.resolve_cases("decode_b2")
+
+
+def test_max_batch_and_slug(bench):
+    assert bench.max_batch(1_671_984, 32768) == 1_671_984 // 32784 == 51
+    assert bench.max_batch(444_112, 32768) == 13
+    assert bench.max_batch(None, 32768) is None
+    assert bench.gpu_slug("NVIDIA H100 80GB HBM3") == "h100_80gb_hbm3"
+
+
+def test_engine_specs(bench):
+    s = bench.settings_from_args(bench.parse_args([]))
+    cases = list(bench.CASES)
+    tq = bench.engine_spec("TURBOQUANT:tq4", "m", cases, s)
+    assert tq["backend"] is None and tq["kv_cache_dtype"] == "turboquant_4bit_nc"
+    bd = bench.engine_spec("BITDECODE:int2", "m", cases, s)
+    assert bd["backend"] == "BITDECODE" and bd["bitdecode"] == {"bits": 2}
+    assert bd["max_model_len"] == 131072 and bd["enforce_eager"] is False
+    assert bd["enable_prefix_caching"] is True and bd["disable_log_stats"] is False
+    assert [(t["batch"], t["context"]) for t in bd["decode_timings"]] == [(1, 130560), (8, 32768)]
+    assert bd["throughput"] == dict(num_prompts=64, input_len=16384, output_len=512)
+    assert max(bd["compilation_config"]["cudagraph_capture_sizes"]) <= bd["max_num_seqs"]
+    # specs travel as JSON to the engine process
+    json.dumps({k: v for k, v in bd.items() if k != "_decode_shapes"})
+    only = bench.engine_spec("FLASH_ATTN:bf16", "m", ["capacity_32k"], s)
+    assert "decode_timings" not in only and "throughput" not in only
+    quick = bench.settings_from_args(bench.parse_args(["--quick"]))
+    assert quick["b1_context"] == 32768 and quick["tp_num_prompts"] == 16
+    vllm_sizes = bench.settings_from_args(bench.parse_args(["--cudagraph-sizes", "vllm"]))
+    assert "compilation_config" not in bench.engine_spec("FLASH_ATTN:bf16", "m", cases,
+                                                         vllm_sizes)
+
+
+def test_throughput_cli_command_parses_with_vllm_bench_throughput(bench, monkeypatch):
+    from vllm.benchmarks.throughput import add_cli_args
+    from vllm.platforms import current_platform
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # engine-argument defaults need a device type, which a machine without GPU lacks
+    monkeypatch.setattr(current_platform, "device_type", current_platform.device_type or "cpu")
+
+    s = bench.settings_from_args(bench.parse_args(["--quick"]))
+    for key in bench.BACKENDS:
+        cmd = bench.throughput_cli_command(key, "/tmp/model", s, "/tmp/tp.json")
+        assert cmd[1:6] == ["-m", "vllm.entrypoints.cli.main", "bench", "throughput", "--model"]
+        parser = FlexibleArgumentParser()
+        add_cli_args(parser)
+        args = parser.parse_args(cmd[5:])
+        assert args.num_prompts == 16 and args.random_input_len == 4096
+        assert args.load_format == "dummy" and args.dataset_name == "random"
+        if key.startswith("BITDECODE"):
+            assert args.attention_backend == "BITDECODE"
+        if key.startswith("TURBOQUANT"):
+            assert args.kv_cache_dtype == "turboquant_4bit_nc"
+
+
+def _fake_result(ms_b1, ms_b8, kv, tps):
+    return {
+        "kv_cache_tokens": kv,
+        "decode_timings": [dict(batch=1, context=130560, steps=64, ms_per_step=ms_b1),
+                           dict(batch=8, context=32768, steps=64, ms_per_step=ms_b8)],
+        "throughput": dict(num_prompts=64, input_len=16384, output_len=512,
+                           total_tokens_per_s=tps, output_tokens_per_s=tps / 33,
+                           requests_per_s=1.0, elapsed_s=10.0, num_preemptions=0),
+    }
+
+
+def test_records_ratios_targets_and_merge(bench):
+    cases = list(bench.CASES)
+    bf16 = bench.records_from_result("FLASH_ATTN:bf16", cases,
+                                     _fake_result(12.96, 20.0, 444_112, 10_000))
+    fp8 = bench.records_from_result("FLASH_ATTN:fp8", cases,
+                                    _fake_result(9.89, 14.0, 888_240, 15_000))
+    int4 = bench.records_from_result("BITDECODE:int4", cases,
+                                     _fake_result(6.9, 9.0, 1_671_984, 26_000))
+    tq = bench.skipped_records("TURBOQUANT:tq4", cases, "no FA2")
+    recs = bench.merge_records([], bf16 + int4 + tq + fp8)
+    assert [r["key"] for r in recs[::4]] == ["FLASH_ATTN:bf16", "FLASH_ATTN:fp8",
+                                            "TURBOQUANT:tq4", "BITDECODE:int4"]
+    for r in recs:
+        assert set(bench.RECORD_KEYS) <= set(r)
+    bench.add_ratios(recs)
+    by = {(r["key"], r["case"]): r for r in recs}
+    d = by[("BITDECODE:int4", "decode_b8_32k")]
+    assert d["tokens_per_s"] == pytest.approx(8000 / 9.0)
+    assert d["vs_bf16"] == pytest.approx(20.0 / 9.0)
+    cap = by[("BITDECODE:int4", "capacity_32k")]
+    assert cap["batch"] == 51 and cap["vs_bf16"] == pytest.approx(1_671_984 / 444_112)
+    assert by[("TURBOQUANT:tq4", "throughput")]["skipped"] == "no FA2"
+    assert by[("TURBOQUANT:tq4", "throughput")]["vs_bf16"] is None
+    targets = {t["target"]: t for t in bench.check_targets(recs)}
+    assert targets["decode B=1 128K, 4-bit: <= 7.0 ms/step"]["met"] is True
+    assert targets["decode B=8 32K, 4-bit: >= 2.0x bf16 tokens/s"]["met"] is True
+    assert targets["throughput, 4-bit: >= 2.5x bf16"]["met"] is True
+    assert targets["KV capacity, 2-bit: >= 6.5x bf16 tokens"]["met"] is None
+    # a later run of one backend replaces only its records
+    again = bench.records_from_result("BITDECODE:int4", ["decode_b1_128k"],
+                                      _fake_result(6.5, 9.0, 1_671_984, 26_000))
+    merged = bench.merge_records(json.loads(json.dumps(recs)), again)
+    assert len(merged) == len(recs)
+    assert {(r["key"], r["case"]): r for r in merged}[
+        ("BITDECODE:int4", "decode_b1_128k")]["ms_per_step"] == 6.5
+    table = bench.summary_table(merged)
+    assert "skipped: no FA2" in table and "BITDECODE" in table
+
+
+def test_merge_accepts_records_without_key(bench):
+    old = [dict(backend="BITDECODE", kv="int2", case="throughput", tokens_per_s=1.0)]
+    merged = bench.merge_records(old, [])
+    assert merged[0]["key"] == "BITDECODE:int2"
+
+
+def test_error_lines(bench):
+    log = "a\nb\nTraceback\nValueError: bad thing\nlast"
+    assert bench.error_lines(log) == "ValueError: bad thing"
+    assert bench.error_lines("one\ntwo") == "two"
+    assert bench.error_lines("") == "(no output)"
+
+
+def test_fa2_check_is_a_file_check(bench):
+    ok, reason = bench.fa2_available()
+    assert ok or "FlashAttention-2" in reason
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import bench_e2e; "
+            "bench_e2e.fa2_available(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('vllm.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"  # the parent process imports neither torch nor vLLM
+
+
+def test_help_and_dry_run():
+    for extra in (["--help"], ["--dry-run", "--backends", "bf16,int4", "--quick"]):
+        out = subprocess.run([sys.executable, str(SCRIPT), *extra], capture_output=True,
+                             text=True, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert "BITDECODE:int4" in out.stdout and "FLASH_ATTN:bf16" in out.stdout
+
+
+def test_main_flow_with_a_fake_engine(bench, monkeypatch, tmp_path, capsys):
+    """main() end to end with the engine replaced: JSON written after every backend,
+    failures recorded as skipped, later runs merged."""
+    specs = []
+
+    def fake_engine(spec, timeout):
+        specs.append(spec)
+        if spec.get("kv_cache_dtype") == "fp8":
+            raise RuntimeError("engine failed (exit 1):\nTraceback\nValueError: no fp8 here")
+        kv = {None: 444_112}.get(spec.get("bitdecode", {}).get("bits"), 1_671_984)
+        res = _fake_result(12.0, 20.0, kv, 10_000)
+        res["decode_timings"] = [dict(t, ms_per_step=12.0 if t["batch"] == 1 else 20.0)
+                                 for t in spec.get("decode_timings", [])]
+        res.update(log=f"Using {spec['backend']} backend", device_name="NVIDIA H100 80GB HBM3",
+                   startup_s=40.0)
+        return res
+
+    monkeypatch.setattr(bench, "run_in_subprocess", fake_engine)
+    monkeypatch.setattr(bench, "device_name", lambda: "unknown")
+    monkeypatch.setattr(bench, "fa2_available", lambda: (False, "no FA2 binary"))
+    out = tmp_path / "e2e.json"
+    bench.main(["--backends", "bf16,fp8,tq4,int4", "--quick", "--out", str(out),
+                "--log-dir", str(tmp_path / "logs")])
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "NVIDIA H100 80GB HBM3" and doc["commit"]
+    assert len(specs) == 3  # TURBOQUANT skipped without starting an engine
+    by = {(r["key"], r["case"]): r for r in doc["records"]}
+    assert len(by) == 4 * len(bench.CASES)
+    assert by[("FLASH_ATTN:fp8", "throughput")]["skipped"].endswith("ValueError: no fp8 here")
+    assert by[("TURBOQUANT:tq4", "decode_b1_128k")]["skipped"] == "no FA2 binary"
+    assert by[("BITDECODE:int4", "decode_b1_128k")]["context"] == 32768  # --quick
+    assert by[("BITDECODE:int4", "capacity_32k")]["vs_bf16"] == pytest.approx(
+        1_671_984 / 444_112)
+    assert (tmp_path / "logs" / "bitdecode_int4.log").read_text() == "Using BITDECODE backend"
+    printed = capsys.readouterr().out
+    assert "KV capacity, 4-bit: >= 3.75x bf16 tokens: 3.76 (met)" in printed
+    # a second run of one backend merges into the same file
+    bench.main(["--backends", "int2", "--cases", "capacity_32k", "--out", str(out),
+                "--log-dir", str(tmp_path / "logs")])
+    doc = json.loads(out.read_text())
+    keys = {(r["key"], r["case"]) for r in doc["records"]}
+    assert ("BITDECODE:int2", "capacity_32k") in keys and len(keys) == 4 * len(bench.CASES) + 1
+    assert len(doc["runs"]) == 2

@@ -1,0 +1,147 @@
+"""CPU checks of vllm_bitdecode.testing: the test tokenizer, engine kwargs, log parsing and
+the attention-capture comparison that the GPU serving tests rely on."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vllm_bitdecode import testing
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return testing.write_model_dir(tmp_path_factory.mktemp("tiny"), **testing.TINY_LLAMA)
+
+
+def test_model_dir_has_config_and_a_tokenizer_of_the_model_vocab(tiny_dir):
+    from transformers import AutoTokenizer
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    assert cfg["vocab_size"] == 32000 and cfg["num_hidden_layers"] == 2
+    tok = AutoTokenizer.from_pretrained(str(tiny_dir))
+    assert len(tok) == cfg["vocab_size"]
+    assert (tok.bos_token_id, tok.eos_token_id) == (cfg["bos_token_id"], cfg["eos_token_id"])
+    # every id the model can sample decodes, and text round-trips word by word
+    assert tok.decode([20, 31999]) == "w20 w31999"
+    ids = tok("hello , tell me w500").input_ids
+    assert ids == [tok.convert_tokens_to_ids(w) for w in ("hello", ",", "tell", "me", "w500")]
+    assert tok.decode([20, 2, 21], skip_special_tokens=True) == "w20 w21"
+
+
+def test_chat_template_renders_and_vllm_reads_it_as_string_content(tiny_dir):
+    from vllm.renderers.hf import _detect_content_format
+    from vllm.tokenizers import get_tokenizer
+
+    tok = get_tokenizer(str(tiny_dir))
+    messages = [{"role": "system", "content": "tell a story"},
+                {"role": "user", "content": "hello , tell me a story about the sea ?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == ("system : tell a story\nuser : hello , tell me a story about the sea ?\n"
+                    "assistant :")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    assert len(ids) == 19 and 0 not in ids  # every word known: no <unk>
+    assert _detect_content_format(testing.CHAT_TEMPLATE, default="openai") == "string"
+
+
+def test_vllm_random_dataset_samples_with_the_test_tokenizer(tmp_path):
+    """`vllm bench throughput/serve --dataset-name random` needs a tokenizer."""
+    from vllm.benchmarks.datasets import RandomDataset
+    from vllm.tokenizers import get_tokenizer
+
+    model = testing.write_model_dir(tmp_path / "m", vocab_size=4096)
+    tok = get_tokenizer(str(model))
+    reqs = RandomDataset(random_seed=0).sample(tok, num_requests=4, input_len=300,
+                                               output_len=7)
+    assert [(r.prompt_len, r.expected_output_len) for r in reqs] == [(300, 7)] * 4
+
+
+def test_make_model_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "vllm_bitdecode.testing", "make-model",
+                          str(tmp_path / "m"), "--layers", "3", "--vocab-size", "1000"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 3 and cfg["vocab_size"] == 1000
+    assert cfg["hidden_size"] == testing.LLAMA3_8B["hidden_size"]
+    assert (tmp_path / "m" / "tokenizer.json").exists()
+    assert "chat_template" in json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
+
+
+def test_engine_kwargs_backend_choice_and_passthrough():
+    kw = testing.engine_kwargs(dict(model="m", backend="BITDECODE", bitdecode={"bits": 2},
+                                    disable_log_stats=False, num_gpu_blocks_override=7,
+                                    compilation_config={"cudagraph_capture_sizes": [1, 2]}))
+    assert kw["attention_backend"] == "BITDECODE"
+    assert kw["additional_config"] == {"bitdecode": {"bits": 2}}
+    assert kw["disable_log_stats"] is False and kw["num_gpu_blocks_override"] == 7
+    assert kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 2]}
+    auto = testing.engine_kwargs(dict(model="m", backend=None,
+                                      kv_cache_dtype="turboquant_4bit_nc"))
+    assert "attention_backend" not in auto and "additional_config" not in auto
+    assert auto["kv_cache_dtype"] == "turboquant_4bit_nc"
+    assert testing.engine_kwargs(dict(model="m"))["attention_backend"] == "BITDECODE"
+
+
+def test_engine_kwargs_are_accepted_by_vllm_engine_args():
+    from vllm.engine.arg_utils import EngineArgs
+
+    kw = testing.engine_kwargs(dict(model="m", backend="BITDECODE", disable_log_stats=False,
+                                    enable_prefix_caching=True, max_num_batched_tokens=2048,
+                                    num_gpu_blocks_override=1100,
+                                    compilation_config={"cudagraph_capture_sizes": [1, 8]}))
+    args = EngineArgs(**kw)
+    assert args.num_gpu_blocks_override == 1100 and args.disable_log_stats is False
+
+
+def test_parse_kv_cache_tokens():
+    log = ("INFO [kv_cache_utils.py:1] GPU KV cache size: 444,112 tokens\n"
+           "INFO later GPU KV cache size: 1,671,984 tokens\n")
+    assert testing.parse_kv_cache_tokens(log) == 1671984
+    assert testing.parse_kv_cache_tokens("nothing here") is None
+
+
+def _running_means(n: int, dim: int = 256, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.rand(n, dim, generator=g) * 2 - 1
+    return torch.cumsum(v, 0) / torch.arange(1, n + 1)[:, None]
+
+
+def test_match_rows_by_position_single_request():
+    rows = _running_means(3000)
+    ref = {"positions": torch.arange(3000), "rows": rows.bfloat16()}
+    same = {"positions": torch.arange(3000).flip(0), "rows": rows.flip(0).bfloat16()}
+    errs, overall = testing.match_rows_by_position(same, ref)
+    assert overall == 0 and float(errs.max()) == 0
+    # a chunk that missed its history: rows 1000.. are means over the chunk alone
+    bad = rows.clone()
+    v = torch.diff(torch.cat([torch.zeros(1, 256), rows * torch.arange(1, 3001)[:, None]]), dim=0)
+    bad[1000:] = torch.cumsum(v[1000:], 0) / torch.arange(1, 2001)[:, None]
+    errs, overall = testing.match_rows_by_position(
+        {"positions": torch.arange(3000), "rows": bad.bfloat16()}, ref)
+    assert float(errs[:1000].max()) < 1e-2 and float(errs[1000:].min()) > 0.05
+    assert overall > 0.3
+    # positions the reference never reached
+    errs, _ = testing.match_rows_by_position(
+        {"positions": torch.tensor([5, 4000]), "rows": rows[:2].bfloat16()}, ref)
+    assert math.isinf(float(errs[1])) and math.isfinite(float(errs[0]))
+
+
+def test_match_rows_by_position_picks_the_right_request_of_a_batch():
+    a, b = _running_means(500, seed=1), _running_means(800, seed=2)
+    ref = {"positions": torch.cat([torch.arange(500), torch.arange(800)]),
+           "rows": torch.cat([a, b])}
+    # the test run computed b first, then a, then recomputed part of a (preemption)
+    test = {"positions": torch.cat([torch.arange(800), torch.arange(500), torch.arange(200)]),
+            "rows": torch.cat([b, a, a[:200]]) * (1 + 1e-3)}
+    errs, overall = testing.match_rows_by_position(test, ref)
+    assert float(errs.max()) < 2e-3 and overall < 2e-3
+    # a row from neither request is far from both
+    test["rows"][-1] = _running_means(200, seed=3)[-1]
+    errs, _ = testing.match_rows_by_position(test, ref)
+    assert float(errs[-1]) > 0.5
