@@ -296,6 +296,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         steps=args.steps, b1_context=args.b1_context, b8_context=args.b8_context,
         tp_num_prompts=args.tp_num_prompts, tp_input_len=args.tp_input_len,
         tp_output_len=args.tp_output_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        tq_gpu_memory_utilization=args.tq_gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=MAX_MODEL_LEN, cudagraph_capture_sizes=args.cudagraph_sizes,
         throughput_via="cli" if args.throughput_cli else "in-engine",
@@ -308,10 +309,18 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
+def gpu_memory_utilization(key: str, s: dict[str, Any]) -> float:
+    """TURBOQUANT allocates working memory outside vLLM's profiled budget: at 0.9 on an
+    H200 its torch.compile warm-up ran out of memory (2026-11-29), so it gets its own."""
+    if BACKENDS[key][0] == "TURBOQUANT" and s.get("tq_gpu_memory_utilization"):
+        return s["tq_gpu_memory_utilization"]
+    return s["gpu_memory_utilization"]
+
+
 def engine_spec(key: str, model: str, cases: list[str], s: dict[str, Any]) -> dict[str, Any]:
     _, _, extra = BACKENDS[key]
     spec: dict[str, Any] = dict(
-        model=model, gpu_memory_utilization=s["gpu_memory_utilization"],
+        model=model, gpu_memory_utilization=gpu_memory_utilization(key, s),
         max_model_len=s["max_model_len"], max_num_seqs=s["max_num_seqs"],
         max_num_batched_tokens=s["max_num_batched_tokens"], enable_prefix_caching=True,
         disable_log_stats=False, enforce_eager=False, **extra,
@@ -346,7 +355,7 @@ def throughput_cli_command(key: str, model: str, s: dict[str, Any], out_json: st
            "--max-model-len", str(s["max_model_len"]),
            "--max-num-seqs", str(s["max_num_seqs"]),
            "--max-num-batched-tokens", str(s["max_num_batched_tokens"]),
-           "--gpu-memory-utilization", str(s["gpu_memory_utilization"]),
+           "--gpu-memory-utilization", str(gpu_memory_utilization(key, s)),
            "--output-json", out_json]
     if extra.get("backend"):
         cmd += ["--attention-backend", extra["backend"]]
@@ -503,6 +512,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--throughput-cli", action="store_true",
                     help="run the real `vllm bench throughput` (one more engine per backend)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--tq-gpu-memory-utilization", type=float, default=0.8,
+                    help="TURBOQUANT's own (its KV capacity is then not comparable)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--cudagraph-sizes", default=",".join(map(str, CAPTURE_SIZES)),

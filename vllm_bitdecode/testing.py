@@ -318,6 +318,9 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
         result["jobs"] = {}
         for job in jobs:
             result["jobs"][job["name"]] = _run_job(llm, SamplingParams, job, replays)
+        # the engine's counters over its whole life: a step's stats may reach the
+        # front end with a later step's outputs, after the job that caused them ended
+        result["final_metrics"] = counters(llm)
     timing = spec.get("decode_timing")
     if timing:
         result["decode_timing"] = _time_decode(llm, SamplingParams, timing)

@@ -52,8 +52,10 @@ def test_engine_specs(bench):
     cases = list(bench.CASES)
     tq = bench.engine_spec("TURBOQUANT:tq4", "m", cases, s)
     assert tq["backend"] is None and tq["kv_cache_dtype"] == "turboquant_4bit_nc"
+    assert tq["gpu_memory_utilization"] == 0.8  # its own: it needs memory vLLM doesn't budget
     bd = bench.engine_spec("BITDECODE:int2", "m", cases, s)
     assert bd["backend"] == "BITDECODE" and bd["bitdecode"] == {"bits": 2}
+    assert bd["gpu_memory_utilization"] == 0.9
     assert bd["max_model_len"] == 131072 and bd["enforce_eager"] is False
     assert bd["enable_prefix_caching"] is True and bd["disable_log_stats"] is False
     assert [(t["batch"], t["context"]) for t in bd["decode_timings"]] == [(1, 130560), (8, 32768)]

@@ -282,14 +282,20 @@ def test_prefix_cache_hit_gives_cold_run_tokens(engine, bits):
     assert cold["num_cached_tokens"] == [0] and other["num_cached_tokens"] == [0]
     cached = warm["num_cached_tokens"][0]
     assert PREFIX - BLOCK < cached <= PREFIX, f"prefix-cache hit of {cached} tokens"
-    for name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
-        assert name in warm["metrics"], f"{name} missing from LLM.get_metrics()"
-    assert cold["metrics"]["vllm:prefix_cache_hits"] == 0
-    assert warm["metrics"]["vllm:prefix_cache_hits"] >= cached
-    assert warm["metrics"]["vllm:prefix_cache_queries"] >= prompt_len
+    # vLLM's Prometheus counters (LLM.get_metrics()): per job, and over the engine's life
+    # (no other job of this engine shares a prefix, so every hit is the warm request's)
+    final = engine("reference", bits)["final_metrics"]
+    hit_counts = {job: m.get("vllm:prefix_cache_hits") for job, m in
+                  (("cold", cold["metrics"]), ("other", other["metrics"]),
+                   ("warm", warm["metrics"]), ("engine", final))}
     print(f"prefix cache ({bits}-bit): {cached} of {prompt_len} prompt tokens cached; "
-          f"counters {warm['metrics']['vllm:prefix_cache_hits']} hits / "
-          f"{warm['metrics']['vllm:prefix_cache_queries']} queries")
+          f"vllm:prefix_cache_hits {hit_counts}, queries "
+          f"{final.get('vllm:prefix_cache_queries')}")
+    for name in ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"):
+        assert name in final, f"{name} missing from LLM.get_metrics()"
+    assert hit_counts["cold"] == 0 and hit_counts["other"] == 0, hit_counts
+    assert cached <= final["vllm:prefix_cache_hits"] <= cached + BLOCK, hit_counts
+    assert final["vllm:prefix_cache_queries"] >= 2 * prompt_len + PREFIX + SUFFIX_A
     for job in (cold, warm):
         _assert_all_finished(job, 1, PREFIX_GEN)
         _assert_logprobs_finite(job)
