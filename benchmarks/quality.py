@@ -1,0 +1,605 @@
+"""What each KV-cache mode costs in quality, on the shipped model, through vLLM itself.
+
+Model: models/stdlib-llama-18m (trained by tools/train_tiny_llama.py). Configurations:
+FLASH_ATTN with a bf16 and an fp8 KV cache, BITDECODE at 4 and 2 bits, each with and
+without the K rotation. Each one runs in its own subprocess (one engine per process, as
+in vllm_bitdecode/testing.py), eager (no torch.compile, no CUDA graphs: start-up
+dominates here, and the hooks below need eager), prefix caching off. Measured on every
+configuration, with identical token inputs:
+
+- perplexity of the held-out stdlib text (models/.../eval/heldout.txt) in windows of
+  2K and 8K tokens (8191: a prompt must be shorter than max_model_len 8192), from
+  vLLM's prompt logprobs: the whole window is prefilled through the backend, so every
+  token after the first reads quantized K/V;
+- greedy pass-key and key/value retrieval accuracy by context length (1K-8K, the
+  prompt being 8 tokens shorter) and needle depth (0-100%), haystacks cut from the
+  held-out text, all prompts of a configuration in one batch;
+- relative error of every layer's attention output against the bf16 engine's on the
+  same two prompts (8K and 2K of held-out text): once over the prefill and once over 7
+  decode steps whose tokens are forced to be the same in every engine. From layer 2 on
+  it includes what earlier layers' errors did to that layer's input.
+
+    python benchmarks/quality.py                    # all six configurations
+    python benchmarks/quality.py --quick            # 25 trials per cell, fewer tokens
+    python benchmarks/quality.py --configs int2,int2-norot   # merge into the same JSON
+
+Writes benchmarks/results/quality_<gpu>.json (device, date, commit: git or
+BITDECODE_COMMIT) and quality_<gpu>_retrieval.png, quality_<gpu>_attention.png, after
+every configuration (the JSON) and at the end (the PNGs). A run with --configs keeps
+the other configurations' entries measured earlier with the same model files and
+settings (from build/quality/, which outlives a command on the lent machine, or from
+that JSON); the bf16 attention outputs are kept in build/quality/ too, and the bf16
+engine is rerun first when they are missing. Configurations that would likely end
+after --budget seconds are not started (listed as not run), so that one call fits a
+10-minute command.
+
+Time on an H100 (estimate, not yet measured): 60-80 s per configuration (about 25 s
+of engine start, eager), 6-8 minutes for all six; --quick about 40 s each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_bitdecode import stdlib_llama as data  # noqa: E402
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "bf16": {"backend": "FLASH_ATTN", "label": "FLASH_ATTN bf16"},
+    "fp8": {"backend": "FLASH_ATTN", "kv_cache_dtype": "fp8", "label": "FLASH_ATTN fp8"},
+    "int4": {"backend": "BITDECODE", "bitdecode": {"bits": 4, "rotate_k": True},
+             "label": "BITDECODE 4-bit, K rotated"},
+    "int4-norot": {"backend": "BITDECODE", "bitdecode": {"bits": 4, "rotate_k": False},
+                   "label": "BITDECODE 4-bit, no rotation"},
+    "int2": {"backend": "BITDECODE", "bitdecode": {"bits": 2, "rotate_k": True},
+             "label": "BITDECODE 2-bit, K rotated"},
+    "int2-norot": {"backend": "BITDECODE", "bitdecode": {"bits": 2, "rotate_k": False},
+                   "label": "BITDECODE 2-bit, no rotation"},
+}
+# Issue #5's targets: perplexity increase over bf16 (%) and retrieval points below bf16.
+TARGETS = {"int4": (1.5, 1.0), "int4-norot": (1.5, 1.0), "int2": (8.0, 5.0),
+           "int2-norot": (8.0, 5.0)}
+
+MAX_MODEL_LEN = data.MAX_CONTEXT
+PPL_CONTEXTS = (2048, 8192)
+RETRIEVAL_CONTEXTS = (1024, 2048, 4096, 8192)
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+ATTN_PROMPT_LENS = (8184, 2040)
+ATTN_DECODE_TOKENS = 8
+ATTN_PREFILL_STRIDE = 8
+REF_DIR = data.REPO_ROOT / "build" / "quality"
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    return {
+        "trials": 25 if quick else 200,
+        "ppl_tokens": 65536 if quick else 262144,
+        "ppl_contexts": list(PPL_CONTEXTS),
+        "retrieval_contexts": list(RETRIEVAL_CONTEXTS),
+        "depths": list(DEPTHS),
+        "tasks": list(data.TASKS),
+        "max_model_len": MAX_MODEL_LEN,
+        "attn_prompt_lens": list(ATTN_PROMPT_LENS),
+        "attn_decode_tokens": ATTN_DECODE_TOKENS,
+    }
+
+
+# ---- worker (one engine, in its own process) ------------------------------------------------
+
+
+def ppl_windows(stream: Any, length: int, max_tokens: int) -> list[list[int]]:
+    """Windows of ``length`` prompt tokens: BOS + length-1 held-out tokens, back to back."""
+    out: list[list[int]] = []
+    step = length - 1
+    for s in range(0, len(stream) - step + 1, step):
+        if len(out) * step >= max_tokens:
+            break
+        out.append([data.BOS_ID] + stream[s:s + step].tolist())
+    return out
+
+
+def attention_prompts(stream: Any, lens: list[int]) -> tuple[list[list[int]], list[int]]:
+    """Held-out prompts of these lengths and, for each, the text token that follows it
+    (forced at every decode step)."""
+    prompts, nxt = [], []
+    start = 0
+    for n in lens:
+        body = stream[start:start + n - 1].tolist()
+        prompts.append([data.BOS_ID] + body)
+        nxt.append(int(stream[start + n - 1]))
+        start += n
+    return prompts, nxt
+
+
+def _install_capture(model: Any) -> int:
+    """Forward hooks on every layer's attention: keep (layer, rows, output rows).
+
+    Prefill outputs keep every ATTN_PREFILL_STRIDE-th token (the same in all engines)."""
+    import torch
+
+    store: list[tuple[int, int, torch.Tensor]] = []
+    handles = []
+
+    def make(i: int):
+        def hook(mod, args, out):
+            o = out[0] if isinstance(out, tuple) else out
+            o = o.detach().reshape(o.shape[0], -1)
+            n = o.shape[0]
+            rows = o[::ATTN_PREFILL_STRIDE] if n > 64 else o
+            store.append((i, n, rows.to(torch.bfloat16).cpu()))
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.attn.register_forward_hook(make(i)))
+    model._bitdecode_quality_capture = (store, handles)
+    return len(handles)
+
+
+def _remove_capture(model: Any) -> list[tuple[int, int, Any]]:
+    store, handles = model._bitdecode_quality_capture
+    for h in handles:
+        h.remove()
+    del model._bitdecode_quality_capture
+    return store
+
+
+def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(
+        model=spec["model"], attention_backend=spec["backend"], enforce_eager=True,
+        skip_tokenizer_init=True, dtype="bfloat16", max_model_len=MAX_MODEL_LEN,
+        gpu_memory_utilization=spec["gpu_memory_utilization"], max_num_seqs=256,
+        max_num_batched_tokens=32768, enable_prefix_caching=False, seed=0,
+    )
+    if spec["backend"] == "BITDECODE":
+        kw["additional_config"] = {"bitdecode": spec["bitdecode"]}
+    if "kv_cache_dtype" in spec:
+        kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
+    return kw
+
+
+def run_worker(spec: dict[str, Any], llm: Any = None) -> dict[str, Any]:
+    """All measurements on one engine (``llm``: a stand-in for tests; default a vllm.LLM)."""
+    import torch
+    from vllm import SamplingParams
+
+    model_dir = spec["model"]
+    st = spec["settings"]
+    tok = data.load_tokenizer(model_dir)
+    held = data.heldout_tokens(model_dir, tok)
+    tasks = data.RetrievalTasks(tok)
+    t0 = time.time()
+    if llm is None:
+        from vllm import LLM
+
+        llm = LLM(**engine_kwargs(spec))
+    res: dict[str, Any] = {
+        "engine_start_s": time.time() - t0,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+    # attention outputs per layer, prefill + forced decode steps
+    t0 = time.time()
+    prompts, nxt = attention_prompts(held, st["attn_prompt_lens"])
+    assert llm.apply_model(_install_capture)[0] > 0
+    params = [SamplingParams(max_tokens=st["attn_decode_tokens"], temperature=0.0,
+                             ignore_eos=True, allowed_token_ids=[t]) for t in nxt]
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    store = llm.apply_model(_remove_capture)[0]
+    res["attention_capture"] = store
+    res["attention_s"] = time.time() - t0
+
+    # perplexity from prompt logprobs
+    t0 = time.time()
+    res["perplexity"] = {}
+    for ctx in st["ppl_contexts"]:
+        wins = ppl_windows(held, min(ctx, MAX_MODEL_LEN - 1), st["ppl_tokens"])
+        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = llm.generate([{"prompt_token_ids": w} for w in wins], sp, use_tqdm=False)
+        nll = []
+        for w, o in zip(wins, outs, strict=True):
+            plp = o.prompt_logprobs
+            assert plp is not None and len(plp) == len(w), (len(plp or []), len(w))
+            nll.append(-sum(plp[i][w[i]].logprob for i in range(1, len(w))))
+        n = sum(len(w) - 1 for w in wins)
+        res["perplexity"][str(ctx)] = {"window": len(wins[0]), "windows": len(wins),
+                                       "tokens": n, "ppl": math.exp(sum(nll) / n),
+                                       "window_nll": nll}
+    res["perplexity_s"] = time.time() - t0
+
+    # retrieval, all cells of both tasks in one batch
+    t0 = time.time()
+    examples = []
+    for task in st["tasks"]:
+        examples += data.eval_grid(tasks, held, task, st["retrieval_contexts"], st["depths"],
+                                   st["trials"], max_new_tokens=data.ANSWER_MAX_TOKENS)
+    sp = SamplingParams(max_tokens=data.ANSWER_MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": e.prompt} for e in examples], sp, use_tqdm=False)
+    cells: dict[str, dict[str, Any]] = {}
+    for e, o in zip(examples, outs, strict=True):
+        text = tok.decode(list(o.outputs[0].token_ids))
+        ok = data.answer_correct(text, e.answer)
+        ctx = e.prompt_len + data.ANSWER_MAX_TOKENS
+        cell = cells.setdefault(f"{e.task}/{ctx}/{e.depth:.2f}", {"right": 0, "n": 0, "bits": ""})
+        cell["right"] += ok
+        cell["n"] += 1
+        cell["bits"] += "1" if ok else "0"
+    res["retrieval"] = cells
+    res["retrieval_prompts"] = len(examples)
+    res["retrieval_prompt_tokens"] = sum(e.prompt_len for e in examples)
+    res["retrieval_s"] = time.time() - t0
+    del llm
+    return res
+
+
+def worker_main(spec_path: str, out_path: str) -> None:
+    import torch
+
+    spec = json.loads(Path(spec_path).read_text())
+    torch.save(run_worker(spec), out_path)
+
+
+# ---- parent -------------------------------------------------------------------------------
+
+
+def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
+               timeout: float, log_dir: Path) -> dict[str, Any]:
+    import torch
+
+    cfg = CONFIGS[name]
+    spec = {"model": str(model_dir), "settings": st, "gpu_memory_utilization": gpu_util,
+            **{k: v for k, v in cfg.items() if k != "label"}}
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1")
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path),
+                               str(out_path)], capture_output=True, text=True, timeout=timeout,
+                              env=env)
+        log = proc.stdout + proc.stderr
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / f"{name}.log").write_text(log)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name}: engine failed (exit {proc.returncode}):\n{log[-4000:]}")
+        res = torch.load(out_path, weights_only=False)
+    res["wall_s"] = time.time() - t0
+    return res
+
+
+def attention_errors(ours: list, ref: list) -> dict[str, Any]:
+    """Per layer ||a - b|| / ||b||: over the prefill rows, and over all decode steps."""
+    if len(ours) != len(ref):
+        return {"error": f"{len(ours)} captured outputs vs {len(ref)} in bf16"}
+    layers = 1 + max(i for i, _, _ in ref)
+    num = {"prefill": [0.0] * layers, "decode": [0.0] * layers}
+    den = {"prefill": [0.0] * layers, "decode": [0.0] * layers}
+    for k, ((i, n, a), (j, m, b)) in enumerate(zip(ours, ref, strict=True)):
+        if i != j or n != m or a.shape != b.shape:
+            return {"error": f"capture {k}: layer {i} rows {n} vs layer {j} rows {m}"}
+        kind = "prefill" if n > 64 else "decode"  # as the hook decided on striding
+        a, b = a.float(), b.float()
+        num[kind][i] += float((a - b).pow(2).sum())
+        den[kind][i] += float(b.pow(2).sum())
+    out: dict[str, Any] = {}
+    for kind in ("prefill", "decode"):
+        out[kind] = [math.sqrt(x / y) if y > 0 else None
+                     for x, y in zip(num[kind], den[kind], strict=True)]
+    out["decode_steps"] = sum(1 for _, n, _ in ref if n <= 64) // layers
+    return out
+
+
+def summarize(name: str, res: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+    retrieval: dict[str, Any] = {}
+    for task in st["tasks"]:
+        grid = {}
+        for ctx in st["retrieval_contexts"]:
+            grid[str(ctx)] = {f"{d:.2f}": res["retrieval"][f"{task}/{ctx}/{d:.2f}"]["right"]
+                              / res["retrieval"][f"{task}/{ctx}/{d:.2f}"]["n"]
+                              for d in st["depths"]}
+        cells = [v for row in grid.values() for v in row.values()]
+        retrieval[task] = {"accuracy": grid, "mean": sum(cells) / len(cells),
+                           "by_context": {c: sum(r.values()) / len(r) for c, r in grid.items()}}
+    return {
+        "label": CONFIGS[name]["label"],
+        "engine": {k: v for k, v in CONFIGS[name].items() if k != "label"},
+        "perplexity": {c: {k: v for k, v in p.items() if k != "window_nll"}
+                       for c, p in res["perplexity"].items()},
+        "window_nll": {c: p["window_nll"] for c, p in res["perplexity"].items()},
+        "retrieval": retrieval,
+        "retrieval_bits": {k: v["bits"] for k, v in res["retrieval"].items()},
+        "seconds": {k: round(res[k], 1) for k in ("engine_start_s", "attention_s",
+                                                  "perplexity_s", "retrieval_s", "wall_s")},
+        "retrieval_prompt_tokens": res["retrieval_prompt_tokens"],
+    }
+
+
+def add_result(doc: dict[str, Any], name: str, res: dict[str, Any],
+               ref_capture: list | None) -> dict[str, Any]:
+    """Summarize one worker's result into ``doc`` (attention error against ``ref_capture``,
+    the bf16 engine's outputs)."""
+    summ = summarize(name, res, doc["settings"])
+    summ["attention_rel_err"] = (attention_errors(res["attention_capture"], ref_capture)
+                                 if ref_capture else {"error": "no bf16 reference"})
+    doc["configs"][name] = summ
+    return summ
+
+
+def compare(doc: dict[str, Any]) -> None:
+    """Fill each configuration's differences against bf16 and the issue's targets."""
+    base = doc["configs"].get("bf16")
+    if not base:
+        return
+    for name, c in doc["configs"].items():
+        d: dict[str, Any] = {"perplexity_pct": {}, "retrieval_points": {}}
+        for ctx, p in c["perplexity"].items():
+            d["perplexity_pct"][ctx] = 100 * (p["ppl"] / base["perplexity"][ctx]["ppl"] - 1)
+        for task, r in c["retrieval"].items():
+            d["retrieval_points"][task] = {
+                "mean": 100 * (r["mean"] - base["retrieval"][task]["mean"]),
+                "worst_cell": min(100 * (r["accuracy"][ctx][dp]
+                                         - base["retrieval"][task]["accuracy"][ctx][dp])
+                                  for ctx in r["accuracy"] for dp in r["accuracy"][ctx]),
+            }
+        if name in TARGETS:
+            ppl_max, pts_max = TARGETS[name]
+            worst_ppl = max(d["perplexity_pct"].values())
+            worst_pts = min(v["mean"] for v in d["retrieval_points"].values())
+            d["targets"] = {"perplexity_pct_max": ppl_max, "retrieval_points_max": pts_max,
+                            "perplexity_ok": worst_ppl <= ppl_max,
+                            "retrieval_ok": worst_pts >= -pts_max}
+        c["vs_bf16"] = d
+
+
+def _ctx_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def plot(doc: dict[str, Any], stem: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not importable: no PNGs")
+        return []
+    names = [n for n in CONFIGS if n in doc["configs"]]
+    st = doc["settings"]
+    written = []
+    fig, axes = plt.subplots(len(names), len(st["tasks"]),
+                             figsize=(4.2 * len(st["tasks"]), 2.3 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c, task in enumerate(st["tasks"]):
+            ax = axes[r][c]
+            acc = doc["configs"][name]["retrieval"][task]["accuracy"]
+            ctxs = list(acc)
+            deps = list(acc[ctxs[0]])
+            grid = [[acc[cx][dp] for cx in ctxs] for dp in deps]
+            ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+            for y, row in enumerate(grid):
+                for x, v in enumerate(row):
+                    ax.text(x, y, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(ctxs)), [_ctx_label(int(cx)) for cx in ctxs], fontsize=7)
+            ax.set_yticks(range(len(deps)), [f"{100 * float(dp):.0f}%" for dp in deps],
+                          fontsize=7)
+            ax.set_title(f"{doc['configs'][name]['label']}: {task}", fontsize=8)
+            if c == 0:
+                ax.set_ylabel("needle depth", fontsize=7)
+            if r == len(names) - 1:
+                ax.set_xlabel("context", fontsize=7)
+    fig.suptitle(f"{doc['model']}: greedy retrieval accuracy (%), {st['trials']} trials per "
+                 f"cell, {doc['device']}", fontsize=9)
+    fig.tight_layout()
+    p = stem.with_name(stem.name + "_retrieval.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(str(p))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in names:
+        err = doc["configs"][name].get("attention_rel_err")
+        if not err or "error" in err or name == "bf16":
+            continue
+        for ax, kind in zip(axes, ("prefill", "decode"), strict=True):
+            ys = err[kind]
+            ax.plot(range(len(ys)), ys, "o-", label=doc["configs"][name]["label"])
+    for ax, kind in zip(axes, ("prefill", "decode"), strict=True):
+        ax.set_yscale("log")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("relative error of the attention output vs bf16")
+        ax.set_title(f"{kind} ({'8K + 2K prompts' if kind == 'prefill' else 'forced steps'})",
+                     fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    p = stem.with_name(stem.name + "_attention.png")
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(str(p))
+    return written
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    st = doc["settings"]
+    head = f"{'config':<12}" + "".join(f"{'ppl@' + str(c):>12}" for c in st["ppl_contexts"])
+    head += "".join(f"{t + '@' + _ctx_label(c):>11}" for t in st["tasks"]
+                    for c in st["retrieval_contexts"])
+    print(head)
+    for name in CONFIGS:
+        c = doc["configs"].get(name)
+        if not c:
+            continue
+        line = f"{name:<12}"
+        for ctx in st["ppl_contexts"]:
+            p = c["perplexity"][str(ctx)]["ppl"]
+            pct = c.get("vs_bf16", {}).get("perplexity_pct", {}).get(str(ctx))
+            line += f"{p:>7.3f}" + (f"{pct:+5.1f}%" if pct is not None else " " * 6)[:6]
+        for task in st["tasks"]:
+            for ctx in st["retrieval_contexts"]:
+                line += f"{100 * c['retrieval'][task]['by_context'][str(ctx)]:>11.1f}"
+        t = c.get("vs_bf16", {}).get("targets")
+        if t:
+            line += "  targets: " + ("ppl ok" if t["perplexity_ok"] else "PPL MISSED") + ", " + (
+                "retrieval ok" if t["retrieval_ok"] else "RETRIEVAL MISSED")
+        print(line)
+
+
+def git_commit() -> str:
+    env = os.environ.get("BITDECODE_COMMIT")
+    if env:
+        return env
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=data.REPO_ROOT, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(data.file_sha256(f).encode())
+    h.update(data.file_sha256(model_dir / data.HELDOUT_RELPATH).encode())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated, from {', '.join(CONFIGS)}")
+    ap.add_argument("--quick", action="store_true", help="25 trials per cell, 64K ppl tokens")
+    ap.add_argument("--model", default=str(data.MODEL_DIR))
+    ap.add_argument("--out", default=None, help="JSON path (default "
+                    "benchmarks/results/quality_<gpu>.json); the PNGs go beside it")
+    ap.add_argument("--copy-to", default=None, help="also copy the JSON and PNGs here")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    ap.add_argument("--timeout", type=float, default=360, help="seconds per configuration")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="start no configuration that would likely end after this many "
+                    "seconds (the slowest one so far is the estimate); the rest are listed "
+                    "as not run")
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker_main(*args.worker)
+        return
+
+    import torch
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    bad = [n for n in names if n not in CONFIGS]
+    if bad:
+        raise SystemExit(f"unknown configuration(s) {bad}; choose from {list(CONFIGS)}")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        raise SystemExit(f"{model_dir} has no config.json: train the model first "
+                         "(tools/train_tiny_llama.py)")
+    st = settings(args.quick)
+    fp = model_fingerprint(model_dir)
+    mode = "quick" if args.quick else "full"
+    ref_path = REF_DIR / f"attn_bf16_{fp}_{mode}.pt"
+    if "bf16" not in names and not ref_path.exists():
+        names.insert(0, "bf16")
+        print("bf16 reference outputs missing: running bf16 first", flush=True)
+    names.sort(key=lambda n: list(CONFIGS).index(n))
+
+    doc: dict[str, Any] | None = None
+    out_path: Path | None = Path(args.out) if args.out else None
+    # configurations measured by earlier runs (this machine, same model and settings):
+    # build/ survives between commands on the lent machine, benchmarks/results/ may not
+    state_path = REF_DIR / f"state_{fp}_{mode}.json"
+    t_all = time.time()
+    ref_capture = torch.load(ref_path, weights_only=False) if ref_path.exists() else None
+    failures: dict[str, str] = {}
+    not_run: list[str] = []
+    slowest = 0.0
+    for name in names:
+        if time.time() - t_all + slowest > args.budget:
+            not_run.append(name)
+            print(f"== {name}: not started, it would likely end after --budget "
+                  f"{args.budget:.0f} s", flush=True)
+            continue
+        print(f"== {name}: {CONFIGS[name]['label']}", flush=True)
+        try:
+            res = run_config(name, model_dir, st, args.gpu_memory_utilization, args.timeout,
+                             REF_DIR / "logs")
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            print(str(e)[-3000:], flush=True)
+            failures[name] = str(e)[-3000:]
+            slowest = max(slowest, args.timeout if isinstance(e, subprocess.TimeoutExpired)
+                          else 0.0)
+            continue
+        slowest = max(slowest, res["wall_s"])
+        if out_path is None:
+            slug = res["device"].replace("NVIDIA ", "").replace(" ", "_").lower()
+            out_path = data.REPO_ROOT / "benchmarks" / "results" / f"quality_{slug}.json"
+        if doc is None:
+            doc = {"model": data.MODEL_NAME, "model_fingerprint": fp, "settings": st,
+                   "configs": {}}
+            for old_path in (state_path, out_path):
+                if old_path.exists():
+                    old = json.loads(old_path.read_text())
+                    if old.get("model_fingerprint") == fp and old.get("settings") == st:
+                        doc["configs"] = old["configs"]
+                        break
+        if name == "bf16":
+            REF_DIR.mkdir(parents=True, exist_ok=True)
+            torch.save(res["attention_capture"], ref_path)
+            ref_capture = res["attention_capture"]
+        summ = add_result(doc, name, res, ref_capture)
+        print(f"   done in {res['wall_s']:.0f} s (engine start {res['engine_start_s']:.0f} s, "
+              f"attention {res['attention_s']:.0f} s, ppl {res['perplexity_s']:.0f} s, "
+              f"retrieval {res['retrieval_s']:.0f} s for "
+              f"{res['retrieval_prompt_tokens'] / 1e6:.1f}M prompt tokens)", flush=True)
+        for task, r in summ["retrieval"].items():
+            print(f"   {task}: " + ", ".join(f"{c}: {100 * v:.1f}%"
+                                            for c, v in r["by_context"].items())
+                  + "; ppl " + ", ".join(f"{c}: {p['ppl']:.3f}"
+                                         for c, p in summ["perplexity"].items()), flush=True)
+        doc.update(device=res["device"], date=datetime.date.today().isoformat(),
+                   commit=git_commit(), failures=failures, not_run=not_run,
+                   seconds_this_run=round(time.time() - t_all, 1))
+        compare(doc)
+        write(doc, out_path, state_path)  # after every configuration: a cut-off run keeps them
+    if doc is None or out_path is None:
+        raise SystemExit(f"no configuration ran: failed {list(failures)}, not run {not_run}")
+    doc.update(failures=failures, not_run=not_run, seconds_this_run=round(time.time() - t_all, 1))
+    write(doc, out_path, state_path)
+    pngs = plot(doc, out_path.with_suffix(""))
+    if args.copy_to:
+        dest = Path(args.copy_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in [str(out_path), *pngs]:
+            shutil.copy2(f, dest / Path(f).name)
+    print_table(doc)
+    print(f"wrote {out_path} {' '.join(pngs)} ({time.time() - t_all:.0f} s)")
+    if failures or not_run:
+        raise SystemExit(f"failed: {list(failures)}; not run: {not_run}")
+
+
+def write(doc: dict[str, Any], out_path: Path, state_path: Path) -> None:
+    text = json.dumps(doc, indent=1)
+    for p in (out_path, state_path):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""benchmarks/quality.py without a GPU: its worker runs against a stand-in engine that
+answers like vLLM's LLM (prompt logprobs, greedy outputs, forced tokens, apply_model
+with forward hooks on each layer's attention), and the parent's summary, comparison
+with bf16, plots and table run on what it returns."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from vllm_bitdecode import stdlib_llama as data
+
+if not (data.MODEL_DIR / "tokenizer.json").exists():
+    pytest.skip("no tokenizer: run `python tools/train_tiny_llama.py prepare`",
+                allow_module_level=True)
+pytest.importorskip("vllm")
+
+_spec = importlib.util.spec_from_file_location("quality", data.REPO_ROOT / "benchmarks" /
+                                               "quality.py")
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+HIDDEN, LAYERS = 16, 3
+SETTINGS = {
+    "trials": 3, "ppl_tokens": 3000, "ppl_contexts": [512, 8192],
+    "retrieval_contexts": [256, 1024], "depths": [0.0, 0.5, 1.0], "tasks": list(data.TASKS),
+    "max_model_len": data.MAX_CONTEXT, "attn_prompt_lens": [300, 120],
+    "attn_decode_tokens": 4,
+}
+
+
+class _Attn(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class FakeEngine:
+    """Reads the answer out of the prompt text; ``broken_above`` tokens of prompt make it
+    answer wrong; ``noise`` perturbs the attention outputs; every token has logprob lp."""
+
+    def __init__(self, tok, broken_above=10**9, noise=0.0, lp=-1.0):
+        self.tok = tok
+        self.broken_above = broken_above
+        self.noise = noise
+        self.lp = lp
+        layers = torch.nn.ModuleList(torch.nn.Module() for _ in range(LAYERS))
+        for layer in layers:
+            layer.self_attn = torch.nn.Module()
+            layer.self_attn.attn = _Attn()
+        self.model = torch.nn.Module()
+        self.model.model = torch.nn.Module()
+        self.model.model.layers = layers
+        self.forwards = 0
+
+    def apply_model(self, fn):
+        return [fn(self.model)]
+
+    def _forward(self, rows):
+        g = torch.Generator().manual_seed(self.forwards)
+        self.forwards += 1
+        for layer in self.model.model.layers:
+            x = torch.randn(rows, HIDDEN, generator=g)
+            x = x + self.noise * torch.randn(rows, HIDDEN)
+            layer.self_attn.attn(x)
+
+    def _answer(self, prompt):
+        text = self.tok.decode(prompt)
+        if len(prompt) > self.broken_above:
+            return "00000"
+        if text.endswith("The pass key is"):
+            return re.findall(r"The pass key is (\d+)\.", text)[0]
+        key = text.rsplit("What is the value of key ", 1)[1].split("?")[0]
+        return re.findall(rf"The value of key {key} is (\d+)\.", text)[0]
+
+    def generate(self, prompts, params, use_tqdm=False):
+        ids = [p["prompt_token_ids"] for p in prompts]
+        if not isinstance(params, list):
+            params = [params] * len(ids)
+        self._forward(sum(len(p) for p in ids))
+        for _ in range(params[0].max_tokens - 1):
+            self._forward(len(ids))
+        outs = []
+        for p, sp in zip(ids, params, strict=True):
+            plp = None
+            if sp.prompt_logprobs is not None:
+                plp = [None] + [{t: SimpleNamespace(logprob=self.lp)} for t in p[1:]]
+            if sp.allowed_token_ids:
+                toks = [sp.allowed_token_ids[0]] * sp.max_tokens
+            elif sp.prompt_logprobs is not None:
+                toks = [data.EOS_ID]
+            else:
+                toks = data.encode(self.tok, f" {self._answer(p)}.\n")[: sp.max_tokens]
+            outs.append(SimpleNamespace(prompt_logprobs=plp,
+                                        outputs=[SimpleNamespace(token_ids=toks)]))
+        return outs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.load_tokenizer()
+
+
+def _run(tok, **fake):
+    spec = {"model": str(data.MODEL_DIR), "settings": SETTINGS, "backend": "FLASH_ATTN",
+            "gpu_memory_utilization": 0.4}
+    return quality.run_worker(spec, llm=FakeEngine(tok, **fake))
+
+
+def test_worker_measures_ppl_retrieval_and_attention(tok):
+    res = _run(tok)
+    for ctx in ("512", "8192"):
+        p = res["perplexity"][ctx]
+        assert p["window"] == min(int(ctx), data.MAX_CONTEXT - 1)
+        assert p["ppl"] == pytest.approx(2.718281828, rel=1e-6)  # logprob -1 everywhere
+        assert p["tokens"] >= SETTINGS["ppl_tokens"]
+    cells = res["retrieval"]
+    assert len(cells) == 2 * 2 * 3 and all(c["n"] == 3 and c["right"] == 3 for c in cells.values())
+    assert res["retrieval_prompts"] == 36
+    cap = res["attention_capture"]
+    assert len(cap) == LAYERS * SETTINGS["attn_decode_tokens"]
+    prefill = [c for c in cap if c[1] > 64]
+    assert [c[0] for c in prefill] == list(range(LAYERS))
+    assert prefill[0][1] == 420 and prefill[0][2].shape == (53, HIDDEN)  # every 8th row
+
+
+def test_parent_summary_comparison_and_plots(tok, tmp_path, capsys):
+    base = _run(tok)
+    worse = _run(tok, broken_above=600, noise=0.1, lp=-1.05)
+    for r in (base, worse):
+        r.update(wall_s=1.0, device="Fake GPU")
+    doc = {"model": data.MODEL_NAME, "model_fingerprint": "x", "settings": SETTINGS,
+           "configs": {}, "device": "Fake GPU"}
+    quality.add_result(doc, "bf16", base, base["attention_capture"])
+    quality.add_result(doc, "int2", worse, base["attention_capture"])
+    quality.compare(doc)
+    b, w = doc["configs"]["bf16"], doc["configs"]["int2"]
+    assert b["retrieval"]["passkey"]["mean"] == 1.0
+    assert w["retrieval"]["passkey"]["by_context"] == {"256": 1.0, "1024": 0.0}
+    assert w["vs_bf16"]["retrieval_points"]["kv"]["mean"] == pytest.approx(-50.0)
+    assert w["vs_bf16"]["perplexity_pct"]["512"] == pytest.approx(100 * (2.718281828 ** 0.05
+                                                                         - 1), rel=1e-4)
+    assert w["vs_bf16"]["targets"] == {"perplexity_pct_max": 8.0, "retrieval_points_max": 5.0,
+                                       "perplexity_ok": True, "retrieval_ok": False}
+    assert b["attention_rel_err"]["prefill"] == [0.0] * LAYERS
+    err = w["attention_rel_err"]
+    assert err["decode_steps"] == SETTINGS["attn_decode_tokens"] - 1
+    assert all(0.05 < e < 0.2 for e in err["prefill"] + err["decode"])
+    json.dumps(doc)  # what main() writes
+    quality.print_table(doc)
+    out = capsys.readouterr().out
+    assert "RETRIEVAL MISSED" in out and "int2" in out
+    pytest.importorskip("matplotlib")
+    pngs = quality.plot(doc, tmp_path / "quality_fake")
+    assert len(pngs) == 2 and all((tmp_path / p).exists() for p in pngs)
+
+
+def test_mismatched_captures_are_reported_not_compared():
+    a = [(0, 100, torch.zeros(13, 4)), (1, 100, torch.zeros(13, 4))]
+    assert "error" in quality.attention_errors(a[:1], a)
+    assert "error" in quality.attention_errors([a[1], a[0]], a)
+
+
+def test_main_runs_configs_merges_later_runs_and_keeps_to_its_budget(tok, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    model = tmp_path / "model"
+    shutil.copytree(data.MODEL_DIR, model, ignore=shutil.ignore_patterns("*.safetensors"))
+    (model / "config.json").write_text("{}")
+    calls = []
+
+    def fake_run_config(name, model_dir, st, gpu_util, timeout, log_dir):
+        calls.append(name)
+        fake = {"bf16": {}, "int4": {"noise": 0.01}, "int2": {"broken_above": 600}}[name]
+        spec = {"model": str(model_dir), "settings": {**st, **SETTINGS}, "backend": "x",
+                "gpu_memory_utilization": gpu_util}
+        res = quality.run_worker(spec, llm=FakeEngine(tok, **fake))
+        res.update(wall_s=1.0, device="NVIDIA Fake GPU")
+        return res
+
+    monkeypatch.setattr(quality, "run_config", fake_run_config)
+    monkeypatch.setattr(quality, "settings", lambda quick: dict(SETTINGS))
+    monkeypatch.setattr(quality, "REF_DIR", tmp_path / "state")
+    out = tmp_path / "res" / "q.json"
+    argv = ["quality.py", "--model", str(model), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--configs", "int4"])  # bf16 is added first
+    quality.main()
+    assert calls == ["bf16", "int4"]
+    doc = json.loads(out.read_text())
+    assert set(doc["configs"]) == {"bf16", "int4"} and doc["device"] == "NVIDIA Fake GPU"
+    assert doc["configs"]["int4"]["vs_bf16"]["targets"]["retrieval_ok"]
+    out.unlink()  # a later command on the lent machine may not have it: the state has
+    # int2 runs; int2-norot would end after the budget (int2 took longer than it allows)
+    monkeypatch.setattr(sys, "argv", [*argv, "--configs", "int2,int2-norot", "--budget", "0.5",
+                                      "--copy-to", str(tmp_path / "copy")])
+    with pytest.raises(SystemExit, match="not run: \\['int2-norot'\\]"):
+        quality.main()
+    assert calls == ["bf16", "int4", "int2"]
+    doc = json.loads(out.read_text())
+    assert set(doc["configs"]) == {"bf16", "int4", "int2"}
+    assert doc["not_run"] == ["int2-norot"]
+    assert not doc["configs"]["int2"]["vs_bf16"]["targets"]["retrieval_ok"]
+    assert (tmp_path / "copy" / "q.json").exists()

@@ -1,0 +1,70 @@
+"""tools/simulate_kv_quant.py: the fake quantizers it puts in front of attention."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def sim():
+    spec = importlib.util.spec_from_file_location("simulate_kv_quant",
+                                                  ROOT / "tools" / "simulate_kv_quant.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["simulate_kv_quant"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mode_names(sim):
+    m = sim.Mode.parse("int2-kc-g32")
+    assert (m.bits, m.group_size, m.k_per_channel, m.quant_v) == (2, 32, True, True)
+    m = sim.Mode.parse("int4-norot-vonly")
+    assert (m.bits, m.rotate_k, m.quant_k, m.quant_v) == (4, False, False, True)
+    assert sim.Mode.parse("bf16").bits == 16
+    with pytest.raises(SystemExit):
+        sim.Mode.parse("int3")
+    with pytest.raises(SystemExit):
+        sim.Mode.parse("int4-g48")
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_per_token_error_within_half_a_step(sim, bits):
+    x = torch.randn(3, 2, 37, 128) * torch.linspace(0.1, 4, 128)
+    y = sim.fake_quant_per_token(x, bits, 32)
+    g = x.unflatten(-1, (4, 32))
+    step = (g.amax(-1) - g.amin(-1)) / ((1 << bits) - 1)
+    err = (y - x).abs().unflatten(-1, (4, 32)).amax(-1)
+    assert (err <= step * 0.5 * 1.02 + 1e-2 * step.amax()).all()
+    assert (err > 0).any()
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_per_channel_quantizes_full_blocks_and_keeps_the_residual(sim, bits):
+    x = torch.randn(1, 2, 300, 128)
+    x[..., 5] *= 30  # an outlier channel: per channel it costs the other channels nothing
+    y = sim.fake_quant_per_channel(x, bits, 128)
+    assert torch.equal(y[..., 256:, :], x[..., 256:, :])  # 44 tokens of residual
+    blocks = x[..., :256, :].unflatten(-2, (2, 128))
+    step = (blocks.amax(-2) - blocks.amin(-2)) / ((1 << bits) - 1)  # [1, 2, 2, 128]
+    err = (y[..., :256, :] - x[..., :256, :]).abs().unflatten(-2, (2, 128)).amax(-2)
+    assert (err <= step * 0.5 * 1.02 + 0.05).all()
+    assert err[..., 0].amax() < err[..., 5].amax() / 10
+
+
+def test_rotation_round_trips_and_bf16_mode_only_rounds(sim):
+    k, v = torch.randn(1, 1, 20, 128), torch.randn(1, 1, 20, 128)
+    kb, vb = sim.quantize_kv(k, v, sim.Mode.parse("bf16"))
+    assert torch.equal(kb, k.to(torch.bfloat16).float())
+    assert torch.equal(vb, v.to(torch.bfloat16).float())
+    kq, vq = sim.quantize_kv(k, v, sim.Mode.parse("int4-vonly"))
+    assert torch.equal(kq, kb) and not torch.equal(vq, vb)
+    kr, _ = sim.quantize_kv(k, v, sim.Mode.parse("int4-konly"))
+    rel = float((kr - k).norm() / k.norm())
+    assert 0.01 < rel < 0.15  # quantized in the rotated basis, rotated back

@@ -1,0 +1,197 @@
+"""What KV quantization alone costs the shipped model: perplexity with fake-quantized K/V, on CPU.
+
+The quality harness (benchmarks/quality.py) measures each KV mode through vLLM, kernels
+included. This script separates the quantization from the kernels: it runs the shipped
+model with Hugging Face transformers in float32 on the CPU and rounds K (after RoPE, as
+vLLM stores it) and V through ``vllm_bitdecode.reference.quantize``/``dequantize``, the
+oracle the kernels are tested against, before a plain softmax attention. If the
+perplexities here match the harness's, the loss is the quantizer's, not a kernel bug;
+and the variants (K only, V only, smaller groups, per-channel K) show where it comes from.
+
+    python tools/simulate_kv_quant.py                     # default modes, 8 windows of 2K
+    python tools/simulate_kv_quant.py --windows 4 --modes int4,int4-g32,int2-kc
+    python tools/simulate_kv_quant.py --json build/sim.json
+
+Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-norot``,
+``-g32``/``-g64`` (group size), ``-konly``/``-vonly`` (quantize one of them), ``-kc``
+(K per channel over blocks of 128 tokens as in KIVI / BitDecoding's KC mode, the last
+partial block left unquantized like their fp16 residual; V per token). ``bf16`` rounds
+nothing beyond bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllm_bitdecode import reference  # noqa: E402
+from vllm_bitdecode import stdlib_llama as data  # noqa: E402
+from vllm_bitdecode.page_format import PageFormat  # noqa: E402
+
+KC_BLOCK = 128
+DEFAULT_MODES = ("bf16,int4,int4-norot,int4-g32,int4-konly,int4-vonly,"
+                 "int2,int2-g32,int2-konly,int2-vonly,int2-kc")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    name: str
+    bits: int = 16
+    group_size: int = 128
+    rotate_k: bool = True
+    quant_k: bool = True
+    quant_v: bool = True
+    k_per_channel: bool = False
+
+    @staticmethod
+    def parse(name: str) -> Mode:
+        parts = name.split("-")
+        if parts[0] == "bf16":
+            return Mode(name)
+        if parts[0] not in ("int4", "int2"):
+            raise SystemExit(f"unknown mode {name!r}")
+        kw: dict = {"bits": int(parts[0][3:])}
+        for p in parts[1:]:
+            if p == "norot":
+                kw["rotate_k"] = False
+            elif p in ("g32", "g64", "g128"):
+                kw["group_size"] = int(p[1:])
+            elif p == "konly":
+                kw["quant_v"] = False
+            elif p == "vonly":
+                kw["quant_k"] = False
+            elif p == "kc":
+                kw["k_per_channel"] = True
+            else:
+                raise SystemExit(f"unknown suffix {p!r} in mode {name!r}")
+        return Mode(name, **kw)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """x [..., head_size] -> quantized and dequantized per token (the page format)."""
+    fmt = PageFormat(head_size=x.shape[-1], bits=bits, group_size=group_size, block_size=16)
+    codes, scale, zero = reference.quantize(x, fmt, torch.bfloat16)
+    return reference.dequantize(codes, scale, zero, fmt)
+
+
+def fake_quant_per_channel(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """x [B, H, T, D]: min/max per channel over each full block of ``block`` tokens; the
+    tokens after the last full block stay as they are (the residual)."""
+    levels = (1 << bits) - 1
+    t_full = x.shape[-2] // block * block
+    if t_full == 0:
+        return x
+    xb = x[..., :t_full, :].unflatten(-2, (t_full // block, block)).float()
+    lo = xb.amin(dim=-2, keepdim=True).to(torch.bfloat16).float()
+    hi = xb.amax(dim=-2, keepdim=True)
+    s = ((hi - lo) / levels).to(torch.bfloat16).float()
+    q = torch.where(s > 0, torch.clamp(torch.round((xb - lo) / s.clamp(min=1e-30)), 0, levels),
+                    torch.zeros_like(xb))
+    deq = (q * s + lo).flatten(-3, -2)
+    return torch.cat([deq.to(x.dtype), x[..., t_full:, :]], dim=-2)
+
+
+def quantize_kv(key: torch.Tensor, value: torch.Tensor, mode: Mode):
+    """key, value [B, kv_heads, T, D] as vLLM would read them back from the cache."""
+    key, value = key.to(torch.bfloat16).float(), value.to(torch.bfloat16).float()
+    if mode.bits == 16:
+        return key, value
+    if mode.quant_k:
+        if mode.k_per_channel:
+            key = fake_quant_per_channel(key, mode.bits, KC_BLOCK)
+        elif mode.rotate_k:  # rotate, quantize, rotate back (orthonormal: q.k unchanged)
+            rot = reference.rotation_matrix(key.shape[-1])
+            key = fake_quant_per_token(key @ rot, mode.bits, mode.group_size) @ rot.T
+        else:
+            key = fake_quant_per_token(key, mode.bits, mode.group_size)
+    if mode.quant_v:
+        value = fake_quant_per_token(value, mode.bits, mode.group_size)
+    return key, value
+
+
+def make_attention(mode: Mode):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                  **kwargs):
+        key, value = quantize_kv(key, value, mode)
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.float(), key, value, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def load_model(model_dir: Path):
+    from transformers import LlamaForCausalLM
+
+    try:
+        model = LlamaForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    except TypeError:
+        model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def perplexity(model, windows: list[list[int]], mode: Mode) -> float:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(f"bitdecode_sim_{mode.name}", make_attention(mode))
+    model.config._attn_implementation = f"bitdecode_sim_{mode.name}"
+    for layer in model.model.layers:
+        layer.self_attn.config._attn_implementation = model.config._attn_implementation
+    nll, n = 0.0, 0
+    for w in windows:
+        ids = torch.tensor([w])
+        logits = model(ids).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(data.MODEL_DIR))
+    ap.add_argument("--modes", default=DEFAULT_MODES)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    model_dir = Path(args.model)
+    held = data.heldout_tokens(model_dir, data.load_tokenizer(model_dir))
+    step = args.context - 1
+    windows = [[data.BOS_ID] + held[s:s + step].tolist()
+               for s in range(0, step * args.windows, step)]
+    model = load_model(model_dir)
+    rows = []
+    base = None
+    for name in args.modes.split(","):
+        mode = Mode.parse(name.strip())
+        t0 = time.time()
+        ppl = perplexity(model, windows, mode)
+        base = base if base is not None else (ppl if mode.bits == 16 else None)
+        pct = 100 * (ppl / base - 1) if base else float("nan")
+        rows.append({"mode": mode.name, **dataclasses.asdict(mode), "ppl": ppl,
+                     "vs_bf16_pct": pct})
+        print(f"{mode.name:<14} ppl {ppl:10.3f}  {pct:+8.1f}%  ({time.time() - t0:.0f} s)",
+              flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"model": data.MODEL_NAME, "context": args.context, "windows": args.windows,
+             "tokens": sum(len(w) - 1 for w in windows), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
