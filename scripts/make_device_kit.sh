@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Build the vLLM kit for the lent GPU machine in parts small enough to travel beside this
+# repository: each `run` carries the working tree (tracked files, ~40 MB with the shipped
+# model) plus what it names, 64 MiB in all, so the shared kit's 59 MB parts no longer fit.
+#
+#     bash scripts/make_device_kit.sh [.kit]     # ~4 minutes; WITH_FA2=1 is the default
+#
+# Writes <dest>/p0 ... p<N-1> (at most 20 MB each) and <dest>/install.sh, which waits until
+# all N parts have arrived. On a fresh machine: N calls back to back, the k-th carrying
+# <dest>/pk and <dest>/install.sh and running `bash .kit/install.sh`; the last one goes on
+# with `&& export PYTHONPATH=/tmp/site && <build and tests>` (README, "GPU checks").
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEST="${1:-.kit}"
+PART_BYTES=20000000
+SHARED_KIT="$HERE/../../shared/device/make-vllm-kit.sh"
+[ -f "$SHARED_KIT" ] || { echo "missing $SHARED_KIT (the shared device kit)" >&2; exit 1; }
+
+WITH_FA2="${WITH_FA2:-1}" bash "$SHARED_KIT" "$DEST"
+cat $(ls "$DEST"/p[0-9] | sort) > "$DEST/kit.tar.xz"
+rm -f "$DEST"/p[0-9]
+split -b "$PART_BYTES" -d -a 1 "$DEST/kit.tar.xz" "$DEST/p"
+rm "$DEST/kit.tar.xz"
+N=$(ls "$DEST"/p[0-9] | wc -l)
+[ "$N" -le 10 ] || { echo "kit needs $N parts; install.sh handles at most 10" >&2; exit 1; }
+
+cat > "$DEST/install.sh" <<EOF
+#!/usr/bin/env bash
+# On the GPU machine: keep the part(s) carried with this command in /tmp/kit (which lasts
+# while the machine stays warm) and unpack the kit into /tmp/site once all $N have arrived.
+set -euo pipefail
+mkdir -p /tmp/kit
+for p in "\$(dirname "\$0")"/p[0-9]; do [ -f "\$p" ] && cp "\$p" /tmp/kit/; done
+if [ -f /tmp/site/.kit-complete ]; then echo "[kit] already installed in /tmp/site"; exit 0; fi
+have=\$(ls /tmp/kit | tr '\n' ' ')
+if [ "\$(ls /tmp/kit/p[0-9] | wc -l)" -ne $N ]; then
+  echo "[kit] have \$have of $N parts; waiting"; exit 0
+fi
+mkdir -p /tmp/site
+cat \$(ls /tmp/kit/p[0-9] | sort) | xz -d -T0 | tar -x -C /tmp/site
+touch /tmp/site/.kit-complete
+echo "[kit] installed vLLM kit in /tmp/site (\$(du -sh /tmp/site | cut -f1)); export PYTHONPATH=/tmp/site"
+EOF
+chmod +x "$DEST/install.sh"
+ls -l "$DEST" >&2
+echo "[kit] done: $N parts of at most $PART_BYTES bytes; send one per command" >&2
