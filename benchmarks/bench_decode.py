@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
 
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, decode_slots, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
+from vllm_bitdecode.provenance import git_commit, gpu_slug
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16
@@ -194,14 +193,11 @@ def main() -> None:
         print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "
               f"{w['reshape_and_cache_flash_ms']:.4f} ms, quantize "
               f"{w['bitdecode_quantize_ms']:.4f} ms (x{w['ratio']:.2f})")
-    # the GPU machine's copy of the tree has no .git: pass BITDECODE_COMMIT there
-    commit = os.environ.get("BITDECODE_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"
+    commit = git_commit()
     doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
                copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D), block_size=BLOCK,
                records=records, quantize_on_write=writes)
-    slug = gpu.replace("NVIDIA ", "").replace(" ", "_").lower()
+    slug = gpu_slug(gpu)
     out = Path(args.out or f"benchmarks/results/decode_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vllm_bitdecode.provenance import git_commit, gpu_slug
 from vllm_bitdecode.testing import parse_kv_cache_tokens, run_in_subprocess, write_model_dir
 
 MAX_MODEL_LEN = 131072
@@ -122,10 +123,6 @@ def max_batch(kv_cache_tokens: int | None, context: int, new_tokens: int = 1,
         return None
     per_request = math.ceil((context + new_tokens) / block) * block
     return kv_cache_tokens // per_request
-
-
-def gpu_slug(device: str) -> str:
-    return device.replace("NVIDIA ", "").replace(" ", "_").lower()
 
 
 def fa2_available() -> tuple[bool, str]:
@@ -244,19 +241,6 @@ def _key_of(rec: dict[str, Any]) -> str:
         if (backend, kv) == (rec.get("backend"), rec.get("kv")):
             return k
     return f"{rec.get('backend')}:{rec.get('kv')}"
-
-
-def commit_id() -> str:
-    # the GPU machine's copy of the tree has no .git: pass BITDECODE_COMMIT there
-    env = os.environ.get("BITDECODE_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    return out or "unknown"
 
 
 def device_name() -> str:
@@ -556,7 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     if out.exists() and not args.fresh:
         prev = json.loads(out.read_text())
         old, runs = prev.get("records", []), prev.get("runs", [])
-    commit, date = commit_id(), datetime.date.today().isoformat()
+    commit, date = git_commit(), datetime.date.today().isoformat()
     runs.append(dict(date=date, commit=commit, backends=args.backend_keys, cases=cases,
                      settings=s))
     tq_ok, tq_reason = fa2_available()

@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
 
+from vllm_bitdecode.provenance import git_commit, gpu_slug
 from vllm_bitdecode.testing import run_in_subprocess, write_llama_config
 
 CASES = [
@@ -57,13 +56,10 @@ def main() -> None:
     for r in records:
         r["capacity_vs_bf16"] = r["kv_cache_tokens"] / base["kv_cache_tokens"]
         r["step_speedup_vs_bf16"] = base["ms_per_step"] / r["ms_per_step"]
-    # the GPU machine's copy of the tree has no .git: pass BITDECODE_COMMIT there
-    commit = os.environ.get("BITDECODE_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip() or "unknown"
+    commit = git_commit()
     doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
                model="llama3-8b-shape dummy weights", records=records)
-    slug = gpu.replace("NVIDIA ", "").replace(" ", "_").lower()
+    slug = gpu_slug(gpu)
     out = Path(args.out or f"benchmarks/results/capacity_{slug}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1))

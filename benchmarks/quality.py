@@ -55,6 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
+from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "bf16": {"backend": "FLASH_ATTN", "label": "FLASH_ATTN bf16"},
@@ -97,17 +98,6 @@ def settings(quick: bool) -> dict[str, Any]:
 
 
 # ---- worker (one engine, in its own process) ------------------------------------------------
-
-
-def ppl_windows(stream: Any, length: int, max_tokens: int) -> list[list[int]]:
-    """Windows of ``length`` prompt tokens: BOS + length-1 held-out tokens, back to back."""
-    out: list[list[int]] = []
-    step = length - 1
-    for s in range(0, len(stream) - step + 1, step):
-        if len(out) * step >= max_tokens:
-            break
-        out.append([data.BOS_ID] + stream[s:s + step].tolist())
-    return out
 
 
 def attention_prompts(stream: Any, lens: list[int]) -> tuple[list[list[int]], list[int]]:
@@ -203,7 +193,7 @@ def run_worker(spec: dict[str, Any], llm: Any = None) -> dict[str, Any]:
     t0 = time.time()
     res["perplexity"] = {}
     for ctx in st["ppl_contexts"]:
-        wins = ppl_windows(held, min(ctx, MAX_MODEL_LEN - 1), st["ppl_tokens"])
+        wins = data.ppl_windows(held, min(ctx, MAX_MODEL_LEN - 1), st["ppl_tokens"])
         sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
         outs = llm.generate([{"prompt_token_ids": w} for w in wins], sp, use_tqdm=False)
         nll = []
@@ -457,17 +447,6 @@ def print_table(doc: dict[str, Any]) -> None:
         print(line)
 
 
-def git_commit() -> str:
-    env = os.environ.get("BITDECODE_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=data.REPO_ROOT, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def model_fingerprint(model_dir: Path) -> str:
     import hashlib
 
@@ -548,7 +527,7 @@ def main() -> None:
             continue
         slowest = max(slowest, res["wall_s"])
         if out_path is None:
-            slug = res["device"].replace("NVIDIA ", "").replace(" ", "_").lower()
+            slug = gpu_slug(res["device"])
             out_path = data.REPO_ROOT / "benchmarks" / "results" / f"quality_{slug}.json"
         if doc is None:
             doc = {"model": data.MODEL_NAME, "model_fingerprint": fp, "settings": st,

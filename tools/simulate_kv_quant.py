@@ -171,9 +171,7 @@ def main() -> None:
     torch.manual_seed(0)
     model_dir = Path(args.model)
     held = data.heldout_tokens(model_dir, data.load_tokenizer(model_dir))
-    step = args.context - 1
-    windows = [[data.BOS_ID] + held[s:s + step].tolist()
-               for s in range(0, step * args.windows, step)]
+    windows = data.ppl_windows(held, args.context, (args.context - 1) * args.windows)
     model = load_model(model_dir)
     rows = []
     base = None

@@ -44,11 +44,9 @@ import datetime
 import io
 import json
 import math
-import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
@@ -63,6 +61,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
+from vllm_bitdecode.provenance import git_commit  # noqa: E402
 
 DEFAULT_DATA_DIR = data.REPO_ROOT / "build" / "tiny-data"
 SHARD_LIMIT_BYTES = 14_500_000  # under 15 MB with headers
@@ -470,17 +469,6 @@ def retrieval_accuracy(model: TinyLlama, examples: list[data.Example], device: t
     return right / max(1, len(examples))
 
 
-def ppl_windows(stream: np.ndarray, length: int, max_tokens: int) -> list[list[int]]:
-    """Non-overlapping windows of ``length`` tokens (BOS + length-1 text tokens)."""
-    out = []
-    step = length - 1
-    for s in range(0, len(stream) - step + 1, step):
-        if len(out) * step >= max_tokens:
-            break
-        out.append([data.BOS_ID] + stream[s:s + step].tolist())
-    return out
-
-
 @torch.no_grad()
 def windows_nll(model: TinyLlama, windows: list[list[int]], device: torch.device,
                 batch: int) -> tuple[float, int]:
@@ -524,7 +512,7 @@ def evaluate(model: TinyLlama, tasks: data.RetrievalTasks, held: np.ndarray,
                 "accuracy": sum(per_depth.values()) / len(per_depth), "by_depth": per_depth,
                 "trials": len(ex)}
         win_len = min(ctx, data.MAX_CONTEXT - 1)
-        wins = ppl_windows(held, win_len, ppl_tokens)
+        wins = data.ppl_windows(held, win_len, ppl_tokens)
         nll, n = windows_nll(model, wins, device, bsz)
         uni = unigram_nll(train_stream, wins, model.c.vocab_size)
         res["perplexity"][f"{ctx}"] = {"window": win_len, "tokens": n, "ppl": math.exp(nll / n),
@@ -745,17 +733,6 @@ def phase_starts(total: int, phases: tuple[Phase, ...]) -> list[int]:
     return starts
 
 
-def git_commit() -> str:
-    env = os.environ.get("BITDECODE_COMMIT")
-    if env:
-        return env
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=data.REPO_ROOT, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def train(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.time()
     smoke = args.smoke
@@ -900,7 +877,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 acc[task] = float("nan")
                 continue
             acc[task] = retrieval_accuracy(model, ex, device, bsz)
-        wins = ppl_windows(held, min(ph.seq_len, data.MAX_CONTEXT - 1), ph.seq_len * 4)
+        wins = data.ppl_windows(held, min(ph.seq_len, data.MAX_CONTEXT - 1), ph.seq_len * 4)
         nll, n = windows_nll(model, wins, device, bsz)
         evals.append({"step": step, "seq_len": ph.seq_len, "passkey_acc": acc["passkey"],
                       "kv_acc": acc["kv"], "heldout_loss": nll / n,

@@ -238,6 +238,19 @@ def heldout_tokens(model_dir: str | Path = MODEL_DIR, tok: Tokenizer | None = No
     return encode_documents(tok, read_heldout_docs(model_dir))
 
 
+def ppl_windows(stream: Sequence[int], length: int, max_tokens: int) -> list[list[int]]:
+    """Back-to-back windows of ``length`` tokens (BOS + ``length - 1`` text tokens) until
+    ``max_tokens`` text tokens are covered: the perplexity windows of training, harness
+    and simulation alike."""
+    out: list[list[int]] = []
+    step = length - 1
+    for s in range(0, len(stream) - step + 1, step):
+        if len(out) * step >= max_tokens:
+            break
+        out.append([BOS_ID] + [int(t) for t in stream[s:s + step]])
+    return out
+
+
 # ---- retrieval tasks ----------------------------------------------------------------------
 
 PASSKEY_NEEDLE = "\nThe pass key is {key}. Remember it. {key} is the pass key.\n"
