@@ -4,11 +4,12 @@
 # model) plus what it names, 64 MiB in all, so the shared kit's 59 MB parts no longer fit.
 #
 #     bash scripts/make_device_kit.sh [.kit]     # ~4 minutes; WITH_FA2=1 is the default
+#     WITH_RAY=1 bash scripts/make_device_kit.sh  # + Ray (tensor parallel through Ray)
 #
-# Writes <dest>/p0 ... p<N-1> (at most 20 MB each) and <dest>/install.sh, which waits until
-# all N parts have arrived. On a fresh machine: N calls back to back, the k-th carrying
-# <dest>/pk and <dest>/install.sh and running `bash .kit/install.sh`; the last one goes on
-# with `&& export PYTHONPATH=/tmp/site && <build and tests>` (README, "GPU checks").
+# Writes <dest>/p00 ... (at most 20 MB each) and <dest>/install.sh, which waits until all
+# N parts have arrived. On a fresh machine: N calls back to back, the k-th carrying its part
+# and <dest>/install.sh and running `bash .kit/install.sh`; the last one goes on with
+# `&& export PYTHONPATH=/tmp/site && <build and tests>` (README, "GPU checks").
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DEST="${1:-.kit}"
@@ -18,11 +19,25 @@ SHARED_KIT="$HERE/../../shared/device/make-vllm-kit.sh"
 
 WITH_FA2="${WITH_FA2:-1}" bash "$SHARED_KIT" "$DEST"
 cat $(ls "$DEST"/p[0-9] | sort) > "$DEST/kit.tar.xz"
-rm -f "$DEST"/p[0-9]
-split -b "$PART_BYTES" -d -a 1 "$DEST/kit.tar.xz" "$DEST/p"
+rm -f "$DEST"/p[0-9] "$DEST"/p[0-9][0-9]
+if [ "${WITH_RAY:-0}" = 1 ]; then
+  # Ray and the two run-time packages of its own that the image may lack, as a second
+  # xz stream of a second tar archive (install.sh reads both with tar --ignore-zeros)
+  WORK="$(mktemp -d)"
+  trap 'rm -rf "$WORK"' EXIT
+  PLAT=""
+  for n in $(seq 17 39); do PLAT="$PLAT --platform manylinux_2_${n}_x86_64"; done
+  PIPX="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
+  PIPX="$PIPX $PLAT --platform manylinux2014_x86_64 --platform any"
+  python3 -m pip download -q $PIPX -d "$WORK/whl" ray msgpack click 2>&1 | grep -v "is ignored" || true
+  python3 -m pip install -q $PIPX --no-compile --target "$WORK/site" "$WORK"/whl/*.whl 2>&1 \
+    | grep -v WARNING || true
+  rm -rf "$WORK/site/bin"
+  tar -C "$WORK/site" -cf - . | xz -9 -T0 >> "$DEST/kit.tar.xz"
+fi
+split -b "$PART_BYTES" -d -a 2 "$DEST/kit.tar.xz" "$DEST/p"
 rm "$DEST/kit.tar.xz"
-N=$(ls "$DEST"/p[0-9] | wc -l)
-[ "$N" -le 10 ] || { echo "kit needs $N parts; install.sh handles at most 10" >&2; exit 1; }
+N=$(ls "$DEST"/p[0-9][0-9] | wc -l)
 
 cat > "$DEST/install.sh" <<EOF
 #!/usr/bin/env bash
@@ -30,14 +45,14 @@ cat > "$DEST/install.sh" <<EOF
 # while the machine stays warm) and unpack the kit into /tmp/site once all $N have arrived.
 set -euo pipefail
 mkdir -p /tmp/kit
-for p in "\$(dirname "\$0")"/p[0-9]; do [ -f "\$p" ] && cp "\$p" /tmp/kit/; done
+for p in "\$(dirname "\$0")"/p[0-9][0-9]; do [ -f "\$p" ] && cp "\$p" /tmp/kit/; done
 if [ -f /tmp/site/.kit-complete ]; then echo "[kit] already installed in /tmp/site"; exit 0; fi
 have=\$(ls /tmp/kit | tr '\n' ' ')
-if [ "\$(ls /tmp/kit/p[0-9] | wc -l)" -ne $N ]; then
+if [ "\$(ls /tmp/kit/p[0-9][0-9] | wc -l)" -ne $N ]; then
   echo "[kit] have \$have of $N parts; waiting"; exit 0
 fi
 mkdir -p /tmp/site
-cat \$(ls /tmp/kit/p[0-9] | sort) | xz -d -T0 | tar -x -C /tmp/site
+cat \$(ls /tmp/kit/p[0-9][0-9] | sort) | xz -d -T0 | tar -x --ignore-zeros -C /tmp/site
 touch /tmp/site/.kit-complete
 echo "[kit] installed vLLM kit in /tmp/site (\$(du -sh /tmp/site | cut -f1)); export PYTHONPATH=/tmp/site"
 EOF

@@ -132,7 +132,7 @@ def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     backend = spec.get("backend", "BITDECODE")
     kw: dict[str, Any] = dict(
         model=spec["model"],
-        load_format="dummy",
+        load_format=spec.get("load_format", "dummy"),
         skip_tokenizer_init=True,
         enforce_eager=spec.get("enforce_eager", False),
         gpu_memory_utilization=spec.get("gpu_memory_utilization", 0.85),
@@ -148,7 +148,8 @@ def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
         kw["kv_cache_dtype"] = spec["kv_cache_dtype"]
     for key in ("max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",
                 "num_gpu_blocks_override", "block_size", "disable_log_stats",
-                "compilation_config", "logprobs_mode"):
+                "compilation_config", "logprobs_mode", "tensor_parallel_size",
+                "distributed_executor_backend"):
         if key in spec:
             kw[key] = spec[key]
     return kw
