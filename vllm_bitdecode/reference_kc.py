@@ -1,0 +1,427 @@
+"""Plain-PyTorch reference of the per-channel K page (issue #7). CPU, float32.
+
+The design is ``docs/per-channel-k-design.md``; this module is its executable form and
+the oracle that the per-channel kernels will be tested against, as
+:mod:`vllm_bitdecode.reference` is for the per-token page.
+
+* A *full* page stores K per channel: for each KV head and each of the 128 channels, one
+  (scale, zero) pair over the page's ``block_size`` tokens, in the model dtype. The codes
+  use the same packed row order as the per-token page (``PageFormat.k_channel_of_slot``).
+  V stays per token and per group of channels, exactly as in the per-token page.
+* A page is quantized once, by the write that fills its last slot. Until then its tokens'
+  K lives in a *residual*: ``block_size`` rows of the model dtype per request, in a buffer
+  indexed by a residual slot that the worker assigns to each live request
+  (``row_slot[row]`` maps a batch row to it). The residual holds the K rows of the
+  request's last written page, whether that page is partial or was just filled.
+* Attention semantics (the design's "own page in full precision" rule): a query at
+  position ``p`` sees every key in pages before ``p // block_size`` through the
+  per-channel quantized page, and the keys of its own page (positions
+  ``(p // block_size) * block_size .. p``) exactly. V is always the per-token
+  quantized V. The rule depends only on positions, so chunking, preemption and
+  recomputation, prefix-cache hits and batch order cannot change what a query sees.
+
+Per-channel quantization *is* the per-token quantizer applied to the transposed page
+with one group of ``block_size`` tokens, so :func:`quantize_channels` calls
+``reference.quantize`` and inherits its exact rounding rules (scale and zero rounded to
+the model dtype first, IEEE division, round half to even, clamp).
+
+Layout of one head region of a per-channel page (numbers for head size 128)::
+
+    k_rows    [block_size][row_bytes]          packed K codes (row order as per-token)
+    v_rows    [block_size][row_bytes]          packed V codes
+    v_params  [block_size][groups][2]          V (scale, zero) per token, model dtype
+    k_params  [2][head_size]                   K scale[128], then zero[128], model dtype
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vllm_bitdecode import reference
+from vllm_bitdecode.page_format import PARAM_BYTES, PageFormat
+
+
+# ---- layout -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class KCPageLayout:
+    """Byte layout of one per-channel-K page; ``fmt.group_size`` applies to V only."""
+
+    fmt: PageFormat
+
+    @property
+    def block_size(self) -> int:
+        return self.fmt.block_size
+
+    @property
+    def head_size(self) -> int:
+        return self.fmt.head_size
+
+    @property
+    def row_bytes(self) -> int:
+        return self.fmt.row_bytes
+
+    @property
+    def k_rows_offset(self) -> int:
+        return 0
+
+    @property
+    def v_rows_offset(self) -> int:
+        return self.block_size * self.row_bytes
+
+    @property
+    def v_params_offset(self) -> int:
+        return 2 * self.block_size * self.row_bytes
+
+    @property
+    def v_param_bytes_per_token(self) -> int:
+        """V (scale, zero) of every group of one token."""
+        return self.fmt.groups * 2 * PARAM_BYTES
+
+    @property
+    def k_params_offset(self) -> int:
+        return self.v_params_offset + self.block_size * self.v_param_bytes_per_token
+
+    @property
+    def k_param_bytes(self) -> int:
+        """K (scale, zero) of every channel of one page and head."""
+        return 2 * self.head_size * PARAM_BYTES
+
+    @property
+    def head_region_bytes(self) -> int:
+        return self.k_params_offset + self.k_param_bytes
+
+    def page_bytes(self, num_kv_heads: int) -> int:
+        """Bytes of one vLLM block of one layer (what the KV-cache spec reports)."""
+        return num_kv_heads * self.head_region_bytes
+
+    @property
+    def bytes_per_token_head(self) -> float:
+        return self.head_region_bytes / self.block_size
+
+    def compression_vs(self, dtype_bytes: int = 2) -> float:
+        """Tokens per byte relative to an unquantized cache of ``dtype_bytes``."""
+        return 2 * self.head_size * dtype_bytes / self.bytes_per_token_head
+
+    def residual_bytes_per_slot(self, num_kv_heads: int, dtype_bytes: int = 2) -> int:
+        """One request's residual for one layer: ``block_size`` K rows per KV head."""
+        return num_kv_heads * self.block_size * self.head_size * dtype_bytes
+
+
+def new_cache(num_blocks: int, num_kv_heads: int, layout: KCPageLayout,
+              fill: int = 0) -> torch.Tensor:
+    """``[num_blocks, num_kv_heads, head_region_bytes]`` uint8, every byte ``fill``."""
+    return torch.full((num_blocks, num_kv_heads, layout.head_region_bytes), fill,
+                      dtype=torch.uint8)
+
+
+def new_residual(num_slots: int, num_kv_heads: int, layout: KCPageLayout,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``[num_slots, num_kv_heads, block_size, head_size]`` in the model dtype (NaN-filled,
+    so that reading a row nobody wrote shows up)."""
+    return torch.full((num_slots, num_kv_heads, layout.block_size, layout.head_size),
+                      float("nan"), dtype=dtype)
+
+
+# ---- quantize / dequantize per channel ---------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _OneGroup:
+    """What ``reference.quantize`` reads from a PageFormat: one group of ``group_size``."""
+
+    group_size: int
+    levels: int
+    groups: int = 1
+
+
+def quantize_channels(
+    k: torch.Tensor, bits: int, param_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization of each channel over the tokens of a page.
+
+    k: ``[..., tokens, head_size]``. Returns codes ``[..., tokens, head_size]`` (int32)
+    and scale, zero ``[..., head_size]`` in ``param_dtype``, rounded to it before the
+    codes are computed (so dequantizing with the stored values is the quantizer's own
+    inverse).
+    """
+    groups = _OneGroup(group_size=k.shape[-2], levels=(1 << bits) - 1)
+    codes_t, scale, zero = reference.quantize(k.transpose(-1, -2), groups, param_dtype)
+    return codes_t.transpose(-1, -2).contiguous(), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def dequantize_channels(codes: torch.Tensor, scale: torch.Tensor,
+                        zero: torch.Tensor) -> torch.Tensor:
+    """codes ``[..., tokens, head_size]``, scale/zero ``[..., head_size]`` -> float32."""
+    return codes.to(torch.float32) * scale.to(torch.float32).unsqueeze(-2) + zero.to(
+        torch.float32).unsqueeze(-2)
+
+
+def fake_quant_page_k(k: torch.Tensor, bits: int, param_dtype: torch.dtype) -> torch.Tensor:
+    """Quantize then dequantize a page's K ``[..., tokens, head_size]`` (float32 out)."""
+    return dequantize_channels(*quantize_channels(k, bits, param_dtype))
+
+
+def fake_quant_v(v: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
+    """V per token and group, as stored in both page formats (float32 out)."""
+    codes, scale, zero = reference.quantize(v, fmt, v.dtype)
+    return reference.dequantize(codes, scale, zero, fmt)
+
+
+# ---- region views ------------------------------------------------------------------------
+def _k_rows(cache, layout):
+    n, h = cache.shape[:2]
+    bs, rb = layout.block_size, layout.row_bytes
+    return cache[:, :, layout.k_rows_offset : layout.k_rows_offset + bs * rb].view(n, h, bs, rb)
+
+
+def _v_rows(cache, layout):
+    n, h = cache.shape[:2]
+    bs, rb = layout.block_size, layout.row_bytes
+    return cache[:, :, layout.v_rows_offset : layout.v_rows_offset + bs * rb].view(n, h, bs, rb)
+
+
+def _v_params(cache, layout):
+    n, h = cache.shape[:2]
+    bs, pb = layout.block_size, layout.v_param_bytes_per_token
+    start = layout.v_params_offset
+    return cache[:, :, start : start + bs * pb].view(n, h, bs, pb)
+
+
+def _k_params(cache, layout):
+    start = layout.k_params_offset
+    return cache[:, :, start : start + layout.k_param_bytes]
+
+
+def _as_params(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return raw.contiguous().view(dtype).view(shape)
+
+
+# ---- batch bookkeeping -------------------------------------------------------------------
+def token_requests(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: its batch row and its position in the sequence (-1, -1 for tokens past
+    the last request, i.e. CUDA-graph padding). What the kernels derive on the device
+    from ``query_start_loc`` and ``seq_lens``, with no host synchronisation."""
+    qsl = query_start_loc.to(torch.int64)
+    t = torch.arange(num_tokens, dtype=torch.int64)
+    row = torch.searchsorted(qsl, t, right=True) - 1
+    inside = t < qsl[-1]
+    row = torch.where(inside, row, torch.full_like(row, -1))
+    safe = row.clamp(min=0)
+    pos = seq_lens.to(torch.int64)[safe] - (qsl[safe + 1] - t)
+    pos = torch.where(inside, pos, torch.full_like(pos, -1))
+    return row, pos
+
+
+# ---- the write ---------------------------------------------------------------------------
+def write_tokens_kc(
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8, in place
+    residual: torch.Tensor,  # [num_slots, num_kv_heads, block_size, head_size], in place
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], model dtype
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] block * block_size + offset; < 0: skip
+    query_start_loc: torch.Tensor,  # [num_reqs + 1]
+    seq_lens: torch.Tensor,  # [num_reqs], context length including this step's tokens
+    row_slot: torch.Tensor,  # [num_reqs] residual slot of each batch row
+    layout: KCPageLayout,
+) -> None:
+    """Store one step's K/V the way the per-channel kernels will, in their order:
+
+    1. V of every token, per token (independent of everything else).
+    2. Phase A: every page whose last slot is written in this step is quantized per
+       channel. Its K rows come from this step's ``key`` for positions computed in this
+       step, and from the request's residual for earlier positions. Nothing this step
+       writes is read here, so one launch can do it in any CTA order.
+    3. Phase B: the K rows of each request's last written page (positions
+       ``(seq_len - 1) // bs * bs ..``, this step's tokens only) go to its residual.
+       Phase B runs after phase A because it may overwrite residual rows that phase A
+       reads (a chunk that fills one page and ends in the next).
+    """
+    dtype = key.dtype
+    bs = layout.block_size
+    fmt = layout.fmt
+    num_tokens = key.shape[0]
+    row, pos = token_requests(query_start_loc, seq_lens, num_tokens)
+    slot = slot_mapping.to(torch.int64)
+    valid = slot >= 0
+    if bool((valid & (row < 0)).any()):
+        raise ValueError("a token with a slot lies outside every request")
+    if bool((valid & (slot % bs != pos % bs)).any()):
+        raise ValueError("slot_mapping offsets disagree with the token positions")
+    if not bool(valid.any()):
+        return
+    blocks, offs = slot // bs, slot % bs
+    qsl = query_start_loc.to(torch.int64)
+    lens = seq_lens.to(torch.int64)
+    starts = lens - (qsl[1:] - qsl[:-1])  # first position computed in this step, per row
+
+    # 1. V per token
+    t_v = valid.nonzero().squeeze(-1)
+    vq, vs, vz = reference.quantize(value[t_v], fmt, dtype)
+    v_params = torch.stack((vs, vz), dim=-1)  # [tokens, heads, groups, 2]
+    _v_rows(cache, layout)[blocks[t_v], :, offs[t_v]] = reference.pack_rows(
+        vq, fmt.v_channel_of_slot(), fmt.bits)
+    _v_params(cache, layout)[blocks[t_v], :, offs[t_v]] = v_params.contiguous().view(
+        torch.uint8).flatten(-2)
+
+    # 2. phase A: quantize the pages filled in this step. Within one kernel launch the
+    # order of CTAs is undefined; phases A and B walk the tokens backwards so that a rule
+    # that only works in token order fails the tests.
+    k_params = _k_params(cache, layout)
+    for t in reversed((valid & (offs == bs - 1)).nonzero().squeeze(-1).tolist()):
+        r = int(row[t])
+        first = int(pos[t]) - (bs - 1)  # position of the page's first token
+        rows = []
+        for p in range(first, first + bs):
+            if p >= int(starts[r]):
+                rows.append(key[int(qsl[r]) + p - int(starts[r])])
+            else:
+                rows.append(residual[int(row_slot[r]), :, p % bs])
+        page_k = torch.stack(rows, dim=1)  # [heads, bs, D]
+        codes, scale, zero = quantize_channels(page_k, fmt.bits, dtype)
+        _k_rows(cache, layout)[int(blocks[t])] = reference.pack_rows(
+            codes, fmt.k_channel_of_slot(), fmt.bits)
+        k_params[int(blocks[t])] = torch.stack((scale, zero), dim=1).contiguous().view(
+            torch.uint8).flatten(-2)
+
+    # 3. phase B: the last written page of each request goes to its residual
+    last_page_start = (lens - 1).clamp(min=0) // bs * bs
+    r_safe = row.clamp(min=0)
+    to_residual = valid & (pos >= last_page_start[r_safe])
+    for t in reversed(to_residual.nonzero().squeeze(-1).tolist()):
+        r = int(row[t])
+        residual[int(row_slot[r]), :, int(pos[t]) % bs] = key[t]
+
+
+# ---- reads -------------------------------------------------------------------------------
+def read_pages_kc(
+    cache: torch.Tensor, block_ids: torch.Tensor, layout: KCPageLayout, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize whole pages: K per channel, V per token.
+
+    Returns float32 ``[len(block_ids) * block_size, num_kv_heads, head_size]`` each. K is
+    meaningful only for full pages, V only for written tokens.
+    """
+    pages = cache[block_ids.long()]
+    nb, h = pages.shape[:2]
+    fmt = layout.fmt
+    bs, d = layout.block_size, layout.head_size
+    kc = reference.unpack_rows(_k_rows(pages, layout), fmt.k_channel_of_slot(), fmt.bits)
+    kp = _as_params(_k_params(pages, layout), dtype, (nb, h, 2, d))
+    k = dequantize_channels(kc, kp[:, :, 0], kp[:, :, 1])  # [nb, h, bs, d]
+    vc = reference.unpack_rows(_v_rows(pages, layout), fmt.v_channel_of_slot(), fmt.bits)
+    vp = _as_params(_v_params(pages, layout), dtype, (nb, h, bs, fmt.groups, 2))
+    v = reference.dequantize(vc, vp[..., 0], vp[..., 1], fmt)
+    return k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1)
+
+
+def paged_decode_kc(
+    q: torch.Tensor,  # [num_seqs, num_heads, D] model dtype, one query per sequence
+    cache: torch.Tensor,
+    residual: torch.Tensor,
+    block_table: torch.Tensor,  # [num_seqs, max_blocks]
+    seq_lens: torch.Tensor,  # [num_seqs] context length including the query token
+    row_slot: torch.Tensor,  # [num_seqs]
+    scale: float,
+    layout: KCPageLayout,
+) -> torch.Tensor:
+    """What the decode kernel computes, in one softmax over all keys of a sequence.
+
+    The query sits at position ``n - 1``; its own page ``(n - 1) // bs`` is read from the
+    residual (K exactly as written; V from the page, per token), every earlier page from
+    its packed per-channel form. Rows with ``seq_len == 0`` (CUDA-graph padding) give 0.
+    Returns float32 ``[num_seqs, num_heads, D]``.
+    """
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"q must be in the model dtype (bfloat16 or float16), got {q.dtype}")
+    bs = layout.block_size
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for i in range(q.shape[0]):
+        n = int(seq_lens[i])
+        if n == 0:
+            continue
+        own = (n - 1) // bs
+        k_pages, v_pages = read_pages_kc(cache, block_table[i, : own + 1], layout, q.dtype)
+        k_own = residual[int(row_slot[i]), :, : n - own * bs].transpose(0, 1).float()
+        k = torch.cat((k_pages[: own * bs], k_own), dim=0)
+        out[i] = reference.attention(q[i : i + 1], k, v_pages[:n], scale)[0]
+    return out
+
+
+def forward_step_kc(
+    q: torch.Tensor,  # [num_tokens, num_heads, D] model dtype
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, D]
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    residual: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    row_slot: torch.Tensor,
+    block_table: torch.Tensor,
+    scale: float,
+    layout: KCPageLayout,
+) -> torch.Tensor:
+    """One attention layer of one step (any mix of prefill chunks and decodes).
+
+    Mirrors the prefill path of the design: the full-precision K of every page touched
+    by this step is gathered (earlier positions from the residual, new ones from ``key``)
+    *before* phase B can overwrite the residual, then K/V are written, then each query
+    at position ``p`` attends to the per-channel pages before its own page and to its
+    own page in full precision. Returns float32 ``[num_tokens, num_heads, D]``.
+    """
+    bs = layout.block_size
+    qsl = query_start_loc.to(torch.int64)
+    lens = seq_lens.to(torch.int64)
+    own_k = []  # per row: K of positions [first touched page start, seq_len), float32
+    for r in range(lens.shape[0]):
+        n, qlen = int(lens[r]), int(qsl[r + 1] - qsl[r])
+        start = n - qlen
+        page0 = start // bs * bs
+        old = residual[int(row_slot[r]), :, : start - page0].transpose(0, 1)
+        new = key[int(qsl[r]) : int(qsl[r + 1])]
+        own_k.append(torch.cat((old.float(), new.float()), dim=0))
+    write_tokens_kc(cache, residual, key, value, slot_mapping, query_start_loc, seq_lens,
+                    row_slot, layout)
+    out = torch.zeros(q.shape, dtype=torch.float32)
+    for r in range(lens.shape[0]):
+        n, qlen = int(lens[r]), int(qsl[r + 1] - qsl[r])
+        if qlen == 0:
+            continue
+        start = n - qlen
+        page0 = start // bs * bs
+        nblocks = (n + bs - 1) // bs
+        k_pages, v_pages = read_pages_kc(cache, block_table[r, :nblocks], layout, q.dtype)
+        for j in range(qlen):
+            p = start + j
+            closed = p // bs * bs
+            k = torch.cat((k_pages[:closed], own_k[r][closed - page0 : p + 1 - page0]))
+            t = int(qsl[r]) + j
+            out[t] = reference.attention(q[t : t + 1], k, v_pages[: p + 1], scale)[0]
+    return out
+
+
+# ---- the specification -------------------------------------------------------------------
+def canonical_attention_kc(
+    q: torch.Tensor,  # [num_queries, num_heads, D] model dtype
+    positions: torch.Tensor,  # [num_queries] position of each query
+    k: torch.Tensor,  # [seq_len, num_kv_heads, D] model dtype: the sequence's true K
+    v: torch.Tensor,
+    scale: float,
+    layout: KCPageLayout,
+) -> torch.Tensor:
+    """What a query at position ``p`` must see, computed from the true K/V alone, with no
+    cache, residual or schedule: K of each page before ``p // bs`` quantized per channel
+    over that page, K of positions ``p // bs * bs .. p`` exact, V per token quantized."""
+    bs = layout.block_size
+    n_full = k.shape[0] // bs
+    k_pages = k[: n_full * bs].unflatten(0, (n_full, bs)).transpose(1, 2)  # [pages, h, bs, d]
+    k_quant = fake_quant_page_k(k_pages, layout.fmt.bits, k.dtype).transpose(1, 2).flatten(0, 1)
+    v_quant = fake_quant_v(v, layout.fmt)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    for i in range(q.shape[0]):
+        p = int(positions[i])
+        closed = p // bs * bs
+        keys = torch.cat((k_quant[:closed], k[closed : p + 1].float()))
+        out[i] = reference.attention(q[i : i + 1], keys, v_quant[: p + 1], scale)[0]
+    return out
