@@ -3,6 +3,10 @@
     vllm serve MODEL --attention-backend BITDECODE \\
         --additional-config '{"bitdecode": {"bits": 2, "group_size": 64}}'
 
+Sparse decode (issue #6, docs/sparse-mode-design.md) is a nested section:
+
+    {"bitdecode": {"bits": 4, "sparse": {"enabled": true, "token_budget": 2048}}}
+
 Every problem is reported as :class:`BitDecodeConfigError` with one line naming the
 setting, at start-up, before the KV cache or the model weights take GPU memory.
 """
@@ -24,6 +28,251 @@ class BitDecodeConfigError(ValueError):
     """A setting or a model property that BITDECODE cannot serve."""
 
 
+# ---- sparse decode (issue #6) -----------------------------------------------------------
+SPARSE_KEY = "sparse"
+AUTO = "auto"
+
+# Layer roles in sparse mode (see docs/sparse-mode-design.md).
+DENSE = "dense"  # full attention, selects nothing
+SELECT = "selection"  # full attention, and writes the top-k positions for the layers after it
+REUSE = "reuse"  # attends only to the positions the last selection layer wrote
+
+# TidalDecode's defaults: full attention in layers 0 and 1, token selection at layer 2, and
+# one re-selection ("correction") layer, layer 13 of Llama-3-8B's 32, the default of the
+# paper's code. For other depths the correction layer sits at the same relative depth.
+FIRST_SELECTION_LAYER = 2
+CORRECTION_LAYER_FRACTION = (13, 32)
+
+
+def auto_selection_layers(num_layers: int) -> tuple[int, ...]:
+    """TidalDecode's selection layers for a model of ``num_layers`` layers: layer 2 and,
+    where at least one reuse layer fits on each side of it, the correction layer."""
+    num, den = CORRECTION_LAYER_FRACTION
+    middle = num_layers * num // den
+    if FIRST_SELECTION_LAYER + 2 <= middle < num_layers - 1:
+        return (FIRST_SELECTION_LAYER, middle)
+    return (FIRST_SELECTION_LAYER,)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLayerPlan:
+    """The role of every layer of one model in sparse mode."""
+
+    num_layers: int
+    dense: tuple[int, ...]
+    selection: tuple[int, ...]
+    reuse: tuple[int, ...]
+
+    def role(self, layer: int) -> str:
+        if not 0 <= layer < self.num_layers:
+            raise BitDecodeConfigError(
+                f"layer {layer} is outside the model's {self.num_layers} layers"
+            )
+        if layer in self.selection:
+            return SELECT
+        return DENSE if layer in self.dense else REUSE
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """``bitdecode.sparse``: TidalDecode-style top-k decode over the quantized pages."""
+
+    enabled: bool = False
+    """Sparse decode on or off. A section that sets anything must say which."""
+    token_budget: int = 2048
+    """k: tokens per request (and KV head) that the reuse layers attend to, the newest
+    token included."""
+    selection_layers: tuple[int, ...] | str = AUTO
+    """Layers that run full attention and select the top-k positions. "auto": layer 2
+    and a correction layer at 13/32 of the depth (layer 13 of 32)."""
+    dense_layers: tuple[int, ...] | str = AUTO
+    """Layers that run full attention without selecting. "auto": every layer before the
+    first selection layer. Every other layer reuses the last selection."""
+    shared_selection: bool = False
+    """One top-k set per request for all KV heads instead of one per KV head."""
+    min_seq_len: int | None = None
+    """Requests with fewer tokens than this decode densely in every layer.
+    None: twice the token budget."""
+
+    @classmethod
+    def from_raw(cls, raw: Any) -> SparseConfig:
+        where = f"{CONFIG_KEY}.{SPARSE_KEY}"
+        if not isinstance(raw, Mapping):
+            raise BitDecodeConfigError(f"{where} must be a dict, got {type(raw).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise BitDecodeConfigError(
+                f"unknown {where} setting(s) {unknown}; valid settings are {sorted(known)}"
+            )
+        if raw and "enabled" not in raw:
+            raise BitDecodeConfigError(
+                f"{where} sets {sorted(raw)} but not 'enabled'; add \"enabled\": true "
+                "(or false)"
+            )
+        return cls(**raw)
+
+    def __post_init__(self) -> None:
+        # every SparseConfig is a checked one, however it was made
+        for name in ("selection_layers", "dense_layers"):
+            object.__setattr__(self, name, _layer_list(name, getattr(self, name)))
+        self._check_values()
+
+    @property
+    def dense_below(self) -> int:
+        """Requests shorter than this decode densely (``min_seq_len`` resolved)."""
+        return 2 * self.token_budget if self.min_seq_len is None else self.min_seq_len
+
+    def _check_values(self) -> None:
+        def bad(name: str, allowed: object) -> BitDecodeConfigError:
+            value = getattr(self, name)
+            return BitDecodeConfigError(
+                f"{CONFIG_KEY}.{SPARSE_KEY}.{name}={value!r} is not supported; allowed: "
+                f"{allowed}"
+            )
+
+        if not isinstance(self.enabled, bool):
+            raise bad("enabled", [True, False])
+        if type(self.token_budget) is not int or self.token_budget <= 0:
+            raise bad("token_budget", "an integer > 0")
+        if not isinstance(self.shared_selection, bool):
+            raise bad("shared_selection", [True, False])
+        if self.min_seq_len is not None:
+            if type(self.min_seq_len) is not int or self.min_seq_len <= 0:
+                raise bad("min_seq_len", "an integer >= token_budget, or null")
+            if self.min_seq_len < self.token_budget:
+                raise BitDecodeConfigError(
+                    f"{CONFIG_KEY}.{SPARSE_KEY}.min_seq_len={self.min_seq_len} is below "
+                    f"token_budget={self.token_budget}: sequences shorter than the budget "
+                    "gain nothing from sparse decode; set min_seq_len >= token_budget"
+                )
+        # what can be checked without the model's depth
+        if self.selection_layers != AUTO and self.dense_layers != AUTO:
+            self._layer_roles(None)
+
+    def layer_plan(self, num_layers: int) -> SparseLayerPlan:
+        """Resolve the layer roles for a model of ``num_layers`` layers (at start-up)."""
+        return self._layer_roles(num_layers)
+
+    def _layer_roles(self, num_layers: int | None) -> SparseLayerPlan:
+        where = f"{CONFIG_KEY}.{SPARSE_KEY}"
+        if self.selection_layers == AUTO:
+            assert num_layers is not None
+            if num_layers < FIRST_SELECTION_LAYER + 2:
+                raise BitDecodeConfigError(
+                    f"{where}: the model has {num_layers} layers; the default layer plan "
+                    f"(dense 0-{FIRST_SELECTION_LAYER - 1}, selection "
+                    f"{FIRST_SELECTION_LAYER}, reuse after it) needs at least "
+                    f"{FIRST_SELECTION_LAYER + 2}"
+                )
+            selection = auto_selection_layers(num_layers)
+        else:
+            selection = tuple(sorted(self.selection_layers))
+        first = selection[0]
+        if self.dense_layers == AUTO:
+            dense = tuple(range(first))
+        else:
+            dense = tuple(sorted(self.dense_layers))
+        if num_layers is not None:
+            for name, layers in (("selection_layers", selection), ("dense_layers", dense)):
+                beyond = [i for i in layers if i >= num_layers]
+                if beyond:
+                    raise BitDecodeConfigError(
+                        f"{where}.{name} has layer(s) {beyond} beyond the model's depth "
+                        f"({num_layers} layers: 0-{num_layers - 1})"
+                    )
+        both = sorted(set(dense) & set(selection))
+        if both:
+            raise BitDecodeConfigError(
+                f"{where}: layer(s) {both} are in both dense_layers and selection_layers"
+            )
+        early = [i for i in range(first) if i not in dense]
+        if early:
+            raise BitDecodeConfigError(
+                f"{where}: layer(s) {early} come before the first selection layer ({first}) "
+                "and are not in dense_layers, so they would have no selection to reuse; "
+                "add them to dense_layers"
+            )
+        if num_layers is None:
+            return SparseLayerPlan(-1, dense, selection, ())
+        reuse = tuple(i for i in range(num_layers) if i not in dense and i not in selection)
+        if not reuse:
+            raise BitDecodeConfigError(
+                f"{where}: every one of the model's {num_layers} layers is a dense or "
+                "selection layer, so sparse mode would read no fewer tokens; leave some "
+                "layers out of dense_layers and selection_layers, or disable sparse"
+            )
+        return SparseLayerPlan(num_layers, dense, selection, reuse)
+
+
+def _layer_list(name: str, value: Any) -> tuple[int, ...] | str:
+    where = f"{CONFIG_KEY}.{SPARSE_KEY}.{name}"
+    if value == AUTO:
+        return AUTO
+    if not isinstance(value, (list, tuple)):
+        raise BitDecodeConfigError(
+            f"{where}={value!r} is not supported; allowed: a list of layer indices or "
+            f"{AUTO!r}"
+        )
+    for i in value:
+        if type(i) is not int or i < 0:
+            raise BitDecodeConfigError(
+                f"{where} has {i!r}; layer indices are integers >= 0 (0 is the first layer)"
+            )
+    repeated = sorted({i for i in value if list(value).count(i) > 1})
+    if repeated:
+        raise BitDecodeConfigError(f"{where} lists layer(s) {repeated} more than once")
+    if name == "selection_layers" and not value:
+        raise BitDecodeConfigError(
+            f"{where} is empty; sparse mode needs at least one selection layer"
+        )
+    return tuple(sorted(value))
+
+
+def check_sparse_model(
+    sparse: SparseConfig,
+    *,
+    num_layers: int,
+    max_model_len: int | None = None,
+    pipeline_parallel_size: int = 1,
+    tensor_parallel_size: int = 1,
+    decode_context_parallel_size: int = 1,
+    attention_in_every_layer: bool = True,
+) -> SparseLayerPlan:
+    """The start-up checks of sparse mode that need the model; returns its layer plan."""
+    where = f"{CONFIG_KEY}.{SPARSE_KEY}"
+    if not attention_in_every_layer:
+        raise BitDecodeConfigError(
+            f"{where} needs a model with attention in every layer (not hybrid, "
+            "attention-free or with no-op layers): layer roles are set by layer index"
+        )
+    if pipeline_parallel_size > 1:
+        raise BitDecodeConfigError(
+            f"{where} does not support pipeline parallelism (--pipeline-parallel-size "
+            f"{pipeline_parallel_size}): the selection is passed between layers inside "
+            "one process"
+        )
+    if decode_context_parallel_size > 1:
+        raise BitDecodeConfigError(
+            f"{where} does not support decode context parallelism "
+            f"(--decode-context-parallel-size {decode_context_parallel_size})"
+        )
+    if sparse.shared_selection and tensor_parallel_size > 1:
+        raise BitDecodeConfigError(
+            f"{where}.shared_selection=true needs all KV heads in one process, but "
+            f"--tensor-parallel-size is {tensor_parallel_size}; use per-head selection "
+            "(shared_selection: false)"
+        )
+    plan = sparse.layer_plan(num_layers)
+    if max_model_len is not None and sparse.dense_below > max_model_len:
+        raise BitDecodeConfigError(
+            f"{where}: sequences shorter than min_seq_len={sparse.dense_below} decode "
+            f"densely, but --max-model-len is {max_model_len}, so sparse decode would never "
+            "run; lower min_seq_len / token_budget or disable sparse"
+        )
+    return plan
+
+
 @dataclasses.dataclass(frozen=True)
 class BitDecodeConfig:
     bits: int = 4
@@ -33,6 +282,8 @@ class BitDecodeConfig:
     rotate_k: bool = True
     """Rotate K and Q per head by a fixed randomized Hadamard transform before
     quantizing, which spreads outlier channels over the head (see docs/)."""
+    sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
+    """TidalDecode-style sparse decode (off by default)."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> BitDecodeConfig:
@@ -47,7 +298,10 @@ class BitDecodeConfig:
             raise BitDecodeConfigError(
                 f"unknown {CONFIG_KEY} setting(s) {unknown}; valid settings are {sorted(known)}"
             )
-        cfg = cls(**raw)
+        values = dict(raw)
+        if SPARSE_KEY in values:
+            values[SPARSE_KEY] = SparseConfig.from_raw(values[SPARSE_KEY])
+        cfg = cls(**values)
         cfg._check_values()
         return cfg
 
@@ -65,6 +319,8 @@ class BitDecodeConfig:
             raise bad("group_size", list(page_format.SUPPORTED_GROUP_SIZES))
         if not isinstance(self.rotate_k, bool):
             raise bad("rotate_k", [True, False])
+        if not isinstance(self.sparse, SparseConfig):
+            raise bad("sparse", "a dict of sparse settings")
 
     def page_format(self, head_size: int, block_size: int) -> page_format.PageFormat:
         return page_format.PageFormat(head_size, self.bits, self.group_size, block_size)
@@ -141,6 +397,24 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
         num_heads=model.get_num_attention_heads(parallel),
         num_kv_heads=model.get_num_kv_heads(parallel),
     )
+    if cfg.sparse.enabled:
+        check_sparse_model(
+            cfg.sparse,
+            num_layers=model.get_total_num_hidden_layers(),
+            max_model_len=model.max_model_len,
+            pipeline_parallel_size=parallel.pipeline_parallel_size,
+            tensor_parallel_size=parallel.tensor_parallel_size,
+            decode_context_parallel_size=parallel.decode_context_parallel_size,
+            attention_in_every_layer=not (
+                model.is_hybrid or model.is_attention_free or model.has_noops
+            ),
+        )
+        # every check above passed; refuse rather than decode densely while the user
+        # asked for sparse decode (no silent fallback)
+        raise BitDecodeConfigError(
+            f"{CONFIG_KEY}.{SPARSE_KEY} is valid, but sparse decode is not implemented yet "
+            f"(issue #6); remove the section or set \"enabled\": false"
+        )
     return cfg
 
 

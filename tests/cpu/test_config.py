@@ -10,7 +10,9 @@ import torch
 from vllm_bitdecode.config import (
     BitDecodeConfig,
     BitDecodeConfigError,
+    SparseConfig,
     check_model,
+    check_sparse_model,
     check_vllm_config,
 )
 
@@ -224,3 +226,274 @@ def test_block_size_checked_only_when_user_specified(block_size):
 def test_no_model_config_skips_model_checks():
     cfg = check_vllm_config(_vllm_config({"bitdecode": {"bits": 2}}, head_size=64, model=False))
     assert cfg.bits == 2
+
+
+# ---------------------------------------------------------------- sparse (issue #6)
+
+LLAMA3_8B_LAYERS = 32
+
+
+def _sparse(**raw):
+    return BitDecodeConfig.from_additional_config({"bitdecode": {"sparse": raw}}).sparse
+
+
+@pytest.mark.parametrize(
+    "additional_config",
+    [None, {"bitdecode": {}}, {"bitdecode": {"bits": 2}}, {"bitdecode": {"sparse": {}}}],
+)
+def test_sparse_is_off_by_default(additional_config):
+    cfg = BitDecodeConfig.from_additional_config(additional_config)
+    assert cfg.sparse == SparseConfig()
+    assert cfg.sparse.enabled is False
+    assert (cfg.sparse.token_budget, cfg.sparse.shared_selection) == (2048, False)
+    assert cfg.sparse.selection_layers == cfg.sparse.dense_layers == "auto"
+
+
+GOOD_SPARSE = [
+    # (sparse section, (enabled, token_budget, selection, dense, shared, dense_below))
+    ({"enabled": True}, (True, 2048, "auto", "auto", False, 4096)),
+    ({"enabled": False, "token_budget": 64}, (False, 64, "auto", "auto", False, 128)),
+    (
+        {"enabled": True, "token_budget": 2048, "selection_layers": [2, 15],
+         "dense_layers": [0, 1], "shared_selection": False, "min_seq_len": 2048},
+        (True, 2048, (2, 15), (0, 1), False, 2048),
+    ),
+    ({"enabled": True, "selection_layers": [15, 2]}, (True, 2048, (2, 15), "auto", False, 4096)),
+    ({"enabled": True, "selection_layers": "auto", "dense_layers": "auto"},
+     (True, 2048, "auto", "auto", False, 4096)),
+    ({"enabled": True, "shared_selection": True, "token_budget": 1},
+     (True, 1, "auto", "auto", True, 2)),
+    ({"enabled": True, "min_seq_len": None}, (True, 2048, "auto", "auto", False, 4096)),
+    ({"enabled": True, "token_budget": 256, "min_seq_len": 256},
+     (True, 256, "auto", "auto", False, 256)),
+    ({"enabled": True, "selection_layers": [0], "dense_layers": []},
+     (True, 2048, (0,), (), False, 4096)),
+    ({"enabled": True, "selection_layers": [3], "dense_layers": [0, 1, 2, 7]},
+     (True, 2048, (3,), (0, 1, 2, 7), False, 4096)),
+]
+
+
+@pytest.mark.parametrize(("raw", "expected"), GOOD_SPARSE)
+def test_sparse_settings_parse(raw, expected):
+    s = _sparse(**raw)
+    got = (s.enabled, s.token_budget, s.selection_layers, s.dense_layers, s.shared_selection,
+           s.dense_below)
+    assert got == expected
+    assert BitDecodeConfig.from_additional_config(
+        {"bitdecode": {"bits": 2, "sparse": raw}}
+    ).bits == 2
+
+
+BAD_SPARSE = [
+    # (sparse section, words the one-line message must contain)
+    ([True], ["bitdecode.sparse", "dict", "list"]),
+    (True, ["bitdecode.sparse", "dict", "bool"]),
+    ({"enabled": True, "budget": 64}, ["'budget'", "unknown", "bitdecode.sparse"]),
+    ({"enabled": True, "top_k": 64}, ["'top_k'", "unknown"]),
+    ({"token_budget": 64}, ["'enabled'", "token_budget"]),  # settings but no on/off
+    ({"enabled": "yes"}, ["enabled", "'yes'"]),
+    ({"enabled": 1}, ["enabled"]),
+    ({"enabled": True, "token_budget": 0}, ["token_budget", "0", "> 0"]),
+    ({"enabled": True, "token_budget": -5}, ["token_budget", "-5"]),
+    ({"enabled": True, "token_budget": 2048.0}, ["token_budget", "2048.0"]),
+    ({"enabled": True, "token_budget": "2048"}, ["token_budget", "'2048'"]),
+    ({"enabled": True, "token_budget": True}, ["token_budget", "True"]),
+    ({"enabled": True, "token_budget": None}, ["token_budget", "None"]),
+    ({"enabled": True, "shared_selection": "no"}, ["shared_selection", "'no'"]),
+    ({"enabled": True, "min_seq_len": 0}, ["min_seq_len", "0"]),
+    ({"enabled": True, "min_seq_len": 4096.0}, ["min_seq_len", "4096.0"]),
+    ({"enabled": True, "token_budget": 2048, "min_seq_len": 1024},
+     ["min_seq_len=1024", "token_budget=2048"]),
+    ({"enabled": True, "min_seq_len": 100}, ["min_seq_len=100", "token_budget=2048"]),
+    ({"enabled": True, "selection_layers": 2}, ["selection_layers=2", "list"]),
+    ({"enabled": True, "selection_layers": "middle"}, ["selection_layers='middle'", "auto"]),
+    ({"enabled": True, "selection_layers": [2, -1]}, ["selection_layers", "-1", ">= 0"]),
+    ({"enabled": True, "selection_layers": [2, "15"]}, ["selection_layers", "'15'"]),
+    ({"enabled": True, "selection_layers": [2, 15.0]}, ["selection_layers", "15.0"]),
+    ({"enabled": True, "selection_layers": [True]}, ["selection_layers", "True"]),
+    ({"enabled": True, "selection_layers": [2, 2]}, ["selection_layers", "[2]", "more than once"]),
+    ({"enabled": True, "selection_layers": []}, ["selection_layers", "empty"]),
+    ({"enabled": True, "dense_layers": [-2]}, ["dense_layers", "-2"]),
+    ({"enabled": True, "dense_layers": {"0": 1}}, ["dense_layers", "list"]),
+    # both lists given: the layer structure is checked before the model is known
+    ({"enabled": True, "selection_layers": [2, 15], "dense_layers": [0, 1, 2]},
+     ["[2]", "both dense_layers and selection_layers"]),
+    ({"enabled": True, "selection_layers": [5], "dense_layers": [0, 1]},
+     ["[2, 3, 4]", "before the first selection layer (5)", "dense_layers"]),
+    ({"enabled": False, "selection_layers": [2], "dense_layers": [0]},
+     ["[1]", "before the first selection layer"]),  # checked even while off
+]
+
+
+@pytest.mark.parametrize(("raw", "words"), BAD_SPARSE)
+def test_bad_sparse_settings_raise_one_line(raw, words):
+    with pytest.raises(BitDecodeConfigError) as info:
+        BitDecodeConfig.from_additional_config({"bitdecode": {"sparse": raw}})
+    msg = str(info.value)
+    assert "\n" not in msg
+    for word in words:
+        assert word in msg, (word, msg)
+
+
+LAYER_PLANS = [
+    # (sparse section, num_layers, (dense, selection, reuse))
+    ({}, 32, ((0, 1), (2, 13), tuple(i for i in range(3, 32) if i != 13))),  # TidalDecode
+    ({}, 80, ((0, 1), (2, 32), tuple(i for i in range(3, 80) if i != 32))),
+    ({}, 16, ((0, 1), (2, 6), (3, 4, 5, *range(7, 16)))),
+    ({}, 10, ((0, 1), (2, 4), (3, *range(5, 10)))),
+    ({}, 8, ((0, 1), (2,), tuple(range(3, 8)))),  # too shallow for a correction layer
+    ({}, 4, ((0, 1), (2,), (3,))),
+    ({"selection_layers": [2, 15], "dense_layers": [0, 1]}, 32,
+     ((0, 1), (2, 15), tuple(i for i in range(3, 32) if i != 15))),
+    ({"selection_layers": [4]}, 6, ((0, 1, 2, 3), (4,), (5,))),
+    ({"selection_layers": [0]}, 2, ((), (0,), (1,))),
+    ({"selection_layers": [2, 13], "dense_layers": [0, 1, 31]}, 32,
+     ((0, 1, 31), (2, 13), tuple(i for i in range(3, 31) if i != 13))),
+    ({"dense_layers": [0, 1, 5]}, 32, ((0, 1, 5), (2, 13), tuple(
+        i for i in range(3, 32) if i not in (5, 13)))),
+]
+
+
+@pytest.mark.parametrize(("raw", "num_layers", "expected"), LAYER_PLANS)
+def test_layer_plan(raw, num_layers, expected):
+    plan = _sparse(enabled=True, **raw).layer_plan(num_layers)
+    assert (plan.dense, plan.selection, plan.reuse) == expected
+    roles = [plan.role(i) for i in range(num_layers)]
+    assert roles.count("selection") == len(expected[1])
+    assert all(roles[i] == "dense" for i in expected[0])
+    assert all(roles[i] == "reuse" for i in expected[2])
+    first = min(expected[1])
+    assert all(r == "dense" for r in roles[:first])  # nothing reuses before a selection
+    with pytest.raises(BitDecodeConfigError, match="outside"):
+        plan.role(num_layers)
+
+
+BAD_SPARSE_MODELS = [
+    # (sparse section, check_sparse_model arguments, words of the message)
+    ({"selection_layers": [2, 40]}, {"num_layers": 32},
+     ["selection_layers", "[40]", "beyond the model's depth", "32 layers"]),
+    ({"selection_layers": [32]}, {"num_layers": 32}, ["[32]", "beyond"]),
+    ({"dense_layers": [0, 1, 32]}, {"num_layers": 32}, ["dense_layers", "[32]", "beyond"]),
+    ({}, {"num_layers": 3}, ["3 layers", "at least 4"]),
+    ({}, {"num_layers": 1}, ["1 layers", "at least 4"]),
+    ({"dense_layers": [0, 1, 2]}, {"num_layers": 32}, ["[2]", "both"]),  # auto selection: 2
+    ({"dense_layers": [0]}, {"num_layers": 32}, ["[1]", "before the first selection layer (2)"]),
+    ({"selection_layers": [2, 3]}, {"num_layers": 4}, ["every one", "4 layers"]),
+    ({"selection_layers": [1], "dense_layers": [0, 2, 3]}, {"num_layers": 4}, ["every one"]),
+    ({}, {"num_layers": 32, "pipeline_parallel_size": 2}, ["pipeline", "2"]),
+    ({}, {"num_layers": 32, "decode_context_parallel_size": 2}, ["context parallel"]),
+    ({"shared_selection": True}, {"num_layers": 32, "tensor_parallel_size": 2},
+     ["shared_selection", "tensor-parallel-size is 2"]),
+    ({}, {"num_layers": 32, "attention_in_every_layer": False}, ["hybrid"]),
+    ({}, {"num_layers": 32, "max_model_len": 4000}, ["min_seq_len=4096", "4000", "never"]),
+    ({"token_budget": 512, "min_seq_len": 9000}, {"num_layers": 32, "max_model_len": 8192},
+     ["min_seq_len=9000", "8192"]),
+]
+
+
+@pytest.mark.parametrize(("raw", "kwargs", "words"), BAD_SPARSE_MODELS)
+def test_check_sparse_model_rejects(raw, kwargs, words):
+    sparse = _sparse(enabled=True, **raw)
+    with pytest.raises(BitDecodeConfigError) as info:
+        check_sparse_model(sparse, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg
+    for word in words:
+        assert word in msg, (word, msg)
+
+
+@pytest.mark.parametrize(
+    ("raw", "kwargs"),
+    [
+        ({}, {"num_layers": 32}),
+        ({}, {"num_layers": 32, "max_model_len": 4096}),  # exactly min_seq_len: fine
+        ({}, {"num_layers": 32, "tensor_parallel_size": 8}),  # per-head selection and TP
+        ({"token_budget": 256}, {"num_layers": 4, "max_model_len": 512}),
+        ({"shared_selection": True}, {"num_layers": 32, "tensor_parallel_size": 1}),
+    ],
+)
+def test_check_sparse_model_accepts(raw, kwargs):
+    plan = check_sparse_model(_sparse(enabled=True, **raw), **kwargs)
+    assert plan.num_layers == kwargs["num_layers"]
+
+
+def _sparse_vllm_config(sparse, *, num_layers=LLAMA3_8B_LAYERS, max_model_len=131072, pp=1,
+                        tp=1, dcp=1, hybrid=False, **kwargs):
+    vc = _vllm_config({"bitdecode": {"bits": 4, "sparse": sparse}}, **kwargs)
+    vc.model_config.get_total_num_hidden_layers = lambda: num_layers
+    vc.model_config.max_model_len = max_model_len
+    vc.model_config.is_hybrid = hybrid
+    vc.model_config.is_attention_free = False
+    vc.model_config.has_noops = False
+    vc.parallel_config.pipeline_parallel_size = pp
+    vc.parallel_config.tensor_parallel_size = tp
+    vc.parallel_config.decode_context_parallel_size = dcp
+    return vc
+
+
+def test_check_vllm_config_validates_sparse_then_refuses_it():
+    """A valid sparse section passes every check and then stops start-up: the kernels of
+    issue #6 are not built, and decoding densely instead would be a silent fallback."""
+    vc = _sparse_vllm_config({"enabled": True, "token_budget": 1024})
+    with pytest.raises(BitDecodeConfigError, match="not implemented yet"):
+        check_vllm_config(vc)
+    cfg = BitDecodeConfig.from_additional_config(vc.additional_config)
+    assert cfg.sparse.enabled and cfg.sparse.token_budget == 1024
+    assert cfg.sparse.layer_plan(LLAMA3_8B_LAYERS).selection == (2, 13)
+    off = check_vllm_config(_sparse_vllm_config({"enabled": False, "token_budget": 1024}))
+    assert not off.sparse.enabled
+
+
+@pytest.mark.parametrize(
+    ("sparse", "kwargs", "fragment"),
+    [
+        ({"enabled": True, "selection_layers": [2, 40]}, {}, "beyond the model's depth"),
+        ({"enabled": True}, {"num_layers": 3}, "at least 4"),
+        ({"enabled": True}, {"pp": 2}, "pipeline"),
+        ({"enabled": True}, {"dcp": 2}, "context parallel"),
+        ({"enabled": True, "shared_selection": True}, {"tp": 2}, "shared_selection"),
+        ({"enabled": True}, {"hybrid": True}, "hybrid"),
+        ({"enabled": True}, {"max_model_len": 2048}, "never"),
+        ({"enabled": True, "token_budget": 0}, {}, "token_budget"),
+        # settings are checked even without a model config
+        ({"enabled": True, "token_budget": 0}, {"model": False}, "token_budget"),
+        # the model checks of the existing settings still come first
+        ({"enabled": True}, {"head_size": 64}, "head size"),
+    ],
+)
+def test_check_vllm_config_rejects_sparse(sparse, kwargs, fragment):
+    if kwargs.get("model") is False:
+        vc = _vllm_config({"bitdecode": {"sparse": sparse}}, model=False)
+    else:
+        vc = _sparse_vllm_config(sparse, **kwargs)
+    with pytest.raises(BitDecodeConfigError, match=fragment):
+        check_vllm_config(vc)
+
+
+@pytest.mark.parametrize("sparse", [None, {}, {"enabled": False, "selection_layers": [2, 99]}])
+def test_sparse_off_does_not_consult_the_model_depth(sparse):
+    """With sparse off, nothing about the model's layers is asked or checked (layer 99 of
+    a 32-layer model is only an error once sparse is enabled)."""
+    raw = {"bitdecode": {} if sparse is None else {"sparse": sparse}}
+    vc = _vllm_config(raw)
+
+    def depth():
+        raise AssertionError("depth asked with sparse off")
+
+    vc.model_config.get_total_num_hidden_layers = depth
+    assert check_vllm_config(vc).sparse.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"token_budget": 0}, "token_budget"),
+        ({"selection_layers": [3, 3]}, "more than once"),
+        ({"selection_layers": (4,), "dense_layers": (0, 1)}, "before the first selection"),
+        ({"min_seq_len": 10, "token_budget": 11}, "min_seq_len=10"),
+    ],
+)
+def test_sparse_config_made_directly_is_checked_too(kwargs, fragment):
+    with pytest.raises(BitDecodeConfigError, match=fragment):
+        SparseConfig(enabled=True, **kwargs)
+    assert SparseConfig(enabled=True, selection_layers=[9, 2]).selection_layers == (2, 9)
