@@ -1,0 +1,498 @@
+"""Every bad ``bitdecode`` setting and unsupported model property fails at start-up (#8).
+
+One table, run through the start-up path that ``vllm serve`` takes, on the CPU:
+
+1. **config**: the ``vllm serve`` flags of the row go through vLLM's own parser
+   (``EngineArgs.add_cli_args``, ``from_cli_args``) and ``create_engine_config``;
+2. **model init**: the first attention layer(s) of the model are built the way the model's
+   code builds them (vLLM's ``Attention``, ``CrossAttention``, ``EncoderOnlyAttention`` and
+   ``MLAAttention`` classes, with the arguments the Llama / Whisper / BERT / DeepSeek-V2
+   code passes), under ``set_current_vllm_config`` and the model dtype. Inside, vLLM's
+   selector runs the platform's ``get_attn_backend_cls``, which calls
+   ``BitDecodeAttentionBackend.validate_configuration`` (stage **selector**); then vLLM's
+   layer code (stage **layer**) and ``BitDecodeAttentionImpl.__init__`` (stage **impl**:
+   ``check_model`` and ``check_vllm_config``) run;
+3. **block_size**: ``Platform.update_block_size_for_backend`` (which calls the backend's
+   ``get_preferred_block_size``; vLLM runs it after the weights are loaded);
+4. **kv_cache_spec**: each layer's ``get_kv_cache_spec`` (the plugin's patched one).
+
+Each row asserts the exception type, that its message is one line, the words that name
+the problem, and the stage that raised it (so the table also documents where each check
+lives). Everything the table rejects is rejected during model init, before the KV cache
+exists; the GPU-memory half of the issue's requirement ("no GPU memory left allocated")
+needs a GPU and is not checked here.
+
+The platform is a stand-in for vLLM's ``CudaPlatform``, whose module cannot be imported
+without libcuda: it reports the row's device capability, and its ``get_attn_backend_cls``
+is the selected-backend branch of ``CudaPlatform.get_attn_backend_cls`` (the installed
+source is checked to still have that branch and its message).
+
+Parsing of the settings alone is tested in tests/cpu/test_config.py (``BAD_SETTINGS``,
+``BAD_SPARSE``, ``BAD_MODELS``: more values per setting). ``BAD_SETTINGS`` and
+``BAD_SPARSE`` are reused here as they are, through the whole start-up path, rather than
+copied. ``validate_configuration`` alone is tested in
+tests/cpu/test_registration.py.
+
+Known gaps are rows marked ``xfail(strict=True)``: start-ups that should fail and do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import vllm.platforms
+from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
+
+import vllm_bitdecode
+from vllm_bitdecode import config as bd_config
+from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
+from vllm_bitdecode.testing import TINY_LLAMA
+
+from . import test_config
+
+BAD_SETTINGS = test_config.BAD_SETTINGS
+# the nested sparse section's bad values (issue #6), where test_config has them
+BAD_SPARSE = getattr(test_config, "BAD_SPARSE", [])
+
+# ---------------------------------------------------------------- the models
+
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2, **TINY_LLAMA,
+}
+MODELS: dict[str, dict[str, Any]] = {
+    "llama": _LLAMA,
+    # a sliding window over every layer (as Mistral-7B-v0.1's config.json has it): vLLM
+    # copies it into CacheConfig.sliding_window, and each Attention layer takes it from there
+    # (MistralForCausalLM itself cannot be inspected by vLLM without CUDA)
+    "llama-sliding": {**_LLAMA, "sliding_window": 4096},
+    "deepseek_v2": {  # MLA (use_mla is true for this config)
+        "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+        "hidden_size": 1024, "intermediate_size": 2048, "moe_intermediate_size": 256,
+        "num_attention_heads": 8, "num_key_value_heads": 8, "num_hidden_layers": 2,
+        "vocab_size": 32000, "kv_lora_rank": 512, "q_lora_rank": None,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2,
+        "first_k_dense_replace": 1, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16", "rope_theta": 10000.0,
+    },
+    "whisper": {  # encoder-decoder, d=128 heads
+        "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper",
+        "d_model": 512, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+        "encoder_layers": 1, "decoder_layers": 1, "vocab_size": 51865, "num_mel_bins": 80,
+        "max_source_positions": 1500, "max_target_positions": 448,
+        "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024, "torch_dtype": "float16",
+    },
+    "bert": {  # encoder-only (a pooling model), d=128 heads
+        "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 512,
+        "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 1024,
+        "vocab_size": 30522, "max_position_embeddings": 512, "torch_dtype": "float16",
+    },
+}
+MAX_MODEL_LEN = {"whisper": 448, "bert": 512}
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    flags: tuple[str, ...] = ()
+    """``vllm serve`` flags besides MODEL, --attention-backend BITDECODE and
+    --load-format dummy."""
+    model: str = "llama"
+    config: tuple[tuple[str, Any], ...] = ()
+    """config.json overrides."""
+    layer_kwargs: tuple[tuple[str, Any], ...] = ()
+    """Extra arguments of the model's ``Attention(...)`` call (what some models pass)."""
+    capability: tuple[int, int] = (9, 0)
+    platform: str = "cuda"
+    env: tuple[tuple[str, str], ...] = ()
+    error: type[BaseException] | None = None
+    """None: start-up passes every stage (a control row)."""
+    stage: str | None = None
+    words: tuple[str, ...] = ()
+    spec: tuple[int, int, int] = (4, 128, 16)
+    """Control rows: (bits, group_size, block_size) of the KV-cache spec."""
+
+
+def _cfg(**kw: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(kw.items())
+
+
+def _additional(settings: Any) -> tuple[str, ...]:
+    return ("--additional-config", json.dumps({"bitdecode": settings}))
+
+
+BDE = bd_config.BitDecodeConfigError
+
+ROWS: dict[str, Row] = {
+    # ---- controls: the harness lets a good start-up through every stage
+    "ok/llama-bf16": Row(),
+    "ok/fp16-2bit-g64-block64": Row(flags=("--dtype", "float16", "--block-size", "64",
+                                           *_additional({"bits": 2, "group_size": 64})),
+                                    spec=(2, 64, 64)),
+    "ok/kv-cache-dtype-bfloat16": Row(flags=("--kv-cache-dtype", "bfloat16")),
+    # ---- bitdecode settings: one row per key with a wrong type (whatever keys the
+    # dataclass has, see test_every_setting_rejects_a_wrong_type), the values of
+    # test_config.BAD_SETTINGS in test_bad_settings_fail_at_startup
+    # ---- model properties
+    "head-size-64": Row(config=_cfg(head_dim=64), error=ValueError, stage="selector",
+                        words=("BITDECODE", "head_size not supported")),
+    "head-size-256": Row(config=_cfg(head_dim=256), error=ValueError, stage="selector",
+                         words=("BITDECODE", "head_size not supported")),
+    "dtype-float32": Row(flags=("--dtype", "float32"), error=ValueError, stage="selector",
+                         words=("BITDECODE", "dtype not supported")),
+    "kv-cache-dtype-fp8": Row(flags=("--kv-cache-dtype", "fp8"), error=ValueError,
+                              stage="selector",
+                              words=("BITDECODE", "kv_cache_dtype not supported")),
+    "kv-cache-dtype-fp8_e5m2": Row(flags=("--kv-cache-dtype", "fp8_e5m2"), error=ValueError,
+                                   stage="selector",
+                                   words=("BITDECODE", "kv_cache_dtype not supported")),
+    "block-size-8": Row(flags=("--block-size", "8"), error=ValueError, stage="selector",
+                        words=("BITDECODE", "block_size not supported")),
+    "block-size-24": Row(flags=("--block-size", "24"), error=ValueError, stage="selector",
+                         words=("BITDECODE", "block_size not supported")),
+    # a multiple of 16 passes vLLM's check (its kernels may split blocks); BITDECODE's
+    # pages have one fixed size
+    "block-size-256": Row(flags=("--block-size", "256"), error=BDE, stage="impl",
+                          words=("--block-size 256", "supported")),
+    "mla": Row(model="deepseek_v2", error=ValueError, stage="selector",
+               words=("BITDECODE", "MLA not supported")),
+    "sliding-window-all-layers": Row(model="llama-sliding", error=BDE, stage="impl",
+                                     words=("sliding-window", "4096")),
+    "sliding-window-interleaved": Row(
+        config=_cfg(sliding_window=512, layer_types=["sliding_attention", "full_attention"]),
+        error=BDE, stage="impl", words=("sliding-window", "512")),
+    "encoder-decoder": Row(model="whisper", error=BDE, stage="impl",
+                           words=("encoder-decoder",)),
+    "encoder-only": Row(model="bert", error=ValueError, stage="selector",
+                        words=("BITDECODE", "ENCODER_ONLY not supported")),
+    "gqa-32-per-kv-head": Row(config=_cfg(num_attention_heads=64, num_key_value_heads=2,
+                                          hidden_size=8192),
+                              error=BDE, stage="impl", words=("KV heads", "16")),
+    "gqa-17-per-kv-head": Row(config=_cfg(num_attention_heads=17, num_key_value_heads=1,
+                                          hidden_size=2176),
+                              error=BDE, stage="impl", words=("KV heads", "16")),
+    # properties that the model code passes to Attention(...)
+    "alibi": Row(layer_kwargs=_cfg(alibi_slopes=[0.5] * 8), error=BDE, stage="impl",
+                 words=("ALiBi",)),  # Bloom, MPT, Baichuan-13B
+    "alibi-sqrt": Row(layer_kwargs=_cfg(use_alibi_sqrt=True), error=ValueError, stage="layer",
+                      words=("use_alibi_sqrt", "BITDECODE")),
+    "logits-soft-cap": Row(layer_kwargs=_cfg(logits_soft_cap=50.0), error=BDE, stage="impl",
+                           words=("soft-capping",)),  # Gemma-2, Grok
+    "attention-sinks": Row(layer_kwargs=_cfg(sinks="zeros"), error=ValueError,
+                           stage="selector",
+                           words=("BITDECODE", "attention sinks not supported")),  # gpt-oss
+    "kv-sharing": Row(layer_kwargs=_cfg(kv_sharing_target_layer_name="model.layers.0.attn"),
+                      error=BDE, stage="impl", words=("KV sharing",)),  # Gemma-3n
+    "batch-invariant": Row(env=(("VLLM_BATCH_INVARIANT", "1"),), error=ValueError,
+                           stage="selector",
+                           words=("BITDECODE", "batch invariance not supported")),
+    # the kernels are built for sm_90a
+    "gpu-sm80": Row(capability=(8, 0), error=ValueError, stage="selector",
+                    words=("BITDECODE", "compute capability not supported")),
+    "gpu-sm89": Row(capability=(8, 9), error=ValueError, stage="selector",
+                    words=("BITDECODE", "compute capability not supported")),
+    "gpu-sm100": Row(capability=(10, 0), error=ValueError, stage="selector",
+                     words=("BITDECODE", "compute capability not supported")),
+    "gpu-sm120": Row(capability=(12, 0), error=ValueError, stage="selector",
+                     words=("BITDECODE", "compute capability not supported")),
+    # ---- gaps: these start and should not (see the reasons)
+    "gap/rocm-mi300": Row(platform="rocm", capability=(9, 4), error=ValueError,
+                          stage="selector", words=("BITDECODE",)),
+    "gap/value-head-size": Row(layer_kwargs=_cfg(head_size_v=64), error=BDE,
+                               words=("head size",)),
+}
+
+GAPS = {
+    "gap/rocm-mi300": (
+        "supports_compute_capability checks only major == 9; ROCm reports gfx942 (MI300) "
+        "as 9.4 and gfx90a (MI200) as 9.0, so BITDECODE passes vLLM's check there and "
+        "fails later when the CUDA extension loads; it should also require "
+        "current_platform.is_cuda() (or capability == (9, 0) on CUDA)"),
+    "gap/value-head-size": (
+        "a V head size other than the K head size (Attention(head_size_v=...), e.g. "
+        "MiMo-V2-Flash) reaches neither validate_configuration nor the impl, and the "
+        "patched get_kv_cache_spec sets head_size_v=head_size; it should raise there"),
+}
+
+
+def _params(rows: dict[str, Row]) -> list:
+    out = []
+    for name, row in rows.items():
+        marks = [pytest.mark.xfail(strict=True, reason=GAPS[name])] if name in GAPS else []
+        out.append(pytest.param(row, id=name, marks=marks))
+    return out
+
+
+# ---------------------------------------------------------------- the platform stand-in
+
+
+class _StandInPlatform(Platform):
+    """vLLM's CudaPlatform (or RocmPlatform), as far as start-up asks of it."""
+
+    _enum = PlatformEnum.CUDA
+    device_name = "cuda"
+    device_type = "cuda"
+    dispatch_key = "CUDA"
+    capability = DeviceCapability(9, 0)
+
+    @classmethod
+    def get_device_capability(cls, device_id: int = 0) -> DeviceCapability:
+        return cls.capability
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        # the selected-backend branch of CudaPlatform.get_attn_backend_cls (vLLM 0.20);
+        # RocmPlatform's is the same. test_stand_in_matches_cuda_platform checks the source.
+        device_capability = cls.get_device_capability()
+        assert selected_backend is not None, "the rows always select BITDECODE"
+        try:
+            backend_class = selected_backend.get_class()
+            invalid_reasons = backend_class.validate_configuration(
+                device_capability=device_capability,
+                **attn_selector_config._asdict(),
+            )
+        except ImportError:
+            invalid_reasons = ["ImportError"]
+        if invalid_reasons:
+            raise ValueError(
+                f"Selected backend {selected_backend} is not valid for "
+                f"this configuration. Reason: {invalid_reasons}"
+            )
+        return selected_backend.get_path()
+
+
+def _swap_platform(old: object, new: object) -> None:
+    """Point ``vllm.platforms.current_platform`` and every module that imported it at
+    ``new`` (modules bind it at import time)."""
+    vllm.platforms.current_platform = new
+    for mod in list(sys.modules.values()):
+        if mod is not vllm.platforms and getattr(mod, "current_platform", None) is old:
+            mod.current_platform = new
+
+
+@pytest.fixture(scope="module")
+def platform():
+    """The stand-in platform, installed for this module, then the original restored
+    (also in modules first imported while the stand-in was installed)."""
+    vllm_bitdecode.register()
+    from vllm.engine.arg_utils import EngineArgs  # noqa: F401  (bind before the swap)
+    from vllm.model_executor.layers.attention import attention  # noqa: F401
+
+    original = vllm.platforms.current_platform
+    stand_in = _StandInPlatform()
+    _swap_platform(original, stand_in)
+    try:
+        yield stand_in
+    finally:
+        _swap_platform(stand_in, original)
+
+
+@pytest.fixture
+def startup(platform, tmp_path, monkeypatch):
+    """startup(row) -> (stage that raised, exception, []) or (None, None, KV-cache specs)."""
+    from vllm.v1.attention import selector
+    from vllm.v1.attention.backends import fa_utils
+
+    # BitDecodeAttentionImpl takes FlashAttention's entry point, which vLLM defines on
+    # CUDA platforms only; a stub lets the control rows finish the impl on the CPU
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", lambda **kw: None, raising=False)
+    monkeypatch.setattr(bd_config, "_active", None)
+    selector._cached_get_attn_backend.cache_clear()
+
+    def run(row: Row):
+        monkeypatch.setattr(type(platform), "capability", DeviceCapability(*row.capability))
+        monkeypatch.setattr(type(platform), "_enum", PlatformEnum[row.platform.upper()])
+        for key, value in row.env:
+            monkeypatch.setenv(key, value)
+        try:
+            return _startup(row, tmp_path)
+        finally:
+            selector._cached_get_attn_backend.cache_clear()
+
+    return run
+
+
+def _model_dir(row: Row, tmp_path: Path) -> Path:
+    path = tmp_path / "model"
+    path.mkdir(exist_ok=True)
+    (path / "config.json").write_text(json.dumps({**MODELS[row.model], **dict(row.config)}))
+    return path
+
+
+def _engine_config(row: Row, model: Path):
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm serve"))
+    argv = ["--model", str(model), "--attention-backend", "BITDECODE",
+            "--load-format", "dummy", "--skip-tokenizer-init",
+            "--max-model-len", str(MAX_MODEL_LEN.get(row.model, 2048)), *row.flags]
+    return EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
+
+
+def _build_layers(row: Row, vllm_config) -> list:
+    """The first attention layer(s) of the row's model, as its vLLM code builds them."""
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.model_executor.layers.attention.cross_attention import CrossAttention
+    from vllm.model_executor.layers.attention.encoder_only_attention import (
+        EncoderOnlyAttention,
+    )
+    from vllm.model_executor.layers.attention.mla_attention import MLAAttention
+    from vllm.v1.attention.backend import AttentionType
+
+    mc, cache = vllm_config.model_config, vllm_config.cache_config
+    hf = mc.hf_text_config
+    heads = mc.get_num_attention_heads(vllm_config.parallel_config)
+    kv_heads = mc.get_num_kv_heads(vllm_config.parallel_config)
+    head_size = mc.get_head_size()
+    scale = head_size**-0.5
+    extra = dict(row.layer_kwargs)
+    if extra.get("sinks") == "zeros":
+        extra["sinks"] = torch.zeros(heads)
+    if row.model in ("llama", "llama-sliding"):  # LlamaAttention
+        layer_types = getattr(hf, "layer_types", None)
+        window = hf.sliding_window if layer_types and layer_types[0] == "sliding_attention" \
+            else None
+        return [Attention(heads, head_size, scale, num_kv_heads=kv_heads, cache_config=cache,
+                          quant_config=None, per_layer_sliding_window=window,
+                          attn_type=AttentionType.DECODER,
+                          prefix="model.layers.0.self_attn.attn", **extra)]
+    if row.model == "deepseek_v2":  # DeepseekV2MLAAttention -> MLAAttention
+        # kv_b_proj is only stored before the backend is chosen
+        return [MLAAttention(heads, hf.qk_nope_head_dim**-0.5, hf.qk_nope_head_dim,
+                             hf.qk_rope_head_dim, hf.v_head_dim, hf.q_lora_rank,
+                             hf.kv_lora_rank, kv_b_proj=None, cache_config=cache,
+                             prefix="model.layers.0.self_attn.mla_attn")]
+    if row.model == "whisper":  # WhisperDecoderLayer: self-attention, then cross-attention
+        self_attn = Attention(heads, head_size, scale, num_kv_heads=heads, cache_config=cache,
+                              quant_config=None, prefix="model.decoder.layers.0.self_attn.attn",
+                              attn_type=AttentionType.DECODER)
+        cross = CrossAttention(heads, head_size, scale, num_kv_heads=heads, cache_config=cache,
+                               quant_config=None,
+                               prefix="model.decoder.layers.0.encoder_attn.attn",
+                               attn_type=AttentionType.ENCODER_DECODER)
+        return [self_attn, cross]
+    if row.model == "bert":  # BertSelfAttention
+        return [EncoderOnlyAttention(num_heads=heads, head_size=head_size, scale=scale,
+                                     num_kv_heads=kv_heads, cache_config=cache,
+                                     quant_config=None,
+                                     prefix="encoder.layer.0.attention.self.attn")]
+    raise AssertionError(row.model)
+
+
+def _model_init_stage(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if any(f.name == "get_attn_backend_cls" for f in frames):
+        return "selector"
+    if any(f.filename.endswith("vllm_bitdecode/backend/impl.py") for f in frames):
+        return "impl"
+    return "layer"
+
+
+def _startup(row: Row, tmp_path: Path):
+    from vllm.config import set_current_vllm_config
+    from vllm.utils.torch_utils import set_default_torch_dtype
+
+    try:
+        vllm_config = _engine_config(row, _model_dir(row, tmp_path))
+    except Exception as exc:
+        return "config", exc, []
+    layers: list = []
+    with set_current_vllm_config(vllm_config), \
+            set_default_torch_dtype(vllm_config.model_config.dtype):
+        try:
+            layers = _build_layers(row, vllm_config)
+        except Exception as exc:
+            return _model_init_stage(exc), exc, []
+    try:  # vLLM runs this in the worker after load_model
+        type(vllm.platforms.current_platform).update_block_size_for_backend(vllm_config)
+    except Exception as exc:
+        return "block_size", exc, []
+    try:
+        specs = [layer.get_kv_cache_spec(vllm_config) for layer in layers]
+    except Exception as exc:
+        return "kv_cache_spec", exc, []
+    return None, None, specs
+
+
+def _assert_one_clear_line(exc: BaseException, words: tuple[str, ...]) -> None:
+    msg = str(exc)
+    assert msg.strip() and "\n" not in msg, f"not one line: {msg!r}"
+    for word in words:
+        assert word in msg, f"{word!r} not in {msg!r}"
+
+
+# ---------------------------------------------------------------- the tests
+
+
+@pytest.mark.parametrize("row", _params(ROWS))
+def test_startup(startup, row):
+    stage, exc, specs = startup(row)
+    if row.error is None:
+        assert exc is None, f"control row failed at {stage}: {exc!r}"
+        (spec,) = specs
+        assert type(spec) is BitDecodeAttentionSpec, spec  # the packed page, not bf16's
+        assert (spec.bits, spec.group_size, spec.block_size) == row.spec
+        return
+    assert exc is not None, f"start-up passed every stage; expected {row.error.__name__}"
+    assert isinstance(exc, row.error), f"{stage}: {exc!r}"
+    _assert_one_clear_line(exc, row.words)
+    if row.stage is not None:
+        assert stage == row.stage, f"raised at {stage}, expected {row.stage}: {exc}"
+
+
+@pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS)
+def test_bad_settings_fail_at_startup(startup, raw, words):
+    """test_config.BAD_SETTINGS, given as ``--additional-config``: rejected when the first
+    attention layer is built, with test_config's words."""
+    row = Row(flags=("--additional-config", json.dumps(raw)))
+    stage, exc, _ = startup(row)
+    assert isinstance(exc, BDE), f"{stage}: {exc!r}"
+    assert stage == "impl"
+    _assert_one_clear_line(exc, tuple(words))
+
+
+@pytest.mark.skipif(not BAD_SPARSE, reason="no sparse settings in this version")
+@pytest.mark.parametrize(("raw", "words"), BAD_SPARSE)
+def test_bad_sparse_settings_fail_at_startup(startup, raw, words):
+    """test_config.BAD_SPARSE, given as ``--additional-config``, the same way."""
+    stage, exc, _ = startup(Row(flags=_additional({"sparse": raw})))
+    assert isinstance(exc, BDE), f"{stage}: {exc!r}"
+    assert stage == "impl"
+    _assert_one_clear_line(exc, tuple(words))
+
+
+@pytest.mark.parametrize("key", [f.name for f in dataclasses.fields(bd_config.BitDecodeConfig)])
+def test_every_setting_rejects_a_wrong_type(startup, key):
+    """Every key of the ``bitdecode`` section (whatever keys BitDecodeConfig has) rejects a
+    value of the wrong type at start-up, naming the key."""
+    row = Row(flags=_additional({key: ["not", "a value"]}))
+    stage, exc, _ = startup(row)
+    assert isinstance(exc, BDE), f"{key}: start-up {stage}: {exc!r}"
+    assert stage == "impl"
+    _assert_one_clear_line(exc, (f"bitdecode.{key}",))
+
+
+def test_stand_in_matches_cuda_platform():
+    """The stand-in's get_attn_backend_cls is CudaPlatform's selected-backend branch."""
+    source = (Path(vllm.__file__).parent / "platforms" / "cuda.py").read_text()
+    start = source.index("def get_attn_backend_cls(")
+    body = source[start:source.index("def ", start + 10)]
+    for line in ("if selected_backend is not None:",
+                 "backend_class = selected_backend.get_class()",
+                 "invalid_reasons = backend_class.validate_configuration(",
+                 "device_capability=device_capability,",
+                 "**attn_selector_config._asdict(),",
+                 'f"Selected backend {selected_backend} is not valid for "',
+                 'f"this configuration. Reason: {invalid_reasons}"'):
+        assert line in body, f"CudaPlatform.get_attn_backend_cls changed: {line!r} missing"
