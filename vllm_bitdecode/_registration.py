@@ -91,6 +91,12 @@ def patch_kv_cache_spec() -> None:
         from vllm_bitdecode import config
 
         cfg = config.check_vllm_config(vllm_config)
+        head_size_v = getattr(self, "head_size_v", self.head_size)
+        if head_size_v != self.head_size:
+            raise config.BitDecodeConfigError(
+                f"V head size {head_size_v} differs from K head size {self.head_size}: "
+                "BITDECODE pages hold K and V of one head size (model type)"
+            )
         return BitDecodeAttentionSpec(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,

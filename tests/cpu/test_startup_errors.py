@@ -205,24 +205,16 @@ ROWS: dict[str, Row] = {
                      words=("BITDECODE", "compute capability not supported")),
     "gpu-sm120": Row(capability=(12, 0), error=ValueError, stage="selector",
                      words=("BITDECODE", "compute capability not supported")),
-    # ---- gaps: these start and should not (see the reasons)
-    "gap/rocm-mi300": Row(platform="rocm", capability=(9, 4), error=ValueError,
-                          stage="selector", words=("BITDECODE",)),
-    "gap/value-head-size": Row(layer_kwargs=_cfg(head_size_v=64), error=BDE,
-                               words=("head size",)),
+    "rocm-mi300": Row(platform="rocm", capability=(9, 4), error=ValueError,
+                      stage="selector", words=("BITDECODE",)),
+    "rocm-mi200": Row(platform="rocm", capability=(9, 0), error=ValueError,
+                      stage="selector", words=("BITDECODE",)),
+    "value-head-size": Row(layer_kwargs=_cfg(head_size_v=64), error=BDE,
+                           words=("V head size 64", "K head size 128")),
 }
 
-GAPS = {
-    "gap/rocm-mi300": (
-        "supports_compute_capability checks only major == 9; ROCm reports gfx942 (MI300) "
-        "as 9.4 and gfx90a (MI200) as 9.0, so BITDECODE passes vLLM's check there and "
-        "fails later when the CUDA extension loads; it should also require "
-        "current_platform.is_cuda() (or capability == (9, 0) on CUDA)"),
-    "gap/value-head-size": (
-        "a V head size other than the K head size (Attention(head_size_v=...), e.g. "
-        "MiMo-V2-Flash) reaches neither validate_configuration nor the impl, and the "
-        "patched get_kv_cache_spec sets head_size_v=head_size; it should raise there"),
-}
+# Start-ups that should fail and do not: rows marked xfail(strict=True) with the reason.
+GAPS: dict[str, str] = {}
 
 
 def _params(rows: dict[str, Row]) -> list:

@@ -72,7 +72,11 @@ class BitDecodeAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_compute_capability(cls, capability) -> bool:
-        return capability.major == 9  # the kernels are built for sm_90a (H100 / H200)
+        # the kernels are built for sm_90a (H100 / H200); ROCm reports 9.x too (MI200 as
+        # 9.0, MI300 as 9.4), and those are not NVIDIA GPUs
+        from vllm.platforms import current_platform
+
+        return not current_platform.is_rocm() and (capability.major, capability.minor) == (9, 0)
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
