@@ -80,9 +80,10 @@ class BitDecodeAttentionBackend(AttentionBackend):
 
     @classmethod
     def get_preferred_block_size(cls, default_block_size: int) -> int:
-        # vLLM calls this in every worker, with the engine's config current, right after
-        # the device is set up and before weights or KV cache are allocated: the place
-        # to reject a bad setting with one clear line.
+        # vLLM calls this in every worker with the engine's config current, after the
+        # model is loaded and before the KV cache is allocated. Model properties were
+        # already checked when the attention layers were built (Impl.__init__); this is
+        # where the settings are parsed and recorded for the static methods.
         from vllm.config import get_current_vllm_config_or_none
 
         vllm_config = get_current_vllm_config_or_none()
