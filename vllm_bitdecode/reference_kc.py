@@ -62,22 +62,24 @@ class KCPageLayout:
     def row_bytes(self) -> int:
         return self.fmt.row_bytes
 
+    # K and V rows sit where they sit in the per-token page; V's per-token parameters
+    # start where that page's (K, V) parameters start
     @property
     def k_rows_offset(self) -> int:
-        return 0
+        return self.fmt.k_rows_offset
 
     @property
     def v_rows_offset(self) -> int:
-        return self.block_size * self.row_bytes
+        return self.fmt.v_rows_offset
 
     @property
     def v_params_offset(self) -> int:
-        return 2 * self.block_size * self.row_bytes
+        return self.fmt.params_offset
 
     @property
     def v_param_bytes_per_token(self) -> int:
-        """V (scale, zero) of every group of one token."""
-        return self.fmt.groups * 2 * PARAM_BYTES
+        """V (scale, zero) of every group of one token: half the per-token page's."""
+        return self.fmt.param_bytes_per_token // 2
 
     @property
     def k_params_offset(self) -> int:
