@@ -28,6 +28,24 @@ class BitDecodeConfigError(ValueError):
     """A setting or a model property that BITDECODE cannot serve."""
 
 
+def _section(raw: Any, cls: type, where: str, keys_where: str) -> dict[str, Any]:
+    """``raw`` as the keyword arguments of dataclass ``cls``, or one error line naming
+    ``where`` (not a dict) or ``keys_where`` (unknown keys)."""
+    if not isinstance(raw, Mapping):
+        raise BitDecodeConfigError(f"{where} must be a dict, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise BitDecodeConfigError(
+            f"unknown {keys_where} setting(s) {unknown}; valid settings are {sorted(known)}"
+        )
+    return dict(raw)
+
+
+def _unsupported(where: str, value: object, allowed: object) -> BitDecodeConfigError:
+    return BitDecodeConfigError(f"{where}={value!r} is not supported; allowed: {allowed}")
+
+
 # ---- sparse decode (issue #6) -----------------------------------------------------------
 SPARSE_KEY = "sparse"
 AUTO = "auto"
@@ -97,14 +115,7 @@ class SparseConfig:
     @classmethod
     def from_raw(cls, raw: Any) -> SparseConfig:
         where = f"{CONFIG_KEY}.{SPARSE_KEY}"
-        if not isinstance(raw, Mapping):
-            raise BitDecodeConfigError(f"{where} must be a dict, got {type(raw).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise BitDecodeConfigError(
-                f"unknown {where} setting(s) {unknown}; valid settings are {sorted(known)}"
-            )
+        raw = _section(raw, cls, where, where)
         if raw and "enabled" not in raw:
             raise BitDecodeConfigError(
                 f"{where} sets {sorted(raw)} but not 'enabled'; add \"enabled\": true "
@@ -125,11 +136,8 @@ class SparseConfig:
 
     def _check_values(self) -> None:
         def bad(name: str, allowed: object) -> BitDecodeConfigError:
-            value = getattr(self, name)
-            return BitDecodeConfigError(
-                f"{CONFIG_KEY}.{SPARSE_KEY}.{name}={value!r} is not supported; allowed: "
-                f"{allowed}"
-            )
+            return _unsupported(f"{CONFIG_KEY}.{SPARSE_KEY}.{name}", getattr(self, name),
+                                allowed)
 
         if not isinstance(self.enabled, bool):
             raise bad("enabled", [True, False])
@@ -210,10 +218,7 @@ def _layer_list(name: str, value: Any) -> tuple[int, ...] | str:
     if value == AUTO:
         return AUTO
     if not isinstance(value, (list, tuple)):
-        raise BitDecodeConfigError(
-            f"{where}={value!r} is not supported; allowed: a list of layer indices or "
-            f"{AUTO!r}"
-        )
+        raise _unsupported(where, value, f"a list of layer indices or {AUTO!r}")
     for i in value:
         if type(i) is not int or i < 0:
             raise BitDecodeConfigError(
@@ -288,17 +293,7 @@ class BitDecodeConfig:
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> BitDecodeConfig:
         raw = (additional_config or {}).get(CONFIG_KEY, {})
-        if not isinstance(raw, Mapping):
-            raise BitDecodeConfigError(
-                f"additional_config['{CONFIG_KEY}'] must be a dict, got {type(raw).__name__}"
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise BitDecodeConfigError(
-                f"unknown {CONFIG_KEY} setting(s) {unknown}; valid settings are {sorted(known)}"
-            )
-        values = dict(raw)
+        values = _section(raw, cls, f"additional_config['{CONFIG_KEY}']", CONFIG_KEY)
         if SPARSE_KEY in values:
             values[SPARSE_KEY] = SparseConfig.from_raw(values[SPARSE_KEY])
         cfg = cls(**values)
@@ -307,10 +302,7 @@ class BitDecodeConfig:
 
     def _check_values(self) -> None:
         def bad(name: str, allowed: object) -> BitDecodeConfigError:
-            value = getattr(self, name)
-            return BitDecodeConfigError(
-                f"{CONFIG_KEY}.{name}={value!r} is not supported; allowed: {allowed}"
-            )
+            return _unsupported(f"{CONFIG_KEY}.{name}", getattr(self, name), allowed)
 
         if type(self.bits) is not int or self.bits not in page_format.SUPPORTED_BITS:
             raise bad("bits", list(page_format.SUPPORTED_BITS))
