@@ -145,3 +145,22 @@ def test_match_rows_by_position_picks_the_right_request_of_a_batch():
     test["rows"][-1] = _running_means(200, seed=3)[-1]
     errs, _ = testing.match_rows_by_position(test, ref)
     assert float(errs[-1]) > 0.5
+
+
+def test_greedy_equal_up_to_ties():
+    ref = [[1, 2, 3], [4, 5, 6]]
+    lps = [[{1: -0.1, 9: -3.0}, {2: -0.5, 7: -0.51}, {3: -0.1, 8: -2.0}],
+           [{4: -0.1, 9: -3.0}, {5: -0.1, 9: -3.0}, {6: -0.1, 9: -3.0}]]
+    assert testing.assert_greedy_equal_up_to_ties(ref, ref, lps, 3, "same") == 0
+    # request 0 takes the runner-up where the reference's two best are 0.01 apart
+    assert testing.assert_greedy_equal_up_to_ties([[1, 7, 0], [4, 5, 6]], ref, lps, 3,
+                                                  "tie") == 1
+    with pytest.raises(AssertionError, match="token 9 instead of 5"):  # no tie there
+        testing.assert_greedy_equal_up_to_ties([[1, 2, 3], [4, 9, 6]], ref, lps, 3, "x")
+    with pytest.raises(AssertionError, match="did not finish"):
+        testing.assert_greedy_equal_up_to_ties([[1, 2], [4, 5, 6]], ref, lps, 3, "x")
+    many = [[1, 2, 3]] * 9
+    many_lps = [[{1: -0.1, 9: -0.11}, {2: -0.1}, {3: -0.1}]] * 9
+    with pytest.raises(AssertionError, match="2 requests diverged"):
+        testing.assert_greedy_equal_up_to_ties([[9, 2, 3]] * 2 + many[2:], many, many_lps, 3,
+                                               "many")

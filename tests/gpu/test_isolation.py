@@ -22,9 +22,9 @@ One engine (CUDA graphs, prefix caching, chunked prefill in steps of 2,048 token
   cache for all its full blocks.
 
 Checked: every request of both mixed runs gives the greedy tokens it gave alone, with the
-tie rule of test_serving.py / test_tensor_parallel.py (a request may take the runner-up
-once, at a step where its two best log-probabilities are within TIE_LOGPROB, after which
-it is not compared; at most one request in 8); no answer is a number that appears only in
+tie rule of ``vllm_bitdecode.testing.assert_greedy_equal_up_to_ties`` (a request may take
+the runner-up once, at a step where its two best log-probabilities are within 0.02, after
+which it is not compared; at most one request in 8); no answer is a number that appears only in
 another request's prompt; the model answers >= 90% of the prompts right when alone (so the
 answers do depend on each prompt); the comparison is not blind (request i's tokens differ
 from request j's for almost all pairs); and the cache hits happened (num_cached_tokens).
@@ -43,14 +43,13 @@ import re
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import run_in_subprocess
+from vllm_bitdecode.testing import assert_greedy_equal_up_to_ties, run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 
 BITS = [int(b) for b in os.environ.get("BITDECODE_ISOLATION_BITS", "4").split(",") if b]
 GEN = data.ANSWER_MAX_TOKENS
 TOP = 2
-TIE_LOGPROB = 0.02  # as in test_tensor_parallel.py
 BLOCK = 16
 MAX_LEN = data.MAX_CONTEXT
 SHARED_PREFIXES = (512, 1536, 3072)
@@ -162,23 +161,6 @@ def _alone(res: dict, n: int, key: str) -> list:
     return [res["jobs"][f"alone.{i}"][key][0] for i in range(n)]
 
 
-def _assert_same_greedy(tokens: list, ref_tokens: list, ref_logprobs: list, what: str) -> int:
-    ties = 0
-    for i, (a_toks, b_toks) in enumerate(zip(tokens, ref_tokens, strict=True)):
-        assert len(a_toks) == len(b_toks) == GEN, f"{what}: request {i} did not finish"
-        for step, (a, b) in enumerate(zip(a_toks, b_toks, strict=True)):
-            if a == b:
-                continue
-            top = sorted(ref_logprobs[i][step].values(), reverse=True)
-            assert len(top) >= 2 and top[0] - top[1] < TIE_LOGPROB, (
-                f"{what}: request {i}, step {step}: token {a} instead of {b} "
-                f"(its log-probs alone: {top})")
-            ties += 1
-            break  # the contexts differ from here on
-    assert ties <= max(1, len(tokens) // 8), f"{what}: {ties} requests diverged at ties"
-    return ties
-
-
 def _digits(tok, tokens: list[int]) -> str:
     m = re.search(r"\d+", tok.decode(tokens))
     return m.group(0) if m else ""
@@ -221,8 +203,9 @@ def test_batched_answers_equal_alone(workload, runs, bits, job):
     order = order1 if job == "mixed" else order2
     tokens = _unshuffle(res["jobs"][job], order, "tokens")
     cached = _unshuffle(res["jobs"][job], order, "num_cached_tokens")
-    ties = _assert_same_greedy(tokens, _alone(res, n, "tokens"), _alone(res, n, "logprobs"),
-                               f"{job} vs alone ({bits}-bit)")
+    ties = assert_greedy_equal_up_to_ties(tokens, _alone(res, n, "tokens"),
+                                          _alone(res, n, "logprobs"), GEN,
+                                          f"{job} vs alone ({bits}-bit)")
     assert _foreign(workload, tokens) == [], "an answer came from another request's prompt"
     assert res["jobs"][job]["finish_reasons"] == ["length"] * n
     hits = sum(c > 0 for c in cached)
