@@ -45,7 +45,6 @@ import random
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +57,10 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # vllm_bitdecode without an install, as in quality.py
     sys.path.insert(0, str(ROOT))
+
+from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
+from vllm_bitdecode.testing import child_processes, free_port, process_alive  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 SERVED_NAME = "bitdecode-soak"
 
@@ -905,12 +908,6 @@ class MemorySampler:
 # ---------------------------------------------------------------- the server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def server_command(args: argparse.Namespace, model_dir: str, port: int) -> list[str]:
     if args.server_cmd:
         return shlex.split(args.server_cmd.format(port=port, model=model_dir))
@@ -941,24 +938,6 @@ def _has_chat_template(model_dir: Path) -> bool:
     return bool(cfg.get("chat_template")) or (model_dir / "chat_template.jinja").exists()
 
 
-def _children(pid: int) -> list:
-    try:
-        import psutil
-
-        return psutil.Process(pid).children(recursive=True)
-    except Exception:  # noqa: BLE001 - psutil missing or the process gone
-        return []
-
-
-def _alive(proc) -> bool:
-    try:
-        import psutil
-
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def scan_log(text: str) -> dict[str, Any]:
     """Tracebacks and ERROR lines in the server log."""
     lines = text.splitlines()
@@ -985,9 +964,9 @@ def stop_server(proc: subprocess.Popen, children: list, timeout: float = 60) -> 
             out["killed"] = True
     out["exit_code"] = proc.returncode
     end = time.monotonic() + 30
-    while any(_alive(c) for c in children) and time.monotonic() < end:
+    while any(process_alive(c) for c in children) and time.monotonic() < end:
         time.sleep(0.5)
-    left = [c for c in children if _alive(c)]
+    left = [c for c in children if process_alive(c)]
     for c in left:
         with contextlib.suppress(Exception):
             c.kill()
@@ -1055,24 +1034,6 @@ def _make_dummy_model(path: Path) -> None:
     subprocess.run([sys.executable, "-m", "vllm_bitdecode.testing", "make-model", str(path),
                     "--tiny"], check=True, capture_output=True, text=True, timeout=300,
                    cwd=str(ROOT))
-
-
-def _git_commit() -> str:
-    try:
-        from vllm_bitdecode.provenance import git_commit
-
-        return git_commit()
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
-def _slug(name: str) -> str:
-    try:
-        from vllm_bitdecode.provenance import gpu_slug
-
-        return gpu_slug(name)
-    except Exception:  # noqa: BLE001
-        return name.replace("NVIDIA ", "").replace(" ", "_").lower()
 
 
 def _vllm_version() -> str | None:
@@ -1164,7 +1125,7 @@ async def _soak(args: argparse.Namespace, result: dict[str, Any], base: str,
         result["_log_at_healthy"] = log_path.stat().st_size
         result["startup_s"] = time.monotonic() - result["_t_launch"]
         print(f"[soak] server up in {result['startup_s']:.1f} s", flush=True)
-        result["_children"] = _children(proc.pid)
+        result["_children"] = child_processes(proc.pid)
 
         specs = probe_specs(source, args.max_model_len)
         before = await run_probes(client, specs, source, SERVED_NAME, args.request_timeout)
@@ -1219,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = None if args.no_gpu_memory else GpuMemory()
     device = gpu.name if gpu and gpu.available else "unknown"
-    slug = _slug(device) if device != "unknown" else "unknown"
+    slug = gpu_slug(device) if device != "unknown" else "unknown"
     suffix = "_quick" if args.quick else ""
     out = Path(args.out) if args.out else RESULTS / f"soak_{slug}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -1228,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "benchmark": "soak", "device": device,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _git_commit(), "vllm": _vllm_version(),
+        "commit": git_commit(), "vllm": _vllm_version(),
         "settings": {
             "quick": args.quick, "duration_s": args.duration, "clients": args.clients,
             "warmup_s": args.warmup_s, "mem_interval_s": args.mem_interval_s,
@@ -1279,7 +1240,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
                 log_at_sigterm = log_path.stat().st_size
                 result["shutdown"] = stop_server(proc, result.pop("_children", []) or
-                                                 _children(proc.pid))
+                                                 child_processes(proc.pid))
                 print(f"[soak] server stopped: {result['shutdown']}", flush=True)
             if sampler is not None:
                 end = time.monotonic() + 30

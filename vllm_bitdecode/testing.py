@@ -399,6 +399,35 @@ def _throughput(llm, sampling_params_cls, cfg: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def free_port() -> int:
+    """A free TCP port on loopback, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_processes(pid: int) -> list:
+    """psutil handles of a server's descendants (its engine core), [] if it is gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def process_alive(proc) -> bool:
+    """A psutil process that is still running and not a zombie."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 TIE_LOGPROB = 0.02  # two best log-probabilities closer than this are a tie
 
 

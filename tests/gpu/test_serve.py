@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from vllm_bitdecode.testing import write_model_dir
+from vllm_bitdecode.testing import (
+    child_processes,
+    free_port,
+    process_alive,
+    write_model_dir,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -38,12 +42,6 @@ def test_serve_help_lists_bitdecode():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BITDECODE" in out.stdout and "FLASH_ATTN" in out.stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -103,30 +101,12 @@ class Server:
         return AutoTokenizer.from_pretrained(str(self.model))
 
 
-def _children(pid: int) -> list:
-    import psutil
-
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _alive(proc) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("serve")
     model = write_model_dir(tmp / "llama", num_hidden_layers=2, vocab_size=32000,
                             max_position_embeddings=4096)
-    port = _free_port()
+    port = free_port()
     log_path = tmp / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(
@@ -147,7 +127,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
             except OSError:
                 assert time.time() < deadline, "server did not come up:\n" + _errors(srv.log())
                 time.sleep(2)
-        srv.children = _children(proc.pid)
+        srv.children = child_processes(proc.pid)
         yield srv
     finally:
         if proc.poll() is None:
@@ -158,7 +138,7 @@ def server(tmp_path_factory) -> Iterator[Server]:
                 proc.kill()
                 proc.wait(timeout=30)
         for child in srv.children:  # the engine process, if it lingers
-            if _alive(child):
+            if process_alive(child):
                 child.kill()
         log.close()
 
@@ -253,7 +233,7 @@ def test_server_shuts_down_on_sigterm(server):
         pytest.fail("vllm serve did not exit within 60 s of SIGTERM")
     print(f"vllm serve exited with code {code}")
     deadline = time.time() + 30
-    while any(_alive(c) for c in server.children):
+    while any(process_alive(c) for c in server.children):
         assert time.time() < deadline, "engine process still running after the server exited"
         time.sleep(1)
     with pytest.raises(OSError):
