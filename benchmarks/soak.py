@@ -59,7 +59,13 @@ if str(ROOT) not in sys.path:  # vllm_bitdecode without an install, as in qualit
     sys.path.insert(0, str(ROOT))
 
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
-from vllm_bitdecode.testing import child_processes, free_port, process_alive  # noqa: E402
+from vllm_bitdecode.testing import (  # noqa: E402
+    TINY_LLAMA,
+    child_processes,
+    free_port,
+    process_alive,
+    write_model_dir,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 SERVED_NAME = "bitdecode-soak"
@@ -1030,12 +1036,6 @@ def prompt_source(args: argparse.Namespace) -> PromptSource:
     return PromptSource(words=TEXT_WORDS, tokens_per_word=3, exact_tokens=False, mix=mix)
 
 
-def _make_dummy_model(path: Path) -> None:
-    subprocess.run([sys.executable, "-m", "vllm_bitdecode.testing", "make-model", str(path),
-                    "--tiny"], check=True, capture_output=True, text=True, timeout=300,
-                   cwd=str(ROOT))
-
-
 def _vllm_version() -> str | None:
     try:
         import importlib.metadata
@@ -1212,7 +1212,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tmp = tempfile.TemporaryDirectory(prefix="soak-model-")
             model_dir = Path(tmp.name) / "tiny-llama"
-        _make_dummy_model(model_dir)
+        write_model_dir(model_dir, **TINY_LLAMA)
     else:
         model_dir = Path(args.model)
     port = free_port()
