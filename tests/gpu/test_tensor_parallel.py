@@ -19,6 +19,7 @@ with WITH_RAY=1). About 3 engine starts, 2-3 minutes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import random
 
@@ -41,10 +42,12 @@ def _needs_two_gpus() -> None:
         pytest.skip("the shipped model is missing")
 
 
+@functools.cache
 def _prompts() -> tuple[list[list[int]], list[str]]:
+    """Held-out windows and pass-key prompts, with the pass keys ("" for the windows)."""
     tok = data.load_tokenizer(data.MODEL_DIR)
     held = data.heldout_tokens(data.MODEL_DIR, tok)
-    prompts = [w for w in data.ppl_windows(held, 3000, 6 * 2999)]
+    prompts = data.ppl_windows(held, 3000, 6 * 2999)
     tasks = data.RetrievalTasks(tok)
     rng = random.Random(9)
     answers = [""] * len(prompts)
