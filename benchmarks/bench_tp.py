@@ -39,10 +39,12 @@ CASES = ["decode_b8_32k", "capacity_32k"]
 
 def runs_wanted(tp_sizes: list[int], executors: list[str]) -> list[tuple[str, int, str]]:
     """(backend key, TP size, executor) for every engine; TP=1 needs no executor choice."""
+    # bf16 and 4-bit side by side for each (TP size, executor), so that a run cut short
+    # still holds complete comparisons
     out = []
-    for key in KEYS:
-        for tp in tp_sizes:
-            for ex in (["mp"] if tp == 1 else executors):
+    for tp in tp_sizes:
+        for ex in (["mp"] if tp == 1 else executors):
+            for key in KEYS:
                 out.append((key, tp, ex))
     return out
 
@@ -135,11 +137,12 @@ def main(argv: list[str] | None = None) -> None:
             for r in recs:
                 r.update(tag)
             records += recs
-    add_tp_ratios(records)
-    doc = dict(device=device, gpus=gpus, date=datetime.date.today().isoformat(),
-               commit=git_commit(), model="llama3-8b-shape dummy weights (32 layers, 32/8 "
-               "heads, d=128)", settings=s, records=records)
-    e2e.write_results(out, doc)
+            # written after every engine, so a run stopped by a time limit keeps its figures
+            add_tp_ratios(records)
+            doc = dict(device=device, gpus=gpus, date=datetime.date.today().isoformat(),
+                       commit=git_commit(), model="llama3-8b-shape dummy weights (32 layers, "
+                       "32/8 heads, d=128)", settings=s, records=records)
+            e2e.write_results(out, doc)
     print(f"{'backend':<11}{'kv':<6}{'tp':>3} {'exec':<5}{'case':<15}{'ms/step':>9}"
           f"{'tok/s':>9}{'KV tokens':>12}{'x TP1':>7}{'x bf16':>7}")
     for r in records:
