@@ -11,6 +11,11 @@ and the variants (K only, V only, smaller groups, per-channel K) show where it c
     python tools/simulate_kv_quant.py                     # default modes, 8 windows of 2K
     python tools/simulate_kv_quant.py --windows 4 --modes int4,int4-g32,int2-kc
     python tools/simulate_kv_quant.py --json build/sim.json
+    python tools/simulate_kv_quant.py --modes bf16,int4 --context 3000 --windows 6 --perturb 2e-3
+
+``--perturb`` measures how sensitive each mode is to rounding-sized changes of the hidden
+states, such as tensor parallelism's different summation order (#9): with this model, 4-bit
+KV turns them into different argmax tokens at about a tenth of the positions.
 
 Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-norot``,
 ``-g32``/``-g64`` (group size), ``-konly``/``-vonly`` (quantize one of them), ``-kc``
@@ -22,6 +27,7 @@ nothing beyond bf16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -143,20 +149,47 @@ def load_model(model_dir: Path):
 
 
 @torch.no_grad()
-def perplexity(model, windows: list[list[int]], mode: Mode) -> float:
+def teacher_forced(model, windows: list[list[int]], mode: Mode) -> tuple[float, torch.Tensor]:
+    """Perplexity over ``windows`` and the argmax token at every scored position."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(f"bitdecode_sim_{mode.name}", make_attention(mode))
     model.config._attn_implementation = f"bitdecode_sim_{mode.name}"
     for layer in model.model.layers:
         layer.self_attn.config._attn_implementation = model.config._attn_implementation
-    nll, n = 0.0, 0
+    nll, n, argmax = 0.0, 0, []
     for w in windows:
         ids = torch.tensor([w])
         logits = model(ids).logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
         n += len(w) - 1
-    return math.exp(nll / n)
+        argmax.append(logits.argmax(-1))
+    return math.exp(nll / n), torch.cat(argmax)
+
+
+def perplexity(model, windows: list[list[int]], mode: Mode) -> float:
+    return teacher_forced(model, windows, mode)[0]
+
+
+@contextlib.contextmanager
+def perturbed_row_parallel_outputs(model, eps: float, seed: int):
+    """Multiply every attention and MLP output (the layers tensor parallelism splits by
+    rows and all-reduces) by 1 + eps * N(0, 1), elementwise: a stand-in for the rounding
+    differences of another summation order (eps ~ 2^-9 to 2^-11 for bf16)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(module, args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        t = t * (1 + eps * torch.randn(t.shape, generator=gen, dtype=t.dtype))
+        return (t, *out[1:]) if isinstance(out, tuple) else t
+
+    handles = [m.register_forward_hook(hook) for layer in model.model.layers
+               for m in (layer.self_attn, layer.mlp)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def main() -> None:
@@ -167,6 +200,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--perturb", type=float, default=0.0, metavar="EPS",
+                    help="also run each mode with its attention / MLP outputs perturbed by "
+                         "a relative EPS (seeds 0 and 1) and report how far that moves it")
     args = ap.parse_args()
     torch.manual_seed(0)
     model_dir = Path(args.model)
@@ -178,16 +214,27 @@ def main() -> None:
     for name in args.modes.split(","):
         mode = Mode.parse(name.strip())
         t0 = time.time()
-        ppl = perplexity(model, windows, mode)
+        ppl, argmax = teacher_forced(model, windows, mode)
         base = base if base is not None else (ppl if mode.bits == 16 else None)
         pct = 100 * (ppl / base - 1) if base else float("nan")
-        rows.append({"mode": mode.name, **dataclasses.asdict(mode), "ppl": ppl,
-                     "vs_bf16_pct": pct})
+        row = {"mode": mode.name, **dataclasses.asdict(mode), "ppl": ppl, "vs_bf16_pct": pct}
         print(f"{mode.name:<14} ppl {ppl:10.3f}  {pct:+8.1f}%  ({time.time() - t0:.0f} s)",
               flush=True)
+        row["perturbed"] = []
+        for seed in (0, 1) if args.perturb else ():
+            with perturbed_row_parallel_outputs(model, args.perturb, seed):
+                p_ppl, p_argmax = teacher_forced(model, windows, mode)
+            moved = {"seed": seed, "ppl_change_pct": 100 * (p_ppl / ppl - 1),
+                     "argmax_agreement": float((p_argmax == argmax).float().mean())}
+            row["perturbed"].append(moved)
+            print(f"{'':<14} perturbed by {args.perturb:.1e} (seed {seed}): ppl "
+                  f"{moved['ppl_change_pct']:+.2f}%, argmax agrees at "
+                  f"{100 * moved['argmax_agreement']:.1f}% of positions", flush=True)
+        rows.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"model": data.MODEL_NAME, "context": args.context, "windows": args.windows,
+             "perturb": args.perturb,
              "tokens": sum(len(w) - 1 for w in windows), "rows": rows}, indent=1))
 
 

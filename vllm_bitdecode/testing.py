@@ -255,7 +255,7 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str
     replays_before = replays.count if replays else 0
     params = sampling_params_cls(
         max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
-        logprobs=job.get("logprobs", 1),
+        logprobs=job.get("logprobs", 1), prompt_logprobs=1 if job.get("prompt_logprobs") else None,
     )
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params,
@@ -275,9 +275,22 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str
         "graph_replays": (replays.count - replays_before) if replays else None,
         "seconds": seconds,
     }
+    if job.get("prompt_logprobs"):
+        res["prompt_logprobs"] = [_prompt_logprobs(p, o.prompt_logprobs)
+                                  for p, o in zip(job["prompts"], outs, strict=True)]
     if job.get("capture"):
         res["capture"] = llm.apply_model(_fetch_capture)[0]
     return res
+
+
+def _prompt_logprobs(prompt: list[int], steps: list[Any]) -> dict[str, list[Any]]:
+    """Teacher-forced scores of a prompt (``prompt_logprobs=1``): for every position after
+    the first, the log-probability of the prompt's own next token and the argmax token."""
+    actual, argmax = [], []
+    for token, step in zip(prompt[1:], steps[1:], strict=True):
+        actual.append(float(step[token].logprob))
+        argmax.append(next(int(t) for t, lp in step.items() if lp.rank == 1))
+    return {"logprob": actual, "argmax": argmax}
 
 
 def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
@@ -428,6 +441,26 @@ def process_alive(proc) -> bool:
         return False
 
 
+_PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Prometheus text format (vLLM's /metrics) -> {metric name: value summed over its
+    label sets}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _PROM_LINE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        out[m.group(1)] = out.get(m.group(1), 0.0) + value
+    return out
+
 TIE_LOGPROB = 0.02  # two best log-probabilities closer than this are a tie
 
 
@@ -455,6 +488,46 @@ def assert_greedy_equal_up_to_ties(tokens: list[list[int]], ref_tokens: list[lis
             break
     assert ties <= max(1, len(tokens) // 8), f"{what}: {ties} requests diverged at ties"
     return ties
+
+
+def assert_greedy_close(tokens: list[list[int]], logprobs: list[list[dict[int, float]]],
+                        ref_tokens: list[list[int]], ref_logprobs: list[list[dict[int, float]]],
+                        length: int, what: str) -> list[int | None]:
+    """vLLM's own rule for two engines whose arithmetic differs (its ``check_logprobs_close``):
+    greedy tokens equal, request by request, up to a first divergence where each engine's
+    token is among the other's top log-probabilities (``logprobs`` > 1 in the job); after
+    it the contexts differ and the request is not compared further. Returns, per request,
+    the step of its divergence (None: identical).
+    """
+    steps: list[int | None] = []
+    for i, (a_toks, b_toks) in enumerate(zip(tokens, ref_tokens, strict=True)):
+        assert len(a_toks) == len(b_toks) == length, f"{what}: request {i} did not finish"
+        pairs = enumerate(zip(a_toks, b_toks, strict=True))
+        step = next((j for j, (a, b) in pairs if a != b), None)
+        if step is not None:
+            a, b = a_toks[step], b_toks[step]
+            assert a in ref_logprobs[i][step] and b in logprobs[i][step], (
+                f"{what}: request {i}, step {step}: token {a} instead of {b}, and not among "
+                f"the other's top tokens ({ref_logprobs[i][step]} / {logprobs[i][step]})")
+        steps.append(step)
+    return steps
+
+
+def teacher_forced_agreement(test: list[dict[str, list[Any]]],
+                             ref: list[dict[str, list[Any]]]) -> dict[str, float]:
+    """Compare two engines' ``prompt_logprobs`` results on the same prompts: perplexity
+    ratio (test / ref), the share of positions whose argmax agrees, and the mean absolute
+    difference of the prompt tokens' log-probabilities."""
+    import math
+
+    a = [x for r in test for x in r["logprob"]]
+    b = [x for r in ref for x in r["logprob"]]
+    same = [x == y for t, r in zip(test, ref, strict=True)
+            for x, y in zip(t["argmax"], r["argmax"], strict=True)]
+    assert len(a) == len(b) == len(same) > 0, "prompt log-probabilities missing"
+    return {"ppl_ratio": math.exp((sum(b) - sum(a)) / len(a)),
+            "argmax_agreement": sum(same) / len(same),
+            "mean_abs_logprob_diff": sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)}
 
 
 def match_rows_by_position(test: dict[str, Any], ref: dict[str, Any]) -> tuple[Any, float]:

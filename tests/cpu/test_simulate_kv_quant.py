@@ -68,3 +68,24 @@ def test_rotation_round_trips_and_bf16_mode_only_rounds(sim):
     kr, _ = sim.quantize_kv(k, v, sim.Mode.parse("int4-konly"))
     rel = float((kr - k).norm() / k.norm())
     assert 0.01 < rel < 0.15  # quantized in the rotated basis, rotated back
+
+
+def test_perturbation_hooks_change_outputs_and_are_removed(sim):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        ref = model(ids).logits
+        with sim.perturbed_row_parallel_outputs(model, 1e-2, seed=0):
+            a = model(ids).logits
+        with sim.perturbed_row_parallel_outputs(model, 1e-2, seed=0):
+            b = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(a, b) and not torch.equal(a, ref)  # seeded, and it does perturb
+    assert 0 < float((a - ref).abs().max()) < 0.1 * float(ref.abs().max())
+    assert torch.equal(after, ref)  # hooks removed

@@ -3,6 +3,7 @@ the attention-capture comparison that the GPU serving tests rely on."""
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import subprocess
@@ -164,3 +165,43 @@ def test_greedy_equal_up_to_ties():
     with pytest.raises(AssertionError, match="2 requests diverged"):
         testing.assert_greedy_equal_up_to_ties([[9, 2, 3]] * 2 + many[2:], many, many_lps, 3,
                                                "many")
+
+
+def test_greedy_close_follows_vllm_rule():
+    ref = [[1, 2, 3], [4, 5, 6]]
+    ref_lps = [[{1: -0.1, 9: -3.0}, {2: -0.5, 7: -0.9}, {3: -0.1}],
+               [{4: -0.1}, {5: -0.1, 8: -2.0}, {6: -0.1}]]
+    assert testing.assert_greedy_close(ref, ref_lps, ref, ref_lps, 3, "same") == [None, None]
+    # request 0 takes the reference's runner-up at step 1, and the reference's token is
+    # among its own top tokens: allowed, compared no further (step 2 differs freely)
+    test = [[1, 7, 0], [4, 5, 6]]
+    test_lps = [[{1: -0.1}, {7: -0.6, 2: -0.7}, {0: -0.1}], ref_lps[1]]
+    assert testing.assert_greedy_close(test, test_lps, ref, ref_lps, 3, "ok") == [1, None]
+    # a token the reference did not rank, or a reference token the test did not rank
+    with pytest.raises(AssertionError, match="request 1, step 1: token 9 instead of 5"):
+        testing.assert_greedy_close([[1, 2, 3], [4, 9, 6]], ref_lps, ref, ref_lps, 3, "x")
+    no_ref_token = [[{1: -0.1}, {7: -0.6, 3: -0.7}, {0: -0.1}], ref_lps[1]]
+    with pytest.raises(AssertionError, match="not among"):
+        testing.assert_greedy_close(test, no_ref_token, ref, ref_lps, 3, "x")
+    with pytest.raises(AssertionError, match="did not finish"):
+        testing.assert_greedy_close([[1, 2], [4, 5, 6]], ref_lps, ref, ref_lps, 3, "x")
+
+
+def test_teacher_forced_agreement():
+    ref = [{"logprob": [-1.0, -2.0], "argmax": [5, 6]}, {"logprob": [-3.0], "argmax": [7]}]
+    same = testing.teacher_forced_agreement(ref, ref)
+    assert same == {"ppl_ratio": 1.0, "argmax_agreement": 1.0, "mean_abs_logprob_diff": 0.0}
+    worse = [{"logprob": [-1.3, -2.3], "argmax": [5, 9]}, {"logprob": [-3.3], "argmax": [7]}]
+    got = testing.teacher_forced_agreement(worse, ref)
+    assert got["ppl_ratio"] == pytest.approx(math.exp(0.3))
+    assert got["argmax_agreement"] == pytest.approx(2 / 3)
+    assert got["mean_abs_logprob_diff"] == pytest.approx(0.3)
+    with pytest.raises(ValueError):  # a request of another length
+        testing.teacher_forced_agreement([{"logprob": [-1.0], "argmax": [5]}, ref[1]], ref)
+
+
+def test_prompt_logprobs_picks_the_prompt_token_and_the_argmax():
+    lp = collections.namedtuple("Logprob", "logprob rank")
+    steps = [None, {8: lp(-0.5, 2), 4: lp(-0.2, 1)}, {6: lp(-0.1, 1)}]
+    assert testing._prompt_logprobs([3, 8, 6], steps) == {"logprob": [-0.5, -0.1],
+                                                          "argmax": [4, 6]}
