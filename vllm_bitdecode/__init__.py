@@ -19,3 +19,4 @@ def register() -> None:
     _registration.register_backend_enum(BACKEND_NAME, BACKEND_PATH)
     _registration.patch_kv_cache_spec()
     _registration.patch_cli_help()
+    _registration.patch_engine_config()

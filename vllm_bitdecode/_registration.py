@@ -14,6 +14,11 @@
    to vLLM's ``FullAttentionManager`` (prefix caching, preemption: unchanged).
 3. ``--attention-backend`` has no choices list in vLLM's help; the help text gains the
    list of backend names, BITDECODE included.
+4. ``EngineArgs.create_engine_config`` (``vllm serve``, ``LLM(...)``, ``vllm bench``)
+   checks the settings and the model against BITDECODE as soon as the config exists, in
+   the process the user started: a bad setting fails there, with one line, before any
+   worker starts or takes GPU memory. The layers check again when they are built (the
+   properties only a layer knows: ALiBi, soft-capping, sinks, KV sharing, V head size).
 """
 
 from __future__ import annotations
@@ -139,3 +144,30 @@ def patch_cli_help() -> None:
 
     add_cli_args._bitdecode = True
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
+
+
+def patch_engine_config() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        vllm_config = original(self, *args, **kwargs)
+        attention = getattr(vllm_config, "attention_config", None)
+        if _is_bitdecode_member(getattr(attention, "backend", None)):
+            from vllm_bitdecode import config
+
+            config.check_vllm_config(vllm_config)
+        return vllm_config
+
+    create_engine_config._bitdecode = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _is_bitdecode_member(backend: object) -> bool:
+    from vllm_bitdecode import BACKEND_NAME
+
+    return getattr(backend, "name", None) == BACKEND_NAME

@@ -369,6 +369,17 @@ def check_model(
             )
 
 
+def check_tensor_parallel(total_kv_heads: int, tensor_parallel_size: int) -> None:
+    """Each rank keeps whole KV heads: its share of them, or a copy of one."""
+    tp = tensor_parallel_size
+    if tp > 1 and (total_kv_heads % tp if total_kv_heads >= tp else tp % total_kv_heads):
+        raise BitDecodeConfigError(
+            f"{total_kv_heads} KV heads cannot be split over --tensor-parallel-size {tp}: "
+            "each rank needs whole KV heads, so the tensor-parallel size must divide the "
+            "number of KV heads or be a multiple of it"
+        )
+
+
 def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     """Validate everything BITDECODE needs from a VllmConfig; return the parsed settings."""
     cfg = BitDecodeConfig.from_additional_config(vllm_config.additional_config)
@@ -376,6 +387,7 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     if model is None:
         return cfg
     parallel = vllm_config.parallel_config
+    check_tensor_parallel(model.get_total_num_kv_heads(), parallel.tensor_parallel_size)
     check_model(
         head_size=model.get_head_size(),
         dtype=model.dtype,

@@ -13,6 +13,7 @@ from vllm_bitdecode.config import (
     SparseConfig,
     check_model,
     check_sparse_model,
+    check_tensor_parallel,
     check_vllm_config,
 )
 
@@ -169,6 +170,7 @@ def _vllm_config(
         get_sliding_window=lambda: sliding_window,
         get_num_attention_heads=per_rank(heads[0]),
         get_num_kv_heads=per_rank(heads[1]),
+        get_total_num_kv_heads=lambda: heads[1],
     )
     return SimpleNamespace(
         additional_config=additional_config if additional_config is not None else {},
@@ -415,6 +417,28 @@ def test_check_sparse_model_rejects(raw, kwargs, words):
 def test_check_sparse_model_accepts(raw, kwargs):
     plan = check_sparse_model(_sparse(enabled=True, **raw), **kwargs)
     assert plan.num_layers == kwargs["num_layers"]
+
+
+@pytest.mark.parametrize(("kv_heads", "tp", "ok"), [
+    (8, 1, True), (8, 2, True), (8, 8, True), (1, 4, True), (2, 8, True),  # split / copied
+    (6, 4, False), (3, 4, False), (8, 3, False), (8, 12, False),
+])
+def test_tensor_parallel_needs_whole_kv_heads_per_rank(kv_heads, tp, ok):
+    if ok:
+        check_tensor_parallel(kv_heads, tp)
+        return
+    with pytest.raises(BitDecodeConfigError) as err:
+        check_tensor_parallel(kv_heads, tp)
+    msg = str(err.value)
+    assert "\n" not in msg and f"{kv_heads} KV heads" in msg
+    assert f"--tensor-parallel-size {tp}" in msg
+
+
+def test_check_vllm_config_checks_the_tensor_parallel_split():
+    vc = _vllm_config(heads=(48, 6))
+    vc.parallel_config.tensor_parallel_size = 4
+    with pytest.raises(BitDecodeConfigError, match="6 KV heads cannot be split"):
+        check_vllm_config(vc)
 
 
 def _sparse_vllm_config(sparse, *, num_layers=LLAMA3_8B_LAYERS, max_model_len=131072, pp=1,

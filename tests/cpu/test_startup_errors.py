@@ -143,44 +143,42 @@ ROWS: dict[str, Row] = {
     # ---- bitdecode settings: one row per key with a wrong type (whatever keys the
     # dataclass has, see test_every_setting_rejects_a_wrong_type), the values of
     # test_config.BAD_SETTINGS in test_bad_settings_fail_at_startup
-    # ---- model properties
-    "head-size-64": Row(config=_cfg(head_dim=64), error=ValueError, stage="selector",
-                        words=("BITDECODE", "head_size not supported")),
-    "head-size-256": Row(config=_cfg(head_dim=256), error=ValueError, stage="selector",
-                         words=("BITDECODE", "head_size not supported")),
-    "dtype-float32": Row(flags=("--dtype", "float32"), error=ValueError, stage="selector",
-                         words=("BITDECODE", "dtype not supported")),
-    "kv-cache-dtype-fp8": Row(flags=("--kv-cache-dtype", "fp8"), error=ValueError,
-                              stage="selector",
-                              words=("BITDECODE", "kv_cache_dtype not supported")),
-    "kv-cache-dtype-fp8_e5m2": Row(flags=("--kv-cache-dtype", "fp8_e5m2"), error=ValueError,
-                                   stage="selector",
-                                   words=("BITDECODE", "kv_cache_dtype not supported")),
-    "block-size-8": Row(flags=("--block-size", "8"), error=ValueError, stage="selector",
-                        words=("BITDECODE", "block_size not supported")),
-    "block-size-24": Row(flags=("--block-size", "24"), error=ValueError, stage="selector",
-                         words=("BITDECODE", "block_size not supported")),
-    # a multiple of 16 passes vLLM's check (its kernels may split blocks); BITDECODE's
-    # pages have one fixed size
-    "block-size-256": Row(flags=("--block-size", "256"), error=BDE, stage="impl",
+    # ---- model properties: checked when vLLM builds its config (EngineArgs.
+    # create_engine_config, in the process the user started), before any worker exists
+    "head-size-64": Row(config=_cfg(head_dim=64), error=BDE, stage="config",
+                        words=("head size 64", "BITDECODE", "128")),
+    "head-size-256": Row(config=_cfg(head_dim=256), error=BDE, stage="config",
+                         words=("head size 256", "BITDECODE", "128")),
+    "dtype-float32": Row(flags=("--dtype", "float32"), error=BDE, stage="config",
+                         words=("float32", "BITDECODE", "--dtype bfloat16")),
+    "kv-cache-dtype-fp8": Row(flags=("--kv-cache-dtype", "fp8"), error=BDE, stage="config",
+                              words=("--kv-cache-dtype fp8", "BITDECODE", "bits")),
+    "kv-cache-dtype-fp8_e5m2": Row(flags=("--kv-cache-dtype", "fp8_e5m2"), error=BDE,
+                                   stage="config",
+                                   words=("--kv-cache-dtype fp8_e5m2", "BITDECODE")),
+    "block-size-8": Row(flags=("--block-size", "8"), error=BDE, stage="config",
+                        words=("--block-size 8", "BITDECODE", "16")),
+    "block-size-24": Row(flags=("--block-size", "24"), error=BDE, stage="config",
+                         words=("--block-size 24", "BITDECODE", "16")),
+    "block-size-256": Row(flags=("--block-size", "256"), error=BDE, stage="config",
                           words=("--block-size 256", "supported")),
-    "mla": Row(model="deepseek_v2", error=ValueError, stage="selector",
-               words=("BITDECODE", "MLA not supported")),
-    "sliding-window-all-layers": Row(model="llama-sliding", error=BDE, stage="impl",
+    "mla": Row(model="deepseek_v2", error=BDE, stage="config",
+               words=("MLA", "BITDECODE")),
+    "sliding-window-all-layers": Row(model="llama-sliding", error=BDE, stage="config",
                                      words=("sliding-window", "4096")),
     "sliding-window-interleaved": Row(
         config=_cfg(sliding_window=512, layer_types=["sliding_attention", "full_attention"]),
-        error=BDE, stage="impl", words=("sliding-window", "512")),
-    "encoder-decoder": Row(model="whisper", error=BDE, stage="impl",
+        error=BDE, stage="config", words=("sliding-window", "512")),
+    "encoder-decoder": Row(model="whisper", error=BDE, stage="config",
                            words=("encoder-decoder",)),
     "encoder-only": Row(model="bert", error=ValueError, stage="selector",
                         words=("BITDECODE", "ENCODER_ONLY not supported")),
     "gqa-32-per-kv-head": Row(config=_cfg(num_attention_heads=64, num_key_value_heads=2,
                                           hidden_size=8192),
-                              error=BDE, stage="impl", words=("KV heads", "16")),
+                              error=BDE, stage="config", words=("KV heads", "16")),
     "gqa-17-per-kv-head": Row(config=_cfg(num_attention_heads=17, num_key_value_heads=1,
                                           hidden_size=2176),
-                              error=BDE, stage="impl", words=("KV heads", "16")),
+                              error=BDE, stage="config", words=("KV heads", "16")),
     # properties that the model code passes to Attention(...)
     "alibi": Row(layer_kwargs=_cfg(alibi_slopes=[0.5] * 8), error=BDE, stage="impl",
                  words=("ALiBi",)),  # Bloom, MPT, Baichuan-13B
@@ -445,12 +443,12 @@ def test_startup(startup, row):
 
 @pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS)
 def test_bad_settings_fail_at_startup(startup, raw, words):
-    """test_config.BAD_SETTINGS, given as ``--additional-config``: rejected when the first
-    attention layer is built, with test_config's words."""
+    """test_config.BAD_SETTINGS, given as ``--additional-config``: rejected when vLLM
+    builds its config, with test_config's words."""
     row = Row(flags=("--additional-config", json.dumps(raw)))
     stage, exc, _ = startup(row)
     assert isinstance(exc, BDE), f"{stage}: {exc!r}"
-    assert stage == "impl"
+    assert stage == "config"
     _assert_one_clear_line(exc, tuple(words))
 
 
@@ -460,7 +458,7 @@ def test_bad_sparse_settings_fail_at_startup(startup, raw, words):
     """test_config.BAD_SPARSE, given as ``--additional-config``, the same way."""
     stage, exc, _ = startup(Row(flags=_additional({"sparse": raw})))
     assert isinstance(exc, BDE), f"{stage}: {exc!r}"
-    assert stage == "impl"
+    assert stage == "config"
     _assert_one_clear_line(exc, tuple(words))
 
 
@@ -471,7 +469,7 @@ def test_every_setting_rejects_a_wrong_type(startup, key):
     row = Row(flags=_additional({key: ["not", "a value"]}))
     stage, exc, _ = startup(row)
     assert isinstance(exc, BDE), f"{key}: start-up {stage}: {exc!r}"
-    assert stage == "impl"
+    assert stage == "config"
     _assert_one_clear_line(exc, (f"bitdecode.{key}",))
 
 
