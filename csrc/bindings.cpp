@@ -17,6 +17,12 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
       "int min_tiles_per_split) -> ()");
+  m.def(
+      "decode_sparse(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, "
+      "Tensor seq_lens, Tensor sel_positions, Tensor sel_count, Tensor(b!) partial_out, "
+      "Tensor(c!) partial_lse, Tensor? rotation_signs, float softmax_scale, int bits, "
+      "int group_size, int block_size, int num_splits, int min_tiles_per_split, "
+      "bool shared_selection) -> ()");
   m.def("decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa) -> int");
 }
 
@@ -24,6 +30,7 @@ TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("quantize_to_pages", &bitdecode::quantize_to_pages);
   m.impl("dequantize_pages", &bitdecode::dequantize_pages);
   m.impl("decode", &bitdecode::decode);
+  m.impl("decode_sparse", &bitdecode::decode_sparse);
   m.impl("decode_ctas_per_sm", &bitdecode::decode_ctas_per_sm);
 }
 

@@ -99,6 +99,73 @@ const float* signs_ptr(const std::optional<at::Tensor>& signs) {
     BITDECODE_BITS_SWITCH(BITS, GROUP, __VA_ARGS__) \
   }
 
+// Checks the arguments that decode and decode_sparse share and fills their params (the
+// sparse fields zero).
+DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           at::Tensor& partial_out, at::Tensor& partial_lse,
+                           const std::optional<at::Tensor>& rotation_signs,
+                           double softmax_scale, const PageGeometry& g, int64_t num_splits,
+                           int64_t min_tiles_per_split) {
+  check_tokens(q, "q");
+  check_tokens(out, "out");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "bitdecode: out must match q in shape and dtype");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
+  check_cache(cache, g, num_kv_heads);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
+              "bitdecode: query heads per KV head must divide evenly and be at most ",
+              kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
+  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
+                  block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  block_table.size(0) >= num_seqs,
+              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
+                  seq_lens.size(0) >= num_seqs,
+              "bitdecode: seq_lens must be a CUDA int32 vector with one entry per sequence");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1,
+              "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split >= 1");
+  if (num_splits > 1) {
+    TORCH_CHECK(partial_out.is_cuda() && partial_out.scalar_type() == at::kFloat &&
+                    partial_out.is_contiguous() &&
+                    partial_out.numel() >= num_splits * num_seqs * num_heads * kHead,
+                "bitdecode: partial_out must be contiguous CUDA float32 with room for "
+                "[num_splits, num_seqs, num_heads, 128]");
+    TORCH_CHECK(partial_lse.is_cuda() && partial_lse.scalar_type() == at::kFloat &&
+                    partial_lse.is_contiguous() &&
+                    partial_lse.numel() >= num_splits * num_seqs * num_heads,
+                "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
+                "[num_splits, num_seqs, num_heads]");
+  }
+
+  DecodeParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
+  p.out = out.data_ptr();
+  p.out_stride_token = out.stride(0), p.out_stride_head = out.stride(1);
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.block_table_stride = block_table.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
+  p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
+  p.rotation_signs = signs_ptr(rotation_signs);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.num_splits = static_cast<int>(num_splits);
+  p.min_tiles_per_split = static_cast<int>(min_tiles_per_split);
+  p.page = g;
+  return p;
+}
+
+void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(x.device() == q.device(), "bitdecode: ", name, " is on ", x.device(),
+              " but q is on ", q.device());
+}
+
 }  // namespace
 
 void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
@@ -185,61 +252,77 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
             int64_t num_splits, int64_t min_tiles_per_split) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  check_tokens(q, "q");
-  check_tokens(out, "out");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "bitdecode: out must match q in shape and dtype");
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
-  check_cache(cache, g, num_kv_heads);
-  TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
-              "bitdecode: query heads per KV head must divide evenly and be at most ",
-              kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
-  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
-                  block_table.dim() == 2 && block_table.stride(1) == 1 &&
-                  block_table.size(0) >= num_seqs,
-              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
-  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
-                  seq_lens.size(0) >= num_seqs,
-              "bitdecode: seq_lens must be a CUDA int32 vector with one entry per sequence");
-  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1,
-              "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split >= 1");
-  if (num_splits > 1) {
-    TORCH_CHECK(partial_out.is_cuda() && partial_out.scalar_type() == at::kFloat &&
-                    partial_out.is_contiguous() &&
-                    partial_out.numel() >= num_splits * num_seqs * num_heads * kHead,
-                "bitdecode: partial_out must be contiguous CUDA float32 with room for "
-                "[num_splits, num_seqs, num_heads, 128]");
-    TORCH_CHECK(partial_lse.is_cuda() && partial_lse.scalar_type() == at::kFloat &&
-                    partial_lse.is_contiguous() &&
-                    partial_lse.numel() >= num_splits * num_seqs * num_heads,
-                "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
-                "[num_splits, num_seqs, num_heads]");
-  }
+  const DecodeParams p =
+      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
+                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
   const c10::cuda::CUDAGuard guard(q.device());
-
-  DecodeParams p;
-  p.q = q.data_ptr();
-  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
-  p.out = out.data_ptr();
-  p.out_stride_token = out.stride(0), p.out_stride_head = out.stride(1);
-  p.cache = cache.data_ptr<uint8_t>();
-  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.block_table_stride = block_table.stride(0);
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
-  p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
-  p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
-  p.rotation_signs = signs_ptr(rotation_signs);
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.num_seqs = static_cast<int>(num_seqs);
-  p.num_heads = static_cast<int>(num_heads);
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.num_splits = static_cast<int>(num_splits);
-  p.min_tiles_per_split = static_cast<int>(min_tiles_per_split);
-  p.page = g;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
                      launch_decode<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                   const at::Tensor& sel_positions, const at::Tensor& sel_count,
+                   at::Tensor& partial_out, at::Tensor& partial_lse,
+                   const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
+                   int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
+                   int64_t min_tiles_per_split, bool shared_selection) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  DecodeParams p =
+      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
+                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
+  const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
+  const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
+  TORCH_CHECK(sel_positions.is_cuda() && sel_positions.scalar_type() == at::kInt &&
+                  sel_positions.dim() == 3,
+              "bitdecode: sel_positions must be a CUDA int32 tensor [num_seqs, num_kv_heads "
+              "(1 if shared_selection), token_budget], got ", sel_positions.scalar_type(), " ",
+              sel_positions.sizes());
+  TORCH_CHECK(sel_positions.size(0) >= num_seqs, "bitdecode: sel_positions has ",
+              sel_positions.size(0), " rows for ", num_seqs, " sequences");
+  TORCH_CHECK(sel_positions.size(1) == sel_heads, "bitdecode: sel_positions has ",
+              sel_positions.size(1), " heads, expected ", sel_heads,
+              shared_selection ? " (shared_selection: one set for all KV heads)"
+                               : " (one set per KV head)");
+  TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= INT32_MAX,
+              "bitdecode: sel_positions must hold a token budget of at least 1 position, "
+              "got ", sel_positions.size(2));
+  TORCH_CHECK(sel_positions.stride(2) == 1,
+              "bitdecode: sel_positions must be contiguous in its last dimension");
+  TORCH_CHECK(sel_count.is_cuda() && sel_count.scalar_type() == at::kInt &&
+                  sel_count.dim() == 1 && sel_count.size(0) >= num_seqs &&
+                  sel_count.stride(0) == 1,
+              "bitdecode: sel_count must be a contiguous CUDA int32 vector with one entry per "
+              "sequence (a count <= token_budget, -1 for a dense row, 0 for a padding row)");
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
+              "bitdecode: seq_lens must be a contiguous vector");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
+              "bitdecode: cache must start 16-byte aligned");
+  check_same_device(out, "out", q);
+  check_same_device(cache, "cache", q);
+  check_same_device(block_table, "block_table", q);
+  check_same_device(seq_lens, "seq_lens", q);
+  check_same_device(sel_positions, "sel_positions", q);
+  check_same_device(sel_count, "sel_count", q);
+  if (num_splits > 1) {
+    check_same_device(partial_out, "partial_out", q);
+    check_same_device(partial_lse, "partial_lse", q);
+  }
+  if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
+  // Counts live on the device, so they are not checked here (that would synchronize and
+  // could not be captured in a CUDA graph): the kernel reads a count above the budget as
+  // the budget and a negative count other than -1 as 0.
+  p.sel_positions = sel_positions.data_ptr<int32_t>();
+  p.sel_stride_seq = sel_positions.stride(0), p.sel_stride_head = sel_positions.stride(1);
+  p.sel_count = sel_count.data_ptr<int32_t>();
+  p.sel_budget = static_cast<int>(sel_positions.size(2));
+  p.sel_shared = shared_selection;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
+                     launch_decode_sparse<T, kBits, kGroup>(p, stream);)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -35,7 +35,52 @@ def _decode_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
     return None
 
 
+@torch.library.register_fake("bitdecode::decode_sparse")
+def _decode_sparse_fake(out, q, cache, block_table, seq_lens, sel_positions, sel_count,
+                        partial_out, partial_lse, rotation_signs, softmax_scale, bits,
+                        group_size, block_size, num_splits, min_tiles_per_split,
+                        shared_selection):
+    return None
+
+
 quantize_to_pages = torch.ops.bitdecode.quantize_to_pages
 dequantize_pages = torch.ops.bitdecode.dequantize_pages
 decode = torch.ops.bitdecode.decode
 decode_ctas_per_sm = torch.ops.bitdecode.decode_ctas_per_sm
+
+
+def decode_sparse(
+    out: torch.Tensor,  # [num_seqs, num_heads, 128], model dtype; written
+    q: torch.Tensor,  # [num_seqs, num_heads, 128], one decode token per sequence
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8
+    block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32 (read for DENSE_ROW rows only)
+    sel_positions: torch.Tensor,  # [num_seqs, num_kv_heads (1 if shared), token_budget] int32
+    sel_count: torch.Tensor,  # [num_seqs] int32: count <= token_budget | DENSE_ROW (-1) | 0
+    partial_out: torch.Tensor,  # split-K workspace as for decode (unused if num_splits == 1)
+    partial_lse: torch.Tensor,
+    rotation_signs: torch.Tensor | None,
+    softmax_scale: float,
+    bits: int,
+    group_size: int,
+    block_size: int,
+    num_splits: int,
+    min_tiles_per_split: int,
+    shared_selection: bool,
+) -> None:
+    """Sparse decode of a reuse layer (docs/sparse-mode-design.md): the dense ``decode``
+    over the selected positions only, ``reference_sparse.sparse_attention`` on the GPU.
+
+    Row ``r`` attends with an exact softmax to ``sel_positions[r, h, :sel_count[r]]``
+    (``h``: the KV head, or 0 with ``shared_selection``), in any order, each a position
+    ``< seq_lens[r]`` of its sequence. ``sel_count[r] == -1`` (``DENSE_ROW``) attends to the
+    whole sequence as ``decode`` does, 0 (a padding row) writes zeros and reads no page.
+    Counts stay on the device and are not checked: a count above the budget reads the
+    budget's positions, any other negative count is taken as 0. Splits are planned as for
+    ``decode``, each split covering a share of the ``ceil(count / 16)`` tiles.
+    """
+    torch.ops.bitdecode.decode_sparse(
+        out, q, cache, block_table, seq_lens, sel_positions, sel_count, partial_out,
+        partial_lse, rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
+        min_tiles_per_split, shared_selection,
+    )

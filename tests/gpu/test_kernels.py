@@ -233,14 +233,20 @@ print("OK")
     ("table=table.long()", "block_table must be a CUDA int32"),
 ])
 def test_decode_bad_arguments_raise_clear_errors(kwargs, message):
-    """Each call in its own interpreter: on the GPU machine's toolchain (g++ 13.3) a
-    TORCH_CHECK failure inside the extension was seen to crash the process instead of
-    raising (docs/decode-kernel-notes.md); that known crash is reported as xfail."""
+    _expect_clear_error(BAD_CALL.replace("{kwargs}", kwargs), message)
+
+
+def _expect_clear_error(script: str, message: str | None) -> None:
+    """Runs a call of the extension in its own interpreter; message None: it must succeed
+    (print OK), else raise a RuntimeError containing message. Own interpreter because on
+    the GPU machine's toolchain (g++ 13.3) a TORCH_CHECK failure inside the extension was
+    seen to crash the process instead of raising (docs/decode-kernel-notes.md); that known
+    crash is reported as xfail."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", BAD_CALL.replace("{kwargs}", kwargs)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
     if message is None:
         assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
         return

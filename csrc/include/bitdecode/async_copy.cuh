@@ -1,8 +1,11 @@
-// Hopper bulk-copy engine (cp.async.bulk) with mbarrier completion, plus movmatrix.
+// Hopper bulk-copy engine (cp.async.bulk) with mbarrier completion, per-thread cp.async
+// for gathers, plus movmatrix.
 //
 // One lane of a warp issues the copies of a tile into a shared-memory buffer and arms
 // the buffer's mbarrier with the byte count; every lane then waits on the barrier's
-// phase parity. No registers hold the data in flight.
+// phase parity. No registers hold the data in flight. A gathered tile (sparse decode) is
+// copied by all 32 lanes with cp.async instead, each arriving on the barrier when its own
+// copies have landed.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +43,28 @@ __device__ __forceinline__ void bulk_copy_to_smem(void* dst, const void* src, ui
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
       ::"r"(smem_u32(dst)), "l"(src), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+
+// Per-thread global -> shared copy of 4, 8 or 16 bytes (both addresses aligned to it),
+// for gathers too scattered for the bulk-copy engine. 16-byte copies skip L1.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* dst, const void* src) {
+  static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async moves 4, 8 or 16 bytes");
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n"
+                 ::"r"(smem_u32(dst)), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n"
+                 ::"r"(smem_u32(dst)), "l"(src), "n"(BYTES) : "memory");
+  }
+}
+
+// Arrive on the barrier once every cp.async this thread issued so far has landed. With
+// .noinc the arrival counts against the barrier's expected count: a barrier that one warp's
+// 32 lanes fill with cp.async is initialised with 32 arrivals.
+__device__ __forceinline__ void cp_async_mbarrier_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n"
+               ::"r"(smem_u32(bar)) : "memory");
 }
 
 // Spin until the barrier's phase with this parity has completed.

@@ -26,6 +26,15 @@
 //
 // The four warps merge through shared memory; with several splits the CTA writes a
 // normalized partial output and its log-sum-exp, and combine_kernel reduces them.
+//
+// SPARSE = true is the reuse-layer kernel of sparse decode (docs/sparse-mode-design.md):
+// the same kernel with another producer. A row attends to the list of positions that a
+// selection layer left in sel_positions, in tiles of 16 list entries; each entry's K row,
+// V row and parameters are gathered from its own page (page = block_table[pos >> shift],
+// slot = pos & (block_size - 1)) by all 32 lanes with cp.async into a ring buffer laid out
+// exactly like a page tile, so unpacking, MMAs and the online softmax are untouched and
+// the softmax over the selected tokens is exact. Rows marked kSelDenseRow walk their
+// pages as the dense kernel does; rows with count 0 write zeros without reading a page.
 #pragma once
 
 #include <cfloat>
@@ -94,7 +103,7 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
   }
 }
 
-template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES>
+template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
   using Tr = DtypeTraits<T>;
   using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES>;
@@ -117,14 +126,27 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int gqa = p.num_heads / p.num_kv_heads;
-  const int seq_len = p.seq_lens[seq];
-  const int num_tiles = (seq_len + kTileTokens - 1) / kTileTokens;
+  // The tokens attended to, in order: the whole sequence, or in the sparse kernel
+  // (`gather`) the row's selected positions, list entry j at position positions[j].
+  int num_tokens = p.seq_lens[seq];
+  bool gather = false;
+  const int32_t* positions = nullptr;
+  if constexpr (SPARSE) {
+    const int count = p.sel_count[seq];
+    if (count != kSelDenseRow) {
+      gather = true;
+      num_tokens = min(max(count, 0), p.sel_budget);
+      positions = p.sel_positions + seq * p.sel_stride_seq +
+                  (p.sel_shared ? 0 : kv_head) * p.sel_stride_head;
+    }
+  }
+  const int num_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
   const int per_split =
       max((num_tiles + p.num_splits - 1) / p.num_splits, p.min_tiles_per_split);
   const int tile_begin = split * per_split;
   const int tile_end = min(tile_begin + per_split, num_tiles);
 
-  if (tile_begin >= tile_end) {  // nothing to read: an empty split, or seq_len == 0
+  if (tile_begin >= tile_end) {  // nothing to read: an empty split, or no tokens
     for (int idx = threadIdx.x; idx < gqa * HEAD; idx += blockDim.x) {
       const int head = kv_head * gqa + idx / HEAD, c = idx % HEAD;
       if (p.num_splits == 1) {
@@ -146,7 +168,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   uint64_t* bar = bars[warp];
   if (lane == 0) {
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) mbarrier_init(&bar[s], 1);
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&bar[s], gather ? 32 : 1);
     fence_mbarrier_init();
   }
   __syncwarp();
@@ -160,9 +182,66 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   // Lane l holds the page of local tile 32 * window + l, and of the window after it, so
   // the block-table load is never on the path of a copy.
   int window = 0;
-  int page_cur = table_entry(lane), page_next = table_entry(32 + lane);
+  int page_cur = 0, page_next = 0;
+  if (!gather) page_cur = table_entry(lane), page_next = table_entry(32 + lane);
+
+  // Gather: lanes l and l + 16 hold list entry l of the next tile to copy as its page and
+  // its slot in the page (slot -1: past the count, not copied), and the entry's position
+  // in the tile after, so that the two dependent index loads run a tile ahead of the
+  // copies that need them.
+  auto position_of = [&](int i) {
+    const int idx = tile_token0(i) + lane % kTileTokens;
+    return i < n_local && idx < num_tokens ? positions[idx] : -1;
+  };
+  int gather_page = 0, gather_slot = -1, gather_pos_next = -1;
+  auto gather_ahead = [&](int pos, int i_after) {
+    gather_page = pos >= 0 ? table[pos >> block_shift] : 0;
+    gather_slot = pos >= 0 ? pos & (p.page.block_size - 1) : -1;
+    gather_pos_next = position_of(i_after);
+  };
+  if (gather) gather_ahead(position_of(0), 1);
+  // All lanes: copy the 16 entries held in gather_page / gather_slot into ring buffer dst
+  // in the layout of a page tile, then arrive on its barrier (initialised for 32 lanes).
+  // K and V rows go in 16-byte pieces, consecutive lanes on consecutive pieces of a row.
+  auto copy_gathered = [&](uint8_t* dst, uint64_t* b) {
+    constexpr int kRowPieces = R / 16;  // 4 at 4 bits, 2 at 2 bits
+    constexpr int kRowsPerCopy = 32 / kRowPieces;
+    static_assert(R % 16 == 0 && kTileTokens % kRowsPerCopy == 0, "whole K or V rows per copy");
+#pragma unroll
+    for (int k = 0; k < 2 * kTileTokens / kRowsPerCopy; ++k) {
+      const int row = k * kRowsPerCopy + lane / kRowPieces;  // K rows 0-15, V rows 16-31
+      const int token = row % kTileTokens, offset = 16 * (lane % kRowPieces);
+      const bool is_v = row >= kTileTokens;
+      const int page = __shfl_sync(0xffffffffu, gather_page, token);
+      const int slot = __shfl_sync(0xffffffffu, gather_slot, token);
+      if (slot >= 0) {
+        const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block +
+                             (is_v ? p.page.v_rows_offset : 0) + slot * R + offset;
+        cp_async<16>(dst + (is_v ? Shape::kVOffset : 0) + token * R + offset, src);
+      }
+    }
+    // parameters: 16 tokens x P bytes in pieces of up to 16 bytes, one piece per lane
+    constexpr int kPiece = P < 16 ? P : 16;
+    constexpr int kPieces = P / kPiece;  // per token
+    static_assert(P % kPiece == 0 && kTileTokens * kPieces <= 32, "one piece per lane");
+    const int token = lane / kPieces % kTileTokens, offset = kPiece * (lane % kPieces);
+    const int page = __shfl_sync(0xffffffffu, gather_page, token);
+    const int slot = __shfl_sync(0xffffffffu, gather_slot, token);
+    if (lane < kTileTokens * kPieces && slot >= 0) {
+      const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block +
+                           p.page.params_offset + slot * P + offset;
+      cp_async<kPiece>(dst + Shape::kParamOffset + token * P + offset, src);
+    }
+    cp_async_mbarrier_arrive(b);
+  };
+
   // All lanes, i increasing: copy local tile i into ring buffer `stage`.
   auto issue = [&](int i, int stage) {
+    if (gather) {
+      copy_gathered(ring + stage * Shape::kTileBytes, &bar[stage]);
+      gather_ahead(gather_pos_next, i + 2);
+      return;
+    }
     if (i >= 32 * (window + 1)) {
       ++window;
       page_cur = page_next;
@@ -282,7 +361,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       for (int r = 0; r < 2; ++r) {
         load_words(buf + (g + 8 * r) * R + t * Order::kKWordsPerLane * 4, kw[r]);
         load_words(buf + Shape::kParamOffset + (g + 8 * r) * P, prm[r]);
-        valid[r] = token0 + g + 8 * r < seq_len;
+        valid[r] = token0 + g + 8 * r < num_tokens;
       }
       float acc[kGroups][HT][4];
 #pragma unroll

@@ -17,6 +17,10 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
 
+// Sparse decode (reuse layers): each row attends to its positions in p.sel_positions.
+template <typename T, int BITS, int GROUP>
+void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream);
+
 // Decode CTAs resident per SM for `gqa` query heads per KV head (-1 on a CUDA error).
 template <typename T, int BITS, int GROUP>
 int decode_ctas_per_sm(int gqa);

@@ -11,7 +11,7 @@ constexpr int kHeadSize = 128;
 
 // Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
 // asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
-template <typename T, int BITS, int GROUP, int HEAD_TILES>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE>
 void allow_decode_smem() {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
   constexpr int kMaxDevices = 64;
@@ -19,7 +19,7 @@ void allow_decode_smem() {
   int device = 0;
   cudaGetDevice(&device);
   if (device < kMaxDevices && done[device]) return;
-  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>,
+  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE>,
                        cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (device < kMaxDevices) done[device] = true;
 }
@@ -41,11 +41,11 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
   dequantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
-  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES>();
+  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE>;
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE>();
   const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
   kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
 }
@@ -54,9 +54,9 @@ template <typename T, int BITS, int GROUP, int HEAD_TILES>
 int decode_tiles_ctas_per_sm() {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
   int ctas = 0;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES>();
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, false>();
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES>, kDecodeWarps * 32,
+      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, false>, kDecodeWarps * 32,
       Shape::kSmemBytes);
   return err == cudaSuccess ? ctas : -1;
 }
@@ -67,17 +67,27 @@ int decode_ctas_per_sm(int gqa) {
                   : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2>();
 }
 
-template <typename T, int BITS, int GROUP>
-void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+template <typename T, int BITS, int GROUP, bool SPARSE>
+void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
   if (p.num_heads <= 8 * p.num_kv_heads) {
-    launch_decode_tiles<T, BITS, GROUP, 1>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE>(p, stream);
   } else {
-    launch_decode_tiles<T, BITS, GROUP, 2>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE>(p, stream);
   }
   if (p.num_splits > 1) {
     combine_kernel<T, kHeadSize><<<dim3(p.num_seqs, p.num_heads), kHeadSize, 0, stream>>>(p);
   }
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  launch_decode_and_combine<T, BITS, GROUP, false>(p, stream);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream) {
+  launch_decode_and_combine<T, BITS, GROUP, true>(p, stream);
 }
 
 }  // namespace bitdecode

@@ -34,6 +34,22 @@ void decode(at::Tensor& out,                 // [seqs, heads, 128]
             double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
             int64_t num_splits, int64_t min_tiles_per_split);
 
+// Sparse decode (reuse layers): row r attends to sel_positions[r, h, :sel_count[r]] of its
+// sequence, h = the KV head (0 with shared_selection); sel_count -1 attends to the whole
+// sequence, 0 writes zeros. Otherwise as decode.
+void decode_sparse(at::Tensor& out,                  // [seqs, heads, 128]
+                   const at::Tensor& q,              // [seqs, heads, 128]
+                   const at::Tensor& cache,          // [blocks, kv_heads, region] uint8
+                   const at::Tensor& block_table,    // [seqs, max_blocks] int32
+                   const at::Tensor& seq_lens,       // [seqs] int32
+                   const at::Tensor& sel_positions,  // [seqs, kv_heads or 1, budget] int32
+                   const at::Tensor& sel_count,      // [seqs] int32
+                   at::Tensor& partial_out,          // [splits, seqs, heads, 128] f32
+                   at::Tensor& partial_lse,          // [splits, seqs, heads] f32
+                   const std::optional<at::Tensor>& rotation_signs,  // [128] f32
+                   double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
+                   int64_t num_splits, int64_t min_tiles_per_split, bool shared_selection);
+
 // Decode CTAs that fit on one SM at once; the split planner fills whole waves with it.
 int64_t decode_ctas_per_sm(const at::Tensor& query_like,  // any CUDA tensor of the query dtype
                            int64_t bits, int64_t group_size, int64_t gqa);

@@ -53,7 +53,19 @@ struct DecodeParams {
   int num_splits;                // grid.x; fixed per batch size so CUDA graphs can replay it
   int min_tiles_per_split;       // a split never gets fewer 16-token tiles than this
   PageGeometry page;
+  // Sparse decode (reuse layers, docs/sparse-mode-design.md); the dense kernel ignores
+  // these fields. A row attends to sel_positions[seq, h, :sel_count[seq]] only, where h is
+  // the KV head, or 0 when one set is shared by all KV heads.
+  const int32_t* sel_positions;  // [>= num_seqs, num_kv_heads or 1, sel_budget] positions
+  int64_t sel_stride_seq, sel_stride_head;
+  const int32_t* sel_count;      // [>= num_seqs]: kSelDenseRow, 0 (padding row: zeros) or
+                                 // a count; counts above sel_budget are read as sel_budget
+  int sel_budget;
+  bool sel_shared;
 };
+
+// sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).
+constexpr int kSelDenseRow = -1;
 
 // Dequantize pages back to the model dtype (prefill over cached, quantized history).
 struct DequantizeParams {

@@ -1,0 +1,306 @@
+"""Sparse decode kernel (reuse layers, issue #6) against the CPU oracle.
+
+``ops.decode_sparse`` must match ``reference_sparse.sparse_attention`` over the dequantized
+pages within rounding, row by row; rows marked ``DENSE_ROW`` must give what the dense
+kernel gives, bit for bit, and count-0 (padding) rows exact zeros. Outputs and split-K
+workspaces are poisoned (NaN) before every launch; position slots past a row's count
+hold other valid positions of the sequence, so reading them would show.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from tests.gpu.test_kernels import (
+    DEV,
+    _expect_clear_error,
+    _fill_pages,
+    _ops,
+    _rel_err,
+    _run_decode,
+)
+from vllm_bitdecode import reference_sparse as rs
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
+from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+pytestmark = pytest.mark.gpu
+
+DENSE_ROW = rs.DENSE_ROW
+SCALE = 128**-0.5
+NO_PAGE = 10**8  # block-table entry of rows that must read no page: reading it faults
+
+
+def _selection(seq_lens, counts, sel_heads, budget, gen, sort):
+    """Random distinct positions per row and selection head, sorted or in random order.
+    Slots past the count get other positions of the same sequence (DENSE_ROW and padding
+    rows: NO_PAGE-sized garbage), so a kernel that reads past the count goes wrong."""
+    rows = len(seq_lens)
+    positions = torch.full((rows, sel_heads, budget), NO_PAGE, dtype=torch.int32)
+    for i, (n, c) in enumerate(zip(seq_lens, counts, strict=True)):
+        if c < 0 or n == 0:
+            continue
+        for h in range(sel_heads):
+            positions[i, h] = torch.randint(0, n, (budget,), generator=gen)
+            m = min(c, budget)
+            chosen = torch.randperm(n, generator=gen)[:m]
+            positions[i, h, :m] = chosen.sort().values if sort else chosen
+    return rs.Selection(positions, torch.tensor(counts, dtype=torch.int32))
+
+
+def _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, shared,
+                min_tiles=MIN_TILES_PER_SPLIT, scale=SCALE):
+    b, hq, d = q.shape
+    out = torch.full((b, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
+    partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
+    partial_lse = torch.full((num_splits * b * hq,), float("nan"), device=DEV)
+    signs = rotation_signs(d).to(DEV) if rotate else None
+    _ops().decode_sparse(
+        out, q.to(DEV), cache.to(DEV), table.to(DEV),
+        torch.tensor(seq_lens, dtype=torch.int32, device=DEV), sel.positions.to(DEV),
+        sel.counts.to(DEV), partial_out, partial_lse, signs, scale, fmt.bits, fmt.group_size,
+        fmt.block_size, num_splits, min_tiles, shared,
+    )
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+def _reference(q, cache, table, seq_lens, sel, fmt, rotate, scale=SCALE):
+    return rs.sparse_attention(q, cache, table, torch.tensor(seq_lens), sel, scale, fmt, rotate)
+
+
+def _assert_rows_close(got, expected, what):
+    assert torch.isfinite(got).all(), f"{what}: unwritten or NaN output"
+    for i in range(got.shape[0]):
+        if expected[i].abs().sum() == 0:  # padding row
+            assert torch.equal(got[i], torch.zeros_like(got[i])), f"{what}: row {i} not zero"
+            continue
+        err = _rel_err(got[i], expected[i])
+        assert err <= 1e-2, f"{what}: row {i} relative error {err:.2e}"
+
+
+def _batch(seq_lens, kv_heads, gqa, fmt, dtype, rotate, gen):
+    cache, table = _fill_pages(seq_lens, kv_heads, fmt, dtype, rotate, gen)
+    for i, n in enumerate(seq_lens):
+        if n == 0:
+            table[i] = NO_PAGE
+    q = torch.randn(len(seq_lens), kv_heads * gqa, 128, generator=gen).to(dtype)
+    return q, cache, table
+
+
+# ---- against the oracle -----------------------------------------------------------------
+COUNTS = (1, 15, 16, 17, 255, 2048)
+COUNT_SEQ_LENS = (1, 33, 16, 1000, 3001, 2049)  # a sequence per count: all, some, nearly all
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparse_matches_reference(dtype, bits, gqa, shared):
+    gen = torch.Generator().manual_seed(100 * bits + 10 * gqa + shared)
+    kv_heads, fmt, rotate = 2, PageFormat(128, bits, 128, 16), True
+    # every count twice: positions in ascending order, then in random order
+    seq_lens = list(COUNT_SEQ_LENS) * 2
+    counts = list(COUNTS) * 2
+    q, cache, table = _batch(seq_lens, kv_heads, gqa, fmt, dtype, rotate, gen)
+    sel_heads, budget = (1 if shared else kv_heads), 2048 + 5
+    half = len(COUNTS)
+    sorted_sel = _selection(seq_lens[:half], counts[:half], sel_heads, budget, gen, True)
+    random_sel = _selection(seq_lens[half:], counts[half:], sel_heads, budget, gen, False)
+    sel = rs.Selection(torch.cat((sorted_sel.positions, random_sel.positions)),
+                       torch.cat((sorted_sel.counts, random_sel.counts)))
+    expected = _reference(q, cache, table, seq_lens, sel, fmt, rotate)
+    for num_splits in (1, plan_num_splits(len(seq_lens), kv_heads, 132, 4), 64):
+        got = _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, shared)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("gqa", [6, 16])
+def test_sparse_group_sizes_and_wide_gqa(dtype, bits, group_size, gqa):
+    """Groups 32 and 64 gather 32 and 16 parameter bytes per token (8 at group 128); more
+    than 8 query heads per KV head take the second MMA head tile, 6 leaves columns empty."""
+    gen = torch.Generator().manual_seed(7 * gqa + bits + group_size)
+    fmt, rotate = PageFormat(128, bits, group_size, 32), False
+    seq_lens, counts = [20, 4000, 300], [17, 300, 64]
+    q, cache, table = _batch(seq_lens, 2, gqa, fmt, dtype, rotate, gen)
+    sel = _selection(seq_lens, counts, 2, 300, gen, False)
+    expected = _reference(q, cache, table, seq_lens, sel, fmt, rotate)
+    for num_splits in (1, 7):
+        got = _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, False)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_sparse_block_sizes(bits, block_size):
+    """page = block_table[pos >> shift], slot = pos & (block_size - 1) for every page size."""
+    gen = torch.Generator().manual_seed(block_size + bits)
+    fmt, rotate = PageFormat(128, bits, 128, block_size), True
+    seq_lens, counts = [40, 5000, 300], [33, 400, 300]
+    q, cache, table = _batch(seq_lens, 2, 4, fmt, torch.bfloat16, rotate, gen)
+    sel = _selection(seq_lens, counts, 2, 512, gen, False)
+    expected = _reference(q, cache, table, seq_lens, sel, fmt, rotate)
+    for num_splits in (1, 16):
+        got = _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, False)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
+# ---- dense rows, padding rows, counts out of range --------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("shared", [False, True])
+def test_dense_rows_equal_the_dense_kernel_and_padding_rows_are_zero(dtype, bits, shared):
+    gen = torch.Generator().manual_seed(31 * bits + shared)
+    kv_heads, fmt, rotate = 2, PageFormat(128, bits, 128, 16), True
+    # rows: sparse, dense, padding (CUDA-graph style: seq_len 0), dense of one token,
+    # sparse, and a count-0 row of a real sequence whose pages must not be read either
+    seq_lens = [5000, 700, 0, 1, 17, 50]
+    counts = [300, DENSE_ROW, 0, DENSE_ROW, 17, 0]
+    q, cache, table = _batch(seq_lens, kv_heads, 4, fmt, dtype, rotate, gen)
+    sel = _selection(seq_lens, counts, 1 if shared else kv_heads, 512, gen, True)
+    table_sparse = table.clone()
+    table_sparse[5] = NO_PAGE
+    expected = _reference(q, cache, table, seq_lens, sel, fmt, rotate)
+    dense_rows = [i for i, c in enumerate(counts) if c == DENSE_ROW]
+    for num_splits in (1, 7, 64):
+        got = _run_sparse(q, cache, table_sparse, seq_lens, sel, fmt, rotate, num_splits,
+                          shared)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+        for i, c in enumerate(counts):
+            if c == 0:
+                assert torch.equal(got[i], torch.zeros_like(got[i])), f"row {i} not zero"
+        dense = _run_decode(q[dense_rows], cache, table[dense_rows],
+                            [seq_lens[i] for i in dense_rows], fmt, rotate, num_splits, SCALE)
+        same = torch.equal(got[dense_rows], dense)
+        assert same, f"num_splits={num_splits}: DENSE_ROW rows differ from the dense kernel"
+
+
+def test_counts_out_of_range_are_clamped():
+    """Counts stay on the device, unchecked: above the budget reads the budget's positions,
+    a negative count other than DENSE_ROW writes zeros."""
+    gen = torch.Generator().manual_seed(4)
+    fmt, rotate = PageFormat(128, 4, 128, 16), False
+    seq_lens = [500, 500, 500]
+    q, cache, table = _batch(seq_lens, 2, 4, fmt, torch.bfloat16, rotate, gen)
+    budget = 40
+    sel = _selection(seq_lens, [budget] * 3, 2, budget, gen, False)
+    wild = rs.Selection(sel.positions, torch.tensor([budget + 100, 2**31 - 1, -7],
+                                                    dtype=torch.int32))
+    expected = _reference(q, cache, table, seq_lens, sel, fmt, rotate)
+    expected[2] = 0
+    for num_splits in (1, 5):
+        got = _run_sparse(q, cache, table, seq_lens, wild, fmt, rotate, num_splits, False)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
+# ---- splits -----------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 2])
+def test_one_row_split_across_many_ctas(bits):
+    """A 2048-position row over 132 splits: with min_tiles_per_split 1 every CTA gathers one
+    tile (three of its four warps idle) and 4 CTAs are empty; next to a 1- and a 0-count row."""
+    gen = torch.Generator().manual_seed(bits)
+    fmt, rotate = PageFormat(128, bits, 128, 16), True
+    seq_lens, counts = [20000, 3, 0], [2048, 1, 0]
+    q, cache, table = _batch(seq_lens, 2, 4, fmt, torch.bfloat16, rotate, gen)
+    sel = _selection(seq_lens, counts, 2, 2048, gen, False)
+    expected = _reference(q, cache, table, seq_lens, sel, fmt, rotate)
+    for min_tiles in (1, MIN_TILES_PER_SPLIT):
+        got = _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, 132, False,
+                          min_tiles=min_tiles)
+        _assert_rows_close(got, expected, f"min_tiles_per_split={min_tiles}")
+
+
+def test_sparse_under_cuda_graph_replay():
+    """Captured with every row padding, replayed after positions, counts, lengths and
+    queries were written in place (as a selection layer does between replays)."""
+    gen = torch.Generator().manual_seed(5)
+    fmt, rotate = PageFormat(128, 4, 128, 16), True
+    seq_lens, counts = [700, 1500, 33], [64, DENSE_ROW, 20]
+    cache, table = _fill_pages(seq_lens, 8, fmt, torch.bfloat16, rotate, gen)
+    b, hq, budget = 3, 32, 64
+    sel = _selection(seq_lens, counts, 8, budget, gen, True)
+    splits = plan_num_splits(b, 8, 132, 4)
+    cache_d, table_d = cache.to(DEV), table.to(DEV)
+    q = torch.zeros(b, hq, 128, dtype=torch.bfloat16, device=DEV)
+    lens = torch.zeros(b, dtype=torch.int32, device=DEV)
+    positions = torch.zeros(b, 8, budget, dtype=torch.int32, device=DEV)
+    count = torch.zeros(b, dtype=torch.int32, device=DEV)
+    out = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=DEV)
+    po = torch.empty(splits * b * hq * 128, device=DEV)
+    pl = torch.empty(splits * b * hq, device=DEV)
+    signs = rotation_signs(128).to(DEV)
+    ops = _ops()
+
+    def step():
+        ops.decode_sparse(out, q, cache_d, table_d, lens, positions, count, po, pl, signs,
+                          SCALE, 4, 128, 16, splits, MIN_TILES_PER_SPLIT, False)
+
+    step()  # warm up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    q_new = torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16)
+    q.copy_(q_new)
+    lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+    positions.copy_(sel.positions)
+    count.copy_(sel.counts)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _reference(q_new, cache, table, seq_lens, sel, fmt, rotate)
+    _assert_rows_close(out.cpu(), expected, "graph replay")
+
+
+# ---- the op's arguments -----------------------------------------------------------------
+def test_wrapper_matches_the_op_schema():
+    ops = _ops()
+    schema = torch.ops.bitdecode.decode_sparse.default._schema
+    names = [a.name for a in schema.arguments]
+    assert names == list(inspect.signature(ops.decode_sparse).parameters)
+
+
+BAD_SPARSE_CALL = """
+import torch, vllm_bitdecode.ops as o
+from vllm_bitdecode.page_format import PageFormat
+fmt = PageFormat(128, 4, 128, 16)
+cache = torch.zeros(4, 2, fmt.head_region_bytes, dtype=torch.uint8, device="cuda")
+q = torch.randn(1, 8, 128, dtype=torch.bfloat16, device="cuda")
+out = torch.empty_like(q)
+table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
+lens = torch.tensor([20], dtype=torch.int32, device="cuda")
+pos = torch.arange(16, dtype=torch.int32, device="cuda").view(1, 1, 16).repeat(1, 2, 1)
+count = torch.tensor([5], dtype=torch.int32, device="cuda")
+ws = torch.empty(1024 * 128, device="cuda")
+a = dict(pos=pos, count=count, shared=False, group=128)
+a.update({kwargs})
+o.decode_sparse(out, q, cache, table, lens, a["pos"], a["count"], ws, ws, None, 0.1, 4,
+                a["group"], 16, 1, 8, a["shared"])
+torch.cuda.synchronize()
+print("OK")
+"""
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("", None),  # the valid call works
+    ("pos=pos[:, :1], shared=True", None),  # one shared set
+    ("pos=pos.long()", "sel_positions must be a CUDA int32"),
+    ("pos=pos.cpu()", "sel_positions must be a CUDA int32"),
+    ("pos=pos[0]", "sel_positions must be a CUDA int32"),
+    ("pos=pos[:0]", "sel_positions has 0 rows for 1 sequences"),
+    ("shared=True", "sel_positions has 2 heads, expected 1"),
+    ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
+    ("pos=pos[:, :, :0]", "token budget of at least 1"),
+    ("pos=pos.transpose(1, 2).contiguous().transpose(1, 2)", "contiguous in its last dimension"),
+    ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
+    ("count=count[:0]", "sel_count must be a contiguous CUDA int32"),
+    ("count=count.cpu()", "sel_count must be a contiguous CUDA int32"),
+    ("group=48", "group_size must be 32, 64 or 128"),
+])
+def test_sparse_bad_arguments_raise_clear_errors(kwargs, message):
+    _expect_clear_error(BAD_SPARSE_CALL.replace("{kwargs}", kwargs), message)
