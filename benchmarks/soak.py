@@ -19,12 +19,25 @@ DIR --tiny``; vLLM's defaults otherwise: CUDA graphs, chunked prefill, prefix ca
 5. stops the server with SIGTERM and checks that it and its engine process exit and
    that the GPU memory is given back.
 
+With ``--preemption-storm`` the server's KV cache is cut (``--num-gpu-blocks-override``,
+with an explicit ``--block-size``) to 1.5 times the longest request the load or the probes
+can send: every request fits on its own, so none can wait forever, but the clients need
+several times more, so vLLM preempts (and recomputes) requests over and over. The checks
+add: vLLM's ``vllm:num_preemptions_total`` is positive, the server's "GPU KV cache size"
+is the planned one, and the probe set, run once more during the storm (batched and
+preempted with the load), gives the same greedy tokens as before it, but for near ties.
+
+Every wait has a timeout, and the whole run from the server's launch is stopped after
+``--max-wall-s``; a ``--num-gpu-blocks-override`` too small for the longest request (which
+vLLM would queue forever) is refused before the server starts.
+
 Figures and checks go to ``benchmarks/results/soak_<gpu>.json`` (``soak_<gpu>_quick.json``
-with ``--quick``), the server log next to it; the exit status is 1 if any check failed.
+with ``--quick``, ``..._storm.json`` with ``--preemption-storm``), the server log next to
+it; the exit status is 1 if any check failed.
 
     python benchmarks/soak.py                 # 64 clients, 300 s (about 7-8 minutes)
     python benchmarks/soak.py --quick         # 16 clients, 20 s (about 2-3 minutes)
-    python benchmarks/soak.py --server-arg=--num-gpu-blocks-override=2000  # + preemption
+    python benchmarks/soak.py --preemption-storm  # 64 clients, 300 s, a KV cache of ~12k tokens
 
 Only the standard library plus aiohttp (a vLLM dependency; ``--transport threads`` uses
 urllib-style http.client in threads instead) and, if present, pynvml and psutil.
@@ -60,9 +73,12 @@ if str(ROOT) not in sys.path:  # vllm_bitdecode without an install, as in qualit
 
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
 from vllm_bitdecode.testing import (  # noqa: E402
+    TIE_LOGPROB,
     TINY_LLAMA,
     child_processes,
     free_port,
+    parse_kv_cache_tokens,
+    parse_prometheus,
     process_alive,
     write_model_dir,
 )
@@ -249,6 +265,117 @@ def endpoint_path(spec: Spec) -> str:
     return "/v1/completions" if spec.endpoint == "completions" else "/v1/chat/completions"
 
 
+# ---------------------------------------------------------------- the KV cache (preemption storm)
+
+# The server's KV block size: vLLM's default (CacheConfig.DEFAULT_BLOCK_SIZE), which
+# BITDECODE keeps, its get_preferred_block_size returning vLLM's default when that is one of
+# its page sizes (page_format.SUPPORTED_BLOCK_SIZES). The storm passes it as --block-size all
+# the same, and checks the server's "GPU KV cache size" line against it.
+SERVER_BLOCK_SIZE = 16
+STORM_MARGIN = 1.5  # the storm's KV cache: this many times the longest request
+CHAT_TEMPLATE_TOKENS = 64  # most tokens a chat template adds (the dummy model's: 6)
+
+
+def request_tokens_bound(spec: Spec, source: PromptSource) -> int:
+    """Most KV-cache tokens one request holds: its prompt tokens (exact with the dummy
+    model's tokenizer, else an upper bound) plus ``max_tokens``."""
+    prompt = expected_prompt_tokens(spec, source)
+    if prompt is None:
+        prompt = source.prompt_words(spec) * source.tokens_per_word + \
+            (CHAT_TEMPLATE_TOKENS if spec.endpoint == "chat" else 0)
+    return prompt + spec.max_tokens
+
+
+def longest_request_tokens(source: PromptSource, max_model_len: int) -> int:
+    """An upper bound of :func:`request_tokens_bound` over every request the load
+    (:func:`next_spec`) or the probes can send, from the mix's ranges; at most
+    ``max_model_len``, which vLLM enforces."""
+    mix = source.mix
+    words = max(mix.short_words[1], mix.long_words[1]) + mix.prefix_words[1]
+    new = max(mix.short_max_tokens[1], mix.long_max_tokens[1])
+    load = words * source.tokens_per_word + CHAT_TEMPLATE_TOKENS + new
+    probes = max(PROBE_WORDS) * source.tokens_per_word + PROBE_MAX_TOKENS
+    return min(max_model_len, max(load, probes))
+
+
+def blocks_needed(tokens: int, block_size: int) -> int:
+    """--num-gpu-blocks-override that holds one request of ``tokens`` tokens: its blocks
+    plus the one block vLLM's block pool keeps aside (its null block)."""
+    return math.ceil(tokens / block_size) + 1
+
+
+def storm_plan(source: PromptSource, max_model_len: int, clients: int, block_size: int,
+               margin: float = STORM_MARGIN, seed: int = 0) -> dict[str, Any]:
+    """The KV cache of a preemption storm: room for ``margin`` times the longest request
+    (so every request can run, alone if need be: none waits forever), and what
+    ``clients`` concurrent clients would need (each holding a request of the mix's mean
+    size, prefix sharing left out), many times more: vLLM preempts over and over."""
+    if not margin > 1:
+        raise ValueError(f"--storm-margin {margin}: must be more than 1 (the longest request "
+                         "must fit, with room to spare)")
+    longest = longest_request_tokens(source, max_model_len)
+    blocks = blocks_needed(math.ceil(margin * longest), block_size)
+    sample = make_mix(seed, 1000, source, max_model_len)
+    mean_blocks = sum(math.ceil(request_tokens_bound(s, source) / block_size)
+                      for s in sample) / len(sample)
+    need = clients * mean_blocks
+    return {"block_size": block_size, "margin": margin, "longest_request_tokens": longest,
+            "longest_request_blocks": math.ceil(longest / block_size),
+            "num_gpu_blocks": blocks, "kv_cache_tokens": blocks * block_size,
+            "clients": clients, "mean_request_blocks": round(mean_blocks, 1),
+            "clients_need_blocks": round(need), "oversubscription": round(need / (blocks - 1), 2)}
+
+
+def server_flag(server_args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` (e.g. "--block-size") among extra ``vllm serve`` arguments,
+    given as ``--flag=value`` or as ``--flag value``, with dashes or underscores (vLLM
+    takes both); the last one wins; None if absent."""
+    value = None
+    for i, arg in enumerate(server_args):
+        name, eq, rest = arg.partition("=")
+        if not name.startswith("--") or "--" + name[2:].replace("_", "-") != flag:
+            continue
+        if eq:
+            value = rest
+        elif i + 1 < len(server_args):
+            value = server_args[i + 1]
+    return value
+
+
+def kv_cache_plan(args: argparse.Namespace, source: PromptSource) -> dict[str, Any] | None:
+    """The storm's KV cache (:func:`storm_plan`; None without --preemption-storm).
+
+    ValueError for settings that would make the soak hang: a --num-gpu-blocks-override
+    (--server-arg) too small for the longest request, which vLLM would queue forever
+    without rejecting it; or one given together with --preemption-storm, which picks it."""
+    given_blocks = server_flag(args.server_arg, "--num-gpu-blocks-override")
+    given_block_size = server_flag(args.server_arg, "--block-size")
+    try:
+        block_size = SERVER_BLOCK_SIZE if given_block_size is None else int(given_block_size)
+        blocks = None if given_blocks is None else int(given_blocks)
+    except ValueError:
+        raise ValueError(f"--server-arg: --block-size {given_block_size!r} / "
+                         f"--num-gpu-blocks-override {given_blocks!r}: not a number") from None
+    if block_size <= 0:
+        raise ValueError(f"--server-arg: --block-size {block_size}")
+    longest = longest_request_tokens(source, args.max_model_len)
+    if args.preemption_storm:
+        if blocks is not None:
+            raise ValueError("--preemption-storm picks --num-gpu-blocks-override itself; "
+                             "leave it out of --server-arg")
+        plan = storm_plan(source, args.max_model_len, args.clients, block_size,
+                          args.storm_margin, args.seed)
+        plan["block_size_from"] = "default" if given_block_size is None else "--server-arg"
+        return plan
+    need = blocks_needed(longest, block_size)
+    if blocks is not None and blocks < need:
+        raise ValueError(
+            f"--num-gpu-blocks-override={blocks} cannot hold the longest request ({longest} "
+            f"tokens: {need} blocks of {block_size}, with vLLM's null block); vLLM would "
+            f"queue it forever. Give at least {need}, or use --preemption-storm")
+    return None
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -426,26 +553,6 @@ def memory_flatness(samples: list[tuple[float, float]], start: float, end: float
             "spread_mib": spread, "growth_mib": growth, "slope_mib_per_min": slope * 60.0}
 
 
-_PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
-
-
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Prometheus text format -> {metric name: value summed over its label sets}."""
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = _PROM_LINE.match(line)
-        if not m:
-            continue
-        try:
-            value = float(m.group(3))
-        except ValueError:
-            continue
-        out[m.group(1)] = out.get(m.group(1), 0.0) + value
-    return out
-
-
 METRICS_KEPT = ("vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
                 "vllm:prefix_cache_hits_total", "vllm:request_success_total",
                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
@@ -453,31 +560,60 @@ METRICS_KEPT = ("vllm:num_preemptions_total", "vllm:prefix_cache_queries_total",
                 "vllm:kv_cache_usage_perc")
 
 
-def compare_probes(before: list[dict], after: list[dict]) -> dict[str, Any]:
-    """Greedy tokens and text of each probe, before vs after the soak."""
-    mismatches = []
+def _near_tie(top: dict[str, float] | None, tie_logprob: float) -> bool:
+    """The two best log-probabilities of a step are closer than ``tie_logprob``."""
+    best = sorted((top or {}).values(), reverse=True)
+    return len(best) >= 2 and best[0] - best[1] < tie_logprob
+
+
+def compare_probes(before: list[dict], after: list[dict],
+                   tie_logprob: float | None = None) -> dict[str, Any]:
+    """Greedy tokens and text of each probe, before vs after the soak.
+
+    With ``tie_logprob``, for probes batched with other requests (the storm's): a probe may
+    differ from a step where its two best log-probabilities ``before`` were closer than
+    that, a near tie that another batch's summation order may break (the rule of
+    vllm_bitdecode.testing.assert_greedy_equal_up_to_ties): such probes are listed in
+    ``ties``, not in ``mismatches``, and ``identical_up_to_ties`` allows one probe in 8
+    (at least one) to do so. Log-probabilities are compared up to a probe's first
+    different token (its context differs from there on)."""
+    mismatches, ties = [], []
     max_lp_diff = 0.0
     for i, (a, b) in enumerate(zip(before, after, strict=True)):
         if a.get("error") or b.get("error"):
             mismatches.append({"probe": i, "error": a.get("error") or b.get("error")})
             continue
+        same_steps = len(a["token_ids"])
         if a["token_ids"] != b["token_ids"] or a["text"] != b["text"]:
             step = next((s for s, (x, y) in enumerate(zip(a["token_ids"], b["token_ids"],
                                                           strict=False)) if x != y),
                         min(len(a["token_ids"]), len(b["token_ids"])))
             tops = a.get("top_logprobs") or []
-            mismatches.append({
+            top = tops[step] if step < len(tops) else None
+            entry = {
                 "probe": i, "first_different_step": step,
                 "before": a["token_ids"][step:step + 4], "after": b["token_ids"][step:step + 4],
-                "before_top_logprobs": tops[step] if step < len(tops) else None,
-            })
-        for x, y in zip(a.get("top_logprobs") or [], b.get("top_logprobs") or [], strict=False):
+                "before_top_logprobs": top,
+            }
+            tie = tie_logprob is not None and step < min(len(a["token_ids"]),
+                                                         len(b["token_ids"])) \
+                and _near_tie(top, tie_logprob)
+            (ties if tie else mismatches).append(entry)
+            same_steps = step
+        for x, y in zip((a.get("top_logprobs") or [])[:same_steps],
+                        (b.get("top_logprobs") or [])[:same_steps], strict=False):
             for tok in set(x) & set(y):
                 max_lp_diff = max(max_lp_diff, abs(x[tok] - y[tok]))
-    return {"n": len(before), "identical": not mismatches and len(before) == len(after),
-            "mismatches": mismatches, "max_logprob_diff": max_lp_diff,
-            "cached_tokens_before": [p.get("cached_tokens") for p in before],
-            "cached_tokens_after": [p.get("cached_tokens") for p in after]}
+    complete = len(before) == len(after)
+    out = {"n": len(before), "identical": not mismatches and not ties and complete,
+           "mismatches": mismatches, "max_logprob_diff": max_lp_diff,
+           "cached_tokens_before": [p.get("cached_tokens") for p in before],
+           "cached_tokens_after": [p.get("cached_tokens") for p in after]}
+    if tie_logprob is not None:
+        out.update(ties=ties, tie_logprob=tie_logprob,
+                   identical_up_to_ties=not mismatches and complete
+                   and len(ties) <= max(1, len(before) // 8))
+    return out
 
 
 # ---------------------------------------------------------------- HTTP clients
@@ -806,18 +942,16 @@ async def poll_gauges(client, interval_s: float, out: list[dict[str, float]]) ->
         await asyncio.sleep(interval_s)
 
 
-async def run_probes(client, specs: list[Spec], source: PromptSource, model: str,
-                     timeout: float) -> dict[str, Any]:
-    """The probe set, one request at a time, after the server is idle and its prefix
-    cache reset (VLLM_SERVER_DEV_MODE's /reset_prefix_cache), so that every pass runs the
-    same computation."""
-    idle = await wait_idle(client)
-    try:
-        reset_status, _ = await client.post("/reset_prefix_cache")
-    except Exception as e:  # noqa: BLE001
-        reset_status = f"{type(e).__name__}"
-    answers = []
+async def probe_answers(client, specs: list[Spec], source: PromptSource, model: str,
+                        timeout: float) -> list[dict[str, Any]]:
+    """The probe set's answers, one request at a time. After a probe times out the rest
+    are skipped (errors too): the server is stuck, and waiting for each would only add
+    their timeouts up."""
+    answers: list[dict[str, Any]] = []
     for spec in specs:
+        if answers and answers[-1].get("error", "").startswith(("timeout", "skipped")):
+            answers.append({"error": f"skipped: a probe before {spec.key} timed out"})
+            continue
         rec = await client.request(spec, request_body(spec, model, source),
                                    expected_prompt_tokens(spec, source), timeout, keep=True)
         if rec.outcome != "ok" or rec.answer is None:
@@ -830,7 +964,31 @@ async def run_probes(client, specs: list[Spec], source: PromptSource, model: str
             "top_logprobs": (choice.get("logprobs") or {}).get("top_logprobs"),
             "cached_tokens": details.get("cached_tokens"),
         })
+    return answers
+
+
+async def run_probes(client, specs: list[Spec], source: PromptSource, model: str,
+                     timeout: float) -> dict[str, Any]:
+    """The probe set, one request at a time, after the server is idle and its prefix
+    cache reset (VLLM_SERVER_DEV_MODE's /reset_prefix_cache), so that every pass runs the
+    same computation."""
+    idle = await wait_idle(client)
+    try:
+        reset_status, _ = await client.post("/reset_prefix_cache")
+    except Exception as e:  # noqa: BLE001
+        reset_status = f"{type(e).__name__}"
+    answers = await probe_answers(client, specs, source, model, timeout)
     return {"answers": answers, "server_idle": idle, "prefix_cache_reset": reset_status}
+
+
+async def probes_during_load(client, specs: list[Spec], source: PromptSource, model: str,
+                             timeout: float, delay_s: float) -> dict[str, Any]:
+    """The probe set once more, one request at a time, ``delay_s`` into the load (once the
+    KV cache has filled): batched, and preempted, with the load's requests."""
+    await asyncio.sleep(delay_s)
+    t0 = time.monotonic()
+    answers = await probe_answers(client, specs, source, model, timeout)
+    return {"answers": answers, "delay_s": delay_s, "wall_s": time.monotonic() - t0}
 
 
 # ---------------------------------------------------------------- GPU memory
@@ -933,6 +1091,11 @@ def server_command(args: argparse.Namespace, model_dir: str, port: int) -> list[
         cmd += ["--chat-template", CHAT_TEMPLATE]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
+    storm = getattr(args, "storm", None)
+    if storm:
+        cmd += ["--num-gpu-blocks-override", str(storm["num_gpu_blocks"])]
+        if storm["block_size_from"] == "default":
+            cmd += ["--block-size", str(storm["block_size"])]
     return cmd + list(args.server_arg)
 
 
@@ -1012,8 +1175,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--server-cmd", default=None,
                     help="run this command instead of vllm serve ({port}, {model} "
                          "substituted); for testing the harness")
+    ap.add_argument("--preemption-storm", action="store_true",
+                    help="a KV cache (--num-gpu-blocks-override, --block-size) that holds the "
+                         "longest request --storm-margin times, far less than the clients "
+                         "need, so that vLLM preempts over and over; checks that it did, and "
+                         "runs the probes during the storm too; results *_storm.json")
+    ap.add_argument("--storm-margin", type=float, default=STORM_MARGIN,
+                    help="the storm's KV cache in longest requests (1.5)")
     ap.add_argument("--startup-timeout", type=float, default=900)
     ap.add_argument("--request-timeout", type=float, default=300)
+    ap.add_argument("--max-wall-s", type=float, default=None,
+                    help="stop (and fail) a run not finished this long after the server's "
+                         "launch (start-up and request timeouts, duration, 600 s)")
     ap.add_argument("--transport", choices=("auto", "aiohttp", "threads"), default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results JSON (benchmarks/results/soak_<gpu>.json)")
@@ -1025,7 +1198,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     json.loads(args.bitdecode)  # fail early on bad JSON
+    try:
+        args.storm = kv_cache_plan(args, prompt_source(args))
+    except ValueError as e:
+        ap.error(str(e))
+    if args.max_wall_s is None:
+        args.max_wall_s = wall_limit_s(args)
     return args
+
+
+def wall_limit_s(args: argparse.Namespace) -> float:
+    """Seconds from the server's launch after which the run is stopped, whatever it waits
+    for: each wait has its own timeout, and a legitimate run stays well within their sum
+    (start-up, the load and its last requests, a timed-out probe in each of up to three
+    probe passes, the idle waits)."""
+    return args.startup_timeout + args.duration + 4 * args.request_timeout + 600
+
+
+def results_path(args: argparse.Namespace, slug: str) -> Path:
+    """--out, else benchmarks/results/soak_<gpu>[_quick][_storm].json."""
+    if args.out:
+        return Path(args.out)
+    suffix = ("_quick" if args.quick else "") + ("_storm" if args.preemption_storm else "")
+    return RESULTS / f"soak_{slug}{suffix}.json"
 
 
 def prompt_source(args: argparse.Namespace) -> PromptSource:
@@ -1056,6 +1251,7 @@ def evaluate(result: dict[str, Any], args: argparse.Namespace) -> dict[str, dict
         check("server_started", False, result.get("startup_error", ""))
         return checks
     check("server_started", True, f"{result['startup_s']:.1f} s")
+    check("run_completed", "error" not in result, result.get("error", ""))
     load = result.get("load") or {}
     oc = load.get("outcomes", {})
     check("no_server_errors", load.get("server_errors", 1) == 0,
@@ -1100,6 +1296,19 @@ def evaluate(result: dict[str, Any], args: argparse.Namespace) -> dict[str, dict
         released = before is not None and after is not None and after <= before + args.mem_tol_mib
         check("gpu_memory_released", released,
               f"{after} MiB after shutdown vs {before} MiB before start")
+    if args.preemption_storm:
+        storm = result.get("storm") or {}
+        preemptions = (result.get("vllm_metrics") or {}).get("vllm:num_preemptions_total")
+        check("preemptions_happened", bool(preemptions and preemptions > 0),
+              f"vllm:num_preemptions_total {preemptions}")
+        logged, planned = storm.get("kv_cache_tokens_logged"), storm.get("kv_cache_tokens")
+        check("kv_cache_as_planned", logged is not None and logged == planned,
+              f"server's GPU KV cache size {logged} tokens; planned {planned} "
+              f"({storm.get('num_gpu_blocks')} blocks of {storm.get('block_size')})")
+        during = result.get("probes_during_storm") or {}
+        check("probes_during_storm_match", during.get("identical_up_to_ties", False),
+              f"{len(during.get('ties', []))} at near ties; mismatches "
+              + json.dumps(during.get("mismatches", "not run"))[:500])
     return checks
 
 
@@ -1137,16 +1346,28 @@ async def _soak(args: argparse.Namespace, result: dict[str, Any], base: str,
         print(f"[soak] {args.clients} clients for {args.duration:.0f} s ...", flush=True)
         gauges: list[dict[str, float]] = []
         poller = asyncio.create_task(poll_gauges(client, args.mem_interval_s, gauges))
+        storm_probes = asyncio.create_task(probes_during_load(
+            client, specs, source, SERVED_NAME, args.request_timeout,
+            delay_s=args.duration / 4)) if args.preemption_storm else None
         try:
             load = await run_load(client, clients=args.clients, duration_s=args.duration,
                                   seed=args.seed, source=source, model=SERVED_NAME,
                                   max_model_len=args.max_model_len,
                                   request_timeout=args.request_timeout)
+            during = await storm_probes if storm_probes is not None else None
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in (poller, storm_probes):
+                if task is not None and not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         result["_soak_window"][1] = time.monotonic()
+        if during is not None:
+            result["probes_during_storm"] = {
+                **compare_probes(before["answers"], during["answers"], TIE_LOGPROB),
+                "delay_s": during["delay_s"], "wall_s": during["wall_s"]}
+            print(f"[soak] probes during the storm match up to near ties: "
+                  f"{result['probes_during_storm']['identical_up_to_ties']}", flush=True)
         result["server_concurrency"] = {
             "samples": len(gauges),
             "max_running": max((g.get("vllm:num_requests_running", 0) for g in gauges),
@@ -1176,13 +1397,21 @@ async def _soak(args: argparse.Namespace, result: dict[str, Any], base: str,
         result["vllm_metrics"] = {k: metrics[k] for k in METRICS_KEPT if k in metrics}
 
 
+async def _soak_within(limit_s: float, *soak_args: Any) -> None:
+    """:func:`_soak`, stopped after ``limit_s`` seconds (--max-wall-s)."""
+    try:
+        await asyncio.wait_for(_soak(*soak_args), limit_s)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"not finished within {limit_s:.0f} s (--max-wall-s); "
+                           "stopped") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = None if args.no_gpu_memory else GpuMemory()
     device = gpu.name if gpu and gpu.available else "unknown"
     slug = gpu_slug(device) if device != "unknown" else "unknown"
-    suffix = "_quick" if args.quick else ""
-    out = Path(args.out) if args.out else RESULTS / f"soak_{slug}{suffix}.json"
+    out = results_path(args, slug)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = Path(args.server_log) if args.server_log else out.with_name(out.stem + "_server.log")
     source = prompt_source(args)
@@ -1200,7 +1429,8 @@ def main(argv: list[str] | None = None) -> int:
             "enforce_eager": args.enforce_eager, "server_args": args.server_arg,
             "seed": args.seed, "request_timeout_s": args.request_timeout,
             "mix": dataclasses.asdict(source.mix), "probe_words": list(PROBE_WORDS),
-            "probe_max_tokens": PROBE_MAX_TOKENS,
+            "probe_max_tokens": PROBE_MAX_TOKENS, "preemption_storm": args.storm,
+            "max_wall_s": args.max_wall_s,
         },
         "server_log": str(log_path), "server_started": False,
     }
@@ -1230,7 +1460,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[soak] starting: {result['server_command']}", flush=True)
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                     cwd=str(ROOT))
-            asyncio.run(_soak(args, result, f"http://127.0.0.1:{port}", proc, log_path, source))
+            asyncio.run(_soak_within(args.max_wall_s, args, result, f"http://127.0.0.1:{port}",
+                                     proc, log_path, source))
         except Exception as e:  # noqa: BLE001 - recorded, and the checks fail
             result.setdefault("startup_error", f"{type(e).__name__}: {e}")
             result["error"] = f"{type(e).__name__}: {e}"
@@ -1282,6 +1513,8 @@ def main(argv: list[str] | None = None) -> int:
         result.pop(key)
     if not result.get("server_started"):
         result["server_log_tail"] = log_text[-4000:]
+    if args.storm:
+        result["storm"] = {**args.storm, "kv_cache_tokens_logged": parse_kv_cache_tokens(log_text)}
     checks = evaluate(result, args)
     result["checks"] = checks
     result["passed"] = all(c["ok"] for c in checks.values())

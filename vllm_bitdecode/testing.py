@@ -441,6 +441,59 @@ def process_alive(proc) -> bool:
         return False
 
 
+def process_cmdline(proc) -> str:
+    """A psutil process's command line ("VLLM::EngineCore" for vLLM's engine process, which
+    renames itself), "" if it cannot be read (gone, a zombie)."""
+    import psutil
+
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _visible_gpus(pynvml) -> list[Any]:
+    """NVML handles of the GPUs CUDA_VISIBLE_DEVICES names (by index or UUID), or all."""
+    handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return handles
+    uuids = []
+    for h in handles:
+        uuid = pynvml.nvmlDeviceGetUUID(h)
+        uuids.append(uuid.decode() if isinstance(uuid, bytes) else str(uuid))
+    out = []
+    for item in (x.strip() for x in visible.split(",")):
+        if item.isdigit():
+            out += handles[int(item):int(item) + 1]
+        elif item:
+            out += [h for h, u in zip(handles, uuids, strict=True) if u.startswith(item)]
+    return out
+
+
+def nvml_memory() -> dict[str, Any]:
+    """GPU memory as NVML reports it, over the GPUs this process may use
+    (CUDA_VISIBLE_DEVICES; all without it): ``used_mib`` (the devices' used memory,
+    summed) and ``by_pid`` ({pid: MiB} of the processes holding memory on any of them;
+    None where the driver does not say). NVML gives the host's pids: inside a
+    container's PID namespace they need not be this one's."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        used = 0.0
+        by_pid: dict[int, float | None] = {}
+        for handle in _visible_gpus(pynvml):
+            used += pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                mib = None if proc.usedGpuMemory is None else proc.usedGpuMemory / 2**20
+                prior = by_pid.get(proc.pid, 0.0)
+                by_pid[proc.pid] = None if prior is None or mib is None else prior + mib
+        return {"used_mib": used, "by_pid": by_pid}
+    finally:
+        pynvml.nvmlShutdown()
+
+
 _PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -590,13 +643,79 @@ def parse_kv_cache_tokens(log: str) -> int | None:
     return int(found[-1].replace(",", "")) if found else None
 
 
-def run_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
-    """Run :func:`run_engine` in a fresh Python; adds the engine log and KV-cache size."""
+def startup_failure(spec: dict[str, Any]) -> dict[str, Any]:
+    """Start ``LLM(**engine_kwargs(spec))``, which is expected to fail, and report what the
+    failure leaves behind (run by :func:`run_in_subprocess` for specs with a
+    ``startup_failure`` entry: ``baseline_used_mib``, NVML's used memory before this
+    process started, ``tol_mib`` and ``settle_s``).
+
+    Reported: ``started`` and the error (``failed_at``: when, by ``time.time()``); the
+    processes this one started that are still alive after up to ``settle_s``
+    (``alive_descendants``); whether CUDA is initialised here and PyTorch's GPU memory
+    here; NVML's figures once those processes are gone
+    (``after_failure``: polled until the used memory, less this process's own where NVML
+    lists it, is within ``tol_mib`` of the baseline, or until ``settle_s`` is up). Last,
+    CUDA is initialised here (``probe``: NVML's figures then), which shows whether NVML
+    lists this process by its pid (``nvml_sees_own_pid``), so whether its per-process
+    figures can be trusted.
+    """
+    import gc
+
+    import torch
+
+    cfg = spec["startup_failure"]
+    me = os.getpid()
+    out: dict[str, Any] = {"pid": me, "started": False, "error_type": None, "error": None}
+    t0 = time.monotonic()
+    try:
+        from vllm import LLM
+
+        llm = LLM(**engine_kwargs(spec))
+    except Exception as e:  # noqa: BLE001 - the failure is what is reported
+        out["error_type"] = f"{type(e).__module__}.{type(e).__qualname__}"
+        out["error"] = str(e)
+    else:
+        out["started"] = True
+        del llm
+    out["failed_after_s"] = time.monotonic() - t0
+    out["failed_at"] = time.time()
+    gc.collect()
+    end = time.monotonic() + cfg.get("settle_s", 30)
+    alive = [p for p in child_processes(me) if process_alive(p)]
+    while alive and time.monotonic() < end:
+        time.sleep(0.2)
+        alive = [p for p in child_processes(me) if process_alive(p)]
+    out["alive_descendants"] = [{"pid": p.pid, "cmdline": process_cmdline(p)} for p in alive]
+    out["cuda_initialized"] = torch.cuda.is_initialized()
+    out["memory_allocated"] = torch.cuda.memory_allocated() if out["cuda_initialized"] else 0
+    out["memory_reserved"] = torch.cuda.memory_reserved() if out["cuda_initialized"] else 0
+    limit = cfg["baseline_used_mib"] + cfg.get("tol_mib", 256)
+    t1 = time.monotonic()
+    while True:  # the driver may give an exited process's memory back a moment later
+        mem = nvml_memory()
+        if mem["used_mib"] - (mem["by_pid"].get(me) or 0.0) <= limit or \
+                time.monotonic() >= end:
+            break
+        time.sleep(0.5)
+    out["after_failure"] = {**mem, "waited_s": time.monotonic() - t1}
+    torch.zeros(1, device="cuda")
+    torch.cuda.synchronize()
+    out["probe"] = nvml_memory()
+    out["nvml_sees_own_pid"] = me in out["probe"]["by_pid"]
+    return out
+
+
+def run_in_subprocess(spec: dict[str, Any], timeout: float = 900,
+                      env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run :func:`run_engine` (:func:`startup_failure` for a spec with a
+    ``startup_failure`` entry) in a fresh Python; adds the engine log and KV-cache size.
+    The engine runs inside that process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless ``env``,
+    which overrides the environment, says otherwise."""
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, VLLM_ALLOW_INSECURE_SERIALIZATION="1",
-                   VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})}
         proc = subprocess.run(
             [sys.executable, "-m", "vllm_bitdecode.testing", str(spec_path), str(out_path)],
             capture_output=True, text=True, timeout=timeout, env=env,
@@ -644,6 +763,9 @@ def main() -> None:
     import torch
 
     spec = json.loads(Path(sys.argv[1]).read_text())
+    if "startup_failure" in spec:
+        torch.save(startup_failure(spec), sys.argv[2])
+        return
     torch.save(run_engine(spec), sys.argv[2])
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,15 +53,17 @@ STATE = _state_key()
 
 
 def make_app(fail_every: int = 0, malformed_every: int = 0, drop_every: int = 0,
-             error_event_every: int = 0, drift_after: int = 0, token_delay_s: float = 0.0005):
+             error_event_every: int = 0, drift_after: int = 0, token_delay_s: float = 0.0005,
+             preempt_every: int = 0):
     """An aiohttp app answering like vLLM's OpenAI server; faults on request: every
     ``fail_every``-th generation request gets HTTP 500, every ``malformed_every``-th
     stream has a broken line, every ``drop_every``-th stream is cut without [DONE], every
     ``error_event_every``-th stream carries an error event (as vLLM reports a failure
-    mid-stream), and after ``drift_after`` requests the answers change (probes differ)."""
+    mid-stream), and after ``drift_after`` requests the answers change (probes differ).
+    Every ``preempt_every``-th request counts as a preemption in /metrics."""
     from aiohttp import web
 
-    state = {"requests": 0, "running": 0, "aborted": 0, "completed": 0}
+    state = {"requests": 0, "running": 0, "aborted": 0, "completed": 0, "preemptions": 0}
 
     def tokens(body: dict, n: int) -> list[int]:
         key = json.dumps(body.get("prompt", body.get("messages")), sort_keys=True)
@@ -76,6 +79,8 @@ def make_app(fail_every: int = 0, malformed_every: int = 0, drop_every: int = 0,
         chat = request.path.endswith("/chat/completions")
         if fail_every and n % fail_every == 0:
             return web.json_response({"error": {"message": "injected"}}, status=500)
+        if preempt_every and n % preempt_every == 0:
+            state["preemptions"] += 1
         max_tokens = body["max_tokens"]
         ids = tokens(body, max_tokens)
         pieces = [f" w{t}" for t in ids]
@@ -150,7 +155,9 @@ def make_app(fail_every: int = 0, malformed_every: int = 0, drop_every: int = 0,
             "# HELP vllm:num_requests_running x\n# TYPE vllm:num_requests_running gauge\n"
             f'vllm:num_requests_running{{engine="0",model_name="m"}} {state["running"]}\n'
             f'vllm:num_requests_waiting{{engine="0",model_name="m"}} 0.0\n'
-            f'vllm:request_success_total{{finished_reason="length"}} {state["completed"]}\n'))
+            f'vllm:request_success_total{{finished_reason="length"}} {state["completed"]}\n'
+            f'vllm:num_preemptions_total{{engine="0",model_name="m"}} {state["preemptions"]}\n'
+        ))
 
     async def reset(request):
         return web.Response(status=200)
@@ -348,6 +355,116 @@ def test_probe_set_is_fixed_and_fits(soak, source):
     assert not any(s.cancels for s in specs)
     small = soak.probe_specs(source, 2048)
     assert all(s.words + s.max_tokens + 16 <= 2048 for s in small)
+
+
+# ---------------------------------------------------------------- the storm's KV cache
+
+
+def _real_source(soak):
+    """The prompt source of ``--model PATH`` (a tokenizer of the model's own)."""
+    return soak.prompt_source(soak.parse_args(["--model", "m"]))
+
+
+@pytest.mark.parametrize("max_model_len", [2048, 8192, 32768])
+def test_longest_request_bounds_every_request(soak, source, max_model_len):
+    for src in (source, _real_source(soak)):
+        longest = soak.longest_request_tokens(src, max_model_len)
+        assert longest <= max_model_len
+        specs = soak.make_mix(7, 3000, src, max_model_len) + soak.probe_specs(src, max_model_len)
+        # vLLM refuses a request longer than max_model_len (an answer, not a wait)
+        sizes = [min(max_model_len, soak.request_tokens_bound(s, src)) for s in specs]
+        assert max(sizes) <= longest
+        assert max(sizes) >= 0.85 * longest  # and the bound is not a loose one
+    # with the dummy tokenizer the bound of a request is its exact size
+    spec = _spec(soak, endpoint="chat", words=10, prefix=None, max_tokens=7)
+    assert soak.request_tokens_bound(spec, source) == 10 + 4 + 7
+
+
+def test_storm_plan_fits_the_longest_request_and_not_the_clients(soak, source):
+    plan = soak.storm_plan(source, 8192, 64, 16)
+    longest = soak.longest_request_tokens(source, 8192)
+    assert plan["longest_request_tokens"] == longest == 8192
+    usable = (plan["num_gpu_blocks"] - 1) * 16  # vLLM's block pool keeps one block aside
+    assert 1.5 * longest <= usable < 1.5 * longest + 16
+    assert plan["kv_cache_tokens"] == plan["num_gpu_blocks"] * 16
+    # 64 clients need several times that, and the 16 of --quick still more than there is
+    assert plan["clients_need_blocks"] >= 4 * plan["num_gpu_blocks"]
+    assert plan["oversubscription"] == pytest.approx(
+        plan["clients_need_blocks"] / (plan["num_gpu_blocks"] - 1), abs=0.01)
+    assert soak.storm_plan(source, 8192, 16, 16)["oversubscription"] > 1.2
+    # the same tokens whatever the block size; a smaller margin, a smaller cache
+    big = soak.storm_plan(source, 8192, 64, 64)
+    assert abs(big["kv_cache_tokens"] - plan["kv_cache_tokens"]) <= 2 * 64
+    assert soak.storm_plan(source, 8192, 64, 16, margin=1.25)["num_gpu_blocks"] < \
+        plan["num_gpu_blocks"]
+    small = soak.storm_plan(source, 2048, 64, 16)
+    assert (small["num_gpu_blocks"] - 1) * 16 >= 1.5 * 2048
+    with pytest.raises(ValueError, match="storm-margin"):
+        soak.storm_plan(source, 8192, 64, 16, margin=1.0)
+
+
+def test_server_block_size_is_the_one_bitdecode_uses(soak):
+    """The storm's arithmetic assumes BITDECODE's block size: vLLM's default, kept."""
+    from vllm.config.cache import CacheConfig
+
+    from vllm_bitdecode import page_format
+    from vllm_bitdecode.backend.backend import BitDecodeAttentionBackend
+
+    default = CacheConfig.DEFAULT_BLOCK_SIZE
+    assert BitDecodeAttentionBackend.get_preferred_block_size(default) == soak.SERVER_BLOCK_SIZE
+    assert soak.SERVER_BLOCK_SIZE in page_format.SUPPORTED_BLOCK_SIZES
+
+
+def test_server_flag(soak):
+    f = soak.server_flag
+    assert f([], "--block-size") is None
+    assert f(["--block-size=32"], "--block-size") == "32"
+    assert f(["--enforce-eager", "--block-size", "64"], "--block-size") == "64"
+    assert f(["--block_size=128"], "--block-size") == "128"
+    assert f(["--block-size=32", "--block-size=64"], "--block-size") == "64"
+    assert f(["--block-sizes=32", "--num-gpu-blocks-override=9"], "--block-size") is None
+    assert f(["--block-size"], "--block-size") is None
+    assert f(["--num-gpu-blocks-override=9"], "--num-gpu-blocks-override") == "9"
+
+
+def test_storm_options(soak, source):
+    args = soak.parse_args(["--preemption-storm"])
+    plan = args.storm
+    assert plan == {**soak.storm_plan(source, 8192, 64, 16), "block_size_from": "default"}
+    joined = " ".join(soak.server_command(args, "/m", 1))
+    assert f"--num-gpu-blocks-override {plan['num_gpu_blocks']}" in joined
+    assert "--block-size 16" in joined
+    assert soak.results_path(args, "h200").name == "soak_h200_storm.json"
+    quick = soak.parse_args(["--quick", "--preemption-storm"])
+    assert quick.storm["clients"] == 16
+    assert soak.results_path(quick, "h200").name == "soak_h200_quick_storm.json"
+    # a block size of the user's is planned with and not given twice
+    own = soak.parse_args(["--preemption-storm", "--server-arg=--block-size=64"])
+    cmd = soak.server_command(own, "/m", 1)
+    assert own.storm["block_size"] == 64 and own.storm["block_size_from"] == "--server-arg"
+    assert "--block-size" not in cmd and cmd.count("--block-size=64") == 1
+    plain = soak.parse_args([])
+    assert plain.storm is None and soak.results_path(plain, "h200").name == "soak_h200.json"
+    assert "--num-gpu-blocks-override" not in soak.server_command(plain, "/m", 1)
+    assert plain.max_wall_s == soak.wall_limit_s(plain) > 300 + 900
+    # the smallest override that holds the longest request is accepted
+    assert soak.parse_args(["--server-arg=--num-gpu-blocks-override=513"]).storm is None
+
+
+@pytest.mark.parametrize(("argv", "words"), [
+    (["--server-arg=--num-gpu-blocks-override=64"], "queue it forever"),
+    (["--server-arg=--num-gpu-blocks-override", "--server-arg=512"], "at least 513"),
+    (["--max-model-len", "2048", "--server-arg=--num_gpu_blocks_override=128"], "at least 129"),
+    (["--server-arg=--block-size=64", "--server-arg=--num-gpu-blocks-override=128"],
+     "at least 129"),
+    (["--preemption-storm", "--server-arg=--num-gpu-blocks-override=900"], "picks"),
+    (["--preemption-storm", "--storm-margin", "1"], "storm-margin"),
+    (["--server-arg=--block-size=x"], "not a number"),
+])
+def test_kv_caches_that_would_hang_are_refused(soak, capsys, argv, words):
+    with pytest.raises(SystemExit):
+        soak.parse_args(argv)
+    assert words in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- SSE and answers
@@ -550,6 +667,45 @@ def test_compare_probes(soak):
     assert not err["identical"] and err["mismatches"][0]["probe"] == 1
 
 
+def _probe(tokens, gaps):
+    """A probe answer whose best log-probability at each step is ``gap`` above the next."""
+    return {"token_ids": tokens, "text": "".join(f" w{t}" for t in tokens),
+            "top_logprobs": [{f" w{t}": -1.0, " w1": -1.0 - g}
+                             for t, g in zip(tokens, gaps, strict=True)]}
+
+
+def test_compare_probes_up_to_ties(soak):
+    before = [_probe([5, 6, 7], [0.5, 0.01, 0.5]), _probe([8, 9], [0.5, 0.5]),
+              _probe([3, 4], [0.005, 0.5])] + [_probe([2], [1.0])] * 5
+
+    def after(**changed):
+        out = json.loads(json.dumps(before))
+        for i, probe in changed.items():
+            out[int(i[1:])] = probe
+        return out
+
+    # probe 0 takes the other side of its near tie at step 1 (its context differs after)
+    one = after(p0=_probe([5, 1, 2], [0.5, 0.01, 0.9]))
+    res = soak.compare_probes(before, one, tie_logprob=0.02)
+    assert res["identical_up_to_ties"] and not res["identical"] and res["mismatches"] == []
+    assert [(t["probe"], t["first_different_step"]) for t in res["ties"]] == [(0, 1)]
+    assert res["max_logprob_diff"] == 0  # compared up to the different token only
+    plain = soak.compare_probes(before, one)
+    assert [m["probe"] for m in plain["mismatches"]] == [0]
+    assert "identical_up_to_ties" not in plain
+    # two probes of 8 at ties are too many; a difference where the gap is wide, a
+    # different text for the same tokens and an error are mismatches
+    two = soak.compare_probes(before, after(p0=one[0], p2=_probe([1, 4], [0.5, 0.5])), 0.02)
+    assert len(two["ties"]) == 2 and not two["mismatches"] and not two["identical_up_to_ties"]
+    text = {**before[4], "text": " other"}
+    for bad, probe in ((after(p1=_probe([8, 1], [0.5, 0.5])), 1), (after(p4=text), 4),
+                       (after(p5={"error": "timeout: no answer"}), 5)):
+        res = soak.compare_probes(before, bad, tie_logprob=0.02)
+        assert not res["identical_up_to_ties"] and [m["probe"] for m in res["mismatches"]] \
+            == [probe], res
+    assert soak.compare_probes(before, before, tie_logprob=0.02)["identical_up_to_ties"]
+
+
 def test_scan_log(soak):
     log = ("INFO 11-29 api_server.py:1] Starting\nERROR 11-29 [engine.py:2] boom\n"
            "Traceback (most recent call last):\n  File x\nValueError: y\nINFO done\n")
@@ -585,7 +741,7 @@ def test_evaluate(soak):
     assert soak.parse_args(["--quick", "--clients", "4"]).clients == 4
     checks = soak.evaluate(_passing_result(soak), args)
     assert all(c["ok"] for c in checks.values()), checks
-    assert len(checks) == 13
+    assert len(checks) == 14
 
     def failing(edit):
         res = _passing_result(soak)
@@ -611,6 +767,7 @@ def test_evaluate(soak):
         "gpu_memory_released"}
     assert failing(lambda r: r.update(server_alive_after_load=False)) == {
         "server_alive_after_load"}
+    assert failing(lambda r: r.update(error="RuntimeError: not finished")) == {"run_completed"}
     assert failing(lambda r: r.update(gpu_memory={"sampler": None})) == {
         "gpu_memory_flat", "gpu_memory_released"}
     no_server = soak.evaluate({"server_started": False, "startup_error": "boom"}, args)
@@ -618,6 +775,39 @@ def test_evaluate(soak):
     skipped = soak.evaluate({**_passing_result(soak), "gpu_memory": {"sampler": None}},
                             soak.parse_args(["--no-gpu-memory"]))
     assert all(c["ok"] for c in skipped.values())
+
+
+def test_evaluate_storm(soak):
+    args = soak.parse_args(["--preemption-storm"])
+
+    def result():
+        res = _passing_result(soak)
+        res["vllm_metrics"] = {"vllm:num_preemptions_total": 12.0}
+        res["storm"] = {**args.storm, "kv_cache_tokens_logged": args.storm["kv_cache_tokens"]}
+        res["probes_during_storm"] = {"identical_up_to_ties": True, "ties": [],
+                                      "mismatches": []}
+        return res
+
+    checks = soak.evaluate(result(), args)
+    assert all(c["ok"] for c in checks.values()), checks
+    assert len(checks) == 17
+    assert "preemptions_happened" not in soak.evaluate(result(), soak.parse_args([]))
+
+    def failing(edit):
+        res = result()
+        edit(res)
+        return {k for k, c in soak.evaluate(res, args).items() if not c["ok"]}
+
+    assert failing(lambda r: r["vllm_metrics"].update({"vllm:num_preemptions_total": 0.0})) \
+        == {"preemptions_happened"}
+    assert failing(lambda r: r.update(vllm_metrics={})) == {"preemptions_happened"}
+    assert failing(lambda r: r["storm"].update(kv_cache_tokens_logged=None)) == {
+        "kv_cache_as_planned"}
+    assert failing(lambda r: r["storm"].update(kv_cache_tokens_logged=4 * 12304)) == {
+        "kv_cache_as_planned"}
+    assert failing(lambda r: r["probes_during_storm"].update(
+        identical_up_to_ties=False, mismatches=[{"probe": 3}])) == {"probes_during_storm_match"}
+    assert failing(lambda r: r.pop("probes_during_storm")) == {"probes_during_storm_match"}
 
 
 def test_server_command(soak):
@@ -718,15 +908,25 @@ def test_probes_against_the_stand_in(soak):
     assert not soak.compare_probes(first["answers"], second["answers"])["identical"]
 
 
-def _main(soak, tmp_path, *extra, duration=3):
+def _main(soak, tmp_path, *extra, duration=3, script_args=()):
+    """soak.main against the stand-in server (``extra``: its arguments)."""
     out = tmp_path / "soak.json"
     server = f"{sys.executable} {Path(__file__).resolve()} --port {{port}}"
     argv = ["--server-cmd", server + "".join(f" {e}" for e in extra), "--duration", str(duration),
             "--clients", "8", "--warmup-s", "0", "--mem-interval-s", "0.5", "--no-gpu-memory",
             "--out", str(out),
-            "--startup-timeout", "60", "--request-timeout", "30"]
+            "--startup-timeout", "60", "--request-timeout", "30", *script_args]
     code = soak.main(argv)
     return code, json.loads(out.read_text())
+
+
+def _storm(soak, tmp_path, *extra, kv_cache_tokens=None):
+    """A --preemption-storm run against the stand-in, which logs the planned KV cache size
+    (or ``kv_cache_tokens``) the way vLLM does."""
+    plan = soak.parse_args(["--preemption-storm", "--clients", "8"]).storm
+    tokens = plan["kv_cache_tokens"] if kv_cache_tokens is None else kv_cache_tokens
+    return _main(soak, tmp_path, "--kv-cache-tokens", str(tokens), *extra,
+                 script_args=["--preemption-storm"])
 
 
 def test_whole_script_against_the_stand_in(soak, tmp_path):
@@ -763,6 +963,67 @@ def test_whole_script_fails_when_probes_change(soak, tmp_path):
     assert code == 1 and not res["checks"]["probes_identical"]["ok"]
 
 
+def test_whole_script_preemption_storm_against_the_stand_in(soak, tmp_path):
+    pytest.importorskip("aiohttp")
+    code, res = _storm(soak, tmp_path, "--preempt-every", "5")
+    failed = {k: c for k, c in res["checks"].items() if not c["ok"]}
+    assert code == 0 and res["passed"], failed
+    for name in ("preemptions_happened", "kv_cache_as_planned", "probes_during_storm_match"):
+        assert res["checks"][name]["ok"]
+    assert res["vllm_metrics"]["vllm:num_preemptions_total"] > 0
+    during = res["probes_during_storm"]
+    assert during["n"] == len(soak.PROBE_WORDS) and during["identical"]
+    assert during["delay_s"] == 0.75
+    storm = res["storm"]
+    assert storm["kv_cache_tokens_logged"] == storm["kv_cache_tokens"] and storm["clients"] == 8
+    assert res["settings"]["preemption_storm"]["num_gpu_blocks"] == storm["num_gpu_blocks"]
+
+
+def test_whole_script_storm_fails_without_preemptions_or_with_another_kv_cache(soak, tmp_path):
+    pytest.importorskip("aiohttp")
+    code, res = _storm(soak, tmp_path, kv_cache_tokens=4096)
+    assert code == 1
+    assert {k for k, c in res["checks"].items() if not c["ok"]} == {
+        "preemptions_happened", "kv_cache_as_planned"}
+
+
+def test_whole_script_storm_fails_when_probes_change_during_the_storm(soak, tmp_path):
+    pytest.importorskip("aiohttp")
+    code, res = _storm(soak, tmp_path, "--preempt-every", "5", "--drift-after", "12")
+    assert code == 1 and not res["checks"]["probes_during_storm_match"]["ok"]
+    assert res["probes_during_storm"]["mismatches"]
+
+
+def test_whole_script_stops_at_the_wall_limit(soak, tmp_path):
+    """A run that would take longer than --max-wall-s is stopped, fails and says why."""
+    pytest.importorskip("aiohttp")
+    t0 = time.monotonic()
+    code, res = _main(soak, tmp_path, duration=60, script_args=["--max-wall-s", "4"])
+    assert time.monotonic() - t0 < 30
+    assert code == 1 and res["server_started"]
+    assert "--max-wall-s" in res["checks"]["run_completed"]["detail"]
+    assert res["shutdown"]["exit_code"] == 0
+
+
+def test_probe_pass_stops_after_a_timeout(soak):
+    pytest.importorskip("aiohttp")
+    source = soak.PromptSource()
+
+    async def go():
+        async with _FakeServer(token_delay_s=0.05) as server:  # 24 tokens: 1.2 s a probe
+            async with soak.make_client("aiohttp", server.base, 4) as client:
+                t0 = time.monotonic()
+                res = await soak.run_probes(client, soak.probe_specs(source, 8192), source,
+                                            "m", 0.3)
+                return res, time.monotonic() - t0
+
+    res, wall = _run(go())
+    errors = [a.get("error", "") for a in res["answers"]]
+    assert errors[0].startswith("timeout") and len(errors) == len(soak.PROBE_WORDS)
+    assert all(e.startswith("skipped") for e in errors[1:]), errors
+    assert wall < 3
+
+
 def test_whole_script_fails_when_the_server_does_not_start(soak, tmp_path):
     out = tmp_path / "soak.json"
     code = soak.main(["--server-cmd", f"{sys.executable} -c 'raise SystemExit(3)'",
@@ -783,8 +1044,15 @@ def _serve(argv: list[str]) -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--fail-every", type=int, default=0)
     ap.add_argument("--drift-after", type=int, default=0)
+    ap.add_argument("--preempt-every", type=int, default=0)
+    ap.add_argument("--kv-cache-tokens", type=int, default=None,
+                    help="log vLLM's 'GPU KV cache size' line with this many tokens")
     args = ap.parse_args(argv)
-    app = make_app(fail_every=args.fail_every, drift_after=args.drift_after)
+    app = make_app(fail_every=args.fail_every, drift_after=args.drift_after,
+                   preempt_every=args.preempt_every)
+    if args.kv_cache_tokens is not None:
+        print(f"INFO [kv_cache_utils.py:1] GPU KV cache size: {args.kv_cache_tokens:,} tokens",
+              flush=True)
     print("stand-in server up", flush=True)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None)
 

@@ -205,3 +205,38 @@ def test_prompt_logprobs_picks_the_prompt_token_and_the_argmax():
     steps = [None, {8: lp(-0.5, 2), 4: lp(-0.2, 1)}, {6: lp(-0.1, 1)}]
     assert testing._prompt_logprobs([3, 8, 6], steps) == {"logprob": [-0.5, -0.1],
                                                           "argmax": [4, 6]}
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    class FakeNvml:
+        uuids = ["GPU-aaaa", "GPU-bbbb", "GPU-cccc"]
+
+        def nvmlDeviceGetCount(self):
+            return 3
+
+        def nvmlDeviceGetHandleByIndex(self, i):
+            return f"h{i}"
+
+        def nvmlDeviceGetUUID(self, h):
+            return self.uuids[int(h[1:])].encode()
+
+    nvml = FakeNvml()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert testing._visible_gpus(nvml) == ["h0", "h1", "h2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
+    assert testing._visible_gpus(nvml) == ["h2", "h0"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bb, 7")
+    assert testing._visible_gpus(nvml) == ["h1"]  # by UUID prefix; no device 7
+
+
+def test_process_cmdline():
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        ps = psutil.Process(proc.pid)
+        assert "time.sleep(30)" in testing.process_cmdline(ps)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert testing.process_cmdline(ps) == ""  # gone
