@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every GPU test, spread over the GPUs of the machine: the single-GPU test files are dealt
+# out to one pytest per GPU (CUDA_VISIBLE_DEVICES), then the multi-GPU files run with all
+# of them. On the lent GPU machine, after the build (scripts/gpu_check.sh builds too):
+#     bash scripts/gpu_tests_parallel.sh [pytest arguments]
+# Logs: ${OUT:-/tmp/bitdecode-out}/gpu_tests_gpu<i>.log and gpu_tests_multi.log.
+# Exit status: 0 only if every pytest passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/bitdecode-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+gpus=$(nvidia-smi -L | wc -l)
+[ "$gpus" -ge 1 ] || { echo "no GPU"; exit 1; }
+
+# the files that need one GPU, the longest first so that dealing them out balances
+SINGLE=(tests/gpu/test_kernels.py tests/gpu/test_serving.py tests/gpu/test_sparse_kernels.py
+        tests/gpu/test_soak.py tests/gpu/test_vllm_e2e.py tests/gpu/test_isolation.py
+        tests/gpu/test_serve.py)
+MULTI=(tests/gpu/test_tensor_parallel.py)
+for f in tests/gpu/test_*.py; do  # a new file must be placed in one of the lists
+  case " ${SINGLE[*]} ${MULTI[*]} " in *" $f "*) ;; *) echo "unlisted GPU test file: $f"; exit 1;; esac
+done
+
+declare -a share pids
+for i in "${!SINGLE[@]}"; do share[$((i % gpus))]+=" ${SINGLE[$i]}"; done
+for g in $(seq 0 $((gpus - 1))); do
+  [ -n "${share[$g]:-}" ] || continue
+  echo "== GPU $g:${share[$g]}"
+  # shellcheck disable=SC2086 # the file list splits on purpose
+  CUDA_VISIBLE_DEVICES=$g python3 -m pytest -q -rs -p no:cacheprovider ${share[$g]} "$@" \
+    > "$OUT/gpu_tests_gpu$g.log" 2>&1 &
+  pids[$g]=$!
+done
+status=0
+for g in "${!pids[@]}"; do
+  wait "${pids[$g]}" || status=1
+  echo "-- GPU $g: $(tail -1 "$OUT/gpu_tests_gpu$g.log")"
+done
+echo "== all GPUs: ${MULTI[*]}"
+python3 -m pytest -q -rs -p no:cacheprovider "${MULTI[@]}" "$@" > "$OUT/gpu_tests_multi.log" 2>&1 \
+  || status=1
+echo "-- all GPUs: $(tail -1 "$OUT/gpu_tests_multi.log")"
+exit $status
