@@ -206,7 +206,8 @@ def test_decode_occupancy_query(dtype, gqa):
     # bad arguments: see test_decode_bad_arguments_raise_clear_errors for the error path
 
 
-BAD_CALL = """
+# valid arguments of a small decode call, for the scripts of the bad-argument tests
+BAD_CALL_SETUP = """
 import torch, vllm_bitdecode.ops as o
 from vllm_bitdecode.page_format import PageFormat
 fmt = PageFormat(128, 4, 128, 16)
@@ -216,7 +217,9 @@ out = torch.empty_like(q)
 table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
 lens = torch.tensor([20], dtype=torch.int32, device="cuda")
 ws = torch.empty(1024 * 128, device="cuda")
-a = dict(q=q, bits=4, block_size=16, table=table, out=out)
+"""
+
+BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out)
 a.update({kwargs})
 o.decode(a["out"], a["q"], cache, a["table"], lens, ws, ws, None, 0.1, a["bits"], 128,
          a["block_size"], 1, 8)

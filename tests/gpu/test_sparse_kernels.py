@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.gpu.test_kernels import (
+    BAD_CALL_SETUP,
     DEV,
     _expect_clear_error,
     _fill_pages,
@@ -265,18 +266,9 @@ def test_wrapper_matches_the_op_schema():
     assert names == list(inspect.signature(ops.decode_sparse).parameters)
 
 
-BAD_SPARSE_CALL = """
-import torch, vllm_bitdecode.ops as o
-from vllm_bitdecode.page_format import PageFormat
-fmt = PageFormat(128, 4, 128, 16)
-cache = torch.zeros(4, 2, fmt.head_region_bytes, dtype=torch.uint8, device="cuda")
-q = torch.randn(1, 8, 128, dtype=torch.bfloat16, device="cuda")
-out = torch.empty_like(q)
-table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
-lens = torch.tensor([20], dtype=torch.int32, device="cuda")
+BAD_SPARSE_CALL = BAD_CALL_SETUP + """
 pos = torch.arange(16, dtype=torch.int32, device="cuda").view(1, 1, 16).repeat(1, 2, 1)
 count = torch.tensor([5], dtype=torch.int32, device="cuda")
-ws = torch.empty(1024 * 128, device="cuda")
 a = dict(pos=pos, count=count, shared=False, group=128)
 a.update({kwargs})
 o.decode_sparse(out, q, cache, table, lens, a["pos"], a["count"], ws, ws, None, 0.1, 4,
