@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -235,7 +236,11 @@ def test_process_cmdline():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         ps = psutil.Process(proc.pid)
-        assert "time.sleep(30)" in testing.process_cmdline(ps)
+        cmd, deadline = "", time.monotonic() + 10
+        while "time.sleep(30)" not in cmd and time.monotonic() < deadline:
+            cmd = testing.process_cmdline(ps)  # "" until the child has exec'd
+            time.sleep(0.05)
+        assert "time.sleep(30)" in cmd
     finally:
         proc.kill()
         proc.wait()
