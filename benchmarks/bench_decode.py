@@ -22,6 +22,7 @@ import torch
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, decode_slots, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
 from vllm_bitdecode.provenance import git_commit, gpu_slug
+from vllm_bitdecode.testing import fa3_paged_decode
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16
@@ -64,8 +65,6 @@ def block_table(batch: int, context: int, gen: torch.Generator) -> tuple[torch.T
 
 
 def bench_fa3(batch, context, kv, timer, gen) -> tuple[float, int]:
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
-
     table, num_blocks = block_table(batch, context, gen)
     k = torch.randn(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda")
     v = torch.randn_like(k)
@@ -80,9 +79,8 @@ def bench_fa3(batch, context, kv, timer, gen) -> tuple[float, int]:
     out = torch.empty(batch, HQ, D, dtype=DTYPE, device="cuda")
 
     def run():
-        flash_attn_varlen_func(q, k, v, max_seqlen_q=1, cu_seqlens_q=cu_q, max_seqlen_k=context,
-                               seqused_k=seqused, block_table=table, softmax_scale=D**-0.5,
-                               causal=True, out=out, fa_version=3, **kw)
+        fa3_paged_decode(q, k, v, table, seqused, context, D**-0.5, out=out, cu_seqlens_q=cu_q,
+                         **kw)
 
     ms = timer(run)
     return ms, batch * context * HKV * D * 2 * k.element_size()

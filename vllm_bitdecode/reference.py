@@ -49,17 +49,38 @@ def quantize(
     [..., groups] in ``param_dtype``. Scale and zero are rounded to ``param_dtype``
     *before* the codes are computed, so dequantizing with the stored values is the
     quantizer's own inverse.
+
+    A group spanning both signs near the float32 maximum (|values| ~ 1e38, bf16) makes
+    ``hi - lo`` overflow; there (and only there: ``hi - lo`` not finite) the scale is
+    ``hi / levels - lo / levels`` and a value's code ``round(x / s - z / s)``, which stay
+    finite, as the CUDA quantizer computes them. Everywhere else the arithmetic is the
+    plain ``(hi - lo) / levels`` and ``(x - z) / s``, bit for bit. Likewise, only where the
+    rounded scale would dequantize the top code past the dtype's maximum (inf), the scale
+    is one step smaller.
     """
     xf = x.to(torch.float32).unflatten(-1, (fmt.groups, fmt.group_size))
     lo = xf.amin(dim=-1)
     hi = xf.amax(dim=-1)
-    scale_p = ((hi - lo) / fmt.levels).to(param_dtype)
+    span = hi - lo
+    wide = ~torch.isfinite(span)  # also true for inf / NaN inputs, which stay non-finite
+    scale_f = torch.where(wide, hi / fmt.levels - lo / fmt.levels, span / fmt.levels)
+    scale_p = scale_f.to(param_dtype)
     zero_p = lo.to(param_dtype)
+    # The top code must dequantize to a finite param_dtype value: where the scale, rounded
+    # to nearest, puts levels * scale + zero past the dtype's maximum (fp16, a group
+    # spanning +-65504: 15 * 8736 - 65504 = 65536), the scale goes one step down.
+    sd, zd = scale_p.to(torch.float64), zero_p.to(torch.float64)
+    top = (fmt.levels * sd + zd).to(torch.float32).to(param_dtype)
+    past = (sd > 0) & torch.isfinite(sd) & torch.isfinite(zd) & torch.isinf(top)
+    if past.any():
+        scale_p = torch.where(past, (scale_p.view(torch.int16) - 1).view(param_dtype), scale_p)
     s = scale_p.to(torch.float32).unsqueeze(-1)
     z = zero_p.to(torch.float32).unsqueeze(-1)
+    s_div = torch.where(s > 0, s, 1.0)
+    t = torch.where(wide.unsqueeze(-1), xf / s_div - z / s_div, (xf - z) / s_div)
     codes = torch.where(
         s > 0,
-        torch.clamp(torch.round((xf - z) / torch.where(s > 0, s, 1.0)), 0, fmt.levels),
+        torch.clamp(torch.round(t), 0, fmt.levels),
         torch.zeros_like(xf),
     )
     return codes.to(torch.int32).flatten(-2), scale_p, zero_p
@@ -68,11 +89,19 @@ def quantize(
 def dequantize(
     codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, fmt: PageFormat
 ) -> torch.Tensor:
-    """codes [..., head_size], scale/zero [..., groups] -> float32 [..., head_size]."""
-    c = codes.to(torch.float32).unflatten(-1, (fmt.groups, fmt.group_size))
-    s = scale.to(torch.float32).unsqueeze(-1)
-    z = zero.to(torch.float32).unsqueeze(-1)
-    return (c * s + z).flatten(-2)
+    """codes [..., head_size], scale/zero [..., groups] -> float32 [..., head_size].
+
+    ``code * scale + zero`` rounded once to float32, as the CUDA dequantizer's fma: the
+    product is exact (a code has at most 4 bits, a bf16 / fp16 scale at most 11), so this
+    is the float32 ``c * s + z`` bit for bit, except where ``c * s`` alone would overflow
+    float32 although the value does not (groups spanning both signs near the maximum).
+    Evaluated in float64: an exact product, then a sum rounded to float64 and to float32,
+    which is the correctly rounded float32 sum (53 >= 2 * 24 + 2 bits).
+    """
+    c = codes.to(torch.float64).unflatten(-1, (fmt.groups, fmt.group_size))
+    s = scale.to(torch.float64).unsqueeze(-1)
+    z = zero.to(torch.float64).unsqueeze(-1)
+    return (c * s + z).to(torch.float32).flatten(-2)
 
 
 # ---- pack -------------------------------------------------------------------------------

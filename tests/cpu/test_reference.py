@@ -100,6 +100,107 @@ def test_constant_groups_are_exact(dtype, bits, group_size):
         assert torch.all(scale[3:, :, -1] > 0)
 
 
+def _wide_groups(group_size, seed):
+    """bf16 tokens whose every group spans both signs near the maximum, so that hi - lo
+    overflows float32: +-3e38 in each group, the bf16 maximum in one, the rest between."""
+    big = torch.finfo(torch.bfloat16).max
+    x = (torch.rand(9, 2, HEAD, generator=_gen(seed)) * 2 - 1) * 3e38
+    x[..., ::group_size] = 3e38
+    x[..., 1::group_size] = -3e38
+    x[0, 0, :2] = torch.tensor([big, -big])
+    return x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("bits", [4, 2])
+def test_groups_overflowing_float32_range_stay_finite(bits, group_size):
+    """hi - lo = 6e38 overflows float32: there (only there) the scale is hi/L - lo/L and
+    the codes x/s - z/s, and dequantization rounds c*s + z once (c*s alone may pass the
+    maximum); before, the scale was inf and every value NaN (0 * inf). Every value now
+    comes back finite, within the bound of test_round_trip_error_bound."""
+    fmt = PageFormat(HEAD, bits, group_size, 16)
+    x = _wide_groups(group_size, seed=bits + group_size)
+    xg = _group_view(x, fmt)
+    assert torch.isinf(xg.amax(-1) - xg.amin(-1)).all()  # the case at hand, in every group
+    codes, scale, zero = ref.quantize(x, fmt, torch.bfloat16)
+    assert torch.isfinite(scale.float()).all() and torch.all(scale.float() > 0)
+    cg = codes.unflatten(-1, (fmt.groups, group_size))
+    assert torch.all(cg.amin(-1) == 0) and torch.all(cg.amax(-1) == fmt.levels)
+    deq = ref.dequantize(codes, scale, zero, fmt)
+    assert torch.isfinite(deq).all()
+    assert torch.isfinite(deq.to(torch.bfloat16)).all()  # also in the model dtype
+    s = scale.float().unsqueeze(-1)
+    z = zero.float().unsqueeze(-1)
+    err = (xg - _group_view(deq, fmt)).abs()
+    slack = 2.0**-20 * (z.abs() + fmt.levels * s + xg.abs())
+    bound = 0.5 * s + PARAM_EPS[torch.bfloat16] * (z.abs() + fmt.levels * s) + slack
+    assert torch.all(err <= bound), float((err - bound).max())
+    # the scale is the quotient written out: hi / L - lo / L, then rounded to bf16
+    hi, lo = xg.amax(-1), xg.amin(-1)
+    assert torch.equal(scale, (hi / fmt.levels - lo / fmt.levels).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_overflow_branch_leaves_ordinary_groups_alone(bits):
+    """Groups whose hi - lo is finite, even just below the float32 maximum, keep the plain
+    arithmetic bit for bit next to overflowing groups in the same tensor; inf inputs still
+    give a non-finite scale (the branch does not make them finite)."""
+    fmt = PageFormat(HEAD, bits, 32, 16)
+    x = _wide_groups(32, seed=bits).float()
+    x[1:4] /= 2.2  # +-1.36e38: hi - lo = 2.7e38, finite
+    x[4:7] /= 1e20
+    x[6, 1, :32] = 0.75  # zero range
+    x[7, 0, 40] = float("inf")
+    x = x.to(torch.bfloat16)
+    codes, scale, zero = ref.quantize(x, fmt, torch.bfloat16)
+    xg = _group_view(x, fmt)
+    hi, lo = xg.amax(-1), xg.amin(-1)
+    plain = torch.isfinite(hi - lo)
+    assert plain[1:7].all() and not plain[0].any() and not plain[7, 0, 1]
+    s_plain = ((hi - lo) / fmt.levels).to(torch.bfloat16)
+    assert torch.equal(scale[plain], s_plain[plain])
+    sp = s_plain.float().unsqueeze(-1)
+    zp = lo.to(torch.bfloat16).float().unsqueeze(-1)
+    c_plain = torch.where(sp > 0, torch.clamp(torch.round((xg - zp) / torch.where(sp > 0, sp, 1.0)),
+                                              0, fmt.levels), torch.zeros_like(xg))
+    cg = codes.unflatten(-1, (fmt.groups, 32))
+    assert torch.equal(cg[plain], c_plain.to(torch.int32)[plain])
+    deq = _group_view(ref.dequantize(codes, scale, zero, fmt), fmt)
+    assert torch.equal(deq[plain], (cg.float() * scale.float().unsqueeze(-1)
+                                    + zero.float().unsqueeze(-1))[plain])
+    assert torch.isinf(scale[7, 0, 1].float())  # a group holding +inf
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_top_code_dequantizes_within_the_dtype_range(bits):
+    """fp16 groups spanning +-65504: (hi - lo) / L = 8733.9 rounds to 8736 (43669.3 to 43680
+    at 2 bits), whose top code would dequantize to 65536, inf in fp16. There the scale is
+    one fp16 step smaller and every value comes back finite in fp16; other groups keep the
+    nearest scale."""
+    fmt = PageFormat(HEAD, bits, 64, 16)
+    big = torch.finfo(torch.float16).max
+    x = (torch.rand(5, 2, HEAD, generator=_gen(bits)) * 2 - 1) * 6e4
+    x[:3, :, ::64] = big
+    x[:3, :, 1::64] = -big  # tokens 0-2: every group spans +-65504
+    x = x.to(torch.float16)
+    codes, scale, zero = ref.quantize(x, fmt, torch.float16)
+    xg = _group_view(x, fmt)
+    nearest = ((xg.amax(-1) - xg.amin(-1)) / fmt.levels).to(torch.float16)
+    one_down = (nearest.view(torch.int16) - 1).view(torch.float16)
+    assert torch.equal(scale[:3], one_down[:3]) and torch.equal(scale[3:], nearest[3:])
+    assert float(nearest[0, 0, 0]) == (8736.0 if bits == 4 else 43680.0)
+    deq = ref.dequantize(codes, scale, zero, fmt)
+    assert torch.isfinite(deq.to(torch.float16)).all()
+    cg = codes.unflatten(-1, (fmt.groups, 64))
+    assert torch.all(cg.amin(-1) == 0) and torch.all(cg.amax(-1) == fmt.levels)
+    s = scale.float().unsqueeze(-1)
+    z = zero.float().unsqueeze(-1)
+    err = (xg - _group_view(deq, fmt)).abs()
+    # one step down: |s - (hi - lo) / L| <= 1.5 steps, bounded by 2 eps * s
+    bound = 0.5 * s + 2 * PARAM_EPS[torch.float16] * (z.abs() + fmt.levels * s)
+    assert torch.all(err <= bound), float((err - bound).max())
+
+
 # measured (seed 0, 257x8x128 N(0,1)): 4-bit .079/.090/.100, 2-bit .394/.451/.503
 REL_ERR_MAX = {
     (4, 32): 0.095,

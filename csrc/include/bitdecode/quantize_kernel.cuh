@@ -6,6 +6,8 @@
 // are repacked through shared memory into the MMA-friendly row order.
 #pragma once
 
+#include <cstring>
+
 #include "bitdecode/fragments.cuh"
 #include "bitdecode/params.h"
 
@@ -68,14 +70,40 @@ __device__ __forceinline__ void quantize_lane(const float (&x)[4], uint8_t* code
   }
   // Round scale and zero to the stored dtype first, then quantize against the stored
   // values, so dequantization with them is the quantizer's own inverse.
-  scale_out = DtypeTraits<T>::from_float(__fdiv_rn(hi - lo, kLevels));
+  // A group spanning both signs near the float32 maximum overflows hi - lo; only there
+  // the scale is hi / L - lo / L and a code x / s - z / s, both finite (as in
+  // reference.quantize). Inf / NaN inputs take that branch too and stay non-finite.
+  const float span = hi - lo;
+  const bool wide = !isfinite(span);
+  const float scale = wide ? __fsub_rn(__fdiv_rn(hi, kLevels), __fdiv_rn(lo, kLevels))
+                           : __fdiv_rn(span, kLevels);
+  scale_out = DtypeTraits<T>::from_float(scale);
   zero_out = DtypeTraits<T>::from_float(lo);
+  // The top code must dequantize (code * scale + zero, one rounding) to a finite T. Where
+  // the scale, rounded to nearest, puts it past T's maximum (fp16, a group spanning
+  // +-65504: 15 * 8736 - 65504 = 65536), the scale goes one step down (as in
+  // reference.quantize); ordinary groups never get here.
+  {
+    const float s0 = DtypeTraits<T>::to_float(scale_out);
+    const float z0 = DtypeTraits<T>::to_float(zero_out);
+    if (s0 > 0.0f && isfinite(s0) && isfinite(z0) &&
+        isinf(DtypeTraits<T>::to_float(DtypeTraits<T>::from_float(__fmaf_rn(kLevels, s0, z0))))) {
+      uint16_t bits;
+      memcpy(&bits, &scale_out, sizeof(bits));
+      --bits;  // a positive finite 16-bit float: the next smaller value
+      memcpy(&scale_out, &bits, sizeof(bits));
+    }
+  }
   const float s = DtypeTraits<T>::to_float(scale_out);
   const float z = DtypeTraits<T>::to_float(zero_out);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     float q = 0.0f;
-    if (s > 0.0f) q = fminf(fmaxf(rintf(__fdiv_rn(x[i] - z, s)), 0.0f), kLevels);
+    if (s > 0.0f) {
+      const float t = wide ? __fsub_rn(__fdiv_rn(x[i], s), __fdiv_rn(z, s))
+                           : __fdiv_rn(x[i] - z, s);
+      q = fminf(fmaxf(rintf(t), 0.0f), kLevels);
+    }
     codes[4 * lane + i] = static_cast<uint8_t>(q);
   }
 }
@@ -181,12 +209,14 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
   for (int i = 0; i < 4; ++i) {
     int w, s;
     Order::k_slot(4 * lane + i, w, s);
-    // mul then add, unfused, exactly as reference.dequantize
+    // code * scale + zero rounded once, as reference.dequantize: code * scale is exact
+    // (<= 4 + 11 bits), so this is mul-then-add bit for bit, except that it stays finite
+    // where code * scale alone overflows (groups spanning both signs near the maximum)
     const float kc = static_cast<float>((rows[warp][0][w] >> (BITS * s)) & kMask);
-    kv[i] = DtypeTraits<T>::from_float(__fadd_rn(__fmul_rn(kc, ks), kz));
+    kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, ks, kz));
     Order::v_slot(4 * lane + i, w, s);
     const float vc = static_cast<float>((rows[warp][1][w] >> (BITS * s)) & kMask);
-    vv[i] = DtypeTraits<T>::from_float(__fadd_rn(__fmul_rn(vc, vs), vz));
+    vv[i] = DtypeTraits<T>::from_float(__fmaf_rn(vc, vs, vz));
   }
   *reinterpret_cast<uint2*>(k_out) = *reinterpret_cast<const uint2*>(kv);
   *reinterpret_cast<uint2*>(v_out) = *reinterpret_cast<const uint2*>(vv);
