@@ -314,6 +314,14 @@ def test_quantization_error_vs_bf16_attention():
     assert errs[(4, True)] < 0.7 * errs[(4, False)] and errs[(2, True)] < 0.5 * errs[(2, False)]
 
 
+def _captured(step) -> torch.cuda.CUDAGraph:
+    """Run ``step`` once outside a graph (the warm-up), then capture it."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
 def test_decode_under_cuda_graph_replay():
     """Captured once, replayed with new lengths and queries written in place."""
     gen = torch.Generator().manual_seed(5)
@@ -335,10 +343,7 @@ def test_decode_under_cuda_graph_replay():
         ops.decode(out, q, cache, table, lens, po, pl, signs, 0.1, 4, 128, 16, splits,
                    MIN_TILES_PER_SPLIT)
 
-    step()  # warm up outside the graph
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _captured(step)
     lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
     q.copy_(torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16))
     out.fill_(float("nan"))

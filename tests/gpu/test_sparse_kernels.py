@@ -17,6 +17,7 @@ import torch
 from tests.gpu.test_kernels import (
     BAD_CALL_SETUP,
     DEV,
+    _captured,
     _expect_clear_error,
     _fill_pages,
     _ops,
@@ -242,10 +243,7 @@ def test_sparse_under_cuda_graph_replay():
         ops.decode_sparse(out, q, cache_d, table_d, lens, positions, count, po, pl, signs,
                           SCALE, 4, 128, 16, splits, MIN_TILES_PER_SPLIT, False)
 
-    step()  # warm up outside the graph
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = _captured(step)
     q_new = torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16)
     q.copy_(q_new)
     lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
