@@ -34,6 +34,11 @@ metrics), loss.png (if matplotlib is importable) and reference_logits.json (logi
 the exported model on fixed prompts, plus the shards' sha256, for the CPU test).
 ``--bundle DIR`` also writes the shards and one meta.tar of the other files into DIR
 (at most 8 files), for copying back from a remote machine.
+
+``--attn-zloss W`` and ``--k-mean-penalty W`` (default off) add auxiliary losses that keep
+the attention logits and the content-free part of the keys small, what makes KV-cache
+quantization cost this model far more than pretrained LLMs (docs/quality-notes.md);
+the final metrics report both (``attention``) with or without them.
 """
 
 from __future__ import annotations
@@ -138,14 +143,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries [B, Hq, T, D] and keys [B, Hkv, T, D] before RoPE."""
         c = self.c
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        return q, k
+
+    def qk(self, x: torch.Tensor, cos: torch.Tensor,
+           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys after RoPE, float32."""
+        q, k = self.project(x)
+        return _rope(q, cos, sin), _rope(k, cos, sin)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                penalties: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """Output [B, T, H]; with ``penalties`` also this layer's "attn_zloss"
+        (:func:`attention_zloss`) and "k_mean" (:func:`k_mean_sq`), else None."""
+        c = self.c
+        b, t, _ = x.shape
+        q, k = self.project(x)
+        aux = {"k_mean": k_mean_sq(k)} if penalties else None
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if aux is not None:
+            aux["attn_zloss"] = attention_zloss(q, k, ATTN_ZLOSS_QUERIES)
         v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-        q = _rope(q, cos, sin).to(v.dtype)
-        k = _rope(k, cos, sin).to(v.dtype)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         rep = c.num_attention_heads // c.num_key_value_heads
         if rep > 1:  # Hugging Face's repeat_kv: KV head j serves query heads j*rep..j*rep+rep-1
             k = k[:, :, None].expand(b, c.num_key_value_heads, rep, t, c.head_dim).reshape(
@@ -160,7 +184,41 @@ class Attention(nn.Module):
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1)), aux
+
+
+# query positions per sequence and layer whose attention logits the z-loss scores
+ATTN_ZLOSS_QUERIES = 64
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Pre-softmax attention logits, float32, of the query positions ``pos`` against
+    every key: [B, Hq, len(pos), T], keys after the query at -inf. q [B, Hq, T, D] and
+    k [B, Hkv, T, D] after RoPE; KV head j serves query heads j*rep..j*rep+rep-1."""
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    with torch.autocast(q.device.type, enabled=False):
+        qs = q[:, :, pos].float().view(b, hk, hq // hk, len(pos), d)
+        s = torch.einsum("bgrnd,bgtd->bgrnt", qs, k.float()) / math.sqrt(d)
+    s = s.masked_fill(torch.arange(t, device=q.device) > pos[:, None], float("-inf"))
+    return s.flatten(1, 2)
+
+
+def attention_zloss(q: torch.Tensor, k: torch.Tensor, n_queries: int) -> torch.Tensor:
+    """z-loss on attention: the mean squared log-sum-exp of the attention logits of
+    ``n_queries`` query positions drawn at random (all of them if T <= n_queries), over
+    all heads and sequences. It keeps the logits' scale down, and with it how far a
+    small error in K (as from KV-cache quantization) moves them."""
+    pos = torch.randperm(q.shape[2], device=q.device)[:n_queries]
+    return torch.logsumexp(attention_logits(q, k, pos), dim=-1).pow(2).mean()
+
+
+def k_mean_sq(k: torch.Tensor) -> torch.Tensor:
+    """Squared norm of the keys' mean over the sequence, before RoPE (k [B, Hkv, T, D]),
+    averaged over sequences and KV heads: the content-free part of K. Every query head
+    of the KV head sees it, and per-token quantization has to spend its range on it
+    (docs/quality-notes.md: it is what makes 4-bit K cost the baseline model ~10%)."""
+    return k.float().mean(2).pow(2).sum(-1).mean()
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -193,9 +251,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                penalties: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        a, aux = self.self_attn(self.input_layernorm(x), cos, sin, penalties)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), aux
 
 
 class Backbone(nn.Module):
@@ -300,13 +360,19 @@ class TinyLlama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """Final-norm hidden states [B, T, H]."""
+    def forward(self, ids: torch.Tensor, penalties: bool = False):
+        """Final-norm hidden states [B, T, H]; with ``penalties``, (hidden states, the
+        attention penalties "attn_zloss" and "k_mean" averaged over the layers)."""
         cos, sin = self.rope_tables(ids.shape[1], ids.device)
         x = self.model.embed_tokens(ids)
+        per_layer = []
         for layer in self.model.layers:
-            x = layer(x, cos, sin)
-        return self.model.norm(x)
+            x, aux = layer(x, cos, sin, penalties)
+            per_layer.append(aux)
+        h = self.model.norm(x)
+        if not penalties:
+            return h
+        return h, {k: torch.stack([a[k] for a in per_layer]).mean() for k in per_layer[0]}
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.model.embed_tokens.weight)
@@ -421,6 +487,34 @@ class Batches:
         return t[:, :-1], t[:, 1:], torch.from_numpy(mask)
 
 
+# ---- loss ----------------------------------------------------------------------------------
+
+PENALTIES = ("attn_zloss", "k_mean")  # the auxiliary terms batch_losses may return
+
+
+def batch_losses(model: TinyLlama, fwd: Any, x: torch.Tensor, y: torch.Tensor,
+                 m: torch.Tensor, answer_weight: float = 1.0, attn_zloss: float = 0.0,
+                 k_mean_penalty: float = 0.0) -> dict[str, Any]:
+    """Losses of one batch (inputs, targets, answer mask; ``fwd`` is the model or its
+    compiled form): "lm" (mean over all targets), "answer" (mean over the marked ones),
+    "n_answer", and "total" = lm + answer_weight * answer + attn_zloss * "attn_zloss"
+    + k_mean_penalty * "k_mean", the last two (:func:`attention_zloss`, :func:`k_mean_sq`,
+    averaged over the layers) computed and returned only when a weight is not 0."""
+    penalties = bool(attn_zloss or k_mean_penalty)
+    with autocast(x.device):
+        h, aux = fwd(x, penalties=True) if penalties else (fwd(x), {})
+        logits = model.logits(h)
+    per_tok = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+    mf = m.flatten().float()
+    lm = per_tok.mean()
+    n_ans = mf.sum()
+    ans = (per_tok * mf).sum() / n_ans.clamp(min=1.0)
+    total = lm + answer_weight * ans
+    if penalties:
+        total = total + attn_zloss * aux["attn_zloss"] + k_mean_penalty * aux["k_mean"]
+    return {"total": total, "lm": lm, "answer": ans, "n_answer": n_ans, **aux}
+
+
 # ---- evaluation ----------------------------------------------------------------------------
 
 
@@ -495,6 +589,45 @@ def unigram_nll(train_stream: np.ndarray, windows: list[list[int]], vocab: int) 
     return float(-logp[tgt].mean())
 
 
+@torch.no_grad()
+def attention_stats(model: TinyLlama, windows: list[list[int]], device: torch.device,
+                    n_queries: int = 256) -> dict[str, list]:
+    """What makes a model sensitive to KV quantization (docs/quality-notes.md). Per layer
+    and query head, over ``n_queries`` random query positions of each window: the largest
+    pre-softmax attention logit ("logit_max") and the mean over queries of each query's
+    largest ("logit_mean_row_max"); per layer, averaged over windows and KV heads: the
+    norm of the keys' mean before RoPE ("k_mean_norm") and the root mean square of what
+    is left of each key ("k_rest_rms")."""
+    model.eval()
+    inputs: list[tuple[Attention, tuple[torch.Tensor, ...]]] = []
+    hooks = [layer.self_attn.register_forward_pre_hook(
+        lambda mod, a: inputs.append((mod, a[:3]))) for layer in model.model.layers]
+    gen = torch.Generator().manual_seed(0)
+    top, mean, k_mean, k_rest = [], [], [], []
+    try:
+        for w in windows:
+            inputs.clear()
+            pos = torch.randperm(len(w), generator=gen)[:n_queries].to(device)
+            with autocast(device):
+                model(torch.tensor([w], device=device))
+                rows = [attention_logits(*mod.qk(*a), pos).amax(-1)[0] for mod, a in inputs]
+                keys = [mod.project(a[0])[1][0].float() for mod, a in inputs]  # [Hkv, T, D]
+            top.append(torch.stack([r.amax(-1) for r in rows]))  # [layers, heads]
+            mean.append(torch.stack([r.mean(-1) for r in rows]))
+            mu = [k.mean(1, keepdim=True) for k in keys]
+            k_mean.append(torch.stack([m.norm(dim=-1).mean() for m in mu]))
+            k_rest.append(torch.stack([(k - m).pow(2).sum(-1).mean().sqrt()
+                                       for k, m in zip(keys, mu, strict=True)]))
+    finally:
+        for h in hooks:
+            h.remove()
+    model.train()
+    return {"logit_max": torch.stack(top).amax(0).tolist(),
+            "logit_mean_row_max": torch.stack(mean).mean(0).tolist(),
+            "k_mean_norm": torch.stack(k_mean).mean(0).tolist(),
+            "k_rest_rms": torch.stack(k_rest).mean(0).tolist()}
+
+
 def evaluate(model: TinyLlama, tasks: data.RetrievalTasks, held: np.ndarray,
              train_stream: np.ndarray, device: torch.device, contexts: tuple[int, ...],
              trials: int, ppl_tokens: int, batch_tokens: int) -> dict[str, Any]:
@@ -517,6 +650,9 @@ def evaluate(model: TinyLlama, tasks: data.RetrievalTasks, held: np.ndarray,
         uni = unigram_nll(train_stream, wins, model.c.vocab_size)
         res["perplexity"][f"{ctx}"] = {"window": win_len, "tokens": n, "ppl": math.exp(nll / n),
                                        "unigram_ppl": math.exp(uni)}
+    wins = data.ppl_windows(held, min(contexts[0], data.MAX_CONTEXT - 1), 4 * contexts[0])
+    res["attention"] = {"window": len(wins[0]), "windows": len(wins),
+                        **attention_stats(model, wins, device)}
     return res
 
 
@@ -778,17 +914,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     fwd = torch.compile(model) if args.compile else model
 
-    def loss_fn(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor):
-        with autocast(device):
-            h = fwd(x)
-            logits = model.logits(h)
-        per_tok = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        mf = m.flatten().float()
-        lm = per_tok.mean()
-        n_ans = mf.sum()
-        ans = (per_tok * mf).sum() / n_ans.clamp(min=1.0)
-        return lm, ans, n_ans
-
     def to_dev(*ts: torch.Tensor) -> list[torch.Tensor]:
         if device.type == "cuda":
             return [t.pin_memory().to(device, non_blocking=True) for t in ts]
@@ -798,14 +923,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def train_step(opt: torch.optim.Optimizer, batch: list[torch.Tensor]):
-        x, y, m = batch
-        lm, ans, n_ans = loss_fn(x, y, m)
-        (lm + args.answer_weight * ans).backward()
+    def train_step(opt: torch.optim.Optimizer, batch: list[torch.Tensor]) -> dict[str, Any]:
+        losses = batch_losses(model, fwd, *batch, args.answer_weight, args.attn_zloss,
+                              args.k_mean_penalty)
+        losses["total"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return lm, ans, n_ans
+        return losses
 
     # -- time per step of each phase, measured as training runs them (the next batch
     # built while the GPU works), with an optimizer at learning rate 0 that leaves the
@@ -845,7 +970,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     eval_every = max(10, total_steps // 10)
     curve: list[dict[str, Any]] = []
     evals: list[dict[str, Any]] = []
-    pending: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    pending: list[tuple[int, dict[str, Any]]] = []
     eval_rng_seed = 4242
     t_train = time.time()
     eval_seconds = 0.0
@@ -853,12 +978,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     stopped_early = False
 
     def flush_curve() -> None:
-        for s, lm_t, ans_t, n_t in pending:
+        for s, losses in pending:
             _, ph = phase_of(s, total_steps, phases)
-            curve.append({"step": s, "lm_loss": float(lm_t),
-                          "answer_loss": float(ans_t) if float(n_t) > 0 else None,
+            curve.append({"step": s, "lm_loss": float(losses["lm"]),
+                          "answer_loss": float(losses["answer"])
+                          if float(losses["n_answer"]) > 0 else None,
                           "lr": lr_at(s, total_steps, args.lr, warmup), "seq_len": ph.seq_len,
                           "elapsed": round(time.time() - t_train, 2)})
+            for key in PENALTIES:
+                if key in losses:
+                    curve[-1][key] = float(losses[key])
         pending.clear()
 
     def quick_eval(step: int, ph: Phase) -> None:
@@ -894,9 +1023,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         lr = lr_at(step, total_steps, args.lr, warmup)
         for g in opt.param_groups:
             g["lr"] = lr
-        lm, ans, n_ans = train_step(opt, [x, y, m])
+        losses = train_step(opt, [x, y, m])
         tokens_seen += x.numel()
-        pending.append((step, lm.detach(), ans.detach(), n_ans.detach()))
+        pending.append((step, {k: v.detach() for k, v in losses.items()}))
         if step + 1 < total_steps:  # build the next batch while the GPU works
             nxt = to_dev(*batches.next(phase_of(step + 1, total_steps, phases)[1]))
         if step % 10 == 9 or step == total_steps - 1:
@@ -905,8 +1034,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if step % 250 == 249 or smoke:
                 recent = [r["answer_loss"] for r in curve[-10:] if r["answer_loss"] is not None]
                 ans_txt = f"{sum(recent) / len(recent):.3f}" if recent else "-"
+                pen = "".join(f" {k} {c[k]:.1f}" for k in PENALTIES if k in c)
                 print(f"[train] step {step + 1}/{total_steps} ctx {ph.seq_len} lr {lr:.2e} "
-                      f"lm {c['lm_loss']:.3f} answer {ans_txt} "
+                      f"lm {c['lm_loss']:.3f} answer {ans_txt}{pen} "
                       f"({time.time() - t_train:.0f} s)", flush=True)
         if (step + 1) % eval_every == 0 or step == total_steps - 1:
             quick_eval(step + 1, ph)
@@ -930,6 +1060,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[final] {k}: {v['accuracy']:.3f}  by depth {v['by_depth']}")
     for k, v in final["perplexity"].items():
         print(f"[final] perplexity @{k}: {v['ppl']:.3f} (unigram {v['unigram_ppl']:.1f})")
+    att = final["attention"]
+    for i, v in enumerate(att["logit_max"]):
+        print(f"[final] layer {i}: largest attention logit by head "
+              + " ".join(f"{x:.1f}" for x in v)
+              + f"; keys' mean {att['k_mean_norm'][i]:.1f}, rest {att['k_rest_rms'][i]:.1f}")
 
     # -- export, verification, reference logits
     model.cpu()
@@ -954,6 +1089,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "phases": [dataclasses.asdict(p) for p in phases], "mix": dict(MIX),
         "lr": args.lr, "warmup_steps": warmup, "weight_decay": args.weight_decay,
         "answer_weight": args.answer_weight, "compile": args.compile,
+        "attn_zloss": args.attn_zloss, "attn_zloss_queries": ATTN_ZLOSS_QUERIES,
+        "k_mean_penalty": args.k_mean_penalty,
         "planted_induction_heads": not args.no_plant,
         "steps": total_steps, "steps_done": steps_done, "stopped_early": stopped_early,
         "steps_chosen_by": "--steps" if args.steps else f"--train-seconds {args.train_seconds}",
@@ -1003,6 +1140,17 @@ def main() -> None:
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--answer-weight", type=float, default=1.0,
                    help="weight of the mean loss over answer tokens, added to the LM loss")
+    t.add_argument("--attn-zloss", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of an auxiliary z-loss on attention (mean squared "
+                   "log-sum-exp of the pre-softmax attention logits of "
+                   f"{ATTN_ZLOSS_QUERIES} random query positions per sequence and layer) in "
+                   "the loss: keeps the attention logits in the range of pretrained LLMs' "
+                   "(docs/quality-notes.md); 0: off")
+    t.add_argument("--k-mean-penalty", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of an auxiliary penalty in the loss on the squared norm of "
+                   "the keys' mean over each sequence (before RoPE), per layer and KV head: "
+                   "the content-free part of K that makes per-token KV quantization cost "
+                   "this model far more than pretrained LLMs (docs/quality-notes.md); 0: off")
     t.add_argument("--compile", action="store_true", help="torch.compile the model")
     t.add_argument("--no-plant", action="store_true", help="plain random initialization "
                    "(no planted previous-token and induction heads)")

@@ -134,3 +134,89 @@ def test_batches_shapes_and_answer_mask():
     assert sum(t in digits for t in marked) > len(marked) / 2  # answers are mostly digits
     again = T.Batches(tasks, stream, seed=1).next(ph)
     assert all(torch.equal(a, b) for a, b in zip((x, y, m), again, strict=True))
+
+
+def test_attention_logits_and_zloss_are_those_of_the_causal_score_matrix():
+    g = torch.Generator().manual_seed(0)
+    b, hq, hk, t, d = 2, 4, 2, 9, 16
+    q = torch.randn(b, hq, t, d, generator=g)
+    k = torch.randn(b, hk, t, d, generator=g)
+    full = (q @ k.repeat_interleave(hq // hk, dim=1).transpose(-1, -2) / math.sqrt(d))
+    full = full.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(T.attention_logits(q, k, torch.arange(t)), full)
+    pos = torch.tensor([7, 0, 3])
+    torch.testing.assert_close(T.attention_logits(q, k, pos), full[:, :, pos])
+    # all positions drawn: the mean squared log-sum-exp of every query's logits
+    torch.testing.assert_close(T.attention_zloss(q, k, t), full.logsumexp(-1).pow(2).mean())
+    assert T.attention_zloss(q, k, 4).shape == ()
+
+
+def test_penalty_options_add_their_terms_and_shrink_what_they_target():
+    """--attn-zloss W1 --k-mean-penalty W2: the loss gains W1 times the attention z-loss
+    and W2 times the squared norm of the keys' mean, the LM terms are unchanged, and
+    training on them lowers the attention logits and the keys' mean."""
+    cfg = T.SMOKE_MODEL
+    ids = torch.randint(3, cfg.vocab_size, (2, T.ATTN_ZLOSS_QUERIES + 1),
+                        generator=torch.Generator().manual_seed(1))
+    x, y = ids[:, :-1], ids[:, 1:]
+    m = torch.zeros_like(x, dtype=torch.bool)
+    m[:, -8:] = True
+    cpu = torch.device("cpu")
+
+    def fresh() -> T.TinyLlama:
+        model = T.TinyLlama(cfg)
+        model.init_weights(0)
+        model.plant_induction_heads(0)
+        return model
+
+    model = fresh()
+    off = T.batch_losses(model, model, x, y, m)
+    on = T.batch_losses(model, model, x, y, m, attn_zloss=1e-3, k_mean_penalty=1e-4)
+    assert not set(T.PENALTIES) & set(off)
+    torch.testing.assert_close(off["total"], off["lm"] + off["answer"])
+    torch.testing.assert_close(on["lm"], off["lm"])
+    torch.testing.assert_close(on["answer"], off["answer"])
+    torch.testing.assert_close(on["total"], on["lm"] + on["answer"] + 1e-3 * on["attn_zloss"]
+                               + 1e-4 * on["k_mean"])
+    # the terms are what their docstrings say, averaged over the layers (all positions
+    # are scored: T = ATTN_ZLOSS_QUERIES)
+    inputs = []
+    hooks = [layer.self_attn.register_forward_pre_hook(lambda mod, a: inputs.append((mod, a)))
+             for layer in model.model.layers]
+    with T.autocast(cpu):
+        model(x)
+    for h in hooks:
+        h.remove()
+    with T.autocast(cpu):
+        z, k_means = [], []
+        for mod, a in inputs:
+            q, k = mod.qk(*a[:3])
+            full = T.attention_logits(q, k, torch.arange(x.shape[1]))
+            z.append(full.logsumexp(-1).pow(2).mean())
+            k_means.append(mod.project(a[0])[1].float().mean(2).pow(2).sum(-1).mean())
+    torch.testing.assert_close(on["attn_zloss"], torch.stack(z).mean())
+    torch.testing.assert_close(on["k_mean"], torch.stack(k_means).mean())
+    # the planted previous-token head starts with logits near 50, carried by a large
+    # content-free key
+    assert on["attn_zloss"] > 100 and on["k_mean"] > 100
+
+    def stats_after_steps(**weights: float) -> dict[str, list]:
+        model = fresh()
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        for _ in range(8):
+            T.batch_losses(model, model, x, y, m, **weights)["total"].backward()
+            opt.step()
+            opt.zero_grad()
+        return T.attention_stats(model, ids.tolist(), cpu)
+
+    def largest_logit(stats: dict[str, list]) -> float:
+        return max(max(heads) for heads in stats["logit_max"])
+
+    start = T.attention_stats(fresh(), ids.tolist(), cpu)
+    plain = stats_after_steps()
+    zl = stats_after_steps(attn_zloss=1e-2)
+    km = stats_after_steps(k_mean_penalty=1e-2)
+    assert largest_logit(zl) < largest_logit(start) - 5
+    assert largest_logit(zl) < largest_logit(plain) / 2
+    # layer 0's keys: their mean is the planted head's (about 23 at the start)
+    assert km["k_mean_norm"][0] < plain["k_mean_norm"][0] - 3
