@@ -314,6 +314,14 @@ def test_quantization_error_vs_bf16_attention():
     assert errs[(4, True)] < 0.7 * errs[(4, False)] and errs[(2, True)] < 0.5 * errs[(2, False)]
 
 
+def _graph_buffers(b: int, hq: int, splits: int):
+    """Output, split-K workspace and rotation signs of a bf16 decode call that a CUDA graph
+    captures (their addresses must stay fixed across replays)."""
+    out = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=DEV)
+    po = torch.empty(splits * b * hq * 128, device=DEV)
+    pl = torch.empty(splits * b * hq, device=DEV)
+    return out, po, pl, rotation_signs(128).to(DEV)
+
 def _captured(step) -> torch.cuda.CUDAGraph:
     """Run ``step`` once outside a graph (the warm-up), then capture it."""
     step()
@@ -333,10 +341,7 @@ def test_decode_under_cuda_graph_replay():
     splits = plan_num_splits(b, 8, 132, 4)
     q = torch.randn(b, hq, 128, generator=gen).to(torch.bfloat16).to(DEV)
     lens = torch.tensor([1, 1, 1], dtype=torch.int32, device=DEV)
-    out = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=DEV)
-    po = torch.empty(splits * b * hq * 128, device=DEV)
-    pl = torch.empty(splits * b * hq, device=DEV)
-    signs = rotation_signs(128).to(DEV)
+    out, po, pl, signs = _graph_buffers(b, hq, splits)
     ops = _ops()
 
     def step():

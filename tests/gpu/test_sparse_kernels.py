@@ -20,6 +20,7 @@ from tests.gpu.test_kernels import (
     _captured,
     _expect_clear_error,
     _fill_pages,
+    _graph_buffers,
     _ops,
     _rel_err,
     _run_decode,
@@ -233,10 +234,7 @@ def test_sparse_under_cuda_graph_replay():
     lens = torch.zeros(b, dtype=torch.int32, device=DEV)
     positions = torch.zeros(b, 8, budget, dtype=torch.int32, device=DEV)
     count = torch.zeros(b, dtype=torch.int32, device=DEV)
-    out = torch.empty(b, hq, 128, dtype=torch.bfloat16, device=DEV)
-    po = torch.empty(splits * b * hq * 128, device=DEV)
-    pl = torch.empty(splits * b * hq, device=DEV)
-    signs = rotation_signs(128).to(DEV)
+    out, po, pl, signs = _graph_buffers(b, hq, splits)
     ops = _ops()
 
     def step():
