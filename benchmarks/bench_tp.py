@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="batch 8 x 4K, 16 steps")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--cudagraph-sizes", default=None,
+                    help="CUDA-graph capture sizes (default bench_e2e's list; batch 8 needs "
+                         "only 1,2,4,8, which starts each engine faster)")
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--out", default=None)
     ap.add_argument("--log-dir", default="/tmp/bench_tp_logs")
@@ -100,8 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     e2e_args = e2e.parse_args(["--steps", str(args.steps), "--gpu-memory-utilization",
-                               str(args.gpu_memory_utilization)] + (["--quick"] if args.quick
-                                                                    else []))
+                               str(args.gpu_memory_utilization)]
+                              + (["--quick"] if args.quick else [])
+                              + (["--cudagraph-sizes", args.cudagraph_sizes]
+                                 if args.cudagraph_sizes else []))
     s = e2e.settings_from_args(e2e_args)
     gpus = torch.cuda.device_count()
     device = torch.cuda.get_device_name() if gpus else "unknown"
