@@ -35,10 +35,13 @@ the exported model on fixed prompts, plus the shards' sha256, for the CPU test).
 ``--bundle DIR`` also writes the shards and one meta.tar of the other files into DIR
 (at most 8 files), for copying back from a remote machine.
 
-``--attn-zloss W`` and ``--k-mean-penalty W`` (default off) add auxiliary losses that keep
-the attention logits and the content-free part of the keys small, what makes KV-cache
-quantization cost this model far more than pretrained LLMs (docs/quality-notes.md);
-the final metrics report both (``attention``) with or without them.
+``--attn-zloss W`` (default 1e-3) and ``--k-mean-penalty W`` (default 1e-2; 0 turns either
+off) add auxiliary losses that keep the attention logits and the content-free part of the
+keys small. Without them this model's keys carry a large token-independent part and its
+attention logits reach 100, which made 4-bit KV cost it twice what it costs with them
+(docs/quality-notes.md); neither loss knows about quantization. The shipped model was
+trained with the defaults. The final metrics report the attention logits and the keys'
+mean and rest per layer (``attention``) with or without them.
 """
 
 from __future__ import annotations
@@ -1140,13 +1143,13 @@ def main() -> None:
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--answer-weight", type=float, default=1.0,
                    help="weight of the mean loss over answer tokens, added to the LM loss")
-    t.add_argument("--attn-zloss", type=float, default=0.0, metavar="WEIGHT",
+    t.add_argument("--attn-zloss", type=float, default=1e-3, metavar="WEIGHT",
                    help="weight of an auxiliary z-loss on attention (mean squared "
                    "log-sum-exp of the pre-softmax attention logits of "
                    f"{ATTN_ZLOSS_QUERIES} random query positions per sequence and layer) in "
                    "the loss: keeps the attention logits in the range of pretrained LLMs' "
                    "(docs/quality-notes.md); 0: off")
-    t.add_argument("--k-mean-penalty", type=float, default=0.0, metavar="WEIGHT",
+    t.add_argument("--k-mean-penalty", type=float, default=1e-2, metavar="WEIGHT",
                    help="weight of an auxiliary penalty in the loss on the squared norm of "
                    "the keys' mean over each sequence (before RoPE), per layer and KV head: "
                    "the content-free part of K that makes per-token KV quantization cost "
