@@ -18,6 +18,7 @@ tokenizer with a chat template) is written by::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -478,6 +480,80 @@ def process_cmdline(proc) -> str:
         return " ".join(proc.cmdline())
     except psutil.Error:
         return ""
+
+
+def server_error_lines(log: str) -> str:
+    """The lines that explain a failed ``vllm serve`` start, wherever they sit in a long
+    log; the whole log also goes to $OUT/server.log when $OUT is set (the GPU machine)."""
+    keep = [ln for ln in log.splitlines()
+            if any(w in ln for w in ("Error", "error:", "Exception", "raise ", "File \""))]
+    if out := os.environ.get("OUT"):
+        with open(os.path.join(out, "server.log"), "w") as f:
+            f.write(log)
+    return "\n".join(keep[-80:])
+
+
+class ServedProcess:
+    """A running ``vllm serve``: its process, base URL, log file and (once it answered)
+    its descendants, the engine core among them."""
+
+    def __init__(self, proc: subprocess.Popen, base: str, log_path: Path) -> None:
+        self.proc, self.base, self.log_path = proc, base, log_path
+        self.children: list = []
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str, Any]:
+    """POST a JSON body to a server a test started; the JSON reply."""
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@contextlib.contextmanager
+def vllm_serve(args: list[str], log_path: Path, timeout: float = 300
+               ) -> Iterator[ServedProcess]:
+    """Start ``vllm serve ARGS --host 127.0.0.1 --port <free>``, wait until /health
+    answers (failing with the log's error lines if it exits or takes over ``timeout``
+    seconds), yield it, and stop it and anything it left running afterwards."""
+    import urllib.request
+
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *args,
+             "--host", "127.0.0.1", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        srv = ServedProcess(proc, f"http://127.0.0.1:{port}", log_path)
+        try:
+            deadline = time.time() + timeout
+            while True:
+                assert proc.poll() is None, server_error_lines(srv.log())
+                try:
+                    urllib.request.urlopen(srv.base + "/health", timeout=2)
+                    break
+                except OSError:
+                    assert time.time() < deadline, ("server did not come up:\n"
+                                                    + server_error_lines(srv.log()))
+                    time.sleep(2)
+            srv.children = child_processes(proc.pid)
+            yield srv
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=30)
+            for child in srv.children:  # the engine process, if it lingers
+                if process_alive(child):
+                    child.kill()
 
 
 def _visible_gpus(pynvml) -> list[Any]:

@@ -10,7 +10,6 @@ the last test shuts the server down and checks that it exits.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,10 +21,11 @@ from pathlib import Path
 import pytest
 
 from vllm_bitdecode.testing import (
-    child_processes,
-    free_port,
+    ServedProcess,
     parse_prometheus,
+    post_json,
     process_alive,
+    vllm_serve,
     write_model_dir,
 )
 
@@ -43,13 +43,6 @@ def test_serve_help_lists_bitdecode():
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "BITDECODE" in out.stdout and "FLASH_ATTN" in out.stdout
-
-
-def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())
 
 
 def _post_stream(url: str, body: dict) -> list[dict]:
@@ -78,76 +71,34 @@ def _post_stream(url: str, body: dict) -> list[dict]:
     return events
 
 
-def _errors(log: str) -> str:
-    """The lines that explain a failed start, wherever they are in a long log."""
-    keep = [ln for ln in log.splitlines()
-            if any(w in ln for w in ("Error", "error:", "Exception", "raise ", "File \""))]
-    if out := os.environ.get("OUT"):
-        with open(os.path.join(out, "server.log"), "w") as f:
-            f.write(log)
-    return "\n".join(keep[-80:])
-
-
-class Server:
-    def __init__(self, proc: subprocess.Popen, base: str, log_path: Path, model: Path) -> None:
-        self.proc, self.base, self.log_path, self.model = proc, base, log_path, model
-        self.children: list = []  # psutil processes under the server (the engine core)
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def tokenizer(self):
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(self.model))
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return write_model_dir(tmp_path_factory.mktemp("model") / "llama", num_hidden_layers=2,
+                           vocab_size=32000, max_position_embeddings=4096)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
-    tmp = tmp_path_factory.mktemp("serve")
-    model = write_model_dir(tmp / "llama", num_hidden_layers=2, vocab_size=32000,
-                            max_position_embeddings=4096)
-    port = free_port()
-    log_path = tmp / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [*VLLM_CLI, "serve", str(model), "--attention-backend", "BITDECODE",
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir) -> Iterator[ServedProcess]:
+    with vllm_serve(
+        [str(model_dir), "--attention-backend", "BITDECODE",
          "--additional-config", '{"bitdecode": {"bits": 4}}', "--load-format", "dummy",
          "--served-model-name", SERVED_NAME, "--enforce-eager", "--max-model-len", "2048",
-         "--gpu-memory-utilization", "0.3", "--enable-prompt-tokens-details",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
-    )
-    srv = Server(proc, f"http://127.0.0.1:{port}", log_path, model)
-    try:
-        deadline = time.time() + 300
-        while True:
-            assert proc.poll() is None, _errors(srv.log())
-            try:
-                urllib.request.urlopen(srv.base + "/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "server did not come up:\n" + _errors(srv.log())
-                time.sleep(2)
-        srv.children = child_processes(proc.pid)
+         "--gpu-memory-utilization", "0.3", "--enable-prompt-tokens-details"],
+        tmp_path_factory.mktemp("serve") / "server.log",
+    ) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
-        for child in srv.children:  # the engine process, if it lingers
-            if process_alive(child):
-                child.kill()
-        log.close()
 
 
 def test_vllm_serve_with_bitdecode_answers_completions(server):
     """Token-id prompt (the original smoke test), non-streaming."""
-    reply = _post(server.base + "/v1/completions", {
+    reply = post_json(server.base + "/v1/completions", {
         "model": SERVED_NAME, "prompt": list(range(100, 400)), "max_tokens": 8,
         "temperature": 0, "ignore_eos": True, "return_token_ids": True,
     })
@@ -159,7 +110,7 @@ def test_vllm_serve_with_bitdecode_answers_completions(server):
     assert "BITDECODE" in server.log()
 
 
-def _metrics(server: Server) -> dict[str, float]:
+def _metrics(server: ServedProcess) -> dict[str, float]:
     with urllib.request.urlopen(server.base + "/metrics", timeout=30) as resp:
         return parse_prometheus(resp.read().decode())
 
@@ -173,8 +124,8 @@ def test_prefix_cache_hit_counted_by_the_server(server):
     body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0,
             "ignore_eos": True, "return_token_ids": True}
     before = _metrics(server)
-    cold = _post(server.base + "/v1/completions", body)
-    warm = _post(server.base + "/v1/completions", body)
+    cold = post_json(server.base + "/v1/completions", body)
+    warm = post_json(server.base + "/v1/completions", body)
     assert (cold["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
     cached = (warm["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     assert cached >= 1024, f"cached_tokens {cached} of a repeated 1500-token prompt"
@@ -197,10 +148,10 @@ def test_models_endpoint_lists_the_served_model(server):
     assert [m["id"] for m in models["data"]] == [SERVED_NAME]
 
 
-def test_completions_text_prompt_streaming_and_not(server):
+def test_completions_text_prompt_streaming_and_not(server, tokenizer):
     body = {"model": SERVED_NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0,
             "ignore_eos": True}
-    reply = _post(server.base + "/v1/completions", body)
+    reply = post_json(server.base + "/v1/completions", body)
     assert reply["object"] == "text_completion"
     assert len(reply["choices"]) == 1
     choice = reply["choices"][0]
@@ -208,7 +159,7 @@ def test_completions_text_prompt_streaming_and_not(server):
     assert choice["text"].strip(), "empty completion text"
     usage = reply["usage"]
     assert usage["completion_tokens"] == 12
-    assert usage["prompt_tokens"] == len(server.tokenizer()(PROMPT).input_ids) == 10
+    assert usage["prompt_tokens"] == len(tokenizer(PROMPT).input_ids) == 10
     assert usage["total_tokens"] == usage["prompt_tokens"] + 12
 
     events = _post_stream(server.base + "/v1/completions",
@@ -224,10 +175,10 @@ def test_completions_text_prompt_streaming_and_not(server):
     assert text == choice["text"], "streamed text differs from the unstreamed answer"
 
 
-def test_chat_completions_streaming_and_not(server):
+def test_chat_completions_streaming_and_not(server, tokenizer):
     body = {"model": SERVED_NAME, "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
             "ignore_eos": True}
-    reply = _post(server.base + "/v1/chat/completions", body)
+    reply = post_json(server.base + "/v1/chat/completions", body)
     assert reply["object"] == "chat.completion"
     assert len(reply["choices"]) == 1
     choice = reply["choices"][0]
@@ -238,8 +189,7 @@ def test_chat_completions_streaming_and_not(server):
     usage = reply["usage"]
     assert usage["completion_tokens"] == 10
     # the chat template was applied: "role : content" lines, then "assistant :"
-    rendered = server.tokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True,
-                                                      tokenize=True)
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
     assert usage["prompt_tokens"] == len(rendered) == 19
 
     events = _post_stream(server.base + "/v1/chat/completions",

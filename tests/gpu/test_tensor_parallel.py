@@ -26,7 +26,8 @@ at 0.7-0.8% of positions, near ties only. So the checks are:
   same tokens as TP=1 (a little more: each rank holds half the weights).
 
 Needs two GPUs (skipped otherwise); the Ray case also needs Ray (the device kit built
-with WITH_RAY=1). About 3 engine starts, 4 minutes.
+with WITH_RAY=1). About 3 engine starts, 4 minutes; then `vllm serve` at TP=2 with
+each executor, about 2 more minutes per server.
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ from vllm_bitdecode import stdlib_llama as data
 from vllm_bitdecode.testing import (
     assert_greedy_close,
     assert_greedy_equal_up_to_ties,
+    post_json,
     run_in_subprocess,
     teacher_forced_agreement,
+    vllm_serve,
 )
 
 pytestmark = pytest.mark.gpu
@@ -137,3 +140,52 @@ def test_tp2_matches_single_gpu(single_gpu, executor):
         mp = _tp2("mp")["jobs"]["gen"]
         assert_greedy_equal_up_to_ties(test["tokens"], mp["tokens"], mp["logprobs"], GEN,
                                        "TP=2 ray vs TP=2 mp")
+
+
+@pytest.mark.parametrize("executor", ["mp", "ray"])
+def test_vllm_serve_tp2(tmp_path, executor):
+    """The literal command of the README, `vllm serve MODEL --attention-backend BITDECODE
+    --tensor-parallel-size 2 [--distributed-executor-backend ray]`: the server starts, its
+    greedy completions of the pass-key prompts (token-id prompts, as the engine runs
+    saw them) answer right and stay close to the LLM(...) run of the same TP size and
+    executor, and the server stops with its workers."""
+    _needs_two_gpus()
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (device kit: WITH_RAY=1)")
+    prompts, answers = _prompts()
+    keyed = [i for i, a in enumerate(answers) if a]
+    args = [str(data.MODEL_DIR), "--attention-backend", "BITDECODE",
+            "--additional-config", '{"bitdecode": {"bits": 4}}',
+            "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.3",
+            "--max-model-len", str(data.MAX_CONTEXT), "--max-num-seqs", "16",
+            "--served-model-name", "stdlib-llama"]
+    if executor == "ray":
+        args += ["--distributed-executor-backend", "ray"]
+    with vllm_serve(args, tmp_path / "server.log", timeout=420) as srv:
+        got = []
+        for i in keyed:
+            reply = post_json(srv.base + "/v1/completions", {
+                "model": "stdlib-llama", "prompt": prompts[i], "max_tokens": GEN,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True}, timeout=300)
+            got.append(reply["choices"][0]["token_ids"])
+        log = srv.log()
+    assert "BITDECODE" in log
+    tok = data.load_tokenizer(data.MODEL_DIR)
+    for i, toks in zip(keyed, got, strict=True):
+        text = tok.decode(toks)
+        assert data.answer_correct(text, answers[i]), f"served TP=2 {executor}: {text!r}"
+    # The server runs these prompts in other batches than LLM(...) did, so its split-K
+    # plan and summation order differ: the same rule as TP=2 against TP=1, one-sided
+    # (the server's log-probs are not asked for): equal up to a first divergence where
+    # the served token is among the LLM run's top 5.
+    ref = _tp2(executor)["jobs"]["gen"]
+    for i, toks in zip(keyed, got, strict=True):
+        ref_toks = ref["tokens"][i]
+        assert len(toks) == len(ref_toks) == GEN, f"served TP=2 {executor}: request {i}"
+        step = next((k for k, (a, b) in enumerate(zip(toks, ref_toks, strict=True))
+                     if a != b), None)
+        if step is not None:
+            top = ref["logprobs"][i][step]
+            assert toks[step] in top, (
+                f"vllm serve TP=2 {executor}, request {i}, step {step}: token {toks[step]} "
+                f"not in the LLM run's top {TOP} {top}")
