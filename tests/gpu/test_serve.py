@@ -4,7 +4,8 @@ One server (a dummy-weight 2-layer Llama plus a tiny word-level tokenizer with a
 template, written at test time) answers /v1/completions and /v1/chat/completions, each
 streamed (server-sent events, read with urllib) and not; the answers are checked (token
 counts, finish reasons, non-empty text, streamed text equal to the unstreamed one), and
-the last test shuts the server down and checks that it exits.
+`vllm bench serve` runs against it and `vllm bench throughput` beside it (the README's
+commands, smaller), and the last test shuts the server down and checks that it exits.
 """
 
 from __future__ import annotations
@@ -203,6 +204,43 @@ def test_chat_completions_streaming_and_not(server, tokenizer):
     assert finish == ["length"]
     assert events[-1]["usage"]["completion_tokens"] == 10
     assert streamed == content, "streamed chat answer differs from the unstreamed one"
+
+
+def test_vllm_bench_serve_against_the_server(server, model_dir, tmp_path):
+    """The README's `vllm bench serve` command, smaller: every request completes against
+    the BITDECODE server, with the token counts asked for."""
+    prompts, out_len = 16, 16
+    out = subprocess.run(
+        [*VLLM_CLI, "bench", "serve", "--backend", "vllm", "--model", str(model_dir),
+         "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
+         "--port", server.base.rsplit(":", 1)[1], "--dataset-name", "random",
+         "--random-input-len", "256", "--random-output-len", str(out_len),
+         "--num-prompts", str(prompts), "--ignore-eos", "--save-result",
+         "--result-dir", str(tmp_path), "--result-filename", "bench_serve.json"],
+        capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    res = json.loads((tmp_path / "bench_serve.json").read_text())
+    print({k: res[k] for k in ("completed", "failed", "request_throughput",
+                               "output_throughput")})
+    assert res["completed"] == prompts and res["failed"] == 0, res["errors"]
+    assert res["total_output_tokens"] == prompts * out_len
+
+
+def test_vllm_bench_throughput_with_bitdecode(model_dir, tmp_path):
+    """The README's `vllm bench throughput` command, smaller, in its own engine."""
+    prompts = 16
+    out = subprocess.run(
+        [*VLLM_CLI, "bench", "throughput", "--model", str(model_dir), "--load-format", "dummy",
+         "--attention-backend", "BITDECODE", "--additional-config", '{"bitdecode": {"bits": 4}}',
+         "--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", "64",
+         "--num-prompts", str(prompts), "--max-model-len", "2048",
+         "--gpu-memory-utilization", "0.3", "--output-json", str(tmp_path / "tp.json")],
+        capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert "BITDECODE" in out.stdout + out.stderr, "the engine did not report BITDECODE"
+    res = json.loads((tmp_path / "tp.json").read_text())
+    print(res)
+    assert res["num_requests"] == prompts and res["tokens_per_second"] > 0
 
 
 def test_server_shuts_down_on_sigterm(server):
