@@ -20,8 +20,8 @@ KV turns them into different argmax tokens at about a tenth of the positions.
 Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-norot``,
 ``-g32``/``-g64`` (group size), ``-konly``/``-vonly`` (quantize one of them), ``-kc``
 (K per channel over blocks of 128 tokens as in KIVI / BitDecoding's KC mode, the last
-partial block left unquantized like their fp16 residual; V per token). ``bf16`` rounds
-nothing beyond bf16.
+partial block left unquantized like their fp16 residual; V per token; K is never rotated
+there, so ``-kc-norot`` is refused). ``bf16`` rounds nothing beyond bf16.
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ class Mode:
                 kw["k_per_channel"] = True
             else:
                 raise SystemExit(f"unknown suffix {p!r} in mode {name!r}")
+        if kw.get("k_per_channel") and kw.get("rotate_k") is False:
+            raise SystemExit(f"mode {name!r}: per-channel K (-kc) is never rotated; drop -norot")
         return Mode(name, **kw)
 
 
