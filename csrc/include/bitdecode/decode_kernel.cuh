@@ -316,23 +316,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   //   O^T  o[ht][m][2 r + c]    channel 16 m + g + 8 r
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float o[HT][kKSteps][4];
-  float magic_sum[HT][kGroups][4];  // M * sum of the 16-bit P^T values, per V group
-  float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * V zero
+  // O^T holds half of sum(P * v_scale * (code - centre)) (see below); zero_sum the rest
+  float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * (zero + centre * scale)
   float m_run[HT][2], l_run[HT][2];
 #pragma unroll
   for (int ht = 0; ht < HT; ++ht) {
 #pragma unroll
     for (int m = 0; m < kKSteps; ++m) o[ht][m][0] = o[ht][m][1] = o[ht][m][2] = o[ht][m][3] = 0.0f;
 #pragma unroll
-    for (int gi = 0; gi < kGroups; ++gi) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) magic_sum[ht][gi][k] = 0.0f;
-      zero_sum[ht][0][gi] = zero_sum[ht][1][gi] = 0.0f;
-    }
+    for (int gi = 0; gi < kGroups; ++gi) zero_sum[ht][0][gi] = zero_sum[ht][1][gi] = 0.0f;
     m_run[ht][0] = m_run[ht][1] = -INFINITY;
     l_run[ht][0] = l_run[ht][1] = 0.0f;
   }
-  const uint32_t magic_a[4] = {Tr::kMagic, Tr::kMagic, Tr::kMagic, Tr::kMagic};
 
   // Ring position of the next tile to consume, and the barrier phase it completes.
   int stage = 0;
@@ -387,20 +382,27 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         for (int gi = 0; gi < kGroups; ++gi) {
           const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
           const T* vp = reinterpret_cast<const T*>(&prm[r][kGroups + gi]);
-          const float ksc = Tr::to_float(kp[0]);
-          k_scale[gi] = ksc * scale_log2;
-          k_zero[gi] = (Tr::to_float(kp[1]) - ksc * Tr::kMagicValue) * scale_log2;
-          v_scale[st][r][gi] = valid[r] ? Tr::to_float(vp[0]) : 0.0f;
-          v_zero[st][r][gi] = valid[r] ? Tr::to_float(vp[1]) : 0.0f;
+          k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
+          k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
+          // V = scale * (code - centre) + (zero + centre * scale); the MMAs see half the
+          // scale (exact) so that |code - centre| * scale / 2 stays in range even for a
+          // group spanning +-3.4e38, and the end doubles it. fmaf: no overflow on the way.
+          const float vsc = Tr::to_float(vp[0]);
+          v_scale[st][r][gi] = valid[r] ? 0.5f * vsc : 0.0f;
+          v_zero[st][r][gi] =
+              valid[r] ? fmaf(kCodeCentre<BITS>, vsc, Tr::to_float(vp[1])) : 0.0f;
         }
 #pragma unroll
         for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            float x = k_scale[0] * acc[0][ht][2 * r + c] + k_zero[0] * qsum[ht][c][0];
+            // acc = sum Q (M + code): take M sum(Q) back before the scale multiplies, so
+            // that a huge scale cannot overflow where the score itself is finite
+            float x = 0.0f;
 #pragma unroll
-            for (int gi = 1; gi < kGroups; ++gi)
-              x += k_scale[gi] * acc[gi][ht][2 * r + c] + k_zero[gi] * qsum[ht][c][gi];
+            for (int gi = 0; gi < kGroups; ++gi)
+              x += k_scale[gi] * fmaf(-Tr::kMagicValue, qsum[ht][c][gi], acc[gi][ht][2 * r + c])
+                   + k_zero[gi] * qsum[ht][c][gi];
             s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
           }
       }
@@ -443,8 +445,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
           const float f = corr[ht][k & 1];
 #pragma unroll
           for (int m = 0; m < kKSteps; ++m) o[ht][m][k] *= f;
-#pragma unroll
-          for (int gi = 0; gi < kGroups; ++gi) magic_sum[ht][gi][k] *= f;
           if (k < 2) {
 #pragma unroll
             for (int gi = 0; gi < kGroups; ++gi) zero_sum[ht][k][gi] *= f;
@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         }
     }
 
-    // O^T += V^T (P * v_scale)^T, per tile and V group
+    // O^T += (V codes - centre)^T (P * v_scale / 2)^T, per tile and V group
 #pragma unroll
     for (int st = 0; st < NT; ++st) {
       const uint8_t* vrows = ring + stages[st] * Shape::kTileBytes + Shape::kVOffset;
@@ -466,12 +466,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       auto v_pair = [&](int j, int lo) {
         const int h = j / Order::kValuesPerWord, slot = j % Order::kValuesPerWord;
         const uint32_t sel = slot < kHalf ? 0x5410u : 0x7632u;
-        return unpack_pair_biased<T, BITS>(__byte_perm(vw[lo][h], vw[lo + 1][h], sel),
-                                           slot % kHalf);
+        return unpack_pair_centred<T, BITS>(__byte_perm(vw[lo][h], vw[lo + 1][h], sel),
+                                            slot % kHalf);
       };
 #pragma unroll
       for (int gv = 0; gv < kGroups; ++gv) {
-        uint32_t pb[HT][2];  // B fragments of (P * v_scale)^T: tokens 2t.. / 2t+8.., head g
+        uint32_t pb[HT][2];  // B fragments of (P * v_scale / 2)^T: tokens 2t.. / 2t+8.., head g
 #pragma unroll
         for (int ht = 0; ht < HT; ++ht) {
           const float* pr = s[st][ht];
@@ -480,7 +480,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
 #pragma unroll
           for (int c = 0; c < 2; ++c)
             zero_sum[ht][c][gv] += pr[c] * v_zero[st][0][gv] + pr[2 + c] * v_zero[st][1][gv];
-          Tr::mma(magic_sum[ht][gv], magic_a, pb[ht][0], pb[ht][1]);
         }
 #pragma unroll
         for (int m = gv * GROUP / 16; m < (gv + 1) * GROUP / 16; ++m) {
@@ -531,7 +530,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         const int ch = 16 * m + g + 8 * (k >> 1), head = 8 * ht + 2 * t + (k & 1);
         const int gi = ch / GROUP;
         merge_o[(warp * kHeads + head) * HEAD + ch] =
-            o[ht][m][k] - magic_sum[ht][gi][k & 1] + zero_sum[ht][k & 1][gi];
+            fmaf(2.0f, o[ht][m][k], zero_sum[ht][k & 1][gi]);
       }
     if (g == 0) {
 #pragma unroll

@@ -24,6 +24,11 @@ struct DtypeTraits<__nv_bfloat16> {
     __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&p);
   }
+  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -45,6 +50,10 @@ struct DtypeTraits<__half> {
     __half2 p = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&p);
   }
+  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -64,12 +73,26 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint3
 // of two T values: low half = slot i, high half = slot i + vpw/2. No shuffles: the
 // page stores codes in exactly this order (page_format.py). One lop3 (after a shift)
 // per register: the values are kMagicValue + code, exactly. The decode kernel takes the
-// offset back exactly: for K it folds into the zero point (sum(Q) uses the same rounded
-// Q as the MMA); for V one extra MMA sums the same 16-bit P * scale values the MMA saw.
+// offset back per score for K (sum(Q) uses the same rounded Q as the MMA).
 template <typename T, int BITS>
 __device__ __forceinline__ uint32_t unpack_pair_biased(uint32_t word, int i) {
   constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
   return lop3_and_or(word >> (BITS * i), kMask, DtypeTraits<T>::kMagic);
+}
+
+// The same pair as code - 2^(BITS-1) (-8..7 or -2..1), exactly: one subtraction of
+// kMagicValue + 2^(BITS-1) more. V uses these. Summing P * scale * (M + code) over a long
+// sequence and taking M * sum(P * scale) back at the end loses the result to fp32
+// rounding (the two sums are M * sqrt(n) times larger than the output for values of
+// either sign) and overflows where the values are large; centred codes keep every
+// partial sum on the output's own scale.
+template <int BITS>
+constexpr float kCodeCentre = static_cast<float>(1 << (BITS - 1));
+
+template <typename T, int BITS>
+__device__ __forceinline__ uint32_t unpack_pair_centred(uint32_t word, int i) {
+  constexpr uint32_t kCentre = DtypeTraits<T>::kMagic | (0x00010001u << (BITS - 1));
+  return DtypeTraits<T>::sub2(unpack_pair_biased<T, BITS>(word, i), kCentre);
 }
 
 // ---- in-row channel order (the CUDA twin of page_format.py's *_channel_of_slot) ----
