@@ -68,6 +68,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
              "label": "BITDECODE 2-bit, K rotated"},
     "int2-norot": {"backend": "BITDECODE", "bitdecode": {"bits": 2, "rotate_k": False},
                    "label": "BITDECODE 2-bit, no rotation"},
+    # sparse decode (issue #6): only generated tokens decode sparsely, so it shows in
+    # retrieval; perplexity (prompt log-probs, prefill) equals int4's by construction
+    "int4-sparse256": {"backend": "BITDECODE",
+                       "bitdecode": {"bits": 4, "sparse": {"enabled": True, "token_budget": 256,
+                                                           "min_seq_len": 512}},
+                       "label": "BITDECODE 4-bit, sparse k=256"},
 }
 # Issue #5's targets: perplexity increase over bf16 (%) and retrieval points below bf16.
 TARGETS = {"int4": (1.5, 1.0), "int4-norot": (1.5, 1.0), "int2": (8.0, 5.0),

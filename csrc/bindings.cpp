@@ -23,6 +23,11 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor(c!) partial_lse, Tensor? rotation_signs, float softmax_scale, int bits, "
       "int group_size, int block_size, int num_splits, int min_tiles_per_split, "
       "bool shared_selection) -> ()");
+  m.def(
+      "select_topk(Tensor(a!) sel_positions, Tensor(b!) sel_count, Tensor(c!) keys, "
+      "Tensor key_offsets, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor? rotation_signs, float softmax_scale, int bits, int group_size, int block_size, "
+      "int min_seq_len, bool shared_selection) -> ()");
   m.def("decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa) -> int");
 }
 
@@ -31,6 +36,7 @@ TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("dequantize_pages", &bitdecode::dequantize_pages);
   m.impl("decode", &bitdecode::decode);
   m.impl("decode_sparse", &bitdecode::decode_sparse);
+  m.impl("select_topk", &bitdecode::select_topk);
   m.impl("decode_ctas_per_sm", &bitdecode::decode_ctas_per_sm);
 }
 

@@ -326,6 +326,95 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& keys,
+                 const at::Tensor& key_offsets, const at::Tensor& q, const at::Tensor& cache,
+                 const at::Tensor& block_table, const at::Tensor& seq_lens,
+                 const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
+                 int64_t bits, int64_t group_size, int64_t block_size, int64_t min_seq_len,
+                 bool shared_selection) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  check_tokens(q, "q");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
+  check_cache(cache, g, num_kv_heads);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
+              "bitdecode: query heads per KV head must divide evenly and be at most ",
+              kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
+  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
+                  block_table.dim() == 2 && block_table.stride(1) == 1 &&
+                  block_table.size(0) >= num_seqs,
+              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
+                  seq_lens.stride(0) == 1 && seq_lens.size(0) >= num_seqs,
+              "bitdecode: seq_lens must be a contiguous CUDA int32 vector with one entry per "
+              "sequence");
+  const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
+  TORCH_CHECK(sel_positions.is_cuda() && sel_positions.scalar_type() == at::kInt &&
+                  sel_positions.dim() == 3 && sel_positions.stride(2) == 1,
+              "bitdecode: sel_positions must be a CUDA int32 tensor [num_seqs, num_kv_heads "
+              "(1 if shared_selection), token_budget], contiguous in its last dimension");
+  TORCH_CHECK(sel_positions.size(0) >= num_seqs && sel_positions.size(1) == sel_heads,
+              "bitdecode: sel_positions is ", sel_positions.sizes(), ", expected at least ",
+              num_seqs, " rows and ", sel_heads, " heads");
+  TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= INT32_MAX,
+              "bitdecode: the token budget (sel_positions.size(2)) must be at least 1");
+  TORCH_CHECK(sel_count.is_cuda() && sel_count.scalar_type() == at::kInt &&
+                  sel_count.dim() == 1 && sel_count.stride(0) == 1 &&
+                  sel_count.size(0) >= num_seqs,
+              "bitdecode: sel_count must be a contiguous CUDA int32 vector with one entry per "
+              "sequence");
+  TORCH_CHECK(keys.is_cuda() && keys.scalar_type() == at::kInt && keys.is_contiguous() &&
+                  keys.numel() % sel_heads == 0,
+              "bitdecode: keys must be a contiguous CUDA int32 workspace of capacity x ",
+              sel_heads, " entries");
+  TORCH_CHECK(key_offsets.is_cuda() && key_offsets.scalar_type() == at::kLong &&
+                  key_offsets.dim() == 1 && key_offsets.stride(0) == 1 &&
+                  key_offsets.size(0) >= num_seqs,
+              "bitdecode: key_offsets must be a contiguous CUDA int64 vector with one entry "
+              "per sequence");
+  TORCH_CHECK(min_seq_len >= 0 && min_seq_len <= INT32_MAX,
+              "bitdecode: min_seq_len must be >= 0, got ", min_seq_len);
+  const int64_t max_tokens = block_table.size(1) * block_size;
+  TORCH_CHECK(max_tokens <= INT32_MAX, "bitdecode: the block table addresses too many tokens");
+  check_same_device(sel_positions, "sel_positions", q);
+  check_same_device(sel_count, "sel_count", q);
+  check_same_device(keys, "keys", q);
+  check_same_device(key_offsets, "key_offsets", q);
+  check_same_device(cache, "cache", q);
+  check_same_device(block_table, "block_table", q);
+  check_same_device(seq_lens, "seq_lens", q);
+  if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
+
+  SelectParams p{};
+  p.q = q.data_ptr();
+  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.block_table_stride = block_table.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.key_offsets = key_offsets.data_ptr<int64_t>();
+  p.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  p.key_capacity = keys.numel() / sel_heads;
+  p.sel_positions = sel_positions.data_ptr<int32_t>();
+  p.sel_stride_seq = sel_positions.stride(0), p.sel_stride_head = sel_positions.stride(1);
+  p.sel_count = sel_count.data_ptr<int32_t>();
+  p.sel_budget = static_cast<int>(sel_positions.size(2));
+  p.rotation_signs = signs_ptr(rotation_signs);
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.num_seqs = static_cast<int>(num_seqs);
+  p.num_heads = static_cast<int>(num_heads);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.min_seq_len = static_cast<int>(min_seq_len);
+  p.max_tokens = static_cast<int>(max_tokens);
+  p.shared = shared_selection;
+  p.page = g;
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
+                     launch_select<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 int64_t decode_ctas_per_sm(const at::Tensor& query_like, int64_t bits, int64_t group_size,
                            int64_t gqa) {
   const at::ScalarType dtype = query_like.scalar_type();

@@ -413,12 +413,6 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
                 model.is_hybrid or model.is_attention_free or model.has_noops
             ),
         )
-        # every check above passed; refuse rather than decode densely while the user
-        # asked for sparse decode (no silent fallback)
-        raise BitDecodeConfigError(
-            f"{CONFIG_KEY}.{SPARSE_KEY} is valid, but sparse decode is not implemented yet "
-            f"(issue #6); remove the section or set \"enabled\": false"
-        )
     return cfg
 
 

@@ -455,13 +455,10 @@ def _sparse_vllm_config(sparse, *, num_layers=LLAMA3_8B_LAYERS, max_model_len=13
     return vc
 
 
-def test_check_vllm_config_validates_sparse_then_refuses_it():
-    """A valid sparse section passes every check and then stops start-up: the kernels of
-    issue #6 are not built, and decoding densely instead would be a silent fallback."""
+def test_check_vllm_config_accepts_a_valid_sparse_section():
+    """A valid sparse section passes every check and starts sparse decode."""
     vc = _sparse_vllm_config({"enabled": True, "token_budget": 1024})
-    with pytest.raises(BitDecodeConfigError, match="not implemented yet"):
-        check_vllm_config(vc)
-    cfg = BitDecodeConfig.from_additional_config(vc.additional_config)
+    cfg = check_vllm_config(vc)
     assert cfg.sparse.enabled and cfg.sparse.token_budget == 1024
     assert cfg.sparse.layer_plan(LLAMA3_8B_LAYERS).selection == (2, 13)
     off = check_vllm_config(_sparse_vllm_config({"enabled": False, "token_budget": 1024}))

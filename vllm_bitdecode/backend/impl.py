@@ -67,6 +67,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         self._flash_attn_varlen = flash_attn_varlen_func
         self._rotation: torch.Tensor | None = None  # [D, D] float32, rotates prefill Q
         self._fmt = None  # page format, known once the cache is bound
+        self._role: str | None = None  # sparse mode: dense, selection or reuse
 
     # ---- quantize-on-write --------------------------------------------------------------
     def do_kv_cache_update(
@@ -110,14 +111,40 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         fmt = md.page_format
         if md.num_decodes > 0:
             nd = md.num_decodes
-            ops.decode(
-                output[:nd], query[:nd], kv_cache, md.decode_block_table, md.decode_seq_lens,
-                md.partial_out, md.partial_lse, md.rotation_signs, self.scale,
-                fmt.bits, fmt.group_size, fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT,
-            )
+            sp = md.sparse
+            role = config.DENSE if sp is None else self._sparse_role(layer, sp)
+            if role == config.REUSE:
+                ops.decode_sparse(
+                    output[:nd], query[:nd], kv_cache, md.decode_block_table,
+                    md.decode_seq_lens, sp.sel_positions, sp.sel_count, md.partial_out,
+                    md.partial_lse, md.rotation_signs, self.scale, fmt.bits, fmt.group_size,
+                    fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT, sp.shared,
+                )
+            else:
+                ops.decode(
+                    output[:nd], query[:nd], kv_cache, md.decode_block_table,
+                    md.decode_seq_lens, md.partial_out, md.partial_lse, md.rotation_signs,
+                    self.scale, fmt.bits, fmt.group_size, fmt.block_size, md.num_splits,
+                    MIN_TILES_PER_SPLIT,
+                )
+            if role == config.SELECT:  # for the reuse layers after this one
+                ops.select_topk(
+                    sp.sel_positions, sp.sel_count, sp.keys, sp.key_offsets, query[:nd],
+                    kv_cache, md.decode_block_table, md.decode_seq_lens, md.rotation_signs,
+                    self.scale, fmt.bits, fmt.group_size, fmt.block_size, sp.min_seq_len,
+                    sp.shared,
+                )
         if md.prefill is not None:
             self._prefill(query, kv_cache, md, output)
         return output
+
+    def _sparse_role(self, layer: torch.nn.Module, sp) -> str:
+        """This layer's role in sparse mode, from its index in the model (resolved once)."""
+        if self._role is None:
+            from vllm.model_executor.models.utils import extract_layer_index
+
+            self._role = sp.plan.role(extract_layer_index(layer.layer_name))
+        return self._role
 
     def _prefill(
         self, query: torch.Tensor, kv_cache: torch.Tensor, md: BitDecodeMetadata,

@@ -9,9 +9,11 @@ quantized keys and values.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
     AttentionCGSupport,
     AttentionMetadataBuilder,
@@ -21,6 +23,8 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_bitdecode import config
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+logger = init_logger(__name__)
 
 # A split never reads fewer than this many 16-token tiles: below that, the combine
 # pass costs more than the parallelism gains.
@@ -60,6 +64,24 @@ class PrefillMetadata:
 
 
 @dataclass
+class SparseMetadata:
+    """What the layers of one step share in sparse mode (docs/sparse-mode-design.md).
+
+    Persistent buffers (fixed addresses for CUDA graphs): every selection layer rewrites
+    every decode row of ``sel_positions`` / ``sel_count`` before a reuse layer reads it,
+    so nothing passes between steps or requests."""
+
+    plan: config.SparseLayerPlan
+    token_budget: int
+    min_seq_len: int
+    shared: bool
+    sel_positions: torch.Tensor  # [max_num_seqs, num_kv_heads or 1, token_budget] int32
+    sel_count: torch.Tensor  # [max_num_seqs] int32
+    keys: torch.Tensor  # [key_capacity * (num_kv_heads or 1)] int32 score workspace
+    key_offsets: torch.Tensor  # [num_decodes] int64, this step's rows in the workspace
+
+
+@dataclass
 class BitDecodeMetadata:
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64
@@ -76,6 +98,7 @@ class BitDecodeMetadata:
     rotation_signs: torch.Tensor | None  # [head_size] float32 on the device
     partial_out: torch.Tensor  # split-K workspace, float32
     partial_lse: torch.Tensor
+    sparse: SparseMetadata | None = None  # sparse decode, when configured
 
 
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
@@ -109,6 +132,47 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             rows * self.num_heads * self.head_size, dtype=torch.float32, device=device
         )
         self.partial_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=device)
+        self.sparse = self._init_sparse(vllm_config, max_seqs, device)
+
+    def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
+        """Persistent buffers of sparse mode. The score workspace holds one key per token
+        of the step's decode rows (and per KV head unless the selection is shared): as
+        many tokens as the KV cache, which bounds the rows' lengths unless they share
+        prefix pages; a row past it decodes densely (its result is then exact)."""
+        sparse = self.bitdecode.sparse
+        if not sparse.enabled:
+            return None
+        model = vllm_config.model_config
+        plan = sparse.layer_plan(model.get_total_num_hidden_layers())
+        sel_heads = 1 if sparse.shared_selection else self.num_kv_heads
+        # The KV cache's token count where this process knows it; a worker process may
+        # not (vLLM sets num_gpu_blocks in the engine), and then room for four
+        # full-length rows. Rows past it decode densely (exact, slower): the start-up
+        # log says how many tokens it holds.
+        blocks = vllm_config.cache_config.num_gpu_blocks
+        capacity = (blocks * self.kv_cache_spec.block_size if blocks
+                    else 4 * model.max_model_len)
+        capacity = min(capacity, max_seqs * model.max_model_len)
+        self.key_offsets = torch.zeros(max_seqs, dtype=torch.int64, device=device)
+        logger.info(
+            "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
+            "%s; token budget %d, dense below %d tokens, %s selection; score workspace "
+            "%d tokens (%.1f MiB)", list(plan.dense), list(plan.selection),
+            f"{plan.reuse[0]}-{plan.reuse[-1]}" if plan.reuse else "none",
+            sparse.token_budget, sparse.dense_below,
+            "shared" if sparse.shared_selection else "per-KV-head", capacity,
+            capacity * sel_heads * 4 / 2**20)
+        return SparseMetadata(
+            plan=plan,
+            token_budget=sparse.token_budget,
+            min_seq_len=sparse.dense_below,
+            shared=sparse.shared_selection,
+            sel_positions=torch.full((max_seqs, sel_heads, sparse.token_budget), -1,
+                                     dtype=torch.int32, device=device),
+            sel_count=torch.zeros(max_seqs, dtype=torch.int32, device=device),
+            keys=torch.zeros(capacity * sel_heads, dtype=torch.int32, device=device),
+            key_offsets=self.key_offsets,
+        )
 
     def _num_splits(self, num_decodes: int) -> int:
         return plan_num_splits(num_decodes, self.num_kv_heads, self.num_sms, self.ctas_per_sm)
@@ -126,6 +190,15 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         prefill = None
         if num_prefills > 0:
             prefill = self._build_prefill(cam, num_decodes, num_decode_tokens)
+        sparse = None
+        if self.sparse is not None and num_decodes > 0:
+            # each decode row's first token in the score workspace: an exclusive sum of
+            # the lengths, on the device, into the persistent buffer graphs captured
+            lens = cam.seq_lens[:num_decodes].to(torch.int64)
+            torch.cumsum(lens, 0, out=self.key_offsets[:num_decodes])
+            self.key_offsets[:num_decodes].sub_(lens)
+            sparse = dataclasses.replace(self.sparse,
+                                         key_offsets=self.key_offsets[:num_decodes])
         return BitDecodeMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             slot_mapping=cam.slot_mapping,
@@ -139,6 +212,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             rotation_signs=self.rotation_signs,
             partial_out=self.partial_out,
             partial_lse=self.partial_lse,
+            sparse=sparse,
         )
 
     def _build_prefill(

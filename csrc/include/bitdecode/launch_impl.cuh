@@ -4,6 +4,7 @@
 #include "bitdecode/decode_kernel.cuh"
 #include "bitdecode/launch.h"
 #include "bitdecode/quantize_kernel.cuh"
+#include "bitdecode/select_kernel.cuh"
 
 namespace bitdecode {
 
@@ -88,6 +89,18 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
 template <typename T, int BITS, int GROUP>
 void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream) {
   launch_decode_and_combine<T, BITS, GROUP, true>(p, stream);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_select(const SelectParams& p, cudaStream_t stream) {
+  if (p.num_seqs == 0) return;
+  if (p.max_tokens > 0) {
+    const dim3 grid((p.max_tokens + kSelectScoreThreads - 1) / kSelectScoreThreads,
+                    p.num_kv_heads, p.num_seqs);
+    select_score_kernel<T, kHeadSize, BITS, GROUP><<<grid, kSelectScoreThreads, 0, stream>>>(p);
+  }
+  const dim3 grid(p.num_seqs, p.shared ? 1 : p.num_kv_heads);
+  select_topk_kernel<kSelectTopkThreads><<<grid, kSelectTopkThreads, 0, stream>>>(p);
 }
 
 }  // namespace bitdecode

@@ -67,6 +67,33 @@ struct DecodeParams {
 // sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).
 constexpr int kSelDenseRow = -1;
 
+// Selection layer of sparse decode: top-k positions per decode row (select_kernel.cuh).
+struct SelectParams {
+  const void* q;                 // [num_seqs, num_heads, head_size]
+  int64_t q_stride_token, q_stride_head;
+  const uint8_t* cache;          // [num_blocks, num_kv_heads, head_region_bytes]
+  int64_t cache_stride_block, cache_stride_head;
+  const int32_t* block_table;    // [num_seqs, max_blocks_per_seq]
+  int64_t block_table_stride;
+  const int32_t* seq_lens;       // [num_seqs]; 0 = padding row
+  const int64_t* key_offsets;    // [num_seqs] first key-workspace token of each row
+  uint32_t* keys;                // [key_capacity, num_kv_heads or 1] score keys
+  int64_t key_capacity;          // tokens the workspace holds; rows past it decode densely
+  int32_t* sel_positions;        // [>= num_seqs, num_kv_heads or 1, sel_budget], written
+  int64_t sel_stride_seq, sel_stride_head;
+  int32_t* sel_count;            // [>= num_seqs], written: count | kSelDenseRow | 0
+  int sel_budget;                // token budget k
+  const float* rotation_signs;   // [head_size] or nullptr: K is stored unrotated
+  float softmax_scale;
+  int num_seqs;
+  int num_heads;
+  int num_kv_heads;
+  int min_seq_len;               // rows shorter than this decode densely
+  int max_tokens;                // upper bound of seq_lens, sizes the score grid
+  bool shared;                   // one position set for all KV heads
+  PageGeometry page;
+};
+
 // Dequantize pages back to the model dtype (prefill over cached, quantized history).
 struct DequantizeParams {
   const uint8_t* cache;

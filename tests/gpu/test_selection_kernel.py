@@ -1,0 +1,196 @@
+"""Selection layer of sparse decode (issue #6): ``ops.select_topk`` against the CPU oracle.
+
+``reference_sparse.select`` (aggregate ``"max_logit"``) ranks a row's older positions by
+the float32 logits of the dequantized pages; the kernel computes the same logits in
+another summation order. So counts must be equal, every row's positions ascending,
+distinct, within the sequence and ending with the newest, and the selected set equal to
+the reference's except for positions whose score is within rounding of the k-th best
+(a near-tie the two orders may break differently). Outputs are poisoned before every
+call; the key workspace is reused across calls, as the backend will reuse it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.gpu.test_kernels import BAD_CALL_SETUP, DEV, _expect_clear_error, _fill_pages, _ops
+from vllm_bitdecode import reference_sparse as rs
+from vllm_bitdecode.page_format import PageFormat, rotation_signs
+
+pytestmark = pytest.mark.gpu
+
+SCALE = 128**-0.5
+KV_HEADS = 2
+POISON = 12345
+
+
+def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
+         keys=None, capacity=None, offsets=None):
+    rows, sel_heads = q.shape[0], 1 if shared else cache.shape[1]
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    if offsets is None:
+        offsets = torch.cumsum(lens.long(), 0) - lens.long()
+    if keys is None:
+        cap = int(lens.sum()) if capacity is None else capacity
+        keys = torch.zeros(max(cap, 1) * sel_heads, dtype=torch.int32, device=DEV)
+    positions = torch.full((rows, sel_heads, budget), POISON, dtype=torch.int32, device=DEV)
+    counts = torch.full((rows,), POISON, dtype=torch.int32, device=DEV)
+    signs = rotation_signs(fmt.head_size).to(DEV) if rotate else None
+    _ops().select_topk(positions, counts, keys, offsets.to(DEV), q.to(DEV), cache.to(DEV),
+                       table.to(DEV), lens.to(DEV), signs, SCALE, fmt.bits, fmt.group_size,
+                       fmt.block_size, min_seq_len, shared)
+    torch.cuda.synchronize()
+    return rs.Selection(positions.cpu(), counts.cpu()), keys
+
+
+def _scores(q, cache, table, n, fmt, rotate, shared, row):
+    k, _ = rs._read_sequence(cache, table[row], n, fmt, q.dtype)
+    return rs.aggregate(rs.logits(rs._query(q[row], rotate), k, SCALE), cache.shape[1], shared)
+
+
+def _assert_matches(got, want, q, cache, table, seq_lens, fmt, rotate, shared):
+    assert torch.equal(got.counts, want.counts), (got.counts.tolist(), want.counts.tolist())
+    for i, n in enumerate(seq_lens):
+        c = int(want.counts[i])
+        if c <= 0:  # padding or dense row: every slot -1
+            assert (got.positions[i] == -1).all(), f"row {i}: slots of a count-{c} row"
+            continue
+        assert (got.positions[i, :, c:] == -1).all(), f"row {i}: slots past the count"
+        scores = None
+        for h in range(got.positions.shape[1]):
+            g, w = got.positions[i, h, :c], want.positions[i, h, :c]
+            assert int(g[-1]) == n - 1, f"row {i} head {h}: newest position not last"
+            assert (g[1:] > g[:-1]).all() and int(g[0]) >= 0, f"row {i} head {h}: order"
+            if torch.equal(g, w):
+                continue
+            if scores is None:
+                scores = _scores(q, cache, table, n, fmt, rotate, shared, i)
+            s = scores[h, : n - 1]
+            threshold = float(s.sort(descending=True).values[c - 2])
+            tol = 1e-4 * (1.0 + abs(threshold))
+            for pos in set(g.tolist()) ^ set(w.tolist()):
+                assert abs(float(s[pos]) - threshold) <= tol, (
+                    f"row {i} head {h}: position {pos} (score {float(s[pos]):.6g}) differs "
+                    f"from the reference, which is not a near-tie at {threshold:.6g}")
+
+
+SEQ_LENS = [0, 5, 40, 3001, 2049, 700]  # padding, dense (short), all, three ranked rows
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+@pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_select_matches_reference(dtype, bits, gqa, rotate, shared):
+    gen = torch.Generator().manual_seed(100 * bits + 10 * gqa + 2 * rotate + shared)
+    fmt = PageFormat(128, bits, 128, 16)
+    cache, table = _fill_pages([max(n, 1) for n in SEQ_LENS], KV_HEADS, fmt, dtype, rotate,
+                               gen)
+    q = torch.randn(len(SEQ_LENS), KV_HEADS * gqa, 128, generator=gen).to(dtype)
+    for budget in (257, 2048):
+        want = rs.select(q, cache, table, torch.tensor(SEQ_LENS), SCALE, fmt, rotate,
+                         token_budget=budget, min_seq_len=16, shared=shared)
+        got, _ = _run(q, cache, table, SEQ_LENS, fmt, rotate, budget, 16, shared)
+        _assert_matches(got, want, q, cache, table, SEQ_LENS, fmt, rotate, shared)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_rows_on_the_same_pages_keep_their_own_selection(shared):
+    """Prefix caching: two rows read the same pages with different queries; each row must
+    get its own top-k (a workspace indexed by physical slot would mix them)."""
+    gen = torch.Generator().manual_seed(7)
+    fmt = PageFormat(128, 4, 128, 16)
+    cache, table = _fill_pages([3000], KV_HEADS, fmt, torch.bfloat16, True, gen)
+    table = table.repeat(2, 1)
+    q = torch.randn(2, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
+    want = rs.select(q, cache, table, torch.tensor([3000, 3000]), SCALE, fmt, True,
+                     token_budget=300, shared=shared)
+    got, _ = _run(q, cache, table, [3000, 3000], fmt, True, 300, 1, shared)
+    _assert_matches(got, want, q, cache, table, [3000, 3000], fmt, True, shared)
+    assert not torch.equal(got.positions[0], got.positions[1])
+
+
+def test_reused_workspace_leaks_nothing_between_calls():
+    """The shared mode combines KV heads with atomicMax on zeroed keys: a second call on
+    the same workspace, with other queries, must see none of the first call's keys."""
+    gen = torch.Generator().manual_seed(8)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = [2500, 1800]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
+    keys = None
+    for _ in range(2):
+        q = torch.randn(2, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
+        want = rs.select(q, cache, table, torch.tensor(lens), SCALE, fmt, True,
+                         token_budget=200, shared=True)
+        got, keys = _run(q, cache, table, lens, fmt, True, 200, 1, True, keys=keys)
+        _assert_matches(got, want, q, cache, table, lens, fmt, True, True)
+
+
+def test_rows_past_the_workspace_decode_densely():
+    gen = torch.Generator().manual_seed(9)
+    fmt = PageFormat(128, 2, 64, 32)
+    lens = [1000, 1500, 600]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.float16, False, gen)
+    q = torch.randn(3, KV_HEADS * 4, 128, generator=gen).to(torch.float16)
+    got, _ = _run(q, cache, table, lens, fmt, False, 100, 1, False, capacity=2000)
+    # offsets 0, 1000, 2500: the second row ends at 2500 > 2000, the third starts past it
+    assert got.counts.tolist() == [100, rs.DENSE_ROW, rs.DENSE_ROW]
+    want = rs.select(q[:1], cache, table[:1], torch.tensor(lens[:1]), SCALE, fmt, False,
+                     token_budget=100)
+    _assert_matches(rs.Selection(got.positions[:1], got.counts[:1]), want, q[:1], cache,
+                    table[:1], lens[:1], fmt, False, False)
+
+
+def test_selection_feeds_the_sparse_decode_kernel():
+    """What a selection layer writes is what a reuse layer reads: decode_sparse over the
+    kernel's selection equals the reference's sparse attention over the same selection."""
+    gen = torch.Generator().manual_seed(10)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = [4000, 33, 2100]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(3, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
+    sel, _ = _run(q, cache, table, lens, fmt, True, 512, 64, False)
+    assert sel.counts.tolist() == [512, rs.DENSE_ROW, 512]
+    expected = rs.sparse_attention(q, cache, table, torch.tensor(lens), sel, SCALE, fmt, True)
+    out = torch.full_like(q, float("nan"), device=DEV)
+    partial_out = torch.full((4 * 3 * q.shape[1] * 128,), float("nan"), device=DEV)
+    partial_lse = torch.full((4 * 3 * q.shape[1],), float("nan"), device=DEV)
+    _ops().decode_sparse(out, q.to(DEV), cache.to(DEV), table.to(DEV),
+                         torch.tensor(lens, dtype=torch.int32, device=DEV),
+                         sel.positions.to(DEV), sel.counts.to(DEV), partial_out, partial_lse,
+                         rotation_signs(128).to(DEV), SCALE, 4, 128, 16, 4, 1, False)
+    torch.cuda.synchronize()
+    err = float((out.cpu().float() - expected).norm() / expected.norm())
+    assert torch.isfinite(out).all() and err <= 1e-2, err
+
+
+BAD_SELECT = BAD_CALL_SETUP + """pos = torch.zeros(1, 2, 8, dtype=torch.int32, device="cuda")
+count = torch.zeros(1, dtype=torch.int32, device="cuda")
+keys = torch.zeros(64, dtype=torch.int32, device="cuda")
+offs = torch.zeros(1, dtype=torch.long, device="cuda")
+a = dict(pos=pos, count=count, keys=keys, offs=offs, shared=False, bits=4)
+a.update({kwargs})
+o.select_topk(a["pos"], a["count"], a["keys"], a["offs"], q, cache, table, lens, None, 0.1,
+              a["bits"], 128, 16, 1, a["shared"])
+torch.cuda.synchronize()
+print("OK")
+"""
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("", None),
+    ("pos=pos[:, :1], shared=True", None),
+    ("pos=pos.long()", "sel_positions must be a CUDA int32"),
+    ("pos=pos[:, :1]", "expected at least 1 rows and 2 heads"),
+    ("pos=pos[:, :, :0]", "token budget (sel_positions.size(2)) must be at least 1"),
+    ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
+    ("keys=keys[:63]", "keys must be a contiguous CUDA int32 workspace"),
+    ("keys=keys.float()", "keys must be a contiguous CUDA int32 workspace"),
+    ("offs=offs.int()", "key_offsets must be a contiguous CUDA int64"),
+    ("bits=3", "bits must be 4 or 2"),
+])
+def test_select_bad_arguments_raise_clear_errors(kwargs, message):
+    _expect_clear_error(BAD_SELECT.format(kwargs=kwargs), message)
+
