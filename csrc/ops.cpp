@@ -99,18 +99,12 @@ const float* signs_ptr(const std::optional<at::Tensor>& signs) {
     BITDECODE_BITS_SWITCH(BITS, GROUP, __VA_ARGS__) \
   }
 
-// Checks the arguments that decode and decode_sparse share and fills their params (the
-// sparse fields zero).
-DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
-                           const at::Tensor& block_table, const at::Tensor& seq_lens,
-                           at::Tensor& partial_out, at::Tensor& partial_lse,
-                           const std::optional<at::Tensor>& rotation_signs,
-                           double softmax_scale, const PageGeometry& g, int64_t num_splits,
-                           int64_t min_tiles_per_split) {
+// Checks what every decode-time op reads: one query token per sequence, its pages and
+// block table, and its length.
+void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
+                         const at::Tensor& block_table, const at::Tensor& seq_lens,
+                         const PageGeometry& g) {
   check_tokens(q, "q");
-  check_tokens(out, "out");
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "bitdecode: out must match q in shape and dtype");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
   check_cache(cache, g, num_kv_heads);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
@@ -123,6 +117,21 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
                   seq_lens.size(0) >= num_seqs,
               "bitdecode: seq_lens must be a CUDA int32 vector with one entry per sequence");
+}
+
+// Checks the arguments that decode and decode_sparse share and fills their params (the
+// sparse fields zero).
+DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                           const at::Tensor& block_table, const at::Tensor& seq_lens,
+                           at::Tensor& partial_out, at::Tensor& partial_lse,
+                           const std::optional<at::Tensor>& rotation_signs,
+                           double softmax_scale, const PageGeometry& g, int64_t num_splits,
+                           int64_t min_tiles_per_split) {
+  check_decode_inputs(q, cache, block_table, seq_lens, g);
+  check_tokens(out, "out");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "bitdecode: out must match q in shape and dtype");
+  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
   TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1,
               "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split >= 1");
   if (num_splits > 1) {
@@ -333,20 +342,10 @@ void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& k
                  int64_t bits, int64_t group_size, int64_t block_size, int64_t min_seq_len,
                  bool shared_selection) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  check_tokens(q, "q");
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
-  check_cache(cache, g, num_kv_heads);
-  TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
-              "bitdecode: query heads per KV head must divide evenly and be at most ",
-              kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
-  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
-                  block_table.dim() == 2 && block_table.stride(1) == 1 &&
-                  block_table.size(0) >= num_seqs,
-              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
-  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
-                  seq_lens.stride(0) == 1 && seq_lens.size(0) >= num_seqs,
-              "bitdecode: seq_lens must be a contiguous CUDA int32 vector with one entry per "
-              "sequence");
+  check_decode_inputs(q, cache, block_table, seq_lens, g);
+  const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
+              "bitdecode: seq_lens must be a contiguous vector");
   const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
   TORCH_CHECK(sel_positions.is_cuda() && sel_positions.scalar_type() == at::kInt &&
                   sel_positions.dim() == 3 && sel_positions.stride(2) == 1,
@@ -402,7 +401,7 @@ void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& k
   p.rotation_signs = signs_ptr(rotation_signs);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.num_seqs = static_cast<int>(num_seqs);
-  p.num_heads = static_cast<int>(num_heads);
+  p.num_heads = static_cast<int>(q.size(1));
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.min_seq_len = static_cast<int>(min_seq_len);
   p.max_tokens = static_cast<int>(max_tokens);
