@@ -99,6 +99,11 @@ const float* signs_ptr(const std::optional<at::Tensor>& signs) {
     BITDECODE_BITS_SWITCH(BITS, GROUP, __VA_ARGS__) \
   }
 
+void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& q) {
+  TORCH_CHECK(x.device() == q.device(), "bitdecode: ", name, " is on ", x.device(),
+              " but q is on ", q.device());
+}
+
 // Checks what every decode-time op reads: one query token per sequence, its pages and
 // block table, and its length.
 void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
@@ -117,6 +122,23 @@ void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
   TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
                   seq_lens.size(0) >= num_seqs,
               "bitdecode: seq_lens must be a CUDA int32 vector with one entry per sequence");
+  check_same_device(cache, "cache", q);
+  check_same_device(block_table, "block_table", q);
+  check_same_device(seq_lens, "seq_lens", q);
+}
+
+// The pointers and strides of what check_decode_inputs checked, into DecodeParams or
+// SelectParams.
+template <typename Params>
+void set_decode_inputs(Params& p, const at::Tensor& q, const at::Tensor& cache,
+                       const at::Tensor& block_table, const at::Tensor& seq_lens) {
+  p.q = q.data_ptr();
+  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.block_table_stride = block_table.stride(0);
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
 }
 
 // Checks the arguments that decode and decode_sparse share and fills their params (the
@@ -148,15 +170,9 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   }
 
   DecodeParams p{};
-  p.q = q.data_ptr();
-  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
+  set_decode_inputs(p, q, cache, block_table, seq_lens);
   p.out = out.data_ptr();
   p.out_stride_token = out.stride(0), p.out_stride_head = out.stride(1);
-  p.cache = cache.data_ptr<uint8_t>();
-  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.block_table_stride = block_table.stride(0);
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
   p.partial_out = num_splits > 1 ? partial_out.data_ptr<float>() : nullptr;
   p.partial_lse = num_splits > 1 ? partial_lse.data_ptr<float>() : nullptr;
   p.rotation_signs = signs_ptr(rotation_signs);
@@ -168,11 +184,6 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   p.min_tiles_per_split = static_cast<int>(min_tiles_per_split);
   p.page = g;
   return p;
-}
-
-void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(x.device() == q.device(), "bitdecode: ", name, " is on ", x.device(),
-              " but q is on ", q.device());
 }
 
 }  // namespace
@@ -310,9 +321,6 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
               "bitdecode: cache must start 16-byte aligned");
   check_same_device(out, "out", q);
-  check_same_device(cache, "cache", q);
-  check_same_device(block_table, "block_table", q);
-  check_same_device(seq_lens, "seq_lens", q);
   check_same_device(sel_positions, "sel_positions", q);
   check_same_device(sel_count, "sel_count", q);
   if (num_splits > 1) {
@@ -378,19 +386,10 @@ void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& k
   check_same_device(sel_count, "sel_count", q);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
-  check_same_device(cache, "cache", q);
-  check_same_device(block_table, "block_table", q);
-  check_same_device(seq_lens, "seq_lens", q);
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
 
   SelectParams p{};
-  p.q = q.data_ptr();
-  p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
-  p.cache = cache.data_ptr<uint8_t>();
-  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
-  p.block_table = block_table.data_ptr<int32_t>();
-  p.block_table_stride = block_table.stride(0);
-  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  set_decode_inputs(p, q, cache, block_table, seq_lens);
   p.key_offsets = key_offsets.data_ptr<int64_t>();
   p.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   p.key_capacity = keys.numel() / sel_heads;
