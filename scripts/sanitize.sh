@@ -4,7 +4,8 @@
 #     bash scripts/sanitize.sh                 # logs under ${OUT:-/tmp/bitdecode-out}
 # The cases are kernel tests chosen to be small: a bf16 / 4-bit and an fp16 / 2-bit run of
 # the odd-length decode test (1..2049 tokens, splits 1, planned and 64), the wide-GQA test
-# (second head tile, empty columns) and the bit-exact quantize test. SANITIZE_CASES
+# (second head tile, empty columns), the bit-exact quantize test, the sparse decode kernel
+# (gathered tiles) and the selection kernels (score pass and radix top-k). SANITIZE_CASES
 # replaces the list of test ids; SANITIZE_TOOLS the list of tools.
 # Exit status: 0 only if every tool reports 0 errors and the tests pass under it.
 set -uo pipefail
@@ -13,11 +14,16 @@ OUT="${OUT:-/tmp/bitdecode-out}"
 mkdir -p "$OUT"
 SANITIZER="${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}"
 T=tests/gpu/test_kernels.py
+S=tests/gpu/test_sparse_kernels.py
+SEL=tests/gpu/test_selection_kernel.py
 # parametrize ids run from the innermost decorator out; dtype0 is bf16, dtype1 fp16
 CASES="${SANITIZE_CASES:-$T::test_decode_matches_dequantized_reference[True-4-128-4-dtype0]
 $T::test_decode_matches_dequantized_reference[False-8-32-2-dtype1]
 $T::test_decode_wide_and_uneven_gqa_groups[12-128-4-dtype0]
-$T::test_quantize_matches_reference_bit_for_bit[True-16-128-4-dtype0]}"
+$T::test_quantize_matches_reference_bit_for_bit[True-16-128-4-dtype0]
+$S::test_sparse_matches_reference[True-4-4-dtype0]
+$SEL::test_select_matches_reference[bf16-4-4-rot-shared]
+$SEL::test_rows_on_the_same_pages_keep_their_own_selection[per_head]}"
 status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
   log="$OUT/sanitize_$tool.log"
