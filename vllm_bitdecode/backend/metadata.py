@@ -30,6 +30,8 @@ logger = init_logger(__name__)
 # pass costs more than the parallelism gains.
 MIN_TILES_PER_SPLIT = 8
 MAX_SPLITS = 64
+# Tokens the sparse-mode score workspace holds at most (4 bytes each per selection head).
+MAX_KEY_TOKENS = 1 << 23
 
 
 def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm: int) -> int:
@@ -145,14 +147,16 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         model = vllm_config.model_config
         plan = sparse.layer_plan(model.get_total_num_hidden_layers())
         sel_heads = 1 if sparse.shared_selection else self.num_kv_heads
-        # The KV cache's token count where this process knows it; a worker process may
-        # not (vLLM sets num_gpu_blocks in the engine), and then room for four
-        # full-length rows. Rows past it decode densely (exact, slower): the start-up
-        # log says how many tokens it holds.
+        # Room for every token a step's decode rows can hold: the KV cache's tokens where
+        # this process knows them (a worker may not: vLLM sets num_gpu_blocks in the
+        # engine) and max_num_seqs full-length rows, capped at MAX_KEY_TOKENS so that the
+        # workspace, which vLLM's KV budget does not count, stays small (256 MiB at 8
+        # KV heads). Rows past it decode densely (exact, slower); the start-up log says
+        # how many tokens it holds.
+        capacity = min(max_seqs * model.max_model_len, MAX_KEY_TOKENS)
         blocks = vllm_config.cache_config.num_gpu_blocks
-        capacity = (blocks * self.kv_cache_spec.block_size if blocks
-                    else 4 * model.max_model_len)
-        capacity = min(capacity, max_seqs * model.max_model_len)
+        if blocks:
+            capacity = min(capacity, blocks * self.kv_cache_spec.block_size)
         self.key_offsets = torch.zeros(max_seqs, dtype=torch.int64, device=device)
         logger.info(
             "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
