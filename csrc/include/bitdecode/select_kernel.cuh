@@ -80,7 +80,14 @@ __global__ void __launch_bounds__(kSelectScoreThreads)
   const int offset = pos & (p.page.block_size - 1);
   const uint8_t* region = p.cache + static_cast<int64_t>(page) * p.cache_stride_block +
                           kv_head * p.cache_stride_head;
-  const uint32_t* row = reinterpret_cast<const uint32_t*>(region + offset * p.page.row_bytes);
+  // the token's packed K row, 16 bytes at a time (rows are 16-byte aligned)
+  uint32_t words[Order::kRowWords];
+  const uint4* row = reinterpret_cast<const uint4*>(region + offset * p.page.row_bytes);
+#pragma unroll
+  for (int i = 0; i < Order::kRowWords / 4; ++i) {
+    const uint4 v = row[i];
+    words[4 * i] = v.x, words[4 * i + 1] = v.y, words[4 * i + 2] = v.z, words[4 * i + 3] = v.w;
+  }
   const T* prm = reinterpret_cast<const T*>(region + p.page.params_offset +
                                             offset * p.page.param_bytes);
   float k_scale[kGroups], k_zero[kGroups];
@@ -92,9 +99,10 @@ __global__ void __launch_bounds__(kSelectScoreThreads)
   float acc[kSelectMaxGqa];
 #pragma unroll
   for (int h = 0; h < kSelectMaxGqa; ++h) acc[h] = 0.0f;
-#pragma unroll 1
+  // fully unrolled: channel, group and shared-memory offsets are compile-time constants
+#pragma unroll
   for (int w = 0; w < Order::kRowWords; ++w) {
-    const uint32_t word = row[w];
+    const uint32_t word = words[w];
 #pragma unroll
     for (int slot = 0; slot < Order::kValuesPerWord; ++slot) {
       const int ch = Order::k_channel(w, slot);
@@ -195,8 +203,10 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
     const int older = n - 1;
     int need = budget - 1, above = 0;
     uint32_t prefix = 0u, prefix_mask = 0u;
-    const int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
-    for (int r = 0; r < 3 && need > 0; ++r) {
+    constexpr int shifts[3] = {21, 10, 0}, widths[3] = {11, 11, 10};
+#pragma unroll
+    for (int r = 0; r < 3; ++r) {
+      if (need <= 0) break;
       const uint32_t bin = select_round<kThreads>(keys, stride, older, prefix, prefix_mask,
                                                   shifts[r], widths[r], need, above, hist,
                                                   shared_int);
