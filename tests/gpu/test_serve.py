@@ -243,6 +243,31 @@ def test_vllm_bench_throughput_with_bitdecode(model_dir, tmp_path):
     assert res["num_requests"] == prompts and res["tokens_per_second"] > 0
 
 
+def _readme_demo_request() -> dict:
+    """The JSON body of the README's offline-demo curl command."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("curl -s localhost:8000/v1/completions")
+    body = readme[readme.index("-d '", start) + 4:]
+    return json.loads(body[: body.index("}'") + 1])
+
+
+def test_readme_offline_demo_answers_the_pass_key(tmp_path):
+    """The README's offline demo as written: `vllm serve models/stdlib-llama-18m` with
+    BITDECODE 4-bit and its curl request, whose answer must start with 73914."""
+    from vllm_bitdecode import stdlib_llama as data
+
+    if not (data.MODEL_DIR / "config.json").exists():
+        pytest.skip("the shipped model is missing")
+    body = _readme_demo_request()
+    with vllm_serve([str(data.MODEL_DIR), "--attention-backend", "BITDECODE",
+                     "--additional-config", '{"bitdecode": {"bits": 4}}',
+                     "--served-model-name", body["model"], "--gpu-memory-utilization", "0.3"],
+                    tmp_path / "server.log") as srv:
+        reply = post_json(srv.base + "/v1/completions", body)
+    text = reply["choices"][0]["text"]
+    assert text.strip().startswith("73914"), text
+
+
 def test_server_shuts_down_on_sigterm(server):
     """Last test of the module: SIGTERM ends the server and its engine process within a
     minute, and the port stops answering."""
