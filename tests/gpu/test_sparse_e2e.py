@@ -6,8 +6,9 @@ with CUDA graphs on, on pass-key prompts of about 6K tokens (prefill stays dense
 generated token decodes sparsely past ``min_seq_len``):
 
 - with a token budget larger than every sequence, selection keeps every position and the
-  reuse layers attend to all of them, so greedy output equals dense BITDECODE's up to
-  ties (the sparse kernel sums in another tile order);
+  reuse layers attend to all of them, so greedy output stays with dense BITDECODE's by
+  vLLM's rule for engines whose arithmetic may differ (the gather path may round
+  differently, and a 4-bit cache amplifies any difference: see test_tensor_parallel);
 - with a budget of 512 tokens the pass keys are still found (TidalDecode's claim for
   retrieval at k >= 256), and the output stays close to dense decoding;
 - the engine log shows sparse mode's layer plan was used, not a silent dense fallback.
@@ -21,7 +22,7 @@ import random
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import assert_greedy_equal_up_to_ties, run_in_subprocess
+from vllm_bitdecode.testing import assert_greedy_close, run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 
@@ -51,7 +52,7 @@ def _run(sparse: dict | None) -> dict:
         model=str(data.MODEL_DIR), load_format="auto", backend="BITDECODE",
         bitdecode=bitdecode, gpu_memory_utilization=0.3, max_model_len=data.MAX_CONTEXT,
         max_num_seqs=8, enforce_eager=False,
-        jobs=[dict(name="gen", prompts=prompts, max_tokens=GEN, logprobs=2,
+        jobs=[dict(name="gen", prompts=prompts, max_tokens=GEN, logprobs=5,
                    reset_prefix_cache=True, capture=False)]), timeout=600)
 
 
@@ -70,9 +71,9 @@ def _answers_right(res: dict) -> int:
 def test_budget_above_every_length_equals_dense_decoding():
     res = _run({"enabled": True, "token_budget": 8192, "min_seq_len": 1})
     assert "BITDECODE sparse decode: dense layers [0, 1], selection layers [2]" in res["log"]
-    dense = _dense()["jobs"]["gen"]
-    assert_greedy_equal_up_to_ties(res["jobs"]["gen"]["tokens"], dense["tokens"],
-                                   dense["logprobs"], GEN, "sparse (budget 8192) vs dense")
+    dense, gen = _dense()["jobs"]["gen"], res["jobs"]["gen"]
+    assert_greedy_close(gen["tokens"], gen["logprobs"], dense["tokens"], dense["logprobs"],
+                        GEN, "sparse (budget 8192) vs dense")
 
 
 def test_budget_512_still_retrieves_the_pass_keys():
