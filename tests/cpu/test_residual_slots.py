@@ -1,0 +1,79 @@
+"""ResidualSlots: the per-request residual slots of channel mode (issue #7, design section 4)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from vllm_bitdecode.residual_slots import ResidualSlots
+
+
+def test_new_requests_get_distinct_slots_and_empty_rows_the_scratch_slot():
+    s = ResidualSlots(4)
+    assert s.update([], [], ["a", "b", None, "c"]) == [0, 1, 4, 2]
+    assert (s.slot_of("a"), s.slot_of("b"), s.slot_of("c"), s.live) == (0, 1, 2, 3)
+
+
+def test_a_request_keeps_its_slot_while_unscheduled_and_across_row_moves():
+    s = ResidualSlots(4)
+    s.update([], [], ["a", "b", "c"])
+    assert s.update([], [], ["c", None, "a"]) == [2, 4, 0]  # b not scheduled, rows moved
+    assert s.update([], [], ["b", "a", "c"]) == [1, 0, 2]  # b is back with its slot
+
+
+def test_finished_and_preempted_slots_are_reused():
+    s = ResidualSlots(2)
+    s.update([], [], ["a", "b"])
+    with pytest.raises(RuntimeError, match="no free residual slot for request 'c'"):
+        s.update([], [], ["a", "b", "c"])
+    s = ResidualSlots(2)
+    s.update([], [], ["a", "b"])
+    assert s.update(["a"], ["b"], ["c", "d"]) == [0, 1]
+    assert s.slot_of("a") is None and s.slot_of("b") is None
+    # the preempted request resumes later under its id and gets a slot again
+    assert s.update(["c"], [], ["d", "b"]) == [1, 0]
+
+
+def test_unknown_ids_are_ignored_and_duplicate_rows_refused():
+    s = ResidualSlots(3)
+    assert s.update(["never-seen"], ["nor-this"], ["a"]) == [0]
+    with pytest.raises(RuntimeError, match="more than one batch row"):
+        s.update([], [], ["a", "a"])
+    with pytest.raises(ValueError):
+        ResidualSlots(0)
+
+
+def test_random_schedules_keep_slots_private_and_stable():
+    """vLLM-like steps: admit, finish, preempt, resume, leave requests out of a step and
+    shuffle rows. A live request's slot never changes; no two live requests share one."""
+    rng = random.Random(0)
+    max_seqs = 8
+    s = ResidualSlots(max_seqs)
+    live: dict[str, int] = {}  # request -> slot it was given
+    waiting = [f"r{i}" for i in range(200)]
+    preempted: list[str] = []
+    for _ in range(2000):
+        finished = [r for r in live if rng.random() < 0.05]
+        pre = [r for r in live if r not in finished and rng.random() < 0.03]
+        for r in finished + pre:
+            del live[r]
+        preempted += pre
+        # running requests may be left out of a step; an admitted one is scheduled at once
+        scheduled = [r for r in live if rng.random() < 0.8]
+        while len(live) + len(scheduled) - len([r for r in scheduled if r in live]) < max_seqs \
+                and (waiting or preempted) and rng.random() < 0.7:
+            scheduled.append(preempted.pop(0) if preempted and (rng.random() < 0.5 or not waiting)
+                             else waiting.pop(0))
+        rows: list[str | None] = scheduled + [None] * rng.randint(0, 2)
+        rng.shuffle(rows)
+        row_slot = s.update(finished, pre, rows)
+        for r, slot in zip(rows, row_slot, strict=True):
+            if r is None:
+                assert slot == max_seqs
+            elif r in live:
+                assert slot == live[r], f"{r} moved from slot {live[r]} to {slot}"
+            else:
+                live[r] = slot
+        assert len(live) <= max_seqs and s.live == len(live)
+        assert len(set(live.values())) == len(live), "two live requests share a slot"

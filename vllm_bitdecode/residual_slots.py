@@ -1,0 +1,70 @@
+"""Residual slots of the per-channel K mode (issue #7), keyed by request id.
+
+In channel mode the newest page of every live request keeps its exact K rows in a
+residual buffer outside the pages (docs/per-channel-k-design.md, section 4). A slot of
+that buffer belongs to a *request*, not to a batch row and not to a block: vLLM removes
+unscheduled requests from the persistent batch, adds them back at other rows and swaps
+rows to put decodes first, and the backend never learns when a block is freed. The
+worker therefore keeps this table, updated once per step after vLLM's
+``GPUModelRunner._update_states`` has fixed the step's rows:
+
+1. free the slots of the finished and the preempted requests (a preempted request
+   recomputes from a block-aligned position, so its next incarnation needs no old rows);
+2. give a free slot to every request in the batch that has none (new, resumed, or
+   resubmitted under a finished id);
+3. map every batch row to its request's slot, and rows without a request to the scratch
+   slot (``num_slots``), which kernels may read but no request owns.
+
+Nothing is cleaned when a slot changes owner: every residual row a kernel reads was
+written by the slot's current owner in its current incarnation (the design's invariant).
+At most ``max_num_seqs`` requests are live, so ``num_slots = max_num_seqs`` suffices;
+more live requests than slots is a bug upstream and raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+
+class ResidualSlots:
+    def __init__(self, num_slots: int) -> None:
+        if num_slots <= 0:
+            raise ValueError(f"num_slots must be > 0, got {num_slots}")
+        self.num_slots = num_slots
+        self.scratch = num_slots  # the extra slot of rows that belong to no request
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out the lowest
+        self._owner: dict[str, int] = {}
+
+    def slot_of(self, req_id: str) -> int | None:
+        return self._owner.get(req_id)
+
+    @property
+    def live(self) -> int:
+        return len(self._owner)
+
+    def update(self, finished: Iterable[str], preempted: Iterable[str],
+               rows: Sequence[str | None]) -> list[int]:
+        """One step: returns ``row_slot``, the slot of every batch row (``rows`` holds
+        the request id of each row, None for an empty row)."""
+        for req_id in (*finished, *preempted):
+            slot = self._owner.pop(req_id, None)
+            if slot is not None:
+                self._free.append(slot)
+        self._free.sort(reverse=True)
+        out = []
+        for req_id in rows:
+            if req_id is None:
+                out.append(self.scratch)
+                continue
+            slot = self._owner.get(req_id)
+            if slot is None:
+                if not self._free:
+                    raise RuntimeError(
+                        f"no free residual slot for request {req_id!r}: {self.live} live "
+                        f"requests hold all {self.num_slots} (more running requests than "
+                        "max_num_seqs?)")
+                slot = self._owner[req_id] = self._free.pop()
+            out.append(slot)
+        if len(set(s for s in out if s != self.scratch)) != sum(r is not None for r in rows):
+            raise RuntimeError(f"a request id appears in more than one batch row: {rows}")
+        return out
