@@ -24,6 +24,9 @@ more live requests than slots is a bug upstream and raises.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
 
 
 class ResidualSlots:
@@ -68,3 +71,45 @@ class ResidualSlots:
         if len(set(s for s in out if s != self.scratch)) != sum(r is not None for r in rows):
             raise RuntimeError(f"a request id appears in more than one batch row: {rows}")
         return out
+
+
+class RowSlotTable:
+    """``ResidualSlots`` plus the step's ``row_slot`` tensor for the kernels: written into
+    a host buffer (pinned where CUDA is present) and copied without blocking into a
+    device tensor of fixed address, which CUDA graphs capture like the block table. Rows
+    past the batch point to the scratch slot."""
+
+    def __init__(self, max_num_seqs: int, device: torch.device | str) -> None:
+        self.slots = ResidualSlots(max_num_seqs)
+        pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
+        self.host = torch.full((max_num_seqs,), self.slots.scratch, dtype=torch.int32,
+                               pin_memory=pin)
+        self.device_row_slot = torch.full((max_num_seqs,), self.slots.scratch,
+                                          dtype=torch.int32, device=device)
+
+    def step(self, finished: Iterable[str], preempted: Iterable[str] | None,
+             rows: Sequence[str | None]) -> list[int]:
+        row_slot = self.slots.update(finished, preempted or (), rows)
+        self.host.fill_(self.slots.scratch)
+        for i, slot in enumerate(row_slot):
+            self.host[i] = slot
+        self.device_row_slot.copy_(self.host, non_blocking=True)
+        return row_slot
+
+
+def wrap_update_states(runner: Any, table: RowSlotTable) -> None:
+    """Make ``runner._update_states`` (vLLM's ``GPUModelRunner``) update ``table`` once the
+    step's rows are final: after the original has removed finished and unscheduled
+    requests, added new and resumed ones and reordered the batch. It runs inside vLLM's
+    ``synchronize_input_prep``, so the host buffer is not rewritten while the previous
+    step's copy is pending."""
+    original = runner._update_states
+
+    def _update_states(scheduler_output: Any) -> Any:
+        result = original(scheduler_output)
+        table.step(scheduler_output.finished_req_ids,
+                   getattr(scheduler_output, "preempted_req_ids", None),
+                   list(runner.input_batch.req_ids))
+        return result
+
+    runner._update_states = _update_states

@@ -77,3 +77,33 @@ def test_random_schedules_keep_slots_private_and_stable():
                 live[r] = slot
         assert len(live) <= max_seqs and s.live == len(live)
         assert len(set(live.values())) == len(live), "two live requests share a slot"
+
+
+def test_wrapped_update_states_writes_row_slot_after_vllms_own_update():
+    """A stand-in for vLLM's GPUModelRunner: its _update_states rewrites the batch's
+    rows (finished out, unscheduled out, new in, reordered); the wrapper must read the
+    rows it left and fill the device row_slot, scratch slot past the batch."""
+    import types
+
+    import torch
+
+    from vllm_bitdecode.residual_slots import RowSlotTable, wrap_update_states
+
+    runner = types.SimpleNamespace(input_batch=types.SimpleNamespace(req_ids=[]))
+    plans = iter([["a", "b", "c"], ["c", "a"], ["d", "a", "c"]])
+
+    def update_states(scheduler_output):
+        runner.input_batch.req_ids = next(plans)
+        return "deferred"
+
+    runner._update_states = update_states
+    table = RowSlotTable(4, "cpu")
+    wrap_update_states(runner, table)
+    out = types.SimpleNamespace
+    assert runner._update_states(out(finished_req_ids=set(), preempted_req_ids=None)) == "deferred"
+    assert table.device_row_slot.tolist() == [0, 1, 2, 4]
+    runner._update_states(out(finished_req_ids=set(), preempted_req_ids={"b"}))
+    assert table.device_row_slot.tolist() == [2, 0, 4, 4]
+    runner._update_states(out(finished_req_ids=set(), preempted_req_ids=set()))
+    assert table.device_row_slot.tolist() == [1, 0, 2, 4]  # d takes b's freed slot
+    assert table.device_row_slot.dtype == torch.int32
