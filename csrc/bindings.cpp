@@ -28,6 +28,10 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor key_offsets, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor? rotation_signs, float softmax_scale, int bits, int group_size, int block_size, "
       "int min_seq_len, bool shared_selection) -> ()");
+  m.def(
+      "write_tokens_kc(Tensor key, Tensor value, Tensor slot_mapping, Tensor query_start_loc, "
+      "Tensor seq_lens, Tensor row_slot, Tensor(a!) cache, Tensor(b!) residual, int bits, "
+      "int group_size, int block_size) -> ()");
   m.def("decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa) -> int");
 }
 
@@ -37,6 +41,7 @@ TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("decode", &bitdecode::decode);
   m.impl("decode_sparse", &bitdecode::decode_sparse);
   m.impl("select_topk", &bitdecode::select_topk);
+  m.impl("write_tokens_kc", &bitdecode::write_tokens_kc);
   m.impl("decode_ctas_per_sm", &bitdecode::decode_ctas_per_sm);
 }
 

@@ -17,6 +17,7 @@ namespace {
 
 constexpr int64_t kHead = 128;
 constexpr int64_t kMaxGqaRows = 16;
+constexpr int64_t kKCMaxBlockSize = 128;  // as kc_write_kernel.cuh
 
 PageGeometry page_geometry(int64_t bits, int64_t group_size, int64_t block_size) {
   TORCH_CHECK(bits == 4 || bits == 2, "bitdecode: bits must be 4 or 2, got ", bits);
@@ -67,6 +68,20 @@ const float* signs_ptr(const std::optional<at::Tensor>& signs) {
                   signs->is_contiguous(),
               "bitdecode: rotation_signs must be a contiguous CUDA float32 tensor of 128");
   return signs->data_ptr<float>();
+}
+
+// Pointers and strides of one step's tokens and the cache, into QuantizeParams or
+// KCWriteParams.
+template <typename Params>
+void set_write_inputs(Params& p, const at::Tensor& key, const at::Tensor& value,
+                      const at::Tensor& slot_mapping, at::Tensor& cache) {
+  p.key = key.data_ptr();
+  p.value = value.data_ptr();
+  p.key_stride_token = key.stride(0), p.key_stride_head = key.stride(1);
+  p.value_stride_token = value.stride(0), p.value_stride_head = value.stride(1);
+  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
+  p.cache = cache.data_ptr<uint8_t>();
+  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
 }
 
 // FlashAttention-style static switches: the body sees T, kBits and kGroup as types /
@@ -205,13 +220,7 @@ void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
   const c10::cuda::CUDAGuard guard(key.device());
 
   QuantizeParams p;
-  p.key = key.data_ptr();
-  p.value = value.data_ptr();
-  p.key_stride_token = key.stride(0), p.key_stride_head = key.stride(1);
-  p.value_stride_token = value.stride(0), p.value_stride_head = value.stride(1);
-  p.slot_mapping = slot_mapping.data_ptr<int64_t>();
-  p.cache = cache.data_ptr<uint8_t>();
-  p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
+  set_write_inputs(p, key, value, slot_mapping, cache);
   p.rotation_signs = signs_ptr(rotation_signs);
   p.num_tokens = static_cast<int>(slot_mapping.size(0));  // key may be padded
   p.num_kv_heads = static_cast<int>(key.size(1));
@@ -410,6 +419,73 @@ void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& k
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
                      launch_select<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
+                     const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, const at::Tensor& row_slot, at::Tensor& cache,
+                     at::Tensor& residual, int64_t bits, int64_t group_size,
+                     int64_t block_size) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
+              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+  check_tokens(key, "key");
+  check_tokens(value, "value");
+  TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
+              "bitdecode: key and value must have the same shape and dtype");
+  const int64_t num_kv_heads = key.size(1);
+  TORCH_CHECK(slot_mapping.is_cuda() && slot_mapping.scalar_type() == at::kLong &&
+                  slot_mapping.dim() == 1 && slot_mapping.size(0) <= key.size(0),
+              "bitdecode: slot_mapping must be a CUDA int64 vector, one entry per actual token");
+  TORCH_CHECK(query_start_loc.is_cuda() && query_start_loc.scalar_type() == at::kInt &&
+                  query_start_loc.dim() == 1 && query_start_loc.is_contiguous() &&
+                  query_start_loc.size(0) >= 1,
+              "bitdecode: query_start_loc must be a contiguous CUDA int32 [num_reqs + 1]");
+  const int64_t num_reqs = query_start_loc.size(0) - 1;
+  for (const at::Tensor* x : {&seq_lens, &row_slot}) {
+    TORCH_CHECK(x->is_cuda() && x->scalar_type() == at::kInt && x->dim() == 1 &&
+                    x->is_contiguous() && x->size(0) >= num_reqs,
+                "bitdecode: seq_lens and row_slot must be contiguous CUDA int32 vectors with "
+                "one entry per request");
+  }
+  // the channel-mode head region (reference_kc.KCPageLayout)
+  const int64_t v_param_bytes = g.param_bytes / 2;
+  const int64_t v_params_offset = g.params_offset;
+  const int64_t k_params_offset = v_params_offset + block_size * v_param_bytes;
+  const int64_t region = k_params_offset + 2 * kHead * 2;
+  TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3 &&
+                  cache.size(1) == num_kv_heads && cache.size(2) == region &&
+                  cache.stride(2) == 1 && cache.stride(1) == region &&
+                  cache.stride(0) % 16 == 0,
+              "bitdecode: the channel-mode cache must be a CUDA uint8 tensor [num_blocks, ",
+              num_kv_heads, ", ", region, "] with contiguous, 16-byte aligned head regions");
+  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == key.scalar_type() &&
+                  residual.dim() == 4 && residual.size(1) == num_kv_heads &&
+                  residual.size(2) == block_size && residual.size(3) == kHead &&
+                  residual.is_contiguous(),
+              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, ", num_kv_heads,
+              ", ", block_size, ", 128] of the key dtype");
+  const c10::cuda::CUDAGuard guard(key.device());
+
+  KCWriteParams p{};
+  set_write_inputs(p, key, value, slot_mapping, cache);
+  p.query_start_loc = query_start_loc.data_ptr<int32_t>();
+  p.seq_lens = seq_lens.data_ptr<int32_t>();
+  p.row_slot = row_slot.data_ptr<int32_t>();
+  p.residual = residual.data_ptr();
+  p.num_tokens = static_cast<int>(slot_mapping.size(0));
+  p.num_reqs = static_cast<int>(num_reqs);
+  p.num_kv_heads = static_cast<int>(num_kv_heads);
+  p.block_size = static_cast<int>(block_size);
+  p.row_bytes = g.row_bytes;
+  p.v_rows_offset = g.v_rows_offset;
+  p.v_params_offset = static_cast<int>(v_params_offset);
+  p.v_param_bytes = static_cast<int>(v_param_bytes);
+  p.k_params_offset = static_cast<int>(k_params_offset);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(key.scalar_type(), bits, group_size,
+                     launch_kc_write<T, kBits, kGroup>(p, stream);)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

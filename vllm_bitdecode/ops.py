@@ -50,6 +50,12 @@ def _select_topk_fake(sel_positions, sel_count, keys, key_offsets, q, cache, blo
     return None
 
 
+@torch.library.register_fake("bitdecode::write_tokens_kc")
+def _write_tokens_kc_fake(key, value, slot_mapping, query_start_loc, seq_lens, row_slot, cache,
+                          residual, bits, group_size, block_size):
+    return None
+
+
 quantize_to_pages = torch.ops.bitdecode.quantize_to_pages
 dequantize_pages = torch.ops.bitdecode.dequantize_pages
 decode = torch.ops.bitdecode.decode
@@ -126,4 +132,28 @@ def select_topk(
         sel_positions, sel_count, keys, key_offsets, q, cache, block_table, seq_lens,
         rotation_signs, softmax_scale, bits, group_size, block_size, min_seq_len,
         shared_selection,
+    )
+
+
+def write_tokens_kc(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, 128], model dtype
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, 128]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64, block * block_size + offset; < 0 skips
+    query_start_loc: torch.Tensor,  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_reqs] int32, context length including this step
+    row_slot: torch.Tensor,  # [num_reqs] int32, residual slot of each batch row
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, channel-mode head region] uint8
+    residual: torch.Tensor,  # [num_slots, num_kv_heads, block_size, 128], model dtype
+    bits: int,
+    group_size: int,
+    block_size: int,
+) -> None:
+    """One step's write in per-channel K mode (issue #7), ``reference_kc.write_tokens_kc``
+    on the GPU: V per token into the pages; every page whose last slot a token of this
+    step writes, quantized per channel over its tokens (earlier keys from the request's
+    residual); then each request's last written page's K rows into its residual.
+    ``group_size`` applies to V; K has one (scale, zero) per channel and page."""
+    torch.ops.bitdecode.write_tokens_kc(
+        key, value, slot_mapping, query_start_loc, seq_lens, row_slot, cache, residual, bits,
+        group_size, block_size,
     )

@@ -9,6 +9,7 @@ template void launch_decode<__nv_bfloat16, 2, 32>(const DecodeParams&, cudaStrea
 template void launch_decode_sparse<__nv_bfloat16, 2, 32>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 2, 32>(int);
 template void launch_select<__nv_bfloat16, 2, 32>(const SelectParams&, cudaStream_t);
+template void launch_kc_write<__nv_bfloat16, 2, 32>(const KCWriteParams&, cudaStream_t);
 
 template void launch_quantize<__nv_bfloat16, 2, 64>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 2, 64>(const DequantizeParams&, cudaStream_t);
@@ -16,6 +17,7 @@ template void launch_decode<__nv_bfloat16, 2, 64>(const DecodeParams&, cudaStrea
 template void launch_decode_sparse<__nv_bfloat16, 2, 64>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 2, 64>(int);
 template void launch_select<__nv_bfloat16, 2, 64>(const SelectParams&, cudaStream_t);
+template void launch_kc_write<__nv_bfloat16, 2, 64>(const KCWriteParams&, cudaStream_t);
 
 template void launch_quantize<__nv_bfloat16, 2, 128>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 2, 128>(const DequantizeParams&, cudaStream_t);
@@ -23,4 +25,5 @@ template void launch_decode<__nv_bfloat16, 2, 128>(const DecodeParams&, cudaStre
 template void launch_decode_sparse<__nv_bfloat16, 2, 128>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 2, 128>(int);
 template void launch_select<__nv_bfloat16, 2, 128>(const SelectParams&, cudaStream_t);
+template void launch_kc_write<__nv_bfloat16, 2, 128>(const KCWriteParams&, cudaStream_t);
 }  // namespace bitdecode

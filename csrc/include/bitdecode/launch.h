@@ -25,6 +25,10 @@ void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_select(const SelectParams& p, cudaStream_t stream);
 
+// Per-channel K mode: one step's K/V into channel-mode pages and residuals.
+template <typename T, int BITS, int GROUP>
+void launch_kc_write(const KCWriteParams& p, cudaStream_t stream);
+
 // Decode CTAs resident per SM for `gqa` query heads per KV head (-1 on a CUDA error).
 template <typename T, int BITS, int GROUP>
 int decode_ctas_per_sm(int gqa);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "bitdecode/decode_kernel.cuh"
+#include "bitdecode/kc_write_kernel.cuh"
 #include "bitdecode/launch.h"
 #include "bitdecode/quantize_kernel.cuh"
 #include "bitdecode/select_kernel.cuh"
@@ -101,6 +102,17 @@ void launch_select(const SelectParams& p, cudaStream_t stream) {
   }
   const dim3 grid(p.num_seqs, p.shared ? 1 : p.num_kv_heads);
   select_topk_kernel<kSelectTopkThreads><<<grid, kSelectTopkThreads, 0, stream>>>(p);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_kc_write(const KCWriteParams& p, cudaStream_t stream) {
+  const int64_t items = static_cast<int64_t>(p.num_tokens) * p.num_kv_heads;
+  if (items == 0 || p.num_reqs == 0) return;
+  const dim3 warps(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps));
+  kc_value_kernel<T, kHeadSize, BITS, GROUP><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);
+  kc_page_kernel<T, kHeadSize, BITS>
+      <<<dim3(p.num_tokens, p.num_kv_heads), kHeadSize, 0, stream>>>(p);  // phase A
+  kc_residual_kernel<T, kHeadSize><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);  // phase B
 }
 
 }  // namespace bitdecode

@@ -67,6 +67,20 @@ void select_topk(at::Tensor& sel_positions,        // [seqs, kv_heads or 1, budg
                  double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
                  int64_t min_seq_len, bool shared_selection);
 
+// Per-channel K mode (issue #7): V per token into the pages, every page whose last slot a
+// token of this step writes quantized per channel (its earlier keys from the request's
+// residual), then the K rows of each request's last written page into its residual
+// (reference_kc.write_tokens_kc).
+void write_tokens_kc(const at::Tensor& key,              // [tokens, kv_heads, 128]
+                     const at::Tensor& value,            // [tokens, kv_heads, 128]
+                     const at::Tensor& slot_mapping,     // [tokens] int64
+                     const at::Tensor& query_start_loc,  // [reqs + 1] int32
+                     const at::Tensor& seq_lens,         // [reqs] int32
+                     const at::Tensor& row_slot,         // [reqs] int32
+                     at::Tensor& cache,                  // [blocks, kv_heads, region] uint8
+                     at::Tensor& residual,               // [slots, kv_heads, bs, 128]
+                     int64_t bits, int64_t group_size, int64_t block_size);
+
 // Decode CTAs that fit on one SM at once; the split planner fills whole waves with it.
 int64_t decode_ctas_per_sm(const at::Tensor& query_like,  // any CUDA tensor of the query dtype
                            int64_t bits, int64_t group_size, int64_t gqa);

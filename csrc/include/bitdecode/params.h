@@ -94,6 +94,33 @@ struct SelectParams {
   PageGeometry page;
 };
 
+// Per-channel K mode (issue #7, docs/per-channel-k-design.md): one step's K/V into the
+// channel-mode pages and the requests' residuals (reference_kc.write_tokens_kc).
+// Head region: K rows [bs][R] | V rows [bs][R] | V params [bs][groups][2] | K params
+// [2][head_size] (all scales, then all zeros), model dtype.
+struct KCWriteParams {
+  const void* key;               // [num_tokens, num_kv_heads, head_size]
+  const void* value;             // [num_tokens, num_kv_heads, head_size]
+  int64_t key_stride_token, key_stride_head;
+  int64_t value_stride_token, value_stride_head;
+  const int64_t* slot_mapping;   // [num_tokens]; block * block_size + offset, < 0 skips
+  const int32_t* query_start_loc;  // [num_reqs + 1]
+  const int32_t* seq_lens;       // [num_reqs], context length including this step's tokens
+  const int32_t* row_slot;       // [num_reqs] residual slot of each batch row
+  uint8_t* cache;                // [num_blocks, num_kv_heads, head_region_bytes]
+  int64_t cache_stride_block, cache_stride_head;
+  void* residual;                // [num_slots, num_kv_heads, block_size, head_size], contiguous
+  int num_tokens;
+  int num_reqs;
+  int num_kv_heads;
+  int block_size;
+  int row_bytes;
+  int v_rows_offset;
+  int v_params_offset;
+  int v_param_bytes;             // V (scale, zero) of every group of one token
+  int k_params_offset;
+};
+
 // Dequantize pages back to the model dtype (prefill over cached, quantized history).
 struct DequantizeParams {
   const uint8_t* cache;

@@ -15,6 +15,17 @@ namespace bitdecode {
 
 constexpr int kQuantizeWarps = 4;
 
+// One warp per (token, KV head): this warp's pair, false for warps past the end.
+__device__ __forceinline__ bool warp_token_head(int num_tokens, int num_kv_heads, int& token,
+                                                int& head) {
+  const int64_t item =
+      static_cast<int64_t>(blockIdx.x) * kQuantizeWarps + static_cast<int>(threadIdx.x / 32);
+  if (item >= static_cast<int64_t>(num_tokens) * num_kv_heads) return false;
+  token = static_cast<int>(item / num_kv_heads);
+  head = static_cast<int>(item % num_kv_heads);
+  return true;
+}
+
 template <typename T>
 __device__ __forceinline__ void load4(const T* src, float (&x)[4]) {
   const uint2 raw = *reinterpret_cast<const uint2*>(src);  // 4 x 16-bit
@@ -54,25 +65,17 @@ __device__ __forceinline__ void rotate_warp128(float (&x)[4], const float* signs
   for (int i = 0; i < 4; ++i) x[i] = __fmul_rn(x[i], inv);  // no fma with what follows
 }
 
-// Quantize the 4 values of this lane against its group's min/max; writes the codes to
-// `codes` (natural channel order) and returns the stored (scale, zero) of the group.
-template <typename T, int BITS, int GROUP>
-__device__ __forceinline__ void quantize_lane(const float (&x)[4], uint8_t* codes, int lane,
-                                              T& scale_out, T& zero_out) {
-  constexpr int kLanesPerGroup = GROUP / 4;
+// The stored (scale, zero) of a group whose values lie in [lo, hi]; true where it takes
+// the wide path. Scale and zero are rounded to the stored dtype first, and codes are then
+// computed against the stored values (code_of), so dequantization with them is the
+// quantizer's own inverse. Shared by the per-token quantizer (quantize_lane) and the
+// per-channel one (kc_write_kernel.cuh), and the twin of reference.quantize.
+// A group spanning both signs near the float32 maximum overflows hi - lo; only there the
+// scale is hi / L - lo / L and a code x / s - z / s, both finite. Inf / NaN inputs take
+// that branch too and stay non-finite.
+template <typename T, int BITS>
+__device__ __forceinline__ bool group_params(float lo, float hi, T& scale_out, T& zero_out) {
   constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
-  float lo = fminf(fminf(x[0], x[1]), fminf(x[2], x[3]));
-  float hi = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-#pragma unroll
-  for (int o = 1; o < kLanesPerGroup; o *= 2) {
-    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
-    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
-  }
-  // Round scale and zero to the stored dtype first, then quantize against the stored
-  // values, so dequantization with them is the quantizer's own inverse.
-  // A group spanning both signs near the float32 maximum overflows hi - lo; only there
-  // the scale is hi / L - lo / L and a code x / s - z / s, both finite (as in
-  // reference.quantize). Inf / NaN inputs take that branch too and stay non-finite.
   const float span = hi - lo;
   const bool wide = !isfinite(span);
   const float scale = wide ? __fsub_rn(__fdiv_rn(hi, kLevels), __fdiv_rn(lo, kLevels))
@@ -83,29 +86,48 @@ __device__ __forceinline__ void quantize_lane(const float (&x)[4], uint8_t* code
   // the scale, rounded to nearest, puts it past T's maximum (fp16, a group spanning
   // +-65504: 15 * 8736 - 65504 = 65536), the scale goes one step down (as in
   // reference.quantize); ordinary groups never get here.
-  {
-    const float s0 = DtypeTraits<T>::to_float(scale_out);
-    const float z0 = DtypeTraits<T>::to_float(zero_out);
-    if (s0 > 0.0f && isfinite(s0) && isfinite(z0) &&
-        isinf(DtypeTraits<T>::to_float(DtypeTraits<T>::from_float(__fmaf_rn(kLevels, s0, z0))))) {
-      uint16_t bits;
-      memcpy(&bits, &scale_out, sizeof(bits));
-      --bits;  // a positive finite 16-bit float: the next smaller value
-      memcpy(&scale_out, &bits, sizeof(bits));
-    }
+  const float s0 = DtypeTraits<T>::to_float(scale_out);
+  const float z0 = DtypeTraits<T>::to_float(zero_out);
+  if (s0 > 0.0f && isfinite(s0) && isfinite(z0) &&
+      isinf(DtypeTraits<T>::to_float(DtypeTraits<T>::from_float(__fmaf_rn(kLevels, s0, z0))))) {
+    uint16_t bits;
+    memcpy(&bits, &scale_out, sizeof(bits));
+    --bits;  // a positive finite 16-bit float: the next smaller value
+    memcpy(&scale_out, &bits, sizeof(bits));
   }
+  return wide;
+}
+
+// The code of x against the stored scale s and zero z (as floats) of its group.
+template <int BITS>
+__device__ __forceinline__ uint8_t code_of(float x, float s, float z, bool wide) {
+  constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
+  float q = 0.0f;
+  if (s > 0.0f) {
+    const float t = wide ? __fsub_rn(__fdiv_rn(x, s), __fdiv_rn(z, s)) : __fdiv_rn(x - z, s);
+    q = fminf(fmaxf(rintf(t), 0.0f), kLevels);
+  }
+  return static_cast<uint8_t>(q);
+}
+
+// Quantize the 4 values of this lane against its group's min/max; writes the codes to
+// `codes` (natural channel order) and returns the stored (scale, zero) of the group.
+template <typename T, int BITS, int GROUP>
+__device__ __forceinline__ void quantize_lane(const float (&x)[4], uint8_t* codes, int lane,
+                                              T& scale_out, T& zero_out) {
+  constexpr int kLanesPerGroup = GROUP / 4;
+  float lo = fminf(fminf(x[0], x[1]), fminf(x[2], x[3]));
+  float hi = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+#pragma unroll
+  for (int o = 1; o < kLanesPerGroup; o *= 2) {
+    lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+  }
+  const bool wide = group_params<T, BITS>(lo, hi, scale_out, zero_out);
   const float s = DtypeTraits<T>::to_float(scale_out);
   const float z = DtypeTraits<T>::to_float(zero_out);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    float q = 0.0f;
-    if (s > 0.0f) {
-      const float t = wide ? __fsub_rn(__fdiv_rn(x[i], s), __fdiv_rn(z, s))
-                           : __fdiv_rn(x[i] - z, s);
-      q = fminf(fmaxf(rintf(t), 0.0f), kLevels);
-    }
-    codes[4 * lane + i] = static_cast<uint8_t>(q);
-  }
+  for (int i = 0; i < 4; ++i) codes[4 * lane + i] = code_of<BITS>(x[i], s, z, wide);
 }
 
 template <typename T, int HEAD, int BITS, int GROUP>
@@ -116,10 +138,8 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
   __shared__ uint8_t codes[kQuantizeWarps][2][HEAD];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kQuantizeWarps + warp;
-  if (item >= static_cast<int64_t>(p.num_tokens) * p.num_kv_heads) return;
-  const int token = static_cast<int>(item / p.num_kv_heads);
-  const int head = static_cast<int>(item % p.num_kv_heads);
+  int token, head;
+  if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
   const int64_t slot = p.slot_mapping[token];
   if (slot < 0) return;  // padding token
   const int64_t block = slot / p.page.block_size;

@@ -1,0 +1,158 @@
+// Per-channel K mode (issue #7): one step's write into the channel-mode pages and the
+// requests' residuals, the GPU twin of reference_kc.write_tokens_kc. Three launches in
+// this order (docs/per-channel-k-design.md, section 5):
+//
+// 1. kc_value_kernel, one warp per (token, KV head): V per token and group, into the
+//    page (codes and V params), as the per-token page does.
+// 2. kc_page_kernel (phase A), one 128-thread CTA per (token, KV head), working only for
+//    tokens that land on a page's last slot: thread c gathers channel c of the page's
+//    block_size keys (this step's `key` for positions computed in this step, the
+//    request's residual for earlier ones), quantizes it over the page with the
+//    per-token quantizer's rules (group_params / code_of) and writes the page's packed
+//    K rows and its K params. It reads nothing the step writes, so CTAs run in any order.
+// 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K rows of each
+//    request's last written page go to its residual slot. After phase A, which may read
+//    residual rows this overwrites (a chunk that fills a page and ends in the next).
+//
+// A token's batch row comes from a binary search over query_start_loc, its position from
+// seq_lens; padding tokens (slot < 0) do nothing. No host synchronisation anywhere.
+#pragma once
+
+#include <cstdint>
+
+#include "bitdecode/fragments.cuh"
+#include "bitdecode/params.h"
+#include "bitdecode/quantize_kernel.cuh"
+
+namespace bitdecode {
+
+constexpr int kKCMaxBlockSize = 128;  // phase A stages a page's codes in shared memory
+
+// The batch row of token t: the last r with query_start_loc[r] <= t (t inside the batch).
+__device__ __forceinline__ int kc_token_row(const int32_t* qsl, int num_reqs, int t) {
+  int lo = 0, hi = num_reqs - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (qsl[mid] <= t) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Position of token t of row r in its sequence, and the row's first position this step.
+__device__ __forceinline__ void kc_token_position(const KCWriteParams& p, int r, int t,
+                                                  int& pos, int& start) {
+  const int end = p.query_start_loc[r + 1];
+  pos = p.seq_lens[r] - (end - t);
+  start = p.seq_lens[r] - (end - p.query_start_loc[r]);
+}
+
+template <typename T, int HEAD, int BITS, int GROUP>
+__global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWriteParams p) {
+  static_assert(HEAD == 128, "one warp holds 4 channels per lane");
+  using Order = RowOrder<HEAD, BITS>;
+  __shared__ uint8_t codes[kQuantizeWarps][HEAD];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  int token, head;
+  if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
+  const int64_t slot = p.slot_mapping[token];
+  if (slot < 0) return;
+  const int64_t block = slot / p.block_size;
+  const int offset = static_cast<int>(slot % p.block_size);
+  uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
+
+  float v[4];
+  load4(static_cast<const T*>(p.value) + token * p.value_stride_token +
+            head * p.value_stride_head + 4 * lane, v);
+  T vs, vz;
+  quantize_lane<T, BITS, GROUP>(v, codes[warp], lane, vs, vz);
+  constexpr int kLanesPerGroup = GROUP / 4;
+  if (lane % kLanesPerGroup == 0) {
+    const int g = lane / kLanesPerGroup;
+    T* prm = reinterpret_cast<T*>(region + p.v_params_offset + offset * p.v_param_bytes);
+    prm[2 * g] = vs;
+    prm[2 * g + 1] = vz;
+  }
+  __syncwarp();
+  if (lane < Order::kRowWords) {
+    uint32_t packed = 0;
+#pragma unroll
+    for (int s = 0; s < Order::kValuesPerWord; ++s)
+      packed |= static_cast<uint32_t>(codes[warp][Order::v_channel(lane, s)]) << (BITS * s);
+    reinterpret_cast<uint32_t*>(region + p.v_rows_offset + offset * Order::kRowBytes)[lane] =
+        packed;
+  }
+}
+
+template <typename T, int HEAD, int BITS>
+__global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
+  static_assert(HEAD == 128, "one thread per channel");
+  using Order = RowOrder<HEAD, BITS>;
+  __shared__ uint8_t codes[kKCMaxBlockSize][HEAD];
+  const int token = blockIdx.x, head = blockIdx.y, c = threadIdx.x;
+  const int64_t slot = p.slot_mapping[token];
+  if (slot < 0 || slot % p.block_size != p.block_size - 1) return;  // not a page's last slot
+  const int r = kc_token_row(p.query_start_loc, p.num_reqs, token);
+  int pos, start;
+  kc_token_position(p, r, token, pos, start);
+  const int first = pos - (p.block_size - 1);  // the page's first position
+  const int q0 = p.query_start_loc[r];
+  const T* residual = static_cast<const T*>(p.residual) +
+                      ((static_cast<int64_t>(p.row_slot[r]) * p.num_kv_heads + head) *
+                       p.block_size) * HEAD;
+  auto key_at = [&](int i) {  // channel c of the page's i-th key
+    const int q = first + i;
+    if (q >= start) {
+      const T* k = static_cast<const T*>(p.key) + static_cast<int64_t>(q0 + q - start) *
+                   p.key_stride_token + head * p.key_stride_head;
+      return DtypeTraits<T>::to_float(k[c]);
+    }
+    return DtypeTraits<T>::to_float(residual[static_cast<int64_t>(q % p.block_size) * HEAD + c]);
+  };
+  float lo = key_at(0), hi = lo;
+  for (int i = 1; i < p.block_size; ++i) {
+    const float x = key_at(i);
+    lo = fminf(lo, x);
+    hi = fmaxf(hi, x);
+  }
+  T scale, zero;
+  const bool wide = group_params<T, BITS>(lo, hi, scale, zero);
+  const float s = DtypeTraits<T>::to_float(scale), z = DtypeTraits<T>::to_float(zero);
+  for (int i = 0; i < p.block_size; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
+  const int64_t block = slot / p.block_size;
+  uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
+  T* k_params = reinterpret_cast<T*>(region + p.k_params_offset);
+  k_params[c] = scale;
+  k_params[HEAD + c] = zero;
+  __syncthreads();
+  // pack the page's K rows in the per-token page's row order
+  for (int idx = c; idx < p.block_size * Order::kRowWords; idx += HEAD) {
+    const int i = idx / Order::kRowWords, word = idx % Order::kRowWords;
+    uint32_t packed = 0;
+#pragma unroll
+    for (int sl = 0; sl < Order::kValuesPerWord; ++sl)
+      packed |= static_cast<uint32_t>(codes[i][Order::k_channel(word, sl)]) << (BITS * sl);
+    reinterpret_cast<uint32_t*>(region + i * Order::kRowBytes)[word] = packed;
+  }
+}
+
+template <typename T, int HEAD>
+__global__ void __launch_bounds__(kQuantizeWarps * 32) kc_residual_kernel(KCWriteParams p) {
+  static_assert(HEAD == 128, "one warp copies a row, 4 channels per lane");
+  const int lane = threadIdx.x % 32;
+  int token, head;
+  if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
+  if (p.slot_mapping[token] < 0) return;
+  const int r = kc_token_row(p.query_start_loc, p.num_reqs, token);
+  int pos, start;
+  kc_token_position(p, r, token, pos, start);
+  const int last_page_start = (p.seq_lens[r] - 1) / p.block_size * p.block_size;
+  if (pos < last_page_start) return;  // its page is closed: nothing reads it exactly again
+  const T* src = static_cast<const T*>(p.key) + token * p.key_stride_token +
+                 head * p.key_stride_head + 4 * lane;
+  T* dst = static_cast<T*>(p.residual) +
+           (((static_cast<int64_t>(p.row_slot[r]) * p.num_kv_heads + head) * p.block_size +
+             pos % p.block_size) * HEAD) + 4 * lane;
+  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+}
+
+}  // namespace bitdecode
