@@ -57,7 +57,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -79,7 +78,7 @@ from vllm_bitdecode.testing import (  # noqa: E402
     free_port,
     parse_kv_cache_tokens,
     parse_prometheus,
-    process_alive,
+    stop_server,
     write_model_dir,
 )
 
@@ -1117,32 +1116,6 @@ def scan_log(text: str) -> dict[str, Any]:
             "first_errors": errors[:10],
             "first_traceback": "\n".join(lines[tracebacks[0]:tracebacks[0] + 30])
             if tracebacks else None}
-
-
-def stop_server(proc: subprocess.Popen, children: list, timeout: float = 60) -> dict[str, Any]:
-    """SIGTERM, then wait; kill whatever is left (and say so)."""
-    out: dict[str, Any] = {"sigterm": proc.poll() is None}
-    t0 = time.monotonic()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-            out["killed"] = True
-    out["exit_code"] = proc.returncode
-    end = time.monotonic() + 30
-    while any(process_alive(c) for c in children) and time.monotonic() < end:
-        time.sleep(0.5)
-    left = [c for c in children if process_alive(c)]
-    for c in left:
-        with contextlib.suppress(Exception):
-            c.kill()
-    out["children_left"] = len(left)
-    out["exit_s"] = time.monotonic() - t0
-    out["clean"] = not out.get("killed") and not left and out["sigterm"]
-    return out
 
 
 # ---------------------------------------------------------------- main

@@ -49,6 +49,9 @@ class ResidualSlots:
                rows: Sequence[str | None]) -> list[int]:
         """One step: returns ``row_slot``, the slot of every batch row (``rows`` holds
         the request id of each row, None for an empty row)."""
+        ids = [r for r in rows if r is not None]
+        if len(set(ids)) != len(ids):
+            raise RuntimeError(f"a request id appears in more than one batch row: {rows}")
         for req_id in (*finished, *preempted):
             slot = self._owner.pop(req_id, None)
             if slot is not None:
@@ -68,8 +71,6 @@ class ResidualSlots:
                         "max_num_seqs?)")
                 slot = self._owner[req_id] = self._free.pop()
             out.append(slot)
-        if len(set(s for s in out if s != self.scratch)) != sum(r is not None for r in rows):
-            raise RuntimeError(f"a request id appears in more than one batch row: {rows}")
         return out
 
 
@@ -91,8 +92,7 @@ class RowSlotTable:
              rows: Sequence[str | None]) -> list[int]:
         row_slot = self.slots.update(finished, preempted or (), rows)
         self.host.fill_(self.slots.scratch)
-        for i, slot in enumerate(row_slot):
-            self.host[i] = slot
+        self.host[: len(row_slot)] = torch.tensor(row_slot, dtype=torch.int32)
         self.device_row_slot.copy_(self.host, non_blocking=True)
         return row_slot
 

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -515,6 +516,33 @@ def post_json(url: str, body: dict[str, Any], timeout: float = 120) -> dict[str,
         return json.loads(resp.read())
 
 
+def stop_server(proc: subprocess.Popen, children: list, timeout: float = 60) -> dict[str, Any]:
+    """Stop a server and its descendants: SIGTERM, then wait; kill whatever is left (and
+    say so)."""
+    out: dict[str, Any] = {"sigterm": proc.poll() is None}
+    t0 = time.monotonic()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+            out["killed"] = True
+    out["exit_code"] = proc.returncode
+    end = time.monotonic() + 30
+    while any(process_alive(c) for c in children) and time.monotonic() < end:
+        time.sleep(0.5)
+    left = [c for c in children if process_alive(c)]
+    for c in left:
+        with contextlib.suppress(Exception):
+            c.kill()
+    out["children_left"] = len(left)
+    out["exit_s"] = time.monotonic() - t0
+    out["clean"] = not out.get("killed") and not left and out["sigterm"]
+    return out
+
+
 @contextlib.contextmanager
 def vllm_serve(args: list[str], log_path: Path, timeout: float = 300
                ) -> Iterator[ServedProcess]:
@@ -544,16 +572,7 @@ def vllm_serve(args: list[str], log_path: Path, timeout: float = 300
             srv.children = child_processes(proc.pid)
             yield srv
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=30)
-            for child in srv.children:  # the engine process, if it lingers
-                if process_alive(child):
-                    child.kill()
+            stop_server(proc, srv.children)  # the engine process too, if it lingers
 
 
 def _visible_gpus(pynvml) -> list[Any]:

@@ -245,3 +245,26 @@ def test_process_cmdline():
         proc.kill()
         proc.wait()
     assert testing.process_cmdline(ps) == ""  # gone
+
+
+def test_stop_server_ends_the_process_and_its_children():
+    """stop_server (vllm_serve's teardown and the soak's): SIGTERM, a clean exit, no
+    descendant left; one that ignores SIGTERM is killed and reported as such."""
+    # the child leaves when its parent is gone, as vLLM's engine core does
+    child = ("import os, time\nparent = os.getppid()\n"
+             "while os.getppid() == parent: time.sleep(0.1)")
+    proc = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             f"subprocess.Popen([sys.executable, '-c', {child!r}]); "
+                             "time.sleep(60)"])
+    time.sleep(1.0)
+    children = testing.child_processes(proc.pid)
+    assert children, "the stand-in server did not start its child"
+    out = testing.stop_server(proc, children, timeout=10)
+    assert out["sigterm"] and out["exit_code"] == -15 and not out.get("killed")
+    assert out["children_left"] == 0 and out["clean"], out
+    assert not any(testing.process_alive(c) for c in children)
+    stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+    time.sleep(1.0)
+    out = testing.stop_server(stubborn, [], timeout=1)
+    assert out["killed"] and out["exit_code"] == -9 and not out["clean"]
