@@ -146,14 +146,10 @@ class SparseConfig:
         if not isinstance(self.shared_selection, bool):
             raise bad("shared_selection", [True, False])
         if self.min_seq_len is not None:
+            # below token_budget is allowed (the start-up log warns): rows no longer than
+            # the budget keep every position, which is dense attention by another path
             if type(self.min_seq_len) is not int or self.min_seq_len <= 0:
-                raise bad("min_seq_len", "an integer >= token_budget, or null")
-            if self.min_seq_len < self.token_budget:
-                raise BitDecodeConfigError(
-                    f"{CONFIG_KEY}.{SPARSE_KEY}.min_seq_len={self.min_seq_len} is below "
-                    f"token_budget={self.token_budget}: sequences shorter than the budget "
-                    "gain nothing from sparse decode; set min_seq_len >= token_budget"
-                )
+                raise bad("min_seq_len", "an integer > 0, or null")
         # what can be checked without the model's depth
         if self.selection_layers != AUTO and self.dense_layers != AUTO:
             self._layer_roles(None)

@@ -322,3 +322,26 @@ GOOD = dict(
 def test_validate_configuration(override, reason):
     reasons = BitDecodeAttentionBackend.validate_configuration(**{**GOOD, **override})
     assert reasons == ([] if reason is None else [reason])
+
+
+def test_start_up_log_lines_go_through_vllms_logger():
+    """The plugin's INFO lines (sparse mode's layer plan) reach vLLM's handler: a logger
+    outside the "vllm" tree would print nothing below WARNING in a vLLM process."""
+    import logging
+
+    from vllm_bitdecode.backend import metadata
+
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    vllm_logger = logging.getLogger("vllm")
+    handler = Keep(level=logging.INFO)
+    vllm_logger.addHandler(handler)
+    try:
+        metadata.logger.info("BITDECODE probe %d", 7)
+    finally:
+        vllm_logger.removeHandler(handler)
+    assert seen == ["BITDECODE probe 7"]

@@ -24,7 +24,9 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm_bitdecode import config
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
 
-logger = init_logger(__name__)
+# Under "vllm." so that vLLM's own logging configuration (handler, format, level) applies:
+# a logger outside that tree prints nothing below WARNING in a vLLM process.
+logger = init_logger(f"vllm.{__name__}")
 
 # A split never reads fewer than this many 16-token tiles: below that, the combine
 # pass costs more than the parallelism gains.
@@ -166,6 +168,11 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             sparse.token_budget, sparse.dense_below,
             "shared" if sparse.shared_selection else "per-KV-head", capacity,
             capacity * sel_heads * 4 / 2**20)
+        if sparse.dense_below < sparse.token_budget:
+            logger.warning(
+                "BITDECODE sparse decode: min_seq_len=%d is below token_budget=%d; rows "
+                "shorter than the budget keep every position and gain nothing over dense "
+                "decoding", sparse.dense_below, sparse.token_budget)
         return SparseMetadata(
             plan=plan,
             token_budget=sparse.token_budget,
