@@ -150,10 +150,6 @@ def write_tokens(
     key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
     if key.shape[0] == 0:
         return
-    # an infinite key element is stored as the largest finite value (as the kernel does):
-    # the key stays maskable by the sign of q instead of poisoning its group with inf
-    big = torch.tensor(torch.finfo(dtype).max, dtype=dtype, device=key.device)
-    key = torch.where(torch.isinf(key), torch.copysign(big, key), key)
     kq, ks, kz = quantize(rotate(key) if rotate_k else key, fmt, dtype)
     vq, vs, vz = quantize(value, fmt, dtype)
     blocks = slot_mapping // fmt.block_size

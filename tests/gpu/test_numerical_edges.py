@@ -22,14 +22,12 @@ What the cases show (bf16 unless said; M = 128 for bf16, 1024 for fp16, L = 15 /
   BITDECODE keeps everything else finite and equal to the reference: other sequences,
   other KV heads, other query heads; the quantizer writes only the token's slot. In the
   hot rows: the quantizer's fminf / fmaxf skip a NaN (unrotated: its code is 0, the value
-  becomes the group minimum, rows finite); an inf in V makes the group's scale inf (the
-  reference's pages are NaN there, 0 * inf), so it gives NaN in the channels of its
-  group; a NaN score makes the row's softmax sum NaN, and the kernel writes such a row
-  as 0 (one split; ``l > 0`` is false for NaN) or drops the split (several). An inf in K
-  is stored as the dtype's largest finite value (kernel and reference alike): the key
-  then scores hugely negative where q has the other sign at that channel, masked as FA
-  masks it (test_inf_key_is_masked_like_fa), and wins the softmax where FA's row is NaN.
-  So no row that FA keeps finite turns non-finite.
+  becomes the group minimum, rows finite); an inf makes the group's scale inf (the
+  reference's pages are NaN there, 0 * inf), so an inf in V gives NaN in the channels of
+  its group; a NaN score makes the row's softmax sum NaN, and the kernel writes such a
+  row as 0 (one split; ``l > 0`` is false for NaN) or drops the split (several). So no
+  row that FA keeps finite turns non-finite, but where FA masks a -inf key BITDECODE
+  returns 0 / a partial sum: xfail below.
 * values near the maximum (bf16: 1e30, 1e36, 3e38, 3.39e38; fp16: 1e4, 6e4, 65504), K and
   V in pages (quantize, dequantize, the prefill dequantize op), and in decode: V with
   K = 0 (every P = 1: the most any sum of P * V holds) and K with a tiny q (moderate
@@ -291,6 +289,17 @@ def test_nan_and_inf_reach_no_row_fa_keeps_finite(dtype, bits, rotate, special, 
     print("\n".join(report))
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "+-inf in one K element makes that group's stored scale inf (zero -inf for -inf) and "
+    "every code of the group 0; the decode kernel's score for the key is then inf times "
+    "the rounding residue of sum(Q (M + code)) - M sum(Q), NaN or an inf of either sign, so "
+    "the head's softmax sum turns NaN and the row is written as 0 (one split) or its split "
+    "is dropped (several). FA3 kept all four hot heads finite on H200, both signs of q. "
+    "Storing the inf as the dtype's largest finite value was tried (2026-11-29) and failed "
+    "on H200 (relative errors 0.5-4.9 against attention without the key, and a -inf key "
+    "then differed from the reference by 0.31), so it was taken back. A per-group scale and "
+    "zero cannot say which channel was infinite: this needs a page-format change (or "
+    "refusing non-finite K at write time)"))
 @pytest.mark.parametrize("special", ["+inf", "-inf"])
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
 @pytest.mark.parametrize("bits", [4, 2])

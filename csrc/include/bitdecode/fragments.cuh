@@ -18,7 +18,6 @@ struct DtypeTraits<__nv_bfloat16> {
   // (code | 0x4300) is the bf16 number 128 + code, exact for codes < 128.
   static constexpr uint32_t kMagic = 0x43004300u;
   static constexpr float kMagicValue = 128.0f;
-  static constexpr float kMaxFinite = 3.38953139e38f;  // 0x7F7F
   __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ static uint32_t pack(float lo, float hi) {
@@ -45,7 +44,6 @@ struct DtypeTraits<__half> {
   // (code | 0x6400) is the fp16 number 1024 + code, exact for codes < 1024.
   static constexpr uint32_t kMagic = 0x64006400u;
   static constexpr float kMagicValue = 1024.0f;
-  static constexpr float kMaxFinite = 65504.0f;
   __device__ static float to_float(__half x) { return __half2float(x); }
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ static uint32_t pack(float lo, float hi) {

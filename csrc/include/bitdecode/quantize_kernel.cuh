@@ -151,14 +151,6 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
             4 * lane, k);
   load4(static_cast<const T*>(p.value) + token * p.value_stride_token +
             head * p.value_stride_head + 4 * lane, v);
-  // An infinite key element is stored as the dtype's largest finite value, so that its
-  // group's scale and zero stay finite: the key then scores hugely negative (masked, as
-  // FA masks it) for queries of the other sign at that channel and wins the softmax for
-  // the rest (where FA's own row is NaN), and the key's other channels, lost to the
-  // group's range, are what FA never uses either. (reference.write_tokens does the same.)
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-    if (isinf(k[i])) k[i] = copysignf(DtypeTraits<T>::kMaxFinite, k[i]);
   if (p.rotation_signs != nullptr) rotate_warp128(k, p.rotation_signs, lane);
 
   T ks, kz, vs, vz;
