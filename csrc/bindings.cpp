@@ -24,6 +24,11 @@ TORCH_LIBRARY(bitdecode, m) {
       "int group_size, int block_size, int num_splits, int min_tiles_per_split, "
       "bool shared_selection) -> ()");
   m.def(
+      "decode_kc(Tensor(a!) out, Tensor q, Tensor cache, Tensor residual, Tensor block_table, "
+      "Tensor seq_lens, Tensor row_slot, Tensor(b!) partial_out, Tensor(c!) partial_lse, "
+      "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
+      "int min_tiles_per_split) -> ()");
+  m.def(
       "select_topk(Tensor(a!) sel_positions, Tensor(b!) sel_count, Tensor(c!) keys, "
       "Tensor key_offsets, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor? rotation_signs, float softmax_scale, int bits, int group_size, int block_size, "
@@ -40,6 +45,7 @@ TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("dequantize_pages", &bitdecode::dequantize_pages);
   m.impl("decode", &bitdecode::decode);
   m.impl("decode_sparse", &bitdecode::decode_sparse);
+  m.impl("decode_kc", &bitdecode::decode_kc);
   m.impl("select_topk", &bitdecode::select_topk);
   m.impl("write_tokens_kc", &bitdecode::write_tokens_kc);
   m.impl("decode_ctas_per_sm", &bitdecode::decode_ctas_per_sm);

@@ -40,14 +40,45 @@ int64_t head_region_bytes(const PageGeometry& g) {
   return static_cast<int64_t>(g.block_size) * (2 * g.row_bytes + g.param_bytes);
 }
 
-void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads) {
+// The channel-mode head region (reference_kc.KCPageLayout): K rows, V rows, V (scale,
+// zero) per token and group, then K scale[128] and zero[128] of the page.
+struct KCOffsets {
+  int64_t v_param_bytes;    // per token
+  int64_t k_params_offset;
+  int64_t region;           // bytes of one head region
+};
+
+KCOffsets kc_offsets(const PageGeometry& g) {
+  KCOffsets o;
+  o.v_param_bytes = g.param_bytes / 2;
+  o.k_params_offset = g.params_offset + g.block_size * o.v_param_bytes;
+  o.region = o.k_params_offset + 2 * kHead * 2;
+  return o;
+}
+
+// The residual of the channel mode: block_size exact K rows per slot and KV head.
+void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t block_size,
+                    at::ScalarType dtype) {
+  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
+              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == dtype && residual.dim() == 4 &&
+                  residual.size(1) == num_kv_heads && residual.size(2) == block_size &&
+                  residual.size(3) == kHead && residual.is_contiguous(),
+              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, ", num_kv_heads,
+              ", ", block_size, ", 128] of the ", dtype == at::kHalf ? "float16" : "bfloat16",
+              " model dtype");
+}
+
+void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads,
+                 bool channel_k = false) {
+  const int64_t region = channel_k ? kc_offsets(g).region : head_region_bytes(g);
   TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3,
               "bitdecode: cache must be a CUDA uint8 tensor [num_blocks, num_kv_heads, "
               "head_region_bytes]");
   TORCH_CHECK(cache.size(1) == num_kv_heads, "bitdecode: cache has ", cache.size(1),
               " KV heads, inputs have ", num_kv_heads);
-  TORCH_CHECK(cache.size(2) == head_region_bytes(g), "bitdecode: cache head region is ",
-              cache.size(2), " bytes, the page format needs ", head_region_bytes(g));
+  TORCH_CHECK(cache.size(2) == region, "bitdecode: cache head region is ", cache.size(2),
+              " bytes, the ", channel_k ? "channel-mode " : "", "page format needs ", region);
   TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == cache.size(2),
               "bitdecode: cache head regions must be contiguous");
   TORCH_CHECK(cache.stride(0) % 16 == 0, "bitdecode: cache pages must be 16-byte aligned");
@@ -123,10 +154,10 @@ void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& 
 // block table, and its length.
 void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
                          const at::Tensor& block_table, const at::Tensor& seq_lens,
-                         const PageGeometry& g) {
+                         const PageGeometry& g, bool channel_k = false) {
   check_tokens(q, "q");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
-  check_cache(cache, g, num_kv_heads);
+  check_cache(cache, g, num_kv_heads, channel_k);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
               "bitdecode: query heads per KV head must divide evenly and be at most ",
               kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
@@ -163,8 +194,8 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                            at::Tensor& partial_out, at::Tensor& partial_lse,
                            const std::optional<at::Tensor>& rotation_signs,
                            double softmax_scale, const PageGeometry& g, int64_t num_splits,
-                           int64_t min_tiles_per_split) {
-  check_decode_inputs(q, cache, block_table, seq_lens, g);
+                           int64_t min_tiles_per_split, bool channel_k = false) {
+  check_decode_inputs(q, cache, block_table, seq_lens, g, channel_k);
   check_tokens(out, "out");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
@@ -182,7 +213,12 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                     partial_lse.numel() >= num_splits * num_seqs * num_heads,
                 "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
                 "[num_splits, num_seqs, num_heads]");
+    check_same_device(partial_out, "partial_out", q);
+    check_same_device(partial_lse, "partial_lse", q);
   }
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
+              "bitdecode: cache must start 16-byte aligned (pages are copied in bulk)");
+  check_same_device(out, "out", q);
 
   DecodeParams p{};
   set_decode_inputs(p, q, cache, block_table, seq_lens);
@@ -327,15 +363,8 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               "sequence (a count <= token_budget, -1 for a dense row, 0 for a padding row)");
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
               "bitdecode: seq_lens must be a contiguous vector");
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
-              "bitdecode: cache must start 16-byte aligned");
-  check_same_device(out, "out", q);
   check_same_device(sel_positions, "sel_positions", q);
   check_same_device(sel_count, "sel_count", q);
-  if (num_splits > 1) {
-    check_same_device(partial_out, "partial_out", q);
-    check_same_device(partial_lse, "partial_lse", q);
-  }
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
   // Counts live on the device, so they are not checked here (that would synchronize and
   // could not be captured in a CUDA graph): the kernel reads a count above the budget as
@@ -349,6 +378,35 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
                      launch_decode_sparse<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void decode_kc(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+               const at::Tensor& residual, const at::Tensor& block_table,
+               const at::Tensor& seq_lens, const at::Tensor& row_slot, at::Tensor& partial_out,
+               at::Tensor& partial_lse, double softmax_scale, int64_t bits, int64_t group_size,
+               int64_t block_size, int64_t num_splits, int64_t min_tiles_per_split) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
+                                 partial_lse, std::nullopt, softmax_scale, g, num_splits,
+                                 min_tiles_per_split, /*channel_k=*/true);
+  const int64_t num_seqs = q.size(0);
+  check_residual(residual, cache.size(1), block_size, q.scalar_type());
+  TORCH_CHECK(row_slot.is_cuda() && row_slot.scalar_type() == at::kInt && row_slot.dim() == 1 &&
+                  row_slot.is_contiguous() && row_slot.size(0) >= num_seqs,
+              "bitdecode: row_slot must be a contiguous CUDA int32 vector with one residual "
+              "slot per sequence");
+  check_same_device(residual, "residual", q);
+  check_same_device(row_slot, "row_slot", q);
+  // Slots live on the device and are not checked here (that would synchronize): each must
+  // be below residual.size(0), as the worker's slot table guarantees.
+  p.residual = residual.data_ptr();
+  p.row_slot = row_slot.data_ptr<int32_t>();
+  p.k_params_offset = static_cast<int>(kc_offsets(g).k_params_offset);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
+                     launch_decode_kc<T, kBits, kGroup>(p, stream);)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -428,8 +486,6 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                      at::Tensor& residual, int64_t bits, int64_t group_size,
                      int64_t block_size) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
-              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
   check_tokens(key, "key");
   check_tokens(value, "value");
   TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
@@ -449,23 +505,9 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                 "bitdecode: seq_lens and row_slot must be contiguous CUDA int32 vectors with "
                 "one entry per request");
   }
-  // the channel-mode head region (reference_kc.KCPageLayout)
-  const int64_t v_param_bytes = g.param_bytes / 2;
-  const int64_t v_params_offset = g.params_offset;
-  const int64_t k_params_offset = v_params_offset + block_size * v_param_bytes;
-  const int64_t region = k_params_offset + 2 * kHead * 2;
-  TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3 &&
-                  cache.size(1) == num_kv_heads && cache.size(2) == region &&
-                  cache.stride(2) == 1 && cache.stride(1) == region &&
-                  cache.stride(0) % 16 == 0,
-              "bitdecode: the channel-mode cache must be a CUDA uint8 tensor [num_blocks, ",
-              num_kv_heads, ", ", region, "] with contiguous, 16-byte aligned head regions");
-  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == key.scalar_type() &&
-                  residual.dim() == 4 && residual.size(1) == num_kv_heads &&
-                  residual.size(2) == block_size && residual.size(3) == kHead &&
-                  residual.is_contiguous(),
-              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, ", num_kv_heads,
-              ", ", block_size, ", 128] of the key dtype");
+  check_residual(residual, num_kv_heads, block_size, key.scalar_type());
+  check_cache(cache, g, num_kv_heads, /*channel_k=*/true);
+  const KCOffsets kc = kc_offsets(g);
   const c10::cuda::CUDAGuard guard(key.device());
 
   KCWriteParams p{};
@@ -480,9 +522,9 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   p.block_size = static_cast<int>(block_size);
   p.row_bytes = g.row_bytes;
   p.v_rows_offset = g.v_rows_offset;
-  p.v_params_offset = static_cast<int>(v_params_offset);
-  p.v_param_bytes = static_cast<int>(v_param_bytes);
-  p.k_params_offset = static_cast<int>(k_params_offset);
+  p.v_params_offset = g.params_offset;
+  p.v_param_bytes = static_cast<int>(kc.v_param_bytes);
+  p.k_params_offset = static_cast<int>(kc.k_params_offset);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key.scalar_type(), bits, group_size,
                      launch_kc_write<T, kBits, kGroup>(p, stream);)

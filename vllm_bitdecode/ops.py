@@ -56,6 +56,13 @@ def _write_tokens_kc_fake(key, value, slot_mapping, query_start_loc, seq_lens, r
     return None
 
 
+@torch.library.register_fake("bitdecode::decode_kc")
+def _decode_kc_fake(out, q, cache, residual, block_table, seq_lens, row_slot, partial_out,
+                    partial_lse, softmax_scale, bits, group_size, block_size, num_splits,
+                    min_tiles_per_split):
+    return None
+
+
 quantize_to_pages = torch.ops.bitdecode.quantize_to_pages
 dequantize_pages = torch.ops.bitdecode.dequantize_pages
 decode = torch.ops.bitdecode.decode
@@ -156,4 +163,31 @@ def write_tokens_kc(
     torch.ops.bitdecode.write_tokens_kc(
         key, value, slot_mapping, query_start_loc, seq_lens, row_slot, cache, residual, bits,
         group_size, block_size,
+    )
+
+
+def decode_kc(
+    out: torch.Tensor,  # [num_seqs, num_heads, 128], model dtype; written
+    q: torch.Tensor,  # [num_seqs, num_heads, 128], one decode token per sequence
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, channel-mode head region] uint8
+    residual: torch.Tensor,  # [num_slots, num_kv_heads, block_size, 128], model dtype
+    block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, including the query token; 0 = padding
+    row_slot: torch.Tensor,  # [num_seqs] int32, residual slot of each sequence
+    partial_out: torch.Tensor,  # [num_splits, num_seqs, num_heads, 128] float32 (splits > 1)
+    partial_lse: torch.Tensor,  # [num_splits, num_seqs, num_heads] float32 (splits > 1)
+    softmax_scale: float,
+    bits: int,
+    group_size: int,
+    block_size: int,
+    num_splits: int,
+    min_tiles_per_split: int = 1,
+) -> None:
+    """Decode in per-channel K mode (issue #7), ``reference_kc.paged_decode_kc`` on the GPU:
+    one online softmax over the packed per-channel pages and, in the same pass, the
+    sequence's own page with its exact K from ``residual[row_slot[seq]]``. ``group_size``
+    applies to V. Split-K as :func:`decode`."""
+    torch.ops.bitdecode.decode_kc(
+        out, q, cache, residual, block_table, seq_lens, row_slot, partial_out, partial_lse,
+        softmax_scale, bits, group_size, block_size, num_splits, min_tiles_per_split,
     )

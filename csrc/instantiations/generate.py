@@ -24,6 +24,7 @@ template void launch_decode_sparse<{t}, {bits}, {group}>(const DecodeParams&, cu
 template int decode_ctas_per_sm<{t}, {bits}, {group}>(int);
 template void launch_select<{t}, {bits}, {group}>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<{t}, {bits}, {group}>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 """
 
 

@@ -10,6 +10,7 @@ template void launch_decode_sparse<__nv_bfloat16, 4, 32>(const DecodeParams&, cu
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 32>(int);
 template void launch_select<__nv_bfloat16, 4, 32>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 32>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 
 template void launch_quantize<__nv_bfloat16, 4, 64>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 4, 64>(const DequantizeParams&, cudaStream_t);
@@ -18,6 +19,7 @@ template void launch_decode_sparse<__nv_bfloat16, 4, 64>(const DecodeParams&, cu
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 64>(int);
 template void launch_select<__nv_bfloat16, 4, 64>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 64>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 
 template void launch_quantize<__nv_bfloat16, 4, 128>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 4, 128>(const DequantizeParams&, cudaStream_t);
@@ -26,4 +28,5 @@ template void launch_decode_sparse<__nv_bfloat16, 4, 128>(const DecodeParams&, c
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 128>(int);
 template void launch_select<__nv_bfloat16, 4, 128>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 128>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 }  // namespace bitdecode

@@ -10,6 +10,7 @@ template void launch_decode_sparse<__half, 2, 32>(const DecodeParams&, cudaStrea
 template int decode_ctas_per_sm<__half, 2, 32>(int);
 template void launch_select<__half, 2, 32>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<__half, 2, 32>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<__half, 2, 32>(const DecodeParams&, cudaStream_t);
 
 template void launch_quantize<__half, 2, 64>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__half, 2, 64>(const DequantizeParams&, cudaStream_t);
@@ -18,6 +19,7 @@ template void launch_decode_sparse<__half, 2, 64>(const DecodeParams&, cudaStrea
 template int decode_ctas_per_sm<__half, 2, 64>(int);
 template void launch_select<__half, 2, 64>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<__half, 2, 64>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<__half, 2, 64>(const DecodeParams&, cudaStream_t);
 
 template void launch_quantize<__half, 2, 128>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__half, 2, 128>(const DequantizeParams&, cudaStream_t);
@@ -26,4 +28,5 @@ template void launch_decode_sparse<__half, 2, 128>(const DecodeParams&, cudaStre
 template int decode_ctas_per_sm<__half, 2, 128>(int);
 template void launch_select<__half, 2, 128>(const SelectParams&, cudaStream_t);
 template void launch_kc_write<__half, 2, 128>(const KCWriteParams&, cudaStream_t);
+template void launch_decode_kc<__half, 2, 128>(const DecodeParams&, cudaStream_t);
 }  // namespace bitdecode

@@ -35,6 +35,19 @@
 // exactly like a page tile, so unpacking, MMAs and the online softmax are untouched and
 // the softmax over the selected tokens is exact. Rows marked kSelDenseRow walk their
 // pages as the dense kernel does; rows with count 0 write zeros without reading a page.
+//
+// KC = true is per-channel K (docs/per-channel-k-design.md, section 7): every page but the
+// sequence's own one holds K codes against one (scale, zero) per channel, which the tile
+// copy brings along (512 bytes). The scale moves to the query, one page at a time:
+//   S = sum_c q_c (s_c code_c + z_c) = Q' . (codes - C) + sum_c q_c (z_c + C s_c)
+// with q' = q * s and C = 2^(bits-1). The MMA runs in fp16 for both model dtypes: codes
+// - C are exact there, and q' rounded to fp16 (11 bits) keeps the kernel within ~1e-3 of
+// the reference where bf16 (8 bits) measured up to 2.4e-2 in a CPU emulation with an
+// outlier channel. The price: |q_c s_c| must stay below 65504 (a K channel range of 15 *
+// 65504 / |q_c| at 4 bits), which real keys are far from. The bias is fp32.
+// The own page (positions from ((seq_len - 1) / block_size) * block_size on) is read with
+// exact K: the rows of the sequence's residual slot, loaded straight into A fragments
+// (at most block_size / 16 tiles per sequence). V stays per token in both.
 #pragma once
 
 #include <cfloat>
@@ -52,17 +65,21 @@ constexpr int kMaxGqa = 16;      // query heads per KV head: two MMA N tiles
 
 // Compile-time shape of one decode instantiation. HEAD_TILES = 1 serves up to 8 query
 // heads per KV head, 2 up to 16.
-template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES>
+template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool KC = false>
 struct DecodeShape {
   using Order = RowOrder<HEAD, BITS>;
   static constexpr int kGroups = HEAD / GROUP;
   static constexpr int kHeads = 8 * HEAD_TILES;
   static constexpr int kRowBytes = Order::kRowBytes;
-  static constexpr int kParamBytes = 2 * 2 * kGroups * static_cast<int>(sizeof(T));
-  // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes].
+  // per token: (scale, zero) of every group, for K and V (KC: for V only)
+  static constexpr int kParamBytes = (KC ? 1 : 2) * 2 * kGroups * static_cast<int>(sizeof(T));
+  // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes],
+  // and with KC the page's K params [2][HEAD]. At block size 16 that is the head region.
   static constexpr int kVOffset = kTileTokens * kRowBytes;
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
-  static constexpr int kTileBytes = kParamOffset + kTileTokens * kParamBytes;
+  static constexpr int kKParamOffset = kParamOffset + kTileTokens * kParamBytes;
+  static constexpr int kKParamBytes = KC ? 2 * HEAD * static_cast<int>(sizeof(T)) : 0;
+  static constexpr int kTileBytes = kKParamOffset + kKParamBytes;
   // Tiles per softmax step: 2, or 1 where two tiles' state would spill (group 32 with
   // two head tiles).
   static constexpr int kStepTiles = kGroups * HEAD_TILES >= 8 ? 1 : 2;
@@ -103,10 +120,12 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
   }
 }
 
-template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false>
+template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false,
+          bool KC = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
+  static_assert(!(SPARSE && KC), "sparse decode over per-channel pages is not written");
   using Tr = DtypeTraits<T>;
-  using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES>;
+  using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES, KC>;
   using Order = typename Shape::Order;
   constexpr int kGroups = Shape::kGroups;
   constexpr int kHeads = Shape::kHeads;
@@ -141,6 +160,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     }
   }
   const int num_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
+  // KC: the first position of the own page (a multiple of 16, so no tile straddles it)
+  // and the sequence's residual rows of this KV head
+  int own_begin = num_tokens;
+  const T* residual_rows = nullptr;
+  if constexpr (KC) {
+    if (num_tokens > 0) {
+      own_begin = ((num_tokens - 1) >> p.page.block_shift) << p.page.block_shift;
+      residual_rows = static_cast<const T*>(p.residual) +
+                      (static_cast<int64_t>(p.row_slot[seq]) * p.num_kv_heads + kv_head) *
+                          p.page.block_size * HEAD;
+    }
+  }
   const int per_split =
       max((num_tiles + p.num_splits - 1) / p.num_splits, p.min_tiles_per_split);
   const int tile_begin = split * per_split;
@@ -263,6 +294,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
                           kTileTokens * R, b);
         bulk_copy_to_smem(dst + Shape::kParamOffset, src + p.page.params_offset + offset * P,
                           kTileTokens * P, b);
+        if constexpr (KC)
+          bulk_copy_to_smem(dst + Shape::kKParamOffset, src + p.k_params_offset,
+                            Shape::kKParamBytes, b);
       }
     }
   };
@@ -309,6 +343,83 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int gi = 0; gi < kGroups; ++gi) qsum[ht][c][gi] = qsum_smem[8 * ht + 2 * t + c][gi];
+
+  // A fragment of K codes (as M + code) for k-step ks: tokens g / g + 8, natural channels
+  // 16 ks + 2t (+1) and 16 ks + 2t + 8 (+9), from the page's K order.
+  auto k_fragment = [&](const uint32_t (&kw)[2][Order::kKWordsPerLane], int ks,
+                        uint32_t (&a)[4]) {
+    const int w = ks / Order::kKStepsPerWord, j = 2 * (ks % Order::kKStepsPerWord);
+    a[0] = unpack_pair_biased<T, BITS>(kw[0][w], j);
+    a[1] = unpack_pair_biased<T, BITS>(kw[1][w], j);
+    a[2] = unpack_pair_biased<T, BITS>(kw[0][w], j + 1);
+    a[3] = unpack_pair_biased<T, BITS>(kw[1][w], j + 1);
+  };
+  // KC, a page quantized per channel: x = Q' . (codes - C) + bias (see the top), in the
+  // S^T layout (x[ht][2 r + c]: token g + 8 r, head 8 ht + 2t + c), not yet scaled.
+  auto channel_page_scores = [&](float (&x)[HT][4], const uint8_t* buf,
+                                 const uint32_t (&kw)[2][Order::kKWordsPerLane]) {
+    using H = DtypeTraits<__half>;
+    const T* kparams = reinterpret_cast<const T*>(buf + Shape::kKParamOffset);
+    float bias[HT];  // this lane's channels' part of sum q (z + C s), head 8 ht + g
+#pragma unroll
+    for (int ht = 0; ht < HT; ++ht) x[ht][0] = x[ht][1] = x[ht][2] = x[ht][3] = bias[ht] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int w = ks / Order::kKStepsPerWord, j = 2 * (ks % Order::kKStepsPerWord);
+      const uint32_t a[4] = {unpack_pair_centred<__half, BITS>(kw[0][w], j),
+                             unpack_pair_centred<__half, BITS>(kw[1][w], j),
+                             unpack_pair_centred<__half, BITS>(kw[0][w], j + 1),
+                             unpack_pair_centred<__half, BITS>(kw[1][w], j + 1)};
+      uint32_t scale2[2], zero2[2];  // channels 16 ks + 2t (+1), and 8 further
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int c = 16 * ks + 2 * t + 8 * h;
+        scale2[h] = *reinterpret_cast<const uint32_t*>(kparams + c);
+        zero2[h] = *reinterpret_cast<const uint32_t*>(kparams + HEAD + c);
+      }
+#pragma unroll
+      for (int ht = 0; ht < HT; ++ht) {
+        uint32_t qs[2];  // B fragments of Q'^T, fp16
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float2 qv = Tr::unpack(qb[ks][ht][h]);
+          const float2 sv = Tr::unpack(scale2[h]), zv = Tr::unpack(zero2[h]);
+          qs[h] = H::pack(qv.x * sv.x, qv.y * sv.y);
+          bias[ht] += fmaf(qv.x, fmaf(kCodeCentre<BITS>, sv.x, zv.x),
+                           qv.y * fmaf(kCodeCentre<BITS>, sv.y, zv.y));
+        }
+        H::mma(x[ht], a, qs[0], qs[1]);
+      }
+    }
+#pragma unroll
+    for (int ht = 0; ht < HT; ++ht) {
+      bias[ht] += __shfl_xor_sync(0xffffffffu, bias[ht], 1);
+      bias[ht] += __shfl_xor_sync(0xffffffffu, bias[ht], 2);
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {  // head 8 ht + 2t + c sits with the lanes g = 2t + c
+        const float b = __shfl_sync(0xffffffffu, bias[ht], 4 * (2 * t + c));
+        x[ht][c] += b;
+        x[ht][2 + c] += b;
+      }
+    }
+  };
+  // KC, the own page: exact K rows from the residual, straight into A fragments.
+  auto own_page_scores = [&](float (&x)[HT][4], int token0) {
+    const T* rows = residual_rows + static_cast<int64_t>(token0 - own_begin) * HEAD;
+#pragma unroll
+    for (int ht = 0; ht < HT; ++ht) x[ht][0] = x[ht][1] = x[ht][2] = x[ht][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int c = 16 * ks + 2 * t;
+      uint32_t a[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k)  // token g + 8 (k & 1), channels c + 8 (k >> 1) (+1)
+        a[k] = *reinterpret_cast<const uint32_t*>(rows + (g + 8 * (k & 1)) * HEAD + c +
+                                                  8 * (k >> 1));
+#pragma unroll
+      for (int ht = 0; ht < HT; ++ht) Tr::mma(x[ht], a, qb[ks][ht][0], qb[ks][ht][1]);
+    }
+  };
 
   // ---- stream the tiles ----------------------------------------------------------------
   // Accumulator layouts (c = 0, 1 picks head 8 ht + 2t + c):
@@ -358,6 +469,35 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         load_words(buf + Shape::kParamOffset + (g + 8 * r) * P, prm[r]);
         valid[r] = token0 + g + 8 * r < num_tokens;
       }
+      // Tokens past the end get no weight and zero V parameters, whatever bytes sit there.
+      // V = scale * (code - centre) + (zero + centre * scale); the MMAs see half the
+      // scale (exact) so that |code - centre| * scale / 2 stays in range even for a
+      // group spanning +-3.4e38, and the end doubles it. fmaf: no overflow on the way.
+      auto set_v_params = [&](int r, int gi, const uint32_t& word) {
+        const T* vp = reinterpret_cast<const T*>(&word);
+        const float vsc = Tr::to_float(vp[0]);
+        v_scale[st][r][gi] = valid[r] ? 0.5f * vsc : 0.0f;
+        v_zero[st][r][gi] = valid[r] ? fmaf(kCodeCentre<BITS>, vsc, Tr::to_float(vp[1])) : 0.0f;
+      };
+      if constexpr (KC) {
+        float x[HT][4];
+        if (token0 >= own_begin) {
+          own_page_scores(x, token0);
+        } else {
+          channel_page_scores(x, buf, kw);
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+          for (int gi = 0; gi < kGroups; ++gi) set_v_params(r, gi, prm[r][gi]);
+#pragma unroll
+          for (int ht = 0; ht < HT; ++ht)
+#pragma unroll
+            for (int c = 0; c < 2; ++c)
+              s[st][ht][2 * r + c] = valid[r] ? x[ht][2 * r + c] * scale_log2 : -INFINITY;
+        }
+        continue;
+      }
       float acc[kGroups][HT][4];
 #pragma unroll
       for (int gi = 0; gi < kGroups; ++gi)
@@ -365,32 +505,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         for (int ht = 0; ht < HT; ++ht) acc[gi][ht][0] = acc[gi][ht][1] = acc[gi][ht][2] = acc[gi][ht][3] = 0.0f;
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
-        const int gi = ks * 16 / GROUP;
-        const int w = ks / Order::kKStepsPerWord, j = 2 * (ks % Order::kKStepsPerWord);
-        const uint32_t a[4] = {unpack_pair_biased<T, BITS>(kw[0][w], j),
-                               unpack_pair_biased<T, BITS>(kw[1][w], j),
-                               unpack_pair_biased<T, BITS>(kw[0][w], j + 1),
-                               unpack_pair_biased<T, BITS>(kw[1][w], j + 1)};
+        uint32_t a[4];
+        k_fragment(kw, ks, a);
 #pragma unroll
-        for (int ht = 0; ht < HT; ++ht) Tr::mma(acc[gi][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
+        for (int ht = 0; ht < HT; ++ht)
+          Tr::mma(acc[ks * 16 / GROUP][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
       }
-      // Tokens past the end get no weight and zero V parameters, whatever bytes sit there.
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float k_scale[kGroups], k_zero[kGroups];
 #pragma unroll
         for (int gi = 0; gi < kGroups; ++gi) {
           const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
-          const T* vp = reinterpret_cast<const T*>(&prm[r][kGroups + gi]);
           k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
           k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
-          // V = scale * (code - centre) + (zero + centre * scale); the MMAs see half the
-          // scale (exact) so that |code - centre| * scale / 2 stays in range even for a
-          // group spanning +-3.4e38, and the end doubles it. fmaf: no overflow on the way.
-          const float vsc = Tr::to_float(vp[0]);
-          v_scale[st][r][gi] = valid[r] ? 0.5f * vsc : 0.0f;
-          v_zero[st][r][gi] =
-              valid[r] ? fmaf(kCodeCentre<BITS>, vsc, Tr::to_float(vp[1])) : 0.0f;
+          set_v_params(r, gi, prm[r][kGroups + gi]);
         }
 #pragma unroll
         for (int ht = 0; ht < HT; ++ht)

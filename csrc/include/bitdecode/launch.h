@@ -21,6 +21,10 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream);
 
+// Per-channel K mode: decode over channel-mode pages, the own page from p.residual.
+template <typename T, int BITS, int GROUP>
+void launch_decode_kc(const DecodeParams& p, cudaStream_t stream);
+
 // Selection layer of sparse decode: writes p.sel_positions and p.sel_count.
 template <typename T, int BITS, int GROUP>
 void launch_select(const SelectParams& p, cudaStream_t stream);

@@ -13,15 +13,15 @@ constexpr int kHeadSize = 128;
 
 // Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
 // asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC = false>
 void allow_decode_smem() {
-  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
   constexpr int kMaxDevices = 64;
   static bool done[kMaxDevices] = {};  // one array per instantiation
   int device = 0;
   cudaGetDevice(&device);
   if (device < kMaxDevices && done[device]) return;
-  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE>,
+  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC>,
                        cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (device < kMaxDevices) done[device] = true;
 }
@@ -43,11 +43,11 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
   dequantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
-  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
-  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE>;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE>();
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
+  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC>;
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE, KC>();
   const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
   kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
 }
@@ -69,13 +69,13 @@ int decode_ctas_per_sm(int gqa) {
                   : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2>();
 }
 
-template <typename T, int BITS, int GROUP, bool SPARSE>
+template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false>
 void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
   if (p.num_heads <= 8 * p.num_kv_heads) {
-    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE, KC>(p, stream);
   } else {
-    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC>(p, stream);
   }
   if (p.num_splits > 1) {
     combine_kernel<T, kHeadSize><<<dim3(p.num_seqs, p.num_heads), kHeadSize, 0, stream>>>(p);
@@ -90,6 +90,11 @@ void launch_decode(const DecodeParams& p, cudaStream_t stream) {
 template <typename T, int BITS, int GROUP>
 void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream) {
   launch_decode_and_combine<T, BITS, GROUP, true>(p, stream);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
+  launch_decode_and_combine<T, BITS, GROUP, false, true>(p, stream);
 }
 
 template <typename T, int BITS, int GROUP>

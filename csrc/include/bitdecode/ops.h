@@ -50,6 +50,21 @@ void decode_sparse(at::Tensor& out,                  // [seqs, heads, 128]
                    double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
                    int64_t num_splits, int64_t min_tiles_per_split, bool shared_selection);
 
+// Per-channel K mode (issue #7): decode over channel-mode pages, each sequence's own page
+// (the one holding position seq_len - 1) with its K from residual[row_slot[seq]]
+// (reference_kc.paged_decode_kc). Otherwise as decode; K is never rotated in this mode.
+void decode_kc(at::Tensor& out,                // [seqs, heads, 128]
+               const at::Tensor& q,            // [seqs, heads, 128]
+               const at::Tensor& cache,        // [blocks, kv_heads, region] uint8, channel mode
+               const at::Tensor& residual,     // [slots, kv_heads, bs, 128] model dtype
+               const at::Tensor& block_table,  // [seqs, max_blocks] int32
+               const at::Tensor& seq_lens,     // [seqs] int32
+               const at::Tensor& row_slot,     // [seqs] int32
+               at::Tensor& partial_out,        // [splits, seqs, heads, 128] f32
+               at::Tensor& partial_lse,        // [splits, seqs, heads] f32
+               double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
+               int64_t num_splits, int64_t min_tiles_per_split);
+
 // Selection layer of sparse decode: for every decode row, the newest position and the
 // token_budget - 1 older positions of the highest scaled logit (the maximum over the
 // query heads of a KV head, or of all heads with shared_selection), ascending, into

@@ -62,6 +62,13 @@ struct DecodeParams {
                                  // a count; counts above sel_budget are read as sel_budget
   int sel_budget;
   bool sel_shared;
+  // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
+  // ignore these fields. The head region is K rows | V rows | V params [bs][groups][2] |
+  // K params [2][head_size] (every scale, then every zero), and the sequence's own page
+  // (the one holding position seq_len - 1) takes its K from the residual.
+  const void* residual;          // [num_slots, num_kv_heads, block_size, head_size], contiguous
+  const int32_t* row_slot;       // [>= num_seqs] residual slot of each sequence
+  int k_params_offset;           // bytes from the head region's start to the K params
 };
 
 // sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).

@@ -1,0 +1,99 @@
+"""Per-channel K mode's decode (issue #7): ``ops.decode_kc`` against
+``reference_kc.paged_decode_kc`` (float32, CPU).
+
+The pages and residuals are written by the reference (``write_tokens_kc``, each sequence
+prefilled in one step), so every page before a sequence's own page is quantized per
+channel, and the own page's K sits in the sequence's residual slot while the page's K
+rows still hold garbage (partial page) or the quantized copy (a page filled by the
+query's own token). The residual rows are then negated: both the reference and the
+kernel must take the own page's keys from the residual, so a kernel that reads them
+from the page fails by far, for the just-filled page too. Outputs are poisoned, blocks
+and residual slots permuted, a padding row (seq_len 0) must come out as zeros.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.gpu.test_kernels import DEV, _ops, _rel_err
+from vllm_bitdecode import reference_kc as kc
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
+from vllm_bitdecode.page_format import PageFormat
+
+pytestmark = pytest.mark.gpu
+
+KV_HEADS, SCALE = 2, 128**-0.5
+
+
+def _keys(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A token-independent part and an outlier channel, as real models' keys have."""
+    base = torch.randn(KV_HEADS, 128, generator=gen) * 3
+    k = torch.randn(n, KV_HEADS, 128, generator=gen) + base
+    k[:, :, 7] *= 20
+    return k.to(dtype)
+
+
+def _build(seq_lens, layout, dtype, gen, num_slots):
+    """Channel-mode pages and residual for sequences prefilled in one step each."""
+    bs = layout.block_size
+    blocks_per_seq = [max(1, -(-n // bs)) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    cache = torch.randint(0, 256, (num_blocks, KV_HEADS, layout.head_region_bytes),
+                          dtype=torch.uint8, generator=gen)
+    residual = kc.new_residual(num_slots, KV_HEADS, layout, dtype)
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    row_slot = torch.randperm(num_slots, generator=gen)[: len(seq_lens)].to(torch.int32)
+    nxt = 0
+    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        table[i, :nb] = perm[nxt : nxt + nb].to(torch.int32)
+        nxt += nb
+        if n == 0:
+            continue
+        k = _keys(n, dtype, gen)
+        v = (torch.randn(n, KV_HEADS, 128, generator=gen) * 2).to(dtype)
+        pos = torch.arange(n)
+        slots = table[i, pos // bs].long() * bs + pos % bs
+        kc.write_tokens_kc(cache, residual, k, v, slots, torch.tensor([0, n], dtype=torch.int32),
+                           torch.tensor([n], dtype=torch.int32), row_slot[i : i + 1], layout)
+    return cache, -residual, table, row_slot
+
+
+def _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits):
+    b, hq, d = q.shape
+    out = torch.full((b, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
+    partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
+    partial_lse = torch.full((num_splits * b * hq,), float("nan"), device=DEV)
+    _ops().decode_kc(out, q.to(DEV), cache.to(DEV), residual.to(DEV), table.to(DEV),
+                     seq_lens.to(DEV), row_slot.to(DEV), partial_out, partial_lse, SCALE,
+                     fmt.bits, fmt.group_size, fmt.block_size, num_splits, MIN_TILES_PER_SPLIT)
+    torch.cuda.synchronize()
+    return out.cpu()
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("gqa", [1, 4, 8, 12])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_kc_matches_reference(dtype, bits, group_size, gqa, block_size):
+    gen = torch.Generator().manual_seed(1000 * bits + 10 * gqa + group_size + block_size)
+    bs = block_size
+    fmt = PageFormat(128, bits, group_size, bs)
+    layout = kc.KCPageLayout(fmt)
+    # one token; inside the first page; exactly one page (its own token filled it); one
+    # past; a long odd one; pages just filled further on; a padding row
+    seq_lens = torch.tensor([1, bs // 2 + 3, bs, bs + 1, 1999, 4 * bs, 0], dtype=torch.int32)
+    cache, residual, table, row_slot = _build(seq_lens.tolist(), layout, dtype, gen, 11)
+    q = torch.randn(len(seq_lens), KV_HEADS * gqa, 128, generator=gen).to(dtype)
+    expected = kc.paged_decode_kc(q, cache, residual, table, seq_lens, row_slot, SCALE, layout)
+    live = seq_lens > 0
+    for num_splits in (1, plan_num_splits(len(seq_lens), KV_HEADS, 132, 4), 64):
+        got = _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits)
+        assert torch.isfinite(got).all(), f"unwritten or NaN output, num_splits={num_splits}"
+        assert (got[~live] == 0).all(), f"padding row not zero, num_splits={num_splits}"
+        errs = [_rel_err(got[i], expected[i]) for i in range(len(seq_lens)) if live[i]]
+        assert max(errs) <= 1e-2, (
+            f"num_splits={num_splits}: relative error per sequence "
+            f"{dict(zip(seq_lens[live].tolist(), (f'{e:.1e}' for e in errs), strict=True))}")
