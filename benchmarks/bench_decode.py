@@ -5,6 +5,9 @@ context length, pages scattered at random. Each case is timed with CUDA events a
 a single call, after an L2 flush, median of --reps; effective bandwidth counts the KV
 bytes the kernel must read (K + V, plus scales for BITDECODE). Also times the
 quantize-on-write kernel against vLLM's reshape_and_cache_flash for the same tokens.
+With --channel-k it also times per-channel K mode (issue #7: ``decode_kc``, the own page
+from the residual) at both bit widths, records with ``"k_mode": "channel"`` (the others
+``"token"``); the issue's target is within 10% of per-token mode at the same bits.
 
     python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
 """
@@ -125,6 +128,61 @@ def bench_bitdecode(batch, context, bits, timer, gen) -> tuple[float, int, int]:
     return ms, batch * context * HKV * fmt.bytes_per_token_head, splits
 
 
+def fill_pages_kc(table: torch.Tensor, num_blocks: int, context: int, layout):
+    """Channel-mode pages and residuals for every sequence, written by ``write_tokens_kc``
+    (each sequence prefilled in page-aligned chunks, residual slot = batch row)."""
+    from vllm_bitdecode import ops
+
+    fmt = layout.fmt
+    batch = table.shape[0]
+    cache = torch.empty(num_blocks, HKV, layout.head_region_bytes, dtype=torch.uint8,
+                        device="cuda")
+    residual = torch.empty(batch, HKV, BLOCK, D, dtype=DTYPE, device="cuda")
+    chunk = 1 << 15
+    for b in range(batch):
+        for start in range(0, context, chunk):
+            n = min(chunk, context - start)
+            pos = torch.arange(start, start + n, device="cuda")
+            slots = table[b, pos // BLOCK].long() * BLOCK + pos % BLOCK
+            k = torch.randn(n, HKV, D, dtype=DTYPE, device="cuda")
+            ops.write_tokens_kc(
+                k, torch.randn_like(k), slots,
+                torch.tensor([0, n], dtype=torch.int32, device="cuda"),
+                torch.tensor([start + n], dtype=torch.int32, device="cuda"),
+                torch.tensor([b], dtype=torch.int32, device="cuda"),
+                cache, residual, fmt.bits, fmt.group_size, BLOCK)
+    return cache, residual
+
+
+def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, int]:
+    from vllm_bitdecode import ops
+    from vllm_bitdecode.reference_kc import KCPageLayout
+
+    layout = KCPageLayout(PageFormat(D, bits, 128, BLOCK))
+    table, num_blocks = block_table(batch, context, gen)
+    cache, residual = fill_pages_kc(table, num_blocks, context, layout)
+    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
+    out = torch.empty_like(q)
+    # the planner's occupancy comes from the per-token kernel (the channel kernel fits
+    # fewer CTAs per SM): measured as the backend would run it today
+    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"))
+    splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
+    po = torch.empty(splits * batch * HQ * D, device="cuda")
+    pl = torch.empty(splits * batch * HQ, device="cuda")
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    row_slot = torch.arange(batch, dtype=torch.int32, device="cuda")
+
+    def run():
+        ops.decode_kc(out, q, cache, residual, table, lens, row_slot, po, pl, D**-0.5, bits,
+                      128, BLOCK, splits, MIN_TILES_PER_SPLIT)
+
+    ms = timer(run)
+    own = (context - 1) // BLOCK * BLOCK  # the own page's K comes from the residual
+    nbytes = batch * HKV * (own * layout.bytes_per_token_head
+                            + (context - own) * (layout.bytes_per_token_head + 2 * D))
+    return ms, int(nbytes), splits
+
+
 def bench_write(num_tokens: int, timer: Timer) -> dict:
     """Quantize-on-write vs vLLM's bf16 reshape_and_cache_flash, same tokens and slots."""
     from vllm import _custom_ops as vllm_ops
@@ -154,6 +212,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--max-gb", type=float, default=40.0, help="skip cases whose bf16 KV is larger")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--channel-k", action="store_true",
+                    help="also time per-channel K mode (decode_kc) at 4 and 2 bits")
     args = ap.parse_args()
 
     timer = Timer(args.reps)
@@ -174,14 +234,19 @@ def main() -> None:
                 rows.append(dict(impl="fa3", kv=kv, ms=ms, bytes=nbytes))
             for bits in (4, 2):
                 ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
-                rows.append(dict(impl="bitdecode", kv=f"int{bits}", ms=ms, bytes=nbytes,
-                                 num_splits=splits))
+                rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
+                                 bytes=nbytes, num_splits=splits))
+                if args.channel_k:
+                    ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen)
+                    rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="channel",
+                                     ms=ms, bytes=nbytes, num_splits=splits))
             for r in rows:
                 r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6,
                          speedup_vs_fa3_bf16=base["bf16"] / r["ms"],
                          speedup_vs_fa3_fp8=base["fp8"] / r["ms"])
                 r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
-                print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {r['kv']:<5} "
+                kv = r["kv"] + ("-kc" if r.get("k_mode") == "channel" else "")
+                print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {kv:<8} "
                       f"{r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s  x{r['speedup_vs_fa3_bf16']:.2f} "
                       f"vs bf16  x{r['speedup_vs_fa3_fp8']:.2f} vs fp8", flush=True)
             records += rows
@@ -213,10 +278,14 @@ def plot(doc: dict, path: Path) -> None:
     for ax, ctx in zip(axes[0], contexts, strict=True):
         for impl, kv in (("fa3", "bf16"), ("fa3", "fp8"), ("bitdecode", "int4"),
                          ("bitdecode", "int2")):
-            pts = sorted((r["batch"], r["gbps"]) for r in doc["records"]
-                         if r["context"] == ctx and r["impl"] == impl and r["kv"] == kv)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=f"{impl} {kv}")
+            for k_mode in ("token", "channel"):
+                pts = sorted((r["batch"], r["gbps"]) for r in doc["records"]
+                             if r["context"] == ctx and r["impl"] == impl and r["kv"] == kv
+                             and r.get("k_mode", "token") == k_mode)
+                if pts:
+                    label = f"{impl} {kv}" + (" per-channel K" if k_mode == "channel" else "")
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=label,
+                            ls="--" if k_mode == "channel" else "-")
         ax.axhline(doc["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_title(f"context {ctx // 1024}K")
