@@ -13,6 +13,10 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor(a!) key_out, Tensor(b!) value_out, int bits, int group_size, int block_size, "
       "int max_tokens) -> ()");
   m.def(
+      "dequantize_pages_kc(Tensor cache, Tensor block_table, Tensor seq_lens, "
+      "Tensor out_start, Tensor(a!) key_out, Tensor(b!) value_out, int bits, int group_size, "
+      "int block_size, int max_tokens) -> ()");
+  m.def(
       "decode(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
@@ -43,6 +47,7 @@ TORCH_LIBRARY(bitdecode, m) {
 TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("quantize_to_pages", &bitdecode::quantize_to_pages);
   m.impl("dequantize_pages", &bitdecode::dequantize_pages);
+  m.impl("dequantize_pages_kc", &bitdecode::dequantize_pages_kc);
   m.impl("decode", &bitdecode::decode);
   m.impl("decode_sparse", &bitdecode::decode_sparse);
   m.impl("decode_kc", &bitdecode::decode_kc);

@@ -267,17 +267,21 @@ void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
-                      const at::Tensor& seq_lens, const at::Tensor& out_start,
-                      at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
-                      int64_t group_size, int64_t block_size, int64_t max_tokens) {
-  const PageGeometry g = page_geometry(bits, group_size, block_size);
+namespace {
+
+// Checks the arguments that dequantize_pages and dequantize_pages_kc share and fills
+// their params.
+DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& block_table,
+                                   const at::Tensor& seq_lens, const at::Tensor& out_start,
+                                   at::Tensor& key_out, at::Tensor& value_out,
+                                   const PageGeometry& g, int64_t max_tokens, bool channel_k) {
+  const int64_t block_size = g.block_size;
   check_tokens(key_out, "key_out");
   check_tokens(value_out, "value_out");
   TORCH_CHECK(key_out.is_contiguous() && value_out.is_contiguous() &&
                   key_out.sizes() == value_out.sizes(),
               "bitdecode: key_out and value_out must be contiguous and of one shape");
-  check_cache(cache, g, key_out.size(1));
+  check_cache(cache, g, key_out.size(1), channel_k);
   TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
                   block_table.dim() == 2 && block_table.stride(1) == 1,
               "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
@@ -290,9 +294,7 @@ void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
               "bitdecode: out_start must be CUDA int32 [num_seqs + 1]");
   TORCH_CHECK(max_tokens <= block_table.size(1) * block_size,
               "bitdecode: max_tokens exceeds what the block table can address");
-  const c10::cuda::CUDAGuard guard(cache.device());
-
-  DequantizeParams p;
+  DequantizeParams p{};
   p.cache = cache.data_ptr<uint8_t>();
   p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
   p.block_table = block_table.data_ptr<int32_t>();
@@ -305,9 +307,39 @@ void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
   p.num_kv_heads = static_cast<int>(key_out.size(1));
   p.max_tokens = static_cast<int>(max_tokens);
   p.page = g;
+  p.k_params_offset = channel_k ? static_cast<int>(kc_offsets(g).k_params_offset) : 0;
+  return p;
+}
+
+}  // namespace
+
+void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
+                      const at::Tensor& seq_lens, const at::Tensor& out_start,
+                      at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
+                      int64_t group_size, int64_t block_size, int64_t max_tokens) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  const DequantizeParams p = dequantize_params(cache, block_table, seq_lens, out_start, key_out,
+                                               value_out, g, max_tokens, false);
+  const c10::cuda::CUDAGuard guard(cache.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key_out.scalar_type(), bits, group_size,
                      launch_dequantize<T, kBits, kGroup>(p, stream);)
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void dequantize_pages_kc(const at::Tensor& cache, const at::Tensor& block_table,
+                         const at::Tensor& seq_lens, const at::Tensor& out_start,
+                         at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
+                         int64_t group_size, int64_t block_size, int64_t max_tokens) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
+              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+  const DequantizeParams p = dequantize_params(cache, block_table, seq_lens, out_start, key_out,
+                                               value_out, g, max_tokens, true);
+  const c10::cuda::CUDAGuard guard(cache.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  BITDECODE_DISPATCH(key_out.scalar_type(), bits, group_size,
+                     launch_dequantize_kc<T, kBits, kGroup>(p, stream);)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -26,7 +26,8 @@ $S::test_sparse_matches_reference[True-4-4-dtype0]
 $SEL::test_select_matches_reference[bf16-4-4-rot-shared]
 $SEL::test_rows_on_the_same_pages_keep_their_own_selection[per_head]
 tests/gpu/test_kc_write_kernel.py::test_write_matches_reference_step_by_step[bf16-4-16]
-tests/gpu/test_kc_decode_kernel.py::test_decode_kc_matches_reference[bf16-4-128-4-16]}"
+tests/gpu/test_kc_read_kernels.py::test_decode_kc_matches_reference[bf16-4-128-4-16]
+tests/gpu/test_kc_read_kernels.py::test_dequantize_kc_matches_reference_bit_for_bit[fp16-2-32-64]}"
 status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
   log="$OUT/sanitize_$tool.log"

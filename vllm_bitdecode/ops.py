@@ -28,6 +28,12 @@ def _dequantize_fake(cache, block_table, seq_lens, out_start, key_out, value_out
     return None
 
 
+@torch.library.register_fake("bitdecode::dequantize_pages_kc")
+def _dequantize_kc_fake(cache, block_table, seq_lens, out_start, key_out, value_out, bits,
+                        group_size, block_size, max_tokens):
+    return None
+
+
 @torch.library.register_fake("bitdecode::decode")
 def _decode_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                  rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
@@ -65,6 +71,8 @@ def _decode_kc_fake(out, q, cache, residual, block_table, seq_lens, row_slot, pa
 
 quantize_to_pages = torch.ops.bitdecode.quantize_to_pages
 dequantize_pages = torch.ops.bitdecode.dequantize_pages
+# per-channel K mode (issue #7): as dequantize_pages, over channel-mode pages
+dequantize_pages_kc = torch.ops.bitdecode.dequantize_pages_kc
 decode = torch.ops.bitdecode.decode
 decode_ctas_per_sm = torch.ops.bitdecode.decode_ctas_per_sm
 

@@ -19,6 +19,7 @@ namespace bitdecode {{
 ONE = """
 template void launch_quantize<{t}, {bits}, {group}>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<{t}, {bits}, {group}>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<{t}, {bits}, {group}>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<{t}, {bits}, {group}>(int);

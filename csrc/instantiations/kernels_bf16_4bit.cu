@@ -5,6 +5,7 @@ namespace bitdecode {
 
 template void launch_quantize<__nv_bfloat16, 4, 32>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 4, 32>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<__nv_bfloat16, 4, 32>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 32>(int);
@@ -14,6 +15,7 @@ template void launch_decode_kc<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaSt
 
 template void launch_quantize<__nv_bfloat16, 4, 64>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 4, 64>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<__nv_bfloat16, 4, 64>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 64>(int);
@@ -23,6 +25,7 @@ template void launch_decode_kc<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaSt
 
 template void launch_quantize<__nv_bfloat16, 4, 128>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__nv_bfloat16, 4, 128>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<__nv_bfloat16, 4, 128>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 128>(int);

@@ -5,6 +5,7 @@ namespace bitdecode {
 
 template void launch_quantize<__half, 4, 32>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__half, 4, 32>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<__half, 4, 32>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__half, 4, 32>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__half, 4, 32>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__half, 4, 32>(int);
@@ -14,6 +15,7 @@ template void launch_decode_kc<__half, 4, 32>(const DecodeParams&, cudaStream_t)
 
 template void launch_quantize<__half, 4, 64>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__half, 4, 64>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<__half, 4, 64>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__half, 4, 64>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__half, 4, 64>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__half, 4, 64>(int);
@@ -23,6 +25,7 @@ template void launch_decode_kc<__half, 4, 64>(const DecodeParams&, cudaStream_t)
 
 template void launch_quantize<__half, 4, 128>(const QuantizeParams&, cudaStream_t);
 template void launch_dequantize<__half, 4, 128>(const DequantizeParams&, cudaStream_t);
+template void launch_dequantize_kc<__half, 4, 128>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__half, 4, 128>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__half, 4, 128>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__half, 4, 128>(int);

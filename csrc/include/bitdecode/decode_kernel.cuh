@@ -496,44 +496,44 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
             for (int c = 0; c < 2; ++c)
               s[st][ht][2 * r + c] = valid[r] ? x[ht][2 * r + c] * scale_log2 : -INFINITY;
         }
-        continue;
-      }
-      float acc[kGroups][HT][4];
+      } else {
+        float acc[kGroups][HT][4];
 #pragma unroll
-      for (int gi = 0; gi < kGroups; ++gi)
+        for (int gi = 0; gi < kGroups; ++gi)
 #pragma unroll
-        for (int ht = 0; ht < HT; ++ht) acc[gi][ht][0] = acc[gi][ht][1] = acc[gi][ht][2] = acc[gi][ht][3] = 0.0f;
+          for (int ht = 0; ht < HT; ++ht) acc[gi][ht][0] = acc[gi][ht][1] = acc[gi][ht][2] = acc[gi][ht][3] = 0.0f;
 #pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        uint32_t a[4];
-        k_fragment(kw, ks, a);
+        for (int ks = 0; ks < kKSteps; ++ks) {
+          uint32_t a[4];
+          k_fragment(kw, ks, a);
 #pragma unroll
-        for (int ht = 0; ht < HT; ++ht)
-          Tr::mma(acc[ks * 16 / GROUP][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float k_scale[kGroups], k_zero[kGroups];
-#pragma unroll
-        for (int gi = 0; gi < kGroups; ++gi) {
-          const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
-          k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
-          k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
-          set_v_params(r, gi, prm[r][kGroups + gi]);
+          for (int ht = 0; ht < HT; ++ht)
+            Tr::mma(acc[ks * 16 / GROUP][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
         }
 #pragma unroll
-        for (int ht = 0; ht < HT; ++ht)
+        for (int r = 0; r < 2; ++r) {
+          float k_scale[kGroups], k_zero[kGroups];
 #pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            // acc = sum Q (M + code): take M sum(Q) back before the scale multiplies, so
-            // that a huge scale cannot overflow where the score itself is finite
-            float x = 0.0f;
-#pragma unroll
-            for (int gi = 0; gi < kGroups; ++gi)
-              x += k_scale[gi] * fmaf(-Tr::kMagicValue, qsum[ht][c][gi], acc[gi][ht][2 * r + c])
-                   + k_zero[gi] * qsum[ht][c][gi];
-            s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
+          for (int gi = 0; gi < kGroups; ++gi) {
+            const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
+            k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
+            k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
+            set_v_params(r, gi, prm[r][kGroups + gi]);
           }
+#pragma unroll
+          for (int ht = 0; ht < HT; ++ht)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+              // acc = sum Q (M + code): take M sum(Q) back before the scale multiplies, so
+              // that a huge scale cannot overflow where the score itself is finite
+              float x = 0.0f;
+#pragma unroll
+              for (int gi = 0; gi < kGroups; ++gi)
+                x += k_scale[gi] * fmaf(-Tr::kMagicValue, qsum[ht][c][gi], acc[gi][ht][2 * r + c])
+                     + k_zero[gi] * qsum[ht][c][gi];
+              s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
+            }
+        }
       }
     }
 

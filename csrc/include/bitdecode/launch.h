@@ -14,6 +14,10 @@ void launch_quantize(const QuantizeParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_dequantize(const DequantizeParams& p, cudaStream_t stream);
 
+// Per-channel K mode: channel-mode pages back to the model dtype (prefill's closed pages).
+template <typename T, int BITS, int GROUP>
+void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream);
+
 template <typename T, int BITS, int GROUP>
 void launch_decode(const DecodeParams& p, cudaStream_t stream);
 

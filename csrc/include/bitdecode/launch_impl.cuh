@@ -34,13 +34,23 @@ void launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
   quantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
-template <typename T, int BITS, int GROUP>
-void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
+template <typename T, int BITS, int GROUP, bool KC>
+void launch_dequantize_pages(const DequantizeParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.max_tokens) * p.num_kv_heads;
   if (items == 0 || p.num_seqs == 0) return;
   const dim3 grid(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps),
                   p.num_seqs);
-  dequantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
+  dequantize_kernel<T, kHeadSize, BITS, GROUP, KC><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
+  launch_dequantize_pages<T, BITS, GROUP, false>(p, stream);
+}
+
+template <typename T, int BITS, int GROUP>
+void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream) {
+  launch_dequantize_pages<T, BITS, GROUP, true>(p, stream);
 }
 
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC>

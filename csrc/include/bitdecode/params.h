@@ -142,6 +142,7 @@ struct DequantizeParams {
   int num_kv_heads;
   int max_tokens;                // upper bound of seq_lens, sizes the grid
   PageGeometry page;
+  int k_params_offset;           // per-channel K pages only: K scale[128], zero[128] of the page
 };
 
 }  // namespace bitdecode

@@ -185,8 +185,9 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
   }
 }
 
-// Inverse: pages -> model dtype, one warp per (sequence, token, KV head).
-template <typename T, int HEAD, int BITS, int GROUP>
+// Inverse: pages -> model dtype, one warp per (sequence, token, KV head). KC: per-channel
+// K pages (reference_kc.read_pages_kc), whose K is meaningful only once the page is full.
+template <typename T, int HEAD, int BITS, int GROUP, bool KC = false>
 __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(DequantizeParams p) {
   static_assert(HEAD == 128, "one warp holds 4 channels per lane");
   using Order = RowOrder<HEAD, BITS>;
@@ -212,13 +213,17 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
   }
   __syncwarp();
 
+  // per token: (scale, zero) of every group, K's then V's (KC: V's only)
+  constexpr int kVFirst = KC ? 0 : kGroups;
   const T* prm = reinterpret_cast<const T*>(region + p.page.params_offset +
-                                            offset * p.page.param_bytes);
+                                            offset * (KC ? p.page.param_bytes / 2
+                                                         : p.page.param_bytes));
   const int g = (4 * lane) / GROUP;
+  const T* kparams = reinterpret_cast<const T*>(region + p.k_params_offset);  // KC only
   const float ks = DtypeTraits<T>::to_float(prm[2 * g]);
   const float kz = DtypeTraits<T>::to_float(prm[2 * g + 1]);
-  const float vs = DtypeTraits<T>::to_float(prm[2 * (kGroups + g)]);
-  const float vz = DtypeTraits<T>::to_float(prm[2 * (kGroups + g) + 1]);
+  const float vs = DtypeTraits<T>::to_float(prm[2 * (kVFirst + g)]);
+  const float vz = DtypeTraits<T>::to_float(prm[2 * (kVFirst + g) + 1]);
   constexpr uint32_t kMask = (1u << BITS) - 1;
 
   const int64_t out_row = static_cast<int64_t>(p.out_start[seq]) + token;
@@ -233,7 +238,13 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
     // (<= 4 + 11 bits), so this is mul-then-add bit for bit, except that it stays finite
     // where code * scale alone overflows (groups spanning both signs near the maximum)
     const float kc = static_cast<float>((rows[warp][0][w] >> (BITS * s)) & kMask);
-    kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, ks, kz));
+    if constexpr (KC) {
+      const int ch = 4 * lane + i;
+      kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, DtypeTraits<T>::to_float(kparams[ch]),
+                                                   DtypeTraits<T>::to_float(kparams[HEAD + ch])));
+    } else {
+      kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, ks, kz));
+    }
     Order::v_slot(4 * lane + i, w, s);
     const float vc = static_cast<float>((rows[warp][1][w] >> (BITS * s)) & kMask);
     vv[i] = DtypeTraits<T>::from_float(__fmaf_rn(vc, vs, vz));

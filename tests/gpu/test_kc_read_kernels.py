@@ -1,7 +1,8 @@
-"""Per-channel K mode's decode (issue #7): ``ops.decode_kc`` against
-``reference_kc.paged_decode_kc`` (float32, CPU).
+"""Per-channel K mode's reads (issue #7): ``ops.decode_kc`` against
+``reference_kc.paged_decode_kc`` (float32, CPU), and ``ops.dequantize_pages_kc`` (the
+prefill's closed pages) against ``reference_kc.read_pages_kc`` bit for bit.
 
-The pages and residuals are written by the reference (``write_tokens_kc``, each sequence
+For both, the pages and residuals are written by the reference (``write_tokens_kc``, each sequence
 prefilled in one step), so every page before a sequence's own page is quantized per
 channel, and the own page's K sits in the sequence's residual slot while the page's K
 rows still hold garbage (partial page) or the quantized copy (a page filled by the
@@ -97,3 +98,39 @@ def test_decode_kc_matches_reference(dtype, bits, group_size, gqa, block_size):
         assert max(errs) <= 1e-2, (
             f"num_splits={num_splits}: relative error per sequence "
             f"{dict(zip(seq_lens[live].tolist(), (f'{e:.1e}' for e in errs), strict=True))}")
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dequantize_kc_matches_reference_bit_for_bit(dtype, bits, group_size, block_size):
+    """V of every token and K of every full page; a partial page's K rows are garbage
+    (its keys live in the residual) and are not compared."""
+    gen = torch.Generator().manual_seed(7 * bits + group_size + block_size)
+    bs = block_size
+    layout = kc.KCPageLayout(PageFormat(128, bits, group_size, bs))
+    seq_lens = [1, bs, 3 * bs + 5, 333, 0]
+    cache, _, table, _ = _build(seq_lens, layout, dtype, gen, 6)
+    out_start = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(out_start[-1])
+    k_out = torch.full((total + 2, KV_HEADS, 128), float("nan"), dtype=dtype, device=DEV)
+    v_out = torch.full_like(k_out, float("nan"))
+    _ops().dequantize_pages_kc(cache.to(DEV), table.to(DEV),
+                               torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
+                               out_start.to(DEV), k_out, v_out, bits, group_size, bs,
+                               max(seq_lens))
+    torch.cuda.synchronize()
+    k_out, v_out = k_out.cpu(), v_out.cpu()
+    assert k_out[total:].isnan().all() and v_out[total:].isnan().all(), "wrote past the end"
+    for i, n in enumerate(seq_lens):
+        if n == 0:
+            continue
+        k, v = kc.read_pages_kc(cache, table[i, : -(-n // bs)], layout, dtype)
+        rows = slice(int(out_start[i]), int(out_start[i]) + n)
+        full = n // bs * bs
+        assert torch.equal(v_out[rows].view(torch.int16), v[:n].to(dtype).view(torch.int16)), \
+            f"sequence {i} (n={n}): V differs"
+        assert torch.equal(k_out[rows][:full].view(torch.int16),
+                           k[:full].to(dtype).view(torch.int16)), \
+            f"sequence {i} (n={n}): K of full pages differs"
