@@ -105,19 +105,27 @@ def fill_pages(num_blocks: int, fmt: PageFormat) -> torch.Tensor:
     return cache
 
 
+def decode_inputs(batch: int, context: int, bits: int):
+    """Query, output, split plan (as the backend makes it), split-K buffers, lengths.
+
+    The planner's occupancy comes from the per-token kernel, also for per-channel K mode
+    (whose kernel fits fewer CTAs per SM): measured as the backend would run it today."""
+    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
+    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"))
+    splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
+    po = torch.empty(splits * batch * HQ * D, device="cuda")
+    pl = torch.empty(splits * batch * HQ, device="cuda")
+    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    return q, torch.empty_like(q), splits, po, pl, lens
+
+
 def bench_bitdecode(batch, context, bits, timer, gen) -> tuple[float, int, int]:
     from vllm_bitdecode import ops
 
     fmt = PageFormat(D, bits, 128, BLOCK)
     table, num_blocks = block_table(batch, context, gen)
     cache = fill_pages(num_blocks, fmt)
-    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
-    out = torch.empty_like(q)
-    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"))
-    splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
-    po = torch.empty(splits * batch * HQ * D, device="cuda")
-    pl = torch.empty(splits * batch * HQ, device="cuda")
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q, out, splits, po, pl, lens = decode_inputs(batch, context, bits)
     signs = rotation_signs(D).cuda()
 
     def run():
@@ -161,15 +169,7 @@ def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, in
     layout = KCPageLayout(PageFormat(D, bits, 128, BLOCK))
     table, num_blocks = block_table(batch, context, gen)
     cache, residual = fill_pages_kc(table, num_blocks, context, layout)
-    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
-    out = torch.empty_like(q)
-    # the planner's occupancy comes from the per-token kernel (the channel kernel fits
-    # fewer CTAs per SM): measured as the backend would run it today
-    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"))
-    splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
-    po = torch.empty(splits * batch * HQ * D, device="cuda")
-    pl = torch.empty(splits * batch * HQ, device="cuda")
-    lens = torch.full((batch,), context, dtype=torch.int32, device="cuda")
+    q, out, splits, po, pl, lens = decode_inputs(batch, context, bits)
     row_slot = torch.arange(batch, dtype=torch.int32, device="cuda")
 
     def run():
