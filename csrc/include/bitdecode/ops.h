@@ -23,16 +23,12 @@ void dequantize_pages(const at::Tensor& cache,        // [blocks, kv_heads, regi
                       int64_t bits, int64_t group_size, int64_t block_size,
                       int64_t max_tokens);
 
-// Per-channel K mode: the same over channel-mode pages (reference_kc.read_pages_kc); K is
-// meaningful only for full pages, whose quantization the page's own K params describe.
-void dequantize_pages_kc(const at::Tensor& cache,        // [blocks, kv_heads, region] uint8
-                         const at::Tensor& block_table,  // [seqs, max_blocks] int32
-                         const at::Tensor& seq_lens,     // [seqs] int32, tokens to read
-                         const at::Tensor& out_start,    // [seqs + 1] int32
-                         at::Tensor& key_out,            // [total, kv_heads, 128]
-                         at::Tensor& value_out,          // [total, kv_heads, 128]
-                         int64_t bits, int64_t group_size, int64_t block_size,
-                         int64_t max_tokens);
+// Per-channel K mode: dequantize_pages over channel-mode pages, same arguments
+// (reference_kc.read_pages_kc); K is meaningful only for full pages.
+void dequantize_pages_kc(const at::Tensor& cache, const at::Tensor& block_table,
+                         const at::Tensor& seq_lens, const at::Tensor& out_start,
+                         at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
+                         int64_t group_size, int64_t block_size, int64_t max_tokens);
 
 void decode(at::Tensor& out,                 // [seqs, heads, 128]
             const at::Tensor& q,             // [seqs, heads, 128]
