@@ -105,13 +105,12 @@ def fill_pages(num_blocks: int, fmt: PageFormat) -> torch.Tensor:
     return cache
 
 
-def decode_inputs(batch: int, context: int, bits: int):
-    """Query, output, split plan (as the backend makes it), split-K buffers, lengths.
-
-    The planner's occupancy comes from the per-token kernel, also for per-channel K mode
-    (whose kernel fits fewer CTAs per SM): measured as the backend would run it today."""
+def decode_inputs(batch: int, context: int, bits: int, channel_k: bool = False):
+    """Query, output, split plan (from the occupancy of the kernel that runs, as the
+    backend makes it), split-K buffers, lengths."""
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
-    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"))
+    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"),
+                                        channel_k)
     splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
     po = torch.empty(splits * batch * HQ * D, device="cuda")
     pl = torch.empty(splits * batch * HQ, device="cuda")
@@ -169,7 +168,7 @@ def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, in
     layout = KCPageLayout(PageFormat(D, bits, 128, BLOCK))
     table, num_blocks = block_table(batch, context, gen)
     cache, residual = fill_pages_kc(table, num_blocks, context, layout)
-    q, out, splits, po, pl, lens = decode_inputs(batch, context, bits)
+    q, out, splits, po, pl, lens = decode_inputs(batch, context, bits, channel_k=True)
     row_slot = torch.arange(batch, dtype=torch.int32, device="cuda")
 
     def run():

@@ -41,7 +41,9 @@ TORCH_LIBRARY(bitdecode, m) {
       "write_tokens_kc(Tensor key, Tensor value, Tensor slot_mapping, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor row_slot, Tensor(a!) cache, Tensor(b!) residual, int bits, "
       "int group_size, int block_size) -> ()");
-  m.def("decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa) -> int");
+  m.def(
+      "decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa, "
+      "bool channel_k=False) -> int");
 }
 
 TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {

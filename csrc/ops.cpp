@@ -564,7 +564,7 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
 }
 
 int64_t decode_ctas_per_sm(const at::Tensor& query_like, int64_t bits, int64_t group_size,
-                           int64_t gqa) {
+                           int64_t gqa, bool channel_k) {
   const at::ScalarType dtype = query_like.scalar_type();
   TORCH_CHECK(query_like.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf),
               "bitdecode: decode runs on CUDA bfloat16 or float16 queries, got ", dtype);
@@ -574,7 +574,8 @@ int64_t decode_ctas_per_sm(const at::Tensor& query_like, int64_t bits, int64_t g
   const c10::cuda::CUDAGuard guard(query_like.device());
   int ctas = -1;
   BITDECODE_DISPATCH(dtype, bits, group_size,
-                     ctas = decode_ctas_per_sm<T, kBits, kGroup>(static_cast<int>(gqa));)
+                     ctas = decode_ctas_per_sm<T, kBits, kGroup>(static_cast<int>(gqa),
+                                                                 channel_k);)
   TORCH_CHECK(ctas > 0, "bitdecode: could not query the decode kernel's occupancy");
   return ctas;
 }

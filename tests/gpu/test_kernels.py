@@ -203,6 +203,9 @@ def test_decode_occupancy_query(dtype, gqa):
         for group_size in (32, 64, 128):
             ctas = _ops().decode_ctas_per_sm(q, bits, group_size, gqa)
             assert 2 <= ctas <= 32, (bits, group_size, ctas)
+            # the per-channel K kernel holds more registers: never more CTAs than this one
+            kc = _ops().decode_ctas_per_sm(q, bits, group_size, gqa, channel_k=True)
+            assert 2 <= kc <= ctas, (bits, group_size, kc, ctas)
     # bad arguments: see test_decode_bad_arguments_raise_clear_errors for the error path
 
 

@@ -47,13 +47,14 @@ def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm:
 
 
 def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
-                 device: torch.device) -> tuple[int, int]:
-    """(SMs, decode CTAs resident per SM) of this device for these decode kernels."""
+                 device: torch.device, channel_k: bool = False) -> tuple[int, int]:
+    """(SMs, decode CTAs resident per SM) of this device for these decode kernels (the
+    per-channel K kernel's with ``channel_k``)."""
     from vllm_bitdecode import ops
 
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     query_like = torch.empty(0, dtype=dtype, device=device)
-    return num_sms, int(ops.decode_ctas_per_sm(query_like, bits, group_size, gqa))
+    return num_sms, int(ops.decode_ctas_per_sm(query_like, bits, group_size, gqa, channel_k))
 
 
 @dataclass

@@ -37,8 +37,9 @@ void launch_select(const SelectParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_kc_write(const KCWriteParams& p, cudaStream_t stream);
 
-// Decode CTAs resident per SM for `gqa` query heads per KV head (-1 on a CUDA error).
+// Decode CTAs resident per SM for `gqa` query heads per KV head, of the per-token or the
+// per-channel K kernel (-1 on a CUDA error).
 template <typename T, int BITS, int GROUP>
-int decode_ctas_per_sm(int gqa);
+int decode_ctas_per_sm(int gqa, bool channel_k);
 
 }  // namespace bitdecode

@@ -62,21 +62,24 @@ void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
   kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool KC>
 int decode_tiles_ctas_per_sm() {
-  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES>;
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
   int ctas = 0;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, false>();
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, false, KC>();
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, false>, kDecodeWarps * 32,
+      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, false, KC>, kDecodeWarps * 32,
       Shape::kSmemBytes);
   return err == cudaSuccess ? ctas : -1;
 }
 
 template <typename T, int BITS, int GROUP>
-int decode_ctas_per_sm(int gqa) {
-  return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1>()
-                  : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2>();
+int decode_ctas_per_sm(int gqa, bool channel_k) {
+  if (channel_k)
+    return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, true>()
+                    : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, true>();
+  return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, false>()
+                  : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, false>();
 }
 
 template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false>

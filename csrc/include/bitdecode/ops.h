@@ -103,8 +103,9 @@ void write_tokens_kc(const at::Tensor& key,              // [tokens, kv_heads, 1
                      at::Tensor& residual,               // [slots, kv_heads, bs, 128]
                      int64_t bits, int64_t group_size, int64_t block_size);
 
-// Decode CTAs that fit on one SM at once; the split planner fills whole waves with it.
+// Decode CTAs that fit on one SM at once (of decode, or decode_kc with channel_k); the
+// split planner fills whole waves with it.
 int64_t decode_ctas_per_sm(const at::Tensor& query_like,  // any CUDA tensor of the query dtype
-                           int64_t bits, int64_t group_size, int64_t gqa);
+                           int64_t bits, int64_t group_size, int64_t gqa, bool channel_k);
 
 }  // namespace bitdecode
