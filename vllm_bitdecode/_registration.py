@@ -110,6 +110,7 @@ def patch_kv_cache_spec() -> None:
             dtype=_uint8(),
             bits=cfg.bits,
             group_size=cfg.group_size,
+            k_mode=cfg.k_mode,
         )
 
     get_kv_cache_spec._bitdecode = True

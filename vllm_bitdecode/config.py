@@ -274,6 +274,14 @@ def check_sparse_model(
     return plan
 
 
+# K modes (issue #7, docs/per-channel-k-design.md)
+TOKEN_K = "token"
+CHANNEL_K = "channel"
+K_MODES = (TOKEN_K, CHANNEL_K)
+# the largest page the per-channel write quantizes (kc_write_kernel.cuh)
+MAX_CHANNEL_BLOCK_SIZE = 128
+
+
 @dataclasses.dataclass(frozen=True)
 class BitDecodeConfig:
     bits: int = 4
@@ -285,6 +293,10 @@ class BitDecodeConfig:
     quantizing, which spreads outlier channels over the head (see docs/)."""
     sparse: SparseConfig = dataclasses.field(default_factory=SparseConfig)
     """TidalDecode-style sparse decode (off by default)."""
+    k_mode: str = TOKEN_K
+    """How K is quantized: "token" (per token and group of channels, like V) or "channel"
+    (per channel over each page, the newest page kept exact in a residual buffer; K is
+    then never rotated, and group_size applies to V)."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> BitDecodeConfig:
@@ -292,6 +304,14 @@ class BitDecodeConfig:
         values = _section(raw, cls, f"additional_config['{CONFIG_KEY}']", CONFIG_KEY)
         if SPARSE_KEY in values:
             values[SPARSE_KEY] = SparseConfig.from_raw(values[SPARSE_KEY])
+        if values.get("k_mode") == CHANNEL_K:
+            if values.get("rotate_k") is True:
+                raise BitDecodeConfigError(
+                    f"{CONFIG_KEY}.rotate_k=true cannot be combined with k_mode='channel': "
+                    "per-channel scales take the outlier channels that the rotation would "
+                    "spread; leave rotate_k out"
+                )
+            values.setdefault("rotate_k", False)
         cfg = cls(**values)
         cfg._check_values()
         return cfg
@@ -309,6 +329,40 @@ class BitDecodeConfig:
             raise bad("rotate_k", [True, False])
         if not isinstance(self.sparse, SparseConfig):
             raise bad("sparse", "a dict of sparse settings")
+        if self.k_mode not in K_MODES:
+            raise bad("k_mode", list(K_MODES))
+        if self.channel_k and self.rotate_k:
+            raise BitDecodeConfigError(
+                f"{CONFIG_KEY}.k_mode='channel' stores K unrotated; rotate_k must be false")
+        if self.channel_k and self.sparse.enabled:
+            raise BitDecodeConfigError(
+                f"{CONFIG_KEY}.sparse cannot be combined with k_mode='channel' yet: the "
+                "selection and sparse decode kernels read per-token pages"
+            )
+
+    @property
+    def channel_k(self) -> bool:
+        return self.k_mode == CHANNEL_K
+
+    def head_region_bytes(self, head_size: int, block_size: int) -> int:
+        """Bytes of one KV head's share of a page, in this K mode."""
+        fmt = self.page_format(head_size, block_size)
+        if self.channel_k:
+            from vllm_bitdecode.reference_kc import KCPageLayout
+
+            return KCPageLayout(fmt).head_region_bytes
+        return fmt.head_region_bytes
+
+    def block_size_of(self, head_size: int, head_region_bytes: int) -> int:
+        """Tokens per page, recovered from a head region's size (the inverse of
+        head_region_bytes)."""
+        for block_size in page_format.SUPPORTED_BLOCK_SIZES:
+            if self.head_region_bytes(head_size, block_size) == head_region_bytes:
+                return block_size
+        raise BitDecodeConfigError(
+            f"a head region of {head_region_bytes} bytes matches no block size of "
+            f"{self.bits}-bit {self.k_mode}-mode pages"
+        )
 
     def page_format(self, head_size: int, block_size: int) -> page_format.PageFormat:
         return page_format.PageFormat(head_size, self.bits, self.group_size, block_size)
@@ -397,6 +451,8 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
         num_heads=model.get_num_attention_heads(parallel),
         num_kv_heads=model.get_num_kv_heads(parallel),
     )
+    if cfg.channel_k:
+        check_channel_k(vllm_config)
     if cfg.sparse.enabled:
         check_sparse_model(
             cfg.sparse,
@@ -410,6 +466,35 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
             ),
         )
     return cfg
+
+
+def check_channel_k(vllm_config: Any) -> None:
+    """What per-channel K mode refuses (docs/per-channel-k-design.md, section 10): the
+    paths that roll positions back, move pages outside the write, or keep request state
+    where the residual-slot hook cannot see it."""
+    import os
+
+    where = f"{CONFIG_KEY}.k_mode='channel'"
+    parallel = vllm_config.parallel_config
+    cache = vllm_config.cache_config
+    refusals = [
+        (vllm_config.speculative_config is not None,
+         "speculative decoding (rejected draft tokens would roll back positions whose page "
+         "was already quantized)"),
+        (vllm_config.kv_transfer_config is not None,
+         "KV connectors (--kv-transfer-config: they move pages, not the residual)"),
+        (getattr(parallel, "decode_context_parallel_size", 1) > 1
+         or getattr(parallel, "prefill_context_parallel_size", 1) > 1,
+         "context parallelism (pages interleaved across ranks)"),
+        (bool(getattr(parallel, "enable_dbo", False)), "dual-batch overlap (--enable-dbo)"),
+        (os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"),
+         "VLLM_USE_V2_MODEL_RUNNER=1 (the residual-slot hook is for GPUModelRunner)"),
+        (cache.block_size is not None and cache.block_size > MAX_CHANNEL_BLOCK_SIZE,
+         f"--block-size {cache.block_size} (at most {MAX_CHANNEL_BLOCK_SIZE} in this mode)"),
+    ]
+    for refused, what in refusals:
+        if refused:
+            raise BitDecodeConfigError(f"{where} does not support {what}")
 
 
 # The settings of this process's engine. vLLM asks the backend for its cache shape

@@ -97,6 +97,12 @@ class RowSlotTable:
         return row_slot
 
 
+def _step_after_update(runner: Any, scheduler_output: Any, table: RowSlotTable) -> None:
+    table.step(scheduler_output.finished_req_ids,
+               getattr(scheduler_output, "preempted_req_ids", None),
+               list(runner.input_batch.req_ids))
+
+
 def wrap_update_states(runner: Any, table: RowSlotTable) -> None:
     """Make ``runner._update_states`` (vLLM's ``GPUModelRunner``) update ``table`` once the
     step's rows are final: after the original has removed finished and unscheduled
@@ -107,9 +113,43 @@ def wrap_update_states(runner: Any, table: RowSlotTable) -> None:
 
     def _update_states(scheduler_output: Any) -> Any:
         result = original(scheduler_output)
-        table.step(scheduler_output.finished_req_ids,
-                   getattr(scheduler_output, "preempted_req_ids", None),
-                   list(runner.input_batch.req_ids))
+        _step_after_update(runner, scheduler_output, table)
         return result
 
     runner._update_states = _update_states
+
+
+# The worker's table: one engine, hence one model runner, per process (as vLLM's workers).
+_table: RowSlotTable | None = None
+
+
+def install_table(max_num_seqs: int, device: torch.device | str,
+                  runner_cls: Any = None) -> RowSlotTable:
+    """The process's row-slot table (made on the first call, by the metadata builder in
+    per-channel K mode), with every ``runner_cls._update_states`` (vLLM's
+    ``GPUModelRunner`` by default) stepping it, as ``wrap_update_states`` does for one
+    runner. Idempotent."""
+    global _table
+    if _table is None:
+        _table = RowSlotTable(max_num_seqs, device)
+    elif _table.slots.num_slots != max_num_seqs:
+        raise RuntimeError(f"the row-slot table holds {_table.slots.num_slots} slots, "
+                           f"not {max_num_seqs}: one engine per process")
+    if runner_cls is None:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as runner_cls
+    original = runner_cls._update_states
+    if not getattr(original, "_bitdecode", False):
+
+        def _update_states(self: Any, scheduler_output: Any) -> Any:
+            result = original(self, scheduler_output)
+            if _table is not None:
+                _step_after_update(self, scheduler_output, _table)
+            return result
+
+        _update_states._bitdecode = True
+        runner_cls._update_states = _update_states
+    return _table
+
+
+def active_table() -> RowSlotTable | None:
+    return _table

@@ -107,3 +107,35 @@ def test_wrapped_update_states_writes_row_slot_after_vllms_own_update():
     runner._update_states(out(finished_req_ids=set(), preempted_req_ids=set()))
     assert table.device_row_slot.tolist() == [1, 0, 2, 4]  # d takes b's freed slot
     assert table.device_row_slot.dtype == torch.int32
+
+
+def test_installed_table_steps_every_runner_of_the_class_once(monkeypatch):
+    """install_table patches the runner class (vLLM's GPUModelRunner in a worker) once,
+    however often the builders of the layers' KV-cache groups call it."""
+    import types
+
+    from vllm_bitdecode import residual_slots
+
+    monkeypatch.setattr(residual_slots, "_table", None)
+
+    class Runner:
+        def __init__(self):
+            self.input_batch = types.SimpleNamespace(req_ids=[])
+            self.plans = iter([["a", "b"], ["b", "c"]])
+            self.calls = 0
+
+        def _update_states(self, scheduler_output):
+            self.calls += 1
+            self.input_batch.req_ids = next(self.plans)
+
+    table = residual_slots.install_table(3, "cpu", runner_cls=Runner)
+    assert residual_slots.install_table(3, "cpu", runner_cls=Runner) is table
+    assert residual_slots.active_table() is table
+    with pytest.raises(RuntimeError, match="one engine per process"):
+        residual_slots.install_table(5, "cpu", runner_cls=Runner)
+    runner = Runner()
+    out = types.SimpleNamespace
+    runner._update_states(out(finished_req_ids=set(), preempted_req_ids=None))
+    assert table.device_row_slot.tolist() == [0, 1, 3]
+    runner._update_states(out(finished_req_ids={"a"}, preempted_req_ids=None))
+    assert table.device_row_slot.tolist() == [1, 0, 3] and runner.calls == 2

@@ -53,8 +53,8 @@ class BitDecodeAttentionBackend(AttentionBackend):
         cache_dtype_str: str = "auto",
     ) -> tuple[int, ...]:
         # K and V of a token live in the same page, so there is no leading 2.
-        fmt = config.get_active().page_format(head_size, block_size)
-        return (num_blocks, num_kv_heads, fmt.head_region_bytes)
+        region = config.get_active().head_region_bytes(head_size, block_size)
+        return (num_blocks, num_kv_heads, region)
 
     @staticmethod
     def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:

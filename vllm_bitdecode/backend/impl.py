@@ -7,7 +7,7 @@ from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
-from vllm_bitdecode import config, ops
+from vllm_bitdecode import config, kc_prefill, ops
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, BitDecodeMetadata
 from vllm_bitdecode.reference import rotation_matrix
 
@@ -68,6 +68,20 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         self._rotation: torch.Tensor | None = None  # [D, D] float32, rotates prefill Q
         self._fmt = None  # page format, known once the cache is bound
         self._role: str | None = None  # sparse mode: dense, selection or reuse
+        self.residual = self._residual(vllm_config)
+
+    def _residual(self, vllm_config) -> torch.Tensor | None:
+        """Per-channel K mode: this layer's exact K of every live request's newest page,
+        [max_num_seqs + 1 (scratch), kv_heads, block_size, head_size] in the model dtype.
+        Made while vLLM loads the model, so its memory profile takes it off the KV budget
+        (docs/per-channel-k-design.md, section 9)."""
+        if not self.bitdecode.channel_k or vllm_config is None:
+            return None
+        slots = vllm_config.scheduler_config.max_num_seqs + 1
+        block_size = vllm_config.cache_config.block_size
+        return torch.empty((slots, self.num_kv_heads, block_size, self.head_size),
+                           dtype=vllm_config.model_config.dtype,
+                           device=torch.device("cuda", torch.cuda.current_device()))
 
     # ---- quantize-on-write --------------------------------------------------------------
     def do_kv_cache_update(
@@ -78,6 +92,8 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
+        if self.bitdecode.channel_k:
+            return  # forward writes: the prefill must read the residual before the write
         if self._fmt is None:
             self._fmt = self.bitdecode.page_format(
                 self.head_size, _block_size(kv_cache, self.bitdecode, self.head_size)
@@ -109,6 +125,8 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         if md is None:  # profiling run: no cache yet
             return output.fill_(0)
         fmt = md.page_format
+        if md.channel_k is not None:
+            return self._forward_channel_k(query, key, value, kv_cache, md, output)
         if md.num_decodes > 0:
             nd = md.num_decodes
             sp = md.sparse
@@ -137,6 +155,62 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         if md.prefill is not None:
             self._prefill(query, kv_cache, md, output)
         return output
+
+    def _forward_channel_k(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        kv_cache: torch.Tensor, md: BitDecodeMetadata, output: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-channel K mode (docs/per-channel-k-design.md, sections 5, 7, 8): gather the
+        prefill rows' exact keys of their own pages, write the step (V per token, filled
+        pages per channel, the newest page's K into the residual), then decode and the
+        two-part prefill."""
+        kc = md.channel_k
+        fmt = md.page_format
+        plan = kc.prefill_plan
+        start, end = md.num_decode_tokens, md.num_actual_tokens
+        own_keys = None
+        if plan is not None:
+            own_keys = kc_prefill.gather_own_keys(plan, self.residual, kc.row_slot_host,
+                                                  key[start:end])
+        ops.write_tokens_kc(key, value, md.slot_mapping, kc.query_start_loc, kc.seq_lens,
+                            kc.row_slot, kv_cache, self.residual, fmt.bits, fmt.group_size,
+                            fmt.block_size)
+        if md.num_decodes > 0:
+            nd = md.num_decodes
+            ops.decode_kc(output[:nd], query[:nd], kv_cache, self.residual,
+                          md.decode_block_table, md.decode_seq_lens, kc.row_slot,
+                          md.partial_out, md.partial_lse, self.scale, fmt.bits,
+                          fmt.group_size, fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT)
+        if plan is not None:
+            pf = md.prefill
+            bs = fmt.block_size
+            k_ws = torch.empty((plan.ws_blocks * bs, self.num_kv_heads, self.head_size),
+                               dtype=query.dtype, device=query.device)
+            v_ws = torch.empty_like(k_ws)
+            ops.dequantize_pages_kc(kv_cache, pf.block_table, pf.seq_lens, kc.workspace_start,
+                                    k_ws, v_ws, fmt.bits, fmt.group_size, bs, pf.max_seq_len)
+            kc_prefill.run_kc_prefill(plan, query[start:end], own_keys, k_ws, v_ws, self.scale,
+                                      self._fa_closed, self._fa_own, _merge_attn_states,
+                                      output[start:end])
+        return output
+
+    def _fa_closed(self, q, k_pages, v_pages, cu_q, seqused_k, block_table, max_q, max_k,
+                   scale):
+        """Non-causal varlen attention over paged K/V (the closed pages)."""
+        return self._flash_attn_varlen(
+            q=q, k=k_pages, v=v_pages, max_seqlen_q=max_q, cu_seqlens_q=cu_q,
+            max_seqlen_k=max_k, seqused_k=seqused_k, block_table=block_table,
+            softmax_scale=scale, causal=False, return_softmax_lse=True,
+            fa_version=self.fa_version,
+        )
+
+    def _fa_own(self, q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        """Causal varlen attention, the last query aligned with the last key (own page)."""
+        return self._flash_attn_varlen(
+            q=q, k=k, v=v, max_seqlen_q=max_q, cu_seqlens_q=cu_q, max_seqlen_k=max_k,
+            cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, return_softmax_lse=True,
+            fa_version=self.fa_version,
+        )
 
     def _sparse_role(self, layer: torch.nn.Module, sp) -> str:
         """This layer's role in sparse mode, from its index in the model (resolved once)."""
@@ -180,10 +254,15 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         return self._rotation
 
 
+def _merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse) -> None:
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse)
+
+
 def _block_size(kv_cache: torch.Tensor, cfg: config.BitDecodeConfig, head_size: int) -> int:
     """Tokens per page, recovered from the cache's head-region size."""
-    per_token = cfg.page_format(head_size, 16).bytes_per_token_head
-    return kv_cache.shape[-1] // per_token
+    return cfg.block_size_of(head_size, kv_cache.shape[-1])
 
 
 _SIGNS: dict[torch.device, torch.Tensor] = {}

@@ -21,7 +21,7 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
-from vllm_bitdecode import config
+from vllm_bitdecode import config, kc_prefill, residual_slots
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
 
 # Under "vllm." so that vLLM's own logging configuration (handler, format, level) applies:
@@ -87,6 +87,20 @@ class SparseMetadata:
 
 
 @dataclass
+class ChannelKMetadata:
+    """Per-channel K mode (docs/per-channel-k-design.md): what the write, decode and the
+    two-part prefill of every layer need in one step."""
+
+    row_slot: torch.Tensor  # [max_num_seqs] int32 residual slot of each batch row (persistent)
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, all rows
+    seq_lens: torch.Tensor  # [num_reqs] int32, all rows
+    # prefill rows only (None in decode-only steps)
+    prefill_plan: kc_prefill.KCPrefillPlan | None = None
+    row_slot_host: list[int] | None = None  # every batch row's slot, for the gather
+    workspace_start: torch.Tensor | None = None  # [prefills + 1] int32, dequantize_pages_kc
+
+
+@dataclass
 class BitDecodeMetadata:
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64
@@ -104,6 +118,7 @@ class BitDecodeMetadata:
     partial_out: torch.Tensor  # split-K workspace, float32
     partial_lse: torch.Tensor
     sparse: SparseMetadata | None = None  # sparse decode, when configured
+    channel_k: ChannelKMetadata | None = None  # per-channel K mode, when configured
 
 
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
@@ -127,7 +142,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         )
         self.num_sms, self.ctas_per_sm = decode_slots(
             model.dtype, self.bitdecode.bits, self.bitdecode.group_size,
-            self.num_heads // self.num_kv_heads, device,
+            self.num_heads // self.num_kv_heads, device, self.bitdecode.channel_k,
         )
         # Split-K workspace for the largest decode batch, allocated once so that CUDA
         # graphs capture fixed addresses.
@@ -138,6 +153,10 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         )
         self.partial_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=device)
         self.sparse = self._init_sparse(vllm_config, max_seqs, device)
+        # per-channel K: the worker's residual-slot table, stepped after vLLM's
+        # _update_states; rows map to slots of the impls' residual buffers
+        self.row_slots = (residual_slots.install_table(max_seqs, device)
+                          if self.bitdecode.channel_k else None)
 
     def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
         """Persistent buffers of sparse mode. The score workspace holds one key per token
@@ -225,7 +244,28 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             partial_out=self.partial_out,
             partial_lse=self.partial_lse,
             sparse=sparse,
+            channel_k=self._build_channel_k(cam, num_decodes) if self.row_slots else None,
         )
+
+    def _build_channel_k(self, cam: CommonAttentionMetadata,
+                         num_decodes: int) -> ChannelKMetadata:
+        md = ChannelKMetadata(
+            row_slot=self.row_slots.device_row_slot,
+            query_start_loc=cam.query_start_loc[: cam.num_reqs + 1],
+            seq_lens=cam.seq_lens[: cam.num_reqs],
+        )
+        if cam.num_reqs > num_decodes:  # prefill rows: host-side plan, no device sync
+            bound = cam.seq_lens_cpu_upper_bound
+            if bound is None:
+                bound = cam.seq_lens.cpu()
+            plan = kc_prefill.plan_kc_prefill(
+                cam.query_start_loc_cpu.tolist(), bound.tolist(),
+                list(range(num_decodes, cam.num_reqs)), self.kv_cache_spec.block_size)
+            md.prefill_plan = plan
+            md.row_slot_host = self.row_slots.host[: cam.num_reqs].tolist()
+            md.workspace_start = kc_prefill.workspace_starts(plan).to(self.device,
+                                                                      non_blocking=True)
+        return md
 
     def _build_prefill(
         self, cam: CommonAttentionMetadata, num_decodes: int, num_decode_tokens: int
