@@ -74,10 +74,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
                        "bitdecode": {"bits": 4, "sparse": {"enabled": True, "token_budget": 256,
                                                            "min_seq_len": 512}},
                        "label": "BITDECODE 4-bit, sparse k=256"},
+    # per-channel K (issue #7): K per channel over each page, the newest page exact
+    "int4-channel": {"backend": "BITDECODE", "bitdecode": {"bits": 4, "k_mode": "channel"},
+                     "label": "BITDECODE 4-bit, K per channel"},
+    "int2-channel": {"backend": "BITDECODE", "bitdecode": {"bits": 2, "k_mode": "channel"},
+                     "label": "BITDECODE 2-bit, K per channel"},
 }
 # Issue #5's targets: perplexity increase over bf16 (%) and retrieval points below bf16.
 TARGETS = {"int4": (1.5, 1.0), "int4-norot": (1.5, 1.0), "int2": (8.0, 5.0),
-           "int2-norot": (8.0, 5.0)}
+           "int2-norot": (8.0, 5.0), "int4-channel": (1.5, 1.0), "int2-channel": (8.0, 5.0)}
 
 MAX_MODEL_LEN = data.MAX_CONTEXT
 PPL_CONTEXTS = (2048, 8192)
