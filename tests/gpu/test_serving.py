@@ -23,7 +23,10 @@ the same context gives ~0.1%. Rows are matched by position (and, for batches, by
 nearest of the reference rows at that position).
 
 Environment: BITDECODE_SERVING_BITS="4,2" (default) picks the bit widths. About 6 engine
-starts in all; the file should take 4-5 minutes on an H100.
+starts in all; the file should take 4-5 minutes on an H100. BITDECODE_SERVING_K_MODE=channel
+runs every check in per-channel K mode (issue #7), where chunked prefill, prefix hits,
+preemption and graph padding are the residual's lifetime cases; its chunks of 2040
+tokens then end mid-page.
 """
 
 from __future__ import annotations
@@ -45,10 +48,11 @@ from vllm_bitdecode.testing import (
 pytestmark = pytest.mark.gpu
 
 BITS = [int(b) for b in os.environ.get("BITDECODE_SERVING_BITS", "4,2").split(",") if b]
+K_MODE = os.environ.get("BITDECODE_SERVING_K_MODE", "token")
 MAX_LEN = 16384
 BLOCK = 16  # vLLM's default block size, which BITDECODE keeps
 
-LONG, CHUNK, LONG_GEN = 15000, 2048, 16
+LONG, CHUNK, LONG_GEN = 15000, 2048 if K_MODE == "token" else 2040, 16
 PREFIX, SUFFIX_A, SUFFIX_B, PREFIX_GEN = 6000, 300, 500, 16
 # Short prompts and long answers: all requests start, then outgrow the cache. vLLM's
 # scheduler, simulated on CPU with these numbers, preempts 12 times.
@@ -99,7 +103,7 @@ def _job(name, prompts, max_tokens, reset=True, capture=True):
 
 def _specs(model: str, bits: int) -> dict[str, dict]:
     p = _prompts()
-    common = dict(model=model, backend="BITDECODE", bitdecode={"bits": bits},
+    common = dict(model=model, backend="BITDECODE", bitdecode={"bits": bits, "k_mode": K_MODE},
                   gpu_memory_utilization=0.25, max_model_len=MAX_LEN, max_num_seqs=64,
                   enable_prefix_caching=True, disable_log_stats=False,
                   logprobs_mode="raw_logits", count_graph_replays=True)
