@@ -21,7 +21,10 @@ Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-
 ``-g32``/``-g64`` (group size), ``-konly``/``-vonly`` (quantize one of them), ``-kc``
 (K per channel over blocks of 128 tokens as in KIVI / BitDecoding's KC mode, the last
 partial block left unquantized like their fp16 residual; V per token; K is never rotated
-there, so ``-kc-norot`` is refused). ``bf16`` rounds nothing beyond bf16.
+there, so ``-kc-norot`` is refused), ``-own`` (with ``-kc``: the design's own-page rule of
+per-channel K mode at block 16, as the backend's ``k_mode="channel"`` computes it: a query
+sees the pages before its own quantized per channel and its own page's keys exactly). ``bf16``
+rounds nothing beyond bf16.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from vllm_bitdecode import stdlib_llama as data  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat  # noqa: E402
 
 KC_BLOCK = 128
+OWN_BLOCK = 16  # vLLM's default block size, the backend's page in channel mode
 DEFAULT_MODES = ("bf16,int4,int4-norot,int4-g32,int4-konly,int4-vonly,"
                  "int2,int2-g32,int2-konly,int2-vonly,int2-kc")
 
@@ -57,6 +61,7 @@ class Mode:
     quant_k: bool = True
     quant_v: bool = True
     k_per_channel: bool = False
+    own_page: bool = False  # with k_per_channel: the own-page rule at block OWN_BLOCK
 
     @staticmethod
     def parse(name: str) -> Mode:
@@ -77,8 +82,12 @@ class Mode:
                 kw["quant_k"] = False
             elif p == "kc":
                 kw["k_per_channel"] = True
+            elif p == "own":
+                kw["own_page"] = True
             else:
                 raise SystemExit(f"unknown suffix {p!r} in mode {name!r}")
+        if kw.get("own_page") and not kw.get("k_per_channel"):
+            raise SystemExit(f"mode {name!r}: -own is the own-page rule of -kc; add -kc")
         if kw.get("k_per_channel") and kw.get("rotate_k") is False:
             raise SystemExit(f"mode {name!r}: per-channel K (-kc) is never rotated; drop -norot")
         return Mode(name, **kw)
@@ -126,9 +135,42 @@ def quantize_kv(key: torch.Tensor, value: torch.Tensor, mode: Mode):
     return key, value
 
 
+def own_page_attention(query, key, value, mode: Mode, scaling):
+    """The own-page rule: a query at position p attends to K of pages before p // bs
+    quantized per channel over the page, and to K of its own page exactly; V per token."""
+    from vllm_bitdecode.reference_kc import fake_quant_page_k
+
+    key_exact = key.to(torch.bfloat16).float()
+    # every full page per channel with the kernels' rounding (a partial last page is
+    # never an earlier page of any query)
+    t_full = key.shape[-2] // OWN_BLOCK * OWN_BLOCK
+    pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // OWN_BLOCK, OWN_BLOCK))
+    key_q = torch.cat((fake_quant_page_k(pages, mode.bits, torch.bfloat16).flatten(-3, -2),
+                       key_exact[..., t_full:, :]), dim=-2)
+    value = value.to(torch.bfloat16).float()
+    if mode.quant_v:
+        value = fake_quant_per_token(value, mode.bits, mode.group_size)
+    groups = query.shape[1] // key.shape[1]
+    key_q, key_exact, value = (x.repeat_interleave(groups, dim=1)
+                               for x in (key_q, key_exact, value))
+    q = query.float()
+    t = q.shape[-2]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    pos = torch.arange(t)
+    page = pos // OWN_BLOCK
+    closed = page[None, :] < page[:, None]  # [query, key]: an earlier page
+    own = (page[None, :] == page[:, None]) & (pos[None, :] <= pos[:, None])
+    s = torch.where(closed, q @ key_q.transpose(-1, -2), q @ key_exact.transpose(-1, -2))
+    s = (s * scale).masked_fill(~(closed | own), float("-inf"))
+    out = torch.softmax(s, dim=-1) @ value
+    return out.transpose(1, 2).contiguous()
+
+
 def make_attention(mode: Mode):
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                   **kwargs):
+        if mode.own_page:
+            return own_page_attention(query, key, value, mode, scaling), None
         key, value = quantize_kv(key, value, mode)
         groups = query.shape[1] // key.shape[1]
         key = key.repeat_interleave(groups, dim=1)
