@@ -56,11 +56,15 @@ KCOffsets kc_offsets(const PageGeometry& g) {
   return o;
 }
 
+void check_kc_block_size(int64_t block_size) {
+  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
+              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+}
+
 // The residual of the channel mode: block_size exact K rows per slot and KV head.
 void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t block_size,
                     at::ScalarType dtype) {
-  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
-              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+  check_kc_block_size(block_size);
   TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == dtype && residual.dim() == 4 &&
                   residual.size(1) == num_kv_heads && residual.size(2) == block_size &&
                   residual.size(3) == kHead && residual.is_contiguous(),
@@ -332,8 +336,7 @@ void dequantize_pages_kc(const at::Tensor& cache, const at::Tensor& block_table,
                          at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
                          int64_t group_size, int64_t block_size, int64_t max_tokens) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
-              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+  check_kc_block_size(block_size);
   const DequantizeParams p = dequantize_params(cache, block_table, seq_lens, out_start, key_out,
                                                value_out, g, max_tokens, true);
   const c10::cuda::CUDAGuard guard(cache.device());
@@ -419,6 +422,7 @@ void decode_kc(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                at::Tensor& partial_lse, double softmax_scale, int64_t bits, int64_t group_size,
                int64_t block_size, int64_t num_splits, int64_t min_tiles_per_split) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
+  check_kc_block_size(block_size);
   DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
                                  partial_lse, std::nullopt, softmax_scale, g, num_splits,
                                  min_tiles_per_split, /*channel_k=*/true);

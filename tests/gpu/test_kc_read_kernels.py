@@ -134,3 +134,38 @@ def test_dequantize_kc_matches_reference_bit_for_bit(dtype, bits, group_size, bl
         assert torch.equal(k_out[rows][:full].view(torch.int16),
                            k[:full].to(dtype).view(torch.int16)), \
             f"sequence {i} (n={n}): K of full pages differs"
+
+
+BAD_KC_CALL = """
+import torch, vllm_bitdecode.ops as o
+from vllm_bitdecode.page_format import PageFormat
+from vllm_bitdecode.reference_kc import KCPageLayout
+layout = KCPageLayout(PageFormat(128, 4, 128, 16))
+cache = torch.zeros(4, 2, layout.head_region_bytes, dtype=torch.uint8, device="cuda")
+q = torch.randn(1, 8, 128, dtype=torch.bfloat16, device="cuda")
+out = torch.empty_like(q)
+table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
+lens = torch.tensor([20], dtype=torch.int32, device="cuda")
+ws = torch.empty(1024 * 128, device="cuda")
+a = dict(cache=cache, residual=torch.zeros(3, 2, 16, 128, dtype=torch.bfloat16, device="cuda"),
+         row_slot=torch.zeros(1, dtype=torch.int32, device="cuda"), block_size=16)
+a.update({kwargs})
+o.decode_kc(out, q, a["cache"], a["residual"], table, lens, a["row_slot"], ws, ws, 0.1, 4, 128,
+            a["block_size"], 1, 8)
+torch.cuda.synchronize()
+print("OK")
+"""
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ("", None),  # the valid call works
+    ("residual=a['residual'].half()", "residual must be a contiguous CUDA tensor"),
+    ("residual=a['residual'][:, :1]", "residual must be a contiguous CUDA tensor"),
+    ("row_slot=a['row_slot'].long()", "row_slot must be a contiguous CUDA int32"),
+    ("cache=torch.zeros(4, 2, 2176, dtype=torch.uint8, device='cuda')", "channel-mode page"),
+    ("block_size=256", "block size"),
+])
+def test_decode_kc_bad_arguments_raise_clear_errors(kwargs, message):
+    from tests.gpu.test_kernels import _expect_clear_error
+
+    _expect_clear_error(BAD_KC_CALL.replace("{kwargs}", kwargs), message)
