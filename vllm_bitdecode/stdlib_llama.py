@@ -514,3 +514,27 @@ def eval_grid(tasks: RetrievalTasks, stream: Sequence[int], task: str,
             for _ in range(trials):
                 out.append(tasks.eval_example(task, rng, stream, ctx - max_new_tokens, depth))
     return out
+
+
+def passkey_prompts(seed: int, depths: Sequence[float], context: int = 6000,
+                    model_dir: str | Path = MODEL_DIR) -> tuple[list[list[int]], list[str]]:
+    """One pass-key prompt of ``context`` tokens of held-out text per needle depth, drawn
+    in order from ``random.Random(seed)``, and the keys: the GPU tests' retrieval probes."""
+    tok = load_tokenizer(model_dir)
+    held = heldout_tokens(model_dir, tok)
+    tasks = RetrievalTasks(tok)
+    rng = random.Random(seed)
+    prompts, answers = [], []
+    for depth in depths:
+        ex = tasks.eval_example("passkey", rng, held, context, depth)
+        prompts.append(list(ex.prompt))
+        answers.append(ex.answer)
+    return prompts, answers
+
+
+def count_right(tokens: Sequence[Sequence[int]], answers: Sequence[str],
+                model_dir: str | Path = MODEL_DIR) -> int:
+    """How many generations (token ids) start their first run of digits with the key."""
+    tok = load_tokenizer(model_dir)
+    return sum(answer_correct(tok.decode(list(t)), a)
+               for t, a in zip(tokens, answers, strict=True))

@@ -264,3 +264,13 @@ def test_answer_check():
     assert not data.answer_correct(" 739145.", "73914")
     assert not data.answer_correct(" 7391.", "73914")
     assert not data.answer_correct(" none", "73914")
+
+
+def test_gpu_tests_passkey_probes_are_deterministic_and_scored_by_their_keys():
+    prompts, answers = data.passkey_prompts(11, (0.1, 0.9), context=1500)
+    again, _ = data.passkey_prompts(11, (0.1, 0.9), context=1500)
+    assert prompts == again and len(prompts) == 2 and all(len(p) == 1500 for p in prompts)
+    tok = data.load_tokenizer(data.MODEL_DIR)
+    right = [tok.encode(a + "\n").ids for a in answers]
+    assert data.count_right(right, answers) == 2
+    assert data.count_right(right[::-1], answers) == (answers[0] == answers[1]) * 2

@@ -14,7 +14,6 @@ hits, unscheduled requests, reordering) are not written yet.
 from __future__ import annotations
 
 import functools
-import random
 
 import pytest
 
@@ -28,16 +27,7 @@ GEN = 16
 
 @functools.cache
 def _prompts() -> tuple[list[list[int]], list[str]]:
-    tok = data.load_tokenizer(data.MODEL_DIR)
-    held = data.heldout_tokens(data.MODEL_DIR, tok)
-    tasks = data.RetrievalTasks(tok)
-    rng = random.Random(13)
-    prompts, answers = [], []
-    for depth in (0.1, 0.5, 0.9):
-        ex = tasks.eval_example("passkey", rng, held, 6000, depth)
-        prompts.append(list(ex.prompt))
-        answers.append(ex.answer)
-    return prompts, answers
+    return data.passkey_prompts(13, (0.1, 0.5, 0.9))
 
 
 @functools.cache
@@ -54,10 +44,7 @@ def _run(bits: int = 4, **engine) -> dict:
 
 
 def _right(res: dict) -> int:
-    _, answers = _prompts()
-    tok = data.load_tokenizer(data.MODEL_DIR)
-    return sum(data.answer_correct(tok.decode(t), a)
-               for t, a in zip(res["jobs"]["gen"]["tokens"], answers, strict=True))
+    return data.count_right(res["jobs"]["gen"]["tokens"], _prompts()[1])
 
 
 def test_channel_mode_finds_the_pass_keys():

@@ -17,7 +17,6 @@ generated token decodes sparsely past ``min_seq_len``):
 from __future__ import annotations
 
 import functools
-import random
 
 import pytest
 
@@ -31,16 +30,7 @@ GEN = 16
 
 @functools.cache
 def _prompts() -> tuple[list[list[int]], list[str]]:
-    tok = data.load_tokenizer(data.MODEL_DIR)
-    held = data.heldout_tokens(data.MODEL_DIR, tok)
-    tasks = data.RetrievalTasks(tok)
-    rng = random.Random(11)
-    prompts, answers = [], []
-    for depth in (0.1, 0.3, 0.5, 0.7, 0.9):
-        ex = tasks.eval_example("passkey", rng, held, 6000, depth)
-        prompts.append(list(ex.prompt))
-        answers.append(ex.answer)
-    return prompts, answers
+    return data.passkey_prompts(11, (0.1, 0.3, 0.5, 0.7, 0.9))
 
 
 def _run(sparse: dict | None) -> dict:
@@ -62,10 +52,7 @@ def _dense() -> dict:
 
 
 def _answers_right(res: dict) -> int:
-    _, answers = _prompts()
-    tok = data.load_tokenizer(data.MODEL_DIR)
-    return sum(data.answer_correct(tok.decode(t), a)
-               for t, a in zip(res["jobs"]["gen"]["tokens"], answers, strict=True))
+    return data.count_right(res["jobs"]["gen"]["tokens"], _prompts()[1])
 
 
 def test_budget_above_every_length_equals_dense_decoding():

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import random
 
 import pytest
 import torch
@@ -70,14 +69,8 @@ def _prompts() -> tuple[list[list[int]], list[str]]:
     tok = data.load_tokenizer(data.MODEL_DIR)
     held = data.heldout_tokens(data.MODEL_DIR, tok)
     prompts = data.ppl_windows(held, 3000, 6 * 2999)
-    tasks = data.RetrievalTasks(tok)
-    rng = random.Random(9)
-    answers = [""] * len(prompts)
-    for depth in (0.1, 0.5, 0.9):
-        ex = tasks.eval_example("passkey", rng, held, 6000, depth)
-        prompts.append(list(ex.prompt))
-        answers.append(ex.answer)
-    return prompts, answers
+    keys, answers = data.passkey_prompts(9, (0.1, 0.5, 0.9))
+    return prompts + keys, [""] * len(prompts) + answers
 
 
 def _spec(tp: int, executor: str | None) -> dict:
