@@ -40,14 +40,49 @@ int64_t head_region_bytes(const PageGeometry& g) {
   return static_cast<int64_t>(g.block_size) * (2 * g.row_bytes + g.param_bytes);
 }
 
-void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads) {
+// The channel-mode head region (reference_kc.KCPageLayout): K rows, V rows, V (scale,
+// zero) per token and group, then K scale[128] and zero[128] of the page.
+struct KCOffsets {
+  int64_t v_param_bytes;    // per token
+  int64_t k_params_offset;
+  int64_t region;           // bytes of one head region
+};
+
+KCOffsets kc_offsets(const PageGeometry& g) {
+  KCOffsets o;
+  o.v_param_bytes = g.param_bytes / 2;
+  o.k_params_offset = g.params_offset + g.block_size * o.v_param_bytes;
+  o.region = o.k_params_offset + 2 * kHead * 2;
+  return o;
+}
+
+void check_kc_block_size(int64_t block_size) {
+  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
+              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
+}
+
+// The residual of the channel mode: block_size exact K rows per slot and KV head.
+void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t block_size,
+                    at::ScalarType dtype) {
+  check_kc_block_size(block_size);
+  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == dtype && residual.dim() == 4 &&
+                  residual.size(1) == num_kv_heads && residual.size(2) == block_size &&
+                  residual.size(3) == kHead && residual.is_contiguous(),
+              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, ", num_kv_heads,
+              ", ", block_size, ", 128] of the ", dtype == at::kHalf ? "float16" : "bfloat16",
+              " model dtype");
+}
+
+void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads,
+                 bool channel_k = false) {
+  const int64_t region = channel_k ? kc_offsets(g).region : head_region_bytes(g);
   TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3,
               "bitdecode: cache must be a CUDA uint8 tensor [num_blocks, num_kv_heads, "
               "head_region_bytes]");
   TORCH_CHECK(cache.size(1) == num_kv_heads, "bitdecode: cache has ", cache.size(1),
               " KV heads, inputs have ", num_kv_heads);
-  TORCH_CHECK(cache.size(2) == head_region_bytes(g), "bitdecode: cache head region is ",
-              cache.size(2), " bytes, the page format needs ", head_region_bytes(g));
+  TORCH_CHECK(cache.size(2) == region, "bitdecode: cache head region is ", cache.size(2),
+              " bytes, the ", channel_k ? "channel-mode " : "", "page format needs ", region);
   TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == cache.size(2),
               "bitdecode: cache head regions must be contiguous");
   TORCH_CHECK(cache.stride(0) % 16 == 0, "bitdecode: cache pages must be 16-byte aligned");
@@ -428,8 +463,6 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                      at::Tensor& residual, int64_t bits, int64_t group_size,
                      int64_t block_size) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  TORCH_CHECK(block_size <= kKCMaxBlockSize, "bitdecode: per-channel K mode supports block "
-              "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
   check_tokens(key, "key");
   check_tokens(value, "value");
   TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
@@ -449,23 +482,9 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                 "bitdecode: seq_lens and row_slot must be contiguous CUDA int32 vectors with "
                 "one entry per request");
   }
-  // the channel-mode head region (reference_kc.KCPageLayout)
-  const int64_t v_param_bytes = g.param_bytes / 2;
-  const int64_t v_params_offset = g.params_offset;
-  const int64_t k_params_offset = v_params_offset + block_size * v_param_bytes;
-  const int64_t region = k_params_offset + 2 * kHead * 2;
-  TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3 &&
-                  cache.size(1) == num_kv_heads && cache.size(2) == region &&
-                  cache.stride(2) == 1 && cache.stride(1) == region &&
-                  cache.stride(0) % 16 == 0,
-              "bitdecode: the channel-mode cache must be a CUDA uint8 tensor [num_blocks, ",
-              num_kv_heads, ", ", region, "] with contiguous, 16-byte aligned head regions");
-  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == key.scalar_type() &&
-                  residual.dim() == 4 && residual.size(1) == num_kv_heads &&
-                  residual.size(2) == block_size && residual.size(3) == kHead &&
-                  residual.is_contiguous(),
-              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, ", num_kv_heads,
-              ", ", block_size, ", 128] of the key dtype");
+  check_residual(residual, num_kv_heads, block_size, key.scalar_type());
+  check_cache(cache, g, num_kv_heads, /*channel_k=*/true);
+  const KCOffsets kc = kc_offsets(g);
   const c10::cuda::CUDAGuard guard(key.device());
 
   KCWriteParams p{};
@@ -480,9 +499,9 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   p.block_size = static_cast<int>(block_size);
   p.row_bytes = g.row_bytes;
   p.v_rows_offset = g.v_rows_offset;
-  p.v_params_offset = static_cast<int>(v_params_offset);
-  p.v_param_bytes = static_cast<int>(v_param_bytes);
-  p.k_params_offset = static_cast<int>(k_params_offset);
+  p.v_params_offset = g.params_offset;
+  p.v_param_bytes = static_cast<int>(kc.v_param_bytes);
+  p.k_params_offset = static_cast<int>(kc.k_params_offset);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key.scalar_type(), bits, group_size,
                      launch_kc_write<T, kBits, kGroup>(p, stream);)
