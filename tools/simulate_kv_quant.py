@@ -23,8 +23,12 @@ Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-
 partial block left unquantized like their fp16 residual; V per token; K is never rotated
 there, so ``-kc-norot`` is refused), ``-own`` (with ``-kc``: the design's own-page rule of
 per-channel K mode at block 16, as the backend's ``k_mode="channel"`` computes it: a query
-sees the pages before its own quantized per channel and its own page's keys exactly). ``bf16``
-rounds nothing beyond bf16.
+sees the pages before its own quantized per channel and its own page's keys exactly), and
+with ``-own``: ``-b<N>`` (pages of N tokens instead of 16: K per channel over N tokens,
+and the query's own N-token page exact), ``-w<N>`` (the exact block is the query's own
+block of N tokens, a multiple of the page, instead of its page) and ``-vexact`` (V in that
+block exact too, like KIVI's fp16 residual of the newest tokens). ``bf16`` rounds nothing
+beyond bf16.
 """
 
 from __future__ import annotations
@@ -61,7 +65,10 @@ class Mode:
     quant_k: bool = True
     quant_v: bool = True
     k_per_channel: bool = False
-    own_page: bool = False  # with k_per_channel: the own-page rule at block OWN_BLOCK
+    own_page: bool = False  # with k_per_channel: the own-page rule at block `page`
+    page: int = OWN_BLOCK  # with own_page: tokens per page, the block K is quantized over
+    window: int = OWN_BLOCK  # with own_page: tokens of the exact block a query sees (KIVI's R)
+    v_window_exact: bool = False  # with own_page: V of that block exact too (KIVI)
 
     @staticmethod
     def parse(name: str) -> Mode:
@@ -84,10 +91,19 @@ class Mode:
                 kw["k_per_channel"] = True
             elif p == "own":
                 kw["own_page"] = True
+            elif p[:1] in "bw" and p[1:].isdigit():
+                kw["page" if p[0] == "b" else "window"] = int(p[1:])
+            elif p == "vexact":
+                kw["v_window_exact"] = True
             else:
                 raise SystemExit(f"unknown suffix {p!r} in mode {name!r}")
         if kw.get("own_page") and not kw.get("k_per_channel"):
             raise SystemExit(f"mode {name!r}: -own is the own-page rule of -kc; add -kc")
+        if kw.keys() & {"page", "window", "v_window_exact"} and not kw.get("own_page"):
+            raise SystemExit(f"mode {name!r}: -b<N>, -w<N>, -vexact qualify -own; add -kc-own")
+        kw.setdefault("window", kw.get("page", OWN_BLOCK))
+        if kw["window"] % kw.get("page", OWN_BLOCK):
+            raise SystemExit(f"mode {name!r}: the window must be a multiple of the page")
         if kw.get("k_per_channel") and kw.get("rotate_k") is False:
             raise SystemExit(f"mode {name!r}: per-channel K (-kc) is never rotated; drop -norot")
         return Mode(name, **kw)
@@ -137,32 +153,40 @@ def quantize_kv(key: torch.Tensor, value: torch.Tensor, mode: Mode):
 
 def own_page_attention(query, key, value, mode: Mode, scaling):
     """The own-page rule: a query at position p attends to K of pages before p // bs
-    quantized per channel over the page, and to K of its own page exactly; V per token."""
+    quantized per channel over the page, and to K of its own page exactly; V per token.
+    With ``mode.window`` > the page, the exact block is the query's own block of that many
+    tokens (pages are still quantized per channel over ``mode.page`` tokens); with
+    ``mode.v_window_exact``, V in that block is exact too, as in KIVI's residual."""
     from vllm_bitdecode.reference_kc import fake_quant_page_k
 
     key_exact = key.to(torch.bfloat16).float()
     # every full page per channel with the kernels' rounding (a partial last page is
     # never an earlier page of any query)
-    t_full = key.shape[-2] // OWN_BLOCK * OWN_BLOCK
-    pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // OWN_BLOCK, OWN_BLOCK))
+    t_full = key.shape[-2] // mode.page * mode.page
+    pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // mode.page, mode.page))
     key_q = torch.cat((fake_quant_page_k(pages, mode.bits, torch.bfloat16).flatten(-3, -2),
                        key_exact[..., t_full:, :]), dim=-2)
-    value = value.to(torch.bfloat16).float()
+    value_exact = value.to(torch.bfloat16).float()
+    value = value_exact
     if mode.quant_v:
-        value = fake_quant_per_token(value, mode.bits, mode.group_size)
+        value = fake_quant_per_token(value_exact, mode.bits, mode.group_size)
     groups = query.shape[1] // key.shape[1]
-    key_q, key_exact, value = (x.repeat_interleave(groups, dim=1)
-                               for x in (key_q, key_exact, value))
+    key_q, key_exact, value, value_exact = (x.repeat_interleave(groups, dim=1)
+                                            for x in (key_q, key_exact, value, value_exact))
     q = query.float()
     t = q.shape[-2]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     pos = torch.arange(t)
-    page = pos // OWN_BLOCK
-    closed = page[None, :] < page[:, None]  # [query, key]: an earlier page
+    page = pos // mode.window
+    closed = page[None, :] < page[:, None]  # [query, key]: an earlier page (block)
     own = (page[None, :] == page[:, None]) & (pos[None, :] <= pos[:, None])
     s = torch.where(closed, q @ key_q.transpose(-1, -2), q @ key_exact.transpose(-1, -2))
     s = (s * scale).masked_fill(~(closed | own), float("-inf"))
-    out = torch.softmax(s, dim=-1) @ value
+    p = torch.softmax(s, dim=-1)
+    if mode.v_window_exact:
+        out = (p * closed) @ value + (p * own) @ value_exact
+    else:
+        out = p @ value
     return out.transpose(1, 2).contiguous()
 
 

@@ -113,3 +113,33 @@ def test_own_page_mode_is_the_specification_of_channel_mode(sim, bits, group_siz
     assert float((got - expected).norm() / expected.norm()) < 1e-5
     with pytest.raises(SystemExit):
         sim.Mode.parse("int4-own")
+
+
+def test_exact_window_suffixes(sim):
+    """-b<N> / -w<N> / -vexact: with the exact block covering the whole sequence and V exact
+    in it, nothing is quantized (bf16 attention); with -vexact alone V of the own page is
+    exact, so the result moves toward bf16."""
+    m = sim.Mode.parse("int2-kc-own-g32-b64-vexact")
+    assert (m.page, m.window, m.v_window_exact) == (64, 64, True)
+    assert sim.Mode.parse("int2-kc-own-w128").window == 128
+    assert sim.Mode.parse("int2-kc-own").window == sim.OWN_BLOCK
+    for bad in ("int2-kc-w64", "int2-vexact", "int2-kc-own-b32-w48"):
+        with pytest.raises(SystemExit):
+            sim.Mode.parse(bad)
+
+    gen = torch.Generator().manual_seed(5)
+    t, heads, kv_heads, d = 45, 4, 2, 128
+    q = torch.randn(1, heads, t, d, generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, kv_heads, t, d, generator=gen).to(torch.bfloat16)
+    v = torch.randn(1, kv_heads, t, d, generator=gen).to(torch.bfloat16)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1),
+        is_causal=True).transpose(1, 2)
+
+    def err(name: str) -> float:
+        got = sim.own_page_attention(q, k, v, sim.Mode.parse(name), d**-0.5)
+        return float((got - exact).norm() / exact.norm())
+
+    assert err("int2-kc-own-g32-w48-vexact") < 1e-5  # one block of 48 covers all 45
+    assert err("int2-kc-own-g32-b16-w48") > 1e-2  # V still quantized
+    assert err("int2-kc-own-g32-vexact") < err("int2-kc-own-g32") / 1.2
