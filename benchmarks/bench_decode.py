@@ -144,7 +144,7 @@ def fill_pages_kc(table: torch.Tensor, num_blocks: int, context: int, layout):
     batch = table.shape[0]
     cache = torch.empty(num_blocks, HKV, layout.head_region_bytes, dtype=torch.uint8,
                         device="cuda")
-    residual = torch.empty(batch, HKV, BLOCK, D, dtype=DTYPE, device="cuda")
+    residual = torch.empty(batch, 2, HKV, BLOCK, D, dtype=DTYPE, device="cuda")
     chunk = 1 << 15
     for b in range(batch):
         for start in range(0, context, chunk):
@@ -176,9 +176,10 @@ def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, in
                       128, BLOCK, splits, MIN_TILES_PER_SPLIT)
 
     ms = timer(run)
-    own = (context - 1) // BLOCK * BLOCK  # the own page's K comes from the residual
+    # the own page's tile is copied too, and its K and V come from the residual
+    own = (context - 1) // BLOCK * BLOCK
     nbytes = batch * HKV * (own * layout.bytes_per_token_head
-                            + (context - own) * (layout.bytes_per_token_head + 2 * D))
+                            + (context - own) * (layout.bytes_per_token_head + 2 * 2 * D))
     return ms, int(nbytes), splits
 
 

@@ -61,16 +61,18 @@ void check_kc_block_size(int64_t block_size) {
               "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
 }
 
-// The residual of the channel mode: block_size exact K rows per slot and KV head.
+// The residual of the channel mode: block_size exact K rows, then as many V rows, per slot
+// and KV head.
 void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t block_size,
                     at::ScalarType dtype) {
   check_kc_block_size(block_size);
-  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == dtype && residual.dim() == 4 &&
-                  residual.size(1) == num_kv_heads && residual.size(2) == block_size &&
-                  residual.size(3) == kHead && residual.is_contiguous(),
-              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, ", num_kv_heads,
-              ", ", block_size, ", 128] of the ", dtype == at::kHalf ? "float16" : "bfloat16",
-              " model dtype");
+  TORCH_CHECK(residual.is_cuda() && residual.scalar_type() == dtype && residual.dim() == 5 &&
+                  residual.size(1) == 2 && residual.size(2) == num_kv_heads &&
+                  residual.size(3) == block_size && residual.size(4) == kHead &&
+                  residual.is_contiguous(),
+              "bitdecode: residual must be a contiguous CUDA tensor [num_slots, 2, ",
+              num_kv_heads, ", ", block_size, ", 128] of the ",
+              dtype == at::kHalf ? "float16" : "bfloat16", " model dtype");
 }
 
 void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads,

@@ -21,9 +21,10 @@ Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-
 ``-g32``/``-g64`` (group size), ``-konly``/``-vonly`` (quantize one of them), ``-kc``
 (K per channel over blocks of 128 tokens as in KIVI / BitDecoding's KC mode, the last
 partial block left unquantized like their fp16 residual; V per token; K is never rotated
-there, so ``-kc-norot`` is refused), ``-own`` (with ``-kc``: the design's own-page rule of
-per-channel K mode at block 16, as the backend's ``k_mode="channel"`` computes it: a query
-sees the pages before its own quantized per channel and its own page's keys exactly), and
+there, so ``-kc-norot`` is refused), ``-own`` (with ``-kc``: the own-page rule of
+per-channel K mode at block 16: a query sees the pages before its own quantized per
+channel and its own page's keys exactly; ``-kc-own-vexact`` is what the backend's
+``k_mode="channel"`` computes), and
 with ``-own``: ``-b<N>`` (pages of N tokens instead of 16: K per channel over N tokens,
 and the query's own N-token page exact), ``-w<N>`` (the exact block is the query's own
 block of N tokens, a multiple of the page, instead of its page) and ``-vexact`` (V in that

@@ -1,7 +1,8 @@
 """Prefill in per-channel K mode (issue #7, docs/per-channel-k-design.md section 8).
 
-A query at position ``p`` attends to the pages before its own page ``p // bs`` with their
-per-channel quantized K, and to its own page's keys ``p // bs * bs .. p`` exactly. No
+A query at position ``p`` attends to the pages before its own page ``p // bs`` as stored
+(K per channel, V per token), and to its own page's keys and values ``p // bs * bs .. p``
+exactly. No
 single FlashAttention call has that mask, so the queries of a step's prefill rows are cut
 into *segments*, the queries of one request that sit in one page (consecutive tokens of
 the step, so no reordering), and attention runs in two parts that are merged by LSE:
@@ -9,10 +10,10 @@ the step, so no reordering), and attention runs in two parts that are merged by 
 1. **closed**: each segment over the dequantized pages before its page (non-causal),
    read as a paged KV cache from a workspace where every request starts on a page
    boundary (``seqused_k = page * bs``; segments in a request's first page have none);
-2. **own**: each segment over its page's exact keys up to its last query (causal,
-   aligned at the bottom right): the rows before the step's first position come from
-   the request's residual, gathered *before* the write can overwrite them, the rest
-   from this step's ``key``. V is the page's per-token V in both parts.
+2. **own**: each segment over its page's exact keys and values up to its last query
+   (causal, aligned at the bottom right): the rows before the step's first position
+   come from the request's residual, gathered *before* the write can overwrite them, the
+   rest from this step's ``key`` and ``value``.
 
 This module plans the segments on the host and runs the two parts through attention
 functions passed in (FlashAttention in the backend, plain PyTorch in the CPU tests,
@@ -108,19 +109,19 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
     )
 
 
-def gather_own_keys(plan: KCPrefillPlan, residual: torch.Tensor, row_slot: Sequence[int],
-                    key: torch.Tensor) -> list[torch.Tensor]:
-    """Per prefill request, the exact K of positions ``start // bs * bs .. seq_len - 1``:
-    the residual's rows before ``start`` (read now, before the write replaces them) and
-    this step's ``key`` rows (``key`` holds the prefill tokens only, in order).
-    Returns ``[positions, kv_heads, D]`` tensors in the model dtype."""
+def gather_own_kv(plan: KCPrefillPlan, residual: torch.Tensor, row_slot: Sequence[int],
+                  key: torch.Tensor, value: torch.Tensor) -> list[torch.Tensor]:
+    """Per prefill request, the exact K and V of positions ``start // bs * bs ..
+    seq_len - 1``: the residual's rows before ``start`` (read now, before the write
+    replaces them) and this step's ``key`` / ``value`` rows (the prefill tokens only, in
+    order). Returns ``[2, positions, kv_heads, D]`` tensors in the model dtype."""
     bs = plan.block_size
     out = []
     for i, r in enumerate(plan.rows):
         s, n = plan.starts[i], plan.seq_lens[i]
-        old = residual[int(row_slot[r]), :, : s - s // bs * bs].transpose(0, 1)
-        new = key[plan.token_offsets[i] : plan.token_offsets[i] + n - s]
-        out.append(torch.cat((old, new), dim=0))
+        old = residual[int(row_slot[r]), :, :, : s - s // bs * bs].transpose(1, 2)
+        rows = slice(plan.token_offsets[i], plan.token_offsets[i] + n - s)
+        out.append(torch.cat((old, torch.stack((key[rows], value[rows]))), dim=1))
     return out
 
 
@@ -134,7 +135,7 @@ def workspace_starts(plan: KCPrefillPlan) -> torch.Tensor:
 def run_kc_prefill(
     plan: KCPrefillPlan,
     q: torch.Tensor,  # [prefill tokens, heads, D] model dtype
-    own_keys: list[torch.Tensor],  # gather_own_keys
+    own_kv: list[torch.Tensor],  # gather_own_kv
     k_ws: torch.Tensor,  # [ws_blocks * bs, kv_heads, D]: dequantize_pages_kc's K
     v_ws: torch.Tensor,  # [ws_blocks * bs, kv_heads, D]: its V
     scale: float,
@@ -147,15 +148,15 @@ def run_kc_prefill(
     bs = plan.block_size
     dev = q.device
     seg = plan.seg_request.tolist()
-    # own part: each segment's exact keys and their V, contiguous in segment order
+    # own part: each segment's exact keys and values, contiguous in segment order
     own_k, own_v = [], []
     for j, i in enumerate(seg):
         page0 = plan.starts[i] // bs * bs
         begin = int(plan.own_begin[j])
         count = int(plan.cu_seqlens_own[j + 1] - plan.cu_seqlens_own[j])
-        own_k.append(own_keys[i][begin - page0 : begin - page0 + count])
-        ws = plan.ws_block_start[i] * bs + begin
-        own_v.append(v_ws[ws : ws + count])
+        k, v = own_kv[i][:, begin - page0 : begin - page0 + count]
+        own_k.append(k)
+        own_v.append(v)
     cu_q = plan.cu_seqlens_q.to(dev)
     suffix_out, suffix_lse = own_attention(
         q, torch.cat(own_k), torch.cat(own_v), cu_q, plan.cu_seqlens_own.to(dev), plan.max_q,

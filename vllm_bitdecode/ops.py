@@ -158,7 +158,7 @@ def write_tokens_kc(
     seq_lens: torch.Tensor,  # [num_reqs] int32, context length including this step
     row_slot: torch.Tensor,  # [num_reqs] int32, residual slot of each batch row
     cache: torch.Tensor,  # [num_blocks, num_kv_heads, channel-mode head region] uint8
-    residual: torch.Tensor,  # [num_slots, num_kv_heads, block_size, 128], model dtype
+    residual: torch.Tensor,  # [num_slots, 2, num_kv_heads, block_size, 128], model dtype
     bits: int,
     group_size: int,
     block_size: int,
@@ -166,7 +166,7 @@ def write_tokens_kc(
     """One step's write in per-channel K mode (issue #7), ``reference_kc.write_tokens_kc``
     on the GPU: V per token into the pages; every page whose last slot a token of this
     step writes, quantized per channel over its tokens (earlier keys from the request's
-    residual); then each request's last written page's K rows into its residual.
+    residual); then each request's last written page's K and V rows into its residual.
     ``group_size`` applies to V; K has one (scale, zero) per channel and page."""
     torch.ops.bitdecode.write_tokens_kc(
         key, value, slot_mapping, query_start_loc, seq_lens, row_slot, cache, residual, bits,
@@ -178,7 +178,7 @@ def decode_kc(
     out: torch.Tensor,  # [num_seqs, num_heads, 128], model dtype; written
     q: torch.Tensor,  # [num_seqs, num_heads, 128], one decode token per sequence
     cache: torch.Tensor,  # [num_blocks, num_kv_heads, channel-mode head region] uint8
-    residual: torch.Tensor,  # [num_slots, num_kv_heads, block_size, 128], model dtype
+    residual: torch.Tensor,  # [num_slots, 2, num_kv_heads, block_size, 128], model dtype
     block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, including the query token; 0 = padding
     row_slot: torch.Tensor,  # [num_seqs] int32, residual slot of each sequence
@@ -193,7 +193,7 @@ def decode_kc(
 ) -> None:
     """Decode in per-channel K mode (issue #7), ``reference_kc.paged_decode_kc`` on the GPU:
     one online softmax over the packed per-channel pages and, in the same pass, the
-    sequence's own page with its exact K from ``residual[row_slot[seq]]``. ``group_size``
+    sequence's own page with its exact K and V from ``residual[row_slot[seq]]``. ``group_size``
     applies to V. Split-K as :func:`decode`."""
     torch.ops.bitdecode.decode_kc(
         out, q, cache, residual, block_table, seq_lens, row_slot, partial_out, partial_lse,

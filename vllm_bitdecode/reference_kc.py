@@ -8,16 +8,16 @@ the oracle that the per-channel kernels will be tested against, as
   (scale, zero) pair over the page's ``block_size`` tokens, in the model dtype. The codes
   use the same packed row order as the per-token page (``PageFormat.k_channel_of_slot``).
   V stays per token and per group of channels, exactly as in the per-token page.
-* A page is quantized once, by the write that fills its last slot. Until then its tokens'
-  K lives in a *residual*: ``block_size`` rows of the model dtype per request, in a buffer
-  indexed by a residual slot that the worker assigns to each live request
-  (``row_slot[row]`` maps a batch row to it). The residual holds the K rows of the
-  request's last written page, whether that page is partial or was just filled.
+* A page is quantized once, by the write that fills its last slot. Its tokens' K and V
+  also live in a *residual*: ``block_size`` rows of K and of V in the model dtype per
+  request, in a buffer indexed by a residual slot that the worker assigns to each live
+  request (``row_slot[row]`` maps a batch row to it). The residual holds the K and V rows
+  of the request's last written page, whether that page is partial or was just filled.
 * Attention semantics (the design's "own page in full precision" rule): a query at
-  position ``p`` sees every key in pages before ``p // block_size`` through the
-  per-channel quantized page, and the keys of its own page (positions
-  ``(p // block_size) * block_size .. p``) exactly. V is always the per-token
-  quantized V. The rule depends only on positions, so chunking, preemption and
+  position ``p`` sees every key and value in pages before ``p // block_size`` through the
+  quantized page (K per channel, V per token), and the keys and values of its own page
+  (positions ``(p // block_size) * block_size .. p``) exactly, as KIVI keeps its newest
+  tokens in full precision. The rule depends only on positions, so chunking, preemption and
   recomputation, prefix-cache hits and batch order cannot change what a query sees.
 
 Per-channel quantization *is* the per-token quantizer applied to the transposed page
@@ -107,8 +107,8 @@ class KCPageLayout:
         return 2 * self.head_size * dtype_bytes / self.bytes_per_token_head
 
     def residual_bytes_per_slot(self, num_kv_heads: int, dtype_bytes: int = 2) -> int:
-        """One request's residual for one layer: ``block_size`` K rows per KV head."""
-        return num_kv_heads * self.block_size * self.head_size * dtype_bytes
+        """One request's residual for one layer: ``block_size`` K and V rows per KV head."""
+        return 2 * num_kv_heads * self.block_size * self.head_size * dtype_bytes
 
 
 def new_cache(num_blocks: int, num_kv_heads: int, layout: KCPageLayout,
@@ -120,9 +120,9 @@ def new_cache(num_blocks: int, num_kv_heads: int, layout: KCPageLayout,
 
 def new_residual(num_slots: int, num_kv_heads: int, layout: KCPageLayout,
                  dtype: torch.dtype) -> torch.Tensor:
-    """``[num_slots, num_kv_heads, block_size, head_size]`` in the model dtype (NaN-filled,
-    so that reading a row nobody wrote shows up)."""
-    return torch.full((num_slots, num_kv_heads, layout.block_size, layout.head_size),
+    """``[num_slots, 2, num_kv_heads, block_size, head_size]`` in the model dtype, K rows
+    then V rows (NaN-filled, so that reading a row nobody wrote shows up)."""
+    return torch.full((num_slots, 2, num_kv_heads, layout.block_size, layout.head_size),
                       float("nan"), dtype=dtype)
 
 
@@ -218,7 +218,7 @@ def token_requests(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
 # ---- the write ---------------------------------------------------------------------------
 def write_tokens_kc(
     cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8, in place
-    residual: torch.Tensor,  # [num_slots, num_kv_heads, block_size, head_size], in place
+    residual: torch.Tensor,  # [num_slots, 2, num_kv_heads, block_size, head_size], in place
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], model dtype
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     slot_mapping: torch.Tensor,  # [num_tokens] block * block_size + offset; < 0: skip
@@ -234,7 +234,7 @@ def write_tokens_kc(
        channel. Its K rows come from this step's ``key`` for positions computed in this
        step, and from the request's residual for earlier positions. Nothing this step
        writes is read here, so one launch can do it in any CTA order.
-    3. Phase B: the K rows of each request's last written page (positions
+    3. Phase B: the K and V rows of each request's last written page (positions
        ``(seq_len - 1) // bs * bs ..``, this step's tokens only) go to its residual.
        Phase B runs after phase A because it may overwrite residual rows that phase A
        reads (a chunk that fills one page and ends in the next).
@@ -278,7 +278,7 @@ def write_tokens_kc(
             if p >= int(starts[r]):
                 rows.append(key[int(qsl[r]) + p - int(starts[r])])
             else:
-                rows.append(residual[int(row_slot[r]), :, p % bs])
+                rows.append(residual[int(row_slot[r]), 0, :, p % bs])
         page_k = torch.stack(rows, dim=1)  # [heads, bs, D]
         codes, scale, zero = quantize_channels(page_k, fmt.bits, dtype)
         _k_rows(cache, layout)[int(blocks[t])] = reference.pack_rows(
@@ -291,8 +291,9 @@ def write_tokens_kc(
     r_safe = row.clamp(min=0)
     to_residual = valid & (pos >= last_page_start[r_safe])
     for t in reversed(to_residual.nonzero().squeeze(-1).tolist()):
-        r = int(row[t])
-        residual[int(row_slot[r]), :, int(pos[t]) % bs] = key[t]
+        r, p = int(row[t]), int(pos[t]) % bs
+        residual[int(row_slot[r]), 0, :, p] = key[t]
+        residual[int(row_slot[r]), 1, :, p] = value[t]
 
 
 # ---- reads -------------------------------------------------------------------------------
@@ -329,9 +330,9 @@ def paged_decode_kc(
 ) -> torch.Tensor:
     """What the decode kernel computes, in one softmax over all keys of a sequence.
 
-    The query sits at position ``n - 1``; its own page ``(n - 1) // bs`` is read from the
-    residual (K exactly as written; V from the page, per token), every earlier page from
-    its packed per-channel form. Rows with ``seq_len == 0`` (CUDA-graph padding) give 0.
+    The query sits at position ``n - 1``; its own page (from ``(n - 1) // bs * bs``) is
+    read from the residual (K and V exactly as written), every earlier page in its packed
+    form. Rows with ``seq_len == 0`` (CUDA-graph padding) give 0.
     Returns float32 ``[num_seqs, num_heads, D]``.
     """
     if q.dtype not in (torch.bfloat16, torch.float16):
@@ -342,11 +343,12 @@ def paged_decode_kc(
         n = int(seq_lens[i])
         if n == 0:
             continue
-        own = (n - 1) // bs
-        k_pages, v_pages = read_pages_kc(cache, block_table[i, : own + 1], layout, q.dtype)
-        k_own = residual[int(row_slot[i]), :, : n - own * bs].transpose(0, 1).float()
-        k = torch.cat((k_pages[: own * bs], k_own), dim=0)
-        out[i] = reference.attention(q[i : i + 1], k, v_pages[:n], scale)[0]
+        own = (n - 1) // bs * bs  # first position of the own page
+        k_pages, v_pages = read_pages_kc(cache, block_table[i, : own // bs], layout, q.dtype)
+        k_own, v_own = residual[int(row_slot[i]), :, :, : n - own].transpose(1, 2).float()
+        k = torch.cat((k_pages, k_own), dim=0)
+        v = torch.cat((v_pages, v_own), dim=0)
+        out[i] = reference.attention(q[i : i + 1], k, v, scale)[0]
     return out
 
 
@@ -366,23 +368,24 @@ def forward_step_kc(
 ) -> torch.Tensor:
     """One attention layer of one step (any mix of prefill chunks and decodes).
 
-    Mirrors the prefill path of the design: the full-precision K of every page touched
-    by this step is gathered (earlier positions from the residual, new ones from ``key``)
-    *before* phase B can overwrite the residual, then K/V are written, then each query
-    at position ``p`` attends to the per-channel pages before its own page and to its
-    own page in full precision. Returns float32 ``[num_tokens, num_heads, D]``.
+    Mirrors the prefill path of the design: the full-precision K and V of every page
+    touched by this step are gathered (earlier positions from the residual, new ones from
+    ``key`` / ``value``) *before* phase B can overwrite the residual, then K/V are written,
+    then each query at position ``p`` attends to the quantized pages before its own page
+    and to its own page in full precision. Returns float32 ``[num_tokens, num_heads, D]``.
     """
     bs = layout.block_size
     qsl = query_start_loc.to(torch.int64)
     lens = seq_lens.to(torch.int64)
-    own_k = []  # per row: K of positions [first touched page start, seq_len), float32
+    own_k, own_v = [], []  # per row: K, V of positions [first touched page start, seq_len)
     for r in range(lens.shape[0]):
         n, qlen = int(lens[r]), int(qsl[r + 1] - qsl[r])
         start = n - qlen
         page0 = start // bs * bs
-        old = residual[int(row_slot[r]), :, : start - page0].transpose(0, 1)
-        new = key[int(qsl[r]) : int(qsl[r + 1])]
-        own_k.append(torch.cat((old.float(), new.float()), dim=0))
+        old_k, old_v = residual[int(row_slot[r]), :, :, : start - page0].transpose(1, 2)
+        rows = slice(int(qsl[r]), int(qsl[r + 1]))
+        own_k.append(torch.cat((old_k.float(), key[rows].float()), dim=0))
+        own_v.append(torch.cat((old_v.float(), value[rows].float()), dim=0))
     write_tokens_kc(cache, residual, key, value, slot_mapping, query_start_loc, seq_lens,
                     row_slot, layout)
     out = torch.zeros(q.shape, dtype=torch.float32)
@@ -397,9 +400,11 @@ def forward_step_kc(
         for j in range(qlen):
             p = start + j
             closed = p // bs * bs
-            k = torch.cat((k_pages[:closed], own_k[r][closed - page0 : p + 1 - page0]))
+            own = slice(closed - page0, p + 1 - page0)
+            k = torch.cat((k_pages[:closed], own_k[r][own]))
+            v = torch.cat((v_pages[:closed], own_v[r][own]))
             t = int(qsl[r]) + j
-            out[t] = reference.attention(q[t : t + 1], k, v_pages[: p + 1], scale)[0]
+            out[t] = reference.attention(q[t : t + 1], k, v, scale)[0]
     return out
 
 
@@ -413,8 +418,9 @@ def canonical_attention_kc(
     layout: KCPageLayout,
 ) -> torch.Tensor:
     """What a query at position ``p`` must see, computed from the true K/V alone, with no
-    cache, residual or schedule: K of each page before ``p // bs`` quantized per channel
-    over that page, K of positions ``p // bs * bs .. p`` exact, V per token quantized."""
+    cache, residual or schedule: K and V of the pages before ``p // bs`` quantized (K per
+    channel over the page, V per token), K and V of positions ``p // bs * bs .. p``
+    exact."""
     bs = layout.block_size
     n_full = k.shape[0] // bs
     k_pages = k[: n_full * bs].unflatten(0, (n_full, bs)).transpose(1, 2)  # [pages, h, bs, d]
@@ -425,5 +431,6 @@ def canonical_attention_kc(
         p = int(positions[i])
         closed = p // bs * bs
         keys = torch.cat((k_quant[:closed], k[closed : p + 1].float()))
-        out[i] = reference.attention(q[i : i + 1], keys, v_quant[: p + 1], scale)[0]
+        values = torch.cat((v_quant[:closed], v[closed : p + 1].float()))
+        out[i] = reference.attention(q[i : i + 1], keys, values, scale)[0]
     return out

@@ -138,7 +138,7 @@ def test_two_part_prefill_matches_the_reference_over_random_schedules(dtype, blo
                                       SCALE, layout)
 
         plan = kc_prefill.plan_kc_prefill(qsl, lens, list(range(len(work))), bs)
-        own = kc_prefill.gather_own_keys(plan, residual, row_slot.tolist(), key)
+        own = kc_prefill.gather_own_kv(plan, residual, row_slot.tolist(), key, value)
         kc.write_tokens_kc(cache, residual, key, value, *args, layout)
         k_ws, v_ws = _workspace(cache, step_table, plan, layout, dtype)
         got = torch.full(q.shape, float("nan"))

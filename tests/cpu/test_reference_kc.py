@@ -74,8 +74,8 @@ def test_layout_matches_the_design_numbers(bits, block_size):
 
 
 def test_residual_size_for_the_llama3_8b_shape():
-    """1 MiB per request at block 16 (32 layers x 8 KV heads x 16 rows x 256 B)."""
-    for bs, mib in ((16, 1), (32, 2), (64, 4), (128, 8)):
+    """2 MiB per request at block 16 (32 layers x 8 KV heads x 16 K and 16 V rows x 256 B)."""
+    for bs, mib in ((16, 2), (32, 4), (64, 8), (128, 16)):
         assert 32 * _layout(4, bs).residual_bytes_per_slot(8) == mib * 2**20
 
 
@@ -282,9 +282,10 @@ def test_partial_page_is_kept_exact_and_the_page_untouched(chunks):
     k_region = page[:, : bs * lay.row_bytes]
     assert torch.all(k_region == 0xAB) and torch.all(
         page[:, lay.k_params_offset:] == 0xAB), "a partial page's K must not be written"
-    # the residual holds the page's K exactly; the rest of the residual is untouched
-    assert torch.equal(eng.residual[1, :, :n], seq.k[:n].transpose(0, 1))
-    assert torch.isnan(eng.residual[1, :, n:]).all()
+    # the residual holds the page's K and V exactly; the rest of the residual is untouched
+    assert torch.equal(eng.residual[1, 0, :, :n], seq.k[:n].transpose(0, 1))
+    assert torch.equal(eng.residual[1, 1, :, :n], seq.v[:n].transpose(0, 1))
+    assert torch.isnan(eng.residual[1, :, :, n:]).all()
     assert torch.isnan(eng.residual[[0, 2]]).all()
     # V is stored per token as it arrives
     _, v = kc.read_pages_kc(eng.cache, torch.tensor([2]), lay, dtype)
@@ -325,7 +326,8 @@ def test_page_is_quantized_exactly_when_its_last_slot_is_written(bits, block_siz
     params = torch.stack((scale, zero), dim=1).contiguous().view(torch.uint8).flatten(-2)
     assert torch.equal(one.cache[1][:, lay.k_params_offset:], params)
     # the residual then holds the partial second page, and its first rows are exact
-    assert torch.equal(tok.residual[0, :, :3], seq.k[bs:].transpose(0, 1))
+    assert torch.equal(tok.residual[0, 0, :, :3], seq.k[bs:].transpose(0, 1))
+    assert torch.equal(tok.residual[0, 1, :, :3], seq.v[bs:].transpose(0, 1))
     _check_against_canonical(r_tok, lay)
     _check_against_canonical(r_one, lay)
 
@@ -380,14 +382,14 @@ def test_decode_is_softmax_over_the_dequantized_cache(block_size, bits, gqa):
     for r in reqs:
         n, seq = r.seq.n, r.seq
         own = (n - 1) // bs
-        # expected keys, built here: per-channel pages before the query's page, its own
-        # page exact; V per token
+        # expected keys and values, built here: per-channel K and per-token V pages
+        # before the query's page, its own page exact
         k_full = seq.k[: own * bs].unflatten(0, (own, bs)).transpose(1, 2)
         codes, scale, zero = kc.quantize_channels(k_full, bits, dtype)
         k_deq = kc.dequantize_channels(codes, scale, zero).transpose(1, 2).flatten(0, 1)
         keys = torch.cat((k_deq, seq.k[own * bs :].float()))
-        vc, vs, vz = ref.quantize(seq.v, lay.fmt, dtype)
-        vals = ref.dequantize(vc, vs, vz, lay.fmt)
+        vc, vs, vz = ref.quantize(seq.v[: own * bs], lay.fmt, dtype)
+        vals = torch.cat((ref.dequantize(vc, vs, vz, lay.fmt), seq.v[own * bs :].float()))
         want = _dense_attention_f64(seq.q[n - 1], keys, vals)
         torch.testing.assert_close(r.outputs[n - 1].double(), want, rtol=2e-5, atol=2e-5)
     # the decode path and the general step agree, and both meet the specification
@@ -397,7 +399,7 @@ def test_decode_is_softmax_over_the_dequantized_cache(block_size, bits, gqa):
 
 def test_decode_of_a_just_filled_page_reads_its_keys_exactly():
     """At n % bs == 0 the page was quantized in this very step; the query still sees its
-    own page exactly (what makes decode and recomputation see the same keys)."""
+    own page's keys and values exactly (what makes decode and recomputation agree)."""
     bs, dtype = 16, torch.bfloat16
     lay = _layout(2, bs)
     seq = Seq.random(bs, 4, 1, dtype, seed=77)
@@ -405,13 +407,10 @@ def test_decode_of_a_just_filled_page_reads_its_keys_exactly():
     req = Req(seq, blocks=[1], slot=0)
     eng.step([(req, bs - 1)])
     eng.step([(req, 1)], decode_path=True)
-    exact = _dense_attention_f64(seq.q[bs - 1], seq.k.float(),
-                                 kc.fake_quant_v(seq.v, lay.fmt))
+    exact = _dense_attention_f64(seq.q[bs - 1], seq.k.float(), seq.v.float())
     torch.testing.assert_close(req.outputs[bs - 1].double(), exact, rtol=2e-5, atol=2e-5)
     quantized = _dense_attention_f64(seq.q[bs - 1],
-                                     kc.read_pages_kc(eng.cache, torch.tensor([1]), lay,
-                                                      dtype)[0],
-                                     kc.fake_quant_v(seq.v, lay.fmt))
+                                     *kc.read_pages_kc(eng.cache, torch.tensor([1]), lay, dtype))
     assert float((quantized - exact).abs().max()) > 1e-3  # the two views really differ
 
 

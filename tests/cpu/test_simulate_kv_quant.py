@@ -93,9 +93,9 @@ def test_perturbation_hooks_change_outputs_and_are_removed(sim):
 
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (2, 32)])
 def test_own_page_mode_is_the_specification_of_channel_mode(sim, bits, group_size):
-    """-kc-own computes what reference_kc.canonical_attention_kc specifies (and the
-    backend's k_mode="channel" is tested against): earlier pages per channel, the own
-    page exact, V per token."""
+    """-kc-own-vexact computes what reference_kc.canonical_attention_kc specifies (and
+    the backend's k_mode="channel" is tested against): earlier pages per channel (K) and
+    per token (V), the own page's K and V exact."""
     from vllm_bitdecode import reference_kc as kc
     from vllm_bitdecode.page_format import PageFormat
 
@@ -104,7 +104,7 @@ def test_own_page_mode_is_the_specification_of_channel_mode(sim, bits, group_siz
     q = torch.randn(1, heads, t, d, generator=gen).to(torch.bfloat16)
     k = (torch.randn(1, kv_heads, t, d, generator=gen) * 2).to(torch.bfloat16)
     v = torch.randn(1, kv_heads, t, d, generator=gen).to(torch.bfloat16)
-    mode = sim.Mode.parse(f"int{bits}-kc-own-g{group_size}")
+    mode = sim.Mode.parse(f"int{bits}-kc-own-g{group_size}-vexact")
     got = sim.own_page_attention(q, k, v, mode, d**-0.5)[0]  # [t, heads, d]
     layout = kc.KCPageLayout(PageFormat(d, bits, group_size, sim.OWN_BLOCK))
     expected = kc.canonical_attention_kc(q[0].transpose(0, 1), torch.arange(t),

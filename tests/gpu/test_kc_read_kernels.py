@@ -4,11 +4,11 @@ prefill's closed pages) against ``reference_kc.read_pages_kc`` bit for bit.
 
 For both, the pages and residuals are written by the reference (``write_tokens_kc``, each sequence
 prefilled in one step), so every page before a sequence's own page is quantized per
-channel, and the own page's K sits in the sequence's residual slot while the page's K
-rows still hold garbage (partial page) or the quantized copy (a page filled by the
+channel, and the own page's K and V sit in the sequence's residual slot while the page's
+K rows still hold garbage (partial page) or the quantized copy (a page filled by the
 query's own token). The residual rows are then negated: both the reference and the
-kernel must take the own page's keys from the residual, so a kernel that reads them
-from the page fails by far, for the just-filled page too. Outputs are poisoned, blocks
+kernel must take the own page's keys and values from the residual, so a kernel that reads
+either from the page fails by far, for the just-filled page too. Outputs are poisoned, blocks
 and residual slots permuted, a padding row (seq_len 0) must come out as zeros.
 """
 
@@ -147,7 +147,8 @@ out = torch.empty_like(q)
 table = torch.zeros(1, 4, dtype=torch.int32, device="cuda")
 lens = torch.tensor([20], dtype=torch.int32, device="cuda")
 ws = torch.empty(1024 * 128, device="cuda")
-a = dict(cache=cache, residual=torch.zeros(3, 2, 16, 128, dtype=torch.bfloat16, device="cuda"),
+a = dict(cache=cache, residual=torch.zeros(3, 2, 2, 16, 128, dtype=torch.bfloat16,
+                                                   device="cuda"),
          row_slot=torch.zeros(1, dtype=torch.int32, device="cuda"), block_size=16)
 a.update({kwargs})
 o.decode_kc(out, q, a["cache"], a["residual"], table, lens, a["row_slot"], ws, ws, 0.1, 4, 128,

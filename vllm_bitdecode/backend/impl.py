@@ -71,15 +71,16 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         self.residual = self._residual(vllm_config)
 
     def _residual(self, vllm_config) -> torch.Tensor | None:
-        """Per-channel K mode: this layer's exact K of every live request's newest page,
-        [max_num_seqs + 1 (scratch), kv_heads, block_size, head_size] in the model dtype.
+        """Per-channel K mode: this layer's exact K and V of every live request's newest
+        page, [max_num_seqs + 1 (scratch), 2, kv_heads, block_size, head_size] in the model
+        dtype.
         Made while vLLM loads the model, so its memory profile takes it off the KV budget
         (docs/per-channel-k-design.md, section 9)."""
         if not self.bitdecode.channel_k or vllm_config is None:
             return None
         slots = vllm_config.scheduler_config.max_num_seqs + 1
         block_size = vllm_config.cache_config.block_size
-        return torch.empty((slots, self.num_kv_heads, block_size, self.head_size),
+        return torch.empty((slots, 2, self.num_kv_heads, block_size, self.head_size),
                            dtype=vllm_config.model_config.dtype,
                            device=torch.device("cuda", torch.cuda.current_device()))
 
@@ -161,17 +162,17 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         kv_cache: torch.Tensor, md: BitDecodeMetadata, output: torch.Tensor,
     ) -> torch.Tensor:
         """Per-channel K mode (docs/per-channel-k-design.md, sections 5, 7, 8): gather the
-        prefill rows' exact keys of their own pages, write the step (V per token, filled
-        pages per channel, the newest page's K into the residual), then decode and the
-        two-part prefill."""
+        prefill rows' exact keys and values of their own pages, write the step (V per
+        token, filled pages per channel, the newest page's K and V into the residual),
+        then decode and the two-part prefill."""
         kc = md.channel_k
         fmt = md.page_format
         plan = kc.prefill_plan
         start, end = md.num_decode_tokens, md.num_actual_tokens
-        own_keys = None
+        own_kv = None
         if plan is not None:
-            own_keys = kc_prefill.gather_own_keys(plan, self.residual, kc.row_slot_host,
-                                                  key[start:end])
+            own_kv = kc_prefill.gather_own_kv(plan, self.residual, kc.row_slot_host,
+                                              key[start:end], value[start:end])
         ops.write_tokens_kc(key, value, md.slot_mapping, kc.query_start_loc, kc.seq_lens,
                             kc.row_slot, kv_cache, self.residual, fmt.bits, fmt.group_size,
                             fmt.block_size)
@@ -189,7 +190,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
             v_ws = torch.empty_like(k_ws)
             ops.dequantize_pages_kc(kv_cache, pf.block_table, pf.seq_lens, kc.workspace_start,
                                     k_ws, v_ws, fmt.bits, fmt.group_size, bs, pf.max_seq_len)
-            kc_prefill.run_kc_prefill(plan, query[start:end], own_keys, k_ws, v_ws, self.scale,
+            kc_prefill.run_kc_prefill(plan, query[start:end], own_kv, k_ws, v_ws, self.scale,
                                       self._fa_closed, self._fa_own, _merge_attn_states,
                                       output[start:end])
         return output

@@ -46,8 +46,9 @@
 // outlier channel. The price: |q_c s_c| must stay below 65504 (a K channel range of 15 *
 // 65504 / |q_c| at 4 bits), which real keys are far from. The bias is fp32.
 // The own page (positions from ((seq_len - 1) / block_size) * block_size on) is read with
-// exact K: the rows of the sequence's residual slot, loaded straight into A fragments
-// (at most block_size / 16 tiles per sequence). V stays per token in both.
+// exact K and V: the rows of the sequence's residual slot, loaded straight into A
+// fragments (at most block_size / 16 tiles per sequence); P meets exact V there with
+// scale 1/2 and zero 0 in the V algebra below. Earlier pages keep V per token.
 #pragma once
 
 #include <cfloat>
@@ -161,15 +162,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
   }
   const int num_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
   // KC: the first position of the own page (a multiple of 16, so no tile straddles it)
-  // and the sequence's residual rows of this KV head
+  // and the sequence's exact K and V rows of this KV head in its residual slot
   int own_begin = num_tokens;
-  const T* residual_rows = nullptr;
+  const T* residual_k = nullptr;
+  const T* residual_v = nullptr;
   if constexpr (KC) {
     if (num_tokens > 0) {
       own_begin = ((num_tokens - 1) >> p.page.block_shift) << p.page.block_shift;
-      residual_rows = static_cast<const T*>(p.residual) +
-                      (static_cast<int64_t>(p.row_slot[seq]) * p.num_kv_heads + kv_head) *
-                          p.page.block_size * HEAD;
+      const T* rows = static_cast<const T*>(p.residual);
+      residual_k = kc_residual_rows<HEAD>(rows, p.row_slot[seq], 0, p.num_kv_heads, kv_head,
+                                          p.page.block_size);
+      residual_v = kc_residual_rows<HEAD>(rows, p.row_slot[seq], 1, p.num_kv_heads, kv_head,
+                                          p.page.block_size);
     }
   }
   const int per_split =
@@ -403,9 +407,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       }
     }
   };
-  // KC, the own page: exact K rows from the residual, straight into A fragments.
+  // KC, the own page: exact K rows from the residual, straight into A fragments. Rows
+  // past the end may hold anything; their scores are masked to -inf afterwards.
   auto own_page_scores = [&](float (&x)[HT][4], int token0) {
-    const T* rows = residual_rows + static_cast<int64_t>(token0 - own_begin) * HEAD;
+    const T* rows = residual_k + static_cast<int64_t>(token0 - own_begin) * HEAD;
 #pragma unroll
     for (int ht = 0; ht < HT; ++ht) x[ht][0] = x[ht][1] = x[ht][2] = x[ht][3] = 0.0f;
 #pragma unroll
@@ -481,7 +486,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       };
       if constexpr (KC) {
         float x[HT][4];
-        if (token0 >= own_begin) {
+        const bool own = token0 >= own_begin;
+        if (own) {
           own_page_scores(x, token0);
         } else {
           channel_page_scores(x, buf, kw);
@@ -489,7 +495,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
 #pragma unroll
-          for (int gi = 0; gi < kGroups; ++gi) set_v_params(r, gi, prm[r][gi]);
+          for (int gi = 0; gi < kGroups; ++gi) {
+            if (own) {  // exact V from the residual: P / 2 meets the values themselves
+              v_scale[st][r][gi] = valid[r] ? 0.5f : 0.0f;
+              v_zero[st][r][gi] = 0.0f;
+            } else {
+              set_v_params(r, gi, prm[r][gi]);
+            }
+          }
 #pragma unroll
           for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
@@ -581,9 +594,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         }
     }
 
-    // O^T += (V codes - centre)^T (P * v_scale / 2)^T, per tile and V group
+    // O^T += (V codes - centre)^T (P * v_scale / 2)^T, per tile and V group (KC, own
+    // page: exact V^T (P / 2)^T)
 #pragma unroll
     for (int st = 0; st < NT; ++st) {
+      const int token0 = tile_token0(i0 + st);
+      const bool own = KC && token0 >= own_begin;
       const uint8_t* vrows = ring + stages[st] * Shape::kTileBytes + Shape::kVOffset;
       uint32_t vw[4][Order::kVWordsPerLane];  // tokens 2t, 2t+1, 2t+8, 2t+9; channels g + 8j
 #pragma unroll
@@ -597,6 +613,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         const uint32_t sel = slot < kHalf ? 0x5410u : 0x7632u;
         return unpack_pair_centred<T, BITS>(__byte_perm(vw[lo][h], vw[lo + 1][h], sel),
                                             slot % kHalf);
+      };
+      // KC, own page: the same register of exact values from the residual's V rows.
+      // Tokens past the end read as 0: their rows may hold anything, and 0 * NaN = NaN.
+      auto own_v_pair = [&](int j, int lo) {
+        const int tok = token0 + 2 * t + 4 * lo;  // lo = 2: tokens 2t + 8, 2t + 9
+        const uint16_t* col = reinterpret_cast<const uint16_t*>(residual_v) + g + 8 * j;
+        const int64_t row = tok - own_begin;
+        const uint32_t first = tok < num_tokens ? col[row * HEAD] : 0u;
+        const uint32_t second = tok + 1 < num_tokens ? col[(row + 1) * HEAD] : 0u;
+        return first | (second << 16);
       };
 #pragma unroll
       for (int gv = 0; gv < kGroups; ++gv) {
@@ -612,8 +638,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
         }
 #pragma unroll
         for (int m = gv * GROUP / 16; m < (gv + 1) * GROUP / 16; ++m) {
-          const uint32_t a[4] = {v_pair(2 * m, 0), v_pair(2 * m + 1, 0), v_pair(2 * m, 2),
-                                 v_pair(2 * m + 1, 2)};
+          uint32_t a[4];
+          if (own) {
+            a[0] = own_v_pair(2 * m, 0), a[1] = own_v_pair(2 * m + 1, 0);
+            a[2] = own_v_pair(2 * m, 2), a[3] = own_v_pair(2 * m + 1, 2);
+          } else {
+            a[0] = v_pair(2 * m, 0), a[1] = v_pair(2 * m + 1, 0);
+            a[2] = v_pair(2 * m, 2), a[3] = v_pair(2 * m + 1, 2);
+          }
 #pragma unroll
           for (int ht = 0; ht < HT; ++ht) Tr::mma(o[ht][m], a, pb[ht][0], pb[ht][1]);
         }

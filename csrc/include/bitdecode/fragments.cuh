@@ -169,4 +169,13 @@ __device__ __forceinline__ void rotate_row_warp(float (&v)[4], const float* sign
   for (int j = 0; j < 4; ++j) v[j] *= inv;
 }
 
+// Per-channel K mode: the block_size rows of K (kv = 0) or V (kv = 1) of one residual
+// slot and KV head. The residual is [num_slots][2][num_kv_heads][block_size][HEAD].
+template <int HEAD, typename Ptr>
+__device__ __forceinline__ Ptr kc_residual_rows(Ptr residual, int64_t slot, int kv,
+                                                int num_kv_heads, int head, int block_size) {
+  return residual +
+         ((slot * 2 + kv) * num_kv_heads + head) * static_cast<int64_t>(block_size) * HEAD;
+}
+
 }  // namespace bitdecode

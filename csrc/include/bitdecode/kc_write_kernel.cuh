@@ -10,9 +10,12 @@
 //    request's residual for earlier ones), quantizes it over the page with the
 //    per-token quantizer's rules (group_params / code_of) and writes the page's packed
 //    K rows and its K params. It reads nothing the step writes, so CTAs run in any order.
-// 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K rows of each
-//    request's last written page go to its residual slot. After phase A, which may read
-//    residual rows this overwrites (a chunk that fills a page and ends in the next).
+// 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K and V rows of
+//    each request's last written page go to its residual slot. After phase A, which may
+//    read residual rows this overwrites (a chunk that fills a page and ends in the next).
+//
+// The residual is [num_slots][2][num_kv_heads][block_size][HEAD] in the model dtype: K
+// rows, then V rows (kc_residual_rows).
 //
 // A token's batch row comes from a binary search over query_start_loc, its position from
 // seq_lens; padding tokens (slot < 0) do nothing. No host synchronisation anywhere.
@@ -96,9 +99,8 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
   kc_token_position(p, r, token, pos, start);
   const int first = pos - (p.block_size - 1);  // the page's first position
   const int q0 = p.query_start_loc[r];
-  const T* residual = static_cast<const T*>(p.residual) +
-                      ((static_cast<int64_t>(p.row_slot[r]) * p.num_kv_heads + head) *
-                       p.block_size) * HEAD;
+  const T* residual = kc_residual_rows<HEAD>(static_cast<const T*>(p.residual), p.row_slot[r],
+                                             0, p.num_kv_heads, head, p.block_size);
   auto key_at = [&](int i) {  // channel c of the page's i-th key
     const int q = first + i;
     if (q >= start) {
@@ -147,12 +149,16 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_residual_kernel(KCWrit
   kc_token_position(p, r, token, pos, start);
   const int last_page_start = (p.seq_lens[r] - 1) / p.block_size * p.block_size;
   if (pos < last_page_start) return;  // its page is closed: nothing reads it exactly again
-  const T* src = static_cast<const T*>(p.key) + token * p.key_stride_token +
+  const int64_t row = (pos % p.block_size) * HEAD + 4 * lane;
+  const T* key = static_cast<const T*>(p.key) + token * p.key_stride_token +
                  head * p.key_stride_head + 4 * lane;
-  T* dst = static_cast<T*>(p.residual) +
-           (((static_cast<int64_t>(p.row_slot[r]) * p.num_kv_heads + head) * p.block_size +
-             pos % p.block_size) * HEAD) + 4 * lane;
-  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(src);
+  const T* value = static_cast<const T*>(p.value) + token * p.value_stride_token +
+                   head * p.value_stride_head + 4 * lane;
+  T* rows = static_cast<T*>(p.residual);
+  T* k_dst = kc_residual_rows<HEAD>(rows, p.row_slot[r], 0, p.num_kv_heads, head, p.block_size);
+  T* v_dst = kc_residual_rows<HEAD>(rows, p.row_slot[r], 1, p.num_kv_heads, head, p.block_size);
+  *reinterpret_cast<uint2*>(k_dst + row) = *reinterpret_cast<const uint2*>(key);
+  *reinterpret_cast<uint2*>(v_dst + row) = *reinterpret_cast<const uint2*>(value);
 }
 
 }  // namespace bitdecode

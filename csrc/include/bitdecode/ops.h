@@ -58,12 +58,12 @@ void decode_sparse(at::Tensor& out,                  // [seqs, heads, 128]
                    int64_t num_splits, int64_t min_tiles_per_split, bool shared_selection);
 
 // Per-channel K mode (issue #7): decode over channel-mode pages, each sequence's own page
-// (the one holding position seq_len - 1) with its K from residual[row_slot[seq]]
+// (the one holding position seq_len - 1) with its K and V from residual[row_slot[seq]]
 // (reference_kc.paged_decode_kc). Otherwise as decode; K is never rotated in this mode.
 void decode_kc(at::Tensor& out,                // [seqs, heads, 128]
                const at::Tensor& q,            // [seqs, heads, 128]
                const at::Tensor& cache,        // [blocks, kv_heads, region] uint8, channel mode
-               const at::Tensor& residual,     // [slots, kv_heads, bs, 128] model dtype
+               const at::Tensor& residual,     // [slots, 2, kv_heads, bs, 128] model dtype
                const at::Tensor& block_table,  // [seqs, max_blocks] int32
                const at::Tensor& seq_lens,     // [seqs] int32
                const at::Tensor& row_slot,     // [seqs] int32
@@ -91,7 +91,7 @@ void select_topk(at::Tensor& sel_positions,        // [seqs, kv_heads or 1, budg
 
 // Per-channel K mode (issue #7): V per token into the pages, every page whose last slot a
 // token of this step writes quantized per channel (its earlier keys from the request's
-// residual), then the K rows of each request's last written page into its residual
+// residual), then the K and V rows of each request's last written page into its residual
 // (reference_kc.write_tokens_kc).
 void write_tokens_kc(const at::Tensor& key,              // [tokens, kv_heads, 128]
                      const at::Tensor& value,            // [tokens, kv_heads, 128]
@@ -100,7 +100,7 @@ void write_tokens_kc(const at::Tensor& key,              // [tokens, kv_heads, 1
                      const at::Tensor& seq_lens,         // [reqs] int32
                      const at::Tensor& row_slot,         // [reqs] int32
                      at::Tensor& cache,                  // [blocks, kv_heads, region] uint8
-                     at::Tensor& residual,               // [slots, kv_heads, bs, 128]
+                     at::Tensor& residual,               // [slots, 2, kv_heads, bs, 128]
                      int64_t bits, int64_t group_size, int64_t block_size);
 
 // Decode CTAs that fit on one SM at once (of decode, or decode_kc with channel_k); the

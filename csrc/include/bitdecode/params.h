@@ -65,8 +65,8 @@ struct DecodeParams {
   // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
   // ignore these fields. The head region is K rows | V rows | V params [bs][groups][2] |
   // K params [2][head_size] (every scale, then every zero), and the sequence's own page
-  // (the one holding position seq_len - 1) takes its K from the residual.
-  const void* residual;          // [num_slots, num_kv_heads, block_size, head_size], contiguous
+  // (the one holding position seq_len - 1) takes its K and V from the residual.
+  const void* residual;          // [num_slots, 2 (K, V), num_kv_heads, block_size, head_size]
   const int32_t* row_slot;       // [>= num_seqs] residual slot of each sequence
   int k_params_offset;           // bytes from the head region's start to the K params
 };
@@ -116,7 +116,7 @@ struct KCWriteParams {
   const int32_t* row_slot;       // [num_reqs] residual slot of each batch row
   uint8_t* cache;                // [num_blocks, num_kv_heads, head_region_bytes]
   int64_t cache_stride_block, cache_stride_head;
-  void* residual;                // [num_slots, num_kv_heads, block_size, head_size], contiguous
+  void* residual;                // [num_slots, 2 (K, V), num_kv_heads, block_size, head_size]
   int num_tokens;
   int num_reqs;
   int num_kv_heads;
