@@ -17,7 +17,6 @@ namespace {
 
 constexpr int64_t kHead = 128;
 constexpr int64_t kMaxGqaRows = 16;
-constexpr int64_t kKCMaxBlockSize = 128;  // as kc_write_kernel.cuh
 
 PageGeometry page_geometry(int64_t bits, int64_t group_size, int64_t block_size) {
   TORCH_CHECK(bits == 4 || bits == 2, "bitdecode: bits must be 4 or 2, got ", bits);
@@ -52,7 +51,7 @@ KCOffsets kc_offsets(const PageGeometry& g) {
   KCOffsets o;
   o.v_param_bytes = g.param_bytes / 2;
   o.k_params_offset = g.params_offset + g.block_size * o.v_param_bytes;
-  o.region = o.k_params_offset + 2 * kHead * 2;
+  o.region = o.k_params_offset + g.block_size / kKCGroupTokens * 2 * kHead * 2;
   return o;
 }
 

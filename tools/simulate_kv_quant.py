@@ -25,11 +25,11 @@ there, so ``-kc-norot`` is refused), ``-own`` (with ``-kc``: the own-page rule o
 per-channel K mode at block 16: a query sees the pages before its own quantized per
 channel and its own page's keys exactly; ``-kc-own-vexact`` is what the backend's
 ``k_mode="channel"`` computes), and
-with ``-own``: ``-b<N>`` (pages of N tokens instead of 16: K per channel over N tokens,
-and the query's own N-token page exact), ``-w<N>`` (the exact block is the query's own
-block of N tokens, a multiple of the page, instead of its page) and ``-vexact`` (V in that
-block exact too, like KIVI's fp16 residual of the newest tokens). ``bf16`` rounds nothing
-beyond bf16.
+with ``-own``: ``-b<N>`` (K per channel over groups of N tokens instead of 16; with no
+``-w``, the query's own N-token group exact), ``-w<N>`` (the exact block is the query's
+own block of N tokens, a multiple of the group: the backend's page, with K groups of 16)
+and ``-vexact`` (V in that block exact too, like KIVI's fp16 residual of the newest
+tokens). ``bf16`` rounds nothing beyond bf16.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Mode:
     quant_v: bool = True
     k_per_channel: bool = False
     own_page: bool = False  # with k_per_channel: the own-page rule at block `page`
-    page: int = OWN_BLOCK  # with own_page: tokens per page, the block K is quantized over
+    page: int = OWN_BLOCK  # with own_page: tokens of a K group, quantized per channel
     window: int = OWN_BLOCK  # with own_page: tokens of the exact block a query sees (KIVI's R)
     v_window_exact: bool = False  # with own_page: V of that block exact too (KIVI)
 
@@ -158,15 +158,15 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     With ``mode.window`` > the page, the exact block is the query's own block of that many
     tokens (pages are still quantized per channel over ``mode.page`` tokens); with
     ``mode.v_window_exact``, V in that block is exact too, as in KIVI's residual."""
-    from vllm_bitdecode.reference_kc import fake_quant_page_k
+    from vllm_bitdecode.reference_kc import dequantize_channels, quantize_channels
 
     key_exact = key.to(torch.bfloat16).float()
-    # every full page per channel with the kernels' rounding (a partial last page is
-    # never an earlier page of any query)
+    # K of every full group of mode.page tokens per channel with the kernels' rounding (a
+    # partial last group is never quantized for any query: it lies in the exact block)
     t_full = key.shape[-2] // mode.page * mode.page
     pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // mode.page, mode.page))
-    key_q = torch.cat((fake_quant_page_k(pages, mode.bits, torch.bfloat16).flatten(-3, -2),
-                       key_exact[..., t_full:, :]), dim=-2)
+    pages_q = dequantize_channels(*quantize_channels(pages, mode.bits, torch.bfloat16))
+    key_q = torch.cat((pages_q.flatten(-3, -2), key_exact[..., t_full:, :]), dim=-2)
     value_exact = value.to(torch.bfloat16).float()
     value = value_exact
     if mode.quant_v:

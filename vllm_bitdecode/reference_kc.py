@@ -4,12 +4,13 @@ The design is ``docs/per-channel-k-design.md``; this module is its executable fo
 the oracle that the per-channel kernels will be tested against, as
 :mod:`vllm_bitdecode.reference` is for the per-token page.
 
-* A *full* page stores K per channel: for each KV head and each of the 128 channels, one
-  (scale, zero) pair over the page's ``block_size`` tokens, in the model dtype. The codes
-  use the same packed row order as the per-token page (``PageFormat.k_channel_of_slot``).
-  V stays per token and per group of channels, exactly as in the per-token page.
-* A page is quantized once, by the write that fills its last slot. Its tokens' K and V
-  also live in a *residual*: ``block_size`` rows of K and of V in the model dtype per
+* A page stores K per channel in *K groups* of ``KC_GROUP_TOKENS`` (16) tokens: for each
+  KV head, each group and each of the 128 channels, one (scale, zero) pair over the
+  group's 16 tokens, in the model dtype (at block 16 a group is the page). The codes use
+  the same packed row order as the per-token page (``PageFormat.k_channel_of_slot``). V
+  stays per token and per group of channels, exactly as in the per-token page.
+* A K group is quantized once, by the write that fills its last slot. A page's tokens'
+  K and V also live in a *residual*: ``block_size`` rows of K and of V in the model dtype per
   request, in a buffer indexed by a residual slot that the worker assigns to each live
   request (``row_slot[row]`` maps a batch row to it). The residual holds the K and V rows
   of the request's last written page, whether that page is partial or was just filled.
@@ -20,8 +21,8 @@ the oracle that the per-channel kernels will be tested against, as
   tokens in full precision. The rule depends only on positions, so chunking, preemption and
   recomputation, prefix-cache hits and batch order cannot change what a query sees.
 
-Per-channel quantization *is* the per-token quantizer applied to the transposed page
-with one group of ``block_size`` tokens, so :func:`quantize_channels` calls
+Per-channel quantization *is* the per-token quantizer applied to the transposed K group
+with one group of 16 tokens, so :func:`quantize_channels` calls
 ``reference.quantize`` and inherits its exact rounding rules (scale and zero rounded to
 the model dtype first, IEEE division, round half to even, clamp).
 
@@ -30,7 +31,8 @@ Layout of one head region of a per-channel page (numbers for head size 128)::
     k_rows    [block_size][row_bytes]          packed K codes (row order as per-token)
     v_rows    [block_size][row_bytes]          packed V codes
     v_params  [block_size][groups][2]          V (scale, zero) per token, model dtype
-    k_params  [2][head_size]                   K scale[128], then zero[128], model dtype
+    k_params  [block_size / 16][2][head_size]  per K group: scale[128], then zero[128],
+                                               model dtype
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import torch
 
 from vllm_bitdecode import reference
 from vllm_bitdecode.page_format import PARAM_BYTES, PageFormat
+
+KC_GROUP_TOKENS = 16  # tokens of one K group: K is quantized per channel over these
 
 
 # ---- layout -----------------------------------------------------------------------------
@@ -86,9 +90,19 @@ class KCPageLayout:
         return self.v_params_offset + self.block_size * self.v_param_bytes_per_token
 
     @property
-    def k_param_bytes(self) -> int:
-        """K (scale, zero) of every channel of one page and head."""
+    def k_groups(self) -> int:
+        """K groups of 16 tokens per page."""
+        return self.block_size // KC_GROUP_TOKENS
+
+    @property
+    def k_group_param_bytes(self) -> int:
+        """K (scale, zero) of every channel of one K group and head."""
         return 2 * self.head_size * PARAM_BYTES
+
+    @property
+    def k_param_bytes(self) -> int:
+        """K (scale, zero) of every channel of every K group of one page and head."""
+        return self.k_groups * self.k_group_param_bytes
 
     @property
     def head_region_bytes(self) -> int:
@@ -139,7 +153,7 @@ class _OneGroup:
 def quantize_channels(
     k: torch.Tensor, bits: int, param_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric min/max quantization of each channel over the tokens of a page.
+    """Asymmetric min/max quantization of each channel over all the tokens given.
 
     k: ``[..., tokens, head_size]``. Returns codes ``[..., tokens, head_size]`` (int32)
     and scale, zero ``[..., head_size]`` in ``param_dtype``, rounded to it before the
@@ -158,9 +172,28 @@ def dequantize_channels(codes: torch.Tensor, scale: torch.Tensor,
         torch.float32).unsqueeze(-2)
 
 
+def quantize_page_k(
+    k: torch.Tensor, bits: int, param_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K of whole pages ``[..., tokens, head_size]`` (tokens a multiple of 16), each K group
+    of 16 tokens per channel. Returns codes ``[..., tokens, head_size]`` and scale, zero
+    ``[..., tokens / 16, head_size]``."""
+    groups = k.unflatten(-2, (k.shape[-2] // KC_GROUP_TOKENS, KC_GROUP_TOKENS))
+    codes, scale, zero = quantize_channels(groups, bits, param_dtype)
+    return codes.flatten(-3, -2), scale, zero
+
+
+def dequantize_page_k(codes: torch.Tensor, scale: torch.Tensor,
+                      zero: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_page_k` (float32 out)."""
+    groups = codes.unflatten(-2, (scale.shape[-2], KC_GROUP_TOKENS))
+    return dequantize_channels(groups, scale, zero).flatten(-3, -2)
+
+
 def fake_quant_page_k(k: torch.Tensor, bits: int, param_dtype: torch.dtype) -> torch.Tensor:
-    """Quantize then dequantize a page's K ``[..., tokens, head_size]`` (float32 out)."""
-    return dequantize_channels(*quantize_channels(k, bits, param_dtype))
+    """Quantize then dequantize the K of whole pages ``[..., tokens, head_size]`` in K
+    groups of 16 tokens (float32 out)."""
+    return dequantize_page_k(*quantize_page_k(k, bits, param_dtype))
 
 
 def fake_quant_v(v: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
@@ -190,8 +223,11 @@ def _v_params(cache, layout):
 
 
 def _k_params(cache, layout):
+    """``[blocks, heads, k_groups, k_group_param_bytes]``."""
+    n, h = cache.shape[:2]
     start = layout.k_params_offset
-    return cache[:, :, start : start + layout.k_param_bytes]
+    return cache[:, :, start : start + layout.k_param_bytes].view(
+        n, h, layout.k_groups, layout.k_group_param_bytes)
 
 
 def _as_params(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -230,10 +266,12 @@ def write_tokens_kc(
     """Store one step's K/V the way the per-channel kernels will, in their order:
 
     1. V of every token, per token (independent of everything else).
-    2. Phase A: every page whose last slot is written in this step is quantized per
-       channel. Its K rows come from this step's ``key`` for positions computed in this
-       step, and from the request's residual for earlier positions. Nothing this step
-       writes is read here, so one launch can do it in any CTA order.
+    2. Phase A: every K group (16 tokens of a page) whose last slot is written in this
+       step is quantized per channel. Its K rows come from this step's ``key`` for
+       positions computed in this step, and from the request's residual for earlier
+       positions (they lie in the page of the step's first position, the request's last
+       written page). Nothing this step writes is read here, so one launch can do it in
+       any CTA order.
     3. Phase B: the K and V rows of each request's last written page (positions
        ``(seq_len - 1) // bs * bs ..``, this step's tokens only) go to its residual.
        Phase B runs after phase A because it may overwrite residual rows that phase A
@@ -266,25 +304,27 @@ def write_tokens_kc(
     _v_params(cache, layout)[blocks[t_v], :, offs[t_v]] = v_params.contiguous().view(
         torch.uint8).flatten(-2)
 
-    # 2. phase A: quantize the pages filled in this step. Within one kernel launch the
+    # 2. phase A: quantize the K groups filled in this step. Within one kernel launch the
     # order of CTAs is undefined; phases A and B walk the tokens backwards so that a rule
     # that only works in token order fails the tests.
+    gt = KC_GROUP_TOKENS
     k_params = _k_params(cache, layout)
-    for t in reversed((valid & (offs == bs - 1)).nonzero().squeeze(-1).tolist()):
+    for t in reversed((valid & (offs % gt == gt - 1)).nonzero().squeeze(-1).tolist()):
         r = int(row[t])
-        first = int(pos[t]) - (bs - 1)  # position of the page's first token
+        first = int(pos[t]) - (gt - 1)  # position of the group's first token
         rows = []
-        for p in range(first, first + bs):
+        for p in range(first, first + gt):
             if p >= int(starts[r]):
                 rows.append(key[int(qsl[r]) + p - int(starts[r])])
             else:
                 rows.append(residual[int(row_slot[r]), 0, :, p % bs])
-        page_k = torch.stack(rows, dim=1)  # [heads, bs, D]
-        codes, scale, zero = quantize_channels(page_k, fmt.bits, dtype)
-        _k_rows(cache, layout)[int(blocks[t])] = reference.pack_rows(
+        group_k = torch.stack(rows, dim=1)  # [heads, 16, D]
+        codes, scale, zero = quantize_channels(group_k, fmt.bits, dtype)
+        slots = slice(first % bs, first % bs + gt)
+        _k_rows(cache, layout)[int(blocks[t]), :, slots] = reference.pack_rows(
             codes, fmt.k_channel_of_slot(), fmt.bits)
-        k_params[int(blocks[t])] = torch.stack((scale, zero), dim=1).contiguous().view(
-            torch.uint8).flatten(-2)
+        k_params[int(blocks[t]), :, first % bs // gt] = torch.stack(
+            (scale, zero), dim=1).contiguous().view(torch.uint8).flatten(-2)
 
     # 3. phase B: the last written page of each request goes to its residual
     last_page_start = (lens - 1).clamp(min=0) // bs * bs
@@ -303,15 +343,15 @@ def read_pages_kc(
     """Dequantize whole pages: K per channel, V per token.
 
     Returns float32 ``[len(block_ids) * block_size, num_kv_heads, head_size]`` each. K is
-    meaningful only for full pages, V only for written tokens.
+    meaningful only for full K groups, V only for written tokens.
     """
     pages = cache[block_ids.long()]
     nb, h = pages.shape[:2]
     fmt = layout.fmt
     bs, d = layout.block_size, layout.head_size
     kc = reference.unpack_rows(_k_rows(pages, layout), fmt.k_channel_of_slot(), fmt.bits)
-    kp = _as_params(_k_params(pages, layout), dtype, (nb, h, 2, d))
-    k = dequantize_channels(kc, kp[:, :, 0], kp[:, :, 1])  # [nb, h, bs, d]
+    kp = _as_params(_k_params(pages, layout), dtype, (nb, h, layout.k_groups, 2, d))
+    k = dequantize_page_k(kc, kp[:, :, :, 0], kp[:, :, :, 1])  # [nb, h, bs, d]
     vc = reference.unpack_rows(_v_rows(pages, layout), fmt.v_channel_of_slot(), fmt.bits)
     vp = _as_params(_v_params(pages, layout), dtype, (nb, h, bs, fmt.groups, 2))
     v = reference.dequantize(vc, vp[..., 0], vp[..., 1], fmt)
@@ -419,8 +459,8 @@ def canonical_attention_kc(
 ) -> torch.Tensor:
     """What a query at position ``p`` must see, computed from the true K/V alone, with no
     cache, residual or schedule: K and V of the pages before ``p // bs`` quantized (K per
-    channel over the page, V per token), K and V of positions ``p // bs * bs .. p``
-    exact."""
+    channel over each 16-token K group, V per token), K and V of positions
+    ``p // bs * bs .. p`` exact."""
     bs = layout.block_size
     n_full = k.shape[0] // bs
     k_pages = k[: n_full * bs].unflatten(0, (n_full, bs)).transpose(1, 2)  # [pages, h, bs, d]

@@ -206,3 +206,22 @@ def test_main_runs_configs_merges_later_runs_and_keeps_to_its_budget(tok, tmp_pa
     assert doc["not_run"] == ["int2-norot"]
     assert not doc["configs"]["int2"]["vs_bf16"]["targets"]["retrieval_ok"]
     assert (tmp_path / "copy" / "q.json").exists()
+
+
+@pytest.mark.parametrize("name", list(quality.CONFIGS))
+def test_every_config_is_valid_engine_arguments(name):
+    """Each configuration's engine keywords are EngineArgs fields (a typo would only show
+    on the GPU) and its BITDECODE settings parse."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_bitdecode.config import BitDecodeConfig
+
+    cfg = quality.CONFIGS[name]
+    spec = {"model": "m", "gpu_memory_utilization": 0.5,
+            **{k: v for k, v in cfg.items() if k != "label"}}
+    kw = quality.engine_kwargs(spec)
+    EngineArgs(**kw)  # a dataclass: unknown keywords raise TypeError
+    if cfg["backend"] == "BITDECODE":
+        parsed = BitDecodeConfig.from_additional_config(kw["additional_config"])
+        assert parsed.bits == cfg["bitdecode"]["bits"]
+    assert kw.get("block_size") == cfg.get("block_size")

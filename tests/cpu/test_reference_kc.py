@@ -46,9 +46,9 @@ def _keys(shape, dtype, seed):
 
 
 # ---- layout ------------------------------------------------------------------------------
-# bytes per token and KV head at group 128 (V), quoted in docs/per-channel-k-design.md
-DESIGN_BYTES = {(4, 16): 164, (4, 32): 148, (4, 64): 140, (4, 128): 136,
-                (2, 16): 100, (2, 32): 84, (2, 64): 76, (2, 128): 72}
+# bytes per token and KV head at group 128 (V), quoted in docs/per-channel-k-design.md: the
+# K params of a 16-token K group cost 32 B per token at every block size
+DESIGN_BYTES = {(bits, bs): {4: 164, 2: 100}[bits] for bits in (4, 2) for bs in (16, 32, 64, 128)}
 
 
 @pytest.mark.parametrize("bits,block_size", sorted(DESIGN_BYTES))
@@ -64,13 +64,12 @@ def test_layout_matches_the_design_numbers(bits, block_size):
     starts = [lay.k_rows_offset, lay.v_rows_offset, lay.v_params_offset, lay.k_params_offset]
     assert starts[1:] == ends[:-1] and ends[-1] == lay.head_region_bytes
     assert all(s % 16 == 0 for s in starts)
-    # per-token V params are those of the per-token page, K params are per page
+    # per-token V params are those of the per-token page, K params per 16-token K group
     assert lay.v_param_bytes_per_token == fmt.param_bytes_per_token // 2
-    assert lay.k_param_bytes == 512
+    assert lay.k_groups == block_size // 16 and lay.k_param_bytes == 512 * lay.k_groups
     assert lay.page_bytes(8) == 8 * lay.head_region_bytes
-    # at block 128 the per-channel page costs what the per-token page costs
-    if block_size == 128:
-        assert lay.head_region_bytes == fmt.head_region_bytes
+    # the per-channel page costs 28 B per token and head more than the per-token page
+    assert lay.head_region_bytes - fmt.head_region_bytes == 28 * block_size
 
 
 def test_residual_size_for_the_llama3_8b_shape():
@@ -295,7 +294,7 @@ def test_partial_page_is_kept_exact_and_the_page_untouched(chunks):
 
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("bits", [4, 2])
-def test_page_is_quantized_exactly_when_its_last_slot_is_written(bits, block_size):
+def test_each_k_group_is_quantized_exactly_when_its_last_slot_is_written(bits, block_size):
     bs, dtype = block_size, torch.float16
     lay = _layout(bits, bs)
     seq = Seq.random(bs + 3, 8, 2, dtype, seed=bits + bs)
@@ -304,26 +303,35 @@ def test_page_is_quantized_exactly_when_its_last_slot_is_written(bits, block_siz
     one.cache.fill_(0)
     r_one = Req(seq, blocks=[1, 2], slot=0)
     one.step([(r_one, bs + 3)])
-    # token by token, checking the page before and after its last slot
+    # token by token, checking each 16-token K group before and after its last slot
     tok = Engine(lay, num_blocks=3, num_slots=1, hk=2, dtype=dtype)
     tok.cache.fill_(0)
     r_tok = Req(seq, blocks=[1, 2], slot=0)
+    rb, gb = lay.row_bytes, lay.k_group_param_bytes
     for i in range(bs + 3):
         before = tok.cache[1].clone()
         tok.step([(r_tok, 1)], decode_path=(i % 2 == 0))
-        k_part = torch.cat((tok.cache[1][:, : bs * lay.row_bytes],
-                            tok.cache[1][:, lay.k_params_offset:]), dim=-1)
-        if i < bs - 1:
-            assert torch.all(k_part == 0), f"page K written before its last slot (token {i})"
-        elif i == bs - 1:
+        for grp in range(bs // 16):
+            k_part = torch.cat((tok.cache[1][:, 16 * grp * rb : 16 * (grp + 1) * rb],
+                                tok.cache[1][:, lay.k_params_offset + grp * gb:][:, :gb]), -1)
+            if i < 16 * grp + 15:
+                assert torch.all(k_part == 0), f"K group {grp} written at token {i}"
+            elif i == 16 * grp + 15:
+                assert not torch.equal(k_part, torch.zeros_like(k_part))
+                assert torch.equal(k_part, torch.cat(
+                    (one.cache[1][:, 16 * grp * rb : 16 * (grp + 1) * rb],
+                     one.cache[1][:, lay.k_params_offset + grp * gb:][:, :gb]), -1))
+        if i == bs - 1:
             assert not torch.equal(tok.cache[1], before)
             assert torch.equal(tok.cache[1], one.cache[1])  # bit for bit, V included
     assert torch.equal(tok.cache, one.cache)
-    # and the page is the independently packed per-channel quantization of the true K
-    codes, scale, zero = kc.quantize_channels(seq.k[:bs].transpose(0, 1), bits, dtype)
-    rows = ref.pack_rows(codes, lay.fmt.k_channel_of_slot(), bits)
-    assert torch.equal(one.cache[1][:, : bs * lay.row_bytes], rows.flatten(-2))
-    params = torch.stack((scale, zero), dim=1).contiguous().view(torch.uint8).flatten(-2)
+    # and the page is the independently packed per-channel quantization of the true K,
+    # one (scale, zero) per channel and K group of 16 tokens
+    groups = seq.k[:bs].transpose(0, 1).unflatten(1, (bs // 16, 16))  # [heads, groups, 16, D]
+    codes, scale, zero = kc.quantize_channels(groups, bits, dtype)
+    rows = ref.pack_rows(codes.flatten(1, 2), lay.fmt.k_channel_of_slot(), bits)
+    assert torch.equal(one.cache[1][:, : bs * rb], rows.flatten(-2))
+    params = torch.stack((scale, zero), dim=2).contiguous().view(torch.uint8).flatten(-3)
     assert torch.equal(one.cache[1][:, lay.k_params_offset:], params)
     # the residual then holds the partial second page, and its first rows are exact
     assert torch.equal(tok.residual[0, 0, :, :3], seq.k[bs:].transpose(0, 1))
@@ -384,8 +392,8 @@ def test_decode_is_softmax_over_the_dequantized_cache(block_size, bits, gqa):
         own = (n - 1) // bs
         # expected keys and values, built here: per-channel K and per-token V pages
         # before the query's page, its own page exact
-        k_full = seq.k[: own * bs].unflatten(0, (own, bs)).transpose(1, 2)
-        codes, scale, zero = kc.quantize_channels(k_full, bits, dtype)
+        k_groups = seq.k[: own * bs].unflatten(0, (own * bs // 16, 16)).transpose(1, 2)
+        codes, scale, zero = kc.quantize_channels(k_groups, bits, dtype)
         k_deq = kc.dequantize_channels(codes, scale, zero).transpose(1, 2).flatten(0, 1)
         keys = torch.cat((k_deq, seq.k[own * bs :].float()))
         vc, vs, vz = ref.quantize(seq.v[: own * bs], lay.fmt, dtype)

@@ -37,8 +37,9 @@
 // pages as the dense kernel does; rows with count 0 write zeros without reading a page.
 //
 // KC = true is per-channel K (docs/per-channel-k-design.md, section 7): every page but the
-// sequence's own one holds K codes against one (scale, zero) per channel, which the tile
-// copy brings along (512 bytes). The scale moves to the query, one page at a time:
+// sequence's own one holds K codes against one (scale, zero) per channel and 16-token K
+// group, which the tile copy brings along (512 bytes). The scale moves to the query, one
+// tile at a time:
 //   S = sum_c q_c (s_c code_c + z_c) = Q' . (codes - C) + sum_c q_c (z_c + C s_c)
 // with q' = q * s and C = 2^(bits-1). The MMA runs in fp16 for both model dtypes: codes
 // - C are exact there, and q' rounded to fp16 (11 bits) keeps the kernel within ~1e-3 of
@@ -75,12 +76,14 @@ struct DecodeShape {
   // per token: (scale, zero) of every group, for K and V (KC: for V only)
   static constexpr int kParamBytes = (KC ? 1 : 2) * 2 * kGroups * static_cast<int>(sizeof(T));
   // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes],
-  // and with KC the page's K params [2][HEAD]. At block size 16 that is the head region.
+  // and with KC the K params [2][HEAD] of the tile's 16-token K group. At block size 16
+  // that is the head region.
   static constexpr int kVOffset = kTileTokens * kRowBytes;
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
   static constexpr int kKParamOffset = kParamOffset + kTileTokens * kParamBytes;
   static constexpr int kKParamBytes = KC ? 2 * HEAD * static_cast<int>(sizeof(T)) : 0;
   static constexpr int kTileBytes = kKParamOffset + kKParamBytes;
+  static_assert(!KC || kTileTokens == kKCGroupTokens, "a tile is one K group");
   // Tiles per softmax step: 2, or 1 where two tiles' state would spill (group 32 with
   // two head tiles).
   static constexpr int kStepTiles = kGroups * HEAD_TILES >= 8 ? 1 : 2;
@@ -298,9 +301,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
                           kTileTokens * R, b);
         bulk_copy_to_smem(dst + Shape::kParamOffset, src + p.page.params_offset + offset * P,
                           kTileTokens * P, b);
-        if constexpr (KC)
-          bulk_copy_to_smem(dst + Shape::kKParamOffset, src + p.k_params_offset,
+        if constexpr (KC) {  // the K params of the tile's K group
+          const int group = offset / kKCGroupTokens;
+          bulk_copy_to_smem(dst + Shape::kKParamOffset,
+                            src + p.k_params_offset + group * Shape::kKParamBytes,
                             Shape::kKParamBytes, b);
+        }
       }
     }
   };

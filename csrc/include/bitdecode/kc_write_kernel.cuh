@@ -5,11 +5,12 @@
 // 1. kc_value_kernel, one warp per (token, KV head): V per token and group, into the
 //    page (codes and V params), as the per-token page does.
 // 2. kc_page_kernel (phase A), one 128-thread CTA per (token, KV head), working only for
-//    tokens that land on a page's last slot: thread c gathers channel c of the page's
-//    block_size keys (this step's `key` for positions computed in this step, the
-//    request's residual for earlier ones), quantizes it over the page with the
-//    per-token quantizer's rules (group_params / code_of) and writes the page's packed
-//    K rows and its K params. It reads nothing the step writes, so CTAs run in any order.
+//    tokens that land on the last slot of a 16-token K group of a page: thread c gathers
+//    channel c of the group's keys (this step's `key` for positions computed in this
+//    step, the request's residual for earlier ones: they lie in the request's last
+//    written page), quantizes it over the group with the per-token quantizer's rules
+//    (group_params / code_of) and writes the group's packed K rows and its K params. It
+//    reads nothing the step writes, so CTAs run in any order.
 // 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K and V rows of
 //    each request's last written page go to its residual slot. After phase A, which may
 //    read residual rows this overwrites (a chunk that fills a page and ends in the next).
@@ -28,8 +29,6 @@
 #include "bitdecode/quantize_kernel.cuh"
 
 namespace bitdecode {
-
-constexpr int kKCMaxBlockSize = 128;  // phase A stages a page's codes in shared memory
 
 // The batch row of token t: the last r with query_start_loc[r] <= t (t inside the batch).
 __device__ __forceinline__ int kc_token_row(const int32_t* qsl, int num_reqs, int t) {
@@ -90,18 +89,19 @@ template <typename T, int HEAD, int BITS>
 __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
   static_assert(HEAD == 128, "one thread per channel");
   using Order = RowOrder<HEAD, BITS>;
-  __shared__ uint8_t codes[kKCMaxBlockSize][HEAD];
+  constexpr int G = kKCGroupTokens;
+  __shared__ uint8_t codes[G][HEAD];
   const int token = blockIdx.x, head = blockIdx.y, c = threadIdx.x;
   const int64_t slot = p.slot_mapping[token];
-  if (slot < 0 || slot % p.block_size != p.block_size - 1) return;  // not a page's last slot
+  if (slot < 0 || slot % G != G - 1) return;  // not the last slot of a K group
   const int r = kc_token_row(p.query_start_loc, p.num_reqs, token);
   int pos, start;
   kc_token_position(p, r, token, pos, start);
-  const int first = pos - (p.block_size - 1);  // the page's first position
+  const int first = pos - (G - 1);  // the group's first position
   const int q0 = p.query_start_loc[r];
   const T* residual = kc_residual_rows<HEAD>(static_cast<const T*>(p.residual), p.row_slot[r],
                                              0, p.num_kv_heads, head, p.block_size);
-  auto key_at = [&](int i) {  // channel c of the page's i-th key
+  auto key_at = [&](int i) {  // channel c of the group's i-th key
     const int q = first + i;
     if (q >= start) {
       const T* k = static_cast<const T*>(p.key) + static_cast<int64_t>(q0 + q - start) *
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
     return DtypeTraits<T>::to_float(residual[static_cast<int64_t>(q % p.block_size) * HEAD + c]);
   };
   float lo = key_at(0), hi = lo;
-  for (int i = 1; i < p.block_size; ++i) {
+  for (int i = 1; i < G; ++i) {
     const float x = key_at(i);
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
@@ -119,21 +119,23 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
   T scale, zero;
   const bool wide = group_params<T, BITS>(lo, hi, scale, zero);
   const float s = DtypeTraits<T>::to_float(scale), z = DtypeTraits<T>::to_float(zero);
-  for (int i = 0; i < p.block_size; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
+  for (int i = 0; i < G; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
   const int64_t block = slot / p.block_size;
+  const int first_slot = static_cast<int>(slot % p.block_size) - (G - 1);
   uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
-  T* k_params = reinterpret_cast<T*>(region + p.k_params_offset);
+  T* k_params = reinterpret_cast<T*>(region + p.k_params_offset) + first_slot / G * 2 * HEAD;
   k_params[c] = scale;
   k_params[HEAD + c] = zero;
   __syncthreads();
-  // pack the page's K rows in the per-token page's row order
-  for (int idx = c; idx < p.block_size * Order::kRowWords; idx += HEAD) {
+  // pack the group's K rows in the per-token page's row order
+  uint8_t* rows = region + first_slot * Order::kRowBytes;
+  for (int idx = c; idx < G * Order::kRowWords; idx += HEAD) {
     const int i = idx / Order::kRowWords, word = idx % Order::kRowWords;
     uint32_t packed = 0;
 #pragma unroll
     for (int sl = 0; sl < Order::kValuesPerWord; ++sl)
       packed |= static_cast<uint32_t>(codes[i][Order::k_channel(word, sl)]) << (BITS * sl);
-    reinterpret_cast<uint32_t*>(region + i * Order::kRowBytes)[word] = packed;
+    reinterpret_cast<uint32_t*>(rows + i * Order::kRowBytes)[word] = packed;
   }
 }
 

@@ -6,6 +6,12 @@
 
 namespace bitdecode {
 
+// Per-channel K mode (reference_kc.py): K is quantized per channel over K groups of 16
+// tokens of a page, each group with its own (scale, zero) per channel; pages hold at most
+// kKCMaxBlockSize tokens (each live request keeps that many exact K and V rows).
+constexpr int kKCGroupTokens = 16;
+constexpr int kKCMaxBlockSize = 128;
+
 // Geometry of one page, mirrored from vllm_bitdecode/page_format.py (the tests check
 // that both agree). All offsets are in bytes from the start of a head region.
 struct PageGeometry {
@@ -142,7 +148,8 @@ struct DequantizeParams {
   int num_kv_heads;
   int max_tokens;                // upper bound of seq_lens, sizes the grid
   PageGeometry page;
-  int k_params_offset;           // per-channel K pages only: K scale[128], zero[128] of the page
+  int k_params_offset;           // per-channel K pages only: per 16-token K group of the page,
+                                 // K scale[128], then zero[128]
 };
 
 }  // namespace bitdecode

@@ -219,7 +219,9 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
                                             offset * (KC ? p.page.param_bytes / 2
                                                          : p.page.param_bytes));
   const int g = (4 * lane) / GROUP;
-  const T* kparams = reinterpret_cast<const T*>(region + p.k_params_offset);  // KC only
+  // KC only: the (scale, zero) of this token's 16-token K group
+  const T* kparams = reinterpret_cast<const T*>(region + p.k_params_offset) +
+                     offset / kKCGroupTokens * 2 * HEAD;
   const float ks = DtypeTraits<T>::to_float(prm[2 * g]);
   const float kz = DtypeTraits<T>::to_float(prm[2 * g + 1]);
   const float vs = DtypeTraits<T>::to_float(prm[2 * (kVFirst + g)]);
