@@ -1,7 +1,9 @@
 """Per-channel K mode through vLLM (issue #7): the shipped model with
 ``bitdecode.k_mode = "channel"``, CUDA graphs on, pass-key prompts of about 6K tokens.
 
-- the pass keys are found, as with per-token 4-bit pages;
+- the pass keys are found, as with per-token 4-bit pages, and at 2 bits in issue #5's
+  configuration (V in groups of 32, 64-token pages: four K groups per page, the newest 64
+  tokens exact);
 - prefill cut into chunks that end mid-page (``max_num_batched_tokens`` 1000, not a
   multiple of the block size) gives the same greedy tokens as prefill in one piece, by
   vLLM's rule for engines whose arithmetic may differ: the own-page rule makes what a
@@ -31,13 +33,14 @@ def _prompts() -> tuple[list[list[int]], list[str]]:
 
 
 @functools.cache
-def _run(bits: int = 4, **engine) -> dict:
+def _run(bits: int = 4, group_size: int = 128, **engine) -> dict:
     if not (data.MODEL_DIR / "config.json").exists():
         pytest.skip("the shipped model is missing")
     prompts, _ = _prompts()
     return run_in_subprocess(dict(
         model=str(data.MODEL_DIR), load_format="auto", backend="BITDECODE",
-        bitdecode={"bits": bits, "k_mode": "channel"}, gpu_memory_utilization=0.3,
+        bitdecode={"bits": bits, "k_mode": "channel", "group_size": group_size},
+        gpu_memory_utilization=0.3,
         max_model_len=data.MAX_CONTEXT, max_num_seqs=4, enforce_eager=False,
         jobs=[dict(name="gen", prompts=prompts, max_tokens=GEN, logprobs=5,
                    reset_prefix_cache=True, capture=False)], **engine), timeout=600)
@@ -49,6 +52,11 @@ def _right(res: dict) -> int:
 
 def test_channel_mode_finds_the_pass_keys():
     res = _run()
+    assert _right(res) == len(_prompts()[1]), res["jobs"]["gen"]["tokens"]
+
+
+def test_2bit_channel_mode_with_64_token_pages_finds_the_pass_keys():
+    res = _run(bits=2, group_size=32, block_size=64)
     assert _right(res) == len(_prompts()[1]), res["jobs"]["gen"]["tokens"]
 
 
