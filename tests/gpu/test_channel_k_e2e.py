@@ -9,8 +9,9 @@
   vLLM's rule for engines whose arithmetic may differ: the own-page rule makes what a
   query sees independent of the schedule, and only FlashAttention's summation order
   changes with the chunking.
-The other lifetime cases of the design's test plan (finish mid-page, preemption, prefix
-hits, unscheduled requests, reordering) are not written yet.
+The other lifetime cases of the design's test plan (preemption, prefix hits, chunks
+ending mid-page, CUDA-graph padding, mixed batches) run in tests/gpu/test_serving.py with
+BITDECODE_SERVING_K_MODE=channel (and BITDECODE_SERVING_BLOCK=64 for 64-token pages).
 """
 
 from __future__ import annotations

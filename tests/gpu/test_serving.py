@@ -26,7 +26,8 @@ Environment: BITDECODE_SERVING_BITS="4,2" (default) picks the bit widths. About 
 starts in all; the file should take 4-5 minutes on an H100. BITDECODE_SERVING_K_MODE=channel
 runs every check in per-channel K mode (issue #7), where chunked prefill, prefix hits,
 preemption and graph padding are the residual's lifetime cases; its chunks of 2040
-tokens then end mid-page.
+tokens then end mid-page. BITDECODE_SERVING_BLOCK (default 16) sets the block size, e.g.
+64 for channel mode's 2-bit configuration; the KV budgets stay the same in tokens.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ pytestmark = pytest.mark.gpu
 BITS = [int(b) for b in os.environ.get("BITDECODE_SERVING_BITS", "4,2").split(",") if b]
 K_MODE = os.environ.get("BITDECODE_SERVING_K_MODE", "token")
 MAX_LEN = 16384
-BLOCK = 16  # vLLM's default block size, which BITDECODE keeps
+BLOCK = int(os.environ.get("BITDECODE_SERVING_BLOCK", "16"))  # 16: vLLM's default
 
 LONG, CHUNK, LONG_GEN = 15000, 2048 if K_MODE == "token" else 2040, 16
 PREFIX, SUFFIX_A, SUFFIX_B, PREFIX_GEN = 6000, 300, 500, 16
@@ -58,7 +59,7 @@ PREFIX, SUFFIX_A, SUFFIX_B, PREFIX_GEN = 6000, 300, 500, 16
 # scheduler, simulated on CPU with these numbers, preempts 12 times.
 PREEMPT_LENS = [100 + 4 * i for i in range(48)]
 PREEMPT_GEN = 256
-NUM_BLOCKS = 1000  # 16,000 tokens: LONG fits, the preemption workload (~21.6K) does not
+NUM_BLOCKS = 16000 // BLOCK  # 16,000 tokens: LONG fits, the preemption workload (~21.6K) does not
 MIXED_LENS = (5, 37, 300, 1200, 2900, 6100)
 MIXED_GEN = 32
 
@@ -106,8 +107,8 @@ def _specs(model: str, bits: int) -> dict[str, dict]:
     common = dict(model=model, backend="BITDECODE", bitdecode={"bits": bits, "k_mode": K_MODE},
                   gpu_memory_utilization=0.25, max_model_len=MAX_LEN, max_num_seqs=64,
                   enable_prefix_caching=True, disable_log_stats=False,
-                  logprobs_mode="raw_logits", count_graph_replays=True)
-    roomy = 8192  # blocks (131K tokens): far more than any job needs, quick to set up
+                  logprobs_mode="raw_logits", count_graph_replays=True, block_size=BLOCK)
+    roomy = 131072 // BLOCK  # 131K tokens: far more than any job needs, quick to set up
     return {
         "reference": dict(common, enforce_eager=True, max_num_batched_tokens=MAX_LEN,
                           num_gpu_blocks_override=roomy, jobs=[
