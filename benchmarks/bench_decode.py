@@ -206,6 +206,7 @@ def bench_write(num_tokens: int, timer: Timer) -> dict:
 
 
 def main() -> None:
+    global BLOCK  # --block-size sets the page size every bench function reads
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="4096,32768,131072")
@@ -214,7 +215,10 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--channel-k", action="store_true",
                     help="also time per-channel K mode (decode_kc) at 4 and 2 bits")
+    ap.add_argument("--block-size", type=int, default=BLOCK,
+                    help="tokens per page for every implementation, FA3 included (default 16)")
     args = ap.parse_args()
+    BLOCK = args.block_size
 
     timer = Timer(args.reps)
     gen = torch.Generator().manual_seed(0)
