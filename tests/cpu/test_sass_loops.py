@@ -1,0 +1,54 @@
+"""tools/sass_loops.py: finding the decode kernel's step loop in nvdisasm output."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("sass_loops", ROOT / "tools" / "sass_loops.py")
+sass_loops = importlib.util.module_from_spec(_spec)
+sys.modules["sass_loops"] = sass_loops  # dataclasses look their module up
+_spec.loader.exec_module(sass_loops)
+
+# nvdisasm -c layout: an outer loop (.L_x_1) around a two-MMA inner loop (.L_x_2) and a
+# one-MMA tail loop (.L_x_3), one predicated branch out of the inner loop.
+SASS = """
+        .text._Z6kernelv:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   IMAD R2, R3, 0x4, R4 ;
+.L_x_2:
+        /*0020*/                   LOP3.LUT R5, R6, 0xf000f, R7, 0xea, !PT ;
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0040*/              @!P0 BRA `(.L_x_4) ;
+        /*0050*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0060*/               @P1 BRA `(.L_x_2) ;
+.L_x_3:
+        /*0070*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+        /*0080*/               @P2 BRA `(.L_x_3) ;
+.L_x_4:
+        /*0090*/               @P3 BRA `(.L_x_1) ;
+        /*00a0*/                   EXIT ;
+"""
+
+
+def test_parse_finds_opcodes_labels_and_branches():
+    (name, (opcodes, labels, branches)), = sass_loops.parse(SASS).items()
+    assert name == "_Z6kernelv"
+    assert opcodes[:3] == ["MOV", "IMAD", "LOP3.LUT"] and len(opcodes) == 11
+    assert labels == {".L_x_1": 1, ".L_x_2": 2, ".L_x_3": 7, ".L_x_4": 9}
+    assert [i for i, _ in branches] == [4, 6, 8, 9]  # the predicate is stripped
+
+
+def test_step_loop_is_the_innermost_loop_with_the_most_mmas(capsys):
+    (_, (opcodes, labels, branches)), = sass_loops.parse(SASS).items()
+    loops = sass_loops.mma_loops(opcodes, labels, branches)
+    # the forward branch to .L_x_4 is no loop; the outer loop holds both inner ones
+    assert sorted((x.start, x.end, x.count("HMMA")) for x in loops) == [
+        (1, 9, 3), (2, 6, 2), (7, 8, 1)]
+    sass_loops.report("k", opcodes, loops, mma_per_tile=1)
+    out = capsys.readouterr().out
+    assert "step loop: 5 instructions, 2 HMMA, 2 tiles: 2 per tile (instructions 2-6)" in out
+    assert "HMMA 2, BRA 2, LOP3 1" in out

@@ -1,0 +1,163 @@
+"""Static SASS of the decode kernel's main loop, without a GPU: instructions per tile.
+
+The decode kernel is bound by instruction issue on an H200 (docs/decode-kernel-notes.md),
+so the count of instructions in its softmax-step loop is a cheap first check of a change
+before any GPU time is spent. This tool compiles one instantiation of ``decode_kernel``
+for sm_90a with nvcc, disassembles it with nvdisasm, finds the loops (backward branches)
+that contain tensor-core MMAs, and prints the innermost one's instruction count and
+opcode histogram.
+
+    python tools/sass_loops.py                                  # bf16, 4 bits, group 128, gqa <= 8
+    python tools/sass_loops.py --dtype fp16 --bits 2 --group 32 --head-tiles 2
+    python tools/sass_loops.py --cubin build/x.cubin            # any cubin, every kernel
+
+A static count is an upper bound on what one pass executes (it includes rarely taken
+branches: ring refills, barrier retries, the rescale when the running max moves); compare
+two versions of the kernel, not against ncu's executed counts. nvdisasm is not part of a
+minimal CUDA toolkit; ``pip install nvidia-cuda-nvdisasm`` provides it (found on PATH or
+in that package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
+
+
+@dataclass
+class Loop:
+    start: int  # index of the first instruction (the branch target)
+    end: int  # index of the backward branch
+    opcodes: list[str]
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start + 1
+
+    def count(self, prefix: str) -> int:
+        return sum(op.startswith(prefix) for op in self.opcodes[self.start : self.end + 1])
+
+
+def find_nvdisasm() -> str:
+    found = shutil.which("nvdisasm")
+    if found:
+        return found
+    try:
+        import nvidia.cu13 as pkg  # the nvidia-cuda-nvdisasm wheel for CUDA 13
+    except ImportError:
+        pkg = None
+    for root in getattr(pkg, "__path__", []):
+        candidate = Path(root) / "bin" / "nvdisasm"
+        if candidate.exists():
+            return str(candidate)
+    raise SystemExit("nvdisasm not found: pip install nvidia-cuda-nvdisasm (or put the CUDA "
+                     "toolkit's bin/ on PATH)")
+
+
+def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
+                          sparse: bool, out: Path) -> None:
+    args = f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}"
+    src = out.with_suffix(".cu")
+    src.write_text('#include "bitdecode/decode_kernel.cuh"\n'
+                   f"template __global__ void bitdecode::decode_kernel<{args}>("
+                   "bitdecode::DecodeParams);\n")
+    cmd = ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+           "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc' / 'include'}",
+           "-cubin", str(src), "-o", str(out)]
+    subprocess.run(cmd, check=True)
+
+
+def parse(sass: str) -> dict[str, tuple[list[str], dict[str, int], list[tuple[int, str]]]]:
+    """Per function: opcodes in order, label -> index, and (index, text) of branches."""
+    functions = {}
+    for chunk in re.split(r"\n\s*\.text\.", sass)[1:]:
+        name = chunk.split(":", 1)[0].strip()
+        opcodes, labels, branches = [], {}, []
+        for line in chunk.splitlines():
+            label = re.match(r"^\s*(\.L_x_\d+):", line)
+            if label:
+                labels[label.group(1)] = len(opcodes)
+                continue
+            inst = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+            if inst:
+                text = re.sub(r"^@!?U?P[T0-9]+\s+", "", inst.group(1).strip())  # predicate
+                op = text.split()[0]
+                if op.startswith("BRA"):
+                    branches.append((len(opcodes), text))
+                opcodes.append(op)
+        functions[name] = (opcodes, labels, branches)
+    return functions
+
+
+def mma_loops(opcodes: list[str], labels: dict[str, int],
+              branches: list[tuple[int, str]]) -> list[Loop]:
+    loops = []
+    for index, text in branches:
+        target = re.search(r"(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), index + 1) <= index:
+            loop = Loop(labels[target.group(1)], index, opcodes)
+            if loop.count("HMMA"):
+                loops.append(loop)
+    return loops
+
+
+def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int | None) -> None:
+    print(f"{name}\n  {len(opcodes)} instructions, {len(loops)} loops with MMAs")
+    # innermost: holds no other MMA loop. Of those, the one with the most MMAs is the
+    # steady-state softmax step (the others are the tail step of one tile).
+    inner = [a for a in loops
+             if not any(b is not a and a.start <= b.start and b.end <= a.end for b in loops)]
+    if not inner:
+        return
+    step = max(inner, key=lambda x: (x.count("HMMA"), -x.size))
+    mmas = step.count("HMMA")
+    hist = collections.Counter(op.split(".")[0] for op in opcodes[step.start : step.end + 1])
+    per_tile = ""
+    if mma_per_tile:
+        tiles = mmas // mma_per_tile
+        per_tile = f", {tiles} tiles: {step.size / tiles:.0f} per tile"
+    print(f"  step loop: {step.size} instructions, {mmas} HMMA{per_tile} "
+          f"(instructions {step.start}-{step.end})")
+    print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--bits", type=int, choices=(4, 2), default=4)
+    ap.add_argument("--group", type=int, choices=(32, 64, 128), default=128)
+    ap.add_argument("--head-tiles", type=int, choices=(1, 2), default=1,
+                    help="1: up to 8 query heads per KV head, 2: up to 16")
+    ap.add_argument("--sparse", action="store_true", help="the sparse (reuse-layer) kernel")
+    ap.add_argument("--cubin", type=Path, help="disassemble this cubin instead")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = args.cubin
+        if cubin is None:
+            cubin = Path(tmp) / "decode.cubin"
+            compile_instantiation(args.dtype, args.bits, args.group, args.head_tiles,
+                                  args.sparse, cubin)
+        sass = subprocess.run([find_nvdisasm(), "-c", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+    functions = parse(sass)
+    if not functions:
+        sys.exit("no functions in the disassembly")
+    # per 16-token tile and head tile: 8 k-steps of S and 8 m-tiles of O at head size 128
+    mma_per_tile = None if args.cubin else 16 * args.head_tiles
+    for name, (opcodes, labels, branches) in functions.items():
+        report(name, opcodes, mma_loops(opcodes, labels, branches), mma_per_tile)
+
+
+if __name__ == "__main__":
+    main()
