@@ -65,8 +65,9 @@ def find_nvdisasm() -> str:
 
 
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
-                          sparse: bool, out: Path) -> None:
-    args = f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}"
+                          sparse: bool, channel_k: bool, out: Path) -> None:
+    args = (f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}, "
+            f"{str(channel_k).lower()}")
     src = out.with_suffix(".cu")
     src.write_text('#include "bitdecode/decode_kernel.cuh"\n'
                    f"template __global__ void bitdecode::decode_kernel<{args}>("
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--head-tiles", type=int, choices=(1, 2), default=1,
                     help="1: up to 8 query heads per KV head, 2: up to 16")
     ap.add_argument("--sparse", action="store_true", help="the sparse (reuse-layer) kernel")
+    ap.add_argument("--channel-k", action="store_true",
+                    help="the per-channel K kernel (its loop holds the own page's path too, "
+                         "so no per-tile figure)")
     ap.add_argument("--cubin", type=Path, help="disassemble this cubin instead")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,14 +151,14 @@ def main() -> None:
         if cubin is None:
             cubin = Path(tmp) / "decode.cubin"
             compile_instantiation(args.dtype, args.bits, args.group, args.head_tiles,
-                                  args.sparse, cubin)
+                                  args.sparse, args.channel_k, cubin)
         sass = subprocess.run([find_nvdisasm(), "-c", str(cubin)], check=True,
                               capture_output=True, text=True).stdout
     functions = parse(sass)
     if not functions:
         sys.exit("no functions in the disassembly")
     # per 16-token tile and head tile: 8 k-steps of S and 8 m-tiles of O at head size 128
-    mma_per_tile = None if args.cubin else 16 * args.head_tiles
+    mma_per_tile = None if args.cubin or args.channel_k else 16 * args.head_tiles
     for name, (opcodes, labels, branches) in functions.items():
         report(name, opcodes, mma_loops(opcodes, labels, branches), mma_per_tile)
 
