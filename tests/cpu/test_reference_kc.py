@@ -308,19 +308,23 @@ def test_each_k_group_is_quantized_exactly_when_its_last_slot_is_written(bits, b
     tok.cache.fill_(0)
     r_tok = Req(seq, blocks=[1, 2], slot=0)
     rb, gb = lay.row_bytes, lay.k_group_param_bytes
+
+    def group_bytes(page: torch.Tensor, grp: int) -> torch.Tensor:
+        """K rows and K params of K group grp of a page (one head region per KV head)."""
+        params = lay.k_params_offset + grp * gb
+        return torch.cat((page[:, 16 * grp * rb : 16 * (grp + 1) * rb],
+                          page[:, params : params + gb]), -1)
+
     for i in range(bs + 3):
         before = tok.cache[1].clone()
         tok.step([(r_tok, 1)], decode_path=(i % 2 == 0))
         for grp in range(bs // 16):
-            k_part = torch.cat((tok.cache[1][:, 16 * grp * rb : 16 * (grp + 1) * rb],
-                                tok.cache[1][:, lay.k_params_offset + grp * gb:][:, :gb]), -1)
+            k_part = group_bytes(tok.cache[1], grp)
             if i < 16 * grp + 15:
                 assert torch.all(k_part == 0), f"K group {grp} written at token {i}"
             elif i == 16 * grp + 15:
                 assert not torch.equal(k_part, torch.zeros_like(k_part))
-                assert torch.equal(k_part, torch.cat(
-                    (one.cache[1][:, 16 * grp * rb : 16 * (grp + 1) * rb],
-                     one.cache[1][:, lay.k_params_offset + grp * gb:][:, :gb]), -1))
+                assert torch.equal(k_part, group_bytes(one.cache[1], grp))
         if i == bs - 1:
             assert not torch.equal(tok.cache[1], before)
             assert torch.equal(tok.cache[1], one.cache[1])  # bit for bit, V included
