@@ -214,6 +214,29 @@ def _fallback_include_flags() -> list[str]:
 EXTRA_INCLUDES = _fallback_include_flags()
 
 
+def _libstdcxx_flags() -> list[str]:
+    """Link libstdc++ dynamically even where the compiler has only the static archive.
+
+    On a machine with g++ but without libstdc++'s development link (libstdc++.so next to
+    libstdc++.a, as on the lent GPU machine's Ubuntu 24.04 with g++ 13.3), `-lstdc++`
+    quietly links the archive: the extension then carries its own copy of the iostreams,
+    and the first TORCH_CHECK message it formats (an ostringstream built from that copy
+    against locale state owned by torch's shared libstdc++) crashes the process with a
+    segfault instead of raising RuntimeError. Naming the runtime library avoids it."""
+    import sysconfig
+
+    cxx = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []  # the development link exists: -lstdc++ is the shared library already
+    print(f"setup.py: {cxx} has no libstdc++.so link; linking -l:libstdc++.so.6 explicitly")
+    return ["-l:libstdc++.so.6"]
+
+
 def _rpath_flags() -> list[str]:
     """rpath to torch's libs (and the cudart torch ships) so `import vllm_bitdecode._C` loads
     even before `import torch`; a no-op when torch is imported first, as usual."""
@@ -252,7 +275,7 @@ ext_modules = [
         sources=SOURCES,
         include_dirs=[str(ROOT / "csrc" / "include")],
         extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-        extra_link_args=_rpath_flags(),
+        extra_link_args=_rpath_flags() + _libstdcxx_flags(),
     )
 ]
 
