@@ -73,7 +73,7 @@ def _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits):
     return out.cpu()
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("gqa", [1, 4, 8, 12])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("bits", [4, 2])
@@ -100,7 +100,7 @@ def test_decode_kc_matches_reference(dtype, bits, group_size, gqa, block_size):
             f"{dict(zip(seq_lens[live].tolist(), (f'{e:.1e}' for e in errs), strict=True))}")
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

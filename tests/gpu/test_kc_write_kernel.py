@@ -32,7 +32,7 @@ def _keys(n, dtype, gen):
     return k.to(dtype)
 
 
-@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_write_matches_reference_step_by_step(dtype, bits, block_size):
