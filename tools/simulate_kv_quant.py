@@ -158,14 +158,22 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     With ``mode.window`` > the page, the exact block is the query's own block of that many
     tokens (pages are still quantized per channel over ``mode.page`` tokens); with
     ``mode.v_window_exact``, V in that block is exact too, as in KIVI's residual."""
-    from vllm_bitdecode.reference_kc import dequantize_channels, quantize_channels
+    from vllm_bitdecode.reference_kc import (
+        K_PARAM_DTYPE,
+        centred_zero,
+        dequantize_stored_k,
+        quantize_channels,
+    )
 
     key_exact = key.to(torch.bfloat16).float()
-    # K of every full group of mode.page tokens per channel with the kernels' rounding (a
-    # partial last group is never quantized for any query: it lies in the exact block)
+    # K of every full group of mode.page tokens per channel with the kernels' rounding and
+    # stored form (fp16 scale and zc, since 2026-11-30; results committed before that date
+    # used bf16 scale and zero), a partial last group is never quantized for any query: it
+    # lies in the exact block
     t_full = key.shape[-2] // mode.page * mode.page
     pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // mode.page, mode.page))
-    pages_q = dequantize_channels(*quantize_channels(pages, mode.bits, torch.bfloat16))
+    codes, scale, zero = quantize_channels(pages, mode.bits, K_PARAM_DTYPE)
+    pages_q = dequantize_stored_k(codes, scale, centred_zero(scale, zero, mode.bits), mode.bits)
     key_q = torch.cat((pages_q.flatten(-3, -2), key_exact[..., t_full:, :]), dim=-2)
     value_exact = value.to(torch.bfloat16).float()
     value = value_exact

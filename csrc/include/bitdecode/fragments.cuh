@@ -60,6 +60,11 @@ struct DtypeTraits<__half> {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
+  __device__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {  // a * b + c, once rounded
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                        *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -176,6 +181,15 @@ __device__ __forceinline__ Ptr kc_residual_rows(Ptr residual, int64_t slot, int 
                                                 int num_kv_heads, int head, int block_size) {
   return residual +
          ((slot * 2 + kv) * num_kv_heads + head) * static_cast<int64_t>(block_size) * HEAD;
+}
+
+// Per-channel K mode: where channel c's scale sits among the 2 * HEAD fp16 K params of a
+// K group (its zc sits 4 further), the twin of reference_kc.k_param_index. Each 16-channel
+// block holds, for t = 0..3, [s(2t), s(2t+1), s(2t+8), s(2t+9), zc(same four)]: the 16
+// bytes lane quad position t needs for one MMA k-step, so one 128-bit load brings them.
+__device__ __forceinline__ int kc_param_index(int c) {
+  const int r = c % 16;
+  return (c / 16) * 32 + ((r % 8) / 2) * 8 + (r / 8) * 2 + r % 2;
 }
 
 }  // namespace bitdecode
