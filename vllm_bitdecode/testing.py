@@ -152,7 +152,8 @@ def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     for key in ("max_num_batched_tokens", "enable_chunked_prefill", "enable_prefix_caching",
                 "num_gpu_blocks_override", "block_size", "disable_log_stats",
                 "compilation_config", "logprobs_mode", "tensor_parallel_size",
-                "distributed_executor_backend"):
+                "distributed_executor_backend", "async_scheduling",
+                "long_prefill_token_threshold"):
         if key in spec:
             kw[key] = spec[key]
     return kw
@@ -218,6 +219,37 @@ def _fetch_capture(model):
     }
 
 
+def _install_batch_counter(worker) -> bool:
+    """Count, in the worker, what the persistent batch goes through at each step's
+    ``_update_states``: ``unscheduled`` running requests (in the batch before the step,
+    neither scheduled nor finished in it: under async scheduling a request that reached
+    its max_tokens sits out one step, and vLLM takes it out of the batch while keeping
+    its state) and ``moved`` requests (in the batch before and after, at another index:
+    condensing after finished requests, reordering). Proof that a test's case happened."""
+    runner = worker.model_runner
+    counts = {"steps": 0, "unscheduled": 0, "moved": 0}
+    runner._bitdecode_batch_counts = counts
+    original = runner._update_states
+
+    def _update_states(scheduler_output):
+        before = {r: i for i, r in enumerate(runner.input_batch.req_ids) if r is not None}
+        scheduled = set(scheduler_output.num_scheduled_tokens)
+        finished = set(scheduler_output.finished_req_ids)
+        out = original(scheduler_output)
+        after = {r: i for i, r in enumerate(runner.input_batch.req_ids) if r is not None}
+        counts["steps"] += 1
+        counts["unscheduled"] += len(set(before) - scheduled - finished)
+        counts["moved"] += sum(1 for r, i in after.items() if r in before and before[r] != i)
+        return out
+
+    runner._update_states = _update_states
+    return True
+
+
+def _fetch_batch_counter(worker) -> dict[str, int]:
+    return dict(worker.model_runner._bitdecode_batch_counts)
+
+
 class _GraphReplayCounter:
     """Counts ``torch.cuda.CUDAGraph.replay`` calls (full and piecewise vLLM graphs)."""
 
@@ -256,10 +288,13 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str
         llm.apply_model(_reset_capture)
     before = counters(llm)
     replays_before = replays.count if replays else 0
-    params = sampling_params_cls(
-        max_tokens=job["max_tokens"], temperature=0.0, ignore_eos=True,
-        logprobs=job.get("logprobs", 1), prompt_logprobs=1 if job.get("prompt_logprobs") else None,
-    )
+    max_tokens = job["max_tokens"]  # one for all prompts, or one per prompt
+    per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(job["prompts"])
+    params = [sampling_params_cls(
+        max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=job.get("logprobs", 1),
+        prompt_logprobs=1 if job.get("prompt_logprobs") else None,
+    ) for n in per_prompt]
+    batch_before = llm.collective_rpc(_fetch_batch_counter)[0] if job.get("count_batch") else None
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params,
                         use_tqdm=False)
@@ -278,6 +313,9 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str
         "graph_replays": (replays.count - replays_before) if replays else None,
         "seconds": seconds,
     }
+    if batch_before is not None:
+        batch_after = llm.collective_rpc(_fetch_batch_counter)[0]
+        res["batch"] = {k: batch_after[k] - batch_before[k] for k in batch_after}
     if job.get("prompt_logprobs"):
         res["prompt_logprobs"] = [_prompt_logprobs(p, o.prompt_logprobs)
                                   for p, o in zip(job["prompts"], outs, strict=True)]
@@ -332,6 +370,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     if jobs:
         if any(j.get("capture") for j in jobs):
             llm.apply_model(_install_capture)
+        if any(j.get("count_batch") for j in jobs):
+            llm.collective_rpc(_install_batch_counter)
         result["jobs"] = {}
         for job in jobs:
             result["jobs"][job["name"]] = _run_job(llm, SamplingParams, job, replays)

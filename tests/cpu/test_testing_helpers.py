@@ -268,3 +268,33 @@ def test_stop_server_ends_the_process_and_its_children():
     time.sleep(1.0)
     out = testing.stop_server(stubborn, [], timeout=1)
     assert out["killed"] and out["exit_code"] == -9 and not out["clean"]
+
+
+def test_batch_counter_counts_unscheduled_and_moved_requests():
+    """The persistent-batch counter that test_channel_k_lifetime.py uses as proof, on a
+    stand-in runner whose _update_states drops, keeps and condenses rows as vLLM's does."""
+    SchedulerOutput = collections.namedtuple("SchedulerOutput",
+                                             "num_scheduled_tokens finished_req_ids")
+
+    class Batch:
+        def __init__(self) -> None:
+            self.req_ids = ["a", "b", "c", "d"]
+
+    class Runner:
+        def __init__(self) -> None:
+            self.input_batch = Batch()
+
+        def _update_states(self, out):  # drop finished and unscheduled rows, then condense
+            self.input_batch.req_ids = [r for r in self.input_batch.req_ids
+                                        if r in out.num_scheduled_tokens]
+            return None
+
+    worker = collections.namedtuple("Worker", "model_runner")(Runner())
+    assert testing._install_batch_counter(worker)
+    # step 1: "b" finished, "c" reached max_tokens under async scheduling and sits out
+    worker.model_runner._update_states(SchedulerOutput({"a": 1, "d": 1}, {"b"}))
+    got = testing._fetch_batch_counter(worker)
+    assert got == {"steps": 1, "unscheduled": 1, "moved": 1}  # "d" moved from 3 to 1
+    # step 2: everything scheduled, nothing moves
+    worker.model_runner._update_states(SchedulerOutput({"a": 1, "d": 1}, set()))
+    assert testing._fetch_batch_counter(worker) == {"steps": 2, "unscheduled": 1, "moved": 1}

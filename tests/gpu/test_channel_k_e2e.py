@@ -9,9 +9,12 @@
   vLLM's rule for engines whose arithmetic may differ: the own-page rule makes what a
   query sees independent of the schedule, and only FlashAttention's summation order
   changes with the chunking.
-The other lifetime cases of the design's test plan (preemption, prefix hits, chunks
-ending mid-page, CUDA-graph padding, mixed batches) run in tests/gpu/test_serving.py with
-BITDECODE_SERVING_K_MODE=channel (and BITDECODE_SERVING_BLOCK=64 for 64-token pages).
+The other lifetime cases of the design's test plan run in tests/gpu/test_serving.py with
+BITDECODE_SERVING_K_MODE=channel (and BITDECODE_SERVING_BLOCK=64 for 64-token pages):
+preemption, prefix hits, chunks ending mid-page, CUDA graphs; and in
+tests/gpu/test_channel_k_lifetime.py: requests finishing mid-page at different steps,
+running but unscheduled under async scheduling, the persistent batch condensing, a
+finished request's slot and blocks reused.
 """
 
 from __future__ import annotations
