@@ -23,8 +23,9 @@ which compare the result with ``reference_kc.forward_step_kc``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # (q, k_pages, v_pages, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
@@ -57,55 +58,87 @@ class KCPrefillPlan:
     own_begin: torch.Tensor      # [segments] int64: position of the page's first key
     cu_seqlens_own: torch.Tensor  # [segments + 1] int32: own keys of each segment
     seg_request: torch.Tensor    # [segments] int64: request index of each segment
+    own_rows: torch.Tensor       # [own keys] int64: each segment's own keys, in segment
+    #                              order, as rows of gather_own_kv's requests concatenated
+    prefix_empty: torch.Tensor   # [prefill tokens] bool: in a request's first page (no
+    #                              closed keys)
     max_q: int
     max_closed: int
     max_own: int
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_segments(self) -> int:
         return int(self.closed_len.shape[0])
 
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors every layer's attention reads, copied to ``device`` once per step
+        (the plan is shared by all layers of a step)."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = {
+                name: getattr(self, name).to(device, non_blocking=True)
+                for name in ("cu_seqlens_q", "cu_seqlens_own", "closed_len", "block_table",
+                             "own_rows", "prefix_empty")}
+        return self._on_device[key]
+
+
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    return np.cumsum(x) - x
+
+
+def _cu(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(([0], np.cumsum(x))).astype(np.int32))
+
 
 def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
                     rows: Sequence[int], block_size: int) -> KCPrefillPlan:
     """Segments of the prefill rows ``rows`` (batch rows, ascending) of a step whose
-    host-side ``query_start_loc`` and ``seq_lens`` are given."""
+    host-side ``query_start_loc`` and ``seq_lens`` are given. Array ops throughout (numpy
+    on the host), no Python loop over segments: a long prompt at block 16 has thousands."""
     bs = block_size
-    starts, lens, offsets, ws_start = [], [], [], []
-    cu_q, closed, own_begin, cu_own, seg_req = [0], [], [], [0], []
-    ws, token = 0, 0
-    for i, r in enumerate(rows):
-        qlen = int(query_start_loc[r + 1]) - int(query_start_loc[r])
-        n = int(seq_lens[r])
-        s = n - qlen
-        starts.append(s)
-        lens.append(n)
-        offsets.append(token)
-        ws_start.append(ws)
-        ws += -(-n // bs)
-        for page in range(s // bs, (n - 1) // bs + 1):
-            q_lo, q_hi = max(s, page * bs), min(n, (page + 1) * bs)
-            cu_q.append(cu_q[-1] + q_hi - q_lo)
-            closed.append(page * bs)
-            own_begin.append(page * bs)
-            cu_own.append(cu_own[-1] + q_hi - page * bs)
-            seg_req.append(i)
-        token += qlen
-    max_pages = max([c // bs for c in closed] + [1])
-    table = torch.zeros(len(closed), max_pages, dtype=torch.int32)
-    for j, (i, c) in enumerate(zip(seg_req, closed, strict=True)):
-        table[j, : c // bs] = torch.arange(ws_start[i], ws_start[i] + c // bs)
-    q_sizes = [b - a for a, b in zip(cu_q, cu_q[1:], strict=False)]
-    own_sizes = [b - a for a, b in zip(cu_own, cu_own[1:], strict=False)]
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    idx = np.asarray(rows, dtype=np.int64)
+    qlen = qsl[idx + 1] - qsl[idx]
+    n = np.asarray(seq_lens, dtype=np.int64)[idx]
+    start = n - qlen
+    first_page, last_page = start // bs, (n - 1) // bs
+    pages_per_req = last_page - first_page + 1
+    seg_req = np.repeat(np.arange(len(idx)), pages_per_req)
+    num_seg = len(seg_req)
+    page = first_page[seg_req] + (np.arange(num_seg)
+                                  - np.repeat(_exclusive_cumsum(pages_per_req), pages_per_req))
+    q_lo = np.maximum(start[seg_req], page * bs)
+    q_hi = np.minimum(n[seg_req], (page + 1) * bs)
+    closed = page * bs
+    own_count = q_hi - closed
+    q_count = q_hi - q_lo
+    ws_blocks_per_req = -(-n // bs)
+    ws_start = _exclusive_cumsum(ws_blocks_per_req)
+    # workspace pages of each segment's closed part: its request's first closed pages
+    closed_pages = closed // bs
+    max_pages = max(int(closed_pages.max()) if num_seg else 0, 1)
+    col = np.arange(max_pages)
+    table = np.where(col[None, :] < closed_pages[:, None],
+                     ws_start[seg_req][:, None] + col[None, :], 0).astype(np.int32)
+    # own keys: gather_own_kv gives request i the positions first_page * bs .. n - 1
+    own_len = n - first_page * bs
+    seg_base = _exclusive_cumsum(own_len)[seg_req] + closed - first_page[seg_req] * bs
+    own_starts = _exclusive_cumsum(own_count)
+    own_rows = (np.repeat(seg_base - own_starts, own_count)
+                + np.arange(int(own_count.sum())))
     return KCPrefillPlan(
-        block_size=bs, rows=list(rows), starts=starts, seq_lens=lens, token_offsets=offsets,
-        ws_block_start=ws_start, ws_blocks=ws,
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
-        closed_len=torch.tensor(closed, dtype=torch.int32), block_table=table,
-        own_begin=torch.tensor(own_begin, dtype=torch.int64),
-        cu_seqlens_own=torch.tensor(cu_own, dtype=torch.int32),
-        seg_request=torch.tensor(seg_req, dtype=torch.int64),
-        max_q=max(q_sizes + [0]), max_closed=max(closed + [0]), max_own=max(own_sizes + [0]),
+        block_size=bs, rows=list(rows), starts=start.tolist(), seq_lens=n.tolist(),
+        token_offsets=_exclusive_cumsum(qlen).tolist(), ws_block_start=ws_start.tolist(),
+        ws_blocks=int(ws_blocks_per_req.sum()),
+        cu_seqlens_q=_cu(q_count), closed_len=torch.from_numpy(closed.astype(np.int32)),
+        block_table=torch.from_numpy(table), own_begin=torch.from_numpy(closed),
+        cu_seqlens_own=_cu(own_count), seg_request=torch.from_numpy(seg_req),
+        own_rows=torch.from_numpy(own_rows),
+        prefix_empty=torch.from_numpy(np.repeat(closed == 0, q_count)),
+        max_q=int(q_count.max()) if num_seg else 0,
+        max_closed=int(closed.max()) if num_seg else 0,
+        max_own=int(own_count.max()) if num_seg else 0,
     )
 
 
@@ -146,28 +179,17 @@ def run_kc_prefill(
 ) -> None:
     """The two parts and their merge (see the module docstring)."""
     bs = plan.block_size
-    dev = q.device
-    seg = plan.seg_request.tolist()
-    # own part: each segment's exact keys and values, contiguous in segment order
-    own_k, own_v = [], []
-    for j, i in enumerate(seg):
-        page0 = plan.starts[i] // bs * bs
-        begin = int(plan.own_begin[j])
-        count = int(plan.cu_seqlens_own[j + 1] - plan.cu_seqlens_own[j])
-        k, v = own_kv[i][:, begin - page0 : begin - page0 + count]
-        own_k.append(k)
-        own_v.append(v)
-    cu_q = plan.cu_seqlens_q.to(dev)
-    suffix_out, suffix_lse = own_attention(
-        q, torch.cat(own_k), torch.cat(own_v), cu_q, plan.cu_seqlens_own.to(dev), plan.max_q,
-        plan.max_own, scale)
+    dev = plan.on(q.device)
+    own = torch.cat(own_kv, dim=1).index_select(1, dev["own_rows"])  # [2, own keys, kv, D]
+    cu_q = dev["cu_seqlens_q"]
+    suffix_out, suffix_lse = own_attention(q, own[0], own[1], cu_q, dev["cu_seqlens_own"],
+                                           plan.max_q, plan.max_own, scale)
     pages = (plan.ws_blocks, bs, *k_ws.shape[1:])
     prefix_out, prefix_lse = closed_attention(
-        q, k_ws.view(pages), v_ws.view(pages), cu_q, plan.closed_len.to(dev),
-        plan.block_table.to(dev), plan.max_q, max(plan.max_closed, 1), scale)
+        q, k_ws.view(pages), v_ws.view(pages), cu_q, dev["closed_len"], dev["block_table"],
+        plan.max_q, max(plan.max_closed, 1), scale)
     # segments in a request's first page have no closed keys: their prefix weighs nothing
-    empty = torch.repeat_interleave(plan.closed_len == 0,
-                                    plan.cu_seqlens_q.diff().to(torch.int64)).to(dev)
+    empty = dev["prefix_empty"]
     prefix_lse[:, empty] = float("-inf")
     prefix_out[empty] = 0
     merge(out, prefix_out, prefix_lse, suffix_out, suffix_lse)
