@@ -66,7 +66,7 @@ class KCPrefillPlan:
     #                              (workspace pages, then scratch page ws_blocks + segment)
     scratch_rows: torch.Tensor   # [own_total] int64: pool row of each of gather_own_kv's
     #                              rows, the requests concatenated
-    own_total: int
+    own_total: int               # rows of gather_own_kv's requests concatenated
     cu_seqlens_closed_q: torch.Tensor  # [groups + 1] int32, over the prefill tokens
     closed_len: torch.Tensor     # [groups] int32: g0 * bs, the closed keys
     block_table: torch.Tensor    # [groups, max pages] int32: workspace pages
@@ -75,7 +75,7 @@ class KCPrefillPlan:
     max_q: int
     max_closed_q: int
     max_closed: int
-    max_own: int
+    max_near: int
     _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -192,7 +192,7 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
         max_q=int(q_count.max()) if num_seg else 0,
         max_closed_q=int(grp_q.max()) if num_seg else 0,
         max_closed=int(closed.max()) if num_seg else 0,
-        max_own=int(near_len.max()) if num_seg else 0,
+        max_near=int(near_len.max()) if num_seg else 0,
     )
 
 
@@ -245,7 +245,7 @@ def run_kc_prefill(
     k_pages, v_pages = k_pool[: plan.pool_rows].view(pool), v_pool[: plan.pool_rows].view(pool)
     suffix_out, suffix_lse = near_attention(
         q, k_pages, v_pages, dev["cu_seqlens_q"], dev["near_len"], dev["near_table"],
-        plan.max_q, plan.max_own, scale)
+        plan.max_q, plan.max_near, scale)
     prefix_out, prefix_lse = closed_attention(
         q, k_pages, v_pages, dev["cu_seqlens_closed_q"], dev["closed_len"],
         dev["block_table"], plan.max_closed_q, max(plan.max_closed, 1), scale)

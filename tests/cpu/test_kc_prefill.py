@@ -175,7 +175,7 @@ def test_plan_cuts_queries_at_page_boundaries():
     assert plan.ws_block_start == [0, 3, 5] and plan.ws_blocks == 6
     assert plan.block_table[2].tolist() == [0, 1] and plan.block_table[3].tolist()[:1] == [3]
     assert kc_prefill.workspace_starts(plan).tolist() == [0, 48, 80, 96]
-    assert (plan.max_q, plan.max_closed, plan.max_own) == (16, 32, 16)
+    assert (plan.max_q, plan.max_closed, plan.max_near) == (16, 32, 16)
     assert plan.num_segments == 5
 
 
@@ -193,6 +193,6 @@ def test_plan_groups_pages_for_the_closed_part():
     assert plan.scratch_rows.tolist() == (list(range(48, 64)) + list(range(64, 80))
                                           + list(range(80, 88)))
     assert plan.prefix_empty.tolist() == [True] * 32 + [False] * 8
-    assert (plan.max_closed_q, plan.max_own, plan.num_groups) == (32, 32, 2)
+    assert (plan.max_closed_q, plan.max_near, plan.num_groups) == (32, 32, 2)
     # the default: 128 // bs pages, one group here
     assert kc_prefill.plan_kc_prefill([0, 40], [40], [0], 16).num_groups == 1
