@@ -306,7 +306,8 @@ def test_prefix_cache_hit_gives_cold_run_tokens(engine, bits):
     "confirmed on a GPU: LLMEngine.step records the scheduler's stats only for steps that "
     "return request outputs (v1/engine/llm_engine.py, `len(outputs.outputs) > 0`), the "
     "prefix-cache stats are drained every step (KVCacheManager.make_prefix_cache_stats), "
-    "and under async scheduling the step that admits a request returns none"))
+    "and the step that admits a request running alone returns none when its prompt is "
+    "chunked or, under async scheduling, at all: its hit is never counted"))
 @pytest.mark.parametrize("bits", BITS)
 def test_prefix_cache_counters_count_the_hit(engine, bits):
     """vLLM's Prometheus counters (LLM.get_metrics()) over the engine's life show the
