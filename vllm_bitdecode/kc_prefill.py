@@ -57,12 +57,9 @@ class KCPrefillPlan:
     token_offsets: list[int]     # first token of each request among the prefill tokens
     ws_block_start: list[int]    # first workspace page of each request
     ws_blocks: int               # workspace pages in all
-    group_pages: int             # pages of a closed group (at most)
     cu_seqlens_q: torch.Tensor   # [segments + 1] int32, over the prefill tokens
-    own_begin: torch.Tensor      # [segments] int64: position of the page's first key
-    seg_request: torch.Tensor    # [segments] int64: request index of each segment
     near_len: torch.Tensor       # [segments] int32: near keys (pages g0.. then own rows)
-    near_table: torch.Tensor     # [segments, group_pages] int32: their pages in the pool
+    near_table: torch.Tensor     # [segments, group pages] int32: their pages in the pool
     #                              (workspace pages, then scratch page ws_blocks + segment)
     scratch_rows: torch.Tensor   # [own_total] int64: pool row of each of gather_own_kv's
     #                              rows, the requests concatenated
@@ -80,7 +77,7 @@ class KCPrefillPlan:
 
     @property
     def num_segments(self) -> int:
-        return int(self.own_begin.shape[0])
+        return int(self.near_len.shape[0])
 
     @property
     def num_groups(self) -> int:
@@ -135,9 +132,10 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
     start = n - qlen
     first_page, last_page = start // bs, (n - 1) // bs
     pages_per_req = last_page - first_page + 1
+    seg_first = _exclusive_cumsum(pages_per_req)  # first segment of each request
     seg_req = np.repeat(np.arange(len(idx)), pages_per_req)
     num_seg = len(seg_req)
-    rank = np.arange(num_seg) - np.repeat(_exclusive_cumsum(pages_per_req), pages_per_req)
+    rank = np.arange(num_seg) - np.repeat(seg_first, pages_per_req)
     page = first_page[seg_req] + rank  # each segment's page
     q_lo = np.maximum(start[seg_req], page * bs)
     q_hi = np.minimum(n[seg_req], (page + 1) * bs)
@@ -153,6 +151,7 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
     closed = g0 * bs
     ws_blocks_per_req = -(-n // bs)
     ws_start = _exclusive_cumsum(ws_blocks_per_req)
+    ws_blocks = int(ws_blocks_per_req.sum())
     grp_req = seg_req[grp_first]
     max_pages = max(int(g0.max()) if num_seg else 0, 1)
     col = np.arange(max_pages)
@@ -160,7 +159,6 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
                      ws_start[grp_req][:, None] + col[None, :], 0).astype(np.int32)
     # near keys of a segment: workspace pages g0 .. page - 1 of its request, then its
     # scratch page (pool page ws_blocks + segment) with its own rows
-    ws_blocks = int(ws_blocks_per_req.sum())
     mid_pages = page - group_start
     col = np.arange(gp)
     near_table = np.where(col[None, :] < mid_pages[:, None],
@@ -170,22 +168,19 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
     # gather_own_kv's rows (request i: positions first_page * bs .. n - 1, requests in
     # order) land in the scratch page of their segment, at their offset in the page
     own_len = n - first_page * bs
-    pos = np.arange(int(own_len.sum())) - np.repeat(_exclusive_cumsum(own_len), own_len) \
+    own_total = int(own_len.sum())
+    pos = np.arange(own_total) - np.repeat(_exclusive_cumsum(own_len), own_len) \
         + np.repeat(first_page * bs, own_len)  # position of each own row
-    row_req = np.repeat(np.arange(len(idx)), own_len)
-    row_seg = np.repeat(_exclusive_cumsum(pages_per_req), own_len) \
-        + pos // bs - first_page[row_req]
+    row_seg = np.repeat(seg_first - first_page, own_len) + pos // bs
     scratch_rows = (ws_blocks + row_seg) * bs + pos % bs
     return KCPrefillPlan(
         block_size=bs, rows=list(rows), starts=start.tolist(), seq_lens=n.tolist(),
         token_offsets=_exclusive_cumsum(qlen).tolist(), ws_block_start=ws_start.tolist(),
-        ws_blocks=int(ws_blocks_per_req.sum()), group_pages=gp,
-        cu_seqlens_q=_cu(q_count), own_begin=torch.from_numpy(page * bs),
-        seg_request=torch.from_numpy(seg_req),
+        ws_blocks=ws_blocks, cu_seqlens_q=_cu(q_count),
         near_len=torch.from_numpy(near_len.astype(np.int32)),
         near_table=torch.from_numpy(near_table),
         scratch_rows=torch.from_numpy(scratch_rows.astype(np.int64)),
-        own_total=int(own_len.sum()),
+        own_total=own_total,
         cu_seqlens_closed_q=_cu(grp_q), closed_len=torch.from_numpy(closed.astype(np.int32)),
         block_table=torch.from_numpy(table),
         prefix_empty=torch.from_numpy(np.repeat(closed == 0, grp_q)),
