@@ -159,12 +159,7 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     With ``mode.window`` > the page, the exact block is the query's own block of that many
     tokens (pages are still quantized per channel over ``mode.page`` tokens); with
     ``mode.v_window_exact``, V in that block is exact too, as in KIVI's residual."""
-    from vllm_bitdecode.reference_kc import (
-        K_PARAM_DTYPE,
-        centred_zero,
-        dequantize_stored_k,
-        quantize_channels,
-    )
+    from vllm_bitdecode.reference_kc import fake_quant_page_k
 
     key_exact = key.to(torch.bfloat16).float()
     if not mode.k_per_channel:  # per token, as the per-token page stores every key
@@ -175,10 +170,8 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     # used bf16 scale and zero), a partial last group is never quantized for any query: it
     # lies in the exact block
     t_full = key.shape[-2] // mode.page * mode.page
-    pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // mode.page, mode.page))
-    codes, scale, zero = quantize_channels(pages, mode.bits, K_PARAM_DTYPE)
-    pages_q = dequantize_stored_k(codes, scale, centred_zero(scale, zero, mode.bits), mode.bits)
-    key_q = torch.cat((pages_q.flatten(-3, -2), key_exact[..., t_full:, :]), dim=-2)
+    pages_q = fake_quant_page_k(key_exact[..., :t_full, :], mode.bits, mode.page)
+    key_q = torch.cat((pages_q, key_exact[..., t_full:, :]), dim=-2)
     return _own_page_softmax(query, key_q, key_exact, value, mode, scaling)
 
 

@@ -223,10 +223,12 @@ def dequantize_stored_k(codes: torch.Tensor, scale: torch.Tensor, zc: torch.Tens
     return out.to(torch.float32)
 
 
-def fake_quant_page_k(k: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize the K of whole pages ``[..., tokens, head_size]`` in K groups of 16 tokens
-    as the page stores them (fp16 scale and zc), then dequantize (float32 out)."""
-    groups = k.unflatten(-2, (k.shape[-2] // KC_GROUP_TOKENS, KC_GROUP_TOKENS))
+def fake_quant_page_k(k: torch.Tensor, bits: int,
+                      group_tokens: int = KC_GROUP_TOKENS) -> torch.Tensor:
+    """Quantize the K of whole pages ``[..., tokens, head_size]`` in K groups of
+    ``group_tokens`` tokens (the page's 16; the CPU simulation tries others) as the page
+    stores them (fp16 scale and zc), then dequantize (float32 out)."""
+    groups = k.unflatten(-2, (k.shape[-2] // group_tokens, group_tokens))
     codes, scale, zero = quantize_channels(groups, bits, K_PARAM_DTYPE)
     zc = centred_zero(scale, zero, bits)
     return dequantize_stored_k(codes, scale, zc, bits).flatten(-3, -2)
