@@ -29,6 +29,7 @@ from vllm_bitdecode.testing import fa3_paged_decode
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16
+GROUP = 128  # channels per quantization group (V, and K in per-token mode)
 DTYPE = torch.bfloat16
 FP8 = torch.float8_e4m3fn
 
@@ -109,7 +110,7 @@ def decode_inputs(batch: int, context: int, bits: int, channel_k: bool = False):
     """Query, output, split plan (from the occupancy of the kernel that runs, as the
     backend makes it), split-K buffers, lengths."""
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
-    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, 128, HQ // HKV, torch.device("cuda"),
+    num_sms, ctas_per_sm = decode_slots(DTYPE, bits, GROUP, HQ // HKV, torch.device("cuda"),
                                         channel_k)
     splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
     po = torch.empty(splits * batch * HQ * D, device="cuda")
@@ -121,14 +122,14 @@ def decode_inputs(batch: int, context: int, bits: int, channel_k: bool = False):
 def bench_bitdecode(batch, context, bits, timer, gen) -> tuple[float, int, int]:
     from vllm_bitdecode import ops
 
-    fmt = PageFormat(D, bits, 128, BLOCK)
+    fmt = PageFormat(D, bits, GROUP, BLOCK)
     table, num_blocks = block_table(batch, context, gen)
     cache = fill_pages(num_blocks, fmt)
     q, out, splits, po, pl, lens = decode_inputs(batch, context, bits)
     signs = rotation_signs(D).cuda()
 
     def run():
-        ops.decode(out, q, cache, table, lens, po, pl, signs, D**-0.5, bits, 128, BLOCK, splits,
+        ops.decode(out, q, cache, table, lens, po, pl, signs, D**-0.5, bits, GROUP, BLOCK, splits,
                    MIN_TILES_PER_SPLIT)
 
     ms = timer(run)
@@ -165,7 +166,7 @@ def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, in
     from vllm_bitdecode import ops
     from vllm_bitdecode.reference_kc import KCPageLayout
 
-    layout = KCPageLayout(PageFormat(D, bits, 128, BLOCK))
+    layout = KCPageLayout(PageFormat(D, bits, GROUP, BLOCK))
     table, num_blocks = block_table(batch, context, gen)
     cache, residual = fill_pages_kc(table, num_blocks, context, layout)
     q, out, splits, po, pl, lens = decode_inputs(batch, context, bits, channel_k=True)
@@ -173,7 +174,7 @@ def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, in
 
     def run():
         ops.decode_kc(out, q, cache, residual, table, lens, row_slot, po, pl, D**-0.5, bits,
-                      128, BLOCK, splits, MIN_TILES_PER_SPLIT)
+                      GROUP, BLOCK, splits, MIN_TILES_PER_SPLIT)
 
     ms = timer(run)
     # the own page's tile is copied too, and its K and V come from the residual
@@ -206,7 +207,7 @@ def bench_write(num_tokens: int, timer: Timer) -> dict:
 
 
 def main() -> None:
-    global BLOCK  # --block-size sets the page size every bench function reads
+    global BLOCK, GROUP  # --block-size / --group-size set what every bench function reads
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="4096,32768,131072")
@@ -217,8 +218,11 @@ def main() -> None:
                     help="also time per-channel K mode (decode_kc) at 4 and 2 bits")
     ap.add_argument("--block-size", type=int, default=BLOCK,
                     help="tokens per page for every implementation, FA3 included (default 16)")
+    ap.add_argument("--group-size", type=int, default=GROUP, choices=(32, 64, 128),
+                    help="BITDECODE's quantization group (default 128; channel mode's "
+                         "quality configs use 32)")
     args = ap.parse_args()
-    BLOCK = args.block_size
+    BLOCK, GROUP = args.block_size, args.group_size
 
     timer = Timer(args.reps)
     gen = torch.Generator().manual_seed(0)
@@ -263,6 +267,7 @@ def main() -> None:
     commit = git_commit()
     doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
                copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D), block_size=BLOCK,
+               group_size=GROUP,
                records=records, quantize_on_write=writes)
     slug = gpu_slug(gpu)
     out = Path(args.out or f"benchmarks/results/decode_{slug}.json")

@@ -21,10 +21,11 @@ Mode names: ``int{4,2}`` (K and V per token, group 128, K rotated), suffixes ``-
 ``-g32``/``-g64`` (group size), ``-konly``/``-vonly`` (quantize one of them), ``-kc``
 (K per channel over blocks of 128 tokens as in KIVI / BitDecoding's KC mode, the last
 partial block left unquantized like their fp16 residual; V per token; K is never rotated
-there, so ``-kc-norot`` is refused), ``-own`` (with ``-kc``: the own-page rule of
-per-channel K mode at block 16: a query sees the pages before its own quantized per
-channel and its own page's keys exactly; ``-kc-own-vexact`` is what the backend's
-``k_mode="channel"`` computes), and
+there, so ``-kc-norot`` is refused), ``-own`` (the own-page rule at block 16: a query
+sees the pages before its own quantized, per channel with ``-kc`` and per token (rotated
+unless ``-norot``) without, and its own page's keys exactly; ``-kc-own-vexact`` is what
+the backend's ``k_mode="channel"`` computes; per-token ``-own`` is a what-if: the backend
+keeps no residual in per-token mode), and
 with ``-own``: ``-b<N>`` (K per channel over groups of N tokens instead of 16; with no
 ``-w``, the query's own N-token group exact), ``-w<N>`` (the exact block is the query's
 own block of N tokens, a multiple of the group: the backend's page, with K groups of 16)
@@ -66,7 +67,7 @@ class Mode:
     quant_k: bool = True
     quant_v: bool = True
     k_per_channel: bool = False
-    own_page: bool = False  # with k_per_channel: the own-page rule at block `page`
+    own_page: bool = False  # the own-page rule at block `page` (K per channel or per token)
     page: int = OWN_BLOCK  # with own_page: tokens of a K group, quantized per channel
     window: int = OWN_BLOCK  # with own_page: tokens of the exact block a query sees (KIVI's R)
     v_window_exact: bool = False  # with own_page: V of that block exact too (KIVI)
@@ -98,10 +99,10 @@ class Mode:
                 kw["v_window_exact"] = True
             else:
                 raise SystemExit(f"unknown suffix {p!r} in mode {name!r}")
-        if kw.get("own_page") and not kw.get("k_per_channel"):
-            raise SystemExit(f"mode {name!r}: -own is the own-page rule of -kc; add -kc")
         if kw.keys() & {"page", "window", "v_window_exact"} and not kw.get("own_page"):
-            raise SystemExit(f"mode {name!r}: -b<N>, -w<N>, -vexact qualify -own; add -kc-own")
+            raise SystemExit(f"mode {name!r}: -b<N>, -w<N>, -vexact qualify -own; add -own")
+        if "page" in kw and not kw.get("k_per_channel"):
+            raise SystemExit(f"mode {name!r}: -b<N> is the K group of -kc; add -kc")
         kw.setdefault("window", kw.get("page", OWN_BLOCK))
         if kw["window"] % kw.get("page", OWN_BLOCK):
             raise SystemExit(f"mode {name!r}: the window must be a multiple of the page")
@@ -158,20 +159,30 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     With ``mode.window`` > the page, the exact block is the query's own block of that many
     tokens (pages are still quantized per channel over ``mode.page`` tokens); with
     ``mode.v_window_exact``, V in that block is exact too, as in KIVI's residual."""
-    from vllm_bitdecode.reference_kc import dequantize_channels, quantize_channels
+    from vllm_bitdecode.reference_kc import fake_quant_page_k
 
     key_exact = key.to(torch.bfloat16).float()
-    # K of every full group of mode.page tokens per channel with the kernels' rounding (a
-    # partial last group is never quantized for any query: it lies in the exact block)
+    if not mode.k_per_channel:  # per token, as the per-token page stores every key
+        key_q = quantize_kv(key, value, dataclasses.replace(mode, quant_v=False))[0]
+        return _own_page_softmax(query, key_q, key_exact, value, mode, scaling)
+    # K of every full group of mode.page tokens per channel with the kernels' rounding and
+    # stored form (fp16 scale and zc, since 2026-11-30; results committed before that date
+    # used bf16 scale and zero), a partial last group is never quantized for any query: it
+    # lies in the exact block
     t_full = key.shape[-2] // mode.page * mode.page
-    pages = key_exact[..., :t_full, :].unflatten(-2, (t_full // mode.page, mode.page))
-    pages_q = dequantize_channels(*quantize_channels(pages, mode.bits, torch.bfloat16))
-    key_q = torch.cat((pages_q.flatten(-3, -2), key_exact[..., t_full:, :]), dim=-2)
+    pages_q = fake_quant_page_k(key_exact[..., :t_full, :], mode.bits, mode.page)
+    key_q = torch.cat((pages_q, key_exact[..., t_full:, :]), dim=-2)
+    return _own_page_softmax(query, key_q, key_exact, value, mode, scaling)
+
+
+def _own_page_softmax(query, key_q, key_exact, value, mode: Mode, scaling):
+    """Softmax attention where a query at position p sees keys of blocks before its own
+    ``mode.window``-token block as ``key_q`` and those of its own block up to p exactly."""
     value_exact = value.to(torch.bfloat16).float()
     value = value_exact
     if mode.quant_v:
         value = fake_quant_per_token(value_exact, mode.bits, mode.group_size)
-    groups = query.shape[1] // key.shape[1]
+    groups = query.shape[1] // key_q.shape[1]
     key_q, key_exact, value, value_exact = (x.repeat_interleave(groups, dim=1)
                                             for x in (key_q, key_exact, value, value_exact))
     q = query.float()

@@ -2,18 +2,24 @@
 
 A query at position ``p`` attends to the pages before its own page ``p // bs`` as stored
 (K per channel, V per token), and to its own page's keys and values ``p // bs * bs .. p``
-exactly. No
-single FlashAttention call has that mask, so the queries of a step's prefill rows are cut
-into *segments*, the queries of one request that sit in one page (consecutive tokens of
-the step, so no reordering), and attention runs in two parts that are merged by LSE:
+exactly. No single FlashAttention call has that mask. The queries of a step's prefill rows
+are cut into *segments*, the queries of one request that sit in one page, and segments
+into *groups* of up to ``group_pages`` consecutive pages of one request (consecutive
+tokens of the step either way, so no reordering). Attention runs in two parts, merged by
+LSE:
 
-1. **closed**: each segment over the dequantized pages before its page (non-causal),
-   read as a paged KV cache from a workspace where every request starts on a page
-   boundary (``seqused_k = page * bs``; segments in a request's first page have none);
-2. **own**: each segment over its page's exact keys and values up to its last query
-   (causal, aligned at the bottom right): the rows before the step's first position
-   come from the request's residual, gathered *before* the write can overwrite them, the
-   rest from this step's ``key`` and ``value``.
+1. **closed**: each group over the dequantized pages before its first page ``g0``
+   (non-causal), read as a paged KV cache from a workspace where every request starts on
+   a page boundary (``seqused_k = g0 * bs``; groups starting at page 0 have none). A group
+   is about 128 queries (``128 // bs`` pages), so FlashAttention's query tiles are full;
+   page-long segments filled an eighth of them at block 16 (or half with GQA packing);
+2. **near**: each segment over the keys and values from its group's first page to its
+   own last query (causal, aligned at the bottom right), paged too: the workspace pages
+   ``g0`` to its own (dequantized), then one scratch page holding its own page's exact
+   rows, which come from the request's residual (gathered *before* the write can
+   overwrite them) for positions before the step and from this step's ``key`` and
+   ``value`` after. The scratch pages follow the workspace's, one per segment, so no key
+   is copied more than once.
 
 This module plans the segments on the host and runs the two parts through attention
 functions passed in (FlashAttention in the backend, plain PyTorch in the CPU tests,
@@ -23,16 +29,16 @@ which compare the result with ``reference_kc.forward_step_kc``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # (q, k_pages, v_pages, cu_seqlens_q, seqused_k, block_table, max_seqlen_q, max_seqlen_k,
 #  scale) -> (out [tokens, heads, D], lse [heads, tokens]); non-causal over paged K/V
 ClosedAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
-#  -> (out, lse); causal, the last query aligned with the last key
-OwnAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# the same arguments -> (out, lse); causal, the last query aligned with the last key
+NearAttention = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # (out, prefix_out, prefix_lse, suffix_out, suffix_lse) -> None, as vLLM's merge_attn_states
 Merge = Callable[..., None]
 
@@ -52,60 +58,136 @@ class KCPrefillPlan:
     ws_block_start: list[int]    # first workspace page of each request
     ws_blocks: int               # workspace pages in all
     cu_seqlens_q: torch.Tensor   # [segments + 1] int32, over the prefill tokens
-    closed_len: torch.Tensor     # [segments] int32: page * bs, the closed keys
-    block_table: torch.Tensor    # [segments, max pages] int32: workspace pages
-    own_begin: torch.Tensor      # [segments] int64: position of the page's first key
-    cu_seqlens_own: torch.Tensor  # [segments + 1] int32: own keys of each segment
-    seg_request: torch.Tensor    # [segments] int64: request index of each segment
+    near_len: torch.Tensor       # [segments] int32: near keys (pages g0.. then own rows)
+    near_table: torch.Tensor     # [segments, group pages] int32: their pages in the pool
+    #                              (workspace pages, then scratch page ws_blocks + segment)
+    scratch_rows: torch.Tensor   # [own_total] int64: pool row of each of gather_own_kv's
+    #                              rows, the requests concatenated
+    own_total: int               # rows of gather_own_kv's requests concatenated
+    cu_seqlens_closed_q: torch.Tensor  # [groups + 1] int32, over the prefill tokens
+    closed_len: torch.Tensor     # [groups] int32: g0 * bs, the closed keys
+    block_table: torch.Tensor    # [groups, max pages] int32: workspace pages
+    prefix_empty: torch.Tensor   # [prefill tokens] bool: in a group starting at page 0
+    #                              (no closed keys)
     max_q: int
+    max_closed_q: int
     max_closed: int
-    max_own: int
+    max_near: int
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_segments(self) -> int:
+        return int(self.near_len.shape[0])
+
+    @property
+    def num_groups(self) -> int:
         return int(self.closed_len.shape[0])
+
+    @property
+    def ws_rows(self) -> int:
+        return self.ws_blocks * self.block_size
+
+    @property
+    def pool_rows(self) -> int:
+        """Rows of the workspace ``run_kc_prefill`` takes: dequantized pages, then one
+        scratch page per segment."""
+        return (self.ws_blocks + self.num_segments) * self.block_size
+
+    def on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The tensors every layer's attention reads, copied to ``device`` once per step
+        (the plan is shared by all layers of a step)."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = {
+                name: getattr(self, name).to(device, non_blocking=True)
+                for name in ("cu_seqlens_q", "near_len", "near_table", "scratch_rows",
+                             "cu_seqlens_closed_q", "closed_len", "block_table",
+                             "prefix_empty")}
+        return self._on_device[key]
+
+
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    return np.cumsum(x) - x
+
+
+def _cu(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(([0], np.cumsum(x))).astype(np.int32))
 
 
 def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
-                    rows: Sequence[int], block_size: int) -> KCPrefillPlan:
-    """Segments of the prefill rows ``rows`` (batch rows, ascending) of a step whose
-    host-side ``query_start_loc`` and ``seq_lens`` are given."""
+                    rows: Sequence[int], block_size: int,
+                    group_pages: int | None = None) -> KCPrefillPlan:
+    """Segments and groups of the prefill rows ``rows`` (batch rows, ascending) of a step
+    whose host-side ``query_start_loc`` and ``seq_lens`` are given; ``group_pages``
+    defaults to ``128 // block_size`` (at least 1). Array ops throughout (numpy on the
+    host), no Python loop over segments: a long prompt at block 16 has thousands."""
     bs = block_size
-    starts, lens, offsets, ws_start = [], [], [], []
-    cu_q, closed, own_begin, cu_own, seg_req = [0], [], [], [0], []
-    ws, token = 0, 0
-    for i, r in enumerate(rows):
-        qlen = int(query_start_loc[r + 1]) - int(query_start_loc[r])
-        n = int(seq_lens[r])
-        s = n - qlen
-        starts.append(s)
-        lens.append(n)
-        offsets.append(token)
-        ws_start.append(ws)
-        ws += -(-n // bs)
-        for page in range(s // bs, (n - 1) // bs + 1):
-            q_lo, q_hi = max(s, page * bs), min(n, (page + 1) * bs)
-            cu_q.append(cu_q[-1] + q_hi - q_lo)
-            closed.append(page * bs)
-            own_begin.append(page * bs)
-            cu_own.append(cu_own[-1] + q_hi - page * bs)
-            seg_req.append(i)
-        token += qlen
-    max_pages = max([c // bs for c in closed] + [1])
-    table = torch.zeros(len(closed), max_pages, dtype=torch.int32)
-    for j, (i, c) in enumerate(zip(seg_req, closed, strict=True)):
-        table[j, : c // bs] = torch.arange(ws_start[i], ws_start[i] + c // bs)
-    q_sizes = [b - a for a, b in zip(cu_q, cu_q[1:], strict=False)]
-    own_sizes = [b - a for a, b in zip(cu_own, cu_own[1:], strict=False)]
+    gp = group_pages if group_pages is not None else max(1, 128 // bs)
+    if gp < 1:
+        raise ValueError(f"group_pages must be >= 1, got {gp}")
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    idx = np.asarray(rows, dtype=np.int64)
+    qlen = qsl[idx + 1] - qsl[idx]
+    n = np.asarray(seq_lens, dtype=np.int64)[idx]
+    start = n - qlen
+    first_page, last_page = start // bs, (n - 1) // bs
+    pages_per_req = last_page - first_page + 1
+    seg_first = _exclusive_cumsum(pages_per_req)  # first segment of each request
+    seg_req = np.repeat(np.arange(len(idx)), pages_per_req)
+    num_seg = len(seg_req)
+    rank = np.arange(num_seg) - np.repeat(seg_first, pages_per_req)
+    page = first_page[seg_req] + rank  # each segment's page
+    q_lo = np.maximum(start[seg_req], page * bs)
+    q_hi = np.minimum(n[seg_req], (page + 1) * bs)
+    q_count = q_hi - q_lo
+    own_count = q_hi - page * bs
+    # groups: runs of gp pages of a request, from the step's first page on
+    group_start = first_page[seg_req] + rank // gp * gp  # g0 of each segment's group
+    new_group = np.ones(num_seg, dtype=bool)
+    new_group[1:] = (seg_req[1:] != seg_req[:-1]) | (group_start[1:] != group_start[:-1])
+    grp_first = np.flatnonzero(new_group)  # first segment of each group
+    grp_q = np.add.reduceat(q_count, grp_first) if num_seg else q_count
+    g0 = group_start[grp_first]
+    closed = g0 * bs
+    ws_blocks_per_req = -(-n // bs)
+    ws_start = _exclusive_cumsum(ws_blocks_per_req)
+    ws_blocks = int(ws_blocks_per_req.sum())
+    grp_req = seg_req[grp_first]
+    max_pages = max(int(g0.max()) if num_seg else 0, 1)
+    col = np.arange(max_pages)
+    table = np.where(col[None, :] < g0[:, None],
+                     ws_start[grp_req][:, None] + col[None, :], 0).astype(np.int32)
+    # near keys of a segment: workspace pages g0 .. page - 1 of its request, then its
+    # scratch page (pool page ws_blocks + segment) with its own rows
+    mid_pages = page - group_start
+    col = np.arange(gp)
+    near_table = np.where(col[None, :] < mid_pages[:, None],
+                          (ws_start[seg_req] + group_start)[:, None] + col[None, :],
+                          ws_blocks + np.arange(num_seg)[:, None]).astype(np.int32)
+    near_len = mid_pages * bs + own_count
+    # gather_own_kv's rows (request i: positions first_page * bs .. n - 1, requests in
+    # order) land in the scratch page of their segment, at their offset in the page
+    own_len = n - first_page * bs
+    own_total = int(own_len.sum())
+    pos = np.arange(own_total) - np.repeat(_exclusive_cumsum(own_len), own_len) \
+        + np.repeat(first_page * bs, own_len)  # position of each own row
+    row_seg = np.repeat(seg_first - first_page, own_len) + pos // bs
+    scratch_rows = (ws_blocks + row_seg) * bs + pos % bs
     return KCPrefillPlan(
-        block_size=bs, rows=list(rows), starts=starts, seq_lens=lens, token_offsets=offsets,
-        ws_block_start=ws_start, ws_blocks=ws,
-        cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32),
-        closed_len=torch.tensor(closed, dtype=torch.int32), block_table=table,
-        own_begin=torch.tensor(own_begin, dtype=torch.int64),
-        cu_seqlens_own=torch.tensor(cu_own, dtype=torch.int32),
-        seg_request=torch.tensor(seg_req, dtype=torch.int64),
-        max_q=max(q_sizes + [0]), max_closed=max(closed + [0]), max_own=max(own_sizes + [0]),
+        block_size=bs, rows=list(rows), starts=start.tolist(), seq_lens=n.tolist(),
+        token_offsets=_exclusive_cumsum(qlen).tolist(), ws_block_start=ws_start.tolist(),
+        ws_blocks=ws_blocks, cu_seqlens_q=_cu(q_count),
+        near_len=torch.from_numpy(near_len.astype(np.int32)),
+        near_table=torch.from_numpy(near_table),
+        scratch_rows=torch.from_numpy(scratch_rows.astype(np.int64)),
+        own_total=own_total,
+        cu_seqlens_closed_q=_cu(grp_q), closed_len=torch.from_numpy(closed.astype(np.int32)),
+        block_table=torch.from_numpy(table),
+        prefix_empty=torch.from_numpy(np.repeat(closed == 0, grp_q)),
+        max_q=int(q_count.max()) if num_seg else 0,
+        max_closed_q=int(grp_q.max()) if num_seg else 0,
+        max_closed=int(closed.max()) if num_seg else 0,
+        max_near=int(near_len.max()) if num_seg else 0,
     )
 
 
@@ -136,38 +218,35 @@ def run_kc_prefill(
     plan: KCPrefillPlan,
     q: torch.Tensor,  # [prefill tokens, heads, D] model dtype
     own_kv: list[torch.Tensor],  # gather_own_kv
-    k_ws: torch.Tensor,  # [ws_blocks * bs, kv_heads, D]: dequantize_pages_kc's K
-    v_ws: torch.Tensor,  # [ws_blocks * bs, kv_heads, D]: its V
+    k_pool: torch.Tensor,  # [pool_rows, kv_heads, D]: dequantize_pages_kc's K in the
+    #                        first ws_rows rows; the scratch pages after them are filled here
+    v_pool: torch.Tensor,  # the same for V
     scale: float,
     closed_attention: ClosedAttention,
-    own_attention: OwnAttention,
+    near_attention: NearAttention,
     merge: Merge,
     out: torch.Tensor,  # [prefill tokens, heads, D]; written
 ) -> None:
     """The two parts and their merge (see the module docstring)."""
     bs = plan.block_size
-    dev = q.device
-    seg = plan.seg_request.tolist()
-    # own part: each segment's exact keys and values, contiguous in segment order
-    own_k, own_v = [], []
-    for j, i in enumerate(seg):
-        page0 = plan.starts[i] // bs * bs
-        begin = int(plan.own_begin[j])
-        count = int(plan.cu_seqlens_own[j + 1] - plan.cu_seqlens_own[j])
-        k, v = own_kv[i][:, begin - page0 : begin - page0 + count]
-        own_k.append(k)
-        own_v.append(v)
-    cu_q = plan.cu_seqlens_q.to(dev)
-    suffix_out, suffix_lse = own_attention(
-        q, torch.cat(own_k), torch.cat(own_v), cu_q, plan.cu_seqlens_own.to(dev), plan.max_q,
-        plan.max_own, scale)
-    pages = (plan.ws_blocks, bs, *k_ws.shape[1:])
+    if k_pool.shape[0] < plan.pool_rows:
+        raise ValueError(f"the workspace has {k_pool.shape[0]} rows, the plan needs "
+                         f"{plan.pool_rows}")
+    dev = plan.on(q.device)
+    own = torch.cat(own_kv, dim=1)  # [2, own_total, kv, D]
+    k_pool.index_copy_(0, dev["scratch_rows"], own[0])
+    v_pool.index_copy_(0, dev["scratch_rows"], own[1])
+    pool = (plan.ws_blocks + plan.num_segments, bs, *k_pool.shape[1:])
+    k_pages, v_pages = k_pool[: plan.pool_rows].view(pool), v_pool[: plan.pool_rows].view(pool)
+    suffix_out, suffix_lse = near_attention(
+        q, k_pages, v_pages, dev["cu_seqlens_q"], dev["near_len"], dev["near_table"],
+        plan.max_q, plan.max_near, scale)
     prefix_out, prefix_lse = closed_attention(
-        q, k_ws.view(pages), v_ws.view(pages), cu_q, plan.closed_len.to(dev),
-        plan.block_table.to(dev), plan.max_q, max(plan.max_closed, 1), scale)
-    # segments in a request's first page have no closed keys: their prefix weighs nothing
-    empty = torch.repeat_interleave(plan.closed_len == 0,
-                                    plan.cu_seqlens_q.diff().to(torch.int64)).to(dev)
+        q, k_pages, v_pages, dev["cu_seqlens_closed_q"], dev["closed_len"],
+        dev["block_table"], plan.max_closed_q, max(plan.max_closed, 1), scale)
+    # groups starting at a request's first page have no closed keys: their prefix weighs
+    # nothing
+    empty = dev["prefix_empty"]
     prefix_lse[:, empty] = float("-inf")
     prefix_out[empty] = 0
     merge(out, prefix_out, prefix_lse, suffix_out, suffix_lse)

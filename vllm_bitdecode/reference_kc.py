@@ -6,7 +6,11 @@ the oracle that the per-channel kernels will be tested against, as
 
 * A page stores K per channel in *K groups* of ``KC_GROUP_TOKENS`` (16) tokens: for each
   KV head, each group and each of the 128 channels, one (scale, zero) pair over the
-  group's 16 tokens, in the model dtype (at block 16 a group is the page). The codes use
+  group's 16 tokens (at block 16 a group is the page). They are stored in fp16 for both
+  model dtypes, the zero as ``zc = zero + 2^(bits-1) * scale``, so that the decode
+  kernel dequantizes K straight into fp16 MMA fragments, ``k = (code - 2^(bits-1)) *
+  scale + zc``, with one HFMA2 per pair and no per-tile conversion (design, section 12).
+  The price: channel mode needs |K| <= 65504. The codes use
   the same packed row order as the per-token page (``PageFormat.k_channel_of_slot``). V
   stays per token and per group of channels, exactly as in the per-token page.
 * A K group is quantized once, by the write that fills its last slot. A page's tokens'
@@ -24,15 +28,15 @@ the oracle that the per-channel kernels will be tested against, as
 Per-channel quantization *is* the per-token quantizer applied to the transposed K group
 with one group of 16 tokens, so :func:`quantize_channels` calls
 ``reference.quantize`` and inherits its exact rounding rules (scale and zero rounded to
-the model dtype first, IEEE division, round half to even, clamp).
+the parameter dtype first, IEEE division, round half to even, clamp).
 
 Layout of one head region of a per-channel page (numbers for head size 128)::
 
     k_rows    [block_size][row_bytes]          packed K codes (row order as per-token)
     v_rows    [block_size][row_bytes]          packed V codes
     v_params  [block_size][groups][2]          V (scale, zero) per token, model dtype
-    k_params  [block_size / 16][2][head_size]  per K group: scale[128], then zero[128],
-                                               model dtype
+    k_params  [block_size / 16][2 * head_size] per K group: scale and zc of every
+                                               channel, fp16, in k_param_index order
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from vllm_bitdecode import reference
 from vllm_bitdecode.page_format import PARAM_BYTES, PageFormat
 
 KC_GROUP_TOKENS = 16  # tokens of one K group: K is quantized per channel over these
+K_PARAM_DTYPE = torch.float16  # channel-mode K (scale, zc) in the page, any model dtype
 
 
 # ---- layout -----------------------------------------------------------------------------
@@ -172,28 +177,61 @@ def dequantize_channels(codes: torch.Tensor, scale: torch.Tensor,
         torch.float32).unsqueeze(-2)
 
 
-def quantize_page_k(
-    k: torch.Tensor, bits: int, param_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K of whole pages ``[..., tokens, head_size]`` (tokens a multiple of 16), each K group
-    of 16 tokens per channel. Returns codes ``[..., tokens, head_size]`` and scale, zero
-    ``[..., tokens / 16, head_size]``."""
-    groups = k.unflatten(-2, (k.shape[-2] // KC_GROUP_TOKENS, KC_GROUP_TOKENS))
-    codes, scale, zero = quantize_channels(groups, bits, param_dtype)
-    return codes.flatten(-3, -2), scale, zero
+def k_param_index(head_size: int) -> torch.Tensor:
+    """Position of channel c's scale among a K group's ``2 * head_size`` fp16 params; its
+    zc sits 4 further. Each 16-channel block holds, for t = 0..3, the scales of channels
+    2t, 2t+1, 2t+8, 2t+9 and then their zc: what lane quad position t of the decode
+    kernel needs for one MMA k-step, in one 16-byte load."""
+    c = torch.arange(head_size)
+    r = c % 16
+    return (c // 16) * 32 + (r % 8) // 2 * 8 + (r // 8) * 2 + r % 2
 
 
-def dequantize_page_k(codes: torch.Tensor, scale: torch.Tensor,
-                      zero: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`quantize_page_k` (float32 out)."""
-    groups = codes.unflatten(-2, (scale.shape[-2], KC_GROUP_TOKENS))
-    return dequantize_channels(groups, scale, zero).flatten(-3, -2)
+def pack_k_params(scale: torch.Tensor, zc: torch.Tensor) -> torch.Tensor:
+    """scale, zc ``[..., head_size]`` fp16 -> the group's params ``[..., 2 * head_size]``."""
+    idx = k_param_index(scale.shape[-1])
+    out = torch.empty(scale.shape[:-1] + (2 * scale.shape[-1],), dtype=scale.dtype)
+    out[..., idx] = scale
+    out[..., idx + 4] = zc
+    return out
 
 
-def fake_quant_page_k(k: torch.Tensor, bits: int, param_dtype: torch.dtype) -> torch.Tensor:
-    """Quantize then dequantize the K of whole pages ``[..., tokens, head_size]`` in K
-    groups of 16 tokens (float32 out)."""
-    return dequantize_page_k(*quantize_page_k(k, bits, param_dtype))
+def unpack_k_params(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_k_params`: ``[..., 2 * head_size]`` -> scale, zc."""
+    idx = k_param_index(params.shape[-1] // 2)
+    return params[..., idx], params[..., idx + 4]
+
+
+def centred_zero(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored zero point ``zc = zero + 2^(bits-1) * scale`` in ``scale``'s dtype, as the
+    write kernel computes it: one fma in float32 (the float64 sum of two 16-bit floats
+    times a power of two is exact, so rounding it to float32 is the fma's rounding),
+    then rounded to the 16-bit dtype."""
+    centre = float(1 << (bits - 1))
+    zc = centre * scale.to(torch.float64) + zero.to(torch.float64)
+    return zc.to(torch.float32).to(scale.dtype)
+
+
+def dequantize_stored_k(codes: torch.Tensor, scale: torch.Tensor, zc: torch.Tensor,
+                        bits: int) -> torch.Tensor:
+    """Stored K groups -> float32: codes ``[..., groups, 16, head_size]``, scale / zc
+    ``[..., groups, head_size]``. ``(code - 2^(bits-1)) * scale + zc`` rounded once, as
+    the kernels' fma (the product is exact), evaluated in float64 like
+    ``reference.dequantize``."""
+    c = codes.to(torch.float64) - float(1 << (bits - 1))
+    out = c * scale.to(torch.float64).unsqueeze(-2) + zc.to(torch.float64).unsqueeze(-2)
+    return out.to(torch.float32)
+
+
+def fake_quant_page_k(k: torch.Tensor, bits: int,
+                      group_tokens: int = KC_GROUP_TOKENS) -> torch.Tensor:
+    """Quantize the K of whole pages ``[..., tokens, head_size]`` in K groups of
+    ``group_tokens`` tokens (the page's 16; the CPU simulation tries others) as the page
+    stores them (fp16 scale and zc), then dequantize (float32 out)."""
+    groups = k.unflatten(-2, (k.shape[-2] // group_tokens, group_tokens))
+    codes, scale, zero = quantize_channels(groups, bits, K_PARAM_DTYPE)
+    zc = centred_zero(scale, zero, bits)
+    return dequantize_stored_k(codes, scale, zc, bits).flatten(-3, -2)
 
 
 def fake_quant_v(v: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
@@ -319,12 +357,13 @@ def write_tokens_kc(
             else:
                 rows.append(residual[int(row_slot[r]), 0, :, p % bs])
         group_k = torch.stack(rows, dim=1)  # [heads, 16, D]
-        codes, scale, zero = quantize_channels(group_k, fmt.bits, dtype)
+        codes, scale, zero = quantize_channels(group_k, fmt.bits, K_PARAM_DTYPE)
         slots = slice(first % bs, first % bs + gt)
         _k_rows(cache, layout)[int(blocks[t]), :, slots] = reference.pack_rows(
             codes, fmt.k_channel_of_slot(), fmt.bits)
-        k_params[int(blocks[t]), :, first % bs // gt] = torch.stack(
-            (scale, zero), dim=1).contiguous().view(torch.uint8).flatten(-2)
+        zc = centred_zero(scale, zero, fmt.bits)
+        k_params[int(blocks[t]), :, first % bs // gt] = pack_k_params(scale, zc).view(
+            torch.uint8)
 
     # 3. phase B: the last written page of each request goes to its residual
     last_page_start = (lens - 1).clamp(min=0) // bs * bs
@@ -350,8 +389,9 @@ def read_pages_kc(
     fmt = layout.fmt
     bs, d = layout.block_size, layout.head_size
     kc = reference.unpack_rows(_k_rows(pages, layout), fmt.k_channel_of_slot(), fmt.bits)
-    kp = _as_params(_k_params(pages, layout), dtype, (nb, h, layout.k_groups, 2, d))
-    k = dequantize_page_k(kc, kp[:, :, :, 0], kp[:, :, :, 1])  # [nb, h, bs, d]
+    kp = _as_params(_k_params(pages, layout), K_PARAM_DTYPE, (nb, h, layout.k_groups, 2 * d))
+    k_groups = kc.unflatten(-2, (layout.k_groups, KC_GROUP_TOKENS))
+    k = dequantize_stored_k(k_groups, *unpack_k_params(kp), fmt.bits).flatten(2, 3)
     vc = reference.unpack_rows(_v_rows(pages, layout), fmt.v_channel_of_slot(), fmt.bits)
     vp = _as_params(_v_params(pages, layout), dtype, (nb, h, bs, fmt.groups, 2))
     v = reference.dequantize(vc, vp[..., 0], vp[..., 1], fmt)
@@ -464,7 +504,7 @@ def canonical_attention_kc(
     bs = layout.block_size
     n_full = k.shape[0] // bs
     k_pages = k[: n_full * bs].unflatten(0, (n_full, bs)).transpose(1, 2)  # [pages, h, bs, d]
-    k_quant = fake_quant_page_k(k_pages, layout.fmt.bits, k.dtype).transpose(1, 2).flatten(0, 1)
+    k_quant = fake_quant_page_k(k_pages, layout.fmt.bits).transpose(1, 2).flatten(0, 1)
     v_quant = fake_quant_v(v, layout.fmt)
     out = torch.empty(q.shape, dtype=torch.float32)
     for i in range(q.shape[0]):

@@ -35,8 +35,8 @@ SCALE = D**-0.5
 def _flash_attn(*, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                 return_softmax_lse, fa_version, cu_seqlens_k=None, seqused_k=None,
                 block_table=None):
-    """FlashAttention's varlen call in plain PyTorch: paged (block_table, seqused_k,
-    non-causal) or contiguous (cu_seqlens_k, causal from the bottom right)."""
+    """FlashAttention's varlen call in plain PyTorch: paged (block_table, seqused_k) or
+    contiguous (cu_seqlens_k); causal from the bottom right when asked."""
     assert return_softmax_lse and softmax_scale == SCALE
     outs, lses = [], []
     for j in range(cu_seqlens_q.shape[0] - 1):

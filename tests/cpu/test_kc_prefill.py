@@ -55,12 +55,18 @@ def _closed(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
-def _own(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def _near(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
+    """Paged and causal, the last query aligned with the last key (FlashAttention's
+    bottom-right causal mask when there are more keys than queries)."""
+    assert scale == SCALE
+    bs = k_pages.shape[1]
     outs, lses = [], []
-    for j in range(cu_q.shape[0] - 1):
+    for j in range(seqused_k.shape[0]):
         qs = q[int(cu_q[j]) : int(cu_q[j + 1])]
-        ks, vs = k[int(cu_k[j]) : int(cu_k[j + 1])], v[int(cu_k[j]) : int(cu_k[j + 1])]
-        m, n = qs.shape[0], ks.shape[0]
+        n = int(seqused_k[j])
+        blocks = table[j, : -(-n // bs)].long()
+        ks, vs = k_pages[blocks].flatten(0, 1)[:n], v_pages[blocks].flatten(0, 1)[:n]
+        m = qs.shape[0]
         visible = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + (n - m)
         o, lse = _attend(qs, ks, vs, visible)
         outs.append(o)
@@ -76,9 +82,10 @@ def _merge(out, prefix_out, prefix_lse, suffix_out, suffix_lse):
 
 
 def _workspace(cache, table, plan, layout, dtype):
-    """What dequantize_pages_kc writes: every request's pages from a page boundary."""
+    """What dequantize_pages_kc writes: every request's pages from a page boundary, then
+    NaN scratch pages for run_kc_prefill to fill with the own rows."""
     bs = layout.block_size
-    k_ws = torch.full((plan.ws_blocks * bs, KV_HEADS, D), float("nan"))
+    k_ws = torch.full((plan.pool_rows, KV_HEADS, D), float("nan"))
     v_ws = torch.full_like(k_ws, float("nan"))
     for i, r in enumerate(plan.rows):
         n = plan.seq_lens[i]
@@ -88,9 +95,11 @@ def _workspace(cache, table, plan, layout, dtype):
     return k_ws, v_ws
 
 
+@pytest.mark.parametrize("group_pages", [1, 2, None])  # None: 128 // block_size
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_two_part_prefill_matches_the_reference_over_random_schedules(dtype, block_size):
+def test_two_part_prefill_matches_the_reference_over_random_schedules(dtype, block_size,
+                                                                      group_pages):
     bs = block_size
     gen = torch.Generator().manual_seed(block_size + (dtype == torch.float16))
     rng = random.Random(block_size)
@@ -137,13 +146,13 @@ def test_two_part_prefill_matches_the_reference_over_random_schedules(dtype, blo
         expected = kc.forward_step_kc(q, key, value, cache_ref, residual_ref, *args, step_table,
                                       SCALE, layout)
 
-        plan = kc_prefill.plan_kc_prefill(qsl, lens, list(range(len(work))), bs)
+        plan = kc_prefill.plan_kc_prefill(qsl, lens, list(range(len(work))), bs, group_pages)
         own = kc_prefill.gather_own_kv(plan, residual, row_slot.tolist(), key, value)
         kc.write_tokens_kc(cache, residual, key, value, *args, layout)
         k_ws, v_ws = _workspace(cache, step_table, plan, layout, dtype)
         got = torch.full(q.shape, float("nan"))
         kc_prefill.run_kc_prefill(plan, q, [o.float() for o in own], k_ws, v_ws, SCALE, _closed,
-                                  _own, _merge, got)
+                                  _near, _merge, got)
         err = float((got - expected).norm() / expected.norm())
         worst = max(worst, err)
         assert err < 1e-5, f"step {steps}: relative error {err:.2e}"
@@ -158,12 +167,32 @@ def test_two_part_prefill_matches_the_reference_over_random_schedules(dtype, blo
 
 def test_plan_cuts_queries_at_page_boundaries():
     # rows: a chunk from 13 to 40 at bs 16 (pages 0, 1, 2), a decode at 17, a chunk 0..16
-    plan = kc_prefill.plan_kc_prefill([0, 27, 28, 44], [40, 18, 16], [0, 1, 2], 16)
+    plan = kc_prefill.plan_kc_prefill([0, 27, 28, 44], [40, 18, 16], [0, 1, 2], 16,
+                                      group_pages=1)
     assert plan.cu_seqlens_q.tolist() == [0, 3, 19, 27, 28, 44]
     assert plan.closed_len.tolist() == [0, 16, 32, 16, 0]
-    assert plan.cu_seqlens_own.tolist() == [0, 16, 32, 40, 42, 58]
+    assert plan.near_len.tolist() == [16, 16, 8, 2, 16]  # own keys only: groups of 1 page
     assert plan.ws_block_start == [0, 3, 5] and plan.ws_blocks == 6
     assert plan.block_table[2].tolist() == [0, 1] and plan.block_table[3].tolist()[:1] == [3]
     assert kc_prefill.workspace_starts(plan).tolist() == [0, 48, 80, 96]
-    assert (plan.max_q, plan.max_closed, plan.max_own) == (16, 32, 16)
+    assert (plan.max_q, plan.max_closed, plan.max_near) == (16, 32, 16)
     assert plan.num_segments == 5
+
+
+def test_plan_groups_pages_for_the_closed_part():
+    # one request prefilling positions 0..39 at bs 16 (pages 0, 1, 2) in groups of 2 pages
+    plan = kc_prefill.plan_kc_prefill([0, 40], [40], [0], 16, group_pages=2)
+    assert plan.cu_seqlens_closed_q.tolist() == [0, 32, 40]  # pages 0-1, page 2
+    assert plan.closed_len.tolist() == [0, 32]
+    assert plan.block_table.tolist() == [[0, 0], [0, 1]]
+    # near keys: page 0 its own 16 (scratch page 3); page 1 workspace page 0, then its own
+    # 16 (scratch page 4); page 2 its own 8 (scratch page 5: its group starts at page 2)
+    assert plan.near_len.tolist() == [16, 32, 8]
+    assert plan.near_table.tolist() == [[3, 3], [0, 4], [5, 5]]
+    assert plan.ws_rows == 48 and plan.own_total == 40 and plan.pool_rows == 96
+    assert plan.scratch_rows.tolist() == (list(range(48, 64)) + list(range(64, 80))
+                                          + list(range(80, 88)))
+    assert plan.prefix_empty.tolist() == [True] * 32 + [False] * 8
+    assert (plan.max_closed_q, plan.max_near, plan.num_groups) == (32, 32, 2)
+    # the default: 128 // bs pages, one group here
+    assert kc_prefill.plan_kc_prefill([0, 40], [40], [0], 16).num_groups == 1

@@ -131,6 +131,19 @@ def test_constant_channel_is_exact(dtype):
     assert torch.all(kc.dequantize_channels(codes, scale, zero)[0, :, 9] == 1.5)
 
 
+def test_k_param_order_is_a_permutation_with_each_k_step_in_16_bytes():
+    idx = kc.k_param_index(HEAD)
+    both = torch.cat((idx, idx + 4))
+    assert torch.equal(both.sort().values, torch.arange(2 * HEAD))
+    for ks in range(HEAD // 16):
+        for t in range(4):  # lane quad position t: channels 16 ks + 2t (+1), (+8), (+9)
+            chans = [16 * ks + 2 * t + d for d in (0, 1, 8, 9)]
+            assert idx[chans].tolist() == list(range(32 * ks + 8 * t, 32 * ks + 8 * t + 4))
+    scale, zc = torch.randn(3, HEAD).half(), torch.randn(3, HEAD).half()
+    s2, z2 = kc.unpack_k_params(kc.pack_k_params(scale, zc))
+    assert torch.equal(s2, scale) and torch.equal(z2, zc)
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 def test_an_outlier_channel_costs_the_other_channels_nothing(bits):
     dtype = torch.bfloat16
@@ -138,8 +151,8 @@ def test_an_outlier_channel_costs_the_other_channels_nothing(bits):
     loud = k.clone()
     loud[..., 5] = (loud[..., 5].float() * 60 + 40).to(dtype)
     others = [c for c in range(HEAD) if c != 5]
-    deq = kc.fake_quant_page_k(k, bits, dtype)
-    deq_loud = kc.fake_quant_page_k(loud, bits, dtype)
+    deq = kc.fake_quant_page_k(k, bits)
+    deq_loud = kc.fake_quant_page_k(loud, bits)
     assert torch.equal(deq[..., others], deq_loud[..., others])  # bit for bit
     # per token, the same outlier inflates every other channel's error (why KC exists)
     fmt = PageFormat(HEAD, bits, 128, 16)
@@ -332,10 +345,11 @@ def test_each_k_group_is_quantized_exactly_when_its_last_slot_is_written(bits, b
     # and the page is the independently packed per-channel quantization of the true K,
     # one (scale, zero) per channel and K group of 16 tokens
     groups = seq.k[:bs].transpose(0, 1).unflatten(1, (bs // 16, 16))  # [heads, groups, 16, D]
-    codes, scale, zero = kc.quantize_channels(groups, bits, dtype)
+    codes, scale, zero = kc.quantize_channels(groups, bits, kc.K_PARAM_DTYPE)
     rows = ref.pack_rows(codes.flatten(1, 2), lay.fmt.k_channel_of_slot(), bits)
     assert torch.equal(one.cache[1][:, : bs * rb], rows.flatten(-2))
-    params = torch.stack((scale, zero), dim=2).contiguous().view(torch.uint8).flatten(-3)
+    zc = kc.centred_zero(scale, zero, bits)  # stored in fp16 as zero + 2^(bits-1) * scale
+    params = kc.pack_k_params(scale, zc).view(torch.uint8).flatten(-2)
     assert torch.equal(one.cache[1][:, lay.k_params_offset:], params)
     # the residual then holds the partial second page, and its first rows are exact
     assert torch.equal(tok.residual[0, 0, :, :3], seq.k[bs:].transpose(0, 1))
@@ -397,8 +411,9 @@ def test_decode_is_softmax_over_the_dequantized_cache(block_size, bits, gqa):
         # expected keys and values, built here: per-channel K and per-token V pages
         # before the query's page, its own page exact
         k_groups = seq.k[: own * bs].unflatten(0, (own * bs // 16, 16)).transpose(1, 2)
-        codes, scale, zero = kc.quantize_channels(k_groups, bits, dtype)
-        k_deq = kc.dequantize_channels(codes, scale, zero).transpose(1, 2).flatten(0, 1)
+        codes, scale, zero = kc.quantize_channels(k_groups, bits, kc.K_PARAM_DTYPE)
+        zc = kc.centred_zero(scale, zero, bits)
+        k_deq = kc.dequantize_stored_k(codes, scale, zc, bits).transpose(1, 2).flatten(0, 1)
         keys = torch.cat((k_deq, seq.k[own * bs :].float()))
         vc, vs, vz = ref.quantize(seq.v[: own * bs], lay.fmt, dtype)
         vals = torch.cat((ref.dequantize(vc, vs, vz, lay.fmt), seq.v[own * bs :].float()))

@@ -112,7 +112,7 @@ def test_own_page_mode_is_the_specification_of_channel_mode(sim, bits, group_siz
                                          layout)
     assert float((got - expected).norm() / expected.norm()) < 1e-5
     with pytest.raises(SystemExit):
-        sim.Mode.parse("int4-own")
+        sim.Mode.parse("int4-own-b32")  # K groups of N tokens are per-channel K's
 
 
 def test_exact_window_suffixes(sim):
@@ -143,3 +143,22 @@ def test_exact_window_suffixes(sim):
     assert err("int2-kc-own-g32-w48-vexact") < 1e-5  # one block of 48 covers all 45
     assert err("int2-kc-own-g32-b16-w48") > 1e-2  # V still quantized
     assert err("int2-kc-own-g32-vexact") < err("int2-kc-own-g32") / 1.2
+
+
+def test_per_token_own_page_mode_keeps_the_own_block_exact(sim):
+    """-own without -kc: keys of earlier blocks quantized per token (as the per-token page
+    stores them), the query's own block exact; equal to plain per-token attention where
+    the window holds every key, and different from it where it does not."""
+    gen = torch.Generator().manual_seed(5)
+    t, heads, kv_heads, d = 40, 4, 2, 128
+    q = torch.randn(1, heads, t, d, generator=gen)
+    k = torch.randn(1, kv_heads, t, d, generator=gen) * 2
+    v = torch.randn(1, kv_heads, t, d, generator=gen)
+    own = sim.own_page_attention(q, k, v, sim.Mode.parse("int4-own-w16-vexact"), d**-0.5)
+    whole = sim.own_page_attention(q, k, v, sim.Mode.parse("int4-own-w48-vexact"), d**-0.5)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        q, *(x.to(torch.bfloat16).float().repeat_interleave(2, dim=1) for x in (k, v)),
+        is_causal=True, scale=d**-0.5).transpose(1, 2)
+    assert float((whole - exact).abs().max()) < 1e-5  # one block holds all 40 keys
+    assert float((own[:, :16] - exact[:, :16]).abs().max()) < 1e-5  # first block: exact
+    assert float((own[:, 16:] - exact[:, 16:]).abs().max()) > 1e-3  # later: quantized

@@ -185,33 +185,34 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         if plan is not None:
             pf = md.prefill
             bs = fmt.block_size
-            k_ws = torch.empty((plan.ws_blocks * bs, self.num_kv_heads, self.head_size),
+            # dequantized pages, then a scratch page per segment (run_kc_prefill)
+            k_ws = torch.empty((plan.pool_rows, self.num_kv_heads, self.head_size),
                                dtype=query.dtype, device=query.device)
             v_ws = torch.empty_like(k_ws)
             ops.dequantize_pages_kc(kv_cache, pf.block_table, pf.seq_lens, kc.workspace_start,
                                     k_ws, v_ws, fmt.bits, fmt.group_size, bs, pf.max_seq_len)
             kc_prefill.run_kc_prefill(plan, query[start:end], own_kv, k_ws, v_ws, self.scale,
-                                      self._fa_closed, self._fa_own, _merge_attn_states,
+                                      self._fa_closed, self._fa_near, _merge_attn_states,
                                       output[start:end])
         return output
 
-    def _fa_closed(self, q, k_pages, v_pages, cu_q, seqused_k, block_table, max_q, max_k,
-                   scale):
-        """Non-causal varlen attention over paged K/V (the closed pages)."""
+    def _fa_paged(self, q, k_pages, v_pages, cu_q, seqused_k, block_table, max_q, max_k,
+                  scale, causal: bool):
         return self._flash_attn_varlen(
             q=q, k=k_pages, v=v_pages, max_seqlen_q=max_q, cu_seqlens_q=cu_q,
             max_seqlen_k=max_k, seqused_k=seqused_k, block_table=block_table,
-            softmax_scale=scale, causal=False, return_softmax_lse=True,
+            softmax_scale=scale, causal=causal, return_softmax_lse=True,
             fa_version=self.fa_version,
         )
 
-    def _fa_own(self, q, k, v, cu_q, cu_k, max_q, max_k, scale):
-        """Causal varlen attention, the last query aligned with the last key (own page)."""
-        return self._flash_attn_varlen(
-            q=q, k=k, v=v, max_seqlen_q=max_q, cu_seqlens_q=cu_q, max_seqlen_k=max_k,
-            cu_seqlens_k=cu_k, softmax_scale=scale, causal=True, return_softmax_lse=True,
-            fa_version=self.fa_version,
-        )
+    def _fa_closed(self, *args):
+        """Non-causal varlen attention over paged K/V (a group's closed pages)."""
+        return self._fa_paged(*args, causal=False)
+
+    def _fa_near(self, *args):
+        """Causal varlen attention over paged K/V, the last query aligned with the last
+        key (a segment's pages from its group's first one, then its own page)."""
+        return self._fa_paged(*args, causal=True)
 
     def _sparse_role(self, layer: torch.nn.Module, sp) -> str:
         """This layer's role in sparse mode, from its index in the model (resolved once)."""

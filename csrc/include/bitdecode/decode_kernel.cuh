@@ -37,18 +37,19 @@
 // pages as the dense kernel does; rows with count 0 write zeros without reading a page.
 //
 // KC = true is per-channel K (docs/per-channel-k-design.md, section 7): every page but the
-// sequence's own one holds K codes against one (scale, zero) per channel and 16-token K
-// group, which the tile copy brings along (512 bytes). The scale moves to the query, one
-// tile at a time:
-//   S = sum_c q_c (s_c code_c + z_c) = Q' . (codes - C) + sum_c q_c (z_c + C s_c)
-// with q' = q * s and C = 2^(bits-1). The MMA runs in fp16 for both model dtypes: codes
-// - C are exact there, and q' rounded to fp16 (11 bits) keeps the kernel within ~1e-3 of
-// the reference where bf16 (8 bits) measured up to 2.4e-2 in a CPU emulation with an
-// outlier channel. The price: |q_c s_c| must stay below 65504 (a K channel range of 15 *
-// 65504 / |q_c| at 4 bits), which real keys are far from. The bias is fp32.
+// sequence's own one holds K codes against one fp16 (scale, zc) per channel and 16-token
+// K group, zc = zero + C scale with C = 2^(bits-1), which the tile copy brings along
+// (512 bytes). K is dequantized in registers, straight into the A fragments:
+//   k_c = (code_c - C) * s_c + zc_c      one HFMA2 per channel pair, fp16
+// and the MMA runs in fp16 against Q rounded to the model dtype and then to fp16 (exact
+// in fp16's normal range), for both model dtypes: k rounded to fp16 (11 bits) keeps the
+// kernel as close to the reference as the former Q' = q * s form did, where bf16 (8 bits)
+// measured up to 2.4e-2 in a CPU emulation with an outlier channel, and no per-tile
+// rescale of Q, bias or shuffle is left. The price: |K| and |q| must stay below 65504.
 // The own page (positions from ((seq_len - 1) / block_size) * block_size on) is read with
 // exact K and V: the rows of the sequence's residual slot, loaded straight into A
-// fragments (at most block_size / 16 tiles per sequence); P meets exact V there with
+// fragments (in fp16, converted from bf16 where the model is bf16; at most
+// block_size / 16 tiles per sequence); P meets exact V there with
 // scale 1/2 and zero 0 in the V algebra below. Earlier pages keep V per token.
 #pragma once
 
@@ -76,12 +77,12 @@ struct DecodeShape {
   // per token: (scale, zero) of every group, for K and V (KC: for V only)
   static constexpr int kParamBytes = (KC ? 1 : 2) * 2 * kGroups * static_cast<int>(sizeof(T));
   // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes],
-  // and with KC the K params [2][HEAD] of the tile's 16-token K group. At block size 16
-  // that is the head region.
+  // and with KC the fp16 K params (scale, zc) [2 * HEAD] of the tile's 16-token K group,
+  // in kc_param_index order. At block size 16 that is the head region.
   static constexpr int kVOffset = kTileTokens * kRowBytes;
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
   static constexpr int kKParamOffset = kParamOffset + kTileTokens * kParamBytes;
-  static constexpr int kKParamBytes = KC ? 2 * HEAD * static_cast<int>(sizeof(T)) : 0;
+  static constexpr int kKParamBytes = KC ? 2 * HEAD * static_cast<int>(sizeof(__half)) : 0;
   static constexpr int kTileBytes = kKParamOffset + kKParamBytes;
   static_assert(!KC || kTileTokens == kKCGroupTokens, "a tile is one K group");
   // Tiles per softmax step: 2, or 1 where two tiles' state would spill (group 32 with
@@ -124,9 +125,16 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
   }
 }
 
+// KC, one head tile: as many CTAs per SM as the per-token kernel gets. V groups of 64 or
+// 128: 4, at 128 registers with no spill in the step loop (ptxas and
+// tools/sass_loops.py, 2026-11-30: 8 bytes outside it for fp16, 4 bits, V group 64; at
+// this bound V groups of 32 would spill inside the loop). V groups of 32: 3 (171
+// registers unbounded would leave 2).
 template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false,
           bool KC = false>
-__global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kDecodeWarps * 32,
+                                  KC && HEAD_TILES == 1 ? (GROUP >= 64 ? 4 : 3) : 1)
+    decode_kernel(DecodeParams p) {
   static_assert(!(SPARSE && KC), "sparse decode over per-channel pages is not written");
   using Tr = DtypeTraits<T>;
   using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES, KC>;
@@ -337,14 +345,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     if (lane % kLanesPerGroup == 0) qsum_smem[row][lane / kLanesPerGroup] = part;
   }
   __syncthreads();
-  uint32_t qb[kKSteps][HT][2];  // B fragments of Q^T: head 8 ht + g, channels of k-step ks
+  // B fragments of Q^T: head 8 ht + g, channels of k-step ks. In T, or in fp16 for KC,
+  // whose K fragments are fp16 (see the top)
+  using QTr = std::conditional_t<KC, DtypeTraits<__half>, Tr>;
+  uint32_t qb[kKSteps][HT][2];
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks)
 #pragma unroll
     for (int ht = 0; ht < HT; ++ht) {
       const float* r = q_smem + (8 * ht + g) * HEAD + 16 * ks + 2 * t;
-      qb[ks][ht][0] = Tr::pack(r[0], r[1]);
-      qb[ks][ht][1] = Tr::pack(r[8], r[9]);
+      qb[ks][ht][0] = QTr::pack(r[0], r[1]);
+      qb[ks][ht][1] = QTr::pack(r[8], r[9]);
     }
   float qsum[HT][2][kGroups];  // heads 8 ht + 2t + c
 #pragma unroll
@@ -364,57 +375,33 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
     a[2] = unpack_pair_biased<T, BITS>(kw[0][w], j + 1);
     a[3] = unpack_pair_biased<T, BITS>(kw[1][w], j + 1);
   };
-  // KC, a page quantized per channel: x = Q' . (codes - C) + bias (see the top), in the
-  // S^T layout (x[ht][2 r + c]: token g + 8 r, head 8 ht + 2t + c), not yet scaled.
+  // KC, a page quantized per channel: K dequantized into fp16 A fragments (see the top),
+  // scores in the S^T layout (x[ht][2 r + c]: token g + 8 r, head 8 ht + 2t + c), not
+  // yet scaled.
+  using H = DtypeTraits<__half>;
   auto channel_page_scores = [&](float (&x)[HT][4], const uint8_t* buf,
                                  const uint32_t (&kw)[2][Order::kKWordsPerLane]) {
-    using H = DtypeTraits<__half>;
-    const T* kparams = reinterpret_cast<const T*>(buf + Shape::kKParamOffset);
-    float bias[HT];  // this lane's channels' part of sum q (z + C s), head 8 ht + g
+    const __half* kparams = reinterpret_cast<const __half*>(buf + Shape::kKParamOffset);
 #pragma unroll
-    for (int ht = 0; ht < HT; ++ht) x[ht][0] = x[ht][1] = x[ht][2] = x[ht][3] = bias[ht] = 0.0f;
+    for (int ht = 0; ht < HT; ++ht) x[ht][0] = x[ht][1] = x[ht][2] = x[ht][3] = 0.0f;
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       const int w = ks / Order::kKStepsPerWord, j = 2 * (ks % Order::kKStepsPerWord);
-      const uint32_t a[4] = {unpack_pair_centred<__half, BITS>(kw[0][w], j),
-                             unpack_pair_centred<__half, BITS>(kw[1][w], j),
-                             unpack_pair_centred<__half, BITS>(kw[0][w], j + 1),
-                             unpack_pair_centred<__half, BITS>(kw[1][w], j + 1)};
-      uint32_t scale2[2], zero2[2];  // channels 16 ks + 2t (+1), and 8 further
+      // scale and zc of channels 16 ks + 2t (+1) and 8 further, 16 bytes (kc_param_index)
+      const uint4 prm = *reinterpret_cast<const uint4*>(kparams + 32 * ks + 8 * t);
+      const uint32_t scale2[2] = {prm.x, prm.y}, zc2[2] = {prm.z, prm.w};
+      // a[0] / a[1]: tokens g / g + 8 at channels 16 ks + 2t (+1); a[2] / a[3]: 8 further
+      const uint32_t a[4] = {
+          H::fma2(unpack_pair_centred<__half, BITS>(kw[0][w], j), scale2[0], zc2[0]),
+          H::fma2(unpack_pair_centred<__half, BITS>(kw[1][w], j), scale2[0], zc2[0]),
+          H::fma2(unpack_pair_centred<__half, BITS>(kw[0][w], j + 1), scale2[1], zc2[1]),
+          H::fma2(unpack_pair_centred<__half, BITS>(kw[1][w], j + 1), scale2[1], zc2[1])};
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = 16 * ks + 2 * t + 8 * h;
-        scale2[h] = *reinterpret_cast<const uint32_t*>(kparams + c);
-        zero2[h] = *reinterpret_cast<const uint32_t*>(kparams + HEAD + c);
-      }
-#pragma unroll
-      for (int ht = 0; ht < HT; ++ht) {
-        uint32_t qs[2];  // B fragments of Q'^T, fp16
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float2 qv = Tr::unpack(qb[ks][ht][h]);
-          const float2 sv = Tr::unpack(scale2[h]), zv = Tr::unpack(zero2[h]);
-          qs[h] = H::pack(qv.x * sv.x, qv.y * sv.y);
-          bias[ht] += fmaf(qv.x, fmaf(kCodeCentre<BITS>, sv.x, zv.x),
-                           qv.y * fmaf(kCodeCentre<BITS>, sv.y, zv.y));
-        }
-        H::mma(x[ht], a, qs[0], qs[1]);
-      }
-    }
-#pragma unroll
-    for (int ht = 0; ht < HT; ++ht) {
-      bias[ht] += __shfl_xor_sync(0xffffffffu, bias[ht], 1);
-      bias[ht] += __shfl_xor_sync(0xffffffffu, bias[ht], 2);
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {  // head 8 ht + 2t + c sits with the lanes g = 2t + c
-        const float b = __shfl_sync(0xffffffffu, bias[ht], 4 * (2 * t + c));
-        x[ht][c] += b;
-        x[ht][2 + c] += b;
-      }
+      for (int ht = 0; ht < HT; ++ht) H::mma(x[ht], a, qb[ks][ht][0], qb[ks][ht][1]);
     }
   };
-  // KC, the own page: exact K rows from the residual, straight into A fragments. Rows
-  // past the end may hold anything; their scores are masked to -inf afterwards.
+  // KC, the own page: exact K rows from the residual, straight into fp16 A fragments.
+  // Rows past the end may hold anything; their scores are masked to -inf afterwards.
   auto own_page_scores = [&](float (&x)[HT][4], int token0) {
     const T* rows = residual_k + static_cast<int64_t>(token0 - own_begin) * HEAD;
 #pragma unroll
@@ -424,11 +411,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) decode_kernel(DecodeParams 
       const int c = 16 * ks + 2 * t;
       uint32_t a[4];
 #pragma unroll
-      for (int k = 0; k < 4; ++k)  // token g + 8 (k & 1), channels c + 8 (k >> 1) (+1)
+      for (int k = 0; k < 4; ++k) {  // token g + 8 (k & 1), channels c + 8 (k >> 1) (+1)
         a[k] = *reinterpret_cast<const uint32_t*>(rows + (g + 8 * (k & 1)) * HEAD + c +
                                                   8 * (k >> 1));
+        if constexpr (!std::is_same_v<T, __half>) {
+          const float2 f = Tr::unpack(a[k]);
+          a[k] = H::pack(f.x, f.y);
+        }
+      }
 #pragma unroll
-      for (int ht = 0; ht < HT; ++ht) Tr::mma(x[ht], a, qb[ks][ht][0], qb[ks][ht][1]);
+      for (int ht = 0; ht < HT; ++ht) H::mma(x[ht], a, qb[ks][ht][0], qb[ks][ht][1]);
     }
   };
 

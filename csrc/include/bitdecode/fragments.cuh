@@ -60,6 +60,11 @@ struct DtypeTraits<__half> {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
+  __device__ static uint32_t fma2(uint32_t a, uint32_t b, uint32_t c) {  // a * b + c, once rounded
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                        *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
   __device__ static void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
@@ -112,19 +117,19 @@ struct RowOrder {
   static constexpr int kVWordsPerLane = kRowWords / 8;   // lane group c = lane/4 owns these
 
   // K: (word, slot) -> channel, as page_format._k_channel_of_slot.
-  __device__ static int k_channel(int word, int slot) {
+  __host__ __device__ static int k_channel(int word, int slot) {
     const int t = word / kKWordsPerLane, w = word % kKWordsPerLane;
     const int i = slot % (kValuesPerWord / 2), elem = slot / (kValuesPerWord / 2);
     const int kstep = w * kKStepsPerWord + i / 2;
     return 16 * kstep + 8 * (i % 2) + 2 * t + elem;
   }
   // V: (word, slot) -> channel, as page_format._v_channel_of_slot.
-  __device__ static int v_channel(int word, int slot) {
+  __host__ __device__ static int v_channel(int word, int slot) {
     const int c = word / kVWordsPerLane, h = word % kVWordsPerLane;
     return c + 8 * (h * kValuesPerWord + slot);
   }
   // K: channel -> (word, slot). Inverse of page_format._k_channel_of_slot.
-  __device__ static void k_slot(int channel, int& word, int& slot) {
+  __host__ __device__ static void k_slot(int channel, int& word, int& slot) {
     const int kstep = channel / 16, r = channel % 16;
     const int part = r / 8, t = (r % 8) / 2, elem = r % 2;
     const int i = 2 * (kstep % kKStepsPerWord) + part;
@@ -132,7 +137,7 @@ struct RowOrder {
     slot = i + elem * (kValuesPerWord / 2);
   }
   // V: channel -> (word, slot). Inverse of page_format._v_channel_of_slot.
-  __device__ static void v_slot(int channel, int& word, int& slot) {
+  __host__ __device__ static void v_slot(int channel, int& word, int& slot) {
     const int c = channel % 8, j = channel / 8;
     word = c * kVWordsPerLane + j / kValuesPerWord;
     slot = j % kValuesPerWord;
@@ -176,6 +181,15 @@ __device__ __forceinline__ Ptr kc_residual_rows(Ptr residual, int64_t slot, int 
                                                 int num_kv_heads, int head, int block_size) {
   return residual +
          ((slot * 2 + kv) * num_kv_heads + head) * static_cast<int64_t>(block_size) * HEAD;
+}
+
+// Per-channel K mode: where channel c's scale sits among the 2 * HEAD fp16 K params of a
+// K group (its zc sits 4 further), the twin of reference_kc.k_param_index. Each 16-channel
+// block holds, for t = 0..3, [s(2t), s(2t+1), s(2t+8), s(2t+9), zc(same four)]: the 16
+// bytes lane quad position t needs for one MMA k-step, so one 128-bit load brings them.
+__host__ __device__ __forceinline__ int kc_param_index(int c) {
+  const int r = c % 16;
+  return (c / 16) * 32 + ((r % 8) / 2) * 8 + (r / 8) * 2 + r % 2;
 }
 
 }  // namespace bitdecode

@@ -9,8 +9,10 @@
 //    channel c of the group's keys (this step's `key` for positions computed in this
 //    step, the request's residual for earlier ones: they lie in the request's last
 //    written page), quantizes it over the group with the per-token quantizer's rules
-//    (group_params / code_of) and writes the group's packed K rows and its K params. It
-//    reads nothing the step writes, so CTAs run in any order.
+//    (group_params / code_of, parameters in fp16 for both model dtypes) and writes the
+//    group's packed K rows and its K params, (scale, zc = zero + 2^(BITS-1) * scale),
+//    the form the decode kernel dequantizes with one HFMA2 per pair. It reads nothing
+//    the step writes, so CTAs run in any order.
 // 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K and V rows of
 //    each request's last written page go to its residual slot. After phase A, which may
 //    read residual rows this overwrites (a chunk that fills a page and ends in the next).
@@ -116,16 +118,18 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }
-  T scale, zero;
-  const bool wide = group_params<T, BITS>(lo, hi, scale, zero);
-  const float s = DtypeTraits<T>::to_float(scale), z = DtypeTraits<T>::to_float(zero);
+  using H = DtypeTraits<__half>;
+  __half scale, zero;
+  const bool wide = group_params<__half, BITS>(lo, hi, scale, zero);
+  const float s = H::to_float(scale), z = H::to_float(zero);
   for (int i = 0; i < G; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
   const int64_t block = slot / p.block_size;
   const int first_slot = static_cast<int>(slot % p.block_size) - (G - 1);
   uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
-  T* k_params = reinterpret_cast<T*>(region + p.k_params_offset) + first_slot / G * 2 * HEAD;
-  k_params[c] = scale;
-  k_params[HEAD + c] = zero;
+  __half* k_params = reinterpret_cast<__half*>(region + p.k_params_offset) + first_slot / G * 2 * HEAD;
+  const int at = kc_param_index(c);  // scale, then zc 4 further (reference_kc.pack_k_params)
+  k_params[at] = scale;
+  k_params[at + 4] = H::from_float(__fmaf_rn(kCodeCentre<BITS>, s, z));  // centred_zero
   __syncthreads();
   // pack the group's K rows in the per-token page's row order
   uint8_t* rows = region + first_slot * Order::kRowBytes;

@@ -219,9 +219,9 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
                                             offset * (KC ? p.page.param_bytes / 2
                                                          : p.page.param_bytes));
   const int g = (4 * lane) / GROUP;
-  // KC only: the (scale, zero) of this token's 16-token K group
-  const T* kparams = reinterpret_cast<const T*>(region + p.k_params_offset) +
-                     offset / kKCGroupTokens * 2 * HEAD;
+  // KC only: the fp16 (scale, zc) of this token's 16-token K group
+  const __half* kparams = reinterpret_cast<const __half*>(region + p.k_params_offset) +
+                          offset / kKCGroupTokens * 2 * HEAD;
   const float ks = DtypeTraits<T>::to_float(prm[2 * g]);
   const float kz = DtypeTraits<T>::to_float(prm[2 * g + 1]);
   const float vs = DtypeTraits<T>::to_float(prm[2 * (kVFirst + g)]);
@@ -240,10 +240,11 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
     // (<= 4 + 11 bits), so this is mul-then-add bit for bit, except that it stays finite
     // where code * scale alone overflows (groups spanning both signs near the maximum)
     const float kc = static_cast<float>((rows[warp][0][w] >> (BITS * s)) & kMask);
-    if constexpr (KC) {
-      const int ch = 4 * lane + i;
-      kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, DtypeTraits<T>::to_float(kparams[ch]),
-                                                   DtypeTraits<T>::to_float(kparams[HEAD + ch])));
+    if constexpr (KC) {  // (code - centre) * scale + zc, reference_kc.dequantize_stored_k
+      const int at = kc_param_index(4 * lane + i);
+      kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc - kCodeCentre<BITS>,
+                                                   __half2float(kparams[at]),
+                                                   __half2float(kparams[at + 4])));
     } else {
       kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, ks, kz));
     }
