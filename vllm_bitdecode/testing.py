@@ -267,6 +267,29 @@ class _GraphReplayCounter:
         torch.cuda.CUDAGraph.replay = replay
 
 
+class _PrefillGroupCounter:
+    """Counts the per-token prefill's workspace groups (``_build_prefill``) of an engine
+    running in this process: steps with prefills, groups, steps with more than one."""
+
+    def __init__(self) -> None:
+        from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
+
+        self.counts = {"steps": 0, "groups": 0, "multi_group_steps": 0, "max_groups": 0}
+        original = BitDecodeMetadataBuilder._build_prefill
+        counts = self.counts
+
+        def build_prefill(builder, *args, **kwargs):
+            md = original(builder, *args, **kwargs)
+            n = len(md.groups)
+            counts["steps"] += 1
+            counts["groups"] += n
+            counts["multi_group_steps"] += n > 1
+            counts["max_groups"] = max(counts["max_groups"], n)
+            return md
+
+        BitDecodeMetadataBuilder._build_prefill = build_prefill
+
+
 def counters(llm) -> dict[str, float]:
     """vLLM's Prometheus counters by name (needs ``disable_log_stats=False``), else {}."""
     try:
@@ -280,7 +303,8 @@ def counters(llm) -> dict[str, float]:
     return out
 
 
-def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str, Any]:
+def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
+             prefill_groups: _PrefillGroupCounter | None = None) -> dict[str, Any]:
     if job.get("reset_prefix_cache"):
         if not llm.reset_prefix_cache():
             raise RuntimeError(f"job {job['name']}: reset_prefix_cache() refused")
@@ -288,6 +312,7 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str
         llm.apply_model(_reset_capture)
     before = counters(llm)
     replays_before = replays.count if replays else 0
+    groups_before = dict(prefill_groups.counts) if prefill_groups else None
     max_tokens = job["max_tokens"]  # one for all prompts, or one per prompt
     per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(job["prompts"])
     params = [sampling_params_cls(
@@ -313,6 +338,11 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays) -> dict[str
         "graph_replays": (replays.count - replays_before) if replays else None,
         "seconds": seconds,
     }
+    if groups_before is not None:
+        after_groups = prefill_groups.counts
+        res["prefill_groups"] = {k: after_groups[k] - groups_before[k]
+                                 for k in after_groups if k != "max_groups"}
+        res["prefill_groups"]["max_groups_so_far"] = after_groups["max_groups"]
     if batch_before is not None:
         batch_after = llm.collective_rpc(_fetch_batch_counter)[0]
         res["batch"] = {k: batch_after[k] - batch_before[k] for k in batch_after}
@@ -340,6 +370,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
 
     replays = _GraphReplayCounter() if spec.get("count_graph_replays") else None
+    groups = _PrefillGroupCounter() if spec.get("count_prefill_groups") else None
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(spec))
     result: dict[str, Any] = {"startup_s": time.perf_counter() - t0,
@@ -374,7 +405,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
             llm.collective_rpc(_install_batch_counter)
         result["jobs"] = {}
         for job in jobs:
-            result["jobs"][job["name"]] = _run_job(llm, SamplingParams, job, replays)
+            result["jobs"][job["name"]] = _run_job(llm, SamplingParams, job, replays, groups)
         # the engine's counters over its whole life: a step's stats may reach the
         # front end with a later step's outputs, after the job that caused them ended
         result["final_metrics"] = counters(llm)

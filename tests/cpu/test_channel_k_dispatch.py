@@ -114,10 +114,8 @@ def _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, block_si
     channel = BitDecodeMetadataBuilder._build_channel_k(builder, cam, nd)
     prefill = None
     if nd < num_reqs:
-        prefill = PrefillMetadata(
-            query_start_loc=qsl[nd:] - qsl[nd], kv_start_loc=torch.zeros(1),
-            seq_lens=seq_lens[nd:], block_table=block_table[nd:],
-            max_query_len=max(qlens[nd:]), max_seq_len=max(lens[nd:]), total_kv_tokens=0)
+        prefill = PrefillMetadata(seq_lens=seq_lens[nd:], block_table=block_table[nd:],
+                                  max_seq_len=max(lens[nd:]))
     return BitDecodeMetadata(
         num_actual_tokens=int(qsl[-1]), slot_mapping=slot_mapping, num_decodes=nd,
         decode_seq_lens=seq_lens[:nd], decode_block_table=block_table[:nd], num_splits=1,

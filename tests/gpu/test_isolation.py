@@ -141,7 +141,8 @@ def runs(workload):
             spec = dict(model=str(data.MODEL_DIR), load_format="auto", backend="BITDECODE",
                         bitdecode={"bits": bits}, gpu_memory_utilization=0.3,
                         max_model_len=MAX_LEN, max_num_seqs=32, max_num_batched_tokens=2048,
-                        enable_prefix_caching=True, enforce_eager=False, jobs=jobs)
+                        enable_prefix_caching=True, enforce_eager=False,
+                        count_prefill_groups=True, jobs=jobs)
             res = run_in_subprocess(spec, timeout=900)
             assert "BITDECODE" in res["log"]
             cache[bits] = (res, order1, order2)
@@ -219,3 +220,8 @@ def test_batched_answers_equal_alone(workload, runs, bits, job):
         # everything was computed by "mixed": all full blocks of every prompt hit
         for i, (c, p) in enumerate(zip(cached, workload["prompts"], strict=True)):
             assert c >= (len(p) - 1) // BLOCK * BLOCK - BLOCK, (i, c, len(p))
+        # so the contexts of a step's prefills far exceed its tokens, and the prefill
+        # ran them through its bounded workspace in several groups (metadata.py)
+        groups = res["jobs"][job]["prefill_groups"]
+        print(f"{bits}-bit {job}: prefill groups {groups}")
+        assert groups["multi_group_steps"] > 0, groups

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from vllm.config import get_current_vllm_config_or_none
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
 
 from vllm_bitdecode import config, kc_prefill, ops
-from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, BitDecodeMetadata
+from vllm_bitdecode.backend.metadata import (
+    MIN_TILES_PER_SPLIT,
+    BitDecodeMetadata,
+    prefill_workspace_tokens,
+)
 from vllm_bitdecode.reference import rotation_matrix
+
+# One prefill workspace per engine and shape, shared by the layers, which run one after
+# another; held by the layers, so it goes with the engine.
+_PREFILL_WORKSPACES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
@@ -69,6 +79,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         self._fmt = None  # page format, known once the cache is bound
         self._role: str | None = None  # sparse mode: dense, selection or reuse
         self.residual = self._residual(vllm_config)
+        self.prefill_workspace = self._prefill_workspace(vllm_config)
 
     def _residual(self, vllm_config) -> torch.Tensor | None:
         """Per-channel K mode: this layer's exact K and V of every live request's newest
@@ -83,6 +94,25 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         return torch.empty((slots, 2, self.num_kv_heads, block_size, self.head_size),
                            dtype=vllm_config.model_config.dtype,
                            device=torch.device("cuda", torch.cuda.current_device()))
+
+    def _prefill_workspace(self, vllm_config) -> torch.Tensor | None:
+        """Per-token K mode: the rows prefill dequantizes K and V into, [2,
+        prefill_workspace_tokens, kv_heads, head_size] in the model dtype, one per engine.
+        Made while vLLM loads the model, so its memory profile takes it off the KV budget,
+        and GPU memory stays flat whatever the prefix-cache hits of a step."""
+        if self.bitdecode.channel_k or vllm_config is None or not torch.cuda.is_available():
+            return None  # (the CPU tests build layers without a GPU)
+        rows = prefill_workspace_tokens(vllm_config.model_config.max_model_len,
+                                        vllm_config.scheduler_config.max_num_batched_tokens)
+        dtype = vllm_config.model_config.dtype
+        device = torch.device("cuda", torch.cuda.current_device())
+        shape = (2, rows, self.num_kv_heads, self.head_size)
+        key = (id(vllm_config), device, dtype, shape)
+        ws = _PREFILL_WORKSPACES.get(key)
+        if ws is None:
+            ws = torch.empty(shape, dtype=dtype, device=device)
+            _PREFILL_WORKSPACES[key] = ws
+        return ws
 
     # ---- quantize-on-write --------------------------------------------------------------
     def do_kv_cache_update(
@@ -226,29 +256,40 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         self, query: torch.Tensor, kv_cache: torch.Tensor, md: BitDecodeMetadata,
         output: torch.Tensor,
     ) -> None:
-        """Prefill chunks attend to their whole context read back from the pages."""
-        pf = md.prefill
+        """Prefill chunks attend to their whole context read back from the pages, one
+        group of requests at a time through the bounded workspace."""
         fmt = md.page_format
-        start, end = md.num_decode_tokens, md.num_actual_tokens
-        k = torch.empty(
-            (pf.total_kv_tokens, self.num_kv_heads, self.head_size),
-            dtype=query.dtype, device=query.device,
-        )
-        v = torch.empty_like(k)
-        ops.dequantize_pages(
-            kv_cache, pf.block_table, pf.seq_lens, pf.kv_start_loc, k, v,
-            fmt.bits, fmt.group_size, fmt.block_size, pf.max_seq_len,
-        )
-        q = query[start:end]
+        start = md.num_decode_tokens
+        q = query[start : md.num_actual_tokens]
         if md.rotation_signs is not None:  # K was stored rotated: rotate Q the same way
             q = (q.float() @ self._rotation_matrix(q)).to(q.dtype)
-        self._flash_attn_varlen(
-            q=q, k=k, v=v,
-            max_seqlen_q=pf.max_query_len, cu_seqlens_q=pf.query_start_loc,
-            max_seqlen_k=pf.max_seq_len, cu_seqlens_k=pf.kv_start_loc,
-            softmax_scale=self.scale, causal=True, out=output[start:end],
-            fa_version=self.fa_version,
-        )
+        for g in md.prefill.groups:
+            k, v = self._workspace_rows(g.total_kv_tokens, query)
+            ops.dequantize_pages(
+                kv_cache, g.block_table, g.seq_lens, g.kv_start_loc, k, v,
+                fmt.bits, fmt.group_size, fmt.block_size, g.max_seq_len,
+            )
+            self._flash_attn_varlen(
+                q=q[g.token_begin : g.token_end], k=k, v=v,
+                max_seqlen_q=g.max_query_len, cu_seqlens_q=g.query_start_loc,
+                max_seqlen_k=g.max_seq_len, cu_seqlens_k=g.kv_start_loc,
+                softmax_scale=self.scale, causal=True,
+                out=output[start + g.token_begin : start + g.token_end],
+                fa_version=self.fa_version,
+            )
+
+    def _workspace_rows(self, rows: int, like: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V views of ``rows`` rows of the shared prefill workspace (made here when
+        the engine gave none, as in unit tests)."""
+        ws = self.prefill_workspace
+        if ws is None:
+            ws = torch.empty((2, rows, self.num_kv_heads, self.head_size), dtype=like.dtype,
+                             device=like.device)
+        if rows > ws.shape[1]:
+            raise RuntimeError(f"BITDECODE prefill group needs {rows} workspace rows, "
+                               f"the workspace has {ws.shape[1]}")
+        return ws[0, :rows], ws[1, :rows]
 
     def _rotation_matrix(self, like: torch.Tensor) -> torch.Tensor:
         if self._rotation is None or self._rotation.device != like.device:

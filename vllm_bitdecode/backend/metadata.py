@@ -58,14 +58,87 @@ def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
 
 
 @dataclass
-class PrefillMetadata:
-    query_start_loc: torch.Tensor  # [num_prefills + 1] int32, from the first prefill token
-    kv_start_loc: torch.Tensor  # [num_prefills + 1] int32, rows of the dequantized context
-    seq_lens: torch.Tensor  # [num_prefills] int32, context length including new tokens
-    block_table: torch.Tensor  # [num_prefills, max_blocks] int32
+class PrefillGroup:
+    """Consecutive prefill requests whose contexts fit the dequantization workspace
+    together: one dequantize_pages and one FlashAttention call."""
+
+    token_begin: int  # the group's query rows, counted from the first prefill token
+    token_end: int
+    query_start_loc: torch.Tensor  # [n + 1] int32, from the group's first token
+    kv_start_loc: torch.Tensor  # [n + 1] int32, the group's rows of the workspace
+    seq_lens: torch.Tensor  # [n] int32, context length including new tokens
+    block_table: torch.Tensor  # [n, max_blocks] int32
     max_query_len: int
     max_seq_len: int
-    total_kv_tokens: int
+    total_kv_tokens: int  # workspace rows the group fills
+
+
+@dataclass
+class PrefillMetadata:
+    seq_lens: torch.Tensor  # [num_prefills] int32, context length including new tokens
+    block_table: torch.Tensor  # [num_prefills, max_blocks] int32
+    max_seq_len: int
+    # per-token K: the requests cut into groups that fit the workspace (channel mode
+    # plans its own prefill, kc_prefill)
+    groups: list[PrefillGroup] = dataclasses.field(default_factory=list)
+
+
+def prefill_workspace_tokens(max_model_len: int, max_num_batched_tokens: int) -> int:
+    """Rows of K and V the prefill dequantizes into at most: one request's whole context
+    always fits (it is at most max_model_len), and a step's requests are grouped so that
+    no group needs more. Without the bound the rows were the sum of the contexts of a
+    step's prefills, which prefix-cache hits make far larger than the step's tokens."""
+    return max(max_model_len, max_num_batched_tokens)
+
+
+def group_prefills(seq_lens: list[int], capacity: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` runs of consecutive requests, in order, each run's contexts
+    summing to at most ``capacity``; as few runs as a greedy cut makes."""
+    runs: list[tuple[int, int]] = []
+    begin, used = 0, 0
+    for i, n in enumerate(seq_lens):
+        if n > capacity:
+            raise ValueError(f"a prefill context of {n} tokens exceeds the BITDECODE prefill "
+                             f"workspace of {capacity} (max_model_len)")
+        if used + n > capacity:
+            runs.append((begin, i))
+            begin, used = i, 0
+        used += n
+    if begin < len(seq_lens):
+        runs.append((begin, len(seq_lens)))
+    return runs
+
+
+def build_prefill_groups(
+    query_start_loc_cpu: torch.Tensor,  # [n + 1], from the first prefill token
+    seq_lens_cpu: torch.Tensor,  # [n] int32, exact
+    seq_lens: torch.Tensor,  # [n] int32 on the device
+    block_table: torch.Tensor,  # [n, max_blocks] int32 on the device
+    capacity: int,
+    device: torch.device,
+) -> list[PrefillGroup]:
+    """The groups of :func:`group_prefills` with their offsets, sent to the device in
+    one copy."""
+    runs = group_prefills(seq_lens_cpu.tolist(), capacity)
+    offsets = []  # per run: query starts then KV starts, each from the run's first row
+    for b, e in runs:
+        kv = torch.zeros(e - b + 1, dtype=torch.int32)
+        torch.cumsum(seq_lens_cpu[b:e], 0, out=kv[1:])
+        offsets += [query_start_loc_cpu[b : e + 1] - query_start_loc_cpu[b], kv]
+    flat = torch.cat(offsets).to(torch.int32).to(device, non_blocking=True)
+    groups, at = [], 0
+    for b, e in runs:
+        n = e - b + 1
+        qsl, kv = flat[at : at + n], flat[at + n : at + 2 * n]
+        qsl_cpu, kv_cpu = offsets[len(groups) * 2], offsets[len(groups) * 2 + 1]
+        at += 2 * n
+        groups.append(PrefillGroup(
+            token_begin=int(query_start_loc_cpu[b]), token_end=int(query_start_loc_cpu[e]),
+            query_start_loc=qsl, kv_start_loc=kv, seq_lens=seq_lens[b:e],
+            block_table=block_table[b:e],
+            max_query_len=int((qsl_cpu[1:] - qsl_cpu[:-1]).max()),
+            max_seq_len=int(seq_lens_cpu[b:e].max()), total_kv_tokens=int(kv_cpu[-1])))
+    return groups
 
 
 @dataclass
@@ -157,6 +230,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         # _update_states; rows map to slots of the impls' residual buffers
         self.row_slots = (residual_slots.install_table(max_seqs, device)
                           if self.bitdecode.channel_k else None)
+        self.prefill_workspace_tokens = prefill_workspace_tokens(
+            vllm_config.model_config.max_model_len,
+            vllm_config.scheduler_config.max_num_batched_tokens)
 
     def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
         """Persistent buffers of sparse mode. The score workspace holds one key per token
@@ -276,15 +352,11 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             bound = cam.seq_lens.cpu()
         seq_lens_cpu = bound[num_decodes : cam.num_reqs].to(torch.int32)
         qsl_cpu = cam.query_start_loc_cpu[num_decodes : cam.num_reqs + 1] - num_decode_tokens
-        kv_start = torch.zeros(seq_lens_cpu.numel() + 1, dtype=torch.int32)
-        torch.cumsum(seq_lens_cpu, 0, out=kv_start[1:])
-        query_lens = qsl_cpu[1:] - qsl_cpu[:-1]
-        return PrefillMetadata(
-            query_start_loc=qsl_cpu.to(torch.int32).to(self.device, non_blocking=True),
-            kv_start_loc=kv_start.to(self.device, non_blocking=True),
-            seq_lens=cam.seq_lens[num_decodes : cam.num_reqs],
-            block_table=cam.block_table_tensor[num_decodes : cam.num_reqs],
-            max_query_len=int(query_lens.max()),
-            max_seq_len=int(seq_lens_cpu.max()),
-            total_kv_tokens=int(kv_start[-1]),
-        )
+        seq_lens = cam.seq_lens[num_decodes : cam.num_reqs]
+        block_table = cam.block_table_tensor[num_decodes : cam.num_reqs]
+        groups = []
+        if not self.bitdecode.channel_k:
+            groups = build_prefill_groups(qsl_cpu, seq_lens_cpu, seq_lens, block_table,
+                                          self.prefill_workspace_tokens, self.device)
+        return PrefillMetadata(seq_lens=seq_lens, block_table=block_table,
+                               max_seq_len=int(seq_lens_cpu.max()), groups=groups)

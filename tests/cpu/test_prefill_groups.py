@@ -1,0 +1,169 @@
+"""Per-token prefill through the bounded workspace, on the CPU.
+
+A step's prefill requests read their whole context back from the pages. The rows that
+takes are the sum of their contexts, which prefix-cache hits make far larger than the
+step's tokens, so the builder cuts the requests into groups that fit a workspace of
+``prefill_workspace_tokens`` rows (one request always fits) and the impl runs one
+dequantize and one FlashAttention call per group. Here the CUDA ops and FlashAttention
+are replaced by the reference and plain PyTorch; the kernels are tested on the GPU.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+
+import pytest
+import torch
+
+from vllm_bitdecode import config as bd_config
+from vllm_bitdecode import reference as ref
+from vllm_bitdecode.backend.metadata import (
+    BitDecodeMetadata,
+    BitDecodeMetadataBuilder,
+    group_prefills,
+    prefill_workspace_tokens,
+)
+from vllm_bitdecode.config import BitDecodeConfig
+from vllm_bitdecode.page_format import rotation_signs
+
+HEADS, KV_HEADS, D, BLOCK = 8, 2, 128, 16
+SCALE = D**-0.5
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_groups_are_greedy_runs_within_the_capacity(seed):
+    rng = random.Random(seed)
+    capacity = rng.randint(1, 300)
+    lens = [rng.randint(1, capacity) for _ in range(rng.randint(1, 30))]
+    runs = group_prefills(lens, capacity)
+    assert runs[0][0] == 0 and runs[-1][1] == len(lens)
+    for (_, end), (begin, _) in zip(runs[:-1], runs[1:], strict=True):
+        assert end == begin  # consecutive, in order, nothing left out
+    for begin, end in runs:
+        assert begin < end and sum(lens[begin:end]) <= capacity
+        if end < len(lens):  # greedy: the next request would not have fitted
+            assert sum(lens[begin : end + 1]) > capacity
+
+
+def test_one_group_when_everything_fits_and_a_clear_error_past_the_capacity():
+    assert group_prefills([5, 7, 3], 15) == [(0, 3)]
+    assert group_prefills([5, 7, 3], 14) == [(0, 2), (2, 3)]
+    with pytest.raises(ValueError, match="exceeds the BITDECODE prefill workspace of 8"):
+        group_prefills([3, 9], 8)
+    # one request's context is at most max_model_len, which the workspace always holds
+    assert prefill_workspace_tokens(max_model_len=8192, max_num_batched_tokens=2048) == 8192
+    assert prefill_workspace_tokens(max_model_len=1024, max_num_batched_tokens=4096) == 4096
+
+
+def _flash_attn(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k,
+                softmax_scale, causal, out, fa_version):
+    """FlashAttention's contiguous varlen call in plain PyTorch, into ``out``."""
+    assert causal and softmax_scale == SCALE
+    for j in range(cu_seqlens_q.shape[0] - 1):
+        q0, q1 = int(cu_seqlens_q[j]), int(cu_seqlens_q[j + 1])
+        k0, k1 = int(cu_seqlens_k[j]), int(cu_seqlens_k[j + 1])
+        assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
+        out[q0:q1] = ref.attention(q[q0:q1], k[k0:k1], v[k0:k1], SCALE).to(out.dtype)
+
+
+@pytest.fixture
+def impl_mod(monkeypatch):
+    """The impl module with dequantize_pages and FlashAttention replaced by references;
+    records each dequantize call's workspace rows."""
+    from vllm.v1.attention.backends import fa_utils
+
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", _flash_attn, raising=False)
+    from vllm_bitdecode.backend import impl as mod
+
+    calls: list[int] = []
+
+    def dequantize(cache, table, seq_lens, out_start, k_out, v_out, bits, group_size,
+                   block_size, max_tokens):
+        fmt = bd_config.get_active().page_format(D, block_size)
+        calls.append(k_out.shape[0])
+        for i, n in enumerate(seq_lens.tolist()):
+            assert n <= max_tokens
+            k, v = ref.read_blocks(cache, table[i, : -(-n // block_size)], n, fmt, k_out.dtype)
+            w = int(out_start[i])
+            k_out[w : w + n], v_out[w : w + n] = k.to(k_out.dtype), v.to(v_out.dtype)
+
+    monkeypatch.setattr(mod.ops, "dequantize_pages", dequantize)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # the impl checks the model dtype
+    yield mod, calls
+    torch.set_default_dtype(default)
+
+
+def _step(cfg: BitDecodeConfig, capacity: int, seed: int):
+    """A prefill-only step over random pages, its metadata from the builder's
+    _build_prefill, and the reference output."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    fmt = cfg.page_format(D, BLOCK)
+    lens = [rng.randint(1, capacity) for _ in range(rng.randint(2, 7))]
+    qlens = [rng.randint(1, n) for n in lens]  # chunks ending at the context's end
+    max_blocks = -(-max(lens) // BLOCK)
+    perm = torch.randperm(len(lens) * max_blocks, generator=gen).to(torch.int32)
+    table = perm.view(len(lens), max_blocks)  # permuted pages
+    cache = torch.zeros(len(lens) * max_blocks, KV_HEADS, fmt.head_region_bytes,
+                        dtype=torch.uint8)
+    for i, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = table[i, pos // BLOCK].long() * BLOCK + pos % BLOCK
+        k = torch.randn(n, KV_HEADS, D, generator=gen).to(torch.bfloat16)
+        ref.write_tokens(cache, k, torch.randn_like(k, dtype=torch.float32).to(k.dtype), slots,
+                         fmt, cfg.rotate_k)
+    qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    q = torch.randn(int(qsl[-1]), HEADS, D, generator=gen).to(torch.bfloat16)
+    cam = types.SimpleNamespace(query_start_loc_cpu=qsl, seq_lens=seq_lens,
+                                seq_lens_cpu_upper_bound=seq_lens, num_reqs=len(lens),
+                                block_table_tensor=table)
+    builder = types.SimpleNamespace(bitdecode=cfg, prefill_workspace_tokens=capacity,
+                                    device=torch.device("cpu"))
+    prefill = BitDecodeMetadataBuilder._build_prefill(builder, cam, 0, 0)
+    md = BitDecodeMetadata(
+        num_actual_tokens=q.shape[0], slot_mapping=torch.zeros(0, dtype=torch.int64),
+        num_decodes=0, decode_seq_lens=seq_lens[:0], decode_block_table=table[:0],
+        num_splits=1, num_decode_tokens=0, prefill=prefill, page_format=fmt,
+        rotation_signs=rotation_signs(D) if cfg.rotate_k else None,
+        partial_out=torch.zeros(1), partial_lse=torch.zeros(1))
+    want = ref.paged_attention(q, cache, table, seq_lens, qsl, SCALE, fmt, cfg.rotate_k)
+    return q, cache, md, want, lens
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("rotate_k", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_grouped_prefill_matches_the_reference(impl_mod, bits, rotate_k, seed):
+    mod, calls = impl_mod
+    cfg = BitDecodeConfig(bits=bits, rotate_k=rotate_k)
+    bd_config.set_active(cfg)
+    capacity = 160
+    q, cache, md, want, lens = _step(cfg, capacity, seed)
+    impl = mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
+    impl.prefill_workspace = torch.full((2, capacity, KV_HEADS, D), float("nan"),
+                                        dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
+    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q, q,
+                 cache, md, output=out)
+    groups = md.prefill.groups
+    assert len(groups) == len(group_prefills(lens, capacity)) and len(groups) == len(calls)
+    assert sum(lens) <= capacity or len(groups) > 1
+    assert all(rows <= capacity for rows in calls)
+    assert torch.isfinite(out).all()
+    err = float((out.float() - want).norm() / want.norm())
+    assert err < 1e-2, err
+
+
+def test_a_group_larger_than_the_workspace_is_refused(impl_mod):
+    mod, _ = impl_mod
+    cfg = BitDecodeConfig(bits=4)
+    bd_config.set_active(cfg)
+    q, cache, md, _, _ = _step(cfg, 160, 0)
+    impl = mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
+    impl.prefill_workspace = torch.zeros((2, 8, KV_HEADS, D), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="workspace rows, the workspace has 8"):
+        impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q,
+                     q, cache, md, output=torch.empty_like(q))
