@@ -207,6 +207,28 @@ def gather_own_kv(plan: KCPrefillPlan, residual: torch.Tensor, row_slot: Sequenc
     return out
 
 
+def pool_rows_per_request(query_start_loc: Sequence[int], seq_lens: Sequence[int],
+                          rows: Sequence[int], block_size: int) -> list[int]:
+    """Rows of ``run_kc_prefill``'s pool that each request of ``rows`` takes, as
+    ``plan_kc_prefill`` lays it out: its pages dequantized, then a scratch page per page
+    that its queries of this step touch."""
+    bs = block_size
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    idx = np.asarray(rows, dtype=np.int64)
+    n = np.asarray(seq_lens, dtype=np.int64)[idx]
+    start = n - (qsl[idx + 1] - qsl[idx])
+    return ((-(-n // bs) + (n - 1) // bs - start // bs + 1) * bs).tolist()
+
+
+def workspace_rows(max_model_len: int, max_num_batched_tokens: int, block_size: int) -> int:
+    """Pool rows that always hold one request: its pages (at most max_model_len tokens)
+    and a scratch page per page its chunk touches (a chunk of at most
+    max_num_batched_tokens tokens touches one page more than it fills)."""
+    bs = block_size
+    chunk = min(max_model_len, max_num_batched_tokens)
+    return (-(-max_model_len // bs) + -(-chunk // bs) + 1) * bs
+
+
 def workspace_starts(plan: KCPrefillPlan) -> torch.Tensor:
     """``out_start`` for ``dequantize_pages_kc``: each request's first workspace row, a
     page boundary, then the total ([requests + 1] int32, CPU)."""

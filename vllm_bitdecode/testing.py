@@ -268,26 +268,27 @@ class _GraphReplayCounter:
 
 
 class _PrefillGroupCounter:
-    """Counts the per-token prefill's workspace groups (``_build_prefill``) of an engine
+    """Counts the prefill's workspace groups (per-token and channel mode) of an engine
     running in this process: steps with prefills, groups, steps with more than one."""
 
     def __init__(self) -> None:
         from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
 
         self.counts = {"steps": 0, "groups": 0, "multi_group_steps": 0, "max_groups": 0}
-        original = BitDecodeMetadataBuilder._build_prefill
+        original = BitDecodeMetadataBuilder.build
         counts = self.counts
 
-        def build_prefill(builder, *args, **kwargs):
+        def build(builder, *args, **kwargs):
             md = original(builder, *args, **kwargs)
-            n = len(md.groups)
-            counts["steps"] += 1
-            counts["groups"] += n
-            counts["multi_group_steps"] += n > 1
-            counts["max_groups"] = max(counts["max_groups"], n)
+            if md.prefill is not None:
+                n = len(md.channel_k.prefill_groups if md.channel_k else md.prefill.groups)
+                counts["steps"] += 1
+                counts["groups"] += n
+                counts["multi_group_steps"] += n > 1
+                counts["max_groups"] = max(counts["max_groups"], n)
             return md
 
-        BitDecodeMetadataBuilder._build_prefill = build_prefill
+        BitDecodeMetadataBuilder.build = build
 
 
 def counters(llm) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 
 from tests.cpu.test_kc_prefill import _attend, _merge
 from vllm_bitdecode import config as bd_config
+from vllm_bitdecode import kc_prefill
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.backend.metadata import (
     BitDecodeMetadata,
@@ -100,7 +101,8 @@ def impl_mod(monkeypatch):
     torch.set_default_dtype(default)
 
 
-def _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, block_size):
+def _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, block_size,
+              workspace_rows):
     """What the builder makes for this step (its channel part through _build_channel_k)."""
     num_reqs = len(rows)
     nd = next((i for i, m in enumerate(qlens) if m > 1), num_reqs)  # decodes come first
@@ -110,7 +112,8 @@ def _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, block_si
                                 seq_lens=seq_lens, seq_lens_cpu_upper_bound=seq_lens,
                                 num_reqs=num_reqs)
     builder = types.SimpleNamespace(row_slots=table, device=torch.device("cpu"),
-                                    kv_cache_spec=types.SimpleNamespace(block_size=block_size))
+                                    kv_cache_spec=types.SimpleNamespace(block_size=block_size),
+                                    prefill_workspace_rows=workspace_rows)
     channel = BitDecodeMetadataBuilder._build_channel_k(builder, cam, nd)
     prefill = None
     if nd < num_reqs:
@@ -124,8 +127,11 @@ def _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, block_si
         partial_out=torch.zeros(1), partial_lse=torch.zeros(1), channel_k=channel)
 
 
+@pytest.mark.parametrize("tight", [False, True])
 @pytest.mark.parametrize("bits", [4, 2])
-def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits):
+def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits, tight):
+    """``tight``: a prefill workspace that holds one request at a time (the longest,
+    in its largest chunk), so that steps run their prefills in several groups."""
     bs = 16
     cfg = BitDecodeConfig.from_additional_config({"bitdecode": {"bits": bits,
                                                                 "k_mode": "channel"}})
@@ -148,6 +154,12 @@ def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits)
     cache = torch.randint(0, 256, (blocks, KV_HEADS, layout.head_region_bytes),
                           dtype=torch.uint8, generator=gen)
     impl.residual = kc.new_residual(MAX_SEQS + 1, KV_HEADS, layout, torch.bfloat16)
+    max_len, max_chunk = max(lengths.values()), 2 * bs + 5
+    ws_rows = kc_prefill.workspace_rows(max_len, max_chunk, bs) if tight else 1 << 20
+    if tight:  # the engine's shared workspace, poisoned
+        impl.prefill_workspace = torch.full((2, ws_rows, KV_HEADS, D), float("nan"),
+                                            dtype=torch.bfloat16)
+    multi_group_steps = 0
     cache_ref = cache.clone()
     residual_ref = impl.residual.clone()
     table = RowSlotTable(MAX_SEQS, "cpu")
@@ -183,7 +195,8 @@ def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits)
         for i, rid in enumerate(rows):
             block_table[i, : len(reqs[rid]["blocks"])] = torch.tensor(reqs[rid]["blocks"])
         slot_mapping = torch.tensor(slots, dtype=torch.int64)
-        md = _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, bs)
+        md = _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, bs, ws_rows)
+        multi_group_steps += len(md.channel_k.prefill_groups) > 1
         qsl = md.channel_k.query_start_loc
         expected = kc.forward_step_kc(q, key, value, cache_ref, residual_ref, slot_mapping, qsl,
                                       torch.tensor(lens, dtype=torch.int32),
@@ -203,6 +216,7 @@ def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits)
                 finished.append(rid)
         steps += 1
     assert steps >= 5 and kinds == 3, (steps, kinds)
+    assert (multi_group_steps > 0) == tight, multi_group_steps
 
 
 def test_channel_mode_config():

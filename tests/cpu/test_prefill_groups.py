@@ -22,7 +22,7 @@ from vllm_bitdecode.backend.metadata import (
     BitDecodeMetadata,
     BitDecodeMetadataBuilder,
     group_prefills,
-    prefill_workspace_tokens,
+    prefill_workspace_rows,
 )
 from vllm_bitdecode.config import BitDecodeConfig
 from vllm_bitdecode.page_format import rotation_signs
@@ -49,11 +49,15 @@ def test_groups_are_greedy_runs_within_the_capacity(seed):
 def test_one_group_when_everything_fits_and_a_clear_error_past_the_capacity():
     assert group_prefills([5, 7, 3], 15) == [(0, 3)]
     assert group_prefills([5, 7, 3], 14) == [(0, 2), (2, 3)]
-    with pytest.raises(ValueError, match="exceeds the BITDECODE prefill workspace of 8"):
+    with pytest.raises(ValueError, match="needs 9 workspace rows, more than the BITDECODE "
+                                         "prefill workspace's 8"):
         group_prefills([3, 9], 8)
     # one request's context is at most max_model_len, which the workspace always holds
-    assert prefill_workspace_tokens(max_model_len=8192, max_num_batched_tokens=2048) == 8192
-    assert prefill_workspace_tokens(max_model_len=1024, max_num_batched_tokens=4096) == 4096
+    assert prefill_workspace_rows(False, 8192, 2048, 16) == 8192
+    assert prefill_workspace_rows(False, 1024, 4096, 16) == 4096
+    # channel mode: the pages (8192 / 16) and a scratch page per page of a 2048-token chunk,
+    # plus one (a chunk starting mid-page)
+    assert prefill_workspace_rows(True, 8192, 2048, 16) == (512 + 128 + 1) * 16
 
 
 def _flash_attn(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k,
@@ -120,7 +124,7 @@ def _step(cfg: BitDecodeConfig, capacity: int, seed: int):
     cam = types.SimpleNamespace(query_start_loc_cpu=qsl, seq_lens=seq_lens,
                                 seq_lens_cpu_upper_bound=seq_lens, num_reqs=len(lens),
                                 block_table_tensor=table)
-    builder = types.SimpleNamespace(bitdecode=cfg, prefill_workspace_tokens=capacity,
+    builder = types.SimpleNamespace(bitdecode=cfg, prefill_workspace_rows=capacity,
                                     device=torch.device("cpu"))
     prefill = BitDecodeMetadataBuilder._build_prefill(builder, cam, 0, 0)
     md = BitDecodeMetadata(
@@ -167,3 +171,39 @@ def test_a_group_larger_than_the_workspace_is_refused(impl_mod):
     with pytest.raises(RuntimeError, match="workspace rows, the workspace has 8"):
         impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q,
                      q, cache, md, output=torch.empty_like(q))
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("seed", range(10))
+def test_channel_mode_rows_per_request_are_the_plans(block_size, seed):
+    """The grouping's count of pool rows is what plan_kc_prefill lays out, request by
+    request and for every run of them."""
+    from vllm_bitdecode import kc_prefill
+
+    rng = random.Random(seed)
+    lens = [rng.randint(1, 900) for _ in range(rng.randint(1, 8))]
+    qlens = [rng.randint(1, n) for n in lens]
+    qsl = [0, *torch.tensor(qlens).cumsum(0).tolist()]
+    rows = list(range(len(lens)))
+    need = kc_prefill.pool_rows_per_request(qsl, lens, rows, block_size)
+    for i in rows:
+        assert need[i] == kc_prefill.plan_kc_prefill(qsl, lens, [i], block_size).pool_rows
+    b = rng.randrange(len(rows))
+    e = rng.randint(b + 1, len(rows))
+    plan = kc_prefill.plan_kc_prefill(qsl, lens, rows[b:e], block_size)
+    assert sum(need[b:e]) == plan.pool_rows
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 128])
+def test_channel_mode_workspace_holds_any_one_request(block_size):
+    """Every context up to max_model_len with every chunk up to max_num_batched_tokens
+    (and every start in the page) fits ``workspace_rows``, and the bound is reached."""
+    from vllm_bitdecode import kc_prefill
+
+    max_len, max_chunk = 300, 70
+    bound = kc_prefill.workspace_rows(max_len, max_chunk, block_size)
+    worst = 0
+    for n in range(1, max_len + 1):
+        for m in range(1, min(n, max_chunk) + 1):
+            worst = max(worst, kc_prefill.pool_rows_per_request([0, m], [n], [0], block_size)[0])
+    assert worst <= bound and worst > bound - block_size, (worst, bound)

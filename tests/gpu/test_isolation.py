@@ -19,7 +19,9 @@ One engine (CUDA graphs, prefix caching, chunked prefill in steps of 2,048 token
 - ``mixed``: all 96 at once, shuffled, after a reset: prefill chunks interleaved with
   other requests' decodes, cache hits on the shared prefixes within the batch;
 - ``mixed_warm``: all 96 again in another order, without a reset: every prompt hits the
-  cache for all its full blocks.
+  cache for all its full blocks, so a step's prefills read back far more context than the
+  step's 2,048 tokens, and the prefill runs them through its bounded workspace in several
+  groups (``metadata.prefill_workspace_rows``), which the test checks happened.
 
 Checked: every request of both mixed runs gives the greedy tokens it gave alone, with the
 tie rule of ``vllm_bitdecode.testing.assert_greedy_equal_up_to_ties`` (a request may take
@@ -30,8 +32,8 @@ answers do depend on each prompt); the comparison is not blind (request i's toke
 from request j's for almost all pairs); and the cache hits happened (num_cached_tokens).
 
 BITDECODE_ISOLATION_BITS="4" (default; "4,2" adds 2 bits, where the model cannot retrieve
-and only the token comparison applies). About one engine start and 40 s of work per bit
-width.
+and only the token comparison applies); BITDECODE_ISOLATION_K_MODE=channel runs it all in
+per-channel K mode (issue #7). About one engine start and 40 s of work per bit width.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from vllm_bitdecode.testing import assert_greedy_equal_up_to_ties, run_in_subpro
 pytestmark = pytest.mark.gpu
 
 BITS = [int(b) for b in os.environ.get("BITDECODE_ISOLATION_BITS", "4").split(",") if b]
+K_MODE = os.environ.get("BITDECODE_ISOLATION_K_MODE", "token")
 GEN = data.ANSWER_MAX_TOKENS
 TOP = 2
 BLOCK = 16
@@ -139,7 +142,8 @@ def runs(workload):
             jobs.append(_job("mixed", [prompts[i] for i in order1], True))
             jobs.append(_job("mixed_warm", [prompts[i] for i in order2], False))
             spec = dict(model=str(data.MODEL_DIR), load_format="auto", backend="BITDECODE",
-                        bitdecode={"bits": bits}, gpu_memory_utilization=0.3,
+                        bitdecode={"bits": bits, "k_mode": K_MODE},
+                        gpu_memory_utilization=0.3,
                         max_model_len=MAX_LEN, max_num_seqs=32, max_num_batched_tokens=2048,
                         enable_prefix_caching=True, enforce_eager=False,
                         count_prefill_groups=True, jobs=jobs)

@@ -13,7 +13,7 @@ from vllm_bitdecode import config, kc_prefill, ops
 from vllm_bitdecode.backend.metadata import (
     MIN_TILES_PER_SPLIT,
     BitDecodeMetadata,
-    prefill_workspace_tokens,
+    prefill_workspace_rows,
 )
 from vllm_bitdecode.reference import rotation_matrix
 
@@ -96,14 +96,16 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                            device=torch.device("cuda", torch.cuda.current_device()))
 
     def _prefill_workspace(self, vllm_config) -> torch.Tensor | None:
-        """Per-token K mode: the rows prefill dequantizes K and V into, [2,
-        prefill_workspace_tokens, kv_heads, head_size] in the model dtype, one per engine.
-        Made while vLLM loads the model, so its memory profile takes it off the KV budget,
-        and GPU memory stays flat whatever the prefix-cache hits of a step."""
-        if self.bitdecode.channel_k or vllm_config is None or not torch.cuda.is_available():
+        """The rows prefill dequantizes K and V into, [2, prefill_workspace_rows,
+        kv_heads, head_size] in the model dtype, one per engine (the layers run one after
+        another). Made while vLLM loads the model, so its memory profile takes it off the
+        KV budget, and GPU memory stays flat whatever the prefix-cache hits of a step."""
+        if vllm_config is None or not torch.cuda.is_available():
             return None  # (the CPU tests build layers without a GPU)
-        rows = prefill_workspace_tokens(vllm_config.model_config.max_model_len,
-                                        vllm_config.scheduler_config.max_num_batched_tokens)
+        rows = prefill_workspace_rows(
+            self.bitdecode.channel_k, vllm_config.model_config.max_model_len,
+            vllm_config.scheduler_config.max_num_batched_tokens,
+            vllm_config.cache_config.block_size)
         dtype = vllm_config.model_config.dtype
         device = torch.device("cuda", torch.cuda.current_device())
         shape = (2, rows, self.num_kv_heads, self.head_size)
@@ -197,12 +199,12 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         then decode and the two-part prefill."""
         kc = md.channel_k
         fmt = md.page_format
-        plan = kc.prefill_plan
-        start, end = md.num_decode_tokens, md.num_actual_tokens
-        own_kv = None
-        if plan is not None:
-            own_kv = kc_prefill.gather_own_kv(plan, self.residual, kc.row_slot_host,
-                                              key[start:end], value[start:end])
+        start = md.num_decode_tokens
+        # each group's own rows, read before the write replaces the residual's
+        own_kv = [kc_prefill.gather_own_kv(
+            g.plan, self.residual, kc.row_slot_host,
+            key[start + g.token_begin : start + g.token_end],
+            value[start + g.token_begin : start + g.token_end]) for g in kc.prefill_groups]
         ops.write_tokens_kc(key, value, md.slot_mapping, kc.query_start_loc, kc.seq_lens,
                             kc.row_slot, kv_cache, self.residual, fmt.bits, fmt.group_size,
                             fmt.block_size)
@@ -212,18 +214,18 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                           md.decode_block_table, md.decode_seq_lens, kc.row_slot,
                           md.partial_out, md.partial_lse, self.scale, fmt.bits,
                           fmt.group_size, fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT)
-        if plan is not None:
-            pf = md.prefill
-            bs = fmt.block_size
+        pf = md.prefill
+        for g, own in zip(kc.prefill_groups, own_kv, strict=True):
             # dequantized pages, then a scratch page per segment (run_kc_prefill)
-            k_ws = torch.empty((plan.pool_rows, self.num_kv_heads, self.head_size),
-                               dtype=query.dtype, device=query.device)
-            v_ws = torch.empty_like(k_ws)
-            ops.dequantize_pages_kc(kv_cache, pf.block_table, pf.seq_lens, kc.workspace_start,
-                                    k_ws, v_ws, fmt.bits, fmt.group_size, bs, pf.max_seq_len)
-            kc_prefill.run_kc_prefill(plan, query[start:end], own_kv, k_ws, v_ws, self.scale,
+            k_ws, v_ws = self._workspace_rows(g.plan.pool_rows, query)
+            ops.dequantize_pages_kc(kv_cache, pf.block_table[g.req_begin : g.req_end],
+                                    pf.seq_lens[g.req_begin : g.req_end], g.workspace_start,
+                                    k_ws, v_ws, fmt.bits, fmt.group_size, fmt.block_size,
+                                    g.max_seq_len)
+            tokens = slice(start + g.token_begin, start + g.token_end)
+            kc_prefill.run_kc_prefill(g.plan, query[tokens], own, k_ws, v_ws, self.scale,
                                       self._fa_closed, self._fa_near, _merge_attn_states,
-                                      output[start:end])
+                                      output[tokens])
         return output
 
     def _fa_paged(self, q, k_pages, v_pages, cu_q, seqused_k, block_table, max_q, max_k,

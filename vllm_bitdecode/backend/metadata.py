@@ -83,29 +83,33 @@ class PrefillMetadata:
     groups: list[PrefillGroup] = dataclasses.field(default_factory=list)
 
 
-def prefill_workspace_tokens(max_model_len: int, max_num_batched_tokens: int) -> int:
-    """Rows of K and V the prefill dequantizes into at most: one request's whole context
-    always fits (it is at most max_model_len), and a step's requests are grouped so that
-    no group needs more. Without the bound the rows were the sum of the contexts of a
-    step's prefills, which prefix-cache hits make far larger than the step's tokens."""
+def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_tokens: int,
+                           block_size: int) -> int:
+    """Rows of K and V that prefill dequantizes into at most, per layer call: one
+    request's always fit, and a step's requests are grouped so that no group needs more.
+    Without the bound the rows were the sum of the contexts of a step's prefills, which
+    prefix-cache hits make far larger than the step's tokens. Per-token K: one request's
+    context (at most max_model_len); channel mode: ``kc_prefill.workspace_rows``."""
+    if channel_k:
+        return kc_prefill.workspace_rows(max_model_len, max_num_batched_tokens, block_size)
     return max(max_model_len, max_num_batched_tokens)
 
 
-def group_prefills(seq_lens: list[int], capacity: int) -> list[tuple[int, int]]:
-    """``[begin, end)`` runs of consecutive requests, in order, each run's contexts
+def group_prefills(rows_needed: list[int], capacity: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` runs of consecutive requests, in order, each run's workspace rows
     summing to at most ``capacity``; as few runs as a greedy cut makes."""
     runs: list[tuple[int, int]] = []
     begin, used = 0, 0
-    for i, n in enumerate(seq_lens):
+    for i, n in enumerate(rows_needed):
         if n > capacity:
-            raise ValueError(f"a prefill context of {n} tokens exceeds the BITDECODE prefill "
-                             f"workspace of {capacity} (max_model_len)")
+            raise ValueError(f"a prefill request needs {n} workspace rows, more than the "
+                             f"BITDECODE prefill workspace's {capacity}")
         if used + n > capacity:
             runs.append((begin, i))
             begin, used = i, 0
         used += n
-    if begin < len(seq_lens):
-        runs.append((begin, len(seq_lens)))
+    if begin < len(rows_needed):
+        runs.append((begin, len(rows_needed)))
     return runs
 
 
@@ -160,6 +164,20 @@ class SparseMetadata:
 
 
 @dataclass
+class KCPrefillGroup:
+    """Consecutive prefill requests whose pool (``kc_prefill.run_kc_prefill``) fits the
+    prefill workspace together."""
+
+    req_begin: int  # among the step's prefill requests
+    req_end: int
+    token_begin: int  # among the step's prefill tokens
+    token_end: int
+    plan: kc_prefill.KCPrefillPlan
+    workspace_start: torch.Tensor  # [requests + 1] int32 on the device, dequantize_pages_kc
+    max_seq_len: int
+
+
+@dataclass
 class ChannelKMetadata:
     """Per-channel K mode (docs/per-channel-k-design.md): what the write, decode and the
     two-part prefill of every layer need in one step."""
@@ -167,10 +185,9 @@ class ChannelKMetadata:
     row_slot: torch.Tensor  # [max_num_seqs] int32 residual slot of each batch row (persistent)
     query_start_loc: torch.Tensor  # [num_reqs + 1] int32, all rows
     seq_lens: torch.Tensor  # [num_reqs] int32, all rows
-    # prefill rows only (None in decode-only steps)
-    prefill_plan: kc_prefill.KCPrefillPlan | None = None
+    # prefill rows only (empty / None in decode-only steps)
+    prefill_groups: list[KCPrefillGroup] = dataclasses.field(default_factory=list)
     row_slot_host: list[int] | None = None  # every batch row's slot, for the gather
-    workspace_start: torch.Tensor | None = None  # [prefills + 1] int32, dequantize_pages_kc
 
 
 @dataclass
@@ -230,9 +247,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         # _update_states; rows map to slots of the impls' residual buffers
         self.row_slots = (residual_slots.install_table(max_seqs, device)
                           if self.bitdecode.channel_k else None)
-        self.prefill_workspace_tokens = prefill_workspace_tokens(
-            vllm_config.model_config.max_model_len,
-            vllm_config.scheduler_config.max_num_batched_tokens)
+        self.prefill_workspace_rows = prefill_workspace_rows(
+            self.bitdecode.channel_k, model.max_model_len,
+            vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size)
 
     def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
         """Persistent buffers of sparse mode. The score workspace holds one key per token
@@ -330,17 +347,24 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             query_start_loc=cam.query_start_loc[: cam.num_reqs + 1],
             seq_lens=cam.seq_lens[: cam.num_reqs],
         )
-        if cam.num_reqs > num_decodes:  # prefill rows: host-side plan, no device sync
+        if cam.num_reqs > num_decodes:  # prefill rows: host-side plans, no device sync
             bound = cam.seq_lens_cpu_upper_bound
             if bound is None:
                 bound = cam.seq_lens.cpu()
-            plan = kc_prefill.plan_kc_prefill(
-                cam.query_start_loc_cpu.tolist(), bound.tolist(),
-                list(range(num_decodes, cam.num_reqs)), self.kv_cache_spec.block_size)
-            md.prefill_plan = plan
+            qsl, lens = cam.query_start_loc_cpu.tolist(), bound.tolist()
+            rows = list(range(num_decodes, cam.num_reqs))
+            bs = self.kv_cache_spec.block_size
+            need = kc_prefill.pool_rows_per_request(qsl, lens, rows, bs)
+            for b, e in group_prefills(need, self.prefill_workspace_rows):
+                plan = kc_prefill.plan_kc_prefill(qsl, lens, rows[b:e], bs)
+                md.prefill_groups.append(KCPrefillGroup(
+                    req_begin=b, req_end=e,
+                    token_begin=qsl[rows[b]] - qsl[num_decodes],
+                    token_end=qsl[rows[e - 1] + 1] - qsl[num_decodes], plan=plan,
+                    workspace_start=kc_prefill.workspace_starts(plan).to(
+                        self.device, non_blocking=True),
+                    max_seq_len=max(plan.seq_lens)))
             md.row_slot_host = self.row_slots.host[: cam.num_reqs].tolist()
-            md.workspace_start = kc_prefill.workspace_starts(plan).to(self.device,
-                                                                      non_blocking=True)
         return md
 
     def _build_prefill(
@@ -357,6 +381,6 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         groups = []
         if not self.bitdecode.channel_k:
             groups = build_prefill_groups(qsl_cpu, seq_lens_cpu, seq_lens, block_table,
-                                          self.prefill_workspace_tokens, self.device)
+                                          self.prefill_workspace_rows, self.device)
         return PrefillMetadata(seq_lens=seq_lens, block_table=block_table,
                                max_seq_len=int(seq_lens_cpu.max()), groups=groups)
