@@ -1,0 +1,68 @@
+"""The decode kernels keep their CTAs per SM: registers and spills from ptxas, no GPU.
+
+Decode is bound by latency hiding as much as by bytes, so the split plan fills every
+resident CTA slot of a wave (metadata.plan_num_splits). On 2026-11-30 the per-token kernel
+had crept from 128 to 137 registers, which took it from 4 to 3 CTAs per SM and 0.346 to
+0.361 ms at 8 x 128K on an H200, and nothing had noticed. The launch bounds now ask for 4
+(V groups of 64 or 128) or 3 (V groups of 32) CTAs per SM with one head tile; this test
+compiles the bf16 4-bit kernels for sm_90a and checks that ptxas met the bound without
+spilling, so that a change that needs more registers fails here instead of slowing down
+or spilling on the GPU.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+REGISTERS = 65536  # per SM on sm_90
+THREADS = 128  # kDecodeWarps * 32
+
+
+def _ptxas_report(source: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
+    """Mangled kernel name -> (registers, spill store bytes)."""
+    proc = subprocess.run(
+        ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+         "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc' / 'include'}",
+         "-c", str(source), "-o", str(tmp_path / "k.o"), "-Xptxas", "-v"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, tuple[int, int]] = {}
+    name, spill = None, 0
+    for line in proc.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", line)
+        if m:
+            name, spill = m.group(1), 0
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and name:
+            spill = int(m.group(1))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            out[name] = (int(m.group(1)), spill)
+            name = None
+    return out
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path):
+    report = _ptxas_report(ROOT / "csrc" / "instantiations" / "kernels_bf16_4bit.cu", tmp_path)
+    # decode_kernel<T, HEAD, BITS, GROUP, HEAD_TILES, SPARSE, KC>
+    shape = re.compile(r"decode_kernelI\w+?Li128ELi(\d)ELi(\d+)ELi(\d)ELb(\d)ELb(\d)E")
+    checked = 0
+    for name, (regs, spill) in report.items():
+        m = shape.search(name)
+        if not m or m.group(3) != "1":
+            continue
+        group = int(m.group(2))
+        ctas = 4 if group >= 64 else 3
+        what = f"group {group}, sparse {m.group(4)}, channel K {m.group(5)}"
+        allocated = -(-regs // 8) * 8  # per thread, in the allocation's units of 8
+        assert allocated * THREADS * ctas <= REGISTERS, f"{what}: {regs} registers"
+        assert spill == 0, f"{what}: {spill} bytes of spill stores"
+        checked += 1
+    assert checked == 9, report  # V groups 32 / 64 / 128 x per-token, sparse, channel K
