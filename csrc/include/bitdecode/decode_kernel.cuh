@@ -128,9 +128,10 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
 // One head tile: 4 CTAs (16 warps) per SM at V groups of 64 or 128, 128 registers with
 // no spill in the step loop for every mode (ptxas and tools/sass_loops.py, 2026-11-30: 8
 // bytes outside it for KC, fp16, 4 bits, V group 64). Unbounded, the per-token and sparse
-// kernels had crept to 137-161 registers, so 3 CTAs (6 splits instead of 8 at B=8, 0.361
-// against 0.346 ms at 8 x 128K on an H200). V groups of 32: 3 (154-173 registers; at 4
-// the loop would spill, and KC's 171 unbounded would leave 2). Two head tiles: unbounded.
+// kernels had crept to 137-161 registers, so 3 CTAs (6 splits instead of 8 at B=8; 0.361
+// against 0.346 ms at 8 x 128K in two H200 runs of 2026-11-30, before and after). V groups
+// of 32: 3 (154-173 registers; at 4 the loop would spill, and KC's 171 unbounded would
+// leave 2). Two head tiles: unbounded.
 template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false,
           bool KC = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32,
