@@ -3,11 +3,11 @@
 Decode is bound by latency hiding as much as by bytes, so the split plan fills every
 resident CTA slot of a wave (metadata.plan_num_splits). On 2026-11-30 the per-token kernel
 had crept from 128 to 137 registers, which took it from 4 to 3 CTAs per SM (8 x 128K on
-an H200: 0.346 ms in a run before, 0.361 after), and nothing had noticed. The launch bounds now ask for 4
-(V groups of 64 or 128) or 3 (V groups of 32) CTAs per SM with one head tile; this test
-compiles the bf16 4-bit kernels for sm_90a and checks that ptxas met the bound without
-spilling, so that a change that needs more registers fails here instead of slowing down
-or spilling on the GPU.
+an H200: 0.346 ms in a run before, 0.361 after), and nothing had noticed. The launch
+bounds now ask for 4 (V groups of 64 or 128) or 3 (V groups of 32) CTAs per SM with one
+head tile; this test compiles the bf16 4-bit kernels for sm_90a and checks that ptxas met
+the bound without spilling, so that a change that needs more registers fails here
+instead of slowing down or spilling on the GPU.
 """
 
 from __future__ import annotations

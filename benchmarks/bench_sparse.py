@@ -1,0 +1,189 @@
+"""Sparse decode kernels (issue #6) against dense decode, one run.
+
+Same shape and timing as bench_decode.py (32 query / 8 KV heads, d = 128, one query
+token per sequence, pages scattered at random, CUDA events around one call after an L2
+flush, median of --reps). Per (batch, context):
+
+- ``fa3 bf16`` and ``bitdecode int4``: dense decode over the whole context, the baselines;
+- ``select``: the selection layer's extra work, ``ops.select_topk`` (fused scores over the
+  whole context plus the top-k), for each token budget; the issue's target is the
+  selection layer (dense decode + select) at most 1.3x a dense 4-bit decode;
+- ``sparse``: a reuse layer, ``ops.decode_sparse`` over ``budget`` positions per KV head
+  chosen at random (the newest included); the issue's target is >= 20x faster than FA3
+  bf16 dense at k = 2048 and 128K.
+
+    python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_decode as dense  # noqa: E402
+
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT  # noqa: E402
+from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
+from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
+
+BITS = 4
+TARGET_SPARSE_VS_FA3 = 20.0  # at k = 2048, 128K
+TARGET_SELECT_LAYER_VS_DENSE = 1.3
+
+
+def random_selection(batch: int, heads: int, context: int, budget: int,
+                     gen: torch.Generator) -> torch.Tensor:
+    """``[batch, heads, budget]`` int32: per row and head, ``budget`` distinct positions
+    below ``context`` in ascending order, the newest (``context - 1``) always among them,
+    as ``select_topk`` writes them."""
+    if not 1 <= budget <= context:
+        raise ValueError(f"budget {budget} must be in [1, context {context}]")
+    out = torch.empty(batch, heads, budget, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(heads):
+            older = torch.randperm(context - 1, generator=gen)[: budget - 1].sort().values
+            out[b, h, :-1] = older
+            out[b, h, -1] = context - 1
+    return out
+
+
+def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
+                gen: torch.Generator) -> list[dict]:
+    from vllm_bitdecode import ops
+
+    fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
+    rows = []
+    ms, nbytes = dense.bench_fa3(batch, context, "bf16", timer, gen)
+    rows.append(dict(impl="fa3", kind="dense", kv="bf16", ms=ms, bytes=nbytes))
+    table, num_blocks = dense.block_table(batch, context, gen)
+    cache = dense.fill_pages(num_blocks, fmt)
+    q, out, splits, po, pl, lens = dense.decode_inputs(batch, context, BITS)
+    signs = rotation_signs(dense.D).cuda()
+    scale = dense.D**-0.5
+    per_token = fmt.bytes_per_token_head * dense.HKV * batch
+
+    def run_dense():
+        ops.decode(out, q, cache, table, lens, po, pl, signs, scale, BITS, dense.GROUP,
+                   dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
+
+    ms = timer(run_dense)
+    rows.append(dict(impl="bitdecode", kind="dense", kv=f"int{BITS}", ms=ms,
+                     bytes=context * per_token, num_splits=splits))
+    keys = torch.zeros(batch * context * dense.HKV, dtype=torch.int32, device="cuda")
+    offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
+    for budget in budgets:
+        positions = torch.empty(batch, dense.HKV, budget, dtype=torch.int32, device="cuda")
+        counts = torch.empty(batch, dtype=torch.int32, device="cuda")
+
+        def run_select(positions=positions, counts=counts):
+            ops.select_topk(positions, counts, keys, offsets, q, cache, table, lens, signs,
+                            scale, BITS, dense.GROUP, dense.BLOCK, 0, False)
+
+        ms = timer(run_select)
+        rows.append(dict(impl="bitdecode", kind="select", kv=f"int{BITS}", budget=budget,
+                         ms=ms, bytes=context * per_token))
+        positions.copy_(random_selection(batch, dense.HKV, context, budget, gen))
+        counts.fill_(budget)
+
+        def run_sparse(positions=positions, counts=counts):
+            ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl, signs,
+                              scale, BITS, dense.GROUP, dense.BLOCK, splits,
+                              MIN_TILES_PER_SPLIT, False)
+
+        ms = timer(run_sparse)
+        rows.append(dict(impl="bitdecode", kind="sparse", kv=f"int{BITS}", budget=budget,
+                         ms=ms, bytes=budget * per_token, num_splits=splits))
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The issue's two kernel ratios for one (batch, context)."""
+    fa3 = next(r["ms"] for r in rows if r["impl"] == "fa3")
+    dense_ms = next(r["ms"] for r in rows if r["impl"] == "bitdecode" and r["kind"] == "dense")
+    out = {}
+    for r in rows:
+        if r["kind"] == "sparse":
+            out[f"sparse_k{r['budget']}_vs_fa3_bf16"] = fa3 / r["ms"]
+            out[f"sparse_k{r['budget']}_vs_dense_int{BITS}"] = dense_ms / r["ms"]
+        elif r["kind"] == "select":
+            out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = (
+                (dense_ms + r["ms"]) / dense_ms)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--contexts", default="32768,131072")
+    ap.add_argument("--budgets", default="256,2048")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    timer = dense.Timer(args.reps)
+    gen = torch.Generator().manual_seed(0)
+    gpu = torch.cuda.get_device_name()
+    budgets = [int(b) for b in args.budgets.split(",")]
+    cases = []
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            rows = bench_cases(batch, context, budgets, timer, gen)
+            for r in rows:
+                r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6)
+                print(f"B={batch:<3} L={context:<7} {_label(r):<24} {r['kv']:<5} "
+                      f"{r['ms']:8.4f} ms {r['gbps']:7.0f} GB/s", flush=True)
+            summary = summarize(rows)
+            print("   " + ", ".join(f"{k} x{v:.2f}" for k, v in summary.items()), flush=True)
+            cases.append(dict(batch=batch, context=context, records=rows, summary=summary))
+            torch.cuda.empty_cache()
+    doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=git_commit(),
+               heads=dict(q=dense.HQ, kv=dense.HKV, d=dense.D), block_size=dense.BLOCK,
+               group_size=dense.GROUP, bits=BITS,
+               targets=dict(sparse_k2048_128k_vs_fa3_bf16=TARGET_SPARSE_VS_FA3,
+                            selection_layer_vs_dense=TARGET_SELECT_LAYER_VS_DENSE),
+               cases=cases)
+    out = Path(args.out or f"benchmarks/results/sparse_{gpu_slug(gpu)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    plot(doc, out.with_suffix(".png"))
+
+
+def _label(r: dict) -> str:
+    return f"{r['impl']} {r['kind']}" + (f" k={r['budget']}" if "budget" in r else "")
+
+
+def plot(doc: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = doc["cases"]
+    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 3, 4))
+    labels = list(dict.fromkeys(_label(r) for case in cases for r in case["records"]))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        ys = []
+        for case in cases:
+            ms = [r["ms"] for r in case["records"] if _label(r) == label]
+            ys.append(ms[0] if ms else 0.0)
+        ax.bar([c + i * width for c in range(len(cases))], ys, width, label=label)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
+    ax.set_xticklabels([f"B={c['batch']}, {c['context'] // 1024}K" for c in cases])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per layer call")
+    ax.legend(fontsize=8)
+    ax.set_title(f"sparse decode (4-bit pages), 32/8 heads, d=128 - {doc['device']} "
+                 f"({doc['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

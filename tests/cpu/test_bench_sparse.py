@@ -1,0 +1,57 @@
+"""CPU checks of benchmarks/bench_sparse.py: the random selections it times, the ratios
+it reports against issue #6's targets, and its plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+_spec = importlib.util.spec_from_file_location("bench_sparse",
+                                               ROOT / "benchmarks" / "bench_sparse.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+@pytest.mark.parametrize(("context", "budget"), [(1, 1), (50, 1), (50, 50), (1000, 256)])
+def test_selections_are_what_select_topk_writes(context, budget):
+    sel = bench.random_selection(3, 2, context, budget, torch.Generator().manual_seed(0))
+    assert sel.shape == (3, 2, budget) and sel.dtype == torch.int32
+    for row in sel.flatten(0, 1):
+        assert row[-1] == context - 1  # the newest position is always kept
+        assert (row[1:] > row[:-1]).all()  # ascending, distinct
+        assert row.min() >= 0
+    if 1 < budget < context:  # heads differ: a random choice, not a fixed pattern
+        assert not torch.equal(sel[0, 0], sel[0, 1])
+
+
+def test_a_budget_past_the_context_is_refused():
+    with pytest.raises(ValueError, match="budget 9 must be in"):
+        bench.random_selection(1, 1, 8, 9, torch.Generator())
+
+
+def _rows():
+    return [dict(impl="fa3", kind="dense", kv="bf16", ms=2.0),
+            dict(impl="bitdecode", kind="dense", kv="int4", ms=0.5),
+            dict(impl="bitdecode", kind="select", kv="int4", budget=2048, ms=0.1),
+            dict(impl="bitdecode", kind="sparse", kv="int4", budget=2048, ms=0.08)]
+
+
+def test_summary_ratios():
+    s = bench.summarize(_rows())
+    assert s["sparse_k2048_vs_fa3_bf16"] == pytest.approx(25.0)
+    assert s["sparse_k2048_vs_dense_int4"] == pytest.approx(6.25)
+    assert s["selection_layer_k2048_vs_dense_int4"] == pytest.approx(1.2)
+
+
+def test_plot_writes_a_png(tmp_path):
+    doc = dict(device="test", date="2026-11-30",
+               cases=[dict(batch=1, context=32768, records=_rows()),
+                      dict(batch=8, context=131072, records=_rows())])
+    bench.plot(doc, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
