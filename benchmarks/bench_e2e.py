@@ -1,4 +1,5 @@
-"""End to end in vLLM: FLASH_ATTN bf16 / fp8, TURBOQUANT 4-bit, BITDECODE 4 / 2-bit, one run.
+"""End to end in vLLM: FLASH_ATTN bf16 / fp8, TURBOQUANT 4-bit, BITDECODE 4 / 2-bit and
+4-bit with sparse decode (issue #6, k = 2048), one run.
 
 Llama-3-8B shape with dummy weights (32 layers, 32/8 heads, d=128, vocab 128256). One
 engine per backend, in its own subprocess (vllm_bitdecode.testing), with CUDA graphs and
@@ -59,6 +60,7 @@ B1_CONTEXT = 128 * 1024 - 512  # 130,560: room for the decode steps within 131,0
 B8_CONTEXT = 32 * 1024
 CAPACITY_CONTEXT = 32 * 1024
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256]
+SPARSE_BUDGET = 2048
 
 # key -> (record backend, record kv, spec entries). A spec backend of None lets vLLM
 # choose (TURBOQUANT is chosen for the quantized layers by the turboquant kv dtype, and
@@ -70,6 +72,11 @@ BACKENDS: dict[str, tuple[str, str, dict[str, Any]]] = {
                        {"backend": None, "kv_cache_dtype": "turboquant_4bit_nc"}),
     "BITDECODE:int4": ("BITDECODE", "int4", {"backend": "BITDECODE", "bitdecode": {"bits": 4}}),
     "BITDECODE:int2": ("BITDECODE", "int2", {"backend": "BITDECODE", "bitdecode": {"bits": 2}}),
+    # issue #6: TidalDecode-style sparse decode over 4-bit pages, 2048 positions kept
+    "BITDECODE:int4-sparse": ("BITDECODE", "int4-sparse",
+                              {"backend": "BITDECODE", "bitdecode": {
+                                  "bits": 4, "sparse": {"enabled": True,
+                                                        "token_budget": SPARSE_BUDGET}}}),
 }
 CASES = ("decode_b1_128k", "decode_b8_32k", "capacity_32k", "throughput")
 RECORD_KEYS = ("backend", "kv", "case", "batch", "context", "ms_per_step", "tokens_per_s",
@@ -87,6 +94,8 @@ TARGETS = [
      "vs_bf16", ">=", 6.5),
     ("throughput, 4-bit: >= 2.5x bf16", "BITDECODE:int4", "throughput", "vs_bf16", ">=", 2.5),
     ("throughput, 4-bit: >= 1.5x fp8", "BITDECODE:int4", "throughput", "vs_fp8", ">=", 1.5),
+    ("decode B=1 128K, sparse k=2048: >= 1.5x dense 4-bit", "BITDECODE:int4-sparse",
+     "decode_b1_128k", "vs_int4", ">=", 1.5),
 ]
 
 
@@ -195,11 +204,12 @@ def _decode_shape(case: str, res: dict[str, Any]) -> tuple[int, int]:
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
-    """vs_bf16 / vs_fp8: tokens/s ratio (decode, throughput) or KV tokens ratio
-    (capacity) against FLASH_ATTN bf16 / fp8 of the same case."""
+    """vs_bf16 / vs_fp8 / vs_int4: tokens/s ratio (decode, throughput) or KV tokens ratio
+    (capacity) against FLASH_ATTN bf16 / fp8 and dense BITDECODE 4-bit of the same case."""
     base = {(r["key"], r["case"]): r for r in records if not r.get("skipped")}
     for r in records:
-        for ref_key, field in (("FLASH_ATTN:bf16", "vs_bf16"), ("FLASH_ATTN:fp8", "vs_fp8")):
+        for ref_key, field in (("FLASH_ATTN:bf16", "vs_bf16"), ("FLASH_ATTN:fp8", "vs_fp8"),
+                               ("BITDECODE:int4", "vs_int4")):
             ref = base.get((ref_key, r["case"]))
             r[field] = None
             if r.get("skipped") or ref is None:

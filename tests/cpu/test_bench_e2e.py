@@ -27,7 +27,9 @@ def bench():
 def test_resolve_backends(bench):
     assert bench.resolve_backends("all") == list(bench.BACKENDS)
     assert bench.resolve_backends("int4, bf16") == ["FLASH_ATTN:bf16", "BITDECODE:int4"]
-    assert bench.resolve_backends("BITDECODE") == ["BITDECODE:int4", "BITDECODE:int2"]
+    assert bench.resolve_backends("BITDECODE") == ["BITDECODE:int4", "BITDECODE:int2",
+                                                   "BITDECODE:int4-sparse"]
+    assert bench.resolve_backends("int4-sparse") == ["BITDECODE:int4-sparse"]
     assert bench.resolve_backends("tq4,flash_attn:fp8") == ["FLASH_ATTN:fp8", "TURBOQUANT:tq4"]
     with pytest.raises(ValueError, match="unknown backend"):
         bench.resolve_backends("int3")
@@ -134,6 +136,17 @@ def test_records_ratios_targets_and_merge(bench):
     assert targets["decode B=8 32K, 4-bit: >= 2.0x bf16 tokens/s"]["met"] is True
     assert targets["throughput, 4-bit: >= 2.5x bf16"]["met"] is True
     assert targets["KV capacity, 2-bit: >= 6.5x bf16 tokens"]["met"] is None
+    assert targets["decode B=1 128K, sparse k=2048: >= 1.5x dense 4-bit"]["met"] is None
+    # sparse decode's step against dense 4-bit (issue #6): 6.9 / 4.0 ms per step
+    sparse = bench.records_from_result("BITDECODE:int4-sparse", ["decode_b1_128k"],
+                                       _fake_result(4.0, 9.0, 1_671_984, 26_000))
+    with_sparse = bench.merge_records(json.loads(json.dumps(recs)), sparse)
+    bench.add_ratios(with_sparse)
+    s = {(r["key"], r["case"]): r for r in with_sparse}[("BITDECODE:int4-sparse",
+                                                        "decode_b1_128k")]
+    assert s["vs_int4"] == pytest.approx(6.9 / 4.0) and s["kv"] == "int4-sparse"
+    targets = {t["target"]: t for t in bench.check_targets(with_sparse)}
+    assert targets["decode B=1 128K, sparse k=2048: >= 1.5x dense 4-bit"]["met"] is True
     # a later run of one backend replaces only its records
     again = bench.records_from_result("BITDECODE:int4", ["decode_b1_128k"],
                                       _fake_result(6.5, 9.0, 1_671_984, 26_000))
