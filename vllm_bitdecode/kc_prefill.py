@@ -114,6 +114,21 @@ def _cu(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(([0], np.cumsum(x))).astype(np.int32))
 
 
+def _request_pages(query_start_loc: Sequence[int], seq_lens: Sequence[int],
+                   rows: Sequence[int], block_size: int) -> tuple[np.ndarray, ...]:
+    """Per request of ``rows``: its query length, context length, first position of the
+    step, first page of the step, pages its queries touch (its segments) and its pages in
+    all (its workspace pages)."""
+    bs = block_size
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    idx = np.asarray(rows, dtype=np.int64)
+    qlen = qsl[idx + 1] - qsl[idx]
+    n = np.asarray(seq_lens, dtype=np.int64)[idx]
+    start = n - qlen
+    first_page = start // bs
+    return qlen, n, start, first_page, (n - 1) // bs - first_page + 1, -(-n // bs)
+
+
 def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
                     rows: Sequence[int], block_size: int,
                     group_pages: int | None = None) -> KCPrefillPlan:
@@ -125,15 +140,10 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
     gp = group_pages if group_pages is not None else max(1, 128 // bs)
     if gp < 1:
         raise ValueError(f"group_pages must be >= 1, got {gp}")
-    qsl = np.asarray(query_start_loc, dtype=np.int64)
-    idx = np.asarray(rows, dtype=np.int64)
-    qlen = qsl[idx + 1] - qsl[idx]
-    n = np.asarray(seq_lens, dtype=np.int64)[idx]
-    start = n - qlen
-    first_page, last_page = start // bs, (n - 1) // bs
-    pages_per_req = last_page - first_page + 1
+    qlen, n, start, first_page, pages_per_req, ws_blocks_per_req = _request_pages(
+        query_start_loc, seq_lens, rows, bs)
     seg_first = _exclusive_cumsum(pages_per_req)  # first segment of each request
-    seg_req = np.repeat(np.arange(len(idx)), pages_per_req)
+    seg_req = np.repeat(np.arange(len(n)), pages_per_req)
     num_seg = len(seg_req)
     rank = np.arange(num_seg) - np.repeat(seg_first, pages_per_req)
     page = first_page[seg_req] + rank  # each segment's page
@@ -149,7 +159,6 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
     grp_q = np.add.reduceat(q_count, grp_first) if num_seg else q_count
     g0 = group_start[grp_first]
     closed = g0 * bs
-    ws_blocks_per_req = -(-n // bs)
     ws_start = _exclusive_cumsum(ws_blocks_per_req)
     ws_blocks = int(ws_blocks_per_req.sum())
     grp_req = seg_req[grp_first]
@@ -212,12 +221,8 @@ def pool_rows_per_request(query_start_loc: Sequence[int], seq_lens: Sequence[int
     """Rows of ``run_kc_prefill``'s pool that each request of ``rows`` takes, as
     ``plan_kc_prefill`` lays it out: its pages dequantized, then a scratch page per page
     that its queries of this step touch."""
-    bs = block_size
-    qsl = np.asarray(query_start_loc, dtype=np.int64)
-    idx = np.asarray(rows, dtype=np.int64)
-    n = np.asarray(seq_lens, dtype=np.int64)[idx]
-    start = n - (qsl[idx + 1] - qsl[idx])
-    return ((-(-n // bs) + (n - 1) // bs - start // bs + 1) * bs).tolist()
+    *_, segments, ws_blocks = _request_pages(query_start_loc, seq_lens, rows, block_size)
+    return ((ws_blocks + segments) * block_size).tolist()
 
 
 def workspace_rows(max_model_len: int, max_num_batched_tokens: int, block_size: int) -> int:

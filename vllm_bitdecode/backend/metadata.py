@@ -124,24 +124,20 @@ def build_prefill_groups(
     """The groups of :func:`group_prefills` with their offsets, sent to the device in
     one copy."""
     runs = group_prefills(seq_lens_cpu.tolist(), capacity)
-    offsets = []  # per run: query starts then KV starts, each from the run's first row
+    host = []  # per run: query starts and KV starts, each from the run's first row
     for b, e in runs:
         kv = torch.zeros(e - b + 1, dtype=torch.int32)
         torch.cumsum(seq_lens_cpu[b:e], 0, out=kv[1:])
-        offsets += [query_start_loc_cpu[b : e + 1] - query_start_loc_cpu[b], kv]
-    flat = torch.cat(offsets).to(torch.int32).to(device, non_blocking=True)
-    groups, at = [], 0
-    for b, e in runs:
-        n = e - b + 1
-        qsl, kv = flat[at : at + n], flat[at + n : at + 2 * n]
-        qsl_cpu, kv_cpu = offsets[len(groups) * 2], offsets[len(groups) * 2 + 1]
-        at += 2 * n
+        host.append((query_start_loc_cpu[b : e + 1] - query_start_loc_cpu[b], kv))
+    flat = torch.cat([t for pair in host for t in pair]).to(torch.int32)
+    dev = flat.to(device, non_blocking=True).split([len(t) for pair in host for t in pair])
+    groups = []
+    for i, ((b, e), (qsl, kv)) in enumerate(zip(runs, host, strict=True)):
         groups.append(PrefillGroup(
             token_begin=int(query_start_loc_cpu[b]), token_end=int(query_start_loc_cpu[e]),
-            query_start_loc=qsl, kv_start_loc=kv, seq_lens=seq_lens[b:e],
-            block_table=block_table[b:e],
-            max_query_len=int((qsl_cpu[1:] - qsl_cpu[:-1]).max()),
-            max_seq_len=int(seq_lens_cpu[b:e].max()), total_kv_tokens=int(kv_cpu[-1])))
+            query_start_loc=dev[2 * i], kv_start_loc=dev[2 * i + 1], seq_lens=seq_lens[b:e],
+            block_table=block_table[b:e], max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+            max_seq_len=int(seq_lens_cpu[b:e].max()), total_kv_tokens=int(kv[-1])))
     return groups
 
 
