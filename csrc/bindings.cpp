@@ -33,10 +33,12 @@ TORCH_LIBRARY(bitdecode, m) {
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
       "int min_tiles_per_split) -> ()");
   m.def(
-      "select_topk(Tensor(a!) sel_positions, Tensor(b!) sel_count, Tensor(c!) keys, "
-      "Tensor key_offsets, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
+      "decode_select(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, "
+      "Tensor seq_lens, Tensor(b!) partial_out, Tensor(c!) partial_lse, "
       "Tensor? rotation_signs, float softmax_scale, int bits, int group_size, int block_size, "
-      "int min_seq_len, bool shared_selection) -> ()");
+      "int num_splits, int min_tiles_per_split, Tensor(d!) sel_positions, "
+      "Tensor(e!) sel_count, Tensor(f!) keys, Tensor key_offsets, int min_seq_len, "
+      "bool shared_selection) -> ()");
   m.def(
       "write_tokens_kc(Tensor key, Tensor value, Tensor slot_mapping, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor row_slot, Tensor(a!) cache, Tensor(b!) residual, int bits, "
@@ -53,7 +55,7 @@ TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {
   m.impl("decode", &bitdecode::decode);
   m.impl("decode_sparse", &bitdecode::decode_sparse);
   m.impl("decode_kc", &bitdecode::decode_kc);
-  m.impl("select_topk", &bitdecode::select_topk);
+  m.impl("decode_select", &bitdecode::decode_select);
   m.impl("write_tokens_kc", &bitdecode::write_tokens_kc);
   m.impl("decode_ctas_per_sm", &bitdecode::decode_ctas_per_sm);
 }

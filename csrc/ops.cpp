@@ -178,10 +178,8 @@ void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
   check_same_device(seq_lens, "seq_lens", q);
 }
 
-// The pointers and strides of what check_decode_inputs checked, into DecodeParams or
-// SelectParams.
-template <typename Params>
-void set_decode_inputs(Params& p, const at::Tensor& q, const at::Tensor& cache,
+// The pointers and strides of what check_decode_inputs checked, into DecodeParams.
+void set_decode_inputs(DecodeParams& p, const at::Tensor& q, const at::Tensor& cache,
                        const at::Tensor& block_table, const at::Tensor& seq_lens) {
   p.q = q.data_ptr();
   p.q_stride_token = q.stride(0), p.q_stride_head = q.stride(1);
@@ -447,14 +445,18 @@ void decode_kc(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& keys,
-                 const at::Tensor& key_offsets, const at::Tensor& q, const at::Tensor& cache,
-                 const at::Tensor& block_table, const at::Tensor& seq_lens,
-                 const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
-                 int64_t bits, int64_t group_size, int64_t block_size, int64_t min_seq_len,
-                 bool shared_selection) {
+void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                   at::Tensor& partial_out, at::Tensor& partial_lse,
+                   const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
+                   int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
+                   int64_t min_tiles_per_split, at::Tensor& sel_positions,
+                   at::Tensor& sel_count, at::Tensor& keys, const at::Tensor& key_offsets,
+                   int64_t min_seq_len, bool shared_selection) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  check_decode_inputs(q, cache, block_table, seq_lens, g);
+  DecodeParams p =
+      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
+                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
   const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
               "bitdecode: seq_lens must be a contiguous vector");
@@ -475,8 +477,8 @@ void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& k
               "sequence");
   TORCH_CHECK(keys.is_cuda() && keys.scalar_type() == at::kInt && keys.is_contiguous() &&
                   keys.numel() % sel_heads == 0,
-              "bitdecode: keys must be a contiguous CUDA int32 workspace of capacity x ",
-              sel_heads, " entries");
+              "bitdecode: keys must be a contiguous CUDA int32 workspace of ", sel_heads,
+              " x capacity entries");
   TORCH_CHECK(key_offsets.is_cuda() && key_offsets.scalar_type() == at::kLong &&
                   key_offsets.dim() == 1 && key_offsets.stride(0) == 1 &&
                   key_offsets.size(0) >= num_seqs,
@@ -484,36 +486,36 @@ void select_topk(at::Tensor& sel_positions, at::Tensor& sel_count, at::Tensor& k
               "per sequence");
   TORCH_CHECK(min_seq_len >= 0 && min_seq_len <= INT32_MAX,
               "bitdecode: min_seq_len must be >= 0, got ", min_seq_len);
-  const int64_t max_tokens = block_table.size(1) * block_size;
-  TORCH_CHECK(max_tokens <= INT32_MAX, "bitdecode: the block table addresses too many tokens");
   check_same_device(sel_positions, "sel_positions", q);
   check_same_device(sel_count, "sel_count", q);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
 
-  SelectParams p{};
-  set_decode_inputs(p, q, cache, block_table, seq_lens);
+  auto* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  const int64_t capacity = keys.numel() / sel_heads;
+  p.sel_keys = key_data;
   p.key_offsets = key_offsets.data_ptr<int64_t>();
-  p.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-  p.key_capacity = keys.numel() / sel_heads;
-  p.sel_positions = sel_positions.data_ptr<int32_t>();
-  p.sel_stride_seq = sel_positions.stride(0), p.sel_stride_head = sel_positions.stride(1);
-  p.sel_count = sel_count.data_ptr<int32_t>();
-  p.sel_budget = static_cast<int>(sel_positions.size(2));
-  p.rotation_signs = signs_ptr(rotation_signs);
-  p.softmax_scale = static_cast<float>(softmax_scale);
-  p.num_seqs = static_cast<int>(num_seqs);
-  p.num_heads = static_cast<int>(q.size(1));
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.min_seq_len = static_cast<int>(min_seq_len);
-  p.max_tokens = static_cast<int>(max_tokens);
-  p.shared = shared_selection;
-  p.page = g;
+  p.key_capacity = capacity;
+  p.sel_min_seq_len = static_cast<int>(min_seq_len);
+  p.sel_shared = shared_selection;
+
+  SelectParams sp{};
+  sp.seq_lens = seq_lens.data_ptr<int32_t>();
+  sp.key_offsets = p.key_offsets;
+  sp.keys = key_data;
+  sp.key_capacity = capacity;
+  sp.sel_positions = sel_positions.data_ptr<int32_t>();
+  sp.sel_stride_seq = sel_positions.stride(0), sp.sel_stride_head = sel_positions.stride(1);
+  sp.sel_count = sel_count.data_ptr<int32_t>();
+  sp.sel_budget = static_cast<int>(sel_positions.size(2));
+  sp.num_seqs = static_cast<int>(num_seqs);
+  sp.min_seq_len = p.sel_min_seq_len;
+  sp.shared = shared_selection;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
-                     launch_select<T, kBits, kGroup>(p, stream);)
+                     launch_decode_select<T, kBits, kGroup>(p, sp, stream);)
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

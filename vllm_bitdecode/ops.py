@@ -49,10 +49,11 @@ def _decode_sparse_fake(out, q, cache, block_table, seq_lens, sel_positions, sel
     return None
 
 
-@torch.library.register_fake("bitdecode::select_topk")
-def _select_topk_fake(sel_positions, sel_count, keys, key_offsets, q, cache, block_table,
-                      seq_lens, rotation_signs, softmax_scale, bits, group_size, block_size,
-                      min_seq_len, shared_selection):
+@torch.library.register_fake("bitdecode::decode_select")
+def _decode_select_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
+                        rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
+                        min_tiles_per_split, sel_positions, sel_count, keys, key_offsets,
+                        min_seq_len, shared_selection):
     return None
 
 
@@ -114,39 +115,48 @@ def decode_sparse(
     )
 
 
-def select_topk(
-    sel_positions: torch.Tensor,  # [num_seqs, num_kv_heads (1 if shared), token_budget] int32
-    sel_count: torch.Tensor,  # [num_seqs] int32; written
-    keys: torch.Tensor,  # [capacity * (num_kv_heads or 1)] int32 workspace, zeros at first
-    key_offsets: torch.Tensor,  # [num_seqs] int64: the row's first workspace token
+def decode_select(
+    out: torch.Tensor,  # [num_seqs, num_heads, 128], model dtype; written
     q: torch.Tensor,  # [num_seqs, num_heads, 128], one decode token per sequence
     cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8
     block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32, 0 = padding row
+    partial_out: torch.Tensor,  # split-K workspace as for decode (unused if num_splits == 1)
+    partial_lse: torch.Tensor,
     rotation_signs: torch.Tensor | None,
     softmax_scale: float,
     bits: int,
     group_size: int,
     block_size: int,
+    num_splits: int,
+    min_tiles_per_split: int,
+    sel_positions: torch.Tensor,  # [num_seqs, num_kv_heads (1 if shared), token_budget] int32
+    sel_count: torch.Tensor,  # [num_seqs] int32; written
+    keys: torch.Tensor,  # [(num_kv_heads or 1) * capacity] int32 workspace, zeros at first
+    key_offsets: torch.Tensor,  # [num_seqs] int64: the row's first workspace token
     min_seq_len: int,
     shared_selection: bool,
 ) -> None:
-    """The selection layer's top-k (docs/sparse-mode-design.md): ``reference_sparse.select``
-    with the ``"max_logit"`` aggregate, on the GPU, writing what ``decode_sparse`` reads.
+    """A selection layer (docs/sparse-mode-design.md): ``decode``, which writes ``out``
+    exactly as ``decode`` does, and from the same logits ``reference_sparse.select`` with
+    the ``"max_logit"`` aggregate, writing what ``decode_sparse`` reads.
 
     Row ``r`` keeps its newest position and the ``token_budget - 1`` older positions of the
-    highest ``softmax_scale * <q, k>`` (maximum over the query heads of the KV head, or of
-    all heads with ``shared_selection``), ascending; ties go to the lower position. Rows
-    shorter than ``min_seq_len``, and rows whose ``key_offsets[r] + seq_lens[r]`` passes
-    the workspace's capacity, get ``DENSE_ROW`` (-1); padding rows 0; unused position
-    slots -1. The workspace holds one 32-bit key per token of the step's rows (and per KV
-    head without ``shared_selection``): rows that share prefix pages have different
-    queries, so it is indexed by row offset and position, not by physical slot.
+    highest scaled logit (maximum over the query heads of the KV head, or of all heads
+    with ``shared_selection``), ascending; ties go to the lower position. The logits are
+    the attention's own: Q rotated like K and rounded to the model dtype. Rows shorter
+    than ``min_seq_len``, and rows whose ``key_offsets[r] + seq_lens[r]`` passes the
+    workspace's capacity, get ``DENSE_ROW`` (-1); padding rows 0; unused position slots
+    -1. The workspace holds one 32-bit key per token of the step's rows, per KV head
+    without ``shared_selection`` (head-major: ``keys[h * capacity + offset + position]``):
+    rows that share prefix pages have different queries, so it is indexed by row offset
+    and position, not by physical slot. With ``shared_selection`` the heads combine with
+    atomicMax and the kernel returns the keys it used to zero.
     """
-    torch.ops.bitdecode.select_topk(
-        sel_positions, sel_count, keys, key_offsets, q, cache, block_table, seq_lens,
-        rotation_signs, softmax_scale, bits, group_size, block_size, min_seq_len,
-        shared_selection,
+    torch.ops.bitdecode.decode_select(
+        out, q, cache, block_table, seq_lens, partial_out, partial_lse, rotation_signs,
+        softmax_scale, bits, group_size, block_size, num_splits, min_tiles_per_split,
+        sel_positions, sel_count, keys, key_offsets, min_seq_len, shared_selection,
     )
 
 

@@ -84,6 +84,13 @@ def _query(q_row: torch.Tensor, rotate_k: bool) -> torch.Tensor:
     return ref.rotate(q_row) if rotate_k else q_row.float()
 
 
+def _selection_query(q_row: torch.Tensor, rotate_k: bool) -> torch.Tensor:
+    """The query as the selection layer's attention sees it: rotated like K, then rounded
+    to the model dtype (the decode kernel's MMA operand), in float32. The selection ranks
+    the logits that layer's attention used."""
+    return _query(q_row, rotate_k).to(q_row.dtype).float()
+
+
 # ---- selection --------------------------------------------------------------------------
 def logits(qf: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Scaled logits of every query head at every position: [num_heads, n] float32.
@@ -168,7 +175,8 @@ def select(
             out.counts[i] = DENSE_ROW
             continue
         k, _ = _read_sequence(cache, block_table[i], n, fmt, q.dtype)
-        scores = aggregate(logits(_query(q[i], rotate_k), k, scale), num_kv_heads, shared, how)
+        scores = aggregate(logits(_selection_query(q[i], rotate_k), k, scale), num_kv_heads,
+                           shared, how)
         pos = top_k_positions(scores, token_budget)
         out.positions[i, :, : pos.shape[1]] = pos.to(torch.int32)
         out.counts[i] = pos.shape[1]

@@ -23,7 +23,8 @@ template void launch_dequantize_kc<{t}, {bits}, {group}>(const DequantizeParams&
 template void launch_decode<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<{t}, {bits}, {group}>(int, bool);
-template void launch_select<{t}, {bits}, {group}>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<{t}, {bits}, {group}>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<{t}, {bits}, {group}>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 """

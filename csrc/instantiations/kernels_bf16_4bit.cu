@@ -9,7 +9,8 @@ template void launch_dequantize_kc<__nv_bfloat16, 4, 32>(const DequantizeParams&
 template void launch_decode<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 32>(int, bool);
-template void launch_select<__nv_bfloat16, 4, 32>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<__nv_bfloat16, 4, 32>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 32>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 
@@ -19,7 +20,8 @@ template void launch_dequantize_kc<__nv_bfloat16, 4, 64>(const DequantizeParams&
 template void launch_decode<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 64>(int, bool);
-template void launch_select<__nv_bfloat16, 4, 64>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<__nv_bfloat16, 4, 64>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 64>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 
@@ -29,7 +31,8 @@ template void launch_dequantize_kc<__nv_bfloat16, 4, 128>(const DequantizeParams
 template void launch_decode<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__nv_bfloat16, 4, 128>(int, bool);
-template void launch_select<__nv_bfloat16, 4, 128>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<__nv_bfloat16, 4, 128>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 128>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 }  // namespace bitdecode

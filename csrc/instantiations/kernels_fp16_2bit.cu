@@ -9,7 +9,8 @@ template void launch_dequantize_kc<__half, 2, 32>(const DequantizeParams&, cudaS
 template void launch_decode<__half, 2, 32>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__half, 2, 32>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__half, 2, 32>(int, bool);
-template void launch_select<__half, 2, 32>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<__half, 2, 32>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<__half, 2, 32>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<__half, 2, 32>(const DecodeParams&, cudaStream_t);
 
@@ -19,7 +20,8 @@ template void launch_dequantize_kc<__half, 2, 64>(const DequantizeParams&, cudaS
 template void launch_decode<__half, 2, 64>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__half, 2, 64>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__half, 2, 64>(int, bool);
-template void launch_select<__half, 2, 64>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<__half, 2, 64>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<__half, 2, 64>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<__half, 2, 64>(const DecodeParams&, cudaStream_t);
 
@@ -29,7 +31,8 @@ template void launch_dequantize_kc<__half, 2, 128>(const DequantizeParams&, cuda
 template void launch_decode<__half, 2, 128>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__half, 2, 128>(const DecodeParams&, cudaStream_t);
 template int decode_ctas_per_sm<__half, 2, 128>(int, bool);
-template void launch_select<__half, 2, 128>(const SelectParams&, cudaStream_t);
+template void launch_decode_select<__half, 2, 128>(const DecodeParams&,
+                                                        const SelectParams&, cudaStream_t);
 template void launch_kc_write<__half, 2, 128>(const KCWriteParams&, cudaStream_t);
 template void launch_decode_kc<__half, 2, 128>(const DecodeParams&, cudaStream_t);
 }  // namespace bitdecode

@@ -51,8 +51,9 @@ def _ptxas_report(source: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path):
     report = _ptxas_report(ROOT / "csrc" / "instantiations" / "kernels_bf16_4bit.cu", tmp_path)
-    # decode_kernel<T, HEAD, BITS, GROUP, HEAD_TILES, SPARSE, KC>
-    shape = re.compile(r"decode_kernelI\w+?Li128ELi(\d)ELi(\d+)ELi(\d)ELb(\d)ELb(\d)E")
+    # decode_kernel<T, HEAD, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>
+    shape = re.compile(
+        r"decode_kernelI\w+?Li128ELi(\d)ELi(\d+)ELi(\d)ELb(\d)ELb(\d)ELb(\d)E")
     checked = 0
     for name, (regs, spill) in report.items():
         m = shape.search(name)
@@ -60,9 +61,16 @@ def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path):
             continue
         group = int(m.group(2))
         ctas = 4 if group >= 64 else 3
-        what = f"group {group}, sparse {m.group(4)}, channel K {m.group(5)}"
+        what = (f"group {group}, sparse {m.group(4)}, channel K {m.group(5)}, "
+                f"selection {m.group(6)}")
         allocated = -(-regs // 8) * 8  # per thread, in the allocation's units of 8
         assert allocated * THREADS * ctas <= REGISTERS, f"{what}: {regs} registers"
-        assert spill == 0, f"{what}: {spill} bytes of spill stores"
+        # The selection layer's kernel (one or two layers of a model) may spill a little:
+        # at V group 64 it stores 12 bytes (2026-11-30, nvcc 13.0; 2 STL and 1 LDL in its
+        # step loop of about 1,200 instructions), cheaper than 3 CTAs per SM. The others,
+        # which every other layer runs, must not spill at all.
+        allowed = 16 if m.group(6) == "1" else 0
+        assert spill <= allowed, f"{what}: {spill} bytes of spill stores"
         checked += 1
-    assert checked == 9, report  # V groups 32 / 64 / 128 x per-token, sparse, channel K
+    # V groups 32 / 64 / 128 x per-token, sparse, channel K, selection
+    assert checked == 12, report

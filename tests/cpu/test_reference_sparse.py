@@ -268,7 +268,7 @@ def test_max_logit_is_tidaldecode_per_head_rule_without_gqa():
     k = 20
     sel = rs.select(q, cache, table, seq_lens, SCALE, fmt, True, token_budget=k)
     kk, _ = ref.read_blocks(cache, table[0, :9], 130, fmt, DTYPE)
-    lg = rs.logits(ref.rotate(q[0]), kk, SCALE)
+    lg = rs.logits(rs._selection_query(q[0], True), kk, SCALE)  # rotated, rounded
     for h in range(KV_HEADS):
         top = torch.topk(lg[h, :129], k - 1).indices.sort().values.tolist()
         assert sel.positions[0, h].tolist() == [*top, 129]

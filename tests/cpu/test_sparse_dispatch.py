@@ -1,8 +1,9 @@
 """Sparse mode's per-layer dispatch in BitDecodeAttentionImpl.forward, on the CPU.
 
 The kernels are replaced by recorders: what is checked is which op each layer calls with
-which buffers, from the layer plan (dense layers ``decode``; selection layers ``decode``
-then ``select_topk``; reuse layers ``decode_sparse``), and that without a sparse section
+which buffers, from the layer plan (dense layers ``decode``; selection layers
+``decode_select``, the dense decode that also writes the positions; reuse layers
+``decode_sparse``), and that without a sparse section
 every layer decodes densely. The kernels themselves are tested on the GPU
 (test_sparse_kernels.py, test_selection_kernel.py, test_sparse_e2e.py).
 """
@@ -30,7 +31,7 @@ def recorded(monkeypatch):
     from vllm_bitdecode.backend import impl as impl_mod
 
     calls: list[tuple[str, tuple]] = []
-    for name in ("decode", "decode_sparse", "select_topk"):
+    for name in ("decode", "decode_sparse", "decode_select"):
         monkeypatch.setattr(impl_mod.ops, name,
                             lambda *args, _n=name: calls.append((_n, args)))
     default = torch.get_default_dtype()
@@ -83,7 +84,7 @@ def test_each_layer_runs_the_op_of_its_role(recorded, shared):
     cfg = BitDecodeConfig.from_additional_config({"bitdecode": {"bits": 4, "sparse": {
         "enabled": True, "token_budget": BUDGET, "shared_selection": shared}}})
     per_layer, md = _run_layers(impl_mod, calls, cfg, sparse=True)
-    assert per_layer == [["decode"], ["decode"], ["decode", "select_topk"],
+    assert per_layer == [["decode"], ["decode"], ["decode_select"],
                          ["decode_sparse"], ["decode_sparse"], ["decode_sparse"]]
 
 
@@ -99,12 +100,12 @@ def test_selection_and_reuse_share_the_step_buffers(recorded):
         impl.forward(types.SimpleNamespace(layer_name=f"model.layers.{i}.self_attn.attn"), q,
                      q, q, torch.zeros(1, KV_HEADS, 8, dtype=torch.uint8), md,
                      output=torch.empty_like(q))
-    select = next(args for name, args in calls if name == "select_topk")
+    select = next(args for name, args in calls if name == "decode_select")
     sparse = next(args for name, args in calls if name == "decode_sparse")
     sp = md.sparse
-    assert select[0] is sp.sel_positions and select[1] is sp.sel_count
-    assert select[2] is sp.keys and select[3] is sp.key_offsets
-    assert select[13] == cfg.sparse.dense_below == 2 * BUDGET and select[14] is False
+    assert select[14] is sp.sel_positions and select[15] is sp.sel_count
+    assert select[16] is sp.keys and select[17] is sp.key_offsets
+    assert select[18] == cfg.sparse.dense_below == 2 * BUDGET and select[19] is False
     assert sparse[5] is sp.sel_positions and sparse[6] is sp.sel_count and sparse[-1] is False
 
 

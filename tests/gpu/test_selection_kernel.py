@@ -1,12 +1,15 @@
-"""Selection layer of sparse decode (issue #6): ``ops.select_topk`` against the CPU oracle.
+"""Selection layer of sparse decode (issue #6): ``ops.decode_select`` against the CPU oracle.
 
-``reference_sparse.select`` (aggregate ``"max_logit"``) ranks a row's older positions by
-the float32 logits of the dequantized pages; the kernel computes the same logits in
-another summation order. So counts must be equal, every row's positions ascending,
-distinct, within the sequence and ending with the newest, and the selected set equal to
-the reference's except for positions whose score is within rounding of the k-th best
-(a near-tie the two orders may break differently). Outputs are poisoned before every
-call; the key workspace is reused across calls, as the backend will reuse it.
+``decode_select`` is the dense decode that also ranks every token by its best logit over
+the KV head's query heads and keeps the top k. Its attention output must be bit for bit
+``decode``'s (same kernel, same arithmetic). Its selection is checked against
+``reference_sparse.select`` (aggregate ``"max_logit"``), which ranks the float32 logits
+of the dequantized pages; the kernel ranks the logits of its tensor-core products, the
+same up to rounding. So counts must be equal, every row's positions ascending, distinct,
+within the sequence and ending with the newest, and the selected set equal to the
+reference's except for positions whose score is within rounding of the k-th best (a
+near-tie the two may break differently). Outputs are poisoned before every call; the key
+workspace is reused across calls, as the backend reuses it.
 """
 
 from __future__ import annotations
@@ -14,8 +17,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.test_kernels import BAD_CALL_SETUP, DEV, _expect_clear_error, _fill_pages, _ops
+from tests.gpu.test_kernels import (
+    BAD_CALL_SETUP,
+    DEV,
+    _expect_clear_error,
+    _fill_pages,
+    _ops,
+    _run_decode,
+)
 from vllm_bitdecode import reference_sparse as rs
+from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
 
 pytestmark = pytest.mark.gpu
@@ -23,11 +34,17 @@ pytestmark = pytest.mark.gpu
 SCALE = 128**-0.5
 KV_HEADS = 2
 POISON = 12345
+SPLITS = 3  # several splits per row: each writes the keys of its own tiles
+# Near-tie tolerance, in logits: the kernel's products run on tensor cores (fp32 sums in
+# another order, K's zero folded in after the MMA), about 1e-5 from the float32 reference
+# here; a wrong selection differs by far more.
+NEAR_TIE = 2e-4
 
 
 def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
-         keys=None, capacity=None, offsets=None):
-    rows, sel_heads = q.shape[0], 1 if shared else cache.shape[1]
+         keys=None, capacity=None, offsets=None, check_output=True):
+    rows, hq, d = q.shape
+    sel_heads = 1 if shared else cache.shape[1]
     lens = torch.tensor(seq_lens, dtype=torch.int32)
     if offsets is None:
         offsets = torch.cumsum(lens.long(), 0) - lens.long()
@@ -36,17 +53,25 @@ def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
         keys = torch.zeros(max(cap, 1) * sel_heads, dtype=torch.int32, device=DEV)
     positions = torch.full((rows, sel_heads, budget), POISON, dtype=torch.int32, device=DEV)
     counts = torch.full((rows,), POISON, dtype=torch.int32, device=DEV)
+    out = torch.full((rows, hq, d), float("nan"), dtype=q.dtype, device=DEV)
+    partial_out = torch.full((SPLITS * rows * hq * d,), float("nan"), device=DEV)
+    partial_lse = torch.full((SPLITS * rows * hq,), float("nan"), device=DEV)
     signs = rotation_signs(fmt.head_size).to(DEV) if rotate else None
-    _ops().select_topk(positions, counts, keys, offsets.to(DEV), q.to(DEV), cache.to(DEV),
-                       table.to(DEV), lens.to(DEV), signs, SCALE, fmt.bits, fmt.group_size,
-                       fmt.block_size, min_seq_len, shared)
+    _ops().decode_select(out, q.to(DEV), cache.to(DEV), table.to(DEV), lens.to(DEV),
+                         partial_out, partial_lse, signs, SCALE, fmt.bits, fmt.group_size,
+                         fmt.block_size, SPLITS, MIN_TILES_PER_SPLIT, positions, counts, keys,
+                         offsets.to(DEV), min_seq_len, shared)
     torch.cuda.synchronize()
+    if check_output:  # the attention itself is decode's, bit for bit
+        dense = _run_decode(q, cache, table, seq_lens, fmt, rotate, SPLITS, SCALE)
+        assert torch.equal(out.cpu(), dense), "decode_select's output differs from decode's"
     return rs.Selection(positions.cpu(), counts.cpu()), keys
 
 
 def _scores(q, cache, table, n, fmt, rotate, shared, row):
     k, _ = rs._read_sequence(cache, table[row], n, fmt, q.dtype)
-    return rs.aggregate(rs.logits(rs._query(q[row], rotate), k, SCALE), cache.shape[1], shared)
+    return rs.aggregate(rs.logits(rs._selection_query(q[row], rotate), k, SCALE),
+                        cache.shape[1], shared)
 
 
 def _assert_matches(got, want, q, cache, table, seq_lens, fmt, rotate, shared):
@@ -68,7 +93,7 @@ def _assert_matches(got, want, q, cache, table, seq_lens, fmt, rotate, shared):
                 scores = _scores(q, cache, table, n, fmt, rotate, shared, i)
             s = scores[h, : n - 1]
             threshold = float(s.sort(descending=True).values[c - 2])
-            tol = 1e-4 * (1.0 + abs(threshold))
+            tol = NEAR_TIE * (1.0 + abs(threshold))
             for pos in set(g.tolist()) ^ set(w.tolist()):
                 assert abs(float(s[pos]) - threshold) <= tol, (
                     f"row {i} head {h}: position {pos} (score {float(s[pos]):.6g}) differs "
@@ -80,7 +105,7 @@ SEQ_LENS = [0, 5, 40, 3001, 2049, 700]  # padding, dense (short), all, three ran
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
-@pytest.mark.parametrize("gqa", [1, 4, 8])
+@pytest.mark.parametrize("gqa", [1, 4, 8, 12])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_select_matches_reference(dtype, bits, gqa, rotate, shared):
@@ -143,6 +168,36 @@ def test_rows_past_the_workspace_decode_densely():
                     table[:1], lens[:1], fmt, False, False)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_equal_scores_go_to_the_lowest_positions(shared):
+    """A zero query gives every token the same key: the kept older positions must be the
+    lowest ones, across the warps' shares (and a row start that is not 16-byte aligned)."""
+    gen = torch.Generator().manual_seed(11)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = [7, 5000, 40_001]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
+    q = torch.zeros(3, KV_HEADS * 4, 128, dtype=torch.bfloat16)
+    for budget in (300, 6000):
+        got, _ = _run(q, cache, table, lens, fmt, True, budget, 1, shared)
+        for i, n in enumerate(lens):
+            k = min(budget, n)
+            want = list(range(n)) if n <= budget else [*range(k - 1), n - 1]
+            for h in range(got.positions.shape[1]):
+                assert got.positions[i, h, :k].tolist() == want, (i, h, budget)
+
+
+def test_long_row_matches_reference():
+    """128K-scale rows: every warp of the top-k owns thousands of positions."""
+    gen = torch.Generator().manual_seed(12)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = [100_003, 65_537]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(2, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
+    want = rs.select(q, cache, table, torch.tensor(lens), SCALE, fmt, True, token_budget=2048)
+    got, _ = _run(q, cache, table, lens, fmt, True, 2048, 1, False)
+    _assert_matches(got, want, q, cache, table, lens, fmt, True, False)
+
+
 def test_selection_feeds_the_sparse_decode_kernel():
     """What a selection layer writes is what a reuse layer reads: decode_sparse over the
     kernel's selection equals the reference's sparse attention over the same selection."""
@@ -170,10 +225,10 @@ BAD_SELECT = BAD_CALL_SETUP + """pos = torch.zeros(1, 2, 8, dtype=torch.int32, d
 count = torch.zeros(1, dtype=torch.int32, device="cuda")
 keys = torch.zeros(64, dtype=torch.int32, device="cuda")
 offs = torch.zeros(1, dtype=torch.long, device="cuda")
-a = dict(pos=pos, count=count, keys=keys, offs=offs, shared=False, bits=4)
+a = dict(pos=pos, count=count, keys=keys, offs=offs, shared=False, bits=4, min_len=1)
 a.update({kwargs})
-o.select_topk(a["pos"], a["count"], a["keys"], a["offs"], q, cache, table, lens, None, 0.1,
-              a["bits"], 128, 16, 1, a["shared"])
+o.decode_select(out, q, cache, table, lens, ws, ws, None, 0.1, a["bits"], 128, 16, 1, 8,
+                a["pos"], a["count"], a["keys"], a["offs"], a["min_len"], a["shared"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -189,8 +244,8 @@ print("OK")
     ("keys=keys[:63]", "keys must be a contiguous CUDA int32 workspace"),
     ("keys=keys.float()", "keys must be a contiguous CUDA int32 workspace"),
     ("offs=offs.int()", "key_offsets must be a contiguous CUDA int64"),
+    ("min_len=-1", "min_seq_len must be >= 0"),
     ("bits=3", "bits must be 4 or 2"),
 ])
 def test_select_bad_arguments_raise_clear_errors(kwargs, message):
     _expect_clear_error(BAD_SELECT.format(kwargs=kwargs), message)
-

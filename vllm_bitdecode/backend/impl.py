@@ -171,19 +171,20 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     md.partial_lse, md.rotation_signs, self.scale, fmt.bits, fmt.group_size,
                     fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT, sp.shared,
                 )
+            elif role == config.SELECT:  # dense, and the positions for the reuse layers
+                ops.decode_select(
+                    output[:nd], query[:nd], kv_cache, md.decode_block_table,
+                    md.decode_seq_lens, md.partial_out, md.partial_lse, md.rotation_signs,
+                    self.scale, fmt.bits, fmt.group_size, fmt.block_size, md.num_splits,
+                    MIN_TILES_PER_SPLIT, sp.sel_positions, sp.sel_count, sp.keys,
+                    sp.key_offsets, sp.min_seq_len, sp.shared,
+                )
             else:
                 ops.decode(
                     output[:nd], query[:nd], kv_cache, md.decode_block_table,
                     md.decode_seq_lens, md.partial_out, md.partial_lse, md.rotation_signs,
                     self.scale, fmt.bits, fmt.group_size, fmt.block_size, md.num_splits,
                     MIN_TILES_PER_SPLIT,
-                )
-            if role == config.SELECT:  # for the reuse layers after this one
-                ops.select_topk(
-                    sp.sel_positions, sp.sel_count, sp.keys, sp.key_offsets, query[:nd],
-                    kv_cache, md.decode_block_table, md.decode_seq_lens, md.rotation_signs,
-                    self.scale, fmt.bits, fmt.group_size, fmt.block_size, sp.min_seq_len,
-                    sp.shared,
                 )
         if md.prefill is not None:
             self._prefill(query, kv_cache, md, output)

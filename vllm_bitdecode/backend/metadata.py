@@ -155,7 +155,7 @@ class SparseMetadata:
     shared: bool
     sel_positions: torch.Tensor  # [max_num_seqs, num_kv_heads or 1, token_budget] int32
     sel_count: torch.Tensor  # [max_num_seqs] int32
-    keys: torch.Tensor  # [key_capacity * (num_kv_heads or 1)] int32 score workspace
+    keys: torch.Tensor  # [(num_kv_heads or 1) * key_capacity] int32 score workspace
     key_offsets: torch.Tensor  # [num_decodes] int64, this step's rows in the workspace
 
 

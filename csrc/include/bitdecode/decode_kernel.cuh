@@ -36,6 +36,12 @@
 // the softmax over the selected tokens is exact. Rows marked kSelDenseRow walk their
 // pages as the dense kernel does; rows with count 0 write zeros without reading a page.
 //
+// SELECT = true is the selection layer of sparse decode (decode_select): the dense
+// kernel that also leaves every token's selection key: the maximum of its S^T column over the
+// KV head's query heads (the logits this attention used, log2-scaled, so in the same
+// order), made an order key, stored 16 consecutive keys per tile; select_kernel.cuh then
+// ranks them. The K codes are read once for both.
+//
 // KC = true is per-channel K (docs/per-channel-k-design.md, section 7): every page but the
 // sequence's own one holds K codes against one fp16 (scale, zc) per channel and 16-token
 // K group, zc = zero + C scale with C = 2^(bits-1), which the tile copy brings along
@@ -59,6 +65,7 @@
 #include "bitdecode/async_copy.cuh"
 #include "bitdecode/fragments.cuh"
 #include "bitdecode/params.h"
+#include "bitdecode/selection.cuh"
 
 namespace bitdecode {
 
@@ -125,6 +132,35 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
   }
 }
 
+// Selection keys of one tile (see the top): token g + 8 r's best logit over the valid
+// heads (8 ht + 2t + c < gqa; the padded heads' zeros must not count), gathered over
+// the 4 lanes t of the token, stored by lane t = 0. Every lane takes part (shuffles).
+template <int HT>
+__device__ __forceinline__ void store_selection_keys(uint32_t* key_row, const float (&s)[HT][4],
+                                                     int token0, int num_tokens, int gqa,
+                                                     bool shared, int g, int t) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float best = -INFINITY;
+#pragma unroll
+    for (int ht = 0; ht < HT; ++ht)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (8 * ht + 2 * t + c < gqa) best = fmaxf(best, s[ht][2 * r + c]);
+    best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 1));
+    best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 2));
+    const int pos = token0 + g + 8 * r;
+    if (t == 0 && pos < num_tokens) {
+      const uint32_t key = order_key(best);
+      if (shared) {
+        atomicMax(key_row + pos, key);
+      } else {
+        key_row[pos] = key;
+      }
+    }
+  }
+}
+
 // One head tile: 4 CTAs (16 warps) per SM at V groups of 64 or 128, 128 registers with
 // no spill in the step loop for every mode (ptxas and tools/sass_loops.py, 2026-11-30: 8
 // bytes outside it for KC, fp16, 4 bits, V group 64). Unbounded, the per-token and sparse
@@ -133,11 +169,12 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
 // of 32: 3 (154-173 registers; at 4 the loop would spill, and KC's 171 unbounded would
 // leave 2). Two head tiles: unbounded.
 template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false,
-          bool KC = false>
+          bool KC = false, bool SELECT = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32,
                                   HEAD_TILES == 1 ? (GROUP >= 64 ? 4 : 3) : 1)
     decode_kernel(DecodeParams p) {
   static_assert(!(SPARSE && KC), "sparse decode over per-channel pages is not written");
+  static_assert(!SELECT || (!SPARSE && !KC), "a selection layer decodes densely, per token");
   using Tr = DtypeTraits<T>;
   using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES, KC>;
   using Order = typename Shape::Order;
@@ -187,6 +224,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
                                           p.page.block_size);
       residual_v = kc_residual_rows<HEAD>(rows, p.row_slot[seq], 1, p.num_kv_heads, kv_head,
                                           p.page.block_size);
+    }
+  }
+  // selection layer: this row's keys of this KV head (or of all, shared), if it has any
+  uint32_t* key_row = nullptr;
+  if constexpr (SELECT) {
+    if (p.sel_keys != nullptr) {
+      const int64_t row0 = p.key_offsets[seq];
+      if (selection_row_has_keys(num_tokens, row0, p.sel_min_seq_len, p.key_capacity))
+        key_row = p.sel_keys + (p.sel_shared ? 0 : kv_head * p.key_capacity) + row0;
     }
   }
   const int per_split =
@@ -546,6 +592,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
                      + k_zero[gi] * qsum[ht][c][gi];
               s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
             }
+        }
+        if constexpr (SELECT) {
+          if (key_row != nullptr)
+            store_selection_keys<HT>(key_row, s[st], token0, num_tokens, gqa, p.sel_shared, g, t);
         }
       }
     }

@@ -29,9 +29,11 @@ void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream);
 template <typename T, int BITS, int GROUP>
 void launch_decode_kc(const DecodeParams& p, cudaStream_t stream);
 
-// Selection layer of sparse decode: writes p.sel_positions and p.sel_count.
+// Selection layer of sparse decode: the dense decode, which also writes the selection
+// keys (decode.sel_keys), then the top-k over them into select.sel_positions / sel_count.
 template <typename T, int BITS, int GROUP>
-void launch_select(const SelectParams& p, cudaStream_t stream);
+void launch_decode_select(const DecodeParams& decode, const SelectParams& select,
+                          cudaStream_t stream);
 
 // Per-channel K mode: one step's K/V into channel-mode pages and residuals.
 template <typename T, int BITS, int GROUP>

@@ -13,7 +13,8 @@ constexpr int kHeadSize = 128;
 
 // Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
 // asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC = false>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC = false,
+          bool SELECT = false>
 void allow_decode_smem() {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
   constexpr int kMaxDevices = 64;
@@ -21,7 +22,7 @@ void allow_decode_smem() {
   int device = 0;
   cudaGetDevice(&device);
   if (device < kMaxDevices && done[device]) return;
-  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC>,
+  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>,
                        cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (device < kMaxDevices) done[device] = true;
 }
@@ -53,11 +54,11 @@ void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream) {
   launch_dequantize_pages<T, BITS, GROUP, true>(p, stream);
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, bool SELECT>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
-  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC>;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE, KC>();
+  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>;
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>();
   const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
   kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
 }
@@ -82,13 +83,13 @@ int decode_ctas_per_sm(int gqa, bool channel_k) {
                   : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, false>();
 }
 
-template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false>
+template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, bool SELECT = false>
 void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
   if (p.num_heads <= 8 * p.num_kv_heads) {
-    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE, KC>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE, KC, SELECT>(p, stream);
   } else {
-    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC, SELECT>(p, stream);
   }
   if (p.num_splits > 1) {
     combine_kernel<T, kHeadSize><<<dim3(p.num_seqs, p.num_heads), kHeadSize, 0, stream>>>(p);
@@ -111,15 +112,12 @@ void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int BITS, int GROUP>
-void launch_select(const SelectParams& p, cudaStream_t stream) {
-  if (p.num_seqs == 0) return;
-  if (p.max_tokens > 0) {
-    const dim3 grid((p.max_tokens + kSelectScoreThreads - 1) / kSelectScoreThreads,
-                    p.num_kv_heads, p.num_seqs);
-    select_score_kernel<T, kHeadSize, BITS, GROUP><<<grid, kSelectScoreThreads, 0, stream>>>(p);
-  }
-  const dim3 grid(p.num_seqs, p.shared ? 1 : p.num_kv_heads);
-  select_topk_kernel<kSelectTopkThreads><<<grid, kSelectTopkThreads, 0, stream>>>(p);
+void launch_decode_select(const DecodeParams& decode, const SelectParams& select,
+                          cudaStream_t stream) {
+  if (decode.num_seqs == 0) return;
+  launch_decode_and_combine<T, BITS, GROUP, false, false, true>(decode, stream);  // + keys
+  const dim3 grid(select.num_seqs, select.shared ? 1 : decode.num_kv_heads);
+  select_topk_kernel<kSelectTopkThreads><<<grid, kSelectTopkThreads, 0, stream>>>(select);
 }
 
 template <typename T, int BITS, int GROUP>

@@ -72,22 +72,27 @@ void decode_kc(at::Tensor& out,                // [seqs, heads, 128]
                double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
                int64_t num_splits, int64_t min_tiles_per_split);
 
-// Selection layer of sparse decode: for every decode row, the newest position and the
-// token_budget - 1 older positions of the highest scaled logit (the maximum over the
-// query heads of a KV head, or of all heads with shared_selection), ascending, into
-// sel_positions[r, h, :]; sel_count[r] = that count, -1 (dense) for rows shorter than
-// min_seq_len or past the key workspace, 0 for padding rows. keys is the workspace.
-void select_topk(at::Tensor& sel_positions,        // [seqs, kv_heads or 1, budget] int32
-                 at::Tensor& sel_count,            // [seqs] int32
-                 at::Tensor& keys,                 // [capacity * (kv_heads or 1)] int32
-                 const at::Tensor& key_offsets,    // [seqs] int64
-                 const at::Tensor& q,              // [seqs, heads, 128]
-                 const at::Tensor& cache,          // [blocks, kv_heads, region] uint8
-                 const at::Tensor& block_table,    // [seqs, max_blocks] int32
-                 const at::Tensor& seq_lens,       // [seqs] int32
-                 const std::optional<at::Tensor>& rotation_signs,  // [128] f32
-                 double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
-                 int64_t min_seq_len, bool shared_selection);
+// Selection layer of sparse decode: decode (out as decode writes it) and, from the same
+// logits, for every decode row the newest position and the token_budget - 1 older
+// positions of the highest scaled logit (the maximum over the query heads of a KV head,
+// or of all heads with shared_selection), ascending, into sel_positions[r, h, :];
+// sel_count[r] = that count, -1 (dense) for rows shorter than min_seq_len or past the
+// key workspace, 0 for padding rows. keys is the workspace (one key per token and head).
+void decode_select(at::Tensor& out,                  // [seqs, heads, 128]
+                   const at::Tensor& q,              // [seqs, heads, 128]
+                   const at::Tensor& cache,          // [blocks, kv_heads, region] uint8
+                   const at::Tensor& block_table,    // [seqs, max_blocks] int32
+                   const at::Tensor& seq_lens,       // [seqs] int32
+                   at::Tensor& partial_out,          // [splits, seqs, heads, 128] f32
+                   at::Tensor& partial_lse,          // [splits, seqs, heads] f32
+                   const std::optional<at::Tensor>& rotation_signs,  // [128] f32
+                   double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
+                   int64_t num_splits, int64_t min_tiles_per_split,
+                   at::Tensor& sel_positions,        // [seqs, kv_heads or 1, budget] int32
+                   at::Tensor& sel_count,            // [seqs] int32
+                   at::Tensor& keys,                 // [(kv_heads or 1) * capacity] int32
+                   const at::Tensor& key_offsets,    // [seqs] int64
+                   int64_t min_seq_len, bool shared_selection);
 
 // Per-channel K mode (issue #7): V per token into the pages, every page whose last slot a
 // token of this step writes quantized per channel (its earlier keys from the request's

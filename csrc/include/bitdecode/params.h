@@ -68,6 +68,14 @@ struct DecodeParams {
                                  // a count; counts above sel_budget are read as sel_budget
   int sel_budget;
   bool sel_shared;
+  // Selection layer (decode_select): the dense kernel also writes, for every token of a
+  // row with keys (selection_row_has_keys), the order key of its highest scaled logit over
+  // the KV head's query heads (all heads with sel_shared, combined with atomicMax) at
+  // sel_keys[h * key_capacity + key_offsets[seq] + position], h the KV head or 0.
+  uint32_t* sel_keys;            // [num_kv_heads or 1, key_capacity], nullptr: no keys
+  const int64_t* key_offsets;    // [num_seqs] first workspace token of each row
+  int64_t key_capacity;          // tokens per head in the workspace
+  int sel_min_seq_len;           // shorter rows decode densely and get no keys
   // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
   // ignore these fields. The head region is K rows | V rows | V params [bs][groups][2] |
   // K params [2][head_size] (every scale, then every zero), and the sequence's own page
@@ -80,31 +88,19 @@ struct DecodeParams {
 // sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).
 constexpr int kSelDenseRow = -1;
 
-// Selection layer of sparse decode: top-k positions per decode row (select_kernel.cuh).
+// Top-k of the selection layer (select_kernel.cuh), over the keys its decode wrote.
 struct SelectParams {
-  const void* q;                 // [num_seqs, num_heads, head_size]
-  int64_t q_stride_token, q_stride_head;
-  const uint8_t* cache;          // [num_blocks, num_kv_heads, head_region_bytes]
-  int64_t cache_stride_block, cache_stride_head;
-  const int32_t* block_table;    // [num_seqs, max_blocks_per_seq]
-  int64_t block_table_stride;
   const int32_t* seq_lens;       // [num_seqs]; 0 = padding row
-  const int64_t* key_offsets;    // [num_seqs] first key-workspace token of each row
-  uint32_t* keys;                // [key_capacity, num_kv_heads or 1] score keys
-  int64_t key_capacity;          // tokens the workspace holds; rows past it decode densely
+  const int64_t* key_offsets;    // [num_seqs] first workspace token of each row
+  uint32_t* keys;                // [num_kv_heads or 1, key_capacity] score keys
+  int64_t key_capacity;          // tokens per head; rows past it decode densely
   int32_t* sel_positions;        // [>= num_seqs, num_kv_heads or 1, sel_budget], written
   int64_t sel_stride_seq, sel_stride_head;
   int32_t* sel_count;            // [>= num_seqs], written: count | kSelDenseRow | 0
   int sel_budget;                // token budget k
-  const float* rotation_signs;   // [head_size] or nullptr: K is stored unrotated
-  float softmax_scale;
   int num_seqs;
-  int num_heads;
-  int num_kv_heads;
   int min_seq_len;               // rows shorter than this decode densely
-  int max_tokens;                // upper bound of seq_lens, sizes the score grid
-  bool shared;                   // one position set for all KV heads
-  PageGeometry page;
+  bool shared;                   // one position set for all KV heads (keys reset to 0)
 };
 
 // Per-channel K mode (issue #7, docs/per-channel-k-design.md): one step's K/V into the

@@ -1,0 +1,24 @@
+// What the selection layer's decode (decode_kernel.cuh) and its top-k (select_kernel.cuh)
+// agree on: which rows get score keys, and how a score becomes a key.
+#pragma once
+
+#include <cstdint>
+
+namespace bitdecode {
+
+// Larger float <=> larger unsigned key; NaN sorts below everything (-inf included), as
+// the reset value 0 of the shared workspace does.
+__device__ __forceinline__ uint32_t order_key(float x) {
+  if (x != x) return 0u;
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Rows shorter than min_seq_len decode densely and rows past the workspace's capacity
+// too: neither gets keys. row0 is the row's first workspace token.
+__device__ __forceinline__ bool selection_row_has_keys(int seq_len, int64_t row0,
+                                                       int min_seq_len, int64_t capacity) {
+  return seq_len >= 1 && seq_len >= min_seq_len && row0 >= 0 && row0 + seq_len <= capacity;
+}
+
+}  // namespace bitdecode
