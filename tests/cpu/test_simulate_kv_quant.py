@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def sim():
-    spec = importlib.util.spec_from_file_location("simulate_kv_quant",
-                                                  ROOT / "tools" / "simulate_kv_quant.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["simulate_kv_quant"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/simulate_kv_quant.py")
 
 
 def test_mode_names(sim):
