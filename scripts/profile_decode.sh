@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of the decode kernel at B=8 x 128K (int4 and int2), plus its
 # SASS, for the kernel notes. On the GPU machine, after the build:
-#     bash scripts/profile_decode.sh      # -> ${OUT:-/tmp/bitdecode-out}/ncu_decode.txt, decode.sass
+#     bash scripts/profile_decode.sh      # -> ${OUT:-/tmp/bitdecode-out}/ncu_decode_b16.txt, ...
+#     BLOCK=64 bash scripts/profile_decode.sh   # pages of 64 tokens (decodes ~11% slower, why?)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/bitdecode-out}"
 mkdir -p "$OUT"
+BLOCK="${BLOCK:-16}"
 NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
 # each bits case runs the kernel twice (warm-up, one timed rep): profile the timed ones
 "$NCU" --kernel-name regex:decode_kernel --launch-skip 1 --launch-count 3 \
@@ -13,16 +15,17 @@ NCU="${NCU:-$(command -v ncu || echo /usr/local/cuda/bin/ncu)}"
   --section SchedulerStats --section WarpStateStats --section LaunchStats \
   --section InstructionStats --section ComputeWorkloadAnalysis --print-details all \
   python3 benchmarks/bench_decode.py --batches 8 --contexts 131072 --reps 1 \
-  --out /tmp/ncu_bench.json > "$OUT/ncu_decode.txt" 2>&1
+  --block-size "$BLOCK" --out /tmp/ncu_bench.json > "$OUT/ncu_decode_b$BLOCK.txt" 2>&1
 so=$(python3 -c "import vllm_bitdecode._C as m; print(m.__file__)")
 CUOBJDUMP="$(dirname "$NCU")/cuobjdump"
 [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || echo cuobjdump)
 # SASS of the bf16 / 4-bit / group-128 / 8-heads kernel, and its opcode histogram
-FN=_ZN9bitdecode13decode_kernelI13__nv_bfloat16Li128ELi4ELi128ELi1EEEvNS_12DecodeParamsE
+# (template arguments: T, HEAD, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT)
+FN=_ZN9bitdecode13decode_kernelI13__nv_bfloat16Li128ELi4ELi128ELi1ELb0ELb0ELb0EEEvNS_12DecodeParamsE
 "$CUOBJDUMP" -sass -fun "$FN" "$so" > "$OUT/decode_bf16_4bit.sass" 2>&1 || true
 grep -oE "^\s+/\*[0-9a-f]+\*/\s+[@!A-Z0-9_. ]+" "$OUT/decode_bf16_4bit.sass" \
   | awk '{op=$2; if (op ~ /^@/) op=$3; sub(/\..*/, "", op); print op}' | sort | uniq -c | sort -rn \
   > "$OUT/decode_bf16_4bit.opcodes"
 head -30 "$OUT/decode_bf16_4bit.opcodes"
 grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Instructions  |Active Threads|Stall|stall" \
-  "$OUT/ncu_decode.txt" | head -60
+  "$OUT/ncu_decode_b$BLOCK.txt" | head -60
