@@ -131,6 +131,25 @@ def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.cat((order, newest), dim=-1), dim=-1).values
 
 
+def top_k_pages(scores: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
+    """Page granularity (docs/sparse-mode-design.md, "Whole pages vs single tokens"): the
+    page holding the newest position plus the ``k - 1`` older pages with the best page
+    score, the best score of a position in the page, per row of ``scores`` [heads, n];
+    k is clipped to the number of pages. Returns [heads, min(k, pages)] int64 page
+    indices (into the row's block table), ascending. Ties go to the lower page."""
+    if type(k) is not int or k <= 0:
+        raise ValueError(f"page budget k must be an integer > 0, got {k!r}")
+    heads, n = scores.shape
+    if n == 0:
+        return torch.empty(heads, 0, dtype=torch.int64)
+    own = (n - 1) // block_size  # the newest position's page, the last one
+    m = min(k, own + 1)
+    older = scores[:, : own * block_size].unflatten(-1, (own, block_size)).amax(-1)
+    order = torch.sort(older, dim=-1, descending=True, stable=True).indices[:, : m - 1]
+    newest = torch.full((heads, 1), own, dtype=torch.int64)
+    return torch.sort(torch.cat((order, newest), dim=-1), dim=-1).values
+
+
 def select(
     q: torch.Tensor,  # [rows, num_heads, D], one decode token per row, model dtype
     cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8
@@ -152,18 +171,52 @@ def select(
     get 0; their position slots, like those past a row's count, are set to -1. ``out``
     (a buffer reused across layers and steps) is overwritten entirely.
     """
+    return _select(q, cache, block_table, seq_lens, scale, fmt, rotate_k,
+                   ("token_budget", token_budget), lambda s: top_k_positions(s, token_budget),
+                   min_seq_len, shared, how, out)
+
+
+def select_pages(
+    q: torch.Tensor,  # [rows, num_heads, D], one decode token per row, model dtype
+    cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8
+    block_table: torch.Tensor,  # [rows, max_blocks]
+    seq_lens: torch.Tensor,  # [rows], including the new token; 0 = padding row
+    scale: float,
+    fmt: PageFormat,
+    rotate_k: bool,
+    *,
+    page_budget: int,
+    min_seq_len: int = 1,
+    shared: bool = False,
+    how: str = "max_logit",
+    out: Selection | None = None,
+) -> Selection:
+    """:func:`select` at page granularity (not built in the kernels yet): ``positions``
+    hold page indices into each row's block table (:func:`top_k_pages`), ``counts`` the
+    number of pages, DENSE_ROW and padding rows as in :func:`select`.
+    :func:`pages_to_positions` turns it into the token selection the reuse layers read."""
+    return _select(q, cache, block_table, seq_lens, scale, fmt, rotate_k,
+                   ("page_budget", page_budget),
+                   lambda s: top_k_pages(s, page_budget, fmt.block_size), min_seq_len, shared,
+                   how, out)
+
+
+def _select(q, cache, block_table, seq_lens, scale, fmt, rotate_k, named_budget, rank,
+            min_seq_len, shared, how, out) -> Selection:
+    """select / select_pages: ``rank`` maps a row's scores [heads, n] to its kept indices."""
     _check_q(q)
-    if type(token_budget) is not int or token_budget <= 0:
-        raise ValueError(f"token_budget must be an integer > 0, got {token_budget!r}")
+    name, budget = named_budget
+    if type(budget) is not int or budget <= 0:
+        raise ValueError(f"{name} must be an integer > 0, got {budget!r}")
     rows, _, _ = q.shape
     num_kv_heads = cache.shape[1]
     heads = 1 if shared else num_kv_heads
     if out is None:
-        out = Selection.allocate(rows, heads, token_budget)
-    if out.positions.shape[0] < rows or out.positions.shape[1:] != (heads, token_budget):
+        out = Selection.allocate(rows, heads, budget)
+    if out.positions.shape[0] < rows or out.positions.shape[1:] != (heads, budget):
         raise ValueError(
             f"selection buffer {tuple(out.positions.shape)} cannot hold {rows} rows x "
-            f"{heads} heads x {token_budget} positions"
+            f"{heads} heads x {budget} positions"
         )
     out.positions.fill_(-1)  # every slot of every row, padding rows included
     out.counts.zero_()
@@ -177,9 +230,30 @@ def select(
         k, _ = _read_sequence(cache, block_table[i], n, fmt, q.dtype)
         scores = aggregate(logits(_selection_query(q[i], rotate_k), k, scale), num_kv_heads,
                            shared, how)
-        pos = top_k_positions(scores, token_budget)
+        pos = rank(scores)
         out.positions[i, :, : pos.shape[1]] = pos.to(torch.int32)
         out.counts[i] = pos.shape[1]
+    return out
+
+
+def pages_to_positions(pages: Selection, seq_lens: torch.Tensor, block_size: int) -> Selection:
+    """The token selection of a page selection: every position of each selected page
+    below the row's length, ascending, so the reuse layers' :func:`sparse_attention`
+    reads it. Counts become token counts; DENSE_ROW and padding rows stay."""
+    rows, heads, page_budget = pages.positions.shape
+    out = Selection(torch.full((rows, heads, page_budget * block_size), -1, dtype=torch.int32),
+                    pages.counts.clone())
+    offsets = torch.arange(block_size, dtype=torch.int64)
+    for i in range(rows):
+        c = int(pages.counts[i])
+        if c <= 0:
+            continue
+        n = int(seq_lens[i])
+        # every head keeps the row's own page, the only partial one, last
+        count = (c - 1) * block_size + n - (n - 1) // block_size * block_size
+        tokens = pages.positions[i, :, :c].long()[..., None] * block_size + offsets
+        out.positions[i, :, :count] = tokens.flatten(1)[:, :count].to(torch.int32)
+        out.counts[i] = count
     return out
 
 

@@ -410,3 +410,55 @@ def test_rejects_float32_query():
     q, cache, table, sl, _, _ = _batch(fmt, False, 1, seed=1, seq_lens=(20,))
     with pytest.raises(TypeError, match="model dtype"):
         rs.select(q.float(), cache, table, sl, SCALE, fmt, False, token_budget=4)
+
+
+# ---- page granularity ---------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "k"), [(1, 3), (16, 1), (17, 2), (70, 3), (70, 10), (128, 4)])
+def test_top_k_pages_keeps_the_own_page_and_the_best_older_pages(n, k):
+    bs = 16
+    scores = torch.randn(2, n, generator=_gen(n + k))
+    got = rs.top_k_pages(scores, k, bs)
+    own = (n - 1) // bs
+    for h in range(2):
+        best = [max(scores[h, p * bs:(p + 1) * bs].tolist()) for p in range(own)]
+        order = sorted(range(own), key=lambda p: (-best[p], p))[: min(k, own + 1) - 1]
+        assert got[h].tolist() == sorted(order) + [own]
+
+
+def test_top_k_pages_ties_go_to_the_lower_page():
+    scores = torch.zeros(1, 64)  # four pages of equal score
+    assert rs.top_k_pages(scores, 3, 16).tolist() == [[0, 1, 3]]
+    with pytest.raises(ValueError, match="page budget k must be an integer > 0"):
+        rs.top_k_pages(scores, 0, 16)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_page_selection_expands_to_the_tokens_of_its_pages(shared):
+    fmt = PageFormat(HEAD, 4, 128, 16)
+    lens = (1, 37, 130, 77)
+    q, cache, table, seq_lens, _, _ = _batch(fmt, True, 4, seed=31, seq_lens=lens)
+    pages = rs.select_pages(q, cache, table, seq_lens, SCALE, fmt, True, page_budget=3,
+                            min_seq_len=20, shared=shared)
+    assert pages.counts.tolist() == [rs.DENSE_ROW, 3, 3, 3]
+    tokens = rs.pages_to_positions(pages, seq_lens, fmt.block_size)
+    for i, n in enumerate(lens[1:], start=1):
+        own = (n - 1) // 16
+        count = 2 * 16 + n - own * 16
+        assert int(tokens.counts[i]) == count
+        for h in range(pages.positions.shape[1]):
+            want = [t for p in pages.positions[i, h, :3].tolist() for t in range(16 * p,
+                                                                                 16 * p + 16)
+                    if t < n]
+            assert tokens.positions[i, h, :count].tolist() == want
+            assert (tokens.positions[i, h, count:] == -1).all()
+    assert (tokens.positions[0] == -1).all() and int(tokens.counts[0]) == rs.DENSE_ROW
+
+
+def test_a_page_budget_over_every_page_equals_dense():
+    fmt = PageFormat(HEAD, 4, 128, 16)
+    q, cache, table, seq_lens, _, _ = _batch(fmt, True, 4, seed=32)
+    pages = rs.select_pages(q, cache, table, seq_lens, SCALE, fmt, True, page_budget=9)
+    tokens = rs.pages_to_positions(pages, seq_lens, fmt.block_size)
+    got = rs.sparse_attention(q, cache, table, seq_lens, tokens, SCALE, fmt, True)
+    torch.testing.assert_close(got, _dense(q, cache, table, seq_lens, fmt, True), atol=1e-5,
+                               rtol=1e-5)
