@@ -3,19 +3,12 @@ it reports against issue #6's targets, and its plot."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-_spec = importlib.util.spec_from_file_location("bench_sparse",
-                                               ROOT / "benchmarks" / "bench_sparse.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from tests.scripts import load_script
+
+bench = load_script("benchmarks/bench_sparse.py")
 
 
 @pytest.mark.parametrize(("context", "budget"), [(1, 1), (50, 1), (50, 50), (1000, 256)])

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import load_script
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -15,10 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture(scope="module")
 def bench():
     sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_tp", BENCH / "bench_tp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_tp.py")
 
 
 def test_runs_wanted(bench):

@@ -5,7 +5,6 @@ with bf16, plots and table run on what it returns."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.scripts import load_script
 from vllm_bitdecode import stdlib_llama as data
 
 if not (data.MODEL_DIR / "tokenizer.json").exists():
@@ -20,10 +20,7 @@ if not (data.MODEL_DIR / "tokenizer.json").exists():
                 allow_module_level=True)
 pytest.importorskip("vllm")
 
-_spec = importlib.util.spec_from_file_location("quality", data.REPO_ROOT / "benchmarks" /
-                                               "quality.py")
-quality = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(quality)
+quality = load_script("benchmarks/quality.py")
 
 HIDDEN, LAYERS = 16, 3
 SETTINGS = {

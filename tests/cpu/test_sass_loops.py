@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("sass_loops", ROOT / "tools" / "sass_loops.py")
-sass_loops = importlib.util.module_from_spec(_spec)
-sys.modules["sass_loops"] = sass_loops  # dataclasses look their module up
-_spec.loader.exec_module(sass_loops)
+sass_loops = load_script("tools/sass_loops.py")
 
 # nvdisasm -c layout: an outer loop (.L_x_1) around a two-MMA inner loop (.L_x_2) and a
 # one-MMA tail loop (.L_x_3), one predicated branch out of the inner loop.

@@ -4,23 +4,18 @@ the size limits, and batches and schedules are what the training loop expects.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from tests.scripts import load_script
 from vllm_bitdecode import stdlib_llama as data
 
-_spec = importlib.util.spec_from_file_location("train_tiny_llama", data.REPO_ROOT / "tools" /
-                                               "train_tiny_llama.py")
-T = importlib.util.module_from_spec(_spec)
-sys.modules.setdefault("train_tiny_llama", T)  # dataclasses look their module up
-_spec.loader.exec_module(T)
+T = load_script("tools/train_tiny_llama.py")
 
 HAS_TOKENIZER = (data.MODEL_DIR / "tokenizer.json").exists()
 needs_tokenizer = pytest.mark.skipif(
