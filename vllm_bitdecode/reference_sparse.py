@@ -143,11 +143,10 @@ def top_k_pages(scores: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
     if n == 0:
         return torch.empty(heads, 0, dtype=torch.int64)
     own = (n - 1) // block_size  # the newest position's page, the last one
-    m = min(k, own + 1)
     older = scores[:, : own * block_size].unflatten(-1, (own, block_size)).amax(-1)
-    order = torch.sort(older, dim=-1, descending=True, stable=True).indices[:, : m - 1]
-    newest = torch.full((heads, 1), own, dtype=torch.int64)
-    return torch.sort(torch.cat((order, newest), dim=-1), dim=-1).values
+    # the pages ranked as top_k_positions ranks positions: the own page is its "newest",
+    # kept whatever its score
+    return top_k_positions(torch.cat((older, scores.new_zeros(heads, 1)), dim=-1), k)
 
 
 def select(
