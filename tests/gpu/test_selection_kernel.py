@@ -200,6 +200,23 @@ def test_long_row_matches_reference():
     _assert_matches(got, want, q, cache, table, lens, fmt, True, False)
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+@pytest.mark.parametrize("rows", [10, 20, 70])
+def test_every_cluster_size(rows, shared):
+    """The top-k spreads a row over a cluster of 1, 2, 4 or 8 CTAs, fewer as the batch
+    grows (select_topk_ranks): with 2 KV heads on 132 SMs, 10 rows take 4 per head (2
+    shared), 20 take 2 (4 shared), 70 take 1; the other tests' few rows take 8."""
+    gen = torch.Generator().manual_seed(13 + rows)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = torch.randint(600, 3000, (rows,), generator=gen).tolist()
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(rows, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
+    want = rs.select(q, cache, table, torch.tensor(lens), SCALE, fmt, True, token_budget=257,
+                     shared=shared)
+    got, _ = _run(q, cache, table, lens, fmt, True, 257, 1, shared)
+    _assert_matches(got, want, q, cache, table, lens, fmt, True, shared)
+
+
 def test_selection_feeds_the_sparse_decode_kernel():
     """What a selection layer writes is what a reuse layer reads: decode_sparse over the
     kernel's selection equals the reference's sparse attention over the same selection."""

@@ -111,13 +111,43 @@ void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
   launch_decode_and_combine<T, BITS, GROUP, false, true>(p, stream);
 }
 
+// CTAs per (row, selection head) of the top-k: a power of two up to kSelectMaxRanks, as
+// many as keep every cluster's CTAs on an SM of their own (one 1024-thread CTA per SM)
+// with room to spare. 8 at a batch of one with 8 KV heads, 2 at 8, 1 from 17 on (132 SMs).
+inline int select_topk_ranks(int rows_and_heads) {
+  constexpr int kMaxDevices = 64;
+  static int sms[kMaxDevices] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  int count = device < kMaxDevices ? sms[device] : 0;
+  if (count == 0) {
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    if (device < kMaxDevices) sms[device] = count;
+  }
+  int ranks = 1;
+  while (ranks < kSelectMaxRanks && 2 * ranks * rows_and_heads <= count) ranks *= 2;
+  return ranks;
+}
+
 template <typename T, int BITS, int GROUP>
 void launch_decode_select(const DecodeParams& decode, const SelectParams& select,
                           cudaStream_t stream) {
   if (decode.num_seqs == 0) return;
   launch_decode_and_combine<T, BITS, GROUP, false, false, true>(decode, stream);  // + keys
-  const dim3 grid(select.num_seqs, select.shared ? 1 : decode.num_kv_heads);
-  select_topk_kernel<kSelectTopkThreads><<<grid, kSelectTopkThreads, 0, stream>>>(select);
+  const int heads = select.shared ? 1 : decode.num_kv_heads;
+  const int ranks = select_topk_ranks(select.num_seqs * heads);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(select.num_seqs * ranks, heads);
+  config.blockDim = dim3(kSelectTopkThreads);
+  config.stream = stream;
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = ranks;
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, select_topk_kernel<kSelectTopkThreads>, select);
 }
 
 template <typename T, int BITS, int GROUP>

@@ -5,20 +5,27 @@
 // one per token, shared), the token's best scaled logit over the heads that share the
 // position set. The GPU twin of reference_sparse.select (aggregate "max_logit").
 //
-// select_topk_kernel, grid (num_seqs, num_sel_heads), 1024 threads, no host
-// synchronisation (CUDA graphs capture it):
-//   1. three radix rounds (11 + 11 + 10 bits) over the row's older keys find the
-//      (k-1)-th largest key T, how many keys are above it and how many keys equal T
-//      to keep (the lowest positions among the ties);
-//   2. each warp counts what it keeps of its contiguous share of the positions, one
-//      scan over the 32 warps gives each its output offset, and each warp writes its
-//      positions in order: the list comes out ascending without a block-wide scan per
-//      chunk;
-//   3. with a shared set, the keys it consumed go back to 0 for the next atomicMax.
-// Keys are read 16 bytes at a time where aligned; each round and the two passes of 2.
-// read them once more (they sit in L2 after the first: 4 bytes per token and head).
+// select_topk_kernel, one cluster of `ranks` 1024-thread CTAs per (row, selection head)
+// (grid (num_seqs * ranks, num_sel_heads), ranks = 1 to 8: enough CTAs to fill the SMs
+// when the batch is small), no host synchronisation (CUDA graphs capture it). Each CTA
+// owns a contiguous range of the row's older positions, each warp a contiguous share of
+// that:
+//   1. three radix rounds (11 + 11 + 10 bits): every CTA counts its range into its own
+//      shared-memory histogram, the ranks add theirs into rank 0's (distributed shared
+//      memory), and every CTA reads the sum and picks the same bin; the rounds find the
+//      (k-1)-th largest key T and how many keys equal to T to keep (the lowest positions
+//      among the ties);
+//   2. each warp counts what it keeps of its share, reads the counts of the shares before
+//      it (in every rank) for its output offset, and writes its positions in order: the
+//      list comes out ascending without a block-wide scan per chunk;
+//   3. with a shared set, each CTA returns the keys of its range to 0 for the next
+//      atomicMax.
+// Keys are read 16 bytes at a time where aligned in the rounds; the rounds and the two
+// passes of 2. read them five times in all (4 bytes per token and head, in L2 at small
+// batches), spread over ranks SMs.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cub/warp/warp_scan.cuh>
 
 #include <cstdint>
@@ -29,6 +36,7 @@
 namespace bitdecode {
 
 constexpr int kSelectTopkThreads = 1024;
+constexpr int kSelectMaxRanks = 8;  // CTAs per (row, head): the portable cluster size
 
 // f(position, key) for every position in [0, count) of keys[], spread over the CTA's
 // threads; the aligned middle in 16-byte loads, four of them in flight per thread.
@@ -60,11 +68,13 @@ __device__ __forceinline__ void for_each_key(const uint32_t* keys, int count, F&
   if (tail < count) f(tail, keys[tail]);
 }
 
-// One radix round: histogram of the key bits [shift, shift + bits) among the older keys
-// whose higher bits equal `prefix`, then the bin holding the `need`-th largest of them.
-// Returns the bin; `need` becomes the rank inside it.
+// One radix round: the cluster's histogram of the key bits [shift, shift + bits) among the
+// older keys whose higher bits equal `prefix` (each CTA counts keys[0, count), its range),
+// then the bin holding the `need`-th largest of them. Returns the bin; `need` becomes the
+// rank inside it. Every CTA of the cluster calls it and gets the same answer.
 template <int kThreads>
-__device__ uint32_t select_round(const uint32_t* keys, int count, uint32_t prefix,
+__device__ uint32_t select_round(cooperative_groups::cluster_group& cluster,
+                                 const uint32_t* keys, int count, uint32_t prefix,
                                  uint32_t prefix_mask, int shift, int bits, int& need,
                                  uint32_t* hist, int* shared_int) {
   constexpr int kBins = 2048;
@@ -72,17 +82,23 @@ __device__ uint32_t select_round(const uint32_t* keys, int count, uint32_t prefi
   static_assert(kBins % kThreads == 0, "whole bins per thread");
   const uint32_t bin_mask = (1u << bits) - 1u;
   for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0u;
-  __syncthreads();
+  cluster.sync();  // rank 0's histogram is zero before any rank adds to it
   for_each_key<kThreads>(keys, count, [&](int, uint32_t key) {
     if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & bin_mask], 1u);
   });
-  __syncthreads();
+  uint32_t* total = cluster.map_shared_rank(hist, 0);
+  if (cluster.block_rank() != 0) {
+    __syncthreads();
+    for (int b = threadIdx.x; b < kBins; b += kThreads)
+      if (hist[b] != 0u) atomicAdd(&total[b], hist[b]);
+  }
+  cluster.sync();  // the sum is complete
   // counts from the top bin down: thread x holds bins kBins-1-(x*kPerThread+j)
   int local[kPerThread];
   int sum = 0;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    local[j] = static_cast<int>(hist[kBins - 1 - (threadIdx.x * kPerThread + j)]);
+    local[j] = static_cast<int>(total[kBins - 1 - (threadIdx.x * kPerThread + j)]);
     sum += local[j];
   }
   // exclusive sum over the threads: within each warp, then over the warps
@@ -106,10 +122,10 @@ __device__ uint32_t select_round(const uint32_t* keys, int count, uint32_t prefi
     }
     running += local[j];
   }
-  __syncthreads();
+  cluster.sync();  // shared_int is set; rank 0's histogram is read before it is reused
   const uint32_t bin = static_cast<uint32_t>(shared_int[0]);
   need -= shared_int[1];
-  __syncthreads();  // shared_int and hist are reused by the next round
+  __syncthreads();  // shared_int is reused by the next round
   return bin;
 }
 
@@ -119,7 +135,10 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   __shared__ uint32_t hist[2048];
   __shared__ int shared_int[2];
   __shared__ int warp_keep[kWarps], warp_ties[kWarps];
-  const int seq = blockIdx.x, h = blockIdx.y;
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  const int ranks = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int seq = blockIdx.x / ranks, h = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int budget = p.sel_budget;
   int32_t* positions = p.sel_positions + seq * p.sel_stride_seq + h * p.sel_stride_head;
@@ -127,27 +146,38 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   const int64_t row0 = seq < p.num_seqs ? p.key_offsets[seq] : 0;
   const bool has_keys = selection_row_has_keys(n, row0, p.min_seq_len, p.key_capacity);
   uint32_t* keys = p.keys + h * p.key_capacity + row0;
+  // the cluster's threads, for work split evenly over them
+  const int thread = rank * kThreads + threadIdx.x, stride = ranks * kThreads;
 
+  // Every branch below is taken by the whole cluster (it depends on the row only), so
+  // the cluster barriers inside the ranked branch are reached by all of its CTAs.
   int count = 0;  // padding row
   if (n >= 1) count = has_keys ? min(budget, n) : kSelDenseRow;
-  if (h == 0 && threadIdx.x == 0) p.sel_count[seq] = count;
+  if (h == 0 && thread == 0) p.sel_count[seq] = count;
   if (count <= 0) {
-    for (int i = threadIdx.x; i < budget; i += kThreads) positions[i] = -1;
+    for (int i = thread; i < budget; i += stride) positions[i] = -1;
     return;
   }
+  // Positions [begin, end) of the older ones are this CTA's; warp w's share is
+  // [warp_begin, warp_end), a whole number of kChunk-key chunks.
+  constexpr int kUnroll = 8, kChunk = 32 * kUnroll;
+  const int older = n - 1;
+  const int per_warp = ((older + ranks * kWarps - 1) / (ranks * kWarps) + kChunk - 1) /
+                       kChunk * kChunk;
+  const int begin = min(rank * kWarps * per_warp, older);
+  const int end = min(begin + kWarps * per_warp, older);
   if (n <= budget) {  // every position
-    for (int i = threadIdx.x; i < budget; i += kThreads) positions[i] = i < n ? i : -1;
+    for (int i = thread; i < budget; i += stride) positions[i] = i < n ? i : -1;
   } else if (budget > 1) {
     // the budget - 1 best of the n - 1 older positions, then the newest
-    const int older = n - 1;
     int need = budget - 1;
     uint32_t prefix = 0u, prefix_mask = 0u;
     constexpr int kShifts[3] = {21, 10, 0}, kWidths[3] = {11, 11, 10};
 #pragma unroll
     for (int r = 0; r < 3; ++r) {
-      const uint32_t bin = select_round<kThreads>(keys, older, prefix, prefix_mask,
-                                                  kShifts[r], kWidths[r], need, hist,
-                                                  shared_int);
+      const uint32_t bin = select_round<kThreads>(cluster, keys + begin, end - begin, prefix,
+                                                  prefix_mask, kShifts[r], kWidths[r], need,
+                                                  hist, shared_int);
       prefix |= bin << kShifts[r];
       prefix_mask |= ((1u << kWidths[r]) - 1u) << kShifts[r];
     }
@@ -155,48 +185,57 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
     // positions among the keys equal to it are the budget - 1 kept
     const uint32_t threshold = prefix;
     const int ties_wanted = need;
-    // Warp w owns positions [begin, end), a multiple of kChunk long, and walks them kChunk
-    // at a time: kUnroll loads of 32 consecutive keys in flight, then the ballots in order.
-    constexpr int kUnroll = 8, kChunk = 32 * kUnroll;
-    const int share = ((older + kWarps - 1) / kWarps + kChunk - 1) / kChunk * kChunk;
-    const int begin = min(warp * share, older), end = min(begin + share, older);
+    const int warp_begin = min(begin + warp * per_warp, end);
+    const int warp_end = min(warp_begin + per_warp, end);
+    // kUnroll loads of 32 consecutive keys in flight, then the ballots in order
     auto load_chunk = [&](int base, uint32_t (&v)[kUnroll]) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + 32 * u + lane;
-        v[u] = i < end ? keys[i] : 0u;
+        v[u] = i < warp_end ? keys[i] : 0u;
       }
     };
     int greater = 0, tie = 0;
-    for (int base = begin; base < end; base += kChunk) {
+    for (int base = warp_begin; base < warp_end; base += kChunk) {
       uint32_t v[kUnroll];
       load_chunk(base, v);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const bool in = base + 32 * u + lane < end;
+        const bool in = base + 32 * u + lane < warp_end;
         greater += __popc(__ballot_sync(0xffffffffu, in && v[u] > threshold));
         tie += __popc(__ballot_sync(0xffffffffu, in && v[u] == threshold));
       }
     }
     if (lane == 0) warp_keep[warp] = greater, warp_ties[warp] = tie;
-    __syncthreads();
-    // ties go to the lowest positions, so to the first warps that hold any
-    int offset = 0, ties_before = 0;
-    for (int w = 0; w < warp; ++w) {
-      offset += warp_keep[w] + max(0, min(warp_ties[w], ties_wanted - ties_before));
-      ties_before += warp_ties[w];
+    cluster.sync();
+    // The shares before this warp's, in every rank: their keys above T, and their ties,
+    // which go to the lowest positions, so to the first shares.
+    const int share = rank * kWarps + warp;
+    int keep_before = 0, ties_before = 0;
+    for (int s = lane; s < share; s += 32) {
+      const int* keep = cluster.map_shared_rank(warp_keep, s / kWarps);
+      const int* ties = cluster.map_shared_rank(warp_ties, s / kWarps);
+      keep_before += keep[s % kWarps];
+      ties_before += ties[s % kWarps];
     }
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) {
+      keep_before += __shfl_xor_sync(0xffffffffu, keep_before, x);
+      ties_before += __shfl_xor_sync(0xffffffffu, ties_before, x);
+    }
+    cluster.sync();  // no CTA reads another's shared memory after this
+    int offset = keep_before + min(ties_wanted, ties_before);
     int tie_quota = max(0, min(tie, ties_wanted - ties_before));
     const unsigned lower = (1u << lane) - 1u;
-    for (int base = begin; base < end; base += kChunk) {
+    for (int base = warp_begin; base < warp_end; base += kChunk) {
       uint32_t v[kUnroll];
       load_chunk(base, v);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + 32 * u + lane;
-        const bool is_tie = i < end && v[u] == threshold;
+        const bool is_tie = i < warp_end && v[u] == threshold;
         const unsigned tie_mask = __ballot_sync(0xffffffffu, is_tie);
-        const bool take = (i < end && v[u] > threshold) ||
+        const bool take = (i < warp_end && v[u] > threshold) ||
                           (is_tie && __popc(tie_mask & lower) < tie_quota);
         const unsigned take_mask = __ballot_sync(0xffffffffu, take);
         if (take) positions[offset + __popc(take_mask & lower)] = i;
@@ -204,13 +243,18 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
         tie_quota -= min(tie_quota, __popc(tie_mask));
       }
     }
-    if (threadIdx.x == 0) positions[budget - 1] = n - 1;
-  } else if (threadIdx.x == 0) {  // a budget of 1 keeps the newest position only
+    if (thread == 0) positions[budget - 1] = n - 1;
+  } else if (thread == 0) {  // a budget of 1 keeps the newest position only
     positions[0] = n - 1;
   }
   if (p.shared) {  // atomicMax needs zeros next time
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) keys[i] = 0u;
+    if (n <= budget) {  // no ranges were read: split [0, n) evenly
+      for (int i = thread; i < n; i += stride) keys[i] = 0u;
+    } else {  // this CTA's range (its own reads are done: barrier), and the newest
+      __syncthreads();
+      for (int i = begin + static_cast<int>(threadIdx.x); i < end; i += kThreads) keys[i] = 0u;
+      if (thread == 0) keys[n - 1] = 0u;
+    }
   }
 }
 
