@@ -10,7 +10,12 @@ flush, median of --reps). Per (batch, context):
   budget; the issue's target is at most 1.3x a dense 4-bit decode;
 - ``sparse``: a reuse layer, ``ops.decode_sparse`` over ``budget`` positions per KV head
   chosen at random (the newest included); the issue's target is >= 20x faster than FA3
-  bf16 dense at k = 2048 and 128K.
+  bf16 dense at k = 2048 and 128K;
+- ``sparse-pages``: what a reuse layer at page granularity would cost (issue #6: "whole
+  pages or single tokens: measure which pays"): the dense ``ops.decode`` over
+  ``budget / block_size`` whole pages of each row chosen at random (the newest included),
+  the same bytes as ``sparse`` read as whole-page bulk copies. Page selection itself is
+  not built; this is its kernel-side bound.
 
     python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
 """
@@ -52,6 +57,22 @@ def random_selection(batch: int, heads: int, context: int, budget: int,
             out[b, h, :-1] = older
             out[b, h, -1] = context - 1
     return out
+
+
+def random_page_table(table: torch.Tensor, budget: int, block: int,
+                      gen: torch.Generator) -> torch.Tensor:
+    """``[batch, budget // block]`` int32 on ``table``'s device: per row, that many distinct
+    pages of ``table``'s row in their order, the last (newest) page always among them."""
+    batch, per_seq = table.shape
+    pages = budget // block
+    if not 1 <= pages <= per_seq:
+        raise ValueError(f"budget {budget} must cover 1 to {per_seq} pages of {block} tokens")
+    cols = torch.empty(batch, pages, dtype=torch.int64)
+    for b in range(batch):
+        older = torch.randperm(per_seq - 1, generator=gen)[: pages - 1].sort().values
+        cols[b, :-1] = older
+        cols[b, -1] = per_seq - 1
+    return torch.gather(table, 1, cols.to(table.device))
 
 
 def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
@@ -101,6 +122,17 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
         ms = timer(run_sparse)
         rows.append(dict(impl="bitdecode", kind="sparse", kv=f"int{BITS}", budget=budget,
                          ms=ms, bytes=budget * per_token, num_splits=splits))
+        pages = random_page_table(table, budget, dense.BLOCK, gen)
+        page_lens = torch.full((batch,), pages.shape[1] * dense.BLOCK, dtype=torch.int32,
+                               device="cuda")
+
+        def run_pages(pages=pages, page_lens=page_lens):
+            ops.decode(out, q, cache, pages, page_lens, po, pl, signs, scale, BITS,
+                       dense.GROUP, dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
+
+        ms = timer(run_pages)
+        rows.append(dict(impl="bitdecode", kind="sparse-pages", kv=f"int{BITS}",
+                         budget=budget, ms=ms, bytes=budget * per_token, num_splits=splits))
     return rows
 
 
@@ -113,6 +145,11 @@ def summarize(rows: list[dict]) -> dict:
         if r["kind"] == "sparse":
             out[f"sparse_k{r['budget']}_vs_fa3_bf16"] = fa3 / r["ms"]
             out[f"sparse_k{r['budget']}_vs_dense_int{BITS}"] = dense_ms / r["ms"]
+        elif r["kind"] == "sparse-pages":
+            tokens = next(t["ms"] for t in rows
+                          if t["kind"] == "sparse" and t["budget"] == r["budget"])
+            out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16"] = fa3 / r["ms"]
+            out[f"sparse_pages_k{r['budget']}_vs_sparse_tokens"] = tokens / r["ms"]
         elif r["kind"] == "select":
             out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r["ms"] / dense_ms
     return out
