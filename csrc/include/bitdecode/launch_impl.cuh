@@ -126,6 +126,30 @@ inline int select_topk_ranks(int rows_and_heads) {
   }
   int ranks = 1;
   while (ranks < kSelectMaxRanks && 2 * ranks * rows_and_heads <= count) ranks *= 2;
+  // a cluster must fit on one GPC at once; ask, once per device and size, and halve if not
+  static signed char fits[kMaxDevices][kSelectMaxRanks + 1] = {};  // 0 unknown, 1 yes, -1 no
+  while (ranks > 1) {
+    signed char& known = fits[device < kMaxDevices ? device : 0][ranks];
+    if (known == 0) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(ranks);
+      config.blockDim = dim3(kSelectTopkThreads);
+      cudaLaunchAttribute cluster[1];
+      cluster[0].id = cudaLaunchAttributeClusterDimension;
+      cluster[0].val.clusterDim.x = ranks;
+      cluster[0].val.clusterDim.y = 1;
+      cluster[0].val.clusterDim.z = 1;
+      config.attrs = cluster;
+      config.numAttrs = 1;
+      int clusters = 0;
+      const cudaError_t err = cudaOccupancyMaxActiveClusters(
+          &clusters, select_topk_kernel<kSelectTopkThreads>, &config);
+      if (err != cudaSuccess) cudaGetLastError();  // not sticky: clear it and step down
+      known = err == cudaSuccess && clusters > 0 ? 1 : -1;
+    }
+    if (known > 0) break;
+    ranks /= 2;
+  }
   return ranks;
 }
 
