@@ -204,8 +204,8 @@ def test_long_row_matches_reference():
 @pytest.mark.parametrize("rows", [10, 20, 70])
 def test_every_cluster_size(rows, shared):
     """The top-k spreads a row over a cluster of 1, 2, 4 or 8 CTAs, fewer as the batch
-    grows (select_topk_ranks): with 2 KV heads on 132 SMs, 10 rows take 4 per head (2
-    shared), 20 take 2 (4 shared), 70 take 1; the other tests' few rows take 8."""
+    grows (select_topk_ranks): with 2 KV heads on 132 SMs, 10 rows take 4 per (row, head)
+    (8 shared), 20 take 2 (4 shared), 70 take 1 (1); the other tests' few rows take 8."""
     gen = torch.Generator().manual_seed(13 + rows)
     fmt = PageFormat(128, 4, 128, 16)
     lens = torch.randint(600, 3000, (rows,), generator=gen).tolist()
