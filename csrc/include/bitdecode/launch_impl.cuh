@@ -113,7 +113,7 @@ void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
 
 // CTAs per (row, selection head) of the top-k: a power of two up to kSelectMaxRanks, as
 // many as keep every cluster's CTAs on an SM of their own (one 1024-thread CTA per SM)
-// with room to spare. 8 at a batch of one with 8 KV heads, 2 at 8, 1 from 17 on (132 SMs).
+// with room to spare. With 8 KV heads on 132 SMs: 8 at batches 1-2, 4 at 3-4, 2 at 5-8, 1 from 9.
 inline int select_topk_ranks(int rows_and_heads) {
   constexpr int kMaxDevices = 64;
   static int sms[kMaxDevices] = {};
