@@ -111,6 +111,26 @@ void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
   launch_decode_and_combine<T, BITS, GROUP, false, true>(p, stream);
 }
 
+// A launch of select_topk_kernel in clusters of `ranks` CTAs along x. Not copyable: the
+// config points at the attribute next to it.
+struct TopkClusterLaunch {
+  cudaLaunchAttribute cluster[1];
+  cudaLaunchConfig_t config;
+  TopkClusterLaunch(dim3 grid, int ranks, cudaStream_t stream) : cluster{}, config{} {
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = static_cast<unsigned>(ranks);
+    cluster[0].val.clusterDim.y = 1;
+    cluster[0].val.clusterDim.z = 1;
+    config.gridDim = grid;
+    config.blockDim = dim3(kSelectTopkThreads);
+    config.stream = stream;
+    config.attrs = cluster;
+    config.numAttrs = 1;
+  }
+  TopkClusterLaunch(const TopkClusterLaunch&) = delete;
+  TopkClusterLaunch& operator=(const TopkClusterLaunch&) = delete;
+};
+
 // CTAs per (row, selection head) of the top-k: a power of two up to kSelectMaxRanks, as
 // many as keep every cluster's CTAs on an SM of their own (one 1024-thread CTA per SM)
 // with room to spare. With 8 KV heads on 132 SMs: 8 at batches 1-2, 4 at 3-4, 2 at 5-8, 1 from 9.
@@ -131,19 +151,10 @@ inline int select_topk_ranks(int rows_and_heads) {
   while (ranks > 1) {
     signed char& known = fits[device < kMaxDevices ? device : 0][ranks];
     if (known == 0) {
-      cudaLaunchConfig_t config = {};
-      config.gridDim = dim3(ranks);
-      config.blockDim = dim3(kSelectTopkThreads);
-      cudaLaunchAttribute cluster[1];
-      cluster[0].id = cudaLaunchAttributeClusterDimension;
-      cluster[0].val.clusterDim.x = ranks;
-      cluster[0].val.clusterDim.y = 1;
-      cluster[0].val.clusterDim.z = 1;
-      config.attrs = cluster;
-      config.numAttrs = 1;
+      const TopkClusterLaunch launch(dim3(ranks), ranks, nullptr);
       int clusters = 0;
       const cudaError_t err = cudaOccupancyMaxActiveClusters(
-          &clusters, select_topk_kernel<kSelectTopkThreads>, &config);
+          &clusters, select_topk_kernel<kSelectTopkThreads>, &launch.config);
       if (err != cudaSuccess) cudaGetLastError();  // not sticky: clear it and step down
       known = err == cudaSuccess && clusters > 0 ? 1 : -1;
     }
@@ -160,18 +171,8 @@ void launch_decode_select(const DecodeParams& decode, const SelectParams& select
   launch_decode_and_combine<T, BITS, GROUP, false, false, true>(decode, stream);  // + keys
   const int heads = select.shared ? 1 : decode.num_kv_heads;
   const int ranks = select_topk_ranks(select.num_seqs * heads);
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(select.num_seqs * ranks, heads);
-  config.blockDim = dim3(kSelectTopkThreads);
-  config.stream = stream;
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim.x = ranks;
-  cluster[0].val.clusterDim.y = 1;
-  cluster[0].val.clusterDim.z = 1;
-  config.attrs = cluster;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, select_topk_kernel<kSelectTopkThreads>, select);
+  const TopkClusterLaunch launch(dim3(select.num_seqs * ranks, heads), ranks, stream);
+  cudaLaunchKernelEx(&launch.config, select_topk_kernel<kSelectTopkThreads>, select);
 }
 
 template <typename T, int BITS, int GROUP>
