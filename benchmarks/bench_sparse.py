@@ -67,11 +67,8 @@ def random_page_table(table: torch.Tensor, budget: int, block: int,
     pages = budget // block
     if not 1 <= pages <= per_seq:
         raise ValueError(f"budget {budget} must cover 1 to {per_seq} pages of {block} tokens")
-    cols = torch.empty(batch, pages, dtype=torch.int64)
-    for b in range(batch):
-        older = torch.randperm(per_seq - 1, generator=gen)[: pages - 1].sort().values
-        cols[b, :-1] = older
-        cols[b, -1] = per_seq - 1
+    # pages picked as random_selection picks positions, one "head" per row
+    cols = random_selection(batch, 1, per_seq, pages, gen)[:, 0].long()
     return torch.gather(table, 1, cols.to(table.device))
 
 
