@@ -30,29 +30,39 @@ PageGeometry page_geometry(int64_t bits, int64_t group_size, int64_t block_size)
   while ((int64_t{1} << g.block_shift) < block_size) ++g.block_shift;
   g.row_bytes = static_cast<int>(kHead * bits / 8);
   g.param_bytes = static_cast<int>(8 * (kHead / group_size));
-  g.v_rows_offset = g.block_size * g.row_bytes;
-  g.params_offset = 2 * g.block_size * g.row_bytes;
+  g.tile_bytes = kTileTokens * (2 * g.row_bytes + g.param_bytes);
+  g.v_rows_offset = kTileTokens * g.row_bytes;
+  g.params_offset = 2 * kTileTokens * g.row_bytes;
   return g;
 }
 
 int64_t head_region_bytes(const PageGeometry& g) {
-  return static_cast<int64_t>(g.block_size) * (2 * g.row_bytes + g.param_bytes);
+  return static_cast<int64_t>(g.block_size / kTileTokens) * g.tile_bytes;
 }
 
-// The channel-mode head region (reference_kc.KCPageLayout): K rows, V rows, V (scale,
-// zero) per token and group, then K scale[128] and zero[128] of the page.
+// The channel-mode tile (reference_kc.KCPageLayout): K rows, V rows, V (scale, zero) per
+// token and group, then K scale[128] and zero[128] of the tile's K group.
+static_assert(kKCGroupTokens == kTileTokens, "a tile is one K group");
 struct KCOffsets {
   int64_t v_param_bytes;    // per token
-  int64_t k_params_offset;
+  int64_t k_params_offset;  // in a tile
+  int64_t tile_bytes;
   int64_t region;           // bytes of one head region
 };
 
 KCOffsets kc_offsets(const PageGeometry& g) {
   KCOffsets o;
   o.v_param_bytes = g.param_bytes / 2;
-  o.k_params_offset = g.params_offset + g.block_size * o.v_param_bytes;
-  o.region = o.k_params_offset + g.block_size / kKCGroupTokens * 2 * kHead * 2;
+  o.k_params_offset = g.params_offset + kTileTokens * o.v_param_bytes;
+  o.tile_bytes = o.k_params_offset + 2 * kHead * 2;
+  o.region = g.block_size / kTileTokens * o.tile_bytes;
   return o;
+}
+
+// The geometry of a channel-mode page: per-token offsets, the channel mode's tile size.
+PageGeometry kc_geometry(PageGeometry g) {
+  g.tile_bytes = static_cast<int>(kc_offsets(g).tile_bytes);
+  return g;
 }
 
 void check_kc_block_size(int64_t block_size) {
@@ -236,7 +246,7 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.num_splits = static_cast<int>(num_splits);
   p.min_tiles_per_split = static_cast<int>(min_tiles_per_split);
-  p.page = g;
+  p.page = channel_k ? kc_geometry(g) : g;
   return p;
 }
 
@@ -309,7 +319,7 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_kv_heads = static_cast<int>(key_out.size(1));
   p.max_tokens = static_cast<int>(max_tokens);
-  p.page = g;
+  p.page = channel_k ? kc_geometry(g) : g;
   p.k_params_offset = channel_k ? static_cast<int>(kc_offsets(g).k_params_offset) : 0;
   return p;
 }
@@ -564,6 +574,7 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   p.v_params_offset = g.params_offset;
   p.v_param_bytes = static_cast<int>(kc.v_param_bytes);
   p.k_params_offset = static_cast<int>(kc.k_params_offset);
+  p.tile_bytes = static_cast<int>(kc.tile_bytes);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key.scalar_type(), bits, group_size,
                      launch_kc_write<T, kBits, kGroup>(p, stream);)

@@ -11,7 +11,13 @@ import math
 
 import torch
 
-from vllm_bitdecode.page_format import PageFormat, rotation_signs
+from vllm_bitdecode.page_format import (
+    TILE_TOKENS,
+    PageFormat,
+    rotation_signs,
+    tile_field,
+    tile_tokens,
+)
 
 
 # ---- rotation ---------------------------------------------------------------------------
@@ -129,11 +135,24 @@ def unpack_rows(rows: torch.Tensor, channel_of_slot: torch.Tensor, bits: int) ->
 
 
 # ---- pages ------------------------------------------------------------------------------
+def _k_rows(cache: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
+    """``[blocks, heads, tiles, 16, row_bytes]`` view of the K rows (page_format.tile_field)."""
+    return tile_field(cache, fmt.tile_bytes, fmt.k_rows_offset, fmt.row_bytes)
+
+
+def _v_rows(cache: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
+    return tile_field(cache, fmt.tile_bytes, fmt.v_rows_offset, fmt.row_bytes)
+
+
+def _params(cache: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
+    return tile_field(cache, fmt.tile_bytes, fmt.params_offset, fmt.param_bytes_per_token)
+
+
 def _params_view(cache: torch.Tensor, fmt: PageFormat, dtype: torch.dtype) -> torch.Tensor:
-    """[num_blocks, heads, block_size, 2 (K,V), groups, 2 (scale, zero)] view of the params."""
-    region = cache[:, :, fmt.params_offset : fmt.head_region_bytes]
+    """[num_blocks, heads, block_size, 2 (K,V), groups, 2 (scale, zero)] of the params (a copy)."""
     n, h = cache.shape[:2]
-    return region.contiguous().view(dtype).view(n, h, fmt.block_size, 2, fmt.groups, 2)
+    raw = tile_tokens(_params(cache, fmt)).contiguous()
+    return raw.view(dtype).view(n, h, fmt.block_size, 2, fmt.groups, 2)
 
 
 def write_tokens(
@@ -160,16 +179,11 @@ def write_tokens(
         (torch.stack((ks, kz), -1), torch.stack((vs, vz), -1)), dim=-3
     )  # [tokens, heads, 2, groups, 2]
     param_bytes = params.contiguous().view(torch.uint8).flatten(-3)
-    n, h, bs, rb, pb = cache.shape[0], cache.shape[1], fmt.block_size, fmt.row_bytes, (
-        fmt.param_bytes_per_token
-    )
-    # views of the three regions as [blocks, heads, block_size, bytes]; writes land in cache
-    k_region = cache[:, :, fmt.k_rows_offset : fmt.k_rows_offset + bs * rb].view(n, h, bs, rb)
-    v_region = cache[:, :, fmt.v_rows_offset : fmt.v_rows_offset + bs * rb].view(n, h, bs, rb)
-    p_region = cache[:, :, fmt.params_offset : fmt.params_offset + bs * pb].view(n, h, bs, pb)
-    k_region[blocks, :, offs] = k_rows
-    v_region[blocks, :, offs] = v_rows
-    p_region[blocks, :, offs] = param_bytes
+    # views [blocks, heads, tiles, 16, bytes]; writes land in cache
+    tile, row = offs // TILE_TOKENS, offs % TILE_TOKENS
+    _k_rows(cache, fmt)[blocks, :, tile, row] = k_rows
+    _v_rows(cache, fmt)[blocks, :, tile, row] = v_rows
+    _params(cache, fmt)[blocks, :, tile, row] = param_bytes
 
 
 def read_blocks(
@@ -182,9 +196,8 @@ def read_blocks(
     if it was stored rotated).
     """
     pages = cache[block_ids.long()]  # [nb, heads, region]
-    rb, bs = fmt.row_bytes, fmt.block_size
-    k_rows = pages[:, :, : bs * rb].unflatten(-1, (bs, rb))
-    v_rows = pages[:, :, fmt.v_rows_offset : fmt.v_rows_offset + bs * rb].unflatten(-1, (bs, rb))
+    k_rows = tile_tokens(_k_rows(pages, fmt))  # [nb, heads, bs, row_bytes]
+    v_rows = tile_tokens(_v_rows(pages, fmt))
     params = _params_view(pages, fmt, dtype)  # [nb, heads, bs, 2, groups, 2]
     kc = unpack_rows(k_rows, fmt.k_channel_of_slot(), fmt.bits)
     vc = unpack_rows(v_rows, fmt.v_channel_of_slot(), fmt.bits)

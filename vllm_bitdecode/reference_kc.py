@@ -30,13 +30,16 @@ with one group of 16 tokens, so :func:`quantize_channels` calls
 ``reference.quantize`` and inherits its exact rounding rules (scale and zero rounded to
 the parameter dtype first, IEEE division, round half to even, clamp).
 
-Layout of one head region of a per-channel page (numbers for head size 128)::
+Layout of one head region of a per-channel page (numbers for head size 128): as in the
+per-token page, ``block_size / 16`` tiles of 16 tokens, tile ``i`` holding tokens
+``16 i ..`` and so exactly one K group::
 
-    k_rows    [block_size][row_bytes]          packed K codes (row order as per-token)
-    v_rows    [block_size][row_bytes]          packed V codes
-    v_params  [block_size][groups][2]          V (scale, zero) per token, model dtype
-    k_params  [block_size / 16][2 * head_size] per K group: scale and zc of every
-                                               channel, fp16, in k_param_index order
+    tile =
+        k_rows    [16][row_bytes]          packed K codes (row order as per-token)
+        v_rows    [16][row_bytes]          packed V codes
+        v_params  [16][groups][2]          V (scale, zero) per token, model dtype
+        k_params  [2 * head_size]          the tile's K group: scale and zc of every
+                                           channel, fp16, in k_param_index order
 """
 
 from __future__ import annotations
@@ -46,9 +49,15 @@ import dataclasses
 import torch
 
 from vllm_bitdecode import reference
-from vllm_bitdecode.page_format import PARAM_BYTES, PageFormat
+from vllm_bitdecode.page_format import (
+    PARAM_BYTES,
+    TILE_TOKENS,
+    PageFormat,
+    tile_field,
+    tile_tokens,
+)
 
-KC_GROUP_TOKENS = 16  # tokens of one K group: K is quantized per channel over these
+KC_GROUP_TOKENS = TILE_TOKENS  # tokens of one K group: K is quantized per channel over these
 K_PARAM_DTYPE = torch.float16  # channel-mode K (scale, zc) in the page, any model dtype
 
 
@@ -71,8 +80,8 @@ class KCPageLayout:
     def row_bytes(self) -> int:
         return self.fmt.row_bytes
 
-    # K and V rows sit where they sit in the per-token page; V's per-token parameters
-    # start where that page's (K, V) parameters start
+    # offsets inside a tile. K and V rows sit where they sit in the per-token tile; V's
+    # per-token parameters start where that tile's (K, V) parameters start
     @property
     def k_rows_offset(self) -> int:
         return self.fmt.k_rows_offset
@@ -92,11 +101,11 @@ class KCPageLayout:
 
     @property
     def k_params_offset(self) -> int:
-        return self.v_params_offset + self.block_size * self.v_param_bytes_per_token
+        return self.v_params_offset + TILE_TOKENS * self.v_param_bytes_per_token
 
     @property
     def k_groups(self) -> int:
-        """K groups of 16 tokens per page."""
+        """K groups of 16 tokens per page: one per tile."""
         return self.block_size // KC_GROUP_TOKENS
 
     @property
@@ -110,8 +119,12 @@ class KCPageLayout:
         return self.k_groups * self.k_group_param_bytes
 
     @property
+    def tile_bytes(self) -> int:
+        return self.k_params_offset + self.k_group_param_bytes
+
+    @property
     def head_region_bytes(self) -> int:
-        return self.k_params_offset + self.k_param_bytes
+        return self.k_groups * self.tile_bytes
 
     def page_bytes(self, num_kv_heads: int) -> int:
         """Bytes of one vLLM block of one layer (what the KV-cache spec reports)."""
@@ -242,30 +255,23 @@ def fake_quant_v(v: torch.Tensor, fmt: PageFormat) -> torch.Tensor:
 
 # ---- region views ------------------------------------------------------------------------
 def _k_rows(cache, layout):
-    n, h = cache.shape[:2]
-    bs, rb = layout.block_size, layout.row_bytes
-    return cache[:, :, layout.k_rows_offset : layout.k_rows_offset + bs * rb].view(n, h, bs, rb)
+    """``[blocks, heads, tiles, 16, row_bytes]`` view (page_format.tile_field)."""
+    return tile_field(cache, layout.tile_bytes, layout.k_rows_offset, layout.row_bytes)
 
 
 def _v_rows(cache, layout):
-    n, h = cache.shape[:2]
-    bs, rb = layout.block_size, layout.row_bytes
-    return cache[:, :, layout.v_rows_offset : layout.v_rows_offset + bs * rb].view(n, h, bs, rb)
+    return tile_field(cache, layout.tile_bytes, layout.v_rows_offset, layout.row_bytes)
 
 
 def _v_params(cache, layout):
-    n, h = cache.shape[:2]
-    bs, pb = layout.block_size, layout.v_param_bytes_per_token
-    start = layout.v_params_offset
-    return cache[:, :, start : start + bs * pb].view(n, h, bs, pb)
+    return tile_field(cache, layout.tile_bytes, layout.v_params_offset,
+                      layout.v_param_bytes_per_token)
 
 
 def _k_params(cache, layout):
-    """``[blocks, heads, k_groups, k_group_param_bytes]``."""
-    n, h = cache.shape[:2]
-    start = layout.k_params_offset
-    return cache[:, :, start : start + layout.k_param_bytes].view(
-        n, h, layout.k_groups, layout.k_group_param_bytes)
+    """``[blocks, heads, k_groups, k_group_param_bytes]`` view: one K group per tile."""
+    tiles = cache.unflatten(-1, (layout.k_groups, layout.tile_bytes))
+    return tiles[..., layout.k_params_offset : layout.k_params_offset + layout.k_group_param_bytes]
 
 
 def _as_params(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -337,9 +343,10 @@ def write_tokens_kc(
     t_v = valid.nonzero().squeeze(-1)
     vq, vs, vz = reference.quantize(value[t_v], fmt, dtype)
     v_params = torch.stack((vs, vz), dim=-1)  # [tokens, heads, groups, 2]
-    _v_rows(cache, layout)[blocks[t_v], :, offs[t_v]] = reference.pack_rows(
+    tile, row_in_tile = offs[t_v] // TILE_TOKENS, offs[t_v] % TILE_TOKENS
+    _v_rows(cache, layout)[blocks[t_v], :, tile, row_in_tile] = reference.pack_rows(
         vq, fmt.v_channel_of_slot(), fmt.bits)
-    _v_params(cache, layout)[blocks[t_v], :, offs[t_v]] = v_params.contiguous().view(
+    _v_params(cache, layout)[blocks[t_v], :, tile, row_in_tile] = v_params.contiguous().view(
         torch.uint8).flatten(-2)
 
     # 2. phase A: quantize the K groups filled in this step. Within one kernel launch the
@@ -358,8 +365,8 @@ def write_tokens_kc(
                 rows.append(residual[int(row_slot[r]), 0, :, p % bs])
         group_k = torch.stack(rows, dim=1)  # [heads, 16, D]
         codes, scale, zero = quantize_channels(group_k, fmt.bits, K_PARAM_DTYPE)
-        slots = slice(first % bs, first % bs + gt)
-        _k_rows(cache, layout)[int(blocks[t]), :, slots] = reference.pack_rows(
+        # the group is one whole tile
+        _k_rows(cache, layout)[int(blocks[t]), :, first % bs // gt] = reference.pack_rows(
             codes, fmt.k_channel_of_slot(), fmt.bits)
         zc = centred_zero(scale, zero, fmt.bits)
         k_params[int(blocks[t]), :, first % bs // gt] = pack_k_params(scale, zc).view(
@@ -388,12 +395,14 @@ def read_pages_kc(
     nb, h = pages.shape[:2]
     fmt = layout.fmt
     bs, d = layout.block_size, layout.head_size
-    kc = reference.unpack_rows(_k_rows(pages, layout), fmt.k_channel_of_slot(), fmt.bits)
+    kc = reference.unpack_rows(tile_tokens(_k_rows(pages, layout)), fmt.k_channel_of_slot(),
+                               fmt.bits)
     kp = _as_params(_k_params(pages, layout), K_PARAM_DTYPE, (nb, h, layout.k_groups, 2 * d))
     k_groups = kc.unflatten(-2, (layout.k_groups, KC_GROUP_TOKENS))
     k = dequantize_stored_k(k_groups, *unpack_k_params(kp), fmt.bits).flatten(2, 3)
-    vc = reference.unpack_rows(_v_rows(pages, layout), fmt.v_channel_of_slot(), fmt.bits)
-    vp = _as_params(_v_params(pages, layout), dtype, (nb, h, bs, fmt.groups, 2))
+    vc = reference.unpack_rows(tile_tokens(_v_rows(pages, layout)), fmt.v_channel_of_slot(),
+                               fmt.bits)
+    vp = _as_params(tile_tokens(_v_params(pages, layout)), dtype, (nb, h, bs, fmt.groups, 2))
     v = reference.dequantize(vc, vp[..., 0], vp[..., 1], fmt)
     return k.transpose(1, 2).flatten(0, 1), v.transpose(1, 2).flatten(0, 1)
 

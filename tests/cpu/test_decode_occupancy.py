@@ -66,10 +66,13 @@ def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path):
         allocated = -(-regs // 8) * 8  # per thread, in the allocation's units of 8
         assert allocated * THREADS * ctas <= REGISTERS, f"{what}: {regs} registers"
         # The selection layer's kernel (one or two layers of a model) may spill a little:
-        # at V group 64 it stores 12 bytes (2026-11-30, nvcc 13.0; 2 STL and 1 LDL in its
-        # step loop of about 1,200 instructions), cheaper than 3 CTAs per SM. The others,
-        # which every other layer runs, must not spill at all.
-        allowed = 16 if m.group(6) == "1" else 0
+        # at V group 64 it stored 12 bytes until the tile-major page (2026-11-30, nvcc
+        # 13.0; 2 STL and 1 LDL in its step loop), cheaper than 3 CTAs per SM. The
+        # channel-K kernel at V group 64 keeps one register in local memory since then
+        # (8 bytes: stored in the prologue, loaded there and once after the step loops;
+        # the fp16 twin did so before). The per-token and sparse kernels, which every
+        # other layer runs, must not spill at all.
+        allowed = 16 if m.group(6) == "1" else 8 if m.group(5) == "1" else 0
         assert spill <= allowed, f"{what}: {spill} bytes of spill stores"
         checked += 1
     # V groups 32 / 64 / 128 x per-token, sparse, channel K, selection

@@ -36,20 +36,54 @@ def test_sizes_and_offsets(bits, group_size, block_size):
     assert fmt.head_region_bytes == block_size * fmt.bytes_per_token_head
     assert fmt.page_bytes(num_kv_heads=8) == 8 * fmt.head_region_bytes
 
-    # regions are 16-byte aligned, in order, disjoint and tile the head region exactly
+    # a head region is block_size / 16 tiles of 16 tokens; inside a tile the regions are
+    # 16-byte aligned, in order, disjoint and fill it exactly (one bulk copy per tile)
+    assert fmt.tiles == block_size // 16
+    assert fmt.tiles * fmt.tile_bytes == fmt.head_region_bytes
     regions = [
-        (fmt.k_rows_offset, block_size * fmt.row_bytes),
-        (fmt.v_rows_offset, block_size * fmt.row_bytes),
-        (fmt.params_offset, block_size * fmt.param_bytes_per_token),
+        (fmt.k_rows_offset, 16 * fmt.row_bytes),
+        (fmt.v_rows_offset, 16 * fmt.row_bytes),
+        (fmt.params_offset, 16 * fmt.param_bytes_per_token),
     ]
     pos = 0
     for offset, size in regions:
         assert offset % 16 == 0
         assert offset == pos, "regions must be contiguous and non-overlapping"
         pos = offset + size
-    assert pos == fmt.head_region_bytes
-    # head regions are stacked in a page, so each must start 16-byte aligned too
-    assert fmt.head_region_bytes % 16 == 0
+    assert pos == fmt.tile_bytes
+    # tiles and head regions are stacked, so each must start 16-byte aligned too
+    assert fmt.tile_bytes % 16 == 0 and fmt.head_region_bytes % 16 == 0
+
+
+@pytest.mark.parametrize("block_size", BLOCKS)
+def test_token_bytes_lie_in_their_tile(block_size):
+    """Token t of a page: its K row, V row and params sit in tile t // 16, at row t % 16,
+    written out byte for byte (not through tile_field, which the references use)."""
+    import torch
+
+    from vllm_bitdecode.page_format import tile_field, tile_tokens
+
+    fmt = PageFormat(HEAD, 4, 64, block_size)
+    cache = torch.zeros(2, 3, fmt.head_region_bytes, dtype=torch.uint8)
+    rb, pb = fmt.row_bytes, fmt.param_bytes_per_token
+    for t in range(block_size):
+        tile = t // 16 * fmt.tile_bytes
+        cache[1, 2, tile + (t % 16) * rb : tile + (t % 16 + 1) * rb] = 1 + t % 250
+        v0 = tile + fmt.v_rows_offset + (t % 16) * rb
+        cache[1, 2, v0 : v0 + rb] = 2
+        p0 = tile + fmt.params_offset + (t % 16) * pb
+        cache[1, 2, p0 : p0 + pb] = 3
+    k = tile_tokens(tile_field(cache, fmt.tile_bytes, fmt.k_rows_offset, rb))
+    assert k.shape == (2, 3, block_size, rb)
+    assert torch.equal(k[1, 2, :, 0], torch.tensor([1 + t % 250 for t in range(block_size)],
+                                                    dtype=torch.uint8))
+    assert torch.all(tile_field(cache, fmt.tile_bytes, fmt.v_rows_offset, rb)[1, 2] == 2)
+    assert torch.all(tile_field(cache, fmt.tile_bytes, fmt.params_offset, pb)[1, 2] == 3)
+    assert not cache[0].any() and not cache[1, :2].any()
+    # a write through the view lands in the cache
+    tile_field(cache, fmt.tile_bytes, fmt.v_rows_offset, rb)[0, 1, block_size // 16 - 1, 15] = 9
+    last = (fmt.tiles - 1) * fmt.tile_bytes + fmt.v_rows_offset + 15 * rb
+    assert torch.all(cache[0, 1, last : last + rb] == 9) and int(cache[0, 1].sum()) == 9 * rb
 
 
 @pytest.mark.parametrize("bits", BITS)

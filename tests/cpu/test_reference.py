@@ -365,11 +365,14 @@ KV_HEADS = 8
 
 
 def _layout_of(cache, fmt, block, offset):
-    """Bytes of one token slot of every head: K row, V row, params (independent slicing)."""
+    """Bytes of one token slot of every head: K row, V row, params (independent slicing:
+    token t lies in 16-token tile t // 16, laid out as K rows | V rows | params)."""
     rb, pb = fmt.row_bytes, fmt.param_bytes_per_token
-    base_v = fmt.block_size * rb
-    base_p = 2 * fmt.block_size * rb
-    k = cache[block, :, offset * rb : (offset + 1) * rb]
+    tile = offset // 16 * 16 * (2 * rb + pb)
+    offset %= 16
+    base_v = tile + 16 * rb
+    base_p = tile + 32 * rb
+    k = cache[block, :, tile + offset * rb : tile + (offset + 1) * rb]
     v = cache[block, :, base_v + offset * rb : base_v + (offset + 1) * rb]
     p = cache[block, :, base_p + offset * pb : base_p + (offset + 1) * pb]
     return k, v, p

@@ -56,14 +56,16 @@ def test_layout_matches_the_design_numbers(bits, block_size):
     lay = _layout(bits, block_size)
     fmt = lay.fmt
     assert lay.bytes_per_token_head == DESIGN_BYTES[(bits, block_size)]
-    # regions are disjoint, in order, and 16-byte aligned (one bulk copy per region)
-    ends = [lay.k_rows_offset + block_size * fmt.row_bytes,
-            lay.v_rows_offset + block_size * fmt.row_bytes,
-            lay.v_params_offset + block_size * lay.v_param_bytes_per_token,
-            lay.k_params_offset + lay.k_param_bytes]
+    # a head region is one tile per K group; inside a tile the regions are disjoint, in
+    # order, and 16-byte aligned, and fill it (one bulk copy per tile)
+    ends = [lay.k_rows_offset + 16 * fmt.row_bytes,
+            lay.v_rows_offset + 16 * fmt.row_bytes,
+            lay.v_params_offset + 16 * lay.v_param_bytes_per_token,
+            lay.k_params_offset + lay.k_group_param_bytes]
     starts = [lay.k_rows_offset, lay.v_rows_offset, lay.v_params_offset, lay.k_params_offset]
-    assert starts[1:] == ends[:-1] and ends[-1] == lay.head_region_bytes
-    assert all(s % 16 == 0 for s in starts)
+    assert starts[1:] == ends[:-1] and ends[-1] == lay.tile_bytes
+    assert lay.k_groups * lay.tile_bytes == lay.head_region_bytes
+    assert all(s % 16 == 0 for s in starts) and lay.tile_bytes % 16 == 0
     # per-token V params are those of the per-token page, K params per 16-token K group
     assert lay.v_param_bytes_per_token == fmt.param_bytes_per_token // 2
     assert lay.k_groups == block_size // 16 and lay.k_param_bytes == 512 * lay.k_groups
@@ -323,10 +325,11 @@ def test_each_k_group_is_quantized_exactly_when_its_last_slot_is_written(bits, b
     rb, gb = lay.row_bytes, lay.k_group_param_bytes
 
     def group_bytes(page: torch.Tensor, grp: int) -> torch.Tensor:
-        """K rows and K params of K group grp of a page (one head region per KV head)."""
-        params = lay.k_params_offset + grp * gb
-        return torch.cat((page[:, 16 * grp * rb : 16 * (grp + 1) * rb],
-                          page[:, params : params + gb]), -1)
+        """K rows and K params of K group grp of a page (one head region per KV head):
+        the group is tile grp, K rows first, K params last."""
+        tile = grp * lay.tile_bytes
+        params = tile + lay.k_params_offset
+        return torch.cat((page[:, tile : tile + 16 * rb], page[:, params : params + gb]), -1)
 
     for i in range(bs + 3):
         before = tok.cache[1].clone()
@@ -346,11 +349,12 @@ def test_each_k_group_is_quantized_exactly_when_its_last_slot_is_written(bits, b
     # one (scale, zero) per channel and K group of 16 tokens
     groups = seq.k[:bs].transpose(0, 1).unflatten(1, (bs // 16, 16))  # [heads, groups, 16, D]
     codes, scale, zero = kc.quantize_channels(groups, bits, kc.K_PARAM_DTYPE)
-    rows = ref.pack_rows(codes.flatten(1, 2), lay.fmt.k_channel_of_slot(), bits)
-    assert torch.equal(one.cache[1][:, : bs * rb], rows.flatten(-2))
+    rows = ref.pack_rows(codes, lay.fmt.k_channel_of_slot(), bits)  # [heads, groups, 16, rb]
     zc = kc.centred_zero(scale, zero, bits)  # stored in fp16 as zero + 2^(bits-1) * scale
-    params = kc.pack_k_params(scale, zc).view(torch.uint8).flatten(-2)
-    assert torch.equal(one.cache[1][:, lay.k_params_offset:], params)
+    params = kc.pack_k_params(scale, zc).view(torch.uint8)  # [heads, groups, gb]
+    for grp in range(bs // 16):
+        assert torch.equal(group_bytes(one.cache[1], grp),
+                           torch.cat((rows[:, grp].flatten(-2), params[:, grp]), -1))
     # the residual then holds the partial second page, and its first rows are exact
     assert torch.equal(tok.residual[0, 0, :, :3], seq.k[bs:].transpose(0, 1))
     assert torch.equal(tok.residual[0, 1, :, :3], seq.v[bs:].transpose(0, 1))

@@ -249,8 +249,10 @@ def _run_special(dtype, bits, rotate, special, where):
     differ = pages != expected_pages
     block, off = int(table[HOT_SEQ, HOT_TOKEN // BLOCK]), HOT_TOKEN % BLOCK
     rb, pb = fmt.row_bytes, fmt.param_bytes_per_token
-    for start, size in ((fmt.k_rows_offset + off * rb, rb), (fmt.v_rows_offset + off * rb, rb),
-                        (fmt.params_offset + off * pb, pb)):
+    tile, off = off // 16 * fmt.tile_bytes, off % 16  # the token's tile and row in it
+    for start, size in ((tile + fmt.k_rows_offset + off * rb, rb),
+                        (tile + fmt.v_rows_offset + off * rb, rb),
+                        (tile + fmt.params_offset + off * pb, pb)):
         differ[block, HOT_KV_HEAD, start : start + size] = False
     assert not differ.any(), f"bytes written outside the hot slot: {differ.nonzero()[:8].tolist()}"
 

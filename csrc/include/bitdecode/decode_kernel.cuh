@@ -3,7 +3,9 @@
 // Grid (num_splits, num_kv_heads, num_seqs), 4 warps. A CTA owns one KV head of one
 // sequence and a contiguous range of 16-token tiles; warp w takes tiles w, w+4, w+8, ...
 // of that range and streams them through its own ring of shared-memory buffers, filled
-// by the bulk-copy engine (cp.async.bulk + one mbarrier per buffer). Nothing in flight
+// by the bulk-copy engine (cp.async.bulk + one mbarrier per buffer): a tile is one
+// contiguous region of its page (page_format.py), so one copy per tile at every block
+// size. Nothing in flight
 // sits in registers and the warps never wait for each other until the final merge.
 //
 // The products are computed transposed, so that the few query heads of a GQA group fill
@@ -31,7 +33,7 @@
 // the same kernel with another producer. A row attends to the list of positions that a
 // selection layer left in sel_positions, in tiles of 16 list entries; each entry's K row,
 // V row and parameters are gathered from its own page (page = block_table[pos >> shift],
-// slot = pos & (block_size - 1)) by all 32 lanes with cp.async into a ring buffer laid out
+// slot = pos & (block_size - 1), in tile slot / 16) by all 32 lanes with cp.async into a ring buffer laid out
 // exactly like a page tile, so unpacking, MMAs and the online softmax are untouched and
 // the softmax over the selected tokens is exact. Rows marked kSelDenseRow walk their
 // pages as the dense kernel does; rows with count 0 write zeros without reading a page.
@@ -69,8 +71,7 @@
 
 namespace bitdecode {
 
-constexpr int kDecodeWarps = 4;
-constexpr int kTileTokens = 16;  // one k-step of P V
+constexpr int kDecodeWarps = 4;  // a tile (params.h, kTileTokens) is one k-step of P V
 constexpr int kMaxGqa = 16;      // query heads per KV head: two MMA N tiles
 
 // Compile-time shape of one decode instantiation. HEAD_TILES = 1 serves up to 8 query
@@ -85,7 +86,7 @@ struct DecodeShape {
   static constexpr int kParamBytes = (KC ? 1 : 2) * 2 * kGroups * static_cast<int>(sizeof(T));
   // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes],
   // and with KC the fp16 K params (scale, zc) [2 * HEAD] of the tile's 16-token K group,
-  // in kc_param_index order. At block size 16 that is the head region.
+  // in kc_param_index order: a tile of the page as it is stored (page_format.py).
   static constexpr int kVOffset = kTileTokens * kRowBytes;
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
   static constexpr int kKParamOffset = kParamOffset + kTileTokens * kParamBytes;
@@ -270,7 +271,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const uint8_t* head_base = p.cache + kv_head * p.cache_stride_head;
   const int32_t* table = p.block_table + seq * p.block_table_stride;
   const int block_shift = p.page.block_shift;
-  const bool whole_page = p.page.block_size == kTileTokens;  // a tile is one contiguous region
   auto tile_token0 = [&](int i) { return (first_tile + kDecodeWarps * i) * kTileTokens; };
   auto table_entry = [&](int i) { return i < n_local ? table[tile_token0(i) >> block_shift] : 0; };
   // Lane l holds the page of local tile 32 * window + l, and of the window after it, so
@@ -310,7 +310,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       const int slot = __shfl_sync(0xffffffffu, gather_slot, token);
       if (slot >= 0) {
         const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block +
-                             (is_v ? p.page.v_rows_offset : 0) + slot * R + offset;
+                             tile_row(Shape::kTileBytes, slot, is_v ? Shape::kVOffset : 0, R) +
+                             offset;
         cp_async<16>(dst + (is_v ? Shape::kVOffset : 0) + token * R + offset, src);
       }
     }
@@ -323,7 +324,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     const int slot = __shfl_sync(0xffffffffu, gather_slot, token);
     if (lane < kTileTokens * kPieces && slot >= 0) {
       const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block +
-                           p.page.params_offset + slot * P + offset;
+                           tile_row(Shape::kTileBytes, slot, Shape::kParamOffset, P) + offset;
       cp_async<kPiece>(dst + Shape::kParamOffset + token * P + offset, src);
     }
     cp_async_mbarrier_arrive(b);
@@ -343,27 +344,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     }
     const int page = __shfl_sync(0xffffffffu, page_cur, i % 32);
     if (lane == 0) {
-      const uint8_t* src = head_base + static_cast<int64_t>(page) * p.cache_stride_block;
-      uint8_t* dst = ring + stage * Shape::kTileBytes;
+      // the tile's place in its page: its first token's offset there is 16 * tile index
+      const int token_in_page = tile_token0(i) & (p.page.block_size - 1);
+      const uint8_t* src = head_base + (static_cast<int64_t>(page) * p.cache_stride_block +
+                                        token_in_page * (Shape::kTileBytes / kTileTokens));
       uint64_t* b = &bar[stage];
       fence_proxy_async_shared();  // the warp's reads of this buffer come first
       mbarrier_arrive_expect_tx(b, Shape::kTileBytes);
-      if (whole_page) {
-        bulk_copy_to_smem(dst, src, Shape::kTileBytes, b);
-      } else {  // K rows, V rows and parameters of 16 tokens inside a larger page
-        const int offset = tile_token0(i) & (p.page.block_size - 1);
-        bulk_copy_to_smem(dst, src + offset * R, kTileTokens * R, b);
-        bulk_copy_to_smem(dst + Shape::kVOffset, src + p.page.v_rows_offset + offset * R,
-                          kTileTokens * R, b);
-        bulk_copy_to_smem(dst + Shape::kParamOffset, src + p.page.params_offset + offset * P,
-                          kTileTokens * P, b);
-        if constexpr (KC) {  // the K params of the tile's K group
-          const int group = offset / kKCGroupTokens;
-          bulk_copy_to_smem(dst + Shape::kKParamOffset,
-                            src + p.k_params_offset + group * Shape::kKParamBytes,
-                            Shape::kKParamBytes, b);
-        }
-      }
+      bulk_copy_to_smem(ring + stage * Shape::kTileBytes, src, Shape::kTileBytes, b);
     }
   };
   for (int i = 0; i < kStages && i < n_local; ++i) issue(i, i);

@@ -72,7 +72,8 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWritePa
   constexpr int kLanesPerGroup = GROUP / 4;
   if (lane % kLanesPerGroup == 0) {
     const int g = lane / kLanesPerGroup;
-    T* prm = reinterpret_cast<T*>(region + p.v_params_offset + offset * p.v_param_bytes);
+    T* prm = reinterpret_cast<T*>(
+        region + tile_row(p.tile_bytes, offset, p.v_params_offset, p.v_param_bytes));
     prm[2 * g] = vs;
     prm[2 * g + 1] = vz;
   }
@@ -82,8 +83,8 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWritePa
 #pragma unroll
     for (int s = 0; s < Order::kValuesPerWord; ++s)
       packed |= static_cast<uint32_t>(codes[warp][Order::v_channel(lane, s)]) << (BITS * s);
-    reinterpret_cast<uint32_t*>(region + p.v_rows_offset + offset * Order::kRowBytes)[lane] =
-        packed;
+    reinterpret_cast<uint32_t*>(
+        region + tile_row(p.tile_bytes, offset, p.v_rows_offset, Order::kRowBytes))[lane] = packed;
   }
 }
 
@@ -125,14 +126,16 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
   for (int i = 0; i < G; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
   const int64_t block = slot / p.block_size;
   const int first_slot = static_cast<int>(slot % p.block_size) - (G - 1);
-  uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
-  __half* k_params = reinterpret_cast<__half*>(region + p.k_params_offset) + first_slot / G * 2 * HEAD;
+  static_assert(G == kTileTokens, "a K group is one tile: its K rows, then its K params");
+  uint8_t* tile = p.cache + block * p.cache_stride_block + head * p.cache_stride_head +
+                  first_slot / G * p.tile_bytes;
+  __half* k_params = reinterpret_cast<__half*>(tile + p.k_params_offset);
   const int at = kc_param_index(c);  // scale, then zc 4 further (reference_kc.pack_k_params)
   k_params[at] = scale;
   k_params[at + 4] = H::from_float(__fmaf_rn(kCodeCentre<BITS>, s, z));  // centred_zero
   __syncthreads();
   // pack the group's K rows in the per-token page's row order
-  uint8_t* rows = region + first_slot * Order::kRowBytes;
+  uint8_t* rows = tile;  // K rows start the tile
   for (int idx = c; idx < G * Order::kRowWords; idx += HEAD) {
     const int i = idx / Order::kRowWords, word = idx % Order::kRowWords;
     uint32_t packed = 0;

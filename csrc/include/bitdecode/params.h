@@ -7,21 +7,33 @@
 namespace bitdecode {
 
 // Per-channel K mode (reference_kc.py): K is quantized per channel over K groups of 16
-// tokens of a page, each group with its own (scale, zero) per channel; pages hold at most
-// kKCMaxBlockSize tokens (each live request keeps that many exact K and V rows).
+// tokens of a page (one tile), each group with its own (scale, zero) per channel; pages
+// hold at most kKCMaxBlockSize tokens (each live request keeps that many exact K and V
+// rows).
 constexpr int kKCGroupTokens = 16;
 constexpr int kKCMaxBlockSize = 128;
 
 // Geometry of one page, mirrored from vllm_bitdecode/page_format.py (the tests check
-// that both agree). All offsets are in bytes from the start of a head region.
+// that both agree). A head region is block_size / 16 tiles of kTileTokens tokens; token
+// t of a page lies in tile t / 16 at row t % 16, and the offsets below are bytes from
+// the start of a tile.
+constexpr int kTileTokens = 16;
 struct PageGeometry {
   int block_size;       // tokens per page, a power of two
   int block_shift;      // log2(block_size)
   int row_bytes;        // packed bytes of one token's K (or V) row
   int param_bytes;      // K and V scale + zero of every group of one token
-  int v_rows_offset;    // = block_size * row_bytes
-  int params_offset;    // = 2 * block_size * row_bytes
+  int tile_bytes;       // one tile: 16 * (2 * row_bytes + param_bytes); KC: see KCWriteParams
+  int v_rows_offset;    // = 16 * row_bytes
+  int params_offset;    // = 32 * row_bytes
 };
+
+// Bytes from a head region's start to row `offset % 16` of the tile of page offset
+// `offset`, in a region starting `field` bytes into every tile with `bytes` per token.
+__host__ __device__ __forceinline__ int tile_row(int tile_bytes, int offset, int field,
+                                                 int bytes) {
+  return offset / kTileTokens * tile_bytes + field + offset % kTileTokens * bytes;
+}
 
 // Quantize-on-write: tokens [num_tokens, num_kv_heads, head_size] -> pages.
 struct QuantizeParams {
@@ -77,12 +89,13 @@ struct DecodeParams {
   int64_t key_capacity;          // tokens per head in the workspace
   int sel_min_seq_len;           // shorter rows decode densely and get no keys
   // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
-  // ignore these fields. The head region is K rows | V rows | V params [bs][groups][2] |
-  // K params [2][head_size] (every scale, then every zero), and the sequence's own page
+  // ignore these fields. A tile is K rows | V rows | V params [16][groups][2] | K params
+  // [2][head_size] (every scale, then every zero), page.tile_bytes in all, and the
+  // sequence's own page
   // (the one holding position seq_len - 1) takes its K and V from the residual.
   const void* residual;          // [num_slots, 2 (K, V), num_kv_heads, block_size, head_size]
   const int32_t* row_slot;       // [>= num_seqs] residual slot of each sequence
-  int k_params_offset;           // bytes from the head region's start to the K params
+  int k_params_offset;           // bytes from a tile's start to its K params
 };
 
 // sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).
@@ -105,8 +118,8 @@ struct SelectParams {
 
 // Per-channel K mode (issue #7, docs/per-channel-k-design.md): one step's K/V into the
 // channel-mode pages and the requests' residuals (reference_kc.write_tokens_kc).
-// Head region: K rows [bs][R] | V rows [bs][R] | V params [bs][groups][2] | K params
-// [2][head_size] (all scales, then all zeros), model dtype.
+// Tile (16 tokens, one K group): K rows [16][R] | V rows [16][R] | V params [16][groups][2]
+// | K params [2][head_size] (all scales, then all zeros, fp16); offsets below are in a tile.
 struct KCWriteParams {
   const void* key;               // [num_tokens, num_kv_heads, head_size]
   const void* value;             // [num_tokens, num_kv_heads, head_size]
@@ -128,6 +141,7 @@ struct KCWriteParams {
   int v_params_offset;
   int v_param_bytes;             // V (scale, zero) of every group of one token
   int k_params_offset;
+  int tile_bytes;
 };
 
 // Dequantize pages back to the model dtype (prefill over cached, quantized history).
@@ -144,8 +158,8 @@ struct DequantizeParams {
   int num_kv_heads;
   int max_tokens;                // upper bound of seq_lens, sizes the grid
   PageGeometry page;
-  int k_params_offset;           // per-channel K pages only: per 16-token K group of the page,
-                                 // K scale[128], then zero[128]
+  int k_params_offset;           // per-channel K pages only: in each tile, its K group's
+                                 // K scale[128], then zero[128] (page.tile_bytes is KC's)
 };
 
 }  // namespace bitdecode

@@ -161,7 +161,8 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
   constexpr int kLanesPerGroup = GROUP / 4;
   if (lane % kLanesPerGroup == 0) {
     const int g = lane / kLanesPerGroup;
-    T* prm = reinterpret_cast<T*>(region + p.page.params_offset + offset * p.page.param_bytes);
+    T* prm = reinterpret_cast<T*>(region + tile_row(p.page.tile_bytes, offset,
+                                                    p.page.params_offset, p.page.param_bytes));
     prm[2 * g] = ks;
     prm[2 * g + 1] = kz;
     prm[2 * (kGroups + g)] = vs;
@@ -181,7 +182,8 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
       packed |= static_cast<uint32_t>(src[c]) << (BITS * s);
     }
     const int rows = is_v ? p.page.v_rows_offset : 0;
-    reinterpret_cast<uint32_t*>(region + rows + offset * Order::kRowBytes)[word] = packed;
+    reinterpret_cast<uint32_t*>(
+        region + tile_row(p.page.tile_bytes, offset, rows, Order::kRowBytes))[word] = packed;
   }
 }
 
@@ -208,20 +210,20 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
     const bool is_v = lane >= Order::kRowWords;
     const int word = is_v ? lane - Order::kRowWords : lane;
     const int base = is_v ? p.page.v_rows_offset : 0;
-    rows[warp][is_v][word] =
-        reinterpret_cast<const uint32_t*>(region + base + offset * Order::kRowBytes)[word];
+    rows[warp][is_v][word] = reinterpret_cast<const uint32_t*>(
+        region + tile_row(p.page.tile_bytes, offset, base, Order::kRowBytes))[word];
   }
   __syncwarp();
 
   // per token: (scale, zero) of every group, K's then V's (KC: V's only)
   constexpr int kVFirst = KC ? 0 : kGroups;
-  const T* prm = reinterpret_cast<const T*>(region + p.page.params_offset +
-                                            offset * (KC ? p.page.param_bytes / 2
-                                                         : p.page.param_bytes));
+  const T* prm = reinterpret_cast<const T*>(
+      region + tile_row(p.page.tile_bytes, offset, p.page.params_offset,
+                        KC ? p.page.param_bytes / 2 : p.page.param_bytes));
   const int g = (4 * lane) / GROUP;
-  // KC only: the fp16 (scale, zc) of this token's 16-token K group
-  const __half* kparams = reinterpret_cast<const __half*>(region + p.k_params_offset) +
-                          offset / kKCGroupTokens * 2 * HEAD;
+  // KC only: the fp16 (scale, zc) of this token's 16-token K group, at the end of its tile
+  const __half* kparams = reinterpret_cast<const __half*>(
+      region + offset / kTileTokens * p.page.tile_bytes + p.k_params_offset);
   const float ks = DtypeTraits<T>::to_float(prm[2 * g]);
   const float kz = DtypeTraits<T>::to_float(prm[2 * g + 1]);
   const float vs = DtypeTraits<T>::to_float(prm[2 * (kVFirst + g)]);
