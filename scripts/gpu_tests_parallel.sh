@@ -23,7 +23,7 @@ SINGLE=(tests/gpu/test_kernels.py tests/gpu/test_serving.py tests/gpu/test_spars
         tests/gpu/test_soak.py tests/gpu/test_vllm_e2e.py tests/gpu/test_isolation.py
         tests/gpu/test_serve.py tests/gpu/test_numerical_edges.py tests/gpu/test_selection_kernel.py
         tests/gpu/test_sparse_e2e.py tests/gpu/test_kc_write_kernel.py tests/gpu/test_kc_read_kernels.py
-        tests/gpu/test_channel_k_e2e.py)
+        tests/gpu/test_channel_k_e2e.py tests/gpu/test_channel_k_lifetime.py)
 MULTI=(tests/gpu/test_tensor_parallel.py)
 for f in tests/gpu/test_*.py; do  # a new file must be placed in one of the lists
   case " ${SINGLE[*]} ${MULTI[*]} " in *" $f "*) ;; *) echo "unlisted GPU test file: $f"; exit 1;; esac
@@ -36,11 +36,15 @@ fi
 
 declare -a share pids
 for i in "${!SINGLE[@]}"; do share[$((i % gpus))]+=" ${SINGLE[$i]}"; done
+# The CPU references share the cores: torch's default of one thread per core in each of
+# the pytest processes ran them about 2x slower on 2 GPUs / 32 cores (2026-11-30).
+threads=$(( $(nproc) / gpus )); [ "$threads" -ge 1 ] || threads=1
 for g in $(seq 0 $((gpus - 1))); do
   [ -n "${share[$g]:-}" ] || continue
   echo "== GPU $g:${share[$g]}"
   # shellcheck disable=SC2086 # the file list splits on purpose
-  CUDA_VISIBLE_DEVICES=$g python3 -m pytest -q -rs -p no:cacheprovider ${share[$g]} "$@" \
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads} CUDA_VISIBLE_DEVICES=$g \
+    python3 -m pytest -q -rs -p no:cacheprovider ${share[$g]} "$@" \
     > "$OUT/gpu_tests_gpu$g.log" 2>&1 &
   pids[$g]=$!
 done
