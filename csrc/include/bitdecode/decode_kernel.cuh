@@ -33,10 +33,11 @@
 // the same kernel with another producer. A row attends to the list of positions that a
 // selection layer left in sel_positions, in tiles of 16 list entries; each entry's K row,
 // V row and parameters are gathered from its own page (page = block_table[pos >> shift],
-// slot = pos & (block_size - 1), in tile slot / 16) by all 32 lanes with cp.async into a ring buffer laid out
-// exactly like a page tile, so unpacking, MMAs and the online softmax are untouched and
-// the softmax over the selected tokens is exact. Rows marked kSelDenseRow walk their
-// pages as the dense kernel does; rows with count 0 write zeros without reading a page.
+// slot = pos & (block_size - 1), in tile slot / 16) by all 32 lanes with cp.async into a
+// ring buffer laid out exactly like a page tile, so unpacking, MMAs and the online
+// softmax are untouched and the softmax over the selected tokens is exact. Rows marked
+// kSelDenseRow walk their pages as the dense kernel does; rows with count 0 write zeros
+// without reading a page.
 //
 // SELECT = true is the selection layer of sparse decode (decode_select): the dense
 // kernel that also leaves every token's selection key: the maximum of its S^T column over the
