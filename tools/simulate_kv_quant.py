@@ -30,7 +30,8 @@ with ``-own``: ``-b<N>`` (K per channel over groups of N tokens instead of 16; w
 ``-w``, the query's own N-token group exact), ``-w<N>`` (the exact block is the query's
 own block of N tokens, a multiple of the group: the backend's page, with K groups of 16)
 and ``-vexact`` (V in that block exact too, like KIVI's fp16 residual of the newest
-tokens). ``bf16`` rounds nothing beyond bf16.
+tokens); with ``-kc-own``: ``-p8`` (the K scale and zc in fp8 e4m3 instead of fp16, half
+the parameter bytes). ``bf16`` rounds nothing beyond bf16.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import sys
@@ -51,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_bitdecode import reference  # noqa: E402
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat  # noqa: E402
+from vllm_bitdecode.provenance import git_commit  # noqa: E402
 
 KC_BLOCK = 128
 OWN_BLOCK = 16  # vLLM's default block size, the backend's page in channel mode
@@ -71,6 +74,7 @@ class Mode:
     page: int = OWN_BLOCK  # with own_page: tokens of a K group, quantized per channel
     window: int = OWN_BLOCK  # with own_page: tokens of the exact block a query sees (KIVI's R)
     v_window_exact: bool = False  # with own_page: V of that block exact too (KIVI)
+    k_params_fp8: bool = False  # with -kc-own: K scale and zc stored in fp8 e4m3, not fp16
 
     @staticmethod
     def parse(name: str) -> Mode:
@@ -97,10 +101,14 @@ class Mode:
                 kw["page" if p[0] == "b" else "window"] = int(p[1:])
             elif p == "vexact":
                 kw["v_window_exact"] = True
+            elif p == "p8":
+                kw["k_params_fp8"] = True
             else:
                 raise SystemExit(f"unknown suffix {p!r} in mode {name!r}")
         if kw.keys() & {"page", "window", "v_window_exact"} and not kw.get("own_page"):
             raise SystemExit(f"mode {name!r}: -b<N>, -w<N>, -vexact qualify -own; add -own")
+        if kw.get("k_params_fp8") and not (kw.get("own_page") and kw.get("k_per_channel")):
+            raise SystemExit(f"mode {name!r}: -p8 stores the per-channel K params; add -kc-own")
         if "page" in kw and not kw.get("k_per_channel"):
             raise SystemExit(f"mode {name!r}: -b<N> is the K group of -kc; add -kc")
         kw.setdefault("window", kw.get("page", OWN_BLOCK))
@@ -170,9 +178,37 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     # used bf16 scale and zero), a partial last group is never quantized for any query: it
     # lies in the exact block
     t_full = key.shape[-2] // mode.page * mode.page
-    pages_q = fake_quant_page_k(key_exact[..., :t_full, :], mode.bits, mode.page)
+    quant = fake_quant_page_k_fp8 if mode.k_params_fp8 else fake_quant_page_k
+    pages_q = quant(key_exact[..., :t_full, :], mode.bits, mode.page)
     key_q = torch.cat((pages_q, key_exact[..., t_full:, :]), dim=-2)
     return _own_page_softmax(query, key_q, key_exact, value, mode, scaling)
+
+
+def fake_quant_page_k_fp8(k: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:
+    """fake_quant_page_k with the K params in 8 bits instead of 16 (16 B per token and KV
+    head instead of 32, docs/per-channel-k-design.md section 12): per channel and K group
+    the scale rounded *up* to fp8 e4m3 (so the group's range still fits its levels) and
+    zc = zero + 2^(bits-1) * scale rounded to the nearest e4m3; each code is then the
+    nearest one under those stored params, (code - 2^(bits-1)) * scale + zc."""
+    e4m3 = torch.float8_e4m3fn
+    levels, centre = (1 << bits) - 1, float(1 << (bits - 1))
+    x = k.unflatten(-2, (k.shape[-2] // group_tokens, group_tokens)).float()
+    lo, hi = x.amin(dim=-2, keepdim=True), x.amax(dim=-2, keepdim=True)
+    scale = ((hi - lo) / levels).clamp(min=2.0**-9, max=416.0)  # e4m3: 2^-9 .. 448
+    s8 = _round_up_e4m3(scale)
+    zc8 = (lo + centre * s8).to(e4m3).float()
+    codes = torch.clamp(torch.round((x - zc8) / s8 + centre), 0, levels)
+    return ((codes - centre) * s8 + zc8).flatten(-3, -2)
+
+
+def _round_up_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """The smallest e4m3 value >= x (0 < x <= 416), as float32: positive e4m3 bit
+    patterns order like their values, so one up is the next value."""
+    e4m3 = torch.float8_e4m3fn
+    near = x.to(e4m3)
+    bits = near.view(torch.uint8)
+    up = torch.where(near.float() < x, bits + 1, bits).view(e4m3)
+    return up.float()
 
 
 def _own_page_softmax(query, key_q, key_exact, value, mode: Mode, scaling):
@@ -313,7 +349,8 @@ def main() -> None:
         rows.append(row)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"model": data.MODEL_NAME, "context": args.context, "windows": args.windows,
+            {"device": "cpu", "date": datetime.date.today().isoformat(), "commit": git_commit(),
+             "model": data.MODEL_NAME, "context": args.context, "windows": args.windows,
              "perturb": args.perturb,
              "tokens": sum(len(w) - 1 for w in windows), "rows": rows}, indent=1))
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.scripts import load_script
+from vllm_bitdecode.reference_kc import fake_quant_page_k
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,28 @@ def test_per_token_own_page_mode_keeps_the_own_block_exact(sim):
     assert float((whole - exact).abs().max()) < 1e-5  # one block holds all 40 keys
     assert float((own[:, :16] - exact[:, :16]).abs().max()) < 1e-5  # first block: exact
     assert float((own[:, 16:] - exact[:, 16:]).abs().max()) > 1e-3  # later: quantized
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_fp8_k_params_keep_every_key_within_half_a_stored_step(sim, bits):
+    """-p8: the stored scale is rounded up to e4m3 (a group's range still fits its levels)
+    and zc to the nearest e4m3; each key is then within half a step of its value, up to
+    zc's rounding, which the nearest code absorbs while it stays inside the levels."""
+    assert sim.Mode.parse(f"int{bits}-kc-own-p8").k_params_fp8
+    for bad in (f"int{bits}-p8", f"int{bits}-kc-p8", f"int{bits}-own-p8"):
+        with pytest.raises(SystemExit):
+            sim.Mode.parse(bad)
+    gen = torch.Generator().manual_seed(bits)
+    k = torch.randn(2, 3, 64, 128, generator=gen) * 2 + torch.linspace(-3, 3, 128)
+    got = sim.fake_quant_page_k_fp8(k, bits, 16)
+    groups = k.unflatten(-2, (4, 16))
+    scale = (groups.amax(-2) - groups.amin(-2)) / ((1 << bits) - 1)
+    stored = sim._round_up_e4m3(scale.clamp(min=2.0**-9))
+    assert (stored >= scale).all() and (stored <= scale * 1.125 + 2.0**-9).all()
+    err = (got - k).abs().unflatten(-2, (4, 16)).amax(-2)
+    # half a stored step, plus zc's rounding beyond it when the range sits at an edge
+    assert (err <= stored * 0.5 + (k.abs().amax() * 2.0**-4)).all()
+    assert err.mean() < stored.mean()  # and typically well inside a step
+    # and costs little against the fp16 params the pages store
+    fp16 = fake_quant_page_k(k, bits, 16)
+    assert (got - k).pow(2).mean() < 1.3 * (fp16 - k).pow(2).mean()
