@@ -447,7 +447,6 @@ void decode_kc(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   // be below residual.size(0), as the worker's slot table guarantees.
   p.residual = residual.data_ptr();
   p.row_slot = row_slot.data_ptr<int32_t>();
-  p.k_params_offset = static_cast<int>(kc_offsets(g).k_params_offset);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,

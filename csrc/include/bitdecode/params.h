@@ -90,12 +90,11 @@ struct DecodeParams {
   int sel_min_seq_len;           // shorter rows decode densely and get no keys
   // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
   // ignore these fields. A tile is K rows | V rows | V params [16][groups][2] | K params
-  // [2][head_size] (every scale, then every zero), page.tile_bytes in all, and the
-  // sequence's own page
-  // (the one holding position seq_len - 1) takes its K and V from the residual.
+  // [2][head_size] (every scale, then every zero), page.tile_bytes in all, staged whole;
+  // the sequence's own page (the one holding position seq_len - 1) takes its K and V from
+  // the residual.
   const void* residual;          // [num_slots, 2 (K, V), num_kv_heads, block_size, head_size]
   const int32_t* row_slot;       // [>= num_seqs] residual slot of each sequence
-  int k_params_offset;           // bytes from a tile's start to its K params
 };
 
 // sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).
