@@ -5,8 +5,8 @@
 // of that range and streams them through its own ring of shared-memory buffers, filled
 // by the bulk-copy engine (cp.async.bulk + one mbarrier per buffer): a tile is one
 // contiguous region of its page (page_format.py), so one copy per tile at every block
-// size. Nothing in flight
-// sits in registers and the warps never wait for each other until the final merge.
+// size. Nothing in flight sits in registers and the warps never wait for each other
+// until the final merge.
 //
 // The products are computed transposed, so that the few query heads of a GQA group fill
 // the MMA's N = 8 dimension instead of padding its M = 16:
