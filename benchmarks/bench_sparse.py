@@ -11,11 +11,11 @@ flush, median of --reps). Per (batch, context):
 - ``sparse``: a reuse layer, ``ops.decode_sparse`` over ``budget`` positions per KV head
   chosen at random (the newest included); the issue's target is >= 20x faster than FA3
   bf16 dense at k = 2048 and 128K;
-- ``sparse-pages``: what a reuse layer at page granularity would cost (issue #6: "whole
-  pages or single tokens: measure which pays"): the dense ``ops.decode`` over
-  ``budget / block_size`` whole pages of each row chosen at random (the newest included),
-  the same bytes as ``sparse`` read as whole-page bulk copies. Page selection itself is
-  not built; this is its kernel-side bound.
+- ``select-pages`` and ``sparse-pages``: the same two layers at page granularity
+  (``granularity: "page"``; issue #6: "whole pages or single tokens: measure which
+  pays"): ``decode_select`` ranking 16-token pages by their best token, and
+  ``decode_sparse`` over ``budget / 16`` pages per KV head chosen at random (the newest
+  included), the same bytes as ``sparse`` read as one bulk copy per page.
 
     python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
 """
@@ -39,6 +39,7 @@ from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
 
 BITS = 4
+PAGE = 16  # tokens per selected page (config.PAGE_TOKENS)
 TARGET_SPARSE_VS_FA3 = 20.0  # at k = 2048, 128K
 TARGET_SELECT_LAYER_VS_DENSE = 1.3
 
@@ -57,19 +58,6 @@ def random_selection(batch: int, heads: int, context: int, budget: int,
             out[b, h, :-1] = older
             out[b, h, -1] = context - 1
     return out
-
-
-def random_page_table(table: torch.Tensor, budget: int, block: int,
-                      gen: torch.Generator) -> torch.Tensor:
-    """``[batch, budget // block]`` int32 on ``table``'s device: per row, that many distinct
-    pages of ``table``'s row in their order, the last (newest) page always among them."""
-    batch, per_seq = table.shape
-    pages = budget // block
-    if not 1 <= pages <= per_seq:
-        raise ValueError(f"budget {budget} must cover 1 to {per_seq} pages of {block} tokens")
-    # pages picked as random_selection picks positions, one "head" per row
-    cols = random_selection(batch, 1, per_seq, pages, gen)[:, 0].long()
-    return torch.gather(table, 1, cols.to(table.device))
 
 
 def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
@@ -97,39 +85,34 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
     keys = torch.zeros(batch * context * dense.HKV, dtype=torch.int32, device="cuda")
     offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
     for budget in budgets:
-        positions = torch.empty(batch, dense.HKV, budget, dtype=torch.int32, device="cuda")
-        counts = torch.empty(batch, dtype=torch.int32, device="cuda")
 
-        def run_select(positions=positions, counts=counts):
-            ops.decode_select(out, q, cache, table, lens, po, pl, signs, scale, BITS,
-                              dense.GROUP, dense.BLOCK, splits, MIN_TILES_PER_SPLIT,
-                              positions, counts, keys, offsets, 0, False)
+        for unit, suffix in ((1, ""), (PAGE, "-pages")):
+            units = budget // unit
+            positions = torch.empty(batch, dense.HKV, units, dtype=torch.int32, device="cuda")
+            counts = torch.empty(batch, dtype=torch.int32, device="cuda")
 
-        ms = timer(run_select)
-        rows.append(dict(impl="bitdecode", kind="select", kv=f"int{BITS}", budget=budget,
-                         ms=ms, bytes=context * per_token, num_splits=splits))
-        positions.copy_(random_selection(batch, dense.HKV, context, budget, gen))
-        counts.fill_(budget)
+            def run_select(positions=positions, counts=counts, unit=unit):
+                ops.decode_select(out, q, cache, table, lens, po, pl, signs, scale, BITS,
+                                  dense.GROUP, dense.BLOCK, splits, MIN_TILES_PER_SPLIT,
+                                  positions, counts, keys, offsets, 0, False, unit)
 
-        def run_sparse(positions=positions, counts=counts):
-            ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl, signs,
-                              scale, BITS, dense.GROUP, dense.BLOCK, splits,
-                              MIN_TILES_PER_SPLIT, False)
+            ms = timer(run_select)
+            rows.append(dict(impl="bitdecode", kind="select" + suffix, kv=f"int{BITS}",
+                             budget=budget, ms=ms, bytes=context * per_token,
+                             num_splits=splits))
+            # a random selection of the same size (the newest unit kept), as select writes
+            positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
+            counts.fill_(units)
 
-        ms = timer(run_sparse)
-        rows.append(dict(impl="bitdecode", kind="sparse", kv=f"int{BITS}", budget=budget,
-                         ms=ms, bytes=budget * per_token, num_splits=splits))
-        pages = random_page_table(table, budget, dense.BLOCK, gen)
-        page_lens = torch.full((batch,), pages.shape[1] * dense.BLOCK, dtype=torch.int32,
-                               device="cuda")
+            def run_sparse(positions=positions, counts=counts, unit=unit):
+                ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl,
+                                  signs, scale, BITS, dense.GROUP, dense.BLOCK, splits,
+                                  MIN_TILES_PER_SPLIT, False, unit)
 
-        def run_pages(pages=pages, page_lens=page_lens):
-            ops.decode(out, q, cache, pages, page_lens, po, pl, signs, scale, BITS,
-                       dense.GROUP, dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
-
-        ms = timer(run_pages)
-        rows.append(dict(impl="bitdecode", kind="sparse-pages", kv=f"int{BITS}",
-                         budget=budget, ms=ms, bytes=budget * per_token, num_splits=splits))
+            ms = timer(run_sparse)
+            rows.append(dict(impl="bitdecode", kind="sparse" + suffix, kv=f"int{BITS}",
+                             budget=budget, ms=ms, bytes=budget * per_token,
+                             num_splits=splits))
     return rows
 
 
@@ -149,6 +132,8 @@ def summarize(rows: list[dict]) -> dict:
             out[f"sparse_pages_k{r['budget']}_vs_sparse_tokens"] = tokens / r["ms"]
         elif r["kind"] == "select":
             out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r["ms"] / dense_ms
+        elif r["kind"] == "select-pages":
+            out[f"page_selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r["ms"] / dense_ms
     return out
 
 

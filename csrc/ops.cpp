@@ -97,6 +97,10 @@ void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_
   TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == cache.size(2),
               "bitdecode: cache head regions must be contiguous");
   TORCH_CHECK(cache.stride(0) % 16 == 0, "bitdecode: cache pages must be 16-byte aligned");
+  // the decode kernel names a tile of the cache page << log2(tiles per page) | tile
+  TORCH_CHECK(cache.size(0) * (g.block_size / kTileTokens) <= INT32_MAX, "bitdecode: ",
+              cache.size(0), " pages of ", g.block_size / kTileTokens,
+              " tiles are too many to name a tile in 32 bits");
 }
 
 void check_tokens(const at::Tensor& x, const char* name) {
@@ -371,24 +375,21 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
-                   const at::Tensor& block_table, const at::Tensor& seq_lens,
-                   const at::Tensor& sel_positions, const at::Tensor& sel_count,
-                   at::Tensor& partial_out, at::Tensor& partial_lse,
-                   const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
-                   int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
-                   int64_t min_tiles_per_split, bool shared_selection) {
-  const PageGeometry g = page_geometry(bits, group_size, block_size);
-  DecodeParams p =
-      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
-                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
-  const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
-  const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
+namespace {
+
+// Checks the selection buffers that decode_sparse reads and decode_select writes, and
+// the selection unit (1: tokens, 16: 16-token pages); returns log2 of the unit.
+int check_selection(const at::Tensor& sel_positions, const at::Tensor& sel_count,
+                    int64_t num_seqs, int64_t sel_heads, bool shared_selection,
+                    int64_t selection_unit, const at::Tensor& q) {
+  TORCH_CHECK(selection_unit == 1 || selection_unit == 16,
+              "bitdecode: selection_unit must be 1 (tokens) or 16 (16-token pages), got ",
+              selection_unit);
   TORCH_CHECK(sel_positions.is_cuda() && sel_positions.scalar_type() == at::kInt &&
-                  sel_positions.dim() == 3,
+                  sel_positions.dim() == 3 && sel_positions.stride(2) == 1,
               "bitdecode: sel_positions must be a CUDA int32 tensor [num_seqs, num_kv_heads "
-              "(1 if shared_selection), token_budget], got ", sel_positions.scalar_type(), " ",
-              sel_positions.sizes());
+              "(1 if shared_selection), budget], contiguous in its last dimension, got ",
+              sel_positions.scalar_type(), " ", sel_positions.sizes());
   TORCH_CHECK(sel_positions.size(0) >= num_seqs, "bitdecode: sel_positions has ",
               sel_positions.size(0), " rows for ", num_seqs, " sequences");
   TORCH_CHECK(sel_positions.size(1) == sel_heads, "bitdecode: sel_positions has ",
@@ -396,19 +397,38 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               shared_selection ? " (shared_selection: one set for all KV heads)"
                                : " (one set per KV head)");
   TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= INT32_MAX,
-              "bitdecode: sel_positions must hold a token budget of at least 1 position, "
-              "got ", sel_positions.size(2));
-  TORCH_CHECK(sel_positions.stride(2) == 1,
-              "bitdecode: sel_positions must be contiguous in its last dimension");
+              "bitdecode: sel_positions must hold a budget of at least 1 ",
+              selection_unit == 1 ? "position" : "page", ", got ", sel_positions.size(2));
   TORCH_CHECK(sel_count.is_cuda() && sel_count.scalar_type() == at::kInt &&
                   sel_count.dim() == 1 && sel_count.size(0) >= num_seqs &&
                   sel_count.stride(0) == 1,
               "bitdecode: sel_count must be a contiguous CUDA int32 vector with one entry per "
-              "sequence (a count <= token_budget, -1 for a dense row, 0 for a padding row)");
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
-              "bitdecode: seq_lens must be a contiguous vector");
+              "sequence (a count <= budget, -1 for a dense row, 0 for a padding row)");
   check_same_device(sel_positions, "sel_positions", q);
   check_same_device(sel_count, "sel_count", q);
+  return selection_unit == 16 ? 4 : 0;
+}
+
+}  // namespace
+
+void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+                   const at::Tensor& block_table, const at::Tensor& seq_lens,
+                   const at::Tensor& sel_positions, const at::Tensor& sel_count,
+                   at::Tensor& partial_out, at::Tensor& partial_lse,
+                   const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
+                   int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
+                   int64_t min_tiles_per_split, bool shared_selection,
+                   int64_t selection_unit) {
+  const PageGeometry g = page_geometry(bits, group_size, block_size);
+  DecodeParams p =
+      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
+                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
+  const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
+  const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
+  const int unit_shift = check_selection(sel_positions, sel_count, num_seqs, sel_heads,
+                                         shared_selection, selection_unit, q);
+  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
+              "bitdecode: seq_lens must be a contiguous vector");
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
   // Counts live on the device, so they are not checked here (that would synchronize and
   // could not be captured in a CUDA graph): the kernel reads a count above the budget as
@@ -418,6 +438,7 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   p.sel_count = sel_count.data_ptr<int32_t>();
   p.sel_budget = static_cast<int>(sel_positions.size(2));
   p.sel_shared = shared_selection;
+  p.sel_unit_shift = unit_shift;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
@@ -461,7 +482,7 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
                    int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
                    int64_t min_tiles_per_split, at::Tensor& sel_positions,
                    at::Tensor& sel_count, at::Tensor& keys, const at::Tensor& key_offsets,
-                   int64_t min_seq_len, bool shared_selection) {
+                   int64_t min_seq_len, bool shared_selection, int64_t selection_unit) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   DecodeParams p =
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
@@ -470,20 +491,8 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
               "bitdecode: seq_lens must be a contiguous vector");
   const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
-  TORCH_CHECK(sel_positions.is_cuda() && sel_positions.scalar_type() == at::kInt &&
-                  sel_positions.dim() == 3 && sel_positions.stride(2) == 1,
-              "bitdecode: sel_positions must be a CUDA int32 tensor [num_seqs, num_kv_heads "
-              "(1 if shared_selection), token_budget], contiguous in its last dimension");
-  TORCH_CHECK(sel_positions.size(0) >= num_seqs && sel_positions.size(1) == sel_heads,
-              "bitdecode: sel_positions is ", sel_positions.sizes(), ", expected at least ",
-              num_seqs, " rows and ", sel_heads, " heads");
-  TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= INT32_MAX,
-              "bitdecode: the token budget (sel_positions.size(2)) must be at least 1");
-  TORCH_CHECK(sel_count.is_cuda() && sel_count.scalar_type() == at::kInt &&
-                  sel_count.dim() == 1 && sel_count.stride(0) == 1 &&
-                  sel_count.size(0) >= num_seqs,
-              "bitdecode: sel_count must be a contiguous CUDA int32 vector with one entry per "
-              "sequence");
+  const int unit_shift = check_selection(sel_positions, sel_count, num_seqs, sel_heads,
+                                         shared_selection, selection_unit, q);
   TORCH_CHECK(keys.is_cuda() && keys.scalar_type() == at::kInt && keys.is_contiguous() &&
                   keys.numel() % sel_heads == 0,
               "bitdecode: keys must be a contiguous CUDA int32 workspace of ", sel_heads,
@@ -495,8 +504,6 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               "per sequence");
   TORCH_CHECK(min_seq_len >= 0 && min_seq_len <= INT32_MAX,
               "bitdecode: min_seq_len must be >= 0, got ", min_seq_len);
-  check_same_device(sel_positions, "sel_positions", q);
-  check_same_device(sel_count, "sel_count", q);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
@@ -508,6 +515,7 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   p.key_capacity = capacity;
   p.sel_min_seq_len = static_cast<int>(min_seq_len);
   p.sel_shared = shared_selection;
+  p.sel_unit_shift = unit_shift;
 
   SelectParams sp{};
   sp.seq_lens = seq_lens.data_ptr<int32_t>();
@@ -518,6 +526,7 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   sp.sel_stride_seq = sel_positions.stride(0), sp.sel_stride_head = sel_positions.stride(1);
   sp.sel_count = sel_count.data_ptr<int32_t>();
   sp.sel_budget = static_cast<int>(sel_positions.size(2));
+  sp.unit_shift = unit_shift;
   sp.num_seqs = static_cast<int>(num_seqs);
   sp.min_seq_len = p.sel_min_seq_len;
   sp.shared = shared_selection;

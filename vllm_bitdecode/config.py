@@ -49,6 +49,8 @@ def _unsupported(where: str, value: object, allowed: object) -> BitDecodeConfigE
 # ---- sparse decode (issue #6) -----------------------------------------------------------
 SPARSE_KEY = "sparse"
 AUTO = "auto"
+GRANULARITIES = ("token", "page")  # what a selection layer picks
+PAGE_TOKENS = 16  # tokens of a selected page: one tile of the page format, any block size
 
 # Layer roles in sparse mode (see docs/sparse-mode-design.md).
 DENSE = "dense"  # full attention, selects nothing
@@ -108,6 +110,11 @@ class SparseConfig:
     first selection layer. Every other layer reuses the last selection."""
     shared_selection: bool = False
     """One top-k set per request for all KV heads instead of one per KV head."""
+    granularity: str = "token"
+    """What the selection layers pick: "token" (TidalDecode: single positions) or "page"
+    (16-token pages, each scored by its best token, read whole by the reuse layers; the
+    token budget must then be a multiple of 16). docs/sparse-mode-design.md compares
+    them."""
     min_seq_len: int | None = None
     """Requests with fewer tokens than this decode densely in every layer.
     None: twice the token budget."""
@@ -130,6 +137,16 @@ class SparseConfig:
         self._check_values()
 
     @property
+    def selection_unit(self) -> int:
+        """Tokens per selected unit: 1, or 16 with page granularity."""
+        return PAGE_TOKENS if self.granularity == "page" else 1
+
+    @property
+    def unit_budget(self) -> int:
+        """The budget in selected units (positions or pages)."""
+        return self.token_budget // self.selection_unit
+
+    @property
     def dense_below(self) -> int:
         """Requests shorter than this decode densely (``min_seq_len`` resolved)."""
         return 2 * self.token_budget if self.min_seq_len is None else self.min_seq_len
@@ -145,6 +162,10 @@ class SparseConfig:
             raise bad("token_budget", "an integer > 0")
         if not isinstance(self.shared_selection, bool):
             raise bad("shared_selection", [True, False])
+        if self.granularity not in GRANULARITIES:
+            raise bad("granularity", list(GRANULARITIES))
+        if self.granularity == "page" and self.token_budget % PAGE_TOKENS:
+            raise bad("token_budget", f"a multiple of {PAGE_TOKENS} with granularity 'page'")
         if self.min_seq_len is not None:
             # below token_budget is allowed (the start-up log warns): rows no longer than
             # the budget keep every position, which is dense attention by another path

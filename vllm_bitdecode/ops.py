@@ -96,9 +96,14 @@ def decode_sparse(
     num_splits: int,
     min_tiles_per_split: int,
     shared_selection: bool,
+    selection_unit: int = 1,
 ) -> None:
     """Sparse decode of a reuse layer (docs/sparse-mode-design.md): the dense ``decode``
     over the selected positions only, ``reference_sparse.sparse_attention`` on the GPU.
+    With ``selection_unit=16`` the selection holds 16-token pages instead
+    (``reference_sparse.select_pages``, ascending, the row's own page last): each is read
+    whole with one bulk copy, and its tokens below ``seq_lens[r]`` are attended to
+    (``reference_sparse.pages_to_positions``).
 
     Row ``r`` attends with an exact softmax to ``sel_positions[r, h, :sel_count[r]]``
     (``h``: the KV head, or 0 with ``shared_selection``), in any order, each a position
@@ -111,7 +116,7 @@ def decode_sparse(
     torch.ops.bitdecode.decode_sparse(
         out, q, cache, block_table, seq_lens, sel_positions, sel_count, partial_out,
         partial_lse, rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
-        min_tiles_per_split, shared_selection,
+        min_tiles_per_split, shared_selection, selection_unit,
     )
 
 
@@ -136,6 +141,7 @@ def decode_select(
     key_offsets: torch.Tensor,  # [num_seqs] int64: the row's first workspace token
     min_seq_len: int,
     shared_selection: bool,
+    selection_unit: int = 1,
 ) -> None:
     """A selection layer (docs/sparse-mode-design.md): ``decode``, which writes ``out``
     exactly as ``decode`` does, and from the same logits ``reference_sparse.select`` with
@@ -152,11 +158,17 @@ def decode_select(
     rows that share prefix pages have different queries, so it is indexed by row offset
     and position, not by physical slot. With ``shared_selection`` the heads combine with
     atomicMax and the kernel returns the keys it used to zero.
+
+    ``selection_unit=16`` ranks 16-token pages instead (``reference_sparse.select_pages``
+    with pages of 16 tokens): a page's key is the best of its tokens', the row's own page
+    is kept, ``sel_positions`` holds page indices (position // 16) and its last dimension
+    is the budget in pages. The workspace still holds one key per token.
     """
     torch.ops.bitdecode.decode_select(
         out, q, cache, block_table, seq_lens, partial_out, partial_lse, rotation_signs,
         softmax_scale, bits, group_size, block_size, num_splits, min_tiles_per_split,
         sel_positions, sel_count, keys, key_offsets, min_seq_len, shared_selection,
+        selection_unit,
     )
 
 

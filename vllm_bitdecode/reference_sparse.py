@@ -36,7 +36,7 @@ from collections.abc import Sequence
 import torch
 
 from vllm_bitdecode import reference as ref
-from vllm_bitdecode.config import DENSE, REUSE, SELECT, SparseLayerPlan
+from vllm_bitdecode.config import DENSE, PAGE_TOKENS, REUSE, SELECT, SparseLayerPlan
 from vllm_bitdecode.page_format import PageFormat
 
 DENSE_ROW = -1
@@ -135,8 +135,9 @@ def top_k_pages(scores: torch.Tensor, k: int, block_size: int) -> torch.Tensor:
     """Page granularity (docs/sparse-mode-design.md, "Whole pages vs single tokens"): the
     page holding the newest position plus the ``k - 1`` older pages with the best page
     score, the best score of a position in the page, per row of ``scores`` [heads, n];
-    k is clipped to the number of pages. Returns [heads, min(k, pages)] int64 page
-    indices (into the row's block table), ascending. Ties go to the lower page."""
+    pages are ``block_size`` tokens (16 in the backend); k is clipped to the number of
+    pages. Returns [heads, min(k, pages)] int64 page indices (position // block_size),
+    ascending. Ties go to the lower page."""
     if type(k) is not int or k <= 0:
         raise ValueError(f"page budget k must be an integer > 0, got {k!r}")
     heads, n = scores.shape
@@ -189,14 +190,17 @@ def select_pages(
     shared: bool = False,
     how: str = "max_logit",
     out: Selection | None = None,
+    page_tokens: int = PAGE_TOKENS,
 ) -> Selection:
-    """:func:`select` at page granularity (not built in the kernels yet): ``positions``
-    hold page indices into each row's block table (:func:`top_k_pages`), ``counts`` the
-    number of pages, DENSE_ROW and padding rows as in :func:`select`.
-    :func:`pages_to_positions` turns it into the token selection the reuse layers read."""
+    """:func:`select` at page granularity (``granularity: "page"``; ``decode_select`` with
+    ``selection_unit=16``): ``positions`` hold the indices of pages of ``page_tokens``
+    tokens (position // page_tokens; 16, one tile of the page format, whatever the block
+    size) from :func:`top_k_pages`, ``counts`` the number of pages, DENSE_ROW and padding
+    rows as in :func:`select`. :func:`pages_to_positions` turns it into the token
+    selection the reuse layers attend to."""
     return _select(q, cache, block_table, seq_lens, scale, fmt, rotate_k,
                    ("page_budget", page_budget),
-                   lambda s: top_k_pages(s, page_budget, fmt.block_size), min_seq_len, shared,
+                   lambda s: top_k_pages(s, page_budget, page_tokens), min_seq_len, shared,
                    how, out)
 
 

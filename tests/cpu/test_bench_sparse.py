@@ -23,18 +23,6 @@ def test_selections_are_what_decode_select_writes(context, budget):
         assert not torch.equal(sel[0, 0], sel[0, 1])
 
 
-def test_page_tables_hold_distinct_pages_of_their_row_ending_with_the_newest():
-    gen = torch.Generator().manual_seed(1)
-    table = torch.randperm(3 * 20).view(3, 20).to(torch.int32)
-    pages = bench.random_page_table(table, 128, 16, gen)
-    assert pages.shape == (3, 8) and pages.dtype == torch.int32
-    for row, got in zip(table.tolist(), pages.tolist(), strict=True):
-        cols = [row.index(p) for p in got]
-        assert cols[-1] == 19 and cols == sorted(set(cols))
-    with pytest.raises(ValueError, match="must cover 1 to 20 pages"):
-        bench.random_page_table(table, 8, 16, gen)
-
-
 def test_a_budget_past_the_context_is_refused():
     with pytest.raises(ValueError, match="budget 9 must be in"):
         bench.random_selection(1, 1, 8, 9, torch.Generator())
@@ -45,6 +33,7 @@ def _rows():
             dict(impl="bitdecode", kind="dense", kv="int4", ms=0.5),
             dict(impl="bitdecode", kind="select", kv="int4", budget=2048, ms=0.6),
             dict(impl="bitdecode", kind="sparse", kv="int4", budget=2048, ms=0.08),
+            dict(impl="bitdecode", kind="select-pages", kv="int4", budget=2048, ms=0.55),
             dict(impl="bitdecode", kind="sparse-pages", kv="int4", budget=2048, ms=0.05)]
 
 
@@ -55,6 +44,7 @@ def test_summary_ratios():
     assert s["selection_layer_k2048_vs_dense_int4"] == pytest.approx(1.2)
     assert s["sparse_pages_k2048_vs_fa3_bf16"] == pytest.approx(40.0)
     assert s["sparse_pages_k2048_vs_sparse_tokens"] == pytest.approx(1.6)
+    assert s["page_selection_layer_k2048_vs_dense_int4"] == pytest.approx(1.1)
 
 
 def test_plot_writes_a_png(tmp_path):

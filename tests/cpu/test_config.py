@@ -278,6 +278,14 @@ GOOD_SPARSE = [
 ]
 
 
+@pytest.mark.parametrize(("granularity", "unit", "unit_budget"),
+                         [("token", 1, 2048), ("page", 16, 128)])
+def test_sparse_granularity(granularity, unit, unit_budget):
+    s = _sparse(enabled=True, granularity=granularity)
+    assert (s.granularity, s.selection_unit, s.unit_budget) == (granularity, unit, unit_budget)
+    assert _sparse(enabled=True).granularity == "token"  # TidalDecode's, the default
+
+
 @pytest.mark.parametrize(("raw", "expected"), GOOD_SPARSE)
 def test_sparse_settings_parse(raw, expected):
     s = _sparse(**raw)
@@ -305,6 +313,9 @@ BAD_SPARSE = [
     ({"enabled": True, "token_budget": True}, ["token_budget", "True"]),
     ({"enabled": True, "token_budget": None}, ["token_budget", "None"]),
     ({"enabled": True, "shared_selection": "no"}, ["shared_selection", "'no'"]),
+    ({"enabled": True, "granularity": "pages"}, ["granularity", "'pages'", "'token'", "'page'"]),
+    ({"enabled": True, "granularity": "page", "token_budget": 100},
+     ["token_budget=100", "multiple of 16", "'page'"]),
     ({"enabled": True, "min_seq_len": 0}, ["min_seq_len", "0"]),
     ({"enabled": True, "min_seq_len": 4096.0}, ["min_seq_len", "4096.0"]),
     ({"enabled": True, "selection_layers": 2}, ["selection_layers=2", "list"]),

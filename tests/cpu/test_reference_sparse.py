@@ -440,7 +440,7 @@ def test_page_selection_expands_to_the_tokens_of_its_pages(shared):
     pages = rs.select_pages(q, cache, table, seq_lens, SCALE, fmt, True, page_budget=3,
                             min_seq_len=20, shared=shared)
     assert pages.counts.tolist() == [rs.DENSE_ROW, 3, 3, 3]
-    tokens = rs.pages_to_positions(pages, seq_lens, fmt.block_size)
+    tokens = rs.pages_to_positions(pages, seq_lens, 16)
     for i, n in enumerate(lens[1:], start=1):
         own = (n - 1) // 16
         count = 2 * 16 + n - own * 16
@@ -454,11 +454,15 @@ def test_page_selection_expands_to_the_tokens_of_its_pages(shared):
     assert (tokens.positions[0] == -1).all() and int(tokens.counts[0]) == rs.DENSE_ROW
 
 
-def test_a_page_budget_over_every_page_equals_dense():
-    fmt = PageFormat(HEAD, 4, 128, 16)
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_a_page_budget_over_every_page_equals_dense(block_size):
+    """Pages are 16 tokens at every block size (one tile of the page format)."""
+    fmt = PageFormat(HEAD, 4, 128, block_size)
     q, cache, table, seq_lens, _, _ = _batch(fmt, True, 4, seed=32)
     pages = rs.select_pages(q, cache, table, seq_lens, SCALE, fmt, True, page_budget=9)
-    tokens = rs.pages_to_positions(pages, seq_lens, fmt.block_size)
+    n_max = int(seq_lens.max())
+    assert int(pages.counts.max()) == min(9, (n_max + 15) // 16)
+    tokens = rs.pages_to_positions(pages, seq_lens, 16)
     got = rs.sparse_attention(q, cache, table, seq_lens, tokens, SCALE, fmt, True)
     torch.testing.assert_close(got, _dense(q, cache, table, seq_lens, fmt, True), atol=1e-5,
                                rtol=1e-5)

@@ -47,7 +47,8 @@ def _metadata(cfg: BitDecodeConfig, sparse: bool) -> BitDecodeMetadata:
         sp = SparseMetadata(
             plan=cfg.sparse.layer_plan(NUM_LAYERS), token_budget=BUDGET,
             min_seq_len=cfg.sparse.dense_below, shared=cfg.sparse.shared_selection,
-            sel_positions=torch.zeros(4, KV_HEADS, BUDGET, dtype=torch.int32),
+            selection_unit=cfg.sparse.selection_unit,
+            sel_positions=torch.zeros(4, KV_HEADS, cfg.sparse.unit_budget, dtype=torch.int32),
             sel_count=torch.zeros(4, dtype=torch.int32),
             keys=torch.zeros(1024 * KV_HEADS, dtype=torch.int32),
             key_offsets=torch.zeros(2, dtype=torch.int64))
@@ -88,10 +89,11 @@ def test_each_layer_runs_the_op_of_its_role(recorded, shared):
                          ["decode_sparse"], ["decode_sparse"], ["decode_sparse"]]
 
 
-def test_selection_and_reuse_share_the_step_buffers(recorded):
+@pytest.mark.parametrize("granularity", ["token", "page"])
+def test_selection_and_reuse_share_the_step_buffers(recorded, granularity):
     impl_mod, calls = recorded
     cfg = BitDecodeConfig.from_additional_config({"bitdecode": {"bits": 4, "sparse": {
-        "enabled": True, "token_budget": BUDGET}}})
+        "enabled": True, "token_budget": BUDGET, "granularity": granularity}}})
     bd_config.set_active(cfg)
     md = _metadata(cfg, sparse=True)
     q = torch.zeros(2, HEADS, D, dtype=torch.bfloat16)
@@ -106,7 +108,11 @@ def test_selection_and_reuse_share_the_step_buffers(recorded):
     assert select[14] is sp.sel_positions and select[15] is sp.sel_count
     assert select[16] is sp.keys and select[17] is sp.key_offsets
     assert select[18] == cfg.sparse.dense_below == 2 * BUDGET and select[19] is False
-    assert sparse[5] is sp.sel_positions and sparse[6] is sp.sel_count and sparse[-1] is False
+    assert sparse[5] is sp.sel_positions and sparse[6] is sp.sel_count and sparse[-2] is False
+    # both ops are told the unit; with pages the buffer holds the budget in pages
+    unit = 16 if granularity == "page" else 1
+    assert select[20] == sparse[-1] == unit
+    assert sp.sel_positions.shape[-1] == BUDGET // unit
 
 
 def test_without_sparse_every_layer_decodes_densely(recorded):

@@ -44,7 +44,7 @@ NEAR_TIE = {torch.bfloat16: 2e-4, torch.float16: 2e-3}
 
 
 def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
-         keys=None, capacity=None, offsets=None, check_output=True):
+         keys=None, capacity=None, offsets=None, check_output=True, unit=1):
     rows, hq, d = q.shape
     sel_heads = 1 if shared else cache.shape[1]
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -62,7 +62,7 @@ def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
     _ops().decode_select(out, q.to(DEV), cache.to(DEV), table.to(DEV), lens.to(DEV),
                          partial_out, partial_lse, signs, SCALE, fmt.bits, fmt.group_size,
                          fmt.block_size, SPLITS, MIN_TILES_PER_SPLIT, positions, counts, keys,
-                         offsets.to(DEV), min_seq_len, shared)
+                         offsets.to(DEV), min_seq_len, shared, unit)
     torch.cuda.synchronize()
     if check_output:  # the attention itself is decode's, bit for bit
         dense = _run_decode(q, cache, table, seq_lens, fmt, rotate, SPLITS, SCALE)
@@ -70,13 +70,19 @@ def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
     return rs.Selection(positions.cpu(), counts.cpu()), keys
 
 
-def _scores(q, cache, table, n, fmt, rotate, shared, row):
+def _scores(q, cache, table, n, fmt, rotate, shared, row, unit=1):
+    """[heads, units]: every position's score, or every 16-token page's best."""
     k, _ = rs._read_sequence(cache, table[row], n, fmt, q.dtype)
-    return rs.aggregate(rs.logits(rs._selection_query(q[row], rotate), k, SCALE),
-                        cache.shape[1], shared)
+    s = rs.aggregate(rs.logits(rs._selection_query(q[row], rotate), k, SCALE),
+                     cache.shape[1], shared)
+    if unit == 1:
+        return s
+    pad = (-n) % unit
+    s = torch.nn.functional.pad(s, (0, pad), value=-float("inf"))
+    return s.unflatten(-1, (-1, unit)).amax(-1)
 
 
-def _assert_matches(got, want, q, cache, table, seq_lens, fmt, rotate, shared):
+def _assert_matches(got, want, q, cache, table, seq_lens, fmt, rotate, shared, unit=1):
     assert torch.equal(got.counts, want.counts), (got.counts.tolist(), want.counts.tolist())
     for i, n in enumerate(seq_lens):
         c = int(want.counts[i])
@@ -87,13 +93,14 @@ def _assert_matches(got, want, q, cache, table, seq_lens, fmt, rotate, shared):
         scores = None
         for h in range(got.positions.shape[1]):
             g, w = got.positions[i, h, :c], want.positions[i, h, :c]
-            assert int(g[-1]) == n - 1, f"row {i} head {h}: newest position not last"
+            newest = (n - 1) // unit
+            assert int(g[-1]) == newest, f"row {i} head {h}: newest position not last"
             assert (g[1:] > g[:-1]).all() and int(g[0]) >= 0, f"row {i} head {h}: order"
             if torch.equal(g, w):
                 continue
             if scores is None:
-                scores = _scores(q, cache, table, n, fmt, rotate, shared, i)
-            s = scores[h, : n - 1]
+                scores = _scores(q, cache, table, n, fmt, rotate, shared, i, unit)
+            s = scores[h, :newest]
             threshold = float(s.sort(descending=True).values[c - 2])
             tol = NEAR_TIE[q.dtype] * (1.0 + abs(threshold))
             for pos in set(g.tolist()) ^ set(w.tolist()):
@@ -121,6 +128,30 @@ def test_select_matches_reference(dtype, bits, gqa, rotate, shared):
                          token_budget=budget, min_seq_len=16, shared=shared)
         got, _ = _run(q, cache, table, SEQ_LENS, fmt, rotate, budget, 16, shared)
         _assert_matches(got, want, q, cache, table, SEQ_LENS, fmt, rotate, shared)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_select_pages_matches_reference(dtype, gqa, shared, block_size):
+    """Page granularity (selection_unit=16): 16-token pages ranked by their best token,
+    the own page last, at block sizes 16 and 64 (pages are tiles, not vLLM blocks);
+    twice on one workspace, so that shared mode's reset of every token key counts."""
+    gen = torch.Generator().manual_seed(300 + 10 * gqa + 2 * shared + block_size)
+    fmt = PageFormat(128, 4, 128, block_size)
+    cache, table = _fill_pages([max(n, 1) for n in SEQ_LENS], KV_HEADS, fmt, dtype, True,
+                               gen)
+    keys = None
+    for budget_pages in (17, 128):
+        q = torch.randn(len(SEQ_LENS), KV_HEADS * gqa, 128, generator=gen).to(dtype)
+        want = rs.select_pages(q, cache, table, torch.tensor(SEQ_LENS), SCALE, fmt, True,
+                               page_budget=budget_pages, min_seq_len=16, shared=shared)
+        got, keys = _run(q, cache, table, SEQ_LENS, fmt, True, budget_pages, 16, shared,
+                         keys=keys, unit=16)
+        _assert_matches(got, want, q, cache, table, SEQ_LENS, fmt, True, shared, unit=16)
+    if shared:  # the top-k returned every token key it read to 0
+        assert not keys.any(), "shared page selection left keys in the workspace"
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
@@ -244,10 +275,11 @@ BAD_SELECT = BAD_CALL_SETUP + """pos = torch.zeros(1, 2, 8, dtype=torch.int32, d
 count = torch.zeros(1, dtype=torch.int32, device="cuda")
 keys = torch.zeros(64, dtype=torch.int32, device="cuda")
 offs = torch.zeros(1, dtype=torch.long, device="cuda")
-a = dict(pos=pos, count=count, keys=keys, offs=offs, shared=False, bits=4, min_len=1)
+a = dict(pos=pos, count=count, keys=keys, offs=offs, shared=False, bits=4, min_len=1, unit=1)
 a.update({kwargs})
 o.decode_select(out, q, cache, table, lens, ws, ws, None, 0.1, a["bits"], 128, 16, 1, 8,
-                a["pos"], a["count"], a["keys"], a["offs"], a["min_len"], a["shared"])
+                a["pos"], a["count"], a["keys"], a["offs"], a["min_len"], a["shared"],
+                a["unit"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -257,8 +289,11 @@ print("OK")
     ("", None),
     ("pos=pos[:, :1], shared=True", None),
     ("pos=pos.long()", "sel_positions must be a CUDA int32"),
-    ("pos=pos[:, :1]", "expected at least 1 rows and 2 heads"),
-    ("pos=pos[:, :, :0]", "token budget (sel_positions.size(2)) must be at least 1"),
+    ("unit=16", None),  # page granularity
+    ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
+    ("pos=pos[:, :, :0]", "must hold a budget of at least 1 position"),
+    ("pos=pos[:, :, :0], unit=16", "must hold a budget of at least 1 page"),
+    ("unit=4", "selection_unit must be 1 (tokens) or 16 (16-token pages), got 4"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
     ("keys=keys[:63]", "keys must be a contiguous CUDA int32 workspace"),
     ("keys=keys.float()", "keys must be a contiguous CUDA int32 workspace"),

@@ -11,6 +11,7 @@ generated token decodes sparsely past ``min_seq_len``):
   differently, and a 4-bit cache amplifies any difference: see test_tensor_parallel);
 - with a budget of 512 tokens the pass keys are still found (TidalDecode's claim for
   retrieval at k >= 256), and the output stays close to dense decoding;
+- both with single tokens (TidalDecode) and with 16-token pages (``granularity: "page"``);
 - the engine log shows sparse mode's layer plan was used, not a silent dense fallback.
 """
 
@@ -55,18 +56,23 @@ def _answers_right(res: dict) -> int:
     return data.count_right(res["jobs"]["gen"]["tokens"], _prompts()[1])
 
 
-def test_budget_above_every_length_equals_dense_decoding():
-    res = _run({"enabled": True, "token_budget": 8192, "min_seq_len": 1})
+@pytest.mark.parametrize("granularity", ["token", "page"])
+def test_budget_above_every_length_equals_dense_decoding(granularity):
+    res = _run({"enabled": True, "token_budget": 8192, "min_seq_len": 1,
+                "granularity": granularity})
     assert "BITDECODE sparse decode: dense layers [0, 1], selection layers [2]" in res["log"]
+    assert f"selection of {granularity}s" in res["log"]
     dense, gen = _dense()["jobs"]["gen"], res["jobs"]["gen"]
     assert_greedy_close(gen["tokens"], gen["logprobs"], dense["tokens"], dense["logprobs"],
-                        GEN, "sparse (budget 8192) vs dense")
+                        GEN, f"sparse {granularity}s (budget 8192) vs dense")
 
 
-def test_budget_512_still_retrieves_the_pass_keys():
-    res = _run({"enabled": True, "token_budget": 512, "min_seq_len": 1024})
+@pytest.mark.parametrize("granularity", ["token", "page"])
+def test_budget_512_still_retrieves_the_pass_keys(granularity):
+    res = _run({"enabled": True, "token_budget": 512, "min_seq_len": 1024,
+                "granularity": granularity})
     n = len(_prompts()[1])
     right, dense_right = _answers_right(res), _answers_right(_dense())
-    print(f"pass keys right: sparse k=512 {right}/{n}, dense {dense_right}/{n}")
+    print(f"pass keys right: sparse {granularity}s k=512 {right}/{n}, dense {dense_right}/{n}")
     assert dense_right == n
     assert right >= n - 1, f"sparse decoding at k=512 answered {right} of {n} pass keys"

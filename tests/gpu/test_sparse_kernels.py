@@ -53,8 +53,28 @@ def _selection(seq_lens, counts, sel_heads, budget, gen, sort):
     return rs.Selection(positions, torch.tensor(counts, dtype=torch.int32))
 
 
+def _page_selection(seq_lens, counts, sel_heads, budget, gen):
+    """Page granularity: per row and selection head, count - 1 random older 16-token pages
+    and the row's own page last, ascending; slots past the count hold other pages of the
+    sequence (padding and DENSE_ROW rows: garbage)."""
+    rows = len(seq_lens)
+    pages = torch.full((rows, sel_heads, budget), NO_PAGE, dtype=torch.int32)
+    for i, (n, c) in enumerate(zip(seq_lens, counts, strict=True)):
+        if c < 0 or n == 0:
+            continue
+        own = (n - 1) // 16
+        for h in range(sel_heads):
+            pages[i, h] = torch.randint(0, own + 1, (budget,), generator=gen)
+            m = min(c, budget, own + 1)
+            older = torch.randperm(own, generator=gen)[: m - 1].sort().values
+            pages[i, h, :m] = torch.cat((older, torch.tensor([own]))).to(torch.int32)
+    counts = [min(c, budget, (n - 1) // 16 + 1) if c > 0 and n > 0 else c
+              for n, c in zip(seq_lens, counts, strict=True)]
+    return rs.Selection(pages, torch.tensor(counts, dtype=torch.int32))
+
+
 def _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, shared,
-                min_tiles=MIN_TILES_PER_SPLIT, scale=SCALE):
+                min_tiles=MIN_TILES_PER_SPLIT, scale=SCALE, unit=1):
     b, hq, d = q.shape
     out = torch.full((b, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
     partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
@@ -64,7 +84,7 @@ def _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, shared,
         out, q.to(DEV), cache.to(DEV), table.to(DEV),
         torch.tensor(seq_lens, dtype=torch.int32, device=DEV), sel.positions.to(DEV),
         sel.counts.to(DEV), partial_out, partial_lse, signs, scale, fmt.bits, fmt.group_size,
-        fmt.block_size, num_splits, min_tiles, shared,
+        fmt.block_size, num_splits, min_tiles, shared, unit,
     )
     torch.cuda.synchronize()
     return out.cpu()
@@ -152,6 +172,50 @@ def test_sparse_block_sizes(bits, block_size):
     for num_splits in (1, 16):
         got = _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, False)
         _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
+# ---- page granularity (selection_unit=16) -----------------------------------------------
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_pages_match_reference(dtype, bits, shared, block_size):
+    """Lists of 16-token pages (tiles), each read whole with one bulk copy, the own page
+    last and partial, at every block size: the attention over their tokens below the
+    length (reference_sparse.pages_to_positions)."""
+    gen = torch.Generator().manual_seed(block_size + 10 * bits + shared)
+    kv_heads, fmt, rotate = 2, PageFormat(128, bits, 128, block_size), True
+    seq_lens = [0, 1, 16, 17, 300, 4001, 2049, 700]
+    counts = [0, 1, 1, 2, 7, 128, DENSE_ROW, 44]
+    q, cache, table = _batch(seq_lens, kv_heads, 4, fmt, dtype, rotate, gen)
+    sel_heads, budget = (1 if shared else kv_heads), 131
+    pages = _page_selection(seq_lens, counts, sel_heads, budget, gen)
+    tokens = rs.pages_to_positions(pages, torch.tensor(seq_lens), 16)
+    expected = _reference(q, cache, table, seq_lens, tokens, fmt, rotate)
+    for num_splits in (1, 5, 64):
+        got = _run_sparse(q, cache, table, seq_lens, pages, fmt, rotate, num_splits, shared,
+                          unit=16)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_every_page_selected_is_the_dense_decode_bit_for_bit(block_size):
+    """Every page in order is the dense kernel's walk over the same tiles."""
+    gen = torch.Generator().manual_seed(block_size)
+    fmt, rotate = PageFormat(128, 4, 128, block_size), True
+    seq_lens = [37, 1000, 4096]
+    q, cache, table = _batch(seq_lens, 2, 4, fmt, torch.bfloat16, rotate, gen)
+    budget = 256
+    pages = torch.full((3, 2, budget), -1, dtype=torch.int32)
+    for i, n in enumerate(seq_lens):
+        pages[i, :, : (n + 15) // 16] = torch.arange((n + 15) // 16, dtype=torch.int32)
+    sel = rs.Selection(pages, torch.tensor([(n + 15) // 16 for n in seq_lens],
+                                           dtype=torch.int32))
+    for num_splits in (1, 8):
+        got = _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, False,
+                          unit=16)
+        dense = _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, SCALE)
+        assert torch.equal(got, dense), f"num_splits={num_splits}"
 
 
 # ---- dense rows, padding rows, counts out of range --------------------------------------
@@ -265,10 +329,10 @@ def test_wrapper_matches_the_op_schema():
 BAD_SPARSE_CALL = BAD_CALL_SETUP + """
 pos = torch.arange(16, dtype=torch.int32, device="cuda").view(1, 1, 16).repeat(1, 2, 1)
 count = torch.tensor([5], dtype=torch.int32, device="cuda")
-a = dict(pos=pos, count=count, shared=False, group=128)
+a = dict(pos=pos, count=count, shared=False, group=128, unit=1)
 a.update({kwargs})
 o.decode_sparse(out, q, cache, table, lens, a["pos"], a["count"], ws, ws, None, 0.1, 4,
-                a["group"], 16, 1, 8, a["shared"])
+                a["group"], 16, 1, 8, a["shared"], a["unit"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -283,12 +347,14 @@ print("OK")
     ("pos=pos[:0]", "sel_positions has 0 rows for 1 sequences"),
     ("shared=True", "sel_positions has 2 heads, expected 1"),
     ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
-    ("pos=pos[:, :, :0]", "token budget of at least 1"),
+    ("pos=pos[:, :, :0]", "budget of at least 1 position"),
+    ("count=count.clamp(max=1), unit=16", None),  # one 16-token page, read whole
     ("pos=pos.transpose(1, 2).contiguous().transpose(1, 2)", "contiguous in its last dimension"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
     ("count=count[:0]", "sel_count must be a contiguous CUDA int32"),
     ("count=count.cpu()", "sel_count must be a contiguous CUDA int32"),
     ("group=48", "group_size must be 32, 64 or 128"),
+    ("unit=0", "selection_unit must be 1 (tokens) or 16 (16-token pages), got 0"),
 ])
 def test_sparse_bad_arguments_raise_clear_errors(kwargs, message):
     _expect_clear_error(BAD_SPARSE_CALL.replace("{kwargs}", kwargs), message)

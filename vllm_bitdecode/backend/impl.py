@@ -170,6 +170,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     md.decode_seq_lens, sp.sel_positions, sp.sel_count, md.partial_out,
                     md.partial_lse, md.rotation_signs, self.scale, fmt.bits, fmt.group_size,
                     fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT, sp.shared,
+                    sp.selection_unit,
                 )
             elif role == config.SELECT:  # dense, and the positions for the reuse layers
                 ops.decode_select(
@@ -177,7 +178,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     md.decode_seq_lens, md.partial_out, md.partial_lse, md.rotation_signs,
                     self.scale, fmt.bits, fmt.group_size, fmt.block_size, md.num_splits,
                     MIN_TILES_PER_SPLIT, sp.sel_positions, sp.sel_count, sp.keys,
-                    sp.key_offsets, sp.min_seq_len, sp.shared,
+                    sp.key_offsets, sp.min_seq_len, sp.shared, sp.selection_unit,
                 )
             else:
                 ops.decode(

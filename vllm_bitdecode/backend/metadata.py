@@ -153,7 +153,8 @@ class SparseMetadata:
     token_budget: int
     min_seq_len: int
     shared: bool
-    sel_positions: torch.Tensor  # [max_num_seqs, num_kv_heads or 1, token_budget] int32
+    selection_unit: int  # tokens per selected unit: 1, or 16 (page granularity)
+    sel_positions: torch.Tensor  # [max_num_seqs, num_kv_heads or 1, unit_budget] int32
     sel_count: torch.Tensor  # [max_num_seqs] int32
     keys: torch.Tensor  # [(num_kv_heads or 1) * key_capacity] int32 score workspace
     key_offsets: torch.Tensor  # [num_decodes] int64, this step's rows in the workspace
@@ -271,11 +272,12 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         self.key_offsets = torch.zeros(max_seqs, dtype=torch.int64, device=device)
         logger.info(
             "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
-            "%s; token budget %d, dense below %d tokens, %s selection; score workspace "
-            "%d tokens (%.1f MiB)", list(plan.dense), list(plan.selection),
+            "%s; token budget %d, dense below %d tokens, %s selection of %ss; score "
+            "workspace %d tokens (%.1f MiB)", list(plan.dense), list(plan.selection),
             f"{plan.reuse[0]}-{plan.reuse[-1]}" if plan.reuse else "none",
             sparse.token_budget, sparse.dense_below,
-            "shared" if sparse.shared_selection else "per-KV-head", capacity,
+            "shared" if sparse.shared_selection else "per-KV-head", sparse.granularity,
+            capacity,
             capacity * sel_heads * 4 / 2**20)
         if sparse.dense_below < sparse.token_budget:
             logger.warning(
@@ -287,7 +289,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             token_budget=sparse.token_budget,
             min_seq_len=sparse.dense_below,
             shared=sparse.shared_selection,
-            sel_positions=torch.full((max_seqs, sel_heads, sparse.token_budget), -1,
+            selection_unit=sparse.selection_unit,
+            sel_positions=torch.full((max_seqs, sel_heads, sparse.unit_budget), -1,
                                      dtype=torch.int32, device=device),
             sel_count=torch.zeros(max_seqs, dtype=torch.int32, device=device),
             keys=torch.zeros(capacity * sel_heads, dtype=torch.int32, device=device),

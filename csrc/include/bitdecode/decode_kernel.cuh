@@ -35,15 +35,18 @@
 // V row and parameters are gathered from its own page (page = block_table[pos >> shift],
 // slot = pos & (block_size - 1), in tile slot / 16) by all 32 lanes with cp.async into a
 // ring buffer laid out exactly like a page tile, so unpacking, MMAs and the online
-// softmax are untouched and the softmax over the selected tokens is exact. Rows marked
-// kSelDenseRow walk their pages as the dense kernel does; rows with count 0 write zeros
-// without reading a page.
+// softmax are untouched and the softmax over the selected tokens is exact. With page
+// granularity (sel_unit_shift = 4) the list holds 16-token tiles instead: the kernel
+// walks them as the dense kernel walks a sequence, one bulk copy per tile, the last (the
+// row's own tile) partial. Rows marked kSelDenseRow walk their pages as the dense kernel
+// does; rows with count 0 write zeros without reading a page.
 //
 // SELECT = true is the selection layer of sparse decode (decode_select): the dense
 // kernel that also leaves every token's selection key: the maximum of its S^T column over the
 // KV head's query heads (the logits this attention used, log2-scaled, so in the same
 // order), made an order key, stored 16 consecutive keys per tile; select_kernel.cuh then
-// ranks them. The K codes are read once for both.
+// ranks them (with page granularity, a tile by the best of its 16). The K codes are read
+// once for both.
 //
 // KC = true is per-channel K (docs/per-channel-k-design.md, section 7): every page but the
 // sequence's own one holds K codes against one fp16 (scale, zc) per channel and 16-token
@@ -201,15 +204,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // The tokens attended to, in order: the whole sequence, or in the sparse kernel
   // (`gather`) the row's selected positions, list entry j at position positions[j].
   int num_tokens = p.seq_lens[seq];
-  bool gather = false;
+  bool gather = false;     // token positions, gathered one by one
+  bool tile_list = false;  // whole 16-token tiles, the last one the own, partial tile
   const int32_t* positions = nullptr;
   if constexpr (SPARSE) {
     const int count = p.sel_count[seq];
     if (count != kSelDenseRow) {
-      gather = true;
-      num_tokens = min(max(count, 0), p.sel_budget);
+      const int c = min(max(count, 0), p.sel_budget);
       positions = p.sel_positions + seq * p.sel_stride_seq +
                   (p.sel_shared ? 0 : kv_head) * p.sel_stride_head;
+      if (p.sel_unit_shift == 0) {
+        gather = true;
+        num_tokens = c;
+      } else {  // the list's tiles as one sequence: all full but the last
+        tile_list = true;
+        num_tokens = c == 0 ? 0 : (c - 1) * kTileTokens + ((num_tokens - 1) & (kTileTokens - 1)) + 1;
+      }
     }
   }
   const int num_tiles = (num_tokens + kTileTokens - 1) / kTileTokens;
@@ -273,12 +283,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const int32_t* table = p.block_table + seq * p.block_table_stride;
   const int block_shift = p.page.block_shift;
   auto tile_token0 = [&](int i) { return (first_tile + kDecodeWarps * i) * kTileTokens; };
-  auto table_entry = [&](int i) { return i < n_local ? table[tile_token0(i) >> block_shift] : 0; };
-  // Lane l holds the page of local tile 32 * window + l, and of the window after it, so
+  // Local tile i's page (tile first_tile + 4 i of the sequence), or with a tile list its
+  // place in the cache as page << tile_shift | tile in the page (pages of 1 << tile_shift
+  // tiles; the host checks that it fits) for the tile its list entry names. Two
+  // encodings, so that kernels without tile lists keep their registers (one encoding for
+  // both made the channel-K kernel spill at 2 bits, V group 64).
+  const int tile_shift = block_shift - 4;
+  auto table_entry = [&](int i) {
+    if (i >= n_local) return 0;
+    if (tile_list) {
+      const int tile = positions[first_tile + kDecodeWarps * i];
+      return table[tile >> tile_shift] << tile_shift | (tile & ((1 << tile_shift) - 1));
+    }
+    return table[tile_token0(i) >> block_shift];
+  };
+  // Lane l holds the entry of local tile 32 * window + l, and of the window after it, so
   // the block-table load is never on the path of a copy.
   int window = 0;
-  int page_cur = 0, page_next = 0;
-  if (!gather) page_cur = table_entry(lane), page_next = table_entry(32 + lane);
+  int entry_cur = 0, entry_next = 0;
+  if (!gather) entry_cur = table_entry(lane), entry_next = table_entry(32 + lane);
 
   // Gather: lanes l and l + 16 hold list entry l of the next tile to copy as its page and
   // its slot in the page (slot -1: past the count, not copied), and the entry's position
@@ -340,13 +363,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     }
     if (i >= 32 * (window + 1)) {
       ++window;
-      page_cur = page_next;
-      page_next = table_entry(32 * (window + 1) + lane);
+      entry_cur = entry_next;
+      entry_next = table_entry(32 * (window + 1) + lane);
     }
-    const int page = __shfl_sync(0xffffffffu, page_cur, i % 32);
+    const int entry = __shfl_sync(0xffffffffu, entry_cur, i % 32);
     if (lane == 0) {
-      // the tile's place in its page: its first token's offset there is 16 * tile index
-      const int token_in_page = tile_token0(i) & (p.page.block_size - 1);
+      // the page, and the tile's first token's offset in it (16 x its tile index)
+      const int page = tile_list ? entry >> tile_shift : entry;
+      const int token_in_page = tile_list ? (entry & ((1 << tile_shift) - 1)) * kTileTokens
+                                          : tile_token0(i) & (p.page.block_size - 1);
       const uint8_t* src = head_base + (static_cast<int64_t>(page) * p.cache_stride_block +
                                         token_in_page * (Shape::kTileBytes / kTileTokens));
       uint64_t* b = &bar[stage];

@@ -42,8 +42,9 @@ void decode(at::Tensor& out,                 // [seqs, heads, 128]
             int64_t num_splits, int64_t min_tiles_per_split);
 
 // Sparse decode (reuse layers): row r attends to sel_positions[r, h, :sel_count[r]] of its
-// sequence, h = the KV head (0 with shared_selection); sel_count -1 attends to the whole
-// sequence, 0 writes zeros. Otherwise as decode.
+// sequence, h = the KV head (0 with shared_selection): positions, or with selection_unit
+// 16 the 16-token pages (tiles) whose tokens below seq_len it attends to; sel_count -1
+// attends to the whole sequence, 0 writes zeros. Otherwise as decode.
 void decode_sparse(at::Tensor& out,                  // [seqs, heads, 128]
                    const at::Tensor& q,              // [seqs, heads, 128]
                    const at::Tensor& cache,          // [blocks, kv_heads, region] uint8
@@ -55,7 +56,8 @@ void decode_sparse(at::Tensor& out,                  // [seqs, heads, 128]
                    at::Tensor& partial_lse,          // [splits, seqs, heads] f32
                    const std::optional<at::Tensor>& rotation_signs,  // [128] f32
                    double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
-                   int64_t num_splits, int64_t min_tiles_per_split, bool shared_selection);
+                   int64_t num_splits, int64_t min_tiles_per_split, bool shared_selection,
+                   int64_t selection_unit);
 
 // Per-channel K mode (issue #7): decode over channel-mode pages, each sequence's own page
 // (the one holding position seq_len - 1) with its K and V from residual[row_slot[seq]]
@@ -78,6 +80,9 @@ void decode_kc(at::Tensor& out,                // [seqs, heads, 128]
 // or of all heads with shared_selection), ascending, into sel_positions[r, h, :];
 // sel_count[r] = that count, -1 (dense) for rows shorter than min_seq_len or past the
 // key workspace, 0 for padding rows. keys is the workspace (one key per token and head).
+// With selection_unit 16 the same at page granularity: 16-token pages (tiles), each
+// scored by its best token, the own page kept, page indices into sel_positions and the
+// budget counted in pages (reference_sparse.select_pages).
 void decode_select(at::Tensor& out,                  // [seqs, heads, 128]
                    const at::Tensor& q,              // [seqs, heads, 128]
                    const at::Tensor& cache,          // [blocks, kv_heads, region] uint8
@@ -92,7 +97,7 @@ void decode_select(at::Tensor& out,                  // [seqs, heads, 128]
                    at::Tensor& sel_count,            // [seqs] int32
                    at::Tensor& keys,                 // [(kv_heads or 1) * capacity] int32
                    const at::Tensor& key_offsets,    // [seqs] int64
-                   int64_t min_seq_len, bool shared_selection);
+                   int64_t min_seq_len, bool shared_selection, int64_t selection_unit);
 
 // Per-channel K mode (issue #7): V per token into the pages, every page whose last slot a
 // token of this step writes quantized per channel (its earlier keys from the request's

@@ -80,6 +80,10 @@ struct DecodeParams {
                                  // a count; counts above sel_budget are read as sel_budget
   int sel_budget;
   bool sel_shared;
+  // Selection unit: 0, sel_positions are token positions (gathered one by one); 4, they
+  // are 16-token pages (tiles, token t in tile t / 16; each read whole with one bulk
+  // copy), ascending, the last one the sequence's own (partial) tile.
+  int sel_unit_shift;
   // Selection layer (decode_select): the dense kernel also writes, for every token of a
   // row with keys (selection_row_has_keys), the order key of its highest scaled logit over
   // the KV head's query heads (all heads with sel_shared, combined with atomicMax) at
@@ -109,7 +113,8 @@ struct SelectParams {
   int32_t* sel_positions;        // [>= num_seqs, num_kv_heads or 1, sel_budget], written
   int64_t sel_stride_seq, sel_stride_head;
   int32_t* sel_count;            // [>= num_seqs], written: count | kSelDenseRow | 0
-  int sel_budget;                // token budget k
+  int sel_budget;                // budget k, in units of 1 << unit_shift tokens
+  int unit_shift;                // 0: rank tokens; 4: rank 16-token pages (tiles)
   int num_seqs;
   int min_seq_len;               // rows shorter than this decode densely
   bool shared;                   // one position set for all KV heads (keys reset to 0)
