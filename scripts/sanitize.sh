@@ -6,7 +6,8 @@
 # the odd-length decode test (1..2049 tokens, splits 1, planned and 64), the wide-GQA test
 # (second head tile, empty columns), the bit-exact quantize test, the sparse decode kernel
 # (gathered tiles), the selection layer (decode_select: keys from the decode, the
-# clustered radix top-k, 8 and 4 CTAs per row) and per-channel K mode's write and decode.
+# clustered radix top-k, 8 and 4 CTAs per row), page granularity (the top-k over 16-token
+# pages, the sparse kernel over page lists) and per-channel K mode's write and decode.
 # SANITIZE_CASES replaces the list of test ids; SANITIZE_TOOLS the list of tools.
 # Exit status: 0 only if every tool reports 0 errors and the tests pass under it.
 set -uo pipefail
@@ -26,6 +27,8 @@ $S::test_sparse_matches_reference[True-4-4-dtype0]
 $SEL::test_select_matches_reference[bf16-4-4-rot-shared]
 $SEL::test_rows_on_the_same_pages_keep_their_own_selection[per_head]
 $SEL::test_every_cluster_size[10-per_head]
+$SEL::test_select_pages_matches_reference[bf16-4-shared-64]
+$S::test_sparse_pages_match_reference[dtype0-4-True-64]
 tests/gpu/test_kc_write_kernel.py::test_write_matches_reference_step_by_step[bf16-4-16]
 tests/gpu/test_kc_read_kernels.py::test_decode_kc_matches_reference[bf16-4-128-4-16]
 tests/gpu/test_kc_read_kernels.py::test_dequantize_kc_matches_reference_bit_for_bit[fp16-2-32-64]}"
