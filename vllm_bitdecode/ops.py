@@ -162,7 +162,8 @@ def decode_select(
     ``selection_unit=16`` ranks 16-token pages instead (``reference_sparse.select_pages``
     with pages of 16 tokens): a page's key is the best of its tokens', the row's own page
     is kept, ``sel_positions`` holds page indices (position // 16) and its last dimension
-    is the budget in pages. The workspace still holds one key per token.
+    is the budget in pages. The workspace then holds one key per page of each row, at
+    the row's offset.
     """
     torch.ops.bitdecode.decode_select(
         out, q, cache, block_table, seq_lens, partial_out, partial_lse, rotation_signs,

@@ -41,12 +41,13 @@
 // row's own tile) partial. Rows marked kSelDenseRow walk their pages as the dense kernel
 // does; rows with count 0 write zeros without reading a page.
 //
-// SELECT = true is the selection layer of sparse decode (decode_select): the dense
+// SELECT = 1 is the selection layer of sparse decode (decode_select): the dense
 // kernel that also leaves every token's selection key: the maximum of its S^T column over the
 // KV head's query heads (the logits this attention used, log2-scaled, so in the same
 // order), made an order key, stored 16 consecutive keys per tile; select_kernel.cuh then
-// ranks them (with page granularity, a tile by the best of its 16). The K codes are read
-// once for both.
+// ranks them. SELECT = 16 (page granularity) stores one key per tile instead, the best of
+// its tokens', so that the top-k reads 16 times fewer keys. 0: not a selection layer.
+// The K codes are read once for both.
 //
 // KC = true is per-channel K (docs/per-channel-k-design.md, section 7): every page but the
 // sequence's own one holds K codes against one fp16 (scale, zc) per channel and 16-token
@@ -140,10 +141,22 @@ __device__ __forceinline__ void load_words(const uint8_t* src, uint32_t (&dst)[N
 // Selection keys of one tile (see the top): token g + 8 r's best logit over the valid
 // heads (8 ht + 2t + c < gqa; the padded heads' zeros must not count), gathered over
 // the 4 lanes t of the token, stored by lane t = 0. Every lane takes part (shuffles).
-template <int HT>
+// With UNIT = 16 (page granularity), one key for the tile instead: the best over its
+// valid tokens (then over the 8 lane groups g), stored at key_row[token0 / 16].
+template <int HT, int UNIT>
 __device__ __forceinline__ void store_selection_keys(uint32_t* key_row, const float (&s)[HT][4],
                                                      int token0, int num_tokens, int gqa,
                                                      bool shared, int g, int t) {
+  static_assert(UNIT == 1 || UNIT == kTileTokens, "a key per token or per tile");
+  auto store = [&](int at, float x) {
+    const uint32_t key = order_key(x);
+    if (shared) {
+      atomicMax(key_row + at, key);
+    } else {
+      key_row[at] = key;
+    }
+  };
+  float tile = -INFINITY;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     float best = -INFINITY;
@@ -155,14 +168,16 @@ __device__ __forceinline__ void store_selection_keys(uint32_t* key_row, const fl
     best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 1));
     best = fmaxf(best, __shfl_xor_sync(0xffffffffu, best, 2));
     const int pos = token0 + g + 8 * r;
-    if (t == 0 && pos < num_tokens) {
-      const uint32_t key = order_key(best);
-      if (shared) {
-        atomicMax(key_row + pos, key);
-      } else {
-        key_row[pos] = key;
-      }
+    if constexpr (UNIT == 1) {
+      if (t == 0 && pos < num_tokens) store(pos, best);
+    } else if (pos < num_tokens) {
+      tile = fmaxf(tile, best);
     }
+  }
+  if constexpr (UNIT != 1) {
+#pragma unroll
+    for (int x = 4; x < 32; x *= 2) tile = fmaxf(tile, __shfl_xor_sync(0xffffffffu, tile, x));
+    if (g == 0 && t == 0) store(token0 / kTileTokens, tile);
   }
 }
 
@@ -174,12 +189,13 @@ __device__ __forceinline__ void store_selection_keys(uint32_t* key_row, const fl
 // of 32: 3 (154-173 registers; at 4 the loop would spill, and KC's 171 unbounded would
 // leave 2). Two head tiles: unbounded.
 template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false,
-          bool KC = false, bool SELECT = false>
+          bool KC = false, int SELECT = 0>
 __global__ void __launch_bounds__(kDecodeWarps * 32,
                                   HEAD_TILES == 1 ? (GROUP >= 64 ? 4 : 3) : 1)
     decode_kernel(DecodeParams p) {
   static_assert(!(SPARSE && KC), "sparse decode over per-channel pages is not written");
-  static_assert(!SELECT || (!SPARSE && !KC), "a selection layer decodes densely, per token");
+  static_assert(SELECT == 0 || (!SPARSE && !KC), "a selection layer decodes densely, per token");
+  static_assert(SELECT == 0 || SELECT == 1 || SELECT == kTileTokens, "tokens per selection key");
   using Tr = DtypeTraits<T>;
   using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES, KC>;
   using Order = typename Shape::Order;
@@ -240,7 +256,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   }
   // selection layer: this row's keys of this KV head (or of all, shared), if it has any
   uint32_t* key_row = nullptr;
-  if constexpr (SELECT) {
+  if constexpr (SELECT != 0) {
     if (p.sel_keys != nullptr) {
       const int64_t row0 = p.key_offsets[seq];
       if (selection_row_has_keys(num_tokens, row0, p.sel_min_seq_len, p.key_capacity))
@@ -607,9 +623,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
               s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
             }
         }
-        if constexpr (SELECT) {
+        if constexpr (SELECT != 0) {
           if (key_row != nullptr)
-            store_selection_keys<HT>(key_row, s[st], token0, num_tokens, gqa, p.sel_shared, g, t);
+            store_selection_keys<HT, SELECT>(key_row, s[st], token0, num_tokens, gqa,
+                                             p.sel_shared, g, t);
         }
       }
     }

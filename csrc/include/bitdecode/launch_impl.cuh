@@ -14,7 +14,7 @@ constexpr int kHeadSize = 128;
 // Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
 // asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC = false,
-          bool SELECT = false>
+          int SELECT = 0>
 void allow_decode_smem() {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
   constexpr int kMaxDevices = 64;
@@ -54,7 +54,7 @@ void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream) {
   launch_dequantize_pages<T, BITS, GROUP, true>(p, stream);
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, bool SELECT>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
   using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
   auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>;
@@ -83,7 +83,7 @@ int decode_ctas_per_sm(int gqa, bool channel_k) {
                   : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, false>();
 }
 
-template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, bool SELECT = false>
+template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SELECT = 0>
 void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
   if (p.num_heads <= 8 * p.num_kv_heads) {
@@ -168,7 +168,11 @@ template <typename T, int BITS, int GROUP>
 void launch_decode_select(const DecodeParams& decode, const SelectParams& select,
                           cudaStream_t stream) {
   if (decode.num_seqs == 0) return;
-  launch_decode_and_combine<T, BITS, GROUP, false, false, true>(decode, stream);  // + keys
+  if (select.unit_shift == 0) {  // + a key per token
+    launch_decode_and_combine<T, BITS, GROUP, false, false, 1>(decode, stream);
+  } else {  // + a key per 16-token tile
+    launch_decode_and_combine<T, BITS, GROUP, false, false, kTileTokens>(decode, stream);
+  }
   const int heads = select.shared ? 1 : decode.num_kv_heads;
   const int ranks = select_topk_ranks(select.num_seqs * heads);
   const TopkClusterLaunch launch(dim3(select.num_seqs * ranks, heads), ranks, stream);

@@ -4,8 +4,9 @@
 // (decode_kernel.cuh with p.sel_keys): one 32-bit order key per token and KV head (or
 // one per token, shared), the token's best scaled logit over the heads that share the
 // position set. The GPU twin of reference_sparse.select (aggregate "max_logit").
-// With unit_shift = 4 the units ranked are 16-token pages (tiles): one key per tile,
-// the best of its tokens', the newest tile kept; reference_sparse.select_pages.
+// With unit_shift = 4 (page granularity) the units ranked are 16-token pages (tiles),
+// and the decode left one key per tile, the best of its tokens'; everything below then
+// counts tiles instead of tokens (reference_sparse.select_pages).
 //
 // select_topk_kernel, one cluster of `ranks` 1024-thread CTAs per (row, selection head)
 // (grid (num_seqs * ranks, num_sel_heads), ranks = 1 to 8: enough CTAs to fill the SMs
@@ -70,56 +71,22 @@ __device__ __forceinline__ void for_each_key(const uint32_t* keys, int count, F&
   if (tail < count) f(tail, keys[tail]);
 }
 
-// The key of unit i of a row whose token keys start at `keys`: the token's key, or with
-// unit_shift 4 (page granularity) the best key of the 16-token tile i (only whole tiles
-// are ranked: the newest, partial one is kept by rule).
-__device__ __forceinline__ uint32_t unit_key(const uint32_t* keys, int i, int unit_shift) {
-  if (unit_shift == 0) return keys[i];
-  const uint32_t* tile = keys + (i << 4);
-  uint32_t best = 0u;
-  if ((reinterpret_cast<uintptr_t>(tile) & 15u) == 0) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const uint4 v = reinterpret_cast<const uint4*>(tile)[j];
-      best = max(best, max(max(v.x, v.y), max(v.z, v.w)));
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 16; ++j) best = max(best, tile[j]);
-  }
-  return best;
-}
-
-// f(i, unit_key(i)) for every unit i in [0, count): for_each_key for tokens, one tile per
-// thread and pass for 16-token tiles (64 bytes each, consecutive threads on consecutive
-// tiles).
-template <int kThreads, typename F>
-__device__ __forceinline__ void for_each_unit_key(const uint32_t* keys, int count,
-                                                  int unit_shift, F&& f) {
-  if (unit_shift == 0) {
-    for_each_key<kThreads>(keys, count, f);
-    return;
-  }
-  for (int i = threadIdx.x; i < count; i += kThreads) f(i, unit_key(keys, i, unit_shift));
-}
-
 // One radix round: the cluster's histogram of the key bits [shift, shift + bits) among the
-// older keys whose higher bits equal `prefix` (each CTA counts units [0, count) from
-// `keys`, its range), then the bin holding the `need`-th largest of them. Returns the
-// bin; `need` becomes the rank inside it. Every CTA of the cluster calls it and gets the
-// same answer.
+// older keys whose higher bits equal `prefix` (each CTA counts keys[0, count), its range),
+// then the bin holding the `need`-th largest of them. Returns the bin; `need` becomes the
+// rank inside it. Every CTA of the cluster calls it and gets the same answer.
 template <int kThreads>
 __device__ uint32_t select_round(cooperative_groups::cluster_group& cluster,
-                                 const uint32_t* keys, int count, int unit_shift,
-                                 uint32_t prefix, uint32_t prefix_mask, int shift, int bits,
-                                 int& need, uint32_t* hist, int* shared_int) {
+                                 const uint32_t* keys, int count, uint32_t prefix,
+                                 uint32_t prefix_mask, int shift, int bits, int& need,
+                                 uint32_t* hist, int* shared_int) {
   constexpr int kBins = 2048;
   constexpr int kPerThread = kBins / kThreads;
   static_assert(kBins % kThreads == 0, "whole bins per thread");
   const uint32_t bin_mask = (1u << bits) - 1u;
   for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0u;
   cluster.sync();  // rank 0's histogram is zero before any rank adds to it
-  for_each_unit_key<kThreads>(keys, count, unit_shift, [&](int, uint32_t key) {
+  for_each_key<kThreads>(keys, count, [&](int, uint32_t key) {
     if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & bin_mask], 1u);
   });
   uint32_t* total = cluster.map_shared_rank(hist, 0);
@@ -181,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   const int seq_len = seq < p.num_seqs ? p.seq_lens[seq] : 0;
   const int64_t row0 = seq < p.num_seqs ? p.key_offsets[seq] : 0;
   const bool has_keys = selection_row_has_keys(seq_len, row0, p.min_seq_len, p.key_capacity);
-  // the row's units (tokens or 16-token tiles), the last one holding the newest token
+  // the row's units (tokens, or 16-token tiles), the last one holding the newest token
   const int n = (seq_len + (1 << p.unit_shift) - 1) >> p.unit_shift;
   uint32_t* keys = p.keys + h * p.key_capacity + row0;
   // the cluster's threads, for work split evenly over them
@@ -213,9 +180,9 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
     constexpr int kShifts[3] = {21, 10, 0}, kWidths[3] = {11, 11, 10};
 #pragma unroll
     for (int r = 0; r < 3; ++r) {
-      const uint32_t bin = select_round<kThreads>(
-          cluster, keys + (static_cast<int64_t>(begin) << p.unit_shift), end - begin,
-          p.unit_shift, prefix, prefix_mask, kShifts[r], kWidths[r], need, hist, shared_int);
+      const uint32_t bin = select_round<kThreads>(cluster, keys + begin, end - begin, prefix,
+                                                  prefix_mask, kShifts[r], kWidths[r], need,
+                                                  hist, shared_int);
       prefix |= bin << kShifts[r];
       prefix_mask |= ((1u << kWidths[r]) - 1u) << kShifts[r];
     }
@@ -230,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int i = base + 32 * u + lane;
-        v[u] = i < warp_end ? unit_key(keys, i, p.unit_shift) : 0u;
+        v[u] = i < warp_end ? keys[i] : 0u;
       }
     };
     int greater = 0, tie = 0;
@@ -285,17 +252,13 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   } else if (thread == 0) {  // a budget of 1 keeps the newest position only
     positions[0] = n - 1;
   }
-  if (p.shared) {  // atomicMax needs zeros next time: every token key of the row
-    const int us = p.unit_shift;
-    if (n <= budget) {  // no ranges were read: split [0, seq_len) evenly
-      for (int i = thread; i < seq_len; i += stride) keys[i] = 0u;
-    } else {  // this CTA's range (its own reads are done: barrier), and the newest unit
+  if (p.shared) {  // atomicMax needs zeros next time
+    if (n <= budget) {  // no ranges were read: split [0, n) evenly
+      for (int i = thread; i < n; i += stride) keys[i] = 0u;
+    } else {  // this CTA's range (its own reads are done: barrier), and the newest
       __syncthreads();
-      for (int i = (begin << us) + static_cast<int>(threadIdx.x); i < (end << us); i += kThreads)
-        keys[i] = 0u;
-      if (rank == 0)
-        for (int i = ((n - 1) << us) + static_cast<int>(threadIdx.x); i < seq_len; i += kThreads)
-          keys[i] = 0u;
+      for (int i = begin + static_cast<int>(threadIdx.x); i < end; i += kThreads) keys[i] = 0u;
+      if (thread == 0) keys[n - 1] = 0u;
     }
   }
 }
