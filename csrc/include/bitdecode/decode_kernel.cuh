@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
         num_tokens = c;
       } else {  // the list's tiles as one sequence: all full but the last
         tile_list = true;
-        num_tokens = c == 0 ? 0 : (c - 1) * kTileTokens + ((num_tokens - 1) & (kTileTokens - 1)) + 1;
+        const int own = ((num_tokens - 1) & (kTileTokens - 1)) + 1;  // the own tile's tokens
+        num_tokens = c == 0 ? 0 : (c - 1) * kTileTokens + own;
       }
     }
   }
