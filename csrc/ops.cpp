@@ -515,7 +515,6 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   p.key_capacity = capacity;
   p.sel_min_seq_len = static_cast<int>(min_seq_len);
   p.sel_shared = shared_selection;
-  p.sel_unit_shift = unit_shift;
 
   SelectParams sp{};
   sp.seq_lens = seq_lens.data_ptr<int32_t>();
