@@ -25,8 +25,10 @@ def test_resolve_backends(bench):
     assert bench.resolve_backends("all") == list(bench.BACKENDS)
     assert bench.resolve_backends("int4, bf16") == ["FLASH_ATTN:bf16", "BITDECODE:int4"]
     assert bench.resolve_backends("BITDECODE") == ["BITDECODE:int4", "BITDECODE:int2",
-                                                   "BITDECODE:int4-sparse"]
+                                                   "BITDECODE:int4-sparse",
+                                                   "BITDECODE:int4-sparse-pages"]
     assert bench.resolve_backends("int4-sparse") == ["BITDECODE:int4-sparse"]
+    assert bench.resolve_backends("int4-sparse-pages") == ["BITDECODE:int4-sparse-pages"]
     assert bench.resolve_backends("tq4,flash_attn:fp8") == ["FLASH_ATTN:fp8", "TURBOQUANT:tq4"]
     with pytest.raises(ValueError, match="unknown backend"):
         bench.resolve_backends("int3")
