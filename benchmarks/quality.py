@@ -74,6 +74,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                        "bitdecode": {"bits": 4, "sparse": {"enabled": True, "token_budget": 256,
                                                            "min_seq_len": 512}},
                        "label": "BITDECODE 4-bit, sparse k=256"},
+    "int4-sparse256-pages": {"backend": "BITDECODE",
+                             "bitdecode": {"bits": 4, "sparse": {
+                                 "enabled": True, "token_budget": 256, "min_seq_len": 512,
+                                 "granularity": "page"}},
+                             "label": "BITDECODE 4-bit, sparse 16 pages of 16"},
     # per-channel K (issue #7): K per channel over 16-token groups, the newest page's K and
     # V exact
     "int4-channel": {"backend": "BITDECODE", "bitdecode": {"bits": 4, "k_mode": "channel"},
