@@ -92,7 +92,8 @@ void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
     launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC, SELECT>(p, stream);
   }
   if (p.num_splits > 1) {
-    combine_kernel<T, kHeadSize><<<dim3(p.num_seqs, p.num_heads), kHeadSize, 0, stream>>>(p);
+    combine_kernel<T, kHeadSize>
+        <<<dim3(p.num_seqs, p.num_heads), kCombineWarps * 32, 0, stream>>>(p);
   }
 }
 
