@@ -76,7 +76,8 @@ BACKENDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "BITDECODE:int4-sparse": ("BITDECODE", "int4-sparse",
                               {"backend": "BITDECODE", "bitdecode": {
                                   "bits": 4, "sparse": {"enabled": True,
-                                                        "token_budget": SPARSE_BUDGET}}}),
+                                                        "token_budget": SPARSE_BUDGET,
+                                                        "granularity": "token"}}}),
     # the same budget as 128 whole 16-token pages (issue #6: "whole pages or single tokens")
     "BITDECODE:int4-sparse-pages": ("BITDECODE", "int4-sparse-pages",
                                     {"backend": "BITDECODE", "bitdecode": {

@@ -72,6 +72,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # retrieval; perplexity (prompt log-probs, prefill) equals int4's by construction
     "int4-sparse256": {"backend": "BITDECODE",
                        "bitdecode": {"bits": 4, "sparse": {"enabled": True, "token_budget": 256,
+                                                           "granularity": "token",
                                                            "min_seq_len": 512}},
                        "label": "BITDECODE 4-bit, sparse k=256"},
     "int4-sparse256-pages": {"backend": "BITDECODE",

@@ -110,11 +110,12 @@ class SparseConfig:
     first selection layer. Every other layer reuses the last selection."""
     shared_selection: bool = False
     """One top-k set per request for all KV heads instead of one per KV head."""
-    granularity: str = "token"
-    """What the selection layers pick: "token" (TidalDecode: single positions) or "page"
-    (16-token pages, each scored by its best token, read whole by the reuse layers; the
-    token budget must then be a multiple of 16). docs/sparse-mode-design.md compares
-    them."""
+    granularity: str = "page"
+    """What the selection layers pick: "page" (16-token pages, each scored by its best
+    token, read whole by the reuse layers; the token budget must be a multiple of 16) or
+    "token" (TidalDecode: single positions, any budget). Pages are the default: on an
+    H200 their selection and reuse layers are faster and their retrieval the same
+    (docs/sparse-mode-design.md compares them)."""
     min_seq_len: int | None = None
     """Requests with fewer tokens than this decode densely in every layer.
     None: twice the token budget."""
@@ -165,7 +166,8 @@ class SparseConfig:
         if self.granularity not in GRANULARITIES:
             raise bad("granularity", list(GRANULARITIES))
         if self.granularity == "page" and self.token_budget % PAGE_TOKENS:
-            raise bad("token_budget", f"a multiple of {PAGE_TOKENS} with granularity 'page'")
+            raise bad("token_budget", f"a multiple of {PAGE_TOKENS} with granularity 'page' "
+                      "(the default), or any budget with \"granularity\": \"token\"")
         if self.min_seq_len is not None:
             # below token_budget is allowed (the start-up log warns): rows no longer than
             # the budget keep every position, which is dense attention by another path
