@@ -186,23 +186,26 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
 
 def fake_quant_page_k_fp8(k: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:
     """fake_quant_page_k with the K params in 8 bits instead of 16 (16 B per token and KV
-    head instead of 32, docs/per-channel-k-design.md section 12): per channel and K group
-    the scale rounded *up* to fp8 e4m3 (so the group's range still fits its levels) and
-    zc = zero + 2^(bits-1) * scale rounded to the nearest e4m3; each code is then the
-    nearest one under those stored params, (code - 2^(bits-1)) * scale + zc."""
+    head instead of 32, docs/per-channel-k-design.md section 12). Per channel and K group,
+    zc first: the range's centre ``lo + 2^(bits-1) * (hi - lo) / levels`` rounded to the
+    nearest e4m3 (saturating at +-448); then the smallest e4m3 scale that still reaches
+    both ends of the range from that zc, so that every key is within half a stored step
+    of its value. (Rounding the scale first and zc afterwards, as this function did
+    before 2026-11-30, moves zc by up to |zc| / 16: a channel far from zero with a small
+    range, common in real keys, then lands on the edge codes.)"""
     e4m3 = torch.float8_e4m3fn
     levels, centre = (1 << bits) - 1, float(1 << (bits - 1))
     x = k.unflatten(-2, (k.shape[-2] // group_tokens, group_tokens)).float()
     lo, hi = x.amin(dim=-2, keepdim=True), x.amax(dim=-2, keepdim=True)
-    scale = ((hi - lo) / levels).clamp(min=2.0**-9, max=416.0)  # e4m3: 2^-9 .. 448
-    s8 = _round_up_e4m3(scale)
-    zc8 = (lo + centre * s8).to(e4m3).float()
+    zc8 = (lo + centre * ((hi - lo) / levels)).clamp(-448.0, 448.0).to(e4m3).float()
+    need = torch.maximum((zc8 - lo) / centre, (hi - zc8) / (levels - centre))
+    s8 = _round_up_e4m3(need.clamp(min=2.0**-9, max=448.0))
     codes = torch.clamp(torch.round((x - zc8) / s8 + centre), 0, levels)
     return ((codes - centre) * s8 + zc8).flatten(-3, -2)
 
 
 def _round_up_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """The smallest e4m3 value >= x (0 < x <= 416), as float32: positive e4m3 bit
+    """The smallest e4m3 value >= x (0 < x <= 448), as float32: positive e4m3 bit
     patterns order like their values, so one up is the next value."""
     e4m3 = torch.float8_e4m3fn
     near = x.to(e4m3)
