@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.scripts import load_script
-from vllm_bitdecode.reference_kc import fake_quant_page_k
 
 
 @pytest.fixture(scope="module")
