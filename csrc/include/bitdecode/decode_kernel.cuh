@@ -813,12 +813,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 }
 
 // Reduce the splits of every (sequence, head): out = sum_s w_s o_s, w_s ~ 2^lse_s.
-// One CTA per (sequence, head). A single long sequence is split ~100 ways, so the splits
-// are read in parallel, not in a chain: the threads stride over the LSEs for their
-// maximum, then warp w accumulates splits w, w + kCombineWarps, ... (each lane 4
-// channels, one 16-byte load per split, several splits in flight), and the warps' sums
-// meet in shared memory. (One thread per channel walking every split took 22 us of a
-// 50 us decode at 1 x 32K under Nsight Compute.)
+// One CTA per (sequence, head). A single long sequence is split up to 64 ways (the
+// planner's MAX_SPLITS), so the splits are read in parallel, not in a chain: the threads
+// stride over the LSEs for their maximum, then warp w accumulates splits w, w +
+// kCombineWarps, ... (each lane 4 channels, one 16-byte load per split, several splits
+// in flight), and the warps' sums meet in shared memory. (One thread per channel walking
+// every split took 22 us of a 50 us decode at 1 x 32K under Nsight Compute.)
 constexpr int kCombineWarps = 8;
 
 template <typename T, int HEAD>
