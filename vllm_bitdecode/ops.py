@@ -45,7 +45,7 @@ def _decode_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
 def _decode_sparse_fake(out, q, cache, block_table, seq_lens, sel_positions, sel_count,
                         partial_out, partial_lse, rotation_signs, softmax_scale, bits,
                         group_size, block_size, num_splits, min_tiles_per_split,
-                        shared_selection):
+                        shared_selection, selection_unit=1):
     return None
 
 
@@ -53,7 +53,7 @@ def _decode_sparse_fake(out, q, cache, block_table, seq_lens, sel_positions, sel
 def _decode_select_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                         rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
                         min_tiles_per_split, sel_positions, sel_count, keys, key_offsets,
-                        min_seq_len, shared_selection):
+                        min_seq_len, shared_selection, selection_unit=1):
     return None
 
 
