@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_decode as dense  # noqa: E402
 
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT  # noqa: E402
+from vllm_bitdecode.config import PAGE_TOKENS  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
 
 BITS = 4
-PAGE = 16  # tokens per selected page (config.PAGE_TOKENS)
 TARGET_SPARSE_VS_FA3 = 20.0  # at k = 2048, 128K
 TARGET_SELECT_LAYER_VS_DENSE = 1.3
 
@@ -86,7 +86,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
     offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
     for budget in budgets:
 
-        for unit, suffix in ((1, ""), (PAGE, "-pages")):
+        for unit, suffix in ((1, ""), (PAGE_TOKENS, "-pages")):
             units = budget // unit
             positions = torch.empty(batch, dense.HKV, units, dtype=torch.int32, device="cuda")
             counts = torch.empty(batch, dtype=torch.int32, device="cuda")

@@ -50,7 +50,7 @@ def _unsupported(where: str, value: object, allowed: object) -> BitDecodeConfigE
 SPARSE_KEY = "sparse"
 AUTO = "auto"
 GRANULARITIES = ("token", "page")  # what a selection layer picks
-PAGE_TOKENS = 16  # tokens of a selected page: one tile of the page format, any block size
+PAGE_TOKENS = page_format.TILE_TOKENS  # a selected page is one tile, at any block size
 
 # Layer roles in sparse mode (see docs/sparse-mode-design.md).
 DENSE = "dense"  # full attention, selects nothing
