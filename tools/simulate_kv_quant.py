@@ -178,40 +178,12 @@ def own_page_attention(query, key, value, mode: Mode, scaling):
     # used bf16 scale and zero), a partial last group is never quantized for any query: it
     # lies in the exact block
     t_full = key.shape[-2] // mode.page * mode.page
-    quant = fake_quant_page_k_fp8 if mode.k_params_fp8 else fake_quant_page_k
-    pages_q = quant(key_exact[..., :t_full, :], mode.bits, mode.page)
+    # -p8: the K params in fp8 e4m3 as k_params="fp8" stores them (zc first, then the
+    # scale; reference_kc.quantize_channels_fp8)
+    pages_q = fake_quant_page_k(key_exact[..., :t_full, :], mode.bits, mode.page,
+                                k_param_bits=8 if mode.k_params_fp8 else 16)
     key_q = torch.cat((pages_q, key_exact[..., t_full:, :]), dim=-2)
     return _own_page_softmax(query, key_q, key_exact, value, mode, scaling)
-
-
-def fake_quant_page_k_fp8(k: torch.Tensor, bits: int, group_tokens: int) -> torch.Tensor:
-    """fake_quant_page_k with the K params in 8 bits instead of 16 (16 B per token and KV
-    head instead of 32, docs/per-channel-k-design.md section 12). Per channel and K group,
-    zc first: the range's centre ``lo + 2^(bits-1) * (hi - lo) / levels`` rounded to the
-    nearest e4m3 (saturating at +-448); then the smallest e4m3 scale that still reaches
-    both ends of the range from that zc, so that every key is within half a stored step
-    of its value. (Rounding the scale first and zc afterwards, as this function did
-    before 2026-11-30, moves zc by up to |zc| / 16: a channel far from zero with a small
-    range, common in real keys, then lands on the edge codes.)"""
-    e4m3 = torch.float8_e4m3fn
-    levels, centre = (1 << bits) - 1, float(1 << (bits - 1))
-    x = k.unflatten(-2, (k.shape[-2] // group_tokens, group_tokens)).float()
-    lo, hi = x.amin(dim=-2, keepdim=True), x.amax(dim=-2, keepdim=True)
-    zc8 = (lo + centre * ((hi - lo) / levels)).clamp(-448.0, 448.0).to(e4m3).float()
-    need = torch.maximum((zc8 - lo) / centre, (hi - zc8) / (levels - centre))
-    s8 = _round_up_e4m3(need.clamp(min=2.0**-9, max=448.0))
-    codes = torch.clamp(torch.round((x - zc8) / s8 + centre), 0, levels)
-    return ((codes - centre) * s8 + zc8).flatten(-3, -2)
-
-
-def _round_up_e4m3(x: torch.Tensor) -> torch.Tensor:
-    """The smallest e4m3 value >= x (0 < x <= 448), as float32: positive e4m3 bit
-    patterns order like their values, so one up is the next value."""
-    e4m3 = torch.float8_e4m3fn
-    near = x.to(e4m3)
-    bits = near.view(torch.uint8)
-    up = torch.where(near.float() < x, bits + 1, bits).view(e4m3)
-    return up.float()
 
 
 def _own_page_softmax(query, key_q, key_exact, value, mode: Mode, scaling):

@@ -10,7 +10,10 @@ the oracle that the per-channel kernels will be tested against, as
   model dtypes, the zero as ``zc = zero + 2^(bits-1) * scale``, so that the decode
   kernel dequantizes K straight into fp16 MMA fragments, ``k = (code - 2^(bits-1)) *
   scale + zc``, with one HFMA2 per pair and no per-tile conversion (design, section 12).
-  The price: channel mode needs |K| <= 65504. The codes use
+  The price: channel mode needs |K| <= 65504. With ``k_params="fp8"`` the pair is
+  stored in fp8 e4m3 instead (half the parameter bytes), chosen zc first: the range's
+  centre rounded to e4m3, then the smallest e4m3 scale that reaches both ends from it,
+  so every key stays within half a stored step (keys within +-448). The codes use
   the same packed row order as the per-token page (``PageFormat.k_channel_of_slot``). V
   stays per token and per group of channels, exactly as in the per-token page.
 * A K group is quantized once, by the write that fills its last slot. A page's tokens'
@@ -39,7 +42,7 @@ per-token page, ``block_size / 16`` tiles of 16 tokens, tile ``i`` holding token
         v_rows    [16][row_bytes]          packed V codes
         v_params  [16][groups][2]          V (scale, zero) per token, model dtype
         k_params  [2 * head_size]          the tile's K group: scale and zc of every
-                                           channel, fp16, in k_param_index order
+                                           channel, fp16 (or e4m3), in k_param_index order
 """
 
 from __future__ import annotations
@@ -50,7 +53,6 @@ import torch
 
 from vllm_bitdecode import reference
 from vllm_bitdecode.page_format import (
-    PARAM_BYTES,
     TILE_TOKENS,
     PageFormat,
     tile_field,
@@ -59,6 +61,10 @@ from vllm_bitdecode.page_format import (
 
 KC_GROUP_TOKENS = TILE_TOKENS  # tokens of one K group: K is quantized per channel over these
 K_PARAM_DTYPE = torch.float16  # channel-mode K (scale, zc) in the page, any model dtype
+K_PARAM_FP8 = torch.float8_e4m3fn  # ... or in 8 bits (k_params="fp8")
+K_PARAM_BITS = (16, 8)
+FP8_MAX = 448.0  # largest e4m3 value; zc saturates there
+FP8_MIN_SCALE = 2.0**-9  # smallest positive e4m3 value
 
 
 # ---- layout -----------------------------------------------------------------------------
@@ -67,6 +73,16 @@ class KCPageLayout:
     """Byte layout of one per-channel-K page; ``fmt.group_size`` applies to V only."""
 
     fmt: PageFormat
+    k_param_bits: int = 16  # 16: fp16 K (scale, zc); 8: fp8 e4m3
+
+    def __post_init__(self) -> None:
+        if self.k_param_bits not in K_PARAM_BITS:
+            raise ValueError(f"k_param_bits={self.k_param_bits} unsupported; choose one of "
+                             f"{K_PARAM_BITS}")
+
+    @property
+    def k_param_dtype(self) -> torch.dtype:
+        return K_PARAM_DTYPE if self.k_param_bits == 16 else K_PARAM_FP8
 
     @property
     def block_size(self) -> int:
@@ -110,8 +126,8 @@ class KCPageLayout:
 
     @property
     def k_group_param_bytes(self) -> int:
-        """K (scale, zero) of every channel of one K group and head."""
-        return 2 * self.head_size * PARAM_BYTES
+        """K (scale, zc) of every channel of one K group and head."""
+        return 2 * self.head_size * self.k_param_bits // 8
 
     @property
     def k_param_bytes(self) -> int:
@@ -236,14 +252,53 @@ def dequantize_stored_k(codes: torch.Tensor, scale: torch.Tensor, zc: torch.Tens
     return out.to(torch.float32)
 
 
-def fake_quant_page_k(k: torch.Tensor, bits: int,
-                      group_tokens: int = KC_GROUP_TOKENS) -> torch.Tensor:
+def round_up_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """The smallest e4m3 value >= x (float32, 0 < x <= 448), as float32: positive e4m3
+    bit patterns order like their values, so one up is the next value."""
+    near = x.to(K_PARAM_FP8)
+    up = torch.where(near.float() < x, near.view(torch.uint8) + 1, near.view(torch.uint8))
+    return up.view(K_PARAM_FP8).float()
+
+
+def quantize_channels_fp8(
+    k: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel quantization over all the tokens given with e4m3 parameters.
+
+    k: ``[..., tokens, head_size]``. zc first: the centre of the channel's range,
+    ``lo + 2^(bits-1) * ((hi - lo) / levels)`` in float32, clamped to +-448 and rounded to
+    the nearest e4m3; then the scale: the smallest e4m3 at least
+    ``max((zc - lo) / 2^(bits-1), (hi - zc) / (levels - 2^(bits-1)))`` (and at least
+    2^-9), so that both ends of the range are within reach of the codes. Each code is the
+    nearest under the stored pair, ``round((x - zc) / scale + 2^(bits-1))`` clamped to
+    the levels, round half to even. Every step in float32, in this order (the write
+    kernel does the same, op for op). Returns codes (int32, like ``k``) and scale, zc
+    ``[..., head_size]`` as float32 holding e4m3 values.
+    """
+    levels, centre = (1 << bits) - 1, float(1 << (bits - 1))
+    x = k.to(torch.float32)
+    lo, hi = x.amin(dim=-2), x.amax(dim=-2)
+    mid = lo + centre * ((hi - lo) / levels)
+    zc = mid.clamp(-FP8_MAX, FP8_MAX).to(K_PARAM_FP8).float()
+    need = torch.maximum((zc - lo) / centre, (hi - zc) / (levels - centre))
+    scale = round_up_e4m3(need.clamp(FP8_MIN_SCALE, FP8_MAX))
+    t = (x - zc.unsqueeze(-2)) / scale.unsqueeze(-2) + centre
+    codes = torch.clamp(torch.round(t), 0, levels).to(torch.int32)
+    return codes, scale, zc
+
+
+def fake_quant_page_k(k: torch.Tensor, bits: int, group_tokens: int = KC_GROUP_TOKENS,
+                      k_param_bits: int = 16) -> torch.Tensor:
     """Quantize the K of whole pages ``[..., tokens, head_size]`` in K groups of
     ``group_tokens`` tokens (the page's 16; the CPU simulation tries others) as the page
-    stores them (fp16 scale and zc), then dequantize (float32 out)."""
+    stores them (fp16 or, with ``k_param_bits`` 8, e4m3 scale and zc), then dequantize
+    (float32 out)."""
     groups = k.unflatten(-2, (k.shape[-2] // group_tokens, group_tokens))
-    codes, scale, zero = quantize_channels(groups, bits, K_PARAM_DTYPE)
-    zc = centred_zero(scale, zero, bits)
+    if k_param_bits == 8:
+        codes, scale, zc = quantize_channels_fp8(groups, bits)
+    else:
+        codes, scale, zero = quantize_channels(groups, bits, K_PARAM_DTYPE)
+        zc = centred_zero(scale, zero, bits)
     return dequantize_stored_k(codes, scale, zc, bits).flatten(-3, -2)
 
 
@@ -276,6 +331,20 @@ def _k_params(cache, layout):
 
 def _as_params(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return raw.contiguous().view(dtype).view(shape)
+
+
+def read_k_params(pages: torch.Tensor,
+                  layout: KCPageLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored K scale and zc of pages ``[blocks, heads, head_region_bytes]``:
+    ``[blocks, heads, k_groups, head_size]`` each, float32 (exact: fp16 and e4m3 values)."""
+    nb, h = pages.shape[:2]
+    raw = _k_params(pages, layout).contiguous()
+    if layout.k_param_bits == 8:  # unpack the bytes, then reinterpret (float8 has no gather)
+        s, zc = unpack_k_params(raw.view(nb, h, layout.k_groups, 2 * layout.head_size))
+        return s.contiguous().view(K_PARAM_FP8).float(), zc.contiguous().view(K_PARAM_FP8).float()
+    kp = _as_params(raw, K_PARAM_DTYPE, (nb, h, layout.k_groups, 2 * layout.head_size))
+    s, zc = unpack_k_params(kp)
+    return s.float(), zc.float()
 
 
 # ---- batch bookkeeping -------------------------------------------------------------------
@@ -364,13 +433,18 @@ def write_tokens_kc(
             else:
                 rows.append(residual[int(row_slot[r]), 0, :, p % bs])
         group_k = torch.stack(rows, dim=1)  # [heads, 16, D]
-        codes, scale, zero = quantize_channels(group_k, fmt.bits, K_PARAM_DTYPE)
+        if layout.k_param_bits == 8:
+            codes, scale, zc = quantize_channels_fp8(group_k, fmt.bits)
+            packed = pack_k_params(scale.to(K_PARAM_FP8).view(torch.uint8),
+                                   zc.to(K_PARAM_FP8).view(torch.uint8))
+        else:
+            codes, scale, zero = quantize_channels(group_k, fmt.bits, K_PARAM_DTYPE)
+            zc = centred_zero(scale, zero, fmt.bits)
+            packed = pack_k_params(scale, zc).view(torch.uint8)
         # the group is one whole tile
         _k_rows(cache, layout)[int(blocks[t]), :, first % bs // gt] = reference.pack_rows(
             codes, fmt.k_channel_of_slot(), fmt.bits)
-        zc = centred_zero(scale, zero, fmt.bits)
-        k_params[int(blocks[t]), :, first % bs // gt] = pack_k_params(scale, zc).view(
-            torch.uint8)
+        k_params[int(blocks[t]), :, first % bs // gt] = packed
 
     # 3. phase B: the last written page of each request goes to its residual
     last_page_start = (lens - 1).clamp(min=0) // bs * bs
@@ -394,12 +468,11 @@ def read_pages_kc(
     pages = cache[block_ids.long()]
     nb, h = pages.shape[:2]
     fmt = layout.fmt
-    bs, d = layout.block_size, layout.head_size
+    bs = layout.block_size
     kc = reference.unpack_rows(tile_tokens(_k_rows(pages, layout)), fmt.k_channel_of_slot(),
                                fmt.bits)
-    kp = _as_params(_k_params(pages, layout), K_PARAM_DTYPE, (nb, h, layout.k_groups, 2 * d))
     k_groups = kc.unflatten(-2, (layout.k_groups, KC_GROUP_TOKENS))
-    k = dequantize_stored_k(k_groups, *unpack_k_params(kp), fmt.bits).flatten(2, 3)
+    k = dequantize_stored_k(k_groups, *read_k_params(pages, layout), fmt.bits).flatten(2, 3)
     vc = reference.unpack_rows(tile_tokens(_v_rows(pages, layout)), fmt.v_channel_of_slot(),
                                fmt.bits)
     vp = _as_params(tile_tokens(_v_params(pages, layout)), dtype, (nb, h, bs, fmt.groups, 2))
@@ -513,7 +586,8 @@ def canonical_attention_kc(
     bs = layout.block_size
     n_full = k.shape[0] // bs
     k_pages = k[: n_full * bs].unflatten(0, (n_full, bs)).transpose(1, 2)  # [pages, h, bs, d]
-    k_quant = fake_quant_page_k(k_pages, layout.fmt.bits).transpose(1, 2).flatten(0, 1)
+    k_quant = fake_quant_page_k(k_pages, layout.fmt.bits, k_param_bits=layout.k_param_bits)
+    k_quant = k_quant.transpose(1, 2).flatten(0, 1)
     v_quant = fake_quant_v(v, layout.fmt)
     out = torch.empty(q.shape, dtype=torch.float32)
     for i in range(q.shape[0]):

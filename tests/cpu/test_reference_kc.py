@@ -29,8 +29,9 @@ PARAM_EPS = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 SCALE = 1.0 / math.sqrt(HEAD)
 
 
-def _layout(bits: int, block_size: int, group_size: int = 128) -> kc.KCPageLayout:
-    return kc.KCPageLayout(PageFormat(HEAD, bits, group_size, block_size))
+def _layout(bits: int, block_size: int, group_size: int = 128,
+            k_param_bits: int = 16) -> kc.KCPageLayout:
+    return kc.KCPageLayout(PageFormat(HEAD, bits, group_size, block_size), k_param_bits)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -478,12 +479,13 @@ def _random_schedule_run(seqs, prompts, layout, dtype, hk, seed):
     return reqs
 
 
+@pytest.mark.parametrize("k_param_bits", [16, 8])
 @pytest.mark.parametrize("bits", [4, 2])
-def test_outputs_do_not_depend_on_the_schedule(bits):
+def test_outputs_do_not_depend_on_the_schedule(bits, k_param_bits):
     """Chunked prefill ending mid-page, requests not scheduled in some steps, reordered
     rows, padding: every query still sees exactly what the specification says."""
     bs, dtype, hk = 16, torch.bfloat16, 2
-    lay = _layout(bits, bs)
+    lay = _layout(bits, bs, k_param_bits=k_param_bits)
     seqs = [Seq.random(n, 8, hk, dtype, seed=300 + n) for n in (70, 45, 33, 16)]
     prompts = [40, 20, 17, 9]
     # a plain schedule: each prompt in one step, then lockstep decodes on the decode path
@@ -625,3 +627,63 @@ def test_token_requests_and_bad_slot_mappings():
     with pytest.raises(ValueError, match="outside every request"):
         kc.write_tokens_kc(eng.cache, eng.residual, x, x, torch.tensor([16, 17]),
                            torch.tensor([0, 1]), torch.tensor([1]), torch.tensor([0]), lay)
+
+
+# ---- K params in fp8 e4m3 (k_params="fp8") -------------------------------------------------
+@pytest.mark.parametrize("bits,block_size", sorted(DESIGN_BYTES))
+def test_fp8_params_halve_the_k_param_block(bits, block_size):
+    lay16, lay8 = _layout(bits, block_size), _layout(bits, block_size, k_param_bits=8)
+    assert lay8.k_group_param_bytes == 256 and lay8.k_params_offset == lay16.k_params_offset
+    assert lay8.tile_bytes == lay16.tile_bytes - 256 and lay8.tile_bytes % 16 == 0
+    # 16 B per token and head less: 148 / 84 B at V group 128 against 136 / 72 per token
+    assert lay8.bytes_per_token_head == DESIGN_BYTES[(bits, block_size)] - 16
+    with pytest.raises(ValueError, match="k_param_bits=12"):
+        _layout(bits, block_size, k_param_bits=12)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_fp8_params_keep_every_key_within_half_a_stored_step(bits):
+    """zc first, then the scale: for channels centred anywhere in +-400 with spreads from
+    0.001 to 30, every key is within half a stored step of its value, the params are
+    e4m3 values, and the step is at most one e4m3 step above what the range needs."""
+    g = _gen(40 + bits)
+    offset = (torch.rand(HEAD, generator=g) * 800 - 400)
+    spread = torch.logspace(-3, 1.5, HEAD)[torch.randperm(HEAD, generator=g)]
+    k = (torch.randn(3, 4, 16, HEAD, generator=g) * spread + offset).to(torch.bfloat16)
+    codes, scale, zc = kc.quantize_channels_fp8(k, bits)
+    for x in (scale, zc):  # stored exactly
+        assert torch.equal(x.to(kc.K_PARAM_FP8).float(), x)
+    levels, centre = (1 << bits) - 1, 1 << (bits - 1)
+    assert codes.min() >= 0 and codes.max() <= levels
+    deq = kc.dequantize_stored_k(codes.unsqueeze(-3), scale.unsqueeze(-2), zc.unsqueeze(-2),
+                                 bits).squeeze(-3)
+    err = (deq - k.float()).abs().amax(-2)
+    assert (err <= 0.5 * scale * (1 + 1e-6)).all()
+    lo, hi = k.float().amin(-2), k.float().amax(-2)
+    need = torch.maximum((zc - lo) / centre, (hi - zc) / (levels - centre))
+    assert (scale >= need).all() and (scale <= need * 1.125 + 2.0**-9).all()  # subnormals
+    # the same keys through fake_quant_page_k (what the specification uses)
+    got = kc.fake_quant_page_k(k.flatten(-3, -2), bits, k_param_bits=8)
+    torch.testing.assert_close(got, deq.flatten(-3, -2), rtol=0, atol=0)
+
+
+def test_fp8_params_are_written_byte_for_byte():
+    """A page filled in one step holds, per K group, the packed codes and the e4m3 bytes
+    of (scale, zc) in k_param_index order, computed here independently of the writer."""
+    bs, dtype, bits = 32, torch.bfloat16, 4
+    lay = _layout(bits, bs, k_param_bits=8)
+    seq = Seq.random(bs + 5, 8, 2, dtype, seed=77)
+    eng = Engine(lay, num_blocks=3, num_slots=1, hk=2, dtype=dtype)
+    r = Req(seq, blocks=[1, 2], slot=0)
+    eng.step([(r, bs + 5)])
+    groups = seq.k[:bs].transpose(0, 1).unflatten(1, (bs // 16, 16))  # [heads, groups, 16, D]
+    codes, scale, zc = kc.quantize_channels_fp8(groups, bits)
+    rows = ref.pack_rows(codes, lay.fmt.k_channel_of_slot(), bits)
+    idx = kc.k_param_index(HEAD)
+    for grp in range(bs // 16):
+        tile = eng.cache[1, :, grp * lay.tile_bytes : (grp + 1) * lay.tile_bytes]
+        assert torch.equal(tile[:, : 16 * lay.row_bytes], rows[:, grp].flatten(-2))
+        params = tile[:, lay.k_params_offset : lay.k_params_offset + 256]
+        assert torch.equal(params[:, idx], scale[:, grp].to(kc.K_PARAM_FP8).view(torch.uint8))
+        assert torch.equal(params[:, idx + 4], zc[:, grp].to(kc.K_PARAM_FP8).view(torch.uint8))
+    _check_against_canonical(r, lay)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.scripts import load_script
+from vllm_bitdecode.reference_kc import fake_quant_page_k
 
 
 @pytest.fixture(scope="module")
@@ -156,30 +157,22 @@ def test_per_token_own_page_mode_keeps_the_own_block_exact(sim):
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-def test_fp8_k_params_keep_every_key_within_half_a_stored_step(sim, bits):
-    """-p8: zc is the range's centre rounded to e4m3, the scale the smallest e4m3 that
-    reaches both ends from there, so every key is within half a stored step, also for
-    channels far from zero with a small range (where rounding zc after the scale missed
-    by up to |zc| / 16)."""
+def test_fp8_k_params_mode_is_reference_kc_with_8_bit_params(sim, bits):
+    """-p8 quantizes pages as reference_kc does with k_param_bits 8 (tested there), and
+    only together with -kc-own."""
     assert sim.Mode.parse(f"int{bits}-kc-own-p8").k_params_fp8
     for bad in (f"int{bits}-p8", f"int{bits}-kc-p8", f"int{bits}-own-p8"):
         with pytest.raises(SystemExit):
             sim.Mode.parse(bad)
     gen = torch.Generator().manual_seed(bits)
-    levels, centre = (1 << bits) - 1, 1 << (bits - 1)
-    # channels centred from -100 to 100, spreads from 0.01 to 3
-    offset = torch.linspace(-100, 100, 128)[torch.randperm(128, generator=gen)]
-    spread = torch.logspace(-2, 0.5, 128)
-    k = torch.randn(2, 3, 64, 128, generator=gen) * spread + offset
-    got = sim.fake_quant_page_k_fp8(k, bits, 16)
-    groups = k.unflatten(-2, (4, 16))
-    lo, hi = groups.amin(-2), groups.amax(-2)
-    zc = (lo + centre * (hi - lo) / levels).to(torch.float8_e4m3fn).float()
-    need = torch.maximum((zc - lo) / centre, (hi - zc) / (levels - centre))
-    stored = sim._round_up_e4m3(need.clamp(min=2.0**-9))
-    assert (stored <= need * 1.125 + 2.0**-9).all()  # one e4m3 step above what it needs
-    err = (got - k).abs().unflatten(-2, (4, 16))
-    assert (err <= stored.unsqueeze(-2) * 0.5 * (1 + 1e-5)).all()
-    # the step it needs stays close to the range's own: zc is off the centre by at most
-    # |zc| / 16, which widens the step by 2 |zc| / 16 / levels at most
-    assert (need <= (hi - lo) / levels + (zc.abs() / 16 + 1e-6) / (levels - centre)).all()
+    k = torch.randn(1, 2, 40, 128, generator=gen) * 0.1 + 12  # far from zero, small range
+    mode = sim.Mode.parse(f"int{bits}-kc-own-p8")
+    q = torch.randn(1, 4, 40, 128, generator=gen)
+    v = torch.randn(1, 2, 40, 128, generator=gen)
+    got = sim.own_page_attention(q, k, v, mode, 128**-0.5)
+    exact = k.to(torch.bfloat16).float()
+    for param_bits, equal in ((8, True), (16, False)):
+        keys = torch.cat((fake_quant_page_k(exact[..., :32, :], bits, 16,
+                                            k_param_bits=param_bits), exact[..., 32:, :]), -2)
+        want = sim._own_page_softmax(q, keys, exact, v, mode, 128**-0.5)
+        assert torch.equal(got, want) == equal, f"{param_bits}-bit params"
