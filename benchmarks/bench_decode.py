@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, decode_slots, plan_num_splits
+from vllm_bitdecode.config import K_PARAMS
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
 from vllm_bitdecode.provenance import git_commit, gpu_slug
 from vllm_bitdecode.testing import fa3_paged_decode
@@ -106,12 +107,13 @@ def fill_pages(num_blocks: int, fmt: PageFormat) -> torch.Tensor:
     return cache
 
 
-def decode_inputs(batch: int, context: int, bits: int, channel_k: bool = False):
+def decode_inputs(batch: int, context: int, bits: int, channel_k: bool = False,
+                  k_param_bits: int = 16):
     """Query, output, split plan (from the occupancy of the kernel that runs, as the
     backend makes it), split-K buffers, lengths."""
     q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
     num_sms, ctas_per_sm = decode_slots(DTYPE, bits, GROUP, HQ // HKV, torch.device("cuda"),
-                                        channel_k)
+                                        channel_k, k_param_bits)
     splits = plan_num_splits(batch, HKV, num_sms, ctas_per_sm)
     po = torch.empty(splits * batch * HQ * D, device="cuda")
     pl = torch.empty(splits * batch * HQ, device="cuda")
@@ -158,23 +160,24 @@ def fill_pages_kc(table: torch.Tensor, num_blocks: int, context: int, layout):
                 torch.tensor([0, n], dtype=torch.int32, device="cuda"),
                 torch.tensor([start + n], dtype=torch.int32, device="cuda"),
                 torch.tensor([b], dtype=torch.int32, device="cuda"),
-                cache, residual, fmt.bits, fmt.group_size, BLOCK)
+                cache, residual, fmt.bits, fmt.group_size, BLOCK, layout.k_param_bits)
     return cache, residual
 
 
-def bench_bitdecode_kc(batch, context, bits, timer, gen) -> tuple[float, int, int]:
+def bench_bitdecode_kc(batch, context, bits, timer, gen,
+                       k_param_bits: int = 16) -> tuple[float, int, int]:
     from vllm_bitdecode import ops
     from vllm_bitdecode.reference_kc import KCPageLayout
 
-    layout = KCPageLayout(PageFormat(D, bits, GROUP, BLOCK))
+    layout = KCPageLayout(PageFormat(D, bits, GROUP, BLOCK), k_param_bits)
     table, num_blocks = block_table(batch, context, gen)
     cache, residual = fill_pages_kc(table, num_blocks, context, layout)
-    q, out, splits, po, pl, lens = decode_inputs(batch, context, bits, channel_k=True)
+    q, out, splits, po, pl, lens = decode_inputs(batch, context, bits, True, k_param_bits)
     row_slot = torch.arange(batch, dtype=torch.int32, device="cuda")
 
     def run():
         ops.decode_kc(out, q, cache, residual, table, lens, row_slot, po, pl, D**-0.5, bits,
-                      GROUP, BLOCK, splits, MIN_TILES_PER_SPLIT)
+                      GROUP, BLOCK, splits, MIN_TILES_PER_SPLIT, k_param_bits)
 
     ms = timer(run)
     # the own page's tile is copied too, and its K and V come from the residual
@@ -216,6 +219,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--channel-k", action="store_true",
                     help="also time per-channel K mode (decode_kc) at 4 and 2 bits")
+    ap.add_argument("--k-params", default="fp16",
+                    help="with --channel-k: K-parameter widths to time, a comma list of "
+                         "fp16 and fp8 (default fp16)")
     ap.add_argument("--block-size", type=int, default=BLOCK,
                     help="tokens per page for every implementation, FA3 included (default 16)")
     ap.add_argument("--group-size", type=int, default=GROUP, choices=(32, 64, 128),
@@ -244,16 +250,19 @@ def main() -> None:
                 ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
                 rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
                                  bytes=nbytes, num_splits=splits))
-                if args.channel_k:
-                    ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen)
+                for k_params in (args.k_params.split(",") if args.channel_k else []):
+                    ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen,
+                                                            K_PARAMS[k_params])
                     rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="channel",
-                                     ms=ms, bytes=nbytes, num_splits=splits))
+                                     k_params=k_params, ms=ms, bytes=nbytes,
+                                     num_splits=splits))
             for r in rows:
                 r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6,
                          speedup_vs_fa3_bf16=base["bf16"] / r["ms"],
                          speedup_vs_fa3_fp8=base["fp8"] / r["ms"])
                 r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
-                kv = r["kv"] + ("-kc" if r.get("k_mode") == "channel" else "")
+                kv = r["kv"] + ("-kc" if r.get("k_mode") == "channel" else "") + (
+                    "8" if r.get("k_params") == "fp8" else "")
                 print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {kv:<8} "
                       f"{r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s  x{r['speedup_vs_fa3_bf16']:.2f} "
                       f"vs bf16  x{r['speedup_vs_fa3_fp8']:.2f} vs fp8", flush=True)
@@ -287,14 +296,18 @@ def plot(doc: dict, path: Path) -> None:
     for ax, ctx in zip(axes[0], contexts, strict=True):
         for impl, kv in (("fa3", "bf16"), ("fa3", "fp8"), ("bitdecode", "int4"),
                          ("bitdecode", "int2")):
-            for k_mode in ("token", "channel"):
+            for k_mode, k_params in (("token", "fp16"), ("channel", "fp16"),
+                                     ("channel", "fp8")):
                 pts = sorted((r["batch"], r["gbps"]) for r in doc["records"]
                              if r["context"] == ctx and r["impl"] == impl and r["kv"] == kv
-                             and r.get("k_mode", "token") == k_mode)
+                             and r.get("k_mode", "token") == k_mode
+                             and r.get("k_params", "fp16") == k_params)
                 if pts:
-                    label = f"{impl} {kv}" + (" per-channel K" if k_mode == "channel" else "")
+                    label = f"{impl} {kv}" + (
+                        f" per-channel K ({k_params} params)" if k_mode == "channel" else "")
                     ax.plot(*zip(*pts, strict=True), marker="o", label=label,
-                            ls="--" if k_mode == "channel" else "-")
+                            ls={"token": "-", "fp16": "--", "fp8": ":"}[
+                                k_params if k_mode == "channel" else k_mode])
         ax.axhline(doc["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_title(f"context {ctx // 1024}K")

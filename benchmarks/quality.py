@@ -84,6 +84,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # V exact
     "int4-channel": {"backend": "BITDECODE", "bitdecode": {"bits": 4, "k_mode": "channel"},
                      "label": "BITDECODE 4-bit, K per channel"},
+    # the same with the K params in e4m3 (k_params="fp8", 16 B per token and head fewer)
+    "int4-channel-fp8": {"backend": "BITDECODE",
+                         "bitdecode": {"bits": 4, "k_mode": "channel", "k_params": "fp8"},
+                         "label": "BITDECODE 4-bit, K per channel, fp8 params"},
     "int2-channel": {"backend": "BITDECODE", "bitdecode": {"bits": 2, "k_mode": "channel"},
                      "label": "BITDECODE 2-bit, K per channel"},
     # the CPU simulation's modes for issue #5's targets (docs/per-channel-k-design.md, 2b):
@@ -102,6 +106,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # Issue #5's targets: perplexity increase over bf16 (%) and retrieval points below bf16.
 TARGETS = {"int4": (1.5, 1.0), "int4-norot": (1.5, 1.0), "int2": (8.0, 5.0),
            "int2-norot": (8.0, 5.0), "int4-channel": (1.5, 1.0), "int2-channel": (8.0, 5.0),
+           "int4-channel-fp8": (1.5, 1.0),
            "int4-channel-g32": (1.5, 1.0), "int2-channel-g32-b64": (8.0, 5.0),
            "int2-channel-g32-b128": (8.0, 5.0)}
 

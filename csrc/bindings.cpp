@@ -15,7 +15,7 @@ TORCH_LIBRARY(bitdecode, m) {
   m.def(
       "dequantize_pages_kc(Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor out_start, Tensor(a!) key_out, Tensor(b!) value_out, int bits, int group_size, "
-      "int block_size, int max_tokens) -> ()");
+      "int block_size, int max_tokens, int k_param_bits=16) -> ()");
   m.def(
       "decode(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
@@ -31,7 +31,7 @@ TORCH_LIBRARY(bitdecode, m) {
       "decode_kc(Tensor(a!) out, Tensor q, Tensor cache, Tensor residual, Tensor block_table, "
       "Tensor seq_lens, Tensor row_slot, Tensor(b!) partial_out, Tensor(c!) partial_lse, "
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
-      "int min_tiles_per_split) -> ()");
+      "int min_tiles_per_split, int k_param_bits=16) -> ()");
   m.def(
       "decode_select(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, "
       "Tensor seq_lens, Tensor(b!) partial_out, Tensor(c!) partial_lse, "
@@ -42,10 +42,10 @@ TORCH_LIBRARY(bitdecode, m) {
   m.def(
       "write_tokens_kc(Tensor key, Tensor value, Tensor slot_mapping, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor row_slot, Tensor(a!) cache, Tensor(b!) residual, int bits, "
-      "int group_size, int block_size) -> ()");
+      "int group_size, int block_size, int k_param_bits=16) -> ()");
   m.def(
       "decode_ctas_per_sm(Tensor query_like, int bits, int group_size, int gqa, "
-      "bool channel_k=False) -> int");
+      "bool channel_k=False, int k_param_bits=16) -> int");
 }
 
 TORCH_LIBRARY_IMPL(bitdecode, CUDA, m) {

@@ -41,7 +41,8 @@ int64_t head_region_bytes(const PageGeometry& g) {
 }
 
 // The channel-mode tile (reference_kc.KCPageLayout): K rows, V rows, V (scale, zero) per
-// token and group, then K scale[128] and zero[128] of the tile's K group.
+// token and group, then the (scale, zc) of every channel of the tile's K group, fp16 or
+// e4m3: k_param_bits 16 or 8. Elsewhere in this file k_param_bits 0 means a per-token page.
 static_assert(kKCGroupTokens == kTileTokens, "a tile is one K group");
 struct KCOffsets {
   int64_t v_param_bytes;    // per token
@@ -50,19 +51,25 @@ struct KCOffsets {
   int64_t region;           // bytes of one head region
 };
 
-KCOffsets kc_offsets(const PageGeometry& g) {
+KCOffsets kc_offsets(const PageGeometry& g, int k_param_bits) {
   KCOffsets o;
   o.v_param_bytes = g.param_bytes / 2;
   o.k_params_offset = g.params_offset + kTileTokens * o.v_param_bytes;
-  o.tile_bytes = o.k_params_offset + 2 * kHead * 2;
+  o.tile_bytes = o.k_params_offset + 2 * kHead * k_param_bits / 8;
   o.region = g.block_size / kTileTokens * o.tile_bytes;
   return o;
 }
 
 // The geometry of a channel-mode page: per-token offsets, the channel mode's tile size.
-PageGeometry kc_geometry(PageGeometry g) {
-  g.tile_bytes = static_cast<int>(kc_offsets(g).tile_bytes);
+PageGeometry kc_geometry(PageGeometry g, int k_param_bits) {
+  g.tile_bytes = static_cast<int>(kc_offsets(g, k_param_bits).tile_bytes);
   return g;
+}
+
+int check_k_param_bits(int64_t k_param_bits) {
+  TORCH_CHECK(k_param_bits == 16 || k_param_bits == 8, "bitdecode: k_param_bits must be 16 "
+              "(fp16 K params) or 8 (e4m3), got ", k_param_bits);
+  return static_cast<int>(k_param_bits);
 }
 
 void check_kc_block_size(int64_t block_size) {
@@ -85,8 +92,9 @@ void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t bl
 }
 
 void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads,
-                 bool channel_k = false) {
-  const int64_t region = channel_k ? kc_offsets(g).region : head_region_bytes(g);
+                 int k_param_bits = 0) {
+  const bool channel_k = k_param_bits != 0;
+  const int64_t region = channel_k ? kc_offsets(g, k_param_bits).region : head_region_bytes(g);
   TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3,
               "bitdecode: cache must be a CUDA uint8 tensor [num_blocks, num_kv_heads, "
               "head_region_bytes]");
@@ -173,10 +181,10 @@ void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& 
 // block table, and its length.
 void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
                          const at::Tensor& block_table, const at::Tensor& seq_lens,
-                         const PageGeometry& g, bool channel_k = false) {
+                         const PageGeometry& g, int k_param_bits = 0) {
   check_tokens(q, "q");
   const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
-  check_cache(cache, g, num_kv_heads, channel_k);
+  check_cache(cache, g, num_kv_heads, k_param_bits);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
               "bitdecode: query heads per KV head must divide evenly and be at most ",
               kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
@@ -211,8 +219,8 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                            at::Tensor& partial_out, at::Tensor& partial_lse,
                            const std::optional<at::Tensor>& rotation_signs,
                            double softmax_scale, const PageGeometry& g, int64_t num_splits,
-                           int64_t min_tiles_per_split, bool channel_k = false) {
-  check_decode_inputs(q, cache, block_table, seq_lens, g, channel_k);
+                           int64_t min_tiles_per_split, int k_param_bits = 0) {
+  check_decode_inputs(q, cache, block_table, seq_lens, g, k_param_bits);
   check_tokens(out, "out");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
@@ -250,7 +258,8 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.num_splits = static_cast<int>(num_splits);
   p.min_tiles_per_split = static_cast<int>(min_tiles_per_split);
-  p.page = channel_k ? kc_geometry(g) : g;
+  p.page = k_param_bits != 0 ? kc_geometry(g, k_param_bits) : g;
+  p.k_params_fp8 = k_param_bits == 8;
   return p;
 }
 
@@ -291,14 +300,15 @@ namespace {
 DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& block_table,
                                    const at::Tensor& seq_lens, const at::Tensor& out_start,
                                    at::Tensor& key_out, at::Tensor& value_out,
-                                   const PageGeometry& g, int64_t max_tokens, bool channel_k) {
+                                   const PageGeometry& g, int64_t max_tokens,
+                                   int k_param_bits) {
   const int64_t block_size = g.block_size;
   check_tokens(key_out, "key_out");
   check_tokens(value_out, "value_out");
   TORCH_CHECK(key_out.is_contiguous() && value_out.is_contiguous() &&
                   key_out.sizes() == value_out.sizes(),
               "bitdecode: key_out and value_out must be contiguous and of one shape");
-  check_cache(cache, g, key_out.size(1), channel_k);
+  check_cache(cache, g, key_out.size(1), k_param_bits);
   TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
                   block_table.dim() == 2 && block_table.stride(1) == 1,
               "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
@@ -323,8 +333,10 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
   p.num_seqs = static_cast<int>(num_seqs);
   p.num_kv_heads = static_cast<int>(key_out.size(1));
   p.max_tokens = static_cast<int>(max_tokens);
-  p.page = channel_k ? kc_geometry(g) : g;
-  p.k_params_offset = channel_k ? static_cast<int>(kc_offsets(g).k_params_offset) : 0;
+  p.page = k_param_bits != 0 ? kc_geometry(g, k_param_bits) : g;
+  p.k_params_offset =
+      k_param_bits != 0 ? static_cast<int>(kc_offsets(g, k_param_bits).k_params_offset) : 0;
+  p.k_params_fp8 = k_param_bits == 8;
   return p;
 }
 
@@ -336,7 +348,7 @@ void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
                       int64_t group_size, int64_t block_size, int64_t max_tokens) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   const DequantizeParams p = dequantize_params(cache, block_table, seq_lens, out_start, key_out,
-                                               value_out, g, max_tokens, false);
+                                               value_out, g, max_tokens, 0);
   const c10::cuda::CUDAGuard guard(cache.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key_out.scalar_type(), bits, group_size,
@@ -347,11 +359,13 @@ void dequantize_pages(const at::Tensor& cache, const at::Tensor& block_table,
 void dequantize_pages_kc(const at::Tensor& cache, const at::Tensor& block_table,
                          const at::Tensor& seq_lens, const at::Tensor& out_start,
                          at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
-                         int64_t group_size, int64_t block_size, int64_t max_tokens) {
+                         int64_t group_size, int64_t block_size, int64_t max_tokens,
+                         int64_t k_param_bits) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   check_kc_block_size(block_size);
   const DequantizeParams p = dequantize_params(cache, block_table, seq_lens, out_start, key_out,
-                                               value_out, g, max_tokens, true);
+                                               value_out, g, max_tokens,
+                                               check_k_param_bits(k_param_bits));
   const c10::cuda::CUDAGuard guard(cache.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key_out.scalar_type(), bits, group_size,
@@ -450,12 +464,13 @@ void decode_kc(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                const at::Tensor& residual, const at::Tensor& block_table,
                const at::Tensor& seq_lens, const at::Tensor& row_slot, at::Tensor& partial_out,
                at::Tensor& partial_lse, double softmax_scale, int64_t bits, int64_t group_size,
-               int64_t block_size, int64_t num_splits, int64_t min_tiles_per_split) {
+               int64_t block_size, int64_t num_splits, int64_t min_tiles_per_split,
+               int64_t k_param_bits) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   check_kc_block_size(block_size);
   DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
                                  partial_lse, std::nullopt, softmax_scale, g, num_splits,
-                                 min_tiles_per_split, /*channel_k=*/true);
+                                 min_tiles_per_split, check_k_param_bits(k_param_bits));
   const int64_t num_seqs = q.size(0);
   check_residual(residual, cache.size(1), block_size, q.scalar_type());
   TORCH_CHECK(row_slot.is_cuda() && row_slot.scalar_type() == at::kInt && row_slot.dim() == 1 &&
@@ -540,8 +555,9 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                      const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
                      const at::Tensor& seq_lens, const at::Tensor& row_slot, at::Tensor& cache,
                      at::Tensor& residual, int64_t bits, int64_t group_size,
-                     int64_t block_size) {
+                     int64_t block_size, int64_t k_param_bits) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
+  const int kpb = check_k_param_bits(k_param_bits);
   check_tokens(key, "key");
   check_tokens(value, "value");
   TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
@@ -562,8 +578,8 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                 "one entry per request");
   }
   check_residual(residual, num_kv_heads, block_size, key.scalar_type());
-  check_cache(cache, g, num_kv_heads, /*channel_k=*/true);
-  const KCOffsets kc = kc_offsets(g);
+  check_cache(cache, g, num_kv_heads, kpb);
+  const KCOffsets kc = kc_offsets(g, kpb);
   const c10::cuda::CUDAGuard guard(key.device());
 
   KCWriteParams p{};
@@ -582,6 +598,7 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   p.v_param_bytes = static_cast<int>(kc.v_param_bytes);
   p.k_params_offset = static_cast<int>(kc.k_params_offset);
   p.tile_bytes = static_cast<int>(kc.tile_bytes);
+  p.k_params_fp8 = kpb == 8;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(key.scalar_type(), bits, group_size,
                      launch_kc_write<T, kBits, kGroup>(p, stream);)
@@ -589,18 +606,19 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
 }
 
 int64_t decode_ctas_per_sm(const at::Tensor& query_like, int64_t bits, int64_t group_size,
-                           int64_t gqa, bool channel_k) {
+                           int64_t gqa, bool channel_k, int64_t k_param_bits) {
   const at::ScalarType dtype = query_like.scalar_type();
   TORCH_CHECK(query_like.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf),
               "bitdecode: decode runs on CUDA bfloat16 or float16 queries, got ", dtype);
   TORCH_CHECK(gqa >= 1 && gqa <= kMaxGqaRows, "bitdecode: query heads per KV head must be in "
               "[1, ", kMaxGqaRows, "], got ", gqa);
   page_geometry(bits, group_size, 16);  // checks bits and group_size
+  const bool k_params_fp8 = channel_k && check_k_param_bits(k_param_bits) == 8;
   const c10::cuda::CUDAGuard guard(query_like.device());
   int ctas = -1;
   BITDECODE_DISPATCH(dtype, bits, group_size,
                      ctas = decode_ctas_per_sm<T, kBits, kGroup>(static_cast<int>(gqa),
-                                                                 channel_k);)
+                                                                 channel_k, k_params_fp8);)
   TORCH_CHECK(ctas > 0, "bitdecode: could not query the decode kernel's occupancy");
   return ctas;
 }

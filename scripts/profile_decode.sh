@@ -21,7 +21,7 @@ CUOBJDUMP="$(dirname "$NCU")/cuobjdump"
 [ -x "$CUOBJDUMP" ] || CUOBJDUMP=$(command -v cuobjdump || echo cuobjdump)
 # SASS of the bf16 / 4-bit / group-128 / 8-heads kernel, and its opcode histogram
 # (template arguments: T, HEAD, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT)
-FN=_ZN9bitdecode13decode_kernelI13__nv_bfloat16Li128ELi4ELi128ELi1ELb0ELb0ELi0EEEvNS_12DecodeParamsE
+FN=_ZN9bitdecode13decode_kernelI13__nv_bfloat16Li128ELi4ELi128ELi1ELb0ELb0ELi0ELb0EEEvNS_12DecodeParamsE
 "$CUOBJDUMP" -sass -fun "$FN" "$so" > "$OUT/decode_bf16_4bit.sass" 2>&1 || true
 grep -oE "^\s+/\*[0-9a-f]+\*/\s+[@!A-Z0-9_. ]+" "$OUT/decode_bf16_4bit.sass" \
   | awk '{op=$2; if (op ~ /^@/) op=$3; sub(/\..*/, "", op); print op}' | sort | uniq -c | sort -rn \

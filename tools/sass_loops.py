@@ -65,9 +65,10 @@ def find_nvdisasm() -> str:
 
 
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
-                          sparse: bool, channel_k: bool, out: Path) -> None:
+                          sparse: bool, channel_k: bool, out: Path,
+                          fp8_params: bool = False) -> None:
     args = (f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}, "
-            f"{str(channel_k).lower()}")
+            f"{str(channel_k).lower()}, 0, {str(fp8_params).lower()}")
     src = out.with_suffix(".cu")
     src.write_text('#include "bitdecode/decode_kernel.cuh"\n'
                    f"template __global__ void bitdecode::decode_kernel<{args}>("
@@ -144,14 +145,18 @@ def main() -> None:
     ap.add_argument("--channel-k", action="store_true",
                     help="the per-channel K kernel (its loop holds the own page's path too, "
                          "so no per-tile figure)")
+    ap.add_argument("--fp8-params", action="store_true",
+                    help="with --channel-k: the K params in e4m3 (k_params='fp8')")
     ap.add_argument("--cubin", type=Path, help="disassemble this cubin instead")
     args = ap.parse_args()
+    if args.fp8_params and not args.channel_k:
+        ap.error("--fp8-params needs --channel-k")
     with tempfile.TemporaryDirectory() as tmp:
         cubin = args.cubin
         if cubin is None:
             cubin = Path(tmp) / "decode.cubin"
             compile_instantiation(args.dtype, args.bits, args.group, args.head_tiles,
-                                  args.sparse, args.channel_k, cubin)
+                                  args.sparse, args.channel_k, cubin, args.fp8_params)
         sass = subprocess.run([find_nvdisasm(), "-c", str(cubin)], check=True,
                               capture_output=True, text=True).stdout
     functions = parse(sass)

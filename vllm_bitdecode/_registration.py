@@ -111,6 +111,7 @@ def patch_kv_cache_spec() -> None:
             bits=cfg.bits,
             group_size=cfg.group_size,
             k_mode=cfg.k_mode,
+            k_param_bits=cfg.k_param_bits,
         )
 
     get_kv_cache_spec._bitdecode = True

@@ -301,6 +301,8 @@ def check_sparse_model(
 TOKEN_K = "token"
 CHANNEL_K = "channel"
 K_MODES = (TOKEN_K, CHANNEL_K)
+# what per-channel pages store the K (scale, zc) in: bits of one parameter
+K_PARAMS = {"fp16": 16, "fp8": 8}
 # the largest page the per-channel write quantizes (kc_write_kernel.cuh)
 MAX_CHANNEL_BLOCK_SIZE = 128
 
@@ -320,6 +322,10 @@ class BitDecodeConfig:
     """How K is quantized: "token" (per token and group of channels, like V) or "channel"
     (per channel over each page, the newest page kept exact in a residual buffer; K is
     then never rotated, and group_size applies to V)."""
+    k_params: str = "fp16"
+    """With k_mode "channel": the per-channel K scale and zero point in "fp16" or "fp8"
+    (e4m3: 16 fewer bytes per token and KV head, keys must stay within +-448;
+    docs/per-channel-k-design.md, section 12)."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> BitDecodeConfig:
@@ -357,6 +363,12 @@ class BitDecodeConfig:
         if self.channel_k and self.rotate_k:
             raise BitDecodeConfigError(
                 f"{CONFIG_KEY}.k_mode='channel' stores K unrotated; rotate_k must be false")
+        if not isinstance(self.k_params, str) or self.k_params not in K_PARAMS:
+            raise bad("k_params", list(K_PARAMS))
+        if self.k_params != "fp16" and not self.channel_k:
+            raise BitDecodeConfigError(
+                f"{CONFIG_KEY}.k_params={self.k_params!r} applies to k_mode='channel' only; "
+                "per-token pages store their parameters in the model dtype")
         if self.channel_k and self.sparse.enabled:
             raise BitDecodeConfigError(
                 f"{CONFIG_KEY}.sparse cannot be combined with k_mode='channel' yet: the "
@@ -367,13 +379,18 @@ class BitDecodeConfig:
     def channel_k(self) -> bool:
         return self.k_mode == CHANNEL_K
 
+    @property
+    def k_param_bits(self) -> int:
+        """Bits of one stored per-channel K parameter: 16 or 8."""
+        return K_PARAMS[self.k_params]
+
     def head_region_bytes(self, head_size: int, block_size: int) -> int:
         """Bytes of one KV head's share of a page, in this K mode."""
         fmt = self.page_format(head_size, block_size)
         if self.channel_k:
             from vllm_bitdecode.reference_kc import KCPageLayout
 
-            return KCPageLayout(fmt).head_region_bytes
+            return KCPageLayout(fmt, self.k_param_bits).head_region_bytes
         return fmt.head_region_bytes
 
     def block_size_of(self, head_size: int, head_region_bytes: int) -> int:

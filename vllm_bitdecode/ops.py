@@ -30,7 +30,7 @@ def _dequantize_fake(cache, block_table, seq_lens, out_start, key_out, value_out
 
 @torch.library.register_fake("bitdecode::dequantize_pages_kc")
 def _dequantize_kc_fake(cache, block_table, seq_lens, out_start, key_out, value_out, bits,
-                        group_size, block_size, max_tokens):
+                        group_size, block_size, max_tokens, k_param_bits=16):
     return None
 
 
@@ -59,14 +59,14 @@ def _decode_select_fake(out, q, cache, block_table, seq_lens, partial_out, parti
 
 @torch.library.register_fake("bitdecode::write_tokens_kc")
 def _write_tokens_kc_fake(key, value, slot_mapping, query_start_loc, seq_lens, row_slot, cache,
-                          residual, bits, group_size, block_size):
+                          residual, bits, group_size, block_size, k_param_bits=16):
     return None
 
 
 @torch.library.register_fake("bitdecode::decode_kc")
 def _decode_kc_fake(out, q, cache, residual, block_table, seq_lens, row_slot, partial_out,
                     partial_lse, softmax_scale, bits, group_size, block_size, num_splits,
-                    min_tiles_per_split):
+                    min_tiles_per_split, k_param_bits=16):
     return None
 
 
@@ -185,15 +185,17 @@ def write_tokens_kc(
     bits: int,
     group_size: int,
     block_size: int,
+    k_param_bits: int = 16,
 ) -> None:
     """One step's write in per-channel K mode (issue #7), ``reference_kc.write_tokens_kc``
     on the GPU: V per token into the pages; every page whose last slot a token of this
     step writes, quantized per channel over its tokens (earlier keys from the request's
     residual); then each request's last written page's K and V rows into its residual.
-    ``group_size`` applies to V; K has one (scale, zero) per channel and page."""
+    ``group_size`` applies to V; K has one (scale, zc) per channel and 16-token K group,
+    in fp16 (``k_param_bits`` 16) or e4m3 (8)."""
     torch.ops.bitdecode.write_tokens_kc(
         key, value, slot_mapping, query_start_loc, seq_lens, row_slot, cache, residual, bits,
-        group_size, block_size,
+        group_size, block_size, k_param_bits,
     )
 
 
@@ -213,12 +215,15 @@ def decode_kc(
     block_size: int,
     num_splits: int,
     min_tiles_per_split: int = 1,
+    k_param_bits: int = 16,
 ) -> None:
     """Decode in per-channel K mode (issue #7), ``reference_kc.paged_decode_kc`` on the GPU:
     one online softmax over the packed per-channel pages and, in the same pass, the
     sequence's own page with its exact K and V from ``residual[row_slot[seq]]``. ``group_size``
-    applies to V. Split-K as :func:`decode`."""
+    applies to V, ``k_param_bits`` is the pages' K-parameter width (16 or 8). Split-K as
+    :func:`decode`."""
     torch.ops.bitdecode.decode_kc(
         out, q, cache, residual, block_table, seq_lens, row_slot, partial_out, partial_lse,
         softmax_scale, bits, group_size, block_size, num_splits, min_tiles_per_split,
+        k_param_bits,
     )

@@ -22,7 +22,7 @@ template void launch_dequantize<{t}, {bits}, {group}>(const DequantizeParams&, c
 template void launch_dequantize_kc<{t}, {bits}, {group}>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<{t}, {bits}, {group}>(const DecodeParams&, cudaStream_t);
-template int decode_ctas_per_sm<{t}, {bits}, {group}>(int, bool);
+template int decode_ctas_per_sm<{t}, {bits}, {group}>(int, bool, bool);
 template void launch_decode_select<{t}, {bits}, {group}>(const DecodeParams&,
                                                         const SelectParams&, cudaStream_t);
 template void launch_kc_write<{t}, {bits}, {group}>(const KCWriteParams&, cudaStream_t);

@@ -8,7 +8,7 @@ template void launch_dequantize<__nv_bfloat16, 4, 32>(const DequantizeParams&, c
 template void launch_dequantize_kc<__nv_bfloat16, 4, 32>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 32>(const DecodeParams&, cudaStream_t);
-template int decode_ctas_per_sm<__nv_bfloat16, 4, 32>(int, bool);
+template int decode_ctas_per_sm<__nv_bfloat16, 4, 32>(int, bool, bool);
 template void launch_decode_select<__nv_bfloat16, 4, 32>(const DecodeParams&,
                                                         const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 32>(const KCWriteParams&, cudaStream_t);
@@ -19,7 +19,7 @@ template void launch_dequantize<__nv_bfloat16, 4, 64>(const DequantizeParams&, c
 template void launch_dequantize_kc<__nv_bfloat16, 4, 64>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 64>(const DecodeParams&, cudaStream_t);
-template int decode_ctas_per_sm<__nv_bfloat16, 4, 64>(int, bool);
+template int decode_ctas_per_sm<__nv_bfloat16, 4, 64>(int, bool, bool);
 template void launch_decode_select<__nv_bfloat16, 4, 64>(const DecodeParams&,
                                                         const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 64>(const KCWriteParams&, cudaStream_t);
@@ -30,7 +30,7 @@ template void launch_dequantize<__nv_bfloat16, 4, 128>(const DequantizeParams&, 
 template void launch_dequantize_kc<__nv_bfloat16, 4, 128>(const DequantizeParams&, cudaStream_t);
 template void launch_decode<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
 template void launch_decode_sparse<__nv_bfloat16, 4, 128>(const DecodeParams&, cudaStream_t);
-template int decode_ctas_per_sm<__nv_bfloat16, 4, 128>(int, bool);
+template int decode_ctas_per_sm<__nv_bfloat16, 4, 128>(int, bool, bool);
 template void launch_decode_select<__nv_bfloat16, 4, 128>(const DecodeParams&,
                                                         const SelectParams&, cudaStream_t);
 template void launch_kc_write<__nv_bfloat16, 4, 128>(const KCWriteParams&, cudaStream_t);

@@ -67,25 +67,27 @@ def impl_mod(monkeypatch):
     monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", _flash_attn, raising=False)
     from vllm_bitdecode.backend import impl as mod
 
-    def layout_of(bits, group_size, block_size):
+    def layout_of(bits, group_size, block_size, k_param_bits):
         return kc.KCPageLayout(bd_config.BitDecodeConfig(bits=bits, group_size=group_size,
                                                          rotate_k=False).page_format(
-                                                             D, block_size))
+                                                             D, block_size), k_param_bits)
 
     def write(key, value, slot_mapping, qsl, seq_lens, row_slot, cache, residual, bits,
-              group_size, block_size):
+              group_size, block_size, k_param_bits):
         kc.write_tokens_kc(cache, residual, key, value, slot_mapping, qsl, seq_lens,
-                           row_slot[: seq_lens.shape[0]], layout_of(bits, group_size, block_size))
+                           row_slot[: seq_lens.shape[0]],
+                           layout_of(bits, group_size, block_size, k_param_bits))
 
     def decode(out, q, cache, residual, table, seq_lens, row_slot, po, pl, scale, bits,
-               group_size, block_size, num_splits, min_tiles):
+               group_size, block_size, num_splits, min_tiles, k_param_bits):
         n = q.shape[0]
         out.copy_(kc.paged_decode_kc(q, cache, residual, table[:n], seq_lens[:n], row_slot[:n],
-                                     scale, layout_of(bits, group_size, block_size)))
+                                     scale, layout_of(bits, group_size, block_size,
+                                                      k_param_bits)))
 
     def dequantize(cache, table, seq_lens, out_start, k_out, v_out, bits, group_size,
-                   block_size, max_tokens):
-        layout = layout_of(bits, group_size, block_size)
+                   block_size, max_tokens, k_param_bits):
+        layout = layout_of(bits, group_size, block_size, k_param_bits)
         for i, n in enumerate(seq_lens.tolist()):
             k, v = kc.read_pages_kc(cache, table[i, : -(-n // block_size)], layout, k_out.dtype)
             w = int(out_start[i])
@@ -127,17 +129,19 @@ def _metadata(cfg, table, rows, qlens, lens, block_table, slot_mapping, block_si
         partial_out=torch.zeros(1), partial_lse=torch.zeros(1), channel_k=channel)
 
 
-@pytest.mark.parametrize("tight", [False, True])
-@pytest.mark.parametrize("bits", [4, 2])
-def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits, tight):
+@pytest.mark.parametrize(("bits", "tight", "k_params"),
+                         [(4, False, "fp16"), (2, False, "fp16"), (4, True, "fp16"),
+                          (2, True, "fp16"), (4, False, "fp8"), (2, True, "fp8")])
+def test_channel_mode_forward_matches_the_reference_step_by_step(impl_mod, bits, tight,
+                                                                 k_params):
     """``tight``: a prefill workspace that holds one request at a time (the longest,
     in its largest chunk), so that steps run their prefills in several groups."""
     bs = 16
-    cfg = BitDecodeConfig.from_additional_config({"bitdecode": {"bits": bits,
-                                                                "k_mode": "channel"}})
+    cfg = BitDecodeConfig.from_additional_config({"bitdecode": {
+        "bits": bits, "k_mode": "channel", "k_params": k_params}})
     assert cfg.rotate_k is False
     bd_config.set_active(cfg)
-    layout = kc.KCPageLayout(cfg.page_format(D, bs))
+    layout = kc.KCPageLayout(cfg.page_format(D, bs), cfg.k_param_bits)
     gen = torch.Generator().manual_seed(bits)
     rng = random.Random(bits)
     impl = impl_mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
@@ -232,6 +236,17 @@ def test_channel_mode_config():
     with pytest.raises(bd_config.BitDecodeConfigError, match="sparse"):
         BitDecodeConfig.from_additional_config({"bitdecode": {
             "k_mode": "channel", "sparse": {"enabled": True}}})
+    # K params in e4m3: 256 bytes less per 16-token tile, channel mode only
+    fp8 = BitDecodeConfig.from_additional_config({"bitdecode": {"k_mode": "channel",
+                                                                "k_params": "fp8"}})
+    assert fp8.k_param_bits == 8 and cfg.k_param_bits == 16
+    assert fp8.head_region_bytes(128, 64) == 4 * 2368 and fp8.block_size_of(128, 4 * 2368) == 64
+    with pytest.raises(bd_config.BitDecodeConfigError, match="k_params='fp8' applies to "
+                       "k_mode='channel' only"):
+        BitDecodeConfig.from_additional_config({"bitdecode": {"k_params": "fp8"}})
+    with pytest.raises(bd_config.BitDecodeConfigError, match="k_params='e4m3'.*'fp16', 'fp8'"):
+        BitDecodeConfig.from_additional_config({"bitdecode": {"k_mode": "channel",
+                                                              "k_params": "e4m3"}})
 
 
 def test_channel_mode_spec_reports_the_channel_page():
@@ -241,9 +256,12 @@ def test_channel_mode_spec_reports_the_channel_page():
               dtype=torch.uint8, bits=4, group_size=128)
     token = BitDecodeAttentionSpec(**kw)
     channel = BitDecodeAttentionSpec(**kw, k_mode="channel")
-    assert (token.real_page_size_bytes, channel.real_page_size_bytes) == (8 * 2176, 8 * 2624)
-    with pytest.raises(ValueError, match="one page format"):
-        BitDecodeAttentionSpec.merge([token, channel])
+    fp8 = BitDecodeAttentionSpec(**kw, k_mode="channel", k_param_bits=8)
+    assert (token.real_page_size_bytes, channel.real_page_size_bytes,
+            fp8.real_page_size_bytes) == (8 * 2176, 8 * 2624, 8 * 2368)
+    for other in (channel, fp8):
+        with pytest.raises(ValueError, match="one page format"):
+            BitDecodeAttentionSpec.merge([token if other is channel else channel, other])
 
 
 def _engine(**overrides):

@@ -37,13 +37,14 @@ def _prompts() -> tuple[list[list[int]], list[str]]:
 
 
 @functools.cache
-def _run(bits: int = 4, group_size: int = 128, **engine) -> dict:
+def _run(bits: int = 4, group_size: int = 128, k_params: str = "fp16", **engine) -> dict:
     if not (data.MODEL_DIR / "config.json").exists():
         pytest.skip("the shipped model is missing")
     prompts, _ = _prompts()
     return run_in_subprocess(dict(
         model=str(data.MODEL_DIR), load_format="auto", backend="BITDECODE",
-        bitdecode={"bits": bits, "k_mode": "channel", "group_size": group_size},
+        bitdecode={"bits": bits, "k_mode": "channel", "group_size": group_size,
+                   "k_params": k_params},
         gpu_memory_utilization=0.3,
         max_model_len=data.MAX_CONTEXT, max_num_seqs=4, enforce_eager=False,
         jobs=[dict(name="gen", prompts=prompts, max_tokens=GEN, logprobs=5,
@@ -62,6 +63,18 @@ def test_channel_mode_finds_the_pass_keys():
 def test_2bit_channel_mode_with_64_token_pages_finds_the_pass_keys():
     res = _run(bits=2, group_size=32, block_size=64)
     assert _right(res) == len(_prompts()[1]), res["jobs"]["gen"]["tokens"]
+
+
+def test_fp8_k_params_find_the_pass_keys_and_chunking_changes_nothing():
+    """K params in e4m3 at 64-token pages: the pass keys, and chunks ending mid-page give
+    the same greedy tokens as prefill in one piece."""
+    whole = _run(k_params="fp8", block_size=64)
+    assert _right(whole) == len(_prompts()[1]), whole["jobs"]["gen"]["tokens"]
+    chunked = _run(k_params="fp8", block_size=64, max_num_batched_tokens=1000,
+                   enable_chunked_prefill=True)
+    a, b = whole["jobs"]["gen"], chunked["jobs"]["gen"]
+    assert_greedy_close(b["tokens"], b["logprobs"], a["tokens"], a["logprobs"], GEN,
+                        "channel mode, fp8 params, chunks of 1000 vs one piece")
 
 
 def test_chunked_prefill_ending_mid_page_gives_the_same_tokens():

@@ -27,15 +27,15 @@ pytestmark = pytest.mark.gpu
 KV_HEADS, SCALE = 2, 128**-0.5
 
 
-def _keys(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+def _keys(n: int, dtype: torch.dtype, gen: torch.Generator, offset: float = 3.0) -> torch.Tensor:
     """A token-independent part and an outlier channel, as real models' keys have."""
-    base = torch.randn(KV_HEADS, 128, generator=gen) * 3
+    base = torch.randn(KV_HEADS, 128, generator=gen) * offset
     k = torch.randn(n, KV_HEADS, 128, generator=gen) + base
     k[:, :, 7] *= 20
     return k.to(dtype)
 
 
-def _build(seq_lens, layout, dtype, gen, num_slots):
+def _build(seq_lens, layout, dtype, gen, num_slots, offset=3.0):
     """Channel-mode pages and residual for sequences prefilled in one step each."""
     bs = layout.block_size
     blocks_per_seq = [max(1, -(-n // bs)) for n in seq_lens]
@@ -52,7 +52,7 @@ def _build(seq_lens, layout, dtype, gen, num_slots):
         nxt += nb
         if n == 0:
             continue
-        k = _keys(n, dtype, gen)
+        k = _keys(n, dtype, gen, offset)
         v = (torch.randn(n, KV_HEADS, 128, generator=gen) * 2).to(dtype)
         pos = torch.arange(n)
         slots = table[i, pos // bs].long() * bs + pos % bs
@@ -61,14 +61,15 @@ def _build(seq_lens, layout, dtype, gen, num_slots):
     return cache, -residual, table, row_slot
 
 
-def _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits):
+def _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits, k_param_bits=16):
     b, hq, d = q.shape
     out = torch.full((b, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
     partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
     partial_lse = torch.full((num_splits * b * hq,), float("nan"), device=DEV)
     _ops().decode_kc(out, q.to(DEV), cache.to(DEV), residual.to(DEV), table.to(DEV),
                      seq_lens.to(DEV), row_slot.to(DEV), partial_out, partial_lse, SCALE,
-                     fmt.bits, fmt.group_size, fmt.block_size, num_splits, MIN_TILES_PER_SPLIT)
+                     fmt.bits, fmt.group_size, fmt.block_size, num_splits, MIN_TILES_PER_SPLIT,
+                     k_param_bits)
     torch.cuda.synchronize()
     return out.cpu()
 
@@ -79,19 +80,33 @@ def _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits):
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_decode_kc_matches_reference(dtype, bits, group_size, gqa, block_size):
+    _check_decode(dtype, bits, group_size, gqa, block_size, 16)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+@pytest.mark.parametrize("gqa", [1, 8, 12])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_decode_kc_with_fp8_params_matches_reference(dtype, bits, gqa, block_size):
+    """K params in e4m3, keys with channels centred up to about +-90 (where rounding zc
+    after the scale would have missed by several steps)."""
+    _check_decode(dtype, bits, 128, gqa, block_size, 8, offset=30.0)
+
+
+def _check_decode(dtype, bits, group_size, gqa, block_size, k_param_bits, offset=3.0):
     gen = torch.Generator().manual_seed(1000 * bits + 10 * gqa + group_size + block_size)
     bs = block_size
     fmt = PageFormat(128, bits, group_size, bs)
-    layout = kc.KCPageLayout(fmt)
+    layout = kc.KCPageLayout(fmt, k_param_bits)
     # one token; inside the first page; exactly one page (its own token filled it); one
     # past; a long odd one; pages just filled further on; a padding row
     seq_lens = torch.tensor([1, bs // 2 + 3, bs, bs + 1, 1999, 4 * bs, 0], dtype=torch.int32)
-    cache, residual, table, row_slot = _build(seq_lens.tolist(), layout, dtype, gen, 11)
+    cache, residual, table, row_slot = _build(seq_lens.tolist(), layout, dtype, gen, 11, offset)
     q = torch.randn(len(seq_lens), KV_HEADS * gqa, 128, generator=gen).to(dtype)
     expected = kc.paged_decode_kc(q, cache, residual, table, seq_lens, row_slot, SCALE, layout)
     live = seq_lens > 0
     for num_splits in (1, plan_num_splits(len(seq_lens), KV_HEADS, 132, 4), 64):
-        got = _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits)
+        got = _run(q, cache, residual, table, seq_lens, row_slot, fmt, num_splits, k_param_bits)
         assert torch.isfinite(got).all(), f"unwritten or NaN output, num_splits={num_splits}"
         assert (got[~live] == 0).all(), f"padding row not zero, num_splits={num_splits}"
         errs = [_rel_err(got[i], expected[i]) for i in range(len(seq_lens)) if live[i]]
@@ -100,16 +115,18 @@ def test_decode_kc_matches_reference(dtype, bits, group_size, gqa, block_size):
             f"{dict(zip(seq_lens[live].tolist(), (f'{e:.1e}' for e in errs), strict=True))}")
 
 
+@pytest.mark.parametrize("k_param_bits", [16, 8], ids=["fp16-params", "fp8-params"])
 @pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("group_size", [32, 128])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_dequantize_kc_matches_reference_bit_for_bit(dtype, bits, group_size, block_size):
+def test_dequantize_kc_matches_reference_bit_for_bit(dtype, bits, group_size, block_size,
+                                                     k_param_bits):
     """V of every token and K of every full page; a partial page's K rows are garbage
     (its keys live in the residual) and are not compared."""
     gen = torch.Generator().manual_seed(7 * bits + group_size + block_size)
     bs = block_size
-    layout = kc.KCPageLayout(PageFormat(128, bits, group_size, bs))
+    layout = kc.KCPageLayout(PageFormat(128, bits, group_size, bs), k_param_bits)
     seq_lens = [1, bs, 3 * bs + 5, 333, 0]
     cache, _, table, _ = _build(seq_lens, layout, dtype, gen, 6)
     out_start = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -119,7 +136,7 @@ def test_dequantize_kc_matches_reference_bit_for_bit(dtype, bits, group_size, bl
     _ops().dequantize_pages_kc(cache.to(DEV), table.to(DEV),
                                torch.tensor(seq_lens, dtype=torch.int32, device=DEV),
                                out_start.to(DEV), k_out, v_out, bits, group_size, bs,
-                               max(seq_lens))
+                               max(seq_lens), k_param_bits)
     torch.cuda.synchronize()
     k_out, v_out = k_out.cpu(), v_out.cpu()
     assert k_out[total:].isnan().all() and v_out[total:].isnan().all(), "wrote past the end"
@@ -149,10 +166,11 @@ lens = torch.tensor([20], dtype=torch.int32, device="cuda")
 ws = torch.empty(1024 * 128, device="cuda")
 a = dict(cache=cache, residual=torch.zeros(3, 2, 2, 16, 128, dtype=torch.bfloat16,
                                                    device="cuda"),
-         row_slot=torch.zeros(1, dtype=torch.int32, device="cuda"), block_size=16)
+         row_slot=torch.zeros(1, dtype=torch.int32, device="cuda"), block_size=16,
+         k_param_bits=16)
 a.update({kwargs})
 o.decode_kc(out, q, a["cache"], a["residual"], table, lens, a["row_slot"], ws, ws, 0.1, 4, 128,
-            a["block_size"], 1, 8)
+            a["block_size"], 1, 8, a["k_param_bits"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -165,6 +183,8 @@ print("OK")
     ("row_slot=a['row_slot'].long()", "row_slot must be a contiguous CUDA int32"),
     ("cache=torch.zeros(4, 2, 2176, dtype=torch.uint8, device='cuda')", "channel-mode page"),
     ("block_size=256", "block size"),
+    ("k_param_bits=12", "k_param_bits must be 16 (fp16 K params) or 8 (e4m3), got 12"),
+    ("k_param_bits=8", "channel-mode page format needs 2368"),  # fp16-param pages
 ])
 def test_decode_kc_bad_arguments_raise_clear_errors(kwargs, message):
     from tests.gpu.test_kernels import _expect_clear_error

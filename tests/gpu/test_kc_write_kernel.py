@@ -32,13 +32,14 @@ def _keys(n, dtype, gen):
     return k.to(dtype)
 
 
+@pytest.mark.parametrize("k_param_bits", [16, 8], ids=["fp16-params", "fp8-params"])
 @pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_write_matches_reference_step_by_step(dtype, bits, block_size):
-    gen = torch.Generator().manual_seed(bits * 100 + block_size)
+def test_write_matches_reference_step_by_step(dtype, bits, block_size, k_param_bits):
+    gen = torch.Generator().manual_seed(bits * 100 + block_size + k_param_bits)
     rng = random.Random(bits * 100 + block_size)
-    layout = kc.KCPageLayout(PageFormat(128, bits, 64, block_size))
+    layout = kc.KCPageLayout(PageFormat(128, bits, 64, block_size), k_param_bits)
     lengths = [5 * block_size + 3, 3 * block_size, 2 * block_size + block_size // 2]
     blocks_needed = sum(-(-n // block_size) for n in lengths)
     perm = torch.randperm(blocks_needed + 3, generator=gen).tolist()
@@ -88,7 +89,7 @@ def test_write_matches_reference_step_by_step(dtype, bits, block_size):
                 torch.tensor(lens, dtype=torch.int32), torch.tensor(row_slot, dtype=torch.int32)]
         kc.write_tokens_kc(cache, residual, key, value, *args, layout)
         _ops().write_tokens_kc(key.to(DEV), value.to(DEV), *(a.to(DEV) for a in args),
-                               cache_gpu, residual_gpu, bits, 64, block_size)
+                               cache_gpu, residual_gpu, bits, 64, block_size, k_param_bits)
         torch.cuda.synchronize()
         for r, m in work:
             r["done"] += m

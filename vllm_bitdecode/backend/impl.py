@@ -209,13 +209,14 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
             value[start + g.token_begin : start + g.token_end]) for g in kc.prefill_groups]
         ops.write_tokens_kc(key, value, md.slot_mapping, kc.query_start_loc, kc.seq_lens,
                             kc.row_slot, kv_cache, self.residual, fmt.bits, fmt.group_size,
-                            fmt.block_size)
+                            fmt.block_size, self.bitdecode.k_param_bits)
         if md.num_decodes > 0:
             nd = md.num_decodes
             ops.decode_kc(output[:nd], query[:nd], kv_cache, self.residual,
                           md.decode_block_table, md.decode_seq_lens, kc.row_slot,
                           md.partial_out, md.partial_lse, self.scale, fmt.bits,
-                          fmt.group_size, fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT)
+                          fmt.group_size, fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT,
+                          self.bitdecode.k_param_bits)
         pf = md.prefill
         for g, own in zip(kc.prefill_groups, own_kv, strict=True):
             # dequantized pages, then a scratch page per segment (run_kc_prefill)
@@ -223,7 +224,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
             ops.dequantize_pages_kc(kv_cache, pf.block_table[g.req_begin : g.req_end],
                                     pf.seq_lens[g.req_begin : g.req_end], g.workspace_start,
                                     k_ws, v_ws, fmt.bits, fmt.group_size, fmt.block_size,
-                                    g.max_seq_len)
+                                    g.max_seq_len, self.bitdecode.k_param_bits)
             tokens = slice(start + g.token_begin, start + g.token_end)
             kc_prefill.run_kc_prefill(g.plan, query[tokens], own, k_ws, v_ws, self.scale,
                                       self._fa_closed, self._fa_near, _merge_attn_states,

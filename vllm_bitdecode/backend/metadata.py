@@ -47,14 +47,16 @@ def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm:
 
 
 def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
-                 device: torch.device, channel_k: bool = False) -> tuple[int, int]:
+                 device: torch.device, channel_k: bool = False,
+                 k_param_bits: int = 16) -> tuple[int, int]:
     """(SMs, decode CTAs resident per SM) of this device for these decode kernels (the
-    per-channel K kernel's with ``channel_k``)."""
+    per-channel K kernel's with ``channel_k``, for its K-parameter width)."""
     from vllm_bitdecode import ops
 
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     query_like = torch.empty(0, dtype=dtype, device=device)
-    return num_sms, int(ops.decode_ctas_per_sm(query_like, bits, group_size, gqa, channel_k))
+    return num_sms, int(ops.decode_ctas_per_sm(query_like, bits, group_size, gqa, channel_k,
+                                               k_param_bits))
 
 
 @dataclass
@@ -230,6 +232,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         self.num_sms, self.ctas_per_sm = decode_slots(
             model.dtype, self.bitdecode.bits, self.bitdecode.group_size,
             self.num_heads // self.num_kv_heads, device, self.bitdecode.channel_k,
+            self.bitdecode.k_param_bits,
         )
         # Split-K workspace for the largest decode batch, allocated once so that CUDA
         # graphs capture fixed addresses.

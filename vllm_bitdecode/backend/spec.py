@@ -21,6 +21,7 @@ class BitDecodeAttentionSpec(FullAttentionSpec):
     bits: int = 4
     group_size: int = 128
     k_mode: str = "token"  # or "channel": K per channel over the page (issue #7)
+    k_param_bits: int = 16  # channel mode: K (scale, zc) in fp16 (16) or e4m3 (8)
 
     @property
     def page_format(self) -> PageFormat:
@@ -31,15 +32,16 @@ class BitDecodeAttentionSpec(FullAttentionSpec):
         if self.k_mode == "channel":
             from vllm_bitdecode.reference_kc import KCPageLayout
 
-            return KCPageLayout(self.page_format).page_bytes(self.num_kv_heads)
+            return KCPageLayout(self.page_format, self.k_param_bits).page_bytes(
+                self.num_kv_heads)
         return self.page_format.page_bytes(self.num_kv_heads)
 
     @classmethod
     def merge(cls, specs: list[Self]) -> Self:
         merged = super().merge(specs)
         first = specs[0]
-        key = (first.bits, first.group_size, first.k_mode)
-        if any((s.bits, s.group_size, s.k_mode) != key for s in specs):
+        key = (first.bits, first.group_size, first.k_mode, first.k_param_bits)
+        if any((s.bits, s.group_size, s.k_mode, s.k_param_bits) != key for s in specs):
             raise ValueError("all BITDECODE layers of one KV-cache group need one page format")
         return replace(merged, bits=first.bits, group_size=first.group_size,
-                       k_mode=first.k_mode)
+                       k_mode=first.k_mode, k_param_bits=first.k_param_bits)

@@ -64,6 +64,11 @@
 // fragments (in fp16, converted from bf16 where the model is bf16; at most
 // block_size / 16 tiles per sequence); P meets exact V there with
 // scale 1/2 and zero 0 in the V algebra below. Earlier pages keep V per token.
+// KP8: the K params are stored in e4m3 (256 bytes per tile). The 8 lanes that share a
+// quad position need the same parameters, so instead of converting in the fragment path
+// (32 conversions per lane and tile) the warp converts the tile's block once into a
+// 512-byte fp16 scratch in the same order (lane l: bytes 8l..8l+7, 4 conversions), and
+// the fp16 path reads that.
 #pragma once
 
 #include <cfloat>
@@ -81,7 +86,8 @@ constexpr int kMaxGqa = 16;      // query heads per KV head: two MMA N tiles
 
 // Compile-time shape of one decode instantiation. HEAD_TILES = 1 serves up to 8 query
 // heads per KV head, 2 up to 16.
-template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool KC = false>
+template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool KC = false,
+          bool KP8 = false>
 struct DecodeShape {
   using Order = RowOrder<HEAD, BITS>;
   static constexpr int kGroups = HEAD / GROUP;
@@ -90,12 +96,13 @@ struct DecodeShape {
   // per token: (scale, zero) of every group, for K and V (KC: for V only)
   static constexpr int kParamBytes = (KC ? 1 : 2) * 2 * kGroups * static_cast<int>(sizeof(T));
   // A staged tile: K rows [16][kRowBytes], V rows [16][kRowBytes], params [16][kParamBytes],
-  // and with KC the fp16 K params (scale, zc) [2 * HEAD] of the tile's 16-token K group,
-  // in kc_param_index order: a tile of the page as it is stored (page_format.py).
+  // and with KC the fp16 (KP8: e4m3) K params (scale, zc) [2 * HEAD] of the tile's
+  // 16-token K group, in kc_param_index order: a tile of the page as it is stored.
   static constexpr int kVOffset = kTileTokens * kRowBytes;
   static constexpr int kParamOffset = 2 * kTileTokens * kRowBytes;
   static constexpr int kKParamOffset = kParamOffset + kTileTokens * kParamBytes;
-  static constexpr int kKParamBytes = KC ? 2 * HEAD * static_cast<int>(sizeof(__half)) : 0;
+  static constexpr int kKParamBytes = KC ? 2 * HEAD * (KP8 ? 1 : 2) : 0;
+  static_assert(KC || !KP8, "e4m3 K params belong to per-channel pages");
   static constexpr int kTileBytes = kKParamOffset + kKParamBytes;
   static_assert(!KC || kTileTokens == kKCGroupTokens, "a tile is one K group");
   // Tiles per softmax step: 2, or 1 where two tiles' state would spill (group 32 with
@@ -189,7 +196,7 @@ __device__ __forceinline__ void store_selection_keys(uint32_t* key_row, const fl
 // of 32: 3 (154-173 registers; at 4 the loop would spill, and KC's 171 unbounded would
 // leave 2). Two head tiles: unbounded.
 template <typename T, int HEAD, int BITS, int GROUP, int HEAD_TILES, bool SPARSE = false,
-          bool KC = false, int SELECT = 0>
+          bool KC = false, int SELECT = 0, bool KP8 = false>
 __global__ void __launch_bounds__(kDecodeWarps * 32,
                                   HEAD_TILES == 1 ? (GROUP >= 64 ? 4 : 3) : 1)
     decode_kernel(DecodeParams p) {
@@ -197,7 +204,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   static_assert(SELECT == 0 || (!SPARSE && !KC), "a selection layer decodes densely, per token");
   static_assert(SELECT == 0 || SELECT == 1 || SELECT == kTileTokens, "tokens per selection key");
   using Tr = DtypeTraits<T>;
-  using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES, KC>;
+  using Shape = DecodeShape<T, HEAD, BITS, GROUP, HEAD_TILES, KC, KP8>;
   using Order = typename Shape::Order;
   constexpr int kGroups = Shape::kGroups;
   constexpr int kHeads = Shape::kHeads;
@@ -212,6 +219,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   __shared__ float q_smem[kHeads * HEAD];
   __shared__ float qsum_smem[kHeads][kGroups];
   __shared__ uint64_t bars[kDecodeWarps][kStages];
+  __shared__ __align__(16) __half kp_scratch[kDecodeWarps][KP8 ? 2 * HEAD : 8];  // KP8 only
 
   const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -458,9 +466,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // scores in the S^T layout (x[ht][2 r + c]: token g + 8 r, head 8 ht + 2t + c), not
   // yet scaled.
   using H = DtypeTraits<__half>;
-  auto channel_page_scores = [&](float (&x)[HT][4], const uint8_t* buf,
+  auto channel_page_scores = [&](float (&x)[HT][4], const __half* kparams,
                                  const uint32_t (&kw)[2][Order::kKWordsPerLane]) {
-    const __half* kparams = reinterpret_cast<const __half*>(buf + Shape::kKParamOffset);
 #pragma unroll
     for (int ht = 0; ht < HT; ++ht) x[ht][0] = x[ht][1] = x[ht][2] = x[ht][3] = 0.0f;
 #pragma unroll
@@ -566,8 +573,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
         const bool own = token0 >= own_begin;
         if (own) {
           own_page_scores(x, token0);
+        } else if constexpr (KP8) {  // the tile's e4m3 params -> this warp's fp16 scratch
+          const uint2 raw =
+              *reinterpret_cast<const uint2*>(buf + Shape::kKParamOffset + 8 * lane);
+          const uint4 pairs = make_uint4(e4m3x2_to_half2(raw.x), e4m3x2_to_half2(raw.x >> 16),
+                                         e4m3x2_to_half2(raw.y), e4m3x2_to_half2(raw.y >> 16));
+          *reinterpret_cast<uint4*>(&kp_scratch[warp][8 * lane]) = pairs;
+          __syncwarp();
+          channel_page_scores(x, kp_scratch[warp], kw);
+          __syncwarp();  // read before the next tile overwrites it
         } else {
-          channel_page_scores(x, buf, kw);
+          channel_page_scores(x, reinterpret_cast<const __half*>(buf + Shape::kKParamOffset),
+                              kw);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

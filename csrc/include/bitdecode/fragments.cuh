@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -190,6 +191,26 @@ __device__ __forceinline__ Ptr kc_residual_rows(Ptr residual, int64_t slot, int 
 __host__ __device__ __forceinline__ int kc_param_index(int c) {
   const int r = c % 16;
   return (c / 16) * 32 + ((r % 8) / 2) * 8 + (r / 8) * 2 + r % 2;
+}
+
+// K params in fp8 e4m3 (k_params="fp8"): the same order, one byte each. zc saturates at
+// the largest e4m3 value, the scale is at least the smallest (reference_kc.FP8_MAX, ...).
+constexpr float kE4m3Max = 448.0f;
+constexpr float kE4m3MinScale = 0x1p-9f;
+__device__ __forceinline__ float e4m3_to_float(uint8_t x) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(x, __NV_E4M3)));
+}
+
+// Two e4m3 bytes (low byte first) -> an fp16 pair (low half first): one cvt.
+__device__ __forceinline__ uint32_t e4m3x2_to_half2(uint32_t two_bytes) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+      static_cast<__nv_fp8x2_storage_t>(two_bytes & 0xffffu), __NV_E4M3);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
+
+// Nearest e4m3 to x, saturating at +-448 (round half to even, as torch's conversion).
+__device__ __forceinline__ uint8_t float_to_e4m3(float x) {
+  return __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
 }
 
 }  // namespace bitdecode

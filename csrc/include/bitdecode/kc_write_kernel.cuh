@@ -11,8 +11,10 @@
 //    written page), quantizes it over the group with the per-token quantizer's rules
 //    (group_params / code_of, parameters in fp16 for both model dtypes) and writes the
 //    group's packed K rows and its K params, (scale, zc = zero + 2^(BITS-1) * scale),
-//    the form the decode kernel dequantizes with one HFMA2 per pair. It reads nothing
-//    the step writes, so CTAs run in any order.
+//    the form the decode kernel dequantizes with one HFMA2 per pair. With K params in
+//    e4m3 (KP8, reference_kc.quantize_channels_fp8) zc comes first, the range's centre
+//    rounded to e4m3, then the smallest e4m3 scale that reaches both ends from it. It
+//    reads nothing the step writes, so CTAs run in any order.
 // 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K and V rows of
 //    each request's last written page go to its residual slot. After phase A, which may
 //    read residual rows this overwrites (a chunk that fills a page and ends in the next).
@@ -88,7 +90,7 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWritePa
   }
 }
 
-template <typename T, int HEAD, int BITS>
+template <typename T, int HEAD, int BITS, bool KP8>
 __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
   static_assert(HEAD == 128, "one thread per channel");
   using Order = RowOrder<HEAD, BITS>;
@@ -119,20 +121,42 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
     lo = fminf(lo, x);
     hi = fmaxf(hi, x);
   }
-  using H = DtypeTraits<__half>;
-  __half scale, zero;
-  const bool wide = group_params<__half, BITS>(lo, hi, scale, zero);
-  const float s = H::to_float(scale), z = H::to_float(zero);
-  for (int i = 0; i < G; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
   const int64_t block = slot / p.block_size;
   const int first_slot = static_cast<int>(slot % p.block_size) - (G - 1);
   static_assert(G == kTileTokens, "a K group is one tile: its K rows, then its K params");
   uint8_t* tile = p.cache + block * p.cache_stride_block + head * p.cache_stride_head +
                   first_slot / G * p.tile_bytes;
-  __half* k_params = reinterpret_cast<__half*>(tile + p.k_params_offset);
   const int at = kc_param_index(c);  // scale, then zc 4 further (reference_kc.pack_k_params)
-  k_params[at] = scale;
-  k_params[at + 4] = H::from_float(__fmaf_rn(kCodeCentre<BITS>, s, z));  // centred_zero
+  if constexpr (KP8) {  // reference_kc.quantize_channels_fp8, op for op (no contraction)
+    constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
+    constexpr float kC = kCodeCentre<BITS>;
+    const float mid = __fadd_rn(lo, __fmul_rn(kC, __fdiv_rn(__fsub_rn(hi, lo), kLevels)));
+    const uint8_t zc8 = float_to_e4m3(fminf(fmaxf(mid, -kE4m3Max), kE4m3Max));
+    const float zc = e4m3_to_float(zc8);
+    const float need = fminf(fmaxf(fmaxf(__fdiv_rn(__fsub_rn(zc, lo), kC),
+                                         __fdiv_rn(__fsub_rn(hi, zc), kLevels - kC)),
+                                   kE4m3MinScale),
+                             kE4m3Max);
+    uint8_t s8 = float_to_e4m3(need);
+    if (e4m3_to_float(s8) < need) ++s8;  // round up: positive e4m3 bytes order as values
+    const float s = e4m3_to_float(s8);
+    for (int i = 0; i < G; ++i) {
+      const float q = rintf(__fadd_rn(__fdiv_rn(__fsub_rn(key_at(i), zc), s), kC));
+      codes[i][c] = static_cast<uint8_t>(fminf(fmaxf(q, 0.0f), kLevels));
+    }
+    uint8_t* k_params = tile + p.k_params_offset;
+    k_params[at] = s8;
+    k_params[at + 4] = zc8;
+  } else {
+    using H = DtypeTraits<__half>;
+    __half scale, zero;
+    const bool wide = group_params<__half, BITS>(lo, hi, scale, zero);
+    const float s = H::to_float(scale), z = H::to_float(zero);
+    for (int i = 0; i < G; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
+    __half* k_params = reinterpret_cast<__half*>(tile + p.k_params_offset);
+    k_params[at] = scale;
+    k_params[at + 4] = H::from_float(__fmaf_rn(kCodeCentre<BITS>, s, z));  // centred_zero
+  }
   __syncthreads();
   // pack the group's K rows in the per-token page's row order
   uint8_t* rows = tile;  // K rows start the tile

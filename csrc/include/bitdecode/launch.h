@@ -40,8 +40,8 @@ template <typename T, int BITS, int GROUP>
 void launch_kc_write(const KCWriteParams& p, cudaStream_t stream);
 
 // Decode CTAs resident per SM for `gqa` query heads per KV head, of the per-token or the
-// per-channel K kernel (-1 on a CUDA error).
+// per-channel K kernel (fp16 or e4m3 K params; -1 on a CUDA error).
 template <typename T, int BITS, int GROUP>
-int decode_ctas_per_sm(int gqa, bool channel_k);
+int decode_ctas_per_sm(int gqa, bool channel_k, bool k_params_fp8);
 
 }  // namespace bitdecode

@@ -14,16 +14,17 @@ constexpr int kHeadSize = 128;
 // Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
 // asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC = false,
-          int SELECT = 0>
+          int SELECT = 0, bool KP8 = false>
 void allow_decode_smem() {
-  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC, KP8>;
   constexpr int kMaxDevices = 64;
   static bool done[kMaxDevices] = {};  // one array per instantiation
   int device = 0;
   cudaGetDevice(&device);
   if (device < kMaxDevices && done[device]) return;
-  cudaFuncSetAttribute(decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>,
-                       cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
+  cudaFuncSetAttribute(
+      decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT, KP8>,
+      cudaFuncAttributeMaxDynamicSharedMemorySize, Shape::kSmemBytes);
   if (device < kMaxDevices) done[device] = true;
 }
 
@@ -35,13 +36,14 @@ void launch_quantize(const QuantizeParams& p, cudaStream_t stream) {
   quantize_kernel<T, kHeadSize, BITS, GROUP><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
-template <typename T, int BITS, int GROUP, bool KC>
+template <typename T, int BITS, int GROUP, bool KC, bool KP8 = false>
 void launch_dequantize_pages(const DequantizeParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.max_tokens) * p.num_kv_heads;
   if (items == 0 || p.num_seqs == 0) return;
   const dim3 grid(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps),
                   p.num_seqs);
-  dequantize_kernel<T, kHeadSize, BITS, GROUP, KC><<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
+  dequantize_kernel<T, kHeadSize, BITS, GROUP, KC, KP8>
+      <<<grid, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
 template <typename T, int BITS, int GROUP>
@@ -51,31 +53,39 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
 
 template <typename T, int BITS, int GROUP>
 void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream) {
-  launch_dequantize_pages<T, BITS, GROUP, true>(p, stream);
+  if (p.k_params_fp8) {
+    launch_dequantize_pages<T, BITS, GROUP, true, true>(p, stream);
+  } else {
+    launch_dequantize_pages<T, BITS, GROUP, true>(p, stream);
+  }
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT,
+          bool KP8>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
-  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
-  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT>();
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC, KP8>;
+  auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT, KP8>;
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT, KP8>();
   const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
   kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
 }
 
-template <typename T, int BITS, int GROUP, int HEAD_TILES, bool KC>
+template <typename T, int BITS, int GROUP, int HEAD_TILES, bool KC, bool KP8 = false>
 int decode_tiles_ctas_per_sm() {
-  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC>;
+  using Shape = DecodeShape<T, kHeadSize, BITS, GROUP, HEAD_TILES, KC, KP8>;
   int ctas = 0;
-  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, false, KC>();
+  allow_decode_smem<T, BITS, GROUP, HEAD_TILES, false, KC, 0, KP8>();
   const cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, false, KC>, kDecodeWarps * 32,
-      Shape::kSmemBytes);
+      &ctas, decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, false, KC, 0, KP8>,
+      kDecodeWarps * 32, Shape::kSmemBytes);
   return err == cudaSuccess ? ctas : -1;
 }
 
 template <typename T, int BITS, int GROUP>
-int decode_ctas_per_sm(int gqa, bool channel_k) {
+int decode_ctas_per_sm(int gqa, bool channel_k, bool k_params_fp8) {
+  if (channel_k && k_params_fp8)
+    return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, true, true>()
+                    : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, true, true>();
   if (channel_k)
     return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, true>()
                     : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, true>();
@@ -83,13 +93,14 @@ int decode_ctas_per_sm(int gqa, bool channel_k) {
                   : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, false>();
 }
 
-template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SELECT = 0>
+template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SELECT = 0,
+          bool KP8 = false>
 void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
   if (p.num_heads <= 8 * p.num_kv_heads) {
-    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE, KC, SELECT>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 1, SPARSE, KC, SELECT, KP8>(p, stream);
   } else {
-    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC, SELECT>(p, stream);
+    launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC, SELECT, KP8>(p, stream);
   }
   if (p.num_splits > 1) {
     combine_kernel<T, kHeadSize>
@@ -109,7 +120,11 @@ void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream) {
 
 template <typename T, int BITS, int GROUP>
 void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
-  launch_decode_and_combine<T, BITS, GROUP, false, true>(p, stream);
+  if (p.k_params_fp8) {
+    launch_decode_and_combine<T, BITS, GROUP, false, true, 0, true>(p, stream);
+  } else {
+    launch_decode_and_combine<T, BITS, GROUP, false, true>(p, stream);
+  }
 }
 
 // A launch of select_topk_kernel in clusters of `ranks` CTAs along x. Not copyable: the
@@ -186,8 +201,12 @@ void launch_kc_write(const KCWriteParams& p, cudaStream_t stream) {
   if (items == 0 || p.num_reqs == 0) return;
   const dim3 warps(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps));
   kc_value_kernel<T, kHeadSize, BITS, GROUP><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);
-  kc_page_kernel<T, kHeadSize, BITS>
-      <<<dim3(p.num_tokens, p.num_kv_heads), kHeadSize, 0, stream>>>(p);  // phase A
+  const dim3 tokens_heads(p.num_tokens, p.num_kv_heads);
+  if (p.k_params_fp8) {  // phase A
+    kc_page_kernel<T, kHeadSize, BITS, true><<<tokens_heads, kHeadSize, 0, stream>>>(p);
+  } else {
+    kc_page_kernel<T, kHeadSize, BITS, false><<<tokens_heads, kHeadSize, 0, stream>>>(p);
+  }
   kc_residual_kernel<T, kHeadSize><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);  // phase B
 }
 

@@ -24,11 +24,13 @@ void dequantize_pages(const at::Tensor& cache,        // [blocks, kv_heads, regi
                       int64_t max_tokens);
 
 // Per-channel K mode: dequantize_pages over channel-mode pages, same arguments
-// (reference_kc.read_pages_kc); K is meaningful only for full pages.
+// (reference_kc.read_pages_kc); K is meaningful only for full pages. k_param_bits: the
+// pages' K (scale, zc) in fp16 (16) or e4m3 (8); the same in every per-channel op.
 void dequantize_pages_kc(const at::Tensor& cache, const at::Tensor& block_table,
                          const at::Tensor& seq_lens, const at::Tensor& out_start,
                          at::Tensor& key_out, at::Tensor& value_out, int64_t bits,
-                         int64_t group_size, int64_t block_size, int64_t max_tokens);
+                         int64_t group_size, int64_t block_size, int64_t max_tokens,
+                         int64_t k_param_bits);
 
 void decode(at::Tensor& out,                 // [seqs, heads, 128]
             const at::Tensor& q,             // [seqs, heads, 128]
@@ -72,7 +74,7 @@ void decode_kc(at::Tensor& out,                // [seqs, heads, 128]
                at::Tensor& partial_out,        // [splits, seqs, heads, 128] f32
                at::Tensor& partial_lse,        // [splits, seqs, heads] f32
                double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
-               int64_t num_splits, int64_t min_tiles_per_split);
+               int64_t num_splits, int64_t min_tiles_per_split, int64_t k_param_bits);
 
 // Selection layer of sparse decode: decode (out as decode writes it) and, from the same
 // logits, for every decode row the newest position and the token_budget - 1 older
@@ -111,11 +113,13 @@ void write_tokens_kc(const at::Tensor& key,              // [tokens, kv_heads, 1
                      const at::Tensor& row_slot,         // [reqs] int32
                      at::Tensor& cache,                  // [blocks, kv_heads, region] uint8
                      at::Tensor& residual,               // [slots, 2, kv_heads, bs, 128]
-                     int64_t bits, int64_t group_size, int64_t block_size);
+                     int64_t bits, int64_t group_size, int64_t block_size,
+                     int64_t k_param_bits);
 
-// Decode CTAs that fit on one SM at once (of decode, or decode_kc with channel_k); the
-// split planner fills whole waves with it.
+// Decode CTAs that fit on one SM at once (of decode, or decode_kc with channel_k and its
+// k_param_bits); the split planner fills whole waves with it.
 int64_t decode_ctas_per_sm(const at::Tensor& query_like,  // any CUDA tensor of the query dtype
-                           int64_t bits, int64_t group_size, int64_t gqa, bool channel_k);
+                           int64_t bits, int64_t group_size, int64_t gqa, bool channel_k,
+                           int64_t k_param_bits);
 
 }  // namespace bitdecode

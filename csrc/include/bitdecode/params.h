@@ -99,6 +99,7 @@ struct DecodeParams {
   // the residual.
   const void* residual;          // [num_slots, 2 (K, V), num_kv_heads, block_size, head_size]
   const int32_t* row_slot;       // [>= num_seqs] residual slot of each sequence
+  bool k_params_fp8;             // K params in e4m3 (256 B per tile), not fp16 (512 B)
 };
 
 // sel_count of a row that attends to its whole sequence (reference_sparse.DENSE_ROW).
@@ -123,7 +124,8 @@ struct SelectParams {
 // Per-channel K mode (issue #7, docs/per-channel-k-design.md): one step's K/V into the
 // channel-mode pages and the requests' residuals (reference_kc.write_tokens_kc).
 // Tile (16 tokens, one K group): K rows [16][R] | V rows [16][R] | V params [16][groups][2]
-// | K params [2][head_size] (all scales, then all zeros, fp16); offsets below are in a tile.
+// | K params [2 * head_size] (scale and zc of every channel in kc_param_index order, fp16
+// or e4m3); offsets below are in a tile.
 struct KCWriteParams {
   const void* key;               // [num_tokens, num_kv_heads, head_size]
   const void* value;             // [num_tokens, num_kv_heads, head_size]
@@ -146,6 +148,7 @@ struct KCWriteParams {
   int v_param_bytes;             // V (scale, zero) of every group of one token
   int k_params_offset;
   int tile_bytes;
+  bool k_params_fp8;             // K (scale, zc) in e4m3, one byte each, not fp16
 };
 
 // Dequantize pages back to the model dtype (prefill over cached, quantized history).
@@ -164,6 +167,7 @@ struct DequantizeParams {
   PageGeometry page;
   int k_params_offset;           // per-channel K pages only: in each tile, its K group's
                                  // K scale[128], then zero[128] (page.tile_bytes is KC's)
+  bool k_params_fp8;             // ... in e4m3, one byte each, not fp16
 };
 
 }  // namespace bitdecode

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
 
 // Inverse: pages -> model dtype, one warp per (sequence, token, KV head). KC: per-channel
 // K pages (reference_kc.read_pages_kc), whose K is meaningful only once the page is full.
-template <typename T, int HEAD, int BITS, int GROUP, bool KC = false>
+template <typename T, int HEAD, int BITS, int GROUP, bool KC = false, bool KP8 = false>
 __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(DequantizeParams p) {
   static_assert(HEAD == 128, "one warp holds 4 channels per lane");
   using Order = RowOrder<HEAD, BITS>;
@@ -221,9 +221,13 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
       region + tile_row(p.page.tile_bytes, offset, p.page.params_offset,
                         KC ? p.page.param_bytes / 2 : p.page.param_bytes));
   const int g = (4 * lane) / GROUP;
-  // KC only: the fp16 (scale, zc) of this token's 16-token K group, at the end of its tile
-  const __half* kparams = reinterpret_cast<const __half*>(
-      region + offset / kTileTokens * p.page.tile_bytes + p.k_params_offset);
+  // KC only: the fp16 (or, KP8, e4m3) (scale, zc) of this token's 16-token K group, at
+  // the end of its tile
+  const uint8_t* kparams = region + offset / kTileTokens * p.page.tile_bytes + p.k_params_offset;
+  auto k_param = [&](int i) {
+    if constexpr (KP8) return e4m3_to_float(kparams[i]);
+    return __half2float(reinterpret_cast<const __half*>(kparams)[i]);
+  };
   const float ks = DtypeTraits<T>::to_float(prm[2 * g]);
   const float kz = DtypeTraits<T>::to_float(prm[2 * g + 1]);
   const float vs = DtypeTraits<T>::to_float(prm[2 * (kVFirst + g)]);
@@ -244,9 +248,8 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
     const float kc = static_cast<float>((rows[warp][0][w] >> (BITS * s)) & kMask);
     if constexpr (KC) {  // (code - centre) * scale + zc, reference_kc.dequantize_stored_k
       const int at = kc_param_index(4 * lane + i);
-      kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc - kCodeCentre<BITS>,
-                                                   __half2float(kparams[at]),
-                                                   __half2float(kparams[at + 4])));
+      kv[i] = DtypeTraits<T>::from_float(
+          __fmaf_rn(kc - kCodeCentre<BITS>, k_param(at), k_param(at + 4)));
     } else {
       kv[i] = DtypeTraits<T>::from_float(__fmaf_rn(kc, ks, kz));
     }
