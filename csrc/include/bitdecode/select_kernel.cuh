@@ -10,7 +10,8 @@
 //
 // select_topk_kernel, one cluster of `ranks` 1024-thread CTAs per (row, selection head)
 // (grid (num_seqs * ranks, num_sel_heads), ranks = 1 to 8: enough CTAs to fill the SMs
-// when the batch is small), no host synchronisation (CUDA graphs capture it). Each CTA
+// when the batch is small; 1 for pages, launch_decode_select says why), no host
+// synchronisation (CUDA graphs capture it). Each CTA
 // owns a contiguous range of the row's older positions, each warp a contiguous share of
 // that:
 //   1. three radix rounds (11 + 11 + 10 bits): every CTA counts its range into its own
