@@ -213,6 +213,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   __shared__ float qsum_smem[kHeads][kGroups];
   __shared__ uint64_t bars[kDecodeWarps][kStages];
 
+  // the split combine may be scheduled now; it waits for this grid to finish
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -827,6 +829,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
   __shared__ float warp_max[kCombineWarps];
   __shared__ float warp_total[kCombineWarps];
   __shared__ float4 warp_acc[kCombineWarps][32];
+  // a programmatic dependent of the decode (launch_combine): its partials first
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int seq = blockIdx.x, head = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.num_heads;
