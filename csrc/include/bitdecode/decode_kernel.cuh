@@ -221,6 +221,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   __shared__ uint64_t bars[kDecodeWarps][kStages];
   __shared__ __align__(16) __half kp_scratch[kDecodeWarps][KP8 ? 2 * HEAD : 8];  // KP8 only
 
+  // the split combine may be scheduled now; it waits for this grid to finish
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int split = blockIdx.x, kv_head = blockIdx.y, seq = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -844,6 +846,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
   __shared__ float warp_max[kCombineWarps];
   __shared__ float warp_total[kCombineWarps];
   __shared__ float4 warp_acc[kCombineWarps][32];
+  // a programmatic dependent of the decode (launch_combine): its partials first
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   const int seq = blockIdx.x, head = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.num_heads;

@@ -93,6 +93,25 @@ int decode_ctas_per_sm(int gqa, bool channel_k, bool k_params_fp8) {
                   : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, false>();
 }
 
+// The split combine as a programmatic dependent launch of the decode: the decode lets it
+// be scheduled from its start (griddepcontrol.launch_dependents), so its launch overlaps
+// the decode's tail instead of following it, and it waits (griddepcontrol.wait) until the
+// decode grid has finished and its writes are visible. A decode with splits fits in one
+// wave (plan_num_splits), so the waiting CTAs never keep a decode CTA off an SM.
+template <typename T>
+void launch_combine(const DecodeParams& p, cudaStream_t stream) {
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(p.num_seqs, p.num_heads);
+  config.blockDim = dim3(kCombineWarps * 32);
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, combine_kernel<T, kHeadSize>, p);
+}
+
 template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SELECT = 0,
           bool KP8 = false>
 void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
@@ -102,10 +121,7 @@ void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   } else {
     launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC, SELECT, KP8>(p, stream);
   }
-  if (p.num_splits > 1) {
-    combine_kernel<T, kHeadSize>
-        <<<dim3(p.num_seqs, p.num_heads), kCombineWarps * 32, 0, stream>>>(p);
-  }
+  if (p.num_splits > 1) launch_combine<T>(p, stream);
 }
 
 template <typename T, int BITS, int GROUP>
