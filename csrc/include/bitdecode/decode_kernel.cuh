@@ -189,8 +189,9 @@ __device__ __forceinline__ void store_selection_keys(uint32_t* key_row, const fl
 }
 
 // One head tile: 4 CTAs (16 warps) per SM at V groups of 64 or 128, 128 registers with
-// no spill in the step loop for every mode (ptxas and tools/sass_loops.py, 2026-11-30: 8
-// bytes outside it for KC, fp16, 4 bits, V group 64). Unbounded, the per-token and sparse
+// no spill in the step loop for every mode (ptxas and tools/sass_loops.py, 2026-11-30; the
+// page-selection kernel at V group 64 spills a little, tests/cpu/test_decode_occupancy.py).
+// Unbounded, the per-token and sparse
 // kernels had crept to 137-161 registers, so 3 CTAs (6 splits instead of 8 at B=8; 0.361
 // against 0.346 ms at 8 x 128K in two H200 runs of 2026-11-30, before and after). V groups
 // of 32: 3 (154-173 registers; at 4 the loop would spill, and KC's 171 unbounded would
@@ -534,9 +535,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // Ring position of the next tile to consume, and the barrier phase it completes.
   int stage = 0;
   uint32_t phase = 0;
-  // One softmax step over NT tiles (all of them present: no per-tile checks).
-  auto run_step = [&](auto num_tiles, int i0) {
+  // One softmax step over NT tiles (all of them present: no per-tile checks). OWN: the
+  // tiles are the KC own page's (exact K and V from the residual), else packed pages.
+  auto run_step = [&](auto num_tiles, auto own_tiles, int i0) {
     constexpr int NT = decltype(num_tiles)::value;
+    constexpr bool own = decltype(own_tiles)::value;
+    static_assert(KC || !own, "only per-channel pages have an own page");
     float s[NT][HT][4];
     float v_scale[NT][2][kGroups], v_zero[NT][2][kGroups];
     int stages[NT];
@@ -572,8 +576,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       };
       if constexpr (KC) {
         float x[HT][4];
-        const bool own = token0 >= own_begin;
-        if (own) {
+        if constexpr (own) {
           own_page_scores(x, token0);
         } else if constexpr (KP8) {  // the tile's e4m3 params -> this warp's fp16 scratch
           const uint2 raw =
@@ -592,7 +595,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
         for (int r = 0; r < 2; ++r) {
 #pragma unroll
           for (int gi = 0; gi < kGroups; ++gi) {
-            if (own) {  // exact V from the residual: P / 2 meets the values themselves
+            if constexpr (own) {  // exact V from the residual: P / 2 meets the values themselves
               v_scale[st][r][gi] = valid[r] ? 0.5f : 0.0f;
               v_zero[st][r][gi] = 0.0f;
             } else {
@@ -700,7 +703,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
     for (int st = 0; st < NT; ++st) {
       const int token0 = tile_token0(i0 + st);
-      const bool own = KC && token0 >= own_begin;
       const uint8_t* vrows = ring + stages[st] * Shape::kTileBytes + Shape::kVOffset;
       uint32_t vw[4][Order::kVWordsPerLane];  // tokens 2t, 2t+1, 2t+8, 2t+9; channels g + 8j
 #pragma unroll
@@ -737,10 +739,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
           for (int c = 0; c < 2; ++c)
             zero_sum[ht][c][gv] += pr[c] * v_zero[st][0][gv] + pr[2 + c] * v_zero[st][1][gv];
         }
-#pragma unroll
-        for (int m = gv * GROUP / 16; m < (gv + 1) * GROUP / 16; ++m) {
+        // O^T channels 16 m .. 16 m + 15 of this V group
+        auto v_mma = [&](int m) {
           uint32_t a[4];
-          if (own) {
+          if constexpr (own) {
             a[0] = own_v_pair(2 * m, 0), a[1] = own_v_pair(2 * m + 1, 0);
             a[2] = own_v_pair(2 * m, 2), a[3] = own_v_pair(2 * m + 1, 2);
           } else {
@@ -749,6 +751,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
           }
 #pragma unroll
           for (int ht = 0; ht < HT; ++ht) Tr::mma(o[ht][m], a, pb[ht][0], pb[ht][1]);
+        };
+        // Two forms of one loop, each the one that nvcc 13.0 compiles best: with the bounds
+        // of the second, KC's kernels at V group 64 kept o in local memory; with the fixed
+        // count of the first, the page-selection kernel there spilled twice as much.
+        if constexpr (KC) {
+#pragma unroll
+          for (int mg = 0; mg < GROUP / 16; ++mg) v_mma(gv * GROUP / 16 + mg);
+        } else {
+#pragma unroll
+          for (int m = gv * GROUP / 16; m < (gv + 1) * GROUP / 16; ++m) v_mma(m);
         }
       }
     }
@@ -761,9 +773,21 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       if (i < n_local) issue(i, stages[st]);
     }
   };
+  // KC: this warp's own-page tiles are its last ones (local tile i starts at token
+  // 16 (first_tile + 4 i)); they run after the packed ones, in a loop of their own, so
+  // that the hot loop holds only the packed pages' code.
+  const int own_tile = own_begin / kTileTokens;
+  const int n_packed =
+      KC ? min(max((own_tile - first_tile + kDecodeWarps - 1) / kDecodeWarps, 0), n_local)
+         : n_local;
+  using Packed = std::false_type;
   int i0 = 0;
-  for (; i0 + kStep <= n_local; i0 += kStep) run_step(std::integral_constant<int, kStep>{}, i0);
-  for (; i0 < n_local; ++i0) run_step(std::integral_constant<int, 1>{}, i0);
+  for (; i0 + kStep <= n_packed; i0 += kStep)
+    run_step(std::integral_constant<int, kStep>{}, Packed{}, i0);
+  for (; i0 < n_packed; ++i0) run_step(std::integral_constant<int, 1>{}, Packed{}, i0);
+  if constexpr (KC) {
+    for (; i0 < n_local; ++i0) run_step(std::integral_constant<int, 1>{}, std::true_type{}, i0);
+  }
 
 
   // ---- finish this warp: sums over the 8 lanes of a head, hand to shared memory ------
