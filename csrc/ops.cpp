@@ -192,9 +192,11 @@ void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
                   block_table.dim() == 2 && block_table.stride(1) == 1 &&
                   block_table.size(0) >= num_seqs,
               "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  // the kernels index seq_lens[seq] with no stride
   TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
-                  seq_lens.size(0) >= num_seqs,
-              "bitdecode: seq_lens must be a CUDA int32 vector with one entry per sequence");
+                  seq_lens.dim() == 1 && seq_lens.stride(0) == 1 && seq_lens.size(0) >= num_seqs,
+              "bitdecode: seq_lens must be a contiguous CUDA int32 vector with one entry per "
+              "sequence");
   check_same_device(cache, "cache", q);
   check_same_device(block_table, "block_table", q);
   check_same_device(seq_lens, "seq_lens", q);
@@ -441,8 +443,6 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
   const int unit_shift = check_selection(sel_positions, sel_count, num_seqs, sel_heads,
                                          shared_selection, selection_unit, q);
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
-              "bitdecode: seq_lens must be a contiguous vector");
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
   // Counts live on the device, so they are not checked here (that would synchronize and
   // could not be captured in a CUDA graph): the kernel reads a count above the budget as
@@ -503,8 +503,6 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                     rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
   const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.stride(0) == 1,
-              "bitdecode: seq_lens must be a contiguous vector");
   const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
   const int unit_shift = check_selection(sel_positions, sel_count, num_seqs, sel_heads,
                                          shared_selection, selection_unit, q);

@@ -222,9 +222,9 @@ lens = torch.tensor([20], dtype=torch.int32, device="cuda")
 ws = torch.empty(1024 * 128, device="cuda")
 """
 
-BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out)
+BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out, lens=lens)
 a.update({kwargs})
-o.decode(a["out"], a["q"], cache, a["table"], lens, ws, ws, None, 0.1, a["bits"], 128,
+o.decode(a["out"], a["q"], cache, a["table"], a["lens"], ws, ws, None, 0.1, a["bits"], 128,
          a["block_size"], 1, 8)
 torch.cuda.synchronize()
 print("OK")
@@ -237,6 +237,9 @@ print("OK")
     ("block_size=48", "block_size must be a power of two"),
     ("q=q.float(), out=out.float()", "bfloat16 or float16"),
     ("table=table.long()", "block_table must be a CUDA int32"),
+    # the kernels read seq_lens[seq] with no stride
+    ("lens=torch.tensor([20, 0], dtype=torch.int32, device='cuda')[::2]",
+     "seq_lens must be a contiguous CUDA int32"),
 ])
 def test_decode_bad_arguments_raise_clear_errors(kwargs, message):
     _expect_clear_error(BAD_CALL.replace("{kwargs}", kwargs), message)
