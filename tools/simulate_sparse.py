@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_bitdecode import config as bd_config  # noqa: E402
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
 
-PAGE = 16  # vLLM's default block size
+PAGE = bd_config.PAGE_TOKENS  # a selected page: one 16-token tile of the page format
 DEFAULT_MODES = "dense,token-k256,page-k256,token-k512,page-k512"
 
 
