@@ -17,6 +17,12 @@ flush, median of --reps). Per (batch, context):
   ``decode_sparse`` over ``budget / 16`` pages per KV head chosen at random (the newest
   included), the same bytes as ``sparse`` read as one bulk copy per page.
 
+With ``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of those
+split counts and no minimum of tiles per split (rows ``sparse-pages-splits``): the
+backend plans splits for the dense layers' lengths, and at B = 1 the reuse layer's few
+pages spread over 16 of the 64 planned splits (``MIN_TILES_PER_SPLIT``) in about 18 us,
+more than launch latency explains.
+
     python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
 """
 
@@ -60,8 +66,15 @@ def random_selection(batch: int, heads: int, context: int, budget: int,
     return out
 
 
+def sweep_splits(requested: list[int], planned: int) -> list[int]:
+    """The split counts of --split-sweep that the planned split-K buffers can hold."""
+    if any(s < 1 for s in requested):
+        raise ValueError(f"split counts must be positive, got {requested}")
+    return [s for s in requested if s <= planned]
+
+
 def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
-                gen: torch.Generator) -> list[dict]:
+                gen: torch.Generator, split_sweep: list[int] = ()) -> list[dict]:
     from vllm_bitdecode import ops
 
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
@@ -113,6 +126,20 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
             rows.append(dict(impl="bitdecode", kind="sparse" + suffix, kv=f"int{BITS}",
                              budget=budget, ms=ms, bytes=budget * per_token,
                              num_splits=splits))
+            if unit == 1:
+                continue
+            for n in sweep_splits(list(split_sweep), splits):
+
+                def run_split(positions=positions, counts=counts, unit=unit, n=n):
+                    ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl,
+                                      signs, scale, BITS, dense.GROUP, dense.BLOCK, n, 1,
+                                      False, unit)
+
+                ms = timer(run_split)
+                rows.append(dict(impl="bitdecode", kind="sparse-pages-splits",
+                                 kv=f"int{BITS}", budget=budget, ms=ms,
+                                 bytes=budget * per_token, num_splits=n,
+                                 min_tiles_per_split=1))
     return rows
 
 
@@ -143,8 +170,11 @@ def main() -> None:
     ap.add_argument("--contexts", default="32768,131072")
     ap.add_argument("--budgets", default="256,2048")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--split-sweep", default="",
+                    help="comma-separated split counts for the page reuse layer, e.g. 1,4,16,64")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    split_sweep = [int(s) for s in args.split_sweep.split(",") if s]
     timer = dense.Timer(args.reps)
     gen = torch.Generator().manual_seed(0)
     gpu = torch.cuda.get_device_name()
@@ -152,7 +182,7 @@ def main() -> None:
     cases = []
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            rows = bench_cases(batch, context, budgets, timer, gen)
+            rows = bench_cases(batch, context, budgets, timer, gen, split_sweep)
             for r in rows:
                 r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6)
                 print(f"B={batch:<3} L={context:<7} {_label(r):<24} {r['kv']:<5} "
@@ -174,7 +204,8 @@ def main() -> None:
 
 
 def _label(r: dict) -> str:
-    return f"{r['impl']} {r['kind']}" + (f" k={r['budget']}" if "budget" in r else "")
+    label = f"{r['impl']} {r['kind']}" + (f" k={r['budget']}" if "budget" in r else "")
+    return label + (f" s={r['num_splits']}" if r["kind"] == "sparse-pages-splits" else "")
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -185,7 +216,8 @@ def plot(doc: dict, path: Path) -> None:
 
     cases = doc["cases"]
     fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 3, 4))
-    labels = list(dict.fromkeys(_label(r) for case in cases for r in case["records"]))
+    labels = list(dict.fromkeys(_label(r) for case in cases for r in case["records"]
+                                if r["kind"] != "sparse-pages-splits"))  # a sweep: JSON only
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
         ys = []

@@ -53,3 +53,21 @@ def test_plot_writes_a_png(tmp_path):
                       dict(batch=8, context=131072, records=_rows())])
     bench.plot(doc, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_split_sweep_keeps_what_the_buffers_hold():
+    assert bench.sweep_splits([1, 4, 16, 64], 16) == [1, 4, 16]
+    assert bench.sweep_splits([], 64) == []
+    with pytest.raises(ValueError, match="must be positive"):
+        bench.sweep_splits([0, 4], 64)
+
+
+def test_sweep_rows_are_labelled_by_split_count_and_left_out_of_summary_and_plot(tmp_path):
+    sweep = [dict(impl="bitdecode", kind="sparse-pages-splits", kv="int4", budget=2048,
+                  ms=0.01, num_splits=n, min_tiles_per_split=1) for n in (1, 16)]
+    assert bench._label(sweep[1]) == "bitdecode sparse-pages-splits k=2048 s=16"
+    assert bench.summarize(_rows() + sweep) == bench.summarize(_rows())
+    doc = dict(device="test", date="2026-11-30",
+               cases=[dict(batch=1, context=32768, records=_rows() + sweep)])
+    bench.plot(doc, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
