@@ -246,6 +246,7 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
               "bitdecode: cache must start 16-byte aligned (pages are copied in bulk)");
   check_same_device(out, "out", q);
+  if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
 
   DecodeParams p{};
   set_decode_inputs(p, q, cache, block_table, seq_lens);
@@ -395,9 +396,12 @@ namespace {
 
 // Checks the selection buffers that decode_sparse reads and decode_select writes, and
 // the selection unit (1: tokens, 16: 16-token pages); returns log2 of the unit.
-int check_selection(const at::Tensor& sel_positions, const at::Tensor& sel_count,
-                    int64_t num_seqs, int64_t sel_heads, bool shared_selection,
-                    int64_t selection_unit, const at::Tensor& q) {
+// Checks a reuse or selection layer's position lists and points p at them (p's sequences
+// and KV heads already set by decode_params). Returns the lists' KV heads: 1 if shared.
+int64_t set_selection(DecodeParams& p, const at::Tensor& sel_positions,
+                      const at::Tensor& sel_count, bool shared_selection,
+                      int64_t selection_unit, const at::Tensor& q) {
+  const int64_t num_seqs = p.num_seqs, sel_heads = shared_selection ? 1 : p.num_kv_heads;
   TORCH_CHECK(selection_unit == 1 || selection_unit == 16,
               "bitdecode: selection_unit must be 1 (tokens) or 16 (16-token pages), got ",
               selection_unit);
@@ -422,7 +426,13 @@ int check_selection(const at::Tensor& sel_positions, const at::Tensor& sel_count
               "sequence (a count <= budget, -1 for a dense row, 0 for a padding row)");
   check_same_device(sel_positions, "sel_positions", q);
   check_same_device(sel_count, "sel_count", q);
-  return selection_unit == 16 ? 4 : 0;
+  p.sel_positions = sel_positions.data_ptr<int32_t>();
+  p.sel_stride_seq = sel_positions.stride(0), p.sel_stride_head = sel_positions.stride(1);
+  p.sel_count = sel_count.data_ptr<int32_t>();
+  p.sel_budget = static_cast<int>(sel_positions.size(2));
+  p.sel_shared = shared_selection;
+  p.sel_unit_shift = selection_unit == 16 ? 4 : 0;
+  return sel_heads;
 }
 
 }  // namespace
@@ -439,20 +449,10 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   DecodeParams p =
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                     rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
-  const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
-  const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
-  const int unit_shift = check_selection(sel_positions, sel_count, num_seqs, sel_heads,
-                                         shared_selection, selection_unit, q);
-  if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
   // Counts live on the device, so they are not checked here (that would synchronize and
   // could not be captured in a CUDA graph): the kernel reads a count above the budget as
   // the budget and a negative count other than -1 as 0.
-  p.sel_positions = sel_positions.data_ptr<int32_t>();
-  p.sel_stride_seq = sel_positions.stride(0), p.sel_stride_head = sel_positions.stride(1);
-  p.sel_count = sel_count.data_ptr<int32_t>();
-  p.sel_budget = static_cast<int>(sel_positions.size(2));
-  p.sel_shared = shared_selection;
-  p.sel_unit_shift = unit_shift;
+  set_selection(p, sel_positions, sel_count, shared_selection, selection_unit, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
@@ -502,10 +502,9 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   DecodeParams p =
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                     rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
-  const int64_t num_seqs = q.size(0), num_kv_heads = cache.size(1);
-  const int64_t sel_heads = shared_selection ? 1 : num_kv_heads;
-  const int unit_shift = check_selection(sel_positions, sel_count, num_seqs, sel_heads,
-                                         shared_selection, selection_unit, q);
+  const int64_t num_seqs = q.size(0);
+  const int64_t sel_heads =
+      set_selection(p, sel_positions, sel_count, shared_selection, selection_unit, q);
   TORCH_CHECK(keys.is_cuda() && keys.scalar_type() == at::kInt && keys.is_contiguous() &&
                   keys.numel() % sel_heads == 0,
               "bitdecode: keys must be a contiguous CUDA int32 workspace of ", sel_heads,
@@ -519,7 +518,6 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               "bitdecode: min_seq_len must be >= 0, got ", min_seq_len);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
-  if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
 
   auto* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   const int64_t capacity = keys.numel() / sel_heads;
@@ -527,18 +525,17 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   p.key_offsets = key_offsets.data_ptr<int64_t>();
   p.key_capacity = capacity;
   p.sel_min_seq_len = static_cast<int>(min_seq_len);
-  p.sel_shared = shared_selection;
 
   SelectParams sp{};
   sp.seq_lens = seq_lens.data_ptr<int32_t>();
   sp.key_offsets = p.key_offsets;
   sp.keys = key_data;
   sp.key_capacity = capacity;
-  sp.sel_positions = sel_positions.data_ptr<int32_t>();
-  sp.sel_stride_seq = sel_positions.stride(0), sp.sel_stride_head = sel_positions.stride(1);
+  sp.sel_positions = sel_positions.data_ptr<int32_t>();  // written here, read by the reuse layers
+  sp.sel_stride_seq = p.sel_stride_seq, sp.sel_stride_head = p.sel_stride_head;
   sp.sel_count = sel_count.data_ptr<int32_t>();
-  sp.sel_budget = static_cast<int>(sel_positions.size(2));
-  sp.unit_shift = unit_shift;
+  sp.sel_budget = p.sel_budget;
+  sp.unit_shift = p.sel_unit_shift;
   sp.num_seqs = static_cast<int>(num_seqs);
   sp.min_seq_len = p.sel_min_seq_len;
   sp.shared = shared_selection;
