@@ -209,8 +209,9 @@ void launch_decode_select(const DecodeParams& decode, const SelectParams& select
   // Pages: one CTA per (row, head). A row has 16 times fewer keys (8K at 128K tokens),
   // and the cluster's fixed cost dominated: under Nsight Compute (H200, d0cede5) the
   // page top-k took 28-31 us in clusters of 8 at B = 1, at 32K and 128K alike, and 17.4
-  // / 19.7 us in clusters of 2 at B = 8 with 1K / 4K keys per CTA. (Not yet measured
-  // with one CTA; beyond some 16K pages per row a cluster would pay again.)
+  // / 19.7 us in clusters of 2 at B = 8 with 1K / 4K keys per CTA. With one CTA the whole
+  // selection layer at B = 1 fell by 10-11 us (H200, 7ae9977); beyond some 16K pages per
+  // row a cluster would pay again.
   const int ranks = select.unit_shift == 0 ? select_topk_ranks(select.num_seqs * heads) : 1;
   const TopkClusterLaunch launch(dim3(select.num_seqs * ranks, heads), ranks, stream);
   cudaLaunchKernelEx(&launch.config, select_topk_kernel<kSelectTopkThreads>, select);
