@@ -117,10 +117,11 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
             positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
             counts.fill_(units)
 
-            def run_sparse(positions=positions, counts=counts, unit=unit):
+            def run_sparse(positions=positions, counts=counts, unit=unit, n=splits,
+                           min_tiles=MIN_TILES_PER_SPLIT):
                 ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl,
-                                  signs, scale, BITS, dense.GROUP, dense.BLOCK, splits,
-                                  MIN_TILES_PER_SPLIT, False, unit)
+                                  signs, scale, BITS, dense.GROUP, dense.BLOCK, n,
+                                  min_tiles, False, unit)
 
             ms = timer(run_sparse)
             rows.append(dict(impl="bitdecode", kind="sparse" + suffix, kv=f"int{BITS}",
@@ -129,13 +130,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
             if unit == 1:
                 continue
             for n in sweep_splits(list(split_sweep), splits):
-
-                def run_split(positions=positions, counts=counts, unit=unit, n=n):
-                    ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl,
-                                      signs, scale, BITS, dense.GROUP, dense.BLOCK, n, 1,
-                                      False, unit)
-
-                ms = timer(run_split)
+                ms = timer(lambda n=n: run_sparse(n=n, min_tiles=1))
                 rows.append(dict(impl="bitdecode", kind="sparse-pages-splits",
                                  kv=f"int{BITS}", budget=budget, ms=ms,
                                  bytes=budget * per_token, num_splits=n,
