@@ -36,15 +36,25 @@ FP8 = torch.float8_e4m3fn
 
 
 class Timer:
-    def __init__(self, reps: int):
+    """Median GPU time of one call, after an L2 flush so every read comes from HBM.
+
+    ``graph=True`` captures the call in a CUDA graph once and times its replay, as vLLM
+    runs decode: for kernels of a few microseconds this keeps host launch cost out of
+    the figure (eager timing relies on the flush keeping the GPU busy while the host
+    issues the call)."""
+
+    def __init__(self, reps: int, graph: bool = False):
         self.reps = reps
+        self.graph = graph
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
 
     def __call__(self, fn) -> float:
-        fn()  # warm up
+        fn()  # warm up (and JIT / autotune outside the timed region)
+        if self.graph:
+            fn = _captured(fn)
         times = []
         for _ in range(self.reps):
-            self.flush.zero_()  # evict L2 so every read comes from HBM
+            self.flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -52,6 +62,52 @@ class Timer:
             end.synchronize()
             times.append(start.elapsed_time(end))
         return statistics.median(times)
+
+    def kernels(self, fn) -> dict[str, float]:
+        """Per-kernel GPU time of one call (us, median over --reps, L2 flushed before
+        each), and ``"span"``: first kernel start to last kernel end, gaps included."""
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(self.reps):
+                self.flush.zero_()
+                torch.cuda.synchronize()  # one call's kernels per window, flush apart
+                fn()
+                torch.cuda.synchronize()
+        cuda = torch.autograd.DeviceType.CUDA
+        kernels = sorted((e for e in prof.events()
+                          if e.device_type == cuda and e.time_range.elapsed_us() > 0),
+                         key=lambda e: e.time_range.start)
+        flush_names = {k.name for k in kernels[:1]}  # each rep starts with the flush
+        per_name: dict[str, list[float]] = {}
+        spans, rep = [], []
+        for e in kernels + [None]:
+            if e is None or e.name in flush_names:
+                if rep:
+                    spans.append(rep[-1].time_range.end - rep[0].time_range.start)
+                    for k in rep:
+                        per_name.setdefault(k.name, []).append(k.time_range.elapsed_us())
+                rep = []
+            else:
+                rep.append(e)
+        out = {name[:80]: statistics.median(t) for name, t in per_name.items()}
+        out["span"] = statistics.median(spans) if spans else float("nan")
+        return out
+
+
+def _captured(fn):
+    """``fn`` captured in a CUDA graph; returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm up on the side stream, as torch.cuda.graph capture requires
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def copy_bandwidth(timer: Timer) -> float:

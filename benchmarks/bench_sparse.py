@@ -21,7 +21,8 @@ With ``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of
 split counts and no minimum of tiles per split (rows ``sparse-pages-splits``): the
 backend plans splits for the dense layers' lengths, and at B = 1 the reuse layer's few
 pages spread over 16 of the 64 planned splits (``MIN_TILES_PER_SPLIT``) in about 18 us,
-more than launch latency explains.
+more than launch latency explains. ``--kernels`` records each kernel's GPU time per
+row (torch.profiler) and ``--graph`` times CUDA-graph replays, as vLLM runs decode.
 
     python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
 """
@@ -74,8 +75,15 @@ def sweep_splits(requested: list[int], planned: int) -> list[int]:
 
 
 def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
-                gen: torch.Generator, split_sweep: list[int] = ()) -> list[dict]:
+                gen: torch.Generator, split_sweep: list[int] = (),
+                kernels: bool = False) -> list[dict]:
     from vllm_bitdecode import ops
+
+    def timed(fn, **row) -> dict:
+        row["ms"] = timer(fn)
+        if kernels:  # where the time of a few-microsecond layer goes
+            row["kernels_us"] = timer.kernels(fn)
+        return row
 
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
     rows = []
@@ -92,9 +100,8 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
         ops.decode(out, q, cache, table, lens, po, pl, signs, scale, BITS, dense.GROUP,
                    dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
 
-    ms = timer(run_dense)
-    rows.append(dict(impl="bitdecode", kind="dense", kv=f"int{BITS}", ms=ms,
-                     bytes=context * per_token, num_splits=splits))
+    rows.append(timed(run_dense, impl="bitdecode", kind="dense", kv=f"int{BITS}",
+                      bytes=context * per_token, num_splits=splits))
     keys = torch.zeros(batch * context * dense.HKV, dtype=torch.int32, device="cuda")
     offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
     for budget in budgets:
@@ -123,18 +130,16 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
                                   signs, scale, BITS, dense.GROUP, dense.BLOCK, n,
                                   min_tiles, False, unit)
 
-            ms = timer(run_sparse)
-            rows.append(dict(impl="bitdecode", kind="sparse" + suffix, kv=f"int{BITS}",
-                             budget=budget, ms=ms, bytes=budget * per_token,
-                             num_splits=splits))
+            rows.append(timed(run_sparse, impl="bitdecode", kind="sparse" + suffix,
+                              kv=f"int{BITS}", budget=budget, bytes=budget * per_token,
+                              num_splits=splits))
             if unit == 1:
                 continue
             for n in sweep_splits(list(split_sweep), splits):
-                ms = timer(lambda n=n: run_sparse(n=n, min_tiles=1))
-                rows.append(dict(impl="bitdecode", kind="sparse-pages-splits",
-                                 kv=f"int{BITS}", budget=budget, ms=ms,
-                                 bytes=budget * per_token, num_splits=n,
-                                 min_tiles_per_split=1))
+                rows.append(timed(lambda n=n: run_sparse(n=n, min_tiles=1),
+                                  impl="bitdecode", kind="sparse-pages-splits",
+                                  kv=f"int{BITS}", budget=budget, bytes=budget * per_token,
+                                  num_splits=n, min_tiles_per_split=1))
     return rows
 
 
@@ -167,21 +172,28 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--split-sweep", default="",
                     help="comma-separated split counts for the page reuse layer, e.g. 1,4,16,64")
+    ap.add_argument("--graph", action="store_true",
+                    help="time CUDA-graph replays of each call instead of eager calls")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also record per-kernel GPU times (torch.profiler) per dense/sparse row")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     split_sweep = [int(s) for s in args.split_sweep.split(",") if s]
-    timer = dense.Timer(args.reps)
+    timer = dense.Timer(args.reps, graph=args.graph)
     gen = torch.Generator().manual_seed(0)
     gpu = torch.cuda.get_device_name()
     budgets = [int(b) for b in args.budgets.split(",")]
     cases = []
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            rows = bench_cases(batch, context, budgets, timer, gen, split_sweep)
+            rows = bench_cases(batch, context, budgets, timer, gen, split_sweep, args.kernels)
             for r in rows:
                 r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6)
                 print(f"B={batch:<3} L={context:<7} {_label(r):<24} {r['kv']:<5} "
                       f"{r['ms']:8.4f} ms {r['gbps']:7.0f} GB/s", flush=True)
+                if "kernels_us" in r:
+                    print("      " + ", ".join(f"{k.split('(')[0][-40:]} {v:.1f} us"
+                                            for k, v in r["kernels_us"].items()), flush=True)
             summary = summarize(rows)
             print("   " + ", ".join(f"{k} x{v:.2f}" for k, v in summary.items()), flush=True)
             cases.append(dict(batch=batch, context=context, records=rows, summary=summary))
@@ -189,6 +201,7 @@ def main() -> None:
     doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=git_commit(),
                heads=dict(q=dense.HQ, kv=dense.HKV, d=dense.D), block_size=dense.BLOCK,
                group_size=dense.GROUP, bits=BITS,
+               timing="cuda graph replay" if args.graph else "eager call",
                targets=dict(sparse_k2048_128k_vs_fa3_bf16=TARGET_SPARSE_VS_FA3,
                             selection_layer_vs_dense=TARGET_SELECT_LAYER_VS_DENSE),
                cases=cases)
