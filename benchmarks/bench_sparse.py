@@ -17,11 +17,10 @@ flush, median of --reps). Per (batch, context):
   ``decode_sparse`` over ``budget / 16`` pages per KV head chosen at random (the newest
   included), the same bytes as ``sparse`` read as one bulk copy per page.
 
-With ``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of those
-split counts and no minimum of tiles per split (rows ``sparse-pages-splits``): the
-backend plans splits for the dense layers' lengths, and at B = 1 the reuse layer's few
-pages spread over 16 of the 64 planned splits (``MIN_TILES_PER_SPLIT``) in about 18 us,
-more than launch latency explains. ``--kernels`` records each kernel's GPU time per
+The reuse rows run the backend's reuse-layer split plan (``plan_reuse_splits``). With
+``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of those split
+counts and no minimum of tiles per split (rows ``sparse-pages-splits``), the measurement
+that plan comes from. ``--kernels`` records each kernel's GPU time per
 row (torch.profiler) and ``--graph`` times CUDA-graph replays, as vLLM runs decode.
 
     python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
@@ -41,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_decode as dense  # noqa: E402
 
-from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT  # noqa: E402
+from vllm_bitdecode.backend.metadata import (  # noqa: E402
+    MIN_TILES_PER_SPLIT,
+    plan_reuse_splits,
+)
 from vllm_bitdecode.config import PAGE_TOKENS  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
@@ -93,6 +95,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
     cache = dense.fill_pages(num_blocks, fmt)
     q, out, splits, po, pl, lens = dense.decode_inputs(batch, context, BITS)
     signs = rotation_signs(dense.D).cuda()
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = dense.D**-0.5
     per_token = fmt.bytes_per_token_head * dense.HKV * batch
 
@@ -124,7 +127,10 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
             positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
             counts.fill_(units)
 
-            def run_sparse(positions=positions, counts=counts, unit=unit, n=splits,
+            # the reuse layer's own split plan, as the backend runs it
+            reuse = plan_reuse_splits(batch, dense.HKV, num_sms, budget, splits)
+
+            def run_sparse(positions=positions, counts=counts, unit=unit, n=reuse,
                            min_tiles=MIN_TILES_PER_SPLIT):
                 ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl,
                                   signs, scale, BITS, dense.GROUP, dense.BLOCK, n,
@@ -132,7 +138,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
 
             rows.append(timed(run_sparse, impl="bitdecode", kind="sparse" + suffix,
                               kv=f"int{BITS}", budget=budget, bytes=budget * per_token,
-                              num_splits=splits))
+                              num_splits=reuse))
             if unit == 1:
                 continue
             for n in sweep_splits(list(split_sweep), splits):

@@ -51,7 +51,7 @@ def _metadata(cfg: BitDecodeConfig, sparse: bool) -> BitDecodeMetadata:
             sel_positions=torch.zeros(4, KV_HEADS, cfg.sparse.unit_budget, dtype=torch.int32),
             sel_count=torch.zeros(4, dtype=torch.int32),
             keys=torch.zeros(1024 * KV_HEADS, dtype=torch.int32),
-            key_offsets=torch.zeros(2, dtype=torch.int64))
+            key_offsets=torch.zeros(2, dtype=torch.int64), reuse_splits=3)
     return BitDecodeMetadata(
         num_actual_tokens=2, slot_mapping=torch.zeros(2, dtype=torch.int64), num_decodes=2,
         decode_seq_lens=torch.tensor([300, 500], dtype=torch.int32),
@@ -109,6 +109,8 @@ def test_selection_and_reuse_share_the_step_buffers(recorded, granularity):
     assert select[16] is sp.keys and select[17] is sp.key_offsets
     assert select[18] == cfg.sparse.dense_below == 2 * BUDGET and select[19] is False
     assert sparse[5] is sp.sel_positions and sparse[6] is sp.sel_count and sparse[-2] is False
+    # the reuse layer runs its own split plan, the selection layer the dense one
+    assert sparse[14] == sp.reuse_splits == 3 and select[12] == md.num_splits == 1
     # both ops are told the unit; with pages the buffer holds the budget in pages
     unit = 16 if granularity == "page" else 1
     assert select[20] == sparse[-1] == unit

@@ -169,7 +169,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     output[:nd], query[:nd], kv_cache, md.decode_block_table,
                     md.decode_seq_lens, sp.sel_positions, sp.sel_count, md.partial_out,
                     md.partial_lse, md.rotation_signs, self.scale, fmt.bits, fmt.group_size,
-                    fmt.block_size, md.num_splits, MIN_TILES_PER_SPLIT, sp.shared,
+                    fmt.block_size, sp.reuse_splits, MIN_TILES_PER_SPLIT, sp.shared,
                     sp.selection_unit,
                 )
             elif role == config.SELECT:  # dense, and the positions for the reuse layers

@@ -46,6 +46,24 @@ def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm:
     return max(1, min(MAX_SPLITS, slots // (num_seqs * num_kv_heads)))
 
 
+def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budget: int,
+                      dense_splits: int) -> int:
+    """Splits per sequence for a sparse reuse layer, whose rows attend to ``token_budget``
+    positions each. The dense plan (``dense_splits``, one wave for whole contexts) would
+    leave most of its CTAs empty here, and an empty CTA still costs a launch slot and a
+    partial result for the combine to read: on an H200 at 128K, a reuse layer over 2,048
+    positions took 17.8 us with the dense plan's 64 splits (16 of them with tiles) against
+    14.1 with 16, and 25.4 against 22.3 us at B = 8 with 4 instead of 8 (bench_sparse
+    --split-sweep, 2026-11-30). So: at least MIN_TILES_PER_SPLIT tiles per split, at most
+    about two CTAs per SM, never more than the dense plan. Depends on the batch size only
+    (CUDA graphs)."""
+    if num_seqs <= 0:
+        return 1
+    tiles = -(-token_budget // 16)
+    return max(1, min(dense_splits, -(-tiles // MIN_TILES_PER_SPLIT),
+                      2 * num_sms // (num_seqs * num_kv_heads)))
+
+
 def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
                  device: torch.device, channel_k: bool = False,
                  k_param_bits: int = 16) -> tuple[int, int]:
@@ -160,6 +178,7 @@ class SparseMetadata:
     sel_count: torch.Tensor  # [max_num_seqs] int32
     keys: torch.Tensor  # [(num_kv_heads or 1) * key_capacity] int32 score workspace
     key_offsets: torch.Tensor  # [num_decodes] int64, this step's rows in the workspace
+    reuse_splits: int = 1  # the reuse layers' split count this step (plan_reuse_splits)
 
 
 @dataclass
@@ -323,8 +342,11 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             lens = cam.seq_lens[:num_decodes].to(torch.int64)
             torch.cumsum(lens, 0, out=self.key_offsets[:num_decodes])
             self.key_offsets[:num_decodes].sub_(lens)
-            sparse = dataclasses.replace(self.sparse,
-                                         key_offsets=self.key_offsets[:num_decodes])
+            sparse = dataclasses.replace(
+                self.sparse, key_offsets=self.key_offsets[:num_decodes],
+                reuse_splits=plan_reuse_splits(num_decodes, self.num_kv_heads, self.num_sms,
+                                               self.sparse.token_budget,
+                                               self._num_splits(num_decodes)))
         return BitDecodeMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             slot_mapping=cam.slot_mapping,
