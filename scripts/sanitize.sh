@@ -29,9 +29,9 @@ $SEL::test_rows_on_the_same_pages_keep_their_own_selection[per_head]
 $SEL::test_every_cluster_size[10-per_head]
 $SEL::test_select_pages_matches_reference[bf16-4-shared-64]
 $S::test_sparse_pages_match_reference[dtype0-4-True-64]
-tests/gpu/test_kc_write_kernel.py::test_write_matches_reference_step_by_step[bf16-4-16]
+tests/gpu/test_kc_write_kernel.py::test_write_matches_reference_step_by_step[bf16-4-16-fp16-params]
 tests/gpu/test_kc_read_kernels.py::test_decode_kc_matches_reference[bf16-4-128-4-16]
-tests/gpu/test_kc_read_kernels.py::test_dequantize_kc_matches_reference_bit_for_bit[fp16-2-32-64]}"
+tests/gpu/test_kc_read_kernels.py::test_dequantize_kc_matches_reference_bit_for_bit[fp16-2-32-64-fp16-params]}"
 status=0
 for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck}; do
   log="$OUT/sanitize_$tool.log"
