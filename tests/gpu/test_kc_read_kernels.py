@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.clear_errors import expect_clear_error
 from tests.gpu.test_kernels import DEV, _ops, _rel_err
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
@@ -176,7 +177,7 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
+BAD_KC_CASES = [
     ("", None),  # the valid call works
     ("residual=a['residual'].half()", "residual must be a contiguous CUDA tensor"),
     ("residual=a['residual'][:, :1]", "residual must be a contiguous CUDA tensor"),
@@ -185,8 +186,10 @@ print("OK")
     ("block_size=256", "block size"),
     ("k_param_bits=12", "k_param_bits must be 16 (fp16 K params) or 8 (e4m3), got 12"),
     ("k_param_bits=8", "channel-mode page format needs 2368"),  # fp16-param pages
-])
-def test_decode_kc_bad_arguments_raise_clear_errors(kwargs, message):
-    from tests.gpu.test_kernels import _expect_clear_error
+]
 
-    _expect_clear_error(BAD_KC_CALL.replace("{kwargs}", kwargs), message)
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_KC_CASES)
+def test_decode_kc_bad_arguments_raise_clear_errors(kwargs, message):
+    expect_clear_error(BAD_KC_CALL.replace("{kwargs}", kwargs), message,
+                       [BAD_KC_CALL.replace("{kwargs}", k) for k, _ in BAD_KC_CASES])

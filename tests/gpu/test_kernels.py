@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.clear_errors import expect_clear_error
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
@@ -231,7 +232,7 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
+BAD_DECODE_CASES = [
     ("", None),  # the valid call works
     ("bits=3", "bits must be 4 or 2"),
     ("block_size=48", "block_size must be a power of two"),
@@ -240,27 +241,13 @@ print("OK")
     # the kernels read seq_lens[seq] with no stride
     ("lens=torch.tensor([20, 0], dtype=torch.int32, device='cuda')[::2]",
      "seq_lens must be a contiguous CUDA int32"),
-])
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_DECODE_CASES)
 def test_decode_bad_arguments_raise_clear_errors(kwargs, message):
-    _expect_clear_error(BAD_CALL.replace("{kwargs}", kwargs), message)
-
-
-def _expect_clear_error(script: str, message: str | None) -> None:
-    """Runs a call of the extension in its own interpreter; message None: it must succeed
-    (print OK), else raise a RuntimeError containing message. Own interpreter so that a
-    crash (as once with a statically linked libstdc++, docs/decode-kernel-notes.md) fails
-    this test instead of ending the whole session."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
-    if message is None:
-        assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-2000:]
-        return
-    assert proc.returncode > 0, f"exit status {proc.returncode}: {proc.stderr[-2000:]}"
-    assert "RuntimeError" in proc.stderr, proc.stderr[-2000:]
-    assert message in proc.stderr
+    expect_clear_error(BAD_CALL.replace("{kwargs}", kwargs), message,
+                       [BAD_CALL.replace("{kwargs}", k) for k, _ in BAD_DECODE_CASES])
 
 
 @pytest.mark.parametrize("bits", [4, 2])

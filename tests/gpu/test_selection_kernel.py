@@ -17,10 +17,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.clear_errors import expect_clear_error
 from tests.gpu.test_kernels import (
     BAD_CALL_SETUP,
     DEV,
-    _expect_clear_error,
     _fill_pages,
     _ops,
     _run_decode,
@@ -285,7 +285,7 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
+BAD_SELECT_CASES = [
     ("", None),
     ("pos=pos[:, :1], shared=True", None),
     ("pos=pos.long()", "sel_positions must be a CUDA int32"),
@@ -300,6 +300,10 @@ print("OK")
     ("offs=offs.int()", "key_offsets must be a contiguous CUDA int64"),
     ("min_len=-1", "min_seq_len must be >= 0"),
     ("bits=3", "bits must be 4 or 2"),
-])
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_SELECT_CASES)
 def test_select_bad_arguments_raise_clear_errors(kwargs, message):
-    _expect_clear_error(BAD_SELECT.format(kwargs=kwargs), message)
+    expect_clear_error(BAD_SELECT.format(kwargs=kwargs), message,
+                       [BAD_SELECT.format(kwargs=k) for k, _ in BAD_SELECT_CASES])

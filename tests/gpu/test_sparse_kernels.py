@@ -14,11 +14,11 @@ import inspect
 import pytest
 import torch
 
+from tests.clear_errors import expect_clear_error
 from tests.gpu.test_kernels import (
     BAD_CALL_SETUP,
     DEV,
     _captured,
-    _expect_clear_error,
     _fill_pages,
     _graph_buffers,
     _ops,
@@ -338,7 +338,7 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
+BAD_SPARSE_CASES = [
     ("", None),  # the valid call works
     ("pos=pos[:, :1], shared=True", None),  # one shared set
     ("pos=pos.long()", "sel_positions must be a CUDA int32"),
@@ -355,6 +355,10 @@ print("OK")
     ("count=count.cpu()", "sel_count must be a contiguous CUDA int32"),
     ("group=48", "group_size must be 32, 64 or 128"),
     ("unit=0", "selection_unit must be 1 (tokens) or 16 (16-token pages), got 0"),
-])
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_SPARSE_CASES)
 def test_sparse_bad_arguments_raise_clear_errors(kwargs, message):
-    _expect_clear_error(BAD_SPARSE_CALL.replace("{kwargs}", kwargs), message)
+    expect_clear_error(BAD_SPARSE_CALL.replace("{kwargs}", kwargs), message,
+                       [BAD_SPARSE_CALL.replace("{kwargs}", k) for k, _ in BAD_SPARSE_CASES])
