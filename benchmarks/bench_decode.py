@@ -41,15 +41,19 @@ class Timer:
     ``graph=True`` captures the call in a CUDA graph once and times its replay, as vLLM
     runs decode: for kernels of a few microseconds this keeps host launch cost out of
     the figure (eager timing relies on the flush keeping the GPU busy while the host
-    issues the call)."""
+    issues the call). ``kernels=True``: each call also leaves the per-kernel GPU times of
+    ``fn`` in ``last_kernels`` (see ``kernels``)."""
 
-    def __init__(self, reps: int, graph: bool = False):
+    def __init__(self, reps: int, graph: bool = False, kernels: bool = False):
         self.reps = reps
         self.graph = graph
+        self.record_kernels = kernels
+        self.last_kernels: dict[str, float] | None = None
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
 
     def __call__(self, fn) -> float:
         fn()  # warm up (and JIT / autotune outside the timed region)
+        self.last_kernels = self.kernels(fn) if self.record_kernels else None
         if self.graph:
             fn = _captured(fn)
         times = []

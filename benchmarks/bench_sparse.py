@@ -77,20 +77,21 @@ def sweep_splits(requested: list[int], planned: int) -> list[int]:
 
 
 def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
-                gen: torch.Generator, split_sweep: list[int] = (),
-                kernels: bool = False) -> list[dict]:
+                gen: torch.Generator, split_sweep: list[int] = ()) -> list[dict]:
     from vllm_bitdecode import ops
 
     def timed(fn, **row) -> dict:
         row["ms"] = timer(fn)
-        if kernels:  # where the time of a few-microsecond layer goes
-            row["kernels_us"] = timer.kernels(fn)
+        if timer.last_kernels is not None:  # where a few-microsecond layer's time goes
+            row["kernels_us"] = timer.last_kernels
         return row
 
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
     rows = []
     ms, nbytes = dense.bench_fa3(batch, context, "bf16", timer, gen)
     rows.append(dict(impl="fa3", kind="dense", kv="bf16", ms=ms, bytes=nbytes))
+    if timer.last_kernels is not None:
+        rows[-1]["kernels_us"] = timer.last_kernels
     table, num_blocks = dense.block_table(batch, context, gen)
     cache = dense.fill_pages(num_blocks, fmt)
     q, out, splits, po, pl, lens = dense.decode_inputs(batch, context, BITS)
@@ -163,6 +164,9 @@ def summarize(rows: list[dict]) -> dict:
                           if t["kind"] == "sparse" and t["budget"] == r["budget"])
             out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16"] = fa3 / r["ms"]
             out[f"sparse_pages_k{r['budget']}_vs_sparse_tokens"] = tokens / r["ms"]
+            if "kernels_us" in r and "kernels_us" in rows[0]:  # GPU time, launches left out
+                out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16_gpu_span"] = (
+                    rows[0]["kernels_us"]["span"] / r["kernels_us"]["span"])
         elif r["kind"] == "select":
             out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r["ms"] / dense_ms
         elif r["kind"] == "select-pages":
@@ -185,14 +189,14 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     split_sweep = [int(s) for s in args.split_sweep.split(",") if s]
-    timer = dense.Timer(args.reps, graph=args.graph)
+    timer = dense.Timer(args.reps, graph=args.graph, kernels=args.kernels)
     gen = torch.Generator().manual_seed(0)
     gpu = torch.cuda.get_device_name()
     budgets = [int(b) for b in args.budgets.split(",")]
     cases = []
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
-            rows = bench_cases(batch, context, budgets, timer, gen, split_sweep, args.kernels)
+            rows = bench_cases(batch, context, budgets, timer, gen, split_sweep)
             for r in rows:
                 r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6)
                 print(f"B={batch:<3} L={context:<7} {_label(r):<24} {r['kv']:<5} "

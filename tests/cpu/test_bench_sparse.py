@@ -45,6 +45,15 @@ def test_summary_ratios():
     assert s["sparse_pages_k2048_vs_fa3_bf16"] == pytest.approx(40.0)
     assert s["sparse_pages_k2048_vs_sparse_tokens"] == pytest.approx(1.6)
     assert s["page_selection_layer_k2048_vs_dense_int4"] == pytest.approx(1.1)
+    assert not any(k.endswith("gpu_span") for k in s)  # no kernel times recorded
+
+
+def test_summary_gpu_span_ratio_from_kernel_times():
+    rows = _rows()
+    rows[0]["kernels_us"] = {"fa3_kernel": 1900.0, "span": 1950.0}
+    rows[-1]["kernels_us"] = {"decode": 30.0, "combine": 12.0, "span": 39.0}
+    s = bench.summarize(rows)
+    assert s["sparse_pages_k2048_vs_fa3_bf16_gpu_span"] == pytest.approx(50.0)
 
 
 def test_plot_writes_a_png(tmp_path):
