@@ -231,8 +231,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // Query row `warp` (the only one a warp prepares up to 4 heads per KV head), loaded
   // first: it depends on nothing, and where the Q preparation below sits it would wait
   // for the chain of loads (length, list, block table) that the first copies need. Not
-  // in the selection kernels: their loop spilled with it (page selection, V group 64).
-  constexpr bool kQFirst = SELECT == 0;
+  // in the selection kernels of V groups below 128: their loop spilled with it (page
+  // selection, V group 64: 44 bytes; tests/cpu/test_decode_occupancy.py).
+  constexpr bool kQFirst = SELECT == 0 || GROUP == 128;
   T q_first[4];
   if constexpr (kQFirst) {
     const T* src = static_cast<const T*>(p.q) + seq * p.q_stride_token +
