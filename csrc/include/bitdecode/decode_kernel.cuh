@@ -247,6 +247,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   bool gather = false;     // token positions, gathered one by one
   bool tile_list = false;  // whole 16-token tiles, the last one the own, partial tile
   const int32_t* positions = nullptr;
+  // A split's share of a row's tiles (the same for every split but the last).
+  auto tiles_per_split = [&](int tiles) {
+    return max((tiles + p.num_splits - 1) / p.num_splits, p.min_tiles_per_split);
+  };
   // Tile lists: a row that selected its whole budget (the usual case) has a tile range
   // that does not depend on its count, so this warp's first two windows of list entries
   // are loaded now, beside the count, and not after it: one dependent global load less
@@ -257,12 +261,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     const int32_t* row_positions = p.sel_positions + seq * p.sel_stride_seq +
                                    (p.sel_shared ? 0 : kv_head) * p.sel_stride_head;
     if (p.sel_unit_shift != 0) {
-      const int per = max((p.sel_budget + p.num_splits - 1) / p.num_splits,
-                          p.min_tiles_per_split);
-      pre_first_tile = blockIdx.x * per + threadIdx.x / 32;
+      pre_first_tile = split * tiles_per_split(p.sel_budget) + warp;
 #pragma unroll
       for (int w = 0; w < 2; ++w) {
-        const int idx = pre_first_tile + kDecodeWarps * (32 * w + threadIdx.x % 32);
+        const int idx = pre_first_tile + kDecodeWarps * (32 * w + lane);
         if (idx < p.sel_budget) pre_tile[w] = row_positions[idx];
       }
     }
@@ -305,8 +307,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
         key_row = p.sel_keys + (p.sel_shared ? 0 : kv_head * p.key_capacity) + row0;
     }
   }
-  const int per_split =
-      max((num_tiles + p.num_splits - 1) / p.num_splits, p.min_tiles_per_split);
+  const int per_split = tiles_per_split(num_tiles);
   const int tile_begin = split * per_split;
   const int tile_end = min(tile_begin + per_split, num_tiles);
 
