@@ -394,10 +394,9 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
 
 namespace {
 
-// Checks the selection buffers that decode_sparse reads and decode_select writes, and
-// the selection unit (1: tokens, 16: 16-token pages); returns log2 of the unit.
-// Checks a reuse or selection layer's position lists and points p at them (p's sequences
-// and KV heads already set by decode_params). Returns the lists' KV heads: 1 if shared.
+// Checks the selection buffers that decode_sparse reads and decode_select writes and the
+// selection unit (1: tokens, 16: 16-token pages), and points p at them (p's sequences and
+// KV heads already set by decode_params). Returns the lists' KV heads: 1 if shared.
 int64_t set_selection(DecodeParams& p, const at::Tensor& sel_positions,
                       const at::Tensor& sel_count, bool shared_selection,
                       int64_t selection_unit, const at::Tensor& q) {
