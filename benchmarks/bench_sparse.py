@@ -80,18 +80,17 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
                 gen: torch.Generator, split_sweep: list[int] = ()) -> list[dict]:
     from vllm_bitdecode import ops
 
-    def timed(fn, **row) -> dict:
-        row["ms"] = timer(fn)
+    def row_of_last_call(**row) -> dict:
         if timer.last_kernels is not None:  # where a few-microsecond layer's time goes
             row["kernels_us"] = timer.last_kernels
         return row
 
+    def timed(fn, **row) -> dict:
+        return row_of_last_call(ms=timer(fn), **row)
+
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
-    rows = []
     ms, nbytes = dense.bench_fa3(batch, context, "bf16", timer, gen)
-    rows.append(dict(impl="fa3", kind="dense", kv="bf16", ms=ms, bytes=nbytes))
-    if timer.last_kernels is not None:
-        rows[-1]["kernels_us"] = timer.last_kernels
+    rows = [row_of_last_call(impl="fa3", kind="dense", kv="bf16", ms=ms, bytes=nbytes)]
     table, num_blocks = dense.block_table(batch, context, gen)
     cache = dense.fill_pages(num_blocks, fmt)
     q, out, splits, po, pl, lens = dense.decode_inputs(batch, context, BITS)

@@ -22,7 +22,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_bitdecode import config, kc_prefill, residual_slots
-from vllm_bitdecode.page_format import PageFormat, rotation_signs
+from vllm_bitdecode.page_format import TILE_TOKENS, PageFormat, rotation_signs
 
 # Under "vllm." so that vLLM's own logging configuration (handler, format, level) applies:
 # a logger outside that tree prints nothing below WARNING in a vLLM process.
@@ -59,7 +59,7 @@ def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budg
     (CUDA graphs)."""
     if num_seqs <= 0:
         return 1
-    tiles = -(-token_budget // 16)
+    tiles = -(-token_budget // TILE_TOKENS)
     return max(1, min(dense_splits, -(-tiles // MIN_TILES_PER_SPLIT),
                       2 * num_sms // (num_seqs * num_kv_heads)))
 
