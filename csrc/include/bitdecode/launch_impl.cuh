@@ -1,6 +1,8 @@
 // Definitions of the launchers declared in launch.h (included by the instantiation files).
 #pragma once
 
+#include <type_traits>
+
 #include "bitdecode/decode_kernel.cuh"
 #include "bitdecode/kc_write_kernel.cuh"
 #include "bitdecode/launch.h"
@@ -10,6 +12,13 @@
 namespace bitdecode {
 
 constexpr int kHeadSize = 128;
+
+// f(std::true_type{}) or f(std::false_type{}) as `flag` says: a run-time flag picks one of
+// two instantiations, written once (FlashAttention's BOOL_SWITCH, as a function).
+template <typename F>
+decltype(auto) bool_switch(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
 
 // Static plus dynamic shared memory may pass the 48 KB that a kernel gets without
 // asking; ask once per device and kernel (a host-side setting: CUDA graphs keep it).
@@ -53,11 +62,9 @@ void launch_dequantize(const DequantizeParams& p, cudaStream_t stream) {
 
 template <typename T, int BITS, int GROUP>
 void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream) {
-  if (p.k_params_fp8) {
-    launch_dequantize_pages<T, BITS, GROUP, true, true>(p, stream);
-  } else {
-    launch_dequantize_pages<T, BITS, GROUP, true>(p, stream);
-  }
+  bool_switch(p.k_params_fp8, [&](auto kp8) {
+    launch_dequantize_pages<T, BITS, GROUP, true, decltype(kp8)::value>(p, stream);
+  });
 }
 
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT,
@@ -83,14 +90,13 @@ int decode_tiles_ctas_per_sm() {
 
 template <typename T, int BITS, int GROUP>
 int decode_ctas_per_sm(int gqa, bool channel_k, bool k_params_fp8) {
-  if (channel_k && k_params_fp8)
-    return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, true, true>()
-                    : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, true, true>();
-  if (channel_k)
-    return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, true>()
-                    : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, true>();
-  return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, false>()
-                  : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, false>();
+  auto for_pages = [&](auto kc, auto kp8) {
+    constexpr bool kKC = decltype(kc)::value, kKP8 = decltype(kp8)::value;
+    return gqa <= 8 ? decode_tiles_ctas_per_sm<T, BITS, GROUP, 1, kKC, kKP8>()
+                    : decode_tiles_ctas_per_sm<T, BITS, GROUP, 2, kKC, kKP8>();
+  };
+  if (!channel_k) return for_pages(std::false_type{}, std::false_type{});
+  return bool_switch(k_params_fp8, [&](auto kp8) { return for_pages(std::true_type{}, kp8); });
 }
 
 // The split combine as a programmatic dependent launch of the decode: the decode lets it
@@ -136,11 +142,9 @@ void launch_decode_sparse(const DecodeParams& p, cudaStream_t stream) {
 
 template <typename T, int BITS, int GROUP>
 void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
-  if (p.k_params_fp8) {
-    launch_decode_and_combine<T, BITS, GROUP, false, true, 0, true>(p, stream);
-  } else {
-    launch_decode_and_combine<T, BITS, GROUP, false, true>(p, stream);
-  }
+  bool_switch(p.k_params_fp8, [&](auto kp8) {
+    launch_decode_and_combine<T, BITS, GROUP, false, true, 0, decltype(kp8)::value>(p, stream);
+  });
 }
 
 // A launch of select_topk_kernel in clusters of `ranks` CTAs along x. Not copyable: the
@@ -224,11 +228,10 @@ void launch_kc_write(const KCWriteParams& p, cudaStream_t stream) {
   const dim3 warps(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps));
   kc_value_kernel<T, kHeadSize, BITS, GROUP><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);
   const dim3 tokens_heads(p.num_tokens, p.num_kv_heads);
-  if (p.k_params_fp8) {  // phase A
-    kc_page_kernel<T, kHeadSize, BITS, true><<<tokens_heads, kHeadSize, 0, stream>>>(p);
-  } else {
-    kc_page_kernel<T, kHeadSize, BITS, false><<<tokens_heads, kHeadSize, 0, stream>>>(p);
-  }
+  bool_switch(p.k_params_fp8, [&](auto kp8) {  // phase A
+    kc_page_kernel<T, kHeadSize, BITS, decltype(kp8)::value>
+        <<<tokens_heads, kHeadSize, 0, stream>>>(p);
+  });
   kc_residual_kernel<T, kHeadSize><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);  // phase B
 }
 
