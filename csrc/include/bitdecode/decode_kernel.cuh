@@ -909,7 +909,10 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
   __shared__ float warp_max[kCombineWarps];
   __shared__ float warp_total[kCombineWarps];
   __shared__ float4 warp_acc[kCombineWarps][32];
-  // a programmatic dependent of the decode (launch_combine): its partials first
+  // a programmatic dependent of the decode (launch_combine): its partials first. The
+  // selection layer's top-k is in turn a programmatic dependent of this kernel: it may
+  // be scheduled now, and waits for this grid to finish.
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
   const int seq = blockIdx.x, head = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;

@@ -147,21 +147,27 @@ void launch_decode_kc(const DecodeParams& p, cudaStream_t stream) {
   });
 }
 
-// A launch of select_topk_kernel in clusters of `ranks` CTAs along x. Not copyable: the
-// config points at the attribute next to it.
+// A launch of select_topk_kernel in clusters of `ranks` CTAs along x; `dependent`: as a
+// programmatic dependent of the kernel before it (the selection layer's decode or its
+// combine), whose launch then overlaps that kernel's tail as the combine's does; the
+// top-k waits in griddepcontrol.wait before it reads a key. Not copyable: the config
+// points at the attributes next to it.
 struct TopkClusterLaunch {
-  cudaLaunchAttribute cluster[1];
+  cudaLaunchAttribute attrs[2];
   cudaLaunchConfig_t config;
-  TopkClusterLaunch(dim3 grid, int ranks, cudaStream_t stream) : cluster{}, config{} {
-    cluster[0].id = cudaLaunchAttributeClusterDimension;
-    cluster[0].val.clusterDim.x = static_cast<unsigned>(ranks);
-    cluster[0].val.clusterDim.y = 1;
-    cluster[0].val.clusterDim.z = 1;
+  TopkClusterLaunch(dim3 grid, int ranks, cudaStream_t stream, bool dependent = false)
+      : attrs{}, config{} {
+    attrs[0].id = cudaLaunchAttributeClusterDimension;
+    attrs[0].val.clusterDim.x = static_cast<unsigned>(ranks);
+    attrs[0].val.clusterDim.y = 1;
+    attrs[0].val.clusterDim.z = 1;
+    attrs[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[1].val.programmaticStreamSerializationAllowed = 1;
     config.gridDim = grid;
     config.blockDim = dim3(kSelectTopkThreads);
     config.stream = stream;
-    config.attrs = cluster;
-    config.numAttrs = 1;
+    config.attrs = attrs;
+    config.numAttrs = dependent ? 2 : 1;
   }
   TopkClusterLaunch(const TopkClusterLaunch&) = delete;
   TopkClusterLaunch& operator=(const TopkClusterLaunch&) = delete;
@@ -217,7 +223,8 @@ void launch_decode_select(const DecodeParams& decode, const SelectParams& select
   // selection layer at B = 1 fell by 10-11 us (H200, 7ae9977); beyond some 16K pages per
   // row a cluster would pay again.
   const int ranks = select.unit_shift == 0 ? select_topk_ranks(select.num_seqs * heads) : 1;
-  const TopkClusterLaunch launch(dim3(select.num_seqs * ranks, heads), ranks, stream);
+  const TopkClusterLaunch launch(dim3(select.num_seqs * ranks, heads), ranks, stream,
+                                 /*dependent=*/true);
   cudaLaunchKernelEx(&launch.config, select_topk_kernel<kSelectTopkThreads>, select);
 }
 

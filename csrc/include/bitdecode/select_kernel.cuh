@@ -152,6 +152,10 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   // the row's units (tokens, or 16-token tiles), the last one holding the newest token
   const int n = (seq_len + (1 << p.unit_shift) - 1) >> p.unit_shift;
   uint32_t* keys = p.keys + h * p.key_capacity + row0;
+  // a programmatic dependent of the selection layer's decode or combine
+  // (launch_decode_select): the keys and the positions of the layers before are theirs
+  // until that grid has finished
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   // the cluster's threads, for work split evenly over them
   const int thread = rank * kThreads + threadIdx.x, stride = ranks * kThreads;
 
