@@ -446,9 +446,17 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   };
   for (int i = 0; i < kStages && i < n_local; ++i) issue(i, i);
 
-  // ---- Q: warp w prepares rows w, w + 4, ...: load, rotate like K, round to T (the
-  // values the MMA sees), and sum per group --------------------------------------------
+  // ---- Q: warp w prepares rows w, w + 4, ...: load, rotate like K, scale by
+  // softmax_scale * log2(e) (scores come out in the log2 domain with no multiply per
+  // token or score), round to T (the values the MMA sees), and sum per group. The sparse
+  // kernel at V group 64 spilled with the scale in Q (4 bytes, in its step loop), so it
+  // keeps the scale on the K parameters (kScaledQ false); the scores are the same up to
+  // where Q is rounded.
   static_assert(HEAD == 32 * 4, "a warp holds one row, 4 channels per lane");
+  constexpr bool kScaledQ = !(SPARSE && GROUP == 64);
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  const float q_scale = kScaledQ ? scale_log2 : 1.0f;
+  const float k_param_scale = kScaledQ ? 1.0f : scale_log2;
   for (int row = warp; row < kHeads; row += kDecodeWarps) {
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (kQFirst && row == warp && row < gqa) {
@@ -464,7 +472,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     float part = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      v[j] = Tr::to_float(Tr::from_float(v[j]));
+      v[j] = Tr::to_float(Tr::from_float(v[j] * q_scale));
       q_smem[row * HEAD + 4 * lane + j] = v[j];
       part += v[j];
     }
@@ -556,7 +564,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // Accumulator layouts (c = 0, 1 picks head 8 ht + 2t + c):
   //   S^T  s[ht][2 r + c]       token g + 8 r of the tile
   //   O^T  o[ht][m][2 r + c]    channel 16 m + g + 8 r
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float o[HT][kKSteps][4];
   // O^T holds half of sum(P * v_scale * (code - centre)) (see below); zero_sum the rest
   float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * (zero + centre * scale)
@@ -576,9 +583,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   uint32_t phase = 0;
   // One softmax step over NT tiles (all of them present: no per-tile checks). OWN: the
   // tiles are the KC own page's (exact K and V from the residual), else packed pages.
-  auto run_step = [&](auto num_tiles, auto own_tiles, int i0) {
+  // MASKED: tokens past num_tokens get no weight; without it every token counts (the
+  // steps before a warp's last tile: only the sequence's last tile can be partial).
+  auto run_step = [&](auto num_tiles, auto own_tiles, auto masked_tiles, int i0) {
     constexpr int NT = decltype(num_tiles)::value;
     constexpr bool own = decltype(own_tiles)::value;
+    constexpr bool masked = decltype(masked_tiles)::value;
     static_assert(KC || !own, "only per-channel pages have an own page");
     float s[NT][HT][4];
     float v_scale[NT][2][kGroups], v_zero[NT][2][kGroups];
@@ -601,7 +611,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       for (int r = 0; r < 2; ++r) {
         load_words(buf + (g + 8 * r) * R + t * Order::kKWordsPerLane * 4, kw[r]);
         load_words(buf + Shape::kParamOffset + (g + 8 * r) * P, prm[r]);
-        valid[r] = token0 + g + 8 * r < num_tokens;
+        valid[r] = !masked || token0 + g + 8 * r < num_tokens;
       }
       // Tokens past the end get no weight and zero V parameters, whatever bytes sit there.
       // V = scale * (code - centre) + (zero + centre * scale); the MMAs see half the
@@ -645,7 +655,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
           for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
             for (int c = 0; c < 2; ++c)
-              s[st][ht][2 * r + c] = valid[r] ? x[ht][2 * r + c] * scale_log2 : -INFINITY;
+              s[st][ht][2 * r + c] = valid[r] ? x[ht][2 * r + c] : -INFINITY;
         }
       } else {
         float acc[kGroups][HT][4];
@@ -667,8 +677,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
           for (int gi = 0; gi < kGroups; ++gi) {
             const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
-            k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
-            k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
+            k_scale[gi] = Tr::to_float(kp[0]) * k_param_scale;  // (* 1 folds away)
+            k_zero[gi] = Tr::to_float(kp[1]) * k_param_scale;
             set_v_params(r, gi, prm[r][kGroups + gi]);
           }
 #pragma unroll
@@ -676,12 +686,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
               // acc = sum Q (M + code): take M sum(Q) back before the scale multiplies, so
-              // that a huge scale cannot overflow where the score itself is finite
-              float x = 0.0f;
+              // that a huge scale cannot overflow where the score itself is finite. The
+              // first group starts the sum (0 + x is not x for x = -0, so nvcc keeps an add).
+              auto group_score = [&](int gi) {
+                return k_scale[gi] *
+                           fmaf(-Tr::kMagicValue, qsum[ht][c][gi], acc[gi][ht][2 * r + c]) +
+                       k_zero[gi] * qsum[ht][c][gi];
+              };
+              float x = group_score(0);
 #pragma unroll
-              for (int gi = 0; gi < kGroups; ++gi)
-                x += k_scale[gi] * fmaf(-Tr::kMagicValue, qsum[ht][c][gi], acc[gi][ht][2 * r + c])
-                     + k_zero[gi] * qsum[ht][c][gi];
+              for (int gi = 1; gi < kGroups; ++gi) x += group_score(gi);
               s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
             }
         }
@@ -819,13 +833,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const int n_packed =
       KC ? min(max((own_tile - first_tile + kDecodeWarps - 1) / kDecodeWarps, 0), n_local)
          : n_local;
+  // The sequence's last tile, the only one that can be partial, is a warp's last packed
+  // tile if it is packed at all: the steps before it need no masking (16 predicated
+  // selects and 4 compares less per tile). Not in the sparse kernel, whose reuse layers
+  // read a few tiles per warp: there the bound's register made it spill (V group 64).
   using Packed = std::false_type;
+  using Masked = std::true_type;
+  using Exact = std::false_type;
+  using MainSteps = std::conditional_t<SPARSE, Masked, Exact>;
+  const int n_exact = !SPARSE && n_packed > 0 &&
+                              tile_token0(n_packed - 1) + kTileTokens > num_tokens
+                          ? n_packed - 1
+                          : n_packed;
   int i0 = 0;
-  for (; i0 + kStep <= n_packed; i0 += kStep)
-    run_step(std::integral_constant<int, kStep>{}, Packed{}, i0);
-  for (; i0 < n_packed; ++i0) run_step(std::integral_constant<int, 1>{}, Packed{}, i0);
+  for (; i0 + kStep <= n_exact; i0 += kStep)
+    run_step(std::integral_constant<int, kStep>{}, Packed{}, MainSteps{}, i0);
+  for (; i0 < n_packed; ++i0) run_step(std::integral_constant<int, 1>{}, Packed{}, Masked{}, i0);
   if constexpr (KC) {
-    for (; i0 < n_local; ++i0) run_step(std::integral_constant<int, 1>{}, std::true_type{}, i0);
+    for (; i0 < n_local; ++i0)
+      run_step(std::integral_constant<int, 1>{}, std::true_type{}, Masked{}, i0);
   }
 
 
