@@ -71,8 +71,13 @@ def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path):
         # The page-granularity selection kernel (SELECT 16: a key per tile) stores 20
         # bytes at V group 64 (4 STL and 4 LDL in its step loop; none at groups 32, 128).
         # The per-token, sparse and channel-K kernels must not spill at all (channel K
-        # at V group 64 kept 8 bytes until its own-page tiles got a loop of their own).
+        # at V group 64 kept 8 bytes until its own-page tiles got a loop of their own),
+        # but for one register of the sparse (reuse-layer) kernel at V group 64 since the
+        # unmasked steps' bound (1 STL before and 1 LDL per step in its step loop; a reuse
+        # layer reads a few tiles per warp, so its cost is the latency, not the loop).
         allowed = {"0": 0, "1": 16, "16": 24}[m.group(6)]
+        if m.group(4) == "1" and group == 64:
+            allowed = 4
         assert spill <= allowed, f"{what}: {spill} bytes of spill stores"
         checked += 1
     # V groups 32 / 64 / 128 x per-token, sparse, channel K (fp16 and e4m3 params),

@@ -446,17 +446,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   };
   for (int i = 0; i < kStages && i < n_local; ++i) issue(i, i);
 
-  // ---- Q: warp w prepares rows w, w + 4, ...: load, rotate like K, scale by
-  // softmax_scale * log2(e) (scores come out in the log2 domain with no multiply per
-  // token or score), round to T (the values the MMA sees), and sum per group. The sparse
-  // kernel at V group 64 spilled with the scale in Q (4 bytes, in its step loop), so it
-  // keeps the scale on the K parameters (kScaledQ false); the scores are the same up to
-  // where Q is rounded.
+  // ---- Q: warp w prepares rows w, w + 4, ...: load, rotate like K, round to T (the
+  // values the MMA sees), and sum per group --------------------------------------------
+  // (Scaling Q by softmax_scale * log2(e) before the rounding would save a multiply per
+  // token and score, but it rounds Q elsewhere than the references do, and a logit's
+  // rounding error is relative to the logit: tests/gpu failed by up to 3% on 2026-11-30.)
   static_assert(HEAD == 32 * 4, "a warp holds one row, 4 channels per lane");
-  constexpr bool kScaledQ = !(SPARSE && GROUP == 64);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
-  const float q_scale = kScaledQ ? scale_log2 : 1.0f;
-  const float k_param_scale = kScaledQ ? 1.0f : scale_log2;
   for (int row = warp; row < kHeads; row += kDecodeWarps) {
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (kQFirst && row == warp && row < gqa) {
@@ -472,7 +468,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     float part = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      v[j] = Tr::to_float(Tr::from_float(v[j] * q_scale));
+      v[j] = Tr::to_float(Tr::from_float(v[j]));
       q_smem[row * HEAD + 4 * lane + j] = v[j];
       part += v[j];
     }
@@ -655,7 +651,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
           for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
             for (int c = 0; c < 2; ++c)
-              s[st][ht][2 * r + c] = valid[r] ? x[ht][2 * r + c] : -INFINITY;
+              s[st][ht][2 * r + c] = valid[r] ? x[ht][2 * r + c] * scale_log2 : -INFINITY;
         }
       } else {
         float acc[kGroups][HT][4];
@@ -677,8 +673,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
           for (int gi = 0; gi < kGroups; ++gi) {
             const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
-            k_scale[gi] = Tr::to_float(kp[0]) * k_param_scale;  // (* 1 folds away)
-            k_zero[gi] = Tr::to_float(kp[1]) * k_param_scale;
+            k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
+            k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
             set_v_params(r, gi, prm[r][kGroups + gi]);
           }
 #pragma unroll
@@ -835,19 +831,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
          : n_local;
   // The sequence's last tile, the only one that can be partial, is a warp's last packed
   // tile if it is packed at all: the steps before it need no masking (16 predicated
-  // selects and 4 compares less per tile). Not in the sparse kernel, whose reuse layers
-  // read a few tiles per warp: there the bound's register made it spill (V group 64).
+  // selects and 4 compares less per tile). Every kernel splits its steps so (the sparse
+  // kernel over every page must equal the dense one bit for bit). The bound costs the
+  // sparse kernel at V group 64 a spilled register (4 bytes; tests/cpu/test_decode_occupancy.py).
   using Packed = std::false_type;
   using Masked = std::true_type;
   using Exact = std::false_type;
-  using MainSteps = std::conditional_t<SPARSE, Masked, Exact>;
-  const int n_exact = !SPARSE && n_packed > 0 &&
-                              tile_token0(n_packed - 1) + kTileTokens > num_tokens
+  const int n_exact = n_packed > 0 && tile_token0(n_packed - 1) + kTileTokens > num_tokens
                           ? n_packed - 1
                           : n_packed;
   int i0 = 0;
   for (; i0 + kStep <= n_exact; i0 += kStep)
-    run_step(std::integral_constant<int, kStep>{}, Packed{}, MainSteps{}, i0);
+    run_step(std::integral_constant<int, kStep>{}, Packed{}, Exact{}, i0);
   for (; i0 < n_packed; ++i0) run_step(std::integral_constant<int, 1>{}, Packed{}, Masked{}, i0);
   if constexpr (KC) {
     for (; i0 < n_local; ++i0)
