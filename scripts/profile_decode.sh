@@ -29,5 +29,4 @@ grep -oE "^\s+/\*[0-9a-f]+\*/\s+[@!A-Z0-9_. ]+" "$OUT/decode_bf16_4bit.sass" \
   | awk '{op=$2; if (op ~ /^@/) op=$3; sub(/\..*/, "", op); print op}' | sort | uniq -c | sort -rn \
   > "$OUT/decode_bf16_4bit.opcodes"
 head -30 "$OUT/decode_bf16_4bit.opcodes"
-grep -E "Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|Executed Instructions  |Active Threads|Stall|stall" \
-  "$REPORT" | head -80
+python3 tools/ncu_summary.py "$REPORT"
