@@ -113,15 +113,19 @@ def mma_loops(opcodes: list[str], labels: dict[str, int],
     return loops
 
 
-def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int | None) -> None:
-    print(f"{name}\n  {len(opcodes)} instructions, {len(loops)} loops with MMAs")
-    # innermost: holds no other MMA loop. Of those, the one with the most MMAs is the
-    # steady-state softmax step (the others are the tail step of one tile).
+def step_loop(loops: list[Loop]) -> Loop | None:
+    """The steady-state softmax step: of the innermost MMA loops (holding no other), the
+    one with the most MMAs (the others are the tail step of one tile)."""
     inner = [a for a in loops
              if not any(b is not a and a.start <= b.start and b.end <= a.end for b in loops)]
-    if not inner:
+    return max(inner, key=lambda x: (x.count("HMMA"), -x.size)) if inner else None
+
+
+def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int | None) -> None:
+    print(f"{name}\n  {len(opcodes)} instructions, {len(loops)} loops with MMAs")
+    step = step_loop(loops)
+    if step is None:
         return
-    step = max(inner, key=lambda x: (x.count("HMMA"), -x.size))
     mmas = step.count("HMMA")
     hist = collections.Counter(op.split(".")[0] for op in opcodes[step.start : step.end + 1])
     per_tile = ""

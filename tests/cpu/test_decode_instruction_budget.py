@@ -1,0 +1,60 @@
+"""The decode kernel's step loop stays within its instruction budget, checked without a GPU.
+
+The kernel is bound by instruction issue (docs/decode-kernel-notes.md: 61% of issue slots
+busy against 53-57% of DRAM at 8 x 128K, and 2 bits no faster than 4), so the static size
+of its steady-state step loop per 16-token tile is a performance figure CI can watch:
+401 -> 380 per tile took the 4-bit decode from 0.347 to 0.330 ms at 8 x 128K (H200,
+2026-11-30). A change that grows the loop past the budget fails here; if the growth is
+worth it, raise the budget in the same commit and say why.
+
+Needs nvcc and nvdisasm (``pip install nvidia-cuda-nvdisasm``; .ci/run installs it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from tests.scripts import load_script
+
+sass_loops = load_script("tools/sass_loops.py")
+
+# (dtype, bits, V group, head tiles) -> static instructions per tile at 7ea530b, nvcc 13.0
+BUDGET = {
+    ("bf16", 4, 128, 1): 380,  # the default: Llama-style bf16 model, 4 bits, GQA <= 8
+    ("bf16", 2, 128, 1): 383,
+}
+SLACK = 1.02  # room for a compiler's reordering, not for a new instruction per value
+
+
+def _have_tools() -> bool:
+    if shutil.which("nvcc") is None:
+        return False
+    try:
+        sass_loops.find_nvdisasm()
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _have_tools(), reason="needs nvcc and nvdisasm")
+@pytest.mark.parametrize("shape", list(BUDGET), ids=lambda s: "{}-{}bit-g{}-ht{}".format(*s))
+def test_step_loop_stays_within_its_instruction_budget(shape, tmp_path):
+    dtype, bits, group, head_tiles = shape
+    cubin = tmp_path / "decode.cubin"
+    sass_loops.compile_instantiation(dtype, bits, group, head_tiles, sparse=False,
+                                     channel_k=False, out=cubin)
+    sass = subprocess.run([sass_loops.find_nvdisasm(), "-c", str(cubin)], check=True,
+                          capture_output=True, text=True).stdout
+    (name, (opcodes, labels, branches)), = sass_loops.parse(sass).items()
+    step = sass_loops.step_loop(sass_loops.mma_loops(opcodes, labels, branches))
+    assert step is not None, f"{name}: no loop with MMAs"
+    # per 16-token tile and head tile: 8 k-steps of S^T and 8 m-tiles of O^T
+    tiles = step.count("HMMA") / (16 * head_tiles)
+    assert tiles >= 1, f"{name}: {step.count('HMMA')} MMAs in the step loop"
+    per_tile = step.size / tiles
+    assert per_tile <= BUDGET[shape] * SLACK, (
+        f"{name}: {per_tile:.0f} static instructions per tile in the step loop, budget "
+        f"{BUDGET[shape]} (+{SLACK - 1:.0%}); see docs/decode-kernel-notes.md")
