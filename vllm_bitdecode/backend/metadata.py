@@ -335,6 +335,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         prefill = None
         if num_prefills > 0:
             prefill = self._build_prefill(cam, num_decodes, num_decode_tokens)
+        num_splits = self._num_splits(num_decodes)
         sparse = None
         if self.sparse is not None and num_decodes > 0:
             # each decode row's first token in the score workspace: an exclusive sum of
@@ -345,15 +346,14 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             sparse = dataclasses.replace(
                 self.sparse, key_offsets=self.key_offsets[:num_decodes],
                 reuse_splits=plan_reuse_splits(num_decodes, self.num_kv_heads, self.num_sms,
-                                               self.sparse.token_budget,
-                                               self._num_splits(num_decodes)))
+                                               self.sparse.token_budget, num_splits))
         return BitDecodeMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             slot_mapping=cam.slot_mapping,
             num_decodes=num_decodes,
             decode_seq_lens=cam.seq_lens[:num_decodes],
             decode_block_table=cam.block_table_tensor[:num_decodes],
-            num_splits=self._num_splits(num_decodes),
+            num_splits=num_splits,
             num_decode_tokens=num_decode_tokens,
             prefill=prefill,
             page_format=self.page_format,
