@@ -228,6 +228,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int gqa = p.num_heads / p.num_kv_heads;
+  // this lane's 4 channels of query row `row` of the KV head's group
+  auto q_row = [&](int row) {
+    return static_cast<const T*>(p.q) + seq * p.q_stride_token +
+           (kv_head * gqa + row) * p.q_stride_head + 4 * lane;
+  };
   // Query row `warp` (the only one a warp prepares up to 4 heads per KV head), loaded
   // first: it depends on nothing, and where the Q preparation below sits it would wait
   // for the chain of loads (length, list, block table) that the first copies need. Not
@@ -236,8 +241,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   constexpr bool kQFirst = SELECT == 0 || GROUP == 128;
   T q_first[4];
   if constexpr (kQFirst) {
-    const T* src = static_cast<const T*>(p.q) + seq * p.q_stride_token +
-                   (kv_head * gqa + min(warp, gqa - 1)) * p.q_stride_head + 4 * lane;
+    const T* src = q_row(min(warp, gqa - 1));
 #pragma unroll
     for (int j = 0; j < 4; ++j) q_first[j] = src[j];
   }
@@ -452,15 +456,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // token and score, but it rounds Q elsewhere than the references do, and a logit's
   // rounding error is relative to the logit: tests/gpu failed by up to 3% on 2026-11-30.)
   static_assert(HEAD == 32 * 4, "a warp holds one row, 4 channels per lane");
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   for (int row = warp; row < kHeads; row += kDecodeWarps) {
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (kQFirst && row == warp && row < gqa) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[j] = Tr::to_float(q_first[j]);
     } else if (row < gqa) {
-      const T* src = static_cast<const T*>(p.q) + seq * p.q_stride_token +
-                     (kv_head * gqa + row) * p.q_stride_head + 4 * lane;
+      const T* src = q_row(row);
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[j] = Tr::to_float(src[j]);
     }
@@ -560,6 +562,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // Accumulator layouts (c = 0, 1 picks head 8 ht + 2t + c):
   //   S^T  s[ht][2 r + c]       token g + 8 r of the tile
   //   O^T  o[ht][m][2 r + c]    channel 16 m + g + 8 r
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float o[HT][kKSteps][4];
   // O^T holds half of sum(P * v_scale * (code - centre)) (see below); zero_sum the rest
   float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * (zero + centre * scale)
