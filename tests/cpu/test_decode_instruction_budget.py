@@ -21,10 +21,10 @@ from tests.scripts import load_script
 
 sass_loops = load_script("tools/sass_loops.py")
 
-# (dtype, bits, V group, head tiles) -> static instructions per tile at 7ea530b, nvcc 13.0
+# (dtype, bits, V group, head tiles) -> static instructions per tile (wip/fp16-k-slots), nvcc 13.0
 BUDGET = {
-    ("bf16", 4, 128, 1): 380,  # the default: Llama-style bf16 model, 4 bits, GQA <= 8
-    ("bf16", 2, 128, 1): 383,
+    ("bf16", 4, 128, 1): 366,  # the default: Llama-style bf16 model, 4 bits, GQA <= 8
+    ("bf16", 2, 128, 1): 361,
 }
 SLACK = 1.02  # room for a compiler's reordering, not for a new instruction per value
 

@@ -219,6 +219,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   extern __shared__ __align__(128) uint8_t smem[];  // copy rings, then the merge area
   __shared__ float q_smem[kHeads * HEAD];
   __shared__ float qsum_smem[kHeads][kGroups];
+  __shared__ float qsum_slots_smem[kHeads][kGroups];  // sum of q / 2^bit(slot): see Q below
+  __shared__ float qmax_smem[kDecodeWarps];
   __shared__ uint64_t bars[kDecodeWarps][kStages];
   __shared__ __align__(16) __half kp_scratch[kDecodeWarps][KP8 ? 2 * HEAD : 8];  // KP8 only
 
@@ -455,7 +457,20 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // (Scaling Q by softmax_scale * log2(e) before the rounding would save a multiply per
   // token and score, but it rounds Q elsewhere than the references do, and a logit's
   // rounding error is relative to the logit: tests/gpu failed by up to 3% on 2026-11-30.)
+  // Per-token K (not KC) meets Q in fp16 MMAs whatever the model dtype: fp16's 10
+  // mantissa bits hold two 4-bit codes (five 2-bit ones) of a word without a shift
+  // (HalfSlots). Q, rounded to T as before, is scaled by 2^-e for the CTA (its largest
+  // |q| lands in [2^14, 2^15), exact: fp16 holds bf16's 8 significant bits) and each
+  // channel by 2^-bit of its slot; the score scale takes 2^e back, and the fp16 magic's
+  // 1024 comes back through the per-slot sum of Q. Not at V group 64, where the second
+  // sum's registers made the selection kernels spill 36-52 bytes (the dense, sparse and
+  // selection kernels must take the same path: their outputs are compared bit for bit).
+  constexpr bool kHalfK = !KC && GROUP != 64;
+  using KTr = std::conditional_t<kHalfK, DtypeTraits<__half>, Tr>;  // the K MMA's type
+  using KSlots = HalfSlots<BITS>;
   static_assert(HEAD == 32 * 4, "a warp holds one row, 4 channels per lane");
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float warp_qmax = 0.0f;
   for (int row = warp; row < kHeads; row += kDecodeWarps) {
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (kQFirst && row == warp && row < gqa) {
@@ -467,48 +482,97 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       for (int j = 0; j < 4; ++j) v[j] = Tr::to_float(src[j]);
     }
     if (p.rotation_signs != nullptr) rotate_row_warp(v, p.rotation_signs, lane);
-    float part = 0.0f;
+    float part = 0.0f, part_slots = 0.0f;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       v[j] = Tr::to_float(Tr::from_float(v[j]));
       q_smem[row * HEAD + 4 * lane + j] = v[j];
       part += v[j];
+      if constexpr (kHalfK) {
+        int word, slot;
+        Order::k_slot(4 * lane + j, word, slot);
+        part_slots += ldexpf(v[j], -KSlots::bit(slot % kHalf));
+        warp_qmax = fmaxf(warp_qmax, fabsf(v[j]));
+      }
     }
     constexpr int kLanesPerGroup = GROUP / 4;
 #pragma unroll
-    for (int x = 1; x < kLanesPerGroup; x *= 2) part += __shfl_xor_sync(0xffffffffu, part, x);
-    if (lane % kLanesPerGroup == 0) qsum_smem[row][lane / kLanesPerGroup] = part;
+    for (int x = 1; x < kLanesPerGroup; x *= 2) {
+      part += __shfl_xor_sync(0xffffffffu, part, x);
+      if constexpr (kHalfK) part_slots += __shfl_xor_sync(0xffffffffu, part_slots, x);
+    }
+    if (lane % kLanesPerGroup == 0) {
+      qsum_smem[row][lane / kLanesPerGroup] = part;
+      if constexpr (kHalfK) qsum_slots_smem[row][lane / kLanesPerGroup] = part_slots;
+    }
+  }
+  if constexpr (kHalfK) {
+#pragma unroll
+    for (int x = 1; x < 32; x *= 2) warp_qmax = fmaxf(warp_qmax, __shfl_xor_sync(0xffffffffu, warp_qmax, x));
+    if (lane == 0) qmax_smem[warp] = warp_qmax;
   }
   __syncthreads();
-  // B fragments of Q^T: head 8 ht + g, channels of k-step ks. In T, or in fp16 for KC,
-  // whose K fragments are fp16 (see the top)
-  using QTr = std::conditional_t<KC, DtypeTraits<__half>, Tr>;
+  // 2^-e for the CTA's Q (1 where Q is all zero or not finite: those rows stay as they are)
+  float q_down = 1.0f;
+  if constexpr (kHalfK) {
+    float qmax = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) qmax = fmaxf(qmax, qmax_smem[w]);
+    if (qmax > 0.0f && qmax <= FLT_MAX) q_down = ldexpf(1.0f, min(14 - ilogbf(qmax), 127));
+  }
+  // the scores' scale: log2(e) / sqrt(d), and 2^e where Q was scaled down by 2^-e
+  const float score_scale = scale_log2 / q_down;
+  // B fragments of Q^T: head 8 ht + g, channels of k-step ks, in the K fragments' type:
+  // fp16 for KC and kHalfK, else T. kHalfK: scaled by 2^-e and by 2^-bit of the
+  // channels' slot (pair j of the word for channels 16 ks + 2t (+1), j + 1 for 8
+  // further), all exact.
+  using QTr = std::conditional_t<KC || kHalfK, DtypeTraits<__half>, Tr>;
   uint32_t qb[kKSteps][HT][2];
 #pragma unroll
   for (int ks = 0; ks < kKSteps; ++ks)
 #pragma unroll
     for (int ht = 0; ht < HT; ++ht) {
       const float* r = q_smem + (8 * ht + g) * HEAD + 16 * ks + 2 * t;
-      qb[ks][ht][0] = QTr::pack(r[0], r[1]);
-      qb[ks][ht][1] = QTr::pack(r[8], r[9]);
+      float lo = 1.0f, hi = 1.0f;
+      if constexpr (kHalfK) {
+        const int j = 2 * (ks % Order::kKStepsPerWord);
+        lo = ldexpf(q_down, -KSlots::bit(j));
+        hi = ldexpf(q_down, -KSlots::bit(j + 1));
+      }
+      qb[ks][ht][0] = QTr::pack(r[0] * lo, r[1] * lo);
+      qb[ks][ht][1] = QTr::pack(r[8] * hi, r[9] * hi);
     }
-  float qsum[HT][2][kGroups];  // heads 8 ht + 2t + c
+  // heads 8 ht + 2t + c: sum(q) (per-token K: sum(q) 2^-e, for the zero) and the sum of
+  // what the MMA saw, sum(q 2^-e 2^-bit), for the magic 1024
+  float qsum[HT][2][kGroups];
+  float qsum_magic[HT][2][kGroups];
 #pragma unroll
   for (int ht = 0; ht < HT; ++ht)
 #pragma unroll
     for (int c = 0; c < 2; ++c)
 #pragma unroll
-      for (int gi = 0; gi < kGroups; ++gi) qsum[ht][c][gi] = qsum_smem[8 * ht + 2 * t + c][gi];
+      for (int gi = 0; gi < kGroups; ++gi) {
+        qsum[ht][c][gi] = qsum_smem[8 * ht + 2 * t + c][gi] * q_down;
+        qsum_magic[ht][c][gi] = kHalfK ? qsum_slots_smem[8 * ht + 2 * t + c][gi] * q_down
+                                       : qsum_smem[8 * ht + 2 * t + c][gi];
+      }
 
   // A fragment of K codes (as M + code) for k-step ks: tokens g / g + 8, natural channels
   // 16 ks + 2t (+1) and 16 ks + 2t + 8 (+9), from the page's K order.
   auto k_fragment = [&](const uint32_t (&kw)[2][Order::kKWordsPerLane], int ks,
                         uint32_t (&a)[4]) {
     const int w = ks / Order::kKStepsPerWord, j = 2 * (ks % Order::kKStepsPerWord);
-    a[0] = unpack_pair_biased<T, BITS>(kw[0][w], j);
-    a[1] = unpack_pair_biased<T, BITS>(kw[1][w], j);
-    a[2] = unpack_pair_biased<T, BITS>(kw[0][w], j + 1);
-    a[3] = unpack_pair_biased<T, BITS>(kw[1][w], j + 1);
+    if constexpr (kHalfK) {  // fp16 1024 + code * 2^bit
+      a[0] = unpack_pair_half_slots<BITS>(kw[0][w], j);
+      a[1] = unpack_pair_half_slots<BITS>(kw[1][w], j);
+      a[2] = unpack_pair_half_slots<BITS>(kw[0][w], j + 1);
+      a[3] = unpack_pair_half_slots<BITS>(kw[1][w], j + 1);
+    } else {  // T, M + code
+      a[0] = unpack_pair_biased<T, BITS>(kw[0][w], j);
+      a[1] = unpack_pair_biased<T, BITS>(kw[1][w], j);
+      a[2] = unpack_pair_biased<T, BITS>(kw[0][w], j + 1);
+      a[3] = unpack_pair_biased<T, BITS>(kw[1][w], j + 1);
+    }
   };
   // KC, a page quantized per channel: K dequantized into fp16 A fragments (see the top),
   // scores in the S^T layout (x[ht][2 r + c]: token g + 8 r, head 8 ht + 2t + c), not
@@ -562,7 +626,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // Accumulator layouts (c = 0, 1 picks head 8 ht + 2t + c):
   //   S^T  s[ht][2 r + c]       token g + 8 r of the tile
   //   O^T  o[ht][m][2 r + c]    channel 16 m + g + 8 r
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float o[HT][kKSteps][4];
   // O^T holds half of sum(P * v_scale * (code - centre)) (see below); zero_sum the rest
   float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * (zero + centre * scale)
@@ -668,7 +731,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
           k_fragment(kw, ks, a);
 #pragma unroll
           for (int ht = 0; ht < HT; ++ht)
-            Tr::mma(acc[ks * 16 / GROUP][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
+            KTr::mma(acc[ks * 16 / GROUP][ht], a, qb[ks][ht][0], qb[ks][ht][1]);
         }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -676,8 +739,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
           for (int gi = 0; gi < kGroups; ++gi) {
             const T* kp = reinterpret_cast<const T*>(&prm[r][gi]);
-            k_scale[gi] = Tr::to_float(kp[0]) * scale_log2;
-            k_zero[gi] = Tr::to_float(kp[1]) * scale_log2;
+            k_scale[gi] = Tr::to_float(kp[0]) * score_scale;
+            k_zero[gi] = Tr::to_float(kp[1]) * score_scale;
             set_v_params(r, gi, prm[r][kGroups + gi]);
           }
 #pragma unroll
@@ -689,7 +752,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
               // first group starts the sum (0 + x is not x for x = -0, so nvcc keeps an add).
               auto group_score = [&](int gi) {
                 return k_scale[gi] *
-                           fmaf(-Tr::kMagicValue, qsum[ht][c][gi], acc[gi][ht][2 * r + c]) +
+                           fmaf(-KTr::kMagicValue, qsum_magic[ht][c][gi], acc[gi][ht][2 * r + c]) +
                        k_zero[gi] * qsum[ht][c][gi];
               };
               float x = group_score(0);

@@ -92,6 +92,50 @@ __device__ __forceinline__ uint32_t unpack_pair_biased(uint32_t word, int i) {
   return lop3_and_or(word >> (BITS * i), kMask, DtypeTraits<T>::kMagic);
 }
 
+// fp16 K fragments with as few shifts as fp16's 10 mantissa bits allow: the pair (slot
+// i, slot i + vpw/2) of a packed word is read at mantissa bit b_i of a word shifted right
+// by s_i, as the fp16 number 1024 + code * 2^b_i (exact). Pairs are taken greedily: a
+// pair whose code still fits below bit 10 of the current shift needs no shift of its own.
+// 4 bits: pairs 0-1 at shift 0 (b = 0, 4), pairs 2-3 at shift 8; 2 bits: pairs 0-4 at
+// shift 0 (b = 0 .. 8), pairs 5-7 at shift 10. One shift per word instead of 3 / 7. The
+// decode kernel divides Q's channel by 2^b_i, so the product is q * code + 1024 q / 2^b_i.
+template <int BITS>
+struct HalfSlots {
+  static constexpr int kPairs = 16 / BITS;  // pairs per 32-bit word
+  struct Table {
+    int shift[8], bit[8];
+  };
+  static constexpr Table make() {
+    Table t{};
+    int s = 0;
+    for (int i = 0; i < kPairs; ++i) {
+      if (BITS * i - s + BITS > 10) s = BITS * i;
+      t.shift[i] = s;
+      t.bit[i] = BITS * i - s;
+    }
+    return t;
+  }
+  static constexpr Table kTable = make();
+  // the same as kTable.bit[i], in closed form for a run-time i
+  __host__ __device__ static constexpr int bit(int i) {
+    return BITS == 4 ? 4 * (i % 2) : (i < 5 ? 2 * i : 2 * i - 10);
+  }
+  static_assert(BITS == 4 || BITS == 2, "4 or 2 bits");
+  static constexpr bool closed_form_matches() {
+    for (int i = 0; i < kPairs; ++i)
+      if (bit(i) != kTable.bit[i] || kTable.bit[i] + BITS > 10) return false;
+    return true;
+  }
+  static_assert(closed_form_matches(), "bit(i) is the table's, and every code fits fp16");
+};
+
+template <int BITS>
+__device__ __forceinline__ uint32_t unpack_pair_half_slots(uint32_t word, int i) {
+  constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
+  constexpr auto kT = HalfSlots<BITS>::kTable;
+  return lop3_and_or(word >> kT.shift[i], kMask << kT.bit[i], DtypeTraits<__half>::kMagic);
+}
+
 // The same pair as code - 2^(BITS-1) (-8..7 or -2..1), exactly: one subtraction of
 // kMagicValue + 2^(BITS-1) more. V uses these. Summing P * scale * (M + code) over a long
 // sequence and taking M * sum(P * scale) back at the end loses the result to fp32
