@@ -140,12 +140,11 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int token, head;
   if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
+  // The slot is only needed for the stores: a padding token (slot < 0) is quantized
+  // into this warp's shared scratch and dropped, so that the loads of the slot and of
+  // the rows are in flight together (with the padding check first, nvcc issued the row
+  // loads only after the slot had arrived: a write of a few tokens is latency-bound).
   const int64_t slot = p.slot_mapping[token];
-  if (slot < 0) return;  // padding token
-  const int64_t block = slot / p.page.block_size;
-  const int offset = static_cast<int>(slot % p.page.block_size);
-  uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
-
   float k[4], v[4];
   load4(static_cast<const T*>(p.key) + token * p.key_stride_token + head * p.key_stride_head +
             4 * lane, k);
@@ -156,6 +155,11 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
   T ks, kz, vs, vz;
   quantize_lane<T, BITS, GROUP>(k, codes[warp][0], lane, ks, kz);
   quantize_lane<T, BITS, GROUP>(v, codes[warp][1], lane, vs, vz);
+  if (slot < 0) return;  // padding token (the whole warp: one token)
+  // block sizes are powers of two (page_geometry): a shift, not a 64-bit division
+  const int64_t block = slot >> p.page.block_shift;
+  const int offset = static_cast<int>(slot & (p.page.block_size - 1));
+  uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
 
   // params: [K: (scale, zero) x groups][V: (scale, zero) x groups]
   constexpr int kLanesPerGroup = GROUP / 4;
