@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# A time-boxed pipeline for the lent GPU machine: build, then the steps of a plan in one
+# lane per GPU, each lane's steps one after another. Start it in the background so that it
+# outlives the `run` call, and follow it with scripts/device_poll.sh in calls back to back
+# (the machine is given back 30 s after a call ends):
+#
+#     setsid nohup bash scripts/device_pipeline.sh scripts/plans/kernels.plan <commit> \
+#         > /tmp/pipeline.log 2>&1 &
+#     bash scripts/device_poll.sh 540 "STEP ALLDONE"    # -> $OUT/pipeline.tgz
+#
+# A plan has one step per line, `<lane> <name> <seconds> <command ...>`: lane is a GPU
+# index (the command sees only that GPU) or `all` (after every lane has finished, with
+# every GPU); `#` starts a comment. `{D}` in a command becomes the results folder. Each
+# step appends `STEP <name> rc=<rc> secs=<s> :: <last line of its log>` to {D}/progress
+# (rc 124: its time ran out); logs are {D}/<name>.log. <commit> goes to BITDECODE_COMMIT,
+# which the benchmarks write into their JSON (the machine's copy of .git can be stale).
+# Environment: PIPELINE_DIR (default /tmp/pipeline), NO_BUILD=1 skips the build.
+set -u
+PLAN="$1"
+COMMIT="${2:-unknown}"
+D="${PIPELINE_DIR:-/tmp/pipeline}"
+mkdir -p "$D"
+: > "$D/progress"
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" BITDECODE_COMMIT="$COMMIT"
+
+step() {  # step <name> <seconds> <command ...>
+  local name=$1 secs=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  timeout "$secs" bash -c "$*" > "$D/$name.log" 2>&1
+  rc=$?
+  echo "STEP $name rc=$rc secs=$(( $(date +%s) - t0 )) :: $(tail -1 "$D/$name.log" | cut -c1-160)" \
+    >> "$D/progress"
+}
+
+command -v nvidia-smi > /dev/null &&
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt"
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  step build 600 python3 -m pip install --no-build-isolation --no-deps -e .
+  grep -q "^STEP build rc=0 " "$D/progress" || { echo "STEP ALLDONE build-failed" >> "$D/progress"; exit 1; }
+fi
+
+# the plan's steps, with {D} filled in: "<lane>\t<name>\t<seconds>\t<command>"
+steps=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$PLAN" |
+        awk -v d="$D" '{lane=$1; name=$2; secs=$3; $1=$2=$3=""; sub(/^ +/, "");
+                        gsub(/\{D\}/, d); print lane "\t" name "\t" secs "\t" $0}')
+lane() {  # lane <lane>: its steps in order
+  while IFS=$'\t' read -r l name secs cmd; do
+    [ "$l" = "$1" ] || continue
+    if [ "$1" = all ]; then step "$name" "$secs" "$cmd"
+    else CUDA_VISIBLE_DEVICES="$1" step "$name" "$secs" "$cmd"; fi
+  done <<< "$steps"
+  echo "STEP LANE$1DONE" >> "$D/progress"
+}
+for l in $(cut -f1 <<< "$steps" | grep -v '^all$' | sort -u); do lane "$l" & done
+wait
+grep -q $'^all\t' <<< "$steps" && lane all
+echo "STEP ALLDONE" >> "$D/progress"

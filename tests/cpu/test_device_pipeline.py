@@ -1,0 +1,66 @@
+"""scripts/device_pipeline.sh runs a plan's steps in lanes, time-boxed, and reports each in
+its progress file; the plans under scripts/plans name files that exist. Run here with
+NO_BUILD=1 and plain shell commands: the GPU machine is not needed to check the runner."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PLANS = sorted((ROOT / "scripts" / "plans").glob("*.plan"))
+
+
+def _run(plan_text: str, tmp_path: Path) -> list[str]:
+    plan = tmp_path / "test.plan"
+    plan.write_text(plan_text)
+    out_dir = tmp_path / "results"
+    env = dict(os.environ, PIPELINE_DIR=str(out_dir), NO_BUILD="1")
+    subprocess.run(["bash", str(ROOT / "scripts" / "device_pipeline.sh"), str(plan), "c0ffee"],
+                   cwd=tmp_path, env=env, check=True, timeout=60)
+    return (out_dir / "progress").read_text().splitlines()
+
+
+def test_lanes_steps_time_boxes_and_substitution(tmp_path):
+    progress = _run(
+        "# a comment line\n"
+        "0 first 10 echo gpu=$CUDA_VISIBLE_DEVICES dir={D} commit=$BITDECODE_COMMIT\n"
+        "0 second 1 sleep 5  # runs out of time\n"
+        "1 failing 10 exit 3\n"
+        "all last 10 echo visible=${CUDA_VISIBLE_DEVICES:-every}\n", tmp_path)
+    steps = {m.group(1): m for line in progress
+             if (m := re.match(r"STEP (\S+) rc=(\d+) secs=\d+ :: (.*)$", line))}
+    assert steps["first"].group(2) == "0"
+    assert steps["first"].group(3) == f"gpu=0 dir={tmp_path / 'results'} commit=c0ffee"
+    assert steps["second"].group(2) == "124"
+    assert steps["failing"].group(2) == "3"
+    assert steps["last"].group(3) == "visible=every"
+    # a lane's steps in order; the `all` steps after every lane; ALLDONE last
+    order = [line.split()[1] for line in progress]
+    assert order.index("first") < order.index("second") < order.index("LANE0DONE")
+    assert max(order.index("LANE0DONE"), order.index("LANE1DONE")) < order.index("last")
+    assert order[-1] == "ALLDONE"
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=[p.stem for p in PLANS])
+def test_plans_are_well_formed(plan):
+    names = []
+    for raw in plan.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        lane, name, secs, *command = line.split()
+        assert lane == "all" or lane.isdigit(), raw
+        assert 0 < int(secs) <= 600, raw  # one step fits a call's limit
+        assert command, raw
+        names.append(name)
+        # the repository files a step names exist (a renamed test must rename its step)
+        for word in shlex.split(" ".join(command)):
+            if re.match(r"(tests|benchmarks|scripts)/\S+\.(py|sh)$", word):
+                assert (ROOT / word).exists(), f"{plan.name}: {word}"
+    assert names and len(names) == len(set(names)), f"{plan.name}: step names repeat"
