@@ -29,7 +29,7 @@ step() {  # step <name> <seconds> <command ...>
   local name=$1 secs=$2 t0 rc
   shift 2
   t0=$(date +%s)
-  timeout "$secs" bash -c "$*" > "$D/$name.log" 2>&1
+  timeout "$secs" bash -c "$*" < /dev/null > "$D/$name.log" 2>&1  # stdin: not the plan
   rc=$?
   echo "STEP $name rc=$rc secs=$(( $(date +%s) - t0 )) :: $(tail -1 "$D/$name.log" | cut -c1-160)" \
     >> "$D/progress"

@@ -32,6 +32,8 @@ def test_lanes_steps_time_boxes_and_substitution(tmp_path):
         "0 first 10 echo gpu=$CUDA_VISIBLE_DEVICES dir={D} commit=$BITDECODE_COMMIT\n"
         "0 second 1 sleep 5  # runs out of time\n"
         "1 failing 10 exit 3\n"
+        "1 reads_stdin 10 cat\n"  # must not eat the lane's remaining steps
+        "1 after_reader 10 echo still here\n"
         "all last 10 echo visible=${CUDA_VISIBLE_DEVICES:-every}\n", tmp_path)
     steps = {m.group(1): m for line in progress
              if (m := re.match(r"STEP (\S+) rc=(\d+) secs=\d+ :: (.*)$", line))}
@@ -40,6 +42,7 @@ def test_lanes_steps_time_boxes_and_substitution(tmp_path):
     assert steps["second"].group(2) == "124"
     assert steps["failing"].group(2) == "3"
     assert steps["last"].group(3) == "visible=every"
+    assert steps["after_reader"].group(3) == "still here"
     # a lane's steps in order; the `all` steps after every lane; ALLDONE last
     order = [line.split()[1] for line in progress]
     assert order.index("first") < order.index("second") < order.index("LANE0DONE")
