@@ -255,6 +255,26 @@ def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[
     return out
 
 
+def merge_result_files(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results document from several runs' documents (e.g. one per GPU of a device
+    pipeline): records merged in order, a later document's record of the same backend and
+    case replacing an earlier one; runs concatenated; ratios and targets recomputed."""
+    if not docs:
+        raise ValueError("nothing to merge")
+    records: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for doc in docs:
+        new = [dict(r, key=r.get("key") or _key_of(r)) for r in doc.get("records", [])]
+        records = merge_records(records, new)
+        runs += doc.get("runs", [])
+    add_ratios(records)
+    first = docs[0]
+    return dict(device=first.get("device", "unknown"), date=max(d.get("date", "") for d in docs),
+                commit=first.get("commit"), model=first.get("model"),
+                settings=first.get("settings"), runs=runs, records=records,
+                targets=check_targets(records))
+
+
 def _key_of(rec: dict[str, Any]) -> str:
     for k, (backend, kv, _) in BACKENDS.items():
         if (backend, kv) == (rec.get("backend"), rec.get("kv")):
@@ -526,6 +546,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fresh", action="store_true", help="do not keep records of the JSON")
     ap.add_argument("--log-dir", default=None)
     ap.add_argument("--dry-run", action="store_true", help="print the engine specs and exit")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="start no engine: combine these result files (later ones win) into "
+                         "--out, with ratios and targets recomputed")
     args = ap.parse_args(argv)
     args.backend_keys = resolve_backends(args.backends)
     if not args.backend_keys:
@@ -537,8 +560,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def report(doc: dict[str, Any], out: Path) -> None:
+    """The summary table and targets on stdout, and the plot beside the JSON."""
+    print(summary_table(doc["records"]))
+    for t in doc["targets"]:
+        state = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        print(f"target: {t['target']}: {value} ({state})")
+    if plot(doc, out.with_suffix(".png")):
+        print(f"plot: {out.with_suffix('.png')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        if not args.out:
+            raise SystemExit("--merge needs --out")
+        out = Path(args.out)
+        doc = merge_result_files([json.loads(Path(p).read_text()) for p in args.merge])
+        write_results(out, doc)
+        report(doc, out)
+        return
     s = settings_from_args(args)
     cases = args.case_list
     if args.dry_run:
@@ -585,13 +627,7 @@ def main(argv: list[str] | None = None) -> None:
                        settings=s, runs=runs, records=records, targets=check_targets(records))
             write_results(out, doc)
     print(f"[{time.perf_counter() - t_start:6.0f} s] done; {out}", flush=True)
-    print(summary_table(doc["records"]))
-    for t in doc["targets"]:
-        state = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
-        value = "-" if t["value"] is None else f"{t['value']:.2f}"
-        print(f"target: {t['target']}: {value} ({state})")
-    if plot(doc, out.with_suffix(".png")):
-        print(f"plot: {out.with_suffix('.png')}")
+    report(doc, out)
 
 
 if __name__ == "__main__":

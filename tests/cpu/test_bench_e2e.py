@@ -233,3 +233,31 @@ def test_main_flow_with_a_fake_engine(bench, monkeypatch, tmp_path, capsys):
     keys = {(r["key"], r["case"]) for r in doc["records"]}
     assert ("BITDECODE:int2", "capacity_32k") in keys and len(keys) == 4 * len(bench.CASES) + 1
     assert len(doc["runs"]) == 2
+
+
+def test_merge_of_result_files_recomputes_ratios_and_targets(bench, tmp_path, capsys):
+    """--merge: one file per GPU lane of a device pipeline becomes one results file."""
+    cases = ["throughput"]
+    lane0 = dict(device="NVIDIA H200", date="2026-11-30", commit="abc", runs=[{"n": 0}],
+                 records=bench.records_from_result("FLASH_ATTN:bf16", cases,
+                                                   _fake_result(12.0, 20.0, 444_112, 10_000)))
+    lane1 = dict(device="NVIDIA H200", date="2026-12-01", commit="abc", runs=[{"n": 1}],
+                 records=bench.records_from_result("BITDECODE:int4", cases,
+                                                   _fake_result(7.0, 9.0, 1_671_984, 26_000)))
+    for r in lane1["records"]:
+        r.pop("key")  # files written before records carried their key still merge
+    paths = []
+    for i, doc in enumerate((lane0, lane1)):
+        paths.append(tmp_path / f"lane{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    out = tmp_path / "merged.json"
+    bench.main(["--merge", *map(str, paths), "--out", str(out)])
+    doc = json.loads(out.read_text())
+    by = {(r["key"], r["case"]): r for r in doc["records"]}
+    assert by[("BITDECODE:int4", "throughput")]["vs_bf16"] == pytest.approx(2.6)
+    assert doc["runs"] == [{"n": 0}, {"n": 1}] and doc["date"] == "2026-12-01"
+    target = next(t for t in doc["targets"] if t["target"].startswith("throughput, 4-bit: >= 2.5x"))
+    assert target["met"] is True and target["value"] == pytest.approx(2.6)
+    assert "throughput, 4-bit: >= 2.5x bf16: 2.60 (met)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--merge", str(paths[0])])  # no --out
