@@ -240,10 +240,10 @@ def check_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """New records replace old ones of the same (backend key, case); order: backends as in
-    BACKENDS, cases as in CASES."""
-    merged = {(r.get("key") or _key_of(r), r["case"]): r for r in old}
-    merged.update({(r["key"], r["case"]): r for r in new})
+    """New records replace old ones of the same (backend key, case), a record without its
+    key (files from before records carried one) taking it from backend and kv; order:
+    backends as in BACKENDS, cases as in CASES."""
+    merged = {(r.get("key") or _key_of(r), r["case"]): r for r in [*old, *new]}
     order = {k: i for i, k in enumerate(BACKENDS)}
     corder = {c: i for i, c in enumerate(CASES)}
     rows = sorted(merged.items(), key=lambda kv: (order.get(kv[0][0], 99),
@@ -264,8 +264,7 @@ def merge_result_files(docs: list[dict[str, Any]]) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     for doc in docs:
-        new = [dict(r, key=r.get("key") or _key_of(r)) for r in doc.get("records", [])]
-        records = merge_records(records, new)
+        records = merge_records(records, doc.get("records", []))
         runs += doc.get("runs", [])
     add_ratios(records)
     first = docs[0]
