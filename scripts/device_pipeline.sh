@@ -10,10 +10,13 @@
 #
 # A plan has one step per line, `<lane> <name> <seconds> <command ...>`: lane is a GPU
 # index (the command sees only that GPU) or `all` (after every lane has finished, with
-# every GPU); `#` starts a comment. `{D}` in a command becomes the results folder. Each
-# step appends `STEP <name> rc=<rc> secs=<s> :: <last line of its log>` to {D}/progress
-# (rc 124: its time ran out); logs are {D}/<name>.log. <commit> goes to BITDECODE_COMMIT,
-# which the benchmarks write into their JSON (the machine's copy of .git can be stale).
+# every GPU); `#` starts a comment. Plans joined by `+` run as one, each lane's steps in
+# the order given, so one build serves them; `plan:a,b` takes only steps a and b of a
+# plan (a.plan+b.plan:x runs all of a and step x of b). `{D}` in a command becomes
+# the results folder. Each step appends `STEP <name> rc=<rc> secs=<s> :: <last line of
+# its log>` to {D}/progress (rc 124: its time ran out); logs are {D}/<name>.log. <commit>
+# goes to BITDECODE_COMMIT, which the benchmarks write into their JSON (the machine's
+# copy of .git can be stale).
 # Environment: PIPELINE_DIR (default /tmp/pipeline), NO_BUILD=1 skips the build.
 set -u
 PLAN="$1"
@@ -43,9 +46,22 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
 fi
 
 # the plan's steps, with {D} filled in: "<lane>\t<name>\t<seconds>\t<command>"
-steps=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$PLAN" |
-        awk -v d="$D" '{lane=$1; name=$2; secs=$3; $1=$2=$3=""; sub(/^ +/, "");
-                        gsub(/\{D\}/, d); print lane "\t" name "\t" secs "\t" $0}')
+plan_steps() {  # plan_steps <file>[:<name>,<name>...]
+  local file=${1%%:*} only= out n
+  [ "$file" != "$1" ] && only=${1#*:}
+  [ -f "$file" ] || { echo "STEP ALLDONE no-plan $file" >> "$D/progress"; return 1; }
+  out=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$file" |
+    awk -v d="$D" -v only=",$only," '{lane=$1; name=$2; secs=$3; $1=$2=$3=""; sub(/^ +/, "");
+      gsub(/\{D\}/, d); if (only == ",," || index(only, "," name ","))
+      print lane "\t" name "\t" secs "\t" $0}')
+  for n in ${only//,/ }; do  # a misspelt step would otherwise run nothing, silently
+    grep -q $'\t'"$n"$'\t' <<< "$out" ||
+      { echo "STEP ALLDONE no-step $n in $file" >> "$D/progress"; return 1; }
+  done
+  echo "$out"
+}
+IFS=+ read -ra plan_parts <<< "$PLAN"
+steps=$(for part in "${plan_parts[@]}"; do plan_steps "$part" || exit 1; done) || exit 1
 lane() {  # lane <lane>: its steps in order
   while IFS=$'\t' read -r l name secs cmd; do
     [ "$l" = "$1" ] || continue

@@ -16,25 +16,30 @@ ROOT = Path(__file__).resolve().parents[2]
 PLANS = sorted((ROOT / "scripts" / "plans").glob("*.plan"))
 
 
-def _run(plan_text: str, tmp_path: Path) -> list[str]:
-    plan = tmp_path / "test.plan"
-    plan.write_text(plan_text)
+def _run(tmp_path: Path, *plans: str, check: bool = True) -> list[str]:
+    """Runs the pipeline over the plans' texts; a text may end in `:<steps>`, a selection."""
+    specs = []
+    for i, text in enumerate(plans):
+        text, _, only = text.partition("\n:")
+        (tmp_path / f"test{i}.plan").write_text(text)
+        specs.append(f"{tmp_path / f'test{i}.plan'}" + (f":{only}" if only else ""))
     out_dir = tmp_path / "results"
     env = dict(os.environ, PIPELINE_DIR=str(out_dir), NO_BUILD="1")
-    subprocess.run(["bash", str(ROOT / "scripts" / "device_pipeline.sh"), str(plan), "c0ffee"],
-                   cwd=tmp_path, env=env, check=True, timeout=60)
+    subprocess.run(["bash", str(ROOT / "scripts" / "device_pipeline.sh"), "+".join(specs),
+                    "c0ffee"], cwd=tmp_path, env=env, check=check, timeout=60)
     return (out_dir / "progress").read_text().splitlines()
 
 
 def test_lanes_steps_time_boxes_and_substitution(tmp_path):
     progress = _run(
+        tmp_path,
         "# a comment line\n"
         "0 first 10 echo gpu=$CUDA_VISIBLE_DEVICES dir={D} commit=$BITDECODE_COMMIT\n"
         "0 second 1 sleep 5  # runs out of time\n"
         "1 failing 10 exit 3\n"
         "1 reads_stdin 10 cat\n"  # must not eat the lane's remaining steps
         "1 after_reader 10 echo still here\n"
-        "all last 10 echo visible=${CUDA_VISIBLE_DEVICES:-every}\n", tmp_path)
+        "all last 10 echo visible=${CUDA_VISIBLE_DEVICES:-every}\n")
     steps = {m.group(1): m for line in progress
              if (m := re.match(r"STEP (\S+) rc=(\d+) secs=\d+ :: (.*)$", line))}
     assert steps["first"].group(2) == "0"
@@ -48,6 +53,29 @@ def test_lanes_steps_time_boxes_and_substitution(tmp_path):
     assert order.index("first") < order.index("second") < order.index("LANE0DONE")
     assert max(order.index("LANE0DONE"), order.index("LANE1DONE")) < order.index("last")
     assert order[-1] == "ALLDONE"
+
+
+def test_plans_joined_by_plus_run_as_one(tmp_path):
+    progress = _run(tmp_path, "0 a1 10 true\n1 b1 10 true\nall merge_a 10 true\n",
+                    "0 a2 10 true\nall merge_b 10 true\n")
+    order = [line.split()[1] for line in progress]
+    assert order.count("LANE0DONE") == 1  # one lane 0 for both plans, in their order
+    assert order.index("a1") < order.index("a2") < order.index("LANE0DONE")
+    assert "b1" in order
+    assert order.index("LANE1DONE") < order.index("merge_a") < order.index("merge_b")
+    assert order[-1] == "ALLDONE"
+
+
+def test_plan_step_selection(tmp_path):
+    progress = _run(tmp_path, "0 first 10 true\n",
+                    "0 x 10 true\n0 y 10 true\n1 z 10 true\n:x,z")
+    order = [line.split()[1] for line in progress]
+    assert {"first", "x", "z"} <= set(order) and "y" not in order
+
+
+def test_misspelt_step_stops_before_running_anything(tmp_path):
+    progress = _run(tmp_path, "0 first 10 true\n", "0 x 10 true\n:x,nosuch", check=False)
+    assert progress == [f"STEP ALLDONE no-step nosuch in {tmp_path / 'test1.plan'}"]
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=[p.stem for p in PLANS])
