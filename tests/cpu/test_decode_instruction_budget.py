@@ -22,10 +22,11 @@ from tests.scripts import load_script
 
 sass_loops = load_script("tools/sass_loops.py")
 
-# (dtype, bits, V group, head tiles) -> static instructions per tile (62c5aee), nvcc 13.0
+# (dtype, bits, V group, head tiles) -> static instructions per tile, nvcc 13.0 (62c5aee;
+# 2 bits: V read at mantissa slots)
 BUDGET = {
     ("bf16", 4, 128, 1): 366,  # the default: Llama-style bf16 model, 4 bits, GQA <= 8
-    ("bf16", 2, 128, 1): 361,
+    ("bf16", 2, 128, 1): 343,
 }
 SLACK = 1.02  # room for a compiler's reordering, not for a new instruction per value
 

@@ -6,31 +6,16 @@ different order would fail only on the GPU otherwise."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 
+from tests.host_cuda import run_host_program
 from vllm_bitdecode import reference_kc
 from vllm_bitdecode.page_format import PageFormat
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def cuda_maps(tmp_path_factory) -> dict[str, list[int]]:
-    home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
-    nvcc = shutil.which("nvcc") or next(
-        (str(p) for p in [Path(home) / "bin" / "nvcc"] if p.exists()), None)
-    if nvcc is None:
-        pytest.skip("nvcc is not installed")
-    exe = tmp_path_factory.mktemp("twins") / "index_twins"
-    subprocess.run([nvcc, "-std=c++17", "-I", str(ROOT / "csrc" / "include"),
-                    str(ROOT / "tests" / "cpu" / "cuda" / "index_twins.cu"), "-o", str(exe)],
-                   check=True, capture_output=True, text=True)
-    out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+    out = run_host_program("index_twins", tmp_path_factory.mktemp("twins"))
     return {line.split()[0]: [int(x) for x in line.split()[1:]] for line in out.splitlines()}
 
 

@@ -508,20 +508,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   }
   if constexpr (kHalfK) {
 #pragma unroll
-    for (int x = 1; x < 32; x *= 2) warp_qmax = fmaxf(warp_qmax, __shfl_xor_sync(0xffffffffu, warp_qmax, x));
+    for (int x = 1; x < 32; x *= 2)
+      warp_qmax = fmaxf(warp_qmax, __shfl_xor_sync(0xffffffffu, warp_qmax, x));
     if (lane == 0) qmax_smem[warp] = warp_qmax;
   }
   __syncthreads();
-  // 2^-e for the CTA's Q (1 where Q is all zero or not finite: those rows stay as they are)
-  float q_down = 1.0f;
+  // q_pow2 = 2^-e brings the CTA's largest |Q| into [2^14, 2^15), up or down, so that it
+  // fits fp16 with room to spare (1 where Q is all zero or not finite: those rows stay
+  // as they are)
+  float q_pow2 = 1.0f;
   if constexpr (kHalfK) {
     float qmax = 0.0f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) qmax = fmaxf(qmax, qmax_smem[w]);
-    if (qmax > 0.0f && qmax <= FLT_MAX) q_down = ldexpf(1.0f, min(14 - ilogbf(qmax), 127));
+    if (qmax > 0.0f && qmax <= FLT_MAX) q_pow2 = ldexpf(1.0f, min(14 - ilogbf(qmax), 127));
   }
-  // the scores' scale: log2(e) / sqrt(d), and 2^e where Q was scaled down by 2^-e
-  const float score_scale = scale_log2 / q_down;
+  // the scores' scale: log2(e) / sqrt(d), and 2^e where Q was scaled by 2^-e
+  const float score_scale = scale_log2 / q_pow2;
   // B fragments of Q^T: head 8 ht + g, channels of k-step ks, in the K fragments' type:
   // fp16 for KC and kHalfK, else T. kHalfK: scaled by 2^-e and by 2^-bit of the
   // channels' slot (pair j of the word for channels 16 ks + 2t (+1), j + 1 for 8
@@ -536,8 +539,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       float lo = 1.0f, hi = 1.0f;
       if constexpr (kHalfK) {
         const int j = 2 * (ks % Order::kKStepsPerWord);
-        lo = ldexpf(q_down, -KSlots::bit(j));
-        hi = ldexpf(q_down, -KSlots::bit(j + 1));
+        lo = ldexpf(q_pow2, -KSlots::bit(j));
+        hi = ldexpf(q_pow2, -KSlots::bit(j + 1));
       }
       qb[ks][ht][0] = QTr::pack(r[0] * lo, r[1] * lo);
       qb[ks][ht][1] = QTr::pack(r[8] * hi, r[9] * hi);
@@ -552,8 +555,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     for (int c = 0; c < 2; ++c)
 #pragma unroll
       for (int gi = 0; gi < kGroups; ++gi) {
-        qsum[ht][c][gi] = qsum_smem[8 * ht + 2 * t + c][gi] * q_down;
-        qsum_magic[ht][c][gi] = kHalfK ? qsum_slots_smem[8 * ht + 2 * t + c][gi] * q_down
+        qsum[ht][c][gi] = qsum_smem[8 * ht + 2 * t + c][gi] * q_pow2;
+        qsum_magic[ht][c][gi] = kHalfK ? qsum_slots_smem[8 * ht + 2 * t + c][gi] * q_pow2
                                        : qsum_smem[8 * ht + 2 * t + c][gi];
       }
 
@@ -724,7 +727,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
         for (int gi = 0; gi < kGroups; ++gi)
 #pragma unroll
-          for (int ht = 0; ht < HT; ++ht) acc[gi][ht][0] = acc[gi][ht][1] = acc[gi][ht][2] = acc[gi][ht][3] = 0.0f;
+          for (int ht = 0; ht < HT; ++ht)
+            acc[gi][ht][0] = acc[gi][ht][1] = acc[gi][ht][2] = acc[gi][ht][3] = 0.0f;
 #pragma unroll
         for (int ks = 0; ks < kKSteps; ++ks) {
           uint32_t a[4];
@@ -848,8 +852,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
         for (int ht = 0; ht < HT; ++ht) {
           const float* pr = s[st][ht];
-          pb[ht][0] = movmatrix_trans(Tr::pack(pr[0] * v_scale[st][0][gv], pr[1] * v_scale[st][0][gv]));
-          pb[ht][1] = movmatrix_trans(Tr::pack(pr[2] * v_scale[st][1][gv], pr[3] * v_scale[st][1][gv]));
+          const float vs0 = v_scale[st][0][gv], vs1 = v_scale[st][1][gv];
+          pb[ht][0] = movmatrix_trans(Tr::pack(pr[0] * vs0, pr[1] * vs0));
+          pb[ht][1] = movmatrix_trans(Tr::pack(pr[2] * vs1, pr[3] * vs1));
 #pragma unroll
           for (int c = 0; c < 2; ++c)
             zero_sum[ht][c][gv] += pr[c] * v_zero[st][0][gv] + pr[2 + c] * v_zero[st][1][gv];
@@ -1024,7 +1029,8 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
       const float l = lse[s * stride];
       if (l == -INFINITY) continue;  // an empty split wrote no partial output
       const float w = fast_exp2(l - m);
-      const float4 o = reinterpret_cast<const float4*>(p.partial_out + (s * stride + base) * HEAD)[lane];
+      const float4 o =
+          reinterpret_cast<const float4*>(p.partial_out + (s * stride + base) * HEAD)[lane];
       total += w;
       acc.x += w * o.x;
       acc.y += w * o.y;

@@ -19,16 +19,17 @@ struct DtypeTraits<__nv_bfloat16> {
   // (code | 0x4300) is the bf16 number 128 + code, exact for codes < 128.
   static constexpr uint32_t kMagic = 0x43004300u;
   static constexpr float kMagicValue = 128.0f;
+  static constexpr int kMantissaBits = 7, kExponentBias = 127;
   __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   __device__ static __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
   __device__ static uint32_t pack(float lo, float hi) {
     __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&p);
   }
-  __device__ static float2 unpack(uint32_t x) {
+  __host__ __device__ static float2 unpack(uint32_t x) {
     return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
   }
-  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+  __host__ __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
     __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a),
                                *reinterpret_cast<__nv_bfloat162*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
@@ -48,16 +49,17 @@ struct DtypeTraits<__half> {
   // (code | 0x6400) is the fp16 number 1024 + code, exact for codes < 1024.
   static constexpr uint32_t kMagic = 0x64006400u;
   static constexpr float kMagicValue = 1024.0f;
+  static constexpr int kMantissaBits = 10, kExponentBias = 15;
   __device__ static float to_float(__half x) { return __half2float(x); }
   __device__ static __half from_float(float x) { return __float2half_rn(x); }
   __device__ static uint32_t pack(float lo, float hi) {
     __half2 p = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&p);
   }
-  __device__ static float2 unpack(uint32_t x) {
+  __host__ __device__ static float2 unpack(uint32_t x) {
     return __half22float2(*reinterpret_cast<__half2*>(&x));
   }
-  __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
+  __host__ __device__ static uint32_t sub2(uint32_t a, uint32_t b) {
     __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
@@ -75,11 +77,21 @@ struct DtypeTraits<__half> {
   }
 };
 
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint32_t bits) {
+// (x & mask) | bits in one instruction; on the host (tests/cpu/cuda/unpack_exact.cu) in C++.
+__host__ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask,
+                                                         uint32_t bits) {
+#if defined(__CUDA_ARCH__)
   uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(x), "r"(mask), "r"(bits));  // (x&m)|b
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(x), "r"(mask), "r"(bits));
   return r;
+#else
+  return (x & mask) | bits;
+#endif
 }
+
+// One code in each 16-bit half of a register: the mask of a pair at bit 0.
+template <int BITS>
+constexpr uint32_t kPairMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
 
 // Unpack the code pair (slot i, slot i + vpw/2) of a packed word into one register
 // of two T values: low half = slot i, high half = slot i + vpw/2. No shuffles: the
@@ -88,19 +100,15 @@ __device__ __forceinline__ uint32_t lop3_and_or(uint32_t x, uint32_t mask, uint3
 // offset back per score for K (sum(Q) uses the same rounded Q as the MMA).
 template <typename T, int BITS>
 __device__ __forceinline__ uint32_t unpack_pair_biased(uint32_t word, int i) {
-  constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
-  return lop3_and_or(word >> (BITS * i), kMask, DtypeTraits<T>::kMagic);
+  return lop3_and_or(word >> (BITS * i), kPairMask<BITS>, DtypeTraits<T>::kMagic);
 }
 
-// fp16 K fragments with as few shifts as fp16's 10 mantissa bits allow: the pair (slot
-// i, slot i + vpw/2) of a packed word is read at mantissa bit b_i of a word shifted right
-// by s_i, as the fp16 number 1024 + code * 2^b_i (exact). Pairs are taken greedily: a
-// pair whose code still fits below bit 10 of the current shift needs no shift of its own.
-// 4 bits: pairs 0-1 at shift 0 (b = 0, 4), pairs 2-3 at shift 8; 2 bits: pairs 0-4 at
-// shift 0 (b = 0 .. 8), pairs 5-7 at shift 10. One shift per word instead of 3 / 7. The
-// decode kernel divides Q's channel by 2^b_i, so the product is q * code + 1024 q / 2^b_i.
-template <int BITS>
-struct HalfSlots {
+// Where each code pair of a packed word can be read with MANTISSA_BITS mantissa bits to
+// hold it: pair i (slot i, slot i + vpw/2) sits at bit bit[i] of the word shifted right by
+// shift[i]. Greedy: a pair whose code still fits below the mantissa's top under the
+// current shift needs no shift of its own.
+template <int MANTISSA_BITS, int BITS>
+struct MantissaSlots {
   static constexpr int kPairs = 16 / BITS;  // pairs per 32-bit word
   struct Table {
     int shift[8], bit[8];
@@ -109,13 +117,31 @@ struct HalfSlots {
     Table t{};
     int s = 0;
     for (int i = 0; i < kPairs; ++i) {
-      if (BITS * i - s + BITS > 10) s = BITS * i;
+      if (BITS * i - s + BITS > MANTISSA_BITS) s = BITS * i;
       t.shift[i] = s;
       t.bit[i] = BITS * i - s;
     }
     return t;
   }
   static constexpr Table kTable = make();
+  static constexpr bool codes_fit() {
+    for (int i = 0; i < kPairs; ++i)
+      if (kTable.bit[i] + BITS > MANTISSA_BITS) return false;
+    return true;
+  }
+  static_assert(codes_fit(), "every pair's code lies inside the mantissa");
+};
+
+// fp16 K fragments with as few shifts as fp16's 10 mantissa bits allow: the pair (slot
+// i, slot i + vpw/2) of a packed word is read at mantissa bit b_i of a word shifted right
+// by s_i (MantissaSlots<10, BITS>), as the fp16 number 1024 + code * 2^b_i (exact).
+// 4 bits: pairs 0-1 at shift 0 (b = 0, 4), pairs 2-3 at shift 8; 2 bits: pairs 0-4 at
+// shift 0 (b = 0 .. 8), pairs 5-7 at shift 10. One shift per word instead of 3 / 7. The
+// decode kernel divides Q's channel by 2^b_i, so the product is q * code + 1024 q / 2^b_i.
+template <int BITS>
+struct HalfSlots : MantissaSlots<10, BITS> {
+  using MantissaSlots<10, BITS>::kPairs;
+  using MantissaSlots<10, BITS>::kTable;
   // the same as kTable.bit[i], in closed form for a run-time i
   __host__ __device__ static constexpr int bit(int i) {
     return BITS == 4 ? 4 * (i % 2) : (i < 5 ? 2 * i : 2 * i - 10);
@@ -131,24 +157,44 @@ struct HalfSlots {
 
 template <int BITS>
 __device__ __forceinline__ uint32_t unpack_pair_half_slots(uint32_t word, int i) {
-  constexpr uint32_t kMask = BITS == 4 ? 0x000f000fu : 0x00030003u;
   constexpr auto kT = HalfSlots<BITS>::kTable;
-  return lop3_and_or(word >> kT.shift[i], kMask << kT.bit[i], DtypeTraits<__half>::kMagic);
+  return lop3_and_or(word >> kT.shift[i], kPairMask<BITS> << kT.bit[i],
+                     DtypeTraits<__half>::kMagic);
 }
 
-// The same pair as code - 2^(BITS-1) (-8..7 or -2..1), exactly: one subtraction of
-// kMagicValue + 2^(BITS-1) more. V uses these. Summing P * scale * (M + code) over a long
+// The codes' centre, 2^(BITS-1).
+template <int BITS>
+constexpr float kCodeCentre = static_cast<float>(1 << (BITS - 1));
+
+// 2^e as a T, in both halves of a register.
+template <typename T>
+__host__ __device__ constexpr uint32_t pair_of_power_of_two(int e) {
+  const uint32_t h = static_cast<uint32_t>(DtypeTraits<T>::kExponentBias + e)
+                     << DtypeTraits<T>::kMantissaBits;
+  return h | h << 16;
+}
+
+// The pair (slot i, slot i + vpw/2) as code - 2^(BITS-1) (-8..7 or -2..1), exactly. V
+// uses these (and channel K, in fp16). Summing P * scale * (M + code) over a long
 // sequence and taking M * sum(P * scale) back at the end loses the result to fp32
 // rounding (the two sums are M * sqrt(n) times larger than the output for values of
 // either sign) and overflows where the values are large; centred codes keep every
 // partial sum on the output's own scale.
-template <int BITS>
-constexpr float kCodeCentre = static_cast<float>(1 << (BITS - 1));
-
+// With as few shifts as T's mantissa allows (MantissaSlots; bf16 2 bits: pairs 0-2 at
+// shift 0, 3-5 at 6, 6-7 at 12; fp16 4 bits: 0-1 at 0, 2-3 at 8; fp16 2 bits: 0-4 at 0,
+// 5-7 at 10; bf16 4 bits: every pair its own shift), pair i is read at mantissa bit b_i
+// under the exponent that gives that bit the weight 1, as the T number 2^(M - b_i) +
+// code (M mantissa bits), and 2^(M - b_i) + centre comes off: the value a shift to bit
+// 0 under the fixed magic gives, in fewer instructions.
 template <typename T, int BITS>
-__device__ __forceinline__ uint32_t unpack_pair_centred(uint32_t word, int i) {
-  constexpr uint32_t kCentre = DtypeTraits<T>::kMagic | (0x00010001u << (BITS - 1));
-  return DtypeTraits<T>::sub2(unpack_pair_biased<T, BITS>(word, i), kCentre);
+__host__ __device__ __forceinline__ uint32_t unpack_pair_centred(uint32_t word, int i) {
+  constexpr int M = DtypeTraits<T>::kMantissaBits;
+  constexpr auto kT = MantissaSlots<M, BITS>::kTable;
+  const int b = kT.bit[i];
+  const uint32_t magic = pair_of_power_of_two<T>(M - b);       // 2^(M - b)
+  const uint32_t centre = magic | (0x00010001u << (BITS - 1 + b));  // 2^(M - b) + centre
+  const uint32_t biased = lop3_and_or(word >> kT.shift[i], kPairMask<BITS> << b, magic);
+  return DtypeTraits<T>::sub2(biased, centre);
 }
 
 // ---- in-row channel order (the CUDA twin of page_format.py's *_channel_of_slot) ----
