@@ -472,7 +472,7 @@ def write_results(path: Path, doc: dict[str, Any]) -> None:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Four panels: decode ms/step (B=1 128K, B=8 32K), KV capacity, throughput."""
+    """Up to four panels: decode ms/step (B=1 128K, B=8 32K), KV capacity, throughput."""
     try:
         import matplotlib
     except ImportError:
@@ -482,15 +482,27 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     recs = [r for r in doc["records"] if not r.get("skipped")]
+    st = doc.get("settings") or {}
+    workload = (f"{st['tp_num_prompts']} x {st['tp_input_len']} in / {st['tp_output_len']} out"
+                if {"tp_num_prompts", "tp_input_len", "tp_output_len"} <= st.keys() else "")
     panels = [
         ("decode_b1_128k", "ms_per_step", "decode ms/step, B=1 x 128K (lower is better)"),
         ("decode_b8_32k", "ms_per_step", "decode ms/step, B=8 x 32K (lower is better)"),
         ("capacity_32k", "kv_cache_tokens", "KV cache tokens (max batch of 32K on bars)"),
-        ("throughput", "tokens_per_s", "throughput, total tokens/s"),
+        ("throughput", "tokens_per_s", f"throughput {workload}, total tokens/s"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
-    for ax, (case, field, title) in zip(axes.flat, panels, strict=True):
-        rows = [r for r in recs if r["case"] == case and r.get(field) is not None]
+    # only the panels this run measured (a run of one case draws one panel, not four)
+    panels = [(case, field, title, rows) for case, field, title in panels
+              if (rows := [r for r in recs if r["case"] == case and r.get(field) is not None])]
+    if not panels:
+        print("nothing measured: no plot", flush=True)
+        return False
+    ncols = min(len(panels), 2)
+    nrows = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (case, field, title, rows) in zip(axes.flat, panels, strict=False):
         labels = [f"{r['backend']}\n{r['kv']}" for r in rows]
         values = [r[field] for r in rows]
         bars = ax.bar(range(len(rows)), values, color=[
@@ -502,9 +514,11 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
             note = f"{r['vs_bf16']:.2f}x" if r.get("vs_bf16") else ""
             if case == "capacity_32k" and r.get("batch") is not None:
                 note = f"B={r['batch']}\n{note}"
+            if case == "throughput" and r.get("kv_cache_tokens"):
+                note = f"{note}\n{r['kv_cache_tokens'] / 1e6:.2f}M KV tokens"
             ax.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
-    fig.suptitle(f"vLLM end to end, Llama-3-8B shape (dummy weights), CUDA graphs - "
+    fig.suptitle(f"vLLM end to end, Llama-3-8B shape (dummy weights), CUDA graphs\n"
                  f"{doc['device']} ({doc['date']}, {doc['commit']})", fontsize=10)
     skipped = sorted({f"{r['backend']} {r['kv']}" for r in doc["records"] if r.get("skipped")})
     if skipped:

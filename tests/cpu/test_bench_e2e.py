@@ -261,3 +261,26 @@ def test_merge_of_result_files_recomputes_ratios_and_targets(bench, tmp_path, ca
     assert "throughput, 4-bit: >= 2.5x bf16: 2.60 (met)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.main(["--merge", str(paths[0])])  # no --out
+
+
+@pytest.mark.parametrize("cases, panels", [(["throughput"], 1),
+                                           (["decode_b1_128k", "throughput"], 2),
+                                           (["decode_b1_128k", "decode_b8_32k",
+                                             "throughput"], 3)])
+def test_plot_draws_only_the_measured_panels(bench, tmp_path, monkeypatch, cases, panels):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig))  # keep the figure
+    records = bench.records_from_result("FLASH_ATTN:bf16", cases,
+                                        _fake_result(12.0, 20.0, 444_112, 10_000))
+    doc = dict(device="NVIDIA H200", date="2026-12-01", commit="abc", records=records,
+               settings=dict(tp_num_prompts=128, tp_input_len=2048, tp_output_len=8192))
+    assert bench.plot(doc, tmp_path / "e2e.png")
+    assert (tmp_path / "e2e.png").stat().st_size > 0
+    titles = [ax.get_title() for ax in drawn[0].axes if ax.get_visible()]
+    assert len(titles) == panels
+    assert ("throughput 128 x 2048 in / 8192 out, total tokens/s" in titles) == (
+        "throughput" in cases)
+    assert not bench.plot(dict(doc, records=[]), tmp_path / "none.png")
