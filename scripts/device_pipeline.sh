@@ -62,6 +62,8 @@ plan_steps() {  # plan_steps <file>[:<name>,<name>...]
 }
 IFS=+ read -ra plan_parts <<< "$PLAN"
 steps=$(for part in "${plan_parts[@]}"; do plan_steps "$part" || exit 1; done) || exit 1
+dup=$(cut -f2 <<< "$steps" | sort | uniq -d | head -1)
+[ -z "$dup" ] || { echo "STEP ALLDONE step-twice $dup" >> "$D/progress"; exit 1; }  # one log each
 lane() {  # lane <lane>: its steps in order
   while IFS=$'\t' read -r l name secs cmd; do
     [ "$l" = "$1" ] || continue

@@ -78,6 +78,11 @@ def test_misspelt_step_stops_before_running_anything(tmp_path):
     assert progress == [f"STEP ALLDONE no-step nosuch in {tmp_path / 'test1.plan'}"]
 
 
+def test_a_step_name_twice_in_joined_plans_stops_the_run(tmp_path):
+    progress = _run(tmp_path, "0 same 10 true\n", "1 same 10 true\n", check=False)
+    assert progress == ["STEP ALLDONE step-twice same"]
+
+
 @pytest.mark.parametrize("plan", PLANS, ids=[p.stem for p in PLANS])
 def test_plans_are_well_formed(plan):
     names = []
