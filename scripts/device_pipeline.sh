@@ -38,14 +38,8 @@ step() {  # step <name> <seconds> <command ...>
     >> "$D/progress"
 }
 
-command -v nvidia-smi > /dev/null &&
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt"
-if [ "${NO_BUILD:-0}" != 1 ]; then
-  step build 600 python3 -m pip install --no-build-isolation --no-deps -e .
-  grep -q "^STEP build rc=0 " "$D/progress" || { echo "STEP ALLDONE build-failed" >> "$D/progress"; exit 1; }
-fi
-
-# the plan's steps, with {D} filled in: "<lane>\t<name>\t<seconds>\t<command>"
+# the plans' steps, with {D} filled in: "<lane>\t<name>\t<seconds>\t<command>"; read
+# before the build, so that a wrong plan or step name costs no device time
 plan_steps() {  # plan_steps <file>[:<name>,<name>...]
   local file=${1%%:*} only= out n
   [ "$file" != "$1" ] && only=${1#*:}
@@ -64,6 +58,14 @@ IFS=+ read -ra plan_parts <<< "$PLAN"
 steps=$(for part in "${plan_parts[@]}"; do plan_steps "$part" || exit 1; done) || exit 1
 dup=$(cut -f2 <<< "$steps" | sort | uniq -d | head -1)
 [ -z "$dup" ] || { echo "STEP ALLDONE step-twice $dup" >> "$D/progress"; exit 1; }  # one log each
+
+command -v nvidia-smi > /dev/null &&
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt"
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  step build 600 python3 -m pip install --no-build-isolation --no-deps -e .
+  grep -q "^STEP build rc=0 " "$D/progress" || { echo "STEP ALLDONE build-failed" >> "$D/progress"; exit 1; }
+fi
+
 lane() {  # lane <lane>: its steps in order
   while IFS=$'\t' read -r l name secs cmd; do
     [ "$l" = "$1" ] || continue
