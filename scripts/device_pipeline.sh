@@ -13,11 +13,13 @@
 # every GPU); `#` starts a comment. Plans joined by `+` run as one, each lane's steps in
 # the order given, so one build serves them; `plan:a,b` takes only steps a and b of a
 # plan (a.plan+b.plan:x runs all of a and step x of b). `{D}` in a command becomes
-# the results folder. Each step appends `STEP <name> rc=<rc> secs=<s> :: <last line of
-# its log>` to {D}/progress (rc 124: its time ran out); logs are {D}/<name>.log. <commit>
-# goes to BITDECODE_COMMIT, which the benchmarks write into their JSON (the machine's
-# copy of .git can be stale).
-# Environment: PIPELINE_DIR (default /tmp/pipeline), NO_BUILD=1 skips the build.
+# the results folder. On a machine with fewer GPUs than the plans have lanes, the steps
+# run one at a time in plan order (lane n on GPU n mod the count). Each step appends
+# `STEP <name> rc=<rc> secs=<s> :: <last line of its log>` to {D}/progress (rc 124: its
+# time ran out); logs are {D}/<name>.log. <commit> goes to BITDECODE_COMMIT, which the
+# benchmarks write into their JSON (the machine's copy of .git can be stale).
+# Environment: PIPELINE_DIR (default /tmp/pipeline), NO_BUILD=1 skips the build,
+# PIPELINE_GPUS overrides the GPU count that nvidia-smi gives.
 set -u
 PLAN="$1"
 COMMIT="${2:-unknown}"
@@ -61,20 +63,32 @@ dup=$(cut -f2 <<< "$steps" | sort | uniq -d | head -1)
 
 command -v nvidia-smi > /dev/null &&
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt"
+gpus=${PIPELINE_GPUS:-}  # unknown (no nvidia-smi here): a lane per plan lane
+[ -z "$gpus" ] && [ -s "$D/gpu.txt" ] && gpus=$(wc -l < "$D/gpu.txt")
 if [ "${NO_BUILD:-0}" != 1 ]; then
   step build 600 python3 -m pip install --no-build-isolation --no-deps -e .
   grep -q "^STEP build rc=0 " "$D/progress" || { echo "STEP ALLDONE build-failed" >> "$D/progress"; exit 1; }
 fi
 
+run_step() {  # run_step <lane> <name> <seconds> <command>: lane n on GPU n mod gpus
+  if [ "$1" = all ]; then step "$2" "$3" "$4"
+  else CUDA_VISIBLE_DEVICES=$(( $1 % ${gpus:-1000000} )) step "$2" "$3" "$4"; fi
+}
 lane() {  # lane <lane>: its steps in order
   while IFS=$'\t' read -r l name secs cmd; do
-    [ "$l" = "$1" ] || continue
-    if [ "$1" = all ]; then step "$name" "$secs" "$cmd"
-    else CUDA_VISIBLE_DEVICES="$1" step "$name" "$secs" "$cmd"; fi
+    [ "$l" = "$1" ] && run_step "$l" "$name" "$secs" "$cmd"
   done <<< "$steps"
   echo "STEP LANE$1DONE" >> "$D/progress"
 }
-for l in $(cut -f1 <<< "$steps" | grep -v '^all$' | sort -u); do lane "$l" & done
-wait
-grep -q $'^all\t' <<< "$steps" && lane all
+lanes=$(cut -f1 <<< "$steps" | grep -v '^all$' | sort -u)
+if [ -n "$gpus" ] && [ "$(wc -w <<< "$lanes")" -gt "$gpus" ]; then
+  # fewer GPUs than lanes (an x2 plan on one GPU): every step in plan order, one at a time
+  echo "STEP SERIAL $gpus GPU(s) for lanes" $lanes >> "$D/progress"
+  while IFS=$'\t' read -r l name secs cmd; do run_step "$l" "$name" "$secs" "$cmd"
+  done <<< "$steps"
+else
+  for l in $lanes; do lane "$l" & done
+  wait
+  grep -q $'^all\t' <<< "$steps" && lane all
+fi
 echo "STEP ALLDONE" >> "$D/progress"

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PLANS = sorted((ROOT / "scripts" / "plans").glob("*.plan"))
 
 
-def _run(tmp_path: Path, *plans: str, check: bool = True, build: bool = False) -> list[str]:
+def _run(tmp_path: Path, *plans: str, check: bool = True, build: bool = False,
+         gpus: int | None = None) -> list[str]:
     """Runs the pipeline over the plans' texts; a text may end in `:<steps>`, a selection."""
     specs = []
     for i, text in enumerate(plans):
@@ -26,6 +27,8 @@ def _run(tmp_path: Path, *plans: str, check: bool = True, build: bool = False) -
         specs.append(f"{plan}:{only}" if only else str(plan))
     out_dir = tmp_path / "results"
     env = dict(os.environ, PIPELINE_DIR=str(out_dir), NO_BUILD="0" if build else "1")
+    if gpus is not None:
+        env["PIPELINE_GPUS"] = str(gpus)
     subprocess.run(["bash", str(ROOT / "scripts" / "device_pipeline.sh"), "+".join(specs),
                     "c0ffee"], cwd=tmp_path, env=env, check=check, timeout=60)
     return (out_dir / "progress").read_text().splitlines()
@@ -65,6 +68,25 @@ def test_plans_joined_by_plus_run_as_one(tmp_path):
     assert "b1" in order
     assert order.index("LANE1DONE") < order.index("merge_a") < order.index("merge_b")
     assert order[-1] == "ALLDONE"
+
+
+def test_fewer_gpus_than_lanes_runs_the_steps_in_plan_order(tmp_path):
+    # an x2 plan on a one-GPU machine: nothing may run side by side on the one GPU, and
+    # a merge written between two plans' steps still follows the steps it merges
+    progress = _run(tmp_path,
+                    "0 a 10 echo gpu=$CUDA_VISIBLE_DEVICES\n1 b 10 echo gpu=$CUDA_VISIBLE_DEVICES\n"
+                    "all merge 10 echo visible=${CUDA_VISIBLE_DEVICES:-every}\n",
+                    "0 c 10 true\n1 d 10 true\n", gpus=1)
+    assert progress[0] == "STEP SERIAL 1 GPU(s) for lanes 0 1"
+    order = [line.split()[1] for line in progress]
+    assert order == ["SERIAL", "a", "b", "merge", "c", "d", "ALLDONE"]
+    assert [line.split(" :: ")[1] for line in progress[1:4]] == ["gpu=0", "gpu=0",
+                                                                   "visible=every"]
+    # as many GPUs as lanes: lanes side by side, lane 1 on GPU 1
+    progress = _run(tmp_path, "0 a 10 true\n1 b 10 echo gpu=$CUDA_VISIBLE_DEVICES\n", gpus=2)
+    assert "STEP LANE1DONE" in progress and progress[-1] == "STEP ALLDONE"
+    assert any(line.startswith("STEP b rc=0") and line.endswith(":: gpu=1")
+               for line in progress)
 
 
 def test_plan_step_selection(tmp_path):
