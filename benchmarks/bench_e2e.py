@@ -268,8 +268,10 @@ def merge_result_files(docs: list[dict[str, Any]]) -> dict[str, Any]:
         runs += doc.get("runs", [])
     add_ratios(records)
     first = docs[0]
+    # every tree the records came from, in order (the runs say which backend ran where)
+    commits = ", ".join(dict.fromkeys(str(d.get("commit")) for d in docs))
     return dict(device=first.get("device", "unknown"), date=max(d.get("date", "") for d in docs),
-                commit=first.get("commit"), model=first.get("model"),
+                commit=commits, model=first.get("model"),
                 settings=first.get("settings"), runs=runs, records=records,
                 targets=check_targets(records))
 

@@ -246,8 +246,11 @@ def test_merge_of_result_files_recomputes_ratios_and_targets(bench, tmp_path, ca
                                                    _fake_result(7.0, 9.0, 1_671_984, 26_000)))
     for r in lane1["records"]:
         r.pop("key")  # files written before records carried their key still merge
+    later = dict(device="NVIDIA H200", date="2026-12-01", commit="def", runs=[{"n": 2}],
+                 records=bench.records_from_result("FLASH_ATTN:fp8", cases,
+                                                   _fake_result(9.0, 15.0, 888_224, 13_000)))
     paths = []
-    for i, doc in enumerate((lane0, lane1)):
+    for i, doc in enumerate((lane0, lane1, later)):
         paths.append(tmp_path / f"lane{i}.json")
         paths[-1].write_text(json.dumps(doc))
     out = tmp_path / "merged.json"
@@ -255,7 +258,9 @@ def test_merge_of_result_files_recomputes_ratios_and_targets(bench, tmp_path, ca
     doc = json.loads(out.read_text())
     by = {(r["key"], r["case"]): r for r in doc["records"]}
     assert by[("BITDECODE:int4", "throughput")]["vs_bf16"] == pytest.approx(2.6)
-    assert doc["runs"] == [{"n": 0}, {"n": 1}] and doc["date"] == "2026-12-01"
+    assert by[("BITDECODE:int4", "throughput")]["vs_fp8"] == pytest.approx(2.0)
+    assert doc["runs"] == [{"n": 0}, {"n": 1}, {"n": 2}] and doc["date"] == "2026-12-01"
+    assert doc["commit"] == "abc, def"  # each tree once, in order
     target = next(t for t in doc["targets"] if t["target"].startswith("throughput, 4-bit: >= 2.5x"))
     assert target["met"] is True and target["value"] == pytest.approx(2.6)
     assert "throughput, 4-bit: >= 2.5x bf16: 2.60 (met)" in capsys.readouterr().out
