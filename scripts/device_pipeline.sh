@@ -70,9 +70,11 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
   grep -q "^STEP build rc=0 " "$D/progress" || { echo "STEP ALLDONE build-failed" >> "$D/progress"; exit 1; }
 fi
 
-run_step() {  # run_step <lane> <name> <seconds> <command>: lane n on GPU n mod gpus
-  if [ "$1" = all ]; then step "$2" "$3" "$4"
-  else CUDA_VISIBLE_DEVICES=$(( $1 % ${gpus:-1000000} )) step "$2" "$3" "$4"; fi
+run_step() {  # run_step <lane> <name> <seconds> <command>: lane n on GPU n (mod the count)
+  if [ "$1" = all ]; then step "$2" "$3" "$4"; return; fi
+  local gpu=$1
+  [ -n "$gpus" ] && gpu=$(( $1 % gpus ))
+  CUDA_VISIBLE_DEVICES=$gpu step "$2" "$3" "$4"
 }
 lane() {  # lane <lane>: its steps in order
   while IFS=$'\t' read -r l name secs cmd; do
