@@ -297,6 +297,12 @@ def check_sparse_model(
     return plan
 
 
+# Per-token K prefill reads a longer context back in windows of about this many tokens
+# (the prefill_window setting), so that its workspace does not grow with max_model_len:
+# 64 MiB at 8 KV heads x 128 in bf16, where a whole 128K context took 512 MiB of KV cache.
+PREFILL_WINDOW_TOKENS = 16384
+MIN_PREFILL_WINDOW = max(page_format.SUPPORTED_BLOCK_SIZES)  # a window starts on a page
+
 # K modes (issue #7, docs/per-channel-k-design.md)
 TOKEN_K = "token"
 CHANNEL_K = "channel"
@@ -326,6 +332,11 @@ class BitDecodeConfig:
     """With k_mode "channel": the per-channel K scale and zero point in "fp16" or "fp8"
     (e4m3: 16 fewer bytes per token and KV head, keys must stay within +-448;
     docs/per-channel-k-design.md, section 12)."""
+    prefill_window: int = PREFILL_WINDOW_TOKENS
+    """With k_mode "token": the tokens of context a prefill reads back from the pages at
+    a time. A longer context is read in windows whose results are merged by LSE, so the
+    prefill workspace (taken off the KV cache) holds about this many rows, or a step's
+    tokens and a page if that is more, instead of max_model_len's."""
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> BitDecodeConfig:
@@ -334,6 +345,10 @@ class BitDecodeConfig:
         if SPARSE_KEY in values:
             values[SPARSE_KEY] = SparseConfig.from_raw(values[SPARSE_KEY])
         if values.get("k_mode") == CHANNEL_K:
+            if "prefill_window" in values:
+                raise BitDecodeConfigError(
+                    f"{CONFIG_KEY}.prefill_window applies to k_mode='token' only: channel "
+                    "mode's prefill reads each request's context whole")
             if values.get("rotate_k") is True:
                 raise BitDecodeConfigError(
                     f"{CONFIG_KEY}.rotate_k=true cannot be combined with k_mode='channel': "
@@ -363,6 +378,9 @@ class BitDecodeConfig:
         if self.channel_k and self.rotate_k:
             raise BitDecodeConfigError(
                 f"{CONFIG_KEY}.k_mode='channel' stores K unrotated; rotate_k must be false")
+        window = self.prefill_window
+        if type(window) is not int or window < MIN_PREFILL_WINDOW:
+            raise bad("prefill_window", f"an int of at least {MIN_PREFILL_WINDOW} tokens")
         if not isinstance(self.k_params, str) or self.k_params not in K_PARAMS:
             raise bad("k_params", list(K_PARAMS))
         if self.k_params != "fp16" and not self.channel_k:

@@ -217,6 +217,13 @@ def attention(
     causal: bool = True,
 ) -> torch.Tensor:
     """Float32 softmax attention with GQA; causal aligns the last query with the last key."""
+    return attention_lse(q, k, v, scale, causal)[0]
+
+
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` (same arguments) and each query row's log-sum-exp of its scaled
+    scores (natural log, [num_heads, q_len]), FlashAttention's ``softmax_lse``."""
     q_len, hq, _ = q.shape
     kv_len, hk, _ = k.shape
     rep = hq // hk
@@ -228,7 +235,21 @@ def attention(
         mask = torch.arange(kv_len).unsqueeze(0) > qpos
         s = s.masked_fill(mask.to(s.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
-    return torch.einsum("hqk,khd->qhd", p, v)
+    return torch.einsum("hqk,khd->qhd", p, v), torch.logsumexp(s, dim=-1)
+
+
+def merge_attention_states(
+    prefix_out: torch.Tensor,  # [tokens, heads, D]
+    prefix_lse: torch.Tensor,  # [heads, tokens]
+    suffix_out: torch.Tensor,
+    suffix_lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over two disjoint key sets from each one's output and LSE, as vLLM's
+    merge_attn_states computes it; float32 (out [tokens, heads, D], lse [heads, tokens])."""
+    lse = torch.logaddexp(prefix_lse.float(), suffix_lse.float())
+    wp = torch.exp(prefix_lse.float() - lse).T.unsqueeze(-1)
+    ws = torch.exp(suffix_lse.float() - lse).T.unsqueeze(-1)
+    return wp * prefix_out.float() + ws * suffix_out.float(), lse
 
 
 def paged_attention(

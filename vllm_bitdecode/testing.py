@@ -269,12 +269,14 @@ class _GraphReplayCounter:
 
 class _PrefillGroupCounter:
     """Counts the prefill's workspace groups (per-token and channel mode) of an engine
-    running in this process: steps with prefills, groups, steps with more than one."""
+    running in this process: steps with prefills, groups, steps with more than one, and
+    steps that read a context in windows (per-token K)."""
 
     def __init__(self) -> None:
         from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
 
-        self.counts = {"steps": 0, "groups": 0, "multi_group_steps": 0, "max_groups": 0}
+        self.counts = {"steps": 0, "groups": 0, "multi_group_steps": 0, "max_groups": 0,
+                       "windowed_steps": 0}
         original = BitDecodeMetadataBuilder.build
         counts = self.counts
 
@@ -286,6 +288,7 @@ class _PrefillGroupCounter:
                 counts["groups"] += n
                 counts["multi_group_steps"] += n > 1
                 counts["max_groups"] = max(counts["max_groups"], n)
+                counts["windowed_steps"] += any(g.windows > 1 for g in md.prefill.groups)
             return md
 
         BitDecodeMetadataBuilder.build = build

@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from tests.cpu.test_kc_prefill import _attend, _merge
+from tests.cpu.attention_stand_ins import flash_attn_varlen, merge_attn_states
 from vllm_bitdecode import config as bd_config
 from vllm_bitdecode import kc_prefill
 from vllm_bitdecode import reference_kc as kc
@@ -33,38 +33,12 @@ HEADS, KV_HEADS, D, MAX_SEQS = 8, 2, 128, 4
 SCALE = D**-0.5
 
 
-def _flash_attn(*, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                return_softmax_lse, fa_version, cu_seqlens_k=None, seqused_k=None,
-                block_table=None):
-    """FlashAttention's varlen call in plain PyTorch: paged (block_table, seqused_k) or
-    contiguous (cu_seqlens_k); causal from the bottom right when asked."""
-    assert return_softmax_lse and softmax_scale == SCALE
-    outs, lses = [], []
-    for j in range(cu_seqlens_q.shape[0] - 1):
-        qs = q[int(cu_seqlens_q[j]) : int(cu_seqlens_q[j + 1])]
-        if block_table is not None:
-            n = int(seqused_k[j])
-            pages = block_table[j, : -(-n // k.shape[1])].long()
-            ks, vs = k[pages].flatten(0, 1)[:n], v[pages].flatten(0, 1)[:n]
-        else:
-            ks = k[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
-            vs = v[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
-        m, n = qs.shape[0], ks.shape[0]
-        visible = torch.ones(m, n, dtype=torch.bool)
-        if causal:
-            visible = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + (n - m)
-        o, lse = _attend(qs, ks, vs, visible)
-        outs.append(o.to(q.dtype))
-        lses.append(lse)
-    return torch.cat(outs), torch.cat(lses, dim=1)
-
-
 @pytest.fixture
 def impl_mod(monkeypatch):
     """The impl module with every CUDA op replaced by its reference."""
     from vllm.v1.attention.backends import fa_utils
 
-    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", _flash_attn, raising=False)
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", flash_attn_varlen, raising=False)
     from vllm_bitdecode.backend import impl as mod
 
     def layout_of(bits, group_size, block_size, k_param_bits):
@@ -96,7 +70,7 @@ def impl_mod(monkeypatch):
     monkeypatch.setattr(mod.ops, "write_tokens_kc", write)
     monkeypatch.setattr(mod.ops, "decode_kc", decode)
     monkeypatch.setattr(mod.ops, "dequantize_pages_kc", dequantize)
-    monkeypatch.setattr(mod, "_merge_attn_states", _merge)
+    monkeypatch.setattr(mod, "_merge_attn_states", merge_attn_states)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # the impl checks the model dtype
     yield mod

@@ -66,7 +66,18 @@ BAD_SETTINGS = [
     ({"bitdecode": {"rotate_k": "yes"}}, ["rotate_k", "'yes'"]),
     ({"bitdecode": {"rotate_k": 1}}, ["rotate_k"]),
     ({"bitdecode": [4]}, ["bitdecode", "dict", "list"]),
+    ({"bitdecode": {"prefill_window": 64}}, ["prefill_window", "64", "at least 128"]),
+    ({"bitdecode": {"prefill_window": 8192.0}}, ["prefill_window", "8192.0"]),
+    ({"bitdecode": {"prefill_window": True}}, ["prefill_window", "True"]),
+    ({"bitdecode": {"k_mode": "channel", "prefill_window": 8192}},
+     ["prefill_window", "k_mode='token' only"]),
 ]
+
+
+def test_prefill_window_setting():
+    assert BitDecodeConfig.from_additional_config({}).prefill_window == 16384
+    raw = {"bitdecode": {"prefill_window": 4096}}
+    assert BitDecodeConfig.from_additional_config(raw).prefill_window == 4096
 
 
 @pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS)

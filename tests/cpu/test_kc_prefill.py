@@ -16,23 +16,14 @@ import random
 import pytest
 import torch
 
+from tests.cpu.attention_stand_ins import merge_attn_states
 from vllm_bitdecode import kc_prefill
+from vllm_bitdecode import reference as ref
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.page_format import PageFormat
 
 KV_HEADS, GQA, D = 2, 4, 128
 SCALE = D**-0.5
-
-
-def _attend(q, k, v, visible):
-    """q [m, H, D], k/v [L, Hkv, D], visible [m, L] bool -> out [m, H, D], lse [H, m]."""
-    k = k.float().repeat_interleave(GQA, dim=1)
-    v = v.float().repeat_interleave(GQA, dim=1)
-    s = torch.einsum("mhd,lhd->hml", q.float(), k) * SCALE
-    s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # [H, m]
-    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-    return torch.einsum("hml,lhd->mhd", p, v), lse
 
 
 def _closed(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
@@ -49,7 +40,7 @@ def _closed(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
             outs.append(torch.full(qs.shape, 7.0))
             lses.append(torch.full((qs.shape[1], qs.shape[0]), 3.0))
             continue
-        o, lse = _attend(qs, k, v, torch.ones(qs.shape[0], n, dtype=torch.bool))
+        o, lse = ref.attention_lse(qs, k, v, SCALE, causal=False)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses, dim=1)
@@ -66,19 +57,10 @@ def _near(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
         n = int(seqused_k[j])
         blocks = table[j, : -(-n // bs)].long()
         ks, vs = k_pages[blocks].flatten(0, 1)[:n], v_pages[blocks].flatten(0, 1)[:n]
-        m = qs.shape[0]
-        visible = torch.arange(n)[None, :] <= torch.arange(m)[:, None] + (n - m)
-        o, lse = _attend(qs, ks, vs, visible)
+        o, lse = ref.attention_lse(qs, ks, vs, SCALE, causal=True)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses, dim=1)
-
-
-def _merge(out, prefix_out, prefix_lse, suffix_out, suffix_lse):
-    m = torch.maximum(prefix_lse, suffix_lse)
-    wp, ws = torch.exp(prefix_lse - m), torch.exp(suffix_lse - m)
-    total = (wp + ws).T.unsqueeze(-1)
-    out.copy_((wp.T.unsqueeze(-1) * prefix_out + ws.T.unsqueeze(-1) * suffix_out) / total)
 
 
 def _workspace(cache, table, plan, layout, dtype):
@@ -152,7 +134,7 @@ def test_two_part_prefill_matches_the_reference_over_random_schedules(dtype, blo
         k_ws, v_ws = _workspace(cache, step_table, plan, layout, dtype)
         got = torch.full(q.shape, float("nan"))
         kc_prefill.run_kc_prefill(plan, q, [o.float() for o in own], k_ws, v_ws, SCALE, _closed,
-                                  _near, _merge, got)
+                                  _near, merge_attn_states, got)
         err = float((got - expected).norm() / expected.norm())
         worst = max(worst, err)
         assert err < 1e-5, f"step {steps}: relative error {err:.2e}"

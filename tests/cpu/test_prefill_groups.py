@@ -3,9 +3,11 @@
 A step's prefill requests read their whole context back from the pages. The rows that
 takes are the sum of their contexts, which prefix-cache hits make far larger than the
 step's tokens, so the builder cuts the requests into groups that fit a workspace of
-``prefill_workspace_tokens`` rows (one request always fits) and the impl runs one
-dequantize and one FlashAttention call per group. Here the CUDA ops and FlashAttention
-are replaced by the reference and plain PyTorch; the kernels are tested on the GPU.
+``prefill_workspace_rows`` rows and the impl runs one dequantize and one FlashAttention
+call per group. A context longer than the workspace (which no longer grows with
+max_model_len) is read in windows, one group each, merged by LSE. Here the CUDA ops,
+FlashAttention and the merge are replaced by the reference and plain PyTorch; the
+kernels are tested on the GPU.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import types
 import pytest
 import torch
 
+from tests.cpu.attention_stand_ins import flash_attn_varlen, merge_attn_states
 from vllm_bitdecode import config as bd_config
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode.backend.metadata import (
     BitDecodeMetadata,
     BitDecodeMetadataBuilder,
+    context_windows,
     group_prefills,
     prefill_workspace_rows,
 )
-from vllm_bitdecode.config import BitDecodeConfig
+from vllm_bitdecode.config import PREFILL_WINDOW_TOKENS, BitDecodeConfig
 from vllm_bitdecode.page_format import rotation_signs
 
 HEADS, KV_HEADS, D, BLOCK = 8, 2, 128, 16
@@ -52,23 +56,24 @@ def test_one_group_when_everything_fits_and_a_clear_error_past_the_capacity():
     with pytest.raises(ValueError, match="needs 9 workspace rows, more than the BITDECODE "
                                          "prefill workspace's 8"):
         group_prefills([3, 9], 8)
-    # one request's context is at most max_model_len, which the workspace always holds
+    # a context up to the window fits whole (and a step's tokens always do) ...
     assert prefill_workspace_rows(False, 8192, 2048, 16) == 8192
     assert prefill_workspace_rows(False, 1024, 4096, 16) == 4096
+    # ... a longer one goes in windows: the workspace stops growing with max_model_len
+    assert PREFILL_WINDOW_TOKENS == 16384
+    for block_size in (16, 128):  # the same rows at every block size
+        assert prefill_workspace_rows(False, 131072, 2048, block_size) == 16384
+        assert prefill_workspace_rows(False, 1 << 20, 8192, block_size) == 16384
+        # the last window holds a step's tokens from a page boundary: a page more
+        assert prefill_workspace_rows(False, 131072, 16384, block_size) == 16384 + 128
+        assert prefill_workspace_rows(False, 20000, 16384, block_size) == 16384 + 128
+        assert prefill_workspace_rows(False, 131072, 20001, block_size) == 20224
+        # the prefill_window setting
+        assert prefill_workspace_rows(False, 131072, 2048, block_size, 4096) == 4096
+        assert prefill_workspace_rows(False, 131072, 4096, block_size, 4096) == 4096 + 128
     # channel mode: the pages (8192 / 16) and a scratch page per page of a 2048-token chunk,
     # plus one (a chunk starting mid-page)
     assert prefill_workspace_rows(True, 8192, 2048, 16) == (512 + 128 + 1) * 16
-
-
-def _flash_attn(*, q, k, v, max_seqlen_q, cu_seqlens_q, max_seqlen_k, cu_seqlens_k,
-                softmax_scale, causal, out, fa_version):
-    """FlashAttention's contiguous varlen call in plain PyTorch, into ``out``."""
-    assert causal and softmax_scale == SCALE
-    for j in range(cu_seqlens_q.shape[0] - 1):
-        q0, q1 = int(cu_seqlens_q[j]), int(cu_seqlens_q[j + 1])
-        k0, k1 = int(cu_seqlens_k[j]), int(cu_seqlens_k[j + 1])
-        assert q1 - q0 <= max_seqlen_q and k1 - k0 <= max_seqlen_k
-        out[q0:q1] = ref.attention(q[q0:q1], k[k0:k1], v[k0:k1], SCALE).to(out.dtype)
 
 
 @pytest.fixture
@@ -77,7 +82,7 @@ def impl_mod(monkeypatch):
     records each dequantize call's workspace rows."""
     from vllm.v1.attention.backends import fa_utils
 
-    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", _flash_attn, raising=False)
+    monkeypatch.setattr(fa_utils, "flash_attn_varlen_func", flash_attn_varlen, raising=False)
     from vllm_bitdecode.backend import impl as mod
 
     calls: list[int] = []
@@ -88,25 +93,30 @@ def impl_mod(monkeypatch):
         calls.append(k_out.shape[0])
         for i, n in enumerate(seq_lens.tolist()):
             assert n <= max_tokens
+            assert table.stride(1) == 1  # the kernel's requirement (a window's table is a view)
             k, v = ref.read_blocks(cache, table[i, : -(-n // block_size)], n, fmt, k_out.dtype)
             w = int(out_start[i])
             k_out[w : w + n], v_out[w : w + n] = k.to(k_out.dtype), v.to(v_out.dtype)
 
     monkeypatch.setattr(mod.ops, "dequantize_pages", dequantize)
+    monkeypatch.setattr(mod, "_merge_attn_states", merge_attn_states)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # the impl checks the model dtype
     yield mod, calls
     torch.set_default_dtype(default)
 
 
-def _step(cfg: BitDecodeConfig, capacity: int, seed: int):
-    """A prefill-only step over random pages, its metadata from the builder's
-    _build_prefill, and the reference output."""
+def _step(cfg: BitDecodeConfig, capacity: int, seed: int, max_len: int | None = None):
+    """A prefill-only step over random pages (contexts up to ``max_len``, by default the
+    workspace's ``capacity``), its metadata from the builder's _build_prefill, and the
+    reference output."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     fmt = cfg.page_format(D, BLOCK)
-    lens = [rng.randint(1, capacity) for _ in range(rng.randint(2, 7))]
-    qlens = [rng.randint(1, n) for n in lens]  # chunks ending at the context's end
+    lens = [rng.randint(1, max_len or capacity) for _ in range(rng.randint(2, 7))]
+    # chunks ending at the context's end; a long context's chunk leaves its last window
+    # a page (prefill_workspace_rows keeps that room)
+    qlens = [rng.randint(1, n if n <= capacity else capacity - BLOCK) for n in lens]
     max_blocks = -(-max(lens) // BLOCK)
     perm = torch.randperm(len(lens) * max_blocks, generator=gen).to(torch.int32)
     table = perm.view(len(lens), max_blocks)  # permuted pages
@@ -125,7 +135,7 @@ def _step(cfg: BitDecodeConfig, capacity: int, seed: int):
                                 seq_lens_cpu_upper_bound=seq_lens, num_reqs=len(lens),
                                 block_table_tensor=table)
     builder = types.SimpleNamespace(bitdecode=cfg, prefill_workspace_rows=capacity,
-                                    device=torch.device("cpu"))
+                                    device=torch.device("cpu"), page_format=fmt)
     prefill = BitDecodeMetadataBuilder._build_prefill(builder, cam, 0, 0)
     md = BitDecodeMetadata(
         num_actual_tokens=q.shape[0], slot_mapping=torch.zeros(0, dtype=torch.int64),
@@ -137,28 +147,87 @@ def _step(cfg: BitDecodeConfig, capacity: int, seed: int):
     return q, cache, md, want, lens
 
 
+def _prefill_matches_the_reference(mod, bits: int, rotate_k: bool, capacity: int, seed: int,
+                                   max_len: int | None = None):
+    """Runs a random prefill step (``_step``) through the impl with the workspace and
+    the output poisoned (a row read before any dequantize wrote it, or never written,
+    shows as NaN), checks the output against the reference, and returns the step's
+    metadata and context lengths."""
+    cfg = BitDecodeConfig(bits=bits, rotate_k=rotate_k)
+    bd_config.set_active(cfg)
+    q, cache, md, want, lens = _step(cfg, capacity, seed, max_len)
+    impl = mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
+    impl.prefill_workspace = torch.full((2, capacity, KV_HEADS, D), float("nan"),
+                                        dtype=torch.bfloat16)
+    out = torch.full_like(q, float("nan"))
+    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q, q,
+                 cache, md, output=out)
+    assert torch.isfinite(out).all()
+    err = float((out.float() - want).norm() / want.norm())
+    assert err < 1e-2, err
+    return md, lens
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("rotate_k", [True, False])
 @pytest.mark.parametrize("seed", range(3))
 def test_grouped_prefill_matches_the_reference(impl_mod, bits, rotate_k, seed):
     mod, calls = impl_mod
-    cfg = BitDecodeConfig(bits=bits, rotate_k=rotate_k)
-    bd_config.set_active(cfg)
     capacity = 160
-    q, cache, md, want, lens = _step(cfg, capacity, seed)
-    impl = mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
-    impl.prefill_workspace = torch.full((2, capacity, KV_HEADS, D), float("nan"),
-                                        dtype=torch.bfloat16)
-    out = torch.full_like(q, float("nan"))  # poisoned: every row must be written
-    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q, q,
-                 cache, md, output=out)
+    md, lens = _prefill_matches_the_reference(mod, bits, rotate_k, capacity, seed)
     groups = md.prefill.groups
     assert len(groups) == len(group_prefills(lens, capacity)) and len(groups) == len(calls)
     assert sum(lens) <= capacity or len(groups) > 1
     assert all(rows <= capacity for rows in calls)
-    assert torch.isfinite(out).all()
-    err = float((out.float() - want).norm() / want.norm())
-    assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_context_windows_cover_the_context_in_pages(seed):
+    rng = random.Random(seed)
+    bs = rng.choice([16, 32, 64, 128])
+    capacity = bs * rng.randint(2, 12)
+    seq_len = rng.randint(1, 5 * capacity)
+    query_len = rng.randint(1, min(seq_len, capacity - bs))
+    wins = context_windows(seq_len, query_len, capacity, bs)
+    assert wins[0][0] == 0 and wins[-1][1] == seq_len
+    for (_, end), (begin, _) in zip(wins[:-1], wins[1:], strict=True):
+        assert end == begin  # every key once, in order
+    assert all(0 < e - b <= capacity and b % bs == 0 for b, e in wins)
+    assert wins[-1][0] <= seq_len - query_len  # the queries' own keys in the causal one
+    assert (len(wins) == 1) == (seq_len <= capacity)
+    assert len(wins) <= -(-seq_len // capacity) + 1
+
+
+def test_context_windows_refuse_what_they_cannot_place():
+    assert context_windows(100, 100, 100, 16) == [(0, 100)]  # fits whole: no page rule
+    assert context_windows(100, 20, 64, 16) == [(0, 48), (48, 100)]
+    with pytest.raises(ValueError, match="60 rows are not whole 16-token pages"):
+        context_windows(100, 20, 60, 16)
+    with pytest.raises(ValueError, match="chunk of 60 tokens does not fit a window"):
+        context_windows(100, 60, 64, 16)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("rotate_k", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_long_contexts_read_in_windows_match_the_reference(impl_mod, bits, rotate_k, seed):
+    """Contexts up to about 5 workspaces long: each is read in windows of its own (the
+    causal one last), the rest grouped as before, and the LSE merges give the reference's
+    attention."""
+    mod, calls = impl_mod
+    capacity = 64
+    md, lens = _prefill_matches_the_reference(mod, bits, rotate_k, capacity, 100 + seed,
+                                              max_len=5 * capacity)
+    groups = md.prefill.groups
+    windowed = [g for g in groups if g.windows > 1]
+    assert windowed and sum(n > capacity for n in lens) == sum(g.window == 0 for g in windowed)
+    for g in windowed:  # a context's windows in order, from a page each, end to end
+        if g.window == 0:
+            end = 0
+        assert g.kv_begin == end and end % BLOCK == 0 and g.max_seq_len <= capacity
+        end += g.max_seq_len
+        assert g.window < g.windows - 1 or end in lens
+    assert all(rows <= capacity for rows in calls) and len(calls) == len(groups)
 
 
 def test_a_group_larger_than_the_workspace_is_refused(impl_mod):

@@ -54,6 +54,7 @@ MAX_LEN = 16384
 BLOCK = int(os.environ.get("BITDECODE_SERVING_BLOCK", "16"))  # 16: vLLM's default
 
 LONG, CHUNK, LONG_GEN = 15000, 2048 if K_MODE == "token" else 2040, 16
+WINDOWED = {"prefill_window": 4096} if K_MODE == "token" else {}  # channel mode reads whole
 PREFIX, SUFFIX_A, SUFFIX_B, PREFIX_GEN = 6000, 300, 500, 16
 # Short prompts and long answers: all requests start, then outgrow the cache. vLLM's
 # scheduler, simulated on CPU with these numbers, preempts 12 times.
@@ -119,8 +120,12 @@ def _specs(model: str, bits: int) -> dict[str, dict]:
             _job("prefix_other", p["prefix_a"], PREFIX_GEN, capture=False),
             _job("prefix_warm", p["prefix_b"], PREFIX_GEN, reset=False),
         ]),
+        # per-token K: the chunks read their context in windows of 4,096 tokens (merged by
+        # LSE), the one-piece reference its whole 15,000 tokens in one
         "constrained": dict(common, enforce_eager=True, max_num_batched_tokens=CHUNK,
-                            num_gpu_blocks_override=NUM_BLOCKS, jobs=[
+                            num_gpu_blocks_override=NUM_BLOCKS,
+                            bitdecode=dict(common["bitdecode"], **WINDOWED),
+                            count_prefill_groups=True, jobs=[
             _job("long", p["long"], LONG_GEN),
             _job("preempt", p["preempt"], PREEMPT_GEN),
         ]),
@@ -250,9 +255,11 @@ def test_chunked_prefill_matches_one_piece_prefill(engine, bits):
     since BITDECODE's prefill reads back even the chunk's own tokens. What differs is
     arithmetic order: GEMMs over 2,048 rather than 15,000 rows may pick other cuBLAS
     kernels (a K/V element can round to the other bf16 neighbour, and rarely that moves
-    its 4/2-bit code), and FlashAttention splits a shorter query range differently. So
-    greedy tokens are asserted equal (short of a bf16 tie, see _assert_greedy_equal),
-    and the attention rows (recorded with their positions) within 2% overall, against
+    its 4/2-bit code), FlashAttention splits a shorter query range differently, and with
+    per-token K the chunks read their history in 4,096-token windows merged by LSE (each
+    merge rounds to bf16 once, as FlashAttention's output is). So greedy tokens are
+    asserted equal (short of a bf16 tie, see _assert_greedy_equal), and the attention
+    rows (recorded with their positions) within 2% overall, against
     ~10% for the 4-bit quantization itself and ~100% for a chunk that missed its history.
     """
     ref = engine("reference", bits)["jobs"]["long"]
@@ -267,6 +274,8 @@ def test_chunked_prefill_matches_one_piece_prefill(engine, bits):
                                      strict=True) if first < LONG]
     assert sum(prefill) == LONG and max(prefill) <= CHUNK
     assert len(prefill) >= math.ceil(LONG / CHUNK)
+    if WINDOWED:  # the chunks past the first 4,096 tokens read their history in windows
+        assert chunked["prefill_groups"]["windowed_steps"] >= LONG // CHUNK - 2
     ties = _assert_greedy_equal(chunked, ref, f"chunked vs one piece ({bits}-bit)")
     _assert_rows_match(chunked["capture"], ref["capture"], bits, "chunked vs one piece",
                        _first_diverged_position(ties, _prompts()["long"]))

@@ -105,7 +105,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         rows = prefill_workspace_rows(
             self.bitdecode.channel_k, vllm_config.model_config.max_model_len,
             vllm_config.scheduler_config.max_num_batched_tokens,
-            vllm_config.cache_config.block_size)
+            vllm_config.cache_config.block_size, self.bitdecode.prefill_window)
         dtype = vllm_config.model_config.dtype
         device = torch.device("cuda", torch.cuda.current_device())
         shape = (2, rows, self.num_kv_heads, self.head_size)
@@ -262,26 +262,40 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         output: torch.Tensor,
     ) -> None:
         """Prefill chunks attend to their whole context read back from the pages, one
-        group of requests at a time through the bounded workspace."""
+        group of requests at a time through the bounded workspace; a context longer than
+        the workspace window by window, the windows' results merged by LSE."""
         fmt = md.page_format
         start = md.num_decode_tokens
         q = query[start : md.num_actual_tokens]
         if md.rotation_signs is not None:  # K was stored rotated: rotate Q the same way
             q = (q.float() @ self._rotation_matrix(q)).to(q.dtype)
+        merged: tuple[torch.Tensor, torch.Tensor] | None = None  # the windows so far
         for g in md.prefill.groups:
             k, v = self._workspace_rows(g.total_kv_tokens, query)
             ops.dequantize_pages(
                 kv_cache, g.block_table, g.seq_lens, g.kv_start_loc, k, v,
                 fmt.bits, fmt.group_size, fmt.block_size, g.max_seq_len,
             )
-            self._flash_attn_varlen(
+            out = output[start + g.token_begin : start + g.token_end]
+            last = g.window == g.windows - 1
+            result = self._flash_attn_varlen(
                 q=q[g.token_begin : g.token_end], k=k, v=v,
                 max_seqlen_q=g.max_query_len, cu_seqlens_q=g.query_start_loc,
                 max_seqlen_k=g.max_seq_len, cu_seqlens_k=g.kv_start_loc,
-                softmax_scale=self.scale, causal=True,
-                out=output[start + g.token_begin : start + g.token_end],
-                fa_version=self.fa_version,
+                softmax_scale=self.scale, causal=last, out=out if g.windows == 1 else None,
+                return_softmax_lse=g.windows > 1, fa_version=self.fa_version,
             )
+            if g.windows == 1:
+                continue
+            if merged is None:  # the context's first window
+                merged = result
+                continue
+            # the last merge writes the output; the ones before it, each rounded to the
+            # model dtype once as FlashAttention's own output is, keep their LSE
+            acc = out if last else torch.empty_like(out)
+            acc_lse = None if last else torch.empty_like(result[1])
+            _merge_attn_states(acc, *merged, *result, acc_lse)
+            merged = None if last else (acc, acc_lse)
 
     def _workspace_rows(self, rows: int, like: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -302,10 +316,11 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         return self._rotation
 
 
-def _merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse) -> None:
+def _merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse,
+                       out_lse=None) -> None:
     from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
 
-    merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse)
+    merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, out_lse)
 
 
 def _block_size(kv_cache: torch.Tensor, cfg: config.BitDecodeConfig, head_size: int) -> int:

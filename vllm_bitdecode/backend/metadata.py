@@ -22,7 +22,12 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_bitdecode import config, kc_prefill, residual_slots
-from vllm_bitdecode.page_format import TILE_TOKENS, PageFormat, rotation_signs
+from vllm_bitdecode.page_format import (
+    SUPPORTED_BLOCK_SIZES,
+    TILE_TOKENS,
+    PageFormat,
+    rotation_signs,
+)
 
 # Under "vllm." so that vLLM's own logging configuration (handler, format, level) applies:
 # a logger outside that tree prints nothing below WARNING in a vLLM process.
@@ -91,6 +96,12 @@ class PrefillGroup:
     max_query_len: int
     max_seq_len: int
     total_kv_tokens: int  # workspace rows the group fills
+    # a context longer than the workspace is read in windows, one group each, merged by
+    # LSE: window i of n covers tokens from kv_begin; only the last (i = n - 1) holds the
+    # queries' own positions and is causal, the others are seen whole by every query
+    window: int = 0
+    windows: int = 1
+    kv_begin: int = 0
 
 
 @dataclass
@@ -104,15 +115,45 @@ class PrefillMetadata:
 
 
 def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_tokens: int,
-                           block_size: int) -> int:
-    """Rows of K and V that prefill dequantizes into at most, per layer call: one
-    request's always fit, and a step's requests are grouped so that no group needs more.
-    Without the bound the rows were the sum of the contexts of a step's prefills, which
-    prefix-cache hits make far larger than the step's tokens. Per-token K: one request's
-    context (at most max_model_len); channel mode: ``kc_prefill.workspace_rows``."""
+                           block_size: int,
+                           window: int = config.PREFILL_WINDOW_TOKENS) -> int:
+    """Rows of K and V that prefill dequantizes into at most, per layer call; a step's
+    requests are grouped so that no group needs more. Without the bound the rows were
+    the sum of the contexts of a step's prefills, which prefix-cache hits make far larger
+    than the step's tokens.
+
+    Per-token K: a whole context up to ``window`` tokens (and up to a step's tokens);
+    a longer one is read in windows (:func:`context_windows`), whose last must hold a
+    step's tokens and start on a page, so the rows are then at least a step's tokens plus
+    the largest page, and a whole number of the largest pages, whatever the block size
+    (the impl sizes the workspace before vLLM settles it). Channel mode:
+    ``kc_prefill.workspace_rows``, one whole request."""
     if channel_k:
         return kc_prefill.workspace_rows(max_model_len, max_num_batched_tokens, block_size)
-    return max(max_model_len, max_num_batched_tokens)
+    rows = max(min(max_model_len, window), max_num_batched_tokens)
+    if rows >= max_model_len:
+        return rows  # every context fits whole
+    page = max(SUPPORTED_BLOCK_SIZES)
+    return -(-max(rows, max_num_batched_tokens + page) // page) * page
+
+
+def context_windows(seq_len: int, query_len: int, capacity: int,
+                    block_size: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` token windows, in order, that cover a context of ``seq_len``
+    tokens, each at most ``capacity`` long: the whole context when it fits; else windows
+    of ``capacity`` tokens from the start, each beginning on a page (dequantize_pages
+    reads from a page), and a last one that ends at the context's end and holds the
+    ``query_len`` newest positions, the queries' own, where attention is causal."""
+    if seq_len <= capacity:
+        return [(0, seq_len)]
+    if capacity % block_size:
+        raise ValueError(f"the prefill workspace's {capacity} rows are not whole "
+                         f"{block_size}-token pages")
+    last = -(-(seq_len - capacity) // block_size) * block_size  # on a page, ends at seq_len
+    if last > seq_len - query_len:
+        raise ValueError(f"a prefill chunk of {query_len} tokens does not fit a window of "
+                         f"the BITDECODE prefill workspace's {capacity} rows")
+    return [(a, min(a + capacity, last)) for a in range(0, last, capacity)] + [(last, seq_len)]
 
 
 def group_prefills(rows_needed: list[int], capacity: int) -> list[tuple[int, int]]:
@@ -140,24 +181,42 @@ def build_prefill_groups(
     block_table: torch.Tensor,  # [n, max_blocks] int32 on the device
     capacity: int,
     device: torch.device,
+    block_size: int,
 ) -> list[PrefillGroup]:
-    """The groups of :func:`group_prefills` with their offsets, sent to the device in
+    """The groups of :func:`group_prefills`, a context longer than the workspace in
+    windows of its own (:func:`context_windows`), their offsets sent to the device in
     one copy."""
-    runs = group_prefills(seq_lens_cpu.tolist(), capacity)
-    host = []  # per run: query starts and KV starts, each from the run's first row
-    for b, e in runs:
-        kv = torch.zeros(e - b + 1, dtype=torch.int32)
-        torch.cumsum(seq_lens_cpu[b:e], 0, out=kv[1:])
-        host.append((query_start_loc_cpu[b : e + 1] - query_start_loc_cpu[b], kv))
-    flat = torch.cat([t for pair in host for t in pair]).to(torch.int32)
-    dev = flat.to(device, non_blocking=True).split([len(t) for pair in host for t in pair])
+    lens = seq_lens_cpu.tolist()
+    qlens = (query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).tolist()
+    # per group: its requests [b, e), its window (index, count, first token) and, on the
+    # host, its query starts and KV starts from the group's first row
+    specs: list[tuple[int, int, tuple[int, int, int], torch.Tensor, torch.Tensor]] = []
+    for b, e in group_prefills([min(n, capacity) for n in lens], capacity):
+        if lens[b] <= capacity:  # the run's contexts fit whole
+            kv = torch.zeros(e - b + 1, dtype=torch.int32)
+            torch.cumsum(seq_lens_cpu[b:e], 0, out=kv[1:])
+            specs.append((b, e, (0, 1, 0),
+                          query_start_loc_cpu[b : e + 1] - query_start_loc_cpu[b], kv))
+            continue
+        wins = context_windows(lens[b], qlens[b], capacity, block_size)  # alone: e == b + 1
+        for i, (k0, k1) in enumerate(wins):
+            specs.append((b, e, (i, len(wins), k0), torch.tensor([0, qlens[b]]),
+                          torch.tensor([0, k1 - k0])))
+    host = [t for *_, qsl, kv in specs for t in (qsl, kv)]
+    dev = iter(torch.cat(host).to(torch.int32).to(device, non_blocking=True)
+               .split([len(t) for t in host]))
     groups = []
-    for i, ((b, e), (qsl, kv)) in enumerate(zip(runs, host, strict=True)):
+    for b, e, (i, n, k0), qsl, kv in specs:
+        query_start_loc, kv_start_loc = next(dev), next(dev)
         groups.append(PrefillGroup(
             token_begin=int(query_start_loc_cpu[b]), token_end=int(query_start_loc_cpu[e]),
-            query_start_loc=dev[2 * i], kv_start_loc=dev[2 * i + 1], seq_lens=seq_lens[b:e],
-            block_table=block_table[b:e], max_query_len=int((qsl[1:] - qsl[:-1]).max()),
-            max_seq_len=int(seq_lens_cpu[b:e].max()), total_kv_tokens=int(kv[-1])))
+            query_start_loc=query_start_loc, kv_start_loc=kv_start_loc,
+            # a window's length is its one request's KV end
+            seq_lens=seq_lens[b:e] if n == 1 else kv_start_loc[1:],
+            block_table=block_table[b:e, k0 // block_size :],  # its pages from k0 on
+            max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+            max_seq_len=int(seq_lens_cpu[b:e].max()) if n == 1 else int(kv[-1]),
+            total_kv_tokens=int(kv[-1]), window=i, windows=n, kv_begin=k0))
     return groups
 
 
@@ -268,7 +327,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
                           if self.bitdecode.channel_k else None)
         self.prefill_workspace_rows = prefill_workspace_rows(
             self.bitdecode.channel_k, model.max_model_len,
-            vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size)
+            vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size,
+            self.bitdecode.prefill_window)
 
     def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
         """Persistent buffers of sparse mode. The score workspace holds one key per token
@@ -405,6 +465,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         groups = []
         if not self.bitdecode.channel_k:
             groups = build_prefill_groups(qsl_cpu, seq_lens_cpu, seq_lens, block_table,
-                                          self.prefill_workspace_rows, self.device)
+                                          self.prefill_workspace_rows, self.device,
+                                          self.page_format.block_size)
         return PrefillMetadata(seq_lens=seq_lens, block_table=block_table,
                                max_seq_len=int(seq_lens_cpu.max()), groups=groups)

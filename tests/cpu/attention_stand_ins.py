@@ -1,0 +1,44 @@
+"""Plain-PyTorch stand-ins for the attention calls the backend makes on the GPU
+(FlashAttention's varlen function, vLLM's merge_attn_states), for CPU tests that run the
+impl with the reference in place of every CUDA op."""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_bitdecode import reference as ref
+
+
+def flash_attn_varlen(*, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale,
+                      causal, fa_version, cu_seqlens_k=None, seqused_k=None, block_table=None,
+                      out=None, return_softmax_lse=False):
+    """FlashAttention's varlen call: K/V paged (block_table, seqused_k) or contiguous
+    (cu_seqlens_k); causal from the bottom right when asked; into ``out`` if given, and
+    with the LSE ([heads, tokens]) if asked."""
+    outs, lses = [], []
+    for j in range(cu_seqlens_q.shape[0] - 1):
+        qs = q[int(cu_seqlens_q[j]) : int(cu_seqlens_q[j + 1])]
+        if block_table is not None:
+            n = int(seqused_k[j])
+            pages = block_table[j, : -(-n // k.shape[1])].long()
+            ks, vs = k[pages].flatten(0, 1)[:n], v[pages].flatten(0, 1)[:n]
+        else:
+            ks = k[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
+            vs = v[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
+        assert qs.shape[0] <= max_seqlen_q and ks.shape[0] <= max_seqlen_k
+        o, lse = ref.attention_lse(qs, ks, vs, softmax_scale, causal)
+        outs.append(o.to(q.dtype))
+        lses.append(lse)
+    result = torch.cat(outs)
+    if out is not None:
+        out.copy_(result)
+        result = out
+    return (result, torch.cat(lses, dim=1)) if return_softmax_lse else result
+
+
+def merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, out_lse=None):
+    """vLLM's merge_attn_states: ``out`` (and ``out_lse`` if given) written."""
+    o, lse = ref.merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
+    out.copy_(o)
+    if out_lse is not None:
+        out_lse.copy_(lse)
