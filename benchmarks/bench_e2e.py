@@ -11,6 +11,11 @@ Each engine, once started, runs every case asked for:
   prompts are prefilled once; then generating 1 and 1 + N tokens from the cached
   prompts is timed (best of 2 each), and ms/step = (t(1 + N) - t(1)) / N, so prefill,
   scheduling set-up and sampling of the first token cancel out.
+- ``decode_b8_128k`` (only when named in ``--cases``): the same at batch 8 x 130,560,
+  where attention is most of a step and sparse decode (issue #6) can show what it saves.
+  It needs 1.05M KV tokens, more than a bf16 cache holds on one 80-141 GB GPU; a decode
+  case whose requests do not all fit in the engine's cache is recorded as skipped, since
+  its timing would include requests waiting for room.
 - ``capacity_32k``: vLLM's own "GPU KV cache size" (tokens) and the largest batch of
   32K-token requests it holds (kv_tokens // (32,768 + 1 rounded up to 16-token blocks)).
 - ``throughput``: ``vllm bench throughput``'s measurement (all requests submitted at
@@ -85,7 +90,13 @@ BACKENDS: dict[str, tuple[str, str, dict[str, Any]]] = {
                                                               "token_budget": SPARSE_BUDGET,
                                                               "granularity": "page"}}}),
 }
-CASES = ("decode_b1_128k", "decode_b8_32k", "capacity_32k", "throughput")
+CASES = ("decode_b1_128k", "decode_b8_32k", "decode_b8_128k", "capacity_32k", "throughput")
+DEFAULT_CASES = ("decode_b1_128k", "decode_b8_32k", "capacity_32k", "throughput")  # "all"
+# decode case -> (batch, the settings key of its context)
+DECODE_CASES = {"decode_b1_128k": (1, "b1_context"), "decode_b8_32k": (8, "b8_context"),
+                "decode_b8_128k": (8, "b8_long_context")}
+DEFAULT_CONTEXTS = {"b1_context": B1_CONTEXT, "b8_context": B8_CONTEXT,
+                    "b8_long_context": B1_CONTEXT}
 RECORD_KEYS = ("backend", "kv", "case", "batch", "context", "ms_per_step", "tokens_per_s",
                "kv_cache_tokens")
 
@@ -125,8 +136,9 @@ def resolve_backends(text: str) -> list[str]:
 
 
 def resolve_cases(text: str) -> list[str]:
+    """"all" (issue #4's four cases) or a comma list of CASES, in the canonical order."""
     if text.strip().lower() == "all":
-        return list(CASES)
+        return list(DEFAULT_CASES)
     cases = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in cases if c not in CASES]
     if bad:
@@ -141,6 +153,16 @@ def max_batch(kv_cache_tokens: int | None, context: int, new_tokens: int = 1,
         return None
     per_request = math.ceil((context + new_tokens) / block) * block
     return kv_cache_tokens // per_request
+
+
+def does_not_fit(kv_cache_tokens: int | None, batch: int, context: int, steps: int) -> str:
+    """Why a decode timing of ``batch`` requests of ``context`` tokens decoding 1 + steps
+    tokens is not one batch decoding together (empty when it is, or the size is unknown)."""
+    fits = max_batch(kv_cache_tokens, context, new_tokens=1 + steps)
+    if fits is None or fits >= batch:
+        return ""
+    return (f"does not fit: {batch} x {context} tokens need more than the cache's "
+            f"{kv_cache_tokens:,} ({fits} fit), so the timing includes requests waiting")
 
 
 def fa2_available() -> tuple[bool, str]:
@@ -180,6 +202,11 @@ def records_from_result(key: str, cases: list[str], res: dict[str, Any]) -> list
             if t is None:
                 out.append(_record(key, case, skipped="no timing in the engine's result"))
                 continue
+            crowded = does_not_fit(kv_tokens, t["batch"], t["context"], t["steps"])
+            if crowded:
+                out.append(_record(key, case, batch=t["batch"], context=t["context"],
+                                   kv_cache_tokens=kv_tokens, skipped=crowded))
+                continue
             ms = t["ms_per_step"]
             out.append(_record(key, case, batch=t["batch"], context=t["context"],
                                ms_per_step=ms, tokens_per_s=1000.0 * t["batch"] / ms,
@@ -209,7 +236,8 @@ def _decode_shape(case: str, res: dict[str, Any]) -> tuple[int, int]:
     shapes = res.get("decode_shapes", {})
     if case in shapes:
         return tuple(shapes[case])  # type: ignore[return-value]
-    return (1, B1_CONTEXT) if case == "decode_b1_128k" else (8, B8_CONTEXT)
+    batch, setting = DECODE_CASES[case]
+    return batch, DEFAULT_CONTEXTS[setting]
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
@@ -300,7 +328,8 @@ def summary_table(records: list[dict[str, Any]]) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [f"{'backend':<11}{'kv':<20}{'case':<16}{'batch':>6}{'context':>9}"
-             f"{'ms/step':>9}{'tok/s':>11}{'KV tokens':>12}{'x bf16':>8}{'x fp8':>7}"]
+             f"{'ms/step':>9}{'tok/s':>11}{'KV tokens':>12}{'x bf16':>8}{'x fp8':>7}"
+             f"{'x int4':>8}"]
     for r in records:
         if r.get("skipped"):
             lines.append(f"{r['backend']:<11}{r['kv']:<20}{r['case']:<16} skipped: "
@@ -310,7 +339,8 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             f"{r['backend']:<11}{r['kv']:<20}{r['case']:<16}{f(r['batch'], 'd'):>6}"
             f"{f(r['context'], 'd'):>9}{f(r['ms_per_step'], '.2f'):>9}"
             f"{f(r['tokens_per_s'], ',.0f'):>11}{f(r['kv_cache_tokens'], ',d'):>12}"
-            f"{f(r.get('vs_bf16'), '.2f'):>8}{f(r.get('vs_fp8'), '.2f'):>7}")
+            f"{f(r.get('vs_bf16'), '.2f'):>8}{f(r.get('vs_fp8'), '.2f'):>7}"
+            f"{f(r.get('vs_int4'), '.2f'):>8}")
     return "\n".join(lines)
 
 
@@ -318,6 +348,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
 def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     s = dict(
         steps=args.steps, b1_context=args.b1_context, b8_context=args.b8_context,
+        b8_long_context=args.b8_long_context,
         tp_num_prompts=args.tp_num_prompts, tp_input_len=args.tp_input_len,
         tp_output_len=args.tp_output_len, gpu_memory_utilization=args.gpu_memory_utilization,
         tq_gpu_memory_utilization=args.tq_gpu_memory_utilization,
@@ -327,6 +358,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.quick:
         s.update(steps=min(args.steps, 16), b1_context=min(args.b1_context, 32 * 1024),
+                 b8_long_context=min(args.b8_long_context, 32 * 1024),
                  tp_num_prompts=min(args.tp_num_prompts, 16),
                  tp_input_len=min(args.tp_input_len, 4096),
                  tp_output_len=min(args.tp_output_len, 128))
@@ -353,12 +385,11 @@ def engine_spec(key: str, model: str, cases: list[str], s: dict[str, Any]) -> di
         sizes = [n for n in s["cudagraph_capture_sizes"] if n <= s["max_num_seqs"]]
         spec["compilation_config"] = {"cudagraph_capture_sizes": sizes}
     timings, shapes = [], {}
-    if "decode_b1_128k" in cases:
-        timings.append(dict(batch=1, context=s["b1_context"], steps=s["steps"]))
-        shapes["decode_b1_128k"] = (1, s["b1_context"])
-    if "decode_b8_32k" in cases:
-        timings.append(dict(batch=8, context=s["b8_context"], steps=s["steps"]))
-        shapes["decode_b8_32k"] = (8, s["b8_context"])
+    for case, (batch, setting) in DECODE_CASES.items():
+        if case in cases:
+            context = s.get(setting, DEFAULT_CONTEXTS[setting])
+            timings.append(dict(batch=batch, context=context, steps=s["steps"]))
+            shapes[case] = (batch, context)
     if timings:
         spec["decode_timings"] = timings
     spec["_decode_shapes"] = shapes
@@ -474,7 +505,7 @@ def write_results(path: Path, doc: dict[str, Any]) -> None:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    """Up to four panels: decode ms/step (B=1 128K, B=8 32K), KV capacity, throughput."""
+    """A panel per case measured: decode ms/step per shape, KV capacity, throughput."""
     try:
         import matplotlib
     except ImportError:
@@ -487,9 +518,13 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     st = doc.get("settings") or {}
     workload = (f"{st['tp_num_prompts']} x {st['tp_input_len']} in / {st['tp_output_len']} out"
                 if {"tp_num_prompts", "tp_input_len", "tp_output_len"} <= st.keys() else "")
+    def decode_title(case: str) -> str:
+        shape = next(((r["batch"], r["context"]) for r in recs if r["case"] == case),
+                     _decode_shape(case, {}))
+        return f"decode ms/step, B={shape[0]} x {round(shape[1] / 1024)}K (lower is better)"
+
     panels = [
-        ("decode_b1_128k", "ms_per_step", "decode ms/step, B=1 x 128K (lower is better)"),
-        ("decode_b8_32k", "ms_per_step", "decode ms/step, B=8 x 32K (lower is better)"),
+        *((case, "ms_per_step", decode_title(case)) for case in DECODE_CASES),
         ("capacity_32k", "kv_cache_tokens", "KV cache tokens (max batch of 32K on bars)"),
         ("throughput", "tokens_per_s", f"throughput {workload}, total tokens/s"),
     ]
@@ -513,7 +548,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         ax.set_title(title, fontsize=9)
         ax.margins(y=0.18)
         for bar, r in zip(bars, rows, strict=True):
-            note = f"{r['vs_bf16']:.2f}x" if r.get("vs_bf16") else ""
+            # against bf16, or against dense 4-bit where bf16 did not run (sparse, 8 x 128K)
+            note = (f"{r['vs_bf16']:.2f}x" if r.get("vs_bf16") else
+                    f"{r['vs_int4']:.2f}x int4" if r.get("vs_int4") else "")
             if case == "capacity_32k" and r.get("batch") is not None:
                 note = f"B={r['batch']}\n{note}"
             if case == "throughput" and r.get("kv_cache_tokens"):
@@ -538,12 +575,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backends", default="all",
                     help="'all' or a comma list of " + ", ".join(BACKENDS)
                     + " (or their kv part: bf16, fp8, tq4, int4, int2)")
-    ap.add_argument("--cases", default="all", help="'all' or a comma list of " + ", ".join(CASES))
+    ap.add_argument("--cases", default="all",
+                    help="'all' (" + ", ".join(DEFAULT_CASES) + ") or a comma list of "
+                    + ", ".join(CASES))
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: B=1 at 32K, 16 steps, throughput 16 x 4096 in / 128 out")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per case")
     ap.add_argument("--b1-context", type=int, default=B1_CONTEXT)
     ap.add_argument("--b8-context", type=int, default=B8_CONTEXT)
+    ap.add_argument("--b8-long-context", type=int, default=B1_CONTEXT,
+                    help="context of decode_b8_128k")
     ap.add_argument("--tp-num-prompts", type=int, default=64)
     ap.add_argument("--tp-input-len", type=int, default=16384)
     ap.add_argument("--tp-output-len", type=int, default=512)

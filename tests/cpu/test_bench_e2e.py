@@ -35,8 +35,11 @@ def test_resolve_backends(bench):
 
 
 def test_resolve_cases(bench):
-    assert bench.resolve_cases("all") == list(bench.CASES)
+    assert bench.resolve_cases("all") == list(bench.DEFAULT_CASES)
+    assert "decode_b8_128k" not in bench.DEFAULT_CASES  # bf16 cannot hold it: by name only
     assert bench.resolve_cases("throughput,decode_b1_128k") == ["decode_b1_128k", "throughput"]
+    assert bench.resolve_cases("decode_b8_128k,decode_b8_32k") == ["decode_b8_32k",
+                                                                    "decode_b8_128k"]
     with pytest.raises(ValueError):
         bench.resolve_cases("decode_b2")
 
@@ -50,7 +53,7 @@ def test_max_batch_and_slug(bench):
 
 def test_engine_specs(bench):
     s = bench.settings_from_args(bench.parse_args([]))
-    cases = list(bench.CASES)
+    cases = list(bench.DEFAULT_CASES)
     tq = bench.engine_spec("TURBOQUANT:tq4", "m", cases, s)
     assert tq["backend"] is None and tq["kv_cache_dtype"] == "turboquant_4bit_nc"
     assert tq["gpu_memory_utilization"] == 0.8  # its own: it needs memory vLLM doesn't budget
@@ -68,6 +71,15 @@ def test_engine_specs(bench):
     assert "decode_timings" not in only and "throughput" not in only
     quick = bench.settings_from_args(bench.parse_args(["--quick"]))
     assert quick["b1_context"] == 32768 and quick["tp_num_prompts"] == 16
+    long8 = bench.engine_spec("BITDECODE:int4-sparse-pages", "m",
+                              ["decode_b1_128k", "decode_b8_128k"], s)
+    assert [(t["batch"], t["context"]) for t in long8["decode_timings"]] == [(1, 130560),
+                                                                             (8, 130560)]
+    assert long8["_decode_shapes"]["decode_b8_128k"] == (8, 130560)
+    other = bench.settings_from_args(bench.parse_args(["--b8-long-context", "65536"]))
+    assert bench.engine_spec("BITDECODE:int4", "m", ["decode_b8_128k"], other)[
+        "decode_timings"] == [dict(batch=8, context=65536, steps=64)]
+    assert quick["b8_long_context"] == 32768
     vllm_sizes = bench.settings_from_args(bench.parse_args(["--cudagraph-sizes", "vllm"]))
     assert "compilation_config" not in bench.engine_spec("FLASH_ATTN:bf16", "m", cases,
                                                          vllm_sizes)
@@ -108,7 +120,7 @@ def _fake_result(ms_b1, ms_b8, kv, tps):
 
 
 def test_records_ratios_targets_and_merge(bench):
-    cases = list(bench.CASES)
+    cases = list(bench.DEFAULT_CASES)
     bf16 = bench.records_from_result("FLASH_ATTN:bf16", cases,
                                      _fake_result(12.96, 20.0, 444_112, 10_000))
     fp8 = bench.records_from_result("FLASH_ATTN:fp8", cases,
@@ -155,6 +167,39 @@ def test_records_ratios_targets_and_merge(bench):
         ("BITDECODE:int4", "decode_b1_128k")]["ms_per_step"] == 6.5
     table = bench.summary_table(merged)
     assert "skipped: no FA2" in table and "BITDECODE" in table
+
+
+def test_a_decode_batch_that_does_not_fit_is_skipped(bench):
+    """8 x 130,560 tokens decoding 65 more need 1,045,120 cache tokens: bf16's 889,856
+    of an H200 hold 6 such requests, so its timing would include two waiting."""
+    assert bench.does_not_fit(3_349_296, 8, 130560, 64) == ""
+    assert bench.does_not_fit(None, 8, 130560, 64) == ""  # size unknown: keep the timing
+    why = bench.does_not_fit(889_856, 8, 130560, 64)
+    assert why.startswith("does not fit") and "(6 fit)" in why
+    assert bench.does_not_fit(8 * 130_640, 8, 130560, 64) == ""  # exactly 8 whole requests
+    assert bench.does_not_fit(8 * 130_640 - 1, 8, 130560, 64) != ""
+
+    def result(kv):
+        return {"kv_cache_tokens": kv, "decode_shapes": {"decode_b8_128k": (8, 130560)},
+                "decode_timings": [dict(batch=8, context=130560, steps=64, ms_per_step=9.0)]}
+
+    crowded, = bench.records_from_result("FLASH_ATTN:bf16", ["decode_b8_128k"],
+                                         result(889_856))
+    assert crowded["skipped"].startswith("does not fit") and crowded["ms_per_step"] is None
+    assert (crowded["batch"], crowded["context"]) == (8, 130560)
+    fits, = bench.records_from_result("BITDECODE:int4", ["decode_b8_128k"], result(3_349_296))
+    assert not fits.get("skipped") and fits["ms_per_step"] == 9.0
+    assert fits["tokens_per_s"] == pytest.approx(8000 / 9.0)
+    sparse, = bench.records_from_result("BITDECODE:int4-sparse-pages", ["decode_b8_128k"],
+                                        dict(result(3_349_296), decode_timings=[dict(
+                                            batch=8, context=130560, steps=64,
+                                            ms_per_step=6.0)]))
+    recs = bench.merge_records([], [crowded, fits, sparse])
+    bench.add_ratios(recs)
+    assert [r["key"] for r in recs] == ["FLASH_ATTN:bf16", "BITDECODE:int4",
+                                        "BITDECODE:int4-sparse-pages"]
+    assert recs[2]["vs_int4"] == pytest.approx(1.5) and recs[2]["vs_bf16"] is None
+    assert "x int4" in bench.summary_table(recs)
 
 
 def test_merge_accepts_records_without_key(bench):
@@ -217,7 +262,7 @@ def test_main_flow_with_a_fake_engine(bench, monkeypatch, tmp_path, capsys):
     assert doc["device"] == "NVIDIA H100 80GB HBM3" and doc["commit"]
     assert len(specs) == 3  # TURBOQUANT skipped without starting an engine
     by = {(r["key"], r["case"]): r for r in doc["records"]}
-    assert len(by) == 4 * len(bench.CASES)
+    assert len(by) == 4 * len(bench.DEFAULT_CASES)
     assert by[("FLASH_ATTN:fp8", "throughput")]["skipped"].endswith("ValueError: no fp8 here")
     assert by[("TURBOQUANT:tq4", "decode_b1_128k")]["skipped"] == "no FA2 binary"
     assert by[("BITDECODE:int4", "decode_b1_128k")]["context"] == 32768  # --quick
@@ -231,7 +276,8 @@ def test_main_flow_with_a_fake_engine(bench, monkeypatch, tmp_path, capsys):
                 "--log-dir", str(tmp_path / "logs")])
     doc = json.loads(out.read_text())
     keys = {(r["key"], r["case"]) for r in doc["records"]}
-    assert ("BITDECODE:int2", "capacity_32k") in keys and len(keys) == 4 * len(bench.CASES) + 1
+    assert ("BITDECODE:int2", "capacity_32k") in keys
+    assert len(keys) == 4 * len(bench.DEFAULT_CASES) + 1
     assert len(doc["runs"]) == 2
 
 
@@ -271,15 +317,19 @@ def test_merge_of_result_files_recomputes_ratios_and_targets(bench, tmp_path, ca
 @pytest.mark.parametrize("cases, panels", [(["throughput"], 1),
                                            (["decode_b1_128k", "throughput"], 2),
                                            (["decode_b1_128k", "decode_b8_32k",
-                                             "throughput"], 3)])
+                                             "throughput"], 3),
+                                           (["decode_b1_128k", "decode_b8_32k",
+                                             "decode_b8_128k", "capacity_32k",
+                                             "throughput"], 5)])
 def test_plot_draws_only_the_measured_panels(bench, tmp_path, monkeypatch, cases, panels):
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
     drawn = []
     monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig))  # keep the figure
-    records = bench.records_from_result("FLASH_ATTN:bf16", cases,
-                                        _fake_result(12.0, 20.0, 444_112, 10_000))
+    result = _fake_result(12.0, 20.0, 3_349_296, 10_000)
+    result["decode_timings"].append(dict(batch=8, context=130560, steps=64, ms_per_step=30.0))
+    records = bench.records_from_result("BITDECODE:int4", cases, result)
     doc = dict(device="NVIDIA H200", date="2026-12-01", commit="abc", records=records,
                settings=dict(tp_num_prompts=128, tp_input_len=2048, tp_output_len=8192))
     assert bench.plot(doc, tmp_path / "e2e.png")
@@ -288,4 +338,9 @@ def test_plot_draws_only_the_measured_panels(bench, tmp_path, monkeypatch, cases
     assert len(titles) == panels
     assert ("throughput 128 x 2048 in / 8192 out, total tokens/s" in titles) == (
         "throughput" in cases)
+    # decode panels are titled with the shape their records were measured at
+    assert ("decode ms/step, B=8 x 128K (lower is better)" in titles) == (
+        "decode_b8_128k" in cases)
+    assert ("decode ms/step, B=1 x 128K (lower is better)" in titles) == (
+        "decode_b1_128k" in cases)
     assert not bench.plot(dict(doc, records=[]), tmp_path / "none.png")
