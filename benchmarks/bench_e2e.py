@@ -387,7 +387,7 @@ def engine_spec(key: str, model: str, cases: list[str], s: dict[str, Any]) -> di
     timings, shapes = [], {}
     for case, (batch, setting) in DECODE_CASES.items():
         if case in cases:
-            context = s.get(setting, DEFAULT_CONTEXTS[setting])
+            context = s[setting]
             timings.append(dict(batch=batch, context=context, steps=s["steps"]))
             shapes[case] = (batch, context)
     if timings:
@@ -581,9 +581,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: B=1 at 32K, 16 steps, throughput 16 x 4096 in / 128 out")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per case")
-    ap.add_argument("--b1-context", type=int, default=B1_CONTEXT)
-    ap.add_argument("--b8-context", type=int, default=B8_CONTEXT)
-    ap.add_argument("--b8-long-context", type=int, default=B1_CONTEXT,
+    ap.add_argument("--b1-context", type=int, default=DEFAULT_CONTEXTS["b1_context"])
+    ap.add_argument("--b8-context", type=int, default=DEFAULT_CONTEXTS["b8_context"])
+    ap.add_argument("--b8-long-context", type=int, default=DEFAULT_CONTEXTS["b8_long_context"],
                     help="context of decode_b8_128k")
     ap.add_argument("--tp-num-prompts", type=int, default=64)
     ap.add_argument("--tp-input-len", type=int, default=16384)
