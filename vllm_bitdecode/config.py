@@ -301,7 +301,7 @@ def check_sparse_model(
 # (the prefill_window setting), so that its workspace does not grow with max_model_len:
 # 64 MiB at 8 KV heads x 128 in bf16, where a whole 128K context took 512 MiB of KV cache.
 PREFILL_WINDOW_TOKENS = 16384
-MIN_PREFILL_WINDOW = max(page_format.SUPPORTED_BLOCK_SIZES)  # a window starts on a page
+MIN_PREFILL_WINDOW = page_format.LARGEST_BLOCK_SIZE  # a window starts on a page
 
 # K modes (issue #7, docs/per-channel-k-design.md)
 TOKEN_K = "token"

@@ -46,6 +46,8 @@ import torch
 SUPPORTED_BITS = (4, 2)
 SUPPORTED_HEAD_SIZES = (128,)
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+# a prefill window starts on a page whatever the block size: on a multiple of the largest
+LARGEST_BLOCK_SIZE = max(SUPPORTED_BLOCK_SIZES)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 PARAM_BYTES = 2  # one scale or zero point, in the model dtype (bf16 / fp16)

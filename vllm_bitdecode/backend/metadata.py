@@ -23,7 +23,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_bitdecode import config, kc_prefill, residual_slots
 from vllm_bitdecode.page_format import (
-    SUPPORTED_BLOCK_SIZES,
+    LARGEST_BLOCK_SIZE,
     TILE_TOKENS,
     PageFormat,
     rotation_signs,
@@ -133,7 +133,7 @@ def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_
     rows = max(min(max_model_len, window), max_num_batched_tokens)
     if rows >= max_model_len:
         return rows  # every context fits whole
-    page = max(SUPPORTED_BLOCK_SIZES)
+    page = LARGEST_BLOCK_SIZE
     return -(-max(rows, max_num_batched_tokens + page) // page) * page
 
 
