@@ -76,18 +76,20 @@ run_step() {  # run_step <lane> <name> <seconds> <command>: lane n on GPU n (mod
   [ -n "$gpus" ] && gpu=$(( $1 % gpus ))
   CUDA_VISIBLE_DEVICES=$gpu step "$2" "$3" "$4"
 }
-lane() {  # lane <lane>: its steps in order
+run_steps() {  # run_steps [<lane>]: that lane's steps, or without one every step, in order
   while IFS=$'\t' read -r l name secs cmd; do
-    [ "$l" = "$1" ] && run_step "$l" "$name" "$secs" "$cmd"
+    if [ -z "${1:-}" ] || [ "$l" = "$1" ]; then run_step "$l" "$name" "$secs" "$cmd"; fi
   done <<< "$steps"
+}
+lane() {  # lane <lane>: its steps in order
+  run_steps "$1"
   echo "STEP LANE$1DONE" >> "$D/progress"
 }
 lanes=$(cut -f1 <<< "$steps" | grep -v '^all$' | sort -u)
 if [ -n "$gpus" ] && [ "$(wc -w <<< "$lanes")" -gt "$gpus" ]; then
   # fewer GPUs than lanes (an x2 plan on one GPU): every step in plan order, one at a time
   echo "STEP SERIAL $gpus GPU(s) for lanes" $lanes >> "$D/progress"
-  while IFS=$'\t' read -r l name secs cmd; do run_step "$l" "$name" "$secs" "$cmd"
-  done <<< "$steps"
+  run_steps
 else
   for l in $lanes; do lane "$l" & done
   wait
