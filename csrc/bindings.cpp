@@ -20,7 +20,7 @@ TORCH_LIBRARY(bitdecode, m) {
       "decode(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, Tensor seq_lens, "
       "Tensor(b!) partial_out, Tensor(c!) partial_lse, Tensor? rotation_signs, "
       "float softmax_scale, int bits, int group_size, int block_size, int num_splits, "
-      "int min_tiles_per_split) -> ()");
+      "int min_tiles_per_split, Tensor? query_start_loc=None, int max_query_len=1) -> ()");
   m.def(
       "decode_sparse(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_table, "
       "Tensor seq_lens, Tensor sel_positions, Tensor sel_count, Tensor(b!) partial_out, "

@@ -177,13 +177,16 @@ void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& 
               " but q is on ", q.device());
 }
 
-// Checks what every decode-time op reads: one query token per sequence, its pages and
-// block table, and its length.
-void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
-                         const at::Tensor& block_table, const at::Tensor& seq_lens,
-                         const PageGeometry& g, int k_param_bits = 0) {
+// Checks what every decode-time op reads: the query tokens (one per sequence unless
+// num_seqs >= 0 says how many sequences they belong to), the sequences' pages, block
+// table and lengths. Returns the number of sequences.
+int64_t check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
+                            const at::Tensor& block_table, const at::Tensor& seq_lens,
+                            const PageGeometry& g, int k_param_bits = 0,
+                            int64_t num_seqs = -1) {
   check_tokens(q, "q");
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
+  if (num_seqs < 0) num_seqs = q.size(0);  // one query token per sequence
+  const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
   check_cache(cache, g, num_kv_heads, k_param_bits);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
               "bitdecode: query heads per KV head must divide evenly and be at most ",
@@ -200,6 +203,7 @@ void check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
   check_same_device(cache, "cache", q);
   check_same_device(block_table, "block_table", q);
   check_same_device(seq_lens, "seq_lens", q);
+  return num_seqs;
 }
 
 // The pointers and strides of what check_decode_inputs checked, into DecodeParams.
@@ -221,25 +225,26 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                            at::Tensor& partial_out, at::Tensor& partial_lse,
                            const std::optional<at::Tensor>& rotation_signs,
                            double softmax_scale, const PageGeometry& g, int64_t num_splits,
-                           int64_t min_tiles_per_split, int k_param_bits = 0) {
-  check_decode_inputs(q, cache, block_table, seq_lens, g, k_param_bits);
+                           int64_t min_tiles_per_split, int k_param_bits = 0,
+                           int64_t num_seqs = -1, int64_t max_query_len = 1) {
+  num_seqs = check_decode_inputs(q, cache, block_table, seq_lens, g, k_param_bits, num_seqs);
   check_tokens(out, "out");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1), num_kv_heads = cache.size(1);
+  const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
   TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1,
               "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split >= 1");
+  // split partials: one per (split, sequence, query token slot, head)
+  const int64_t rows = num_splits * num_seqs * max_query_len * num_heads;
   if (num_splits > 1) {
     TORCH_CHECK(partial_out.is_cuda() && partial_out.scalar_type() == at::kFloat &&
-                    partial_out.is_contiguous() &&
-                    partial_out.numel() >= num_splits * num_seqs * num_heads * kHead,
+                    partial_out.is_contiguous() && partial_out.numel() >= rows * kHead,
                 "bitdecode: partial_out must be contiguous CUDA float32 with room for "
-                "[num_splits, num_seqs, num_heads, 128]");
+                "[num_splits, num_seqs, max_query_len, num_heads, 128]");
     TORCH_CHECK(partial_lse.is_cuda() && partial_lse.scalar_type() == at::kFloat &&
-                    partial_lse.is_contiguous() &&
-                    partial_lse.numel() >= num_splits * num_seqs * num_heads,
+                    partial_lse.is_contiguous() && partial_lse.numel() >= rows,
                 "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
-                "[num_splits, num_seqs, num_heads]");
+                "[num_splits, num_seqs, max_query_len, num_heads]");
     check_same_device(partial_out, "partial_out", q);
     check_same_device(partial_lse, "partial_lse", q);
   }
@@ -257,6 +262,7 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   p.rotation_signs = signs_ptr(rotation_signs);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.num_seqs = static_cast<int>(num_seqs);
+  p.max_query_len = static_cast<int>(max_query_len);  // query_start: set by decode
   p.num_heads = static_cast<int>(num_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.num_splits = static_cast<int>(num_splits);
@@ -380,11 +386,31 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_table, const at::Tensor& seq_lens, at::Tensor& partial_out,
             at::Tensor& partial_lse, const std::optional<at::Tensor>& rotation_signs,
             double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
-            int64_t num_splits, int64_t min_tiles_per_split) {
+            int64_t num_splits, int64_t min_tiles_per_split,
+            const std::optional<at::Tensor>& query_start_loc, int64_t max_query_len) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  const DecodeParams p =
-      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
-                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
+  int64_t num_seqs = -1;  // one query token per sequence
+  if (query_start_loc.has_value()) {
+    const at::Tensor& qsl = *query_start_loc;
+    TORCH_CHECK(qsl.is_cuda() && qsl.scalar_type() == at::kInt && qsl.dim() == 1 &&
+                    qsl.stride(0) == 1 && qsl.size(0) >= 1,
+                "bitdecode: query_start_loc must be a contiguous CUDA int32 vector "
+                "[num_seqs + 1]");
+    check_same_device(qsl, "query_start_loc", q);
+    num_seqs = qsl.size(0) - 1;
+    TORCH_CHECK(max_query_len >= 1 && q.size(1) % cache.size(1) == 0 &&
+                    q.size(1) / cache.size(1) * max_query_len <= kMaxGqaRows,
+                "bitdecode: query heads per KV head times max_query_len must be at most ",
+                kMaxGqaRows, " (the kernel's query rows), got ", q.size(1), "/", cache.size(1),
+                " heads and max_query_len ", max_query_len);
+  } else {
+    TORCH_CHECK(max_query_len == 1, "bitdecode: max_query_len ", max_query_len,
+                " needs query_start_loc (without it each sequence has one query token)");
+  }
+  DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
+                                 partial_lse, rotation_signs, softmax_scale, g, num_splits,
+                                 min_tiles_per_split, 0, num_seqs, max_query_len);
+  if (query_start_loc.has_value()) p.query_start = query_start_loc->data_ptr<int32_t>();
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,

@@ -37,7 +37,7 @@ def _dequantize_kc_fake(cache, block_table, seq_lens, out_start, key_out, value_
 @torch.library.register_fake("bitdecode::decode")
 def _decode_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                  rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
-                 min_tiles_per_split):
+                 min_tiles_per_split, query_start_loc=None, max_query_len=1):
     return None
 
 
@@ -74,6 +74,10 @@ quantize_to_pages = torch.ops.bitdecode.quantize_to_pages
 dequantize_pages = torch.ops.bitdecode.dequantize_pages
 # per-channel K mode (issue #7): as dequantize_pages, over channel-mode pages
 dequantize_pages_kc = torch.ops.bitdecode.dequantize_pages_kc
+# decode(out, q, cache, block_table, seq_lens, partial_out, partial_lse, rotation_signs,
+#        softmax_scale, bits, group_size, block_size, num_splits, min_tiles_per_split,
+#        query_start_loc=None, max_query_len=1): one query token per sequence, or with
+#        query_start_loc [num_seqs + 1] int32 up to max_query_len each (csrc/.../ops.h)
 decode = torch.ops.bitdecode.decode
 decode_ctas_per_sm = torch.ops.bitdecode.decode_ctas_per_sm
 

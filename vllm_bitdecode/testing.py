@@ -491,9 +491,12 @@ def _throughput(llm, sampling_params_cls, cfg: dict[str, Any]) -> dict[str, Any]
 
 
 def fa3_paged_decode(q, k_cache, v_cache, block_table, seq_lens, max_seq_len: int,
-                     softmax_scale: float, out=None, cu_seqlens_q=None, **descales):
+                     softmax_scale: float, out=None, cu_seqlens_q=None, max_seqlen_q: int = 1,
+                     **descales):
     """One decode query per sequence through vLLM's FlashAttention-3 over a paged cache:
-    the unquantized baseline of the kernel benchmarks and tests.
+    the unquantized baseline of the kernel benchmarks and tests. With ``cu_seqlens_q``
+    and ``max_seqlen_q`` a sequence may have several query tokens (drafts to verify),
+    the last at its last position.
 
     q ``[num_seqs, num_heads, D]``; k_cache, v_cache ``[num_blocks, block_size,
     num_kv_heads, D]`` (bf16 / fp16, or fp8 with ``q_descale`` / ``k_descale`` /
@@ -511,7 +514,8 @@ def fa3_paged_decode(q, k_cache, v_cache, block_table, seq_lens, max_seq_len: in
     if out is None:  # FA3 writes fp8 attention in bf16
         out = torch.empty(q.shape, dtype=torch.bfloat16 if q.element_size() == 1 else q.dtype,
                           device=q.device)
-    flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=1, cu_seqlens_q=cu_seqlens_q,
+    flash_attn_varlen_func(q, k_cache, v_cache, max_seqlen_q=max_seqlen_q,
+                           cu_seqlens_q=cu_seqlens_q,
                            max_seqlen_k=max_seq_len, seqused_k=seq_lens,
                            block_table=block_table, softmax_scale=softmax_scale, causal=True,
                            out=out, fa_version=3, **descales)

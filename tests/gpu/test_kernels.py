@@ -131,16 +131,21 @@ def test_dequantize_matches_reference(dtype, bits, group_size):
 
 
 # ---- decode ---------------------------------------------------------------------------
-def _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, scale):
-    b, hq, d = q.shape
-    out = torch.full((b, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
-    partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
-    partial_lse = torch.full((num_splits * b * hq,), float("nan"), device=DEV)
+def _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, scale,
+                query_start_loc=None, max_query_len=1):
+    """``decode`` into a poisoned output; with ``query_start_loc`` each sequence has up to
+    ``max_query_len`` query tokens (rows of q), else one."""
+    tokens, hq, d = q.shape
+    rows = len(seq_lens) * max_query_len  # split partials per head
+    out = torch.full((tokens, hq, d), float("nan"), dtype=q.dtype, device=DEV)  # poisoned
+    partial_out = torch.full((num_splits * rows * hq * d,), float("nan"), device=DEV)
+    partial_lse = torch.full((num_splits * rows * hq,), float("nan"), device=DEV)
     signs = rotation_signs(d).to(DEV) if rotate else None
+    qsl = None if query_start_loc is None else query_start_loc.to(torch.int32).to(DEV)
     _ops().decode(out, q.to(DEV), cache.to(DEV), table.to(DEV),
                   torch.tensor(seq_lens, dtype=torch.int32, device=DEV), partial_out,
                   partial_lse, signs, scale, fmt.bits, fmt.group_size, fmt.block_size,
-                  num_splits, MIN_TILES_PER_SPLIT)
+                  num_splits, MIN_TILES_PER_SPLIT, qsl, max_query_len)
     torch.cuda.synchronize()
     return out.cpu()
 
@@ -196,6 +201,59 @@ def test_decode_wide_and_uneven_gqa_groups(dtype, bits, group_size, gqa):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize(("gqa", "max_query_len"), [(1, 4), (4, 2), (4, 4), (8, 2), (1, 16)])
+def test_decode_query_tokens_match_causal_reference(dtype, bits, group_size, gqa,
+                                                    max_query_len):
+    """Several query tokens per sequence (drafts under verification), read beside the
+    query heads in the kernel's MMA columns: each token sees the positions up to its own,
+    as the causal reference. Counts from 0 (a CUDA graph's padding: nothing read or
+    written) to max_query_len, the hidden positions across tile edges (17 tokens, 16
+    queries), shuffled pages, split counts from one to more splits than tiles."""
+    gen = torch.Generator().manual_seed(100 * max_query_len + 10 * gqa + bits + group_size)
+    kv_heads = 2
+    fmt = PageFormat(128, bits, group_size, 16)
+    seq_lens = [1, 17, 31, 100, 1000, 2049, 40]
+    pattern = [1, max_query_len, 0, max_query_len, max(1, max_query_len - 1), max_query_len,
+               min(2, max_query_len)]
+    counts = [min(c, n) for c, n in zip(pattern, seq_lens, strict=True)]
+    qsl = torch.tensor([0, *counts]).cumsum(0)
+    cache, table = _fill_pages(seq_lens, kv_heads, fmt, dtype, True, gen)
+    q = torch.randn(int(qsl[-1]), kv_heads * gqa, 128, generator=gen).to(dtype)
+    scale = 128**-0.5
+    expected = ref.paged_attention(q, cache, table, torch.tensor(seq_lens), qsl, scale, fmt,
+                                   True)
+    for num_splits in (1, plan_num_splits(len(seq_lens), kv_heads, 132, 4), 64):
+        got = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, scale, qsl,
+                          max_query_len)
+        assert torch.isfinite(got).all(), f"unwritten or NaN output, num_splits={num_splits}"
+        for i, (start, end) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist(),
+                                             strict=True)):
+            if end > start:
+                err = _rel_err(got[start:end], expected[start:end])
+                assert err <= 1e-2, (f"num_splits={num_splits}, sequence {i} ({counts[i]} "
+                                     f"queries of {seq_lens[i]}): relative error {err:.2e}")
+
+
+def test_decode_query_tokens_equal_one_row_per_token():
+    """The drafts of a sequence decoded together equal each decoded alone as a sequence
+    that ends at its position (what the decode rows of speculative decoding do): the
+    same pages, the same per-token math, so within rounding of the split sums."""
+    gen = torch.Generator().manual_seed(77)
+    fmt = PageFormat(128, 4, 128, 16)
+    seq_lens, count = [3000, 45], 4
+    cache, table = _fill_pages(seq_lens, 8, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(2 * count, 32, 128, generator=gen).to(torch.bfloat16)
+    qsl = torch.tensor([0, count, 2 * count])
+    packed = _run_decode(q, cache, table, seq_lens, fmt, True, 8, 0.1, qsl, count)
+    row_lens = [n - count + 1 + j for n in seq_lens for j in range(count)]
+    row_table = table.repeat_interleave(count, dim=0)
+    rows = _run_decode(q, cache, row_table, row_lens, fmt, True, 8, 0.1)
+    assert _rel_err(packed, rows) <= 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gqa", [1, 8, 16])
 def test_decode_occupancy_query(dtype, gqa):
     """The split planner sizes waves with this; the kernel is built for >= 2 CTAs per SM."""
@@ -223,10 +281,11 @@ lens = torch.tensor([20], dtype=torch.int32, device="cuda")
 ws = torch.empty(1024 * 128, device="cuda")
 """
 
-BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out, lens=lens)
+BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out, lens=lens,
+         qsl=None, max_query_len=1)
 a.update({kwargs})
 o.decode(a["out"], a["q"], cache, a["table"], a["lens"], ws, ws, None, 0.1, a["bits"], 128,
-         a["block_size"], 1, 8)
+         a["block_size"], 1, 8, a["qsl"], a["max_query_len"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -241,6 +300,16 @@ BAD_DECODE_CASES = [
     # the kernels read seq_lens[seq] with no stride
     ("lens=torch.tensor([20, 0], dtype=torch.int32, device='cuda')[::2]",
      "seq_lens must be a contiguous CUDA int32"),
+    # several query tokens per sequence
+    ("qsl=torch.tensor([0, 1], dtype=torch.int32, device='cuda'), max_query_len=2", None),
+    ("max_query_len=2", "needs query_start_loc"),
+    ("qsl=torch.tensor([0, 1], device='cuda'), max_query_len=2",
+     "query_start_loc must be a contiguous CUDA int32"),
+    # 4 query heads per KV head x 5 tokens: 20 query rows, the kernel holds 16
+    ("qsl=torch.tensor([0, 1], dtype=torch.int32, device='cuda'), max_query_len=5",
+     "times max_query_len must be at most 16"),
+    ("qsl=torch.tensor([0, 1, 1], dtype=torch.int32, device='cuda')",
+     "block_table must be a CUDA int32"),  # two sequences, one block-table row
 ]
 
 

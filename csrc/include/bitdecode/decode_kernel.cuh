@@ -9,7 +9,9 @@
 // until the final merge.
 //
 // The products are computed transposed, so that the few query heads of a GQA group fill
-// the MMA's N = 8 dimension instead of padding its M = 16:
+// the MMA's N = 8 dimension instead of padding its M = 16 (with several query tokens per
+// sequence, the drafts of speculative decoding, their heads sit side by side there, each
+// token's masked past its own position, so that a page is read once for all of them):
 //
 //   S^T  = K Q^T     mma.m16n8k16, A = 16 tokens x 16 channels of K codes, B = Q^T.
 //                    K codes go from the page into A-fragment registers with one lop3
@@ -221,6 +223,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   __shared__ float qsum_smem[kHeads][kGroups];
   __shared__ float qsum_slots_smem[kHeads][kGroups];  // sum of q / 2^bit(slot): see Q below
   __shared__ float qmax_smem[kDecodeWarps];
+  // several query tokens per sequence: where each query row's visible positions end
+  __shared__ int row_end_smem[!SPARSE && !KC && SELECT == 0 ? kHeads : 1];
   __shared__ uint64_t bars[kDecodeWarps][kStages];
   __shared__ __align__(16) __half kp_scratch[kDecodeWarps][KP8 ? 2 * HEAD : 8];  // KP8 only
 
@@ -230,10 +234,24 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int gqa = p.num_heads / p.num_kv_heads;
-  // this lane's 4 channels of query row `row` of the KV head's group
+  // The CTA's query rows, token-major: row = token * gqa + head in the KV head's group.
+  // One token (row seq of q) unless p.query_start gives the sequence several; a sequence
+  // with none (a CUDA graph's padding) has nothing to read or write.
+  constexpr bool kQueries = !SPARSE && !KC && SELECT == 0;
+  int q_token0 = seq, q_count = 1;
+  if constexpr (kQueries) {
+    if (p.query_start != nullptr) {
+      q_token0 = p.query_start[seq];
+      q_count = p.query_start[seq + 1] - q_token0;
+      if (q_count <= 0) return;
+    }
+  }
+  const int q_rows = gqa * q_count;
+  // this lane's 4 channels of query row `row`
   auto q_row = [&](int row) {
-    return static_cast<const T*>(p.q) + seq * p.q_stride_token +
-           (kv_head * gqa + row) * p.q_stride_head + 4 * lane;
+    const int token = kQueries ? row / gqa : 0;
+    return static_cast<const T*>(p.q) + (q_token0 + token) * p.q_stride_token +
+           (kv_head * gqa + row - token * gqa) * p.q_stride_head + 4 * lane;
   };
   // Query row `warp` (the only one a warp prepares up to 4 heads per KV head), loaded
   // first: it depends on nothing, and where the Q preparation below sits it would wait
@@ -243,7 +261,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   constexpr bool kQFirst = SELECT == 0 || GROUP == 128;
   T q_first[4];
   if constexpr (kQFirst) {
-    const T* src = q_row(min(warp, gqa - 1));
+    const T* src = q_row(min(warp, q_rows - 1));
 #pragma unroll
     for (int j = 0; j < 4; ++j) q_first[j] = src[j];
   }
@@ -317,17 +335,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const int tile_begin = split * per_split;
   const int tile_end = min(tile_begin + per_split, num_tiles);
 
-  if (tile_begin >= tile_end) {  // nothing to read: an empty split, or no tokens
-    for (int idx = threadIdx.x; idx < gqa * HEAD; idx += blockDim.x) {
-      const int head = kv_head * gqa + idx / HEAD, c = idx % HEAD;
-      if (p.num_splits == 1) {
-        static_cast<T*>(p.out)[seq * p.out_stride_token + head * p.out_stride_head + c] =
-            Tr::from_float(0.0f);
-      } else if (c == 0) {
-        p.partial_lse[(static_cast<int64_t>(split) * p.num_seqs + seq) * p.num_heads + head] =
-            -INFINITY;
-      }
+  // Query row `row`'s result in channel c: the output (one split), or this split's
+  // partial and, with channel 0, its log-sum-exp (log2 domain; -inf: it saw no token).
+  auto write_row = [&](int row, int c, float result, float lse) {
+    const int token = kQueries ? row / gqa : 0, head = kv_head * gqa + row - token * gqa;
+    if (p.num_splits == 1) {
+      static_cast<T*>(p.out)[(q_token0 + token) * p.out_stride_token +
+                             head * p.out_stride_head + c] = Tr::from_float(result);
+    } else {
+      const int64_t slots = kQueries ? p.max_query_len : 1;  // query tokens per sequence
+      const int64_t base =
+          ((static_cast<int64_t>(split) * p.num_seqs + seq) * slots + token) * p.num_heads +
+          head;
+      p.partial_out[base * HEAD + c] = result;
+      if (c == 0) p.partial_lse[base] = lse;
     }
+  };
+  if (tile_begin >= tile_end) {  // nothing to read: an empty split, or no tokens
+    for (int idx = threadIdx.x; idx < q_rows * HEAD; idx += blockDim.x)
+      write_row(idx / HEAD, idx % HEAD, 0.0f, -INFINITY);
     return;
   }
 
@@ -472,11 +498,15 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
   float warp_qmax = 0.0f;
   for (int row = warp; row < kHeads; row += kDecodeWarps) {
+    if constexpr (kQueries) {  // the row's token sees positions below this (causal)
+      if (lane == 0)
+        row_end_smem[row] = num_tokens - (row < q_rows ? q_count - 1 - row / gqa : 0);
+    }
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    if (kQFirst && row == warp && row < gqa) {
+    if (kQFirst && row == warp && row < q_rows) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[j] = Tr::to_float(q_first[j]);
-    } else if (row < gqa) {
+    } else if (row < q_rows) {
       const T* src = q_row(row);
 #pragma unroll
       for (int j = 0; j < 4; ++j) v[j] = Tr::to_float(src[j]);
@@ -762,7 +792,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
               float x = group_score(0);
 #pragma unroll
               for (int gi = 1; gi < kGroups; ++gi) x += group_score(gi);
-              s[st][ht][2 * r + c] = valid[r] ? x : -INFINITY;
+              bool seen = valid[r];
+              if constexpr (kQueries && masked)  // a query row sees up to its own token
+                seen = token0 + g + 8 * r < row_end_smem[8 * ht + 2 * t + c];
+              s[st][ht][2 * r + c] = seen ? x : -INFINITY;
             }
         }
         if constexpr (SELECT != 0) {
@@ -908,7 +941,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   using Packed = std::false_type;
   using Masked = std::true_type;
   using Exact = std::false_type;
-  const int n_exact = n_packed > 0 && tile_token0(n_packed - 1) + kTileTokens > num_tokens
+  // With several query tokens, the positions from the first token's on are hidden from
+  // some query rows: at most the last two tiles (q_count <= 16), each its warp's last.
+  const int seen_by_all = num_tokens - (q_count - 1);
+  const int n_exact = n_packed > 0 && tile_token0(n_packed - 1) + kTileTokens > seen_by_all
                           ? n_packed - 1
                           : n_packed;
   int i0 = 0;
@@ -960,7 +996,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   __syncthreads();
 
   // ---- merge the warps; write the output or this split's partial ---------------------
-  for (int idx = threadIdx.x; idx < gqa * HEAD; idx += blockDim.x) {
+  for (int idx = threadIdx.x; idx < q_rows * HEAD; idx += blockDim.x) {
     const int row = idx / HEAD, c = idx % HEAD;
     float m = -INFINITY;
 #pragma unroll
@@ -973,21 +1009,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       l += merge_l[w * kHeads + row] * f;
       acc_o += merge_o[(w * kHeads + row) * HEAD + c] * f;
     }
-    const float result = l > 0.0f ? acc_o / l : 0.0f;
-    const int head = kv_head * gqa + row;
-    if (p.num_splits == 1) {
-      static_cast<T*>(p.out)[seq * p.out_stride_token + head * p.out_stride_head + c] =
-          Tr::from_float(result);
-    } else {
-      const int64_t base = (static_cast<int64_t>(split) * p.num_seqs + seq) * p.num_heads + head;
-      p.partial_out[base * HEAD + c] = result;
-      if (c == 0) p.partial_lse[base] = l > 0.0f ? m + log2f(l) : -INFINITY;
-    }
+    // a query row that saw no token of this split (a later token's positions) has l = 0
+    write_row(row, c, l > 0.0f ? acc_o / l : 0.0f, l > 0.0f ? m + log2f(l) : -INFINITY);
   }
 }
 
-// Reduce the splits of every (sequence, head): out = sum_s w_s o_s, w_s ~ 2^lse_s.
-// One CTA per (sequence, head). A single long sequence is split up to 64 ways (the
+// Reduce the splits of every (query token, head): out = sum_s w_s o_s, w_s ~ 2^lse_s.
+// One CTA per (query token, head). A single long sequence is split up to 64 ways (the
 // planner's MAX_SPLITS), so the splits are read in parallel, not in a chain: the threads
 // stride over the LSEs for their maximum, then warp w accumulates splits w, w +
 // kCombineWarps, ... (each lane 4 channels, one 16-byte load per split, several splits
@@ -1006,10 +1034,18 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
   // be scheduled now, and waits for this grid to finish.
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  const int seq = blockIdx.x, head = blockIdx.y;
+  // blockIdx.x: query token `token` of sequence `seq` (one per sequence without
+  // p.query_start), its output row `row`
+  const int seq = blockIdx.x / p.max_query_len, token = blockIdx.x % p.max_query_len;
+  const int head = blockIdx.y;
+  int row = seq;
+  if (p.query_start != nullptr) {
+    row = p.query_start[seq] + token;
+    if (row >= p.query_start[seq + 1]) return;  // the sequence has fewer tokens
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.num_heads;
-  const int64_t base = static_cast<int64_t>(seq) * p.num_heads + head;
+  const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.max_query_len * p.num_heads;
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * p.num_heads + head;
   const float* lse = p.partial_lse + base;
 
   float m = -INFINITY;
@@ -1049,7 +1085,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
     sum_total += warp_total[w];
     sum += reinterpret_cast<const float*>(&warp_acc[w][c / 4])[c % 4];
   }
-  static_cast<T*>(p.out)[seq * p.out_stride_token + head * p.out_stride_head + c] =
+  static_cast<T*>(p.out)[row * p.out_stride_token + head * p.out_stride_head + c] =
       DtypeTraits<T>::from_float(sum_total > 0.0f ? sum / sum_total : 0.0f);
 }
 

@@ -110,7 +110,7 @@ void launch_combine(const DecodeParams& p, cudaStream_t stream) {
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.num_seqs, p.num_heads);
+  config.gridDim = dim3(p.num_seqs * p.max_query_len, p.num_heads);
   config.blockDim = dim3(kCombineWarps * 32);
   config.stream = stream;
   config.attrs = attr;
@@ -122,7 +122,8 @@ template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SEL
           bool KP8 = false>
 void launch_decode_and_combine(const DecodeParams& p, cudaStream_t stream) {
   if (p.num_seqs == 0) return;
-  if (p.num_heads <= 8 * p.num_kv_heads) {
+  // the query rows of a KV head: its heads, times the query tokens of a sequence
+  if (p.num_heads * p.max_query_len <= 8 * p.num_kv_heads) {
     launch_decode_tiles<T, BITS, GROUP, 1, SPARSE, KC, SELECT, KP8>(p, stream);
   } else {
     launch_decode_tiles<T, BITS, GROUP, 2, SPARSE, KC, SELECT, KP8>(p, stream);

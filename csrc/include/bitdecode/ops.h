@@ -32,16 +32,21 @@ void dequantize_pages_kc(const at::Tensor& cache, const at::Tensor& block_table,
                          int64_t group_size, int64_t block_size, int64_t max_tokens,
                          int64_t k_param_bits);
 
-void decode(at::Tensor& out,                 // [seqs, heads, 128]
-            const at::Tensor& q,             // [seqs, heads, 128]
+// One query token per sequence (row s of q), or with query_start_loc several: rows
+// query_start_loc[s] .. [s + 1] - 1, at most max_query_len, the last at position
+// seq_lens[s] - 1, each seeing the positions up to its own (speculative decoding's drafts).
+void decode(at::Tensor& out,                 // [tokens, heads, 128]
+            const at::Tensor& q,             // [tokens, heads, 128]
             const at::Tensor& cache,         // [blocks, kv_heads, region] uint8
             const at::Tensor& block_table,   // [seqs, max_blocks] int32
             const at::Tensor& seq_lens,      // [seqs] int32
-            at::Tensor& partial_out,         // [splits, seqs, heads, 128] f32
-            at::Tensor& partial_lse,         // [splits, seqs, heads] f32
+            at::Tensor& partial_out,         // [splits, seqs, max_query_len, heads, 128] f32
+            at::Tensor& partial_lse,         // [splits, seqs, max_query_len, heads] f32
             const std::optional<at::Tensor>& rotation_signs,  // [128] f32
             double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
-            int64_t num_splits, int64_t min_tiles_per_split);
+            int64_t num_splits, int64_t min_tiles_per_split,
+            const std::optional<at::Tensor>& query_start_loc,  // [seqs + 1] int32
+            int64_t max_query_len);
 
 // Sparse decode (reuse layers): row r attends to sel_positions[r, h, :sel_count[r]] of its
 // sequence, h = the KV head (0 with shared_selection): positions, or with selection_unit

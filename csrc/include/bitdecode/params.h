@@ -50,19 +50,29 @@ struct QuantizeParams {
   PageGeometry page;
 };
 
-// Decode attention: one query token per sequence over its quantized pages.
+// Decode attention: one query token per sequence over its quantized pages, or several
+// (query_start: the drafts of speculative decoding), each seeing the positions up to its own.
 struct DecodeParams {
-  const void* q;                 // [num_seqs, num_heads, head_size]
+  const void* q;                 // [num_tokens, num_heads, head_size]
   int64_t q_stride_token, q_stride_head;
-  void* out;                     // [num_seqs, num_heads, head_size]
+  void* out;                     // [num_tokens, num_heads, head_size]
   int64_t out_stride_token, out_stride_head;
+  // Sequence s's query tokens are rows query_start[s] .. query_start[s + 1] - 1 of q and
+  // out (none: nothing read or written), at most max_query_len, the last at position
+  // seq_lens[s] - 1 and token j of count at seq_lens[s] - count + j, seeing the positions
+  // up to its own. They sit beside the query heads in the kernel's MMA columns
+  // (gqa * max_query_len <= 16), so every page is read once for all of them. nullptr:
+  // one token per sequence, row s (max_query_len 1). Dense per-token kernel only.
+  const int32_t* query_start;    // [num_seqs + 1] or nullptr
+  int max_query_len;
   const uint8_t* cache;          // [num_blocks, num_kv_heads, head_region_bytes]
   int64_t cache_stride_block, cache_stride_head;
   const int32_t* block_table;    // [num_seqs, max_blocks_per_seq]
   int64_t block_table_stride;
   const int32_t* seq_lens;       // [num_seqs]
-  float* partial_out;            // [num_splits, num_seqs, num_heads, head_size], if num_splits > 1
-  float* partial_lse;            // [num_splits, num_seqs, num_heads] (log2 domain)
+  // [num_splits, num_seqs, max_query_len, num_heads, head_size], if num_splits > 1
+  float* partial_out;
+  float* partial_lse;            // [num_splits, num_seqs, max_query_len, num_heads] (log2)
   const float* rotation_signs;   // [head_size] or nullptr: Q is not rotated
   float softmax_scale;
   int num_seqs;
