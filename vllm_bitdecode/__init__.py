@@ -20,3 +20,4 @@ def register() -> None:
     _registration.patch_kv_cache_spec()
     _registration.patch_cli_help()
     _registration.patch_engine_config()
+    _registration.patch_allowed_token_mask_swap()

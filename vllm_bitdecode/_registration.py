@@ -19,6 +19,15 @@
    the process the user started: a bad setting fails there, with one line, before any
    worker starts or takes GPU memory. The layers check again when they are built (the
    properties only a layer knows: ALiBi, soft-capping, sinks, KV sharing, V head size).
+5. BITDECODE, like FlashInfer, has vLLM put a step's decodes first in the batch
+   (``reorder_batch_threshold``), and vLLM 0.20's ``InputBatch.swap_states`` swaps the
+   two rows of the ``allowed_token_ids`` mask through views of them, so both rows end
+   up holding the second request's mask (vllm-project/vllm#48419, open): one request
+   then samples from the other's allowed tokens. Seen on the H200 with speculative
+   decoding and prefix caching (the forced-token job of the GPU test in
+   docs/patches/spec-decode.patch), and reachable in any serving run whose new request
+   takes a freed slot ahead of running decodes. The wrapper copies both rows first and
+   writes them back swapped, which is right with or without vLLM's fix.
 """
 
 from __future__ import annotations
@@ -173,3 +182,22 @@ def _is_bitdecode_member(backend: object) -> bool:
     from vllm_bitdecode import BACKEND_NAME
 
     return getattr(backend, "name", None) == BACKEND_NAME
+
+
+def patch_allowed_token_mask_swap() -> None:
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    original = InputBatch.swap_states
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    def swap_states(self, i1: int, i2: int) -> None:
+        mask = self.allowed_token_ids_mask_cpu_tensor  # [max_num_reqs, vocab] bool or None
+        rows = None if mask is None else mask[[i1, i2]]  # a copy: indexing with a list
+        original(self, i1, i2)
+        if rows is not None:
+            mask[[i2, i1]] = rows
+
+    swap_states._bitdecode = True
+    InputBatch.swap_states = swap_states

@@ -345,3 +345,48 @@ def test_start_up_log_lines_go_through_vllms_logger():
     finally:
         vllm_logger.removeHandler(handler)
     assert seen == ["BITDECODE probe 7"]
+
+
+# ---------------------------------------------------------------- allowed-token masks
+
+
+def _request(req_id: str, allowed: list[int] | None):
+    from vllm import SamplingParams
+    from vllm.v1.worker.gpu_input_batch import CachedRequestState
+
+    return CachedRequestState(
+        req_id=req_id, prompt_token_ids=[1, 2, 3], mm_features=[],
+        sampling_params=SamplingParams(allowed_token_ids=allowed), generator=None,
+        block_ids=([],), num_computed_tokens=0, output_token_ids=[])
+
+
+@pytest.mark.parametrize("allowed", [([5], [7]), ([5], None), ([3, 4], [9])],
+                         ids=["both-forced", "one-forced", "sets"])
+def test_reordering_swaps_allowed_token_masks(allowed):
+    """vLLM's reorder for decode-first backends (ours included) swaps two requests'
+    states; each must keep its own allowed-token mask (vLLM 0.20 copies one over the
+    other: vllm-project/vllm#48419), and swapping back restores the first order."""
+    from vllm.v1.worker.gpu_input_batch import InputBatch
+
+    vocab = 16
+    batch = InputBatch(max_num_reqs=4, max_model_len=32, max_num_batched_tokens=32,
+                       device=torch.device("cpu"), pin_memory=False, vocab_size=vocab,
+                       block_sizes=[16], kernel_block_sizes=[16])
+    for i, ids in enumerate(allowed):
+        batch.add_request(_request(f"r{i}", ids))
+    batch.add_request(_request("r2", [1]))  # a third row that must stay as it is
+
+    def mask_of(req_id: str) -> torch.Tensor:
+        return batch.allowed_token_ids_mask_cpu_tensor[batch.req_id_to_index[req_id]].clone()
+
+    before = {r: mask_of(r) for r in ("r0", "r1", "r2")}
+    for ids, r in zip(allowed, ("r0", "r1"), strict=True):  # the mask hides what is not allowed
+        assert before[r].sum() == (vocab - len(ids) if ids else 0)
+    batch.swap_states(0, 1)
+    assert batch.req_ids[:3] == ["r1", "r0", "r2"]
+    for r in before:
+        assert torch.equal(mask_of(r), before[r]), r
+    batch.swap_states(1, 0)
+    assert batch.req_ids[:3] == ["r0", "r1", "r2"]
+    for r in before:
+        assert torch.equal(mask_of(r), before[r]), r
