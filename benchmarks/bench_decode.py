@@ -15,8 +15,6 @@ from the residual) at both bit widths, records with ``"k_mode": "channel"`` (the
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import statistics
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, decode_slots, plan_num_splits
 from vllm_bitdecode.config import K_PARAMS
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
-from vllm_bitdecode.provenance import git_commit, gpu_slug
+from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results
 from vllm_bitdecode.testing import fa3_paged_decode
 
 HQ, HKV, D = 32, 8, 128
@@ -333,15 +331,11 @@ def main() -> None:
         print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "
               f"{w['reshape_and_cache_flash_ms']:.4f} ms, quantize "
               f"{w['bitdecode_quantize_ms']:.4f} ms (x{w['ratio']:.2f})")
-    commit = git_commit()
-    doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
-               copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D), block_size=BLOCK,
-               group_size=GROUP,
-               records=records, quantize_on_write=writes)
-    slug = gpu_slug(gpu)
-    out = Path(args.out or f"benchmarks/results/decode_{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    doc = results_doc(gpu, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D),
+                      block_size=BLOCK, group_size=GROUP, records=records,
+                      quantize_on_write=writes)
+    out = Path(args.out or f"benchmarks/results/decode_{gpu_slug(gpu)}.json")
+    write_results(doc, out)
     plot(doc, out.with_suffix(".png"))
 
 

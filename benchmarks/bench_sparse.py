@@ -29,8 +29,6 @@ row (torch.profiler) and ``--graph`` times CUDA-graph replays, as vLLM runs deco
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -46,7 +44,7 @@ from vllm_bitdecode.backend.metadata import (  # noqa: E402
 )
 from vllm_bitdecode.config import PAGE_TOKENS  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
-from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
+from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
 
 BITS = 4
 TARGET_SPARSE_VS_FA3 = 20.0  # at k = 2048, 128K
@@ -207,16 +205,14 @@ def main() -> None:
             print("   " + ", ".join(f"{k} x{v:.2f}" for k, v in summary.items()), flush=True)
             cases.append(dict(batch=batch, context=context, records=rows, summary=summary))
             torch.cuda.empty_cache()
-    doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=git_commit(),
-               heads=dict(q=dense.HQ, kv=dense.HKV, d=dense.D), block_size=dense.BLOCK,
-               group_size=dense.GROUP, bits=BITS,
-               timing="cuda graph replay" if args.graph else "eager call",
-               targets=dict(sparse_k2048_128k_vs_fa3_bf16=TARGET_SPARSE_VS_FA3,
-                            selection_layer_vs_dense=TARGET_SELECT_LAYER_VS_DENSE),
-               cases=cases)
+    doc = results_doc(gpu, heads=dict(q=dense.HQ, kv=dense.HKV, d=dense.D),
+                      block_size=dense.BLOCK, group_size=dense.GROUP, bits=BITS,
+                      timing="cuda graph replay" if args.graph else "eager call",
+                      targets=dict(sparse_k2048_128k_vs_fa3_bf16=TARGET_SPARSE_VS_FA3,
+                                   selection_layer_vs_dense=TARGET_SELECT_LAYER_VS_DENSE),
+                      cases=cases)
     out = Path(args.out or f"benchmarks/results/sparse_{gpu_slug(gpu)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    write_results(doc, out)
     plot(doc, out.with_suffix(".png"))
 
 

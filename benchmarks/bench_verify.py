@@ -23,8 +23,6 @@ figure.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -41,7 +39,7 @@ from vllm_bitdecode.backend.metadata import (  # noqa: E402
     plan_num_splits,
 )
 from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
-from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
+from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
 from vllm_bitdecode.testing import fa3_paged_decode  # noqa: E402
 
 BITS = 4
@@ -145,12 +143,10 @@ def main() -> None:
                 records += case
                 torch.cuda.empty_cache()
     relative_to_one_token(records)
-    doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=git_commit(),
-               copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D), block_size=BLOCK,
-               group_size=GROUP, bits=BITS, records=records)
+    doc = results_doc(gpu, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D),
+                      block_size=BLOCK, group_size=GROUP, bits=BITS, records=records)
     out = Path(args.out or f"benchmarks/results/verify_{gpu_slug(gpu)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    write_results(doc, out)
     plot(doc, out.with_suffix(".png"))
 
 

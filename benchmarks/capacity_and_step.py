@@ -12,14 +12,13 @@ Writes benchmarks/results/capacity_<gpu>.json (device, date, commit).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import tempfile
 from pathlib import Path
 
 import torch
 
-from vllm_bitdecode.provenance import git_commit, gpu_slug
+from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results
 from vllm_bitdecode.testing import run_in_subprocess, write_llama_config
 
 CASES = [
@@ -56,13 +55,9 @@ def main() -> None:
     for r in records:
         r["capacity_vs_bf16"] = r["kv_cache_tokens"] / base["kv_cache_tokens"]
         r["step_speedup_vs_bf16"] = base["ms_per_step"] / r["ms_per_step"]
-    commit = git_commit()
-    doc = dict(device=gpu, date=datetime.date.today().isoformat(), commit=commit,
-               model="llama3-8b-shape dummy weights", records=records)
-    slug = gpu_slug(gpu)
-    out = Path(args.out or f"benchmarks/results/capacity_{slug}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=1))
+    doc = results_doc(gpu, model="llama3-8b-shape dummy weights", records=records)
+    out = Path(args.out or f"benchmarks/results/capacity_{gpu_slug(gpu)}.json")
+    write_results(doc, out)
     print(f"{'backend':<11}{'kv':<6}{'KV tokens':>12}{'x bf16':>8}{'ms/step':>9}{'speed-up':>9}")
     for r in records:
         print(f"{r['backend']:<11}{r['kv']:<6}{r['kv_cache_tokens']:>12,}"

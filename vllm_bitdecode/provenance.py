@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +29,15 @@ def git_commit() -> str:
 def gpu_slug(device_name: str) -> str:
     """"NVIDIA H100 80GB HBM3" -> "h100_80gb_hbm3", for results file names."""
     return device_name.replace("NVIDIA ", "").replace(" ", "_").lower()
+
+
+def results_doc(device_name: str, **fields: Any) -> dict[str, Any]:
+    """A results file's contents: the GPU, today's date and the commit, then ``fields``."""
+    return dict(device=device_name, date=datetime.date.today().isoformat(),
+                commit=git_commit(), **fields)
+
+
+def write_results(doc: dict[str, Any], path: Path) -> None:
+    """Write a results document as indented JSON, making its folder if need be."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1))
