@@ -178,12 +178,12 @@ void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& 
 }
 
 // Checks what every decode-time op reads: the query tokens (one per sequence unless
-// num_seqs >= 0 says how many sequences they belong to), the sequences' pages, block
-// table and lengths. Returns the number of sequences.
+// num_seqs >= 0 says how many sequences they belong to, at most max_query_len each), the
+// sequences' pages, block table and lengths. Returns the number of sequences.
 int64_t check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
                             const at::Tensor& block_table, const at::Tensor& seq_lens,
                             const PageGeometry& g, int k_param_bits = 0,
-                            int64_t num_seqs = -1) {
+                            int64_t num_seqs = -1, int64_t max_query_len = 1) {
   check_tokens(q, "q");
   if (num_seqs < 0) num_seqs = q.size(0);  // one query token per sequence
   const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
@@ -191,6 +191,11 @@ int64_t check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
               "bitdecode: query heads per KV head must divide evenly and be at most ",
               kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
+  // a sequence's query tokens sit beside its query heads in the kernel's rows
+  TORCH_CHECK(max_query_len >= 1 && num_heads / num_kv_heads * max_query_len <= kMaxGqaRows,
+              "bitdecode: query heads per KV head times max_query_len must be at most ",
+              kMaxGqaRows, " (the kernel's query rows), got ", num_heads, "/", num_kv_heads,
+              " heads and max_query_len ", max_query_len);
   TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
                   block_table.dim() == 2 && block_table.stride(1) == 1 &&
                   block_table.size(0) >= num_seqs,
@@ -218,16 +223,38 @@ void set_decode_inputs(DecodeParams& p, const at::Tensor& q, const at::Tensor& c
   p.seq_lens = seq_lens.data_ptr<int32_t>();
 }
 
-// Checks the arguments that decode and decode_sparse share and fills their params (the
-// sparse fields zero).
+// Several query tokens per sequence: checks query_start_loc ([num_seqs + 1], each
+// sequence's first token in q) and returns num_seqs; -1 without it (one token each).
+int64_t check_query_start(const std::optional<at::Tensor>& query_start_loc,
+                          int64_t max_query_len, const at::Tensor& q) {
+  if (!query_start_loc.has_value()) {
+    TORCH_CHECK(max_query_len == 1, "bitdecode: max_query_len ", max_query_len,
+                " needs query_start_loc (without it each sequence has one query token)");
+    return -1;
+  }
+  const at::Tensor& qsl = *query_start_loc;
+  TORCH_CHECK(qsl.is_cuda() && qsl.scalar_type() == at::kInt && qsl.dim() == 1 &&
+                  qsl.stride(0) == 1 && qsl.size(0) >= 1,
+              "bitdecode: query_start_loc must be a contiguous CUDA int32 vector "
+              "[num_seqs + 1]");
+  check_same_device(qsl, "query_start_loc", q);
+  return qsl.size(0) - 1;
+}
+
+// Checks the arguments that the decode ops share and fills their params (the sparse
+// fields zero). query_start_loc / max_query_len: several query tokens per sequence
+// (decode only).
 DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens,
                            at::Tensor& partial_out, at::Tensor& partial_lse,
                            const std::optional<at::Tensor>& rotation_signs,
                            double softmax_scale, const PageGeometry& g, int64_t num_splits,
                            int64_t min_tiles_per_split, int k_param_bits = 0,
-                           int64_t num_seqs = -1, int64_t max_query_len = 1) {
-  num_seqs = check_decode_inputs(q, cache, block_table, seq_lens, g, k_param_bits, num_seqs);
+                           const std::optional<at::Tensor>& query_start_loc = std::nullopt,
+                           int64_t max_query_len = 1) {
+  int64_t num_seqs = check_query_start(query_start_loc, max_query_len, q);
+  num_seqs = check_decode_inputs(q, cache, block_table, seq_lens, g, k_param_bits, num_seqs,
+                                 max_query_len);
   check_tokens(out, "out");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
@@ -262,7 +289,8 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   p.rotation_signs = signs_ptr(rotation_signs);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.num_seqs = static_cast<int>(num_seqs);
-  p.max_query_len = static_cast<int>(max_query_len);  // query_start: set by decode
+  p.query_start = query_start_loc.has_value() ? query_start_loc->data_ptr<int32_t>() : nullptr;
+  p.max_query_len = static_cast<int>(max_query_len);
   p.num_heads = static_cast<int>(num_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.num_splits = static_cast<int>(num_splits);
@@ -389,28 +417,9 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             int64_t num_splits, int64_t min_tiles_per_split,
             const std::optional<at::Tensor>& query_start_loc, int64_t max_query_len) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  int64_t num_seqs = -1;  // one query token per sequence
-  if (query_start_loc.has_value()) {
-    const at::Tensor& qsl = *query_start_loc;
-    TORCH_CHECK(qsl.is_cuda() && qsl.scalar_type() == at::kInt && qsl.dim() == 1 &&
-                    qsl.stride(0) == 1 && qsl.size(0) >= 1,
-                "bitdecode: query_start_loc must be a contiguous CUDA int32 vector "
-                "[num_seqs + 1]");
-    check_same_device(qsl, "query_start_loc", q);
-    num_seqs = qsl.size(0) - 1;
-    TORCH_CHECK(max_query_len >= 1 && q.size(1) % cache.size(1) == 0 &&
-                    q.size(1) / cache.size(1) * max_query_len <= kMaxGqaRows,
-                "bitdecode: query heads per KV head times max_query_len must be at most ",
-                kMaxGqaRows, " (the kernel's query rows), got ", q.size(1), "/", cache.size(1),
-                " heads and max_query_len ", max_query_len);
-  } else {
-    TORCH_CHECK(max_query_len == 1, "bitdecode: max_query_len ", max_query_len,
-                " needs query_start_loc (without it each sequence has one query token)");
-  }
   DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
                                  partial_lse, rotation_signs, softmax_scale, g, num_splits,
-                                 min_tiles_per_split, 0, num_seqs, max_query_len);
-  if (query_start_loc.has_value()) p.query_start = query_start_loc->data_ptr<int32_t>();
+                                 min_tiles_per_split, 0, query_start_loc, max_query_len);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,

@@ -247,11 +247,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     }
   }
   const int q_rows = gqa * q_count;
+  // query row `row`: its token in the sequence and its query head
+  auto row_token = [&](int row) { return kQueries ? row / gqa : 0; };
+  auto row_head = [&](int row) { return kv_head * gqa + row - row_token(row) * gqa; };
   // this lane's 4 channels of query row `row`
   auto q_row = [&](int row) {
-    const int token = kQueries ? row / gqa : 0;
-    return static_cast<const T*>(p.q) + (q_token0 + token) * p.q_stride_token +
-           (kv_head * gqa + row - token * gqa) * p.q_stride_head + 4 * lane;
+    return static_cast<const T*>(p.q) + (q_token0 + row_token(row)) * p.q_stride_token +
+           row_head(row) * p.q_stride_head + 4 * lane;
   };
   // Query row `warp` (the only one a warp prepares up to 4 heads per KV head), loaded
   // first: it depends on nothing, and where the Q preparation below sits it would wait
@@ -338,7 +340,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // Query row `row`'s result in channel c: the output (one split), or this split's
   // partial and, with channel 0, its log-sum-exp (log2 domain; -inf: it saw no token).
   auto write_row = [&](int row, int c, float result, float lse) {
-    const int token = kQueries ? row / gqa : 0, head = kv_head * gqa + row - token * gqa;
+    const int token = row_token(row), head = row_head(row);
     if (p.num_splits == 1) {
       static_cast<T*>(p.out)[(q_token0 + token) * p.out_stride_token +
                              head * p.out_stride_head + c] = Tr::from_float(result);
