@@ -7,8 +7,8 @@ to its own), for T = 1 (a plain decode step), 2 and 4, in one run:
 - ``fa3``: vLLM's FlashAttention-3 over bf16 KV, the T tokens of a sequence in one
   varlen call (what FLASH_ATTN runs);
 - ``rows``: BITDECODE 4-bit with one decode row per query token, each row a sequence of
-  its own that ends at its token and reads every page again (the rows that
-  docs/patches/spec-decode.patch keeps for sparse mode and for more drafts);
+  its own that ends at its token and reads every page again (the rows that the backend
+  keeps for sparse mode and for more drafts, backend/metadata.py decode_rows);
 - ``tokens``: BITDECODE 4-bit with the T tokens beside the query heads in the kernel's
   MMA columns (``decode`` with ``query_start_loc``), every page read once.
 

@@ -24,8 +24,8 @@
    two rows of the ``allowed_token_ids`` mask through views of them, so both rows end
    up holding the second request's mask (vllm-project/vllm#48419, open): one request
    then samples from the other's allowed tokens. Seen on the H200 with speculative
-   decoding and prefix caching (the forced-token job of the GPU test in
-   docs/patches/spec-decode.patch), and reachable in any serving run whose new request
+   decoding and prefix caching (the forced-token job of
+   tests/gpu/test_spec_decode.py), and reachable in any serving run whose new request
    takes a freed slot ahead of running decodes. The wrapper copies both rows first and
    writes them back swapped, which is right with or without vLLM's fix.
 """

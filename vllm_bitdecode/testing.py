@@ -7,7 +7,8 @@ engine log (which carries vLLM's "GPU KV cache size" line) can be read back.
 A spec can ask one engine for several things in turn, so that one start-up (35-55 s with
 compilation) serves many checks: ``generate`` (one batch, optional attention capture),
 ``jobs`` (named batches with prefix-cache resets, attention capture with positions,
-vLLM's counters and CUDA-graph replays per job), ``decode_timing`` / ``decode_timings``
+every attention forward checked against the reference on its own pages, vLLM's
+counters and CUDA-graph replays per job), ``decode_timing`` / ``decode_timings``
 (ms per decode step) and ``throughput`` (a ``vllm bench throughput``-style run).
 
 A model directory for ``vllm serve`` / ``vllm bench`` (config.json plus a tiny word-level
@@ -153,7 +154,7 @@ def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
                 "num_gpu_blocks_override", "block_size", "disable_log_stats",
                 "compilation_config", "logprobs_mode", "tensor_parallel_size",
                 "distributed_executor_backend", "async_scheduling",
-                "long_prefill_token_threshold"):
+                "long_prefill_token_threshold", "speculative_config"):
         if key in spec:
             kw[key] = spec[key]
     return kw
@@ -294,6 +295,148 @@ class _PrefillGroupCounter:
         BitDecodeMetadataBuilder.build = build
 
 
+class _DecodeRowCounter:
+    """Counts, in an engine running in this process, the steps whose decode requests
+    had several query tokens (drafts to verify, short chunks) and went to the decode
+    kernel: steps, query tokens (``rows``), the requests they came from, and how many of
+    those steps read the tokens beside the heads (``packed``) rather than as one row per
+    token."""
+
+    def __init__(self) -> None:
+        from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
+
+        self.counts = {"steps": 0, "rows": 0, "requests": 0, "packed": 0}
+        original_rows = BitDecodeMetadataBuilder._expand_decode_rows
+        original_build = BitDecodeMetadataBuilder.build
+        counts = self.counts
+
+        def count(tokens: int, requests: int, packed: bool) -> None:
+            if tokens > requests:  # some request had several query tokens
+                counts["steps"] += 1
+                counts["rows"] += tokens
+                counts["requests"] += requests
+                counts["packed"] += packed
+
+        def expand(builder, cam, num_decodes, rows):
+            count(rows, num_decodes, False)
+            return original_rows(builder, cam, num_decodes, rows)
+
+        def build(builder, *args, **kwargs):
+            md = original_build(builder, *args, **kwargs)
+            if md.decode_query_start is not None:
+                count(md.num_decode_tokens, md.num_decodes, True)
+            return md
+
+        BitDecodeMetadataBuilder._expand_decode_rows = expand
+        BitDecodeMetadataBuilder.build = build
+
+
+class _KernelCheck:
+    """In an eager engine running in this process: after every attention forward of
+    every layer of the model, the same attention computed as :mod:`reference` does it
+    from that layer's pages as they are at that moment (the dequantized cache, float32),
+    compared row by row with what BITDECODE wrote. This judges the kernels in a real
+    engine (its schedules, prefix-cache hits, reordered batches, drafts under
+    verification) apart from quantization: two engines whose batches differ compute
+    keys and values in GEMMs of other shapes, and a 4-bit code can round the other way,
+    but a row against its own cache must match within the kernels' rounding.
+
+    Prefill requests of more than ``MAX_QUERY`` query tokens are left out (the
+    reference's float32 score matrix of a whole prompt is large); every decode is
+    checked. Per layer and forward, one record: the layer, the decode and prefill tokens
+    checked, the longest decode request, for each kind the relative error over its rows
+    and the worst row's, and how concentrated the decode rows' attention is: the mean
+    share of their softmax on the last ``RECENT`` positions of their sequence."""
+
+    MAX_QUERY = 64
+    RECENT = 16
+
+    def __init__(self) -> None:
+        from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
+
+        self.records: list[dict[str, float]] = []
+        self.on = False
+        original_build = BitDecodeMetadataBuilder.build
+
+        def build(builder, common_prefix_len, common_attn_metadata, *args, **kwargs):
+            md = original_build(builder, common_prefix_len, common_attn_metadata, *args,
+                                **kwargs)
+            cam = common_attn_metadata
+            # the whole batch as vLLM gave it (the metadata keeps decodes and prefills
+            # apart); clones, since vLLM refills its buffers for the next step
+            md.check_batch = (cam.query_start_loc_cpu[: cam.num_reqs + 1].clone(),
+                              cam.seq_lens[: cam.num_reqs].clone(),
+                              cam.block_table_tensor[: cam.num_reqs].clone())
+            return md
+
+        BitDecodeMetadataBuilder.build = build
+
+    def install(self, impl, layer_index: int) -> None:
+        """Check ``impl`` (a layer's BitDecodeAttentionImpl) from now on."""
+        original = impl.forward
+
+        def forward(layer, query, key, value, kv_cache, attn_metadata, output=None, **kw):
+            out = original(layer, query, key, value, kv_cache, attn_metadata, output, **kw)
+            if self.on and attn_metadata is not None:
+                record = self._check(impl, query, kv_cache, attn_metadata, out)
+                self.records.append({"layer": layer_index, **record})
+            return out
+
+        impl.forward = forward
+
+    def _check(self, impl, query, kv_cache, md, out) -> dict[str, float]:
+        import torch
+
+        from vllm_bitdecode import reference as ref
+
+        qsl, seq_lens, block_table = md.check_batch
+        fmt = md.page_format
+        q = query[: md.num_actual_tokens]
+        qf = ref.rotate(q) if impl.bitdecode.rotate_k else q.float()
+        err = {"decode": [0.0, 0.0, 0, 0.0], "prefill": [0.0, 0.0, 0, 0.0]}  # num, den, rows, worst
+        longest, recent = 0, []
+        for i in range(seq_lens.shape[0]):
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            kind = "decode" if end <= md.num_decode_tokens else "prefill"
+            if end == start or (kind == "prefill" and end - start > self.MAX_QUERY):
+                continue
+            n = int(seq_lens[i])
+            pages = block_table[i, : -(-n // fmt.block_size)]
+            k, v = ref.read_blocks(kv_cache, pages, n, fmt, q.dtype)
+            want, lse = ref.attention_lse(qf[start:end], k, v, impl.scale)
+            want = want.flatten(1)
+            if kind == "decode":
+                longest = max(longest, end - start)
+                w = self.RECENT
+                lse_recent = ref.attention_lse(qf[start:end], k[-w:], v[-w:], impl.scale)[1]
+                recent.append(torch.exp(lse_recent - lse).mean(0))  # [tokens]
+            got = out[start:end].float().flatten(1)
+            diff = (got - want).norm(dim=1)
+            e = err[kind]
+            e[0] += float(diff.square().sum())
+            e[1] += float(want.square().sum())
+            e[2] += end - start
+            e[3] = max(e[3], float((diff / want.norm(dim=1).clamp_min(1e-30)).max()))
+        record: dict[str, float] = {
+            "longest_decode": longest,
+            "decode_recent_share": float(torch.cat(recent).mean()) if recent else 0.0,
+        }
+        for kind, (num, den, rows, worst) in err.items():
+            record[f"{kind}_rows"] = rows
+            record[f"{kind}_err"] = (num / den) ** 0.5 if den > 0 else 0.0
+            record[f"{kind}_worst_row"] = worst
+        return record
+
+
+_KERNEL_CHECK: _KernelCheck | None = None
+
+
+def _install_kernel_check(model) -> bool:
+    for index, layer in enumerate(model.model.layers):
+        _KERNEL_CHECK.install(layer.self_attn.attn.impl, index)
+    return True
+
+
 def counters(llm) -> dict[str, float]:
     """vLLM's Prometheus counters by name (needs ``disable_log_stats=False``), else {}."""
     try:
@@ -314,15 +457,21 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
             raise RuntimeError(f"job {job['name']}: reset_prefix_cache() refused")
     if job.get("capture"):
         llm.apply_model(_reset_capture)
+    check = _KERNEL_CHECK if job.get("kernel_check") else None
+    if check is not None:
+        check.records.clear()
+        check.on = True
     before = counters(llm)
     replays_before = replays.count if replays else 0
     groups_before = dict(prefill_groups.counts) if prefill_groups else None
     max_tokens = job["max_tokens"]  # one for all prompts, or one per prompt
     per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(job["prompts"])
+    forced = job.get("forced_tokens")  # one token per prompt that it must always take
     params = [sampling_params_cls(
         max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=job.get("logprobs", 1),
         prompt_logprobs=1 if job.get("prompt_logprobs") else None,
-    ) for n in per_prompt]
+        allowed_token_ids=[forced[i]] if forced else None,
+    ) for i, n in enumerate(per_prompt)]
     batch_before = llm.collective_rpc(_fetch_batch_counter)[0] if job.get("count_batch") else None
     t0 = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params,
@@ -355,6 +504,9 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
                                   for p, o in zip(job["prompts"], outs, strict=True)]
     if job.get("capture"):
         res["capture"] = llm.apply_model(_fetch_capture)[0]
+    if check is not None:
+        check.on = False
+        res["kernel_check"] = list(check.records)
     return res
 
 
@@ -375,6 +527,12 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
 
     replays = _GraphReplayCounter() if spec.get("count_graph_replays") else None
     groups = _PrefillGroupCounter() if spec.get("count_prefill_groups") else None
+    decode_rows = _DecodeRowCounter() if spec.get("count_decode_rows") else None
+    global _KERNEL_CHECK
+    if any(j.get("kernel_check") for j in spec.get("jobs") or ()):
+        if not spec.get("enforce_eager"):
+            raise ValueError("kernel_check needs enforce_eager (a graph replays no Python)")
+        _KERNEL_CHECK = _KernelCheck()  # before the engine builds its metadata builders
     t0 = time.perf_counter()
     llm = LLM(**engine_kwargs(spec))
     result: dict[str, Any] = {"startup_s": time.perf_counter() - t0,
@@ -405,6 +563,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     if jobs:
         if any(j.get("capture") for j in jobs):
             llm.apply_model(_install_capture)
+        if any(j.get("kernel_check") for j in jobs):
+            llm.apply_model(_install_kernel_check)
         if any(j.get("count_batch") for j in jobs):
             llm.collective_rpc(_install_batch_counter)
         result["jobs"] = {}
@@ -422,6 +582,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     tp = spec.get("throughput")
     if tp:
         result["throughput"] = _throughput(llm, SamplingParams, tp)
+    if decode_rows is not None:
+        result["decode_rows"] = dict(decode_rows.counts)
     del llm
     torch.cuda.empty_cache()
     return result

@@ -1,6 +1,6 @@
 """Plain-PyTorch stand-ins for the attention calls the backend makes on the GPU
 (FlashAttention's varlen function, vLLM's merge_attn_states), for CPU tests that run the
-impl with the reference in place of every CUDA op."""
+impl with the reference in place of every CUDA op, and the random paged cache they read."""
 
 from __future__ import annotations
 
@@ -42,3 +42,39 @@ def merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, out_l
     out.copy_(o)
     if out_lse is not None:
         out_lse.copy_(lse)
+
+
+def random_pages(fmt, rotate_k: bool, lens: list[int], num_kv_heads: int,
+                 gen: torch.Generator, spare_blocks: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random K and V (bf16) of ``lens[i]`` tokens for request i, quantized by the
+    reference into pages in permuted order. Returns the cache [blocks, kv_heads, region]
+    uint8 and the block table [requests, blocks per request] int32, ``spare_blocks``
+    columns wider than the longest context needs."""
+    bs = fmt.block_size
+    max_blocks = -(-max(lens) // bs) + spare_blocks
+    table = torch.randperm(len(lens) * max_blocks, generator=gen).to(torch.int32)
+    table = table.view(len(lens), max_blocks)
+    cache = torch.zeros(len(lens) * max_blocks, num_kv_heads, fmt.head_region_bytes,
+                        dtype=torch.uint8)
+    for i, n in enumerate(lens):
+        pos = torch.arange(n)
+        slots = table[i, pos // bs].long() * bs + pos % bs
+        k = torch.randn(n, num_kv_heads, fmt.head_size, generator=gen).to(torch.bfloat16)
+        v = torch.randn(n, num_kv_heads, fmt.head_size, generator=gen).to(torch.bfloat16)
+        ref.write_tokens(cache, k, v, slots, fmt, rotate_k)
+    return cache, table
+
+
+def assert_layer_matches(impl, q: torch.Tensor, cache: torch.Tensor, md,
+                         want: torch.Tensor) -> None:
+    """One layer's forward over a step, the output poisoned (a row never written shows
+    as NaN), against the reference output ``want`` (float32)."""
+    import types
+
+    out = torch.full_like(q, float("nan"))
+    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q, q,
+                 cache, md, output=out)
+    assert torch.isfinite(out).all()
+    err = float((out.float() - want).norm() / want.norm())
+    assert err < 1e-2, err

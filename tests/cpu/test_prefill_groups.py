@@ -18,7 +18,12 @@ import types
 import pytest
 import torch
 
-from tests.cpu.attention_stand_ins import flash_attn_varlen, merge_attn_states
+from tests.cpu.attention_stand_ins import (
+    assert_layer_matches,
+    flash_attn_varlen,
+    merge_attn_states,
+    random_pages,
+)
 from vllm_bitdecode import config as bd_config
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode.backend.metadata import (
@@ -117,17 +122,7 @@ def _step(cfg: BitDecodeConfig, capacity: int, seed: int, max_len: int | None = 
     # chunks ending at the context's end; a long context's chunk leaves its last window
     # a page (prefill_workspace_rows keeps that room)
     qlens = [rng.randint(1, n if n <= capacity else capacity - BLOCK) for n in lens]
-    max_blocks = -(-max(lens) // BLOCK)
-    perm = torch.randperm(len(lens) * max_blocks, generator=gen).to(torch.int32)
-    table = perm.view(len(lens), max_blocks)  # permuted pages
-    cache = torch.zeros(len(lens) * max_blocks, KV_HEADS, fmt.head_region_bytes,
-                        dtype=torch.uint8)
-    for i, n in enumerate(lens):
-        pos = torch.arange(n)
-        slots = table[i, pos // BLOCK].long() * BLOCK + pos % BLOCK
-        k = torch.randn(n, KV_HEADS, D, generator=gen).to(torch.bfloat16)
-        ref.write_tokens(cache, k, torch.randn_like(k, dtype=torch.float32).to(k.dtype), slots,
-                         fmt, cfg.rotate_k)
+    cache, table = random_pages(fmt, cfg.rotate_k, lens, KV_HEADS, gen)  # permuted pages
     qsl = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(int(qsl[-1]), HEADS, D, generator=gen).to(torch.bfloat16)
@@ -159,12 +154,7 @@ def _prefill_matches_the_reference(mod, bits: int, rotate_k: bool, capacity: int
     impl = mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
     impl.prefill_workspace = torch.full((2, capacity, KV_HEADS, D), float("nan"),
                                         dtype=torch.bfloat16)
-    out = torch.full_like(q, float("nan"))
-    impl.forward(types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn"), q, q, q,
-                 cache, md, output=out)
-    assert torch.isfinite(out).all()
-    err = float((out.float() - want).norm() / want.norm())
-    assert err < 1e-2, err
+    assert_layer_matches(impl, q, cache, md, want)
     return md, lens
 
 

@@ -180,12 +180,13 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     MIN_TILES_PER_SPLIT, sp.sel_positions, sp.sel_count, sp.keys,
                     sp.key_offsets, sp.min_seq_len, sp.shared, sp.selection_unit,
                 )
-            else:
+            else:  # with decode_query_start, the rows are the requests' query tokens
+                nt = nd if md.decode_query_start is None else md.num_decode_tokens
                 ops.decode(
-                    output[:nd], query[:nd], kv_cache, md.decode_block_table,
+                    output[:nt], query[:nt], kv_cache, md.decode_block_table,
                     md.decode_seq_lens, md.partial_out, md.partial_lse, md.rotation_signs,
                     self.scale, fmt.bits, fmt.group_size, fmt.block_size, md.num_splits,
-                    MIN_TILES_PER_SPLIT,
+                    MIN_TILES_PER_SPLIT, md.decode_query_start, md.decode_max_query_len,
                 )
         if md.prefill is not None:
             self._prefill(query, kv_cache, md, output)

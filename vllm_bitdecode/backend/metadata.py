@@ -1,17 +1,21 @@
 """Per-step metadata: the decode split plan and the prefill layout, built once per step.
 
-vLLM reorders every batch so that single-token decodes come first. Decodes go to the
-BITDECODE split-K kernel; the remaining requests (prefills and chunked-prefill
-continuations) read their whole context back from the quantized pages and run
-FlashAttention over it, so every query, whatever the schedule, sees the same
-quantized keys and values.
+vLLM reorders every batch so that decodes come first: one query token each, or with
+speculative decoding up to 1 + num_speculative_tokens (the drafts being verified, and
+short prefill chunks). Decodes go to the BITDECODE split-K kernel, their query tokens
+beside their query heads where the kernel's rows hold them, else one row per query
+token; the remaining requests (prefills and chunked-prefill continuations) read their
+whole context back from the quantized pages and run FlashAttention over it, so every
+query, whatever the schedule, sees the same quantized keys and values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import (
@@ -41,6 +45,19 @@ MAX_SPLITS = 64
 MAX_KEY_TOKENS = 1 << 23
 
 
+# Query rows per KV head that the decode kernel holds (two MMA head tiles of 8): the
+# query heads of a KV head times the query tokens of a request (csrc/ops.cpp's bound).
+MAX_QUERY_ROWS = 16
+
+
+def packs_query_tokens(max_query_len: int, gqa: int, cfg: config.BitDecodeConfig) -> bool:
+    """Whether decode requests of several query tokens (drafts to verify) go to the kernel
+    as they are, their tokens beside their query heads (every page read once), or as a
+    row per token: the former in dense per-token mode where the rows fit."""
+    return (max_query_len > 1 and not cfg.sparse.enabled and not cfg.channel_k
+            and gqa * max_query_len <= MAX_QUERY_ROWS)
+
+
 def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm: int) -> int:
     """Splits per sequence for a decode batch: as many as fit in one wave of resident
     CTAs (never more, so no CTA waits for a second wave). Depends on the batch size
@@ -49,6 +66,19 @@ def plan_num_splits(num_seqs: int, num_kv_heads: int, num_sms: int, ctas_per_sm:
         return 1
     slots = ctas_per_sm * num_sms
     return max(1, min(MAX_SPLITS, slots // (num_seqs * num_kv_heads)))
+
+
+def decode_rows(query_start_loc: np.ndarray | Sequence[int], num_decodes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The decode kernel's rows for decode requests of several query tokens each (drafts
+    under verification, short chunks): one row per token. Returns, per row, its request
+    and how many of that request's query tokens come after it: the row attends to the
+    request's first ``seq_len - after`` positions, its own included (causal)."""
+    qsl = np.asarray(query_start_loc[: num_decodes + 1], dtype=np.int64)
+    counts = np.diff(qsl)
+    request = np.repeat(np.arange(num_decodes, dtype=np.int32), counts)
+    after = (np.repeat(qsl[1:], counts) - 1 - np.arange(qsl[0], qsl[-1])).astype(np.int32)
+    return request, after
 
 
 def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budget: int,
@@ -271,7 +301,10 @@ class ChannelKMetadata:
 class BitDecodeMetadata:
     num_actual_tokens: int
     slot_mapping: torch.Tensor  # [num_actual_tokens] int64
-    # decodes: the first num_decodes requests, one query token each
+    # decode rows: one per query token of the first requests (decode_rows), each
+    # attending to its own length of its request's pages; or, with decode_query_start,
+    # the requests themselves, whose query tokens (at most decode_max_query_len each)
+    # the kernel reads beside their heads, each attending up to its own position
     num_decodes: int
     decode_seq_lens: torch.Tensor  # [num_decodes] int32
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks] int32
@@ -286,16 +319,21 @@ class BitDecodeMetadata:
     partial_lse: torch.Tensor
     sparse: SparseMetadata | None = None  # sparse decode, when configured
     channel_k: ChannelKMetadata | None = None  # per-channel K mode, when configured
+    decode_query_start: torch.Tensor | None = None  # [num_decodes + 1] int32
+    decode_max_query_len: int = 1
 
 
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
-    # Full CUDA graphs for pure-decode batches; mixed batches run piecewise (attention
-    # eager), where the prefill path may allocate its dequantization buffer.
-    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # Full CUDA graphs for pure-decode batches, of one query token per request or of
+    # 1 + num_speculative_tokens (on vLLM's tensors, or as rows in persistent buffers);
+    # mixed batches run piecewise (attention eager).
+    _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self._init_reorder_batch_threshold(1, supports_spec_as_decode=False)
+        # with speculative decoding, requests of up to 1 + num_speculative_tokens query
+        # tokens are decodes too (channel mode refuses speculative decoding)
+        self._init_reorder_batch_threshold(1, supports_spec_as_decode=True)
         self.bitdecode = config.check_vllm_config(vllm_config)
         config.set_active(self.bitdecode)
         model = vllm_config.model_config
@@ -307,20 +345,29 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         self.rotation_signs = (
             rotation_signs(self.head_size).to(device) if self.bitdecode.rotate_k else None
         )
+        gqa = self.num_heads // self.num_kv_heads
+        # Drafts to verify (speculative decoding): a request's query tokens beside its
+        # query heads in the kernel's rows, every page read once, where they fit (dense
+        # per-token mode, gqa x (1 + drafts) rows at most); else a decode row per token.
+        per_request = self.reorder_batch_threshold
+        self.pack_queries = packs_query_tokens(per_request, gqa, self.bitdecode)
         self.num_sms, self.ctas_per_sm = decode_slots(
             model.dtype, self.bitdecode.bits, self.bitdecode.group_size,
-            self.num_heads // self.num_kv_heads, device, self.bitdecode.channel_k,
-            self.bitdecode.k_param_bits,
+            gqa * (per_request if self.pack_queries else 1), device,
+            self.bitdecode.channel_k, self.bitdecode.k_param_bits,
         )
         # Split-K workspace for the largest decode batch, allocated once so that CUDA
         # graphs capture fixed addresses.
         max_seqs = vllm_config.scheduler_config.max_num_seqs
-        rows = max(b * self._num_splits(b) for b in range(1, max_seqs + 1))
+        max_rows = self._init_decode_rows(vllm_config, max_seqs, device)
+        rows = max(b * self._num_splits(b) for b in range(1, max_rows + 1))
+        if self.pack_queries:  # partials per split, request and query token
+            rows *= per_request
         self.partial_out = torch.empty(
             rows * self.num_heads * self.head_size, dtype=torch.float32, device=device
         )
         self.partial_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=device)
-        self.sparse = self._init_sparse(vllm_config, max_seqs, device)
+        self.sparse = self._init_sparse(vllm_config, max_rows, device)
         # per-channel K: the worker's residual-slot table, stepped after vLLM's
         # _update_states; rows map to slots of the impls' residual buffers
         self.row_slots = (residual_slots.install_table(max_seqs, device)
@@ -329,6 +376,24 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             self.bitdecode.channel_k, model.max_model_len,
             vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size,
             self.bitdecode.prefill_window)
+
+    def _init_decode_rows(self, vllm_config, max_seqs: int, device: torch.device) -> int:
+        """The most decode rows a step can have. Past one query token per request, the
+        rows' lengths and block-table rows (a copy of their request's) live in persistent
+        buffers, so that a CUDA graph captured for a batch replays on this step's."""
+        per_request = self.reorder_batch_threshold
+        self._row_seq_lens = self._row_block_table = None
+        if self.pack_queries:
+            return max_seqs  # a request is one kernel sequence, on vLLM's own tensors
+        max_rows = min(max_seqs * per_request,
+                       vllm_config.scheduler_config.max_num_batched_tokens)
+        if per_request > 1:
+            max_blocks = -(-vllm_config.model_config.max_model_len
+                           // self.kv_cache_spec.block_size)
+            self._row_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
+            self._row_block_table = torch.zeros((max_rows, max_blocks), dtype=torch.int32,
+                                                device=device)
+        return max_rows
 
     def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
         """Persistent buffers of sparse mode. The score workspace holds one key per token
@@ -390,29 +455,45 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
     ) -> BitDecodeMetadata:
         cam = common_attn_metadata
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
-            cam, decode_threshold=1
+            cam, decode_threshold=self.reorder_batch_threshold
         )
         prefill = None
         if num_prefills > 0:
             prefill = self._build_prefill(cam, num_decodes, num_decode_tokens)
-        num_splits = self._num_splits(num_decodes)
+        query_start = None
+        if self.reorder_batch_threshold > 1 and not self.pack_queries and num_decodes > 0:
+            # drafts to verify or short chunks: a row per query token (every step, so
+            # that a graph captured for a batch size always reads the same buffers)
+            seq_lens, block_table = self._expand_decode_rows(cam, num_decodes,
+                                                             num_decode_tokens)
+        else:
+            seq_lens = cam.seq_lens[:num_decodes]
+            block_table = cam.block_table_tensor[:num_decodes]
+            if self.pack_queries:
+                # the requests as they are, their query tokens at vLLM's query_start_loc
+                # (flat over a graph batch's padding: no tokens, nothing written)
+                query_start = cam.query_start_loc[: num_decodes + 1]
+        rows = seq_lens.shape[0]
+        num_splits = self._num_splits(rows)
         sparse = None
-        if self.sparse is not None and num_decodes > 0:
+        if self.sparse is not None and rows > 0:
             # each decode row's first token in the score workspace: an exclusive sum of
             # the lengths, on the device, into the persistent buffer graphs captured
-            lens = cam.seq_lens[:num_decodes].to(torch.int64)
-            torch.cumsum(lens, 0, out=self.key_offsets[:num_decodes])
-            self.key_offsets[:num_decodes].sub_(lens)
+            lens = seq_lens.to(torch.int64)
+            torch.cumsum(lens, 0, out=self.key_offsets[:rows])
+            self.key_offsets[:rows].sub_(lens)
             sparse = dataclasses.replace(
-                self.sparse, key_offsets=self.key_offsets[:num_decodes],
-                reuse_splits=plan_reuse_splits(num_decodes, self.num_kv_heads, self.num_sms,
+                self.sparse, key_offsets=self.key_offsets[:rows],
+                reuse_splits=plan_reuse_splits(rows, self.num_kv_heads, self.num_sms,
                                                self.sparse.token_budget, num_splits))
         return BitDecodeMetadata(
             num_actual_tokens=cam.num_actual_tokens,
             slot_mapping=cam.slot_mapping,
-            num_decodes=num_decodes,
-            decode_seq_lens=cam.seq_lens[:num_decodes],
-            decode_block_table=cam.block_table_tensor[:num_decodes],
+            num_decodes=rows,
+            decode_seq_lens=seq_lens,
+            decode_block_table=block_table,
+            decode_query_start=query_start,
+            decode_max_query_len=1 if query_start is None else self.reorder_batch_threshold,
             num_splits=num_splits,
             num_decode_tokens=num_decode_tokens,
             prefill=prefill,
@@ -423,6 +504,30 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             sparse=sparse,
             channel_k=self._build_channel_k(cam, num_decodes) if self.row_slots else None,
         )
+
+    def _expand_decode_rows(self, cam: CommonAttentionMetadata, num_decodes: int,
+                            rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query token of the decode requests as a decode row of its own: its
+        length (the request's, less the query tokens after it) and a copy of its
+        request's block-table row, written into the persistent buffers (only the columns
+        the step's longest context uses). ``rows`` is the decode tokens, padding
+        included: vLLM pads a CUDA-graph batch with requests of no query tokens and
+        tokens after them, whose rows get length 0. [rows] int32, [rows, max_blocks]
+        int32."""
+        request, after = decode_rows(cam.query_start_loc_cpu.numpy(), num_decodes)
+        real = len(request)
+        # a fresh pageable host tensor each step: the copy has read it when .to returns
+        index = torch.from_numpy(np.stack([request, after])).to(self.device,
+                                                                non_blocking=True)
+        seq_lens = self._row_seq_lens[:rows]
+        torch.sub(cam.seq_lens[:num_decodes].index_select(0, index[0]), index[1],
+                  out=seq_lens[:real])
+        seq_lens[real:].zero_()  # the padding tokens' rows
+        table = self._row_block_table[:rows]
+        width = min(-(-cam.max_seq_len // self.kv_cache_spec.block_size), table.shape[1])
+        table[:real, :width] = cam.block_table_tensor[:num_decodes, :width].index_select(
+            0, index[0])
+        return seq_lens, table
 
     def _build_channel_k(self, cam: CommonAttentionMetadata,
                          num_decodes: int) -> ChannelKMetadata:
