@@ -589,8 +589,17 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+SPEC_DRAFTS = "vllm:spec_decode_num_draft_tokens"
+SPEC_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
+
+
 def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, float]:
     """ms per decode step: (time for 1 + n tokens - time for 1 token) / n, same prompts.
+    With speculative decoding a step yields several tokens, so this is ms per generated
+    token of a request; ``forced_token`` (one token id that every request must always
+    take, through allowed_token_ids) makes n-gram drafts right once it repeats, and the
+    drafts proposed and accepted in the timed runs are returned beside it (when the
+    engine keeps vLLM's counters).
 
     With prefix caching on (vLLM's default), only the warm-up prefills the prompts; the
     timed runs find them cached and recompute at most one block per request, the same
@@ -602,9 +611,11 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, 
     batch, context, steps = timing["batch"], timing["context"], timing.get("steps", 64)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(context)]}
                for _ in range(batch)]
+    forced = timing.get("forced_token")
 
     def run(n: int) -> float:
-        sp = sampling_params_cls(max_tokens=n, temperature=0.0, ignore_eos=True)
+        sp = sampling_params_cls(max_tokens=n, temperature=0.0, ignore_eos=True,
+                                 allowed_token_ids=None if forced is None else [forced])
         t0 = time.perf_counter()
         llm.generate(prompts, sp, use_tqdm=False)
         return time.perf_counter() - t0
@@ -613,9 +624,17 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, 
     run(2)  # warm up (compilation, graphs), and fills the prefix cache if enabled
     warmup = time.perf_counter() - t0
     prefill_only = min(run(1) for _ in range(2))
+    before = counters(llm)
     full = min(run(1 + steps) for _ in range(2))
-    return {"ms_per_step": 1000 * (full - prefill_only) / steps, "batch": batch,
-            "context": context, "steps": steps, "warmup_s": warmup}
+    after = counters(llm)
+    out = {"ms_per_step": 1000 * (full - prefill_only) / steps, "batch": batch,
+           "context": context, "steps": steps, "warmup_s": warmup}
+    if forced is not None:
+        out["forced_token"] = forced
+    if SPEC_DRAFTS in after:  # the two timed runs' drafts
+        out["draft_tokens"] = after[SPEC_DRAFTS] - before.get(SPEC_DRAFTS, 0)
+        out["accepted_tokens"] = after.get(SPEC_ACCEPTED, 0) - before.get(SPEC_ACCEPTED, 0)
+    return out
 
 
 def _throughput(llm, sampling_params_cls, cfg: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,234 @@
+"""Speculative decoding end to end: ms per generated token with and without n-gram drafts,
+FLASH_ATTN bf16 against BITDECODE 4-bit, one run.
+
+Llama-3-8B shape with dummy weights, CUDA graphs on, prefix caching on, the machinery of
+bench_e2e.py: one engine per (backend, drafts), each timing batch 1 x 130,560 and batch
+8 x 32,768 as bench_e2e's decode cases do (t(1 + N tokens) - t(1 token), best of 2).
+Dummy weights would make every draft wrong, so every request is forced to take one token
+at every step (``allowed_token_ids``): once it repeats, vLLM's n-gram proposer drafts it
+and every draft is accepted. This is the best case of speculative decoding, the one where
+the verification's cost shows most plainly: BITDECODE reads a request's 1 + drafts query
+tokens beside its query heads and unpacks every page once for all of them
+(docs/decode-kernel-notes.md item 7), FlashAttention-3 runs them as a varlen batch. Both
+engines of a backend run with async scheduling off, which vLLM does for n-gram drafts.
+
+    python benchmarks/bench_spec_decode.py            # bf16 and int4, 0 and 3 drafts
+    python benchmarks/bench_spec_decode.py --quick    # B=1 at 32K, 16 tokens: a smoke run
+
+Writes benchmarks/results/spec_decode_<gpu>.json (device, date, commit, settings,
+``records``: backend, kv, drafts, case, batch, context, ms_per_token (per request),
+tokens_per_s (all requests), draft_tokens, accepted_tokens, vs_no_drafts (tokens/s over
+the same backend without drafts) and vs_bf16 (over FLASH_ATTN bf16 with as many drafts))
+and a PNG beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_e2e as e2e  # noqa: E402
+
+from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
+from vllm_bitdecode.testing import run_in_subprocess, write_model_dir  # noqa: E402
+
+KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
+CASES = ["decode_b1_128k", "decode_b8_32k"]
+# a token id that the random prompts (ids 100..29999) never hold, forced at every step
+FORCED_TOKEN = 42
+# CUDA-graph sizes in tokens: batch 8 with 3 drafts is 32 (vLLM rounds the sizes up to
+# multiples of 1 + drafts for full decode graphs)
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 32]
+RECORD_KEYS = ("backend", "kv", "drafts", "case", "batch", "context", "ms_per_token",
+               "tokens_per_s", "draft_tokens", "accepted_tokens")
+
+
+def ngram_config(drafts: int) -> dict[str, Any]:
+    return dict(method="ngram", num_speculative_tokens=drafts, prompt_lookup_min=2,
+                prompt_lookup_max=5)
+
+
+def runs_wanted(drafts: int) -> list[tuple[str, int]]:
+    """(backend key, drafts) for every engine; a backend's two engines side by side, so
+    that a run cut short still holds complete comparisons."""
+    return [(key, n) for key in KEYS for n in (0, drafts)]
+
+
+def engine_spec(key: str, drafts: int, model: str, s: dict[str, Any]) -> dict[str, Any]:
+    spec = e2e.engine_spec(key, model, CASES, s)
+    spec.pop("_decode_shapes")
+    spec["async_scheduling"] = False
+    spec["compilation_config"] = {"cudagraph_capture_sizes": CAPTURE_SIZES}
+    for timing in spec["decode_timings"]:
+        timing["forced_token"] = FORCED_TOKEN
+    if drafts:
+        spec["speculative_config"] = ngram_config(drafts)
+    return spec
+
+
+def records_from_result(key: str, drafts: int, res: dict[str, Any],
+                        shapes: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
+    """One record per decode case of an engine's result (vllm_bitdecode.testing's
+    ``decode_timings``, whose ms_per_step is ms per generated token of a request)."""
+    backend, kv, _ = e2e.BACKENDS[key]
+    timings = {(t["batch"], t["context"]): t for t in res.get("decode_timings", [])}
+    out = []
+    for case in CASES:
+        rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+        rec.update(backend=backend, kv=kv, drafts=drafts, case=case, key=key)
+        batch, context = shapes[case]
+        t = timings.get((batch, context))
+        if t is None:
+            rec.update(batch=batch, context=context,
+                       skipped="no timing in the engine's result")
+        else:
+            ms = t["ms_per_step"]
+            rec.update(batch=batch, context=context, ms_per_token=ms,
+                       tokens_per_s=1000.0 * batch / ms, steps=t["steps"],
+                       draft_tokens=t.get("draft_tokens"),
+                       accepted_tokens=t.get("accepted_tokens"))
+        out.append(rec)
+    return out
+
+
+def skipped_records(key: str, drafts: int, shapes: dict[str, tuple[int, int]],
+                    reason: str) -> list[dict[str, Any]]:
+    backend, kv, _ = e2e.BACKENDS[key]
+    return [dict(dict.fromkeys(RECORD_KEYS), backend=backend, kv=kv, drafts=drafts, case=c,
+                 key=key, batch=shapes[c][0], context=shapes[c][1], skipped=reason)
+            for c in CASES]
+
+
+def add_ratios(records: list[dict[str, Any]]) -> None:
+    """vs_no_drafts: tokens/s over the same backend and case without drafts; vs_bf16:
+    over FLASH_ATTN bf16 with as many drafts, same case."""
+    ok = {(r["key"], r["drafts"], r["case"]): r for r in records
+          if not r.get("skipped") and r.get("tokens_per_s")}
+    for r in records:
+        plain = ok.get((r["key"], 0, r["case"]))
+        bf16 = ok.get(("FLASH_ATTN:bf16", r["drafts"], r["case"]))
+        mine = ok.get((r["key"], r["drafts"], r["case"]))
+        r["vs_no_drafts"] = mine["tokens_per_s"] / plain["tokens_per_s"] if mine and plain \
+            else None
+        r["vs_bf16"] = mine["tokens_per_s"] / bf16["tokens_per_s"] if mine and bf16 else None
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'backend':<11}{'kv':<6}{'drafts':>7} {'case':<16}{'ms/token':>9}{'tok/s':>9}"
+             f"{'accepted':>14}{'x no drafts':>12}{'x bf16':>8}"]
+    for r in records:
+        head = f"{r['backend']:<11}{r['kv']:<6}{r['drafts']:>7} {r['case']:<16}"
+        if r.get("skipped"):
+            lines.append(head + f"skipped: {r['skipped'][:70]}")
+            continue
+        accepted = "-" if r.get("draft_tokens") is None else \
+            f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f}"
+        lines.append(head + f"{f(r['ms_per_token'], '.2f'):>9}{f(r['tokens_per_s'], ',.0f'):>9}"
+                     f"{accepted:>14}{f(r.get('vs_no_drafts'), '.2f'):>12}"
+                     f"{f(r.get('vs_bf16'), '.2f'):>8}")
+    return "\n".join(lines)
+
+
+def plot(doc: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    recs = [r for r in doc["records"] if not r.get("skipped")]
+    fig, axes = plt.subplots(1, len(CASES), figsize=(10, 4))
+    for ax, case in zip(axes, CASES, strict=True):
+        rows = [r for r in recs if r["case"] == case]
+        ax.bar(range(len(rows)), [r["ms_per_token"] for r in rows],
+               color=["tab:orange" if r["backend"] == "BITDECODE" else "tab:gray"
+                      for r in rows])
+        ax.set_xticks(range(len(rows)), [f"{r['kv']}\n{r['drafts']} drafts" for r in rows],
+                      fontsize=8)
+        batch, context = (rows[0]["batch"], rows[0]["context"]) if rows else (0, 0)
+        ax.set_title(f"ms per generated token, B={batch} x {context:,} (lower is better)",
+                     fontsize=9)
+    fig.suptitle(f"n-gram drafts, every draft right (forced token), Llama-3-8B shape - "
+                 f"{doc['device']} ({doc['date']}, {doc['commit']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafts", type=int, default=3, help="n-gram drafts per step")
+    ap.add_argument("--quick", action="store_true", help="B=1 at 32K, 16 tokens")
+    ap.add_argument("--steps", type=int, default=64, help="tokens timed per request")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per engine")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--log-dir", default="/tmp/bench_spec_decode_logs")
+    ap.add_argument("--dry-run", action="store_true", help="print the engine specs and exit")
+    args = ap.parse_args(argv)
+    if args.drafts < 1:
+        ap.error("--drafts must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    e2e_args = e2e.parse_args(["--steps", str(args.steps), "--gpu-memory-utilization",
+                               str(args.gpu_memory_utilization), "--max-num-seqs", "8"]
+                              + (["--quick"] if args.quick else []))
+    s = e2e.settings_from_args(e2e_args)
+    shapes = {case: (e2e.DECODE_CASES[case][0], s[e2e.DECODE_CASES[case][1]])
+              for case in CASES}
+    if args.dry_run:
+        for key, drafts in runs_wanted(args.drafts):
+            print(key, drafts, engine_spec(key, drafts, "<model-dir>", s))
+        return
+    device = e2e.device_name()
+    out = Path(args.out or Path(__file__).parent / "results"
+               / f"spec_decode_{gpu_slug(device)}.json")
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    records: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = str(write_model_dir(Path(tmp) / "llama3-8b-shape", tokenizer=False))
+        for key, drafts in runs_wanted(args.drafts):
+            print(f"[{time.perf_counter() - t0:6.0f} s] {key}, {drafts} drafts", flush=True)
+            try:
+                res = run_in_subprocess(engine_spec(key, drafts, model, s),
+                                        timeout=args.timeout)
+                (log_dir / f"{key.replace(':', '_')}_{drafts}.log").write_text(
+                    res.get("log", ""))
+                recs = records_from_result(key, drafts, res, shapes)
+            except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+                reason = "engine failed: " + e2e.error_lines(str(err))
+                print(f"  skipped: {reason}", flush=True)
+                recs = skipped_records(key, drafts, shapes, reason)
+            records += recs
+            # written after every engine, so a run stopped by a time limit keeps its figures
+            add_ratios(records)
+            doc = results_doc(device, model="llama3-8b-shape dummy weights (32 layers, "
+                              "32/8 heads, d=128)", forced_token=FORCED_TOKEN,
+                              speculative=ngram_config(args.drafts), settings=s,
+                              records=records)
+            write_results(doc, out)
+    print(summary_table(records))
+    if plot(doc, out.with_suffix(".png")):
+        print(f"plot: {out.with_suffix('.png')}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""benchmarks/bench_spec_decode.py: its engines and their specs, records, ratios and the
+main flow with a stand-in engine; and testing._time_decode's forced token and draft
+counts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tests.scripts import load_script
+from vllm_bitdecode import testing
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    return load_script("benchmarks/bench_spec_decode.py")
+
+
+@pytest.fixture
+def settings(bench):
+    return bench.e2e.settings_from_args(bench.e2e.parse_args(["--max-num-seqs", "8"]))
+
+
+def test_engines_and_their_specs(bench, settings):
+    assert bench.runs_wanted(3) == [("FLASH_ATTN:bf16", 0), ("FLASH_ATTN:bf16", 3),
+                                    ("BITDECODE:int4", 0), ("BITDECODE:int4", 3)]
+    plain = bench.engine_spec("BITDECODE:int4", 0, "m", settings)
+    spec = bench.engine_spec("BITDECODE:int4", 3, "m", settings)
+    assert "speculative_config" not in plain
+    assert spec["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3,
+                                          "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    for s in (plain, spec):  # the same schedule and graphs with and without drafts
+        assert s["async_scheduling"] is False and s["bitdecode"] == {"bits": 4}
+        assert s["compilation_config"] == {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32]}
+        assert [(t["batch"], t["context"], t["forced_token"]) for t in s["decode_timings"]] \
+            == [(1, 130560, 42), (8, 32768, 42)]
+        json.dumps(s)  # travels as JSON to the engine process
+    kw = testing.engine_kwargs(spec)
+    assert kw["speculative_config"]["num_speculative_tokens"] == 3
+    assert kw["async_scheduling"] is False
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--drafts", "0"])
+
+
+def _result(ms: dict[tuple[int, int], float], drafts: bool) -> dict:
+    return {"decode_timings": [
+        dict(batch=b, context=c, steps=64, ms_per_step=v,
+             **({"draft_tokens": 384.0, "accepted_tokens": 380.0} if drafts else {}))
+        for (b, c), v in ms.items()]}
+
+
+SHAPES = {"decode_b1_128k": (1, 130560), "decode_b8_32k": (8, 32768)}
+
+
+def test_records_and_ratios(bench):
+    records = []
+    for key, drafts, b1, b8 in (("FLASH_ATTN:bf16", 0, 13.0, 9.0),
+                                ("FLASH_ATTN:bf16", 3, 4.0, 3.0),
+                                ("BITDECODE:int4", 0, 8.0, 6.0),
+                                ("BITDECODE:int4", 3, 2.0, 2.5)):
+        res = _result({(1, 130560): b1, (8, 32768): b8}, drafts > 0)
+        records += bench.records_from_result(key, drafts, res, SHAPES)
+    records += bench.skipped_records("BITDECODE:int4", 5, SHAPES, "engine failed: x")
+    bench.add_ratios(records)
+    by = {(r["key"], r["drafts"], r["case"]): r for r in records}
+    r = by[("BITDECODE:int4", 3, "decode_b8_32k")]
+    assert r["ms_per_token"] == 2.5 and r["tokens_per_s"] == pytest.approx(3200.0)
+    assert r["accepted_tokens"] == 380.0 and r["draft_tokens"] == 384.0
+    assert r["vs_no_drafts"] == pytest.approx(6.0 / 2.5)
+    assert r["vs_bf16"] == pytest.approx(3.0 / 2.5)
+    assert by[("BITDECODE:int4", 0, "decode_b1_128k")]["vs_bf16"] == pytest.approx(13 / 8)
+    assert by[("FLASH_ATTN:bf16", 0, "decode_b1_128k")]["draft_tokens"] is None
+    skipped = by[("BITDECODE:int4", 5, "decode_b1_128k")]
+    assert skipped["vs_no_drafts"] is None and skipped["context"] == 130560
+    missing = bench.records_from_result("BITDECODE:int4", 3, {"decode_timings": []}, SHAPES)
+    assert all(r["skipped"] for r in missing)
+    table = bench.summary_table(records)
+    assert "380/384" in table and "skipped: engine failed" in table
+
+
+def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
+    specs = []
+
+    def engine(spec, timeout):
+        specs.append(spec)
+        if spec["backend"] == "FLASH_ATTN" and "speculative_config" in spec:
+            raise RuntimeError("Traceback\nValueError: no drafts today")
+        drafts = "speculative_config" in spec
+        scale = 0.3 if drafts else 1.0
+        return dict(_result({(1, 32768): 10.0 * scale, (8, 32768): 8.0 * scale}, drafts),
+                    log="BITDECODE")
+
+    monkeypatch.setattr(bench, "run_in_subprocess", engine)
+    monkeypatch.setattr(bench.e2e, "device_name", lambda: "NVIDIA Test GPU")
+    monkeypatch.setattr(bench, "write_model_dir", lambda path, tokenizer: path)
+    out = tmp_path / "spec.json"
+    bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    assert len(specs) == 4
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "NVIDIA Test GPU" and doc["forced_token"] == 42
+    assert {"date", "commit", "records", "settings"} <= doc.keys()
+    recs = {(r["key"], r["drafts"], r["case"]): r for r in doc["records"]}
+    assert recs[("FLASH_ATTN:bf16", 3, "decode_b1_128k")]["skipped"].endswith(
+        "no drafts today")
+    assert recs[("BITDECODE:int4", 3, "decode_b8_32k")]["vs_no_drafts"] == pytest.approx(
+        1 / 0.3)
+    assert "x no drafts" in capsys.readouterr().out
+
+
+class Counter(types.SimpleNamespace):
+    """What testing.counters reads of vLLM's metrics: a Counter's name and value."""
+
+
+class _FakeLLM:
+    """generate() records its sampling params and, with drafts, bumps vLLM's counters."""
+
+    def __init__(self, drafts: int) -> None:
+        self.params, self.drafts, self.count = [], drafts, 0
+
+    def generate(self, prompts, sp, use_tqdm=False):
+        self.params.append(sp)
+        self.count += self.drafts * sp.max_tokens
+
+    def get_metrics(self):
+        if not self.drafts:
+            raise AssertionError("stat logging disabled")
+        return [Counter(name=testing.SPEC_DRAFTS, value=self.count),
+                Counter(name=testing.SPEC_ACCEPTED, value=self.count - 1)]
+
+
+def test_time_decode_forces_the_token_and_counts_drafts():
+    params = types.SimpleNamespace
+    llm = _FakeLLM(drafts=3)
+    t = testing._time_decode(llm, params, dict(batch=2, context=5, steps=4, forced_token=42))
+    assert all(p.allowed_token_ids == [42] and p.temperature == 0.0 for p in llm.params)
+    assert [p.max_tokens for p in llm.params] == [2, 1, 1, 5, 5]
+    assert t["forced_token"] == 42 and t["draft_tokens"] == 3 * 5 * 2
+    assert t["accepted_tokens"] == t["draft_tokens"]  # the "- 1" cancels in the difference
+    plain = _FakeLLM(drafts=0)
+    t = testing._time_decode(plain, params, dict(batch=1, context=3, steps=2))
+    assert all(p.allowed_token_ids is None for p in plain.params)
+    assert "draft_tokens" not in t and "forced_token" not in t
