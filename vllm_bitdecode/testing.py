@@ -268,21 +268,33 @@ class _GraphReplayCounter:
         torch.cuda.CUDAGraph.replay = replay
 
 
+def _after_build(hook) -> None:
+    """Have every BitDecodeMetadataBuilder.build of this process call
+    ``hook(common_attn_metadata, metadata)`` on the metadata it returns (the engine's
+    per-step counters and checks below)."""
+    from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
+
+    original = BitDecodeMetadataBuilder.build
+
+    def build(builder, common_prefix_len, common_attn_metadata, *args, **kwargs):
+        md = original(builder, common_prefix_len, common_attn_metadata, *args, **kwargs)
+        hook(common_attn_metadata, md)
+        return md
+
+    BitDecodeMetadataBuilder.build = build
+
+
 class _PrefillGroupCounter:
     """Counts the prefill's workspace groups (per-token and channel mode) of an engine
     running in this process: steps with prefills, groups, steps with more than one, and
     steps that read a context in windows (per-token K)."""
 
     def __init__(self) -> None:
-        from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
-
         self.counts = {"steps": 0, "groups": 0, "multi_group_steps": 0, "max_groups": 0,
                        "windowed_steps": 0}
-        original = BitDecodeMetadataBuilder.build
         counts = self.counts
 
-        def build(builder, *args, **kwargs):
-            md = original(builder, *args, **kwargs)
+        def count(cam, md) -> None:
             if md.prefill is not None:
                 n = len(md.channel_k.prefill_groups if md.channel_k else md.prefill.groups)
                 counts["steps"] += 1
@@ -290,9 +302,8 @@ class _PrefillGroupCounter:
                 counts["multi_group_steps"] += n > 1
                 counts["max_groups"] = max(counts["max_groups"], n)
                 counts["windowed_steps"] += any(g.windows > 1 for g in md.prefill.groups)
-            return md
 
-        BitDecodeMetadataBuilder.build = build
+        _after_build(count)
 
 
 class _DecodeRowCounter:
@@ -307,7 +318,6 @@ class _DecodeRowCounter:
 
         self.counts = {"steps": 0, "rows": 0, "requests": 0, "packed": 0}
         original_rows = BitDecodeMetadataBuilder._expand_decode_rows
-        original_build = BitDecodeMetadataBuilder.build
         counts = self.counts
 
         def count(tokens: int, requests: int, packed: bool) -> None:
@@ -321,14 +331,12 @@ class _DecodeRowCounter:
             count(rows, num_decodes, False)
             return original_rows(builder, cam, num_decodes, rows)
 
-        def build(builder, *args, **kwargs):
-            md = original_build(builder, *args, **kwargs)
+        def count_packed(cam, md) -> None:
             if md.decode_query_start is not None:
                 count(md.num_decode_tokens, md.num_decodes, True)
-            return md
 
         BitDecodeMetadataBuilder._expand_decode_rows = expand
-        BitDecodeMetadataBuilder.build = build
+        _after_build(count_packed)
 
 
 class _KernelCheck:
@@ -352,24 +360,17 @@ class _KernelCheck:
     RECENT = 16
 
     def __init__(self) -> None:
-        from vllm_bitdecode.backend.metadata import BitDecodeMetadataBuilder
-
         self.records: list[dict[str, float]] = []
         self.on = False
-        original_build = BitDecodeMetadataBuilder.build
 
-        def build(builder, common_prefix_len, common_attn_metadata, *args, **kwargs):
-            md = original_build(builder, common_prefix_len, common_attn_metadata, *args,
-                                **kwargs)
-            cam = common_attn_metadata
+        def keep_batch(cam, md) -> None:
             # the whole batch as vLLM gave it (the metadata keeps decodes and prefills
             # apart); clones, since vLLM refills its buffers for the next step
             md.check_batch = (cam.query_start_loc_cpu[: cam.num_reqs + 1].clone(),
                               cam.seq_lens[: cam.num_reqs].clone(),
                               cam.block_table_tensor[: cam.num_reqs].clone())
-            return md
 
-        BitDecodeMetadataBuilder.build = build
+        _after_build(keep_batch)
 
     def install(self, impl, layer_index: int) -> None:
         """Check ``impl`` (a layer's BitDecodeAttentionImpl) from now on."""
@@ -529,7 +530,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     groups = _PrefillGroupCounter() if spec.get("count_prefill_groups") else None
     decode_rows = _DecodeRowCounter() if spec.get("count_decode_rows") else None
     global _KERNEL_CHECK
-    if any(j.get("kernel_check") for j in spec.get("jobs") or ()):
+    kernel_check = any(j.get("kernel_check") for j in spec.get("jobs") or ())
+    if kernel_check:
         if not spec.get("enforce_eager"):
             raise ValueError("kernel_check needs enforce_eager (a graph replays no Python)")
         _KERNEL_CHECK = _KernelCheck()  # before the engine builds its metadata builders
@@ -563,7 +565,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     if jobs:
         if any(j.get("capture") for j in jobs):
             llm.apply_model(_install_capture)
-        if any(j.get("kernel_check") for j in jobs):
+        if kernel_check:
             llm.apply_model(_install_kernel_check)
         if any(j.get("count_batch") for j in jobs):
             llm.collective_rpc(_install_batch_counter)

@@ -304,6 +304,16 @@ def test_which_configurations_pack_query_tokens(drafts, gqa, sparse, channel_k, 
     assert packs_query_tokens(1 + drafts, gqa, cfg) is packs
 
 
+def _mixed_step(cfg: BitDecodeConfig):
+    """:func:`_step` with a decode of several query tokens and a prefill."""
+    for seed in range(8):
+        step = _step(cfg, seed)
+        qlens, num_decodes = step[4], step[5]
+        if max(qlens[:num_decodes]) > 1 and len(qlens) > num_decodes:
+            return step
+    raise AssertionError("no seed gave a mixed step")
+
+
 def _leaky_decode(out, q, cache, table, seq_lens, partial_out, partial_lse, signs, scale,
                   bits, group_size, block_size, num_splits, min_tiles,
                   query_start_loc=None, max_query_len=1):
@@ -341,10 +351,7 @@ def test_engine_kernel_check_judges_rows_against_their_own_pages(impl_mod, monke
     cfg = BitDecodeConfig(bits=4, rotate_k=True)
     bd_config.set_active(cfg)
     check = testing._KernelCheck()
-    for seed in range(8):  # a step with a decode of several tokens and a prefill
-        q, cache, cam, _, qlens, num_decodes = _step(cfg, seed)
-        if max(qlens[:num_decodes]) > 1 and len(qlens) > num_decodes:
-            break
+    q, cache, cam, _, qlens, num_decodes = _mixed_step(cfg)
     md = _builder(cfg, 64, cam.block_table_tensor.shape[1], pack=pack).build(0, cam)
     impl = impl_mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
     check.install(impl, 5)
@@ -363,3 +370,28 @@ def test_engine_kernel_check_judges_rows_against_their_own_pages(impl_mod, monke
         assert record["decode_worst_row"] > 0.1, record
     else:
         assert record["decode_err"] < 1e-2 and record["decode_worst_row"] < 2e-2, record
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["rows", "tokens"])
+def test_engine_counters_and_check_all_see_each_built_step(monkeypatch, pack):
+    """The GPU tests' per-step hooks on the metadata builder (testing._after_build), all
+    installed at once as an engine may have them: the prefill-group counter, the
+    decode-row counter (rows and packed steps) and the kernel check's copy of the batch."""
+    from vllm_bitdecode import testing
+
+    # the hooks wrap the builder class; monkeypatch puts the originals back afterwards
+    monkeypatch.setattr(BitDecodeMetadataBuilder, "build", BitDecodeMetadataBuilder.build)
+    monkeypatch.setattr(BitDecodeMetadataBuilder, "_expand_decode_rows",
+                        BitDecodeMetadataBuilder._expand_decode_rows)
+    cfg = BitDecodeConfig(bits=4)
+    bd_config.set_active(cfg)
+    groups, rows = testing._PrefillGroupCounter(), testing._DecodeRowCounter()
+    testing._KernelCheck()  # keeps each step's batch on the metadata
+    _, _, cam, _, qlens, num_decodes = _mixed_step(cfg)
+    md = _builder(cfg, 64, cam.block_table_tensor.shape[1], pack=pack).build(0, cam)
+    assert rows.counts == {"steps": 1, "rows": sum(qlens[:num_decodes]),
+                           "requests": num_decodes, "packed": int(pack)}
+    assert groups.counts["steps"] == 1 and groups.counts["groups"] == len(md.prefill.groups)
+    qsl, seq_lens, table = md.check_batch
+    assert qsl.tolist() == cam.query_start_loc_cpu.tolist()
+    assert torch.equal(seq_lens, cam.seq_lens) and torch.equal(table, cam.block_table_tensor)
