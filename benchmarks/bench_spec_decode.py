@@ -72,37 +72,39 @@ def engine_spec(key: str, drafts: int, model: str, s: dict[str, Any]) -> dict[st
     return spec
 
 
+def _record(key: str, drafts: int, case: str, shapes: dict[str, tuple[int, int]],
+            **fields: Any) -> dict[str, Any]:
+    backend, kv, _ = e2e.BACKENDS[key]
+    batch, context = shapes[case]
+    rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
+    rec.update(backend=backend, kv=kv, drafts=drafts, case=case, key=key, batch=batch,
+               context=context, **fields)
+    return rec
+
+
 def records_from_result(key: str, drafts: int, res: dict[str, Any],
                         shapes: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
     """One record per decode case of an engine's result (vllm_bitdecode.testing's
     ``decode_timings``, whose ms_per_step is ms per generated token of a request)."""
-    backend, kv, _ = e2e.BACKENDS[key]
     timings = {(t["batch"], t["context"]): t for t in res.get("decode_timings", [])}
     out = []
     for case in CASES:
-        rec: dict[str, Any] = dict.fromkeys(RECORD_KEYS)
-        rec.update(backend=backend, kv=kv, drafts=drafts, case=case, key=key)
-        batch, context = shapes[case]
-        t = timings.get((batch, context))
+        t = timings.get(shapes[case])
         if t is None:
-            rec.update(batch=batch, context=context,
-                       skipped="no timing in the engine's result")
-        else:
-            ms = t["ms_per_step"]
-            rec.update(batch=batch, context=context, ms_per_token=ms,
-                       tokens_per_s=1000.0 * batch / ms, steps=t["steps"],
-                       draft_tokens=t.get("draft_tokens"),
-                       accepted_tokens=t.get("accepted_tokens"))
-        out.append(rec)
+            out.append(_record(key, drafts, case, shapes,
+                               skipped="no timing in the engine's result"))
+            continue
+        ms = t["ms_per_step"]
+        out.append(_record(key, drafts, case, shapes, ms_per_token=ms,
+                           tokens_per_s=1000.0 * t["batch"] / ms, steps=t["steps"],
+                           draft_tokens=t.get("draft_tokens"),
+                           accepted_tokens=t.get("accepted_tokens")))
     return out
 
 
 def skipped_records(key: str, drafts: int, shapes: dict[str, tuple[int, int]],
                     reason: str) -> list[dict[str, Any]]:
-    backend, kv, _ = e2e.BACKENDS[key]
-    return [dict(dict.fromkeys(RECORD_KEYS), backend=backend, kv=kv, drafts=drafts, case=c,
-                 key=key, batch=shapes[c][0], context=shapes[c][1], skipped=reason)
-            for c in CASES]
+    return [_record(key, drafts, case, shapes, skipped=reason) for case in CASES]
 
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
