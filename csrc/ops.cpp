@@ -417,9 +417,10 @@ void decode(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             int64_t num_splits, int64_t min_tiles_per_split,
             const std::optional<at::Tensor>& query_start_loc, int64_t max_query_len) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
-  DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
-                                 partial_lse, rotation_signs, softmax_scale, g, num_splits,
-                                 min_tiles_per_split, 0, query_start_loc, max_query_len);
+  const DecodeParams p =
+      decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
+                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split, 0,
+                    query_start_loc, max_query_len);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
