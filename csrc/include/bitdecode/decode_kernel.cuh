@@ -502,7 +502,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   for (int row = warp; row < kHeads; row += kDecodeWarps) {
     if constexpr (kQueries) {  // the row's token sees positions below this (causal)
       if (lane == 0)
-        row_end_smem[row] = num_tokens - (row < q_rows ? q_count - 1 - row / gqa : 0);
+        row_end_smem[row] = num_tokens - (row < q_rows ? q_count - 1 - row_token(row) : 0);
     }
     float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     if (kQFirst && row == warp && row < q_rows) {
