@@ -18,14 +18,25 @@
 # `STEP <name> rc=<rc> secs=<s> :: <last line of its log>` to {D}/progress (rc 124: its
 # time ran out); logs are {D}/<name>.log. <commit> goes to BITDECODE_COMMIT, which the
 # benchmarks write into their JSON (the machine's copy of .git can be stale).
-# Environment: PIPELINE_DIR (default /tmp/pipeline), NO_BUILD=1 skips the build,
-# PIPELINE_GPUS overrides the GPU count that nvidia-smi gives.
+# Everything (plans, build, steps) runs from a private copy of the tree, PIPELINE_SRC:
+# every `run` call writes the working tree over the repository root again, polls included,
+# and on 2026-12-01 an engine that started importing while a poll's copy was written
+# failed with `cannot import name 'ops' from 'vllm_bitdecode'`. The tree here may then
+# also change while the pipeline runs. The build lands in the copy: a later command that
+# wants it (NO_BUILD=1, or a test by hand) runs from there, `cd /tmp/pipeline_src`.
+# Environment: PIPELINE_DIR (default /tmp/pipeline), PIPELINE_SRC (default
+# /tmp/pipeline_src), NO_BUILD=1 skips the build, PIPELINE_GPUS overrides the GPU count
+# that nvidia-smi gives.
 set -u
 PLAN="$1"
 COMMIT="${2:-unknown}"
 D="${PIPELINE_DIR:-/tmp/pipeline}"
+SRC="${PIPELINE_SRC:-/tmp/pipeline_src}"
 mkdir -p "$D"
 : > "$D/progress"
+# the kit's parts are large and only the install reads them
+rm -rf "$SRC" && mkdir -p "$SRC" && tar --exclude=./.kit -cf - . | tar -C "$SRC" -xf - &&
+  cd "$SRC" || { echo "STEP ALLDONE copy-failed $SRC" >> "$D/progress"; exit 1; }
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0a}" MAX_JOBS="${MAX_JOBS:-16}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}" BITDECODE_COMMIT="$COMMIT"

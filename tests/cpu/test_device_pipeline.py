@@ -25,12 +25,14 @@ def _run(tmp_path: Path, *plans: str, check: bool = True, build: bool = False,
         plan = tmp_path / f"test{i}.plan"
         plan.write_text(text)
         specs.append(f"{plan}:{only}" if only else str(plan))
-    out_dir = tmp_path / "results"
-    env = dict(os.environ, PIPELINE_DIR=str(out_dir), NO_BUILD="0" if build else "1")
+    out_dir, tree = tmp_path / "results", tmp_path / "tree"
+    tree.mkdir(exist_ok=True)
+    env = dict(os.environ, PIPELINE_DIR=str(out_dir), PIPELINE_SRC=str(tmp_path / "src"),
+               NO_BUILD="0" if build else "1")
     if gpus is not None:
         env["PIPELINE_GPUS"] = str(gpus)
     subprocess.run(["bash", str(ROOT / "scripts" / "device_pipeline.sh"), "+".join(specs),
-                    "c0ffee"], cwd=tmp_path, env=env, check=check, timeout=60)
+                    "c0ffee"], cwd=tree, env=env, check=check, timeout=60)
     return (out_dir / "progress").read_text().splitlines()
 
 
@@ -57,6 +59,25 @@ def test_lanes_steps_time_boxes_and_substitution(tmp_path):
     assert order.index("first") < order.index("second") < order.index("LANE0DONE")
     assert max(order.index("LANE0DONE"), order.index("LANE1DONE")) < order.index("last")
     assert order[-1] == "ALLDONE"
+
+
+def test_steps_run_from_a_private_copy_of_the_tree(tmp_path):
+    # the device tool writes the working tree over the repository root on every call; a
+    # step must not see that, and the kit's large parts are not copied
+    tree = tmp_path / "tree"
+    (tree / ".kit").mkdir(parents=True)
+    (tree / ".kit" / "p00").write_text("part")
+    (tree / "module.py").write_text("v1")
+    progress = _run(tmp_path,
+                    f"0 rewritten 10 echo v2 > {tree}/module.py; cat module.py\n"
+                    "0 where 10 pwd; test -e .kit && echo kit || echo no kit\n")
+    outputs = {line.split()[1]: line.split(" :: ", 1)[1] for line in progress
+               if " :: " in line}
+    assert outputs["rewritten"] == "v1"
+    assert (tree / "module.py").read_text() == "v2\n"
+    assert outputs["where"] == "no kit"  # (pwd's line is the one before)
+    assert (tmp_path / "results" / "where.log").read_text().splitlines()[0] == str(
+        tmp_path / "src")
 
 
 def test_plans_joined_by_plus_run_as_one(tmp_path):
