@@ -9,13 +9,17 @@ at every step (``allowed_token_ids``): once it repeats, vLLM's n-gram proposer d
 and every draft is accepted. This is the best case of speculative decoding, the one where
 the verification's cost shows most plainly: BITDECODE reads a request's 1 + drafts query
 tokens beside its query heads and unpacks every page once for all of them
-(docs/decode-kernel-notes.md item 7), FlashAttention-3 runs them as a varlen batch. Both
-engines of a backend run with async scheduling off, which vLLM does for n-gram drafts.
+(docs/decode-kernel-notes.md item 7), FlashAttention-3 runs them as a varlen batch.
+vLLM turns async scheduling off for its (CPU) n-gram proposer, so with `--method ngram`
+every engine runs without it, the plain ones too; `--method ngram_gpu` (vLLM's n-gram
+search on the GPU) keeps vLLM's default, async scheduling on, as bench_e2e.py runs.
 
     python benchmarks/bench_spec_decode.py            # bf16 and int4, 0 and 3 drafts
+    python benchmarks/bench_spec_decode.py --method ngram_gpu   # async scheduling on
     python benchmarks/bench_spec_decode.py --quick    # B=1 at 32K, 16 tokens: a smoke run
 
-Writes benchmarks/results/spec_decode_<gpu>.json (device, date, commit, settings,
+Writes benchmarks/results/spec_decode_<gpu>.json (spec_decode_ngram_gpu_<gpu>.json with
+`--method ngram_gpu`; device, date, commit, method, async_scheduling, settings,
 ``records``: backend, kv, drafts, case, batch, context, ms_per_token (per request),
 tokens_per_s (all requests), draft_tokens, accepted_tokens, vs_no_drafts (tokens/s over
 the same backend without drafts) and vs_bf16 (over FLASH_ATTN bf16 with as many drafts))
@@ -49,9 +53,19 @@ RECORD_KEYS = ("backend", "kv", "drafts", "case", "batch", "context", "ms_per_to
                "tokens_per_s", "draft_tokens", "accepted_tokens")
 
 
-def ngram_config(drafts: int) -> dict[str, Any]:
-    return dict(method="ngram", num_speculative_tokens=drafts, prompt_lookup_min=2,
+METHODS = ("ngram", "ngram_gpu")
+
+
+def ngram_config(drafts: int, method: str = "ngram") -> dict[str, Any]:
+    return dict(method=method, num_speculative_tokens=drafts, prompt_lookup_min=2,
                 prompt_lookup_max=5)
+
+
+def async_scheduling(method: str) -> bool:
+    """Whether the engines of ``method`` schedule asynchronously: vLLM's default, except
+    that its CPU n-gram proposer turns it off (and the plain engines follow, for one
+    schedule with and without drafts)."""
+    return method != "ngram"
 
 
 def runs_wanted(drafts: int) -> list[tuple[str, int]]:
@@ -60,15 +74,23 @@ def runs_wanted(drafts: int) -> list[tuple[str, int]]:
     return [(key, n) for key in KEYS for n in (0, drafts)]
 
 
-def engine_spec(key: str, drafts: int, model: str, s: dict[str, Any]) -> dict[str, Any]:
+def results_path(device: str, method: str) -> Path:
+    """benchmarks/results/spec_decode_<gpu>.json, with the method in the name where it is
+    not the CPU n-gram proposer (whose results came first)."""
+    variant = "" if method == "ngram" else f"{method}_"
+    return Path(__file__).parent / "results" / f"spec_decode_{variant}{gpu_slug(device)}.json"
+
+
+def engine_spec(key: str, drafts: int, model: str, s: dict[str, Any],
+                method: str = "ngram") -> dict[str, Any]:
     spec = e2e.engine_spec(key, model, CASES, s)
     spec.pop("_decode_shapes")
-    spec["async_scheduling"] = False
+    spec["async_scheduling"] = async_scheduling(method)
     spec["compilation_config"] = {"cudagraph_capture_sizes": CAPTURE_SIZES}
     for timing in spec["decode_timings"]:
         timing["forced_token"] = FORCED_TOKEN
     if drafts:
-        spec["speculative_config"] = ngram_config(drafts)
+        spec["speculative_config"] = ngram_config(drafts, method)
     return spec
 
 
@@ -160,7 +182,9 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         batch, context = (rows[0]["batch"], rows[0]["context"]) if rows else (0, 0)
         ax.set_title(f"ms per generated token, B={batch} x {context:,} (lower is better)",
                      fontsize=9)
-    fig.suptitle(f"n-gram drafts, every draft right (forced token), Llama-3-8B shape - "
+    how = "n-gram drafts" if doc.get("method", "ngram") == "ngram" else \
+        "GPU n-gram drafts, async scheduling"
+    fig.suptitle(f"{how}, every draft right (forced token), Llama-3-8B shape - "
                  f"{doc['device']} ({doc['date']}, {doc['commit']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -172,6 +196,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafts", type=int, default=3, help="n-gram drafts per step")
+    ap.add_argument("--method", choices=METHODS, default="ngram",
+                    help="vLLM's n-gram proposer on the CPU (async scheduling off) or on "
+                         "the GPU (async scheduling on)")
     ap.add_argument("--quick", action="store_true", help="B=1 at 32K, 16 tokens")
     ap.add_argument("--steps", type=int, default=64, help="tokens timed per request")
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
@@ -195,11 +222,10 @@ def main(argv: list[str] | None = None) -> None:
               for case in CASES}
     if args.dry_run:
         for key, drafts in runs_wanted(args.drafts):
-            print(key, drafts, engine_spec(key, drafts, "<model-dir>", s))
+            print(key, drafts, engine_spec(key, drafts, "<model-dir>", s, args.method))
         return
     device = e2e.device_name()
-    out = Path(args.out or Path(__file__).parent / "results"
-               / f"spec_decode_{gpu_slug(device)}.json")
+    out = Path(args.out) if args.out else results_path(device, args.method)
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
@@ -209,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         for key, drafts in runs_wanted(args.drafts):
             print(f"[{time.perf_counter() - t0:6.0f} s] {key}, {drafts} drafts", flush=True)
             try:
-                res = run_in_subprocess(engine_spec(key, drafts, model, s),
+                res = run_in_subprocess(engine_spec(key, drafts, model, s, args.method),
                                         timeout=args.timeout)
                 (log_dir / f"{key.replace(':', '_')}_{drafts}.log").write_text(
                     res.get("log", ""))
@@ -223,8 +249,10 @@ def main(argv: list[str] | None = None) -> None:
             add_ratios(records)
             doc = results_doc(device, model="llama3-8b-shape dummy weights (32 layers, "
                               "32/8 heads, d=128)", forced_token=FORCED_TOKEN,
-                              speculative=ngram_config(args.drafts), settings=s,
-                              records=records)
+                              method=args.method,
+                              async_scheduling=async_scheduling(args.method),
+                              speculative=ngram_config(args.drafts, args.method),
+                              settings=s, records=records)
             write_results(doc, out)
     print(summary_table(records))
     if plot(doc, out.with_suffix(".png")):

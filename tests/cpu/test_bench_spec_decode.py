@@ -47,6 +47,20 @@ def test_engines_and_their_specs(bench, settings):
     assert kw["async_scheduling"] is False
     with pytest.raises(SystemExit):
         bench.parse_args(["--drafts", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--method", "eagle"])
+
+
+def test_gpu_ngram_keeps_async_scheduling_on_with_and_without_drafts(bench, settings):
+    plain = bench.engine_spec("FLASH_ATTN:bf16", 0, "m", settings, "ngram_gpu")
+    spec = bench.engine_spec("FLASH_ATTN:bf16", 3, "m", settings, "ngram_gpu")
+    assert spec["speculative_config"]["method"] == "ngram_gpu"
+    assert plain["async_scheduling"] is True and spec["async_scheduling"] is True
+    assert testing.engine_kwargs(spec)["async_scheduling"] is True
+    # each method its own results file; the CPU proposer's name is the one committed first
+    assert bench.results_path("NVIDIA H200", "ngram").name == "spec_decode_h200.json"
+    assert bench.results_path("NVIDIA H200", "ngram_gpu").name == \
+        "spec_decode_ngram_gpu_h200.json"
 
 
 def _result(ms: dict[tuple[int, int], float], drafts: bool) -> dict:
@@ -112,6 +126,17 @@ def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
     assert recs[("BITDECODE:int4", 3, "decode_b8_32k")]["vs_no_drafts"] == pytest.approx(
         1 / 0.3)
     assert "x no drafts" in capsys.readouterr().out
+    assert doc["method"] == "ngram" and doc["async_scheduling"] is False
+    assert doc["speculative"]["method"] == "ngram"
+    # the GPU proposer: every engine's spec and the document say so
+    specs.clear()
+    bench.main(["--quick", "--method", "ngram_gpu", "--out", str(out), "--log-dir",
+                str(tmp_path / "logs")])
+    doc = json.loads(out.read_text())
+    assert doc["method"] == "ngram_gpu" and doc["async_scheduling"] is True
+    assert [s["async_scheduling"] for s in specs] == [True] * 4
+    assert [s["speculative_config"]["method"] for s in specs if "speculative_config" in s] \
+        == ["ngram_gpu"] * 2
 
 
 class Counter(types.SimpleNamespace):

@@ -50,7 +50,11 @@ speculative decoding (3 drafts) against one without, both 4-bit, same prompts, g
   over its prefill rows, worst single row 2.5e-2, packed multi-token steps and the
   mixed step included;
 - n-gram drafts with vLLM's CUDA graphs (full graphs for batches of 1 + 3 tokens per
-  request, which the builder supports as UNIFORM_BATCH) as with enforce_eager.
+  request, which the builder supports as UNIFORM_BATCH) as with enforce_eager;
+- vLLM's n-gram search on the GPU (`ngram_gpu`) with async scheduling on, the one
+  n-gram proposer that keeps it: a step is then prepared before the previous one's
+  drafts are known to be accepted, its host-side lengths (max_seq_len) assuming they
+  all were (not yet run on a GPU).
 """
 
 from __future__ import annotations
@@ -79,7 +83,12 @@ SPECULATIVE = {
     # and draft through the same metadata builder
     "draft_model": dict(method="draft_model", model=str(data.MODEL_DIR),
                         num_speculative_tokens=DRAFTS),
+    "ngram_gpu": dict(method="ngram_gpu", num_speculative_tokens=DRAFTS,
+                      prompt_lookup_min=2, prompt_lookup_max=5),
 }
+# vLLM turns async scheduling off for the CPU n-gram proposer, and the plain engine
+# follows it, so that both schedule alike; the GPU proposer keeps vLLM's default
+ASYNC_SCHEDULING = {"ngram_gpu": True}
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +113,7 @@ def _run(workload: dict, speculative: str | None, eager: bool) -> dict:
                 # is decodes only and its rows can be told from prefill rows by its size
                 max_num_batched_tokens=PROMPT_TOKENS,
                 disable_log_stats=False, count_decode_rows=True,
-                # vLLM turns async scheduling off for n-gram drafts: off in both engines,
-                # so that they schedule alike
-                async_scheduling=False,
+                async_scheduling=ASYNC_SCHEDULING.get(speculative, False),
                 # the reference's log-probabilities judge a divergence; the drafts' run
                 # needs none; attention rows are captured in eager engines only
                 # and in eager engines every attention forward of every layer is checked
@@ -210,8 +217,9 @@ def _rows_at_each_decoded_position(prompts: list[list[int]], ours: dict, ref: di
 
 
 @pytest.mark.parametrize("method, eager", [("ngram", True), ("ngram", False),
-                                           ("draft_model", True)],
-                         ids=["ngram-eager", "ngram-cudagraphs", "draft_model-eager"])
+                                           ("draft_model", True), ("ngram_gpu", False)],
+                         ids=["ngram-eager", "ngram-cudagraphs", "draft_model-eager",
+                              "ngram_gpu-async-cudagraphs"])
 def test_speculative_decoding_matches_plain_decoding(workload, plain, method, eager):
     spec = _run(workload, speculative=method, eager=eager)
     ours, ref = spec["jobs"]["retrieval"], plain["jobs"]["retrieval"]
@@ -244,7 +252,7 @@ def test_speculative_decoding_matches_plain_decoding(workload, plain, method, ea
         accepted = forced["metrics"].get("vllm:spec_decode_num_accepted_tokens", 0)
         print(f"{job}: {accepted} drafts accepted; cached tokens "
               f"{forced['num_cached_tokens']} (plain {forced_ref['num_cached_tokens']})")
-        if method == "ngram":  # a draft model proposes its own tokens, not the forced one
+        if method != "draft_model":  # which proposes its own tokens, not the forced one
             assert accepted >= 2 * FORCED, forced["metrics"]
         if eager:
             # after the cache hit, the prompts' last tokens are short prefills (beside

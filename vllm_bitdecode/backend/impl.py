@@ -181,6 +181,8 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     sp.key_offsets, sp.min_seq_len, sp.shared, sp.selection_unit,
                 )
             else:  # with decode_query_start, the rows are the requests' query tokens
+                # and otherwise the rows themselves: not num_decode_tokens, which is
+                # below them where vLLM pads a graph batch with requests of no tokens
                 nt = nd if md.decode_query_start is None else md.num_decode_tokens
                 ops.decode(
                     output[:nt], query[:nt], kv_cache, md.decode_block_table,
