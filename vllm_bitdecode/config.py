@@ -253,6 +253,10 @@ def _layer_list(name: str, value: Any) -> tuple[int, ...] | str:
     return tuple(sorted(value))
 
 
+# speculative methods whose drafts come without attention layers of their own
+SPARSE_DRAFT_METHODS = frozenset({"ngram", "ngram_gpu", "suffix"})
+
+
 def check_sparse_model(
     sparse: SparseConfig,
     *,
@@ -262,9 +266,19 @@ def check_sparse_model(
     tensor_parallel_size: int = 1,
     decode_context_parallel_size: int = 1,
     attention_in_every_layer: bool = True,
+    speculative_method: str | None = None,
 ) -> SparseLayerPlan:
     """The start-up checks of sparse mode that need the model; returns its layer plan."""
     where = f"{CONFIG_KEY}.{SPARSE_KEY}"
+    if speculative_method is not None and speculative_method not in SPARSE_DRAFT_METHODS:
+        # a drafter's attention layers run through this backend with the target's layer
+        # plan: EAGLE's are numbered past the target's last layer, a draft model's
+        # selection and reuse layers would follow a plan made for another model
+        raise BitDecodeConfigError(
+            f"{where} does not support speculative decoding with {speculative_method!r} "
+            "drafts (the drafter's attention layers are not in the sparse layer plan); "
+            f"use one of {sorted(SPARSE_DRAFT_METHODS)} or disable sparse"
+        )
     if not attention_in_every_layer:
         raise BitDecodeConfigError(
             f"{where} needs a model with attention in every layer (not hybrid, "
@@ -437,6 +451,8 @@ def check_model(
     sliding_window: int | None = None,
     num_heads: int | None = None,
     num_kv_heads: int | None = None,
+    is_hybrid: bool = False,
+    attention_chunk_size: int | None = None,
 ) -> None:
     """Raise BitDecodeConfigError for a model or cache setting BITDECODE cannot serve."""
     if use_mla:
@@ -444,6 +460,19 @@ def check_model(
     if is_encoder_decoder:
         raise BitDecodeConfigError(
             "encoder-decoder models are not supported by BITDECODE (model type)"
+        )
+    if is_hybrid:
+        # vLLM pads the state layers' pages to the attention page size, in bf16 multiples;
+        # the packed pages are not one, and vLLM would fail after loading the weights
+        raise BitDecodeConfigError(
+            "hybrid models (attention beside Mamba or linear-attention layers) are not "
+            "supported by BITDECODE (model type)"
+        )
+    if attention_chunk_size:
+        # Llama 4: its chunked layers keep a KV cache of their own kind, not these pages
+        raise BitDecodeConfigError(
+            f"chunked local attention (attention_chunk_size {attention_chunk_size}) is not "
+            "supported by BITDECODE"
         )
     if sliding_window is not None:
         raise BitDecodeConfigError(
@@ -508,6 +537,8 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
         sliding_window=model.get_sliding_window(),
         num_heads=model.get_num_attention_heads(parallel),
         num_kv_heads=model.get_num_kv_heads(parallel),
+        is_hybrid=model.is_hybrid,
+        attention_chunk_size=model.attention_chunk_size,
     )
     if cfg.channel_k:
         check_channel_k(vllm_config)
@@ -522,6 +553,7 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
             attention_in_every_layer=not (
                 model.is_hybrid or model.is_attention_free or model.has_noops
             ),
+            speculative_method=getattr(vllm_config.speculative_config, "method", None),
         )
     return cfg
 

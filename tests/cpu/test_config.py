@@ -134,6 +134,8 @@ BAD_MODELS = [
     ({"use_mla": True}, "MLA"),
     ({"is_encoder_decoder": True}, "encoder-decoder"),
     ({"sliding_window": 4096}, "sliding"),
+    ({"is_hybrid": True}, "hybrid"),
+    ({"attention_chunk_size": 8192}, "chunked local attention"),
     ({"num_heads": 32, "num_kv_heads": 3}, "KV heads"),
     ({"num_heads": 64, "num_kv_heads": 2}, "KV heads"),  # 32 per KV head > 16
     ({"num_heads": 17, "num_kv_heads": 1}, "KV heads"),
@@ -163,6 +165,8 @@ def _vllm_config(
     sliding_window=None,
     heads=(32, 8),
     model=True,
+    is_hybrid=False,
+    attention_chunk_size=None,
 ):
     parallel = SimpleNamespace(tensor_parallel_size=1)
 
@@ -182,6 +186,8 @@ def _vllm_config(
         get_num_attention_heads=per_rank(heads[0]),
         get_num_kv_heads=per_rank(heads[1]),
         get_total_num_kv_heads=lambda: heads[1],
+        is_hybrid=is_hybrid,
+        attention_chunk_size=attention_chunk_size,
     )
     return SimpleNamespace(
         additional_config=additional_config if additional_config is not None else {},
@@ -192,6 +198,7 @@ def _vllm_config(
             user_specified_block_size=user_specified_block_size,
         ),
         parallel_config=parallel,
+        speculative_config=None,
     )
 
 
@@ -217,6 +224,8 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
         ({"cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"block_size": 24}, "--block-size"),
         ({"sliding_window": 4096}, "sliding"),
+        ({"is_hybrid": True}, "hybrid"),
+        ({"attention_chunk_size": 8192}, "chunked local attention"),
         ({"heads": (32, 3)}, "KV heads"),
         ({"additional_config": {"bitdecode": {"bits": 3}}}, "bits"),
         # settings are checked even when there is no model config
@@ -414,6 +423,12 @@ BAD_SPARSE_MODELS = [
     ({}, {"num_layers": 32, "max_model_len": 4000}, ["min_seq_len=4096", "4000", "never"]),
     ({"token_budget": 512, "min_seq_len": 9000}, {"num_layers": 32, "max_model_len": 8192},
      ["min_seq_len=9000", "8192"]),
+    # drafters with attention layers of their own (EAGLE's past the target's last layer)
+    ({}, {"num_layers": 32, "speculative_method": "eagle"},
+     ["'eagle' drafts", "ngram", "disable sparse"]),
+    ({}, {"num_layers": 32, "speculative_method": "eagle3"}, ["'eagle3' drafts"]),
+    ({}, {"num_layers": 32, "speculative_method": "draft_model"}, ["'draft_model' drafts"]),
+    ({}, {"num_layers": 32, "speculative_method": "mtp"}, ["'mtp' drafts"]),
 ]
 
 
@@ -436,6 +451,8 @@ def test_check_sparse_model_rejects(raw, kwargs, words):
         ({}, {"num_layers": 32, "tensor_parallel_size": 8}),  # per-head selection and TP
         ({"token_budget": 256}, {"num_layers": 4, "max_model_len": 512}),
         ({"shared_selection": True}, {"num_layers": 32, "tensor_parallel_size": 1}),
+        ({}, {"num_layers": 32, "speculative_method": "ngram"}),  # drafts as rows
+        ({}, {"num_layers": 32, "speculative_method": "ngram_gpu"}),
     ],
 )
 def test_check_sparse_model_accepts(raw, kwargs):
@@ -466,8 +483,10 @@ def test_check_vllm_config_checks_the_tensor_parallel_split():
 
 
 def _sparse_vllm_config(sparse, *, num_layers=LLAMA3_8B_LAYERS, max_model_len=131072, pp=1,
-                        tp=1, dcp=1, hybrid=False, **kwargs):
+                        tp=1, dcp=1, hybrid=False, speculative=None, **kwargs):
     vc = _vllm_config({"bitdecode": {"bits": 4, "sparse": sparse}}, **kwargs)
+    if speculative is not None:
+        vc.speculative_config = SimpleNamespace(method=speculative)
     vc.model_config.get_total_num_hidden_layers = lambda: num_layers
     vc.model_config.max_model_len = max_model_len
     vc.model_config.is_hybrid = hybrid
@@ -499,6 +518,7 @@ def test_check_vllm_config_accepts_a_valid_sparse_section():
         ({"enabled": True, "shared_selection": True}, {"tp": 2}, "shared_selection"),
         ({"enabled": True}, {"hybrid": True}, "hybrid"),
         ({"enabled": True}, {"max_model_len": 2048}, "never"),
+        ({"enabled": True}, {"speculative": "eagle"}, "'eagle' drafts"),
         ({"enabled": True, "token_budget": 0}, {}, "token_budget"),
         # settings are checked even without a model config
         ({"enabled": True, "token_budget": 0}, {"model": False}, "token_budget"),

@@ -171,6 +171,11 @@ ROWS: dict[str, Row] = {
         error=BDE, stage="config", words=("sliding-window", "512")),
     "encoder-decoder": Row(model="whisper", error=BDE, stage="config",
                            words=("encoder-decoder",)),
+    "chunked-local-attention": Row(config=_cfg(attention_chunk_size=8192), error=BDE,
+                                   stage="config",
+                                   words=("chunked local attention", "8192")),  # Llama 4
+    # hybrid models (Jamba, Granite-4.0-H) are refused in the same place, but vLLM cannot
+    # inspect their model classes without CUDA: test_config checks that refusal
     "encoder-only": Row(model="bert", error=ValueError, stage="selector",
                         words=("BITDECODE", "ENCODER_ONLY not supported")),
     "gqa-32-per-kv-head": Row(config=_cfg(num_attention_heads=64, num_key_value_heads=2,
