@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <optional>
+#include <utility>
 
 #include "bitdecode/launch.h"
 #include "bitdecode/ops.h"
@@ -98,6 +99,9 @@ void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_
   TORCH_CHECK(cache.is_cuda() && cache.scalar_type() == at::kByte && cache.dim() == 3,
               "bitdecode: cache must be a CUDA uint8 tensor [num_blocks, num_kv_heads, "
               "head_region_bytes]");
+  // (callers then divide the query heads by it)
+  TORCH_CHECK(num_kv_heads >= 1, "bitdecode: there must be at least one KV head, got ",
+              num_kv_heads);
   TORCH_CHECK(cache.size(1) == num_kv_heads, "bitdecode: cache has ", cache.size(1),
               " KV heads, inputs have ", num_kv_heads);
   TORCH_CHECK(cache.size(2) == region, "bitdecode: cache head region is ", cache.size(2),
@@ -172,9 +176,10 @@ void set_write_inputs(Params& p, const at::Tensor& key, const at::Tensor& value,
     BITDECODE_BITS_SWITCH(BITS, GROUP, __VA_ARGS__) \
   }
 
-void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& q) {
-  TORCH_CHECK(x.device() == q.device(), "bitdecode: ", name, " is on ", x.device(),
-              " but q is on ", q.device());
+void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& q,
+                       const char* q_name = "q") {
+  TORCH_CHECK(x.device() == q.device(), "bitdecode: ", name, " is on ", x.device(), " but ",
+              q_name, " is on ", q.device());
 }
 
 // Checks what every decode-time op reads: the query tokens (one per sequence unless
@@ -259,8 +264,11 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
   const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
-  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1,
-              "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split >= 1");
+  // split * tiles per split stays within int32 in the kernel
+  TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1 &&
+                  min_tiles_per_split <= 32767,
+              "bitdecode: num_splits must be in [1, 65535] and min_tiles_per_split in "
+              "[1, 32767], got ", num_splits, " and ", min_tiles_per_split);
   // split partials: one per (split, sequence, query token slot, head)
   const int64_t rows = num_splits * num_seqs * max_query_len * num_heads;
   if (num_splits > 1) {
@@ -311,11 +319,17 @@ void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
   check_tokens(value, "value");
   TORCH_CHECK(key.sizes() == value.sizes() && key.scalar_type() == value.scalar_type(),
               "bitdecode: key and value must have the same shape and dtype");
+  // the kernel reads slot_mapping[token] with no stride
   TORCH_CHECK(slot_mapping.is_cuda() && slot_mapping.scalar_type() == at::kLong &&
-                  slot_mapping.dim() == 1 && slot_mapping.size(0) <= key.size(0),
-              "bitdecode: slot_mapping must be a CUDA int64 vector, one entry per actual token "
-              "(key and value may carry padding rows after them)");
+                  slot_mapping.dim() == 1 && slot_mapping.stride(0) == 1 &&
+                  slot_mapping.size(0) <= key.size(0),
+              "bitdecode: slot_mapping must be a contiguous CUDA int64 vector, one entry per "
+              "actual token (key and value may carry padding rows after them)");
   check_cache(cache, g, key.size(1));
+  check_same_device(value, "value", key, "key");
+  check_same_device(slot_mapping, "slot_mapping", key, "key");
+  check_same_device(cache, "cache", key, "key");
+  if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", key, "key");
   const c10::cuda::CUDAGuard guard(key.device());
 
   QuantizeParams p;
@@ -343,21 +357,33 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
   check_tokens(key_out, "key_out");
   check_tokens(value_out, "value_out");
   TORCH_CHECK(key_out.is_contiguous() && value_out.is_contiguous() &&
-                  key_out.sizes() == value_out.sizes(),
-              "bitdecode: key_out and value_out must be contiguous and of one shape");
+                  key_out.sizes() == value_out.sizes() &&
+                  key_out.scalar_type() == value_out.scalar_type(),
+              "bitdecode: key_out and value_out must be contiguous and of one shape and dtype");
   check_cache(cache, g, key_out.size(1), k_param_bits);
   TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
                   block_table.dim() == 2 && block_table.stride(1) == 1,
               "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  // the kernel reads seq_lens[seq] and out_start[seq] with no stride
+  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
+                  seq_lens.stride(0) == 1,
+              "bitdecode: seq_lens must be a contiguous CUDA int32 vector [num_seqs]");
   const int64_t num_seqs = seq_lens.size(0);
-  TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
-                  block_table.size(0) >= num_seqs,
-              "bitdecode: seq_lens must be CUDA int32 with a block_table row per sequence");
+  TORCH_CHECK(block_table.size(0) >= num_seqs,
+              "bitdecode: block_table needs a row per sequence, has ", block_table.size(0),
+              " for ", num_seqs);
   TORCH_CHECK(out_start.is_cuda() && out_start.scalar_type() == at::kInt &&
-                  out_start.numel() >= num_seqs + 1,
-              "bitdecode: out_start must be CUDA int32 [num_seqs + 1]");
-  TORCH_CHECK(max_tokens <= block_table.size(1) * block_size,
-              "bitdecode: max_tokens exceeds what the block table can address");
+                  out_start.dim() == 1 && out_start.stride(0) == 1 &&
+                  out_start.size(0) >= num_seqs + 1,
+              "bitdecode: out_start must be a contiguous CUDA int32 vector [num_seqs + 1]");
+  TORCH_CHECK(max_tokens >= 0 && max_tokens <= block_table.size(1) * block_size,
+              "bitdecode: max_tokens must be in [0, what the block table can address: ",
+              block_table.size(1) * block_size, "], got ", max_tokens);
+  check_same_device(block_table, "block_table", cache, "cache");
+  check_same_device(seq_lens, "seq_lens", cache, "cache");
+  check_same_device(out_start, "out_start", cache, "cache");
+  check_same_device(key_out, "key_out", cache, "cache");
+  check_same_device(value_out, "value_out", cache, "cache");
   DequantizeParams p{};
   p.cache = cache.data_ptr<uint8_t>();
   p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
@@ -594,8 +620,10 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
               "bitdecode: key and value must have the same shape and dtype");
   const int64_t num_kv_heads = key.size(1);
   TORCH_CHECK(slot_mapping.is_cuda() && slot_mapping.scalar_type() == at::kLong &&
-                  slot_mapping.dim() == 1 && slot_mapping.size(0) <= key.size(0),
-              "bitdecode: slot_mapping must be a CUDA int64 vector, one entry per actual token");
+                  slot_mapping.dim() == 1 && slot_mapping.stride(0) == 1 &&
+                  slot_mapping.size(0) <= key.size(0),
+              "bitdecode: slot_mapping must be a contiguous CUDA int64 vector, one entry per "
+              "actual token");
   TORCH_CHECK(query_start_loc.is_cuda() && query_start_loc.scalar_type() == at::kInt &&
                   query_start_loc.dim() == 1 && query_start_loc.is_contiguous() &&
                   query_start_loc.size(0) >= 1,
@@ -609,6 +637,11 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   }
   check_residual(residual, num_kv_heads, block_size, key.scalar_type());
   check_cache(cache, g, num_kv_heads, kpb);
+  for (const auto& [x, name] : {std::pair{&value, "value"}, {&slot_mapping, "slot_mapping"},
+                                {&query_start_loc, "query_start_loc"}, {&seq_lens, "seq_lens"},
+                                {&row_slot, "row_slot"}, {&cache, "cache"},
+                                {&residual, "residual"}})
+    check_same_device(*x, name, key, "key");
   const KCOffsets kc = kc_offsets(g, kpb);
   const c10::cuda::CUDAGuard guard(key.device());
 

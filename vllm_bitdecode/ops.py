@@ -1,7 +1,9 @@
 """The extension's torch ops (``torch.ops.bitdecode.*``), with fake impls for tracing.
 
 The kernels live in ``csrc/``; this module only loads them and states shapes for
-torch.compile. Every argument is checked in ``csrc/ops.cpp``.
+torch.compile. Every argument the host can see is checked in ``csrc/ops.cpp``; values
+that live on the device (block-table entries, lengths, slots, query_start_loc) are the
+caller's promise, as in FlashAttention.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def decode_sparse(
     q: torch.Tensor,  # [num_seqs, num_heads, 128], one decode token per sequence
     cache: torch.Tensor,  # [num_blocks, num_kv_heads, head_region_bytes] uint8
     block_table: torch.Tensor,  # [num_seqs, max_blocks] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32 (read for DENSE_ROW rows only)
+    seq_lens: torch.Tensor,  # [num_seqs] int32: DENSE_ROW rows' lengths; sizes the own page
     sel_positions: torch.Tensor,  # [num_seqs, num_kv_heads (1 if shared), token_budget] int32
     sel_count: torch.Tensor,  # [num_seqs] int32: count <= token_budget | DENSE_ROW (-1) | 0
     partial_out: torch.Tensor,  # split-K workspace as for decode (unused if num_splits == 1)

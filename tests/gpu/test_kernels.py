@@ -282,10 +282,10 @@ ws = torch.empty(1024 * 128, device="cuda")
 """
 
 BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out, lens=lens,
-         qsl=None, max_query_len=1)
+         qsl=None, max_query_len=1, cache=cache, min_tiles=8)
 a.update({kwargs})
-o.decode(a["out"], a["q"], cache, a["table"], a["lens"], ws, ws, None, 0.1, a["bits"], 128,
-         a["block_size"], 1, 8, a["qsl"], a["max_query_len"])
+o.decode(a["out"], a["q"], a["cache"], a["table"], a["lens"], ws, ws, None, 0.1, a["bits"], 128,
+         a["block_size"], 1, a["min_tiles"], a["qsl"], a["max_query_len"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -310,6 +310,9 @@ BAD_DECODE_CASES = [
      "times max_query_len must be at most 16"),
     ("qsl=torch.tensor([0, 1, 1], dtype=torch.int32, device='cuda')",
      "block_table must be a CUDA int32"),  # two sequences, one block-table row
+    ("cache=cache[:, :0]", "at least one KV head"),  # (the heads are divided by it)
+    # split * tiles per split must stay within int32 in the kernel
+    ("min_tiles=40000", "min_tiles_per_split in [1, 32767]"),
 ]
 
 
@@ -317,6 +320,40 @@ BAD_DECODE_CASES = [
 def test_decode_bad_arguments_raise_clear_errors(kwargs, message):
     expect_clear_error(BAD_CALL.replace("{kwargs}", kwargs), message,
                        [BAD_CALL.replace("{kwargs}", k) for k, _ in BAD_DECODE_CASES])
+
+
+# the write into the pages and the read back (prefill's path), valid, then one change
+BAD_WRITE_CALL = BAD_CALL_SETUP + """k = torch.randn(3, 2, 128, dtype=torch.bfloat16, device="cuda")
+kout = torch.empty(64, 2, 128, dtype=torch.bfloat16, device="cuda")
+a = dict(k=k, v=k.clone(), slots=torch.tensor([0, 1, 2], device="cuda"), kout=kout,
+         vout=kout.clone(), lens=lens, max_tokens=20,
+         starts=torch.tensor([0, 20], dtype=torch.int32, device="cuda"))
+a.update({kwargs})
+o.quantize_to_pages(a["k"], a["v"], a["slots"], cache, None, 4, 128, 16)
+o.dequantize_pages(cache, table, a["lens"], a["starts"], a["kout"], a["vout"], 4, 128, 16,
+                   a["max_tokens"])
+torch.cuda.synchronize()
+print("OK")
+"""
+
+BAD_WRITE_CASES = [
+    ("", None),
+    # the kernels read slot_mapping[token], seq_lens[seq] and out_start[seq] with no stride
+    ("slots=torch.tensor([0, 9, 1, 9, 2, 9], device='cuda')[::2]",
+     "slot_mapping must be a contiguous CUDA int64"),
+    ("lens=lens[None]", "seq_lens must be a contiguous CUDA int32 vector"),
+    ("starts=torch.tensor([0, 9, 20], dtype=torch.int32, device='cuda')[::2]",
+     "out_start must be a contiguous CUDA int32"),
+    ("vout=kout.half()", "of one shape and dtype"),  # written as key_out's dtype
+    ("max_tokens=-1", "max_tokens must be in [0"),
+    ("k=k[:, :0], v=k[:, :0]", "at least one KV head"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_WRITE_CASES)
+def test_write_and_read_back_bad_arguments_raise_clear_errors(kwargs, message):
+    expect_clear_error(BAD_WRITE_CALL.replace("{kwargs}", kwargs), message,
+                       [BAD_WRITE_CALL.replace("{kwargs}", k) for k, _ in BAD_WRITE_CASES])
 
 
 @pytest.mark.parametrize("bits", [4, 2])

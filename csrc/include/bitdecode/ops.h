@@ -9,7 +9,7 @@ namespace bitdecode {
 
 void quantize_to_pages(const at::Tensor& key,           // [tokens, kv_heads, 128]
                        const at::Tensor& value,         // [tokens, kv_heads, 128]
-                       const at::Tensor& slot_mapping,  // [>= tokens] int64
+                       const at::Tensor& slot_mapping,  // [<= tokens] int64, contiguous
                        at::Tensor& cache,               // [blocks, kv_heads, region] uint8
                        const std::optional<at::Tensor>& rotation_signs,  // [128] f32
                        int64_t bits, int64_t group_size, int64_t block_size);
