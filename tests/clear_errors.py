@@ -66,6 +66,15 @@ def run_alone(script: str, message: str | None, timeout: float = 300) -> None:
     assert message in proc.stderr, proc.stderr[-2000:]
 
 
+def expect_table_case(template: str, kwargs: str, message: str | None,
+                      cases: list[tuple[str, str | None]]) -> None:
+    """:func:`expect_clear_error` for one row ``(kwargs, message)`` of a table of cases,
+    each filled into the ``{kwargs}`` of ``template``; the table's scripts run as one
+    batch."""
+    expect_clear_error(template.replace("{kwargs}", kwargs), message,
+                       [template.replace("{kwargs}", k) for k, _ in cases])
+
+
 def expect_clear_error(script: str, message: str | None,
                        batch: list[str] | None = None) -> None:
     """``script`` must raise a RuntimeError containing ``message`` (None: succeed and

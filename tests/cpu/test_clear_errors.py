@@ -51,3 +51,16 @@ def test_a_wrong_outcome_fails_alone(monkeypatch):
         ce.expect_clear_error(CRASH, None, batch)  # a crash is never a pass
     with pytest.raises(AssertionError):
         ce.expect_clear_error(BAD, None)  # unbatched: alone only
+
+
+def test_table_cases_fill_the_template_and_share_one_batch(monkeypatch):
+    monkeypatch.setattr(ce, "_batches", {})
+    template = ("bits = {kwargs}\n"
+                "if bits != 4: raise RuntimeError(f'bits must be 4, got {bits}')\n"
+                'print("OK")')
+    cases = [("4", None), ("3", "bits must be 4, got 3")]
+    for kwargs, message in cases:
+        ce.expect_table_case(template, kwargs, message, cases)
+    assert list(ce._batches) == [tuple(template.replace("{kwargs}", k) for k, _ in cases)]
+    with pytest.raises(AssertionError):  # the wrong message for a row
+        ce.expect_table_case(template, "3", "bits must be 2", cases)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.clear_errors import expect_clear_error
+from tests.clear_errors import expect_table_case
 from tests.gpu.test_kernels import DEV, _ops, _rel_err
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
@@ -191,5 +191,4 @@ BAD_KC_CASES = [
 
 @pytest.mark.parametrize(("kwargs", "message"), BAD_KC_CASES)
 def test_decode_kc_bad_arguments_raise_clear_errors(kwargs, message):
-    expect_clear_error(BAD_KC_CALL.replace("{kwargs}", kwargs), message,
-                       [BAD_KC_CALL.replace("{kwargs}", k) for k, _ in BAD_KC_CASES])
+    expect_table_case(BAD_KC_CALL, kwargs, message, BAD_KC_CASES)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.clear_errors import expect_clear_error
+from tests.clear_errors import expect_table_case
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
@@ -318,8 +318,7 @@ BAD_DECODE_CASES = [
 
 @pytest.mark.parametrize(("kwargs", "message"), BAD_DECODE_CASES)
 def test_decode_bad_arguments_raise_clear_errors(kwargs, message):
-    expect_clear_error(BAD_CALL.replace("{kwargs}", kwargs), message,
-                       [BAD_CALL.replace("{kwargs}", k) for k, _ in BAD_DECODE_CASES])
+    expect_table_case(BAD_CALL, kwargs, message, BAD_DECODE_CASES)
 
 
 # the write into the pages and the read back (prefill's path), valid, then one change
@@ -352,8 +351,7 @@ BAD_WRITE_CASES = [
 
 @pytest.mark.parametrize(("kwargs", "message"), BAD_WRITE_CASES)
 def test_write_and_read_back_bad_arguments_raise_clear_errors(kwargs, message):
-    expect_clear_error(BAD_WRITE_CALL.replace("{kwargs}", kwargs), message,
-                       [BAD_WRITE_CALL.replace("{kwargs}", k) for k, _ in BAD_WRITE_CASES])
+    expect_table_case(BAD_WRITE_CALL, kwargs, message, BAD_WRITE_CASES)
 
 
 @pytest.mark.parametrize("bits", [4, 2])

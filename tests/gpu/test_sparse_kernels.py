@@ -14,7 +14,7 @@ import inspect
 import pytest
 import torch
 
-from tests.clear_errors import expect_clear_error
+from tests.clear_errors import expect_table_case
 from tests.gpu.test_kernels import (
     BAD_CALL_SETUP,
     DEV,
@@ -360,5 +360,4 @@ BAD_SPARSE_CASES = [
 
 @pytest.mark.parametrize(("kwargs", "message"), BAD_SPARSE_CASES)
 def test_sparse_bad_arguments_raise_clear_errors(kwargs, message):
-    expect_clear_error(BAD_SPARSE_CALL.replace("{kwargs}", kwargs), message,
-                       [BAD_SPARSE_CALL.replace("{kwargs}", k) for k, _ in BAD_SPARSE_CASES])
+    expect_table_case(BAD_SPARSE_CALL, kwargs, message, BAD_SPARSE_CASES)
