@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <initializer_list>
 #include <optional>
 #include <utility>
 
@@ -182,6 +183,12 @@ void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& 
               q_name, " is on ", q.device());
 }
 
+// Each {tensor, name} of `named` on the device of `ref`.
+void check_same_device(const at::Tensor& ref, const char* ref_name,
+                       std::initializer_list<std::pair<const at::Tensor&, const char*>> named) {
+  for (const auto& [x, name] : named) check_same_device(x, name, ref, ref_name);
+}
+
 // Checks what every decode-time op reads: the query tokens (one per sequence unless
 // num_seqs >= 0 says how many sequences they belong to, at most max_query_len each), the
 // sequences' pages, block table and lengths. Returns the number of sequences.
@@ -326,9 +333,8 @@ void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
               "bitdecode: slot_mapping must be a contiguous CUDA int64 vector, one entry per "
               "actual token (key and value may carry padding rows after them)");
   check_cache(cache, g, key.size(1));
-  check_same_device(value, "value", key, "key");
-  check_same_device(slot_mapping, "slot_mapping", key, "key");
-  check_same_device(cache, "cache", key, "key");
+  check_same_device(key, "key", {{value, "value"}, {slot_mapping, "slot_mapping"},
+                                 {cache, "cache"}});
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", key, "key");
   const c10::cuda::CUDAGuard guard(key.device());
 
@@ -379,11 +385,9 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
   TORCH_CHECK(max_tokens >= 0 && max_tokens <= block_table.size(1) * block_size,
               "bitdecode: max_tokens must be in [0, what the block table can address: ",
               block_table.size(1) * block_size, "], got ", max_tokens);
-  check_same_device(block_table, "block_table", cache, "cache");
-  check_same_device(seq_lens, "seq_lens", cache, "cache");
-  check_same_device(out_start, "out_start", cache, "cache");
-  check_same_device(key_out, "key_out", cache, "cache");
-  check_same_device(value_out, "value_out", cache, "cache");
+  check_same_device(cache, "cache", {{block_table, "block_table"}, {seq_lens, "seq_lens"},
+                                     {out_start, "out_start"}, {key_out, "key_out"},
+                                     {value_out, "value_out"}});
   DequantizeParams p{};
   p.cache = cache.data_ptr<uint8_t>();
   p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
@@ -637,11 +641,10 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   }
   check_residual(residual, num_kv_heads, block_size, key.scalar_type());
   check_cache(cache, g, num_kv_heads, kpb);
-  for (const auto& [x, name] : {std::pair{&value, "value"}, {&slot_mapping, "slot_mapping"},
-                                {&query_start_loc, "query_start_loc"}, {&seq_lens, "seq_lens"},
-                                {&row_slot, "row_slot"}, {&cache, "cache"},
-                                {&residual, "residual"}})
-    check_same_device(*x, name, key, "key");
+  check_same_device(key, "key", {{value, "value"}, {slot_mapping, "slot_mapping"},
+                                 {query_start_loc, "query_start_loc"}, {seq_lens, "seq_lens"},
+                                 {row_slot, "row_slot"}, {cache, "cache"},
+                                 {residual, "residual"}});
   const KCOffsets kc = kc_offsets(g, kpb);
   const c10::cuda::CUDAGuard guard(key.device());
 
