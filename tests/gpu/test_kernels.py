@@ -203,14 +203,17 @@ def test_decode_wide_and_uneven_gqa_groups(dtype, bits, group_size, gqa):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("group_size", [32, 128])
-@pytest.mark.parametrize(("gqa", "max_query_len"), [(1, 4), (4, 2), (4, 4), (8, 2), (1, 16)])
+@pytest.mark.parametrize(("gqa", "max_query_len"), [(1, 4), (4, 2), (4, 4), (8, 2), (1, 16),
+                                                  (3, 5), (5, 3), (6, 2)])
 def test_decode_query_tokens_match_causal_reference(dtype, bits, group_size, gqa,
                                                     max_query_len):
     """Several query tokens per sequence (drafts under verification), read beside the
     query heads in the kernel's MMA columns: each token sees the positions up to its own,
     as the causal reference. Counts from 0 (a CUDA graph's padding: nothing read or
     written) to max_query_len, the hidden positions across tile edges (17 tokens, 16
-    queries), shuffled pages, split counts from one to more splits than tiles."""
+    queries), shuffled pages, split counts from one to more splits than tiles. Query
+    heads per KV head that are not powers of two (3, 5, 6) take a row's token from a
+    reciprocal (fragments.cuh's SmallDivisor), not a shift."""
     gen = torch.Generator().manual_seed(100 * max_query_len + 10 * gqa + bits + group_size)
     kv_heads = 2
     fmt = PageFormat(128, bits, group_size, 16)
@@ -234,6 +237,27 @@ def test_decode_query_tokens_match_causal_reference(dtype, bits, group_size, gqa
                 err = _rel_err(got[start:end], expected[start:end])
                 assert err <= 1e-2, (f"num_splits={num_splits}, sequence {i} ({counts[i]} "
                                      f"queries of {seq_lens[i]}): relative error {err:.2e}")
+
+
+def test_decode_sequence_with_more_query_tokens_than_promised_is_left_alone():
+    """A sequence with more query tokens than max_query_len (a caller's broken promise,
+    on the device where the host cannot check it) is neither read nor written, by the
+    decode or the combine: its output rows stay poisoned, and the other sequences'
+    outputs, whose split partials sit next to its own, still match the reference."""
+    gen = torch.Generator().manual_seed(91)
+    fmt = PageFormat(128, 4, 128, 16)
+    seq_lens, counts, max_query_len = [500, 700, 300], [2, 3, 2], 2
+    qsl = torch.tensor([0, *counts]).cumsum(0)
+    cache, table = _fill_pages(seq_lens, 2, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(int(qsl[-1]), 8, 128, generator=gen).to(torch.bfloat16)
+    expected = ref.paged_attention(q, cache, table, torch.tensor(seq_lens), qsl, 0.1, fmt,
+                                   True)
+    for num_splits in (1, 8):
+        got = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, 0.1, qsl,
+                          max_query_len)
+        assert torch.isnan(got[2:5]).all(), f"num_splits={num_splits}: rows were written"
+        for rows in (slice(0, 2), slice(5, 7)):
+            assert _rel_err(got[rows], expected[rows]) <= 1e-2, (num_splits, rows)
 
 
 def test_decode_query_tokens_equal_one_row_per_token():

@@ -236,19 +236,23 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   const int gqa = p.num_heads / p.num_kv_heads;
   // The CTA's query rows, token-major: row = token * gqa + head in the KV head's group.
   // One token (row seq of q) unless p.query_start gives the sequence several; a sequence
-  // with none (a CUDA graph's padding) has nothing to read or write.
+  // with none (a CUDA graph's padding) has nothing to read or write, and neither has one
+  // with more than max_query_len (a caller's broken promise, which the host cannot see
+  // without a sync): its rows would pass the kernel's 16 and its partials reach into the
+  // next sequence's. The combine skips it too, so its output rows stay as they were.
   constexpr bool kQueries = !SPARSE && !KC && SELECT == 0;
   int q_token0 = seq, q_count = 1;
   if constexpr (kQueries) {
     if (p.query_start != nullptr) {
       q_token0 = p.query_start[seq];
       q_count = p.query_start[seq + 1] - q_token0;
-      if (q_count <= 0) return;
+      if (q_count <= 0 || q_count > p.max_query_len) return;
     }
   }
   const int q_rows = gqa * q_count;
   // query row `row`: its token in the sequence and its query head
-  auto row_token = [&](int row) { return kQueries ? row / gqa : 0; };
+  const SmallDivisor by_gqa(gqa);
+  auto row_token = [&](int row) { return kQueries ? int(by_gqa.quotient(row)) : 0; };
   auto row_head = [&](int row) { return kv_head * gqa + row - row_token(row) * gqa; };
   // this lane's 4 channels of query row `row`
   auto q_row = [&](int row) {
@@ -1043,7 +1047,9 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
   int row = seq;
   if (p.query_start != nullptr) {
     row = p.query_start[seq] + token;
-    if (row >= p.query_start[seq + 1]) return;  // the sequence has fewer tokens
+    const int end = p.query_start[seq + 1];
+    // the sequence has fewer tokens, or more than the decode would read (it wrote none)
+    if (row >= end || end - p.query_start[seq] > p.max_query_len) return;
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.max_query_len * p.num_heads;

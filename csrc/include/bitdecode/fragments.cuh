@@ -197,6 +197,21 @@ __host__ __device__ __forceinline__ uint32_t unpack_pair_centred(uint32_t word, 
   return DtypeTraits<T>::sub2(biased, centre);
 }
 
+// ---- small quotients without a division --------------------------------------------
+// n / d for 0 <= n < 256 and 1 <= d <= 256 (a query row over the query heads per KV
+// head) as n * ceil(2^16 / d) >> 16: the reciprocal is 2^16 / d + e / d with e < d, so
+// the product overshoots n / d by n * e / (d * 2^16) < 1 / d, which no fractional part
+// of n / d (at most 1 - 1 / d) can carry over the next integer. A runtime integer
+// division is some twenty instructions, and the decode kernel needs one per query row.
+struct SmallDivisor {
+  uint32_t divisor, reciprocal;
+  __host__ __device__ explicit SmallDivisor(uint32_t d)
+      : divisor(d), reciprocal((65536u + d - 1) / d) {}
+  __host__ __device__ __forceinline__ uint32_t quotient(uint32_t n) const {
+    return (n * reciprocal) >> 16;
+  }
+};
+
 // ---- in-row channel order (the CUDA twin of page_format.py's *_channel_of_slot) ----
 template <int HEAD, int BITS>
 struct RowOrder {

@@ -58,7 +58,7 @@ struct DecodeParams {
   void* out;                     // [num_tokens, num_heads, head_size]
   int64_t out_stride_token, out_stride_head;
   // Sequence s's query tokens are rows query_start[s] .. query_start[s + 1] - 1 of q and
-  // out (none: nothing read or written), at most max_query_len, the last at position
+  // out (none, or more than max_query_len: nothing read or written), the last at position
   // seq_lens[s] - 1 and token j of count at seq_lens[s] - count + j, seeing the positions
   // up to its own. They sit beside the query heads in the kernel's MMA columns
   // (gqa * max_query_len <= 16), so every page is read once for all of them. nullptr:
