@@ -54,7 +54,8 @@ speculative decoding (3 drafts) against one without, both 4-bit, same prompts, g
 - vLLM's n-gram search on the GPU (`ngram_gpu`) with async scheduling on, the one
   n-gram proposer that keeps it: a step is then prepared before the previous one's
   drafts are known to be accepted, its host-side lengths (max_seq_len) assuming they
-  all were (not yet run on a GPU).
+  all were. H200, 2026-12-01, with CUDA graphs: 24/24 answers, 206 of 318 drafts
+  accepted, 57 packed steps.
 """
 
 from __future__ import annotations
