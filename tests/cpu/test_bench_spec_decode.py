@@ -99,6 +99,16 @@ def test_records_and_ratios(bench):
     assert "380/384" in table and "skipped: engine failed" in table
 
 
+def test_acceptance_says_what_the_records_measured(bench):
+    assert bench.acceptance([dict(draft_tokens=None), dict(draft_tokens=0)]) == \
+        "no drafts measured"
+    assert bench.acceptance([dict(draft_tokens=92, accepted_tokens=92),
+                             dict(draft_tokens=None)]) == "every draft accepted"
+    assert bench.acceptance([dict(draft_tokens=114.0, accepted_tokens=92.0),
+                             dict(draft_tokens=912, accepted_tokens=736)]) == \
+        "accepted 828 of 1026 drafts"
+
+
 def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
     specs = []
 
