@@ -23,7 +23,9 @@ search on the GPU) keeps vLLM's default, async scheduling on, as bench_e2e.py ru
 Writes benchmarks/results/spec_decode_<gpu>.json (spec_decode_ngram_gpu_<gpu>.json with
 `--method ngram_gpu`; device, date, commit, method, async_scheduling, settings,
 ``records``: backend, kv, drafts, case, batch, context, ms_per_token (per request),
-tokens_per_s (all requests), draft_tokens, accepted_tokens, vs_no_drafts (tokens/s over
+tokens_per_s (all requests), draft_tokens, accepted_tokens, graph_replays_per_token
+(CUDA-graph replays per generated token of a request: one per engine step with full
+graphs, about one per layer and step with piecewise ones), vs_no_drafts (tokens/s over
 the same backend without drafts) and vs_bf16 (over FLASH_ATTN bf16 with as many drafts))
 and a PNG beside it.
 """
@@ -52,7 +54,7 @@ FORCED_TOKEN = 42
 # multiples of 1 + drafts for full decode graphs)
 CAPTURE_SIZES = [1, 2, 4, 8, 16, 32]
 RECORD_KEYS = ("backend", "kv", "drafts", "case", "batch", "context", "ms_per_token",
-               "tokens_per_s", "draft_tokens", "accepted_tokens")
+               "tokens_per_s", "draft_tokens", "accepted_tokens", "graph_replays_per_token")
 
 
 METHODS = ("ngram", "ngram_gpu")
@@ -89,6 +91,10 @@ def engine_spec(key: str, drafts: int, model: str, s: dict[str, Any],
     spec.pop("_decode_shapes")
     spec["async_scheduling"] = async_scheduling(method)
     spec["compilation_config"] = {"cudagraph_capture_sizes": CAPTURE_SIZES}
+    # full graph (one replay per engine step) or piecewise (about one per layer): which
+    # one vLLM replays for the verification batches shows in graph_replays_per_token
+    # (the count wraps CUDAGraph.replay in Python, about a microsecond per replay)
+    spec["count_graph_replays"] = True
     for timing in spec["decode_timings"]:
         timing["forced_token"] = FORCED_TOKEN
     if drafts:
@@ -122,7 +128,8 @@ def records_from_result(key: str, drafts: int, res: dict[str, Any],
         out.append(_record(key, drafts, case, shapes, ms_per_token=ms,
                            tokens_per_s=1000.0 * t["batch"] / ms, steps=t["steps"],
                            draft_tokens=t.get("draft_tokens"),
-                           accepted_tokens=t.get("accepted_tokens")))
+                           accepted_tokens=t.get("accepted_tokens"),
+                           graph_replays_per_token=t.get("graph_replays_per_step")))
     return out
 
 
@@ -150,7 +157,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
         return "-" if v is None else format(v, spec)
 
     lines = [f"{'backend':<11}{'kv':<6}{'drafts':>7} {'case':<16}{'ms/token':>9}{'tok/s':>9}"
-             f"{'accepted':>14}{'x no drafts':>12}{'x bf16':>8}"]
+             f"{'accepted':>14}{'x no drafts':>12}{'x bf16':>8}{'graphs/token':>13}"]
     for r in records:
         head = f"{r['backend']:<11}{r['kv']:<6}{r['drafts']:>7} {r['case']:<16}"
         if r.get("skipped"):
@@ -160,7 +167,8 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f}"
         lines.append(head + f"{f(r['ms_per_token'], '.2f'):>9}{f(r['tokens_per_s'], ',.0f'):>9}"
                      f"{accepted:>14}{f(r.get('vs_no_drafts'), '.2f'):>12}"
-                     f"{f(r.get('vs_bf16'), '.2f'):>8}")
+                     f"{f(r.get('vs_bf16'), '.2f'):>8}"
+                     f"{f(r.get('graph_replays_per_token'), '.2f'):>13}")
     return "\n".join(lines)
 
 

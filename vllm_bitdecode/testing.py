@@ -577,10 +577,11 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
         result["final_metrics"] = counters(llm)
     timing = spec.get("decode_timing")
     if timing:
-        result["decode_timing"] = _time_decode(llm, SamplingParams, timing)
+        result["decode_timing"] = _time_decode(llm, SamplingParams, timing, replays)
     timings = spec.get("decode_timings")
     if timings:
-        result["decode_timings"] = [_time_decode(llm, SamplingParams, t) for t in timings]
+        result["decode_timings"] = [_time_decode(llm, SamplingParams, t, replays)
+                                    for t in timings]
     tp = spec.get("throughput")
     if tp:
         result["throughput"] = _throughput(llm, SamplingParams, tp)
@@ -595,7 +596,8 @@ SPEC_DRAFTS = "vllm:spec_decode_num_draft_tokens"
 SPEC_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 
 
-def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, float]:
+def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
+                 replays: _GraphReplayCounter | None = None) -> dict[str, float]:
     """ms per decode step: (time for 1 + n tokens - time for 1 token) / n, same prompts.
     With speculative decoding a step yields several tokens, so this is ms per generated
     token of a request; ``forced_token`` (one token id that every request must always
@@ -606,6 +608,11 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, 
     With prefix caching on (vLLM's default), only the warm-up prefills the prompts; the
     timed runs find them cached and recompute at most one block per request, the same
     in both runs, so the difference is n decode steps.
+
+    With ``replays`` (the engine's ``count_graph_replays``), ``graph_replays_per_step``
+    is the CUDA-graph replays the n steps added, per step (per generated token with
+    drafts, like ``ms_per_step``): 1 per engine step where vLLM replays a full graph,
+    about one per layer where it runs piecewise graphs around eager attention.
     """
     import random
 
@@ -625,12 +632,17 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any]) -> dict[str, 
     t0 = time.perf_counter()
     run(2)  # warm up (compilation, graphs), and fills the prefix cache if enabled
     warmup = time.perf_counter() - t0
+    replays_0 = replays.count if replays else 0
     prefill_only = min(run(1) for _ in range(2))
+    replays_1 = replays.count if replays else 0
     before = counters(llm)
     full = min(run(1 + steps) for _ in range(2))
     after = counters(llm)
     out = {"ms_per_step": 1000 * (full - prefill_only) / steps, "batch": batch,
            "context": context, "steps": steps, "warmup_s": warmup}
+    if replays:  # two runs each: the decode steps' replays, per step
+        added = (replays.count - replays_1) - (replays_1 - replays_0)
+        out["graph_replays_per_step"] = added / (2 * steps)
     if forced is not None:
         out["forced_token"] = forced
     if SPEC_DRAFTS in after:  # the two timed runs' drafts

@@ -39,11 +39,13 @@ def test_engines_and_their_specs(bench, settings):
     for s in (plain, spec):  # the same schedule and graphs with and without drafts
         assert s["async_scheduling"] is False and s["bitdecode"] == {"bits": 4}
         assert s["compilation_config"] == {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32]}
+        assert s["count_graph_replays"] is True
         assert [(t["batch"], t["context"], t["forced_token"]) for t in s["decode_timings"]] \
             == [(1, 130560, 42), (8, 32768, 42)]
         json.dumps(s)  # travels as JSON to the engine process
     kw = testing.engine_kwargs(spec)
     assert kw["speculative_config"]["num_speculative_tokens"] == 3
+    assert "count_graph_replays" not in kw  # read by run_engine, not vLLM
     assert kw["async_scheduling"] is False
     with pytest.raises(SystemExit):
         bench.parse_args(["--drafts", "0"])
@@ -66,6 +68,7 @@ def test_gpu_ngram_keeps_async_scheduling_on_with_and_without_drafts(bench, sett
 def _result(ms: dict[tuple[int, int], float], drafts: bool) -> dict:
     return {"decode_timings": [
         dict(batch=b, context=c, steps=64, ms_per_step=v,
+             graph_replays_per_step=0.3 if drafts else 1.0,
              **({"draft_tokens": 384.0, "accepted_tokens": 380.0} if drafts else {}))
         for (b, c), v in ms.items()]}
 
@@ -88,6 +91,7 @@ def test_records_and_ratios(bench):
     assert r["ms_per_token"] == 2.5 and r["tokens_per_s"] == pytest.approx(3200.0)
     assert r["accepted_tokens"] == 380.0 and r["draft_tokens"] == 384.0
     assert r["vs_no_drafts"] == pytest.approx(6.0 / 2.5)
+    assert r["graph_replays_per_token"] == 0.3
     assert r["vs_bf16"] == pytest.approx(3.0 / 2.5)
     assert by[("BITDECODE:int4", 0, "decode_b1_128k")]["vs_bf16"] == pytest.approx(13 / 8)
     assert by[("FLASH_ATTN:bf16", 0, "decode_b1_128k")]["draft_tokens"] is None
@@ -97,6 +101,7 @@ def test_records_and_ratios(bench):
     assert all(r["skipped"] for r in missing)
     table = bench.summary_table(records)
     assert "380/384" in table and "skipped: engine failed" in table
+    assert "graphs/token" in table and " 0.30" in table
 
 
 def test_acceptance_says_what_the_records_measured(bench):
@@ -182,3 +187,19 @@ def test_time_decode_forces_the_token_and_counts_drafts():
     t = testing._time_decode(plain, params, dict(batch=1, context=3, steps=2))
     assert all(p.allowed_token_ids is None for p in plain.params)
     assert "draft_tokens" not in t and "forced_token" not in t
+    assert "graph_replays_per_step" not in t
+
+
+def test_time_decode_counts_graph_replays_per_decode_step():
+    """Only the decode steps' replays count: the timed runs' minus the prefill-only
+    runs', over the steps of both timed runs."""
+    replays = types.SimpleNamespace(count=0)
+
+    class Graphed(_FakeLLM):  # a prefill replays 3 graphs, each later token 2
+        def generate(self, prompts, sp, use_tqdm=False):
+            super().generate(prompts, sp, use_tqdm)
+            replays.count += 3 + 2 * (sp.max_tokens - 1)
+
+    t = testing._time_decode(Graphed(drafts=0), types.SimpleNamespace,
+                             dict(batch=1, context=3, steps=4), replays)
+    assert t["graph_replays_per_step"] == 2.0
