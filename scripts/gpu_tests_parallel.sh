@@ -24,7 +24,7 @@ SINGLE=(tests/gpu/test_kernels.py tests/gpu/test_serving.py tests/gpu/test_spars
         tests/gpu/test_serve.py tests/gpu/test_numerical_edges.py tests/gpu/test_selection_kernel.py
         tests/gpu/test_sparse_e2e.py tests/gpu/test_kc_write_kernel.py tests/gpu/test_kc_read_kernels.py
         tests/gpu/test_channel_k_e2e.py tests/gpu/test_channel_k_lifetime.py
-        tests/gpu/test_spec_decode.py)
+        tests/gpu/test_spec_decode.py tests/gpu/test_host_copies.py)
 MULTI=(tests/gpu/test_tensor_parallel.py)
 for f in tests/gpu/test_*.py; do  # a new file must be placed in one of the lists
   case " ${SINGLE[*]} ${MULTI[*]} " in *" $f "*) ;; *) echo "unlisted GPU test file: $f"; exit 1;; esac
