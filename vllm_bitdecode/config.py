@@ -14,7 +14,7 @@ setting, at start-up, before the KV cache or the model weights take GPU memory.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -91,6 +91,34 @@ class SparseLayerPlan:
         if layer in self.selection:
             return SELECT
         return DENSE if layer in self.dense else REUSE
+
+    def check_layers(self, layer_names: Iterable[str]) -> None:
+        """Start-up check of the attention layers one metadata builder serves (one
+        KV-cache group): each has its model layer index in its name, inside the model,
+        and where the group has reuse layers it also has the first selection layer,
+        whose positions they read (the layers resolve their roles only at the first
+        decode, which without full CUDA graphs is the first request's)."""
+        indices = {layer_index(name) for name in layer_names}
+        for i in sorted(indices):
+            self.role(i)
+        if any(i in self.reuse for i in indices) and self.selection[0] not in indices:
+            raise BitDecodeConfigError(
+                f"the attention layers {sorted(indices)} share a KV-cache group without "
+                f"the first selection layer ({self.selection[0]}), whose positions their "
+                "reuse layers read; sparse mode needs every attention layer in one group"
+            )
+
+
+def layer_index(layer_name: str) -> int:
+    """The model layer of an attention layer, the one integer in its name (as vLLM's
+    ``extract_layer_index`` reads it: "model.layers.7.self_attn.attn" -> 7)."""
+    ints = [int(part) for part in layer_name.split(".") if part.isdigit()]
+    if len(ints) != 1:
+        raise BitDecodeConfigError(
+            f"{CONFIG_KEY}.{SPARSE_KEY} sets each layer's role by its index, but the "
+            f"attention layer name {layer_name!r} has {len(ints)} integers, not one"
+        )
+    return ints[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,6 +335,14 @@ def check_sparse_model(
             f"{where}: sequences shorter than min_seq_len={sparse.dense_below} decode "
             f"densely, but --max-model-len is {max_model_len}, so sparse decode would never "
             "run; lower min_seq_len / token_budget or disable sparse"
+        )
+    if max_model_len is not None and sparse.token_budget > max_model_len:
+        # every row would keep all of its positions, and the per-row position buffers
+        # (outside vLLM's KV budget) grow with the budget
+        raise BitDecodeConfigError(
+            f"{where}.token_budget={sparse.token_budget} is above --max-model-len "
+            f"{max_model_len}: no sequence is long enough to leave a position out; lower "
+            "token_budget or disable sparse"
         )
     return plan
 

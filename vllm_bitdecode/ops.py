@@ -144,7 +144,7 @@ def decode_select(
     sel_positions: torch.Tensor,  # [num_seqs, num_kv_heads (1 if shared), token_budget] int32
     sel_count: torch.Tensor,  # [num_seqs] int32; written
     keys: torch.Tensor,  # [(num_kv_heads or 1) * capacity] int32 workspace, zeros at first
-    key_offsets: torch.Tensor,  # [num_seqs] int64: the row's first workspace token
+    key_offsets: torch.Tensor,  # [num_seqs] int64: the row's first workspace key
     min_seq_len: int,
     shared_selection: bool,
     selection_unit: int = 1,
@@ -159,11 +159,12 @@ def decode_select(
     the attention's own: Q rotated like K and rounded to the model dtype. Rows shorter
     than ``min_seq_len``, and rows whose ``key_offsets[r] + seq_lens[r]`` passes the
     workspace's capacity, get ``DENSE_ROW`` (-1); padding rows 0; unused position slots
-    -1. The workspace holds one 32-bit key per token of the step's rows, per KV head
-    without ``shared_selection`` (head-major: ``keys[h * capacity + offset + position]``):
-    rows that share prefix pages have different queries, so it is indexed by row offset
-    and position, not by physical slot. With ``shared_selection`` the heads combine with
-    atomicMax and the kernel returns the keys it used to zero.
+    -1. The workspace holds one 32-bit key per selection unit (token, or 16-token page)
+    of the step's rows, per KV head without ``shared_selection`` (head-major:
+    ``keys[h * capacity + key_offsets[r] + unit]``): rows that share prefix pages have
+    different queries, so it is indexed by row offset and unit, not by physical slot.
+    With ``shared_selection`` the heads combine with atomicMax and the kernel returns the
+    keys it used to zero.
 
     ``selection_unit=16`` ranks 16-token pages instead (``reference_sparse.select_pages``
     with pages of 16 tokens): a page's key is the best of its tokens', the row's own page

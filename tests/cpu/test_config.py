@@ -15,6 +15,7 @@ from vllm_bitdecode.config import (
     check_sparse_model,
     check_tensor_parallel,
     check_vllm_config,
+    layer_index,
 )
 
 # ---------------------------------------------------------------- parsing
@@ -423,6 +424,9 @@ BAD_SPARSE_MODELS = [
     ({}, {"num_layers": 32, "max_model_len": 4000}, ["min_seq_len=4096", "4000", "never"]),
     ({"token_budget": 512, "min_seq_len": 9000}, {"num_layers": 32, "max_model_len": 8192},
      ["min_seq_len=9000", "8192"]),
+    # a budget no sequence reaches (its position buffers would still be allocated)
+    ({"token_budget": 131072, "min_seq_len": 1024}, {"num_layers": 32, "max_model_len": 8192},
+     ["token_budget=131072", "8192", "lower token_budget"]),
     # drafters with attention layers of their own (EAGLE's past the target's last layer)
     ({}, {"num_layers": 32, "speculative_method": "eagle"},
      ["'eagle' drafts", "ngram", "disable sparse"]),
@@ -450,6 +454,7 @@ def test_check_sparse_model_rejects(raw, kwargs, words):
         ({}, {"num_layers": 32, "max_model_len": 4096}),  # exactly min_seq_len: fine
         ({}, {"num_layers": 32, "tensor_parallel_size": 8}),  # per-head selection and TP
         ({"token_budget": 256}, {"num_layers": 4, "max_model_len": 512}),
+        ({"token_budget": 512, "min_seq_len": 256}, {"num_layers": 4, "max_model_len": 512}),
         ({"shared_selection": True}, {"num_layers": 32, "tensor_parallel_size": 1}),
         ({}, {"num_layers": 32, "speculative_method": "ngram"}),  # drafts as rows
         ({}, {"num_layers": 32, "speculative_method": "ngram_gpu"}),
@@ -458,6 +463,35 @@ def test_check_sparse_model_rejects(raw, kwargs, words):
 def test_check_sparse_model_accepts(raw, kwargs):
     plan = check_sparse_model(_sparse(enabled=True, **raw), **kwargs)
     assert plan.num_layers == kwargs["num_layers"]
+
+
+@pytest.mark.parametrize(("name", "index"), [
+    ("model.layers.7.self_attn.attn", 7), ("layers.0.attn", 0), ("2.self_attn", 2)])
+def test_layer_index(name, index):
+    assert layer_index(name) == index
+
+
+@pytest.mark.parametrize("name", ["model.layers.3.attn.0", "model.attn", "lm_head"])
+def test_layer_index_refuses_names_without_one_integer(name):
+    with pytest.raises(BitDecodeConfigError, match=f"{name!r} has [02] integers, not one"):
+        layer_index(name)
+
+
+def _names(indices):
+    return [f"model.layers.{i}.self_attn.attn" for i in indices]
+
+
+def test_sparse_plan_checks_the_builders_layers_at_startup():
+    plan = check_sparse_model(_sparse(enabled=True), num_layers=32)  # selection 2, 13
+    plan.check_layers(_names(range(32)))
+    plan.check_layers(_names([0, 1]))  # a group of dense layers only
+    plan.check_layers(_names([2, 5, 13]))
+    with pytest.raises(BitDecodeConfigError, match="outside the model's 32 layers"):
+        plan.check_layers(_names([0, 32]))
+    with pytest.raises(BitDecodeConfigError, match="has 2 integers"):
+        plan.check_layers(["model.layers.3.attn.0"])
+    with pytest.raises(BitDecodeConfigError, match=r"without the first selection layer \(2\)"):
+        plan.check_layers(_names([13, 14, 15]))  # reuse layers away from layer 2
 
 
 @pytest.mark.parametrize(("kv_heads", "tp", "ok"), [

@@ -255,9 +255,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
     def _sparse_role(self, layer: torch.nn.Module, sp) -> str:
         """This layer's role in sparse mode, from its index in the model (resolved once)."""
         if self._role is None:
-            from vllm.model_executor.models.utils import extract_layer_index
-
-            self._role = sp.plan.role(extract_layer_index(layer.layer_name))
+            self._role = sp.plan.role(config.layer_index(layer.layer_name))
         return self._role
 
     def _prefill(

@@ -41,7 +41,7 @@ logger = init_logger(f"vllm.{__name__}")
 # pass costs more than the parallelism gains.
 MIN_TILES_PER_SPLIT = 8
 MAX_SPLITS = 64
-# Tokens the sparse-mode score workspace holds at most (4 bytes each per selection head).
+# Keys the sparse-mode score workspace holds at most (4 bytes each per selection head).
 MAX_KEY_TOKENS = 1 << 23
 
 
@@ -79,6 +79,37 @@ def decode_rows(query_start_loc: np.ndarray | Sequence[int], num_decodes: int
     request = np.repeat(np.arange(num_decodes, dtype=np.int32), counts)
     after = (np.repeat(qsl[1:], counts) - 1 - np.arange(qsl[0], qsl[-1])).astype(np.int32)
     return request, after
+
+
+def layer_ranges(layers: Sequence[int]) -> str:
+    """Layer indices as ranges for a log line: [3, 4, 5, 7] -> "3-5, 7"."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
+
+
+def score_workspace_keys(max_rows: int, max_model_len: int, unit: int,
+                         rows_per_request: int, kv_tokens: int) -> int:
+    """Keys per selection head of sparse mode's score workspace: one per selection unit
+    (token or 16-token page) of every decode row of a step, at the rows' exclusive sum
+    of keys (``key_offsets``). Enough for ``max_rows`` rows of ``max_model_len`` and,
+    where this process knows the KV cache's size (``kv_tokens`` > 0; a worker may not:
+    vLLM sets num_gpu_blocks in the engine), for rows that together hold the cache
+    ``rows_per_request`` times over (a request of 1 + drafts query tokens is that many
+    rows over the same pages), at most MAX_KEY_TOKENS (the workspace is outside vLLM's
+    KV budget: 256 MiB at 8 KV heads). The kernels give a row keys only where its first
+    key plus its length *in tokens* fits (``selection_row_has_keys``), so one row's
+    tokens are added as slack. A row past the workspace decodes densely: exact, slower.
+    """
+    row_keys = -(-max_model_len // unit)
+    keys = max_rows * row_keys
+    if kv_tokens > 0:
+        keys = min(keys, -(-kv_tokens // unit) * rows_per_request)
+    return min(keys + max_model_len, MAX_KEY_TOKENS)
 
 
 def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budget: int,
@@ -266,7 +297,7 @@ class SparseMetadata:
     sel_positions: torch.Tensor  # [max_num_seqs, num_kv_heads or 1, unit_budget] int32
     sel_count: torch.Tensor  # [max_num_seqs] int32
     keys: torch.Tensor  # [(num_kv_heads or 1) * key_capacity] int32 score workspace
-    key_offsets: torch.Tensor  # [num_decodes] int64, this step's rows in the workspace
+    key_offsets: torch.Tensor  # [num_decodes] int64: each row's first key (one per unit)
     reuse_splits: int = 1  # the reuse layers' split count this step (plan_reuse_splits)
 
 
@@ -368,6 +399,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         )
         self.partial_lse = torch.empty(rows * self.num_heads, dtype=torch.float32, device=device)
         self.sparse = self._init_sparse(vllm_config, max_rows, device)
+        if self.sparse is not None:  # each layer's role, checked now, not at a first decode
+            self.sparse.plan.check_layers(layer_names)
         # per-channel K: the worker's residual-slot table, stepped after vLLM's
         # _update_states; rows map to slots of the impls' residual buffers
         self.row_slots = (residual_slots.install_table(max_seqs, device)
@@ -395,33 +428,28 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
                                                 device=device)
         return max_rows
 
-    def _init_sparse(self, vllm_config, max_seqs: int, device: torch.device):
-        """Persistent buffers of sparse mode. The score workspace holds one key per token
-        of the step's decode rows (and per KV head unless the selection is shared): as
-        many tokens as the KV cache, which bounds the rows' lengths unless they share
-        prefix pages; a row past it decodes densely (its result is then exact)."""
+    def _init_sparse(self, vllm_config, max_rows: int, device: torch.device):
+        """Persistent buffers of sparse mode for up to ``max_rows`` decode rows. The score
+        workspace holds one key per selection unit of the step's decode rows (and per KV
+        head unless the selection is shared), sized by :func:`score_workspace_keys`; a
+        row past it decodes densely (its result is then exact)."""
         sparse = self.bitdecode.sparse
         if not sparse.enabled:
             return None
         model = vllm_config.model_config
         plan = sparse.layer_plan(model.get_total_num_hidden_layers())
         sel_heads = 1 if sparse.shared_selection else self.num_kv_heads
-        # Room for every token a step's decode rows can hold: the KV cache's tokens where
-        # this process knows them (a worker may not: vLLM sets num_gpu_blocks in the
-        # engine) and max_num_seqs full-length rows, capped at MAX_KEY_TOKENS so that the
-        # workspace, which vLLM's KV budget does not count, stays small (256 MiB at 8
-        # KV heads). Rows past it decode densely (exact, slower); the start-up log says
-        # how many tokens it holds.
-        capacity = min(max_seqs * model.max_model_len, MAX_KEY_TOKENS)
-        blocks = vllm_config.cache_config.num_gpu_blocks
-        if blocks:
-            capacity = min(capacity, blocks * self.kv_cache_spec.block_size)
-        self.key_offsets = torch.zeros(max_seqs, dtype=torch.int64, device=device)
+        capacity = score_workspace_keys(
+            max_rows=max_rows, max_model_len=model.max_model_len,
+            unit=sparse.selection_unit, rows_per_request=self.reorder_batch_threshold,
+            kv_tokens=(vllm_config.cache_config.num_gpu_blocks or 0)
+            * self.kv_cache_spec.block_size)
+        self.key_offsets = torch.zeros(max_rows, dtype=torch.int64, device=device)
         logger.info(
             "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
             "%s; token budget %d, dense below %d tokens, %s selection of %ss; score "
-            "workspace %d tokens (%.1f MiB)", list(plan.dense), list(plan.selection),
-            f"{plan.reuse[0]}-{plan.reuse[-1]}" if plan.reuse else "none",
+            "workspace %d keys (%.1f MiB)", list(plan.dense), list(plan.selection),
+            layer_ranges(plan.reuse),
             sparse.token_budget, sparse.dense_below,
             "shared" if sparse.shared_selection else "per-KV-head", sparse.granularity,
             capacity,
@@ -437,9 +465,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             min_seq_len=sparse.dense_below,
             shared=sparse.shared_selection,
             selection_unit=sparse.selection_unit,
-            sel_positions=torch.full((max_seqs, sel_heads, sparse.unit_budget), -1,
+            sel_positions=torch.full((max_rows, sel_heads, sparse.unit_budget), -1,
                                      dtype=torch.int32, device=device),
-            sel_count=torch.zeros(max_seqs, dtype=torch.int32, device=device),
+            sel_count=torch.zeros(max_rows, dtype=torch.int32, device=device),
             keys=torch.zeros(capacity * sel_heads, dtype=torch.int32, device=device),
             key_offsets=self.key_offsets,
         )
@@ -477,11 +505,14 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         num_splits = self._num_splits(rows)
         sparse = None
         if self.sparse is not None and rows > 0:
-            # each decode row's first token in the score workspace: an exclusive sum of
-            # the lengths, on the device, into the persistent buffer graphs captured
-            lens = seq_lens.to(torch.int64)
-            torch.cumsum(lens, 0, out=self.key_offsets[:rows])
-            self.key_offsets[:rows].sub_(lens)
+            # each decode row's first key in the score workspace: an exclusive sum of
+            # the rows' keys (one per selection unit), on the device, into the
+            # persistent buffer graphs captured
+            unit = self.sparse.selection_unit
+            row_keys = (seq_lens.to(torch.int64) + (unit - 1)).div_(unit,
+                                                                    rounding_mode="floor")
+            torch.cumsum(row_keys, 0, out=self.key_offsets[:rows])
+            self.key_offsets[:rows].sub_(row_keys)
             sparse = dataclasses.replace(
                 self.sparse, key_offsets=self.key_offsets[:rows],
                 reuse_splits=plan_reuse_splits(rows, self.num_kv_heads, self.num_sms,

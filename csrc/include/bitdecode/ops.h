@@ -86,7 +86,7 @@ void decode_kc(at::Tensor& out,                // [seqs, heads, 128]
 // positions of the highest scaled logit (the maximum over the query heads of a KV head,
 // or of all heads with shared_selection), ascending, into sel_positions[r, h, :];
 // sel_count[r] = that count, -1 (dense) for rows shorter than min_seq_len or past the
-// key workspace, 0 for padding rows. keys is the workspace (one key per token and head).
+// key workspace, 0 for padding rows. keys is the workspace (one key per unit and head).
 // With selection_unit 16 the same at page granularity: 16-token pages (tiles), each
 // scored by its best token, the own page kept, page indices into sel_positions and the
 // budget counted in pages (reference_sparse.select_pages).

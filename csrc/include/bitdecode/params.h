@@ -99,7 +99,7 @@ struct DecodeParams {
   // the KV head's query heads (all heads with sel_shared, combined with atomicMax) at
   // sel_keys[h * key_capacity + key_offsets[seq] + position], h the KV head or 0.
   uint32_t* sel_keys;            // [num_kv_heads or 1, key_capacity], nullptr: no keys
-  const int64_t* key_offsets;    // [num_seqs] first workspace token of each row
+  const int64_t* key_offsets;    // [num_seqs] first workspace key of each row
   int64_t key_capacity;          // tokens per head in the workspace
   int sel_min_seq_len;           // shorter rows decode densely and get no keys
   // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
@@ -118,7 +118,7 @@ constexpr int kSelDenseRow = -1;
 // Top-k of the selection layer (select_kernel.cuh), over the keys its decode wrote.
 struct SelectParams {
   const int32_t* seq_lens;       // [num_seqs]; 0 = padding row
-  const int64_t* key_offsets;    // [num_seqs] first workspace token of each row
+  const int64_t* key_offsets;    // [num_seqs] first workspace key of each row
   uint32_t* keys;                // [num_kv_heads or 1, key_capacity] score keys
   int64_t key_capacity;          // tokens per head; rows past it decode densely
   int32_t* sel_positions;        // [>= num_seqs, num_kv_heads or 1, sel_budget], written

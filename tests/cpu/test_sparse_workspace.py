@@ -1,0 +1,123 @@
+"""Sparse mode's score workspace on the CPU: its size (score_workspace_keys) and the rows'
+places in it (key_offsets, one key per selection unit), against the kernels' rule for
+which rows get keys (selection.cuh's selection_row_has_keys, mirrored below). A row
+without keys decodes densely, which is exact but forgoes the sparse speed-up, so the
+workspace must hold every row a step can have where the KV cache bounds them, drafts'
+rows included.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from vllm_bitdecode.backend.metadata import (
+    MAX_KEY_TOKENS,
+    BitDecodeMetadataBuilder,
+    layer_ranges,
+    score_workspace_keys,
+)
+from vllm_bitdecode.config import BitDecodeConfig
+
+BLOCK, KV_HEADS = 16, 8
+
+
+def kernel_gives_keys(seq_len: int, row0: int, min_seq_len: int, capacity: int) -> bool:
+    """selection.cuh's selection_row_has_keys."""
+    return seq_len >= 1 and seq_len >= min_seq_len and row0 >= 0 and row0 + seq_len <= capacity
+
+
+def test_workspace_size_by_hand():
+    # pages: one key per 16 tokens; no drafts; KV cache of 1M tokens; 32K rows
+    assert score_workspace_keys(64, 32768, 16, 1, 1 << 20) == (1 << 16) + 32768
+    # three drafts: four rows per request over the same pages
+    assert score_workspace_keys(256, 32768, 16, 4, 1 << 20) == (1 << 18) + 32768
+    # tokens, the rows' own bound below the cache's
+    assert score_workspace_keys(2, 1000, 1, 1, 1 << 20) == 2 * 1000 + 1000
+    # a worker that does not know the cache's size: the rows' bound, capped
+    assert score_workspace_keys(64, 131072, 1, 1, 0) == MAX_KEY_TOKENS
+    assert score_workspace_keys(8, 1001, 16, 1, 0) == 8 * 63 + 1001
+
+
+def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 32768,
+             kv_blocks: int = 65536) -> BitDecodeMetadataBuilder:
+    """The builder's sparse buffers as its constructor makes them, without vLLM's."""
+    cfg = BitDecodeConfig.from_additional_config({"bitdecode": {"bits": 4, "sparse": {
+        "enabled": True, "token_budget": 2048, "granularity": granularity}}})
+    b = BitDecodeMetadataBuilder.__new__(BitDecodeMetadataBuilder)
+    b.bitdecode, b.num_kv_heads, b.device = cfg, KV_HEADS, torch.device("cpu")
+    b.kv_cache_spec = types.SimpleNamespace(block_size=BLOCK)
+    b.reorder_batch_threshold, b.pack_queries = 1 + drafts, False
+    b.num_sms, b.ctas_per_sm = 132, 4
+    b.page_format, b.rotation_signs = cfg.page_format(128, BLOCK), None
+    b.partial_out = b.partial_lse = torch.zeros(1)
+    b.row_slots = None
+    vllm_config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(max_model_len=max_len,
+                                           get_total_num_hidden_layers=lambda: 32),
+        scheduler_config=types.SimpleNamespace(max_num_seqs=max_seqs,
+                                               max_num_batched_tokens=8192),
+        cache_config=types.SimpleNamespace(num_gpu_blocks=kv_blocks))
+    max_rows = b._init_decode_rows(vllm_config, max_seqs, b.device)
+    b.sparse = b._init_sparse(vllm_config, max_rows, b.device)
+    return b
+
+
+def _decode_step(b: BitDecodeMetadataBuilder, lens: list[int], tokens_per_request: int):
+    n = len(lens)
+    qsl = torch.arange(0, tokens_per_request * n + 1, tokens_per_request, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    cam = types.SimpleNamespace(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens,
+        seq_lens_cpu_upper_bound=seq_lens, num_reqs=n, num_actual_tokens=int(qsl[-1]),
+        max_query_len=tokens_per_request, max_seq_len=max(lens),
+        block_table_tensor=torch.zeros(n, -(-max(lens) // BLOCK), dtype=torch.int32),
+        slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64), is_prefilling=None)
+    return b.build(0, cam)
+
+
+@pytest.mark.parametrize("granularity,unit", [("page", 16), ("token", 1)])
+@pytest.mark.parametrize("drafts", [0, 3])
+def test_a_full_cache_of_rows_keeps_every_row_sparse(granularity, unit, drafts):
+    """32 requests of 24K tokens (3/4 of a 1M-token cache), each 1 + drafts rows: every
+    row gets keys, in ranges of one key per unit that do not overlap."""
+    b = _builder(granularity, drafts)
+    md = _decode_step(b, [24576 - 3 * i for i in range(32)], 1 + drafts)
+    sp = md.sparse
+    capacity = sp.keys.numel() // KV_HEADS
+    lens = md.decode_seq_lens.tolist()
+    offsets = sp.key_offsets.tolist()
+    assert len(lens) == len(offsets) == 32 * (1 + drafts)
+    end = 0
+    for seq_len, row0 in zip(lens, offsets, strict=True):
+        assert row0 == end  # packed: the exclusive sum of the rows' keys
+        end += -(-seq_len // unit)
+        assert kernel_gives_keys(seq_len, row0, sp.min_seq_len, capacity), (row0, capacity)
+    assert end <= capacity
+
+
+def test_page_workspace_is_a_sixteenth_of_the_token_one():
+    page, token = (_builder(g, 0).sparse.keys.numel() for g in ("page", "token"))
+    slack = 32768 * KV_HEADS  # one row's tokens
+    assert (page - slack) * 16 == token - slack
+
+
+def test_rows_past_the_workspace_still_decode_densely():
+    """Rows sharing prefix pages can hold more than the cache: those past the workspace
+    get no keys (dense, exact), and no row's keys reach past it."""
+    b = _builder("token", 0, kv_blocks=4096)  # a 64K-token cache
+    md = _decode_step(b, [30000] * 8, 1)
+    sp = md.sparse
+    capacity = sp.keys.numel() // KV_HEADS
+    fits = [kernel_gives_keys(n, r0, sp.min_seq_len, capacity)
+            for n, r0 in zip(md.decode_seq_lens.tolist(), sp.key_offsets.tolist(), strict=True)]
+    assert fits[:3] == [True] * 3 and not any(fits[3:])
+
+
+def test_layer_ranges():
+    assert layer_ranges([3, 4, 5, 7]) == "3-5, 7"
+    assert layer_ranges(list(range(3, 13)) + list(range(14, 32))) == "3-12, 14-31"
+    assert layer_ranges([]) == "none"
+    assert layer_ranges([2]) == "2"
