@@ -19,6 +19,8 @@ namespace {
 
 constexpr int64_t kHead = 128;
 constexpr int64_t kMaxGqaRows = 16;
+// sequences (decode rows) are a launch grid's y or z dimension
+constexpr int64_t kMaxGridSeqs = 65535;
 
 PageGeometry page_geometry(int64_t bits, int64_t group_size, int64_t block_size) {
   TORCH_CHECK(bits == 4 || bits == 2, "bitdecode: bits must be 4 or 2, got ", bits);
@@ -198,6 +200,8 @@ int64_t check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
                             int64_t num_seqs = -1, int64_t max_query_len = 1) {
   check_tokens(q, "q");
   if (num_seqs < 0) num_seqs = q.size(0);  // one query token per sequence
+  TORCH_CHECK(num_seqs <= kMaxGridSeqs, "bitdecode: at most ", kMaxGridSeqs,
+              " sequences per decode call (the launch grid's z dimension), got ", num_seqs);
   const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
   check_cache(cache, g, num_kv_heads, k_param_bits);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
@@ -375,6 +379,8 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
                   seq_lens.stride(0) == 1,
               "bitdecode: seq_lens must be a contiguous CUDA int32 vector [num_seqs]");
   const int64_t num_seqs = seq_lens.size(0);
+  TORCH_CHECK(num_seqs <= kMaxGridSeqs, "bitdecode: at most ", kMaxGridSeqs,
+              " sequences per call (the launch grid's y dimension), got ", num_seqs);
   TORCH_CHECK(block_table.size(0) >= num_seqs,
               "bitdecode: block_table needs a row per sequence, has ", block_table.size(0),
               " for ", num_seqs);

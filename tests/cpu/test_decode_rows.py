@@ -26,7 +26,9 @@ from tests.cpu.attention_stand_ins import (
 from vllm_bitdecode import config as bd_config
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode.backend.metadata import (
+    MAX_DECODE_ROWS,
     BitDecodeMetadataBuilder,
+    check_decode_rows,
     decode_rows,
     packs_query_tokens,
     plan_num_splits,
@@ -36,6 +38,16 @@ from vllm_bitdecode.page_format import rotation_signs
 
 HEADS, KV_HEADS, D, BLOCK = 8, 2, 128, 16
 SCALE = D**-0.5
+
+
+def test_decode_rows_fit_one_launch_or_start_up_refuses():
+    check_decode_rows(MAX_DECODE_ROWS, MAX_DECODE_ROWS, 1)
+    with pytest.raises(bd_config.BitDecodeConfigError,
+                       match=r"at most 65535 rows .* --max-num-seqs 20000 x 4 query tokens "
+                             r"\(a decode row each\) allows 80000; lower"):
+        check_decode_rows(80000, 20000, 4)
+    with pytest.raises(bd_config.BitDecodeConfigError, match="--max-num-seqs 70000 allows"):
+        check_decode_rows(70000, 70000, 1)
 
 
 def test_decode_rows_by_hand():

@@ -337,6 +337,10 @@ BAD_DECODE_CASES = [
     ("cache=cache[:, :0]", "at least one KV head"),  # (the heads are divided by it)
     # split * tiles per split must stay within int32 in the kernel
     ("min_tiles=40000", "min_tiles_per_split in [1, 32767]"),
+    # sequences are the launch grid's z dimension
+    ("q=q.expand(65536, 8, 128).contiguous(), out=out.expand(65536, 8, 128).contiguous(), "
+     "table=table.expand(65536, 4).contiguous(), lens=lens.expand(65536).contiguous()",
+     "at most 65535 sequences per decode call"),
 ]
 
 
@@ -370,6 +374,10 @@ BAD_WRITE_CASES = [
     ("vout=kout.half()", "of one shape and dtype"),  # written as key_out's dtype
     ("max_tokens=-1", "max_tokens must be in [0"),
     ("k=k[:, :0], v=k[:, :0]", "at least one KV head"),
+    # sequences are the read-back grid's y dimension
+    ("lens=lens.expand(65536).contiguous(), "
+     "starts=torch.arange(65537, dtype=torch.int32, device='cuda')",
+     "at most 65535 sequences per call"),
 ]
 
 

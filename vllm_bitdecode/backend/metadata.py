@@ -45,6 +45,10 @@ MAX_SPLITS = 64
 MAX_KEY_TOKENS = 1 << 23
 
 
+# Decode rows (sequences) per kernel call: the launch grid's z dimension (csrc/ops.cpp's
+# kMaxGridSeqs).
+MAX_DECODE_ROWS = 65535
+
 # Query rows per KV head that the decode kernel holds (two MMA head tiles of 8): the
 # query heads of a KV head times the query tokens of a request (csrc/ops.cpp's bound).
 MAX_QUERY_ROWS = 16
@@ -79,6 +83,18 @@ def decode_rows(query_start_loc: np.ndarray | Sequence[int], num_decodes: int
     request = np.repeat(np.arange(num_decodes, dtype=np.int32), counts)
     after = (np.repeat(qsl[1:], counts) - 1 - np.arange(qsl[0], qsl[-1])).astype(np.int32)
     return request, after
+
+
+def check_decode_rows(max_rows: int, max_num_seqs: int, tokens_per_request: int) -> None:
+    """Start-up check: a step's decode rows fit one kernel launch (MAX_DECODE_ROWS)."""
+    if max_rows > MAX_DECODE_ROWS:
+        drafts = (f" x {tokens_per_request} query tokens (a decode row each)"
+                  if tokens_per_request > 1 else "")
+        raise config.BitDecodeConfigError(
+            f"BITDECODE decodes at most {MAX_DECODE_ROWS} rows per step (a kernel launch "
+            f"dimension), but --max-num-seqs {max_num_seqs}{drafts} allows {max_rows}; "
+            "lower --max-num-seqs or --max-num-batched-tokens"
+        )
 
 
 def layer_ranges(layers: Sequence[int]) -> str:
@@ -391,6 +407,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         # graphs capture fixed addresses.
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         max_rows = self._init_decode_rows(vllm_config, max_seqs, device)
+        check_decode_rows(max_rows, max_seqs, self.reorder_batch_threshold)
         rows = max(b * self._num_splits(b) for b in range(1, max_rows + 1))
         if self.pack_queries:  # partials per split, request and query token
             rows *= per_request
