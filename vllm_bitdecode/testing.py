@@ -632,15 +632,15 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     t0 = time.perf_counter()
     run(2)  # warm up (compilation, graphs), and fills the prefix cache if enabled
     warmup = time.perf_counter() - t0
-    replays_0 = replays.count if replays else 0
+    replays_0 = replays.count if replays is not None else 0
     prefill_only = min(run(1) for _ in range(2))
-    replays_1 = replays.count if replays else 0
+    replays_1 = replays.count if replays is not None else 0
     before = counters(llm)
     full = min(run(1 + steps) for _ in range(2))
     after = counters(llm)
     out = {"ms_per_step": 1000 * (full - prefill_only) / steps, "batch": batch,
            "context": context, "steps": steps, "warmup_s": warmup}
-    if replays:  # two runs each: the decode steps' replays, per step
+    if replays is not None:  # two runs each: the decode steps' replays, per step
         added = (replays.count - replays_1) - (replays_1 - replays_0)
         out["graph_replays_per_step"] = added / (2 * steps)
     if forced is not None:

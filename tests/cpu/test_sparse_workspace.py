@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from vllm_bitdecode.backend.metadata import (
-    MAX_KEY_TOKENS,
+    MAX_SCORE_KEYS,
     BitDecodeMetadataBuilder,
     layer_ranges,
     score_workspace_keys,
@@ -37,7 +37,7 @@ def test_workspace_size_by_hand():
     # tokens, the rows' own bound below the cache's
     assert score_workspace_keys(2, 1000, 1, 1, 1 << 20) == 2 * 1000 + 1000
     # a worker that does not know the cache's size: the rows' bound, capped
-    assert score_workspace_keys(64, 131072, 1, 1, 0) == MAX_KEY_TOKENS
+    assert score_workspace_keys(64, 131072, 1, 1, 0) == MAX_SCORE_KEYS
     assert score_workspace_keys(8, 1001, 16, 1, 0) == 8 * 63 + 1001
 
 

@@ -42,7 +42,7 @@ logger = init_logger(f"vllm.{__name__}")
 MIN_TILES_PER_SPLIT = 8
 MAX_SPLITS = 64
 # Keys the sparse-mode score workspace holds at most (4 bytes each per selection head).
-MAX_KEY_TOKENS = 1 << 23
+MAX_SCORE_KEYS = 1 << 23
 
 
 # Decode rows (sequences) per kernel call: the launch grid's z dimension (csrc/ops.cpp's
@@ -116,7 +116,7 @@ def score_workspace_keys(max_rows: int, max_model_len: int, unit: int,
     where this process knows the KV cache's size (``kv_tokens`` > 0; a worker may not:
     vLLM sets num_gpu_blocks in the engine), for rows that together hold the cache
     ``rows_per_request`` times over (a request of 1 + drafts query tokens is that many
-    rows over the same pages), at most MAX_KEY_TOKENS (the workspace is outside vLLM's
+    rows over the same pages), at most MAX_SCORE_KEYS (the workspace is outside vLLM's
     KV budget: 256 MiB at 8 KV heads). The kernels give a row keys only where its first
     key plus its length *in tokens* fits (``selection_row_has_keys``), so one row's
     tokens are added as slack. A row past the workspace decodes densely: exact, slower.
@@ -125,7 +125,7 @@ def score_workspace_keys(max_rows: int, max_model_len: int, unit: int,
     keys = max_rows * row_keys
     if kv_tokens > 0:
         keys = min(keys, -(-kv_tokens // unit) * rows_per_request)
-    return min(keys + max_model_len, MAX_KEY_TOKENS)
+    return min(keys + max_model_len, MAX_SCORE_KEYS)
 
 
 def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budget: int,
