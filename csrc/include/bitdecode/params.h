@@ -94,13 +94,14 @@ struct DecodeParams {
   // are 16-token pages (tiles, token t in tile t / 16; each read whole with one bulk
   // copy), ascending, the last one the sequence's own (partial) tile.
   int sel_unit_shift;
-  // Selection layer (decode_select): the dense kernel also writes, for every token of a
-  // row with keys (selection_row_has_keys), the order key of its highest scaled logit over
-  // the KV head's query heads (all heads with sel_shared, combined with atomicMax) at
-  // sel_keys[h * key_capacity + key_offsets[seq] + position], h the KV head or 0.
+  // Selection layer (decode_select): the dense kernel also writes, for every unit (token,
+  // or 16-token tile with sel_unit_shift 4) of a row with keys (selection_row_has_keys),
+  // the order key of its highest scaled logit over the KV head's query heads (all heads
+  // with sel_shared, combined with atomicMax) at
+  // sel_keys[h * key_capacity + key_offsets[seq] + unit], h the KV head or 0.
   uint32_t* sel_keys;            // [num_kv_heads or 1, key_capacity], nullptr: no keys
   const int64_t* key_offsets;    // [num_seqs] first workspace key of each row
-  int64_t key_capacity;          // tokens per head in the workspace
+  int64_t key_capacity;          // keys per head in the workspace
   int sel_min_seq_len;           // shorter rows decode densely and get no keys
   // Per-channel K mode (docs/per-channel-k-design.md, section 7); the per-token kernels
   // ignore these fields. A tile is K rows | V rows | V params [16][groups][2] | K params
@@ -120,7 +121,7 @@ struct SelectParams {
   const int32_t* seq_lens;       // [num_seqs]; 0 = padding row
   const int64_t* key_offsets;    // [num_seqs] first workspace key of each row
   uint32_t* keys;                // [num_kv_heads or 1, key_capacity] score keys
-  int64_t key_capacity;          // tokens per head; rows past it decode densely
+  int64_t key_capacity;          // keys per head; rows past it decode densely
   int32_t* sel_positions;        // [>= num_seqs, num_kv_heads or 1, sel_budget], written
   int64_t sel_stride_seq, sel_stride_head;
   int32_t* sel_count;            // [>= num_seqs], written: count | kSelDenseRow | 0
