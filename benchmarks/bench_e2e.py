@@ -8,9 +8,11 @@ Each engine, once started, runs every case asked for:
 
 - ``decode_b1_128k`` / ``decode_b8_32k``: ms per decode step at batch 1 x 130,560 tokens
   (128K less room to decode within max_model_len 131,072) and batch 8 x 32,768. The
-  prompts are prefilled once; then generating 1 and 1 + N tokens from the cached
-  prompts is timed (best of 2 each), and ms/step = (t(1 + N) - t(1)) / N, so prefill,
-  scheduling set-up and sampling of the first token cancel out.
+  prompts are prefilled once; then generating 1 + N and 1 + 2N tokens from the cached
+  prompts is timed in 3 interleaved pairs, and ms/step = (best t(1 + 2N) - best
+  t(1 + N)) / N, so prefill, scheduling set-up and the first N steps cancel out
+  (vllm_bitdecode.testing._time_decode; records before 2026-12-01 used t(1 + N) - t(1),
+  best of 2). Each record keeps the figure of every pair, ``ms_per_step_each``.
 - ``decode_b8_128k`` (only when named in ``--cases``): the same at batch 8 x 130,560,
   where attention is most of a step and sparse decode (issue #6) can show what it saves.
   It needs 1.05M KV tokens, more than a bf16 cache holds on one 80-141 GB GPU; a decode
@@ -57,7 +59,12 @@ from pathlib import Path
 from typing import Any
 
 from vllm_bitdecode.provenance import git_commit, gpu_slug
-from vllm_bitdecode.testing import parse_kv_cache_tokens, run_in_subprocess, write_model_dir
+from vllm_bitdecode.testing import (
+    TIMING_METHOD,
+    parse_kv_cache_tokens,
+    run_in_subprocess,
+    write_model_dir,
+)
 
 MAX_MODEL_LEN = 131072
 BLOCK = 16
@@ -156,9 +163,10 @@ def max_batch(kv_cache_tokens: int | None, context: int, new_tokens: int = 1,
 
 
 def does_not_fit(kv_cache_tokens: int | None, batch: int, context: int, steps: int) -> str:
-    """Why a decode timing of ``batch`` requests of ``context`` tokens decoding 1 + steps
-    tokens is not one batch decoding together (empty when it is, or the size is unknown)."""
-    fits = max_batch(kv_cache_tokens, context, new_tokens=1 + steps)
+    """Why a decode timing of ``batch`` requests of ``context`` tokens decoding up to
+    1 + 2 x steps tokens (its longer runs) is not one batch decoding together (empty when
+    it is, or the size is unknown)."""
+    fits = max_batch(kv_cache_tokens, context, new_tokens=1 + 2 * steps)
     if fits is None or fits >= batch:
         return ""
     return (f"does not fit: {batch} x {context} tokens need more than the cache's "
@@ -210,7 +218,8 @@ def records_from_result(key: str, cases: list[str], res: dict[str, Any]) -> list
             ms = t["ms_per_step"]
             out.append(_record(key, case, batch=t["batch"], context=t["context"],
                                ms_per_step=ms, tokens_per_s=1000.0 * t["batch"] / ms,
-                               kv_cache_tokens=kv_tokens, steps=t["steps"]))
+                               kv_cache_tokens=kv_tokens, steps=t["steps"],
+                               ms_per_step_each=t.get("ms_per_step_each")))
         elif case == "capacity_32k":
             out.append(_record(key, case, batch=max_batch(kv_tokens, CAPACITY_CONTEXT),
                                context=CAPACITY_CONTEXT, kv_cache_tokens=kv_tokens))
@@ -355,6 +364,7 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=MAX_MODEL_LEN, cudagraph_capture_sizes=args.cudagraph_sizes,
         throughput_via="cli" if args.throughput_cli else "in-engine",
+        decode_timing=TIMING_METHOD,
     )
     if args.quick:
         s.update(steps=min(args.steps, 16), b1_context=min(args.b1_context, 32 * 1024),
@@ -610,6 +620,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.backend_keys:
         ap.error("no backend selected")
     args.case_list = resolve_cases(args.cases)
+    longest = max(args.b1_context, args.b8_context, args.b8_long_context) + 1 + 2 * args.steps
+    if args.steps < 1 or longest > MAX_MODEL_LEN:
+        ap.error(f"--steps {args.steps}: a decode timing's longer runs generate 1 + 2 x steps "
+                 f"tokens, which must fit with the longest context in max_model_len "
+                 f"{MAX_MODEL_LEN:,} ({longest:,} here)")
     sizes = args.cudagraph_sizes.strip().lower()
     args.cudagraph_sizes = None if sizes == "vllm" else sorted(
         {int(x) for x in sizes.split(",") if x.strip()})

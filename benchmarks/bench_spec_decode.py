@@ -3,7 +3,11 @@ FLASH_ATTN bf16 against BITDECODE 4-bit, one run.
 
 Llama-3-8B shape with dummy weights, CUDA graphs on, prefix caching on, the machinery of
 bench_e2e.py: one engine per (backend, drafts), each timing batch 1 x 130,560 and batch
-8 x 32,768 as bench_e2e's decode cases do (t(1 + N tokens) - t(1 token), best of 2).
+8 x 32,768 as bench_e2e's decode cases do: (best t(1 + 2N tokens) - best t(1 + N)) / N
+over 3 interleaved pairs, so the first N tokens (prefill, and the steps before the
+proposer finds the forced token repeating) cancel out and the window is steady
+speculative decoding (until 2026-12-01 the baseline was t(1 token): two runs on that day
+gave 3.39 and 1.86 ms per token for one case, with no change to its code path).
 Dummy weights would make every draft wrong, so every request is forced to take one token
 at every step (``allowed_token_ids``): once it repeats, vLLM's n-gram proposer drafts it
 and its drafts are accepted (H200, 2026-12-01: all of them with the CPU proposer; the GPU
@@ -23,11 +27,13 @@ search on the GPU) keeps vLLM's default, async scheduling on, as bench_e2e.py ru
 Writes benchmarks/results/spec_decode_<gpu>.json (spec_decode_ngram_gpu_<gpu>.json with
 `--method ngram_gpu`; device, date, commit, method, async_scheduling, settings,
 ``records``: backend, kv, drafts, case, batch, context, ms_per_token (per request),
-tokens_per_s (all requests), draft_tokens, accepted_tokens, graph_replays_per_token
-(CUDA-graph replays per generated token of a request: one per engine step with full
-graphs, about one per layer and step with piecewise ones), vs_no_drafts (tokens/s over
-the same backend without drafts) and vs_bf16 (over FLASH_ATTN bf16 with as many drafts))
-and a PNG beside it.
+ms_per_token_each (the same from each pair of runs: the spread), tokens_per_s (all
+requests), draft_tokens and accepted_tokens (in the timed window of N tokens per
+request, all requests, one pair's worth), graph_replays_per_token (CUDA-graph replays
+per generated token of a request: one per engine step with full graphs, about one per
+layer and step with piecewise ones), vs_no_drafts (tokens/s over the same backend
+without drafts) and vs_bf16 (over FLASH_ATTN bf16 with as many drafts)) and a PNG beside
+it.
 """
 
 from __future__ import annotations
@@ -129,7 +135,8 @@ def records_from_result(key: str, drafts: int, res: dict[str, Any],
                            tokens_per_s=1000.0 * t["batch"] / ms, steps=t["steps"],
                            draft_tokens=t.get("draft_tokens"),
                            accepted_tokens=t.get("accepted_tokens"),
-                           graph_replays_per_token=t.get("graph_replays_per_step")))
+                           graph_replays_per_token=t.get("graph_replays_per_step"),
+                           ms_per_token_each=t.get("ms_per_step_each")))
     return out
 
 
@@ -156,8 +163,12 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     def f(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    lines = [f"{'backend':<11}{'kv':<6}{'drafts':>7} {'case':<16}{'ms/token':>9}{'tok/s':>9}"
-             f"{'accepted':>14}{'x no drafts':>12}{'x bf16':>8}{'graphs/token':>13}"]
+    def spread(each: list[float] | None) -> str:  # the pairs' figures, lowest to highest
+        return "-" if not each else f"{min(each):.2f}-{max(each):.2f}"
+
+    lines = [f"{'backend':<11}{'kv':<6}{'drafts':>7} {'case':<16}{'ms/token':>9}"
+             f"{'pairs':>12}{'tok/s':>9}{'accepted':>14}{'x no drafts':>12}{'x bf16':>8}"
+             f"{'graphs/token':>13}"]
     for r in records:
         head = f"{r['backend']:<11}{r['kv']:<6}{r['drafts']:>7} {r['case']:<16}"
         if r.get("skipped"):
@@ -165,7 +176,8 @@ def summary_table(records: list[dict[str, Any]]) -> str:
             continue
         accepted = "-" if r.get("draft_tokens") is None else \
             f"{r['accepted_tokens']:.0f}/{r['draft_tokens']:.0f}"
-        lines.append(head + f"{f(r['ms_per_token'], '.2f'):>9}{f(r['tokens_per_s'], ',.0f'):>9}"
+        lines.append(head + f"{f(r['ms_per_token'], '.2f'):>9}"
+                     f"{spread(r.get('ms_per_token_each')):>12}{f(r['tokens_per_s'], ',.0f'):>9}"
                      f"{accepted:>14}{f(r.get('vs_no_drafts'), '.2f'):>12}"
                      f"{f(r.get('vs_bf16'), '.2f'):>8}"
                      f"{f(r.get('graph_replays_per_token'), '.2f'):>13}")

@@ -43,7 +43,8 @@ def main() -> None:
         model = str(write_llama_config(Path(tmp) / "llama3-8b-shape"))
         for backend, kv, extra in CASES:
             spec = dict(model=model, backend=backend, gpu_memory_utilization=0.9,
-                        max_model_len=args.context + args.steps + 16, max_num_seqs=args.batch,
+                        max_model_len=args.context + 2 * args.steps + 16,
+                        max_num_seqs=args.batch,
                         decode_timing=dict(batch=args.batch, context=args.context,
                                            steps=args.steps), **extra)
             res = run_in_subprocess(spec, timeout=1200)

@@ -596,58 +596,93 @@ SPEC_DRAFTS = "vllm:spec_decode_num_draft_tokens"
 SPEC_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
 
 
+TIMING_METHOD = ("steady state: (best t(1 + 2n tokens) - best t(1 + n tokens)) / n, "
+                 "3 interleaved pairs, garbage collector held off during each run")
+
+
 def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
-                 replays: _GraphReplayCounter | None = None) -> dict[str, float]:
-    """ms per decode step: (time for 1 + n tokens - time for 1 token) / n, same prompts.
-    With speculative decoding a step yields several tokens, so this is ms per generated
-    token of a request; ``forced_token`` (one token id that every request must always
-    take, through allowed_token_ids) makes n-gram drafts right once it repeats, and the
-    drafts proposed and accepted in the timed runs are returned beside it (when the
-    engine keeps vLLM's counters).
+                 replays: _GraphReplayCounter | None = None) -> dict[str, Any]:
+    """ms per decode step in the steady state: generating 1 + n and 1 + 2n tokens from the
+    same prompts, in ``repeats`` interleaved pairs (default 3), and
+    ms_per_step = (best t(1 + 2n) - best t(1 + n)) / n.
 
-    With prefix caching on (vLLM's default), only the warm-up prefills the prompts; the
-    timed runs find them cached and recompute at most one block per request, the same
-    in both runs, so the difference is n decode steps.
+    Both runs of a pair hold the same prefill (the warm-up run caches the prompts, so
+    each run recomputes at most a block per request), the first token and, with drafts,
+    the first steps before the n-gram proposer finds the forced token repeating: the
+    difference is n tokens of decoding at full speed. (Until 2026-12-01 the baseline was
+    t(1 token), best of 2: its prefill and the drafts' ramp-up then counted, and two runs
+    of bench_spec_decode on one day differed by up to 1.8x in a case with drafts.)
+    Python's garbage collector is held off during each run (vLLM's engine runs in this
+    process), so that a collection cannot fall in one run of a pair and not the other.
+    ``ms_per_step_each`` is the same figure from each pair: the spread behind the best.
 
-    With ``replays`` (the engine's ``count_graph_replays``), ``graph_replays_per_step``
-    is the CUDA-graph replays the n steps added, per step (per generated token with
-    drafts, like ``ms_per_step``): 1 per engine step where vLLM replays a full graph,
-    about one per layer where it runs piecewise graphs around eager attention.
+    With speculative decoding a step yields several tokens, so ms_per_step is ms per
+    generated token of a request; ``forced_token`` (one token id that every request must
+    always take, through allowed_token_ids) makes n-gram drafts right once it repeats.
+    ``draft_tokens`` / ``accepted_tokens`` are the drafts proposed and accepted in the
+    timed window (n tokens of every request; long runs' counts less short runs', over
+    the pairs), when the engine keeps vLLM's counters. With ``replays`` (the engine's
+    ``count_graph_replays``), ``graph_replays_per_step`` is the CUDA-graph replays of the
+    window per generated token: 1 where vLLM replays a full graph per engine step, about
+    one per layer where it runs piecewise graphs around eager attention.
     """
+    import gc
     import random
 
     rng = random.Random(0)
     batch, context, steps = timing["batch"], timing["context"], timing.get("steps", 64)
+    repeats = timing.get("repeats", 3)
     prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(context)]}
                for _ in range(batch)]
     forced = timing.get("forced_token")
+    # per run length: seconds of each run, and its counters' and replays' increments
+    runs: dict[int, dict[str, list[Any]]] = {}
 
-    def run(n: int) -> float:
+    def run(n: int) -> None:
         sp = sampling_params_cls(max_tokens=n, temperature=0.0, ignore_eos=True,
                                  allowed_token_ids=None if forced is None else [forced])
-        t0 = time.perf_counter()
-        llm.generate(prompts, sp, use_tqdm=False)
-        return time.perf_counter() - t0
+        before, replays_before = counters(llm), replays.count if replays else 0
+        gc.collect()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            llm.generate(prompts, sp, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+        finally:
+            gc.enable()
+        after = counters(llm)
+        rec = runs.setdefault(n, {"seconds": [], "counters": [], "replays": []})
+        rec["seconds"].append(seconds)
+        rec["counters"].append({k: after[k] - before.get(k, 0) for k in after})
+        rec["replays"].append(replays.count - replays_before if replays else 0)
 
     t0 = time.perf_counter()
     run(2)  # warm up (compilation, graphs), and fills the prefix cache if enabled
     warmup = time.perf_counter() - t0
-    replays_0 = replays.count if replays is not None else 0
-    prefill_only = min(run(1) for _ in range(2))
-    replays_1 = replays.count if replays is not None else 0
-    before = counters(llm)
-    full = min(run(1 + steps) for _ in range(2))
-    after = counters(llm)
-    out = {"ms_per_step": 1000 * (full - prefill_only) / steps, "batch": batch,
-           "context": context, "steps": steps, "warmup_s": warmup}
-    if replays is not None:  # two runs each: the decode steps' replays, per step
-        added = (replays.count - replays_1) - (replays_1 - replays_0)
-        out["graph_replays_per_step"] = added / (2 * steps)
+    short, long = 1 + steps, 1 + 2 * steps
+    for _ in range(repeats):
+        run(short)
+        run(long)
+    s, lg = runs[short], runs[long]
+    out: dict[str, Any] = {
+        "ms_per_step": 1000 * (min(lg["seconds"]) - min(s["seconds"])) / steps,
+        "ms_per_step_each": [1000 * (b - a) / steps
+                             for a, b in zip(s["seconds"], lg["seconds"], strict=True)],
+        "runs_s": {"short": s["seconds"], "long": lg["seconds"]},
+        "batch": batch, "context": context, "steps": steps, "repeats": repeats,
+        "warmup_s": warmup}
+
+    def window(values: list[float], short_values: list[float]) -> float:
+        return (sum(values) - sum(short_values)) / repeats  # per pair
+
+    if replays is not None:
+        out["graph_replays_per_step"] = window(lg["replays"], s["replays"]) / steps
     if forced is not None:
         out["forced_token"] = forced
-    if SPEC_DRAFTS in after:  # the two timed runs' drafts
-        out["draft_tokens"] = after[SPEC_DRAFTS] - before.get(SPEC_DRAFTS, 0)
-        out["accepted_tokens"] = after.get(SPEC_ACCEPTED, 0) - before.get(SPEC_ACCEPTED, 0)
+    if any(SPEC_DRAFTS in c for c in lg["counters"]):
+        for name, key in ((SPEC_DRAFTS, "draft_tokens"), (SPEC_ACCEPTED, "accepted_tokens")):
+            out[key] = window([c.get(name, 0) for c in lg["counters"]],
+                              [c.get(name, 0) for c in s["counters"]])
     return out
 
 

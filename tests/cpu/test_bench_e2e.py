@@ -85,6 +85,19 @@ def test_engine_specs(bench):
                                                          vllm_sizes)
 
 
+def test_steps_must_leave_room_for_the_longer_timed_runs(bench, capsys):
+    """A timing's longer runs generate 1 + 2 x steps tokens after the longest context:
+    130,560 + 1 + 2 x 255 = 131,071 fits max_model_len 131,072, 256 steps do not."""
+    assert bench.settings_from_args(bench.parse_args(["--steps", "255"]))["steps"] == 255
+    # the results document says how the decode steps were timed
+    assert bench.settings_from_args(bench.parse_args([]))["decode_timing"] == \
+        bench.TIMING_METHOD
+    for bad in ("256", "0"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--steps", bad])
+        assert "--steps" in capsys.readouterr().err
+
+
 def test_throughput_cli_command_parses_with_vllm_bench_throughput(bench, monkeypatch):
     from vllm.benchmarks.throughput import add_cli_args
     from vllm.platforms import current_platform
@@ -170,14 +183,14 @@ def test_records_ratios_targets_and_merge(bench):
 
 
 def test_a_decode_batch_that_does_not_fit_is_skipped(bench):
-    """8 x 130,560 tokens decoding 65 more need 1,045,120 cache tokens: bf16's 889,856
+    """8 x 130,560 tokens decoding 129 more need 1,045,632 cache tokens: bf16's 889,856
     of an H200 hold 6 such requests, so its timing would include two waiting."""
     assert bench.does_not_fit(3_349_296, 8, 130560, 64) == ""
     assert bench.does_not_fit(None, 8, 130560, 64) == ""  # size unknown: keep the timing
     why = bench.does_not_fit(889_856, 8, 130560, 64)
     assert why.startswith("does not fit") and "(6 fit)" in why
-    assert bench.does_not_fit(8 * 130_640, 8, 130560, 64) == ""  # exactly 8 whole requests
-    assert bench.does_not_fit(8 * 130_640 - 1, 8, 130560, 64) != ""
+    assert bench.does_not_fit(8 * 130_704, 8, 130560, 64) == ""  # exactly 8 whole requests
+    assert bench.does_not_fit(8 * 130_704 - 1, 8, 130560, 64) != ""
 
     def result(kv):
         return {"kv_cache_tokens": kv, "decode_shapes": {"decode_b8_128k": (8, 130560)},

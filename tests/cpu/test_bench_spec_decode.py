@@ -67,7 +67,7 @@ def test_gpu_ngram_keeps_async_scheduling_on_with_and_without_drafts(bench, sett
 
 def _result(ms: dict[tuple[int, int], float], drafts: bool) -> dict:
     return {"decode_timings": [
-        dict(batch=b, context=c, steps=64, ms_per_step=v,
+        dict(batch=b, context=c, steps=64, ms_per_step=v, ms_per_step_each=[v, v + 0.25],
              graph_replays_per_step=0.3 if drafts else 1.0,
              **({"draft_tokens": 384.0, "accepted_tokens": 380.0} if drafts else {}))
         for (b, c), v in ms.items()]}
@@ -102,6 +102,7 @@ def test_records_and_ratios(bench):
     table = bench.summary_table(records)
     assert "380/384" in table and "skipped: engine failed" in table
     assert "graphs/token" in table and " 0.30" in table
+    assert r["ms_per_token_each"] == [2.5, 2.75] and "2.50-2.75" in table  # the pairs' spread
 
 
 def test_acceptance_says_what_the_records_measured(bench):
@@ -176,23 +177,26 @@ class _FakeLLM:
 
 
 def test_time_decode_forces_the_token_and_counts_drafts():
+    """A warm-up, then (1 + n, 1 + 2n) token runs in interleaved pairs; the drafts are the
+    timed window's: the long runs' less the short runs', per pair."""
     params = types.SimpleNamespace
     llm = _FakeLLM(drafts=3)
     t = testing._time_decode(llm, params, dict(batch=2, context=5, steps=4, forced_token=42))
     assert all(p.allowed_token_ids == [42] and p.temperature == 0.0 for p in llm.params)
-    assert [p.max_tokens for p in llm.params] == [2, 1, 1, 5, 5]
-    assert t["forced_token"] == 42 and t["draft_tokens"] == 3 * 5 * 2
+    assert [p.max_tokens for p in llm.params] == [2, 5, 9, 5, 9, 5, 9]
+    assert t["forced_token"] == 42 and t["draft_tokens"] == 3 * 4 and t["repeats"] == 3
     assert t["accepted_tokens"] == t["draft_tokens"]  # the "- 1" cancels in the difference
     plain = _FakeLLM(drafts=0)
-    t = testing._time_decode(plain, params, dict(batch=1, context=3, steps=2))
+    t = testing._time_decode(plain, params, dict(batch=1, context=3, steps=2, repeats=2))
+    assert [p.max_tokens for p in plain.params] == [2, 3, 5, 3, 5]
     assert all(p.allowed_token_ids is None for p in plain.params)
     assert "draft_tokens" not in t and "forced_token" not in t
     assert "graph_replays_per_step" not in t
 
 
 def test_time_decode_counts_graph_replays_per_decode_step():
-    """Only the decode steps' replays count: the timed runs' minus the prefill-only
-    runs', over the steps of both timed runs."""
+    """Only the timed window's replays count: the long runs' less the short runs', over
+    the window's tokens."""
     replays = types.SimpleNamespace(count=0)
 
     class Graphed(_FakeLLM):  # a prefill replays 3 graphs, each later token 2
@@ -203,3 +207,29 @@ def test_time_decode_counts_graph_replays_per_decode_step():
     t = testing._time_decode(Graphed(drafts=0), types.SimpleNamespace,
                              dict(batch=1, context=3, steps=4), replays)
     assert t["graph_replays_per_step"] == 2.0
+
+
+def test_time_decode_takes_the_best_of_each_length_and_keeps_the_spread(monkeypatch):
+    """ms_per_step = (best long run - best short run) / n, on a clock that generate()
+    advances: 10 ms per token plus a run's overhead, which varies (a slow short run must
+    not make the steps look faster); ms_per_step_each shows every pair; the collector
+    is off while generate() runs."""
+    import gc
+
+    clock = [0.0]
+    monkeypatch.setattr(testing.time, "perf_counter", lambda: clock[0])
+    overheads = iter([0.0, 0.500, 0.100, 0.100, 0.100, 0.100, 0.300])  # warm-up first
+    collector_on = []
+
+    class Timed(_FakeLLM):
+        def generate(self, prompts, sp, use_tqdm=False):
+            super().generate(prompts, sp, use_tqdm)
+            collector_on.append(gc.isenabled())
+            clock[0] += 0.010 * sp.max_tokens + next(overheads)
+
+    t = testing._time_decode(Timed(drafts=0), types.SimpleNamespace,
+                             dict(batch=1, context=3, steps=8))
+    assert t["ms_per_step"] == pytest.approx(10.0)
+    assert t["ms_per_step_each"] == pytest.approx([-40.0, 10.0, 35.0])
+    assert t["runs_s"]["short"] == pytest.approx([0.59, 0.19, 0.19])
+    assert collector_on == [False] * 7 and gc.isenabled()
