@@ -375,6 +375,18 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
+def decode_settings(steps: int, gpu_memory_utilization: float, quick: bool,
+                    cases: list[str]) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+    """Settings for a benchmark of decode cases alone (bench_spec_decode.py,
+    bench_step_breakdown.py): this script's, with at most 8 requests a step, and each
+    case's (batch, context)."""
+    args = parse_args(["--steps", str(steps), "--gpu-memory-utilization",
+                       str(gpu_memory_utilization), "--max-num-seqs", "8"]
+                      + (["--quick"] if quick else []))
+    s = settings_from_args(args)
+    return s, {case: (DECODE_CASES[case][0], s[DECODE_CASES[case][1]]) for case in cases}
+
+
 def gpu_memory_utilization(key: str, s: dict[str, Any]) -> float:
     """TURBOQUANT allocates working memory outside vLLM's profiled budget: at 0.9 on an
     H200 its torch.compile warm-up ran out of memory (2026-11-29), so it gets its own."""

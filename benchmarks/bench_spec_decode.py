@@ -49,7 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
-from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
+from vllm_bitdecode.provenance import (  # noqa: E402
+    gpu_slug,
+    pyplot,
+    results_doc,
+    save_figure,
+    write_results,
+)
 from vllm_bitdecode.testing import run_in_subprocess, write_model_dir  # noqa: E402
 
 KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
@@ -198,12 +204,8 @@ def acceptance(records: list[dict[str, Any]]) -> str:
 
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     recs = [r for r in doc["records"] if not r.get("skipped")]
     fig, axes = plt.subplots(1, len(CASES), figsize=(10, 4))
@@ -219,11 +221,8 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
                      fontsize=9)
     how = "n-gram drafts" if doc.get("method", "ngram") == "ngram" else \
         "GPU n-gram drafts, async scheduling"
-    fig.suptitle(f"{how}, {acceptance(recs)} (forced token), Llama-3-8B shape\n"
-                 f"{doc['device']} ({doc['date']}, {doc['commit']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{how}, {acceptance(recs)} (forced token), Llama-3-8B shape",
+                doc)
     return True
 
 
@@ -249,12 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    e2e_args = e2e.parse_args(["--steps", str(args.steps), "--gpu-memory-utilization",
-                               str(args.gpu_memory_utilization), "--max-num-seqs", "8"]
-                              + (["--quick"] if args.quick else []))
-    s = e2e.settings_from_args(e2e_args)
-    shapes = {case: (e2e.DECODE_CASES[case][0], s[e2e.DECODE_CASES[case][1]])
-              for case in CASES}
+    s, shapes = e2e.decode_settings(args.steps, args.gpu_memory_utilization, args.quick,
+                                    CASES)
     if args.dry_run:
         for key, drafts in runs_wanted(args.drafts):
             print(key, drafts, engine_spec(key, drafts, "<model-dir>", s, args.method))

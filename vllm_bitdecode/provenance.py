@@ -41,3 +41,27 @@ def write_results(doc: dict[str, Any], path: Path) -> None:
     """Write a results document as indented JSON, making its folder if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1))
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None where matplotlib is not
+    installed (the benchmarks then write their JSON without a plot)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path, title: str, doc: dict[str, Any]) -> None:
+    """A results plot's last steps: ``title`` above a line naming the device, date and
+    commit of ``doc``, then the PNG at ``path``, and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(f"{title}\n{doc['device']} ({doc['date']}, {doc['commit']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

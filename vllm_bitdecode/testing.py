@@ -9,7 +9,8 @@ compilation) serves many checks: ``generate`` (one batch, optional attention cap
 ``jobs`` (named batches with prefix-cache resets, attention capture with positions,
 every attention forward checked against the reference on its own pages, vLLM's
 counters and CUDA-graph replays per job), ``decode_timing`` / ``decode_timings``
-(ms per decode step) and ``throughput`` (a ``vllm bench throughput``-style run).
+(ms per decode step), ``decode_profiles`` (GPU time per decode step by kernel,
+vllm_bitdecode.step_profile) and ``throughput`` (a ``vllm bench throughput``-style run).
 
 A model directory for ``vllm serve`` / ``vllm bench`` (config.json plus a tiny word-level
 tokenizer with a chat template) is written by::
@@ -582,6 +583,14 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     if timings:
         result["decode_timings"] = [_time_decode(llm, SamplingParams, t, replays)
                                     for t in timings]
+    profiles = spec.get("decode_profiles")
+    if profiles:
+        from vllm_bitdecode.step_profile import profile_decode
+
+        result["decode_profiles"] = [
+            profile_decode(llm, SamplingParams, decode_prompts(p["batch"], p["context"]),
+                           p.get("steps", 16)) | {"batch": p["batch"], "context": p["context"]}
+            for p in profiles]
     tp = spec.get("throughput")
     if tp:
         result["throughput"] = _throughput(llm, SamplingParams, tp)
@@ -594,6 +603,16 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
 
 SPEC_DRAFTS = "vllm:spec_decode_num_draft_tokens"
 SPEC_ACCEPTED = "vllm:spec_decode_num_accepted_tokens"
+
+
+def decode_prompts(batch: int, context: int) -> list[dict[str, list[int]]]:
+    """The decode timings' prompts: ``batch`` of ``context`` random token ids in
+    100..29999 (never a forced token below 100), the same on every call."""
+    import random
+
+    rng = random.Random(0)
+    return [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(context)]}
+            for _ in range(batch)]
 
 
 TIMING_METHOD = ("steady state: (best t(1 + 2n tokens) - best t(1 + n tokens)) / n, "
@@ -627,13 +646,10 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     one per layer where it runs piecewise graphs around eager attention.
     """
     import gc
-    import random
 
-    rng = random.Random(0)
     batch, context, steps = timing["batch"], timing["context"], timing.get("steps", 64)
     repeats = timing.get("repeats", 3)
-    prompts = [{"prompt_token_ids": [rng.randrange(100, 30000) for _ in range(context)]}
-               for _ in range(batch)]
+    prompts = decode_prompts(batch, context)
     forced = timing.get("forced_token")
     # per run length: seconds of each run, and its counters' and replays' increments
     runs: dict[int, dict[str, list[Any]]] = {}

@@ -1,0 +1,170 @@
+"""vllm_bitdecode.step_profile (kernel names to categories, busy time, the difference of
+two profiles) and benchmarks/bench_step_breakdown.py's records and main flow with a
+stand-in engine."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tests.scripts import load_script
+from vllm_bitdecode import step_profile
+from vllm_bitdecode.step_profile import Kernel
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+# names as the CUDA profiler reports them (demangled), one or more per category
+NAMES = {
+    "void bitdecode::decode_kernel<bitdecode::DecodeTraits<__nv_bfloat16, 4, 128> >"
+    "(bitdecode::DecodeParams)": "attention",
+    "void bitdecode::select_kernel<(int)4>(bitdecode::SelectParams)": "attention",
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<"
+    "flash::CollectiveMainloopFwdSm90<2, cute::tuple<> > > > >(flash::Params)": "attention",
+    "void bitdecode::combine_kernel<__nv_bfloat16>(bitdecode::CombineParams)":
+        "attention combine",
+    "void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<> > >()":
+        "attention combine",
+    "void bitdecode::quantize_kernel<__nv_bfloat16, 4>(bitdecode::WriteParams)":
+        "KV-cache write",
+    "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>(...)": "KV-cache write",
+    "nvjet_tst_128x64_64x8_1x1_v_bz_coopA_TNT": "GEMM",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+    "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "compiled elementwise (torch.compile)",
+    "triton_poi_fused_mul_silu_1": "compiled elementwise (torch.compile)",
+    "Memcpy HtoD (Pageable -> Device)": "copies and fills",
+    "Memset (Device)": "copies and fills",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, "
+    "at::native::ArgMaxOps<float> > >(...)": "other PyTorch ops",
+    "some_new_kernel": "other",
+}
+
+
+@pytest.mark.parametrize("name", list(NAMES))
+def test_kernel_names_fall_in_their_category(name):
+    assert step_profile.category(name) == NAMES[name]
+
+
+def test_busy_time_counts_overlapping_kernels_once():
+    ks = [Kernel("a", 0, 10), Kernel("b", 5, 12), Kernel("c", 20, 25), Kernel("d", 21, 22)]
+    assert step_profile.busy_us(ks) == pytest.approx(12 + 5)
+    assert step_profile.busy_us(list(reversed(ks))) == pytest.approx(17)  # order-free
+    assert step_profile.busy_us([]) == 0.0
+
+
+def _profile(steps: int, prefill_us: float = 500.0) -> dict:
+    """A stand-in engine's profile: a prefill, then per decode token a GEMM of 40 us, an
+    attention kernel of 20 us overlapping a 4 us copy on another stream, and a 6 us gap."""
+    ks, t = [Kernel("nvjet_prefill_gemm", 0, prefill_us)], prefill_us
+    for _ in range(steps):
+        ks += [Kernel("nvjet_tst_gemm", t, t + 40),
+               Kernel("void bitdecode::decode_kernel<4>()", t + 40, t + 60),
+               Kernel("Memcpy HtoD (Pageable -> Device)", t + 50, t + 54)]
+        t += 66
+    return step_profile.summarize(ks)
+
+
+def test_per_step_is_the_difference_of_two_profiles_over_the_window():
+    """The prefill and the first tokens cancel: only the steps between the two runs
+    count, per step, in ms; overlap counts once in busy time, not in the kernels' sum."""
+    p = step_profile.per_step(_profile(1 + 8), _profile(1 + 16), 8)
+    cats = p["categories_ms"]
+    assert cats["GEMM"] == pytest.approx(0.040) and cats["attention"] == pytest.approx(0.020)
+    assert cats["copies and fills"] == pytest.approx(0.004) and cats["other"] == 0.0
+    assert set(cats) == set(step_profile.CATEGORY_NAMES)
+    assert p["kernel_ms"] == pytest.approx(0.064)
+    assert p["gpu_busy_ms"] == pytest.approx(0.060)
+    assert p["launches"] == pytest.approx(3.0)
+    top = p["top_kernels"]
+    assert [k["category"] for k in top] == ["GEMM", "attention", "copies and fills"]
+    assert top[0]["launches"] == pytest.approx(1.0)
+    assert all(k["name"] != "nvjet_prefill_gemm" for k in top)  # same in both: 0 ms, last
+    with pytest.raises(ValueError, match="steps"):
+        step_profile.per_step(_profile(1), _profile(1), 0)
+
+
+def test_profile_decode_profiles_the_window_after_a_warm_up(monkeypatch):
+    """1 + n and 1 + 2n tokens from the same prompts, greedy, after a warm-up of 2."""
+    seen = []
+
+    class LLM:
+        def generate(self, prompts, sp, use_tqdm=False):
+            seen.append(sp.max_tokens)
+
+    def fake_profile(llm, prompts, params):
+        llm.generate(prompts, params)
+        return _profile(params.max_tokens)
+
+    monkeypatch.setattr(step_profile, "_profile_generate", fake_profile)
+    p = step_profile.profile_decode(LLM(), types.SimpleNamespace, [{"prompt_token_ids": [5]}],
+                                    steps=4)
+    assert seen == [2, 5, 9] and p["steps"] == 4
+    assert p["categories_ms"]["GEMM"] == pytest.approx(0.040)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    return load_script("benchmarks/bench_step_breakdown.py")
+
+
+def _engine_result(spec: dict) -> dict:
+    """What run_engine returns for a spec: a timing and a profile per decode shape."""
+    timings, profiles = [], []
+    bd = spec.get("backend") == "BITDECODE"
+    for t in spec["decode_timings"]:
+        timings.append(dict(batch=t["batch"], context=t["context"], steps=t["steps"],
+                            ms_per_step=7.5 if bd else 12.5, ms_per_step_each=[7.5, 7.6]))
+    for p in spec["decode_profiles"]:
+        prof = step_profile.per_step(_profile(1 + p["steps"]), _profile(1 + 2 * p["steps"]),
+                                     p["steps"])
+        profiles.append(prof | {"batch": p["batch"], "context": p["context"]})
+    return {"decode_timings": timings, "decode_profiles": profiles, "log": "engine log"}
+
+
+def test_engine_spec_profiles_each_timed_shape(bench):
+    s = bench.e2e.settings_from_args(bench.e2e.parse_args(["--max-num-seqs", "8"]))
+    spec = bench.engine_spec("BITDECODE:int4", "m", s, 16)
+    assert [(p["batch"], p["context"], p["steps"]) for p in spec["decode_profiles"]] == \
+        [(1, 130560, 16), (8, 32768, 16)]
+    assert [(t["batch"], t["context"]) for t in spec["decode_timings"]] == \
+        [(1, 130560), (8, 32768)]
+    assert spec["enforce_eager"] is False and "_decode_shapes" not in spec
+    json.dumps(spec)  # travels as JSON to the engine process
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--profile-steps", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--backends", "nonsense"])
+
+
+def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
+    specs = []
+
+    def engine(spec, timeout):
+        specs.append(spec)
+        if spec.get("kv_cache_dtype") == "fp8":
+            raise RuntimeError("CUDA out of memory")
+        return _engine_result(spec)
+
+    monkeypatch.setattr(bench, "run_in_subprocess", engine)
+    monkeypatch.setattr(bench.e2e, "device_name", lambda: "NVIDIA Test GPU")
+    monkeypatch.setattr(bench, "write_model_dir", lambda path, tokenizer: path)
+    out = tmp_path / "breakdown.json"
+    bench.main(["--quick", "--backends", "bf16,fp8,int4", "--out", str(out), "--log-dir",
+                str(tmp_path / "logs")])
+    doc = json.loads(out.read_text())
+    assert doc["device"] == "NVIDIA Test GPU" and doc["settings"]["profile_steps"] == 16
+    by = {(r["key"], r["case"]): r for r in doc["records"]}
+    r = by[("BITDECODE:int4", "decode_b8_32k")]
+    assert r["ms_per_step"] == 7.5 and r["gpu_busy_ms"] == pytest.approx(0.060)
+    assert r["host_gap_ms"] == pytest.approx(7.5 - 0.060)
+    assert r["categories_ms"]["attention"] == pytest.approx(0.020)
+    assert r["top_kernels"][0]["category"] == "GEMM"
+    failed = by[("FLASH_ATTN:fp8", "decode_b1_128k")]
+    assert failed["skipped"].startswith("engine failed") and failed["context"] == 32768
+    assert len(specs) == 3 and (tmp_path / "logs" / "BITDECODE_int4.log").exists()
+    table = capsys.readouterr().out
+    assert "skipped: engine failed" in table and "KV write" in table

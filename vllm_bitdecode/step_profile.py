@@ -1,0 +1,137 @@
+"""Where a decode step's GPU time goes: every kernel of the steady-state decode steps of a
+running vLLM engine, timed by the CUDA profiler (CUPTI, through ``torch.profiler``) and
+summed by what it does (attention, KV write, GEMMs, compiled elementwise work, ...).
+
+The window is the one ``testing._time_decode`` times: the engine generates 1 + n and
+1 + 2n tokens from the same cached prompts, and the difference of the two profiles,
+over n, is the GPU work of n decode steps (their CUDA-graph replays included: CUPTI
+records the kernels of a graph one by one). ``gpu_busy_ms`` is the time at least one
+kernel or copy runs; a step's wall time less that is time the GPU waits for the host.
+
+The pure part (names to categories, interval union, the difference of two profiles)
+runs without a GPU; :func:`profile_decode` needs an engine.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+# (category, pattern searched in the kernel's demangled name), first match wins;
+# a kernel that matches none is "other", and ``top_kernels`` names it
+# (the combine first: FlashAttention-3's combine kernel has "flash::" in its name too)
+KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("attention combine", r"bitdecode::combine_kernel|FlashAttnFwdCombine|merge_attn"),
+    ("attention", r"bitdecode::(decode|select)_kernel|flash::|flash_fwd|fmha|paged_attention"),
+    ("KV-cache write", r"bitdecode::(quantize|kc_write|kc_residual)_kernel|reshape_and_cache"),
+    ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
+    ("compiled elementwise (torch.compile)", r"^triton_|triton_(poi|red|per)_"),
+    ("copies and fills", r"^Memcpy|^Memset|[Cc]opy|fill_kernel"),
+    ("other PyTorch ops", r"at::native|at_cuda_detail|cub::"),
+)
+OTHER = "other"
+CATEGORY_NAMES = tuple(c for c, _ in KERNEL_CATEGORIES) + (OTHER,)
+_PATTERNS = tuple((c, re.compile(p)) for c, p in KERNEL_CATEGORIES)
+
+
+class Kernel(NamedTuple):
+    """One GPU activity of a profile: a kernel, copy or fill (microseconds)."""
+
+    name: str
+    start_us: float
+    end_us: float
+
+
+def category(name: str) -> str:
+    """The category of a kernel by its name (see KERNEL_CATEGORIES)."""
+    for cat, pattern in _PATTERNS:
+        if pattern.search(name):
+            return cat
+    return OTHER
+
+
+def busy_us(kernels: Iterable[Kernel]) -> float:
+    """Time at least one of ``kernels`` runs: the union of their intervals, so that
+    kernels on two streams at once count once."""
+    total, end = 0.0, float("-inf")
+    for k in sorted(kernels, key=lambda k: k.start_us):
+        if k.end_us <= end:
+            continue
+        total += k.end_us - max(k.start_us, end)
+        end = k.end_us
+    return total
+
+
+def summarize(kernels: Sequence[Kernel]) -> dict[str, Any]:
+    """One profile: total microseconds and launches per kernel name, and busy time."""
+    per_name: dict[str, list[float]] = {}
+    for k in kernels:
+        entry = per_name.setdefault(k.name, [0.0, 0])
+        entry[0] += k.end_us - k.start_us
+        entry[1] += 1
+    return {"busy_us": busy_us(kernels), "names": per_name}
+
+
+def per_step(short: dict[str, Any], long: dict[str, Any], steps: int,
+             top: int = 25) -> dict[str, Any]:
+    """The decode steps between two profiles (``long`` generated ``steps`` tokens more
+    per request than ``short``), per step, in milliseconds: by category, the busiest
+    kernel names (launches per step beside them), GPU busy time and the kernels' sum."""
+    if steps <= 0:
+        raise ValueError(f"steps must be positive, got {steps}")
+    names = set(short["names"]) | set(long["names"])
+    kernels = []
+    for name in names:
+        us_long, n_long = long["names"].get(name, (0.0, 0))
+        us_short, n_short = short["names"].get(name, (0.0, 0))
+        if n_long == n_short and us_long == us_short:
+            continue  # the same in both runs (the prefill's kernels, typically)
+        kernels.append({"name": name[:160], "category": category(name),
+                        "ms": (us_long - us_short) / steps / 1000,
+                        "launches": (n_long - n_short) / steps})
+    kernels.sort(key=lambda k: -k["ms"])
+    by_category = dict.fromkeys(CATEGORY_NAMES, 0.0)
+    for k in kernels:
+        by_category[k["category"]] += k["ms"]
+    return {
+        "steps": steps,
+        "categories_ms": by_category,
+        "kernel_ms": sum(by_category.values()),
+        "gpu_busy_ms": (long["busy_us"] - short["busy_us"]) / steps / 1000,
+        "launches": sum(k["launches"] for k in kernels),
+        "top_kernels": kernels[:top],
+    }
+
+
+def _profile_generate(llm, prompts: list[dict[str, Any]], params) -> dict[str, Any]:
+    """``llm.generate`` under the CUDA profiler; the summary of its GPU activity."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [Kernel(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == cuda and e.time_range.elapsed_us() > 0]
+    if not kernels:  # the engine's GPU work ran in another process
+        raise RuntimeError("the profiler saw no GPU activity: profile_decode needs the "
+                           "engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0)")
+    return summarize(kernels)
+
+
+def profile_decode(llm, sampling_params_cls, prompts: list[dict[str, Any]],
+                   steps: int = 16) -> dict[str, Any]:
+    """GPU time of one decode step of ``prompts`` (greedy, ignore_eos) by kernel, from
+    the profiles of generating 1 + steps and 1 + 2 x steps tokens after a warm-up run
+    that also fills the prefix cache (see :func:`per_step`)."""
+
+    def params(n: int):
+        return sampling_params_cls(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    llm.generate(prompts, params(2), use_tqdm=False)  # warm-up, prefix cache
+    short = _profile_generate(llm, prompts, params(1 + steps))
+    long = _profile_generate(llm, prompts, params(1 + 2 * steps))
+    return per_step(short, long, steps)
