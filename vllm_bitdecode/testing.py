@@ -340,6 +340,39 @@ class _DecodeRowCounter:
         _after_build(count_packed)
 
 
+class _SparseRowCounter:
+    """In an engine running in this process with sparse mode on: over every step's
+    decode rows, how many are long enough to decode sparsely (``eligible``: at least
+    min_seq_len tokens) and how many of those get score keys in the selection layer's
+    workspace (``with_keys``), by the kernels' own test (``selection_row_has_keys`` in
+    selection.cuh: first key plus length in tokens within the capacity); an eligible
+    row without keys decodes densely, exact but without the saving. Reads the step's
+    device tensors after each build, a sync per step: for tests only."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.counts = {"steps": 0, "rows": 0, "eligible": 0, "with_keys": 0,
+                       "capacity": 0}
+        counts = self.counts
+
+        def count(cam, md) -> None:
+            sp = md.sparse
+            if sp is None or md.num_decodes == 0:
+                return
+            capacity = sp.keys.numel() // sp.sel_positions.shape[1]  # keys per head
+            lens = md.decode_seq_lens.to(torch.int64)
+            eligible = (lens >= 1) & (lens >= sp.min_seq_len)
+            fits = (sp.key_offsets >= 0) & (sp.key_offsets + lens <= capacity)
+            counts["steps"] += 1
+            counts["rows"] += int((lens >= 1).sum())
+            counts["eligible"] += int(eligible.sum())
+            counts["with_keys"] += int((eligible & fits).sum())
+            counts["capacity"] = capacity
+
+        _after_build(count)
+
+
 class _KernelCheck:
     """In an eager engine running in this process: after every attention forward of
     every layer of the model, the same attention computed as :mod:`reference` does it
@@ -530,6 +563,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     replays = _GraphReplayCounter() if spec.get("count_graph_replays") else None
     groups = _PrefillGroupCounter() if spec.get("count_prefill_groups") else None
     decode_rows = _DecodeRowCounter() if spec.get("count_decode_rows") else None
+    sparse_rows = _SparseRowCounter() if spec.get("count_sparse_rows") else None
     global _KERNEL_CHECK
     kernel_check = any(j.get("kernel_check") for j in spec.get("jobs") or ())
     if kernel_check:
@@ -596,6 +630,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
         result["throughput"] = _throughput(llm, SamplingParams, tp)
     if decode_rows is not None:
         result["decode_rows"] = dict(decode_rows.counts)
+    if sparse_rows is not None:
+        result["sparse_rows"] = dict(sparse_rows.counts)
     del llm
     torch.cuda.empty_cache()
     return result

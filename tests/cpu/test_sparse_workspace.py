@@ -121,3 +121,21 @@ def test_layer_ranges():
     assert layer_ranges(list(range(3, 13)) + list(range(14, 32))) == "3-12, 14-31"
     assert layer_ranges([]) == "none"
     assert layer_ranges([2]) == "2"
+
+
+def test_engine_counter_of_sparse_rows_uses_the_kernels_rule(monkeypatch):
+    """testing._SparseRowCounter (the GPU tests' per-step hook): rows, rows long enough to
+    decode sparsely, and those of them with keys, as kernel_gives_keys says."""
+    from vllm_bitdecode import testing
+
+    # the hook wraps the builder class; monkeypatch puts the original back afterwards
+    monkeypatch.setattr(BitDecodeMetadataBuilder, "build", BitDecodeMetadataBuilder.build)
+    counter = testing._SparseRowCounter()
+    _decode_step(_builder("page", 3), [24576 - 3 * i for i in range(32)], 4)
+    assert counter.counts["rows"] == counter.counts["with_keys"] == 128
+    b = _builder("token", 0, kv_blocks=4096)
+    _decode_step(b, [30000] * 8, 1)
+    _decode_step(b, [100] * 4, 1)  # shorter than min_seq_len: dense by design, not counted
+    assert counter.counts == {"steps": 3, "rows": 128 + 8 + 4, "eligible": 128 + 8,
+                              "with_keys": 128 + 3,
+                              "capacity": b.sparse.keys.numel() // KV_HEADS}

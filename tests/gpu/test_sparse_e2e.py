@@ -36,17 +36,21 @@ def _prompts() -> tuple[list[list[int]], list[str]]:
     return data.passkey_prompts(11, (0.1, 0.3, 0.5, 0.7, 0.9))
 
 
-def _run(sparse: dict | None, logprobs: int | None = 5, **engine) -> dict:
+def _run(sparse: dict | None, logprobs: int | None = 5, prompts: list | None = None,
+         **engine) -> dict:
+    """The shipped model with BITDECODE 4-bit (sparse mode as given) generating GEN
+    tokens for ``prompts`` (default: the five pass-key prompts); ``engine`` adds to or
+    replaces the engine's settings."""
     if not (data.MODEL_DIR / "config.json").exists():
         pytest.skip("the shipped model is missing")
-    prompts, _ = _prompts()
     bitdecode = {"bits": 4} | ({"sparse": sparse} if sparse else {})
-    return run_in_subprocess(dict(
+    spec = dict(
         model=str(data.MODEL_DIR), load_format="auto", backend="BITDECODE",
         bitdecode=bitdecode, gpu_memory_utilization=0.3, max_model_len=data.MAX_CONTEXT,
         max_num_seqs=8, enforce_eager=False,
-        jobs=[dict(name="gen", prompts=prompts, max_tokens=GEN, logprobs=logprobs,
-                   reset_prefix_cache=True, capture=False)], **engine), timeout=600)
+        jobs=[dict(name="gen", prompts=prompts or _prompts()[0], max_tokens=GEN,
+                   logprobs=logprobs, reset_prefix_cache=True, capture=False)])
+    return run_in_subprocess(spec | engine, timeout=600)
 
 
 @functools.cache
@@ -123,3 +127,34 @@ def test_drafts_verify_as_rows_in_sparse_mode():
     assert metrics.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, metrics
     assert right >= ref_right - 1 and right >= n - 1, (right, ref_right)
     assert sum(s is not None for s in diverged) <= n // 2, diverged
+
+
+def test_rows_keep_their_keys_with_drafts_in_a_full_cache():
+    """The score workspace holds every decode row of a full cache, drafts' rows included
+    (backend/metadata.py, score_workspace_keys): 32 pass-key requests of 6,000 tokens
+    decoding together with n-gram drafts, in a KV cache sized to just hold them
+    (num_gpu_blocks_override), so that the cache, not max_model_len, bounds the
+    workspace. Every row long enough to decode sparsely gets its keys, by the kernels'
+    own test (testing._SparseRowCounter): none falls back to dense decoding. Before
+    90d18b7 the workspace counted the cache's tokens once, not once per query token of a
+    request, and most of these rows would have decoded densely (exact, but without the
+    saving). Not yet run on a GPU."""
+    n, max_rows = 32, 32 * 4
+    prompts, _ = data.passkey_prompts(13, [(i + 0.5) / n for i in range(n)])
+    blocks = n * -(-(max(map(len, prompts)) + GEN + 4) // 16)
+    res = _run({"enabled": True, "token_budget": 512, "min_seq_len": 1024,
+                "granularity": "token"}, logprobs=None, prompts=prompts,
+               max_num_seqs=n, num_gpu_blocks_override=blocks, async_scheduling=False,
+               count_sparse_rows=True, count_decode_rows=True,
+               speculative_config=dict(method="ngram", num_speculative_tokens=3,
+                                       prompt_lookup_min=2, prompt_lookup_max=5))
+    counts, rows = res["sparse_rows"], res["decode_rows"]
+    gen = res["jobs"]["gen"]
+    print(f"sparse rows with drafts, {n} requests in {blocks} blocks: {counts}; "
+          f"multi-token steps {rows}")
+    assert all(len(t) == GEN for t in gen["tokens"]), "a request did not finish"
+    assert rows["steps"] > 0 and rows["rows"] > rows["requests"], rows  # drafts verified
+    # the cache bounded the workspace (else this test would not test that bound)
+    assert counts["capacity"] < max_rows * data.MAX_CONTEXT, counts
+    assert counts["eligible"] > n, counts
+    assert counts["with_keys"] == counts["eligible"], counts
