@@ -350,7 +350,7 @@ class _SparseRowCounter:
     device tensors after each build, a sync per step: for tests only."""
 
     def __init__(self) -> None:
-        import torch
+        from vllm_bitdecode.backend.metadata import rows_with_score_keys
 
         self.counts = {"steps": 0, "rows": 0, "eligible": 0, "with_keys": 0,
                        "capacity": 0}
@@ -360,15 +360,13 @@ class _SparseRowCounter:
             sp = md.sparse
             if sp is None or md.num_decodes == 0:
                 return
-            capacity = sp.keys.numel() // sp.sel_positions.shape[1]  # keys per head
-            lens = md.decode_seq_lens.to(torch.int64)
-            eligible = (lens >= 1) & (lens >= sp.min_seq_len)
-            fits = (sp.key_offsets >= 0) & (sp.key_offsets + lens <= capacity)
+            lens = md.decode_seq_lens
             counts["steps"] += 1
             counts["rows"] += int((lens >= 1).sum())
-            counts["eligible"] += int(eligible.sum())
-            counts["with_keys"] += int((eligible & fits).sum())
-            counts["capacity"] = capacity
+            counts["eligible"] += int(((lens >= 1) & (lens >= sp.min_seq_len)).sum())
+            counts["with_keys"] += int(rows_with_score_keys(
+                lens, sp.key_offsets, sp.min_seq_len, sp.key_capacity).sum())
+            counts["capacity"] = sp.key_capacity
 
         _after_build(count)
 

@@ -1,9 +1,9 @@
 """Sparse mode's score workspace on the CPU: its size (score_workspace_keys) and the rows'
 places in it (key_offsets, one key per selection unit), against the kernels' rule for
-which rows get keys (selection.cuh's selection_row_has_keys, mirrored below). A row
-without keys decodes densely, which is exact but forgoes the sparse speed-up, so the
-workspace must hold every row a step can have where the KV cache bounds them, drafts'
-rows included.
+which rows get keys (selection.cuh's selection_row_has_keys, mirrored by
+backend.metadata.rows_with_score_keys). A row without keys decodes densely, which is
+exact but forgoes the sparse speed-up, so the workspace must hold every row a step can
+have where the KV cache bounds them, drafts' rows included.
 """
 
 from __future__ import annotations
@@ -17,16 +17,12 @@ from vllm_bitdecode.backend.metadata import (
     MAX_SCORE_KEYS,
     BitDecodeMetadataBuilder,
     layer_ranges,
+    rows_with_score_keys,
     score_workspace_keys,
 )
 from vllm_bitdecode.config import BitDecodeConfig
 
 BLOCK, KV_HEADS = 16, 8
-
-
-def kernel_gives_keys(seq_len: int, row0: int, min_seq_len: int, capacity: int) -> bool:
-    """selection.cuh's selection_row_has_keys."""
-    return seq_len >= 1 and seq_len >= min_seq_len and row0 >= 0 and row0 + seq_len <= capacity
 
 
 def test_workspace_size_by_hand():
@@ -39,6 +35,15 @@ def test_workspace_size_by_hand():
     # a worker that does not know the cache's size: the rows' bound, capped
     assert score_workspace_keys(64, 131072, 1, 1, 0) == MAX_SCORE_KEYS
     assert score_workspace_keys(8, 1001, 16, 1, 0) == 8 * 63 + 1001
+
+
+def test_rows_with_score_keys_by_hand():
+    """The kernels' rule: a row needs a token, min_seq_len tokens, and its first key
+    plus its length in tokens within the capacity."""
+    lens = torch.tensor([0, 5, 10, 10, 10, 10], dtype=torch.int32)
+    offsets = torch.tensor([0, 0, 0, -1, 90, 91])
+    assert rows_with_score_keys(lens, offsets, 8, 100).tolist() == \
+        [False, False, True, False, True, False]
 
 
 def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 32768,
@@ -87,6 +92,7 @@ def test_a_full_cache_of_rows_keeps_every_row_sparse(granularity, unit, drafts):
     md = _decode_step(b, [24576 - 3 * i for i in range(32)], 1 + drafts)
     sp = md.sparse
     capacity = sp.keys.numel() // KV_HEADS
+    assert sp.key_capacity == capacity
     lens = md.decode_seq_lens.tolist()
     offsets = sp.key_offsets.tolist()
     assert len(lens) == len(offsets) == 32 * (1 + drafts)
@@ -94,8 +100,9 @@ def test_a_full_cache_of_rows_keeps_every_row_sparse(granularity, unit, drafts):
     for seq_len, row0 in zip(lens, offsets, strict=True):
         assert row0 == end  # packed: the exclusive sum of the rows' keys
         end += -(-seq_len // unit)
-        assert kernel_gives_keys(seq_len, row0, sp.min_seq_len, capacity), (row0, capacity)
     assert end <= capacity
+    fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len, capacity)
+    assert fits.all(), (offsets[fits.tolist().index(False)], capacity)
 
 
 def test_page_workspace_is_a_sixteenth_of_the_token_one():
@@ -111,8 +118,8 @@ def test_rows_past_the_workspace_still_decode_densely():
     md = _decode_step(b, [30000] * 8, 1)
     sp = md.sparse
     capacity = sp.keys.numel() // KV_HEADS
-    fits = [kernel_gives_keys(n, r0, sp.min_seq_len, capacity)
-            for n, r0 in zip(md.decode_seq_lens.tolist(), sp.key_offsets.tolist(), strict=True)]
+    fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len,
+                                capacity).tolist()
     assert fits[:3] == [True] * 3 and not any(fits[3:])
 
 
@@ -125,7 +132,7 @@ def test_layer_ranges():
 
 def test_engine_counter_of_sparse_rows_uses_the_kernels_rule(monkeypatch):
     """testing._SparseRowCounter (the GPU tests' per-step hook): rows, rows long enough to
-    decode sparsely, and those of them with keys, as kernel_gives_keys says."""
+    decode sparsely, and those of them with keys, as rows_with_score_keys says."""
     from vllm_bitdecode import testing
 
     # the hook wraps the builder class; monkeypatch puts the original back afterwards

@@ -128,6 +128,16 @@ def score_workspace_keys(max_rows: int, max_model_len: int, unit: int,
     return min(keys + max_model_len, MAX_SCORE_KEYS)
 
 
+def rows_with_score_keys(seq_lens: torch.Tensor, key_offsets: torch.Tensor,
+                         min_seq_len: int, capacity: int) -> torch.Tensor:
+    """Which decode rows the selection layer gives score keys, element-wise: the kernels'
+    rule (selection.cuh, ``selection_row_has_keys``). The others are padding (length 0),
+    shorter than ``min_seq_len`` or past the workspace, and decode densely. [rows] bool."""
+    lens = seq_lens.to(torch.int64)
+    return ((lens >= 1) & (lens >= min_seq_len) & (key_offsets >= 0)
+            & (key_offsets + lens <= capacity))
+
+
 def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budget: int,
                       dense_splits: int) -> int:
     """Splits per sequence for a sparse reuse layer, whose rows attend to ``token_budget``
@@ -315,6 +325,11 @@ class SparseMetadata:
     keys: torch.Tensor  # [(num_kv_heads or 1) * key_capacity] int32 score workspace
     key_offsets: torch.Tensor  # [num_decodes] int64: each row's first key (one per unit)
     reuse_splits: int = 1  # the reuse layers' split count this step (plan_reuse_splits)
+
+    @property
+    def key_capacity(self) -> int:
+        """Keys per selection head in the score workspace (as csrc/ops.cpp reads it)."""
+        return self.keys.numel() // self.sel_positions.shape[1]
 
 
 @dataclass
