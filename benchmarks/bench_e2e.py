@@ -46,6 +46,7 @@ JSON unless --fresh. Engine logs go to --log-dir (default /tmp/bench_e2e_logs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -55,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +459,26 @@ def error_lines(log: str, n: int = 3) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+@contextlib.contextmanager
+def llama_model_dir(tokenizer: bool = False) -> Iterator[str]:
+    """A directory holding the Llama-3-8B-shaped config (dummy weights; a tiny tokenizer
+    with ``tokenizer``) for the length of a benchmark run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        yield str(write_model_dir(Path(tmp) / "llama3-8b-shape", tokenizer=tokenizer))
+
+
+def run_logged(spec: dict[str, Any], log_path: Path,
+               timeout: float) -> tuple[dict[str, Any] | None, str | None]:
+    """One engine (testing.run_in_subprocess), its log written to ``log_path``: its
+    result and None, or None and why it failed (the run of a benchmark goes on)."""
+    try:
+        res = run_in_subprocess(spec, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - recorded, the run goes on
+        return None, "engine failed: " + error_lines(str(err))
+    log_path.write_text(res.get("log", ""))
+    return res, None
+
+
 def run_backend(key: str, model: str, cases: list[str], s: dict[str, Any], log_dir: Path,
                 timeout: float) -> tuple[list[dict[str, Any]], str | None]:
     """Run one backend's engine (and the throughput CLI if asked); its records and the
@@ -690,9 +712,7 @@ def main(argv: list[str] | None = None) -> None:
     tq_ok, tq_reason = fa2_available()
     new: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_model_dir(Path(tmp) / "llama3-8b-shape",
-                                    tokenizer=s["throughput_via"] == "cli"))
+    with llama_model_dir(tokenizer=s["throughput_via"] == "cli") as model:
         for key in args.backend_keys:
             print(f"[{time.perf_counter() - t_start:6.0f} s] {key}", flush=True)
             if key.startswith("TURBOQUANT") and not tq_ok:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,6 @@ from vllm_bitdecode.provenance import (  # noqa: E402
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing import run_in_subprocess, write_model_dir  # noqa: E402
 
 KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
 CASES = ["decode_b1_128k", "decode_b8_32k"]
@@ -260,21 +258,17 @@ def main(argv: list[str] | None = None) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_model_dir(Path(tmp) / "llama3-8b-shape", tokenizer=False))
+    with e2e.llama_model_dir() as model:
         for key, drafts in runs_wanted(args.drafts):
             print(f"[{time.perf_counter() - t0:6.0f} s] {key}, {drafts} drafts", flush=True)
-            try:
-                res = run_in_subprocess(engine_spec(key, drafts, model, s, args.method),
-                                        timeout=args.timeout)
-                (log_dir / f"{key.replace(':', '_')}_{drafts}.log").write_text(
-                    res.get("log", ""))
-                recs = records_from_result(key, drafts, res, shapes)
-            except Exception as err:  # noqa: BLE001 - recorded, the run goes on
-                reason = "engine failed: " + e2e.error_lines(str(err))
-                print(f"  skipped: {reason}", flush=True)
-                recs = skipped_records(key, drafts, shapes, reason)
-            records += recs
+            res, failure = e2e.run_logged(engine_spec(key, drafts, model, s, args.method),
+                                          log_dir / f"{key.replace(':', '_')}_{drafts}.log",
+                                          args.timeout)
+            if res is None:
+                print(f"  skipped: {failure}", flush=True)
+                records += skipped_records(key, drafts, shapes, failure)
+            else:
+                records += records_from_result(key, drafts, res, shapes)
             # written after every engine, so a run stopped by a time limit keeps its figures
             add_ratios(records)
             doc = results_doc(device, model="llama3-8b-shape dummy weights (32 layers, "

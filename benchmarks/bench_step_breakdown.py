@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,6 @@ from vllm_bitdecode.provenance import (  # noqa: E402
     write_results,
 )
 from vllm_bitdecode.step_profile import CATEGORY_NAMES  # noqa: E402
-from vllm_bitdecode.testing import run_in_subprocess, write_model_dir  # noqa: E402
 
 CASES = ["decode_b1_128k", "decode_b8_32k"]
 RECORD_KEYS = ("backend", "kv", "case", "batch", "context", "ms_per_step", "gpu_busy_ms",
@@ -181,21 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_model_dir(Path(tmp) / "llama3-8b-shape", tokenizer=False))
+    with e2e.llama_model_dir() as model:
         for key in args.backend_keys:
             print(f"[{time.perf_counter() - t0:6.0f} s] {key}", flush=True)
-            try:
-                res = run_in_subprocess(engine_spec(key, model, s, args.profile_steps),
-                                        timeout=args.timeout)
-                (log_dir / f"{key.replace(':', '_')}.log").write_text(res.get("log", ""))
-                records += records_from_result(key, res, shapes)
-            except Exception as err:  # noqa: BLE001 - recorded, the run goes on
-                reason = "engine failed: " + e2e.error_lines(str(err))
-                print(f"  skipped: {reason}", flush=True)
+            res, failure = e2e.run_logged(engine_spec(key, model, s, args.profile_steps),
+                                          log_dir / f"{key.replace(':', '_')}.log",
+                                          args.timeout)
+            if res is None:
+                print(f"  skipped: {failure}", flush=True)
                 records += [_record(key, case, batch=shapes[case][0],
-                                    context=shapes[case][1], skipped=reason)
+                                    context=shapes[case][1], skipped=failure)
                             for case in CASES]
+            else:
+                records += records_from_result(key, res, shapes)
             # written after every engine, so a run stopped by a time limit keeps its figures
             doc = results_doc(device, model="llama3-8b-shape dummy weights (32 layers, "
                               "32/8 heads, d=128)", settings=s, records=records)

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import importlib.util
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_e2e as e2e  # noqa: E402
 
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
-from vllm_bitdecode.testing import run_in_subprocess, write_model_dir  # noqa: E402
 
 KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
 CASES = ["decode_b8_32k", "capacity_32k"]
@@ -116,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        model = str(write_model_dir(Path(tmp) / "llama3-8b-shape", tokenizer=False))
+    with e2e.llama_model_dir() as model:
         for key, tp, ex in runs_wanted(args.tp_list, args.executor_list):
             backend, kv, _ = e2e.BACKENDS[key]
             tag = dict(tp=tp, executor=ex)
@@ -128,14 +125,12 @@ def main(argv: list[str] | None = None) -> None:
             elif ex == "ray" and not has_ray:
                 reason = "Ray is not installed (device kit: WITH_RAY=1)"
             if reason is None:
-                try:
-                    res = run_in_subprocess(tp_spec(key, tp, ex, model, s), timeout=args.timeout)
-                    (log_dir / f"{key.replace(':', '_')}_tp{tp}_{ex}.log").write_text(
-                        res.get("log", ""))
+                res, reason = e2e.run_logged(
+                    tp_spec(key, tp, ex, model, s),
+                    log_dir / f"{key.replace(':', '_')}_tp{tp}_{ex}.log", args.timeout)
+                if res is not None:
                     res["decode_shapes"] = {"decode_b8_32k": (8, s["b8_context"])}
                     recs = e2e.records_from_result(key, CASES, res)
-                except Exception as err:  # noqa: BLE001 - recorded, the run goes on
-                    reason = "engine failed: " + e2e.error_lines(str(err))
             if reason is not None:
                 print(f"  skipped: {reason}", flush=True)
                 recs = e2e.skipped_records(key, CASES, reason)

@@ -127,9 +127,9 @@ def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
         return dict(_result({(1, 32768): 10.0 * scale, (8, 32768): 8.0 * scale}, drafts),
                     log="BITDECODE")
 
-    monkeypatch.setattr(bench, "run_in_subprocess", engine)
+    monkeypatch.setattr(bench.e2e, "run_in_subprocess", engine)
     monkeypatch.setattr(bench.e2e, "device_name", lambda: "NVIDIA Test GPU")
-    monkeypatch.setattr(bench, "write_model_dir", lambda path, tokenizer: path)
+    monkeypatch.setattr(bench.e2e, "write_model_dir", lambda path, tokenizer: path)
     out = tmp_path / "spec.json"
     bench.main(["--quick", "--out", str(out), "--log-dir", str(tmp_path / "logs")])
     assert len(specs) == 4

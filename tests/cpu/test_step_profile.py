@@ -149,9 +149,9 @@ def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
             raise RuntimeError("CUDA out of memory")
         return _engine_result(spec)
 
-    monkeypatch.setattr(bench, "run_in_subprocess", engine)
+    monkeypatch.setattr(bench.e2e, "run_in_subprocess", engine)
     monkeypatch.setattr(bench.e2e, "device_name", lambda: "NVIDIA Test GPU")
-    monkeypatch.setattr(bench, "write_model_dir", lambda path, tokenizer: path)
+    monkeypatch.setattr(bench.e2e, "write_model_dir", lambda path, tokenizer: path)
     out = tmp_path / "breakdown.json"
     bench.main(["--quick", "--backends", "bf16,fp8,int4", "--out", str(out), "--log-dir",
                 str(tmp_path / "logs")])
