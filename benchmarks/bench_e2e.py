@@ -9,10 +9,12 @@ Each engine, once started, runs every case asked for:
 - ``decode_b1_128k`` / ``decode_b8_32k``: ms per decode step at batch 1 x 130,560 tokens
   (128K less room to decode within max_model_len 131,072) and batch 8 x 32,768. The
   prompts are prefilled once; then generating 1 + N and 1 + 2N tokens from the cached
-  prompts is timed in 3 interleaved pairs, and ms/step = (best t(1 + 2N) - best
-  t(1 + N)) / N, so prefill, scheduling set-up and the first N steps cancel out
-  (vllm_bitdecode.testing._time_decode; records before 2026-12-01 used t(1 + N) - t(1),
-  best of 2). Each record keeps the figure of every pair, ``ms_per_step_each``.
+  prompts is timed in 3 interleaved pairs, each giving (span(1 + 2N) - span(1 + N)) / N
+  with a run's span from its requests' first to last token on vLLM's engine-core clock,
+  and ms/step is the median pair, so prefill, the front end's work around a run and the
+  first N steps cancel out (vllm_bitdecode.testing._time_decode; records before
+  2026-12-01 used t(1 + N) - t(1), best of 2, and some of that day the best wall times
+  of each length). Each record keeps the figure of every pair, ``ms_per_step_each``.
 - ``decode_b8_128k`` (only when named in ``--cases``): the same at batch 8 x 130,560,
   where attention is most of a step and sparse decode (issue #6) can show what it saves.
   It needs 1.05M KV tokens, more than a bf16 cache holds on one 80-141 GB GPU; a decode
@@ -221,7 +223,8 @@ def records_from_result(key: str, cases: list[str], res: dict[str, Any]) -> list
             out.append(_record(key, case, batch=t["batch"], context=t["context"],
                                ms_per_step=ms, tokens_per_s=1000.0 * t["batch"] / ms,
                                kv_cache_tokens=kv_tokens, steps=t["steps"],
-                               ms_per_step_each=t.get("ms_per_step_each")))
+                               ms_per_step_each=t.get("ms_per_step_each"),
+                               clock=t.get("clock")))
         elif case == "capacity_32k":
             out.append(_record(key, case, batch=max_batch(kv_tokens, CAPACITY_CONTEXT),
                                context=CAPACITY_CONTEXT, kv_cache_tokens=kv_tokens))

@@ -3,11 +3,12 @@ FLASH_ATTN bf16 against BITDECODE 4-bit, one run.
 
 Llama-3-8B shape with dummy weights, CUDA graphs on, prefix caching on, the machinery of
 bench_e2e.py: one engine per (backend, drafts), each timing batch 1 x 130,560 and batch
-8 x 32,768 as bench_e2e's decode cases do: (best t(1 + 2N tokens) - best t(1 + N)) / N
-over 3 interleaved pairs, so the first N tokens (prefill, and the steps before the
-proposer finds the forced token repeating) cancel out and the window is steady
-speculative decoding (until 2026-12-01 the baseline was t(1 token): two runs on that day
-gave 3.39 and 1.86 ms per token for one case, with no change to its code path).
+8 x 32,768 as bench_e2e's decode cases do: the decode span of 1 + 2N tokens less that of
+1 + N, over N, median of 3 interleaved pairs (vllm_bitdecode.testing._time_decode), so
+the first N tokens (and the steps before the proposer finds the forced token repeating)
+cancel out and the window is steady speculative decoding (until 2026-12-01 the baseline
+was t(1 token): two runs on that day gave 3.39 and 1.86 ms per token for one case, with
+no change to its code path).
 Dummy weights would make every draft wrong, so every request is forced to take one token
 at every step (``allowed_token_ids``): once it repeats, vLLM's n-gram proposer drafts it
 and its drafts are accepted (H200, 2026-12-01: all of them with the CPU proposer; the GPU
@@ -140,7 +141,8 @@ def records_from_result(key: str, drafts: int, res: dict[str, Any],
                            draft_tokens=t.get("draft_tokens"),
                            accepted_tokens=t.get("accepted_tokens"),
                            graph_replays_per_token=t.get("graph_replays_per_step"),
-                           ms_per_token_each=t.get("ms_per_step_each")))
+                           ms_per_token_each=t.get("ms_per_step_each"),
+                           clock=t.get("clock")))
     return out
 
 

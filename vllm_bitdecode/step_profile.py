@@ -8,6 +8,13 @@ over n, is the GPU work of n decode steps (their CUDA-graph replays included: CU
 records the kernels of a graph one by one). ``gpu_busy_ms`` is the time at least one
 kernel or copy runs; a step's wall time less that is time the GPU waits for the host.
 
+Kernels can overlap: a copy on another stream, and BITDECODE's combine, a programmatic
+dependent launch that starts beside the decode kernel and waits in
+``griddepcontrol.wait`` for most of its life. So each instant of busy time is attributed
+to the kernel running then that started first (for the combine: only the time after the
+decode ended), and the categories sum to the busy time; ``span_ms`` of a top kernel is
+its own start-to-end time, overlap included.
+
 The pure part (names to categories, interval union, the difference of two profiles)
 runs without a GPU; :func:`profile_decode` needs an engine.
 """
@@ -20,11 +27,15 @@ from typing import Any, NamedTuple
 
 # (category, pattern searched in the kernel's demangled name), first match wins;
 # a kernel that matches none is "other", and ``top_kernels`` names it
-# (the combine first: FlashAttention-3's combine kernel has "flash::" in its name too)
+# (the combine first: FlashAttention-3's combine kernel has "flash::" in its name too;
+# TURBOQUANT's are vLLM's Triton kernels, named after their Python functions)
 KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("attention combine", r"bitdecode::combine_kernel|FlashAttnFwdCombine|merge_attn"),
-    ("attention", r"bitdecode::(decode|select)_kernel|flash::|flash_fwd|fmha|paged_attention"),
-    ("KV-cache write", r"bitdecode::(quantize|kc_write|kc_residual)_kernel|reshape_and_cache"),
+    ("attention combine", r"bitdecode::combine_kernel|FlashAttnFwdCombine|merge_attn"
+                          r"|_fwd_kernel_stage2"),
+    ("attention", r"bitdecode::(decode|select)_kernel|flash::|flash_fwd|fmha|paged_attention"
+                  r"|_tq_decode_stage1|_tq_full_dequant_kv|_fwd_(grouped_)?kernel_stage1"),
+    ("KV-cache write", r"bitdecode::(quantize|kc_write|kc_residual)_kernel|reshape_and_cache"
+                       r"|_tq_fused_store"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
     ("compiled elementwise (torch.compile)", r"^triton_|triton_(poi|red|per)_"),
     ("copies and fills", r"^Memcpy|^Memset|[Cc]opy|fill_kernel"),
@@ -51,44 +62,56 @@ def category(name: str) -> str:
     return OTHER
 
 
+def attributed_us(kernels: Iterable[Kernel]) -> list[tuple[Kernel, float]]:
+    """Each kernel with the busy time attributed to it: the instants it runs that no kernel
+    started before it covers. Sorted by start, a kernel's share is its interval past the
+    latest end of those before it, so the shares sum to :func:`busy_us`."""
+    out, end = [], float("-inf")
+    for k in sorted(kernels, key=lambda k: (k.start_us, -k.end_us)):
+        out.append((k, max(0.0, k.end_us - max(k.start_us, end))))
+        end = max(end, k.end_us)
+    return out
+
+
 def busy_us(kernels: Iterable[Kernel]) -> float:
     """Time at least one of ``kernels`` runs: the union of their intervals, so that
     kernels on two streams at once count once."""
-    total, end = 0.0, float("-inf")
-    for k in sorted(kernels, key=lambda k: k.start_us):
-        if k.end_us <= end:
-            continue
-        total += k.end_us - max(k.start_us, end)
-        end = k.end_us
-    return total
+    return sum(share for _, share in attributed_us(kernels))
 
 
 def summarize(kernels: Sequence[Kernel]) -> dict[str, Any]:
-    """One profile: total microseconds and launches per kernel name, and busy time."""
+    """One profile: per kernel name, its own microseconds (start to end), launches and
+    attributed microseconds (:func:`attributed_us`); and the busy time."""
     per_name: dict[str, list[float]] = {}
-    for k in kernels:
-        entry = per_name.setdefault(k.name, [0.0, 0])
+    busy = 0.0
+    for k, share in attributed_us(kernels):
+        entry = per_name.setdefault(k.name, [0.0, 0, 0.0])
         entry[0] += k.end_us - k.start_us
         entry[1] += 1
-    return {"busy_us": busy_us(kernels), "names": per_name}
+        entry[2] += share
+        busy += share
+    return {"busy_us": busy, "names": per_name}
 
 
 def per_step(short: dict[str, Any], long: dict[str, Any], steps: int,
              top: int = 25) -> dict[str, Any]:
     """The decode steps between two profiles (``long`` generated ``steps`` tokens more
-    per request than ``short``), per step, in milliseconds: by category, the busiest
-    kernel names (launches per step beside them), GPU busy time and the kernels' sum."""
+    per request than ``short``), per step, in milliseconds: busy time by category (the
+    attributed time, which sums to ``gpu_busy_ms``), the busiest kernel names (attributed
+    ``ms``, their own ``span_ms``, launches per step), and ``kernel_ms``, the sum of the
+    kernels' own times, above the busy time by their overlap."""
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     names = set(short["names"]) | set(long["names"])
     kernels = []
     for name in names:
-        us_long, n_long = long["names"].get(name, (0.0, 0))
-        us_short, n_short = short["names"].get(name, (0.0, 0))
+        us_long, n_long, mine_long = long["names"].get(name, (0.0, 0, 0.0))
+        us_short, n_short, mine_short = short["names"].get(name, (0.0, 0, 0.0))
         if n_long == n_short and us_long == us_short:
             continue  # the same in both runs (the prefill's kernels, typically)
         kernels.append({"name": name[:160], "category": category(name),
-                        "ms": (us_long - us_short) / steps / 1000,
+                        "ms": (mine_long - mine_short) / steps / 1000,
+                        "span_ms": (us_long - us_short) / steps / 1000,
                         "launches": (n_long - n_short) / steps})
     kernels.sort(key=lambda k: -k["ms"])
     by_category = dict.fromkeys(CATEGORY_NAMES, 0.0)
@@ -97,7 +120,7 @@ def per_step(short: dict[str, Any], long: dict[str, Any], steps: int,
     return {
         "steps": steps,
         "categories_ms": by_category,
-        "kernel_ms": sum(by_category.values()),
+        "kernel_ms": sum(k["span_ms"] for k in kernels),
         "gpu_busy_ms": (long["busy_us"] - short["busy_us"]) / steps / 1000,
         "launches": sum(k["launches"] for k in kernels),
         "top_kernels": kernels[:top],

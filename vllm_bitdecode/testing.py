@@ -25,6 +25,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -649,25 +650,49 @@ def decode_prompts(batch: int, context: int) -> list[dict[str, list[int]]]:
             for _ in range(batch)]
 
 
-TIMING_METHOD = ("steady state: (best t(1 + 2n tokens) - best t(1 + n tokens)) / n, "
-                 "3 interleaved pairs, garbage collector held off during each run")
+TIMING_METHOD = ("steady state: median over 3 interleaved pairs of (decode span of 1 + 2n "
+                 "tokens - decode span of 1 + n tokens) / n, a run's decode span being its "
+                 "requests' median time from first to last token by vLLM's engine-core "
+                 "timestamps (the run's wall time where vLLM keeps no request stats); "
+                 "garbage collector held off during each run")
+
+
+def decode_span_s(outputs: list[Any]) -> float | None:
+    """Seconds from a request's first token to its last by the engine core's clock (vLLM's
+    ``RequestOutput.metrics``, kept when ``disable_log_stats=False``), the median over
+    ``outputs``; None when any output lacks them. The span holds the decode steps only:
+    not the prefill, nor the time the front end takes before and after the run."""
+    spans = []
+    for out in outputs:
+        m = getattr(out, "metrics", None)
+        first, last = getattr(m, "first_token_ts", 0.0), getattr(m, "last_token_ts", 0.0)
+        if not first or last < first:
+            return None
+        spans.append(last - first)
+    return statistics.median(spans) if spans else None
 
 
 def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
                  replays: _GraphReplayCounter | None = None) -> dict[str, Any]:
     """ms per decode step in the steady state: generating 1 + n and 1 + 2n tokens from the
-    same prompts, in ``repeats`` interleaved pairs (default 3), and
-    ms_per_step = (best t(1 + 2n) - best t(1 + n)) / n.
+    same prompts, in ``repeats`` interleaved pairs (default 3); each pair gives
+    (span(1 + 2n) - span(1 + n)) / n and ms_per_step is the median of the pairs.
 
-    Both runs of a pair hold the same prefill (the warm-up run caches the prompts, so
-    each run recomputes at most a block per request), the first token and, with drafts,
-    the first steps before the n-gram proposer finds the forced token repeating: the
-    difference is n tokens of decoding at full speed. (Until 2026-12-01 the baseline was
-    t(1 token), best of 2: its prefill and the drafts' ramp-up then counted, and two runs
-    of bench_spec_decode on one day differed by up to 1.8x in a case with drafts.)
-    Python's garbage collector is held off during each run (vLLM's engine runs in this
-    process), so that a collection cannot fall in one run of a pair and not the other.
-    ``ms_per_step_each`` is the same figure from each pair: the spread behind the best.
+    A run's span is :func:`decode_span_s`, from its requests' first token to their last on
+    the engine core's clock, so that neither the prefill nor the front end's work around
+    the run counts; where vLLM keeps no request stats it is the run's wall time
+    (``clock``: "engine" or "wall"). Both runs of a pair hold the same first steps (with
+    drafts, those before the n-gram proposer finds the forced token repeating): the
+    difference is n tokens of decoding at full speed. Python's garbage collector is held
+    off during each run (vLLM's engine runs in this process), so that a collection cannot
+    fall in one run of a pair and not the other. ``ms_per_step_each`` is each pair's
+    figure and ``ms_per_step_wall_each`` the same from wall times.
+
+    History: until 2026-12-01 the figure was t(1 + n) - t(1), best of 2 (two runs of
+    bench_spec_decode the same day differed by up to 1.8x in a case with drafts); then
+    (best wall t(1 + 2n) - best wall t(1 + n)) / n, which on an H200 the same day spread
+    over 6-13% between pairs and, taking two minima apart, reported the largest pair in
+    two of four cases (benchmarks/results/step_breakdown_456a070_h200.json).
 
     With speculative decoding a step yields several tokens, so ms_per_step is ms per
     generated token of a request; ``forced_token`` (one token id that every request must
@@ -685,7 +710,8 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     repeats = timing.get("repeats", 3)
     prompts = decode_prompts(batch, context)
     forced = timing.get("forced_token")
-    # per run length: seconds of each run, and its counters' and replays' increments
+    # per run length: each run's wall and decode-span seconds, counters' and replays'
+    # increments
     runs: dict[int, dict[str, list[Any]]] = {}
 
     def run(n: int) -> None:
@@ -696,13 +722,14 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
         gc.disable()
         try:
             t0 = time.perf_counter()
-            llm.generate(prompts, sp, use_tqdm=False)
+            outputs = llm.generate(prompts, sp, use_tqdm=False)
             seconds = time.perf_counter() - t0
         finally:
             gc.enable()
         after = counters(llm)
-        rec = runs.setdefault(n, {"seconds": [], "counters": [], "replays": []})
+        rec = runs.setdefault(n, {"seconds": [], "spans": [], "counters": [], "replays": []})
         rec["seconds"].append(seconds)
+        rec["spans"].append(decode_span_s(outputs or []))
         rec["counters"].append({k: after[k] - before.get(k, 0) for k in after})
         rec["replays"].append(replays.count - replays_before if replays else 0)
 
@@ -714,13 +741,23 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
         run(short)
         run(long)
     s, lg = runs[short], runs[long]
+
+    def per_step_ms(a: list[float], b: list[float]) -> list[float]:
+        return [1000 * (y - x) / steps for x, y in zip(a, b, strict=True)]
+
+    wall_each = per_step_ms(s["seconds"], lg["seconds"])
+    engine_clock = None not in s["spans"] + lg["spans"]
+    each = per_step_ms(s["spans"], lg["spans"]) if engine_clock else wall_each
     out: dict[str, Any] = {
-        "ms_per_step": 1000 * (min(lg["seconds"]) - min(s["seconds"])) / steps,
-        "ms_per_step_each": [1000 * (b - a) / steps
-                             for a, b in zip(s["seconds"], lg["seconds"], strict=True)],
+        "ms_per_step": statistics.median(each),
+        "ms_per_step_each": each,
+        "ms_per_step_wall_each": wall_each,
+        "clock": "engine" if engine_clock else "wall",
         "runs_s": {"short": s["seconds"], "long": lg["seconds"]},
         "batch": batch, "context": context, "steps": steps, "repeats": repeats,
         "warmup_s": warmup}
+    if engine_clock:
+        out["decode_spans_s"] = {"short": s["spans"], "long": lg["spans"]}
 
     def window(values: list[float], short_values: list[float]) -> float:
         return (sum(values) - sum(short_values)) / repeats  # per pair

@@ -209,11 +209,28 @@ def test_time_decode_counts_graph_replays_per_decode_step():
     assert t["graph_replays_per_step"] == 2.0
 
 
-def test_time_decode_takes_the_best_of_each_length_and_keeps_the_spread(monkeypatch):
-    """ms_per_step = (best long run - best short run) / n, on a clock that generate()
-    advances: 10 ms per token plus a run's overhead, which varies (a slow short run must
-    not make the steps look faster); ms_per_step_each shows every pair; the collector
-    is off while generate() runs."""
+def _request_output(first: float, last: float | None):
+    """What testing.decode_span_s reads of a RequestOutput: its metrics' two timestamps
+    (None: vLLM kept no stats for it)."""
+    metrics = None if last is None else types.SimpleNamespace(first_token_ts=first,
+                                                              last_token_ts=last)
+    return types.SimpleNamespace(metrics=metrics)
+
+
+def test_decode_span_is_the_median_request_span_or_none_without_stats():
+    spans = [_request_output(10.0, 10.5), _request_output(3.0, 3.2), _request_output(1, 2)]
+    assert testing.decode_span_s(spans) == pytest.approx(0.5)
+    assert testing.decode_span_s(spans + [_request_output(0.0, None)]) is None
+    assert testing.decode_span_s([_request_output(0.0, 4.0)]) is None  # no first token
+    assert testing.decode_span_s([_request_output(5.0, 4.0)]) is None
+    assert testing.decode_span_s([]) is None
+
+
+def test_time_decode_takes_the_median_pair_on_the_wall_clock_without_stats(monkeypatch):
+    """Without request stats: each pair's (wall t(1 + 2n) - wall t(1 + n)) / n, and the
+    median of the pairs, on a clock that generate() advances: 10 ms per token plus a
+    run's overhead, which varies (one slow short run or one slow long run moves its own
+    pair only); the collector is off while generate() runs."""
     import gc
 
     clock = [0.0]
@@ -229,7 +246,35 @@ def test_time_decode_takes_the_best_of_each_length_and_keeps_the_spread(monkeypa
 
     t = testing._time_decode(Timed(drafts=0), types.SimpleNamespace,
                              dict(batch=1, context=3, steps=8))
+    assert t["clock"] == "wall" and "decode_spans_s" not in t
     assert t["ms_per_step"] == pytest.approx(10.0)
     assert t["ms_per_step_each"] == pytest.approx([-40.0, 10.0, 35.0])
+    assert t["ms_per_step_wall_each"] == t["ms_per_step_each"]
     assert t["runs_s"]["short"] == pytest.approx([0.59, 0.19, 0.19])
     assert collector_on == [False] * 7 and gc.isenabled()
+
+
+def test_time_decode_uses_the_engine_clock_when_requests_carry_stats(monkeypatch):
+    """With request stats the pairs difference the requests' first-to-last-token spans,
+    which hold no prefill and no front-end time: the wall clock's overheads (here up to
+    0.5 s a run) leave the figure alone, and the median skips the one odd pair."""
+    clock = [0.0]
+    monkeypatch.setattr(testing.time, "perf_counter", lambda: clock[0])
+    overheads = iter([0.0, 0.500, 0.100, 0.100, 0.100, 0.100, 0.300])
+    step_s = iter([0.010, 0.010, 0.010, 0.010, 0.010, 0.012, 0.010])  # pair 3 short slow
+
+    class Stamped(_FakeLLM):
+        def generate(self, prompts, sp, use_tqdm=False):
+            super().generate(prompts, sp, use_tqdm)
+            step, first = next(step_s), clock[0] + 0.2  # prefill before the first token
+            clock[0] += 0.010 * sp.max_tokens + next(overheads)
+            return [_request_output(first, first + step * (sp.max_tokens - 1))
+                    for _ in range(len(prompts))]
+
+    t = testing._time_decode(Stamped(drafts=0), types.SimpleNamespace,
+                             dict(batch=2, context=3, steps=8))
+    assert t["clock"] == "engine"
+    assert t["ms_per_step_each"] == pytest.approx([10.0, 10.0, 8.0])
+    assert t["ms_per_step"] == pytest.approx(10.0)
+    assert t["ms_per_step_wall_each"] == pytest.approx([-40.0, 10.0, 35.0])
+    assert t["decode_spans_s"]["long"] == pytest.approx([0.16, 0.16, 0.16])
