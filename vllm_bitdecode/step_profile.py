@@ -32,7 +32,8 @@ from typing import Any, NamedTuple
 KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("attention combine", r"bitdecode::combine_kernel|FlashAttnFwdCombine|merge_attn"
                           r"|_fwd_kernel_stage2"),
-    ("attention", r"bitdecode::(decode|select)_kernel|flash::|flash_fwd|fmha|paged_attention"
+    ("attention", r"bitdecode::(decode|select|select_topk)_kernel|flash::|flash_fwd|fmha"
+                  r"|paged_attention"
                   r"|_tq_decode_stage1|_tq_full_dequant_kv|_fwd_(grouped_)?kernel_stage1"),
     ("KV-cache write", r"bitdecode::(quantize|kc_write|kc_residual)_kernel|reshape_and_cache"
                        r"|_tq_fused_store"),

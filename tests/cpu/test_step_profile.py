@@ -22,6 +22,7 @@ NAMES = {
     "void bitdecode::decode_kernel<bitdecode::DecodeTraits<__nv_bfloat16, 4, 128> >"
     "(bitdecode::DecodeParams)": "attention",
     "void bitdecode::select_kernel<(int)4>(bitdecode::SelectParams)": "attention",
+    "void bitdecode::select_topk_kernel<1024>(bitdecode::SelectParams)": "attention",
     "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<"
     "flash::CollectiveMainloopFwdSm90<2, cute::tuple<> > > > >(flash::Params)": "attention",
     "void bitdecode::combine_kernel<__nv_bfloat16>(bitdecode::CombineParams)":
