@@ -23,7 +23,13 @@ import torch
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, decode_slots, plan_num_splits
 from vllm_bitdecode.config import K_PARAMS
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
-from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results
+from vllm_bitdecode.provenance import (
+    gpu_slug,
+    pyplot,
+    results_doc,
+    save_figure,
+    write_results,
+)
 from vllm_bitdecode.testing import fa3_paged_decode
 
 HQ, HKV, D = 32, 8, 128
@@ -340,10 +346,9 @@ def main() -> None:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     contexts = sorted({r["context"] for r in doc["records"]})
     fig, axes = plt.subplots(1, len(contexts), figsize=(5 * len(contexts), 4), squeeze=False)
@@ -368,9 +373,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_xlabel("batch")
         ax.set_ylabel("effective GB/s (KV bytes read / time)")
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"paged decode, 32/8 heads, d=128 - {doc['device']} ({doc['date']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, "paged decode, 32/8 heads, d=128", doc)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vllm_bitdecode.provenance import git_commit, gpu_slug
+from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot
 from vllm_bitdecode.testing import (
     TIMING_METHOD,
     parse_kv_cache_tokens,
@@ -553,13 +553,10 @@ def write_results(path: Path, doc: dict[str, Any]) -> None:
 
 def plot(doc: dict[str, Any], path: Path) -> bool:
     """A panel per case measured: decode ms/step per shape, KV capacity, throughput."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib is not installed: no plot", flush=True)
         return False
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     recs = [r for r in doc["records"] if not r.get("skipped")]
     st = doc.get("settings") or {}

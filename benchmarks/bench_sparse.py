@@ -44,7 +44,12 @@ from vllm_bitdecode.backend.metadata import (  # noqa: E402
 )
 from vllm_bitdecode.config import PAGE_TOKENS  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
-from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
+from vllm_bitdecode.provenance import (  # noqa: E402
+    gpu_slug,
+    pyplot,
+    results_doc,
+    write_results,
+)
 
 BITS = 4
 TARGET_SPARSE_VS_FA3 = 20.0  # at k = 2048, 128K
@@ -222,10 +227,9 @@ def _label(r: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     cases = doc["cases"]
     fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 3, 4))

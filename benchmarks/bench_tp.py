@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
-from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
+from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot  # noqa: E402
 
 KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
 CASES = ["decode_b8_32k", "capacity_32k"]
@@ -161,12 +161,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     recs = [r for r in doc["records"] if not r.get("skipped")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

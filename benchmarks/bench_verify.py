@@ -39,7 +39,13 @@ from vllm_bitdecode.backend.metadata import (  # noqa: E402
     plan_num_splits,
 )
 from vllm_bitdecode.page_format import PageFormat, rotation_signs  # noqa: E402
-from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
+from vllm_bitdecode.provenance import (  # noqa: E402
+    gpu_slug,
+    pyplot,
+    results_doc,
+    save_figure,
+    write_results,
+)
 from vllm_bitdecode.testing import fa3_paged_decode  # noqa: E402
 
 BITS = 4
@@ -152,10 +158,9 @@ def main() -> None:
 
 def plot(doc: dict, path: Path) -> None:
     """Per (batch, context): time of one layer against query tokens per sequence."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     cases = sorted({(r["batch"], r["context"]) for r in doc["records"]})
     fig, axes = plt.subplots(1, len(cases), figsize=(4.5 * len(cases), 4), squeeze=False)
@@ -174,9 +179,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_ylabel("ms per layer")
         ax.set_ylim(bottom=0)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"verifying drafts, 32/8 heads, d=128 - {doc['device']} ({doc['date']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, "verifying drafts, 32/8 heads, d=128", doc)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
-from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
+from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "bf16": {"backend": "FLASH_ATTN", "label": "FLASH_ATTN bf16"},
@@ -396,12 +396,8 @@ def _ctx_label(n: int) -> str:
 
 
 def plot(doc: dict[str, Any], stem: Path) -> list[str]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("matplotlib not importable: no PNGs")
         return []
     names = [n for n in CONFIGS if n in doc["configs"]]

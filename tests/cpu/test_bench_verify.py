@@ -42,7 +42,7 @@ def test_a_missing_one_token_step_is_an_error():
 
 
 def test_plot_writes_one_panel_per_case(tmp_path):
-    doc = dict(device="CPU", date="2026-12-01", records=_records())
+    doc = dict(device="CPU", date="2026-12-01", commit="abc1234", records=_records())
     path = tmp_path / "verify.png"
     bench.plot(doc, path)
     assert path.stat().st_size > 10_000
