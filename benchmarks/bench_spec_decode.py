@@ -142,6 +142,7 @@ def records_from_result(key: str, drafts: int, res: dict[str, Any],
                            accepted_tokens=t.get("accepted_tokens"),
                            graph_replays_per_token=t.get("graph_replays_per_step"),
                            ms_per_token_each=t.get("ms_per_step_each"),
+                           ms_per_token_wall_each=t.get("ms_per_step_wall_each"),
                            clock=t.get("clock")))
     return out
 

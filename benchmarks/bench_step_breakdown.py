@@ -93,6 +93,7 @@ def records_from_result(key: str, res: dict[str, Any],
         out.append(_record(
             key, case, batch=shape[0], context=shape[1], ms_per_step=t["ms_per_step"],
             ms_per_step_each=t.get("ms_per_step_each"), clock=t.get("clock"),
+            ms_per_step_wall_each=t.get("ms_per_step_wall_each"),
             gpu_busy_ms=p["gpu_busy_ms"],
             kernel_ms=p["kernel_ms"], host_gap_ms=t["ms_per_step"] - p["gpu_busy_ms"],
             categories_ms=p["categories_ms"], launches=p["launches"],

@@ -124,7 +124,9 @@ def test_throughput_cli_command_parses_with_vllm_bench_throughput(bench, monkeyp
 def _fake_result(ms_b1, ms_b8, kv, tps):
     return {
         "kv_cache_tokens": kv,
-        "decode_timings": [dict(batch=1, context=130560, steps=64, ms_per_step=ms_b1),
+        "decode_timings": [dict(batch=1, context=130560, steps=64, ms_per_step=ms_b1,
+                                ms_per_step_each=[ms_b1] * 3, clock="engine",
+                                ms_per_step_wall_each=[ms_b1 + 0.5] * 3),
                            dict(batch=8, context=32768, steps=64, ms_per_step=ms_b8)],
         "throughput": dict(num_prompts=64, input_len=16384, output_len=512,
                            total_tokens_per_s=tps, output_tokens_per_s=tps / 33,
@@ -151,6 +153,9 @@ def test_records_ratios_targets_and_merge(bench):
     d = by[("BITDECODE:int4", "decode_b8_32k")]
     assert d["tokens_per_s"] == pytest.approx(8000 / 9.0)
     assert d["vs_bf16"] == pytest.approx(20.0 / 9.0)
+    b1 = by[("BITDECODE:int4", "decode_b1_128k")]  # each pair's figure on both clocks
+    assert b1["clock"] == "engine" and b1["ms_per_step_wall_each"] == [7.4] * 3
+    assert b1["ms_per_step_each"] == [6.9] * 3
     cap = by[("BITDECODE:int4", "capacity_32k")]
     assert cap["batch"] == 51 and cap["vs_bf16"] == pytest.approx(1_671_984 / 444_112)
     assert by[("TURBOQUANT:tq4", "throughput")]["skipped"] == "no FA2"

@@ -68,6 +68,7 @@ def test_gpu_ngram_keeps_async_scheduling_on_with_and_without_drafts(bench, sett
 def _result(ms: dict[tuple[int, int], float], drafts: bool) -> dict:
     return {"decode_timings": [
         dict(batch=b, context=c, steps=64, ms_per_step=v, ms_per_step_each=[v, v + 0.25],
+             ms_per_step_wall_each=[v + 1, v - 1], clock="engine",
              graph_replays_per_step=0.3 if drafts else 1.0,
              **({"draft_tokens": 384.0, "accepted_tokens": 380.0} if drafts else {}))
         for (b, c), v in ms.items()]}
@@ -103,6 +104,7 @@ def test_records_and_ratios(bench):
     assert "380/384" in table and "skipped: engine failed" in table
     assert "graphs/token" in table and " 0.30" in table
     assert r["ms_per_token_each"] == [2.5, 2.75] and "2.50-2.75" in table  # the pairs' spread
+    assert r["ms_per_token_wall_each"] == [3.5, 1.5] and r["clock"] == "engine"
 
 
 def test_acceptance_says_what_the_records_measured(bench):
