@@ -66,7 +66,8 @@ def category(name: str) -> str:
 def attributed_us(kernels: Iterable[Kernel]) -> list[tuple[Kernel, float]]:
     """Each kernel with the busy time attributed to it: the instants it runs that no kernel
     started before it covers. Sorted by start, a kernel's share is its interval past the
-    latest end of those before it, so the shares sum to :func:`busy_us`."""
+    latest end of those before it, so the shares sum to the time at least one kernel
+    runs (the union of their intervals: kernels on two streams at once count once)."""
     out, end = [], float("-inf")
     for k in sorted(kernels, key=lambda k: (k.start_us, -k.end_us)):
         out.append((k, max(0.0, k.end_us - max(k.start_us, end))))
@@ -74,15 +75,9 @@ def attributed_us(kernels: Iterable[Kernel]) -> list[tuple[Kernel, float]]:
     return out
 
 
-def busy_us(kernels: Iterable[Kernel]) -> float:
-    """Time at least one of ``kernels`` runs: the union of their intervals, so that
-    kernels on two streams at once count once."""
-    return sum(share for _, share in attributed_us(kernels))
-
-
 def summarize(kernels: Sequence[Kernel]) -> dict[str, Any]:
     """One profile: per kernel name, its own microseconds (start to end), launches and
-    attributed microseconds (:func:`attributed_us`); and the busy time."""
+    attributed microseconds (:func:`attributed_us`); and the busy time, their sum."""
     per_name: dict[str, list[float]] = {}
     busy = 0.0
     for k, share in attributed_us(kernels):

@@ -729,7 +729,7 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
         after = counters(llm)
         rec = runs.setdefault(n, {"seconds": [], "spans": [], "counters": [], "replays": []})
         rec["seconds"].append(seconds)
-        rec["spans"].append(decode_span_s(outputs or []))
+        rec["spans"].append(decode_span_s(outputs))
         rec["counters"].append({k: after[k] - before.get(k, 0) for k in after})
         rec["replays"].append(replays.count - replays_before if replays else 0)
 

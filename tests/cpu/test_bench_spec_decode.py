@@ -162,7 +162,8 @@ class Counter(types.SimpleNamespace):
 
 
 class _FakeLLM:
-    """generate() records its sampling params and, with drafts, bumps vLLM's counters."""
+    """generate() records its sampling params and, with drafts, bumps vLLM's counters; its
+    outputs carry no request stats (as with ``disable_log_stats=True``)."""
 
     def __init__(self, drafts: int) -> None:
         self.params, self.drafts, self.count = [], drafts, 0
@@ -170,6 +171,7 @@ class _FakeLLM:
     def generate(self, prompts, sp, use_tqdm=False):
         self.params.append(sp)
         self.count += self.drafts * sp.max_tokens
+        return [_request_output(0.0, None) for _ in prompts]
 
     def get_metrics(self):
         if not self.drafts:
@@ -203,8 +205,8 @@ def test_time_decode_counts_graph_replays_per_decode_step():
 
     class Graphed(_FakeLLM):  # a prefill replays 3 graphs, each later token 2
         def generate(self, prompts, sp, use_tqdm=False):
-            super().generate(prompts, sp, use_tqdm)
             replays.count += 3 + 2 * (sp.max_tokens - 1)
+            return super().generate(prompts, sp, use_tqdm)
 
     t = testing._time_decode(Graphed(drafts=0), types.SimpleNamespace,
                              dict(batch=1, context=3, steps=4), replays)
@@ -242,9 +244,9 @@ def test_time_decode_takes_the_median_pair_on_the_wall_clock_without_stats(monke
 
     class Timed(_FakeLLM):
         def generate(self, prompts, sp, use_tqdm=False):
-            super().generate(prompts, sp, use_tqdm)
             collector_on.append(gc.isenabled())
             clock[0] += 0.010 * sp.max_tokens + next(overheads)
+            return super().generate(prompts, sp, use_tqdm)
 
     t = testing._time_decode(Timed(drafts=0), types.SimpleNamespace,
                              dict(batch=1, context=3, steps=8))
