@@ -692,7 +692,12 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     bench_spec_decode the same day differed by up to 1.8x in a case with drafts); then
     (best wall t(1 + 2n) - best wall t(1 + n)) / n, which on an H200 the same day spread
     over 6-13% between pairs and, taking two minima apart, reported the largest pair in
-    two of four cases (benchmarks/results/step_breakdown_456a070_h200.json).
+    two of four cases (benchmarks/results/step_breakdown_456a070_h200.json). The warm-up
+    generated 2 tokens until 2026-12-02: too few for the n-gram proposer to find the
+    forced token repeating, so the drafts' first use (about half a second, once per
+    engine) fell in the first short run, and the first pair of every 1 x 128K case with
+    drafts came out negative on an H200 (benchmarks/results/spec_decode*_h200.json of
+    that day); the warm-up is now a short run.
 
     With speculative decoding a step yields several tokens, so ms_per_step is ms per
     generated token of a request; ``forced_token`` (one token id that every request must
@@ -733,10 +738,11 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
         rec["counters"].append({k: after[k] - before.get(k, 0) for k in after})
         rec["replays"].append(replays.count - replays_before if replays else 0)
 
-    t0 = time.perf_counter()
-    run(2)  # warm up (compilation, graphs), and fills the prefix cache if enabled
-    warmup = time.perf_counter() - t0
     short, long = 1 + steps, 1 + 2 * steps
+    t0 = time.perf_counter()
+    run(short)  # warm-up: compilation, graphs, drafts' first use; fills the prefix cache
+    warmup = time.perf_counter() - t0
+    runs.clear()  # not a timed run
     for _ in range(repeats):
         run(short)
         run(long)

@@ -181,18 +181,20 @@ class _FakeLLM:
 
 
 def test_time_decode_forces_the_token_and_counts_drafts():
-    """A warm-up, then (1 + n, 1 + 2n) token runs in interleaved pairs; the drafts are the
-    timed window's: the long runs' less the short runs', per pair."""
+    """A warm-up as long as a short run (the drafts start only once the forced token
+    repeats, and their first use must not fall in a timed run), then (1 + n, 1 + 2n)
+    token runs in interleaved pairs; the drafts are the timed window's: the long runs'
+    less the short runs', per pair."""
     params = types.SimpleNamespace
     llm = _FakeLLM(drafts=3)
     t = testing._time_decode(llm, params, dict(batch=2, context=5, steps=4, forced_token=42))
     assert all(p.allowed_token_ids == [42] and p.temperature == 0.0 for p in llm.params)
-    assert [p.max_tokens for p in llm.params] == [2, 5, 9, 5, 9, 5, 9]
+    assert [p.max_tokens for p in llm.params] == [5, 5, 9, 5, 9, 5, 9]
     assert t["forced_token"] == 42 and t["draft_tokens"] == 3 * 4 and t["repeats"] == 3
     assert t["accepted_tokens"] == t["draft_tokens"]  # the "- 1" cancels in the difference
     plain = _FakeLLM(drafts=0)
     t = testing._time_decode(plain, params, dict(batch=1, context=3, steps=2, repeats=2))
-    assert [p.max_tokens for p in plain.params] == [2, 3, 5, 3, 5]
+    assert [p.max_tokens for p in plain.params] == [3, 3, 5, 3, 5]
     assert all(p.allowed_token_ids is None for p in plain.params)
     assert "draft_tokens" not in t and "forced_token" not in t
     assert "graph_replays_per_step" not in t
