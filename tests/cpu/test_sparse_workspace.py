@@ -13,10 +13,12 @@ import types
 import pytest
 import torch
 
+from vllm_bitdecode.backend import metadata
 from vllm_bitdecode.backend.metadata import (
     MAX_SCORE_KEYS,
     BitDecodeMetadataBuilder,
     layer_ranges,
+    rows_past_score_workspace,
     rows_with_score_keys,
     score_workspace_keys,
 )
@@ -121,6 +123,50 @@ def test_rows_past_the_workspace_still_decode_densely():
     fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len,
                                 capacity).tolist()
     assert fits[:3] == [True] * 3 and not any(fits[3:])
+
+
+def test_rows_past_score_workspace_by_hand():
+    """Keys packed in batch order (offsets 0, 0, 5, 15, 25 here): of the three rows long
+    enough for sparse decoding, the last one's 25 + 10 tokens pass a capacity of 25."""
+    lens = torch.tensor([0, 5, 10, 10, 10], dtype=torch.int32)
+    assert rows_past_score_workspace(lens, 1, 8, 25) == (3, 1)
+    assert rows_past_score_workspace(lens, 1, 8, 35) == (3, 0)
+    assert rows_past_score_workspace(lens, 16, 8, 12) == (3, 1)  # keys 0, 1, 1, 1, 1
+
+
+def _warnings(monkeypatch) -> list[tuple]:
+    """The builder's log warnings, as (format, args) (vLLM's loggers do not propagate
+    to pytest's caplog)."""
+    seen: list[tuple] = []
+    monkeypatch.setattr(metadata.logger, "warning", lambda msg, *a: seen.append((msg, a)))
+    return seen
+
+
+@pytest.mark.parametrize("drafts", [0, 3])
+def test_rows_past_the_workspace_are_logged_once(monkeypatch, drafts):
+    """Rows that decode densely for want of keys are counted as the kernels' rule says
+    and logged once per builder; a step that fits logs nothing."""
+    seen = _warnings(monkeypatch)
+    b = _builder("token", drafts, kv_blocks=4096)  # a 64K-token cache
+    _decode_step(b, [1000] * 4, 1 + drafts)
+    assert seen == []
+    md = _decode_step(b, [30000] * 8, 1 + drafts)
+    sp = md.sparse
+    capacity = sp.keys.numel() // KV_HEADS
+    fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len,
+                                capacity)
+    assert len(seen) == 1
+    dense, eligible, logged_capacity = seen[0][1]
+    assert (dense, eligible) == (int((~fits).sum()), 8 * (1 + drafts)) and dense > 0
+    assert logged_capacity == capacity
+    _decode_step(b, [30000] * 8, 1 + drafts)
+    assert len(seen) == 1
+
+
+def test_a_full_cache_of_rows_logs_nothing(monkeypatch):
+    seen = _warnings(monkeypatch)
+    _decode_step(_builder("page", 3), [24576 - 3 * i for i in range(32)], 4)
+    assert seen == []
 
 
 def test_layer_ranges():

@@ -138,6 +138,20 @@ def rows_with_score_keys(seq_lens: torch.Tensor, key_offsets: torch.Tensor,
             & (key_offsets + lens <= capacity))
 
 
+def rows_past_score_workspace(row_lens: torch.Tensor, unit: int, min_seq_len: int,
+                              capacity: int) -> tuple[int, int]:
+    """For a step's decode rows of these lengths, in batch order: how many are long enough
+    to decode sparsely, and how many of those get no score keys (their keys would pass the
+    workspace of ``capacity``) and so decode densely. The rows' keys are packed in batch
+    order, one per selection unit (as the builder's ``key_offsets``)."""
+    lens = row_lens.to(torch.int64)
+    keys = (lens + (unit - 1)).div(unit, rounding_mode="floor")
+    offsets = torch.cumsum(keys, 0) - keys
+    eligible = (lens >= 1) & (lens >= min_seq_len)
+    fits = rows_with_score_keys(lens, offsets, min_seq_len, capacity)
+    return int(eligible.sum()), int((eligible & ~fits).sum())
+
+
 def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budget: int,
                       dense_splits: int) -> int:
     """Splits per sequence for a sparse reuse layer, whose rows attend to ``token_budget``
@@ -466,6 +480,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         head unless the selection is shared), sized by :func:`score_workspace_keys`; a
         row past it decodes densely (its result is then exact)."""
         sparse = self.bitdecode.sparse
+        self._workspace_warned = False  # _check_score_workspace
         if not sparse.enabled:
             return None
         model = vllm_config.model_config
@@ -503,6 +518,36 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             keys=torch.zeros(capacity * sel_heads, dtype=torch.int32, device=device),
             key_offsets=self.key_offsets,
         )
+
+    def _check_score_workspace(self, cam: CommonAttentionMetadata, num_decodes: int) -> None:
+        """Warns once when some of the step's decode rows get no score keys and decode
+        densely: the workspace holds the KV cache's tokens (times the rows per request),
+        and requests that share prefix pages each need keys of their own. From the
+        host's upper bounds of the lengths, so no device sync: first one sum over the
+        requests, the rows one by one only when that bound passes the workspace."""
+        bound = cam.seq_lens_cpu_upper_bound
+        if bound is None or num_decodes == 0:
+            return
+        sp = self.sparse
+        unit, capacity = sp.selection_unit, sp.key_capacity
+        lens = bound[:num_decodes]
+        rows_per_request = 1 if self.pack_queries else self.reorder_batch_threshold
+        upper = (int(lens.sum()) + num_decodes * (unit - 1)) // unit * rows_per_request
+        if upper + int(lens.max()) <= capacity:
+            return  # every row's keys fit, whatever the lengths below the bounds
+        if rows_per_request > 1:  # a row per query token (_expand_decode_rows)
+            request, after = decode_rows(cam.query_start_loc_cpu.numpy(), num_decodes)
+            lens = lens[torch.from_numpy(request).long()] - torch.from_numpy(after)
+        eligible, dense = rows_past_score_workspace(lens, unit, sp.min_seq_len, capacity)
+        if dense > 0:
+            self._workspace_warned = True
+            logger.warning(
+                "BITDECODE sparse decode: %d of a step's %d decode rows long enough for "
+                "sparse decoding found the score workspace (%d keys) full and decoded "
+                "densely: exact, but without the sparse speed-up, and which rows depends on "
+                "their place in the batch. The workspace holds the KV cache's tokens; "
+                "requests that share prefix pages each need keys of their own. Logged "
+                "once.", dense, eligible, capacity)
 
     def _num_splits(self, num_decodes: int) -> int:
         return plan_num_splits(num_decodes, self.num_kv_heads, self.num_sms, self.ctas_per_sm)
@@ -545,6 +590,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
                                                                     rounding_mode="floor")
             torch.cumsum(row_keys, 0, out=self.key_offsets[:rows])
             self.key_offsets[:rows].sub_(row_keys)
+            if not self._workspace_warned:
+                self._check_score_workspace(cam, num_decodes)
             sparse = dataclasses.replace(
                 self.sparse, key_offsets=self.key_offsets[:rows],
                 reuse_splits=plan_reuse_splits(rows, self.num_kv_heads, self.num_sms,
