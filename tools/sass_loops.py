@@ -10,6 +10,7 @@ opcode histogram.
     python tools/sass_loops.py                                  # bf16, 4 bits, group 128, gqa <= 8
     python tools/sass_loops.py --dtype fp16 --bits 2 --group 32 --head-tiles 2
     python tools/sass_loops.py --cubin build/x.cubin            # any cubin, every kernel
+    python tools/sass_loops.py --by-line 15                     # where the loop's code comes from
 
 A static count is an upper bound on what one pass executes (it includes rarely taken
 branches: ring refills, barrier retries, the rescale when the running max moves); compare
@@ -66,7 +67,7 @@ def find_nvdisasm() -> str:
 
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
                           sparse: bool, channel_k: bool, out: Path,
-                          fp8_params: bool = False) -> None:
+                          fp8_params: bool = False, line_info: bool = False) -> None:
     args = (f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}, "
             f"{str(channel_k).lower()}, 0, {str(fp8_params).lower()}")
     src = out.with_suffix(".cu")
@@ -76,6 +77,8 @@ def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
     cmd = ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
            "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc' / 'include'}",
            "-cubin", str(src), "-o", str(out)]
+    if line_info:  # source lines for nvdisasm -gi; the SASS is the same (checked: nvcc 13.0)
+        cmd.insert(1, "-lineinfo")
     subprocess.run(cmd, check=True)
 
 
@@ -101,6 +104,64 @@ def parse(sass: str) -> dict[str, tuple[list[str], dict[str, int], list[tuple[in
     return functions
 
 
+Location = tuple[tuple[str, int], ...]  # (file, line) of the code, innermost call first
+
+
+def locations(sass: str) -> dict[str, list[Location]]:
+    """Per function of ``nvdisasm -gi`` output (a cubin built with -lineinfo): each
+    instruction's source location with the chain of inlined calls it sits in, in the
+    order of :func:`parse`'s opcodes."""
+    out: dict[str, list[Location]] = {}
+    for chunk in re.split(r"\n\s*\.text\.", sass)[1:]:
+        name = chunk.split(":", 1)[0].strip()
+        locs: list[Location] = []
+        chain: list[tuple[str, int]] = []
+        fresh = False  # the next comment line starts a new chain
+        for line in chunk.splitlines():
+            m = re.match(r'^\s*//## File "([^"]+)", line (\d+)', line)
+            if m:
+                if fresh:
+                    chain, fresh = [], False
+                chain.append((m.group(1), int(m.group(2))))
+            elif re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+                locs.append(tuple(chain))
+                fresh = True
+        out[name] = locs
+    return out
+
+
+def statement(loc: Location) -> tuple[str, int] | None:
+    """The statement of the loop's own body that an instruction belongs to: the caller
+    of the outermost inlined call (the kernel's loop calls its step as a lambda), or the
+    line itself when nothing is inlined."""
+    if not loc:
+        return None
+    return loc[-2] if len(loc) >= 2 else loc[-1]
+
+
+def report_lines(opcodes: list[str], locs: list[Location], loop: Loop, tiles: int,
+                 top: int) -> None:
+    """The loop's static instructions per tile by the statement they come from, largest
+    first, with each statement's commonest opcodes and its source text."""
+    per: dict[tuple[str, int] | None, collections.Counter] = collections.defaultdict(
+        collections.Counter)
+    for i in range(loop.start, loop.end + 1):
+        per[statement(locs[i])][opcodes[i].split(".")[0]] += 1
+    rows = sorted(per.items(), key=lambda kv: -sum(kv[1].values()))
+    print(f"  by statement of the loop body, static instructions per tile (top {top}):")
+    texts: dict[str, list[str]] = {}
+    for where, ops in rows[:top]:
+        text = ""
+        if where is not None:
+            path = Path(where[0])
+            if path.exists():
+                lines = texts.setdefault(where[0], path.read_text().splitlines())
+                text = lines[where[1] - 1].strip() if where[1] <= len(lines) else ""
+        place = "?" if where is None else f"{Path(where[0]).name}:{where[1]}"
+        mix = ", ".join(f"{op} {n / tiles:g}" for op, n in ops.most_common(3))
+        print(f"  {sum(ops.values()) / tiles:6.1f}  {place:<24} {mix:<36} {text[:60]}")
+
+
 def mma_loops(opcodes: list[str], labels: dict[str, int],
               branches: list[tuple[int, str]]) -> list[Loop]:
     loops = []
@@ -121,7 +182,8 @@ def step_loop(loops: list[Loop]) -> Loop | None:
     return max(inner, key=lambda x: (x.count("HMMA"), -x.size)) if inner else None
 
 
-def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int | None) -> None:
+def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int | None,
+           locs: list[Location] | None = None, top: int = 0) -> None:
     print(f"{name}\n  {len(opcodes)} instructions, {len(loops)} loops with MMAs")
     step = step_loop(loops)
     if step is None:
@@ -135,6 +197,8 @@ def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int |
     print(f"  step loop: {step.size} instructions, {mmas} HMMA{per_tile} "
           f"(instructions {step.start}-{step.end})")
     print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common()))
+    if locs and top:
+        report_lines(opcodes, locs, step, mmas // mma_per_tile if mma_per_tile else 1, top)
 
 
 def main() -> None:
@@ -152,6 +216,9 @@ def main() -> None:
     ap.add_argument("--fp8-params", action="store_true",
                     help="with --channel-k: the K params in e4m3 (k_params='fp8')")
     ap.add_argument("--cubin", type=Path, help="disassemble this cubin instead")
+    ap.add_argument("--by-line", type=int, default=0, metavar="N",
+                    help="also the N statements of the loop body that hold the most of its "
+                         "instructions (a --cubin must be built with -lineinfo)")
     args = ap.parse_args()
     if args.fp8_params and not args.channel_k:
         ap.error("--fp8-params needs --channel-k")
@@ -160,16 +227,20 @@ def main() -> None:
         if cubin is None:
             cubin = Path(tmp) / "decode.cubin"
             compile_instantiation(args.dtype, args.bits, args.group, args.head_tiles,
-                                  args.sparse, args.channel_k, cubin, args.fp8_params)
-        sass = subprocess.run([find_nvdisasm(), "-c", str(cubin)], check=True,
+                                  args.sparse, args.channel_k, cubin, args.fp8_params,
+                                  line_info=args.by_line > 0)
+        flags = ["-c", "-gi"] if args.by_line else ["-c"]
+        sass = subprocess.run([find_nvdisasm(), *flags, str(cubin)], check=True,
                               capture_output=True, text=True).stdout
     functions = parse(sass)
     if not functions:
         sys.exit("no functions in the disassembly")
     # per 16-token tile and head tile: 8 k-steps of S and 8 m-tiles of O at head size 128
     mma_per_tile = None if args.cubin or args.channel_k else 16 * args.head_tiles
+    locs = locations(sass) if args.by_line else {}
     for name, (opcodes, labels, branches) in functions.items():
-        report(name, opcodes, mma_loops(opcodes, labels, branches), mma_per_tile)
+        report(name, opcodes, mma_loops(opcodes, labels, branches), mma_per_tile,
+               locs.get(name), args.by_line)
 
 
 if __name__ == "__main__":

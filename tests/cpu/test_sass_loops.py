@@ -46,3 +46,42 @@ def test_step_loop_is_the_innermost_loop_with_the_most_mmas(capsys):
     out = capsys.readouterr().out
     assert "step loop: 5 instructions, 2 HMMA, 2 tiles: 2 per tile (instructions 2-6)" in out
     assert "HMMA 2, BRA 2, LOP3 1" in out
+
+
+# nvdisasm -gi layout: a chain of "//## File" lines (innermost call first) before the
+# instructions it covers; a chain without "inlined at" is the kernel's own line.
+SASS_LINES = """
+        .text._Z6kernelv:
+	//## File "k.cuh", line 10
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+	//## File "frag.cuh", line 85 inlined at "k.cuh", line 40
+	//## File "k.cuh", line 40 inlined at "k.cuh", line 90
+	//## File "k.cuh", line 90
+        /*0010*/                   LOP3.LUT R5, R6, 0xf000f, R7, 0xea, !PT ;
+        /*0020*/                   LOP3.LUT R5, R6, 0xf000f0, R7, 0xea, !PT ;
+	//## File "k.cuh", line 41 inlined at "k.cuh", line 90
+	//## File "k.cuh", line 90
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R12, R16, R8 ;
+"""
+
+
+def test_locations_follow_the_inlined_call_chains():
+    (name, locs), = sass_loops.locations(SASS_LINES).items()
+    assert name == "_Z6kernelv" and len(locs) == 4
+    assert locs[0] == (("k.cuh", 10),)
+    assert locs[1] == locs[2] == (("frag.cuh", 85), ("k.cuh", 40), ("k.cuh", 90))
+    assert locs[3] == (("k.cuh", 41), ("k.cuh", 90))
+    # the statement of the loop body: the caller of the outermost inlined call
+    assert [sass_loops.statement(x) for x in locs] == [
+        ("k.cuh", 10), ("k.cuh", 40), ("k.cuh", 40), ("k.cuh", 41)]
+    assert sass_loops.statement(()) is None
+
+
+def test_report_lines_counts_per_tile_by_statement(capsys):
+    (_, (opcodes, _, _)), = sass_loops.parse(SASS_LINES).items()
+    (_, locs), = sass_loops.locations(SASS_LINES).items()
+    loop = sass_loops.Loop(1, 3, opcodes)
+    sass_loops.report_lines(opcodes, locs, loop, tiles=2, top=5)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["1.0", "k.cuh:40", "LOP3"]  # 2 instructions over 2 tiles
+    assert out[2].split()[:3] == ["0.5", "k.cuh:41", "HMMA"]
