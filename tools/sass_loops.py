@@ -139,16 +139,19 @@ def statement(loc: Location) -> tuple[str, int] | None:
     return loc[-2] if len(loc) >= 2 else loc[-1]
 
 
-def report_lines(opcodes: list[str], locs: list[Location], loop: Loop, tiles: int,
+def report_lines(opcodes: list[str], locs: list[Location], loop: Loop, tiles: int | None,
                  top: int) -> None:
-    """The loop's static instructions per tile by the statement they come from, largest
-    first, with each statement's commonest opcodes and its source text."""
+    """The loop's static instructions per tile (per pass of the loop where the tiles per
+    pass are unknown: None) by the statement they come from, largest first, with each
+    statement's commonest opcodes and its source text."""
+    unit = "per tile" if tiles else "per pass of the loop"
+    tiles = tiles or 1
     per: dict[tuple[str, int] | None, collections.Counter] = collections.defaultdict(
         collections.Counter)
     for i in range(loop.start, loop.end + 1):
         per[statement(locs[i])][opcodes[i].split(".")[0]] += 1
     rows = sorted(per.items(), key=lambda kv: -sum(kv[1].values()))
-    print(f"  by statement of the loop body, static instructions per tile (top {top}):")
+    print(f"  by statement of the loop body, static instructions {unit} (top {top}):")
     texts: dict[str, list[str]] = {}
     for where, ops in rows[:top]:
         text = ""
@@ -198,7 +201,7 @@ def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int |
           f"(instructions {step.start}-{step.end})")
     print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common()))
     if locs and top:
-        report_lines(opcodes, locs, step, mmas // mma_per_tile if mma_per_tile else 1, top)
+        report_lines(opcodes, locs, step, mmas // mma_per_tile if mma_per_tile else None, top)
 
 
 def main() -> None:
