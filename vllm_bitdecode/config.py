@@ -524,9 +524,14 @@ def check_model(
             f"dtype {dtype} is not supported by BITDECODE; use --dtype bfloat16 or float16"
         )
     if kv_cache_dtype not in (None, "auto", "bfloat16", "float16"):
+        # vLLM turns 'auto' into the checkpoint's KV-cache quantization (e.g. a ModelOpt
+        # checkpoint's kv_cache_quant_algo FP8) before this runs; the model's own dtype,
+        # named explicitly, keeps it out
         raise BitDecodeConfigError(
-            f"--kv-cache-dtype {kv_cache_dtype} cannot be combined with BITDECODE, which "
-            "stores its own 4/2-bit pages; leave it 'auto' and set "
+            f"--kv-cache-dtype {kv_cache_dtype} (the flag, or with 'auto' the checkpoint's "
+            "KV-cache quantization) cannot be combined with BITDECODE, which stores its own "
+            "4/2-bit pages; pass --kv-cache-dtype auto, or the model's dtype (bfloat16 or "
+            "float16) for a checkpoint with KV-cache scales, and set "
             f"--additional-config '{{\"{CONFIG_KEY}\": {{\"bits\": 4}}}}'"
         )
     if block_size is not None and block_size not in page_format.SUPPORTED_BLOCK_SIZES:

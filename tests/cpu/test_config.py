@@ -129,6 +129,10 @@ BAD_MODELS = [
     ({"dtype": torch.float32}, "dtype"),
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype"),
     ({"kv_cache_dtype": "fp8_e4m3"}, "--kv-cache-dtype"),
+    # vLLM turns 'auto' into a checkpoint's FP8 KV-cache quantization before the check:
+    # the message says so and names the way out (the model's dtype, explicitly)
+    ({"kv_cache_dtype": "fp8"}, "with 'auto' the checkpoint's KV-cache quantization"),
+    ({"kv_cache_dtype": "fp8"}, "or the model's dtype (bfloat16 or float16)"),
     ({"block_size": 8}, "--block-size"),
     ({"block_size": 24}, "--block-size"),
     ({"block_size": 256}, "--block-size"),
