@@ -82,18 +82,27 @@ def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
     subprocess.run(cmd, check=True)
 
 
+# an instruction line of nvdisasm -c: /*offset*/ text ;
+INSTRUCTION = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);")
+
+
+def function_lines(sass: str) -> list[tuple[str, list[str]]]:
+    """The disassembly's functions: name and lines of each, in order."""
+    return [(chunk.split(":", 1)[0].strip(), chunk.splitlines())
+            for chunk in re.split(r"\n\s*\.text\.", sass)[1:]]
+
+
 def parse(sass: str) -> dict[str, tuple[list[str], dict[str, int], list[tuple[int, str]]]]:
     """Per function: opcodes in order, label -> index, and (index, text) of branches."""
     functions = {}
-    for chunk in re.split(r"\n\s*\.text\.", sass)[1:]:
-        name = chunk.split(":", 1)[0].strip()
+    for name, lines in function_lines(sass):
         opcodes, labels, branches = [], {}, []
-        for line in chunk.splitlines():
+        for line in lines:
             label = re.match(r"^\s*(\.L_x_\d+):", line)
             if label:
                 labels[label.group(1)] = len(opcodes)
                 continue
-            inst = re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+            inst = INSTRUCTION.match(line)
             if inst:
                 text = re.sub(r"^@!?U?P[T0-9]+\s+", "", inst.group(1).strip())  # predicate
                 op = text.split()[0]
@@ -112,18 +121,17 @@ def locations(sass: str) -> dict[str, list[Location]]:
     instruction's source location with the chain of inlined calls it sits in, in the
     order of :func:`parse`'s opcodes."""
     out: dict[str, list[Location]] = {}
-    for chunk in re.split(r"\n\s*\.text\.", sass)[1:]:
-        name = chunk.split(":", 1)[0].strip()
+    for name, lines in function_lines(sass):
         locs: list[Location] = []
         chain: list[tuple[str, int]] = []
         fresh = False  # the next comment line starts a new chain
-        for line in chunk.splitlines():
+        for line in lines:
             m = re.match(r'^\s*//## File "([^"]+)", line (\d+)', line)
             if m:
                 if fresh:
                     chain, fresh = [], False
                 chain.append((m.group(1), int(m.group(2))))
-            elif re.match(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line):
+            elif INSTRUCTION.match(line):
                 locs.append(tuple(chain))
                 fresh = True
         out[name] = locs

@@ -138,15 +138,21 @@ def rows_with_score_keys(seq_lens: torch.Tensor, key_offsets: torch.Tensor,
             & (key_offsets + lens <= capacity))
 
 
+def score_key_offsets(row_lens: torch.Tensor, unit: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Each decode row's first key in the score workspace: the exclusive sum of the rows'
+    keys (one per selection unit), in batch order. ``out``: an int64 buffer to write."""
+    keys = (row_lens.to(torch.int64) + (unit - 1)).div_(unit, rounding_mode="floor")
+    return torch.cumsum(keys, 0, out=out).sub_(keys)
+
+
 def rows_past_score_workspace(row_lens: torch.Tensor, unit: int, min_seq_len: int,
                               capacity: int) -> tuple[int, int]:
     """For a step's decode rows of these lengths, in batch order: how many are long enough
     to decode sparsely, and how many of those get no score keys (their keys would pass the
-    workspace of ``capacity``) and so decode densely. The rows' keys are packed in batch
-    order, one per selection unit (as the builder's ``key_offsets``)."""
+    workspace of ``capacity``) and so decode densely."""
     lens = row_lens.to(torch.int64)
-    keys = (lens + (unit - 1)).div(unit, rounding_mode="floor")
-    offsets = torch.cumsum(keys, 0) - keys
+    offsets = score_key_offsets(lens, unit)
     eligible = (lens >= 1) & (lens >= min_seq_len)
     fits = rows_with_score_keys(lens, offsets, min_seq_len, capacity)
     return int(eligible.sum()), int((eligible & ~fits).sum())
@@ -582,14 +588,10 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         num_splits = self._num_splits(rows)
         sparse = None
         if self.sparse is not None and rows > 0:
-            # each decode row's first key in the score workspace: an exclusive sum of
-            # the rows' keys (one per selection unit), on the device, into the
-            # persistent buffer graphs captured
-            unit = self.sparse.selection_unit
-            row_keys = (seq_lens.to(torch.int64) + (unit - 1)).div_(unit,
-                                                                    rounding_mode="floor")
-            torch.cumsum(row_keys, 0, out=self.key_offsets[:rows])
-            self.key_offsets[:rows].sub_(row_keys)
+            # each decode row's first key in the score workspace, on the device, into
+            # the persistent buffer graphs captured
+            score_key_offsets(seq_lens, self.sparse.selection_unit,
+                              out=self.key_offsets[:rows])
             if not self._workspace_warned:
                 self._check_score_workspace(cam, num_decodes)
             sparse = dataclasses.replace(
