@@ -394,15 +394,26 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     if (tile_list) return tile_entry(positions[first_tile + kDecodeWarps * i]);
     return table[tile_token0(i) >> block_shift];
   };
-  // Lane l holds the entry of local tile 32 * window + l, and of the window after it, so
-  // the block-table load is never on the path of a copy.
+  // Lane l holds the source address of local tile 32 * window + l, and of the window
+  // after it, so the block-table load is never on the path of a copy. Every lane turns
+  // its entry into the address when it loads it, so a copy only shuffles it to lane 0.
   int window = 0;
-  int entry_cur = 0, entry_next = 0;
+  auto tile_address = [&](int entry, int i) -> uint64_t {  // entry: table_entry(i)
+    // the page, and the tile's first token's offset in it (16 x its tile index)
+    const int page = tile_list ? entry >> tile_shift : entry;
+    const int token_in_page = tile_list ? (entry & ((1 << tile_shift) - 1)) * kTileTokens
+                                        : tile_token0(i) & (p.page.block_size - 1);
+    const int64_t offset = static_cast<int64_t>(page) * p.cache_stride_block +
+                           token_in_page * (Shape::kTileBytes / kTileTokens);
+    return reinterpret_cast<uint64_t>(head_base + offset);
+  };
+  uint64_t addr_cur = 0, addr_next = 0;
   if (tile_list && first_tile == pre_first_tile) {  // the entries loaded at the start
-    entry_cur = lane < n_local ? tile_entry(pre_tile[0]) : 0;
-    entry_next = 32 + lane < n_local ? tile_entry(pre_tile[1]) : 0;
+    addr_cur = lane < n_local ? tile_address(tile_entry(pre_tile[0]), lane) : 0;
+    addr_next = 32 + lane < n_local ? tile_address(tile_entry(pre_tile[1]), 32 + lane) : 0;
   } else if (!gather) {
-    entry_cur = table_entry(lane), entry_next = table_entry(32 + lane);
+    addr_cur = tile_address(table_entry(lane), lane);
+    addr_next = tile_address(table_entry(32 + lane), 32 + lane);
   }
 
   // Gather: lanes l and l + 16 hold list entry l of the next tile to copy as its page and
@@ -465,17 +476,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     }
     if (i >= 32 * (window + 1)) {
       ++window;
-      entry_cur = entry_next;
-      entry_next = table_entry(32 * (window + 1) + lane);
+      addr_cur = addr_next;
+      const int j = 32 * (window + 1) + lane;
+      addr_next = tile_address(table_entry(j), j);
     }
-    const int entry = __shfl_sync(0xffffffffu, entry_cur, i % 32);
+    const uint64_t addr = __shfl_sync(0xffffffffu, addr_cur, i % 32);
     if (lane == 0) {
-      // the page, and the tile's first token's offset in it (16 x its tile index)
-      const int page = tile_list ? entry >> tile_shift : entry;
-      const int token_in_page = tile_list ? (entry & ((1 << tile_shift) - 1)) * kTileTokens
-                                          : tile_token0(i) & (p.page.block_size - 1);
-      const uint8_t* src = head_base + (static_cast<int64_t>(page) * p.cache_stride_block +
-                                        token_in_page * (Shape::kTileBytes / kTileTokens));
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(addr);
       uint64_t* b = &bar[stage];
       fence_proxy_async_shared();  // the warp's reads of this buffer come first
       mbarrier_arrive_expect_tx(b, Shape::kTileBytes);
