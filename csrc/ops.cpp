@@ -1,5 +1,6 @@
 // Torch-facing entry points: check every argument, fill a params struct, dispatch on
 // (dtype, bits, group size) to the launchers. No kernel code here.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
@@ -81,6 +82,20 @@ void check_kc_block_size(int64_t block_size) {
               "sizes up to ", kKCMaxBlockSize, ", got ", block_size);
 }
 
+// The kernels read and write with vector loads of up to 16 bytes (bulk copies of pages).
+void check_aligned_16(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "bitdecode: ", name,
+              " must start 16-byte aligned (a view at an odd offset is not)");
+}
+
+// A tensor the kernels write must not name one element twice (e.g. an expand()ed view):
+// its rows would overwrite each other.
+void check_no_overlap(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, "bitdecode: ", name,
+              " has elements that share memory (an expand()ed or zero-stride view); it is "
+              "written, so each element needs its own memory");
+}
+
 // The residual of the channel mode: block_size exact K rows, then as many V rows, per slot
 // and KV head.
 void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t block_size,
@@ -93,6 +108,7 @@ void check_residual(const at::Tensor& residual, int64_t num_kv_heads, int64_t bl
               "bitdecode: residual must be a contiguous CUDA tensor [num_slots, 2, ",
               num_kv_heads, ", ", block_size, ", 128] of the ",
               dtype == at::kHalf ? "float16" : "bfloat16", " model dtype");
+  check_aligned_16(residual, "residual");
 }
 
 void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_heads,
@@ -112,6 +128,12 @@ void check_cache(const at::Tensor& cache, const PageGeometry& g, int64_t num_kv_
   TORCH_CHECK(cache.stride(2) == 1 && cache.stride(1) == cache.size(2),
               "bitdecode: cache head regions must be contiguous");
   TORCH_CHECK(cache.stride(0) % 16 == 0, "bitdecode: cache pages must be 16-byte aligned");
+  TORCH_CHECK(cache.size(0) <= 1 || cache.stride(0) >= cache.size(1) * cache.size(2),
+              "bitdecode: cache pages overlap (stride ", cache.stride(0), " bytes for pages of ",
+              cache.size(1) * cache.size(2), ")");
+  check_aligned_16(cache, "cache");
+  TORCH_CHECK(num_kv_heads <= 65535, "bitdecode: at most 65535 KV heads (a launch grid "
+              "dimension), got ", num_kv_heads);
   // the decode kernel names a tile of the cache page << log2(tiles per page) | tile
   TORCH_CHECK(cache.size(0) * (g.block_size / kTileTokens) <= INT32_MAX, "bitdecode: ",
               cache.size(0), " pages of ", g.block_size / kTileTokens,
@@ -124,7 +146,9 @@ void check_tokens(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf, "bitdecode: ",
               name, " must be bfloat16 or float16");
   TORCH_CHECK(x.stride(2) == 1 && x.stride(1) % 8 == 0 && x.stride(0) % 8 == 0, "bitdecode: ",
-              name, " rows must be contiguous and 16-byte aligned");
+              name, " rows must be contiguous, with token and head strides that are "
+              "multiples of 8 elements (16 bytes)");
+  check_aligned_16(x, name);
 }
 
 const float* signs_ptr(const std::optional<at::Tensor>& signs) {
@@ -202,8 +226,11 @@ int64_t check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
   if (num_seqs < 0) num_seqs = q.size(0);  // one query token per sequence
   TORCH_CHECK(num_seqs <= kMaxGridSeqs, "bitdecode: at most ", kMaxGridSeqs,
               " sequences per decode call (the launch grid's z dimension), got ", num_seqs);
+  TORCH_CHECK(cache.dim() == 3, "bitdecode: cache must be a CUDA uint8 tensor [num_blocks, "
+              "num_kv_heads, head_region_bytes], got ", cache.dim(), " dimensions");
   const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
   check_cache(cache, g, num_kv_heads, k_param_bits);
+  TORCH_CHECK(num_heads >= 1, "bitdecode: q must have at least one head");
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
               "bitdecode: query heads per KV head must divide evenly and be at most ",
               kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
@@ -274,7 +301,10 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   check_tokens(out, "out");
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
+  check_no_overlap(out, "out");
   const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
+  TORCH_CHECK(num_heads <= 65535, "bitdecode: at most 65535 query heads (the combine's "
+              "launch grid), got ", num_heads);
   // split * tiles per split stays within int32 in the kernel
   TORCH_CHECK(num_splits >= 1 && num_splits <= 65535 && min_tiles_per_split >= 1 &&
                   min_tiles_per_split <= 32767,
@@ -291,11 +321,10 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                     partial_lse.is_contiguous() && partial_lse.numel() >= rows,
                 "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
                 "[num_splits, num_seqs, max_query_len, num_heads]");
+    check_aligned_16(partial_out, "partial_out");  // the combine reads it in float4s
     check_same_device(partial_out, "partial_out", q);
     check_same_device(partial_lse, "partial_lse", q);
   }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0,
-              "bitdecode: cache must start 16-byte aligned (pages are copied in bulk)");
   check_same_device(out, "out", q);
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
 
@@ -388,9 +417,11 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
                   out_start.dim() == 1 && out_start.stride(0) == 1 &&
                   out_start.size(0) >= num_seqs + 1,
               "bitdecode: out_start must be a contiguous CUDA int32 vector [num_seqs + 1]");
-  TORCH_CHECK(max_tokens >= 0 && max_tokens <= block_table.size(1) * block_size,
+  TORCH_CHECK(max_tokens >= 0 && max_tokens <= block_table.size(1) * block_size &&
+                  max_tokens <= INT32_MAX,
               "bitdecode: max_tokens must be in [0, what the block table can address: ",
-              block_table.size(1) * block_size, "], got ", max_tokens);
+              std::min<int64_t>(block_table.size(1) * block_size, INT32_MAX), "], got ",
+              max_tokens);
   check_same_device(cache, "cache", {{block_table, "block_table"}, {seq_lens, "seq_lens"},
                                      {out_start, "out_start"}, {key_out, "key_out"},
                                      {value_out, "value_out"}});
@@ -576,6 +607,7 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   const int64_t num_seqs = q.size(0);
   const int64_t sel_heads =
       set_selection(p, sel_positions, sel_count, shared_selection, selection_unit, q);
+  check_no_overlap(sel_positions, "sel_positions");  // the top-k writes each row's list
   TORCH_CHECK(keys.is_cuda() && keys.scalar_type() == at::kInt && keys.is_contiguous() &&
                   keys.numel() % sel_heads == 0,
               "bitdecode: keys must be a contiguous CUDA int32 workspace of ", sel_heads,
@@ -586,7 +618,7 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               "bitdecode: key_offsets must be a contiguous CUDA int64 vector with one entry "
               "per sequence");
   TORCH_CHECK(min_seq_len >= 0 && min_seq_len <= INT32_MAX,
-              "bitdecode: min_seq_len must be >= 0, got ", min_seq_len);
+              "bitdecode: min_seq_len must be in [0, 2^31 - 1], got ", min_seq_len);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
 
@@ -639,11 +671,12 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
                   query_start_loc.size(0) >= 1,
               "bitdecode: query_start_loc must be a contiguous CUDA int32 [num_reqs + 1]");
   const int64_t num_reqs = query_start_loc.size(0) - 1;
-  for (const at::Tensor* x : {&seq_lens, &row_slot}) {
-    TORCH_CHECK(x->is_cuda() && x->scalar_type() == at::kInt && x->dim() == 1 &&
-                    x->is_contiguous() && x->size(0) >= num_reqs,
-                "bitdecode: seq_lens and row_slot must be contiguous CUDA int32 vectors with "
-                "one entry per request");
+  for (const auto& [x, name] : {std::pair<const at::Tensor&, const char*>{seq_lens, "seq_lens"},
+                                 {row_slot, "row_slot"}}) {
+    TORCH_CHECK(x.is_cuda() && x.scalar_type() == at::kInt && x.dim() == 1 &&
+                    x.is_contiguous() && x.size(0) >= num_reqs,
+                "bitdecode: ", name, " must be a contiguous CUDA int32 vector with one entry "
+                "per request");
   }
   check_residual(residual, num_kv_heads, block_size, key.scalar_type());
   check_cache(cache, g, num_kv_heads, kpb);

@@ -181,6 +181,8 @@ BAD_KC_CASES = [
     ("", None),  # the valid call works
     ("residual=a['residual'].half()", "residual must be a contiguous CUDA tensor"),
     ("residual=a['residual'][:, :1]", "residual must be a contiguous CUDA tensor"),
+    ("residual=torch.zeros(3 * 2 * 2 * 16 * 128 + 8, dtype=torch.bfloat16, device='cuda')"
+     "[1:3 * 2 * 2 * 16 * 128 + 1].view(3, 2, 2, 16, 128)", "residual must start 16-byte aligned"),
     ("row_slot=a['row_slot'].long()", "row_slot must be a contiguous CUDA int32"),
     ("cache=torch.zeros(4, 2, 2176, dtype=torch.uint8, device='cuda')", "channel-mode page"),
     ("block_size=256", "block size"),

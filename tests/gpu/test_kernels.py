@@ -306,10 +306,11 @@ ws = torch.empty(1024 * 128, device="cuda")
 """
 
 BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out, lens=lens,
-         qsl=None, max_query_len=1, cache=cache, min_tiles=8)
+         qsl=None, max_query_len=1, cache=cache, min_tiles=8, ws=ws, splits=1)
 a.update({kwargs})
-o.decode(a["out"], a["q"], a["cache"], a["table"], a["lens"], ws, ws, None, 0.1, a["bits"], 128,
-         a["block_size"], 1, a["min_tiles"], a["qsl"], a["max_query_len"])
+o.decode(a["out"], a["q"], a["cache"], a["table"], a["lens"], a["ws"], a["ws"], None, 0.1,
+         a["bits"], 128, a["block_size"], a["splits"], a["min_tiles"], a["qsl"],
+         a["max_query_len"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -335,6 +336,24 @@ BAD_DECODE_CASES = [
     ("qsl=torch.tensor([0, 1, 1], dtype=torch.int32, device='cuda')",
      "block_table must be a CUDA int32"),  # two sequences, one block-table row
     ("cache=cache[:, :0]", "at least one KV head"),  # (the heads are divided by it)
+    ("q=q[:, :0], out=out[:, :0]", "q must have at least one head"),
+    ("cache=cache.flatten()", "cache must be a CUDA uint8 tensor"),  # (not an index error)
+    # the kernels read and write 16 bytes at a time: a view 2 bytes in is refused
+    ("q=torch.randn(1032, dtype=torch.bfloat16, device='cuda')[1:1025].view(1, 8, 128)",
+     "q must start 16-byte aligned"),
+    ("splits=2", None),  # the split path, whose partials are read in float4s
+    ("splits=2, ws=ws[1:]", "partial_out must start 16-byte aligned"),
+    ("cache=torch.zeros(cache.numel() + 16, dtype=torch.uint8, device='cuda')"
+     "[1:cache.numel() + 1].view(cache.shape)", "cache must start 16-byte aligned"),
+    # written outputs must not alias themselves
+    ("out=torch.empty(1, 1, 128, dtype=torch.bfloat16, device='cuda').expand(1, 8, 128)",
+     "out has elements that share memory"),
+    ("cache=cache[:1].expand(4, *cache.shape[1:])", "cache pages overlap"),
+    # query heads are the combine's launch grid y dimension (16 per KV head at most)
+    ("q=torch.randn(1, 65552, 128, dtype=torch.bfloat16, device='cuda'), "
+     "out=torch.empty(1, 65552, 128, dtype=torch.bfloat16, device='cuda'), "
+     "cache=torch.zeros(4, 4097, fmt.head_region_bytes, dtype=torch.uint8, device='cuda')",
+     "at most 65535 query heads"),
     # split * tiles per split must stay within int32 in the kernel
     ("min_tiles=40000", "min_tiles_per_split in [1, 32767]"),
     # sequences are the launch grid's z dimension
@@ -374,6 +393,10 @@ BAD_WRITE_CASES = [
     ("vout=kout.half()", "of one shape and dtype"),  # written as key_out's dtype
     ("max_tokens=-1", "max_tokens must be in [0"),
     ("k=k[:, :0], v=k[:, :0]", "at least one KV head"),
+    ("k=torch.randn(776, dtype=torch.bfloat16, device='cuda')[1:769].view(3, 2, 128)",
+     "key must start 16-byte aligned"),
+    ("kout=torch.empty(64 * 256 + 8, dtype=torch.bfloat16, device='cuda')"
+     "[1:64 * 256 + 1].view(64, 2, 128)", "key_out must start 16-byte aligned"),
     # sequences are the read-back grid's y dimension
     ("lens=lens.expand(65536).contiguous(), "
      "starts=torch.arange(65537, dtype=torch.int32, device='cuda')",

@@ -295,10 +295,12 @@ BAD_SELECT_CASES = [
     ("pos=pos[:, :, :0], unit=16", "must hold a budget of at least 1 page"),
     ("unit=4", "selection_unit must be 1 (tokens) or 16 (16-token pages), got 4"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
+    # the top-k writes each (sequence, KV head) row's list: rows must not share memory
+    ("pos=pos[:, :1].expand(1, 2, 8)", "sel_positions has elements that share memory"),
     ("keys=keys[:63]", "keys must be a contiguous CUDA int32 workspace"),
     ("keys=keys.float()", "keys must be a contiguous CUDA int32 workspace"),
     ("offs=offs.int()", "key_offsets must be a contiguous CUDA int64"),
-    ("min_len=-1", "min_seq_len must be >= 0"),
+    ("min_len=-1", "min_seq_len must be in [0, 2^31 - 1]"),
     ("bits=3", "bits must be 4 or 2"),
 ]
 
