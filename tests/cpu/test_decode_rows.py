@@ -30,6 +30,7 @@ from vllm_bitdecode.backend.metadata import (
     BitDecodeMetadataBuilder,
     check_decode_rows,
     decode_rows,
+    group_heads,
     packs_query_tokens,
     plan_num_splits,
 )
@@ -48,6 +49,21 @@ def test_decode_rows_fit_one_launch_or_start_up_refuses():
         check_decode_rows(80000, 20000, 4)
     with pytest.raises(bd_config.BitDecodeConfigError, match="--max-num-seqs 70000 allows"):
         check_decode_rows(70000, 70000, 1)
+
+
+def test_the_plan_follows_the_layer_with_most_query_heads_per_kv_head():
+    """DeciLM / Nemotron-NAS give each layer its own KV heads; vLLM's model-wide counts
+    are the first layer's. Draft tokens go beside the heads only if every layer's rows fit
+    (4 query tokens x 4 heads do, x 16 do not)."""
+    layer = types.SimpleNamespace
+    layers = [layer(num_heads=32, num_kv_heads=8), layer(num_heads=32, num_kv_heads=2),
+              layer(num_heads=32, num_kv_heads=4)]
+    assert group_heads((32, 8), layers) == (32, 8, 16)
+    assert group_heads((32, 8), layers[:1]) == group_heads((32, 8), []) == (32, 8, 4)
+    assert group_heads((32, 4), [layer(num_heads=48, num_kv_heads=16)]) == (48, 16, 8)
+    cfg = BitDecodeConfig(bits=4)
+    assert packs_query_tokens(4, group_heads((32, 8), layers[:1])[2], cfg)
+    assert not packs_query_tokens(4, group_heads((32, 8), layers)[2], cfg)
 
 
 def test_decode_rows_by_hand():
