@@ -28,6 +28,13 @@
    tests/gpu/test_spec_decode.py), and reachable in any serving run whose new request
    takes a freed slot ahead of running decodes. The wrapper copies both rows first and
    writes them back swapped, which is right with or without vLLM's fix.
+6. Some models choose a layer's backend themselves and pass it to ``Attention``
+   (vLLM 0.20: MiMo-V2-Flash's layers whose V head size differs, openPangu's sink
+   layers). Under ``--attention-backend BITDECODE`` such a layer would run that backend
+   on bf16 pages, silently. ``Attention.__init__`` now refuses it when the layer is
+   built, naming the layer and its backend. Wrappers vLLM makes of BITDECODE itself
+   (static sinks, chunked local attention) keep its name and pass here; they are
+   refused where their property is.
 """
 
 from __future__ import annotations
@@ -176,6 +183,40 @@ def patch_engine_config() -> None:
 
     create_engine_config._bitdecode = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def patch_layer_backend_check() -> None:
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    original = Attention.__init__
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if _is_bitdecode(self.attn_backend) or not _bitdecode_selected():
+            return
+        from vllm_bitdecode import BACKEND_NAME, config
+
+        raise config.BitDecodeConfigError(
+            f"layer {self.layer_name} runs attention backend "
+            f"{self.attn_backend.get_name()}, which the model chooses itself, not the "
+            f"{BACKEND_NAME} that --attention-backend asked for (model type); serve this "
+            "model with another --attention-backend"
+        )
+
+    __init__._bitdecode = True
+    Attention.__init__ = __init__
+
+
+def _bitdecode_selected() -> bool:
+    """Whether the config the layers are being built under asks for BITDECODE."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    vllm_config = get_current_vllm_config_or_none()
+    attention = getattr(vllm_config, "attention_config", None)
+    return _is_bitdecode_member(getattr(attention, "backend", None))
 
 
 def _is_bitdecode_member(backend: object) -> bool:

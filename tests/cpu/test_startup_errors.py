@@ -214,6 +214,14 @@ ROWS: dict[str, Row] = {
                       stage="selector", words=("BITDECODE",)),
     "value-head-size": Row(layer_kwargs=_cfg(head_size_v=64), error=BDE,
                            words=("V head size 64", "K head size 128")),
+    # a model that passes its own backend to Attention (MiMo-V2-Flash and openPangu pass
+    # FlashAttention variants)
+    "backend-chosen-by-model": Row(layer_kwargs=_cfg(attn_backend="triton"), error=BDE,
+                                   stage="layer",
+                                   words=("model.layers.0.self_attn.attn",
+                                          "TRITON_ATTN", "BITDECODE", "model type")),
+    # ... vLLM's own wrappers of the selected backend keep its name (static sinks)
+    "backend-wrapped-by-vllm": Row(layer_kwargs=_cfg(attn_backend="wrapped-bitdecode")),
 }
 
 # Start-ups that should fail and do not: rows marked xfail(strict=True) with the reason.
@@ -354,6 +362,18 @@ def _build_layers(row: Row, vllm_config) -> list:
     extra = dict(row.layer_kwargs)
     if extra.get("sinks") == "zeros":
         extra["sinks"] = torch.zeros(heads)
+    if extra.get("attn_backend") == "triton":  # (FlashAttention's impl needs CUDA)
+        from vllm.v1.attention.backends.triton_attn import TritonAttentionBackend
+
+        extra["attn_backend"] = TritonAttentionBackend
+    elif extra.get("attn_backend") == "wrapped-bitdecode":
+        from vllm.v1.attention.backend import subclass_attention_backend
+
+        from vllm_bitdecode.backend.backend import BitDecodeAttentionBackend
+
+        extra["attn_backend"] = subclass_attention_backend(
+            "Wrapped_", BitDecodeAttentionBackend,
+            BitDecodeAttentionBackend.get_builder_cls())
     if row.model in ("llama", "llama-sliding"):  # LlamaAttention
         layer_types = getattr(hf, "layer_types", None)
         window = hf.sliding_window if layer_types and layer_types[0] == "sliding_attention" \
