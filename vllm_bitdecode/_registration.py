@@ -194,20 +194,28 @@ def patch_layer_backend_check() -> None:
 
     @functools.wraps(original)
     def __init__(self, *args, **kwargs):
+        # a backend the model passes is refused before vLLM builds its impl (whose own
+        # checks would otherwise speak first); any other way to it, after
+        chosen = kwargs.get("attn_backend")
+        if chosen is not None:
+            _check_layer_backend(kwargs.get("prefix", ""), chosen)
         original(self, *args, **kwargs)
-        if _is_bitdecode(self.attn_backend) or not _bitdecode_selected():
-            return
-        from vllm_bitdecode import BACKEND_NAME, config
-
-        raise config.BitDecodeConfigError(
-            f"layer {self.layer_name} runs attention backend "
-            f"{self.attn_backend.get_name()}, which the model chooses itself, not the "
-            f"{BACKEND_NAME} that --attention-backend asked for (model type); serve this "
-            "model with another --attention-backend"
-        )
+        _check_layer_backend(self.layer_name, self.attn_backend)
 
     __init__._bitdecode = True
     Attention.__init__ = __init__
+
+
+def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
+    if _is_bitdecode(attn_backend) or not _bitdecode_selected():
+        return
+    from vllm_bitdecode import BACKEND_NAME, config
+
+    raise config.BitDecodeConfigError(
+        f"layer {layer_name} runs attention backend {attn_backend.get_name()}, which the "
+        f"model chooses itself, not the {BACKEND_NAME} that --attention-backend asked for "
+        "(model type); serve this model with another --attention-backend"
+    )
 
 
 def _bitdecode_selected() -> bool:

@@ -51,19 +51,22 @@ def test_decode_rows_fit_one_launch_or_start_up_refuses():
         check_decode_rows(70000, 70000, 1)
 
 
-def test_the_plan_follows_the_layer_with_most_query_heads_per_kv_head():
+def test_the_plan_follows_the_builders_layers_not_the_first_layer():
     """DeciLM / Nemotron-NAS give each layer its own KV heads; vLLM's model-wide counts
-    are the first layer's. Draft tokens go beside the heads only if every layer's rows fit
-    (4 query tokens x 4 heads do, x 16 do not)."""
+    are the first layer's, and it makes a builder per KV-head count. A builder of 2-KV-head
+    layers plans for 2 KV heads and 16 query heads each: then 4 query tokens do not fit
+    beside the heads (16 rows at most), as they would at the model-wide 4."""
     layer = types.SimpleNamespace
-    layers = [layer(num_heads=32, num_kv_heads=8), layer(num_heads=32, num_kv_heads=2),
-              layer(num_heads=32, num_kv_heads=4)]
-    assert group_heads((32, 8), layers) == (32, 8, 16)
-    assert group_heads((32, 8), layers[:1]) == group_heads((32, 8), []) == (32, 8, 4)
-    assert group_heads((32, 4), [layer(num_heads=48, num_kv_heads=16)]) == (48, 16, 8)
+    model = (32, 8)
+    narrow = [layer(num_heads=32, num_kv_heads=2)] * 3
+    assert group_heads(narrow, model) == (32, 2, 16)
+    assert group_heads([], model) == (32, 8, 4)  # no layers found: the model-wide counts
+    # layers of one KV-head count but different query heads: the most of each
+    assert group_heads([layer(num_heads=32, num_kv_heads=8),
+                        layer(num_heads=64, num_kv_heads=8)], model) == (64, 8, 8)
     cfg = BitDecodeConfig(bits=4)
-    assert packs_query_tokens(4, group_heads((32, 8), layers[:1])[2], cfg)
-    assert not packs_query_tokens(4, group_heads((32, 8), layers)[2], cfg)
+    assert packs_query_tokens(4, group_heads([], model)[2], cfg)
+    assert not packs_query_tokens(4, group_heads(narrow, model)[2], cfg)
 
 
 def test_decode_rows_by_hand():

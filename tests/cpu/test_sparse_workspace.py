@@ -13,7 +13,6 @@ import types
 import pytest
 import torch
 
-from vllm_bitdecode import config as bd_config
 from vllm_bitdecode.backend import metadata
 from vllm_bitdecode.backend.metadata import (
     MAX_SCORE_KEYS,
@@ -50,15 +49,12 @@ def test_rows_with_score_keys_by_hand():
 
 
 def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 32768,
-             kv_blocks: int = 65536, shared: bool = False,
-             layer_kv_heads: tuple[int, ...] = (KV_HEADS,)) -> BitDecodeMetadataBuilder:
+             kv_blocks: int = 65536) -> BitDecodeMetadataBuilder:
     """The builder's sparse buffers as its constructor makes them, without vLLM's."""
     cfg = BitDecodeConfig.from_additional_config({"bitdecode": {"bits": 4, "sparse": {
-        "enabled": True, "token_budget": 2048, "granularity": granularity,
-        "shared_selection": shared}}})
+        "enabled": True, "token_budget": 2048, "granularity": granularity}}})
     b = BitDecodeMetadataBuilder.__new__(BitDecodeMetadataBuilder)
-    b.bitdecode, b.num_kv_heads, b.device = cfg, max(layer_kv_heads), torch.device("cpu")
-    b.layer_kv_heads = layer_kv_heads
+    b.bitdecode, b.num_kv_heads, b.device = cfg, KV_HEADS, torch.device("cpu")
     b.kv_cache_spec = types.SimpleNamespace(block_size=BLOCK)
     b.reorder_batch_threshold, b.pack_queries = 1 + drafts, False
     b.num_sms, b.ctas_per_sm = 132, 4
@@ -109,16 +105,6 @@ def test_a_full_cache_of_rows_keeps_every_row_sparse(granularity, unit, drafts):
     assert end <= capacity
     fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len, capacity)
     assert fits.all(), (offsets[fits.tolist().index(False)], capacity)
-
-
-def test_per_head_selection_refuses_layers_of_different_kv_heads():
-    """DeciLM / Nemotron-NAS layers have KV heads of their own: a reuse layer could not
-    read a selection made per KV head of another count. A shared selection serves them."""
-    with pytest.raises(bd_config.BitDecodeConfigError,
-                       match=r"one KV-head count in every layer.*\(2, 8\).*"
-                             r"bitdecode\.sparse\.shared_selection=true"):
-        _builder("page", 0, layer_kv_heads=(2, 8))
-    assert _builder("page", 0, shared=True, layer_kv_heads=(2, 8)).sparse.shared
 
 
 def test_page_workspace_is_a_sixteenth_of_the_token_one():

@@ -63,15 +63,16 @@ def packs_query_tokens(max_query_len: int, gqa: int, cfg: config.BitDecodeConfig
             and gqa * max_query_len <= MAX_QUERY_ROWS)
 
 
-def group_heads(model_heads: tuple[int, int],
-                layers: Iterable[object]) -> tuple[int, int, int]:
+def group_heads(layers: Iterable[object],
+                model_heads: tuple[int, int]) -> tuple[int, int, int]:
     """The query heads, KV heads and query heads per KV head that a builder plans for:
-    the most of each over the layers of its KV-cache group and ``model_heads``, vLLM's
-    model-wide (query, KV) heads per process. Those are the first layer's, and some models
-    (DeciLM / Nemotron-NAS, ``n_heads_in_group``) give each layer its own KV heads: a plan
-    from the first layer alone would size the split workspace for too few heads, or put
-    draft tokens beside more query heads than the kernel's rows hold."""
-    counts = [model_heads, *((layer.num_heads, layer.num_kv_heads) for layer in layers)]
+    the most of each over its layers, or vLLM's model-wide (query, KV) heads per process
+    where it has none. The model-wide counts are the first layer's, and some models
+    (DeciLM / Nemotron-NAS, ``n_heads_in_group``) give each layer its own KV heads; vLLM
+    then makes a builder per KV-head count, and a plan from the first layer would size
+    the split workspace and the sparse buffers for another count, or put draft tokens
+    beside more query heads than the kernel's rows hold."""
+    counts = [(layer.num_heads, layer.num_kv_heads) for layer in layers] or [model_heads]
     return (max(h for h, _ in counts), max(k for _, k in counts),
             max(h // k for h, k in counts))
 
@@ -424,7 +425,6 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
     # 1 + num_speculative_tokens (on vLLM's tensors, or as rows in persistent buffers);
     # mixed batches run piecewise (attention eager).
     _cudagraph_support = AttentionCGSupport.UNIFORM_BATCH
-    layer_kv_heads: tuple[int, ...] = ()  # the KV-head counts of the group's layers
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device: torch.device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -439,10 +439,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         from vllm.model_executor.layers.attention.attention import Attention
 
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()
-        self.layer_kv_heads = tuple(sorted({layer.num_kv_heads for layer in layers}))
         self.num_heads, self.num_kv_heads, gqa = group_heads(
-            (model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel)),
-            layers)
+            layers,
+            (model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel)))
         self.head_size = model.get_head_size()
         self.page_format = self.bitdecode.page_format(self.head_size, kv_cache_spec.block_size)
         self.rotation_signs = (
@@ -511,12 +510,6 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             return None
         model = vllm_config.model_config
         plan = sparse.layer_plan(model.get_total_num_hidden_layers())
-        if not sparse.shared_selection and len(self.layer_kv_heads) > 1:
-            # a reuse layer reads the selection of its KV head: each layer needs the same
-            raise config.BitDecodeConfigError(
-                f"sparse decode with a selection per KV head needs one KV-head count in "
-                f"every layer, but this model's layers have {self.layer_kv_heads} (model "
-                f"type); set {config.CONFIG_KEY}.{config.SPARSE_KEY}.shared_selection=true")
         sel_heads = 1 if sparse.shared_selection else self.num_kv_heads
         capacity = score_workspace_keys(
             max_rows=max_rows, max_model_len=model.max_model_len,
