@@ -95,9 +95,10 @@ class SparseLayerPlan:
     def check_layers(self, layer_names: Iterable[str]) -> None:
         """Start-up check of the attention layers one metadata builder serves (one
         KV-cache group): each has its model layer index in its name, inside the model,
-        and where the group has reuse layers it also has the first selection layer,
-        whose positions they read (the layers resolve their roles only at the first
-        decode, which without full CUDA graphs is the first request's)."""
+        and where the group has reuse layers it also has the first selection layer and
+        the selection layer whose positions each reads, the last one before it (the
+        layers resolve their roles only at the first decode, which without full CUDA
+        graphs is the first request's)."""
         indices = {layer_index(name) for name in layer_names}
         for i in sorted(indices):
             self.role(i)
@@ -107,6 +108,16 @@ class SparseLayerPlan:
                 f"the first selection layer ({self.selection[0]}), whose positions their "
                 "reuse layers read; sparse mode needs every attention layer in one group"
             )
+        # each reuse layer reads the last selection before it (a correction layer's, past
+        # it): from this group's buffers, so that layer must be here too
+        for i in sorted(indices.intersection(self.reuse)):
+            source = max(s for s in self.selection if s < i)
+            if source not in indices:
+                raise BitDecodeConfigError(
+                    f"reuse layer {i} reads the positions of selection layer {source}, "
+                    "which is in another KV-cache group; sparse mode needs every attention "
+                    "layer in one group"
+                )
 
 
 def layer_index(layer_name: str) -> int:

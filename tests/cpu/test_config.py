@@ -496,6 +496,11 @@ def test_sparse_plan_checks_the_builders_layers_at_startup():
         plan.check_layers(["model.layers.3.attn.0"])
     with pytest.raises(BitDecodeConfigError, match=r"without the first selection layer \(2\)"):
         plan.check_layers(_names([13, 14, 15]))  # reuse layers away from layer 2
+    # the correction layer (13) in a group of its own: 14-31 would read layer 2's positions
+    with pytest.raises(BitDecodeConfigError,
+                       match=r"reuse layer 14 reads the positions of selection layer 13"):
+        plan.check_layers(_names([*range(13), *range(14, 32)]))
+    plan.check_layers(_names(range(13)))  # layers 0-12 alone read only layer 2's
 
 
 @pytest.mark.parametrize(("kv_heads", "tp", "ok"), [
