@@ -435,7 +435,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         config.set_active(self.bitdecode)
         model = vllm_config.model_config
         parallel = vllm_config.parallel_config
-        # (imported here: vLLM's layer module imports the backends' registry)
+        # (imported here, not with this module, which the CPU tests import before any
+        # layer exists: vLLM's layer module binds the current platform when imported)
         from vllm.model_executor.layers.attention.attention import Attention
 
         layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()
