@@ -506,3 +506,67 @@ def test_decode_under_cuda_graph_replay():
     torch.cuda.synchronize()
     expected = _reference_decode(q.cpu(), cache.cpu(), table.cpu(), seq_lens, fmt, True, 0.1)
     assert _rel_err(out.cpu(), expected) <= 1e-2
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_decode_right_after_the_write_sees_the_written_token(graph):
+    """The decode is a programmatic dependent of the kernel before it, the step's KV-cache
+    write: it loads lengths, block table and Q while the write runs and must wait for it
+    before the first page copy. Layer after layer (write, then decode, as vLLM runs a
+    step), each step's new token overwrites a token of the pages with a key its queries
+    all point at, so that the output is nearly its value: a copy made before the write
+    lands reads the old token and misses by far (checked below against the reference
+    over the pages before the write). Eagerly, the host's gap between the two launches
+    usually hides a missing wait; in the graph it does not: with the wait taken out, the
+    graph case failed on an H200 (2026-12-02, relative error 1.16) and the eager passed."""
+    gen = torch.Generator().manual_seed(23)
+    fmt = PageFormat(128, 4, 128, 16)
+    layers, kv_heads, gqa = 8, 8, 4
+    seq_lens = [37, 16, 300, 1]  # the new token is each sequence's last
+    b, hq = len(seq_lens), kv_heads * gqa
+    splits = plan_num_splits(b, kv_heads, 132, 4)
+    caches, tables = [], []
+    for _ in range(layers):
+        cache, table = _fill_pages(seq_lens, kv_heads, fmt, torch.bfloat16, True, gen)
+        caches.append(cache.to(DEV))
+        tables.append(table.to(DEV))
+    slots = [torch.tensor([int(t[i, (n - 1) // 16]) * 16 + (n - 1) % 16
+                           for i, n in enumerate(seq_lens)], device=DEV) for t in tables]
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    q = torch.empty(layers, b, hq, 128, dtype=torch.bfloat16, device=DEV)
+    key = torch.empty(layers, b, kv_heads, 128, dtype=torch.bfloat16, device=DEV)
+    value = torch.empty_like(key)
+    outs = torch.empty(layers, b, hq, 128, dtype=torch.bfloat16, device=DEV)
+    _, po, pl, signs = _graph_buffers(b, hq, splits)
+    ops = _ops()
+
+    def new_step():
+        """Queries of a KV head all along one direction u, the new key 3u (a score near
+        3 |u|^2 / sqrt(128) = 34 nats above the others), a fresh value."""
+        u = torch.randn(layers, b, kv_heads, 1, 128, generator=gen)
+        q.copy_(u.expand(-1, -1, -1, gqa, -1).reshape(layers, b, hq, 128))
+        key.copy_(3 * u[:, :, :, 0])
+        value.copy_(torch.randn(layers, b, kv_heads, 128, generator=gen))
+        outs.fill_(float("nan"))
+
+    def step():
+        for layer in range(layers):
+            ops.quantize_to_pages(key[layer], value[layer], slots[layer], caches[layer],
+                                  signs, 4, 128, 16)
+            ops.decode(outs[layer], q[layer], caches[layer], tables[layer], lens, po, pl,
+                       signs, 128**-0.5, 4, 128, 16, splits, MIN_TILES_PER_SPLIT)
+
+    new_step()
+    run = _captured(step).replay if graph else step
+    for _ in range(3):
+        new_step()
+        before = [c.to("cpu", copy=True) for c in caches]
+        run()
+        torch.cuda.synchronize()
+        for layer in range(layers):
+            args = (tables[layer].cpu(), seq_lens, fmt, True, 128**-0.5)
+            expected = _reference_decode(q[layer].cpu(), caches[layer].cpu(), *args)
+            stale = _reference_decode(q[layer].cpu(), before[layer], *args)
+            assert _rel_err(stale, expected) > 0.5, "the new token does not dominate"
+            err = _rel_err(outs[layer].cpu(), expected)
+            assert err <= 1e-2, f"layer {layer}: relative error {err:.2e}"

@@ -259,18 +259,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     return static_cast<const T*>(p.q) + (q_token0 + row_token(row)) * p.q_stride_token +
            row_head(row) * p.q_stride_head + 4 * lane;
   };
-  // Query row `warp` (the only one a warp prepares up to 4 heads per KV head), loaded
-  // first: it depends on nothing, and where the Q preparation below sits it would wait
-  // for the chain of loads (length, list, block table) that the first copies need. Not
-  // in the selection kernels of V groups below 128: their loop spilled with it (page
-  // selection, V group 64: 44 bytes; tests/cpu/test_decode_occupancy.py).
-  constexpr bool kQFirst = SELECT == 0 || GROUP == 128;
-  T q_first[4];
-  if constexpr (kQFirst) {
-    const T* src = q_row(min(warp, q_rows - 1));
-#pragma unroll
-    for (int j = 0; j < 4; ++j) q_first[j] = src[j];
-  }
   // The tokens attended to, in order: the whole sequence, or in the sparse kernel
   // (`gather`) the row's selected positions, list entry j at position positions[j].
   int num_tokens = p.seq_lens[seq];
@@ -489,6 +477,25 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       bulk_copy_to_smem(ring + stage * Shape::kTileBytes, src, Shape::kTileBytes, b);
     }
   };
+  // This grid may have started while the kernel before it still runs (a programmatic
+  // dependent, launch_decode_tiles): in a decode step the KV-cache write, and Q may come
+  // from a kernel just before. Read so far: the lengths and block tables, written before
+  // the step's first layer, and a reuse layer's selected positions, written by the
+  // top-k of an earlier layer, which finished before the write began (a plain launch).
+  // Nothing of the pages or of Q is read before this wait.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // Query row `warp` (the only one a warp prepares up to 4 heads per KV head), loaded
+  // before the first copies are issued, so that its latency overlaps theirs instead of
+  // following it in the Q preparation below. Not in the selection kernels of V groups
+  // below 128: their loop spilled with it (page selection, V group 64: 44 bytes;
+  // tests/cpu/test_decode_occupancy.py).
+  constexpr bool kQFirst = SELECT == 0 || GROUP == 128;
+  T q_first[4];
+  if constexpr (kQFirst) {
+    const T* src = q_row(min(warp, q_rows - 1));
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q_first[j] = src[j];
+  }
   for (int i = 0; i < kStages && i < n_local; ++i) issue(i, i);
 
   // ---- Q: warp w prepares rows w, w + 4, ...: load, rotate like K, round to T (the

@@ -67,6 +67,30 @@ void launch_dequantize_kc(const DequantizeParams& p, cudaStream_t stream) {
   });
 }
 
+// kernel<<<grid, block, smem, stream>>>(params) as a programmatic dependent of the kernel
+// before it in the stream: it may be scheduled once every CTA of that kernel has run
+// griddepcontrol.launch_dependents (or exited), and must run griddepcontrol.wait before
+// it reads what that kernel writes. After a kernel that never triggers, a plain launch.
+template <typename Params>
+void launch_dependent(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, const Params& params) {
+  cudaLaunchAttribute attr[1] = {};
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, params);
+}
+
+// The decode is a programmatic dependent of the kernel before it, the step's KV-cache
+// write (quantize_kernel) in a decode step: its CTAs load the lengths, block-table
+// entries and Q while the write runs, and wait (griddepcontrol.wait) before the first
+// page copy.
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT,
           bool KP8>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
@@ -74,7 +98,7 @@ void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
   auto* kernel = decode_kernel<T, kHeadSize, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT, KP8>;
   allow_decode_smem<T, BITS, GROUP, HEAD_TILES, SPARSE, KC, SELECT, KP8>();
   const dim3 grid(p.num_splits, p.num_kv_heads, p.num_seqs);
-  kernel<<<grid, kDecodeWarps * 32, Shape::kSmemBytes, stream>>>(p);
+  launch_dependent(kernel, grid, dim3(kDecodeWarps * 32), Shape::kSmemBytes, stream, p);
 }
 
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool KC, bool KP8 = false>
@@ -106,16 +130,8 @@ int decode_ctas_per_sm(int gqa, bool channel_k, bool k_params_fp8) {
 // wave (plan_num_splits), so the waiting CTAs never keep a decode CTA off an SM.
 template <typename T>
 void launch_combine(const DecodeParams& p, cudaStream_t stream) {
-  cudaLaunchAttribute attr[1] = {};
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(p.num_seqs * p.max_query_len, p.num_heads);
-  config.blockDim = dim3(kCombineWarps * 32);
-  config.stream = stream;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  cudaLaunchKernelEx(&config, combine_kernel<T, kHeadSize>, p);
+  launch_dependent(combine_kernel<T, kHeadSize>, dim3(p.num_seqs * p.max_query_len, p.num_heads),
+                   dim3(kCombineWarps * 32), 0, stream, p);
 }
 
 template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SELECT = 0,

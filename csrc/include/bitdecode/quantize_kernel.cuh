@@ -137,6 +137,9 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
   constexpr int kGroups = HEAD / GROUP;
   __shared__ uint8_t codes[kQuantizeWarps][2][HEAD];
 
+  // the decode after this write may be scheduled now: it reads no page before
+  // griddepcontrol.wait, which waits for this grid to finish (launch_decode_tiles)
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int token, head;
   if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
