@@ -15,7 +15,9 @@ Each engine, once started, runs every case asked for:
   first N steps cancel out (vllm_bitdecode.testing._time_decode; records before
   2026-12-01 used t(1 + N) - t(1), best of 2, and some of that day the best wall times
   of each length). Each record keeps the figure of every pair, ``ms_per_step_each``,
-  the same from wall times, ``ms_per_step_wall_each``, and which ``clock`` gave the figure.
+  the same from wall times, ``ms_per_step_wall_each``, which ``clock`` gave the figure,
+  and ``gpu_in_long_runs``: the SM clock, power and the driver's reasons for a lowered
+  clock over the timed long runs (vllm_bitdecode.testing.GpuSampler; None without NVML).
 - ``decode_b8_128k`` (only when named in ``--cases``): the same at batch 8 x 130,560,
   where attention is most of a step and sparse decode (issue #6) can show what it saves.
   It needs 1.05M KV tokens, more than a bf16 cache holds on one 80-141 GB GPU; a decode
@@ -226,7 +228,8 @@ def records_from_result(key: str, cases: list[str], res: dict[str, Any]) -> list
                                kv_cache_tokens=kv_tokens, steps=t["steps"],
                                ms_per_step_each=t.get("ms_per_step_each"),
                                ms_per_step_wall_each=t.get("ms_per_step_wall_each"),
-                               clock=t.get("clock")))
+                               clock=t.get("clock"),
+                               gpu_in_long_runs=t.get("gpu_in_long_runs")))
         elif case == "capacity_32k":
             out.append(_record(key, case, batch=max_batch(kv_tokens, CAPACITY_CONTEXT),
                                context=CAPACITY_CONTEXT, kv_cache_tokens=kv_tokens))

@@ -18,10 +18,12 @@ One engine per backend, each timing and profiling batch 1 x 130,560 and 8 x 32,7
 
 Writes benchmarks/results/step_breakdown_<gpu>.json (device, date, commit, settings,
 ``records``: backend, kv, case, batch, context, ms_per_step (wall, from the decode
-timing), gpu_busy_ms, kernel_ms (the kernels' own times summed; above busy where kernels
-overlap), host_gap_ms, categories_ms (busy time per category, overlap given to the
-kernel that started first, so they sum to gpu_busy_ms), launches (kernels per step),
-top_kernels (name, category, ms as attributed, span_ms, launches per step)) and a PNG of
+timing), gpu_in_long_runs (the GPU's SM clock, power and reasons for a lowered clock
+while the decode timing ran, as in bench_e2e.py), gpu_busy_ms, kernel_ms (the kernels'
+own times summed; above busy where kernels overlap), host_gap_ms, categories_ms (busy
+time per category, overlap given to the kernel that started first, so they sum to
+gpu_busy_ms), launches (kernels per step), top_kernels (name, category, ms as
+attributed, span_ms, launches per step)) and a PNG of
 stacked bars beside it.
 
 The first run (H200, 2026-12-01, 456a070,
@@ -94,7 +96,7 @@ def records_from_result(key: str, res: dict[str, Any],
             key, case, batch=shape[0], context=shape[1], ms_per_step=t["ms_per_step"],
             ms_per_step_each=t.get("ms_per_step_each"), clock=t.get("clock"),
             ms_per_step_wall_each=t.get("ms_per_step_wall_each"),
-            gpu_busy_ms=p["gpu_busy_ms"],
+            gpu_in_long_runs=t.get("gpu_in_long_runs"), gpu_busy_ms=p["gpu_busy_ms"],
             kernel_ms=p["kernel_ms"], host_gap_ms=t["ms_per_step"] - p["gpu_busy_ms"],
             categories_ms=p["categories_ms"], launches=p["launches"],
             top_kernels=p["top_kernels"], profile_steps=p["steps"]))

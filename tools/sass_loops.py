@@ -202,14 +202,16 @@ def report(name: str, opcodes: list[str], loops: list[Loop], mma_per_tile: int |
     mmas = step.count("HMMA")
     hist = collections.Counter(op.split(".")[0] for op in opcodes[step.start : step.end + 1])
     per_tile = ""
-    if mma_per_tile:
-        tiles = mmas // mma_per_tile
+    tiles = mmas // mma_per_tile if mma_per_tile else 0
+    if tiles:
         per_tile = f", {tiles} tiles: {step.size / tiles:.0f} per tile"
+    elif mma_per_tile:  # the innermost MMA loop holds part of a tile (the sparse gather's)
+        per_tile = f", fewer than a tile's {mma_per_tile}"
     print(f"  step loop: {step.size} instructions, {mmas} HMMA{per_tile} "
           f"(instructions {step.start}-{step.end})")
     print("  " + ", ".join(f"{op} {n}" for op, n in hist.most_common()))
     if locs and top:
-        report_lines(opcodes, locs, step, mmas // mma_per_tile if mma_per_tile else None, top)
+        report_lines(opcodes, locs, step, tiles or None, top)
 
 
 def main() -> None:

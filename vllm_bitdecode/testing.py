@@ -686,7 +686,10 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     difference is n tokens of decoding at full speed. Python's garbage collector is held
     off during each run (vLLM's engine runs in this process), so that a collection cannot
     fall in one run of a pair and not the other. ``ms_per_step_each`` is each pair's
-    figure and ``ms_per_step_wall_each`` the same from wall times.
+    figure and ``ms_per_step_wall_each`` the same from wall times. ``gpu_in_long_runs``
+    (where NVML sees a GPU) is the GPU's SM clock, power and reasons for a lowered clock
+    over the long runs (:class:`GpuSampler`, every 0.1 s): a decode kernel busy enough
+    to hold the GPU at its power limit slows the GEMMs of the step with it.
 
     History: until 2026-12-01 the figure was t(1 + n) - t(1), best of 2 (two runs of
     bench_spec_decode the same day differed by up to 1.8x in a case with drafts); then
@@ -726,14 +729,18 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
         gc.collect()
         gc.disable()
         try:
+            start = time.time()  # the GPU samples' clock
             t0 = time.perf_counter()
             outputs = llm.generate(prompts, sp, use_tqdm=False)
             seconds = time.perf_counter() - t0
+            end = time.time()
         finally:
             gc.enable()
         after = counters(llm)
-        rec = runs.setdefault(n, {"seconds": [], "spans": [], "counters": [], "replays": []})
+        rec = runs.setdefault(n, {"seconds": [], "spans": [], "counters": [], "replays": [],
+                                  "windows": []})
         rec["seconds"].append(seconds)
+        rec["windows"].append((start, end))
         rec["spans"].append(decode_span_s(outputs))
         rec["counters"].append({k: after[k] - before.get(k, 0) for k in after})
         rec["replays"].append(replays.count - replays_before if replays else 0)
@@ -743,9 +750,10 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     run(short)  # warm-up: compilation, graphs, drafts' first use; fills the prefix cache
     warmup = time.perf_counter() - t0
     runs.clear()  # not a timed run
-    for _ in range(repeats):
-        run(short)
-        run(long)
+    with GpuSampler() as gpu:
+        for _ in range(repeats):
+            run(short)
+            run(long)
     s, lg = runs[short], runs[long]
 
     def per_step_ms(a: list[float], b: list[float]) -> list[float]:
@@ -764,6 +772,9 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
         "warmup_s": warmup}
     if engine_clock:
         out["decode_spans_s"] = {"short": s["spans"], "long": lg["spans"]}
+    gpu_state = gpu.summary(lg["windows"])
+    if gpu_state is not None:
+        out["gpu_in_long_runs"] = gpu_state
 
     def window(values: list[float], short_values: list[float]) -> float:
         return (sum(values) - sum(short_values)) / repeats  # per pair
@@ -1017,6 +1028,104 @@ def nvml_memory() -> dict[str, Any]:
         return {"used_mib": used, "by_pid": by_pid}
     finally:
         pynvml.nvmlShutdown()
+
+
+# NVML's clock event reasons (nvmlClocksEventReason*) by what they say: the driver holds
+# the board to its power limit (SwPowerCap 0x4); a hardware slowdown (HwSlowdown 0x8,
+# which comes with the next two, and HwPowerBrakeSlowdown 0x80, an external brake
+# signal); heat (SwThermalSlowdown 0x20, HwThermalSlowdown 0x40). A sample can count
+# under several.
+GPU_CLOCK_REASONS = {"sw_power_cap": 0x4, "hw_slowdown": 0x8 | 0x80, "thermal": 0x20 | 0x40}
+
+
+def gpu_sampler_main(path: str, interval_s: float, parent: int) -> None:
+    """Append ``[Unix time, SM clock MHz, power W, clock event reasons]`` of the first GPU
+    this process may use to ``path`` every ``interval_s`` seconds, until killed or until
+    process ``parent`` is gone (an engine killed on a timeout leaves no sampler behind):
+    the body of :class:`GpuSampler`'s process. The power is NVML's power usage, which on
+    Ampere and newer GPUs is an average over the last second."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = _visible_gpus(pynvml)[0]
+    reasons = (getattr(pynvml, "nvmlDeviceGetCurrentClocksEventReasons", None)
+               or pynvml.nvmlDeviceGetCurrentClocksThrottleReasons)
+    with open(path, "a") as f:
+        while os.getppid() == parent:
+            sample = [time.time(), pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+                      pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0, int(reasons(handle))]
+            f.write(json.dumps(sample) + "\n")
+            f.flush()
+            time.sleep(interval_s)
+
+
+def summarize_gpu_samples(samples: list[list[float]],
+                          windows: list[tuple[float, float]]) -> dict[str, Any] | None:
+    """The samples of :func:`gpu_sampler_main` that fall in any of ``windows`` ((start,
+    end) on the Unix clock): their count, the SM clock's median / min / max, the power's
+    median / max, and per entry of GPU_CLOCK_REASONS the fraction of samples where the
+    driver gave that reason for a lowered clock. None without a sample in a window."""
+    inside = [s for s in samples if any(a <= s[0] <= b for a, b in windows)]
+    if not inside:
+        return None
+    clocks, power = [s[1] for s in inside], [s[2] for s in inside]
+    out: dict[str, Any] = {
+        "samples": len(inside), "sm_clock_mhz_median": statistics.median(clocks),
+        "sm_clock_mhz_min": min(clocks), "sm_clock_mhz_max": max(clocks),
+        "power_w_median": statistics.median(power), "power_w_max": max(power)}
+    for name, mask in GPU_CLOCK_REASONS.items():
+        out[f"{name}_fraction"] = sum(1 for s in inside if int(s[3]) & mask) / len(inside)
+    return out
+
+
+class GpuSampler:
+    """SM clock, power (a one-second average) and the driver's reasons for a lowered
+    clock, sampled every ``interval_s`` by a process
+    of its own (so that no thread shares the GIL with vLLM's engine loop in this one)
+    while the ``with`` block runs; :meth:`summary` keeps the samples of chosen windows.
+    Without NVML or a GPU the process ends at once and :meth:`summary` gives None."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s
+        self.samples: list[list[float]] = []
+        self._proc: subprocess.Popen | None = None
+        self._path = ""
+
+    def __enter__(self) -> GpuSampler:
+        fd, self._path = tempfile.mkstemp(suffix=".jsonl", prefix="gpu_samples_")
+        os.close(fd)
+        try:
+            code = ("from vllm_bitdecode.testing import gpu_sampler_main; "
+                    f"gpu_sampler_main({self._path!r}, {self.interval_s!r}, {os.getpid()})")
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", code], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10  # the first sample, or the process's end
+            while time.monotonic() < deadline and self._proc.poll() is None:
+                if os.path.getsize(self._path) > 0:
+                    break
+                time.sleep(0.01)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        with open(self._path) as f:
+            for line in f:
+                with contextlib.suppress(ValueError):  # a line cut short by the end
+                    self.samples.append(json.loads(line))
+        os.unlink(self._path)
+
+    def summary(self, windows: list[tuple[float, float]]) -> dict[str, Any] | None:
+        return summarize_gpu_samples(self.samples, windows)
 
 
 _PROM_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")

@@ -126,7 +126,8 @@ def _fake_result(ms_b1, ms_b8, kv, tps):
         "kv_cache_tokens": kv,
         "decode_timings": [dict(batch=1, context=130560, steps=64, ms_per_step=ms_b1,
                                 ms_per_step_each=[ms_b1] * 3, clock="engine",
-                                ms_per_step_wall_each=[ms_b1 + 0.5] * 3),
+                                ms_per_step_wall_each=[ms_b1 + 0.5] * 3,
+                                gpu_in_long_runs={"samples": 40, "sm_clock_mhz_median": 1700}),
                            dict(batch=8, context=32768, steps=64, ms_per_step=ms_b8)],
         "throughput": dict(num_prompts=64, input_len=16384, output_len=512,
                            total_tokens_per_s=tps, output_tokens_per_s=tps / 33,
@@ -156,6 +157,8 @@ def test_records_ratios_targets_and_merge(bench):
     b1 = by[("BITDECODE:int4", "decode_b1_128k")]  # each pair's figure on both clocks
     assert b1["clock"] == "engine" and b1["ms_per_step_wall_each"] == [7.4] * 3
     assert b1["ms_per_step_each"] == [6.9] * 3
+    assert b1["gpu_in_long_runs"] == {"samples": 40, "sm_clock_mhz_median": 1700}
+    assert by[("BITDECODE:int4", "decode_b8_32k")]["gpu_in_long_runs"] is None  # not sampled
     cap = by[("BITDECODE:int4", "capacity_32k")]
     assert cap["batch"] == 51 and cap["vs_bf16"] == pytest.approx(1_671_984 / 444_112)
     assert by[("TURBOQUANT:tq4", "throughput")]["skipped"] == "no FA2"

@@ -147,3 +147,15 @@ def test_plans_are_well_formed(plan):
             if re.match(r"(tests|benchmarks|scripts)/\S+\.(py|sh)$", word):
                 assert (ROOT / word).exists(), f"{plan.name}: {word}"
     assert names and len(names) == len(set(names)), f"{plan.name}: step names repeat"
+
+
+def test_poll_marker_is_an_extended_regex(tmp_path):
+    """`STEP a|ALLDONE` returns once either is in the progress file: as a basic regex it
+    matched only itself, and such polls waited out their whole time on the GPU machine."""
+    (tmp_path / "progress").write_text("STEP build rc=0 secs=1 :: ok\nSTEP kernels rc=0\n")
+    env = dict(os.environ, PIPELINE_DIR=str(tmp_path))
+    env.pop("OUT", None)
+    poll = ["bash", str(ROOT / "scripts" / "device_poll.sh"), "30"]
+    done = subprocess.run([*poll, "STEP kernels|ALLDONE"], env=env, capture_output=True,
+                          text=True, timeout=20)  # well before its 30 s
+    assert "STEP kernels rc=0" in done.stdout

@@ -46,6 +46,10 @@ def test_step_loop_is_the_innermost_loop_with_the_most_mmas(capsys):
     out = capsys.readouterr().out
     assert "step loop: 5 instructions, 2 HMMA, 2 tiles: 2 per tile (instructions 2-6)" in out
     assert "HMMA 2, BRA 2, LOP3 1" in out
+    # a step loop with part of a tile's MMAs (the sparse gather kernel's) has no per-tile
+    # figure; it divided by zero tiles before
+    sass_loops.report("k", opcodes, loops, mma_per_tile=16)
+    assert "2 HMMA, fewer than a tile's 16 (instructions 2-6)" in capsys.readouterr().out
 
 
 # nvdisasm -gi layout: a chain of "//## File" lines (innermost call first) before the

@@ -143,7 +143,8 @@ def _engine_result(spec: dict) -> dict:
     for t in spec["decode_timings"]:
         timings.append(dict(batch=t["batch"], context=t["context"], steps=t["steps"],
                             ms_per_step=7.5 if bd else 12.5, ms_per_step_each=[7.5, 7.6],
-                            ms_per_step_wall_each=[7.9, 7.2], clock="engine"))
+                            ms_per_step_wall_each=[7.9, 7.2], clock="engine",
+                            gpu_in_long_runs={"samples": 12, "sw_power_cap_fraction": 1.0}))
     for p in spec["decode_profiles"]:
         prof = step_profile.per_step(_profile(1 + p["steps"]), _profile(1 + 2 * p["steps"]),
                                      p["steps"])
@@ -187,6 +188,7 @@ def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
     r = by[("BITDECODE:int4", "decode_b8_32k")]
     assert r["ms_per_step"] == 7.5 and r["gpu_busy_ms"] == pytest.approx(0.060)
     assert r["clock"] == "engine" and r["ms_per_step_wall_each"] == [7.9, 7.2]
+    assert r["gpu_in_long_runs"] == {"samples": 12, "sw_power_cap_fraction": 1.0}
     assert r["host_gap_ms"] == pytest.approx(7.5 - 0.060)
     assert r["categories_ms"]["attention"] == pytest.approx(0.020)
     assert r["top_kernels"][0]["category"] == "GEMM"

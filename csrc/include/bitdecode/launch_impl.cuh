@@ -88,9 +88,9 @@ void launch_dependent(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem
 }
 
 // The decode is a programmatic dependent of the kernel before it, the step's KV-cache
-// write (quantize_kernel) in a decode step: its CTAs load the lengths, block-table
-// entries and Q while the write runs, and wait (griddepcontrol.wait) before the first
-// page copy.
+// write (quantize_kernel) in a decode step: its CTAs load the lengths and block-table
+// entries while the write runs, and wait (griddepcontrol.wait) before they read Q or a
+// page.
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT,
           bool KP8>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
