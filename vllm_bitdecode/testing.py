@@ -688,8 +688,9 @@ def _time_decode(llm, sampling_params_cls, timing: dict[str, Any],
     fall in one run of a pair and not the other. ``ms_per_step_each`` is each pair's
     figure and ``ms_per_step_wall_each`` the same from wall times. ``gpu_in_long_runs``
     (where NVML sees a GPU) is the GPU's SM clock, power and reasons for a lowered clock
-    over the long runs (:class:`GpuSampler`, every 0.1 s): a decode kernel busy enough
-    to hold the GPU at its power limit slows the GEMMs of the step with it.
+    over the long runs (:class:`GpuSampler`, every 0.1 s): a GPU held at its power
+    limit runs every kernel of the step at a lower clock, so a step's time depends on
+    more than its own kernels.
 
     History: until 2026-12-01 the figure was t(1 + n) - t(1), best of 2 (two runs of
     bench_spec_decode the same day differed by up to 1.8x in a case with drafts); then
@@ -1080,10 +1081,10 @@ def summarize_gpu_samples(samples: list[list[float]],
 
 class GpuSampler:
     """SM clock, power (a one-second average) and the driver's reasons for a lowered
-    clock, sampled every ``interval_s`` by a process
-    of its own (so that no thread shares the GIL with vLLM's engine loop in this one)
-    while the ``with`` block runs; :meth:`summary` keeps the samples of chosen windows.
-    Without NVML or a GPU the process ends at once and :meth:`summary` gives None."""
+    clock, sampled every ``interval_s`` while the ``with`` block runs by a process of its
+    own (no thread of this process competes for the GIL with vLLM's engine loop);
+    :meth:`summary` keeps the samples of chosen windows. Without NVML or a GPU the
+    process ends at once and :meth:`summary` gives None."""
 
     def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
