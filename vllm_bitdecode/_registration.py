@@ -174,8 +174,7 @@ def patch_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original(self, *args, **kwargs)
-        attention = getattr(vllm_config, "attention_config", None)
-        if _is_bitdecode_member(getattr(attention, "backend", None)):
+        if _asks_for_bitdecode(vllm_config):
             from vllm_bitdecode import config
 
             config.check_vllm_config(vllm_config)
@@ -207,7 +206,10 @@ def patch_layer_backend_check() -> None:
 
 
 def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
-    if _is_bitdecode(attn_backend) or not _bitdecode_selected():
+    from vllm.config import get_current_vllm_config_or_none
+
+    # the config the layers are being built under
+    if _is_bitdecode(attn_backend) or not _asks_for_bitdecode(get_current_vllm_config_or_none()):
         return
     from vllm_bitdecode import BACKEND_NAME, config
 
@@ -218,11 +220,8 @@ def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
     )
 
 
-def _bitdecode_selected() -> bool:
-    """Whether the config the layers are being built under asks for BITDECODE."""
-    from vllm.config import get_current_vllm_config_or_none
-
-    vllm_config = get_current_vllm_config_or_none()
+def _asks_for_bitdecode(vllm_config: object) -> bool:
+    """Whether a vLLM config (or None) asks for BITDECODE as its attention backend."""
     attention = getattr(vllm_config, "attention_config", None)
     return _is_bitdecode_member(getattr(attention, "backend", None))
 

@@ -25,6 +25,12 @@ def nvmlDeviceGetCurrentClocksEventReasons(h): return 0x4 | 0x1  # power cap (an
 '''
 
 
+def _fake_nvml(tmp_path, text: str = FAKE_NVML) -> str:
+    """A PYTHONPATH under which the sampler's process imports ``text`` as pynvml."""
+    (tmp_path / "pynvml.py").write_text(text)
+    return os.pathsep.join([str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")])
+
+
 def test_summary_takes_the_samples_inside_the_windows():
     samples = [[1.0, 1980, 300.0, 0], [2.0, 1600, 690.0, 0x4], [3.0, 1500, 695.0, 0x80],
                [4.0, 1700, 650.0, 0x20], [9.0, 345, 80.0, 0x1]]
@@ -41,9 +47,7 @@ def test_summary_takes_the_samples_inside_the_windows():
 
 
 def test_sampler_process_reads_nvml_for_the_visible_gpu(tmp_path, monkeypatch):
-    (tmp_path / "pynvml.py").write_text(FAKE_NVML)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", _fake_nvml(tmp_path))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     with testing.GpuSampler(interval_s=0.01) as gpu:
         t0 = time.time()
@@ -61,8 +65,7 @@ def test_sampler_process_reads_nvml_for_the_visible_gpu(tmp_path, monkeypatch):
 def test_sampler_process_ends_when_its_parent_is_gone(tmp_path):
     """An engine killed on a timeout must not leave a sampler writing forever: a parent
     that exits at once leaves a sampler that stops within its next sample."""
-    (tmp_path / "pynvml.py").write_text(FAKE_NVML)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.getcwd()]))
+    env = dict(os.environ, PYTHONPATH=_fake_nvml(tmp_path))
     out = tmp_path / "samples.jsonl"
     sampler = ("from vllm_bitdecode.testing import gpu_sampler_main; "
                f"gpu_sampler_main({str(out)!r}, 0.01, PARENT)")
@@ -77,9 +80,8 @@ def test_sampler_process_ends_when_its_parent_is_gone(tmp_path):
 
 
 def test_sampler_without_nvml_gives_no_summary(tmp_path, monkeypatch):
-    (tmp_path / "pynvml.py").write_text("def nvmlInit():\n    raise RuntimeError('no driver')\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(tmp_path), os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", _fake_nvml(
+        tmp_path, "def nvmlInit():\n    raise RuntimeError('no driver')\n"))
     t0 = time.time()
     with testing.GpuSampler(interval_s=0.01) as gpu:
         pass
