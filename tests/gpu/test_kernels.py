@@ -508,37 +508,60 @@ def test_decode_under_cuda_graph_replay():
     assert _rel_err(out.cpu(), expected) <= 1e-2
 
 
-@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
-def test_decode_right_after_the_write_sees_the_written_token(graph):
-    """The decode is a programmatic dependent of the kernel before it, the step's KV-cache
-    write: it loads lengths, block table and Q while the write runs and must wait for it
-    before the first page copy. Layer after layer (write, then decode, as vLLM runs a
-    step), each step's new token overwrites a token of the pages with a key its queries
-    all point at, so that the output is nearly its value: a copy made before the write
-    lands reads the old token and misses by far (checked below against the reference
-    over the pages before the write). Eagerly, the host's gap between the two launches
-    usually hides a missing wait; in the graph it does not: with the wait taken out, the
-    graph case failed on an H200 (2026-12-02, relative error 1.16) and the eager passed."""
-    gen = torch.Generator().manual_seed(23)
+WRITE_THEN_DECODE_SEQ_LENS = (37, 16, 300, 1)  # after the write; the new token is the last
+
+
+class PerTokenPages:
+    """What check_decode_right_after_the_write writes into and decodes from, in the
+    per-token page format (4 bits, group 128, pages of 16, rotated): per layer, shuffled
+    pages holding WRITE_THEN_DECODE_SEQ_LENS tokens. The write puts a new token in place
+    of each sequence's last; ``state`` is what a decode reads, on the CPU."""
+
     fmt = PageFormat(128, 4, 128, 16)
-    layers, kv_heads, gqa = 8, 8, 4
-    seq_lens = [37, 16, 300, 1]  # the new token is each sequence's last
-    b, hq = len(seq_lens), kv_heads * gqa
-    splits = plan_num_splits(b, kv_heads, 132, 4)
-    caches, tables = [], []
-    for _ in range(layers):
-        cache, table = _fill_pages(seq_lens, kv_heads, fmt, torch.bfloat16, True, gen)
-        caches.append(cache.to(DEV))
-        tables.append(table.to(DEV))
-    slots = [torch.tensor([int(t[i, (n - 1) // 16]) * 16 + (n - 1) % 16
-                           for i, n in enumerate(seq_lens)], device=DEV) for t in tables]
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+
+    def __init__(self, layers: int, kv_heads: int, gqa: int, gen: torch.Generator):
+        self.seq_lens = list(WRITE_THEN_DECODE_SEQ_LENS)
+        self.layers, self.kv_heads = layers, kv_heads
+        self.caches, self.tables, self.slots = [], [], []
+        for _ in range(layers):
+            cache, table = _fill_pages(self.seq_lens, kv_heads, self.fmt, torch.bfloat16, True,
+                                       gen)
+            self.caches.append(cache.to(DEV))
+            self.tables.append(table.to(DEV))
+            self.slots.append(torch.tensor([int(table[i, (n - 1) // 16]) * 16 + (n - 1) % 16
+                                            for i, n in enumerate(self.seq_lens)], device=DEV))
+        self.lens = torch.tensor(self.seq_lens, dtype=torch.int32, device=DEV)
+        self.splits = plan_num_splits(len(self.seq_lens), kv_heads, 132, 4)
+        _, self.partial_out, self.partial_lse, self.signs = _graph_buffers(
+            len(self.seq_lens), kv_heads * gqa, self.splits)
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        _ops().quantize_to_pages(key, value, self.slots[layer], self.caches[layer], self.signs,
+                                 4, 128, 16)
+
+    def state(self, layer: int) -> tuple[torch.Tensor, ...]:
+        return self.caches[layer].to("cpu", copy=True), self.tables[layer].cpu()
+
+
+def check_decode_right_after_the_write(pages, decode, reference, graph: bool,
+                                       gen: torch.Generator, gqa: int = 4):
+    """Layer after layer, the step's KV-cache write and then a decode (as vLLM runs a
+    step), eagerly or as one CUDA graph, three steps. Each step's new token overwrites a
+    token of the pages with a key that its queries all point at, so that the output is
+    nearly its value: a decode that reads the pages (or Q) before the write lands reads
+    the old token and misses by far (checked against the reference over the state before
+    the write).
+
+    ``pages`` is a PerTokenPages or alike (layers, kv_heads, seq_lens, write(layer, key,
+    value), state(layer)); ``decode(layer, out, q)`` launches the decode under test for
+    one layer, and ``reference(layer, q, state)`` gives its expected output on the CPU
+    for ``state = pages.state(layer)``."""
+    layers, kv_heads = pages.layers, pages.kv_heads
+    b, hq = len(pages.seq_lens), kv_heads * gqa
     q = torch.empty(layers, b, hq, 128, dtype=torch.bfloat16, device=DEV)
     key = torch.empty(layers, b, kv_heads, 128, dtype=torch.bfloat16, device=DEV)
     value = torch.empty_like(key)
     outs = torch.empty(layers, b, hq, 128, dtype=torch.bfloat16, device=DEV)
-    _, po, pl, signs = _graph_buffers(b, hq, splits)
-    ops = _ops()
 
     def new_step():
         """Queries of a KV head all along one direction u, the new key 3u (a score near
@@ -551,22 +574,43 @@ def test_decode_right_after_the_write_sees_the_written_token(graph):
 
     def step():
         for layer in range(layers):
-            ops.quantize_to_pages(key[layer], value[layer], slots[layer], caches[layer],
-                                  signs, 4, 128, 16)
-            ops.decode(outs[layer], q[layer], caches[layer], tables[layer], lens, po, pl,
-                       signs, 128**-0.5, 4, 128, 16, splits, MIN_TILES_PER_SPLIT)
+            pages.write(layer, key[layer], value[layer])
+            decode(layer, outs[layer], q[layer])
 
     new_step()
     run = _captured(step).replay if graph else step
     for _ in range(3):
         new_step()
-        before = [c.to("cpu", copy=True) for c in caches]
+        before = [pages.state(layer) for layer in range(layers)]
         run()
         torch.cuda.synchronize()
         for layer in range(layers):
-            args = (tables[layer].cpu(), seq_lens, fmt, True, 128**-0.5)
-            expected = _reference_decode(q[layer].cpu(), caches[layer].cpu(), *args)
-            stale = _reference_decode(q[layer].cpu(), before[layer], *args)
+            q_cpu = q[layer].cpu()
+            expected = reference(layer, q_cpu, pages.state(layer))
+            stale = reference(layer, q_cpu, before[layer])
             assert _rel_err(stale, expected) > 0.5, "the new token does not dominate"
             err = _rel_err(outs[layer].cpu(), expected)
             assert err <= 1e-2, f"layer {layer}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_decode_right_after_the_write_sees_the_written_token(graph):
+    """The decode is a programmatic dependent of the kernel before it, the step's KV-cache
+    write: it loads lengths and block table while the write runs and must wait for it
+    before it reads Q or a page (check_decode_right_after_the_write). Eagerly, the host's
+    gap between the two launches usually hides a missing wait; in the graph it does not:
+    with the wait taken out, the graph case failed on an H200 (2026-12-02, relative error
+    1.16) and the eager passed."""
+    gen = torch.Generator().manual_seed(23)
+    pages = PerTokenPages(8, 8, 4, gen)
+
+    def decode(layer, out, q):
+        _ops().decode(out, q, pages.caches[layer], pages.tables[layer], pages.lens,
+                      pages.partial_out, pages.partial_lse, pages.signs, 128**-0.5, 4, 128, 16,
+                      pages.splits, MIN_TILES_PER_SPLIT)
+
+    def reference(layer, q, state):
+        cache, table = state
+        return _reference_decode(q, cache, table, pages.seq_lens, pages.fmt, True, 128**-0.5)
+
+    check_decode_right_after_the_write(pages, decode, reference, graph, gen)

@@ -21,9 +21,12 @@ from tests.clear_errors import expect_clear_error
 from tests.gpu.test_kernels import (
     BAD_CALL_SETUP,
     DEV,
+    PerTokenPages,
     _fill_pages,
     _ops,
+    _reference_decode,
     _run_decode,
+    check_decode_right_after_the_write,
 )
 from vllm_bitdecode import reference_sparse as rs
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT
@@ -246,6 +249,33 @@ def test_every_cluster_size(rows, shared):
                      shared=shared)
     got, _ = _run(q, cache, table, lens, fmt, True, 257, 1, shared)
     _assert_matches(got, want, q, cache, table, lens, fmt, True, shared)
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_select_right_after_the_write_sees_the_written_token(graph):
+    """The selection layer's decode is a programmatic dependent of the step's KV-cache
+    write as well (tests.gpu.test_kernels.check_decode_right_after_the_write); its
+    attention is the dense decode's."""
+    gen = torch.Generator().manual_seed(53)
+    pages = PerTokenPages(8, 8, 4, gen)
+    rows, budget = len(pages.seq_lens), 64
+    lens = torch.tensor(pages.seq_lens, dtype=torch.int64)
+    offsets = (torch.cumsum(lens, 0) - lens).to(DEV)
+    keys = torch.zeros(int(lens.sum()) * pages.kv_heads, dtype=torch.int32, device=DEV)
+    positions = torch.zeros(rows, pages.kv_heads, budget, dtype=torch.int32, device=DEV)
+    counts = torch.zeros(rows, dtype=torch.int32, device=DEV)
+
+    def decode(layer, out, q):
+        _ops().decode_select(out, q, pages.caches[layer], pages.tables[layer], pages.lens,
+                             pages.partial_out, pages.partial_lse, pages.signs, SCALE, 4, 128,
+                             16, pages.splits, MIN_TILES_PER_SPLIT, positions, counts, keys,
+                             offsets, 0, False, 1)
+
+    def reference(layer, q, state):
+        cache, table = state
+        return _reference_decode(q, cache, table, pages.seq_lens, pages.fmt, True, SCALE)
+
+    check_decode_right_after_the_write(pages, decode, reference, graph, gen)
 
 
 def test_selection_feeds_the_sparse_decode_kernel():

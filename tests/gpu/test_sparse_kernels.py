@@ -18,12 +18,14 @@ from tests.clear_errors import expect_table_case
 from tests.gpu.test_kernels import (
     BAD_CALL_SETUP,
     DEV,
+    PerTokenPages,
     _captured,
     _fill_pages,
     _graph_buffers,
     _ops,
     _rel_err,
     _run_decode,
+    check_decode_right_after_the_write,
 )
 from vllm_bitdecode import reference_sparse as rs
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
@@ -319,6 +321,54 @@ def test_sparse_under_cuda_graph_replay():
 
 
 # ---- the op's arguments -----------------------------------------------------------------
+def _tokens_with_the_newest(seq_lens, sel_heads, budget, gen):
+    """Per row and selection head, min(length, budget) ascending positions, the newest
+    among them; slots past the count hold other positions of the sequence."""
+    rows = len(seq_lens)
+    positions = torch.zeros(rows, sel_heads, budget, dtype=torch.int32)
+    counts = [min(n, budget) for n in seq_lens]
+    for i, (n, m) in enumerate(zip(seq_lens, counts, strict=True)):
+        for h in range(sel_heads):
+            older = torch.randperm(n - 1, generator=gen)[: m - 1]
+            chosen = torch.cat((older, torch.tensor([n - 1]))).sort().values
+            positions[i, h] = torch.randint(0, n, (budget,), generator=gen)
+            positions[i, h, :m] = chosen.to(torch.int32)
+    return rs.Selection(positions, torch.tensor(counts, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("unit", [1, 16], ids=["tokens", "pages"])
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_sparse_decode_right_after_the_write_sees_the_written_token(unit, graph):
+    """A reuse layer is a programmatic dependent of the step's KV-cache write too: its
+    selections hold the newest token, which the write puts in place right before it
+    (tests.gpu.test_kernels.check_decode_right_after_the_write)."""
+    gen = torch.Generator().manual_seed(31 + unit)
+    pages = PerTokenPages(8, 8, 4, gen)
+    seq_lens, budget = pages.seq_lens, 64
+    if unit == 1:
+        sels = [_tokens_with_the_newest(seq_lens, pages.kv_heads, budget, gen)
+                for _ in range(pages.layers)]
+        tokens = sels
+    else:  # the own page last
+        sels = [_page_selection(seq_lens, [budget] * len(seq_lens), pages.kv_heads, budget, gen)
+                for _ in range(pages.layers)]
+        tokens = [rs.pages_to_positions(x, torch.tensor(seq_lens), 16) for x in sels]
+    on_device = [(x.positions.to(DEV), x.counts.to(DEV)) for x in sels]
+
+    def decode(layer, out, q):
+        positions, counts = on_device[layer]
+        _ops().decode_sparse(out, q, pages.caches[layer], pages.tables[layer], pages.lens,
+                             positions, counts, pages.partial_out, pages.partial_lse,
+                             pages.signs, SCALE, 4, 128, 16, pages.splits, MIN_TILES_PER_SPLIT,
+                             False, unit)
+
+    def reference(layer, q, state):
+        cache, table = state
+        return _reference(q, cache, table, seq_lens, tokens[layer], pages.fmt, True)
+
+    check_decode_right_after_the_write(pages, decode, reference, graph, gen)
+
+
 def test_wrapper_matches_the_op_schema():
     ops = _ops()
     schema = torch.ops.bitdecode.decode_sparse.default._schema
