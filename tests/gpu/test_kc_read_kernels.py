@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from tests.clear_errors import expect_table_case
-from tests.gpu.test_kernels import DEV, _ops, _rel_err
+from tests.gpu.test_kernels import (
+    DEV,
+    WRITE_THEN_DECODE_SEQ_LENS,
+    _ops,
+    _rel_err,
+    check_decode_right_after_the_write,
+)
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat
@@ -152,6 +158,73 @@ def test_dequantize_kc_matches_reference_bit_for_bit(dtype, bits, group_size, bl
         assert torch.equal(k_out[rows][:full].view(torch.int16),
                            k[:full].to(dtype).view(torch.int16)), \
             f"sequence {i} (n={n}): K of full pages differs"
+
+
+class ChannelKPages:
+    """check_decode_right_after_the_write's cache in channel mode (4 bits, V group 128,
+    pages of 16, fp16 K params): per layer, pages and residual slots that the reference
+    wrote for WRITE_THEN_DECODE_SEQ_LENS tokens (_build). The step's write
+    (``ops.write_tokens_kc``, three kernels) puts a new token in place of each sequence's
+    last: its V into the page, its K and V rows into the residual, which is where the
+    decode reads the own page from, and a page whose last slot it fills quantized again."""
+
+    fmt = PageFormat(128, 4, 128, 16)
+
+    def __init__(self, layers: int, gqa: int, gen: torch.Generator):
+        self.seq_lens = list(WRITE_THEN_DECODE_SEQ_LENS)
+        self.layers, self.kv_heads = layers, KV_HEADS
+        self.layout = kc.KCPageLayout(self.fmt, 16)
+        b = len(self.seq_lens)
+        self.caches, self.residuals, self.tables, self.row_slots, self.slots = [], [], [], [], []
+        for _ in range(layers):
+            cache, residual, table, row_slot = _build(self.seq_lens, self.layout, torch.bfloat16,
+                                                      gen, b + 3)
+            self.caches.append(cache.to(DEV))
+            self.residuals.append(residual.to(DEV))
+            self.tables.append(table.to(DEV))
+            self.row_slots.append(row_slot.to(DEV))
+            self.slots.append(torch.tensor([int(table[i, (n - 1) // 16]) * 16 + (n - 1) % 16
+                                            for i, n in enumerate(self.seq_lens)], device=DEV))
+        self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=DEV)
+        self.lens = torch.tensor(self.seq_lens, dtype=torch.int32, device=DEV)
+        self.splits = plan_num_splits(b, KV_HEADS, 132, 4)
+        self.partial_out = torch.empty(self.splits * b * KV_HEADS * gqa * 128, device=DEV)
+        self.partial_lse = torch.empty(self.splits * b * KV_HEADS * gqa, device=DEV)
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        _ops().write_tokens_kc(key, value, self.slots[layer], self.query_start_loc, self.lens,
+                               self.row_slots[layer], self.caches[layer], self.residuals[layer],
+                               4, 128, 16, 16)
+
+    def state(self, layer: int) -> tuple[torch.Tensor, ...]:
+        return (self.caches[layer].to("cpu", copy=True),
+                self.residuals[layer].to("cpu", copy=True), self.tables[layer].cpu(),
+                self.row_slots[layer].cpu())
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
+def test_decode_kc_right_after_the_write_sees_the_written_token(graph):
+    """The channel-mode decode is a programmatic dependent of the write's last kernel
+    (kc_residual_kernel), which lets it start at once: it must wait before it reads the
+    residual rows that kernel writes (tests.gpu.test_kernels.
+    check_decode_right_after_the_write)."""
+    gen = torch.Generator().manual_seed(61)
+    gqa = 4
+    pages = ChannelKPages(8, gqa, gen)
+    lens_cpu = torch.tensor(pages.seq_lens, dtype=torch.int32)
+
+    def decode(layer, out, q):
+        _ops().decode_kc(out, q, pages.caches[layer], pages.residuals[layer], pages.tables[layer],
+                         pages.lens, pages.row_slots[layer], pages.partial_out,
+                         pages.partial_lse, SCALE, 4, 128, 16, pages.splits,
+                         MIN_TILES_PER_SPLIT, 16)
+
+    def reference(layer, q, state):
+        cache, residual, table, row_slot = state
+        return kc.paged_decode_kc(q, cache, residual, table, lens_cpu, row_slot, SCALE,
+                                  pages.layout)
+
+    check_decode_right_after_the_write(pages, decode, reference, graph, gen, gqa)
 
 
 BAD_KC_CALL = """

@@ -18,6 +18,9 @@
 // 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K and V rows of
 //    each request's last written page go to its residual slot. After phase A, which may
 //    read residual rows this overwrites (a chunk that fills a page and ends in the next).
+//    It lets the decode after it start (griddepcontrol.launch_dependents): the decode
+//    waits for it before reading a page or a residual row, and phases A and B are plain
+//    launches, so they have finished before B starts.
 //
 // The residual is [num_slots][2][num_kv_heads][block_size][HEAD] in the model dtype: K
 // rows, then V rows (kc_residual_rows).
@@ -173,6 +176,9 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
 template <typename T, int HEAD>
 __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_residual_kernel(KCWriteParams p) {
   static_assert(HEAD == 128, "one warp copies a row, 4 channels per lane");
+  // the decode after this write may be scheduled now: it reads no page or residual row
+  // before griddepcontrol.wait, which waits for this grid, the last of the three, to finish
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   const int lane = threadIdx.x % 32;
   int token, head;
   if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
