@@ -351,7 +351,10 @@ class _SparseRowCounter:
     device tensors after each build, a sync per step: for tests only."""
 
     def __init__(self) -> None:
-        from vllm_bitdecode.backend.metadata import rows_with_score_keys
+        from vllm_bitdecode.backend.metadata import (
+            rows_long_enough_for_sparse,
+            rows_with_score_keys,
+        )
 
         self.counts = {"steps": 0, "rows": 0, "eligible": 0, "with_keys": 0,
                        "capacity": 0}
@@ -364,7 +367,7 @@ class _SparseRowCounter:
             lens = md.decode_seq_lens
             counts["steps"] += 1
             counts["rows"] += int((lens >= 1).sum())
-            counts["eligible"] += int(((lens >= 1) & (lens >= sp.min_seq_len)).sum())
+            counts["eligible"] += int(rows_long_enough_for_sparse(lens, sp.min_seq_len).sum())
             counts["with_keys"] += int(rows_with_score_keys(
                 lens, sp.key_offsets, sp.min_seq_len, sp.key_capacity).sum())
             counts["capacity"] = sp.key_capacity

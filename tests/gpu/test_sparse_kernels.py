@@ -320,7 +320,6 @@ def test_sparse_under_cuda_graph_replay():
     _assert_rows_close(out.cpu(), expected, "graph replay")
 
 
-# ---- the op's arguments -----------------------------------------------------------------
 def _tokens_with_the_newest(seq_lens, sel_heads, budget, gen):
     """Per row and selection head, min(length, budget) ascending positions, the newest
     among them; slots past the count hold other positions of the sequence."""
@@ -369,6 +368,7 @@ def test_sparse_decode_right_after_the_write_sees_the_written_token(unit, graph)
     check_decode_right_after_the_write(pages, decode, reference, graph, gen)
 
 
+# ---- the op's arguments -----------------------------------------------------------------
 def test_wrapper_matches_the_op_schema():
     ops = _ops()
     schema = torch.ops.bitdecode.decode_sparse.default._schema

@@ -143,13 +143,19 @@ def score_workspace_keys(max_rows: int, max_model_len: int, unit: int,
     return min(keys + max_model_len, MAX_SCORE_KEYS)
 
 
+def rows_long_enough_for_sparse(seq_lens: torch.Tensor, min_seq_len: int) -> torch.Tensor:
+    """Which decode rows sparse mode applies to, element-wise: not padding (length 0) and
+    at least ``min_seq_len`` tokens long. [rows] bool."""
+    return (seq_lens >= 1) & (seq_lens >= min_seq_len)
+
+
 def rows_with_score_keys(seq_lens: torch.Tensor, key_offsets: torch.Tensor,
                          min_seq_len: int, capacity: int) -> torch.Tensor:
     """Which decode rows the selection layer gives score keys, element-wise: the kernels'
     rule (selection.cuh, ``selection_row_has_keys``). The others are padding (length 0),
     shorter than ``min_seq_len`` or past the workspace, and decode densely. [rows] bool."""
     lens = seq_lens.to(torch.int64)
-    return ((lens >= 1) & (lens >= min_seq_len) & (key_offsets >= 0)
+    return (rows_long_enough_for_sparse(lens, min_seq_len) & (key_offsets >= 0)
             & (key_offsets + lens <= capacity))
 
 
@@ -168,7 +174,7 @@ def rows_past_score_workspace(row_lens: torch.Tensor, unit: int, min_seq_len: in
     workspace of ``capacity``) and so decode densely."""
     lens = row_lens.to(torch.int64)
     offsets = score_key_offsets(lens, unit)
-    eligible = (lens >= 1) & (lens >= min_seq_len)
+    eligible = rows_long_enough_for_sparse(lens, min_seq_len)
     fits = rows_with_score_keys(lens, offsets, min_seq_len, capacity)
     return int(eligible.sum()), int((eligible & ~fits).sum())
 
