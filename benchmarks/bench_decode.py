@@ -8,6 +8,9 @@ quantize-on-write kernel against vLLM's reshape_and_cache_flash for the same tok
 With --channel-k it also times per-channel K mode (issue #7: ``decode_kc``, the own page
 from the residual) at both bit widths, records with ``"k_mode": "channel"`` (the others
 ``"token"``); the issue's target is within 10% of per-token mode at the same bits.
+Each record's ``gpu`` holds the SM clock, power (a one-second average) and the driver's
+reasons for a lowered clock, sampled every 10 ms while its timed calls ran
+(vllm_bitdecode.testing.GpuSampler; None where no sample fell in that window).
 
     python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -30,7 +34,7 @@ from vllm_bitdecode.provenance import (
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing import fa3_paged_decode
+from vllm_bitdecode.testing import GpuSampler, fa3_paged_decode
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16
@@ -53,6 +57,7 @@ class Timer:
         self.graph = graph
         self.record_kernels = kernels
         self.last_kernels: dict[str, float] | None = None
+        self.last_window = (0.0, 0.0)  # the last timed calls' span on the Unix clock
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
 
     def __call__(self, fn) -> float:
@@ -61,6 +66,7 @@ class Timer:
         if self.graph:
             fn = _captured(fn)
         times = []
+        t0 = time.time()
         for _ in range(self.reps):
             self.flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,6 +75,7 @@ class Timer:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
+        self.last_window = (t0, time.time())
         return statistics.median(times)
 
     def kernels(self, fn) -> dict[str, float]:
@@ -273,6 +280,39 @@ def bench_write(num_tokens: int, timer: Timer) -> dict:
             "bitdecode_quantize_ms": ms, "ratio": ms / ms_ref}
 
 
+def bench_case(batch: int, context: int, args: argparse.Namespace, timer: Timer,
+               gen: torch.Generator, copy_gbps: float) -> list[dict]:
+    """One (batch, context) case: FA3 bf16 and fp8, then BITDECODE at 4 and 2 bits (and
+    channel K with --channel-k), one record each; ``window`` is when its calls were timed."""
+    base = {}
+    rows = []
+    for kv in ("bf16", "fp8"):
+        ms, nbytes = bench_fa3(batch, context, kv, timer, gen)
+        base[kv] = ms
+        rows.append(dict(impl="fa3", kv=kv, ms=ms, bytes=nbytes, window=timer.last_window))
+    for bits in (4, 2):
+        ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
+        rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
+                         bytes=nbytes, num_splits=splits, window=timer.last_window))
+        for k_params in (args.k_params.split(",") if args.channel_k else []):
+            ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen,
+                                                    K_PARAMS[k_params])
+            rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="channel",
+                             k_params=k_params, ms=ms, bytes=nbytes, num_splits=splits,
+                             window=timer.last_window))
+    for r in rows:
+        r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6,
+                 speedup_vs_fa3_bf16=base["bf16"] / r["ms"],
+                 speedup_vs_fa3_fp8=base["fp8"] / r["ms"])
+        r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
+        kv = r["kv"] + ("-kc" if r.get("k_mode") == "channel" else "") + (
+            "8" if r.get("k_params") == "fp8" else "")
+        print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {kv:<8} "
+              f"{r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s  x{r['speedup_vs_fa3_bf16']:.2f} "
+              f"vs bf16  x{r['speedup_vs_fa3_fp8']:.2f} vs fp8", flush=True)
+    return rows
+
+
 def main() -> None:
     global BLOCK, GROUP  # --block-size / --group-size set what every bench function reads
     ap = argparse.ArgumentParser(description=__doc__)
@@ -300,38 +340,15 @@ def main() -> None:
     copy_gbps = copy_bandwidth(timer)
     print(f"{gpu}: device copy {copy_gbps:.0f} GB/s (read + write)", flush=True)
     records = []
-    for batch in map(int, args.batches.split(",")):
-        for context in map(int, args.contexts.split(",")):
-            if batch * context * HKV * D * 4 / 1e9 > args.max_gb:
-                continue
-            base = {}
-            rows = []
-            for kv in ("bf16", "fp8"):
-                ms, nbytes = bench_fa3(batch, context, kv, timer, gen)
-                base[kv] = ms
-                rows.append(dict(impl="fa3", kv=kv, ms=ms, bytes=nbytes))
-            for bits in (4, 2):
-                ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
-                rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
-                                 bytes=nbytes, num_splits=splits))
-                for k_params in (args.k_params.split(",") if args.channel_k else []):
-                    ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen,
-                                                            K_PARAMS[k_params])
-                    rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="channel",
-                                     k_params=k_params, ms=ms, bytes=nbytes,
-                                     num_splits=splits))
-            for r in rows:
-                r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6,
-                         speedup_vs_fa3_bf16=base["bf16"] / r["ms"],
-                         speedup_vs_fa3_fp8=base["fp8"] / r["ms"])
-                r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
-                kv = r["kv"] + ("-kc" if r.get("k_mode") == "channel" else "") + (
-                    "8" if r.get("k_params") == "fp8" else "")
-                print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {kv:<8} "
-                      f"{r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s  x{r['speedup_vs_fa3_bf16']:.2f} "
-                      f"vs bf16  x{r['speedup_vs_fa3_fp8']:.2f} vs fp8", flush=True)
-            records += rows
-            torch.cuda.empty_cache()
+    sampler = GpuSampler(interval_s=0.01)
+    with sampler:
+        for batch in map(int, args.batches.split(",")):
+            for context in map(int, args.contexts.split(",")):
+                if batch * context * HKV * D * 4 / 1e9 <= args.max_gb:
+                    records += bench_case(batch, context, args, timer, gen, copy_gbps)
+                    torch.cuda.empty_cache()
+    for r in records:  # the GPU's clock and power while each row's calls were timed
+        r["gpu"] = sampler.summary([r.pop("window")])
     writes = [bench_write(n, timer) for n in (64, 4096, 65536)]
     for w in writes:
         print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "
