@@ -8,9 +8,10 @@ quantize-on-write kernel against vLLM's reshape_and_cache_flash for the same tok
 With --channel-k it also times per-channel K mode (issue #7: ``decode_kc``, the own page
 from the residual) at both bit widths, records with ``"k_mode": "channel"`` (the others
 ``"token"``); the issue's target is within 10% of per-token mode at the same bits.
-Each record's ``gpu`` holds the SM clock, power (a one-second average) and the driver's
-reasons for a lowered clock, sampled every 10 ms while its timed calls ran
-(vllm_bitdecode.testing.GpuSampler; None where no sample fell in that window).
+Each record's ``gpu`` holds the SM clock, power and the driver's reasons for a lowered
+clock, sampled every 10 ms while its timed calls ran (vllm_bitdecode.testing.GpuSampler;
+None where no sample fell in that window), and the window's length, ``window_s``. NVML's
+power is a one-second average: over a shorter window it mostly reflects the rows before.
 
     python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
 """
@@ -348,7 +349,10 @@ def main() -> None:
                     records += bench_case(batch, context, args, timer, gen, copy_gbps)
                     torch.cuda.empty_cache()
     for r in records:  # the GPU's clock and power while each row's calls were timed
-        r["gpu"] = sampler.summary([r.pop("window")])
+        start, end = r.pop("window")
+        r["gpu"] = sampler.summary([(start, end)])
+        if r["gpu"] is not None:
+            r["gpu"]["window_s"] = end - start
     writes = [bench_write(n, timer) for n in (64, 4096, 65536)]
     for w in writes:
         print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "

@@ -172,7 +172,7 @@ class ChannelKPages:
 
     def __init__(self, layers: int, gqa: int, gen: torch.Generator):
         self.seq_lens = list(WRITE_THEN_DECODE_SEQ_LENS)
-        self.layers, self.kv_heads = layers, KV_HEADS
+        self.layers, self.kv_heads, self.gqa = layers, KV_HEADS, gqa
         self.layout = kc.KCPageLayout(self.fmt, 16)
         b = len(self.seq_lens)
         self.caches, self.residuals, self.tables, self.row_slots, self.slots = [], [], [], [], []
@@ -209,8 +209,7 @@ def test_decode_kc_right_after_the_write_sees_the_written_token(graph):
     residual rows that kernel writes (tests.gpu.test_kernels.
     check_decode_right_after_the_write)."""
     gen = torch.Generator().manual_seed(61)
-    gqa = 4
-    pages = ChannelKPages(8, gqa, gen)
+    pages = ChannelKPages(8, 4, gen)
     lens_cpu = torch.tensor(pages.seq_lens, dtype=torch.int32)
 
     def decode(layer, out, q):
@@ -224,7 +223,7 @@ def test_decode_kc_right_after_the_write_sees_the_written_token(graph):
         return kc.paged_decode_kc(q, cache, residual, table, lens_cpu, row_slot, SCALE,
                                   pages.layout)
 
-    check_decode_right_after_the_write(pages, decode, reference, graph, gen, gqa)
+    check_decode_right_after_the_write(pages, decode, reference, graph, gen)
 
 
 BAD_KC_CALL = """

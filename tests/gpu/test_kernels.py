@@ -521,7 +521,7 @@ class PerTokenPages:
 
     def __init__(self, layers: int, kv_heads: int, gqa: int, gen: torch.Generator):
         self.seq_lens = list(WRITE_THEN_DECODE_SEQ_LENS)
-        self.layers, self.kv_heads = layers, kv_heads
+        self.layers, self.kv_heads, self.gqa = layers, kv_heads, gqa
         self.caches, self.tables, self.slots = [], [], []
         for _ in range(layers):
             cache, table = _fill_pages(self.seq_lens, kv_heads, self.fmt, torch.bfloat16, True,
@@ -544,19 +544,19 @@ class PerTokenPages:
 
 
 def check_decode_right_after_the_write(pages, decode, reference, graph: bool,
-                                       gen: torch.Generator, gqa: int = 4):
+                                       gen: torch.Generator):
     """Layer after layer, the step's KV-cache write and then a decode (as vLLM runs a
     step), eagerly or as one CUDA graph, three steps. Each step's new token overwrites a
     token of the pages with a key that its queries all point at, so that the output is
-    nearly its value: a decode that reads the pages (or Q) before the write lands reads
-    the old token and misses by far (checked against the reference over the state before
-    the write).
+    nearly its value: a decode that reads the pages before the write lands reads the old
+    token and misses by far (checked against the reference over the state before the
+    write). Q is copied in before each step, not written inside it.
 
-    ``pages`` is a PerTokenPages or alike (layers, kv_heads, seq_lens, write(layer, key,
-    value), state(layer)); ``decode(layer, out, q)`` launches the decode under test for
+    ``pages`` is a PerTokenPages or alike (layers, kv_heads, gqa, seq_lens, write(layer,
+    key, value), state(layer)); ``decode(layer, out, q)`` launches the decode under test for
     one layer, and ``reference(layer, q, state)`` gives its expected output on the CPU
     for ``state = pages.state(layer)``."""
-    layers, kv_heads = pages.layers, pages.kv_heads
+    layers, kv_heads, gqa = pages.layers, pages.kv_heads, pages.gqa
     b, hq = len(pages.seq_lens), kv_heads * gqa
     q = torch.empty(layers, b, hq, 128, dtype=torch.bfloat16, device=DEV)
     key = torch.empty(layers, b, kv_heads, 128, dtype=torch.bfloat16, device=DEV)

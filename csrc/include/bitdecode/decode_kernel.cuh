@@ -346,9 +346,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     }
   };
   if (tile_begin >= tile_end) {  // nothing to read: an empty split, or no tokens
-    // Its writes wait too: a combine before this grid (decode calls back to back, as in
-    // bench_decode.py and bench_sparse.py) triggers this launch at its start and may
-    // still be reading the partials. In vLLM's steps the write kernel comes between.
+    // Its writes wait too: when two decode calls follow each other with no kernel
+    // between (a caller's own loop; the benchmarks' untimed warm-up calls), the
+    // first call's combine triggers this launch at its start and may still be reading
+    // the partials. In vLLM's steps the KV-cache write comes between.
     asm volatile("griddepcontrol.wait;" ::: "memory");
     for (int idx = threadIdx.x; idx < q_rows * HEAD; idx += blockDim.x)
       write_row(idx / HEAD, idx % HEAD, 0.0f, -INFINITY);

@@ -19,8 +19,8 @@
 //    each request's last written page go to its residual slot. After phase A, which may
 //    read residual rows this overwrites (a chunk that fills a page and ends in the next).
 //    It lets the decode after it start (griddepcontrol.launch_dependents): the decode
-//    waits for it before reading a page or a residual row, and phases A and B are plain
-//    launches, so they have finished before B starts.
+//    waits for it before reading a page or a residual row, and the V kernel and phase A
+//    are plain launches, so they have finished before B starts.
 //
 // The residual is [num_slots][2][num_kv_heads][block_size][HEAD] in the model dtype: K
 // rows, then V rows (kc_residual_rows).

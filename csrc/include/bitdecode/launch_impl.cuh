@@ -87,10 +87,10 @@ void launch_dependent(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem
   cudaLaunchKernelEx(&config, kernel, params);
 }
 
-// The decode is a programmatic dependent of the kernel before it, the step's KV-cache
-// write (quantize_kernel) in a decode step: its CTAs load the lengths and block-table
-// entries while the write runs, and wait (griddepcontrol.wait) before they read Q or a
-// page.
+// The decode is a programmatic dependent of the kernel before it, in a decode step the
+// KV-cache write (quantize_kernel, or kc_residual_kernel, the last of channel K's three
+// write kernels): its CTAs load the lengths and block-table entries while the write
+// runs, and wait (griddepcontrol.wait) before they read Q, a page or a residual row.
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT,
           bool KP8>
 void launch_decode_tiles(const DecodeParams& p, cudaStream_t stream) {
