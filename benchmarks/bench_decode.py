@@ -341,8 +341,7 @@ def main() -> None:
     copy_gbps = copy_bandwidth(timer)
     print(f"{gpu}: device copy {copy_gbps:.0f} GB/s (read + write)", flush=True)
     records = []
-    sampler = GpuSampler(interval_s=0.01)
-    with sampler:
+    with GpuSampler(interval_s=0.01) as sampler:
         for batch in map(int, args.batches.split(",")):
             for context in map(int, args.contexts.split(",")):
                 if batch * context * HKV * D * 4 / 1e9 <= args.max_gb:

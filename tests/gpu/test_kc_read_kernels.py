@@ -21,9 +21,11 @@ from tests.clear_errors import expect_table_case
 from tests.gpu.test_kernels import (
     DEV,
     WRITE_THEN_DECODE_SEQ_LENS,
+    _graph_buffers,
     _ops,
     _rel_err,
     check_decode_right_after_the_write,
+    last_token_slots,
 )
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.backend.metadata import MIN_TILES_PER_SPLIT, plan_num_splits
@@ -183,13 +185,12 @@ class ChannelKPages:
             self.residuals.append(residual.to(DEV))
             self.tables.append(table.to(DEV))
             self.row_slots.append(row_slot.to(DEV))
-            self.slots.append(torch.tensor([int(table[i, (n - 1) // 16]) * 16 + (n - 1) % 16
-                                            for i, n in enumerate(self.seq_lens)], device=DEV))
+            self.slots.append(last_token_slots(table, self.seq_lens))
         self.query_start_loc = torch.arange(b + 1, dtype=torch.int32, device=DEV)
         self.lens = torch.tensor(self.seq_lens, dtype=torch.int32, device=DEV)
         self.splits = plan_num_splits(b, KV_HEADS, 132, 4)
-        self.partial_out = torch.empty(self.splits * b * KV_HEADS * gqa * 128, device=DEV)
-        self.partial_lse = torch.empty(self.splits * b * KV_HEADS * gqa, device=DEV)
+        _, self.partial_out, self.partial_lse, _ = _graph_buffers(b, KV_HEADS * gqa,
+                                                                  self.splits)
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
         _ops().write_tokens_kc(key, value, self.slots[layer], self.query_start_loc, self.lens,

@@ -511,6 +511,13 @@ def test_decode_under_cuda_graph_replay():
 WRITE_THEN_DECODE_SEQ_LENS = (37, 16, 300, 1)  # after the write; the new token is the last
 
 
+def last_token_slots(table: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    """The cache slot (block * 16 + offset, pages of 16) of each sequence's last token:
+    where a write-then-decode step puts its new token. [rows] int64, on DEV."""
+    return torch.tensor([int(table[i, (n - 1) // 16]) * 16 + (n - 1) % 16
+                         for i, n in enumerate(seq_lens)], device=DEV)
+
+
 class PerTokenPages:
     """What check_decode_right_after_the_write writes into and decodes from, in the
     per-token page format (4 bits, group 128, pages of 16, rotated): per layer, shuffled
@@ -528,8 +535,7 @@ class PerTokenPages:
                                        gen)
             self.caches.append(cache.to(DEV))
             self.tables.append(table.to(DEV))
-            self.slots.append(torch.tensor([int(table[i, (n - 1) // 16]) * 16 + (n - 1) % 16
-                                            for i, n in enumerate(self.seq_lens)], device=DEV))
+            self.slots.append(last_token_slots(table, self.seq_lens))
         self.lens = torch.tensor(self.seq_lens, dtype=torch.int32, device=DEV)
         self.splits = plan_num_splits(len(self.seq_lens), kv_heads, 132, 4)
         _, self.partial_out, self.partial_lse, self.signs = _graph_buffers(
