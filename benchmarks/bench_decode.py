@@ -9,9 +9,11 @@ With --channel-k it also times per-channel K mode (issue #7: ``decode_kc``, the 
 from the residual) at both bit widths, records with ``"k_mode": "channel"`` (the others
 ``"token"``); the issue's target is within 10% of per-token mode at the same bits.
 Each record's ``gpu`` holds the SM clock, power and the driver's reasons for a lowered
-clock, sampled every 10 ms while its timed calls ran (vllm_bitdecode.testing.GpuSampler;
-None where no sample fell in that window), and the window's length, ``window_s``. NVML's
-power is a one-second average: over a shorter window it mostly reflects the rows before.
+clock, sampled every 10 ms (vllm_bitdecode.testing.GpuSampler) from one interval before
+its timed calls to one after them, the timed span's length ``window_s`` and the sampled
+span's ``sampled_s``: most rows' calls take 3-12 ms (H200, 2026-12-02), and counting
+only the samples inside them left 11 rows of 48 with none. NVML's power is a one-second
+average: over such short windows it mostly reflects the rows before.
 
     python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
 """
@@ -347,11 +349,8 @@ def main() -> None:
                 if batch * context * HKV * D * 4 / 1e9 <= args.max_gb:
                     records += bench_case(batch, context, args, timer, gen, copy_gbps)
                     torch.cuda.empty_cache()
-    for r in records:  # the GPU's clock and power while each row's calls were timed
-        start, end = r.pop("window")
-        r["gpu"] = sampler.summary([(start, end)])
-        if r["gpu"] is not None:
-            r["gpu"]["window_s"] = end - start
+    for r in records:
+        r["gpu"] = gpu_around(sampler, r.pop("window"))
     writes = [bench_write(n, timer) for n in (64, 4096, 65536)]
     for w in writes:
         print(f"write {w['num_tokens']:>6} tokens: reshape_and_cache_flash "
@@ -363,6 +362,18 @@ def main() -> None:
     out = Path(args.out or f"benchmarks/results/decode_{gpu_slug(gpu)}.json")
     write_results(doc, out)
     plot(doc, out.with_suffix(".png"))
+
+
+def gpu_around(sampler: GpuSampler, window: tuple[float, float]) -> dict | None:
+    """The GPU's clock and power around one row's timed calls: the samples from one
+    sampling interval before ``window`` to one after, so that a window shorter than the
+    interval still holds one."""
+    start, end = window
+    margin = sampler.interval_s
+    out = sampler.summary([(start - margin, end + margin)])
+    if out is not None:
+        out.update(window_s=end - start, sampled_s=end - start + 2 * margin)
+    return out
 
 
 def plot(doc: dict, path: Path) -> None:

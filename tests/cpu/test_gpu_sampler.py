@@ -118,3 +118,20 @@ def test_time_decode_reports_the_gpu_over_the_long_runs_only(monkeypatch):
     long_starts = [at for n, at in runs[1:] if n == 9]
     assert [a <= at <= b for (a, b), at in zip(seen["windows"], long_starts, strict=True)] == [
         True] * 3
+
+
+def test_bench_decode_rows_shorter_than_the_interval_get_the_samples_around_them():
+    """bench_decode's rows take 3-12 ms, its sampler's interval is 10 ms: a row takes the
+    samples from one interval before its timed calls to one after, no farther."""
+    from tests.scripts import load_script
+
+    bench = load_script("benchmarks/bench_decode.py")
+    sampler = types.SimpleNamespace(interval_s=0.01, samples=[
+        [0.985, 1980, 300.0, 0], [0.995, 1830, 690.0, 0x4], [1.009, 1845, 695.0, 0x4],
+        [1.025, 1980, 200.0, 0]])
+    sampler.summary = lambda windows: testing.summarize_gpu_samples(sampler.samples, windows)
+    g = bench.gpu_around(sampler, (1.0, 1.004))  # no sample inside the 4 ms it was timed
+    assert g["samples"] == 2 and g["sm_clock_mhz_max"] == 1845
+    assert g["sw_power_cap_fraction"] == 1.0
+    assert g["window_s"] == pytest.approx(0.004) and g["sampled_s"] == pytest.approx(0.024)
+    assert bench.gpu_around(sampler, (1.1, 1.105)) is None
