@@ -19,6 +19,8 @@
    the process the user started: a bad setting fails there, with one line, before any
    worker starts or takes GPU memory. The layers check again when they are built (the
    properties only a layer knows: ALiBi, soft-capping, sinks, KV sharing, V head size).
+   A setting that runs but was measured to cost much accuracy (2-bit K per token) gets
+   one warning line there (``config.accuracy_warnings``).
 5. BITDECODE, like FlashInfer, has vLLM put a step's decodes first in the batch
    (``reorder_batch_threshold``), and vLLM 0.20's ``InputBatch.swap_states`` swaps the
    two rows of the ``allowed_token_ids`` mask through views of them, so both rows end
@@ -177,11 +179,19 @@ def patch_engine_config() -> None:
         if _asks_for_bitdecode(vllm_config):
             from vllm_bitdecode import config
 
-            config.check_vllm_config(vllm_config)
+            for line in config.accuracy_warnings(config.check_vllm_config(vllm_config)):
+                _logger().warning(line)
         return vllm_config
 
     create_engine_config._bitdecode = True
     EngineArgs.create_engine_config = create_engine_config
+
+
+def _logger():
+    from vllm.logger import init_logger
+
+    # under vllm's logger tree: a logger outside it prints nothing below WARNING in vLLM
+    return init_logger(f"vllm.{__name__}")
 
 
 def patch_layer_backend_check() -> None:

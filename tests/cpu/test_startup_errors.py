@@ -511,3 +511,26 @@ def test_stand_in_matches_cuda_platform():
                  'f"Selected backend {selected_backend} is not valid for "',
                  'f"this configuration. Reason: {invalid_reasons}"'):
         assert line in body, f"CudaPlatform.get_attn_backend_cls changed: {line!r} missing"
+
+
+@pytest.mark.parametrize(("settings", "flags", "warned"), [
+    ({"bits": 2}, (), True),
+    ({"bits": 2, "k_mode": "channel", "group_size": 32}, ("--block-size", "128"), False),
+    ({"bits": 4}, (), False),
+])
+def test_two_bit_k_per_token_is_warned_about_at_startup(startup, monkeypatch, settings,
+                                                        flags, warned):
+    """2-bit K per token starts, with one warning line that names the setting that kept
+    the shipped model's quality; per-channel 2-bit and 4-bit start without it."""
+    from vllm_bitdecode import _registration
+
+    lines: list[str] = []
+    monkeypatch.setattr(_registration, "_logger",
+                        lambda: type("L", (), {"warning": staticmethod(lines.append)}))
+    stage, exc, _ = startup(Row(flags=(*flags, *_additional(settings))))
+    # (channel mode's layers make their residual on the GPU, past the config's stage)
+    assert exc is None or (settings.get("k_mode") == "channel" and stage == "impl"), \
+        f"{stage}: {exc!r}"
+    assert len(lines) == int(warned)
+    for line in lines:
+        assert "\n" not in line and '"k_mode": "channel"' in line and "1242" in line
