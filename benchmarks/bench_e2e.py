@@ -91,6 +91,11 @@ BACKENDS: dict[str, tuple[str, str, dict[str, Any]]] = {
                        {"backend": None, "kv_cache_dtype": "turboquant_4bit_nc"}),
     "BITDECODE:int4": ("BITDECODE", "int4", {"backend": "BITDECODE", "bitdecode": {"bits": 4}}),
     "BITDECODE:int2": ("BITDECODE", "int2", {"backend": "BITDECODE", "bitdecode": {"bits": 2}}),
+    # the 2-bit setting the README recommends: K per channel, V groups of 32, 128-token
+    # pages (2-bit K per token lost the shipped model's quality; issue #7)
+    "BITDECODE:int2-channel": ("BITDECODE", "int2-channel", {
+        "backend": "BITDECODE", "block_size": 128,
+        "bitdecode": {"bits": 2, "k_mode": "channel", "group_size": 32}}),
     # issue #6: TidalDecode-style sparse decode over 4-bit pages, 2048 positions kept
     "BITDECODE:int4-sparse": ("BITDECODE", "int4-sparse",
                               {"backend": "BITDECODE", "bitdecode": {
@@ -450,6 +455,8 @@ def throughput_cli_command(key: str, model: str, s: dict[str, Any], out_json: st
         cmd += ["--kv-cache-dtype", extra["kv_cache_dtype"]]
     if "bitdecode" in extra:
         cmd += ["--additional-config", json.dumps({"bitdecode": extra["bitdecode"]})]
+    if "block_size" in extra:
+        cmd += ["--block-size", str(extra["block_size"])]
     if s["cudagraph_capture_sizes"]:
         sizes = [n for n in s["cudagraph_capture_sizes"] if n <= s["max_num_seqs"]]
         cmd += ["--compilation-config", json.dumps({"cudagraph_capture_sizes": sizes})]
@@ -623,7 +630,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", default="all",
                     help="'all' or a comma list of " + ", ".join(BACKENDS)
-                    + " (or their kv part: bf16, fp8, tq4, int4, int2)")
+                    + " (or their kv part: bf16, fp8, tq4, int4, int2, int2-channel)")
     ap.add_argument("--cases", default="all",
                     help="'all' (" + ", ".join(DEFAULT_CASES) + ") or a comma list of "
                     + ", ".join(CASES))
