@@ -136,46 +136,52 @@ def copy_bandwidth(timer: Timer) -> float:
     return 2 * a.numel() / ms / 1e6
 
 
-def block_table(batch: int, context: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    per_seq = context // BLOCK
+def block_table(batch: int, context: int, gen: torch.Generator,
+                device: str | torch.device = "cuda") -> tuple[torch.Tensor, int]:
+    """Each sequence's pages for ``context`` tokens (the last one partial where 16 does
+    not divide it), all of them in a random order."""
+    per_seq = -(-context // BLOCK)
     num_blocks = batch * per_seq
     perm = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    return perm.view(batch, per_seq).cuda(), num_blocks
+    return perm.view(batch, per_seq).to(device), num_blocks
 
 
-def bench_fa3(batch, context, kv, timer, gen) -> tuple[float, int]:
+def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1) -> tuple[float, int]:
+    """FA3 over paged bf16 / fp8 K/V: each sequence's last ``query_len`` tokens attend
+    (1: decode; more: a prefill chunk, as bench_prefill.py times it)."""
     table, num_blocks = block_table(batch, context, gen)
     k = torch.randn(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda")
     v = torch.randn_like(k)
-    q = torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda")
+    q = torch.randn(batch * query_len, HQ, D, dtype=DTYPE, device="cuda")
     kw = {}
     if kv == "fp8":
         k, v, q = k.to(FP8), v.to(FP8), q.to(FP8)
         ones = torch.ones(batch, HKV, dtype=torch.float32, device="cuda")
         kw = dict(q_descale=ones, k_descale=ones, v_descale=ones)
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
     seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    out = torch.empty(batch, HQ, D, dtype=DTYPE, device="cuda")
+    out = torch.empty(batch * query_len, HQ, D, dtype=DTYPE, device="cuda")
 
     def run():
         fa3_paged_decode(q, k, v, table, seqused, context, D**-0.5, out=out, cu_seqlens_q=cu_q,
-                         **kw)
+                         max_seqlen_q=query_len, **kw)
 
     ms = timer(run)
     return ms, batch * context * HKV * D * 2 * k.element_size()
 
 
-def fill_pages(num_blocks: int, fmt: PageFormat) -> torch.Tensor:
+def fill_pages(num_blocks: int, fmt: PageFormat,
+               device: str | torch.device = "cuda") -> torch.Tensor:
     """Quantize random K/V into every page with the BITDECODE kernel itself."""
     from vllm_bitdecode import ops
 
-    cache = torch.empty(num_blocks, HKV, fmt.head_region_bytes, dtype=torch.uint8, device="cuda")
+    cache = torch.empty(num_blocks, HKV, fmt.head_region_bytes, dtype=torch.uint8, device=device)
     chunk = 1 << 16
-    signs = rotation_signs(D).cuda()
+    signs = rotation_signs(D).to(device)
     for start in range(0, num_blocks * BLOCK, chunk):
         n = min(chunk, num_blocks * BLOCK - start)
-        k = torch.randn(n, HKV, D, dtype=DTYPE, device="cuda")
-        slots = torch.arange(start, start + n, device="cuda")
+        k = torch.randn(n, HKV, D, dtype=DTYPE, device=device)
+        slots = torch.arange(start, start + n, device=device)
         ops.quantize_to_pages(k, torch.randn_like(k), slots, cache, signs, fmt.bits,
                               fmt.group_size, BLOCK)
     return cache

@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_decode import BLOCK, DTYPE, FP8, HKV, HQ, D, Timer  # noqa: E402
+import bench_decode as dense  # noqa: E402
+from bench_decode import BLOCK, DTYPE, HKV, HQ, D, Timer  # noqa: E402
 
 from vllm_bitdecode import config as bd_config  # noqa: E402
 from vllm_bitdecode.backend.metadata import (  # noqa: E402
@@ -40,48 +41,9 @@ from vllm_bitdecode.backend.metadata import (  # noqa: E402
 from vllm_bitdecode.page_format import rotation_signs  # noqa: E402
 from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results  # noqa: E402
 from vllm_bitdecode.reference import rotation_matrix  # noqa: E402
-from vllm_bitdecode.testing import fa3_paged_decode  # noqa: E402
 
 SCALE = D**-0.5
 DEVICE = torch.device("cuda")
-
-
-def paged_table(context: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-    """One request's block table over ``context`` tokens, its pages in a random order."""
-    num_blocks = -(-context // BLOCK)
-    pages = torch.randperm(num_blocks, generator=gen).to(torch.int32)
-    return pages.view(1, -1).to(DEVICE), num_blocks
-
-
-def write_pages(num_blocks: int, fmt) -> torch.Tensor:
-    """Every page filled with random K/V, quantized by BITDECODE's own write."""
-    from vllm_bitdecode import ops
-
-    cache = torch.empty(num_blocks, HKV, fmt.head_region_bytes, dtype=torch.uint8,
-                        device=DEVICE)
-    k = torch.randn(num_blocks * BLOCK, HKV, D, dtype=DTYPE, device=DEVICE)
-    slots = torch.arange(num_blocks * BLOCK, device=DEVICE)
-    ops.quantize_to_pages(k, torch.randn_like(k), slots, cache, rotation_signs(D).to(DEVICE),
-                          fmt.bits, fmt.group_size, BLOCK)
-    return cache
-
-
-def bench_fa3(chunk: int, context: int, kv: str, timer: Timer, gen: torch.Generator) -> float:
-    """FLASH_ATTN's prefill of the context's last ``chunk`` tokens over paged K/V."""
-    table, num_blocks = paged_table(context, gen)
-    k = torch.randn(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device=DEVICE)
-    v = torch.randn_like(k)
-    q = torch.randn(chunk, HQ, D, dtype=DTYPE, device=DEVICE)
-    kw = {}
-    if kv == "fp8":
-        k, v, q = k.to(FP8), v.to(FP8), q.to(FP8)
-        ones = torch.ones(1, HKV, dtype=torch.float32, device=DEVICE)
-        kw = dict(q_descale=ones, k_descale=ones, v_descale=ones)
-    cu_q = torch.tensor([0, chunk], dtype=torch.int32, device=DEVICE)
-    seqused = torch.tensor([context], dtype=torch.int32, device=DEVICE)
-    out = torch.empty(chunk, HQ, D, dtype=DTYPE, device=DEVICE)
-    return timer(lambda: fa3_paged_decode(q, k, v, table, seqused, context, SCALE, out=out,
-                                          cu_seqlens_q=cu_q, max_seqlen_q=chunk, **kw))
 
 
 def prefill_step(chunk: int, context: int, bits: int, gen: torch.Generator,
@@ -94,8 +56,8 @@ def prefill_step(chunk: int, context: int, bits: int, gen: torch.Generator,
     cfg = bd_config.BitDecodeConfig(bits=bits, prefill_window=window)
     bd_config.set_active(cfg)
     fmt = cfg.page_format(D, BLOCK)
-    table, num_blocks = paged_table(context, gen)
-    cache = write_pages(num_blocks, fmt)
+    table, num_blocks = dense.block_table(1, context, gen, DEVICE)
+    cache = dense.fill_pages(num_blocks, fmt, DEVICE)
     rows = prefill_workspace_rows(False, context, chunk, BLOCK, window)
     builder = types.SimpleNamespace(bitdecode=cfg, prefill_workspace_rows=rows,
                                     device=DEVICE, page_format=fmt)
@@ -183,7 +145,7 @@ def main() -> None:
             base = None
             rows = []
             for kv in ("bf16", "fp8"):
-                ms = bench_fa3(chunk, context, kv, timer, gen)
+                ms, _ = dense.bench_fa3(1, context, kv, timer, gen, query_len=chunk)
                 base = base or ms
                 rows.append(dict(impl="fa3", kv=kv, ms=ms))
             for bits in (4, 2):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_bitdecode import config as bd_config
 from vllm_bitdecode import reference as ref
 
 
@@ -42,6 +43,27 @@ def merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, out_l
     out.copy_(o)
     if out_lse is not None:
         out_lse.copy_(lse)
+
+
+def quantize_to_pages(key, value, slot_mapping, cache, signs, bits, group_size,
+                      block_size) -> None:
+    """ops.quantize_to_pages by the reference, in the active config's page format."""
+    fmt = bd_config.get_active().page_format(key.shape[-1], block_size)
+    ref.write_tokens(cache, key, value, slot_mapping, fmt, signs is not None)
+
+
+def dequantize_pages(cache, block_table, seq_lens, out_start, k_out, v_out, bits, group_size,
+                     block_size, max_tokens) -> None:
+    """ops.dequantize_pages by the reference: each request's first seq_lens[i] tokens into
+    rows out_start[i]... of k_out / v_out, in the active config's page format."""
+    fmt = bd_config.get_active().page_format(k_out.shape[-1], block_size)
+    for i, n in enumerate(seq_lens.tolist()):
+        assert n <= max_tokens
+        assert block_table.stride(1) == 1  # the kernel's requirement (a window's is a view)
+        k, v = ref.read_blocks(cache, block_table[i, : -(-n // block_size)], n, fmt,
+                               k_out.dtype)
+        w = int(out_start[i])
+        k_out[w : w + n], v_out[w : w + n] = k.to(k_out.dtype), v.to(v_out.dtype)
 
 
 def random_pages(fmt, rotate_k: bool, lens: list[int], num_kv_heads: int,

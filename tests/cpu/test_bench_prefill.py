@@ -10,7 +10,12 @@ import types
 import pytest
 import torch
 
-from tests.cpu.attention_stand_ins import flash_attn_varlen, merge_attn_states
+from tests.cpu.attention_stand_ins import (
+    dequantize_pages,
+    flash_attn_varlen,
+    merge_attn_states,
+    quantize_to_pages,
+)
 from tests.scripts import load_script
 from vllm_bitdecode import config as bd_config
 from vllm_bitdecode import reference as ref
@@ -27,20 +32,8 @@ def bench(monkeypatch):
     monkeypatch.setattr(mod, "DEVICE", torch.device("cpu"))
     monkeypatch.setattr(impl_mod, "_merge_attn_states", merge_attn_states)
 
-    def quantize(k, v, slots, cache, signs, bits, group_size, block_size):
-        fmt = bd_config.get_active().page_format(mod.D, block_size)
-        ref.write_tokens(cache, k, v, slots, fmt, signs is not None)
-
-    def dequantize(cache, table, seq_lens, out_start, k_out, v_out, bits, group_size,
-                   block_size, max_tokens):
-        fmt = bd_config.get_active().page_format(mod.D, block_size)
-        for i, n in enumerate(seq_lens.tolist()):
-            k, v = ref.read_blocks(cache, table[i, : -(-n // block_size)], n, fmt, k_out.dtype)
-            w = int(out_start[i])
-            k_out[w : w + n], v_out[w : w + n] = k.to(k_out.dtype), v.to(v_out.dtype)
-
-    monkeypatch.setattr(impl_mod.ops, "quantize_to_pages", quantize)
-    monkeypatch.setattr(impl_mod.ops, "dequantize_pages", dequantize)
+    monkeypatch.setattr(impl_mod.ops, "quantize_to_pages", quantize_to_pages)
+    monkeypatch.setattr(impl_mod.ops, "dequantize_pages", dequantize_pages)
     yield mod
     bd_config.set_active(bd_config.BitDecodeConfig())
 

@@ -20,6 +20,7 @@ import torch
 
 from tests.cpu.attention_stand_ins import (
     assert_layer_matches,
+    dequantize_pages,
     flash_attn_varlen,
     random_pages,
 )
@@ -236,16 +237,8 @@ def impl_mod(monkeypatch):
         real = int(qsl[-1])  # rows past the requests' tokens (padding) are not written
         out[:real].copy_(got[:real].to(out.dtype))
 
-    def dequantize(cache, table, seq_lens, out_start, k_out, v_out, bits, group_size,
-                   block_size, max_tokens):
-        fmt = bd_config.get_active().page_format(D, block_size)
-        for i, n in enumerate(seq_lens.tolist()):
-            k, v = ref.read_blocks(cache, table[i, : -(-n // block_size)], n, fmt, k_out.dtype)
-            w = int(out_start[i])
-            k_out[w : w + n], v_out[w : w + n] = k.to(k_out.dtype), v.to(v_out.dtype)
-
     monkeypatch.setattr(mod.ops, "decode", decode)
-    monkeypatch.setattr(mod.ops, "dequantize_pages", dequantize)
+    monkeypatch.setattr(mod.ops, "dequantize_pages", dequantize_pages)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # the impl checks the model dtype
     yield mod
