@@ -6,6 +6,8 @@
 # regex, in which "a|b" matches only itself: such a poll waited out its whole time.)
 #     bash scripts/device_poll.sh <seconds> <marker>
 D="${PIPELINE_DIR:-/tmp/pipeline}"
+# a machine given back while idle comes back bare: say so at once instead of waiting
+[ -f "$D/progress" ] || { echo "no pipeline on this machine ($D/progress missing): a fresh one?"; exit 1; }
 end=$(( $(date +%s) + $1 ))
 while [ "$(date +%s)" -lt "$end" ]; do
   grep -qE "$2" "$D/progress" 2>/dev/null && break
