@@ -6,14 +6,14 @@ chunk's Q as K was rotated, reads each request's whole context, chunk included, 
 the 4- or 2-bit pages into the prefill workspace (``dequantize_pages``), and runs the same
 FlashAttention-3 over it; a context longer than ``prefill_window`` goes in windows merged
 by LSE. This times the impl's own ``forward`` on a prefill-only step of one request, and
-each of its parts alone: the Q rotation in two forms (``rotate_q_fp32``, the float32
-product with the orthonormal matrix that the impl uses; ``rotate_q_hadamard``, a product
-in the model dtype with the signed Hadamard matrix over 16, exact there, the rest of
-1/sqrt(D) left to the softmax scale, as docs/patches/prefill-q-rotation.patch does it),
-the dequantize, and the attention over the workspace. The cache writes are not
-timed here (``bench_decode.py`` times quantize-on-write against
-``reshape_and_cache_flash``). Each call is timed after an L2 flush, median of --reps;
-``vs_fa3_bf16`` is a record's time over FA3 bf16's for the same chunk and context.
+each of its parts alone: the Q rotation in two forms (``rotate_q_hadamard``, what the
+impl does: a product in the model dtype with the signed Hadamard matrix over 16, exact
+there, the rest of 1/sqrt(D) left to the softmax scale; ``rotate_q_fp32``, the float32
+product with the orthonormal matrix that the impl did until 2026-12-02), the
+dequantize, and the attention over the workspace. The cache writes are not timed here
+(``bench_decode.py`` times quantize-on-write against ``reshape_and_cache_flash``). Each
+call is timed after an L2 flush, median of --reps; ``vs_fa3_bf16`` is a record's time
+over FA3 bf16's for the same chunk and context.
 
     python benchmarks/bench_prefill.py   # -> benchmarks/results/prefill_<gpu>.json
 """
@@ -94,8 +94,7 @@ def bench_bitdecode(chunk: int, context: int, bits: int, timer: Timer, gen: torc
     parts = {}
     ms = timer(lambda: impl.forward(layer, q, q, q, cache, md, output=out))
     rot = rotation_matrix(D).to(DEVICE)
-    # +-1 / 16, exact in the model dtype (docs/patches/prefill-q-rotation.patch)
-    hadamard = (rot.sign() / 16).to(DTYPE)
+    hadamard = impl._prefill_rotation(q)  # +-1 / 16 in the model dtype
     parts["rotate_q_fp32"] = timer(lambda: (q.float() @ rot).to(q.dtype))
     parts["rotate_q_hadamard"] = timer(lambda: q @ hadamard)
     k_ws, v_ws = impl.prefill_workspace[0], impl.prefill_workspace[1]

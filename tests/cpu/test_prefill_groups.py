@@ -260,3 +260,24 @@ def test_channel_mode_workspace_holds_any_one_request(block_size):
         for m in range(1, min(n, max_chunk) + 1):
             worst = max(worst, kc_prefill.pool_rows_per_request([0, m], [n], [0], block_size)[0])
     assert worst <= bound and worst > bound - block_size, (worst, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_q_rotation_is_exact_in_the_model_dtype(impl_mod, dtype):
+    """The prefill's Q rotation: the signed Hadamard matrix over 16 (exact in bf16 and
+    fp16), whose product times the softmax-scale gain is Q times the orthonormal K
+    rotation up to one rounding, and never larger than it (no new overflow in fp16)."""
+    mod, _ = impl_mod
+    bd_config.set_active(BitDecodeConfig())
+    impl = mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
+    q = (torch.randn(50, HEADS, D, generator=torch.Generator().manual_seed(3)) * 30).to(dtype)
+    rotation = impl._prefill_rotation(q)
+    exact = ref.rotation_matrix(D).double()
+    assert rotation.dtype == dtype
+    assert torch.equal(rotation.double(), exact.sign() / 16)  # nothing rounded
+    want = q.double() @ exact
+    got = (q @ rotation).double()
+    assert impl._prefill_rotation_gain == pytest.approx(16 / D**0.5)
+    err = float((got * impl._prefill_rotation_gain - want).norm() / want.norm())
+    assert 0 < err < 4e-3  # one rounding in the model dtype
+    assert got.abs().max() <= want.abs().max()

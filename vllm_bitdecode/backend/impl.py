@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -75,7 +76,8 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         from vllm.v1.attention.backends.fa_utils import flash_attn_varlen_func
 
         self._flash_attn_varlen = flash_attn_varlen_func
-        self._rotation: torch.Tensor | None = None  # [D, D] float32, rotates prefill Q
+        self._rotation: torch.Tensor | None = None  # [D, D] model dtype, rotates prefill Q
+        self._prefill_rotation_gain = 1.0  # the softmax scale's factor for that Q
         self._fmt = None  # page format, known once the cache is bound
         self._role: str | None = None  # sparse mode: dense, selection or reuse
         self.residual = self._residual(vllm_config)
@@ -268,8 +270,10 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         fmt = md.page_format
         start = md.num_decode_tokens
         q = query[start : md.num_actual_tokens]
+        scale = self.scale
         if md.rotation_signs is not None:  # K was stored rotated: rotate Q the same way
-            q = (q.float() @ self._rotation_matrix(q)).to(q.dtype)
+            rotation = self._prefill_rotation(q)
+            q, scale = q @ rotation, scale * self._prefill_rotation_gain
         merged: tuple[torch.Tensor, torch.Tensor] | None = None  # the windows so far
         for g in md.prefill.groups:
             k, v = self._workspace_rows(g.total_kv_tokens, query)
@@ -283,7 +287,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                 q=q[g.token_begin : g.token_end], k=k, v=v,
                 max_seqlen_q=g.max_query_len, cu_seqlens_q=g.query_start_loc,
                 max_seqlen_k=g.max_seq_len, cu_seqlens_k=g.kv_start_loc,
-                softmax_scale=self.scale, causal=last, out=out if g.windows == 1 else None,
+                softmax_scale=scale, causal=last, out=out if g.windows == 1 else None,
                 return_softmax_lse=g.windows > 1, fa_version=self.fa_version,
             )
             if g.windows == 1:
@@ -311,9 +315,20 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                                f"the workspace has {ws.shape[1]}")
         return ws[0, :rows], ws[1, :rows]
 
-    def _rotation_matrix(self, like: torch.Tensor) -> torch.Tensor:
-        if self._rotation is None or self._rotation.device != like.device:
-            self._rotation = rotation_matrix(self.head_size).to(like.device)
+    def _prefill_rotation(self, like: torch.Tensor) -> torch.Tensor:
+        """K's rotation for a prefill's Q as one GEMM in the model dtype: the signed
+        Hadamard matrix, whose entries are +-1, times 2^-ceil(log2(sqrt(D))) (1/16 at
+        D = 128), so exact in bf16 and fp16 and never larger than the orthonormal
+        rotation's output; the GEMM sums in float32 and rounds once. What it leaves out
+        of 1/sqrt(D) goes into the softmax scale (_prefill_rotation_gain). Until
+        2026-12-02 this was a float32 product with the orthonormal matrix: Q converted
+        to float32 and back around a float32 GEMM, in every layer."""
+        if self._rotation is None or self._rotation.device != like.device \
+                or self._rotation.dtype != like.dtype:
+            power = 2.0 ** -math.ceil(math.log2(math.sqrt(self.head_size)))
+            self._rotation = (rotation_matrix(self.head_size).sign() * power).to(
+                device=like.device, dtype=like.dtype)
+            self._prefill_rotation_gain = 1.0 / (power * math.sqrt(self.head_size))
         return self._rotation
 
 
