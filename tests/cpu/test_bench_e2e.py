@@ -184,6 +184,18 @@ def test_records_ratios_targets_and_merge(bench):
     assert s["vs_int4"] == pytest.approx(6.9 / 4.0) and s["kv"] == "int4-sparse"
     targets = {t["target"]: t for t in bench.check_targets(with_sparse)}
     assert targets["decode B=1 128K, sparse k=2048: >= 1.5x dense 4-bit"]["met"] is True
+    # the 2-bit capacity target is checked for each 2-bit setting on its own
+    per_token = bench.records_from_result("BITDECODE:int2", ["capacity_32k"],
+                                          _fake_result(6.0, 7.0, 3_200_000, 27_000))
+    per_channel = bench.records_from_result("BITDECODE:int2-channel", ["capacity_32k"],
+                                            _fake_result(6.5, 8.0, 1_900_000, 25_000))
+    both = bench.merge_records(json.loads(json.dumps(recs)), per_token + per_channel)
+    bench.add_ratios(both)
+    targets = {t["target"]: t for t in bench.check_targets(both)}
+    assert targets["KV capacity, 2-bit: >= 6.5x bf16 tokens"]["met"] is True
+    k_channel = targets["KV capacity, 2-bit K per channel: >= 6.5x bf16 tokens"]
+    assert k_channel["met"] is False
+    assert k_channel["value"] == pytest.approx(1_900_000 / 444_112)
     # a later run of one backend replaces only its records
     again = bench.records_from_result("BITDECODE:int4", ["decode_b1_128k"],
                                       _fake_result(6.5, 9.0, 1_671_984, 26_000))
