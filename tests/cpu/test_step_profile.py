@@ -32,6 +32,13 @@ NAMES = {
     "void bitdecode::quantize_kernel<__nv_bfloat16, 4>(bitdecode::WriteParams)":
         "KV-cache write",
     "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>(...)": "KV-cache write",
+    # per-channel K (k_mode "channel"): V and full pages quantized, the residual written
+    "void bitdecode::kc_value_kernel<__nv_bfloat16, 128, 2, 32>(bitdecode::KCWriteParams)":
+        "KV-cache write",
+    "void bitdecode::kc_page_kernel<__nv_bfloat16, 128, 2, false>(bitdecode::KCWriteParams)":
+        "KV-cache write",
+    "void bitdecode::kc_residual_kernel<__nv_bfloat16, 128>(bitdecode::KCWriteParams)":
+        "KV-cache write",
     "_tq_decode_stage1": "attention",  # TURBOQUANT (vLLM's Triton kernels)
     "_fwd_kernel_stage2": "attention combine",
     "_tq_fused_store_mse": "KV-cache write",
