@@ -12,7 +12,8 @@ Each record's ``gpu`` holds the SM clock, power and the driver's reasons for a l
 clock, sampled every 10 ms (vllm_bitdecode.testing.GpuSampler) from one interval before
 its timed calls to one after them, the timed span's length ``window_s`` and the sampled
 span's ``sampled_s``: most rows' calls take 3-12 ms (H200, 2026-12-02), and counting
-only the samples inside them left 11 rows of 48 with none. NVML's power is a one-second
+only the samples inside them left 11 rows of 48 with none; with one interval either side
+every row had 2-16 (same day, decode_6d300b8_h200.json). NVML's power is a one-second
 average: over such short windows it mostly reflects the rows before.
 
     python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
