@@ -26,9 +26,11 @@ def test_resolve_backends(bench):
     assert bench.resolve_backends("int4, bf16") == ["FLASH_ATTN:bf16", "BITDECODE:int4"]
     assert bench.resolve_backends("BITDECODE") == ["BITDECODE:int4", "BITDECODE:int2",
                                                    "BITDECODE:int2-channel",
+                                                   "BITDECODE:int2-channel-fp8",
                                                    "BITDECODE:int4-sparse",
                                                    "BITDECODE:int4-sparse-pages"]
     assert bench.resolve_backends("int2-channel") == ["BITDECODE:int2-channel"]
+    assert bench.resolve_backends("int2-channel-fp8") == ["BITDECODE:int2-channel-fp8"]
     assert bench.resolve_backends("int4-sparse") == ["BITDECODE:int4-sparse"]
     assert bench.resolve_backends("int4-sparse-pages") == ["BITDECODE:int4-sparse-pages"]
     assert bench.resolve_backends("tq4,flash_attn:fp8") == ["FLASH_ATTN:fp8", "TURBOQUANT:tq4"]
@@ -121,9 +123,11 @@ def test_throughput_cli_command_parses_with_vllm_bench_throughput(bench, monkeyp
             assert args.attention_backend == "BITDECODE"
         if key.startswith("TURBOQUANT"):
             assert args.kv_cache_dtype == "turboquant_4bit_nc"
-        if key == "BITDECODE:int2-channel":
+        if key.startswith("BITDECODE:int2-channel"):
             assert args.block_size == 128
             assert args.additional_config["bitdecode"]["k_mode"] == "channel"
+            assert args.additional_config["bitdecode"].get("k_params") == (
+                "fp8" if key.endswith("-fp8") else None)
 
 
 def _fake_result(ms_b1, ms_b8, kv, tps):
