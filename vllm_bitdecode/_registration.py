@@ -20,7 +20,8 @@
    worker starts or takes GPU memory. The layers check again when they are built (the
    properties only a layer knows: ALiBi, soft-capping, sinks, KV sharing, V head size).
    A setting that runs but was measured to cost much accuracy (2-bit K per token) gets
-   one warning line there (``config.accuracy_warnings``).
+   one warning line there (``config.accuracy_warnings``), and so does per-channel K's
+   residual when it is large (``config.memory_warnings``).
 5. BITDECODE, like FlashInfer, has vLLM put a step's decodes first in the batch
    (``reorder_batch_threshold``), and vLLM 0.20's ``InputBatch.swap_states`` swaps the
    two rows of the ``allowed_token_ids`` mask through views of them, so both rows end
@@ -179,7 +180,9 @@ def patch_engine_config() -> None:
         if _asks_for_bitdecode(vllm_config):
             from vllm_bitdecode import config
 
-            for line in config.accuracy_warnings(config.check_vllm_config(vllm_config)):
+            cfg = config.check_vllm_config(vllm_config)
+            for line in (*config.accuracy_warnings(cfg),
+                         *config.memory_warnings(cfg, vllm_config)):
                 _logger().warning(line)
         return vllm_config
 

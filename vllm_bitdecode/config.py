@@ -582,6 +582,42 @@ def accuracy_warnings(cfg: BitDecodeConfig) -> list[str]:
     return lines
 
 
+# Per-channel K's residual (impl._residual) is made for every possible running request;
+# past this size on one GPU, start-up says how large it is and how to make it smaller.
+RESIDUAL_WARN_BYTES = 2 * 2**30
+
+
+def residual_bytes(vllm_config: Any) -> tuple[int, int] | None:
+    """Per-channel K mode's residual on one GPU, (all of it, one request's): every
+    layer's exact K and V of a request's newest page, for ``max_num_seqs`` requests and
+    a scratch slot. None where the config does not say yet (no model or block size)."""
+    model, cache = vllm_config.model_config, vllm_config.cache_config
+    if model is None or cache.block_size is None:
+        return None
+    parallel = vllm_config.parallel_config
+    per_request = (model.get_num_layers(parallel) * 2 * model.get_num_kv_heads(parallel)
+                   * cache.block_size * model.get_head_size() * model.dtype.itemsize)
+    return (vllm_config.scheduler_config.max_num_seqs + 1) * per_request, per_request
+
+
+def memory_warnings(cfg: BitDecodeConfig, vllm_config: Any) -> list[str]:
+    """Memory BITDECODE sets aside that a user may not expect, one line each; logged once
+    at start-up beside accuracy_warnings. vLLM's default max_num_seqs is 1024 on GPUs of
+    70 GiB or more, which at 128-token pages makes per-channel K's residual 16 GiB for a
+    Llama-3-8B shape, all of it taken from the KV cache."""
+    sizes = residual_bytes(vllm_config) if cfg.channel_k else None
+    if sizes is None or sizes[0] < RESIDUAL_WARN_BYTES:
+        return []
+    total, per_request = sizes
+    seqs = vllm_config.scheduler_config.max_num_seqs
+    return [
+        f"BITDECODE: {CONFIG_KEY}.k_mode='channel' keeps each running request's newest "
+        f"page exact, in {total / 2**30:.1f} GiB per GPU for max_num_seqs={seqs} "
+        f"({per_request / 2**20:.0f} MiB a request), which the KV cache gives up; "
+        "--max-num-seqs lowers it (vLLM's default is 1024 on GPUs of 70 GiB or more, A100s "
+        "excepted)"]
+
+
 def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     """Validate everything BITDECODE needs from a VllmConfig; return the parsed settings."""
     cfg = BitDecodeConfig.from_additional_config(vllm_config.additional_config)

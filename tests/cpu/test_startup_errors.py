@@ -534,3 +534,28 @@ def test_two_bit_k_per_token_is_warned_about_at_startup(startup, monkeypatch, se
     assert len(lines) == int(warned)
     for line in lines:
         assert "\n" not in line and '"k_mode": "channel"' in line and "1242" in line
+
+
+@pytest.mark.parametrize(("max_num_seqs", "warned"), [(1024, True), (64, False)])
+def test_a_large_per_channel_residual_is_warned_about_at_startup(startup, monkeypatch,
+                                                                 max_num_seqs, warned):
+    """Per-channel K keeps every running request's newest page exact; with 128-token
+    pages, 32 layers and 2 KV heads that is 4 MiB a request: 1025 slots (vLLM's default
+    max_num_seqs on large GPUs, plus scratch) make 4.0 GiB and get one warning line that
+    gives the size and the flag; 65 slots (260 MiB) start quietly."""
+    from vllm_bitdecode import _registration
+
+    lines: list[str] = []
+    monkeypatch.setattr(_registration, "_logger",
+                        lambda: type("L", (), {"warning": staticmethod(lines.append)}))
+    settings = {"bits": 4, "k_mode": "channel", "group_size": 32}
+    stage, exc, _ = startup(Row(
+        flags=("--block-size", "128", "--max-num-seqs", str(max_num_seqs),
+               *_additional(settings)),
+        config=(("num_hidden_layers", 32),)))
+    # (channel mode's layers make their residual on the GPU, past the config's stage)
+    assert exc is None or stage == "impl", f"{stage}: {exc!r}"
+    assert len(lines) == int(warned)
+    for line in lines:
+        assert "\n" not in line and "4.0 GiB" in line and "4 MiB a request" in line
+        assert "max_num_seqs=1024" in line and "--max-num-seqs" in line
