@@ -86,8 +86,6 @@ def prefill_step(chunk: int, context: int, bits: int, gen: torch.Generator,
 def bench_bitdecode(chunk: int, context: int, bits: int, timer: Timer, gen: torch.Generator,
                     window: int) -> dict:
     """BITDECODE's prefill of the same chunk through the impl's forward, then its parts."""
-    from vllm_bitdecode import ops
-
     impl, cache, q, out, md = prefill_step(chunk, context, bits, gen, window)
     layer = types.SimpleNamespace(layer_name="model.layers.0.self_attn.attn")
     fmt, groups = md.page_format, md.prefill.groups
@@ -97,24 +95,15 @@ def bench_bitdecode(chunk: int, context: int, bits: int, timer: Timer, gen: torc
     hadamard = impl._prefill_rotation(q)  # +-1 / 16 in the model dtype
     parts["rotate_q_fp32"] = timer(lambda: (q.float() @ rot).to(q.dtype))
     parts["rotate_q_hadamard"] = timer(lambda: q @ hadamard)
-    k_ws, v_ws = impl.prefill_workspace[0], impl.prefill_workspace[1]
-
-    def dequantize():
-        for g in groups:
-            ops.dequantize_pages(cache, g.block_table, g.seq_lens, g.kv_start_loc, k_ws, v_ws,
-                                 fmt.bits, fmt.group_size, fmt.block_size, g.max_seq_len)
-
-    parts["dequantize"] = timer(dequantize)
+    # each group's K and V: views of the one workspace, as in the impl
+    ws = [impl._dequantize_group(cache, g, fmt, q) for g in groups]
+    parts["dequantize"] = timer(lambda: [impl._dequantize_group(cache, g, fmt, q)
+                                         for g in groups])
 
     def attention():
-        for g in groups:  # each window's attention over the workspace (not merged here)
-            impl._flash_attn_varlen(
-                q=q[g.token_begin : g.token_end], k=k_ws, v=v_ws,
-                max_seqlen_q=g.max_query_len, cu_seqlens_q=g.query_start_loc,
-                max_seqlen_k=g.max_seq_len, cu_seqlens_k=g.kv_start_loc,
-                softmax_scale=SCALE, causal=g.window == g.windows - 1,
-                out=out[g.token_begin : g.token_end] if g.windows == 1 else None,
-                return_softmax_lse=g.windows > 1, fa_version=impl.fa_version)
+        for g, (k, v) in zip(groups, ws, strict=True):  # each window's, not merged
+            impl._attend_group(q[g.token_begin : g.token_end], k, v, g, SCALE,
+                               out[g.token_begin : g.token_end])
 
     parts["attention"] = timer(attention)
     return dict(ms=ms, parts=parts, windows=len(groups),

@@ -14,8 +14,10 @@ from vllm_bitdecode import config, kc_prefill, ops
 from vllm_bitdecode.backend.metadata import (
     MIN_TILES_PER_SPLIT,
     BitDecodeMetadata,
+    PrefillGroup,
     prefill_workspace_rows,
 )
+from vllm_bitdecode.page_format import PageFormat
 from vllm_bitdecode.reference import rotation_matrix
 
 # One prefill workspace per engine and shape, shared by the layers, which run one after
@@ -276,20 +278,10 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
             q, scale = q @ rotation, scale * self._prefill_rotation_gain
         merged: tuple[torch.Tensor, torch.Tensor] | None = None  # the windows so far
         for g in md.prefill.groups:
-            k, v = self._workspace_rows(g.total_kv_tokens, query)
-            ops.dequantize_pages(
-                kv_cache, g.block_table, g.seq_lens, g.kv_start_loc, k, v,
-                fmt.bits, fmt.group_size, fmt.block_size, g.max_seq_len,
-            )
+            k, v = self._dequantize_group(kv_cache, g, fmt, query)
             out = output[start + g.token_begin : start + g.token_end]
             last = g.window == g.windows - 1
-            result = self._flash_attn_varlen(
-                q=q[g.token_begin : g.token_end], k=k, v=v,
-                max_seqlen_q=g.max_query_len, cu_seqlens_q=g.query_start_loc,
-                max_seqlen_k=g.max_seq_len, cu_seqlens_k=g.kv_start_loc,
-                softmax_scale=scale, causal=last, out=out if g.windows == 1 else None,
-                return_softmax_lse=g.windows > 1, fa_version=self.fa_version,
-            )
+            result = self._attend_group(q[g.token_begin : g.token_end], k, v, g, scale, out)
             if g.windows == 1:
                 continue
             if merged is None:  # the context's first window
@@ -301,6 +293,32 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
             acc_lse = None if last else torch.empty_like(result[1])
             _merge_attn_states(acc, *merged, *result, acc_lse)
             merged = None if last else (acc, acc_lse)
+
+    def _dequantize_group(self, kv_cache: torch.Tensor, g: PrefillGroup, fmt: PageFormat,
+                          like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A prefill group's context (one window of it), read back from the pages into
+        the workspace: K and V, [g.total_kv_tokens, kv_heads, D] each."""
+        k, v = self._workspace_rows(g.total_kv_tokens, like)
+        ops.dequantize_pages(
+            kv_cache, g.block_table, g.seq_lens, g.kv_start_loc, k, v,
+            fmt.bits, fmt.group_size, fmt.block_size, g.max_seq_len,
+        )
+        return k, v
+
+    def _attend_group(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      g: PrefillGroup, scale: float, out: torch.Tensor
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """FlashAttention over a group's dequantized context: written into ``out`` when
+        the context is one window; else returned with its LSE, for the merge (only the
+        last window is causal: the earlier ones lie wholly before the chunk)."""
+        return self._flash_attn_varlen(
+            q=q, k=k, v=v,
+            max_seqlen_q=g.max_query_len, cu_seqlens_q=g.query_start_loc,
+            max_seqlen_k=g.max_seq_len, cu_seqlens_k=g.kv_start_loc,
+            softmax_scale=scale, causal=g.window == g.windows - 1,
+            out=out if g.windows == 1 else None,
+            return_softmax_lse=g.windows > 1, fa_version=self.fa_version,
+        )
 
     def _workspace_rows(self, rows: int, like: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
