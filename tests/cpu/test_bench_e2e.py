@@ -25,6 +25,7 @@ def test_resolve_backends(bench):
     assert bench.resolve_backends("all") == list(bench.BACKENDS)
     assert bench.resolve_backends("int4, bf16") == ["FLASH_ATTN:bf16", "BITDECODE:int4"]
     assert bench.resolve_backends("BITDECODE") == ["BITDECODE:int4", "BITDECODE:int2",
+                                                   "BITDECODE:int4-channel",
                                                    "BITDECODE:int2-channel",
                                                    "BITDECODE:int2-channel-fp8",
                                                    "BITDECODE:int4-sparse",
@@ -123,6 +124,9 @@ def test_throughput_cli_command_parses_with_vllm_bench_throughput(bench, monkeyp
             assert args.attention_backend == "BITDECODE"
         if key.startswith("TURBOQUANT"):
             assert args.kv_cache_dtype == "turboquant_4bit_nc"
+        if key == "BITDECODE:int4-channel":  # vLLM's block size, V groups of 32
+            assert args.block_size is None
+            assert args.additional_config["bitdecode"]["group_size"] == 32
         if key.startswith("BITDECODE:int2-channel"):
             assert args.block_size == 128
             assert args.additional_config["bitdecode"]["k_mode"] == "channel"
