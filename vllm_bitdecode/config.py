@@ -587,17 +587,28 @@ def accuracy_warnings(cfg: BitDecodeConfig) -> list[str]:
 RESIDUAL_WARN_BYTES = 2 * 2**30
 
 
+def residual_shape(vllm_config: Any, num_kv_heads: int, head_size: int
+                   ) -> tuple[int, int, int, int, int]:
+    """One layer's per-channel K residual, in the model dtype: [max_num_seqs + 1, 2, kv
+    heads, block_size, head_size], the exact K and V rows of each live request's newest
+    page, and a scratch slot for batch rows of no request (residual_slots)."""
+    return (vllm_config.scheduler_config.max_num_seqs + 1, 2, num_kv_heads,
+            vllm_config.cache_config.block_size, head_size)
+
+
 def residual_bytes(vllm_config: Any) -> tuple[int, int] | None:
-    """Per-channel K mode's residual on one GPU, (all of it, one request's): every
-    layer's exact K and V of a request's newest page, for ``max_num_seqs`` requests and
-    a scratch slot. None where the config does not say yet (no model or block size)."""
+    """Per-channel K mode's residual on one GPU, every layer's (residual_shape): all of
+    it, and one request's. None where the config does not say yet (no model or block
+    size)."""
     model, cache = vllm_config.model_config, vllm_config.cache_config
     if model is None or cache.block_size is None:
         return None
     parallel = vllm_config.parallel_config
-    per_request = (model.get_num_layers(parallel) * 2 * model.get_num_kv_heads(parallel)
-                   * cache.block_size * model.get_head_size() * model.dtype.itemsize)
-    return (vllm_config.scheduler_config.max_num_seqs + 1) * per_request, per_request
+    slots, *slot_shape = residual_shape(vllm_config, model.get_num_kv_heads(parallel),
+                                        model.get_head_size())
+    per_request = (model.get_num_layers(parallel) * model.dtype.itemsize
+                   * int(torch.Size(slot_shape).numel()))
+    return slots * per_request, per_request
 
 
 def memory_warnings(cfg: BitDecodeConfig, vllm_config: Any) -> list[str]:

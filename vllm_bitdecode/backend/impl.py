@@ -87,15 +87,13 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
 
     def _residual(self, vllm_config) -> torch.Tensor | None:
         """Per-channel K mode: this layer's exact K and V of every live request's newest
-        page, [max_num_seqs + 1 (scratch), 2, kv_heads, block_size, head_size] in the model
-        dtype.
+        page (config.residual_shape, which start-up's size warning counts too).
         Made while vLLM loads the model, so its memory profile takes it off the KV budget
         (docs/per-channel-k-design.md, section 9)."""
         if not self.bitdecode.channel_k or vllm_config is None:
             return None
-        slots = vllm_config.scheduler_config.max_num_seqs + 1
-        block_size = vllm_config.cache_config.block_size
-        return torch.empty((slots, 2, self.num_kv_heads, block_size, self.head_size),
+        return torch.empty(config.residual_shape(vllm_config, self.num_kv_heads,
+                                                 self.head_size),
                            dtype=vllm_config.model_config.dtype,
                            device=torch.device("cuda", torch.cuda.current_device()))
 
