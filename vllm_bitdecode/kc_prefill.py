@@ -64,6 +64,8 @@ class KCPrefillPlan:
     scratch_rows: torch.Tensor   # [own_total] int64: pool row of each of gather_own_kv's
     #                              rows, the requests concatenated
     own_total: int               # rows of gather_own_kv's requests concatenated
+    scratch_pad_rows: torch.Tensor  # [pad rows] int64: the rows of each request's last
+    #                              scratch page after its last position, zeroed
     cu_seqlens_closed_q: torch.Tensor  # [groups + 1] int32, over the prefill tokens
     closed_len: torch.Tensor     # [groups] int32: g0 * bs, the closed keys
     block_table: torch.Tensor    # [groups, max pages] int32: workspace pages
@@ -101,7 +103,7 @@ class KCPrefillPlan:
             self._on_device[key] = {
                 name: getattr(self, name).to(device, non_blocking=True)
                 for name in ("cu_seqlens_q", "near_len", "near_table", "scratch_rows",
-                             "cu_seqlens_closed_q", "closed_len", "block_table",
+                             "scratch_pad_rows", "cu_seqlens_closed_q", "closed_len", "block_table",
                              "prefix_empty")}
         return self._on_device[key]
 
@@ -182,6 +184,14 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
         + np.repeat(first_page * bs, own_len)  # position of each own row
     row_seg = np.repeat(seg_first - first_page, own_len) + pos // bs
     scratch_rows = (ws_blocks + row_seg) * bs + pos % bs
+    # a request's last page may be partial: FlashAttention reads a page whole (TMA at
+    # 128-token pages) and masks only the scores, so rows past seqused_k must not hold
+    # NaN or Inf from an earlier use of the workspace (0 x NaN is NaN in P @ V)
+    last_seg = seg_first + pages_per_req - 1
+    pad = (-n) % bs
+    pad_first = (ws_blocks + last_seg + 1) * bs - pad
+    scratch_pad_rows = np.repeat(pad_first, pad) + np.arange(int(pad.sum())) \
+        - np.repeat(_exclusive_cumsum(pad), pad)
     return KCPrefillPlan(
         block_size=bs, rows=list(rows), starts=start.tolist(), seq_lens=n.tolist(),
         token_offsets=_exclusive_cumsum(qlen).tolist(), ws_block_start=ws_start.tolist(),
@@ -190,6 +200,7 @@ def plan_kc_prefill(query_start_loc: Sequence[int], seq_lens: Sequence[int],
         near_table=torch.from_numpy(near_table),
         scratch_rows=torch.from_numpy(scratch_rows.astype(np.int64)),
         own_total=own_total,
+        scratch_pad_rows=torch.from_numpy(scratch_pad_rows.astype(np.int64)),
         cu_seqlens_closed_q=_cu(grp_q), closed_len=torch.from_numpy(closed.astype(np.int32)),
         block_table=torch.from_numpy(table),
         prefix_empty=torch.from_numpy(np.repeat(closed == 0, grp_q)),
@@ -263,6 +274,8 @@ def run_kc_prefill(
     own = torch.cat(own_kv, dim=1)  # [2, own_total, kv, D]
     k_pool.index_copy_(0, dev["scratch_rows"], own[0])
     v_pool.index_copy_(0, dev["scratch_rows"], own[1])
+    k_pool.index_fill_(0, dev["scratch_pad_rows"], 0)
+    v_pool.index_fill_(0, dev["scratch_pad_rows"], 0)
     pool = (plan.ws_blocks + plan.num_segments, bs, *k_pool.shape[1:])
     k_pages, v_pages = k_pool[: plan.pool_rows].view(pool), v_pool[: plan.pool_rows].view(pool)
     suffix_out, suffix_lse = near_attention(
