@@ -173,6 +173,20 @@ def _install_hook(model):
     return True
 
 
+def _poison_prefill_workspaces(model) -> int:
+    """Fill every BITDECODE layer's prefill workspace with NaN (the layers share one per
+    engine and shape), as memory an earlier user of the allocator left may hold: a row
+    that attention reads without writing it first then shows in the output. Returns the
+    workspaces filled."""
+    seen = set()
+    for module in model.modules():
+        ws = getattr(getattr(module, "impl", None), "prefill_workspace", None)
+        if ws is not None and ws.data_ptr() not in seen:
+            seen.add(ws.data_ptr())
+            ws.fill_(float("nan"))
+    return len(seen)
+
+
 def _fetch_hook(model):
     return model._bitdecode_attn_outputs
 
@@ -576,6 +590,8 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     llm = LLM(**engine_kwargs(spec))
     result: dict[str, Any] = {"startup_s": time.perf_counter() - t0,
                               "device_name": torch.cuda.get_device_name()}
+    if spec.get("poison_prefill_workspace"):
+        result["workspaces_poisoned"] = llm.apply_model(_poison_prefill_workspaces)[0]
     gen = spec.get("generate")
     if gen:
         if gen.get("capture_attention"):

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -298,3 +299,17 @@ def test_batch_counter_counts_unscheduled_and_moved_requests():
     # step 2: everything scheduled, nothing moves
     worker.model_runner._update_states(SchedulerOutput({"a": 1, "d": 1}, set()))
     assert testing._fetch_batch_counter(worker) == {"steps": 2, "unscheduled": 1, "moved": 1}
+
+
+def test_poison_prefill_workspaces_fills_each_shared_workspace_once():
+    shared, own = torch.zeros(2, 3, 4), torch.zeros(5)
+
+    class Layer(torch.nn.Module):
+        def __init__(self, ws):
+            super().__init__()
+            self.impl = types.SimpleNamespace(prefill_workspace=ws)
+
+    model = torch.nn.Sequential(Layer(shared), Layer(shared), Layer(None), Layer(own),
+                                torch.nn.Linear(2, 2))
+    assert testing._poison_prefill_workspaces(model) == 2
+    assert shared.isnan().all() and own.isnan().all()

@@ -4,6 +4,9 @@
 - the pass keys are found, as with per-token 4-bit pages, and at 2 bits in issue #5's
   configuration (V in groups of 32, 64-token pages: four K groups per page, the newest 64
   tokens exact);
+- at 128-token pages (the recommended 2-bit setting), with the prefill workspace filled
+  with NaN after start-up: FlashAttention-3 reads 128-token pages whole (TMA), so a row
+  of a request's last scratch page that prefill does not write would reach the output;
 - prefill cut into chunks that end mid-page (``max_num_batched_tokens`` 1000, not a
   multiple of the block size) gives the same greedy tokens as prefill in one piece, by
   vLLM's rule for engines whose arithmetic may differ: the own-page rule makes what a
@@ -63,6 +66,15 @@ def test_channel_mode_finds_the_pass_keys():
 def test_2bit_channel_mode_with_64_token_pages_finds_the_pass_keys():
     res = _run(bits=2, group_size=32, block_size=64)
     assert _right(res) == len(_prompts()[1]), res["jobs"]["gen"]["tokens"]
+
+
+def test_2bit_channel_mode_at_128_token_pages_reads_no_stale_workspace_row():
+    res = _run(bits=2, group_size=32, block_size=128, poison_prefill_workspace=True)
+    assert res["workspaces_poisoned"] >= 1
+    gen = res["jobs"]["gen"]
+    assert all(lp == lp for steps in gen["logprobs"] for step in steps
+               for lp in step.values()), "NaN logprobs: prefill read a stale workspace row"
+    assert _right(res) == len(_prompts()[1]), gen["tokens"]
 
 
 def test_fp8_k_params_find_the_pass_keys_and_chunking_changes_nothing():
