@@ -314,17 +314,23 @@ def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
 
 
 def attention_errors(ours: list, ref: list) -> dict[str, Any]:
-    """Per layer ||a - b|| / ||b||: over the prefill rows, and over all decode steps."""
+    """Per layer ||a - b|| / ||b||: over the prefill rows, and over all decode steps; and
+    ``nonfinite_rows``, per layer, our captured rows holding a NaN or an infinity (an
+    engine's output should have none: such an error is NaN, and the run fails)."""
+    import torch
+
     if len(ours) != len(ref):
         return {"error": f"{len(ours)} captured outputs vs {len(ref)} in bf16"}
     layers = 1 + max(i for i, _, _ in ref)
     num = {"prefill": [0.0] * layers, "decode": [0.0] * layers}
     den = {"prefill": [0.0] * layers, "decode": [0.0] * layers}
+    bad = {"prefill": [0] * layers, "decode": [0] * layers}
     for k, ((i, n, a), (j, m, b)) in enumerate(zip(ours, ref, strict=True)):
         if i != j or n != m or a.shape != b.shape:
             return {"error": f"capture {k}: layer {i} rows {n} vs layer {j} rows {m}"}
         kind = "prefill" if n > 64 else "decode"  # as the hook decided on striding
         a, b = a.float(), b.float()
+        bad[kind][i] += int((~torch.isfinite(a)).any(dim=1).sum())
         num[kind][i] += float((a - b).pow(2).sum())
         den[kind][i] += float(b.pow(2).sum())
     out: dict[str, Any] = {}
@@ -332,7 +338,17 @@ def attention_errors(ours: list, ref: list) -> dict[str, Any]:
         out[kind] = [math.sqrt(x / y) if y > 0 else None
                      for x, y in zip(num[kind], den[kind], strict=True)]
     out["decode_steps"] = sum(1 for _, n, _ in ref if n <= 64) // layers
+    out["nonfinite_rows"] = bad
     return out
+
+
+def nonfinite_attention(summ: dict[str, Any]) -> str | None:
+    """What add_result's capture says of non-finite outputs, as a failure message."""
+    bad = summ["attention_rel_err"].get("nonfinite_rows")
+    if not bad or not any(sum(v) for v in bad.values()):
+        return None
+    return ("NaN or infinite attention outputs in the capture (rows per layer): "
+            + "; ".join(f"{kind} {rows}" for kind, rows in bad.items() if sum(rows)))
 
 
 def summarize(name: str, res: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
@@ -584,6 +600,10 @@ def main() -> None:
             torch.save(res["attention_capture"], ref_path)
             ref_capture = res["attention_capture"]
         summ = add_result(doc, name, res, ref_capture)
+        bad = nonfinite_attention(summ)
+        if bad:
+            print(f"   {bad}", flush=True)
+            failures[name] = bad
         print(f"   done in {res['wall_s']:.0f} s (engine start {res['engine_start_s']:.0f} s, "
               f"attention {res['attention_s']:.0f} s, ppl {res['perplexity_s']:.0f} s, "
               f"retrieval {res['retrieval_s']:.0f} s for "

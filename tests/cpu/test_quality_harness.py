@@ -6,6 +6,7 @@ with bf16, plots and table run on what it returns."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from types import SimpleNamespace
 
@@ -154,6 +155,24 @@ def test_parent_summary_comparison_and_plots(tok, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     pngs = quality.plot(doc, tmp_path / "quality_fake")
     assert len(pngs) == 2 and all((tmp_path / p).exists() for p in pngs)
+
+
+def test_nonfinite_captured_outputs_are_counted_and_fail_the_config():
+    ref = [(0, 100, torch.ones(13, 4)), (1, 100, torch.ones(13, 4)), (0, 2, torch.ones(2, 4)),
+           (1, 2, torch.ones(2, 4))]
+    ours = [(i, n, a.clone()) for i, n, a in ref]
+    assert quality.attention_errors(ours, ref)["nonfinite_rows"] == {
+        "prefill": [0, 0], "decode": [0, 0]}
+    assert quality.nonfinite_attention({"attention_rel_err":
+                                        quality.attention_errors(ours, ref)}) is None
+    ours[1][2][[2, 5]] = float("nan")
+    ours[2][2][0, 1] = float("inf")
+    err = quality.attention_errors(ours, ref)
+    assert err["nonfinite_rows"] == {"prefill": [0, 2], "decode": [1, 0]}
+    assert math.isnan(err["prefill"][1]) and err["prefill"][0] == 0.0
+    msg = quality.nonfinite_attention({"attention_rel_err": err})
+    assert "prefill [0, 2]" in msg and "decode [1, 0]" in msg
+    assert quality.nonfinite_attention({"attention_rel_err": {"error": "no bf16"}}) is None
 
 
 def test_mismatched_captures_are_reported_not_compared():
