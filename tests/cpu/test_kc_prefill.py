@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 
-from tests.cpu.attention_stand_ins import merge_attn_states
+from tests.cpu.attention_stand_ins import merge_attn_states, whole_pages_attention
 from vllm_bitdecode import kc_prefill
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode import reference_kc as kc
@@ -48,24 +48,19 @@ def _closed(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
 
 def _near(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
     """Paged and causal, the last query aligned with the last key (FlashAttention's
-    bottom-right causal mask when there are more keys than queries). Pages are read
-    whole, as FlashAttention-3 reads 128-token pages (TMA), and rows past ``seqused_k``
-    masked in the scores only: in P @ V a NaN there makes the output NaN (0 x NaN)."""
+    bottom-right causal mask when there are more keys than queries), pages read whole and
+    the rows past ``seqused_k`` masked in the scores only, as FlashAttention-3 does."""
     assert scale == SCALE
     bs = k_pages.shape[1]
     outs, lses = [], []
     for j in range(seqused_k.shape[0]):
-        qs = q[int(cu_q[j]) : int(cu_q[j + 1])].float()
+        qs = q[int(cu_q[j]) : int(cu_q[j + 1])]
         n = int(seqused_k[j])
         blocks = table[j, : -(-n // bs)].long()
-        rep = qs.shape[1] // k_pages.shape[2]
-        ks = k_pages[blocks].flatten(0, 1).float().repeat_interleave(rep, dim=1)
-        vs = v_pages[blocks].flatten(0, 1).float().repeat_interleave(rep, dim=1)
-        s = torch.einsum("qhd,khd->hqk", qs, ks) * SCALE
-        last_key = torch.arange(qs.shape[0]).unsqueeze(1) + (n - qs.shape[0])
-        s = s.masked_fill(torch.arange(ks.shape[0]).unsqueeze(0) > last_key, float("-inf"))
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), vs))
-        lses.append(torch.logsumexp(s, dim=-1))
+        o, lse = whole_pages_attention(qs, k_pages[blocks].flatten(0, 1),
+                                       v_pages[blocks].flatten(0, 1), n, SCALE, causal=True)
+        outs.append(o)
+        lses.append(lse)
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
