@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import quality  # noqa: E402
 
-from vllm_bitdecode.testing import _poison_prefill_workspaces  # noqa: E402
+from vllm_bitdecode.testing import poison_prefill_workspaces  # noqa: E402
 
 VARIANTS = {"first": [0, 1], "second": [0, 1], "poisoned": [0, 1], "long_only": [0]}
 
@@ -50,7 +50,7 @@ def worker(name: str, out: Path) -> None:
     runs = []
     for variant, chosen in VARIANTS.items():
         if variant == "poisoned":
-            llm.apply_model(_poison_prefill_workspaces)
+            llm.apply_model(poison_prefill_workspaces)
         assert llm.apply_model(quality._install_capture)[0] > 0
         params = [SamplingParams(max_tokens=st["attn_decode_tokens"], temperature=0.0,
                                  ignore_eos=True, allowed_token_ids=[nxt[i]]) for i in chosen]

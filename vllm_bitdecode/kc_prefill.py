@@ -103,8 +103,8 @@ class KCPrefillPlan:
             self._on_device[key] = {
                 name: getattr(self, name).to(device, non_blocking=True)
                 for name in ("cu_seqlens_q", "near_len", "near_table", "scratch_rows",
-                             "scratch_pad_rows", "cu_seqlens_closed_q", "closed_len", "block_table",
-                             "prefix_empty")}
+                             "scratch_pad_rows", "cu_seqlens_closed_q", "closed_len",
+                             "block_table", "prefix_empty")}
         return self._on_device[key]
 
 

@@ -173,7 +173,7 @@ def _install_hook(model):
     return True
 
 
-def _poison_prefill_workspaces(model) -> int:
+def poison_prefill_workspaces(model) -> int:
     """Fill every BITDECODE layer's prefill workspace with NaN (the layers share one per
     engine and shape), as memory an earlier user of the allocator left may hold: a row
     that attention reads without writing it first then shows in the output. Returns the
@@ -591,7 +591,7 @@ def run_engine(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"startup_s": time.perf_counter() - t0,
                               "device_name": torch.cuda.get_device_name()}
     if spec.get("poison_prefill_workspace"):
-        result["workspaces_poisoned"] = llm.apply_model(_poison_prefill_workspaces)[0]
+        result["workspaces_poisoned"] = llm.apply_model(poison_prefill_workspaces)[0]
     gen = spec.get("generate")
     if gen:
         if gen.get("capture_attention"):

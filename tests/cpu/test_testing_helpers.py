@@ -311,5 +311,5 @@ def test_poison_prefill_workspaces_fills_each_shared_workspace_once():
 
     model = torch.nn.Sequential(Layer(shared), Layer(shared), Layer(None), Layer(own),
                                 torch.nn.Linear(2, 2))
-    assert testing._poison_prefill_workspaces(model) == 2
+    assert testing.poison_prefill_workspaces(model) == 2
     assert shared.isnan().all() and own.isnan().all()
