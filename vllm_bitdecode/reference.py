@@ -221,18 +221,26 @@ def attention(
 
 
 def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                  causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  causal: bool = True, num_keys: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention` (same arguments) and each query row's log-sum-exp of its scaled
-    scores (natural log, [num_heads, q_len]), FlashAttention's ``softmax_lse``."""
+    scores (natural log, [num_heads, q_len]), FlashAttention's ``softmax_lse``.
+
+    ``num_keys``: only the first ``num_keys`` keys count (causal then aligns the last query
+    with the last of them); the others are masked in the scores only, so a NaN in their
+    values still reaches the output through P @ V, as it does when FlashAttention-3 reads
+    a page whole past ``seqused_k`` (the CPU tests' stand-ins)."""
     q_len, hq, _ = q.shape
     kv_len, hk, _ = k.shape
+    n = kv_len if num_keys is None else num_keys
     rep = hq // hk
     k = k.float().repeat_interleave(rep, dim=1)
     v = v.float().repeat_interleave(rep, dim=1)
     s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    if causal:
-        qpos = torch.arange(q_len).unsqueeze(1) + (kv_len - q_len)
-        mask = torch.arange(kv_len).unsqueeze(0) > qpos
+    if causal or n < kv_len:
+        last = (torch.arange(q_len).unsqueeze(1) + (n - q_len) if causal
+                else torch.full((q_len, 1), n - 1))  # each query's last key
+        mask = torch.arange(kv_len).unsqueeze(0) > last
         s = s.masked_fill(mask.to(s.device), float("-inf"))
     p = torch.softmax(s, dim=-1)
     return torch.einsum("hqk,khd->qhd", p, v), torch.logsumexp(s, dim=-1)

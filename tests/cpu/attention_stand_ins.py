@@ -23,8 +23,10 @@ def flash_attn_varlen(*, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, soft
             n = int(seqused_k[j])
             pages = block_table[j, : -(-n // k.shape[1])].long()
             assert qs.shape[0] <= max_seqlen_q and n <= max_seqlen_k
-            o, lse = whole_pages_attention(qs, k[pages].flatten(0, 1),
-                                            v[pages].flatten(0, 1), n, softmax_scale, causal)
+            # pages read whole, as FlashAttention-3 reads 128-token pages (TMA), the rows
+            # past seqused_k masked in the scores only
+            o, lse = ref.attention_lse(qs, k[pages].flatten(0, 1), v[pages].flatten(0, 1),
+                                       softmax_scale, causal, num_keys=n)
         else:
             ks = k[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
             vs = v[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
@@ -37,22 +39,6 @@ def flash_attn_varlen(*, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, soft
         out.copy_(result)
         result = out
     return (result, torch.cat(lses, dim=1)) if return_softmax_lse else result
-
-
-def whole_pages_attention(q, k, v, n, scale, causal):
-    """Attention over the first ``n`` of the keys and values of whole pages, the others
-    masked in the scores only: FlashAttention-3 loads 128-token pages whole (TMA), so a
-    NaN in a row past ``seqused_k`` reaches the output through P @ V (0 x NaN), as here."""
-    rep = q.shape[1] // k.shape[1]
-    k = k.float().repeat_interleave(rep, dim=1)
-    v = v.float().repeat_interleave(rep, dim=1)
-    s = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
-    key = torch.arange(k.shape[0]).unsqueeze(0)
-    last = torch.full((q.shape[0], 1), n - 1)
-    if causal:  # bottom right: the last query sees the n-th key
-        last = torch.arange(q.shape[0]).unsqueeze(1) + (n - q.shape[0])
-    s = s.masked_fill(key > last, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v), torch.logsumexp(s, -1)
 
 
 def merge_attn_states(out, prefix_out, prefix_lse, suffix_out, suffix_lse, out_lse=None):

@@ -16,7 +16,7 @@ import random
 import pytest
 import torch
 
-from tests.cpu.attention_stand_ins import merge_attn_states, whole_pages_attention
+from tests.cpu.attention_stand_ins import merge_attn_states
 from vllm_bitdecode import kc_prefill
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode import reference_kc as kc
@@ -57,8 +57,8 @@ def _near(q, k_pages, v_pages, cu_q, seqused_k, table, max_q, max_k, scale):
         qs = q[int(cu_q[j]) : int(cu_q[j + 1])]
         n = int(seqused_k[j])
         blocks = table[j, : -(-n // bs)].long()
-        o, lse = whole_pages_attention(qs, k_pages[blocks].flatten(0, 1),
-                                       v_pages[blocks].flatten(0, 1), n, SCALE, causal=True)
+        o, lse = ref.attention_lse(qs, k_pages[blocks].flatten(0, 1),
+                                   v_pages[blocks].flatten(0, 1), SCALE, causal=True, num_keys=n)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses, dim=1)

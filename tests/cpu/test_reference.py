@@ -519,3 +519,16 @@ def test_paged_attention_rotated_approximates_exact(ratio, group_size, bound):
     rel = float((out - exact).norm() / exact.norm())
     print(f"\nrotated 4-bit g{group_size} paged attention, GQA {ratio}: relative error {rel:.4f}")
     assert rel < bound
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_lse_over_the_first_num_keys_masks_the_rest_in_the_scores_only(causal):
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(5, 8, 32, generator=gen)
+    k, v = torch.randn(16, 2, 32, generator=gen), torch.randn(16, 2, 32, generator=gen)
+    want = ref.attention_lse(q, k[:11], v[:11], 0.2, causal)
+    got = ref.attention_lse(q, k, v, 0.2, causal, num_keys=11)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+    v[11:] = float("nan")  # as FlashAttention-3 would see them: 0 x NaN in P @ V
+    assert ref.attention_lse(q, k, v, 0.2, causal, num_keys=11)[0].isnan().all()
