@@ -188,6 +188,19 @@ def _remove_capture(model: Any) -> list[tuple[int, int, Any]]:
     return store
 
 
+def capture_attention(llm: Any, prompts: list[list[int]], nxt: list[int],
+                      decode_tokens: int) -> list[tuple[int, int, Any]]:
+    """Every layer's attention outputs (_install_capture) over one generate of ``prompts``
+    followed by ``decode_tokens`` steps, each prompt forced to its ``nxt`` token."""
+    from vllm import SamplingParams
+
+    assert llm.apply_model(_install_capture)[0] > 0
+    params = [SamplingParams(max_tokens=decode_tokens, temperature=0.0, ignore_eos=True,
+                             allowed_token_ids=[t]) for t in nxt]
+    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return llm.apply_model(_remove_capture)[0]
+
+
 def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         model=spec["model"], attention_backend=spec["backend"], enforce_eager=True,
@@ -226,12 +239,7 @@ def run_worker(spec: dict[str, Any], llm: Any = None) -> dict[str, Any]:
     # attention outputs per layer, prefill + forced decode steps
     t0 = time.time()
     prompts, nxt = attention_prompts(held, st["attn_prompt_lens"])
-    assert llm.apply_model(_install_capture)[0] > 0
-    params = [SamplingParams(max_tokens=st["attn_decode_tokens"], temperature=0.0,
-                             ignore_eos=True, allowed_token_ids=[t]) for t in nxt]
-    llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    store = llm.apply_model(_remove_capture)[0]
-    res["attention_capture"] = store
+    res["attention_capture"] = capture_attention(llm, prompts, nxt, st["attn_decode_tokens"])
     res["attention_s"] = time.time() - t0
 
     # perplexity from prompt logprobs
@@ -287,13 +295,18 @@ def worker_main(spec_path: str, out_path: str) -> None:
 # ---- parent -------------------------------------------------------------------------------
 
 
+def worker_spec(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float
+                ) -> dict[str, Any]:
+    """What run_worker reads for configuration ``name`` (CONFIGS)."""
+    return {"model": str(model_dir), "settings": st, "gpu_memory_utilization": gpu_util,
+            **{k: v for k, v in CONFIGS[name].items() if k != "label"}}
+
+
 def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
                timeout: float, log_dir: Path) -> dict[str, Any]:
     import torch
 
-    cfg = CONFIGS[name]
-    spec = {"model": str(model_dir), "settings": st, "gpu_memory_utilization": gpu_util,
-            **{k: v for k, v in cfg.items() if k != "label"}}
+    spec = worker_spec(name, model_dir, st, gpu_util)
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
         spec_path.write_text(json.dumps(spec))

@@ -37,12 +37,10 @@ VARIANTS = {"first": [0, 1], "second": [0, 1], "poisoned": [0, 1], "long_only": 
 def worker(name: str, out: Path) -> None:
     """One engine of config ``name``: the capture in every variant, saved to ``out``."""
     import torch
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     st = quality.settings(quick=True)
-    spec = {"model": str(quality.data.MODEL_DIR), "settings": st,
-            "gpu_memory_utilization": 0.3,
-            **{k: v for k, v in quality.CONFIGS[name].items() if k != "label"}}
+    spec = quality.worker_spec(name, quality.data.MODEL_DIR, st, gpu_util=0.3)
     llm = LLM(**quality.engine_kwargs(spec))
     tok = quality.data.load_tokenizer(spec["model"])
     held = quality.data.heldout_tokens(spec["model"], tok)
@@ -51,12 +49,9 @@ def worker(name: str, out: Path) -> None:
     for variant, chosen in VARIANTS.items():
         if variant == "poisoned":
             llm.apply_model(poison_prefill_workspaces)
-        assert llm.apply_model(quality._install_capture)[0] > 0
-        params = [SamplingParams(max_tokens=st["attn_decode_tokens"], temperature=0.0,
-                                 ignore_eos=True, allowed_token_ids=[nxt[i]]) for i in chosen]
-        llm.generate([{"prompt_token_ids": prompts[i]} for i in chosen], params,
-                     use_tqdm=False)
-        runs.append((variant, llm.apply_model(quality._remove_capture)[0]))
+        runs.append((variant, quality.capture_attention(
+            llm, [prompts[i] for i in chosen], [nxt[i] for i in chosen],
+            st["attn_decode_tokens"])))
     torch.save(runs, out)
 
 
