@@ -71,6 +71,14 @@ IFS=+ read -ra plan_parts <<< "$PLAN"
 steps=$(for part in "${plan_parts[@]}"; do plan_steps "$part" || exit 1; done) || exit 1
 dup=$(cut -f2 <<< "$steps" | sort | uniq -d | head -1)
 [ -z "$dup" ] || { echo "STEP ALLDONE step-twice $dup" >> "$D/progress"; exit 1; }  # one log each
+# an A/B plan's base is the tree with docs/patches/$AB_PATCH reversed: without it the
+# base steps would run the patched build under the base's name (2026-12-03: AB_PATCH was
+# given to the poll instead of the pipeline)
+if grep -qF '$AB_PATCH' <<< "$steps" && [ ! -f "docs/patches/${AB_PATCH:-}" ]; then
+  echo "STEP ALLDONE no-ab-patch '${AB_PATCH:-}': set AB_PATCH to a file of docs/patches" \
+    >> "$D/progress"
+  exit 1
+fi
 
 command -v nvidia-smi > /dev/null &&
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$D/gpu.txt"

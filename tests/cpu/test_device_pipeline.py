@@ -130,6 +130,18 @@ def test_a_step_name_twice_in_joined_plans_stops_the_run(tmp_path):
     assert progress == ["STEP ALLDONE step-twice same"]
 
 
+def test_ab_plan_without_its_patch_stops_before_the_build(tmp_path, monkeypatch):
+    plan = "1 build_base 10 patch -R -p1 < docs/patches/$AB_PATCH\n"
+    monkeypatch.delenv("AB_PATCH", raising=False)
+    progress = _run(tmp_path, plan, check=False, build=True)
+    assert progress == ["STEP ALLDONE no-ab-patch '': set AB_PATCH to a file of docs/patches"]
+    (tmp_path / "tree" / "docs" / "patches").mkdir(parents=True)
+    (tmp_path / "tree" / "docs" / "patches" / "x.patch").write_text("")
+    monkeypatch.setenv("AB_PATCH", "x.patch")
+    progress = _run(tmp_path, plan, check=False)
+    assert progress[0].startswith("STEP build_base rc=")
+
+
 @pytest.mark.parametrize("plan", PLANS, ids=[p.stem for p in PLANS])
 def test_plans_are_well_formed(plan):
     names = []
