@@ -35,7 +35,7 @@ KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
     ("attention", r"bitdecode::(decode|select|select_topk)_kernel|flash::|flash_fwd|fmha"
                   r"|paged_attention"
                   r"|_tq_decode_stage1|_tq_full_dequant_kv|_fwd_(grouped_)?kernel_stage1"),
-    ("KV-cache write", r"bitdecode::(quantize|kc_value|kc_page|kc_residual)_kernel"
+    ("KV-cache write", r"bitdecode::(quantize|kc_\w+)_kernel"
                        r"|reshape_and_cache|_tq_fused_store"),
     ("GEMM", r"gemm|nvjet|cutlass|xmma|cublas|matmul"),
     ("compiled elementwise (torch.compile)", r"^triton_|triton_(poi|red|per)_"),

@@ -39,6 +39,9 @@ NAMES = {
         "KV-cache write",
     "void bitdecode::kc_residual_kernel<__nv_bfloat16, 128>(bitdecode::KCWriteParams)":
         "KV-cache write",
+    # since 2026-12-03 V is quantized by phase B's warps: two launches instead of three
+    "void bitdecode::kc_value_residual_kernel<__nv_bfloat16, 128, 2, 32>"
+    "(bitdecode::KCWriteParams)": "KV-cache write",
     "_tq_decode_stage1": "attention",  # TURBOQUANT (vLLM's Triton kernels)
     "_fwd_kernel_stage2": "attention combine",
     "_tq_fused_store_mse": "KV-cache write",

@@ -206,7 +206,7 @@ class ChannelKPages:
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
 def test_decode_kc_right_after_the_write_sees_the_written_token(graph):
     """The channel-mode decode is a programmatic dependent of the write's last kernel
-    (kc_residual_kernel), which lets it start at once: it must wait before it reads the
+    (kc_value_residual_kernel), which lets it start at once: it must wait before it reads the
     residual rows that kernel writes (tests.gpu.test_kernels.
     check_decode_right_after_the_write)."""
     gen = torch.Generator().manual_seed(61)

@@ -1,10 +1,8 @@
 // Per-channel K mode (issue #7): one step's write into the channel-mode pages and the
-// requests' residuals, the GPU twin of reference_kc.write_tokens_kc. Three launches in
+// requests' residuals, the GPU twin of reference_kc.write_tokens_kc. Two launches in
 // this order (docs/per-channel-k-design.md, section 5):
 //
-// 1. kc_value_kernel, one warp per (token, KV head): V per token and group, into the
-//    page (codes and V params), as the per-token page does.
-// 2. kc_page_kernel (phase A), one 128-thread CTA per (token, KV head), working only for
+// 1. kc_page_kernel (phase A), one 128-thread CTA per (token, KV head), working only for
 //    tokens that land on the last slot of a 16-token K group of a page: thread c gathers
 //    channel c of the group's keys (this step's `key` for positions computed in this
 //    step, the request's residual for earlier ones: they lie in the request's last
@@ -15,12 +13,16 @@
 //    e4m3 (KP8, reference_kc.quantize_channels_fp8) zc comes first, the range's centre
 //    rounded to e4m3, then the smallest e4m3 scale that reaches both ends from it. It
 //    reads nothing the step writes, so CTAs run in any order.
-// 3. kc_residual_kernel (phase B), one warp per (token, KV head): the K and V rows of
-//    each request's last written page go to its residual slot. After phase A, which may
-//    read residual rows this overwrites (a chunk that fills a page and ends in the next).
-//    It lets the decode after it start (griddepcontrol.launch_dependents): the decode
-//    waits for it before reading a page or a residual row, and the V kernel and phase A
-//    are plain launches, so they have finished before B starts.
+// 2. kc_value_residual_kernel (phase B), one warp per (token, KV head): the token's V per
+//    token and group into the page (codes and V params), as the per-token page does,
+//    then the K and V rows of each request's last written page to its residual slot.
+//    After phase A, which may read residual rows this overwrites (a chunk that fills a
+//    page and ends in the next); the V writes touch bytes phase A neither reads nor
+//    writes, so they ride along (until 2026-12-03 they were a launch of their own, before
+//    phase A: 0.21 -> 0.17 ms of writes a step at 1 x 128K, 2-bit, on an H200). It lets
+//    the decode after it start (griddepcontrol.launch_dependents): the decode waits for
+//    it before reading a page or a residual row, and phase A is a plain launch, so it
+//    has finished before B starts.
 //
 // The residual is [num_slots][2][num_kv_heads][block_size][HEAD] in the model dtype: K
 // rows, then V rows (kc_residual_rows).
@@ -55,16 +57,12 @@ __device__ __forceinline__ void kc_token_position(const KCWriteParams& p, int r,
   start = p.seq_lens[r] - (end - p.query_start_loc[r]);
 }
 
+// The token's V row into its page: codes and (scale, zero) per group, as per-token mode
+// stores V. One warp; `codes` is the warp's HEAD bytes of shared memory.
 template <typename T, int HEAD, int BITS, int GROUP>
-__global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWriteParams p) {
-  static_assert(HEAD == 128, "one warp holds 4 channels per lane");
+__device__ __forceinline__ void kc_write_value(const KCWriteParams& p, int token, int head,
+                                               int64_t slot, uint8_t* codes, int lane) {
   using Order = RowOrder<HEAD, BITS>;
-  __shared__ uint8_t codes[kQuantizeWarps][HEAD];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  int token, head;
-  if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
-  const int64_t slot = p.slot_mapping[token];
-  if (slot < 0) return;
   const int64_t block = slot / p.block_size;
   const int offset = static_cast<int>(slot % p.block_size);
   uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
@@ -73,7 +71,7 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWritePa
   load4(static_cast<const T*>(p.value) + token * p.value_stride_token +
             head * p.value_stride_head + 4 * lane, v);
   T vs, vz;
-  quantize_lane<T, BITS, GROUP>(v, codes[warp], lane, vs, vz);
+  quantize_lane<T, BITS, GROUP>(v, codes, lane, vs, vz);
   constexpr int kLanesPerGroup = GROUP / 4;
   if (lane % kLanesPerGroup == 0) {
     const int g = lane / kLanesPerGroup;
@@ -87,7 +85,7 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_kernel(KCWritePa
     uint32_t packed = 0;
 #pragma unroll
     for (int s = 0; s < Order::kValuesPerWord; ++s)
-      packed |= static_cast<uint32_t>(codes[warp][Order::v_channel(lane, s)]) << (BITS * s);
+      packed |= static_cast<uint32_t>(codes[Order::v_channel(lane, s)]) << (BITS * s);
     reinterpret_cast<uint32_t*>(
         region + tile_row(p.tile_bytes, offset, p.v_rows_offset, Order::kRowBytes))[lane] = packed;
   }
@@ -173,16 +171,20 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
   }
 }
 
-template <typename T, int HEAD>
-__global__ void __launch_bounds__(kQuantizeWarps * 32) kc_residual_kernel(KCWriteParams p) {
-  static_assert(HEAD == 128, "one warp copies a row, 4 channels per lane");
+template <typename T, int HEAD, int BITS, int GROUP>
+__global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_residual_kernel(KCWriteParams p) {
+  static_assert(HEAD == 128, "one warp holds a row, 4 channels per lane");
   // the decode after this write may be scheduled now: it reads no page or residual row
-  // before griddepcontrol.wait, which waits for this grid, the last of the three, to finish
+  // before griddepcontrol.wait, which waits for this grid, the last of the two, to finish
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  const int lane = threadIdx.x % 32;
+  __shared__ uint8_t codes[kQuantizeWarps][HEAD];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int token, head;
   if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
-  if (p.slot_mapping[token] < 0) return;
+  const int64_t slot = p.slot_mapping[token];
+  if (slot < 0) return;
+  kc_write_value<T, HEAD, BITS, GROUP>(p, token, head, slot, codes[warp], lane);
+
   const int r = kc_token_row(p.query_start_loc, p.num_reqs, token);
   int pos, start;
   kc_token_position(p, r, token, pos, start);

@@ -88,8 +88,8 @@ void launch_dependent(void (*kernel)(Params), dim3 grid, dim3 block, size_t smem
 }
 
 // The decode is a programmatic dependent of the kernel before it, in a decode step the
-// KV-cache write (quantize_kernel, or kc_residual_kernel, the last of channel K's three
-// write kernels): its CTAs load the lengths and block-table entries while the write
+// KV-cache write (quantize_kernel, or kc_value_residual_kernel, the last of channel K's
+// two write kernels): its CTAs load the lengths and block-table entries while the write
 // runs, and wait (griddepcontrol.wait) before they read Q, a page or a residual row.
 template <typename T, int BITS, int GROUP, int HEAD_TILES, bool SPARSE, bool KC, int SELECT,
           bool KP8>
@@ -250,13 +250,13 @@ void launch_kc_write(const KCWriteParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.num_tokens) * p.num_kv_heads;
   if (items == 0 || p.num_reqs == 0) return;
   const dim3 warps(static_cast<unsigned>((items + kQuantizeWarps - 1) / kQuantizeWarps));
-  kc_value_kernel<T, kHeadSize, BITS, GROUP><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);
   const dim3 tokens_heads(p.num_tokens, p.num_kv_heads);
   bool_switch(p.k_params_fp8, [&](auto kp8) {  // phase A
     kc_page_kernel<T, kHeadSize, BITS, decltype(kp8)::value>
         <<<tokens_heads, kHeadSize, 0, stream>>>(p);
   });
-  kc_residual_kernel<T, kHeadSize><<<warps, kQuantizeWarps * 32, 0, stream>>>(p);  // phase B
+  kc_value_residual_kernel<T, kHeadSize, BITS, GROUP>  // phase B
+      <<<warps, kQuantizeWarps * 32, 0, stream>>>(p);
 }
 
 }  // namespace bitdecode
