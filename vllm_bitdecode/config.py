@@ -14,6 +14,7 @@ setting, at start-up, before the KV cache or the model weights take GPU memory.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -607,7 +608,7 @@ def residual_bytes(vllm_config: Any) -> tuple[int, int] | None:
     slots, *slot_shape = residual_shape(vllm_config, model.get_num_kv_heads(parallel),
                                         model.get_head_size())
     per_request = (model.get_num_layers(parallel) * model.dtype.itemsize
-                   * int(torch.Size(slot_shape).numel()))
+                   * math.prod(slot_shape))
     return slots * per_request, per_request
 
 

@@ -22,16 +22,15 @@ def flash_attn_varlen(*, q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, soft
         if block_table is not None:
             n = int(seqused_k[j])
             pages = block_table[j, : -(-n // k.shape[1])].long()
-            assert qs.shape[0] <= max_seqlen_q and n <= max_seqlen_k
             # pages read whole, as FlashAttention-3 reads 128-token pages (TMA), the rows
             # past seqused_k masked in the scores only
-            o, lse = ref.attention_lse(qs, k[pages].flatten(0, 1), v[pages].flatten(0, 1),
-                                       softmax_scale, causal, num_keys=n)
+            ks, vs = k[pages].flatten(0, 1), v[pages].flatten(0, 1)
         else:
             ks = k[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
             vs = v[int(cu_seqlens_k[j]) : int(cu_seqlens_k[j + 1])]
-            assert qs.shape[0] <= max_seqlen_q and ks.shape[0] <= max_seqlen_k
-            o, lse = ref.attention_lse(qs, ks, vs, softmax_scale, causal)
+            n = ks.shape[0]
+        assert qs.shape[0] <= max_seqlen_q and n <= max_seqlen_k
+        o, lse = ref.attention_lse(qs, ks, vs, softmax_scale, causal, num_keys=n)
         outs.append(o.to(q.dtype))
         lses.append(lse)
     result = torch.cat(outs)
