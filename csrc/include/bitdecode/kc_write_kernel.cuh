@@ -58,18 +58,18 @@ __device__ __forceinline__ void kc_token_position(const KCWriteParams& p, int r,
 }
 
 // The token's V row into its page: codes and (scale, zero) per group, as per-token mode
-// stores V. One warp; `codes` is the warp's HEAD bytes of shared memory.
+// stores V. One warp; `v_raw` is the lane's 4 values of the row as loaded, `codes` the
+// warp's HEAD bytes of shared memory.
 template <typename T, int HEAD, int BITS, int GROUP>
-__device__ __forceinline__ void kc_write_value(const KCWriteParams& p, int token, int head,
-                                               int64_t slot, uint8_t* codes, int lane) {
+__device__ __forceinline__ void kc_write_value(const KCWriteParams& p, int head, int64_t slot,
+                                               const uint2& v_raw, uint8_t* codes, int lane) {
   using Order = RowOrder<HEAD, BITS>;
   const int64_t block = slot / p.block_size;
   const int offset = static_cast<int>(slot % p.block_size);
   uint8_t* region = p.cache + block * p.cache_stride_block + head * p.cache_stride_head;
 
   float v[4];
-  load4(static_cast<const T*>(p.value) + token * p.value_stride_token +
-            head * p.value_stride_head + 4 * lane, v);
+  unpack4<T>(v_raw, v);
   T vs, vz;
   quantize_lane<T, BITS, GROUP>(v, codes, lane, vs, vz);
   constexpr int kLanesPerGroup = GROUP / 4;
@@ -183,7 +183,12 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_residual_kernel(
   if (!warp_token_head(p.num_tokens, p.num_kv_heads, token, head)) return;
   const int64_t slot = p.slot_mapping[token];
   if (slot < 0) return;
-  kc_write_value<T, HEAD, BITS, GROUP>(p, token, head, slot, codes[warp], lane);
+  // the lane's 4 values of the token's V row, loaded once: quantized into the page, and
+  // copied as they are to the residual when the token lies in its request's last page
+  const uint2 v_raw = *reinterpret_cast<const uint2*>(
+      static_cast<const T*>(p.value) + token * p.value_stride_token +
+      head * p.value_stride_head + 4 * lane);
+  kc_write_value<T, HEAD, BITS, GROUP>(p, head, slot, v_raw, codes[warp], lane);
 
   const int r = kc_token_row(p.query_start_loc, p.num_reqs, token);
   int pos, start;
@@ -193,13 +198,11 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) kc_value_residual_kernel(
   const int64_t row = (pos % p.block_size) * HEAD + 4 * lane;
   const T* key = static_cast<const T*>(p.key) + token * p.key_stride_token +
                  head * p.key_stride_head + 4 * lane;
-  const T* value = static_cast<const T*>(p.value) + token * p.value_stride_token +
-                   head * p.value_stride_head + 4 * lane;
   T* rows = static_cast<T*>(p.residual);
   T* k_dst = kc_residual_rows<HEAD>(rows, p.row_slot[r], 0, p.num_kv_heads, head, p.block_size);
   T* v_dst = kc_residual_rows<HEAD>(rows, p.row_slot[r], 1, p.num_kv_heads, head, p.block_size);
   *reinterpret_cast<uint2*>(k_dst + row) = *reinterpret_cast<const uint2*>(key);
-  *reinterpret_cast<uint2*>(v_dst + row) = *reinterpret_cast<const uint2*>(value);
+  *reinterpret_cast<uint2*>(v_dst + row) = v_raw;
 }
 
 }  // namespace bitdecode

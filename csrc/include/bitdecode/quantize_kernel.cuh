@@ -27,11 +27,15 @@ __device__ __forceinline__ bool warp_token_head(int num_tokens, int num_kv_heads
 }
 
 template <typename T>
-__device__ __forceinline__ void load4(const T* src, float (&x)[4]) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(src);  // 4 x 16-bit
+__device__ __forceinline__ void unpack4(const uint2& raw, float (&x)[4]) {  // raw: 4 x 16-bit
   const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) x[i] = DtypeTraits<T>::to_float(v[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load4(const T* src, float (&x)[4]) {
+  unpack4<T>(*reinterpret_cast<const uint2*>(src), x);
 }
 
 // Walsh-Hadamard over 128 values spread 4 per lane (same butterflies as reference.rotate).
