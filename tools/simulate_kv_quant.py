@@ -118,6 +118,26 @@ class Mode:
             raise SystemExit(f"mode {name!r}: per-channel K (-kc) is never rotated; drop -norot")
         return Mode(name, **kw)
 
+    def bytes_per_token_head(self, head_size: int = 128) -> float:
+        """Bytes a page stores per token and KV head in this mode: codes, the per-token
+        (scale, zero) pairs of each group in the model dtype, and with -kc the per-channel
+        K (scale, zc) of each K group (fp16, or e4m3 with -p8) spread over its tokens.
+        Exact rows (a residual, -vexact) are not counted: they are per request, not per
+        token. bf16: 4 * head_size."""
+        if self.bits == 16:
+            return 4.0 * head_size
+        codes = head_size * self.bits / 8
+        per_token_params = head_size / self.group_size * 4  # (scale, zero), 2 B each
+        v = codes + per_token_params if self.quant_v else 2.0 * head_size
+        if not self.quant_k:
+            k = 2.0 * head_size
+        elif self.k_per_channel:
+            k_group = self.page if self.own_page else KC_BLOCK
+            k = codes + 2 * head_size * (1 if self.k_params_fp8 else 2) / k_group
+        else:
+            k = codes + per_token_params
+        return k + v
+
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """x [..., head_size] -> quantized and dequantized per token (the page format)."""
@@ -308,9 +328,11 @@ def main() -> None:
         ppl, argmax = teacher_forced(model, windows, mode)
         base = base if base is not None else (ppl if mode.bits == 16 else None)
         pct = 100 * (ppl / base - 1) if base else float("nan")
-        row = {"mode": mode.name, **dataclasses.asdict(mode), "ppl": ppl, "vs_bf16_pct": pct}
-        print(f"{mode.name:<14} ppl {ppl:10.3f}  {pct:+8.1f}%  ({time.time() - t0:.0f} s)",
-              flush=True)
+        stored = mode.bytes_per_token_head(model.config.head_dim)
+        row = {"mode": mode.name, **dataclasses.asdict(mode), "ppl": ppl, "vs_bf16_pct": pct,
+               "bytes_per_token_head": stored}
+        print(f"{mode.name:<14} ppl {ppl:10.3f}  {pct:+8.1f}%  {stored:5.0f} B a token and "
+              f"head ({time.time() - t0:.0f} s)", flush=True)
         row["perturbed"] = []
         for seed in (0, 1) if args.perturb else ():
             with perturbed_row_parallel_outputs(model, args.perturb, seed):

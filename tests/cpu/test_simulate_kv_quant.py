@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from tests.scripts import load_script
-from vllm_bitdecode.reference_kc import fake_quant_page_k
+from vllm_bitdecode.page_format import PageFormat
+from vllm_bitdecode.reference_kc import KCPageLayout, fake_quant_page_k
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,28 @@ def test_fp8_k_params_mode_is_reference_kc_with_8_bit_params(sim, bits):
                                             k_param_bits=param_bits), exact[..., 32:, :]), -2)
         want = sim._own_page_softmax(q, keys, exact, v, mode, 128**-0.5)
         assert torch.equal(got, want) == equal, f"{param_bits}-bit params"
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_bytes_per_token_match_the_backend_pages(sim, bits, group_size):
+    """The bytes a mode reports are what the backend's page of that setting stores: the
+    per-token page format, and the channel-K layout with fp16 or e4m3 K parameters."""
+    fmt = PageFormat(head_size=128, bits=bits, group_size=group_size, block_size=128)
+    per_token = sim.Mode.parse(f"int{bits}-g{group_size}")
+    assert per_token.bytes_per_token_head() == fmt.bytes_per_token_head
+    for suffix, param_bits in (("", 16), ("-p8", 8)):
+        channel = sim.Mode.parse(f"int{bits}-g{group_size}-kc-own-vexact-w128{suffix}")
+        layout = KCPageLayout(fmt, param_bits)
+        assert channel.bytes_per_token_head() == layout.head_region_bytes / fmt.block_size
+
+
+def test_bytes_per_token_of_other_k_groups_and_unquantized_halves(sim):
+    """K groups longer than the backend's 16 tokens (simulation only) spread the same
+    per-channel parameters over more tokens; an unquantized K or V stays bf16."""
+    assert sim.Mode.parse("bf16").bytes_per_token_head() == 512
+    assert sim.Mode.parse("int2-kc-own-vexact-b32-w128-p8").bytes_per_token_head() == 76
+    assert sim.Mode.parse("int2-kc-own-vexact-b128-w128").bytes_per_token_head() == 72
+    # KIVI-like -kc: K groups of 128 tokens, so 4 B of K params a token, as V group 128
+    assert sim.Mode.parse("int2-kc").bytes_per_token_head() == (32 + 4) + (32 + 4)
+    assert sim.Mode.parse("int4-konly").bytes_per_token_head() == 68 + 256
