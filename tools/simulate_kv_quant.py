@@ -126,16 +126,22 @@ class Mode:
         token. bf16: 4 * head_size."""
         if self.bits == 16:
             return 4.0 * head_size
-        codes = head_size * self.bits / 8
-        per_token_params = head_size / self.group_size * 4  # (scale, zero), 2 B each
-        v = codes + per_token_params if self.quant_v else 2.0 * head_size
+        # the backend's own sizes: a packed row, one tensor's per-token params, and the
+        # per-channel params of one K group (16 tokens there; any length here)
+        fmt = PageFormat(head_size=head_size, bits=self.bits, group_size=self.group_size,
+                         block_size=OWN_BLOCK)
+        per_token = fmt.row_bytes + fmt.param_bytes_per_token / 2
+        v = per_token if self.quant_v else 2.0 * head_size
         if not self.quant_k:
             k = 2.0 * head_size
         elif self.k_per_channel:
+            from vllm_bitdecode.reference_kc import KCPageLayout
+
             k_group = self.page if self.own_page else KC_BLOCK
-            k = codes + 2 * head_size * (1 if self.k_params_fp8 else 2) / k_group
+            group_params = KCPageLayout(fmt, 8 if self.k_params_fp8 else 16).k_group_param_bytes
+            k = fmt.row_bytes + group_params / k_group
         else:
-            k = codes + per_token_params
+            k = per_token
         return k + v
 
 
