@@ -253,7 +253,8 @@ struct RowOrder {
 // Fast Walsh-Hadamard transform of one 128-vector held by a warp, 4 consecutive values
 // per lane (lane l: elements 4l .. 4l+3), with the sign flip first and the 1/sqrt(128)
 // scale last: the same butterflies in the same order as reference.rotate, so results
-// are bit-identical. Distances 1 and 2 stay in registers, 4 .. 64 use shuffles.
+// are bit-identical (the decode rotates Q with it, the quantize-on-write K). Distances 1
+// and 2 stay in registers, 4 .. 64 use shuffles.
 __device__ __forceinline__ void rotate_row_warp(float (&v)[4], const float* signs, int lane) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) v[j] *= signs[4 * lane + j];
@@ -277,7 +278,7 @@ __device__ __forceinline__ void rotate_row_warp(float (&v)[4], const float* sign
   }
   const float inv = static_cast<float>(1.0 / sqrt(128.0));  // as reference
 #pragma unroll
-  for (int j = 0; j < 4; ++j) v[j] *= inv;
+  for (int j = 0; j < 4; ++j) v[j] = __fmul_rn(v[j], inv);  // no fma with what follows
 }
 
 // Per-channel K mode: the block_size rows of K (kv = 0) or V (kv = 1) of one residual

@@ -177,7 +177,7 @@ struct DequantizeParams {
   int max_tokens;                // upper bound of seq_lens, sizes the grid
   PageGeometry page;
   int k_params_offset;           // per-channel K pages only: in each tile, its K group's
-                                 // K scale[128], then zero[128] (page.tile_bytes is KC's)
+                                 // K scale[HEAD], then zero[HEAD] (page.tile_bytes is KC's)
   bool k_params_fp8;             // ... in e4m3, one byte each, not fp16
 };
 

@@ -38,37 +38,6 @@ __device__ __forceinline__ void load4(const T* src, float (&x)[4]) {
   unpack4<T>(*reinterpret_cast<const uint2*>(src), x);
 }
 
-// Walsh-Hadamard over 128 values spread 4 per lane (same butterflies as reference.rotate).
-__device__ __forceinline__ void rotate_warp128(float (&x)[4], const float* signs, int lane) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) x[i] *= signs[4 * lane + i];
-  // strides 1 and 2 stay inside the lane
-#pragma unroll
-  for (int h = 1; h < 4; h *= 2) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      if ((i & h) == 0) {
-        const float a = x[i], b = x[i + h];
-        x[i] = a + b;
-        x[i + h] = a - b;
-      }
-    }
-  }
-  // strides 4..64 pair lane l with lane l ^ (h / 4)
-#pragma unroll
-  for (int lanes = 1; lanes < 32; lanes *= 2) {
-    const bool upper = lane & lanes;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float other = __shfl_xor_sync(0xffffffffu, x[i], lanes);
-      x[i] = upper ? other - x[i] : x[i] + other;
-    }
-  }
-  const float inv = static_cast<float>(1.0 / sqrt(128.0));
-#pragma unroll
-  for (int i = 0; i < 4; ++i) x[i] = __fmul_rn(x[i], inv);  // no fma with what follows
-}
-
 // The stored (scale, zero) of a group whose values lie in [lo, hi]; true where it takes
 // the wide path. Scale and zero are rounded to the stored dtype first, and codes are then
 // computed against the stored values (code_of), so dequantization with them is the
@@ -157,7 +126,7 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) quantize_kernel(QuantizeP
             4 * lane, k);
   load4(static_cast<const T*>(p.value) + token * p.value_stride_token +
             head * p.value_stride_head + 4 * lane, v);
-  if (p.rotation_signs != nullptr) rotate_warp128(k, p.rotation_signs, lane);
+  if (p.rotation_signs != nullptr) rotate_row_warp(k, p.rotation_signs, lane);
 
   T ks, kz, vs, vz;
   quantize_lane<T, BITS, GROUP>(k, codes[warp][0], lane, ks, kz);
