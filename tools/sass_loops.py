@@ -65,6 +65,17 @@ def find_nvdisasm() -> str:
                      "toolkit's bin/ on PATH)")
 
 
+def have_tools() -> bool:
+    """Whether nvcc and nvdisasm are both here (the CPU tests that compile skip if not)."""
+    if shutil.which("nvcc") is None:
+        return False
+    try:
+        find_nvdisasm()
+    except SystemExit:
+        return False
+    return True
+
+
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
                           sparse: bool, channel_k: bool, out: Path,
                           fp8_params: bool = False, line_info: bool = False) -> None:

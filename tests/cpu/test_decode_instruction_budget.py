@@ -13,7 +13,6 @@ Needs nvcc and nvdisasm (``pip install nvidia-cuda-nvdisasm``; .ci/run installs 
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
@@ -31,17 +30,7 @@ BUDGET = {
 SLACK = 1.02  # room for a compiler's reordering, not for a new instruction per value
 
 
-def _have_tools() -> bool:
-    if shutil.which("nvcc") is None:
-        return False
-    try:
-        sass_loops.find_nvdisasm()
-    except SystemExit:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _have_tools(), reason="needs nvcc and nvdisasm")
+@pytest.mark.skipif(not sass_loops.have_tools(), reason="needs nvcc and nvdisasm")
 @pytest.mark.parametrize("shape", list(BUDGET), ids=lambda s: "{}-{}bit-g{}-ht{}".format(*s))
 def test_step_loop_stays_within_its_instruction_budget(shape, tmp_path):
     dtype, bits, group, head_tiles = shape

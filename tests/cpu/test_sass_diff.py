@@ -4,7 +4,6 @@ changed constant found changed."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from tests.scripts import load_script
 
 sass_diff = load_script("tools/sass_diff.py")
+sass_loops = load_script("tools/sass_loops.py")
 
 # nvdisasm -c's shape: a section line per kernel, then /*address*/ instruction ; lines and
 # labels numbered across the whole file
@@ -69,16 +69,6 @@ __global__ void scale(float* x, int n) {
 """
 
 
-def _have_tools() -> bool:
-    if shutil.which("nvcc") is None:
-        return False
-    try:
-        sass_diff.find_nvdisasm()
-    except SystemExit:
-        return False
-    return True
-
-
 def _sass(tmp_path: Path, name: str, factor: str, comment: str) -> dict[str, list[str]]:
     src = tmp_path / name / "k.cu"
     src.parent.mkdir()
@@ -87,7 +77,7 @@ def _sass(tmp_path: Path, name: str, factor: str, comment: str) -> dict[str, lis
                                                     sass_diff.nvcc_flags()))
 
 
-@pytest.mark.skipif(not _have_tools(), reason="needs nvcc and nvdisasm")
+@pytest.mark.skipif(not sass_loops.have_tools(), reason="needs nvcc and nvdisasm")
 def test_a_comment_is_identical_and_a_constant_is_not(tmp_path):
     base = _sass(tmp_path, "base", "2.0f", "double it")
     comment = _sass(tmp_path, "comment", "2.0f", "twice the value")
