@@ -85,3 +85,9 @@ def test_a_comment_is_identical_and_a_constant_is_not(tmp_path):
     assert base and all(v for v in base.values())
     assert {d.verdict for d in sass_diff.compare(base, comment)} == {"identical"}
     assert {d.verdict for d in sass_diff.compare(base, factor)} == {"changed"}
+
+
+def test_a_file_that_one_side_lacks_has_no_kernels_there(tmp_path):
+    assert sass_diff.compile_sass(tmp_path / "gone.cu", tmp_path, tmp_path, []) == ""
+    only_new = sass_diff.compare(sass_diff.kernels(""), sass_diff.kernels(SASS))
+    assert {d.verdict for d in only_new} == {"only in new"}
