@@ -40,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sass_loops import INSTRUCTION, find_nvdisasm, function_lines  # noqa: E402
+from sass_loops import INSTRUCTION, disassemble, function_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = "-gencode=arch=compute_90a,code=sm_90a"
@@ -129,8 +129,7 @@ def compile_sass(source: Path, include: Path, out_dir: Path, flags: list[str]) -
     cubin = out_dir / (source.stem + ".cubin")
     subprocess.run(["nvcc", *flags, ARCH, f"-I{include}", "-cubin", str(source), "-o",
                     str(cubin)], check=True)
-    return subprocess.run([find_nvdisasm(), "-c", str(cubin)], check=True,
-                          capture_output=True, text=True).stdout
+    return disassemble(cubin)
 
 
 def demangle(names: list[str]) -> dict[str, str]:

@@ -76,6 +76,13 @@ def have_tools() -> bool:
     return True
 
 
+def disassemble(cubin: Path, line_info: bool = False) -> str:
+    """``nvdisasm -c`` of a cubin (``-gi`` adds the source lines of a -lineinfo build)."""
+    flags = ["-c", "-gi"] if line_info else ["-c"]
+    return subprocess.run([find_nvdisasm(), *flags, str(cubin)], check=True,
+                          capture_output=True, text=True).stdout
+
+
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
                           sparse: bool, channel_k: bool, out: Path,
                           fp8_params: bool = False, line_info: bool = False) -> None:
@@ -253,9 +260,7 @@ def main() -> None:
             compile_instantiation(args.dtype, args.bits, args.group, args.head_tiles,
                                   args.sparse, args.channel_k, cubin, args.fp8_params,
                                   line_info=args.by_line > 0)
-        flags = ["-c", "-gi"] if args.by_line else ["-c"]
-        sass = subprocess.run([find_nvdisasm(), *flags, str(cubin)], check=True,
-                              capture_output=True, text=True).stdout
+        sass = disassemble(cubin, line_info=args.by_line > 0)
     functions = parse(sass)
     if not functions:
         sys.exit("no functions in the disassembly")

@@ -13,8 +13,6 @@ Needs nvcc and nvdisasm (``pip install nvidia-cuda-nvdisasm``; .ci/run installs 
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from tests.scripts import load_script
@@ -37,8 +35,7 @@ def test_step_loop_stays_within_its_instruction_budget(shape, tmp_path):
     cubin = tmp_path / "decode.cubin"
     sass_loops.compile_instantiation(dtype, bits, group, head_tiles, sparse=False,
                                      channel_k=False, out=cubin)
-    sass = subprocess.run([sass_loops.find_nvdisasm(), "-c", str(cubin)], check=True,
-                          capture_output=True, text=True).stdout
+    sass = sass_loops.disassemble(cubin)
     (name, (opcodes, labels, branches)), = sass_loops.parse(sass).items()
     step = sass_loops.step_loop(sass_loops.mma_loops(opcodes, labels, branches))
     assert step is not None, f"{name}: no loop with MMAs"
