@@ -576,6 +576,19 @@ def write_results(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def bar_note(record: dict[str, Any]) -> str:
+    """A bar's ratio: against bf16; where bf16 did not run (sparse, 8 x 128K, a run that
+    left it out), against dense 4-bit, and the 4-bit bar itself against fp8."""
+    key = record.get("key") or f"{record['backend']}:{record['kv']}"
+    if record.get("vs_bf16"):
+        return f"{record['vs_bf16']:.2f}x"
+    if record.get("vs_int4") and key != "BITDECODE:int4":
+        return f"{record['vs_int4']:.2f}x int4"
+    if record.get("vs_fp8") and key != "FLASH_ATTN:fp8":
+        return f"{record['vs_fp8']:.2f}x fp8"
+    return ""
+
+
 def plot(doc: dict[str, Any], path: Path) -> bool:
     """A panel per case measured: decode ms/step per shape, KV capacity, throughput."""
     plt = pyplot()
@@ -617,9 +630,7 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
         ax.set_title(title, fontsize=9)
         ax.margins(y=0.18)
         for bar, r in zip(bars, rows, strict=True):
-            # against bf16, or against dense 4-bit where bf16 did not run (sparse, 8 x 128K)
-            note = (f"{r['vs_bf16']:.2f}x" if r.get("vs_bf16") else
-                    f"{r['vs_int4']:.2f}x int4" if r.get("vs_int4") else "")
+            note = bar_note(r)
             if case == "capacity_32k" and r.get("batch") is not None:
                 note = f"B={r['batch']}\n{note}"
             if case == "throughput" and r.get("kv_cache_tokens"):

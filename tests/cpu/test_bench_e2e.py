@@ -390,3 +390,17 @@ def test_plot_draws_only_the_measured_panels(bench, tmp_path, monkeypatch, cases
     assert ("decode ms/step, B=1 x 128K (lower is better)" in titles) == (
         "decode_b1_128k" in cases)
     assert not bench.plot(dict(doc, records=[]), tmp_path / "none.png")
+
+
+@pytest.mark.parametrize("key, ratios, note", [
+    ("BITDECODE:int4", dict(vs_bf16=2.42, vs_fp8=1.72, vs_int4=1.0), "2.42x"),
+    ("BITDECODE:int4", dict(vs_fp8=1.72, vs_int4=1.0), "1.72x fp8"),  # bf16 left out
+    ("FLASH_ATTN:fp8", dict(vs_fp8=1.0, vs_int4=0.58), "0.58x int4"),
+    ("BITDECODE:int4-sparse", dict(vs_fp8=3.1, vs_int4=1.4), "1.40x int4"),
+    ("FLASH_ATTN:fp8", dict(vs_fp8=1.0), ""),  # nothing to compare with
+])
+def test_bar_note_names_what_a_ratio_is_against(bench, key, ratios, note):
+    backend, kv = key.split(":")
+    record = dict(backend=backend, kv=kv, **ratios)
+    assert bench.bar_note(record) == note
+    assert bench.bar_note(dict(record, key=key)) == note
