@@ -26,7 +26,6 @@ files on two cores (eight nvcc runs). nvdisasm: ``pip install nvidia-cuda-nvdisa
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import difflib
 import re
@@ -40,24 +39,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sass_loops import INSTRUCTION, disassemble, function_lines  # noqa: E402
+from sass_loops import (  # noqa: E402
+    ARCH,
+    INSTRUCTION,
+    disassemble,
+    function_lines,
+    nvcc_flags,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-ARCH = "-gencode=arch=compute_90a,code=sm_90a"
-
-
-def nvcc_flags(setup_py: Path = ROOT / "setup.py") -> list[str]:
-    """The literal strings of setup.py's ``NVCC_FLAGS`` (its include and -gencode entries,
-    computed there, are left out: the tool passes its own)."""
-    tree = ast.parse(setup_py.read_text())
-    for node in tree.body:
-        if (isinstance(node, ast.Assign) and len(node.targets) == 1
-                and getattr(node.targets[0], "id", None) == "NVCC_FLAGS"):
-            return [e.value for e in node.value.elts
-                    if isinstance(e, ast.Constant) and isinstance(e.value, str)]
-    raise SystemExit(f"no NVCC_FLAGS list in {setup_py}")
-
-
 LABEL = re.compile(r"\.L_x_\d+")
 
 

@@ -22,6 +22,7 @@ in that package).
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import re
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
+ARCH = "-gencode=arch=compute_90a,code=sm_90a"
 
 
 @dataclass
@@ -83,21 +85,32 @@ def disassemble(cubin: Path, line_info: bool = False) -> str:
                           capture_output=True, text=True).stdout
 
 
+def nvcc_flags(setup_py: Path = ROOT / "setup.py") -> list[str]:
+    """The literal strings of setup.py's ``NVCC_FLAGS`` (its include and -gencode entries,
+    computed there, are left out: the callers pass their own), so that what these tools
+    disassemble is what the extension builds."""
+    tree = ast.parse(setup_py.read_text())
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and len(node.targets) == 1
+                and getattr(node.targets[0], "id", None) == "NVCC_FLAGS"):
+            return [e.value for e in node.value.elts
+                    if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+    raise SystemExit(f"no NVCC_FLAGS list in {setup_py}")
+
+
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
                           sparse: bool, channel_k: bool, out: Path,
-                          fp8_params: bool = False, line_info: bool = False) -> None:
+                          fp8_params: bool = False) -> None:
+    """One ``decode_kernel`` instantiation as a cubin, with setup.py's flags (which hold
+    -lineinfo, so ``disassemble(..., line_info=True)`` can name source lines)."""
     args = (f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}, "
             f"{str(channel_k).lower()}, 0, {str(fp8_params).lower()}")
     src = out.with_suffix(".cu")
     src.write_text('#include "bitdecode/decode_kernel.cuh"\n'
                    f"template __global__ void bitdecode::decode_kernel<{args}>("
                    "bitdecode::DecodeParams);\n")
-    cmd = ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
-           "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc' / 'include'}",
-           "-cubin", str(src), "-o", str(out)]
-    if line_info:  # source lines for nvdisasm -gi; the SASS is the same (checked: nvcc 13.0)
-        cmd.insert(1, "-lineinfo")
-    subprocess.run(cmd, check=True)
+    subprocess.run(["nvcc", *nvcc_flags(), ARCH, f"-I{ROOT / 'csrc' / 'include'}", "-cubin",
+                    str(src), "-o", str(out)], check=True)
 
 
 # an instruction line of nvdisasm -c: /*offset*/ text ;
@@ -258,8 +271,7 @@ def main() -> None:
         if cubin is None:
             cubin = Path(tmp) / "decode.cubin"
             compile_instantiation(args.dtype, args.bits, args.group, args.head_tiles,
-                                  args.sparse, args.channel_k, cubin, args.fp8_params,
-                                  line_info=args.by_line > 0)
+                                  args.sparse, args.channel_k, cubin, args.fp8_params)
         sass = disassemble(cubin, line_info=args.by_line > 0)
     functions = parse(sass)
     if not functions:

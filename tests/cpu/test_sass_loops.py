@@ -89,3 +89,19 @@ def test_report_lines_counts_per_tile_by_statement(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:3] == ["1.0", "k.cuh:40", "LOP3"]  # 2 instructions over 2 tiles
     assert out[2].split()[:3] == ["0.5", "k.cuh:41", "HMMA"]
+
+
+def test_compile_instantiation_builds_with_setup_pys_flags(tmp_path, monkeypatch):
+    """The instruction budget and --by-line look at the SASS the extension builds: the
+    same nvcc flags (-lineinfo among them), for sm_90a."""
+    commands = []
+    monkeypatch.setattr(sass_loops.subprocess, "run",
+                        lambda cmd, check: commands.append(cmd))
+    sass_loops.compile_instantiation("bf16", 4, 128, 1, sparse=False, channel_k=False,
+                                     out=tmp_path / "decode.cubin")
+    (cmd,) = commands
+    flags = sass_loops.nvcc_flags()
+    assert cmd[0] == "nvcc" and cmd[1 : 1 + len(flags)] == flags
+    assert "-lineinfo" in flags and "-O3" in flags and sass_loops.ARCH in cmd
+    source = (tmp_path / "decode.cu").read_text()
+    assert "decode_kernel<__nv_bfloat16, 128, 4, 128, 1, false, false, 0, false>" in source
