@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the extension and run every GPU test, then the capacity / step-time benchmark.
-# On the GPU machine, after the vLLM kit is installed (README, "Running the GPU checks"):
+# On the GPU machine, after the vLLM kit is installed (docs/gpu-runs.md):
 #     bash scripts/gpu_check.sh            # results and logs under ${OUT:-/tmp/bitdecode-out}
 # Set SKIP_BENCH=1 to run only the tests; E2E_BENCH=1 also runs benchmarks/bench_e2e.py
 # (E2E_ARGS passes it arguments, e.g. E2E_ARGS="--backends bf16,int4").

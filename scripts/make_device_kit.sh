@@ -9,7 +9,7 @@
 # Writes <dest>/p00 ... (at most 20 MB each) and <dest>/install.sh, which waits until all
 # N parts have arrived. On a fresh machine: N calls back to back, the k-th carrying its part
 # and <dest>/install.sh and running `bash .kit/install.sh`; the last one goes on with
-# `&& export PYTHONPATH=/tmp/site && <build and tests>` (README, "GPU checks").
+# `&& export PYTHONPATH=/tmp/site && <build and tests>` (docs/gpu-runs.md).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DEST="${1:-.kit}"
