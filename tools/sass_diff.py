@@ -40,8 +40,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sass_loops import (  # noqa: E402
-    ARCH,
     INSTRUCTION,
+    compile_cubin,
     disassemble,
     function_lines,
     nvcc_flags,
@@ -117,8 +117,7 @@ def compile_sass(source: Path, include: Path, out_dir: Path, flags: list[str]) -
     if not source.exists():
         return ""
     cubin = out_dir / (source.stem + ".cubin")
-    subprocess.run(["nvcc", *flags, ARCH, f"-I{include}", "-cubin", str(source), "-o",
-                    str(cubin)], check=True)
+    compile_cubin(source, cubin, include, flags)
     return disassemble(cubin)
 
 

@@ -98,19 +98,26 @@ def nvcc_flags(setup_py: Path = ROOT / "setup.py") -> list[str]:
     raise SystemExit(f"no NVCC_FLAGS list in {setup_py}")
 
 
+def compile_cubin(source: Path, out: Path, include: Path = ROOT / "csrc" / "include",
+                  flags: list[str] | None = None) -> None:
+    """``source`` built for sm_90a as a cubin, with setup.py's nvcc flags unless others
+    are given (which hold -lineinfo, so ``disassemble(..., line_info=True)`` can name
+    source lines)."""
+    subprocess.run(["nvcc", *(nvcc_flags() if flags is None else flags), ARCH,
+                    f"-I{include}", "-cubin", str(source), "-o", str(out)], check=True)
+
+
 def compile_instantiation(dtype: str, bits: int, group: int, head_tiles: int,
                           sparse: bool, channel_k: bool, out: Path,
                           fp8_params: bool = False) -> None:
-    """One ``decode_kernel`` instantiation as a cubin, with setup.py's flags (which hold
-    -lineinfo, so ``disassemble(..., line_info=True)`` can name source lines)."""
+    """One ``decode_kernel`` instantiation as a cubin (``compile_cubin``)."""
     args = (f"{DTYPES[dtype]}, 128, {bits}, {group}, {head_tiles}, {str(sparse).lower()}, "
             f"{str(channel_k).lower()}, 0, {str(fp8_params).lower()}")
     src = out.with_suffix(".cu")
     src.write_text('#include "bitdecode/decode_kernel.cuh"\n'
                    f"template __global__ void bitdecode::decode_kernel<{args}>("
                    "bitdecode::DecodeParams);\n")
-    subprocess.run(["nvcc", *nvcc_flags(), ARCH, f"-I{ROOT / 'csrc' / 'include'}", "-cubin",
-                    str(src), "-o", str(out)], check=True)
+    compile_cubin(src, out)
 
 
 # an instruction line of nvdisasm -c: /*offset*/ text ;
