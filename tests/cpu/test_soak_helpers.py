@@ -341,7 +341,7 @@ def test_expected_prompt_tokens_match_the_tiny_tokenizer(soak, tmp_path):
                 n = len(tok(body["prompt"]).input_ids)
             else:
                 n = len(tok.apply_chat_template(body["messages"], add_generation_prompt=True,
-                                                tokenize=True))
+                                                tokenize=True, return_dict=False))
             assert n == soak.expected_prompt_tokens(spec, source), (endpoint, prefix)
     assert soak.expected_prompt_tokens(_spec(soak), soak.PromptSource(exact_tokens=False)) \
         is None

@@ -47,7 +47,9 @@ def test_chat_template_renders_and_vllm_reads_it_as_string_content(tiny_dir):
     text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text == ("system : tell a story\nuser : hello , tell me a story about the sea ?\n"
                     "assistant :")
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # return_dict=False: transformers 5 returns a BatchEncoding by default, 4.x a list
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                  return_dict=False)
     assert len(ids) == 19 and 0 not in ids  # every word known: no <unk>
     assert _detect_content_format(testing.CHAT_TEMPLATE, default="openai") == "string"
 

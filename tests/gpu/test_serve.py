@@ -190,7 +190,8 @@ def test_chat_completions_streaming_and_not(server, tokenizer):
     usage = reply["usage"]
     assert usage["completion_tokens"] == 10
     # the chat template was applied: "role : content" lines, then "assistant :"
-    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True)
+    rendered = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                             return_dict=False)  # a list in transformers 4 and 5
     assert usage["prompt_tokens"] == len(rendered) == 19
 
     events = _post_stream(server.base + "/v1/chat/completions",
