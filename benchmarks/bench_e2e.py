@@ -308,7 +308,7 @@ def merge_records(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[
     """New records replace old ones of the same (backend key, case), a record without its
     key (files from before records carried one) taking it from backend and kv; order:
     backends as in BACKENDS, cases as in CASES."""
-    merged = {(r.get("key") or _key_of(r), r["case"]): r for r in [*old, *new]}
+    merged = {(record_key(r), r["case"]): r for r in [*old, *new]}
     order = {k: i for i, k in enumerate(BACKENDS)}
     corder = {c: i for i, c in enumerate(CASES)}
     rows = sorted(merged.items(), key=lambda kv: (order.get(kv[0][0], 99),
@@ -341,7 +341,11 @@ def merge_result_files(docs: list[dict[str, Any]]) -> dict[str, Any]:
                 targets=check_targets(records))
 
 
-def _key_of(rec: dict[str, Any]) -> str:
+def record_key(rec: dict[str, Any]) -> str:
+    """A record's backend key: its own, else (files from before records carried one) the
+    BACKENDS key of its backend and kv."""
+    if rec.get("key"):
+        return rec["key"]
     for k, (backend, kv, _) in BACKENDS.items():
         if (backend, kv) == (rec.get("backend"), rec.get("kv")):
             return k
@@ -579,7 +583,7 @@ def write_results(path: Path, doc: dict[str, Any]) -> None:
 def bar_note(record: dict[str, Any]) -> str:
     """A bar's ratio: against bf16; where bf16 did not run (sparse, 8 x 128K, a run that
     left it out), against dense 4-bit, and the 4-bit bar itself against fp8."""
-    key = record.get("key") or f"{record['backend']}:{record['kv']}"
+    key = record_key(record)
     if record.get("vs_bf16"):
         return f"{record['vs_bf16']:.2f}x"
     if record.get("vs_int4") and key != "BITDECODE:int4":
