@@ -408,12 +408,13 @@ def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def decode_settings(steps: int, gpu_memory_utilization: float, quick: bool,
-                    cases: list[str]) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
+                    cases: list[str], max_num_seqs: int = 8,
+                    ) -> tuple[dict[str, Any], dict[str, tuple[int, int]]]:
     """Settings for a benchmark of decode cases alone (bench_spec_decode.py,
-    bench_step_breakdown.py): this script's, with at most 8 requests a step, and each
-    case's (batch, context)."""
+    bench_step_breakdown.py): this script's, with at most ``max_num_seqs`` requests a
+    step, and each case's (batch, context)."""
     args = parse_args(["--steps", str(steps), "--gpu-memory-utilization",
-                       str(gpu_memory_utilization), "--max-num-seqs", "8"]
+                       str(gpu_memory_utilization), "--max-num-seqs", str(max_num_seqs)]
                       + (["--quick"] if quick else []))
     s = settings_from_args(args)
     return s, {case: (DECODE_CASES[case][0], s[DECODE_CASES[case][1]]) for case in cases}

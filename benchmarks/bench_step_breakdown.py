@@ -10,11 +10,13 @@ copies, other PyTorch ops. Beside the kernels: the step's wall time from the sam
 engine's decode timing (without the profiler), and GPU busy time, so that
 ``host_gap_ms`` = wall - busy is the time the GPU waits for the host.
 
-One engine per backend, each timing and profiling batch 1 x 130,560 and 8 x 32,768:
+One engine per backend, each timing and profiling batch 1 x 130,560 and 8 x 32,768
+(``--shapes`` names others, e.g. the batch of issue #4's throughput load):
 
     python benchmarks/bench_step_breakdown.py                 # bf16 and int4: two engines
     python benchmarks/bench_step_breakdown.py --backends bf16,fp8,int4,int2
     python benchmarks/bench_step_breakdown.py --quick         # B=1 at 32K, a smoke run
+    python benchmarks/bench_step_breakdown.py --backends int4 --shapes 192x6144
 
 Writes benchmarks/results/step_breakdown_<gpu>.json (device, date, commit, settings,
 ``records``: backend, kv, case, batch, context, ms_per_step (wall, from the decode
@@ -63,12 +65,32 @@ COLORS = {"attention": "tab:orange", "attention combine": "tab:red",
           "other PyTorch ops": "tab:cyan", "other": "tab:gray"}
 
 
-def engine_spec(key: str, model: str, s: dict[str, Any], profile_steps: int) -> dict[str, Any]:
-    """bench_e2e's engine for ``key`` with its decode timings, and a profile of each."""
-    spec = e2e.engine_spec(key, model, CASES, s)
+def parse_shapes(text: str) -> dict[str, tuple[int, int]]:
+    """``"192x6144,64x8192"`` -> {"decode_192x6144": (192, 6144), ...}."""
+    shapes = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            batch, context = (int(n) for n in item.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"shape {item!r} is not <batch>x<context>, e.g. 192x6144") from None
+        if batch < 1 or context < 1:
+            raise ValueError(f"shape {item!r}: batch and context must be positive")
+        shapes[f"decode_{batch}x{context}"] = (batch, context)
+    if not shapes:
+        raise ValueError("no shape given")
+    return shapes
+
+
+def engine_spec(key: str, model: str, s: dict[str, Any], profile_steps: int,
+                shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    """bench_e2e's engine for ``key``, timing each (batch, context) of ``shapes`` and
+    profiling it."""
+    spec = e2e.engine_spec(key, model, [], s)
     spec.pop("_decode_shapes")
-    spec["decode_profiles"] = [dict(batch=t["batch"], context=t["context"], steps=profile_steps)
-                               for t in spec["decode_timings"]]
+    spec["decode_timings"] = [dict(batch=b, context=c, steps=s["steps"])
+                              for b, c in shapes.values()]
+    spec["decode_profiles"] = [dict(batch=b, context=c, steps=profile_steps)
+                               for b, c in shapes.values()]
     return spec
 
 
@@ -85,8 +107,7 @@ def records_from_result(key: str, res: dict[str, Any],
     timings = {(t["batch"], t["context"]): t for t in res.get("decode_timings", [])}
     profiles = {(p["batch"], p["context"]): p for p in res.get("decode_profiles", [])}
     out = []
-    for case in CASES:
-        shape = shapes[case]
+    for case, shape in shapes.items():
         t, p = timings.get(shape), profiles.get(shape)
         if t is None or p is None:
             out.append(_record(key, case, batch=shape[0], context=shape[1],
@@ -127,8 +148,10 @@ def plot(doc: dict[str, Any], path: Path) -> bool:
     if plt is None:
         return False
     recs = [r for r in doc["records"] if not r.get("skipped")]
-    fig, axes = plt.subplots(1, len(CASES), figsize=(14, 4))
-    for ax, case in zip(axes, CASES, strict=True):
+    cases = list(dict.fromkeys(r["case"] for r in doc["records"]))
+    fig, axes = plt.subplots(1, len(cases), figsize=(7 * len(cases), 4), squeeze=False)
+    axes = axes[0]
+    for ax, case in zip(axes, cases, strict=True):
         rows = [r for r in recs if r["case"] == case]
         for i, r in enumerate(rows):
             left = 0.0
@@ -155,6 +178,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backends", default="bf16,int4",
                     help="a comma list of " + ", ".join(e2e.BACKENDS) + " or their kv part")
     ap.add_argument("--quick", action="store_true", help="B=1 at 32K, 16 steps")
+    ap.add_argument("--shapes", default=None,
+                    help="decode shapes to time and profile instead of 1 x 130560 and "
+                    "8 x 32768: a comma list of <batch>x<context>, e.g. 192x6144")
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed per case")
     ap.add_argument("--profile-steps", type=int, default=16,
                     help="decode steps profiled per case (the window of 1 + n to 1 + 2n)")
@@ -172,17 +198,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("no backend selected")
     if args.profile_steps < 1:
         ap.error("--profile-steps must be at least 1")
+    try:
+        args.shape_cases = parse_shapes(args.shapes) if args.shapes is not None else None
+    except ValueError as err:
+        ap.error(str(err))
+    if args.shape_cases and args.quick:
+        ap.error("--quick shortens the default shapes; give short --shapes instead")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    s, shapes = e2e.decode_settings(args.steps, args.gpu_memory_utilization, args.quick,
-                                    CASES)
+    if args.shape_cases:  # as many requests a step as the largest batch
+        shapes = args.shape_cases
+        s, _ = e2e.decode_settings(args.steps, args.gpu_memory_utilization, False, [],
+                                   max_num_seqs=max(8, *(b for b, _ in shapes.values())))
+    else:
+        s, shapes = e2e.decode_settings(args.steps, args.gpu_memory_utilization, args.quick,
+                                        CASES)
     s["profile_steps"] = args.profile_steps
     if args.dry_run:
         for key in args.backend_keys:
-            print(key, engine_spec(key, "<model-dir>", s, args.profile_steps))
+            print(key, engine_spec(key, "<model-dir>", s, args.profile_steps, shapes))
         return
     device = e2e.device_name()
     out = Path(args.out) if args.out else \
@@ -194,14 +231,14 @@ def main(argv: list[str] | None = None) -> None:
     with e2e.llama_model_dir() as model:
         for key in args.backend_keys:
             print(f"[{time.perf_counter() - t0:6.0f} s] {key}", flush=True)
-            res, failure = e2e.run_logged(engine_spec(key, model, s, args.profile_steps),
+            res, failure = e2e.run_logged(engine_spec(key, model, s, args.profile_steps,
+                                                      shapes),
                                           log_dir / f"{key.replace(':', '_')}.log",
                                           args.timeout)
             if res is None:
                 print(f"  skipped: {failure}", flush=True)
-                records += [_record(key, case, batch=shapes[case][0],
-                                    context=shapes[case][1], skipped=failure)
-                            for case in CASES]
+                records += [_record(key, case, batch=b, context=c, skipped=failure)
+                            for case, (b, c) in shapes.items()]
             else:
                 records += records_from_result(key, res, shapes)
             # written after every engine, so a run stopped by a time limit keeps its figures

@@ -163,18 +163,55 @@ def _engine_result(spec: dict) -> dict:
 
 
 def test_engine_spec_profiles_each_timed_shape(bench):
-    s = bench.e2e.settings_from_args(bench.e2e.parse_args(["--max-num-seqs", "8"]))
-    spec = bench.engine_spec("BITDECODE:int4", "m", s, 16)
+    s, shapes = bench.e2e.decode_settings(64, 0.9, False, bench.CASES)
+    spec = bench.engine_spec("BITDECODE:int4", "m", s, 16, shapes)
     assert [(p["batch"], p["context"], p["steps"]) for p in spec["decode_profiles"]] == \
         [(1, 130560, 16), (8, 32768, 16)]
     assert [(t["batch"], t["context"]) for t in spec["decode_timings"]] == \
         [(1, 130560), (8, 32768)]
     assert spec["enforce_eager"] is False and "_decode_shapes" not in spec
     json.dumps(spec)  # travels as JSON to the engine process
+    assert spec["max_num_seqs"] == 8
     with pytest.raises(SystemExit):
         bench.parse_args(["--profile-steps", "0"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--backends", "nonsense"])
+
+
+@pytest.mark.parametrize("text", ["192", "192x", "x6144", "0x6144", "192x-1", "a x b", ","])
+def test_bad_shapes_are_refused(bench, text):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", text])
+
+
+def test_shapes_replace_the_default_cases(bench, monkeypatch, tmp_path):
+    specs = []
+
+    def engine(spec, timeout):
+        specs.append(spec)
+        return _engine_result(spec)
+
+    monkeypatch.setattr(bench.e2e, "run_in_subprocess", engine)
+    monkeypatch.setattr(bench.e2e, "device_name", lambda: "NVIDIA Test GPU")
+    monkeypatch.setattr(bench.e2e, "write_model_dir", lambda path, tokenizer: path)
+    out = tmp_path / "breakdown.json"
+    bench.main(["--backends", "int4", "--shapes", "192x6144, 4X100", "--steps", "32",
+                "--out", str(out), "--log-dir", str(tmp_path / "logs")])
+    (spec,) = specs
+    # the engine runs the largest batch in one step and captures a graph for it
+    assert spec["max_num_seqs"] == 192
+    assert 192 in spec["compilation_config"]["cudagraph_capture_sizes"]
+    assert [(t["batch"], t["context"], t["steps"]) for t in spec["decode_timings"]] == \
+        [(192, 6144, 32), (4, 100, 32)]
+    assert [(p["batch"], p["context"]) for p in spec["decode_profiles"]] == \
+        [(192, 6144), (4, 100)]
+    doc = json.loads(out.read_text())
+    assert [(r["case"], r["batch"], r["context"]) for r in doc["records"]] == \
+        [("decode_192x6144", 192, 6144), ("decode_4x100", 4, 100)]
+    assert doc["settings"]["max_num_seqs"] == 192
+    assert all(r["ms_per_step"] == 7.5 for r in doc["records"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "8x1024", "--quick"])
 
 
 def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
