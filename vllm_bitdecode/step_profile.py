@@ -27,12 +27,13 @@ from typing import Any, NamedTuple
 
 # (category, pattern searched in the kernel's demangled name), first match wins;
 # a kernel that matches none is "other", and ``top_kernels`` names it
-# (the combine first: FlashAttention-3's combine kernel has "flash::" in its name too;
-# TURBOQUANT's are vLLM's Triton kernels, named after their Python functions)
+# (the combine first: FlashAttention's combine kernels have "flash::" in their names too;
+# TURBOQUANT's are vLLM's Triton kernels, named after their Python functions; a prefill
+# reads its context back from the pages with bitdecode's dequantize kernel)
 KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("attention combine", r"bitdecode::combine_kernel|FlashAttnFwdCombine|merge_attn"
-                          r"|_fwd_kernel_stage2"),
-    ("attention", r"bitdecode::(decode|select|select_topk)_kernel|flash::|flash_fwd|fmha"
+    ("attention combine", r"bitdecode::combine_kernel|FlashAttnFwdCombine"
+                          r"|flash_fwd_splitkv_combine|merge_attn|_fwd_kernel_stage2"),
+    ("attention", r"bitdecode::(decode|select_topk|dequantize)_kernel|flash::|flash_fwd|fmha"
                   r"|paged_attention"
                   r"|_tq_decode_stage1|_tq_full_dequant_kv|_fwd_(grouped_)?kernel_stage1"),
     ("KV-cache write", r"bitdecode::(quantize|kc_\w+)_kernel"

@@ -17,39 +17,56 @@ from vllm_bitdecode.step_profile import Kernel
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
-# names as the CUDA profiler reports them (demangled), one or more per category
+# names as the CUDA profiler reported them on an H200 (benchmarks/results/step_breakdown*
+# top_kernels; FlashAttention's and vLLM's cut where those files cut them), one or more per
+# category
 NAMES = {
-    "void bitdecode::decode_kernel<bitdecode::DecodeTraits<__nv_bfloat16, 4, 128> >"
+    "void bitdecode::decode_kernel<__nv_bfloat16, 128, 4, 128, 1, false, false, 0, false>"
     "(bitdecode::DecodeParams)": "attention",
-    "void bitdecode::select_kernel<(int)4>(bitdecode::SelectParams)": "attention",
+    # the reuse and selection layers of sparse decode, per-channel K
+    "void bitdecode::decode_kernel<__nv_bfloat16, 128, 4, 128, 1, true, false, 0, false>"
+    "(bitdecode::DecodeParams)": "attention",
+    "void bitdecode::decode_kernel<__nv_bfloat16, 128, 4, 128, 1, false, false, 1, false>"
+    "(bitdecode::DecodeParams)": "attention",
+    "void bitdecode::decode_kernel<__nv_bfloat16, 128, 2, 32, 1, false, true, 0, false>"
+    "(bitdecode::DecodeParams)": "attention",
     "void bitdecode::select_topk_kernel<1024>(bitdecode::SelectParams)": "attention",
+    "void bitdecode::dequantize_kernel<__nv_bfloat16, 128, 4, 128, false, false>"
+    "(bitdecode::DequantizeParams)": "attention",
     "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<"
-    "flash::CollectiveMainloopFwdSm90<2, cute::tuple<> > > > >(flash::Params)": "attention",
-    "void bitdecode::combine_kernel<__nv_bfloat16>(bitdecode::CombineParams)":
+    "flash::CollectiveMainloopFwdSm90<2, cute::tuple<cute::C<1>, cute::C<1>, cute::C<":
+        "attention",
+    "void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4, false, "
+    "false, cutlass::bfloat16_t, Flash_kernel_traits<128, 64, 128, 4, cutlass::b": "attention",
+    "void flash::prepare_varlen_num_blocks_kernel<1, false>(int, int, int, int const*, int "
+    "const*, int const*, int const*, int const*, int const*, int, int, int, int": "attention",
+    "void bitdecode::combine_kernel<__nv_bfloat16, 128>(bitdecode::DecodeParams)":
         "attention combine",
-    "void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<> > >()":
+    "void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<cute::C<8>, "
+    "cute::C<128> >, 5, 256, 1, false, true, cutlass::bfloat16_t, float, cutlass::arch":
         "attention combine",
-    "void bitdecode::quantize_kernel<__nv_bfloat16, 4>(bitdecode::WriteParams)":
+    "void flash::flash_fwd_splitkv_combine_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4, "
+    "false, false, cutlass::bfloat16_t, Flash_kernel_traits<128, 64, 128, 4, cu":
+        "attention combine",
+    "void bitdecode::quantize_kernel<__nv_bfloat16, 128, 4, 128>(bitdecode::QuantizeParams)":
         "KV-cache write",
-    "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16>(...)": "KV-cache write",
-    # per-channel K (k_mode "channel"): V and full pages quantized, the residual written
-    "void bitdecode::kc_value_kernel<__nv_bfloat16, 128, 2, 32>(bitdecode::KCWriteParams)":
+    "void vllm::reshape_and_cache_flash_kernel<__nv_bfloat16, unsigned char, "
+    "(vllm::Fp8KVCacheDataType)1>(__nv_bfloat16 const*, __nv_bfloat16 const*, unsigned char*,":
         "KV-cache write",
+    # per-channel K (k_mode "channel"): full pages' K quantized; V quantized and the
+    # residual written by one kernel since 2026-12-03
     "void bitdecode::kc_page_kernel<__nv_bfloat16, 128, 2, false>(bitdecode::KCWriteParams)":
         "KV-cache write",
-    "void bitdecode::kc_residual_kernel<__nv_bfloat16, 128>(bitdecode::KCWriteParams)":
-        "KV-cache write",
-    # since 2026-12-03 V is quantized by phase B's warps: two launches instead of three
     "void bitdecode::kc_value_residual_kernel<__nv_bfloat16, 128, 2, 32>"
     "(bitdecode::KCWriteParams)": "KV-cache write",
     "_tq_decode_stage1": "attention",  # TURBOQUANT (vLLM's Triton kernels)
     "_fwd_kernel_stage2": "attention combine",
     "_tq_fused_store_mse": "KV-cache write",
-    "nvjet_tst_128x64_64x8_1x1_v_bz_coopA_TNT": "GEMM",
+    "nvjet_sm90_tst_256x96_64x4_1x2_h_bz_coopA_TNT": "GEMM",
     "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64": "GEMM",
     "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0": "compiled elementwise (torch.compile)",
-    "triton_poi_fused_mul_silu_1": "compiled elementwise (torch.compile)",
-    "Memcpy HtoD (Pageable -> Device)": "copies and fills",
+    "triton_poi_fused_mul_silu_slice_1": "compiled elementwise (torch.compile)",
+    "Memcpy HtoD (Pinned -> Device)": "copies and fills",
     "Memset (Device)": "copies and fills",
     "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, "
     "at::native::ArgMaxOps<float> > >(...)": "other PyTorch ops",
