@@ -5,18 +5,50 @@
 #
 #     bash scripts/make_device_kit.sh [.kit]     # ~4 minutes; WITH_FA2=1 is the default
 #     WITH_RAY=1 bash scripts/make_device_kit.sh  # + Ray (tensor parallel through Ray)
+#     TRANSFORMERS_5=1 bash scripts/make_device_kit.sh .kit/t5
+#         # transformers 5 and the packages beside it at the versions a fresh
+#         # `pip install vllm==0.20.0` resolved in CI (.ci/run's log, 2026-12-03) instead
+#         # of the shared kit's transformers 4.57.6, so the GPU tests see what users get
 #
-# Writes <dest>/p00 ... (at most 20 MB each) and <dest>/install.sh, which waits until all
+# Writes <dest>/p00 ... (at most 17 MB each) and <dest>/install.sh, which waits until all
 # N parts have arrived. On a fresh machine: N calls back to back, the k-th carrying its part
 # and <dest>/install.sh and running `bash .kit/install.sh`; the last one goes on with
 # `&& export PYTHONPATH=/tmp/site && <build and tests>` (docs/gpu-runs.md).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DEST="${1:-.kit}"
-PART_BYTES=20000000
+PART_BYTES=17000000  # the working tree (~45 MiB) plus one part must stay under 64 MiB
 SHARED_KIT="$HERE/../../shared/device/make-vllm-kit.sh"
 [ -f "$SHARED_KIT" ] || { echo "missing $SHARED_KIT (the shared device kit)" >&2; exit 1; }
 
+if [ "${TRANSFORMERS_5:-0}" = 1 ]; then
+  # The shared kit script reads its pins beside itself: run a copy with these swapped in.
+  KIT_COPY="$(mktemp -d)"
+  trap 'rm -rf "$KIT_COPY"' EXIT
+  cp "$(dirname "$SHARED_KIT")"/* "$KIT_COPY/"
+  grep -viE '^(transformers|tokenizers|huggingface_hub|xgrammar)==' \
+    "$(dirname "$SHARED_KIT")/vllm-kit-requirements.txt" > "$KIT_COPY/vllm-kit-requirements.txt"
+  cat >> "$KIT_COPY/vllm-kit-requirements.txt" <<'PINS'
+transformers==5.25.0
+tokenizers==0.23.3
+huggingface_hub==2.4.0
+xgrammar==0.2.3
+hf-xet==1.8.0
+kernels==0.19.1
+typer==0.29.2
+click==8.5.1
+shellingham==1.5.4
+rich==15.0.0
+markdown-it-py==4.3.0
+mdurl==0.1.2
+pygments==2.21.0
+tomlkit==0.15.3
+fsspec==2026.9.0
+filelock==4.3.2
+safetensors==0.8.0
+PINS
+  SHARED_KIT="$KIT_COPY/make-vllm-kit.sh"
+fi
 WITH_FA2="${WITH_FA2:-1}" bash "$SHARED_KIT" "$DEST"
 cat $(ls "$DEST"/p[0-9] | sort) > "$DEST/kit.tar.xz"
 rm -f "$DEST"/p[0-9] "$DEST"/p[0-9][0-9]
@@ -24,7 +56,7 @@ if [ "${WITH_RAY:-0}" = 1 ]; then
   # Ray and the two run-time packages of its own that the image may lack, as a second
   # xz stream of a second tar archive (install.sh reads both with tar --ignore-zeros)
   WORK="$(mktemp -d)"
-  trap 'rm -rf "$WORK"' EXIT
+  trap 'rm -rf "$WORK" ${KIT_COPY:+"$KIT_COPY"}' EXIT
   PLAT=""
   for n in $(seq 17 39); do PLAT="$PLAT --platform manylinux_2_${n}_x86_64"; done
   PIPX="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
