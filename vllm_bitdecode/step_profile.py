@@ -5,7 +5,8 @@ summed by what it does (attention, KV write, GEMMs, compiled elementwise work, .
 The window is the one ``testing._time_decode`` times: the engine generates 1 + n and
 1 + 2n tokens from the same cached prompts, and the difference of the two profiles,
 over n, is the GPU work of n decode steps (their CUDA-graph replays included: CUPTI
-records the kernels of a graph one by one). ``gpu_busy_ms`` is the time at least one
+records the kernels of a graph one by one); a kernel launched as often in both (the
+prefill's) is none of it. ``gpu_busy_ms`` is the time at least one
 kernel or copy runs; a step's wall time less that is time the GPU waits for the host.
 
 Kernels can overlap: a copy on another stream, and BITDECODE's combine, a programmatic
