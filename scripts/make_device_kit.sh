@@ -20,11 +20,13 @@ DEST="${1:-.kit}"
 PART_BYTES=17000000  # the working tree (~45 MiB) plus one part must stay under 64 MiB
 SHARED_KIT="$HERE/../../shared/device/make-vllm-kit.sh"
 [ -f "$SHARED_KIT" ] || { echo "missing $SHARED_KIT (the shared device kit)" >&2; exit 1; }
+SCRATCH=()  # temporary folders, removed on exit
+trap 'rm -rf "${SCRATCH[@]}"' EXIT
 
 if [ "${TRANSFORMERS_5:-0}" = 1 ]; then
   # The shared kit script reads its pins beside itself: run a copy with these swapped in.
   KIT_COPY="$(mktemp -d)"
-  trap 'rm -rf "$KIT_COPY"' EXIT
+  SCRATCH+=("$KIT_COPY")
   cp "$(dirname "$SHARED_KIT")"/* "$KIT_COPY/"
   grep -viE '^(transformers|tokenizers|huggingface_hub|xgrammar)==' \
     "$(dirname "$SHARED_KIT")/vllm-kit-requirements.txt" > "$KIT_COPY/vllm-kit-requirements.txt"
@@ -56,7 +58,7 @@ if [ "${WITH_RAY:-0}" = 1 ]; then
   # Ray and the two run-time packages of its own that the image may lack, as a second
   # xz stream of a second tar archive (install.sh reads both with tar --ignore-zeros)
   WORK="$(mktemp -d)"
-  trap 'rm -rf "$WORK" ${KIT_COPY:+"$KIT_COPY"}' EXIT
+  SCRATCH+=("$WORK")
   PLAT=""
   for n in $(seq 17 39); do PLAT="$PLAT --platform manylinux_2_${n}_x86_64"; done
   PIPX="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp"
