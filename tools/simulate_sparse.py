@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import config as bd_config  # noqa: E402
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
+from vllm_bitdecode.provenance import git_commit  # noqa: E402
 
 PAGE = bd_config.PAGE_TOKENS  # a selected page: one 16-token tile of the page format
 DEFAULT_MODES = "dense,token-k256,page-k256,token-k512,page-k512"
@@ -225,8 +226,8 @@ def main() -> None:
         print(f"{mode:<12} ppl@{args.ppl_context} {res['ppl']:.3f}  {retrieval}  "
               f"(kept {100 * res['kept_fraction']:.1f}% of the keys, {res['seconds']:.0f} s)",
               flush=True)
-    doc = dict(tool="simulate_sparse", date=datetime.date.today().isoformat(),
-               model=str(model_dir), num_layers=num_layers,
+    doc = dict(tool="simulate_sparse", device="cpu", date=datetime.date.today().isoformat(),
+               commit=git_commit(), model=str(model_dir), num_layers=num_layers,
                selection_layers=list(bd_config.auto_selection_layers(num_layers)),
                page=PAGE, settings=vars(args), results=results)
     if args.json:
