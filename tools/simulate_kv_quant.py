@@ -39,8 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
-import json
 import math
 import sys
 import time
@@ -53,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_bitdecode import reference  # noqa: E402
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
 from vllm_bitdecode.page_format import PageFormat  # noqa: E402
-from vllm_bitdecode.provenance import git_commit  # noqa: E402
+from vllm_bitdecode.provenance import results_doc, write_results  # noqa: E402
 
 KC_BLOCK = 128
 OWN_BLOCK = 16  # vLLM's default block size, the backend's page in channel mode
@@ -351,11 +349,10 @@ def main() -> None:
                   f"{100 * moved['argmax_agreement']:.1f}% of positions", flush=True)
         rows.append(row)
     if args.json:
-        Path(args.json).write_text(json.dumps(
-            {"device": "cpu", "date": datetime.date.today().isoformat(), "commit": git_commit(),
-             "model": data.MODEL_NAME, "context": args.context, "windows": args.windows,
-             "perturb": args.perturb,
-             "tokens": sum(len(w) - 1 for w in windows), "rows": rows}, indent=1))
+        write_results(results_doc("cpu", model=data.MODEL_NAME, context=args.context,
+                                  windows=args.windows, perturb=args.perturb,
+                                  tokens=sum(len(w) - 1 for w in windows), rows=rows),
+                      Path(args.json))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ argmax at its position (teacher forcing), which is what greedy decoding would pr
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import config as bd_config  # noqa: E402
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
-from vllm_bitdecode.provenance import git_commit  # noqa: E402
+from vllm_bitdecode.provenance import results_doc, write_results  # noqa: E402
 
 PAGE = bd_config.PAGE_TOKENS  # a selected page: one 16-token tile of the page format
 DEFAULT_MODES = "dense,token-k256,page-k256,token-k512,page-k512"
@@ -226,13 +225,12 @@ def main() -> None:
         print(f"{mode:<12} ppl@{args.ppl_context} {res['ppl']:.3f}  {retrieval}  "
               f"(kept {100 * res['kept_fraction']:.1f}% of the keys, {res['seconds']:.0f} s)",
               flush=True)
-    doc = dict(tool="simulate_sparse", device="cpu", date=datetime.date.today().isoformat(),
-               commit=git_commit(), model=str(model_dir), num_layers=num_layers,
-               selection_layers=list(bd_config.auto_selection_layers(num_layers)),
-               page=PAGE, settings=vars(args), results=results)
+    doc = results_doc("cpu", tool="simulate_sparse", model=str(model_dir),
+                      num_layers=num_layers,
+                      selection_layers=list(bd_config.auto_selection_layers(num_layers)),
+                      page=PAGE, settings=vars(args), results=results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(doc, indent=1))
+        write_results(doc, Path(args.json))
         print(f"wrote {args.json}")
 
 
