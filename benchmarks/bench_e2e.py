@@ -65,7 +65,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot
+from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot, write_results
 from vllm_bitdecode.testing import (
     TIMING_METHOD,
     parse_kv_cache_tokens,
@@ -574,13 +574,6 @@ def run_throughput_cli(key: str, model: str, s: dict[str, Any], log_dir: Path,
                    via="vllm bench throughput")
 
 
-def write_results(path: Path, doc: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    tmp.replace(path)
-
-
 def bar_note(record: dict[str, Any]) -> str:
     """A bar's ratio: against bf16; where bf16 did not run (sparse, 8 x 128K, a run that
     left it out), against dense 4-bit, and the 4-bit bar itself against fp8."""
@@ -724,7 +717,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--merge needs --out")
         out = Path(args.out)
         doc = merge_result_files([json.loads(Path(p).read_text()) for p in args.merge])
-        write_results(out, doc)
+        write_results(doc, out)
         report(doc, out)
         return
     s = settings_from_args(args)
@@ -769,7 +762,7 @@ def main(argv: list[str] | None = None) -> None:
             doc = dict(device=device, date=date, commit=commit,
                        model="llama3-8b-shape dummy weights (32 layers, 32/8 heads, d=128)",
                        settings=s, runs=runs, records=records, targets=check_targets(records))
-            write_results(out, doc)
+            write_results(doc, out)
     print(f"[{time.perf_counter() - t_start:6.0f} s] done; {out}", flush=True)
     report(doc, out)
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
-from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot  # noqa: E402
+from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot, write_results  # noqa: E402
 
 KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
 CASES = ["decode_b8_32k", "capacity_32k"]
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             doc = dict(device=device, gpus=gpus, date=datetime.date.today().isoformat(),
                        commit=git_commit(), model="llama3-8b-shape dummy weights (32 layers, "
                        "32/8 heads, d=128)", settings=s, records=records)
-            e2e.write_results(out, doc)
+            write_results(doc, out)
     print(f"{'backend':<11}{'kv':<6}{'tp':>3} {'exec':<5}{'case':<15}{'ms/step':>9}"
           f"{'tok/s':>9}{'KV tokens':>12}{'x TP1':>7}{'x bf16':>7}")
     for r in records:

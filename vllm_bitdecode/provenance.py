@@ -38,9 +38,14 @@ def results_doc(device_name: str, **fields: Any) -> dict[str, Any]:
 
 
 def write_results(doc: dict[str, Any], path: Path) -> None:
-    """Write a results document as indented JSON, making its folder if need be."""
+    """Write a results document as indented JSON, making its folder if need be. The text
+    goes to a temporary file that then replaces ``path``, so a benchmark that rewrites its
+    file after every engine and is killed by a time limit leaves the last whole document,
+    never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(path)
 
 
 def pyplot():

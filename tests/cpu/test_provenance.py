@@ -28,3 +28,11 @@ def test_write_results_makes_the_folder_and_round_trips(tmp_path):
     write_results(doc, path)
     assert path.name == "verify_h200.json"
     assert json.loads(path.read_text()) == doc
+
+
+def test_write_results_replaces_the_old_document_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "e2e_h200.json"
+    write_results({"records": [1]}, path)
+    write_results({"records": [1, 2]}, path)
+    assert json.loads(path.read_text()) == {"records": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e2e_h200.json"]
