@@ -18,7 +18,6 @@ TP) and a PNG beside it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import sys
 import time
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_e2e as e2e  # noqa: E402
 
-from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot, write_results  # noqa: E402
+from vllm_bitdecode.provenance import gpu_slug, pyplot, results_doc, write_results  # noqa: E402
 
 KEYS = ("FLASH_ATTN:bf16", "BITDECODE:int4")
 CASES = ["decode_b8_32k", "capacity_32k"]
@@ -139,9 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             records += recs
             # written after every engine, so a run stopped by a time limit keeps its figures
             add_tp_ratios(records)
-            doc = dict(device=device, gpus=gpus, date=datetime.date.today().isoformat(),
-                       commit=git_commit(), model="llama3-8b-shape dummy weights (32 layers, "
-                       "32/8 heads, d=128)", settings=s, records=records)
+            doc = results_doc(device, gpus=gpus, model="llama3-8b-shape dummy weights "
+                              "(32 layers, 32/8 heads, d=128)", settings=s, records=records)
             write_results(doc, out)
     print(f"{'backend':<11}{'kv':<6}{'tp':>3} {'exec':<5}{'case':<15}{'ms/step':>9}"
           f"{'tok/s':>9}{'KV tokens':>12}{'x TP1':>7}{'x bf16':>7}")
