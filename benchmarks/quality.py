@@ -55,7 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
-from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot  # noqa: E402
+from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot, write_results  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "bf16": {"backend": "FLASH_ATTN", "label": "FLASH_ATTN bf16"},
@@ -648,10 +648,8 @@ def main() -> None:
 
 
 def write(doc: dict[str, Any], out_path: Path, state_path: Path) -> None:
-    text = json.dumps(doc, indent=1)
     for p in (out_path, state_path):
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
+        write_results(doc, p)
 
 
 if __name__ == "__main__":
