@@ -40,7 +40,6 @@ engine start, eager), 335 s for all six.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -55,7 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
-from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot, write_results  # noqa: E402
+from vllm_bitdecode.provenance import gpu_slug, pyplot, results_doc, write_results  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "bf16": {"backend": "FLASH_ATTN", "label": "FLASH_ATTN bf16"},
@@ -626,9 +625,8 @@ def main() -> None:
                                             for c, v in r["by_context"].items())
                   + "; ppl " + ", ".join(f"{c}: {p['ppl']:.3f}"
                                          for c, p in summ["perplexity"].items()), flush=True)
-        doc.update(device=res["device"], date=datetime.date.today().isoformat(),
-                   commit=git_commit(), failures=failures, not_run=not_run,
-                   seconds_this_run=round(time.time() - t_all, 1))
+        doc.update(results_doc(res["device"], failures=failures, not_run=not_run,
+                               seconds_this_run=round(time.time() - t_all, 1)))
         compare(doc)
         write(doc, out_path, state_path)  # after every configuration: a cut-off run keeps them
     if doc is None or out_path is None:

@@ -209,6 +209,7 @@ def test_main_runs_configs_merges_later_runs_and_keeps_to_its_budget(tok, tmp_pa
     assert calls == ["bf16", "int4"]
     doc = json.loads(out.read_text())
     assert set(doc["configs"]) == {"bf16", "int4"} and doc["device"] == "NVIDIA Fake GPU"
+    assert doc["commit"] and len(doc["date"]) == len("2026-12-04")  # the results header
     assert doc["configs"]["int4"]["vs_bf16"]["targets"]["retrieval_ok"]
     out.unlink()  # a later command on the lent machine may not have it: the state has
     # int2 runs; int2-norot would end after the budget (int2 took longer than it allows)
