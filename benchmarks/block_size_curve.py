@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vllm_bitdecode.provenance import write_results
+
 
 def curve(paths: list[str]) -> dict:
     """``{"commit", "device", "date", "points": {kv: {block_size: ms}}, "runs"}``; kv is
@@ -71,7 +73,7 @@ def main() -> None:
     before = curve(args.before) if args.before else None
     merged = dict(after, before={k: before[k] for k in ("commit", "points")} if before else None)
     out = Path(args.out)
-    out.write_text(json.dumps(merged, indent=1))
+    write_results(merged, out)
     plot(after, before, out.with_suffix(".png"))
     for kv, pts in sorted(after["points"].items()):
         row = "  ".join(f"b{s} {ms:.3f}" for s, ms in sorted(pts.items()))
