@@ -73,6 +73,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
     full_length = doc["case"]["input_len"] + doc["case"]["output_len"]
     keys = sorted({r["key"] for r in doc["records"]})
+    most_requests = max(r["requests"] for r in doc["records"])
     for i, key in enumerate(keys):
         rows = [r for r in doc["records"] if r["key"] == key]
         color = f"C{i}"
@@ -86,7 +87,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
         # The cache's size in full-length requests: where that engine starts to preempt.
         held = rows[-1]["kv_cache_tokens"] / full_length
-        if held < max(r["requests"] for r in doc["records"]):
+        if held < most_requests:
             left.axvline(held, color=color, ls=":", alpha=0.7)
             left.annotate(f"{key} cache: {held:.1f} full-length requests", (held, 0),
                           textcoords="offset points", xytext=(3, 4), rotation=90, fontsize=7,
