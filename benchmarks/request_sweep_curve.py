@@ -7,13 +7,14 @@ H200 curve (2K in / 8K out) is drawn from::
     python benchmarks/request_sweep_curve.py --runs \\
         benchmarks/results/e2e_decode_heavy_channel_h200.json \\
         benchmarks/results/e2e_cache_filling_same_lease_h200.json \\
-        benchmarks/results/e2e_requests_256_same_lease_h200.json \\
+        benchmarks/results/e2e_requests_256_same_lease_run2_h200.json \\
         --out benchmarks/results/e2e_request_sweep_h200.json
 
-No GPU is needed. Ratios against bf16 are only taken between engines of the same file (the
-same lease): a file without a bf16 engine adds tokens/s but no ratios. The PNG next to the
-JSON shows tokens/s and the ratio to bf16 against the request count, with the number of
-full-length requests each cache holds marked.
+No GPU is needed. Ratios against bf16 and fp8 (issue #4's two throughput targets) are
+only taken between engines of the same file (the same lease): a file without a bf16 (or
+fp8) engine adds tokens/s but no ratio to it. The PNG next to the JSON shows tokens/s and
+the ratios to bf16 and fp8 against the request count, with the number of full-length
+requests each cache holds marked.
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ from typing import Any
 
 from vllm_bitdecode.provenance import pyplot, results_doc, save_figure, write_results
 
-BASELINE = "FLASH_ATTN:bf16"
+BASELINES = {"vs_bf16": "FLASH_ATTN:bf16", "vs_fp8": "FLASH_ATTN:fp8"}
 
 
 def sweep(paths: list[str]) -> dict[str, Any]:
     """One results document: a record per (request count, engine) with its tokens/s, its
-    ratio to the same file's bf16 (None where that file has no bf16), preemptions, cache
-    size and the file, date and commit it came from."""
+    ratios to the same file's bf16 and fp8 (None where that file lacks the engine),
+    preemptions, cache size and the file, date and commit it came from."""
     runs = [(p, json.loads(Path(p).read_text())) for p in paths]
     devices = {doc["device"] for _, doc in runs}
     if len(devices) != 1:
@@ -43,7 +44,8 @@ def sweep(paths: list[str]) -> dict[str, Any]:
         rows = [r for r in doc["records"] if r["case"] == "throughput"]
         if not rows:
             raise ValueError(f"{path}: no throughput records")
-        base = next((r["tokens_per_s"] for r in rows if r["key"] == BASELINE), None)
+        bases = {field: next((r["tokens_per_s"] for r in rows if r["key"] == key), None)
+                 for field, key in BASELINES.items()}
         for r in rows:
             lengths.add((r["input_len"], r["output_len"]))
             point = (r["batch"], r["key"])
@@ -53,7 +55,8 @@ def sweep(paths: list[str]) -> dict[str, Any]:
             seen[point] = path
             records.append({
                 "requests": r["batch"], "key": r["key"], "tokens_per_s": r["tokens_per_s"],
-                "vs_bf16": r["tokens_per_s"] / base if base else None,
+                **{field: r["tokens_per_s"] / base if base else None
+                   for field, base in bases.items()},
                 "num_preemptions": r.get("num_preemptions"),
                 "kv_cache_tokens": r["kv_cache_tokens"],
                 "source": Path(path).name, "date": doc["date"], "commit": doc["commit"],
@@ -70,7 +73,7 @@ def plot(doc: dict[str, Any], png: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.8))
     full_length = doc["case"]["input_len"] + doc["case"]["output_len"]
     keys = sorted({r["key"] for r in doc["records"]})
     most_requests = max(r["requests"] for r in doc["records"])
@@ -85,6 +88,15 @@ def plot(doc: dict[str, Any], png: Path) -> None:
         for r in rated:
             right.annotate(f"{r['vs_bf16']:.2f}x", (r["requests"], r["vs_bf16"]),
                            textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+        # against fp8, where the lease had it: the engines that are not a baseline
+        against_fp8 = [r for r in rows if r["vs_fp8"] is not None]
+        if key not in BASELINES.values() and against_fp8:
+            right.plot([r["requests"] for r in against_fp8], [r["vs_fp8"] for r in against_fp8],
+                       "s--", color=color, alpha=0.6, label=f"{key} / fp8")
+            for r in against_fp8:
+                right.annotate(f"{r['vs_fp8']:.2f}x", (r["requests"], r["vs_fp8"]),
+                               textcoords="offset points", xytext=(0, -11), ha="center",
+                               fontsize=7)
         # The cache's size in full-length requests: where that engine starts to preempt.
         held = rows[-1]["kv_cache_tokens"] / full_length
         if held < most_requests:
@@ -93,12 +105,17 @@ def plot(doc: dict[str, Any], png: Path) -> None:
                           textcoords="offset points", xytext=(3, 4), rotation=90, fontsize=7,
                           color=color)
     right.axhline(2.5, color="k", ls="--", lw=0.8, label="issue #4 target, 2.5x bf16")
+    right.axhline(1.5, color="k", ls=":", lw=0.8, label="issue #4 target, 1.5x fp8")
     left.set_ylabel("tokens/s (prompt + output)")
-    right.set_ylabel("tokens/s / bf16's in the same lease")
+    right.set_ylabel("same-lease ratio: / bf16 (solid), / fp8 (dashed)")
     for ax in (left, right):
         ax.set_xlabel("requests")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    left.legend(fontsize=7)
+    # room above the highest ratio for the legend, in two columns
+    highest = max(r["vs_bf16"] or 0.0 for r in doc["records"])
+    right.set_ylim(top=1.35 * highest)
+    right.legend(fontsize=7, ncol=2, loc="upper left")
     left.set_ylim(bottom=0)
     case = doc["case"]
     save_figure(fig, png, f"vLLM throughput, {case['input_len']} in / {case['output_len']} "
@@ -116,9 +133,10 @@ def main() -> None:
     write_results(doc, out)
     plot(doc, out.with_suffix(".png"))
     for r in doc["records"]:
-        ratio = f"{r['vs_bf16']:.2f}x bf16" if r["vs_bf16"] is not None else "-"
+        ratios = [f"{r[field]:.2f}x {field[3:]}" if r[field] is not None else "-"
+                  for field in BASELINES]
         print(f"{r['key']:24s} {r['requests']:4d} requests  {r['tokens_per_s']:9,.0f} tokens/s"
-              f"  {ratio:11s} {r['source']}")
+              f"  {ratios[0]:11s} {ratios[1]:10s} {r['source']}")
 
 
 if __name__ == "__main__":

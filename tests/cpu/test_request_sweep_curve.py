@@ -34,24 +34,26 @@ def test_ratios_come_from_the_same_file(tmp_path, monkeypatch):
         # No bf16 in this lease: tokens/s without a ratio, never one against another file.
         _run(tmp_path / "r192.json", [_record("BITDECODE:int4", 192, 9500.0)]),
         _run(tmp_path / "r256.json", [_record("BITDECODE:int4", 256, 10500.0),
-                                      _record("FLASH_ATTN:bf16", 256, 4200.0)], commit="def"),
+                                      _record("FLASH_ATTN:bf16", 256, 4200.0),
+                                      _record("FLASH_ATTN:fp8", 256, 6000.0)], commit="def"),
     ]
     out = tmp_path / "sweep.json"
     monkeypatch.setattr(sys, "argv", ["x", "--runs", *runs, "--out", str(out)])
     curve_tool.main()
     doc = json.loads(out.read_text())
     assert doc["device"] == "GPU" and doc["case"] == {"input_len": 2048, "output_len": 8192}
-    got = {(r["key"], r["requests"]): (r["tokens_per_s"], r["vs_bf16"], r["source"],
-                                       r["commit"]) for r in doc["records"]}
+    got = {(r["key"], r["requests"]): (r["tokens_per_s"], r["vs_bf16"], r["vs_fp8"],
+                                       r["source"], r["commit"]) for r in doc["records"]}
     assert got == {
-        ("BITDECODE:int4", 128): (9000.0, 2.25, "r128.json", "abc1234"),
-        ("BITDECODE:int4", 192): (9500.0, None, "r192.json", "abc1234"),
-        ("BITDECODE:int4", 256): (10500.0, 2.5, "r256.json", "def"),
-        ("FLASH_ATTN:bf16", 128): (4000.0, 1.0, "r128.json", "abc1234"),
-        ("FLASH_ATTN:bf16", 256): (4200.0, 1.0, "r256.json", "def"),
+        ("BITDECODE:int4", 128): (9000.0, 2.25, None, "r128.json", "abc1234"),
+        ("BITDECODE:int4", 192): (9500.0, None, None, "r192.json", "abc1234"),
+        ("BITDECODE:int4", 256): (10500.0, 2.5, 1.75, "r256.json", "def"),
+        ("FLASH_ATTN:bf16", 128): (4000.0, 1.0, None, "r128.json", "abc1234"),
+        ("FLASH_ATTN:bf16", 256): (4200.0, 1.0, 0.7, "r256.json", "def"),
+        ("FLASH_ATTN:fp8", 256): (6000.0, 6000.0 / 4200.0, 1.0, "r256.json", "def"),
     }
     # Sorted by engine, then request count, so each line of the plot reads left to right.
-    assert [r["requests"] for r in doc["records"]] == [128, 192, 256, 128, 256]
+    assert [r["requests"] for r in doc["records"]] == [128, 192, 256, 128, 256, 256]
     assert out.with_suffix(".png").stat().st_size > 1000
 
 
