@@ -630,9 +630,24 @@ def memory_warnings(cfg: BitDecodeConfig, vllm_config: Any) -> list[str]:
         "excepted)"]
 
 
+def check_kv_connector(kv_transfer_config: Any) -> None:
+    """KV connectors are refused in every mode. --kv-transfer-config sets one, and so
+    does --kv-offloading-size (vLLM's CPU offloading connector). They locate the block
+    dimension by asking the backend for a cache shape at head sizes of their own (1 for
+    NIXL's and Mooncake's topology, 256 for the offloading connector), which a packed
+    page of another head size does not have, and they move pages outside the write path;
+    neither is tested with BITDECODE's pages. Refused here, before the weights load,
+    instead of failing in the connector's registration after the cache is allocated."""
+    if kv_transfer_config is not None:
+        raise BitDecodeConfigError(
+            "BITDECODE does not support KV connectors (--kv-transfer-config, or "
+            "--kv-offloading-size, which turns on vLLM's offloading connector)")
+
+
 def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     """Validate everything BITDECODE needs from a VllmConfig; return the parsed settings."""
     cfg = BitDecodeConfig.from_additional_config(vllm_config.additional_config)
+    check_kv_connector(getattr(vllm_config, "kv_transfer_config", None))
     model = vllm_config.model_config
     if model is None:
         return cfg
@@ -684,8 +699,6 @@ def check_channel_k(vllm_config: Any) -> None:
         (vllm_config.speculative_config is not None,
          "speculative decoding (rejected draft tokens would roll back positions whose page "
          "was already quantized)"),
-        (vllm_config.kv_transfer_config is not None,
-         "KV connectors (--kv-transfer-config: they move pages, not the residual)"),
         (getattr(parallel, "decode_context_parallel_size", 1) > 1
          or getattr(parallel, "prefill_context_parallel_size", 1) > 1,
          "context parallelism (pages interleaved across ranks)"),

@@ -242,8 +242,8 @@ def _engine(**overrides):
     parallel = types.SimpleNamespace(decode_context_parallel_size=1,
                                      prefill_context_parallel_size=1, enable_dbo=False)
     cache = types.SimpleNamespace(block_size=16)
-    vc = types.SimpleNamespace(speculative_config=None, kv_transfer_config=None,
-                               parallel_config=parallel, cache_config=cache)
+    vc = types.SimpleNamespace(speculative_config=None, parallel_config=parallel,
+                               cache_config=cache)
     for key, value in overrides.items():
         target, _, attr = key.rpartition("__")
         setattr(getattr(vc, target) if target else vc, attr, value)
@@ -252,7 +252,6 @@ def _engine(**overrides):
 
 @pytest.mark.parametrize(("overrides", "words"), [
     ({"speculative_config": object()}, ["speculative decoding"]),
-    ({"kv_transfer_config": object()}, ["KV connectors"]),
     ({"parallel_config__decode_context_parallel_size": 2}, ["context parallelism"]),
     ({"parallel_config__enable_dbo": True}, ["--enable-dbo"]),
     ({"cache_config__block_size": 256}, ["--block-size 256", "at most 128"]),

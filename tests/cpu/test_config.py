@@ -172,6 +172,7 @@ def _vllm_config(
     model=True,
     is_hybrid=False,
     attention_chunk_size=None,
+    kv_transfer_config=None,
 ):
     parallel = SimpleNamespace(tensor_parallel_size=1)
 
@@ -204,6 +205,7 @@ def _vllm_config(
         ),
         parallel_config=parallel,
         speculative_config=None,
+        kv_transfer_config=kv_transfer_config,
     )
 
 
@@ -235,6 +237,13 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
         ({"additional_config": {"bitdecode": {"bits": 3}}}, "bits"),
         # settings are checked even when there is no model config
         ({"additional_config": {"bitdecode": {"bits": 3}}, "model": False}, "bits"),
+        # a KV connector, in either K mode (--kv-offloading-size sets one too)
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="OffloadingConnector")},
+         "KV connectors.*--kv-offloading-size"),
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"),
+          "additional_config": {"bitdecode": {"k_mode": "channel"}}}, "KV connectors"),
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"), "model": False},
+         "KV connectors"),
     ],
 )
 def test_check_vllm_config_rejects(kwargs, fragment):

@@ -171,6 +171,13 @@ ROWS: dict[str, Row] = {
         error=BDE, stage="config", words=("sliding-window", "512")),
     "encoder-decoder": Row(model="whisper", error=BDE, stage="config",
                            words=("encoder-decoder",)),
+    # KV connectors: --kv-offloading-size turns on vLLM's CPU offloading connector, which
+    # would probe the cache shape at head size 256 only after the cache is allocated
+    "kv-offloading": Row(flags=("--kv-offloading-size", "4"), error=BDE, stage="config",
+                         words=("KV connectors", "--kv-offloading-size")),
+    "kv-transfer-config": Row(flags=("--kv-transfer-config",
+                                     '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
+                              error=BDE, stage="config", words=("KV connectors",)),
     "chunked-local-attention": Row(config=_cfg(attention_chunk_size=8192), error=BDE,
                                    stage="config",
                                    words=("chunked local attention", "8192")),  # Llama 4
