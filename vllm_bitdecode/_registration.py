@@ -177,13 +177,23 @@ def patch_engine_config() -> None:
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         vllm_config = original(self, *args, **kwargs)
-        if _asks_for_bitdecode(vllm_config):
-            from vllm_bitdecode import config
+        from vllm_bitdecode import config
 
+        if _asks_for_bitdecode(vllm_config):
             cfg = config.check_vllm_config(vllm_config)
             for line in (*config.accuracy_warnings(cfg),
                          *config.memory_warnings(cfg, vllm_config)):
                 _logger().warning(line)
+        elif config.CONFIG_KEY in (getattr(vllm_config, "additional_config", None) or {}):
+            # settings for a backend that will not run: say so rather than serve a bf16
+            # cache quietly (another backend is a choice, so a warning, not an error)
+            backend = getattr(getattr(vllm_config.attention_config, "backend", None), "name",
+                              None)
+            _logger().warning(
+                f"BITDECODE: --additional-config has a '{config.CONFIG_KEY}' section, but "
+                f"the attention backend is {backend or 'left to vLLM'}: the section is "
+                "ignored and the KV cache is not quantized (add --attention-backend "
+                "BITDECODE to use it)")
         return vllm_config
 
     create_engine_config._bitdecode = True

@@ -339,12 +339,12 @@ def _model_dir(row: Row, tmp_path: Path) -> Path:
     return path
 
 
-def _engine_config(row: Row, model: Path):
+def _engine_config(row: Row, model: Path, backend: str | None = "BITDECODE"):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="vllm serve"))
-    argv = ["--model", str(model), "--attention-backend", "BITDECODE",
+    argv = ["--model", str(model), *(("--attention-backend", backend) if backend else ()),
             "--load-format", "dummy", "--skip-tokenizer-init",
             "--max-model-len", str(MAX_MODEL_LEN.get(row.model, 2048)), *row.flags]
     return EngineArgs.from_cli_args(parser.parse_args(argv)).create_engine_config()
@@ -566,3 +566,26 @@ def test_a_large_per_channel_residual_is_warned_about_at_startup(startup, monkey
     for line in lines:
         assert "\n" not in line and "4.0 GiB" in line and "4 MiB a request" in line
         assert "max_num_seqs=1024" in line and "--max-num-seqs" in line
+
+
+@pytest.mark.parametrize(("backend", "warned"), [
+    (None, "left to vLLM"), ("FLASH_ATTN", "FLASH_ATTN"), ("BITDECODE", None)])
+def test_settings_without_the_backend_are_warned_about(platform, tmp_path, monkeypatch,
+                                                       backend, warned):
+    """A `bitdecode` section with another backend (or vLLM's choice) would serve an
+    unquantized cache without a word: start-up says, in one line, that the section is
+    ignored and which flag uses it. With the backend, the section is simply used."""
+    from vllm_bitdecode import _registration
+
+    lines: list[str] = []
+    monkeypatch.setattr(_registration, "_logger",
+                        lambda: type("L", (), {"warning": staticmethod(lines.append)}))
+    row = Row(flags=_additional({"bits": 4}))
+    _engine_config(row, _model_dir(row, tmp_path), backend=backend)
+    if warned is None:
+        assert lines == []
+        return
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "\n" not in line and "ignored" in line and warned in line
+    assert "--attention-backend BITDECODE" in line
