@@ -185,14 +185,14 @@ def patch_engine_config() -> None:
                          *config.memory_warnings(cfg, vllm_config)):
                 _logger().warning(line)
         elif config.CONFIG_KEY in (getattr(vllm_config, "additional_config", None) or {}):
-            # settings for a backend that will not run: say so rather than serve a bf16
+            # settings for a backend that will not run: say so rather than serve another
             # cache quietly (another backend is a choice, so a warning, not an error)
-            backend = getattr(getattr(vllm_config.attention_config, "backend", None), "name",
-                              None)
+            attention = getattr(vllm_config, "attention_config", None)
+            backend = getattr(getattr(attention, "backend", None), "name", None)
             _logger().warning(
                 f"BITDECODE: --additional-config has a '{config.CONFIG_KEY}' section, but "
                 f"the attention backend is {backend or 'left to vLLM'}: the section is "
-                "ignored and the KV cache is not quantized (add --attention-backend "
+                "ignored and the KV cache is not BITDECODE's (add --attention-backend "
                 "BITDECODE to use it)")
         return vllm_config
 
