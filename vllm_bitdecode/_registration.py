@@ -187,8 +187,7 @@ def patch_engine_config() -> None:
         elif config.CONFIG_KEY in (getattr(vllm_config, "additional_config", None) or {}):
             # settings for a backend that will not run: say so rather than serve another
             # cache quietly (another backend is a choice, so a warning, not an error)
-            attention = getattr(vllm_config, "attention_config", None)
-            backend = getattr(getattr(attention, "backend", None), "name", None)
+            backend = getattr(_chosen_backend(vllm_config), "name", None)
             _logger().warning(
                 f"BITDECODE: --additional-config has a '{config.CONFIG_KEY}' section, but "
                 f"the attention backend is {backend or 'left to vLLM'}: the section is "
@@ -243,10 +242,14 @@ def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
     )
 
 
+def _chosen_backend(vllm_config: object) -> object:
+    """The attention backend a vLLM config (or None) names; None where vLLM chooses."""
+    return getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+
+
 def _asks_for_bitdecode(vllm_config: object) -> bool:
     """Whether a vLLM config (or None) asks for BITDECODE as its attention backend."""
-    attention = getattr(vllm_config, "attention_config", None)
-    return _is_bitdecode_member(getattr(attention, "backend", None))
+    return _is_bitdecode_member(_chosen_backend(vllm_config))
 
 
 def _is_bitdecode_member(backend: object) -> bool:
