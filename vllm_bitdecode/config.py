@@ -630,24 +630,53 @@ def memory_warnings(cfg: BitDecodeConfig, vllm_config: Any) -> list[str]:
         "excepted)"]
 
 
-def check_kv_connector(kv_transfer_config: Any) -> None:
-    """KV connectors are refused in every mode. --kv-transfer-config sets one, and so
-    does --kv-offloading-size (vLLM's CPU offloading connector). They locate the block
-    dimension by asking the backend for a cache shape at head sizes of their own (1 for
-    NIXL's and Mooncake's topology, 256 for the offloading connector), which a packed
-    page of another head size does not have, and they move pages outside the write path;
-    neither is tested with BITDECODE's pages. Refused here, before the weights load,
-    instead of failing in the connector's registration after the cache is allocated."""
-    if kv_transfer_config is not None:
+OFFLOADING_CONNECTOR = "OffloadingConnector"  # vLLM's CPU offloading (--kv-offloading-size)
+
+
+def check_kv_connector(kv_transfer_config: Any, channel_k: bool,
+                       hybrid_manager_on: bool = False) -> None:
+    """Which KV connector may move BITDECODE's pages: vLLM's CPU offloading connector
+    (--kv-offloading-size, or --kv-transfer-config naming it), with per-token K only.
+
+    A per-token page holds everything its tokens need (codes and parameters), so a byte
+    copy of it to the CPU and back restores them exactly; the offloading connector moves
+    whole pages as bytes (tests/gpu/test_serving.py: a hit loaded from the CPU into a
+    poisoned GPU cache gives the cold run's tokens). Per-channel K keeps each request's
+    newest K rows outside its pages, which no connector moves. Other connectors (NIXL,
+    Mooncake, LMCache, P2P) are untested and refused: NIXL's and Mooncake's topology
+    probes ask for the cache shape at head size 1, and a remote instance would have to
+    share the page format. Refused here, before the weights load.
+
+    vLLM 0.20 turns its hybrid KV-cache manager off for a connector set by
+    --kv-transfer-config but not for --kv-offloading-size, whose connector then refuses to
+    start after the cache is allocated (for every backend); said here instead, at once."""
+    if kv_transfer_config is None:
+        return
+    connector = getattr(kv_transfer_config, "kv_connector", None)
+    if connector != OFFLOADING_CONNECTOR:
         raise BitDecodeConfigError(
-            "BITDECODE does not support KV connectors (--kv-transfer-config, or "
-            "--kv-offloading-size, which turns on vLLM's offloading connector)")
+            f"BITDECODE supports only vLLM's CPU offloading connector "
+            f"(--kv-offloading-size, or --kv-transfer-config with kv_connector "
+            f"'{OFFLOADING_CONNECTOR}'), not KV connector {connector!r}")
+    if hybrid_manager_on:
+        raise BitDecodeConfigError(
+            "vLLM's offloading connector needs --disable-hybrid-kv-cache-manager beside "
+            "--kv-offloading-size (vLLM 0.20 leaves the hybrid KV-cache manager on for it, "
+            "and the connector then fails after the KV cache is allocated)")
+    if channel_k:
+        raise BitDecodeConfigError(
+            f"{CONFIG_KEY}.k_mode='channel' cannot offload KV pages (--kv-offloading-size "
+            "or an offloading --kv-transfer-config): each request's newest K rows live "
+            "outside its pages; use k_mode='token' to offload")
 
 
 def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     """Validate everything BITDECODE needs from a VllmConfig; return the parsed settings."""
     cfg = BitDecodeConfig.from_additional_config(vllm_config.additional_config)
-    check_kv_connector(getattr(vllm_config, "kv_transfer_config", None))
+    scheduler = getattr(vllm_config, "scheduler_config", None)
+    hybrid_manager_on = getattr(scheduler, "disable_hybrid_kv_cache_manager", True) is False
+    check_kv_connector(getattr(vllm_config, "kv_transfer_config", None), cfg.channel_k,
+                       hybrid_manager_on)
     model = vllm_config.model_config
     if model is None:
         return cfg

@@ -156,7 +156,8 @@ def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
                 "num_gpu_blocks_override", "block_size", "disable_log_stats",
                 "compilation_config", "logprobs_mode", "tensor_parallel_size",
                 "distributed_executor_backend", "async_scheduling",
-                "long_prefill_token_threshold", "speculative_config"):
+                "long_prefill_token_threshold", "speculative_config", "kv_offloading_size",
+                "disable_hybrid_kv_cache_manager"):
         if key in spec:
             kw[key] = spec[key]
     return kw
@@ -501,11 +502,31 @@ def counters(llm) -> dict[str, float]:
     return out
 
 
+def _poison_kv_cache(worker, byte: int) -> int:
+    """Overwrite every byte of this worker's KV cache with ``byte``; returns how many. The
+    device is synchronized first: the offloading connector copies pages on its own
+    streams, and a copy to the CPU still running would take poison with it."""
+    import torch
+
+    torch.cuda.synchronize()
+    seen, total = set(), 0
+    for cache in worker.model_runner.kv_caches:
+        cache.fill_(byte)
+        if cache.data_ptr() not in seen:  # layers that share a cache count once
+            seen.add(cache.data_ptr())
+            total += cache.numel() * cache.element_size()
+    torch.cuda.synchronize()
+    return total
+
+
 def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
              prefill_groups: _PrefillGroupCounter | None = None) -> dict[str, Any]:
     if job.get("reset_prefix_cache"):
         if not llm.reset_prefix_cache():
             raise RuntimeError(f"job {job['name']}: reset_prefix_cache() refused")
+    poisoned = None
+    if job.get("poison_kv_cache") is not None:
+        poisoned = sum(llm.collective_rpc(_poison_kv_cache, args=(job["poison_kv_cache"],)))
     if job.get("capture"):
         llm.apply_model(_reset_capture)
     check = _KERNEL_CHECK if job.get("kernel_check") else None
@@ -541,6 +562,7 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
         "metrics": {k: after.get(k, 0) - before.get(k, 0) for k in after},
         "graph_replays": (replays.count - replays_before) if replays else None,
         "seconds": seconds,
+        "poisoned_bytes": poisoned,
     }
     if groups_before is not None:
         after_groups = prefill_groups.counts

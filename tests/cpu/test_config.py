@@ -237,18 +237,28 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
         ({"additional_config": {"bitdecode": {"bits": 3}}}, "bits"),
         # settings are checked even when there is no model config
         ({"additional_config": {"bitdecode": {"bits": 3}}, "model": False}, "bits"),
-        # a KV connector, in either K mode (--kv-offloading-size sets one too)
-        ({"kv_transfer_config": SimpleNamespace(kv_connector="OffloadingConnector")},
-         "KV connectors.*--kv-offloading-size"),
-        ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"),
-          "additional_config": {"bitdecode": {"k_mode": "channel"}}}, "KV connectors"),
+        # KV connectors: only the CPU offloading one (--kv-offloading-size sets it), and
+        # only with per-token K
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="OffloadingConnector"),
+          "additional_config": {"bitdecode": {"k_mode": "channel"}}},
+         "k_mode='channel' cannot offload.*--kv-offloading-size"),
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector")},
+         "only vLLM's CPU offloading connector.*'NixlConnector'"),
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="LMCacheConnectorV1"),
+          "additional_config": {"bitdecode": {"k_mode": "channel"}}}, "'LMCacheConnectorV1'"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"), "model": False},
-         "KV connectors"),
+         "'NixlConnector'"),
     ],
 )
 def test_check_vllm_config_rejects(kwargs, fragment):
     with pytest.raises(BitDecodeConfigError, match=fragment):
         check_vllm_config(_vllm_config(**kwargs))
+
+
+def test_cpu_offloading_connector_is_accepted_with_per_token_k():
+    connector = SimpleNamespace(kv_connector="OffloadingConnector")
+    cfg = check_vllm_config(_vllm_config({"bitdecode": {"bits": 2}}, kv_transfer_config=connector))
+    assert cfg.bits == 2 and not cfg.channel_k
 
 
 @pytest.mark.parametrize("block_size", [24, 256, 8])

@@ -283,6 +283,54 @@ def test_kv_cache_shape_uses_active_config(restore_active, bits):
     assert shape[1] * shape[2] == _spec(bits, 128).page_size_bytes
 
 
+@pytest.mark.parametrize("head_size", [256, 1])
+def test_kv_cache_shape_answers_connector_probes(restore_active, head_size):
+    """vLLM's KV connectors find the blocks' axis by asking for a shape at a head size
+    of their own (256: the offloading connector; 1: NIXL's topology); the kernels have
+    no page for it, but the axes must be the same as for a real head size."""
+    bd_config.set_active(bd_config.BitDecodeConfig())
+    probe = BitDecodeAttentionBackend.get_kv_cache_shape(
+        num_blocks=1234, block_size=16, num_kv_heads=1, head_size=head_size)
+    real = BitDecodeAttentionBackend.get_kv_cache_shape(
+        num_blocks=1234, block_size=16, num_kv_heads=1, head_size=128)
+    assert probe.index(1234) == real.index(1234) == 0
+    assert len(probe) == len(real)
+
+
+def test_cross_layer_cache_from_vllm_allocator(restore_active):
+    """The cross-layer KV cache that vLLM allocates when a connector prefers it
+    (KVConnectorModelRunnerMixin.allocate_uniform_kv_caches, run here on the CPU): one
+    block holds every layer's page, and each layer's view has the shape the backend
+    reports with its pages `layers` pages apart, which the kernels accept
+    (tests/gpu/test_kernels.py runs them on such views)."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.worker.kv_connector_model_runner_mixin import KVConnectorModelRunnerMixin
+
+    bd_config.set_active(bd_config.BitDecodeConfig())
+    spec, layers, num_blocks = _spec(), 3, 10
+    names = [f"model.layers.{i}.self_attn.attn" for i in range(layers)]
+    config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[KVCacheTensor(size=num_blocks * spec.page_size_bytes, shared_by=[n])
+                          for n in names],
+        kv_cache_groups=[KVCacheGroupSpec(layer_names=names, kv_cache_spec=spec)])
+    group = argparse.Namespace(kv_cache_spec=spec, backend=BitDecodeAttentionBackend)
+    caches, whole, backend = KVConnectorModelRunnerMixin.allocate_uniform_kv_caches(
+        config, [[group]], "auto", torch.device("cpu"), [16])
+    assert backend is BitDecodeAttentionBackend
+    assert whole.shape[0] == num_blocks  # blocks outermost: one copy moves a block
+    shape = BitDecodeAttentionBackend.get_kv_cache_shape(num_blocks, 16, 8, 128)
+    page = spec.page_size_bytes
+    for i, name in enumerate(names):
+        view = caches[name]
+        assert view.shape == shape and view.dtype == torch.uint8
+        assert view.stride() == (layers * page, shape[2], 1)
+        assert view.data_ptr() - whole.data_ptr() == i * page
+    # the layer order the offloading connector asserts (register_cross_layers_kv_cache)
+    order = BitDecodeAttentionBackend.get_kv_cache_stride_order(include_num_layers_dimension=True)
+    assert order.index(shape.index(num_blocks) + 1) == 0
+
+
 def test_kv_cache_shape_without_config_fails(restore_active):
     bd_config._active = None
     with pytest.raises(bd_config.BitDecodeConfigError, match="not configured"):

@@ -140,6 +140,10 @@ ROWS: dict[str, Row] = {
                                            *_additional({"bits": 2, "group_size": 64})),
                                     spec=(2, 64, 64)),
     "ok/kv-cache-dtype-bfloat16": Row(flags=("--kv-cache-dtype", "bfloat16")),
+    "ok/kv-offloading": Row(flags=("--kv-offloading-size", "4",
+                                   "--disable-hybrid-kv-cache-manager")),
+    "ok/kv-transfer-config-offloading": Row(flags=(
+        "--kv-transfer-config", '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both"}')),
     # ---- bitdecode settings: one row per key with a wrong type (whatever keys the
     # dataclass has, see test_every_setting_rejects_a_wrong_type), the values of
     # test_config.BAD_SETTINGS in test_bad_settings_fail_at_startup
@@ -171,13 +175,28 @@ ROWS: dict[str, Row] = {
         error=BDE, stage="config", words=("sliding-window", "512")),
     "encoder-decoder": Row(model="whisper", error=BDE, stage="config",
                            words=("encoder-decoder",)),
-    # KV connectors: --kv-offloading-size turns on vLLM's CPU offloading connector, which
-    # would probe the cache shape at head size 256 only after the cache is allocated
-    "kv-offloading": Row(flags=("--kv-offloading-size", "4"), error=BDE, stage="config",
-                         words=("KV connectors", "--kv-offloading-size")),
-    "kv-transfer-config": Row(flags=("--kv-transfer-config",
-                                     '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
-                              error=BDE, stage="config", words=("KV connectors",)),
+    # KV connectors: only vLLM's CPU offloading connector (--kv-offloading-size turns it
+    # on), with per-token K; the others would fail after the cache is allocated (NIXL's
+    # probe asks for a cache shape at head size 1) or move pages nobody tested
+    # vLLM 0.20 keeps its hybrid KV-cache manager on for --kv-offloading-size (not for
+    # --kv-transfer-config), and the connector then refuses to start after the cache is
+    # allocated, whatever the backend
+    "kv-offloading-hybrid-manager": Row(flags=("--kv-offloading-size", "4"), error=BDE,
+                                        stage="config",
+                                        words=("--disable-hybrid-kv-cache-manager",)),
+    "kv-offloading-channel-k": Row(flags=("--kv-offloading-size", "4",
+                                          "--disable-hybrid-kv-cache-manager",
+                                          *_additional({"k_mode": "channel"})),
+                                   error=BDE, stage="config",
+                                   words=("k_mode='channel'", "--kv-offloading-size")),
+    "kv-offloading-lmcache": Row(flags=("--kv-offloading-size", "4",
+                                        "--disable-hybrid-kv-cache-manager",
+                                        "--kv-offloading-backend", "lmcache"),
+                                 error=BDE, stage="config",
+                                 words=("LMCacheConnectorV1", "--kv-offloading-size")),
+    "kv-transfer-config-nixl": Row(
+        flags=("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
+        error=BDE, stage="config", words=("NixlConnector", "OffloadingConnector")),
     "chunked-local-attention": Row(config=_cfg(attention_chunk_size=8192), error=BDE,
                                    stage="config",
                                    words=("chunked local attention", "8192")),  # Llama 4
@@ -258,6 +277,10 @@ class _StandInPlatform(Platform):
     @classmethod
     def get_device_capability(cls, device_id: int = 0) -> DeviceCapability:
         return cls.capability
+
+    @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        return True  # as CudaPlatform's and RocmPlatform's (vLLM 0.20)
 
     @classmethod
     def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
@@ -506,7 +529,8 @@ def test_every_setting_rejects_a_wrong_type(startup, key):
 
 
 def test_stand_in_matches_cuda_platform():
-    """The stand-in's get_attn_backend_cls is CudaPlatform's selected-backend branch."""
+    """The stand-in's get_attn_backend_cls is CudaPlatform's selected-backend branch, and
+    like CudaPlatform it supports the hybrid KV-cache manager."""
     source = (Path(vllm.__file__).parent / "platforms" / "cuda.py").read_text()
     start = source.index("def get_attn_backend_cls(")
     body = source[start:source.index("def ", start + 10)]
@@ -518,6 +542,8 @@ def test_stand_in_matches_cuda_platform():
                  'f"Selected backend {selected_backend} is not valid for "',
                  'f"this configuration. Reason: {invalid_reasons}"'):
         assert line in body, f"CudaPlatform.get_attn_backend_cls changed: {line!r} missing"
+    assert "def support_hybrid_kv_cache(cls) -> bool:\n        return True\n" in source, (
+        "CudaPlatform.support_hybrid_kv_cache no longer returns True")
 
 
 @pytest.mark.parametrize(("settings", "flags", "warned"), [

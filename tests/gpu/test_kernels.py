@@ -130,6 +130,69 @@ def test_dequantize_matches_reference(dtype, bits, group_size):
         assert torch.equal(v_out[s : s + n].cpu(), v.to(dtype))
 
 
+# ---- cross-layer caches (the offloading connector's layout) -----------------------------
+@pytest.mark.parametrize("bits", [4, 2])
+def test_cross_layer_cache_view_equals_contiguous_cache(bits):
+    """With vLLM's offloading connector the KV cache is one tensor of (blocks, layers,
+    heads, bytes), and a layer's cache is a view whose pages lie `layers` pages apart
+    (BitDecodeAttentionBackend.get_kv_cache_stride_order). Writing, reading back and
+    decoding through such a view give the contiguous cache's bytes and outputs exactly,
+    and the other layers' pages keep their bytes."""
+    gen = torch.Generator().manual_seed(31 + bits)
+    fmt = PageFormat(128, bits, 128, 16)
+    heads, gqa, layers, layer = 2, 4, 3, 1
+    seq_lens = [7, 300, 1000]
+    blocks = [(n + 15) // 16 for n in seq_lens]
+    num_blocks = sum(blocks) + 2
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
+    slots = []
+    for i, (n, nb) in enumerate(zip(seq_lens, blocks, strict=True)):
+        table[i, :nb] = perm[sum(blocks[:i]) : sum(blocks[:i]) + nb].to(torch.int32)
+        pos = torch.arange(n)
+        slots.append(table[i, pos // 16].long() * 16 + pos % 16)
+    slots = torch.cat(slots).to(DEV)
+    key = (torch.randn(slots.numel(), heads, 128, generator=gen) * 2).to(torch.bfloat16).to(DEV)
+    value = torch.randn(slots.numel(), heads, 128, generator=gen).to(torch.bfloat16).to(DEV)
+    signs = rotation_signs(128).to(DEV)
+
+    big = _random_cache(num_blocks * layers, heads, fmt, gen).view(num_blocks, layers, heads, -1)
+    big = big.to(DEV)
+    view = big[:, layer]
+    assert view.stride(0) == layers * heads * fmt.head_region_bytes
+    flat = view.contiguous()  # the same bytes, pages side by side
+    others = big[:, [i for i in range(layers) if i != layer]].clone()
+    for cache in (view, flat):
+        _ops().quantize_to_pages(key, value, slots, cache, signs, bits, 128, 16)
+    assert torch.equal(view, flat), "writing through the view gave other bytes"
+    assert torch.equal(big[:, [i for i in range(layers) if i != layer]], others), (
+        "the write reached another layer's pages")
+
+    table_d = table.to(DEV)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    total = sum(seq_lens)
+    starts = torch.tensor([0, *torch.tensor(seq_lens).cumsum(0).tolist()], dtype=torch.int32,
+                          device=DEV)
+    read = []
+    for cache in (view, flat):
+        k_out = torch.full((total, heads, 128), float("nan"), dtype=torch.bfloat16, device=DEV)
+        v_out = torch.full_like(k_out, float("nan"))
+        _ops().dequantize_pages(cache, table_d, lens, starts, k_out, v_out, bits, 128, 16,
+                                max(seq_lens))
+        read.append((k_out, v_out))
+    assert torch.equal(read[0][0], read[1][0]) and torch.equal(read[0][1], read[1][1])
+    assert torch.isfinite(read[0][0]).all() and torch.isfinite(read[0][1]).all()
+
+    q = torch.randn(len(seq_lens), heads * gqa, 128, generator=gen).to(torch.bfloat16)
+    for num_splits in (1, 8):
+        got_view = _run_decode(q, view, table, seq_lens, fmt, True, num_splits, 128**-0.5)
+        got_flat = _run_decode(q, flat, table, seq_lens, fmt, True, num_splits, 128**-0.5)
+        assert torch.isfinite(got_view).all(), f"num_splits={num_splits}: unwritten rows"
+        assert torch.equal(got_view, got_flat), f"num_splits={num_splits}: outputs differ"
+    expected = _reference_decode(q, flat.cpu(), table, seq_lens, fmt, True, 128**-0.5)
+    assert _rel_err(got_view, expected) <= 1e-2
+
+
 # ---- decode ---------------------------------------------------------------------------
 def _run_decode(q, cache, table, seq_lens, fmt, rotate, num_splits, scale,
                 query_start_loc=None, max_query_len=1):

@@ -62,6 +62,9 @@ PREEMPT_LENS = [100 + 4 * i for i in range(48)]
 PREEMPT_GEN = 256
 NUM_BLOCKS = 16000 // BLOCK  # 16,000 tokens: LONG fits, the preemption workload (~21.6K) does not
 MIXED_LENS = (5, 37, 300, 1200, 2900, 6100)
+# Every byte of a poisoned GPU cache: 0x1111 as a page's bf16 scale and zero is ~1e-28,
+# so a token read from such a page is ~0 (a row ~100% off), and nothing turns into NaN
+POISON_BYTE = 0x11
 MIXED_GEN = 32
 
 # Attention rows: same context gives ~1e-3 (bf16 rounding, summation order); a wrong
@@ -98,9 +101,9 @@ def _prompts() -> dict[str, list[list[int]]]:
     }
 
 
-def _job(name, prompts, max_tokens, reset=True, capture=True):
+def _job(name, prompts, max_tokens, reset=True, capture=True, poison=None):
     return dict(name=name, prompts=prompts, max_tokens=max_tokens, reset_prefix_cache=reset,
-                capture=capture, logprobs=TOP_LOGITS)
+                capture=capture, logprobs=TOP_LOGITS, poison_kv_cache=poison)
 
 
 def _specs(model: str, bits: int) -> dict[str, dict]:
@@ -132,6 +135,24 @@ def _specs(model: str, bits: int) -> dict[str, dict]:
         "graphs": dict(common, enforce_eager=False, max_num_batched_tokens=MAX_LEN,
                        num_gpu_blocks_override=roomy, jobs=[
             _job("mixed", p["mixed"], MIXED_GEN, capture=False),
+        ]),
+        # vLLM's CPU offloading connector (--kv-offloading-size): B runs cold and its pages
+        # are stored to the CPU; a prompt shorter than a page (nothing to store) steps the
+        # engine until those stores have finished; then the GPU prefix cache is reset and
+        # every GPU page overwritten, and B again must load its prefix from the CPU. Last,
+        # a control: the GPU pages overwritten once more, without a reset, so that B hits
+        # the GPU cache's poisoned pages and its rows must be far off. Stats off: in an
+        # engine inside the caller's process (as here) vLLM 0.20's offloading metrics get
+        # unserialized records and fail an assert (H200, 2026-12-04), for any backend.
+        "offload": dict(common, enforce_eager=True, max_num_batched_tokens=MAX_LEN,
+                        num_gpu_blocks_override=roomy, kv_offloading_size=1.0,
+                        disable_hybrid_kv_cache_manager=True, disable_log_stats=True, jobs=[
+            _job("offload_cold", p["prefix_b"], PREFIX_GEN),
+            _job("offload_settle", p["mixed"][:1], BLOCK - 1 - MIXED_LENS[0], reset=False,
+                 capture=False),
+            _job("offload_hit", p["prefix_b"], PREFIX_GEN, poison=POISON_BYTE),
+            _job("offload_poisoned_gpu_hit", p["prefix_b"], PREFIX_GEN, reset=False,
+                 poison=POISON_BYTE),
         ]),
     }
 
@@ -351,6 +372,44 @@ def test_cuda_graphs_match_eager(engine, bits):
     _assert_greedy_equal(graphs, eager, f"CUDA graphs vs eager ({bits}-bit)")
     print(f"CUDA graphs ({bits}-bit): {graphs['graph_replays']} replays for "
           f"{MIXED_GEN} tokens")
+
+
+@pytest.mark.skipif(K_MODE != "token", reason="per-channel K refuses offloading at start-up "
+                    "(tests/cpu/test_startup_errors.py)")
+@pytest.mark.parametrize("bits", BITS)
+def test_cpu_offloading_hit_restores_the_pages(engine, bits):
+    """--kv-offloading-size (vLLM's OffloadingConnector, cross-layer blocks): request B's
+    pages go to the CPU during its cold run; after the GPU prefix cache is reset and every
+    GPU page overwritten, B's second run takes its prefix from the CPU (num_cached_tokens,
+    with the local cache empty) and gives the cold run's greedy tokens and attention rows,
+    which it could not with a page left poisoned. The control job shows the poison
+    reaches what attention reads."""
+    jobs = engine("offload", bits)["jobs"]
+    cold, hit, control = jobs["offload_cold"], jobs["offload_hit"], jobs["offload_poisoned_gpu_hit"]
+    prompt_len = PREFIX + SUFFIX_B
+    assert cold["num_cached_tokens"] == [0]
+    assert jobs["offload_settle"]["finish_reasons"] == ["length"]
+    for job in (hit, control):
+        assert job["poisoned_bytes"] > 0
+    cached = hit["num_cached_tokens"][0]
+    print(f"CPU offloading ({bits}-bit): {cached} of {prompt_len} prompt tokens loaded from "
+          f"the CPU; {hit['poisoned_bytes'] / 2**20:.0f} MiB of GPU pages poisoned first")
+    # every full page of the prompt but the one holding its last token, which vLLM
+    # always computes
+    assert prompt_len - 2 * BLOCK < cached < prompt_len, f"CPU hit of {cached} tokens"
+    for job in (cold, hit):
+        _assert_all_finished(job, 1, PREFIX_GEN)
+        _assert_logprobs_finite(job)
+    ties = _assert_greedy_equal(hit, cold, f"CPU offloading hit vs cold ({bits}-bit)")
+    hit_pos = hit["capture"]["positions"]
+    assert int(hit_pos.min()) == cached, "the loaded prefix was recomputed"
+    _assert_rows_match(hit["capture"], cold["capture"], bits, "CPU offloading hit vs cold",
+                       _first_diverged_position(ties, _prompts()["prefix_b"]))
+    # control: the same request over the GPU cache's poisoned pages
+    assert control["num_cached_tokens"][0] >= cached
+    _, off = match_rows_by_position(control["capture"], cold["capture"])
+    print(f"CPU offloading control ({bits}-bit): rows over poisoned GPU pages off by {off:.2f}")
+    assert off > CONTROL_MIN, f"poisoned pages changed the rows by only {off:.3f}"
 
 
 @pytest.mark.parametrize("bits", BITS)

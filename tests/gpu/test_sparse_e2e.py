@@ -84,6 +84,46 @@ def test_budget_512_still_retrieves_the_pass_keys(granularity):
     assert right >= n - 1, f"sparse decoding at k=512 answered {right} of {n} pass keys"
 
 
+def test_cpu_offloading_in_sparse_mode():
+    """Sparse decode (pages, k = 512) over pages that come back from the CPU through
+    vLLM's offloading connector (--kv-offloading-size): the pass-key prompts run cold; a
+    prompt shorter than a page (nothing to store) steps the engine while their pages'
+    stores finish; then the GPU prefix cache is reset and every GPU page poisoned
+    (testing._poison_kv_cache), and the prompts again take their pages from the CPU and
+    give the cold run's tokens (vLLM's rule for engines whose arithmetic
+    differs: the second prefill computes only the last tokens). Control: poisoned again
+    without a reset, the prompts hit the GPU's poisoned pages and lose the pass keys."""
+    sparse = {"enabled": True, "token_budget": 512, "min_seq_len": 1024, "granularity": "page"}
+    prompts = _prompts()[0]
+
+    def job(name, ps, max_tokens, reset, poison=None):
+        return dict(name=name, prompts=ps, max_tokens=max_tokens, logprobs=5, capture=False,
+                    reset_prefix_cache=reset, poison_kv_cache=poison)
+
+    res = _run(sparse, kv_offloading_size=1.0, disable_hybrid_kv_cache_manager=True,
+               disable_log_stats=True,  # see test_serving's offload engine
+               jobs=[job("cold", prompts, GEN, True),
+                     job("settle", [prompts[0][:3]], 8, False),
+                     job("hit", prompts, GEN, True, poison=0x11),
+                     job("poisoned_gpu_hit", prompts, GEN, False, poison=0x11)])
+    jobs = res["jobs"]
+    cold, hit, control = jobs["cold"], jobs["hit"], jobs["poisoned_gpu_hit"]
+    n = len(prompts)
+    right = [data.count_right(j["tokens"], _prompts()[1]) for j in (cold, hit, control)]
+    print(f"sparse + CPU offloading: cached {hit['num_cached_tokens']} of "
+          f"{[len(p) for p in prompts]} tokens; pass keys right cold / CPU hit / poisoned "
+          f"GPU hit: {right[0]}/{n}, {right[1]}/{n}, {right[2]}/{n}")
+    assert cold["num_cached_tokens"] == [0] * n
+    # the prompts are whole pages (6,000 tokens): the connector reports every token
+    # loaded (H200, 2026-12-04), and vLLM computes the last one again for its logits
+    for prompt, cached in zip(prompts, hit["num_cached_tokens"], strict=True):
+        assert len(prompt) - 32 < cached <= len(prompt), f"CPU hit of {cached} tokens"
+    assert_greedy_close(hit["tokens"], hit["logprobs"], cold["tokens"], cold["logprobs"],
+                        GEN, "sparse pages over CPU-loaded pages vs cold")
+    assert right[1] == right[0] >= n - 1
+    assert right[2] <= 1, f"poisoned pages still answered {right[2]} of {n} pass keys"
+
+
 def test_drafts_verify_as_rows_in_sparse_mode():
     """Speculative decoding in sparse mode: each query token of a request verifying its
     drafts (3 from vLLM's n-gram proposer, which finds the pass key in the prompt) gets a

@@ -53,13 +53,21 @@ class BitDecodeAttentionBackend(AttentionBackend):
         cache_dtype_str: str = "auto",
     ) -> tuple[int, ...]:
         # K and V of a token live in the same page, so there is no leading 2.
+        if head_size not in page_format.SUPPORTED_HEAD_SIZES:
+            # vLLM's offloading connector asks for the shape at head size 256 only to
+            # find the blocks' axis; no page of such a head exists (start-up refuses the
+            # model's head size before any cache is allocated), so its size is 0.
+            return (num_blocks, num_kv_heads, 0)
         region = config.get_active().head_region_bytes(head_size, block_size)
         return (num_blocks, num_kv_heads, region)
 
     @staticmethod
     def get_kv_cache_stride_order(include_num_layers_dimension: bool = False) -> tuple[int, ...]:
         if include_num_layers_dimension:
-            return (1, 0, 2, 3)  # keep each layer's pages together
+            # (layers, blocks, heads, bytes) laid out blocks first: a block holds every
+            # layer's page, the cross-layer layout the offloading connector asks for
+            # (one copy per block); each layer sees pages 'layers' pages apart
+            return (1, 0, 2, 3)
         return (0, 1, 2)
 
     @classmethod
