@@ -157,7 +157,7 @@ def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
                 "compilation_config", "logprobs_mode", "tensor_parallel_size",
                 "distributed_executor_backend", "async_scheduling",
                 "long_prefill_token_threshold", "speculative_config", "kv_offloading_size",
-                "disable_hybrid_kv_cache_manager"):
+                "disable_hybrid_kv_cache_manager", "enable_sleep_mode"):
         if key in spec:
             kw[key] = spec[key]
     return kw
@@ -502,31 +502,50 @@ def counters(llm) -> dict[str, float]:
     return out
 
 
-def _poison_kv_cache(worker, byte: int) -> int:
-    """Overwrite every byte of this worker's KV cache with ``byte``; returns how many. The
-    device is synchronized first: the offloading connector copies pages on its own
-    streams, and a copy to the CPU still running would take poison with it."""
+def _kv_cache_bytes(worker, fill: int | None = None) -> int:
+    """Bytes of this worker's KV cache (layers that share a tensor count once); with
+    ``fill``, every one of them is overwritten with that value first. The device is
+    synchronized around the fill: the offloading connector copies pages on its own
+    streams, and a copy to the CPU still running would take the fill with it."""
     import torch
 
     torch.cuda.synchronize()
     seen, total = set(), 0
     for cache in worker.model_runner.kv_caches:
-        cache.fill_(byte)
-        if cache.data_ptr() not in seen:  # layers that share a cache count once
+        if fill is not None:
+            cache.fill_(fill)
+        if cache.data_ptr() not in seen:
             seen.add(cache.data_ptr())
             total += cache.numel() * cache.element_size()
     torch.cuda.synchronize()
     return total
 
 
+def _sleep_and_wake(llm, level: int) -> int:
+    """``LLM.sleep(level)``, then ``wake_up()``; returns the GPU bytes the sleep freed
+    (the engine runs in this process)."""
+    import torch
+
+    torch.cuda.synchronize()
+    free_awake = torch.cuda.mem_get_info()[0]
+    llm.sleep(level=level)
+    freed = torch.cuda.mem_get_info()[0] - free_awake
+    llm.wake_up()
+    return freed
+
+
 def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
              prefill_groups: _PrefillGroupCounter | None = None) -> dict[str, Any]:
+    slept = None
+    if job.get("sleep_level"):
+        slept = {"freed_bytes": _sleep_and_wake(llm, job["sleep_level"]),
+                 "kv_cache_bytes": sum(llm.collective_rpc(_kv_cache_bytes))}
     if job.get("reset_prefix_cache"):
         if not llm.reset_prefix_cache():
             raise RuntimeError(f"job {job['name']}: reset_prefix_cache() refused")
     poisoned = None
     if job.get("poison_kv_cache") is not None:
-        poisoned = sum(llm.collective_rpc(_poison_kv_cache, args=(job["poison_kv_cache"],)))
+        poisoned = sum(llm.collective_rpc(_kv_cache_bytes, args=(job["poison_kv_cache"],)))
     if job.get("capture"):
         llm.apply_model(_reset_capture)
     check = _KERNEL_CHECK if job.get("kernel_check") else None
@@ -563,6 +582,7 @@ def _run_job(llm, sampling_params_cls, job: dict[str, Any], replays,
         "graph_replays": (replays.count - replays_before) if replays else None,
         "seconds": seconds,
         "poisoned_bytes": poisoned,
+        "sleep": slept,
     }
     if groups_before is not None:
         after_groups = prefill_groups.counts

@@ -58,7 +58,7 @@ def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 3
     b.kv_cache_spec = types.SimpleNamespace(block_size=BLOCK)
     b.reorder_batch_threshold, b.pack_queries = 1 + drafts, False
     b.num_sms, b.ctas_per_sm = 132, 4
-    b.page_format, b.rotation_signs = cfg.page_format(128, BLOCK), None
+    b.page_format, b.rotation_signs, b.head_size = cfg.page_format(128, BLOCK), None, 128
     b.partial_out = b.partial_lse = torch.zeros(1)
     b.row_slots = None
     vllm_config = types.SimpleNamespace(
@@ -69,6 +69,7 @@ def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 3
         cache_config=types.SimpleNamespace(num_gpu_blocks=kv_blocks))
     max_rows = b._init_decode_rows(vllm_config, max_seqs, b.device)
     b.sparse = b._init_sparse(vllm_config, max_rows, b.device)
+    b.reset_persistent_buffers()
     return b
 
 
@@ -192,3 +193,47 @@ def test_engine_counter_of_sparse_rows_uses_the_kernels_rule(monkeypatch):
     assert counter.counts == {"steps": 3, "rows": 128 + 8 + 4, "eligible": 128 + 8,
                               "with_keys": 128 + 3,
                               "capacity": b.sparse.keys.numel() // KV_HEADS}
+
+
+def _persistent(b: BitDecodeMetadataBuilder) -> dict[str, torch.Tensor]:
+    sp = b.sparse
+    return {"rotation_signs": b.rotation_signs, "row_seq_lens": b._row_seq_lens,
+            "row_block_table": b._row_block_table, "sel_positions": sp.sel_positions,
+            "sel_count": sp.sel_count, "keys": sp.keys, "key_offsets": sp.key_offsets}
+
+
+def test_wake_up_writes_the_persistent_buffers_again(monkeypatch):
+    """vLLM's sleep mode returns the builders' buffers uninitialized (they live in the KV
+    cache's memory pool): the hook on the worker's wake_up writes their starting values
+    again (rotation signs, zeros, -1 for selected positions) once the KV cache is back,
+    and not for a wake-up of the weights alone."""
+    from vllm_bitdecode.page_format import rotation_signs
+
+    monkeypatch.setattr(metadata, "_BUILDERS", metadata.weakref.WeakSet())
+    b = _builder("page", drafts=3)
+    b.rotation_signs = torch.empty(128)  # as with rotate_k
+    b.reset_persistent_buffers()
+    start = {name: t.clone() for name, t in _persistent(b).items()}
+    assert torch.equal(start["rotation_signs"], rotation_signs(128))
+    assert (start["sel_positions"] == -1).all() and not start["row_block_table"].any()
+    metadata._BUILDERS.add(b)
+
+    class Worker:  # vLLM's gpu_worker.Worker, as far as the hook sees it
+        def wake_up(self, tags=None):
+            self.woken = tags
+
+    metadata.install_wake_up_hook(Worker)
+    metadata.install_wake_up_hook(Worker)  # idempotent: one wrapper
+    assert not getattr(Worker.wake_up.__wrapped__, "_bitdecode", False)
+    for t in _persistent(b).values():
+        t.fill_(7)  # what a sleep may leave
+    worker = Worker()
+    worker.wake_up(["weights"])
+    assert worker.woken == ["weights"]
+    assert all((t == 7).all() for t in _persistent(b).values())
+    for tags in (["kv_cache"], None):
+        for t in _persistent(b).values():
+            t.fill_(7)
+        worker.wake_up(tags)
+        for name, t in _persistent(b).items():
+            assert torch.equal(t, start[name]), name

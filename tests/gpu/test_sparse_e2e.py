@@ -14,7 +14,9 @@ generated token decodes sparsely past ``min_seq_len``):
 - both with single tokens (TidalDecode) and with 16-token pages (``granularity: "page"``);
 - the engine log shows sparse mode's layer plan was used, not a silent dense fallback;
 - with n-gram drafts (speculative decoding), each query token under verification is a
-  decode row of its own, and the output stays with the same engine's without drafts.
+  decode row of its own, and the output stays with the same engine's without drafts;
+- over pages brought back from the CPU by vLLM's offloading connector, and after vLLM's
+  sleep mode (dense and sparse), the answers stay the same.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def test_cpu_offloading_in_sparse_mode():
     vLLM's offloading connector (--kv-offloading-size): the pass-key prompts run cold; a
     prompt shorter than a page (nothing to store) steps the engine while their pages'
     stores finish; then the GPU prefix cache is reset and every GPU page poisoned
-    (testing._poison_kv_cache), and the prompts again take their pages from the CPU and
+    (testing._kv_cache_bytes), and the prompts again take their pages from the CPU and
     give the cold run's tokens (vLLM's rule for engines whose arithmetic
     differs: the second prefill computes only the last tokens). Control: poisoned again
     without a reset, the prompts hit the GPU's poisoned pages and lose the pass keys."""
@@ -122,6 +124,35 @@ def test_cpu_offloading_in_sparse_mode():
                         GEN, "sparse pages over CPU-loaded pages vs cold")
     assert right[1] == right[0] >= n - 1
     assert right[2] <= 1, f"poisoned pages still answered {right[2]} of {n} pass keys"
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse pages"])
+def test_sleep_and_wake_up_keep_the_answers(mode):
+    """vLLM's sleep mode (``enable_sleep_mode``; ``LLM.sleep(level=1)`` then ``wake_up()``,
+    as RL trainers use between rollouts): the sleep gives back the KV cache's memory,
+    and with it what vLLM allocated in the cache's memory pool (the metadata builders'
+    persistent buffers, which the CUDA graphs read), which comes back uninitialized. The
+    pass-key prompts run before the sleep and after the wake-up, cold both times, with
+    CUDA graphs; the answers are the same tokens and log-probabilities (one engine, one
+    batch: the same arithmetic)."""
+    sparse = ({"enabled": True, "token_budget": 512, "min_seq_len": 1024,
+               "granularity": "page"} if mode != "dense" else None)
+    prompts = _prompts()[0]
+    jobs = [dict(name=name, prompts=prompts, max_tokens=GEN, logprobs=5, capture=False,
+                 reset_prefix_cache=True, sleep_level=level)
+            for name, level in (("awake", None), ("woken", 1))]
+    res = _run(sparse, enable_sleep_mode=True, jobs=jobs)
+    before, after = res["jobs"]["awake"], res["jobs"]["woken"]
+    slept = after["sleep"]
+    n = len(prompts)
+    right = [data.count_right(j["tokens"], _prompts()[1]) for j in (before, after)]
+    print(f"sleep mode ({mode}): the sleep freed {slept['freed_bytes'] / 2**30:.2f} GiB "
+          f"(KV cache {slept['kv_cache_bytes'] / 2**30:.2f} GiB); pass keys right "
+          f"{right[0]}/{n} before, {right[1]}/{n} after the wake-up")
+    assert slept["freed_bytes"] >= slept["kv_cache_bytes"] > 0
+    assert right[0] >= n - 1
+    assert after["tokens"] == before["tokens"]
+    assert after["logprobs"] == before["logprobs"]
 
 
 def test_drafts_verify_as_rows_in_sparse_mode():

@@ -12,6 +12,8 @@ query, whatever the schedule, sees the same quantized keys and values.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -426,6 +428,38 @@ class BitDecodeMetadata:
     decode_max_query_len: int = 1
 
 
+# The process's live builders, for the sleep-mode hook below.
+_BUILDERS: weakref.WeakSet[BitDecodeMetadataBuilder] = weakref.WeakSet()
+
+
+def reset_builders() -> int:
+    """Every live builder's reset_persistent_buffers; returns how many."""
+    builders = list(_BUILDERS)
+    for builder in builders:
+        builder.reset_persistent_buffers()
+    return len(builders)
+
+
+def install_wake_up_hook(worker_cls=None) -> None:
+    """Make ``worker_cls.wake_up`` (vLLM's GPU ``Worker`` by default) reset the builders'
+    persistent buffers once the KV cache's memory is back, as vLLM itself re-initializes
+    fp8 KV scales there. Idempotent."""
+    if worker_cls is None:
+        from vllm.v1.worker.gpu_worker import Worker as worker_cls
+    original = worker_cls.wake_up
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        original(self, tags)
+        if tags is None or "kv_cache" in tags:
+            reset_builders()
+
+    wake_up._bitdecode = True
+    worker_cls.wake_up = wake_up
+
+
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
     # Full CUDA graphs for pure-decode batches, of one query token per request or of
     # 1 + num_speculative_tokens (on vLLM's tensors, or as rows in persistent buffers);
@@ -451,8 +485,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             (model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel)))
         self.head_size = model.get_head_size()
         self.page_format = self.bitdecode.page_format(self.head_size, kv_cache_spec.block_size)
-        self.rotation_signs = (
-            rotation_signs(self.head_size).to(device) if self.bitdecode.rotate_k else None
+        self.rotation_signs = (  # written by reset_persistent_buffers, as those below
+            torch.empty(self.head_size, dtype=torch.float32, device=device)
+            if self.bitdecode.rotate_k else None
         )
         # Drafts to verify (speculative decoding): a request's query tokens beside its
         # query heads in the kernel's rows, every page read once, where they fit (dense
@@ -487,6 +522,28 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             self.bitdecode.channel_k, model.max_model_len,
             vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size,
             self.bitdecode.prefill_window)
+        self.reset_persistent_buffers()
+        _BUILDERS.add(self)
+        install_wake_up_hook()
+
+    def reset_persistent_buffers(self) -> None:
+        """Write the values the persistent buffers start from: the rotation signs every
+        decode reads, and the zeros (-1 for selected positions) that rows past a step's
+        batch keep. Done when the builder is made, and again after vLLM's sleep mode
+        (``LLM.sleep`` / ``wake_up``): vLLM makes the builders while it allocates the KV
+        cache, inside the cache's memory pool, so their buffers come back from a sleep
+        with the pool's memory, uninitialized. Before this, decoding after a wake-up
+        read zero signs and answered garbage (H200, 2026-12-04)."""
+        if self.rotation_signs is not None:
+            self.rotation_signs.copy_(rotation_signs(self.head_size))
+        for buffer in (self._row_seq_lens, self._row_block_table):
+            if buffer is not None:
+                buffer.zero_()
+        if self.sparse is not None:
+            self.sparse.sel_positions.fill_(-1)
+            self.sparse.sel_count.zero_()
+            self.sparse.keys.zero_()
+            self.sparse.key_offsets.zero_()
 
     def _init_decode_rows(self, vllm_config, max_seqs: int, device: torch.device) -> int:
         """The most decode rows a step can have. Past one query token per request, the
@@ -501,8 +558,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         if per_request > 1:
             max_blocks = -(-vllm_config.model_config.max_model_len
                            // self.kv_cache_spec.block_size)
-            self._row_seq_lens = torch.zeros(max_rows, dtype=torch.int32, device=device)
-            self._row_block_table = torch.zeros((max_rows, max_blocks), dtype=torch.int32,
+            self._row_seq_lens = torch.empty(max_rows, dtype=torch.int32, device=device)
+            self._row_block_table = torch.empty((max_rows, max_blocks), dtype=torch.int32,
                                                 device=device)
         return max_rows
 
@@ -523,7 +580,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             unit=sparse.selection_unit, rows_per_request=self.reorder_batch_threshold,
             kv_tokens=(vllm_config.cache_config.num_gpu_blocks or 0)
             * self.kv_cache_spec.block_size)
-        self.key_offsets = torch.zeros(max_rows, dtype=torch.int64, device=device)
+        self.key_offsets = torch.empty(max_rows, dtype=torch.int64, device=device)
         logger.info(
             "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
             "%s; token budget %d, dense below %d tokens, %s selection of %ss; score "
@@ -544,10 +601,10 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             min_seq_len=sparse.dense_below,
             shared=sparse.shared_selection,
             selection_unit=sparse.selection_unit,
-            sel_positions=torch.full((max_rows, sel_heads, sparse.unit_budget), -1,
-                                     dtype=torch.int32, device=device),
-            sel_count=torch.zeros(max_rows, dtype=torch.int32, device=device),
-            keys=torch.zeros(capacity * sel_heads, dtype=torch.int32, device=device),
+            sel_positions=torch.empty((max_rows, sel_heads, sparse.unit_budget),
+                                      dtype=torch.int32, device=device),
+            sel_count=torch.empty(max_rows, dtype=torch.int32, device=device),
+            keys=torch.empty(capacity * sel_heads, dtype=torch.int32, device=device),
             key_offsets=self.key_offsets,
         )
 
