@@ -654,10 +654,13 @@ def check_kv_connector(kv_transfer_config: Any, channel_k: bool,
         return
     connector = getattr(kv_transfer_config, "kv_connector", None)
     if connector != OFFLOADING_CONNECTOR:
+        # VLLM_USE_SIMPLE_KV_OFFLOAD=1 swaps in another connector behind the same flag
+        why = (" (set by VLLM_USE_SIMPLE_KV_OFFLOAD=1; unset it)"
+               if connector == "SimpleCPUOffloadConnector" else "")
         raise BitDecodeConfigError(
             f"BITDECODE supports only vLLM's CPU offloading connector "
             f"(--kv-offloading-size, or --kv-transfer-config with kv_connector "
-            f"'{OFFLOADING_CONNECTOR}'), not KV connector {connector!r}")
+            f"'{OFFLOADING_CONNECTOR}'), not KV connector {connector!r}{why}")
     if hybrid_manager_on:
         raise BitDecodeConfigError(
             "vLLM's offloading connector needs --disable-hybrid-kv-cache-manager beside "

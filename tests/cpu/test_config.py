@@ -248,6 +248,8 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
           "additional_config": {"bitdecode": {"k_mode": "channel"}}}, "'LMCacheConnectorV1'"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"), "model": False},
          "'NixlConnector'"),
+        ({"kv_transfer_config": SimpleNamespace(kv_connector="SimpleCPUOffloadConnector")},
+         "'SimpleCPUOffloadConnector' .set by VLLM_USE_SIMPLE_KV_OFFLOAD=1"),
     ],
 )
 def test_check_vllm_config_rejects(kwargs, fragment):

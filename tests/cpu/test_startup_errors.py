@@ -194,6 +194,12 @@ ROWS: dict[str, Row] = {
                                         "--kv-offloading-backend", "lmcache"),
                                  error=BDE, stage="config",
                                  words=("LMCacheConnectorV1", "--kv-offloading-size")),
+    "kv-offloading-simple": Row(flags=("--kv-offloading-size", "4",
+                                       "--disable-hybrid-kv-cache-manager"),
+                                env=(("VLLM_USE_SIMPLE_KV_OFFLOAD", "1"),), error=BDE,
+                                stage="config",
+                                words=("SimpleCPUOffloadConnector",
+                                       "VLLM_USE_SIMPLE_KV_OFFLOAD")),
     "kv-transfer-config-nixl": Row(
         flags=("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
         error=BDE, stage="config", words=("NixlConnector", "OffloadingConnector")),

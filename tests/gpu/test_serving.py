@@ -62,10 +62,10 @@ PREEMPT_LENS = [100 + 4 * i for i in range(48)]
 PREEMPT_GEN = 256
 NUM_BLOCKS = 16000 // BLOCK  # 16,000 tokens: LONG fits, the preemption workload (~21.6K) does not
 MIXED_LENS = (5, 37, 300, 1200, 2900, 6100)
+MIXED_GEN = 32
 # Every byte of a poisoned GPU cache: 0x1111 as a page's bf16 scale and zero is ~1e-28,
 # so a token read from such a page is ~0 (a row ~100% off), and nothing turns into NaN
 POISON_BYTE = 0x11
-MIXED_GEN = 32
 
 # Attention rows: same context gives ~1e-3 (bf16 rounding, summation order); a wrong
 # context gives ~1. Per-row bounds are looser at 2 bits, where one code that flips
@@ -394,8 +394,7 @@ def test_cpu_offloading_hit_restores_the_pages(engine, bits):
     cached = hit["num_cached_tokens"][0]
     print(f"CPU offloading ({bits}-bit): {cached} of {prompt_len} prompt tokens loaded from "
           f"the CPU; {hit['poisoned_bytes'] / 2**20:.0f} MiB of GPU pages poisoned first")
-    # every full page of the prompt but the one holding its last token, which vLLM
-    # always computes
+    # the prompt's full pages (6,496 tokens; its last 4 fill no page and are computed)
     assert prompt_len - 2 * BLOCK < cached < prompt_len, f"CPU hit of {cached} tokens"
     for job in (cold, hit):
         _assert_all_finished(job, 1, PREFIX_GEN)
