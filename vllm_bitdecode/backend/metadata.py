@@ -533,7 +533,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         (``LLM.sleep`` / ``wake_up``): vLLM makes the builders while it allocates the KV
         cache, inside the cache's memory pool, so their buffers come back from a sleep
         with the pool's memory, uninitialized. Before this, decoding after a wake-up
-        read zero signs and answered garbage (H200, 2026-12-04)."""
+        read whatever that memory held for the signs and answered garbage (H200,
+        2026-12-04)."""
         if self.rotation_signs is not None:
             self.rotation_signs.copy_(rotation_signs(self.head_size))
         for buffer in (self._row_seq_lens, self._row_block_table):
