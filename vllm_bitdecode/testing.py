@@ -502,6 +502,12 @@ def counters(llm) -> dict[str, float]:
     return out
 
 
+# A job's poison_kv_cache byte for bf16 models: 0x1111 as a page's scale and zero is
+# ~1e-28, so a token read from a poisoned page is ~0 (an attention row ~100% off, an
+# answer lost), and nothing turns into NaN
+POISON_BYTE = 0x11
+
+
 def _kv_cache_bytes(worker, fill: int | None = None) -> int:
     """Bytes of this worker's KV cache (layers that share a tensor count once); with
     ``fill``, every one of them is overwritten with that value first. The device is

@@ -40,6 +40,7 @@ import pytest
 import torch
 
 from vllm_bitdecode.testing import (
+    POISON_BYTE,
     TINY_LLAMA,
     match_rows_by_position,
     run_in_subprocess,
@@ -63,9 +64,6 @@ PREEMPT_GEN = 256
 NUM_BLOCKS = 16000 // BLOCK  # 16,000 tokens: LONG fits, the preemption workload (~21.6K) does not
 MIXED_LENS = (5, 37, 300, 1200, 2900, 6100)
 MIXED_GEN = 32
-# Every byte of a poisoned GPU cache: 0x1111 as a page's bf16 scale and zero is ~1e-28,
-# so a token read from such a page is ~0 (a row ~100% off), and nothing turns into NaN
-POISON_BYTE = 0x11
 
 # Attention rows: same context gives ~1e-3 (bf16 rounding, summation order); a wrong
 # context gives ~1. Per-row bounds are looser at 2 bits, where one code that flips

@@ -26,11 +26,13 @@ import functools
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import assert_greedy_close, run_in_subprocess
+from vllm_bitdecode.testing import POISON_BYTE, assert_greedy_close, run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 
 GEN = 16
+# TidalDecode's retrieval claim holds from k = 256; rows shorter than 1,024 stay dense
+K512 = {"enabled": True, "token_budget": 512, "min_seq_len": 1024}
 
 
 @functools.cache
@@ -77,8 +79,7 @@ def test_budget_above_every_length_equals_dense_decoding(granularity):
 
 @pytest.mark.parametrize("granularity", ["token", "page"])
 def test_budget_512_still_retrieves_the_pass_keys(granularity):
-    res = _run({"enabled": True, "token_budget": 512, "min_seq_len": 1024,
-                "granularity": granularity})
+    res = _run(K512 | {"granularity": granularity})
     n = len(_prompts()[1])
     right, dense_right = _answers_right(res), _answers_right(_dense())
     print(f"pass keys right: sparse {granularity}s k=512 {right}/{n}, dense {dense_right}/{n}")
@@ -95,7 +96,7 @@ def test_cpu_offloading_in_sparse_mode():
     give the cold run's tokens (vLLM's rule for engines whose arithmetic
     differs: the second prefill computes only the last tokens). Control: poisoned again
     without a reset, the prompts hit the GPU's poisoned pages and lose the pass keys."""
-    sparse = {"enabled": True, "token_budget": 512, "min_seq_len": 1024, "granularity": "page"}
+    sparse = K512 | {"granularity": "page"}
     prompts = _prompts()[0]
 
     def job(name, ps, max_tokens, reset, poison=None):
@@ -106,8 +107,8 @@ def test_cpu_offloading_in_sparse_mode():
                disable_log_stats=True,  # see test_serving's offload engine
                jobs=[job("cold", prompts, GEN, True),
                      job("settle", [prompts[0][:3]], 8, False),
-                     job("hit", prompts, GEN, True, poison=0x11),
-                     job("poisoned_gpu_hit", prompts, GEN, False, poison=0x11)])
+                     job("hit", prompts, GEN, True, poison=POISON_BYTE),
+                     job("poisoned_gpu_hit", prompts, GEN, False, poison=POISON_BYTE)])
     jobs = res["jobs"]
     cold, hit, control = jobs["cold"], jobs["hit"], jobs["poisoned_gpu_hit"]
     n = len(prompts)
@@ -135,8 +136,7 @@ def test_sleep_and_wake_up_keep_the_answers(mode):
     pass-key prompts run before the sleep and after the wake-up, cold both times, with
     CUDA graphs; the answers are the same tokens and log-probabilities (one engine, one
     batch: the same arithmetic)."""
-    sparse = ({"enabled": True, "token_budget": 512, "min_seq_len": 1024,
-               "granularity": "page"} if mode != "dense" else None)
+    sparse = K512 | {"granularity": "page"} if mode != "dense" else None
     prompts = _prompts()[0]
     jobs = [dict(name=name, prompts=prompts, max_tokens=GEN, logprobs=5, capture=False,
                  reset_prefix_cache=True, sleep_level=level)
@@ -170,8 +170,7 @@ def test_drafts_verify_as_rows_in_sparse_mode():
     accepted drafts failed, for that alone): 5/5 pass keys with and without drafts,
     the tokens identical in all 5 requests, 21 multi-token steps taken as rows (417
     rows for 105 requests), none packed."""
-    sparse = {"enabled": True, "token_budget": 512, "min_seq_len": 1024,
-              "granularity": "token"}
+    sparse = K512 | {"granularity": "token"}
     ref = _run(sparse, async_scheduling=False)
     spec = _run(sparse, logprobs=None, async_scheduling=False, count_decode_rows=True,
                 disable_log_stats=False,  # vLLM's spec-decode counters
@@ -213,8 +212,7 @@ def test_rows_keep_their_keys_with_drafts_in_a_full_cache():
     n, max_rows = 32, 32 * 4
     prompts, _ = data.passkey_prompts(13, [(i + 0.5) / n for i in range(n)])
     blocks = n * -(-(max(map(len, prompts)) + GEN + 4) // 16)
-    res = _run({"enabled": True, "token_budget": 512, "min_seq_len": 1024,
-                "granularity": "token"}, logprobs=None, prompts=prompts,
+    res = _run(K512 | {"granularity": "token"}, logprobs=None, prompts=prompts,
                max_num_seqs=n, num_gpu_blocks_override=blocks, async_scheduling=False,
                count_sparse_rows=True, count_decode_rows=True,
                speculative_config=dict(method="ngram", num_speculative_tokens=3,
