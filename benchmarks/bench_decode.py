@@ -16,6 +16,10 @@ only the samples inside them left 11 rows of 48 with none; with one interval eit
 every row had 2-16 (same day, decode_6d300b8_h200.json). NVML's power is a one-second
 average: over such short windows it mostly reflects the rows before.
 
+With --cross-layer 32 it also times the per-token decode over a cache laid out as vLLM's
+offloading connector asks (all layers' pages of a block together), where a layer's pages
+lie 32 pages apart instead of side by side.
+
     python benchmarks/bench_decode.py   # -> benchmarks/results/decode_<gpu>.json and .png
 """
 
@@ -171,12 +175,16 @@ def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1) -> tuple[float
     return ms, batch * context * HKV * D * 2 * k.element_size()
 
 
-def fill_pages(num_blocks: int, fmt: PageFormat,
-               device: str | torch.device = "cuda") -> torch.Tensor:
-    """Quantize random K/V into every page with the BITDECODE kernel itself."""
+def fill_pages(num_blocks: int, fmt: PageFormat, device: str | torch.device = "cuda",
+               layers: int = 1) -> torch.Tensor:
+    """Quantize random K/V into every page with the BITDECODE kernel itself. ``layers`` > 1
+    lays the cache out as vLLM's offloading connector does (one tensor of (blocks, layers,
+    heads, bytes)) and returns layer 0's view, whose pages lie ``layers`` pages apart; the
+    other layers' pages are left unwritten (nothing reads them)."""
     from vllm_bitdecode import ops
 
-    cache = torch.empty(num_blocks, HKV, fmt.head_region_bytes, dtype=torch.uint8, device=device)
+    cache = torch.empty(num_blocks, layers, HKV, fmt.head_region_bytes, dtype=torch.uint8,
+                        device=device)[:, 0]
     chunk = 1 << 16
     signs = rotation_signs(D).to(device)
     for start in range(0, num_blocks * BLOCK, chunk):
@@ -202,12 +210,12 @@ def decode_inputs(batch: int, context: int, bits: int, channel_k: bool = False,
     return q, torch.empty_like(q), splits, po, pl, lens
 
 
-def bench_bitdecode(batch, context, bits, timer, gen) -> tuple[float, int, int]:
+def bench_bitdecode(batch, context, bits, timer, gen, layers: int = 1) -> tuple[float, int, int]:
     from vllm_bitdecode import ops
 
     fmt = PageFormat(D, bits, GROUP, BLOCK)
     table, num_blocks = block_table(batch, context, gen)
-    cache = fill_pages(num_blocks, fmt)
+    cache = fill_pages(num_blocks, fmt, layers=layers)
     q, out, splits, po, pl, lens = decode_inputs(batch, context, bits)
     signs = rotation_signs(D).cuda()
 
@@ -304,6 +312,13 @@ def bench_case(batch: int, context: int, args: argparse.Namespace, timer: Timer,
         ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
         rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
                          bytes=nbytes, num_splits=splits, window=timer.last_window))
+        if args.cross_layer > 1 and batch * context * HKV * D * args.cross_layer / 2 / 1e9 \
+                <= args.max_gb:  # the 4-bit cache of all the layers, about
+            ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen,
+                                                 layers=args.cross_layer)
+            rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token",
+                             layout="cross_layer", layers=args.cross_layer, ms=ms,
+                             bytes=nbytes, num_splits=splits, window=timer.last_window))
         for k_params in (args.k_params.split(",") if args.channel_k else []):
             ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen,
                                                     K_PARAMS[k_params])
@@ -316,7 +331,7 @@ def bench_case(batch: int, context: int, args: argparse.Namespace, timer: Timer,
                  speedup_vs_fa3_fp8=base["fp8"] / r["ms"])
         r["fraction_of_copy_bw"] = r["gbps"] / copy_gbps
         kv = r["kv"] + ("-kc" if r.get("k_mode") == "channel" else "") + (
-            "8" if r.get("k_params") == "fp8" else "")
+            "8" if r.get("k_params") == "fp8" else "") + ("-xl" if r.get("layout") else "")
         print(f"B={batch:<3} L={context:<7} {r['impl']:<9} {kv:<8} "
               f"{r['ms']:8.3f} ms {r['gbps']:7.0f} GB/s  x{r['speedup_vs_fa3_bf16']:.2f} "
               f"vs bf16  x{r['speedup_vs_fa3_fp8']:.2f} vs fp8", flush=True)
@@ -341,6 +356,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=GROUP, choices=(32, 64, 128),
                     help="BITDECODE's quantization group (default 128; channel mode's "
                          "quality configs use 32)")
+    ap.add_argument("--cross-layer", type=int, default=1, metavar="LAYERS",
+                    help="also time the per-token decode over one layer of a cache laid "
+                         "out for vLLM's offloading connector, (blocks, LAYERS, heads, "
+                         "bytes), pages LAYERS apart; rows with layout cross_layer (cases "
+                         "whose whole cache would pass --max-gb are skipped)")
     args = ap.parse_args()
     BLOCK, GROUP = args.block_size, args.group_size
 
@@ -393,18 +413,23 @@ def plot(doc: dict, path: Path) -> None:
     for ax, ctx in zip(axes[0], contexts, strict=True):
         for impl, kv in (("fa3", "bf16"), ("fa3", "fp8"), ("bitdecode", "int4"),
                          ("bitdecode", "int2")):
-            for k_mode, k_params in (("token", "fp16"), ("channel", "fp16"),
-                                     ("channel", "fp8")):
+            for k_mode, k_params, layout in (("token", "fp16", None),
+                                             ("token", "fp16", "cross_layer"),
+                                             ("channel", "fp16", None),
+                                             ("channel", "fp8", None)):
                 pts = sorted((r["batch"], r["gbps"]) for r in doc["records"]
                              if r["context"] == ctx and r["impl"] == impl and r["kv"] == kv
                              and r.get("k_mode", "token") == k_mode
-                             and r.get("k_params", "fp16") == k_params)
+                             and r.get("k_params", "fp16") == k_params
+                             and r.get("layout") == layout)
                 if pts:
                     label = f"{impl} {kv}" + (
-                        f" per-channel K ({k_params} params)" if k_mode == "channel" else "")
+                        f" per-channel K ({k_params} params)" if k_mode == "channel" else "") + (
+                        " cross-layer pages" if layout else "")
+                    style = layout or (k_params if k_mode == "channel" else k_mode)
                     ax.plot(*zip(*pts, strict=True), marker="o", label=label,
-                            ls={"token": "-", "fp16": "--", "fp8": ":"}[
-                                k_params if k_mode == "channel" else k_mode])
+                            ls={"token": "-", "fp16": "--", "fp8": ":", "cross_layer": "-."}[
+                                style])
         ax.axhline(doc["copy_gbps"], color="gray", ls="--", lw=1, label="copy bandwidth")
         ax.set_xscale("log", base=2)
         ax.set_title(f"context {ctx // 1024}K")

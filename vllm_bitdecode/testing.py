@@ -528,15 +528,22 @@ def _kv_cache_bytes(worker, fill: int | None = None) -> int:
 
 
 def _sleep_and_wake(llm, level: int) -> int:
-    """``LLM.sleep(level)``, then ``wake_up()``; returns the GPU bytes the sleep freed
-    (the engine runs in this process)."""
+    """``LLM.sleep(level)``, then the wake-up; returns the GPU bytes the sleep freed (the
+    engine runs in this process). Level 1 wakes everything at once; level 2, which
+    discards the weights, wakes as RL trainers do: the weights' memory first, the weights
+    reloaded from the model's files into it, then the KV cache."""
     import torch
 
     torch.cuda.synchronize()
     free_awake = torch.cuda.mem_get_info()[0]
     llm.sleep(level=level)
     freed = torch.cuda.mem_get_info()[0] - free_awake
-    llm.wake_up()
+    if level == 2:
+        llm.wake_up(tags=["weights"])
+        llm.collective_rpc("reload_weights")
+        llm.wake_up(tags=["kv_cache"])
+    else:
+        llm.wake_up()
     return freed
 
 

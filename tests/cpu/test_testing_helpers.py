@@ -315,3 +315,29 @@ def test_poison_prefill_workspaces_fills_each_shared_workspace_once():
                                 torch.nn.Linear(2, 2))
     assert testing.poison_prefill_workspaces(model) == 2
     assert shared.isnan().all() and own.isnan().all()
+
+
+@pytest.mark.parametrize(("level", "calls"), [
+    (1, [("sleep", 1), ("wake_up", None)]),
+    # level 2 discards the weights: wake their memory, reload them, then the KV cache
+    (2, [("sleep", 2), ("wake_up", ["weights"]), ("rpc", "reload_weights"),
+         ("wake_up", ["kv_cache"])]),
+])
+def test_sleep_and_wake_follows_the_level(monkeypatch, level, calls):
+    seen = []
+
+    class FakeLLM:
+        def sleep(self, level):
+            seen.append(("sleep", level))
+
+        def wake_up(self, tags=None):
+            seen.append(("wake_up", tags))
+
+        def collective_rpc(self, method, args=()):
+            seen.append(("rpc", method))
+
+    free = iter([(1000, 0), (5000, 0)])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: next(free))
+    assert testing._sleep_and_wake(FakeLLM(), level) == 4000
+    assert seen == calls

@@ -15,8 +15,9 @@ generated token decodes sparsely past ``min_seq_len``):
 - the engine log shows sparse mode's layer plan was used, not a silent dense fallback;
 - with n-gram drafts (speculative decoding), each query token under verification is a
   decode row of its own, and the output stays with the same engine's without drafts;
-- over pages brought back from the CPU by vLLM's offloading connector, and after vLLM's
-  sleep mode (dense and sparse), the answers stay the same.
+- over pages brought back from the CPU by vLLM's offloading connector (both
+  granularities), and after vLLM's sleep mode (levels 1 and 2; dense, sparse and channel
+  K), the answers stay the same.
 """
 
 from __future__ import annotations
@@ -87,16 +88,17 @@ def test_budget_512_still_retrieves_the_pass_keys(granularity):
     assert right >= n - 1, f"sparse decoding at k=512 answered {right} of {n} pass keys"
 
 
-def test_cpu_offloading_in_sparse_mode():
-    """Sparse decode (pages, k = 512) over pages that come back from the CPU through
-    vLLM's offloading connector (--kv-offloading-size): the pass-key prompts run cold; a
-    prompt shorter than a page (nothing to store) steps the engine while their pages'
-    stores finish; then the GPU prefix cache is reset and every GPU page poisoned
-    (testing._kv_cache_bytes), and the prompts again take their pages from the CPU and
-    give the cold run's tokens (vLLM's rule for engines whose arithmetic
-    differs: the second prefill computes only the last tokens). Control: poisoned again
-    without a reset, the prompts hit the GPU's poisoned pages and lose the pass keys."""
-    sparse = K512 | {"granularity": "page"}
+@pytest.mark.parametrize("granularity", ["page", "token"])
+def test_cpu_offloading_in_sparse_mode(granularity):
+    """Sparse decode (pages or single tokens, k = 512) over pages that come back from the
+    CPU through vLLM's offloading connector (--kv-offloading-size): the pass-key prompts
+    run cold; a prompt shorter than a page (nothing to store) steps the engine while
+    their pages' stores finish; then the GPU prefix cache is reset and every GPU page
+    poisoned (testing._kv_cache_bytes), and the prompts again take their pages from the
+    CPU and give the cold run's tokens (vLLM's rule for engines whose arithmetic differs:
+    the second prefill computes only the last tokens). Control: poisoned again without a
+    reset, the prompts hit the GPU's poisoned pages and lose the pass keys."""
+    sparse = K512 | {"granularity": granularity}
     prompts = _prompts()[0]
 
     def job(name, ps, max_tokens, reset, poison=None):
@@ -113,7 +115,7 @@ def test_cpu_offloading_in_sparse_mode():
     cold, hit, control = jobs["cold"], jobs["hit"], jobs["poisoned_gpu_hit"]
     n = len(prompts)
     right = [data.count_right(j["tokens"], _prompts()[1]) for j in (cold, hit, control)]
-    print(f"sparse + CPU offloading: cached {hit['num_cached_tokens']} of "
+    print(f"sparse ({granularity}s) + CPU offloading: cached {hit['num_cached_tokens']} of "
           f"{[len(p) for p in prompts]} tokens; pass keys right cold / CPU hit / poisoned "
           f"GPU hit: {right[0]}/{n}, {right[1]}/{n}, {right[2]}/{n}")
     assert cold["num_cached_tokens"] == [0] * n
@@ -122,33 +124,41 @@ def test_cpu_offloading_in_sparse_mode():
     for prompt, cached in zip(prompts, hit["num_cached_tokens"], strict=True):
         assert len(prompt) - 32 < cached <= len(prompt), f"CPU hit of {cached} tokens"
     assert_greedy_close(hit["tokens"], hit["logprobs"], cold["tokens"], cold["logprobs"],
-                        GEN, "sparse pages over CPU-loaded pages vs cold")
+                        GEN, f"sparse {granularity}s over CPU-loaded pages vs cold")
     assert right[1] == right[0] >= n - 1
     assert right[2] <= 1, f"poisoned pages still answered {right[2]} of {n} pass keys"
 
 
-@pytest.mark.parametrize("mode", ["dense", "sparse pages"])
-def test_sleep_and_wake_up_keep_the_answers(mode):
-    """vLLM's sleep mode (``enable_sleep_mode``; ``LLM.sleep(level=1)`` then ``wake_up()``,
-    as RL trainers use between rollouts): the sleep gives back the KV cache's memory,
-    and with it what vLLM allocated in the cache's memory pool (the metadata builders'
-    persistent buffers, which the CUDA graphs read), which comes back uninitialized. The
+@pytest.mark.parametrize(("mode", "level"), [("dense", 1), ("sparse pages", 1),
+                                           ("channel K", 1), ("dense", 2)])
+def test_sleep_and_wake_up_keep_the_answers(mode, level):
+    """vLLM's sleep mode (``enable_sleep_mode``; ``LLM.sleep`` then the wake-up, as RL
+    trainers use between rollouts): the sleep gives back the KV cache's memory, and with
+    it what vLLM allocated in the cache's memory pool (the metadata builders' persistent
+    buffers, which the CUDA graphs read), which comes back uninitialized. Level 1 keeps
+    the weights (and the impl's buffers made beside them: channel mode's residual rows)
+    on the CPU; level 2 discards them too, and the test wakes the weights, reloads them
+    from the model's files and then wakes the KV cache (``testing._sleep_and_wake``). The
     pass-key prompts run before the sleep and after the wake-up, cold both times, with
     CUDA graphs; the answers are the same tokens and log-probabilities (one engine, one
     batch: the same arithmetic)."""
-    sparse = K512 | {"granularity": "page"} if mode != "dense" else None
+    engine: dict = {}
+    if mode == "channel K":
+        engine["bitdecode"] = {"bits": 4, "k_mode": "channel"}
+    sparse = K512 | {"granularity": "page"} if mode == "sparse pages" else None
     prompts = _prompts()[0]
     jobs = [dict(name=name, prompts=prompts, max_tokens=GEN, logprobs=5, capture=False,
-                 reset_prefix_cache=True, sleep_level=level)
-            for name, level in (("awake", None), ("woken", 1))]
-    res = _run(sparse, enable_sleep_mode=True, jobs=jobs)
+                 reset_prefix_cache=True, sleep_level=sleep_level)
+            for name, sleep_level in (("awake", None), ("woken", level))]
+    res = _run(sparse, enable_sleep_mode=True, jobs=jobs, **engine)
     before, after = res["jobs"]["awake"], res["jobs"]["woken"]
     slept = after["sleep"]
     n = len(prompts)
     right = [data.count_right(j["tokens"], _prompts()[1]) for j in (before, after)]
-    print(f"sleep mode ({mode}): the sleep freed {slept['freed_bytes'] / 2**30:.2f} GiB "
-          f"(KV cache {slept['kv_cache_bytes'] / 2**30:.2f} GiB); pass keys right "
-          f"{right[0]}/{n} before, {right[1]}/{n} after the wake-up")
+    print(f"sleep level {level} ({mode}): the sleep freed "
+          f"{slept['freed_bytes'] / 2**30:.2f} GiB (KV cache "
+          f"{slept['kv_cache_bytes'] / 2**30:.2f} GiB); pass keys right {right[0]}/{n} "
+          f"before, {right[1]}/{n} after the wake-up")
     assert slept["freed_bytes"] >= slept["kv_cache_bytes"] > 0
     assert right[0] >= n - 1
     assert after["tokens"] == before["tokens"]
