@@ -19,7 +19,7 @@ configuration, with identical token inputs:
   decode steps whose tokens are forced to be the same in every engine. From layer 2 on
   it includes what earlier layers' errors did to that layer's input.
 
-    python benchmarks/quality.py                    # all six configurations
+    python benchmarks/quality.py                    # every configuration of CONFIGS
     python benchmarks/quality.py --quick            # 25 trials per cell, fewer tokens
     python benchmarks/quality.py --configs int2,int2-norot   # merge into the same JSON
 
