@@ -17,12 +17,19 @@ worker therefore keeps this table, updated once per step after vLLM's
 
 Nothing is cleaned when a slot changes owner: every residual row a kernel reads was
 written by the slot's current owner in its current incarnation (the design's invariant).
-At most ``max_num_seqs`` requests are live, so ``num_slots = max_num_seqs`` suffices;
-more live requests than slots is a bug upstream and raises.
+At most ``max_num_seqs`` requests run, so ``num_slots = max_num_seqs`` suffices as long
+as every request that stops running is reported finished or preempted; more live
+requests than slots raises. Two ways around that report are known in vLLM 0.20 and not
+handled: a streaming-input session (``AsyncLLM.generate`` with an input stream) waiting
+for its next chunk keeps its slot, as it must (its newest page's rows are still needed),
+but is not running, so many idle sessions can take every slot; and requests preempted by
+``reset_prefix_cache(reset_running_requests=True)`` (pausing with ``mode="keep"``) keep
+theirs until they resume, which under priority scheduling may come after new requests.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -119,22 +126,37 @@ def wrap_update_states(runner: Any, table: RowSlotTable) -> None:
     runner._update_states = _update_states
 
 
-# The worker's table: one engine, hence one model runner, per process (as vLLM's workers).
-_table: RowSlotTable | None = None
+# One table per engine, keyed by its VllmConfig (the object the model runner and its
+# metadata builders share): a process may hold more than one engine (vLLM's in-process
+# engine core), and a runner of an engine without channel mode must not step any table.
+_tables: dict[int, tuple[weakref.ref, RowSlotTable]] = {}
 
 
-def install_table(max_num_seqs: int, device: torch.device | str,
+def table_of(owner: Any) -> RowSlotTable | None:
+    """The row-slot table of the engine whose config is ``owner``, if it has one."""
+    entry = _tables.get(id(owner))
+    return entry[1] if entry is not None and entry[0]() is owner else None
+
+
+def install_table(max_num_seqs: int, device: torch.device | str, owner: Any,
                   runner_cls: Any = None) -> RowSlotTable:
-    """The process's row-slot table (made on the first call, by the metadata builder in
-    per-channel K mode), with every ``runner_cls._update_states`` (vLLM's
-    ``GPUModelRunner`` by default) stepping it, as ``wrap_update_states`` does for one
-    runner. Idempotent."""
-    global _table
-    if _table is None:
-        _table = RowSlotTable(max_num_seqs, device)
-    elif _table.slots.num_slots != max_num_seqs:
-        raise RuntimeError(f"the row-slot table holds {_table.slots.num_slots} slots, "
-                           f"not {max_num_seqs}: one engine per process")
+    """The row-slot table of the engine whose config is ``owner`` (made on the first call,
+    by a metadata builder in per-channel K mode; dropped with the config), with every
+    ``runner_cls._update_states`` (vLLM's ``GPUModelRunner`` by default) stepping the
+    table of its own config, as ``wrap_update_states`` does for one runner. Idempotent."""
+    table = table_of(owner)
+    if table is None:
+        key = id(owner)
+
+        def forget(ref: weakref.ref) -> None:
+            if _tables.get(key, (None,))[0] is ref:
+                del _tables[key]
+
+        table = RowSlotTable(max_num_seqs, device)
+        _tables[key] = (weakref.ref(owner, forget), table)
+    elif table.slots.num_slots != max_num_seqs:
+        raise RuntimeError(f"the engine's row-slot table holds {table.slots.num_slots} "
+                           f"slots, not {max_num_seqs}: its builders disagree")
     if runner_cls is None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner as runner_cls
     original = runner_cls._update_states
@@ -142,14 +164,11 @@ def install_table(max_num_seqs: int, device: torch.device | str,
 
         def _update_states(self: Any, scheduler_output: Any) -> Any:
             result = original(self, scheduler_output)
-            if _table is not None:
-                _step_after_update(self, scheduler_output, _table)
+            own = table_of(getattr(self, "vllm_config", None))
+            if own is not None:
+                _step_after_update(self, scheduler_output, own)
             return result
 
         _update_states._bitdecode = True
         runner_cls._update_states = _update_states
-    return _table
-
-
-def active_table() -> RowSlotTable | None:
-    return _table
+    return table

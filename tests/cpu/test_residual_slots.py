@@ -111,15 +111,22 @@ def test_wrapped_update_states_writes_row_slot_after_vllms_own_update():
 
 def test_installed_table_steps_every_runner_of_the_class_once(monkeypatch):
     """install_table patches the runner class (vLLM's GPUModelRunner in a worker) once,
-    however often the builders of the layers' KV-cache groups call it."""
+    however often the builders of the layers' KV-cache groups call it; a runner steps the
+    table of its own engine (its vllm_config), and a runner of an engine without one
+    steps none."""
+    import gc
     import types
 
     from vllm_bitdecode import residual_slots
 
-    monkeypatch.setattr(residual_slots, "_table", None)
+    monkeypatch.setattr(residual_slots, "_tables", {})
+
+    class Config:  # the VllmConfig object a runner and its builders share
+        pass
 
     class Runner:
-        def __init__(self):
+        def __init__(self, config):
+            self.vllm_config = config
             self.input_batch = types.SimpleNamespace(req_ids=[])
             self.plans = iter([["a", "b"], ["b", "c"]])
             self.calls = 0
@@ -128,14 +135,25 @@ def test_installed_table_steps_every_runner_of_the_class_once(monkeypatch):
             self.calls += 1
             self.input_batch.req_ids = next(self.plans)
 
-    table = residual_slots.install_table(3, "cpu", runner_cls=Runner)
-    assert residual_slots.install_table(3, "cpu", runner_cls=Runner) is table
-    assert residual_slots.active_table() is table
-    with pytest.raises(RuntimeError, match="one engine per process"):
-        residual_slots.install_table(5, "cpu", runner_cls=Runner)
-    runner = Runner()
+    first, second, plain = Config(), Config(), Config()
+    table = residual_slots.install_table(3, "cpu", first, runner_cls=Runner)
+    assert residual_slots.install_table(3, "cpu", first, runner_cls=Runner) is table
+    assert residual_slots.table_of(first) is table and residual_slots.table_of(plain) is None
+    with pytest.raises(RuntimeError, match="builders disagree"):
+        residual_slots.install_table(5, "cpu", first, runner_cls=Runner)
+    other = residual_slots.install_table(2, "cpu", second, runner_cls=Runner)
+    assert other is not table
     out = types.SimpleNamespace
+    runner, runner2, runner3 = Runner(first), Runner(second), Runner(plain)
     runner._update_states(out(finished_req_ids=set(), preempted_req_ids=None))
     assert table.device_row_slot.tolist() == [0, 1, 3]
     runner._update_states(out(finished_req_ids={"a"}, preempted_req_ids=None))
     assert table.device_row_slot.tolist() == [1, 0, 3] and runner.calls == 2
+    runner2._update_states(out(finished_req_ids=set(), preempted_req_ids=None))
+    assert other.device_row_slot.tolist() == [0, 1]
+    assert table.device_row_slot.tolist() == [1, 0, 3]  # the other engine's step left it
+    runner3._update_states(out(finished_req_ids=set(), preempted_req_ids=None))
+    assert runner3.calls == 1  # stepped no table, raised nothing
+    del runner2, other, second
+    gc.collect()
+    assert len(residual_slots._tables) == 1  # the table went with its engine's config

@@ -199,26 +199,35 @@ def _persistent(b: BitDecodeMetadataBuilder) -> dict[str, torch.Tensor]:
     sp = b.sparse
     return {"rotation_signs": b.rotation_signs, "row_seq_lens": b._row_seq_lens,
             "row_block_table": b._row_block_table, "sel_positions": sp.sel_positions,
-            "sel_count": sp.sel_count, "keys": sp.keys, "key_offsets": sp.key_offsets}
+            "sel_count": sp.sel_count, "keys": sp.keys, "key_offsets": sp.key_offsets,
+            "row_slot": b.row_slots.device_row_slot}
 
 
 def test_wake_up_writes_the_persistent_buffers_again(monkeypatch):
     """vLLM's sleep mode returns the builders' buffers uninitialized (they live in the KV
     cache's memory pool): the hook on the worker's wake_up writes their starting values
-    again (rotation signs, zeros, -1 for selected positions) once the KV cache is back,
-    and not for a wake-up of the weights alone."""
+    again (rotation signs, zeros, -1 for selected positions, every row of the channel-K
+    row-slot table to the scratch slot) once the KV cache is back, and not for a wake-up
+    of the weights alone, nor for another engine's wake-up in the same process."""
     from vllm_bitdecode.page_format import rotation_signs
+    from vllm_bitdecode.residual_slots import RowSlotTable
 
     monkeypatch.setattr(metadata, "_BUILDERS", metadata.weakref.WeakSet())
     b = _builder("page", drafts=3)
     b.rotation_signs = torch.empty(128)  # as with rotate_k
+    b.row_slots = RowSlotTable(4, "cpu")  # (channel mode, which sparse mode is not: the
+    b.vllm_config = types.SimpleNamespace()  # reset covers both in one builder here)
     b.reset_persistent_buffers()
     start = {name: t.clone() for name, t in _persistent(b).items()}
     assert torch.equal(start["rotation_signs"], rotation_signs(128))
     assert (start["sel_positions"] == -1).all() and not start["row_block_table"].any()
+    assert (start["row_slot"] == 4).all()
     metadata._BUILDERS.add(b)
 
     class Worker:  # vLLM's gpu_worker.Worker, as far as the hook sees it
+        def __init__(self, vllm_config):
+            self.vllm_config = vllm_config
+
         def wake_up(self, tags=None):
             self.woken = tags
 
@@ -227,9 +236,11 @@ def test_wake_up_writes_the_persistent_buffers_again(monkeypatch):
     assert not getattr(Worker.wake_up.__wrapped__, "_bitdecode", False)
     for t in _persistent(b).values():
         t.fill_(7)  # what a sleep may leave
-    worker = Worker()
+    worker = Worker(b.vllm_config)
     worker.wake_up(["weights"])
     assert worker.woken == ["weights"]
+    assert all((t == 7).all() for t in _persistent(b).values())
+    Worker(types.SimpleNamespace()).wake_up(None)  # another engine's worker
     assert all((t == 7).all() for t in _persistent(b).values())
     for tags in (["kv_cache"], None):
         for t in _persistent(b).values():

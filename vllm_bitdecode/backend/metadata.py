@@ -432,9 +432,10 @@ class BitDecodeMetadata:
 _BUILDERS: weakref.WeakSet[BitDecodeMetadataBuilder] = weakref.WeakSet()
 
 
-def reset_builders() -> int:
-    """Every live builder's reset_persistent_buffers; returns how many."""
-    builders = list(_BUILDERS)
+def reset_builders(vllm_config: object | None = None) -> int:
+    """reset_persistent_buffers of every live builder of the engine whose config is
+    ``vllm_config`` (of every engine when None); returns how many."""
+    builders = [b for b in _BUILDERS if vllm_config is None or b.vllm_config is vllm_config]
     for builder in builders:
         builder.reset_persistent_buffers()
     return len(builders)
@@ -454,7 +455,7 @@ def install_wake_up_hook(worker_cls=None) -> None:
     def wake_up(self, tags: list[str] | None = None) -> None:
         original(self, tags)
         if tags is None or "kv_cache" in tags:
-            reset_builders()
+            reset_builders(getattr(self, "vllm_config", None))
 
     wake_up._bitdecode = True
     worker_cls.wake_up = wake_up
@@ -516,7 +517,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             self.sparse.plan.check_layers(layer_names)
         # per-channel K: the worker's residual-slot table, stepped after vLLM's
         # _update_states; rows map to slots of the impls' residual buffers
-        self.row_slots = (residual_slots.install_table(max_seqs, device)
+        self.row_slots = (residual_slots.install_table(max_seqs, device, vllm_config)
                           if self.bitdecode.channel_k else None)
         self.prefill_workspace_rows = prefill_workspace_rows(
             self.bitdecode.channel_k, model.max_model_len,
@@ -545,6 +546,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             self.sparse.sel_count.zero_()
             self.sparse.keys.zero_()
             self.sparse.key_offsets.zero_()
+        if self.row_slots is not None:  # every row to the scratch slot until a step maps it
+            self.row_slots.device_row_slot.fill_(self.row_slots.slots.scratch)
 
     def _init_decode_rows(self, vllm_config, max_seqs: int, device: torch.device) -> int:
         """The most decode rows a step can have. Past one query token per request, the
