@@ -312,8 +312,9 @@ def bench_case(batch: int, context: int, args: argparse.Namespace, timer: Timer,
         ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
         rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
                          bytes=nbytes, num_splits=splits, window=timer.last_window))
-        if args.cross_layer > 1 and batch * context * HKV * D * args.cross_layer / 2 / 1e9 \
-                <= args.max_gb:  # the 4-bit cache of all the layers, about
+        all_layers = (batch * context * HKV * args.cross_layer
+                      * PageFormat(D, bits, GROUP, BLOCK).bytes_per_token_head)
+        if args.cross_layer > 1 and all_layers / 1e9 <= args.max_gb:
             ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen,
                                                  layers=args.cross_layer)
             rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token",
