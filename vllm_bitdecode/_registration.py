@@ -38,6 +38,12 @@
    built, naming the layer and its backend. Wrappers vLLM makes of BITDECODE itself
    (static sinks, chunked local attention) keep its name and pass here; they are
    refused where their property is.
+7. A streaming-input request to ``AsyncLLM`` (an async generator of inputs: a session
+   that waits for its next chunk between generations) is refused in per-channel K mode
+   with a ValueError for that request (a 400 through the server), before it reaches the
+   engine: waiting, it would hold one of the residual slots that running requests need
+   (``config.check_streaming_input``), and the worker would run out of slots. Patched
+   when a channel-mode config is made (step 4), where the requests arrive.
 """
 
 from __future__ import annotations
@@ -181,6 +187,8 @@ def patch_engine_config() -> None:
 
         if _asks_for_bitdecode(vllm_config):
             cfg = config.check_vllm_config(vllm_config)
+            if cfg.channel_k:
+                patch_streaming_input()
             for line in (*config.accuracy_warnings(cfg),
                          *config.memory_warnings(cfg, vllm_config)):
                 _logger().warning(line)
@@ -275,3 +283,30 @@ def patch_allowed_token_mask_swap() -> None:
 
     swap_states._bitdecode = True
     InputBatch.swap_states = swap_states
+
+
+def patch_streaming_input(engine_cls: type | None = None) -> None:
+    """Make ``engine_cls._add_streaming_input_request`` (vLLM's ``AsyncLLM`` by default,
+    which ``add_request`` calls for an async generator of inputs) refuse the request when
+    the engine's BITDECODE settings cannot serve it. Idempotent. Called from
+    ``create_engine_config`` for settings that refuse such requests, in the process that
+    builds the engine's config (the API server, each of them with --api-server-count, or
+    a user's script): the workers, which never take requests, are spared its import."""
+    if engine_cls is None:
+        from vllm.v1.engine.async_llm import AsyncLLM as engine_cls
+    original = engine_cls._add_streaming_input_request
+    if getattr(original, "_bitdecode", False):
+        return
+
+    @functools.wraps(original)
+    async def _add_streaming_input_request(self, *args, **kwargs):
+        vllm_config = getattr(self, "vllm_config", None)
+        if _asks_for_bitdecode(vllm_config):
+            from vllm_bitdecode import config
+
+            config.check_streaming_input(config.BitDecodeConfig.from_additional_config(
+                getattr(vllm_config, "additional_config", None)))
+        return await original(self, *args, **kwargs)
+
+    _add_streaming_input_request._bitdecode = True
+    engine_cls._add_streaming_input_request = _add_streaming_input_request

@@ -745,6 +745,20 @@ def check_channel_k(vllm_config: Any) -> None:
             raise BitDecodeConfigError(f"{where} does not support {what}")
 
 
+def check_streaming_input(cfg: BitDecodeConfig) -> None:
+    """A streaming-input request (``AsyncLLM.generate`` given an async generator of
+    inputs, a session that waits for its next chunk between generations), refused per
+    request in per-channel K mode: while it waits it holds a residual slot (its newest
+    page's exact rows, still needed) without running, and there are only
+    ``max_num_seqs`` slots, so waiting sessions would leave running requests none."""
+    if cfg.channel_k:
+        raise BitDecodeConfigError(
+            f"{CONFIG_KEY}.k_mode='channel' does not take streaming-input requests: a "
+            "session waiting for its next input keeps its newest page's exact rows in one "
+            "of --max-num-seqs residual slots without running; serve them with "
+            "k_mode='token'")
+
+
 # The settings of this process's engine. vLLM asks the backend for its cache shape
 # through static methods that carry no config, so the impl records it here when the
 # model's attention layers are built (one engine per process, as in vLLM's workers).

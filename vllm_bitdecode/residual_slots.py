@@ -19,12 +19,14 @@ Nothing is cleaned when a slot changes owner: every residual row a kernel reads 
 written by the slot's current owner in its current incarnation (the design's invariant).
 At most ``max_num_seqs`` requests run, so ``num_slots = max_num_seqs`` suffices as long
 as every request that stops running is reported finished or preempted; more live
-requests than slots raises. Two ways around that report are known in vLLM 0.20 and not
-handled: a streaming-input session (``AsyncLLM.generate`` with an input stream) waiting
-for its next chunk keeps its slot, as it must (its newest page's rows are still needed),
-but is not running, so many idle sessions can take every slot; and requests preempted by
+requests than slots raises. Two ways around that report are known in vLLM 0.20: a
+streaming-input session (``AsyncLLM.generate`` with an input stream) waiting for its next
+chunk would keep its slot, as it must (its newest page's rows are still needed), without
+running, so idle sessions could take every slot: channel mode refuses such requests
+(``config.check_streaming_input``); and requests preempted by
 ``reset_prefix_cache(reset_running_requests=True)`` (pausing with ``mode="keep"``) keep
-theirs until they resume, which under priority scheduling may come after new requests.
+theirs until they resume, which under priority scheduling may come after new requests
+(not handled).
 """
 
 from __future__ import annotations

@@ -438,3 +438,37 @@ def test_reordering_swaps_allowed_token_masks(allowed):
     assert batch.req_ids[:3] == ["r0", "r1", "r2"]
     for r in before:
         assert torch.equal(mask_of(r), before[r]), r
+
+
+def test_streaming_input_wrapper_refuses_only_bitdecode_channel_mode():
+    """patch_streaming_input on a stand-in engine class: a request reaches the original
+    unless the engine's config asks for BITDECODE in per-channel K mode, where the wrapper
+    raises the config's one-line ValueError. Idempotent."""
+    import asyncio
+    import types
+
+    from vllm_bitdecode import _registration, config
+
+    class Engine:
+        async def _add_streaming_input_request(self, request_id, *args, **kwargs):
+            return request_id
+
+    _registration.patch_streaming_input(Engine)
+    _registration.patch_streaming_input(Engine)
+    assert not getattr(Engine._add_streaming_input_request.__wrapped__, "_bitdecode", False)
+
+    def engine(backend, settings):
+        e = Engine()
+        e.vllm_config = types.SimpleNamespace(
+            attention_config=types.SimpleNamespace(backend=backend),
+            additional_config={"bitdecode": settings})
+        return e
+
+    from vllm_bitdecode._registration import _backend_member
+
+    channel = {"bits": 4, "k_mode": "channel"}
+    assert asyncio.run(engine(_backend_member(), {"bits": 4})
+                       ._add_streaming_input_request("a")) == "a"
+    assert asyncio.run(engine(None, channel)._add_streaming_input_request("b")) == "b"
+    with pytest.raises(config.BitDecodeConfigError, match="streaming-input"):
+        asyncio.run(engine(_backend_member(), channel)._add_streaming_input_request("c"))

@@ -621,3 +621,44 @@ def test_settings_without_the_backend_are_warned_about(platform, tmp_path, monke
     line = lines[0]
     assert "\n" not in line and "ignored" in line and warned in line
     assert "--attention-backend BITDECODE" in line
+
+
+@pytest.mark.parametrize(("settings", "refused"), [
+    ({"bits": 4, "k_mode": "channel", "group_size": 32}, True),
+    ({"bits": 4}, False)])
+def test_streaming_input_requests_are_refused_in_channel_mode(platform, tmp_path, monkeypatch,
+                                                              settings, refused):
+    """A streaming-input request (an async generator of inputs to ``AsyncLLM``) would hold
+    a residual slot of per-channel K while it waits for its next chunk: once a
+    channel-mode config is made, ``AsyncLLM`` refuses it with one line, a ValueError for
+    that request (a 400 through the server), before it reaches the engine; per-token K
+    passes it on. Run on the real ``AsyncLLM`` class, its method wrapped once."""
+    import asyncio
+
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    reached = []
+
+    async def add_streaming(self, request_id, *args, **kwargs):
+        reached.append(request_id)
+        return "queue"
+
+    add_streaming.__qualname__ = "AsyncLLM._add_streaming_input_request"
+    monkeypatch.setattr(AsyncLLM, "_add_streaming_input_request", add_streaming)
+    row = Row(flags=("--block-size", "128", *_additional(settings)))
+    vllm_config = _engine_config(row, _model_dir(row, tmp_path))
+    _engine_config(row, _model_dir(row, tmp_path))  # a second engine: still one wrapper
+    wrapped = AsyncLLM._add_streaming_input_request
+    assert getattr(wrapped, "_bitdecode", False) is refused
+    assert not refused or not getattr(wrapped.__wrapped__, "_bitdecode", False)
+    engine = AsyncLLM.__new__(AsyncLLM)  # the attribute the wrapper reads, nothing else
+    engine.vllm_config = vllm_config
+    call = engine._add_streaming_input_request("session-1", None, None)
+    if not refused:
+        assert asyncio.run(call) == "queue" and reached == ["session-1"]
+        return
+    with pytest.raises(ValueError) as info:
+        asyncio.run(call)
+    message = str(info.value)
+    assert "\n" not in message and "streaming-input" in message
+    assert "k_mode='token'" in message and reached == []
