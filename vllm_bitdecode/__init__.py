@@ -22,3 +22,4 @@ def register() -> None:
     _registration.patch_engine_config()
     _registration.patch_allowed_token_mask_swap()
     _registration.patch_layer_backend_check()
+    _registration.patch_forced_preemption_report()

@@ -44,6 +44,14 @@
    engine: waiting, it would hold one of the residual slots that running requests need
    (``config.check_streaming_input``), and the worker would run out of slots. Patched
    when a channel-mode config is made (step 4), where the requests arrive.
+8. ``Scheduler.reset_prefix_cache(reset_running_requests=True)`` (vLLM pausing or
+   sleeping with ``mode="keep"``) preempts every running request outside ``schedule()``,
+   and the next ``SchedulerOutput.preempted_req_ids`` does not name them, so in
+   per-channel K mode their residual slots stayed taken until they resumed, which
+   priority scheduling may put after new requests: the worker then ran out of slots. The
+   scheduler of a channel-mode engine now names them in the next output's
+   ``preempted_req_ids`` (vLLM's V1 model runner does not read that field; the residual
+   slot table does). Other engines' outputs are left as vLLM makes them.
 """
 
 from __future__ import annotations
@@ -310,3 +318,49 @@ def patch_streaming_input(engine_cls: type | None = None) -> None:
 
     _add_streaming_input_request._bitdecode = True
     engine_cls._add_streaming_input_request = _add_streaming_input_request
+
+
+def patch_forced_preemption_report(scheduler_cls: type | None = None) -> None:
+    """Step 8: make ``scheduler_cls`` (vLLM's ``Scheduler`` by default, which its
+    ``AsyncScheduler`` extends) report the requests that ``reset_prefix_cache`` preempted
+    in its next ``schedule()`` output, for per-channel K engines. Idempotent."""
+    if scheduler_cls is None:
+        from vllm.v1.core.sched.scheduler import Scheduler as scheduler_cls
+    reset_original = scheduler_cls.reset_prefix_cache
+    if getattr(reset_original, "_bitdecode", False):
+        return
+    schedule_original = scheduler_cls.schedule
+
+    @functools.wraps(reset_original)
+    def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
+        if reset_running_requests and _reports_forced_preemption(self):
+            self.__dict__.setdefault("_bitdecode_forced_preempted", set()).update(
+                request.request_id for request in self.running)
+        return reset_original(self, reset_running_requests, *args, **kwargs)
+
+    @functools.wraps(schedule_original)
+    def schedule(self, *args, **kwargs):
+        output = schedule_original(self, *args, **kwargs)
+        forced = self.__dict__.pop("_bitdecode_forced_preempted", None)
+        if forced:
+            output.preempted_req_ids = (output.preempted_req_ids or set()) | forced
+        return output
+
+    reset_prefix_cache._bitdecode = schedule._bitdecode = True
+    scheduler_cls.reset_prefix_cache = reset_prefix_cache
+    scheduler_cls.schedule = schedule
+
+
+def _reports_forced_preemption(scheduler: object) -> bool:
+    """Whether a scheduler's engine runs BITDECODE with per-channel K (remembered)."""
+    known = scheduler.__dict__.get("_bitdecode_channel_k")
+    if known is None:
+        vllm_config = getattr(scheduler, "vllm_config", None)
+        known = False
+        if _asks_for_bitdecode(vllm_config):
+            from vllm_bitdecode import config
+
+            known = config.BitDecodeConfig.from_additional_config(
+                getattr(vllm_config, "additional_config", None)).channel_k
+        scheduler.__dict__["_bitdecode_channel_k"] = known
+    return known

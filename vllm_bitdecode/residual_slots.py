@@ -24,9 +24,10 @@ streaming-input session (``AsyncLLM.generate`` with an input stream) waiting for
 chunk would keep its slot, as it must (its newest page's rows are still needed), without
 running, so idle sessions could take every slot: channel mode refuses such requests
 (``config.check_streaming_input``); and requests preempted by
-``reset_prefix_cache(reset_running_requests=True)`` (pausing with ``mode="keep"``) keep
-theirs until they resume, which under priority scheduling may come after new requests
-(not handled).
+``reset_prefix_cache(reset_running_requests=True)`` (pausing with ``mode="keep"``), which
+vLLM's next output does not name as preempted, so they kept their slots until they
+resumed, which under priority scheduling may come after new requests: a channel-mode
+engine's scheduler now names them (``_registration``, step 8).
 """
 
 from __future__ import annotations

@@ -21,6 +21,12 @@ PREFIX = 6000
 
 @pytest.fixture()
 def scheduler(tmp_path):
+    return _scheduler(tmp_path)
+
+
+def _scheduler(tmp_path, bitdecode: dict | None = None):
+    """vLLM's Scheduler over BITDECODE's spec; ``bitdecode`` given: an engine config that
+    asks for the backend with those settings (what the plugin's scheduler patches read)."""
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.core.sched.scheduler import Scheduler
@@ -39,8 +45,14 @@ def scheduler(tmp_path):
                          is_encoder_decoder=False)
     cc = CacheConfig(block_size=BLOCK, enable_prefix_caching=True)
     cc.num_gpu_blocks = 2000
+    extra = {}
+    if bitdecode is not None:
+        from vllm.config import AttentionConfig
+
+        extra = dict(attention_config=AttentionConfig(backend="BITDECODE"),
+                     additional_config={"bitdecode": bitdecode})
     vc = VllmConfig(model_config=mc, scheduler_config=sc, cache_config=cc,
-                    device_config=DeviceConfig(device="cpu"))
+                    device_config=DeviceConfig(device="cpu"), **extra)
     spec = BitDecodeAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=128,
                                   dtype=torch.uint8, bits=4, group_size=128)
     kvc = KVCacheConfig(num_blocks=2000, kv_cache_tensors=[],
@@ -93,3 +105,40 @@ def test_shared_prefix_hits_full_pages_and_is_counted(scheduler):
     assert scheduler.reset_prefix_cache()
     again, _ = _serve(scheduler, "c", prefix + [9] * 500)
     assert sum(h for _, _, h in again) == 0  # nothing survives a reset
+
+
+def _step(sched):
+    """One schedule() and a stand-in model's output for it; the SchedulerOutput."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    out = sched.schedule()
+    rows = list(out.num_scheduled_tokens)
+    sched.update_from_output(out, ModelRunnerOutput(
+        req_ids=rows, req_id_to_index={r: i for i, r in enumerate(rows)},
+        sampled_token_ids=[[5] for _ in rows], logprobs=None, prompt_logprobs_dict={},
+        pooler_output=[]))
+    return out
+
+
+@pytest.mark.parametrize("k_mode", ["channel", "token"])
+def test_requests_preempted_by_a_cache_reset_are_reported_in_channel_mode(tmp_path, k_mode):
+    """reset_prefix_cache(reset_running_requests=True) (vLLM pausing or sleeping with
+    mode="keep") preempts the running requests outside schedule(); vLLM's next output
+    does not name them in preempted_req_ids, so per-channel K's residual slots stayed
+    taken until they resumed. With channel mode the next output names them, once; with
+    per-token K (no slots) the output stays vLLM's."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    sched = _scheduler(tmp_path, {"bits": 4, "k_mode": k_mode})
+    for rid in ("a", "b"):
+        sched.add_request(Request(request_id=rid, prompt_token_ids=list(range(10, 50)),
+                                  sampling_params=SamplingParams(max_tokens=8,
+                                                                 ignore_eos=True),
+                                  pooling_params=None, block_hasher=sched._test_hasher))
+    assert not _step(sched).preempted_req_ids  # both prefill and run
+    assert sched.reset_prefix_cache(reset_running_requests=True)
+    out = _step(sched)  # both resume at once (FCFS puts them first)
+    assert set(out.num_scheduled_tokens) == {"a", "b"}
+    assert (out.preempted_req_ids or set()) == ({"a", "b"} if k_mode == "channel" else set())
+    assert not _step(sched).preempted_req_ids  # reported once

@@ -174,6 +174,22 @@ def test_kv_cache_spec_patched_exactly_once():
     assert Attention.get_kv_cache_spec is patched
 
 
+def test_scheduler_patched_exactly_once():
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    vllm_bitdecode.register()
+    patched = (Scheduler.reset_prefix_cache, Scheduler.schedule)
+    for method, name in zip(patched, ("reset_prefix_cache", "schedule"), strict=True):
+        assert getattr(method, "_bitdecode", False) is True
+        assert not getattr(method.__wrapped__, "_bitdecode", False), "wrapped more than once"
+        assert method.__wrapped__.__qualname__ == f"Scheduler.{name}"
+        assert getattr(AsyncScheduler, name) is method  # the async scheduler inherits both
+    _registration.patch_forced_preemption_report()
+    vllm_bitdecode.register()
+    assert (Scheduler.reset_prefix_cache, Scheduler.schedule) == patched
+
+
 def test_spec_maps_to_full_attention_manager():
     assert managers.spec_manager_map[BitDecodeAttentionSpec] is managers.FullAttentionManager
     assert managers.spec_manager_map[FullAttentionSpec] is managers.FullAttentionManager
