@@ -308,12 +308,11 @@ def patch_streaming_input(engine_cls: type | None = None) -> None:
 
     @functools.wraps(original)
     async def _add_streaming_input_request(self, *args, **kwargs):
-        vllm_config = getattr(self, "vllm_config", None)
-        if _asks_for_bitdecode(vllm_config):
+        settings = _bitdecode_settings(getattr(self, "vllm_config", None))
+        if settings is not None:
             from vllm_bitdecode import config
 
-            config.check_streaming_input(config.BitDecodeConfig.from_additional_config(
-                getattr(vllm_config, "additional_config", None)))
+            config.check_streaming_input(settings)
         return await original(self, *args, **kwargs)
 
     _add_streaming_input_request._bitdecode = True
@@ -355,12 +354,18 @@ def _reports_forced_preemption(scheduler: object) -> bool:
     """Whether a scheduler's engine runs BITDECODE with per-channel K (remembered)."""
     known = scheduler.__dict__.get("_bitdecode_channel_k")
     if known is None:
-        vllm_config = getattr(scheduler, "vllm_config", None)
-        known = False
-        if _asks_for_bitdecode(vllm_config):
-            from vllm_bitdecode import config
-
-            known = config.BitDecodeConfig.from_additional_config(
-                getattr(vllm_config, "additional_config", None)).channel_k
-        scheduler.__dict__["_bitdecode_channel_k"] = known
+        settings = _bitdecode_settings(getattr(scheduler, "vllm_config", None))
+        known = scheduler.__dict__["_bitdecode_channel_k"] = (
+            settings is not None and settings.channel_k)
     return known
+
+
+def _bitdecode_settings(vllm_config: object) -> object | None:
+    """The ``bitdecode`` settings of an engine config that asks for the backend (None
+    for another backend or no config), parsed as start-up parsed them."""
+    if not _asks_for_bitdecode(vllm_config):
+        return None
+    from vllm_bitdecode import config
+
+    return config.BitDecodeConfig.from_additional_config(
+        getattr(vllm_config, "additional_config", None))

@@ -65,28 +65,37 @@ def _scheduler(tmp_path, bitdecode: dict | None = None):
     return sched
 
 
+def _add_request(sched, rid: str, prompt: list[int], max_tokens: int) -> None:
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.request import Request
+
+    sched.add_request(Request(
+        request_id=rid, prompt_token_ids=prompt,
+        sampling_params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        pooling_params=None, block_hasher=sched._test_hasher))
+
+
+def _model_output(out):
+    """A stand-in model's output for a SchedulerOutput: token 5 for every row."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    rows = list(out.num_scheduled_tokens)
+    return ModelRunnerOutput(req_ids=rows, req_id_to_index={r: i for i, r in enumerate(rows)},
+                             sampled_token_ids=[[5] for _ in rows], logprobs=None,
+                             prompt_logprobs_dict={}, pooler_output=[])
+
+
 def _serve(sched, rid: str, prompt: list[int]) -> tuple[list[tuple[int, int, int]], int]:
     """Run one request to completion with a stand-in model; (requests, queries, hits) of
     every SchedulerStats, and the tokens computed by its first step."""
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.outputs import ModelRunnerOutput
-    from vllm.v1.request import Request
-
-    req = Request(request_id=rid, prompt_token_ids=prompt,
-                  sampling_params=SamplingParams(max_tokens=2, ignore_eos=True),
-                  pooling_params=None, block_hasher=sched._test_hasher)
-    sched.add_request(req)
+    _add_request(sched, rid, prompt, max_tokens=2)
     stats, first = [], None
     for _ in range(5):
         out = sched.schedule()
         if not out.num_scheduled_tokens:
             break
         first = out.num_scheduled_tokens[rid] if first is None else first
-        rows = list(out.num_scheduled_tokens)
-        mro = ModelRunnerOutput(req_ids=rows, req_id_to_index={r: i for i, r in enumerate(rows)},
-                                sampled_token_ids=[[5] for _ in rows], logprobs=None,
-                                prompt_logprobs_dict={}, pooler_output=[])
-        for eco in sched.update_from_output(out, mro).values():
+        for eco in sched.update_from_output(out, _model_output(out)).values():
             if eco.scheduler_stats is not None:
                 p = eco.scheduler_stats.prefix_cache_stats
                 stats.append((p.requests, p.queries, p.hits))
@@ -109,14 +118,8 @@ def test_shared_prefix_hits_full_pages_and_is_counted(scheduler):
 
 def _step(sched):
     """One schedule() and a stand-in model's output for it; the SchedulerOutput."""
-    from vllm.v1.outputs import ModelRunnerOutput
-
     out = sched.schedule()
-    rows = list(out.num_scheduled_tokens)
-    sched.update_from_output(out, ModelRunnerOutput(
-        req_ids=rows, req_id_to_index={r: i for i, r in enumerate(rows)},
-        sampled_token_ids=[[5] for _ in rows], logprobs=None, prompt_logprobs_dict={},
-        pooler_output=[]))
+    sched.update_from_output(out, _model_output(out))
     return out
 
 
@@ -127,15 +130,9 @@ def test_requests_preempted_by_a_cache_reset_are_reported_in_channel_mode(tmp_pa
     does not name them in preempted_req_ids, so per-channel K's residual slots stayed
     taken until they resumed. With channel mode the next output names them, once; with
     per-token K (no slots) the output stays vLLM's."""
-    from vllm.sampling_params import SamplingParams
-    from vllm.v1.request import Request
-
     sched = _scheduler(tmp_path, {"bits": 4, "k_mode": k_mode})
     for rid in ("a", "b"):
-        sched.add_request(Request(request_id=rid, prompt_token_ids=list(range(10, 50)),
-                                  sampling_params=SamplingParams(max_tokens=8,
-                                                                 ignore_eos=True),
-                                  pooling_params=None, block_hasher=sched._test_hasher))
+        _add_request(sched, rid, list(range(10, 50)), max_tokens=8)
     assert not _step(sched).preempted_req_ids  # both prefill and run
     assert sched.reset_prefix_cache(reset_running_requests=True)
     out = _step(sched)  # both resume at once (FCFS puts them first)
