@@ -57,7 +57,43 @@
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from enum import Enum
+from typing import Any
+
+_MARK = "_bitdecode"  # set on every wrapper installed here
+
+
+def wrap_once(cls: type, name: str, *, static: bool = False) -> Callable[[Callable], Any]:
+    """Decorator: replace ``cls.<name>`` by the decorated function, which takes vLLM's
+    original as its first argument. Once only: the wrapper is marked, and a class whose
+    method already carries the mark (a second ``register()``, another engine, a
+    subclass that inherits it) is left as it is. ``static`` for a staticmethod.
+
+        @wrap_once(InputBatch, "swap_states")
+        def swap_states(original, self, i1, i2): ...
+    """
+
+    def install(fn: Callable) -> Any:
+        original = getattr(cls, name)
+        if getattr(original, _MARK, False):
+            return original
+        if inspect.iscoroutinefunction(fn):
+
+            async def wrapper(*args, **kwargs):
+                return await fn(original, *args, **kwargs)
+        else:
+
+            def wrapper(*args, **kwargs):
+                return fn(original, *args, **kwargs)
+
+        wrapper = functools.wraps(original)(wrapper)
+        setattr(wrapper, _MARK, True)
+        setattr(cls, name, staticmethod(wrapper) if static else wrapper)
+        return wrapper
+
+    return install
 
 
 def register_backend_enum(name: str, class_path: str) -> Enum:
@@ -117,12 +153,8 @@ def patch_kv_cache_spec() -> None:
 
     managers.spec_manager_map.setdefault(BitDecodeAttentionSpec, managers.FullAttentionManager)
 
-    original = Attention.get_kv_cache_spec
-    if getattr(original, "_bitdecode", False):
-        return
-
-    @functools.wraps(original)
-    def get_kv_cache_spec(self, vllm_config):
+    @wrap_once(Attention, "get_kv_cache_spec")
+    def get_kv_cache_spec(original, self, vllm_config):
         spec = original(self, vllm_config)
         if spec is None or not _is_bitdecode(self.attn_backend):
             return spec
@@ -147,9 +179,6 @@ def patch_kv_cache_spec() -> None:
             k_param_bits=cfg.k_param_bits,
         )
 
-    get_kv_cache_spec._bitdecode = True
-    Attention.get_kv_cache_spec = get_kv_cache_spec
-
 
 def _uint8():
     import torch
@@ -160,12 +189,8 @@ def _uint8():
 def patch_cli_help() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.add_cli_args
-    if getattr(original, "_bitdecode", False):
-        return
-
-    @functools.wraps(original)
-    def add_cli_args(parser, *args, **kwargs):
+    @wrap_once(EngineArgs, "add_cli_args", static=True)
+    def add_cli_args(original, parser, *args, **kwargs):
         parser = original(parser, *args, **kwargs)
         from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
@@ -177,19 +202,12 @@ def patch_cli_help() -> None:
                 )
         return parser
 
-    add_cli_args._bitdecode = True
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
-
 
 def patch_engine_config() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
-    if getattr(original, "_bitdecode", False):
-        return
-
-    @functools.wraps(original)
-    def create_engine_config(self, *args, **kwargs):
+    @wrap_once(EngineArgs, "create_engine_config")
+    def create_engine_config(original, self, *args, **kwargs):
         vllm_config = original(self, *args, **kwargs)
         from vllm_bitdecode import config
 
@@ -211,9 +229,6 @@ def patch_engine_config() -> None:
                 "BITDECODE to use it)")
         return vllm_config
 
-    create_engine_config._bitdecode = True
-    EngineArgs.create_engine_config = create_engine_config
-
 
 def _logger():
     from vllm.logger import init_logger
@@ -225,12 +240,8 @@ def _logger():
 def patch_layer_backend_check() -> None:
     from vllm.model_executor.layers.attention.attention import Attention
 
-    original = Attention.__init__
-    if getattr(original, "_bitdecode", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self, *args, **kwargs):
+    @wrap_once(Attention, "__init__")
+    def __init__(original, self, *args, **kwargs):
         # a backend the model passes is refused before vLLM builds its impl (whose own
         # checks would otherwise speak first); any other way to it, after
         chosen = kwargs.get("attn_backend")
@@ -238,9 +249,6 @@ def patch_layer_backend_check() -> None:
             _check_layer_backend(kwargs.get("prefix", ""), chosen)
         original(self, *args, **kwargs)
         _check_layer_backend(self.layer_name, self.attn_backend)
-
-    __init__._bitdecode = True
-    Attention.__init__ = __init__
 
 
 def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
@@ -277,20 +285,13 @@ def _is_bitdecode_member(backend: object) -> bool:
 def patch_allowed_token_mask_swap() -> None:
     from vllm.v1.worker.gpu_input_batch import InputBatch
 
-    original = InputBatch.swap_states
-    if getattr(original, "_bitdecode", False):
-        return
-
-    @functools.wraps(original)
-    def swap_states(self, i1: int, i2: int) -> None:
+    @wrap_once(InputBatch, "swap_states")
+    def swap_states(original, self, i1: int, i2: int) -> None:
         mask = self.allowed_token_ids_mask_cpu_tensor  # [max_num_reqs, vocab] bool or None
         rows = None if mask is None else mask[[i1, i2]]  # a copy: indexing with a list
         original(self, i1, i2)
         if rows is not None:
             mask[[i2, i1]] = rows
-
-    swap_states._bitdecode = True
-    InputBatch.swap_states = swap_states
 
 
 def patch_streaming_input(engine_cls: type | None = None) -> None:
@@ -302,21 +303,14 @@ def patch_streaming_input(engine_cls: type | None = None) -> None:
     a user's script): the workers, which never take requests, are spared its import."""
     if engine_cls is None:
         from vllm.v1.engine.async_llm import AsyncLLM as engine_cls
-    original = engine_cls._add_streaming_input_request
-    if getattr(original, "_bitdecode", False):
-        return
-
-    @functools.wraps(original)
-    async def _add_streaming_input_request(self, *args, **kwargs):
+    @wrap_once(engine_cls, "_add_streaming_input_request")
+    async def _add_streaming_input_request(original, self, *args, **kwargs):
         settings = _bitdecode_settings(getattr(self, "vllm_config", None))
         if settings is not None:
             from vllm_bitdecode import config
 
             config.check_streaming_input(settings)
         return await original(self, *args, **kwargs)
-
-    _add_streaming_input_request._bitdecode = True
-    engine_cls._add_streaming_input_request = _add_streaming_input_request
 
 
 def patch_forced_preemption_report(scheduler_cls: type | None = None) -> None:
@@ -325,29 +319,22 @@ def patch_forced_preemption_report(scheduler_cls: type | None = None) -> None:
     in its next ``schedule()`` output, for per-channel K engines. Idempotent."""
     if scheduler_cls is None:
         from vllm.v1.core.sched.scheduler import Scheduler as scheduler_cls
-    reset_original = scheduler_cls.reset_prefix_cache
-    if getattr(reset_original, "_bitdecode", False):
-        return
-    schedule_original = scheduler_cls.schedule
 
-    @functools.wraps(reset_original)
-    def reset_prefix_cache(self, reset_running_requests: bool = False, *args, **kwargs):
+    @wrap_once(scheduler_cls, "reset_prefix_cache")
+    def reset_prefix_cache(original, self, reset_running_requests: bool = False, *args,
+                           **kwargs):
         if reset_running_requests and _reports_forced_preemption(self):
             self.__dict__.setdefault("_bitdecode_forced_preempted", set()).update(
                 request.request_id for request in self.running)
-        return reset_original(self, reset_running_requests, *args, **kwargs)
+        return original(self, reset_running_requests, *args, **kwargs)
 
-    @functools.wraps(schedule_original)
-    def schedule(self, *args, **kwargs):
-        output = schedule_original(self, *args, **kwargs)
+    @wrap_once(scheduler_cls, "schedule")
+    def schedule(original, self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
         forced = self.__dict__.pop("_bitdecode_forced_preempted", None)
         if forced:
             output.preempted_req_ids = (output.preempted_req_ids or set()) | forced
         return output
-
-    reset_prefix_cache._bitdecode = schedule._bitdecode = True
-    scheduler_cls.reset_prefix_cache = reset_prefix_cache
-    scheduler_cls.schedule = schedule
 
 
 def _reports_forced_preemption(scheduler: object) -> bool:

@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from vllm_bitdecode._registration import wrap_once
+
 
 class ResidualSlots:
     def __init__(self, num_slots: int) -> None:
@@ -162,16 +164,13 @@ def install_table(max_num_seqs: int, device: torch.device | str, owner: Any,
                            f"slots, not {max_num_seqs}: its builders disagree")
     if runner_cls is None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner as runner_cls
-    original = runner_cls._update_states
-    if not getattr(original, "_bitdecode", False):
 
-        def _update_states(self: Any, scheduler_output: Any) -> Any:
-            result = original(self, scheduler_output)
-            own = table_of(getattr(self, "vllm_config", None))
-            if own is not None:
-                _step_after_update(self, scheduler_output, own)
-            return result
+    @wrap_once(runner_cls, "_update_states")
+    def _update_states(original, self: Any, scheduler_output: Any) -> Any:
+        result = original(self, scheduler_output)
+        own = table_of(getattr(self, "vllm_config", None))
+        if own is not None:
+            _step_after_update(self, scheduler_output, own)
+        return result
 
-        _update_states._bitdecode = True
-        runner_cls._update_states = _update_states
     return table

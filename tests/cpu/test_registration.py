@@ -162,6 +162,53 @@ def test_engine_args_take_the_string(registered):
 # ---------------------------------------------------------------- patches
 
 
+def test_wrap_once_wraps_a_method_once_and_passes_the_original():
+    import asyncio
+
+    class Base:
+        def plain(self, x: int) -> int:
+            return x + 1
+
+        @staticmethod
+        def static(x: int) -> int:
+            return x * 2
+
+        async def later(self, x: int) -> int:
+            return x - 1
+
+    calls = []
+    for _ in range(2):  # the second round finds the mark and leaves the first wrapper
+
+        @_registration.wrap_once(Base, "plain")
+        def plain(original, self, x):
+            calls.append("plain")
+            return 10 * original(self, x)
+
+        @_registration.wrap_once(Base, "static", static=True)
+        def static(original, x):
+            return -original(x)
+
+        @_registration.wrap_once(Base, "later")
+        async def later(original, self, x):
+            return 100 + await original(self, x)
+
+    class Child(Base):
+        pass
+
+    @_registration.wrap_once(Child, "plain")  # inherited, already wrapped: left alone
+    def child_plain(original, self, x):
+        raise AssertionError("a marked method was wrapped again")
+
+    assert Base().plain(1) == 20 and Child().plain(2) == 30 and calls == ["plain"] * 2
+    assert "plain" not in Child.__dict__
+    assert isinstance(Base.__dict__["static"], staticmethod) and Base.static(3) == -6
+    assert asyncio.run(Base().later(5)) == 104
+    for name in ("plain", "static", "later"):
+        method = getattr(Base, name)
+        assert method.__name__ == name and method.__wrapped__.__qualname__.endswith(f"Base.{name}")
+        assert not hasattr(method.__wrapped__, "__wrapped__"), "wrapped more than once"
+
+
 def test_kv_cache_spec_patched_exactly_once():
     patched = Attention.get_kv_cache_spec
     assert getattr(patched, "_bitdecode", False) is True

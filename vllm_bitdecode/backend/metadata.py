@@ -12,7 +12,6 @@ query, whatever the schedule, sees the same quantized keys and values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 
 from vllm_bitdecode import config, kc_prefill, residual_slots
+from vllm_bitdecode._registration import wrap_once
 from vllm_bitdecode.page_format import (
     LARGEST_BLOCK_SIZE,
     TILE_TOKENS,
@@ -447,18 +447,12 @@ def install_wake_up_hook(worker_cls=None) -> None:
     fp8 KV scales there. Idempotent."""
     if worker_cls is None:
         from vllm.v1.worker.gpu_worker import Worker as worker_cls
-    original = worker_cls.wake_up
-    if getattr(original, "_bitdecode", False):
-        return
 
-    @functools.wraps(original)
-    def wake_up(self, tags: list[str] | None = None) -> None:
+    @wrap_once(worker_cls, "wake_up")
+    def wake_up(original, self, tags: list[str] | None = None) -> None:
         original(self, tags)
         if tags is None or "kv_cache" in tags:
             reset_builders(getattr(self, "vllm_config", None))
-
-    wake_up._bitdecode = True
-    worker_cls.wake_up = wake_up
 
 
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
