@@ -211,7 +211,7 @@ def patch_engine_config() -> None:
         vllm_config = original(self, *args, **kwargs)
         from vllm_bitdecode import config
 
-        if _asks_for_bitdecode(vllm_config):
+        if asks_for_bitdecode(vllm_config):
             cfg = config.check_vllm_config(vllm_config)
             if cfg.channel_k:
                 patch_streaming_input()
@@ -255,7 +255,7 @@ def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
     from vllm.config import get_current_vllm_config_or_none
 
     # the config the layers are being built under
-    if _is_bitdecode(attn_backend) or not _asks_for_bitdecode(get_current_vllm_config_or_none()):
+    if _is_bitdecode(attn_backend) or not asks_for_bitdecode(get_current_vllm_config_or_none()):
         return
     from vllm_bitdecode import BACKEND_NAME, config
 
@@ -271,7 +271,7 @@ def _chosen_backend(vllm_config: object) -> object:
     return getattr(getattr(vllm_config, "attention_config", None), "backend", None)
 
 
-def _asks_for_bitdecode(vllm_config: object) -> bool:
+def asks_for_bitdecode(vllm_config: object) -> bool:
     """Whether a vLLM config (or None) asks for BITDECODE as its attention backend."""
     return _is_bitdecode_member(_chosen_backend(vllm_config))
 
@@ -350,7 +350,7 @@ def _reports_forced_preemption(scheduler: object) -> bool:
 def _bitdecode_settings(vllm_config: object) -> object | None:
     """The ``bitdecode`` settings of an engine config that asks for the backend (None
     for another backend or no config), parsed as start-up parsed them."""
-    if not _asks_for_bitdecode(vllm_config):
+    if not asks_for_bitdecode(vllm_config):
         return None
     from vllm_bitdecode import config
 

@@ -759,9 +759,10 @@ def check_streaming_input(cfg: BitDecodeConfig) -> None:
             "k_mode='token'")
 
 
-# The settings of this process's engine. vLLM asks the backend for its cache shape
-# through static methods that carry no config, so the impl records it here when the
-# model's attention layers are built (one engine per process, as in vLLM's workers).
+# The settings of this process's latest engine. vLLM asks the backend for its cache
+# shape through static methods that carry no config; they read the config vLLM makes
+# current where it has one (backend._engine_settings) and else this, which the impl and
+# the metadata builder record when they are built.
 _active: BitDecodeConfig | None = None
 
 

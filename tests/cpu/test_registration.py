@@ -346,6 +346,29 @@ def test_kv_cache_shape_uses_active_config(restore_active, bits):
     assert shape[1] * shape[2] == _spec(bits, 128).page_size_bytes
 
 
+def test_kv_cache_shape_follows_the_engine_being_set_up(restore_active):
+    """Two engines in one process (vLLM's in-process engine core): the shape asked while
+    an engine's config is current (vLLM's worker start-up and KV-cache allocation) is
+    that engine's page, whichever engine recorded its settings last."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+
+    def engine(backend: str | None, bits: int) -> VllmConfig:
+        return VllmConfig(attention_config=AttentionConfig(backend=backend),
+                          device_config=DeviceConfig(device="cpu"),
+                          additional_config={"bitdecode": {"bits": bits}})
+
+    def region() -> int:
+        return BitDecodeAttentionBackend.get_kv_cache_shape(5, 16, 8, 128)[2]
+
+    bd_config.set_active(bd_config.BitDecodeConfig(bits=4))  # the other engine's
+    two_bits, four_bits = (PageFormat(128, b, 128, 16).head_region_bytes for b in (2, 4))
+    with set_current_vllm_config(engine("BITDECODE", 2)):
+        assert region() == two_bits
+    with set_current_vllm_config(engine(None, 2)):  # not BITDECODE's: the recorded one
+        assert region() == four_bits
+    assert region() == four_bits
+
+
 @pytest.mark.parametrize("head_size", [256, 1])
 def test_kv_cache_shape_answers_connector_probes(restore_active, head_size):
     """vLLM's KV connectors find the blocks' axis by asking for a shape at a head size

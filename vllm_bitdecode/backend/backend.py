@@ -58,7 +58,7 @@ class BitDecodeAttentionBackend(AttentionBackend):
             # find the blocks' axis; no page of such a head exists (start-up refuses the
             # model's head size before any cache is allocated), so its size is 0.
             return (num_blocks, num_kv_heads, 0)
-        region = config.get_active().head_region_bytes(head_size, block_size)
+        region = _engine_settings().head_region_bytes(head_size, block_size)
         return (num_blocks, num_kv_heads, region)
 
     @staticmethod
@@ -98,3 +98,19 @@ class BitDecodeAttentionBackend(AttentionBackend):
         if vllm_config is not None:
             config.set_active(config.check_vllm_config(vllm_config))
         return super().get_preferred_block_size(default_block_size)
+
+
+def _engine_settings() -> config.BitDecodeConfig:
+    """The settings of the engine asking, for the static methods, which get no config:
+    those of the vLLM config current in this thread if it asks for BITDECODE (vLLM makes
+    the engine's config current while a worker allocates its KV cache and its KV
+    connector probes shapes: each engine gets its own page, even with several in one
+    process), else the process's last recorded (``config.get_active``)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    from vllm_bitdecode._registration import asks_for_bitdecode
+
+    current = get_current_vllm_config_or_none()
+    if asks_for_bitdecode(current):
+        return config.BitDecodeConfig.from_additional_config(current.additional_config)
+    return config.get_active()
