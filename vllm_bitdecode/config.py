@@ -583,6 +583,24 @@ def accuracy_warnings(cfg: BitDecodeConfig) -> list[str]:
     return lines
 
 
+def describe_cache(cfg: BitDecodeConfig, head_size: int, block_size: int,
+                   dtype_bytes: int = 2) -> str:
+    """One start-up line saying what the KV cache holds, to read beside vLLM's "GPU KV
+    cache size" (logged once per engine by the metadata builder, where the page's size
+    is settled)."""
+    per_token = cfg.head_region_bytes(head_size, block_size) / block_size
+    if cfg.channel_k:
+        k = (f"K per channel over {page_format.TILE_TOKENS}-token groups ({cfg.k_params} "
+             "scale and zero point), each request's newest page exact in a residual")
+    else:
+        k = (f"K per token in groups of {cfg.group_size}"
+             + (", Hadamard-rotated" if cfg.rotate_k else ""))
+    return (f"BITDECODE KV cache: {cfg.bits}-bit codes in pages of {block_size} tokens; "
+            f"{k}; V per token in groups of {cfg.group_size}; {per_token:g} B per token "
+            f"and KV head against {2 * head_size * dtype_bytes} B in the model dtype "
+            f"({2 * head_size * dtype_bytes / per_token:.2f}x the tokens per GiB)")
+
+
 # Per-channel K's residual (impl._residual) is made for every possible running request;
 # past this size on one GPU, start-up says how large it is and how to make it smaller.
 RESIDUAL_WARN_BYTES = 2 * 2**30

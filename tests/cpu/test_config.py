@@ -15,6 +15,7 @@ from vllm_bitdecode.config import (
     check_sparse_model,
     check_tensor_parallel,
     check_vllm_config,
+    describe_cache,
     layer_index,
 )
 
@@ -626,3 +627,26 @@ def test_sparse_config_made_directly_is_checked_too(kwargs, fragment):
     with pytest.raises(BitDecodeConfigError, match=fragment):
         SparseConfig(enabled=True, **kwargs)
     assert SparseConfig(enabled=True, selection_layers=[9, 2]).selection_layers == (2, 9)
+
+
+# ---------------------------------------------------------------- start-up line
+
+
+@pytest.mark.parametrize(("settings", "block_size", "bytes_per_token", "ratio", "k_words"), [
+    ({}, 16, "136 B", "3.76x", "K per token in groups of 128, Hadamard-rotated"),
+    ({"bits": 2, "group_size": 32, "rotate_k": False}, 16, "96 B", "5.33x",
+     "K per token in groups of 32;"),
+    ({"k_mode": "channel"}, 128, "164 B", "3.12x", "fp16 scale and zero point"),
+    ({"k_mode": "channel", "k_params": "fp8"}, 128, "148 B", "3.46x", "fp8 scale"),
+])
+def test_start_up_line_says_what_a_token_costs(settings, block_size, bytes_per_token, ratio,
+                                               k_words):
+    """The builder's start-up line (README's byte counts: 136 B per token and KV head at
+    4 bits per token, 164 / 148 B with K per channel), read beside vLLM's KV cache size."""
+    cfg = BitDecodeConfig.from_additional_config({"bitdecode": settings})
+    line = describe_cache(cfg, head_size=128, block_size=block_size)
+    assert (f"{bytes_per_token} per token and KV head against 512 B in the model dtype "
+            f"({ratio} the tokens per GiB)") in line
+    assert k_words in line and f"pages of {block_size} tokens" in line
+    per_token = cfg.head_region_bytes(128, block_size) / block_size
+    assert ratio == f"{2 * 128 * 2 / per_token:.2f}x"

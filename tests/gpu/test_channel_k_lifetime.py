@@ -84,7 +84,8 @@ def test_the_requests_end_mid_page():
 
 def test_one_at_a_time_reuses_the_slot_and_blocks_of_finished_requests():
     res = _one_at_a_time()
-    assert "BITDECODE" in res["log"]
+    assert "BITDECODE KV cache: " in res["log"]  # the builder's start-up line
+    assert "K per channel over 16-token groups" in res["log"]
     batch = res["jobs"]["gen"]["batch"]
     assert batch["moved"] == 0, batch  # one request per step: nothing to condense
     assert res["jobs"]["gen"]["graph_replays"] > 0

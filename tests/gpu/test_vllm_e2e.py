@@ -71,6 +71,7 @@ def test_bitdecode_matches_flash_attention_within_quantization_error(
 ):
     run = run_in_subprocess(_spec(model_dir, "BITDECODE", bitdecode={"bits": bits}))
     assert "Using AttentionBackendEnum.BITDECODE backend" in run["log"] or "BITDECODE" in run["log"]
+    assert f"BITDECODE KV cache: {bits}-bit codes" in run["log"]  # the builder's start-up line
     assert run["logprobs_finite"] and run["num_logprobs"] > 0
     assert run["tokens"] == flash_attn_run["tokens"] == [[t] * MAX_TOKENS for t in (11, 22, 33, 44)]
     ours, theirs = run["attention"], flash_attn_run["attention"]

@@ -480,6 +480,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             (model.get_num_attention_heads(parallel), model.get_num_kv_heads(parallel)))
         self.head_size = model.get_head_size()
         self.page_format = self.bitdecode.page_format(self.head_size, kv_cache_spec.block_size)
+        logger.info_once(config.describe_cache(self.bitdecode, self.head_size,
+                                               kv_cache_spec.block_size, model.dtype.itemsize),
+                         scope="global")
         self.rotation_signs = (  # written by reset_persistent_buffers, as those below
             torch.empty(self.head_size, dtype=torch.float32, device=device)
             if self.bitdecode.rotate_k else None
