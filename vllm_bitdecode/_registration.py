@@ -218,7 +218,7 @@ def patch_engine_config() -> None:
             for line in (*config.accuracy_warnings(cfg),
                          *config.memory_warnings(cfg, vllm_config)):
                 _logger().warning(line)
-        elif config.CONFIG_KEY in (getattr(vllm_config, "additional_config", None) or {}):
+        elif _has_bitdecode_section(getattr(vllm_config, "additional_config", None)):
             # settings for a backend that will not run: say so rather than serve another
             # cache quietly (another backend is a choice, so a warning, not an error)
             backend = getattr(_chosen_backend(vllm_config), "name", None)
@@ -228,6 +228,15 @@ def patch_engine_config() -> None:
                 "ignored and the KV cache is not BITDECODE's (add --attention-backend "
                 "BITDECODE to use it)")
         return vllm_config
+
+
+def _has_bitdecode_section(additional_config: object) -> bool:
+    # vLLM's additional_config may also be an object with compute_hash(), not a dict
+    from collections.abc import Mapping
+
+    from vllm_bitdecode import config
+
+    return isinstance(additional_config, Mapping) and config.CONFIG_KEY in additional_config
 
 
 def _logger():

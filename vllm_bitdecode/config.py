@@ -13,6 +13,7 @@ setting, at start-up, before the KV cache or the model weights take GPU memory.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from collections.abc import Iterable, Mapping
@@ -35,16 +36,38 @@ def _section(raw: Any, cls: type, where: str, keys_where: str) -> dict[str, Any]
     if not isinstance(raw, Mapping):
         raise BitDecodeConfigError(f"{where} must be a dict, got {type(raw).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=repr)  # keys of any type, from the Python API
     if unknown:
         raise BitDecodeConfigError(
-            f"unknown {keys_where} setting(s) {unknown}; valid settings are {sorted(known)}"
+            f"unknown {keys_where} setting(s) {_shown(unknown)}; valid settings are "
+            f"{sorted(known)}"
         )
     return dict(raw)
 
 
+# Integer settings end up in the kernels' int32 lengths; layer indices past any model's
+# depth are refused before a plan is built over them (a plan walks every index below).
+MAX_INT_SETTING = 2**31 - 1
+MAX_LAYER_INDEX = 1023
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``repr`` for an error line: cut short, and an int too long for Python to print
+    (more than 4300 digits) named by its size."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
 def _unsupported(where: str, value: object, allowed: object) -> BitDecodeConfigError:
-    return BitDecodeConfigError(f"{where}={value!r} is not supported; allowed: {allowed}")
+    return BitDecodeConfigError(f"{where}={_shown(value)} is not supported; allowed: {allowed}")
+
+
+def _int_in(value: object, low: int, high: int = MAX_INT_SETTING) -> bool:
+    """An int (not a bool) within [low, high]."""
+    return type(value) is int and low <= value <= high
 
 
 # ---- sparse decode (issue #6) -----------------------------------------------------------
@@ -199,8 +222,8 @@ class SparseConfig:
 
         if not isinstance(self.enabled, bool):
             raise bad("enabled", [True, False])
-        if type(self.token_budget) is not int or self.token_budget <= 0:
-            raise bad("token_budget", "an integer > 0")
+        if not _int_in(self.token_budget, 1):
+            raise bad("token_budget", f"an integer > 0 (at most {MAX_INT_SETTING})")
         if not isinstance(self.shared_selection, bool):
             raise bad("shared_selection", [True, False])
         if self.granularity not in GRANULARITIES:
@@ -211,8 +234,8 @@ class SparseConfig:
         if self.min_seq_len is not None:
             # below token_budget is allowed (the start-up log warns): rows no longer than
             # the budget keep every position, which is dense attention by another path
-            if type(self.min_seq_len) is not int or self.min_seq_len <= 0:
-                raise bad("min_seq_len", "an integer > 0, or null")
+            if not _int_in(self.min_seq_len, 1):
+                raise bad("min_seq_len", f"an integer > 0 (at most {MAX_INT_SETTING}), or null")
         # what can be checked without the model's depth
         if self.selection_layers != AUTO and self.dense_layers != AUTO:
             self._layer_roles(None)
@@ -245,18 +268,20 @@ class SparseConfig:
                 beyond = [i for i in layers if i >= num_layers]
                 if beyond:
                     raise BitDecodeConfigError(
-                        f"{where}.{name} has layer(s) {beyond} beyond the model's depth "
+                        f"{where}.{name} has layer(s) {_shown(beyond)} beyond the model's depth "
                         f"({num_layers} layers: 0-{num_layers - 1})"
                     )
         both = sorted(set(dense) & set(selection))
         if both:
             raise BitDecodeConfigError(
-                f"{where}: layer(s) {both} are in both dense_layers and selection_layers"
+                f"{where}: layer(s) {_shown(both)} are in both dense_layers and "
+                "selection_layers"
             )
         early = [i for i in range(first) if i not in dense]
         if early:
             raise BitDecodeConfigError(
-                f"{where}: layer(s) {early} come before the first selection layer ({first}) "
+                f"{where}: layer(s) {_shown(early)} come before the first selection layer "
+                f"({first}) "
                 "and are not in dense_layers, so they would have no selection to reuse; "
                 "add them to dense_layers"
             )
@@ -279,13 +304,14 @@ def _layer_list(name: str, value: Any) -> tuple[int, ...] | str:
     if not isinstance(value, (list, tuple)):
         raise _unsupported(where, value, f"a list of layer indices or {AUTO!r}")
     for i in value:
-        if type(i) is not int or i < 0:
+        if not _int_in(i, 0, MAX_LAYER_INDEX):
             raise BitDecodeConfigError(
-                f"{where} has {i!r}; layer indices are integers >= 0 (0 is the first layer)"
+                f"{where} has {_shown(i)}; layer indices are integers >= 0 (0 is the "
+                f"first layer) and at most {MAX_LAYER_INDEX}"
             )
-    repeated = sorted({i for i in value if list(value).count(i) > 1})
+    repeated = sorted(i for i, n in collections.Counter(value).items() if n > 1)
     if repeated:
-        raise BitDecodeConfigError(f"{where} lists layer(s) {repeated} more than once")
+        raise BitDecodeConfigError(f"{where} lists layer(s) {_shown(repeated)} more than once")
     if name == "selection_layers" and not value:
         raise BitDecodeConfigError(
             f"{where} is empty; sparse mode needs at least one selection layer"
@@ -402,6 +428,11 @@ class BitDecodeConfig:
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> BitDecodeConfig:
+        if additional_config is not None and not isinstance(additional_config, Mapping):
+            # vLLM also takes an object with compute_hash(): it holds no section to read
+            raise BitDecodeConfigError(
+                f"additional_config must be a dict holding a '{CONFIG_KEY}' section for "
+                f"BITDECODE, got {type(additional_config).__name__}")
         raw = (additional_config or {}).get(CONFIG_KEY, {})
         values = _section(raw, cls, f"additional_config['{CONFIG_KEY}']", CONFIG_KEY)
         if SPARSE_KEY in values:
@@ -441,8 +472,10 @@ class BitDecodeConfig:
             raise BitDecodeConfigError(
                 f"{CONFIG_KEY}.k_mode='channel' stores K unrotated; rotate_k must be false")
         window = self.prefill_window
-        if type(window) is not int or window < MIN_PREFILL_WINDOW:
-            raise bad("prefill_window", f"an int of at least {MIN_PREFILL_WINDOW} tokens")
+        if not _int_in(window, MIN_PREFILL_WINDOW):
+            raise bad("prefill_window",
+                      f"an int of at least {MIN_PREFILL_WINDOW} tokens (at most "
+                      f"{MAX_INT_SETTING})")
         if not isinstance(self.k_params, str) or self.k_params not in K_PARAMS:
             raise bad("k_params", list(K_PARAMS))
         if self.k_params != "fp16" and not self.channel_k:

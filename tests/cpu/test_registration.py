@@ -209,6 +209,23 @@ def test_wrap_once_wraps_a_method_once_and_passes_the_original():
         assert not hasattr(method.__wrapped__, "__wrapped__"), "wrapped more than once"
 
 
+def test_a_non_dict_additional_config_is_left_to_vllm():
+    """vLLM's additional_config may be any object with compute_hash(); start-up's check
+    for an ignored ``bitdecode`` section must not fail on it (for every engine of a
+    process with the plugin, whichever backend it runs)."""
+
+    class HashOnly:
+        def compute_hash(self) -> str:
+            return "x"
+
+    assert not _registration._has_bitdecode_section(HashOnly())
+    assert not _registration._has_bitdecode_section(None)
+    assert not _registration._has_bitdecode_section({"other": {}})
+    assert _registration._has_bitdecode_section({"bitdecode": {}})
+    with pytest.raises(bd_config.BitDecodeConfigError, match="must be a dict"):
+        bd_config.BitDecodeConfig.from_additional_config(HashOnly())
+
+
 def test_kv_cache_spec_patched_exactly_once():
     patched = Attention.get_kv_cache_spec
     assert getattr(patched, "_bitdecode", False) is True
