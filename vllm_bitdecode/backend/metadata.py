@@ -189,14 +189,19 @@ def plan_reuse_splits(num_seqs: int, num_kv_heads: int, num_sms: int, token_budg
     partial result for the combine to read: on an H200 at 128K, a reuse layer over 2,048
     positions took 17.8 us with the dense plan's 64 splits (16 of them with tiles) against
     14.1 with 16, and 25.4 against 22.3 us at B = 8 with 4 instead of 8 (bench_sparse
-    --split-sweep, 2026-11-30). So: at least MIN_TILES_PER_SPLIT tiles per split, at most
-    about two CTAs per SM, never more than the dense plan. Depends on the batch size only
-    (CUDA graphs)."""
+    --split-sweep, 2026-11-30). So: MIN_TILES_PER_SPLIT tiles per split (the last may
+    hold fewer), at most about two CTAs per SM, never more than the dense plan, and no
+    split without tiles. Depends on the batch size only (CUDA graphs)."""
     if num_seqs <= 0:
         return 1
     tiles = -(-token_budget // TILE_TOKENS)
-    return max(1, min(dense_splits, -(-tiles // MIN_TILES_PER_SPLIT),
-                      2 * num_sms // (num_seqs * num_kv_heads)))
+    splits = max(1, min(dense_splits, -(-tiles // MIN_TILES_PER_SPLIT),
+                        2 * num_sms // (num_seqs * num_kv_heads)))
+    # the kernel gives each split ceil(tiles / splits) tiles (MIN_TILES_PER_SPLIT at
+    # least), so a capped count can leave the last splits none: 257 tiles in 32 splits
+    # are 28 of 9 and one of 5, and 3 CTAs that only write an empty partial
+    per_split = max(-(-tiles // splits), MIN_TILES_PER_SPLIT)
+    return -(-tiles // per_split)
 
 
 def decode_slots(dtype: torch.dtype, bits: int, group_size: int, gqa: int,
