@@ -95,10 +95,15 @@ class RowSlotTable:
     def __init__(self, max_num_seqs: int, device: torch.device | str) -> None:
         self.slots = ResidualSlots(max_num_seqs)
         pin = torch.cuda.is_available() and torch.device(device).type == "cuda"
-        self.host = torch.full((max_num_seqs,), self.slots.scratch, dtype=torch.int32,
-                               pin_memory=pin)
-        self.device_row_slot = torch.full((max_num_seqs,), self.slots.scratch,
-                                          dtype=torch.int32, device=device)
+        # normal tensors even when made under inference mode (vLLM's CUDA-graph memory
+        # profile makes the first builder there): later builders of the engine share
+        # the table and write it outside inference mode, which an inference tensor
+        # refuses
+        with torch.inference_mode(False):
+            self.host = torch.full((max_num_seqs,), self.slots.scratch, dtype=torch.int32,
+                                   pin_memory=pin)
+            self.device_row_slot = torch.full((max_num_seqs,), self.slots.scratch,
+                                              dtype=torch.int32, device=device)
 
     def step(self, finished: Iterable[str], preempted: Iterable[str] | None,
              rows: Sequence[str | None]) -> list[int]:

@@ -157,3 +157,19 @@ def test_installed_table_steps_every_runner_of_the_class_once(monkeypatch):
     del runner2, other, second
     gc.collect()
     assert len(residual_slots._tables) == 1  # the table went with its engine's config
+
+
+def test_a_table_made_under_inference_mode_is_written_outside_it():
+    """vLLM's CUDA-graph memory profile makes the engine's first builder under inference
+    mode; the builders made after it share the table and reset it outside (H200,
+    2026-12-05: every channel-K engine failed at start-up with "Inplace update to
+    inference tensor outside InferenceMode")."""
+    import torch
+
+    from vllm_bitdecode.residual_slots import RowSlotTable
+
+    with torch.inference_mode():
+        table = RowSlotTable(4, "cpu")
+    table.device_row_slot.fill_(table.slots.scratch)
+    assert table.step([], [], ["a", None]) == [0, table.slots.scratch]
+    assert table.device_row_slot.tolist()[:2] == [0, table.slots.scratch]
