@@ -60,7 +60,10 @@ import functools
 import inspect
 from collections.abc import Callable
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm_bitdecode.config import BitDecodeConfig
 
 _MARK = "_bitdecode"  # set on every wrapper installed here
 
@@ -211,7 +214,7 @@ def patch_engine_config() -> None:
         vllm_config = original(self, *args, **kwargs)
         from vllm_bitdecode import config
 
-        if asks_for_bitdecode(vllm_config):
+        if _asks_for_bitdecode(vllm_config):
             cfg = config.check_vllm_config(vllm_config)
             if cfg.channel_k:
                 patch_streaming_input()
@@ -264,7 +267,7 @@ def _check_layer_backend(layer_name: str, attn_backend: object) -> None:
     from vllm.config import get_current_vllm_config_or_none
 
     # the config the layers are being built under
-    if _is_bitdecode(attn_backend) or not asks_for_bitdecode(get_current_vllm_config_or_none()):
+    if _is_bitdecode(attn_backend) or not _asks_for_bitdecode(get_current_vllm_config_or_none()):
         return
     from vllm_bitdecode import BACKEND_NAME, config
 
@@ -280,7 +283,7 @@ def _chosen_backend(vllm_config: object) -> object:
     return getattr(getattr(vllm_config, "attention_config", None), "backend", None)
 
 
-def asks_for_bitdecode(vllm_config: object) -> bool:
+def _asks_for_bitdecode(vllm_config: object) -> bool:
     """Whether a vLLM config (or None) asks for BITDECODE as its attention backend."""
     return _is_bitdecode_member(_chosen_backend(vllm_config))
 
@@ -314,7 +317,7 @@ def patch_streaming_input(engine_cls: type | None = None) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM as engine_cls
     @wrap_once(engine_cls, "_add_streaming_input_request")
     async def _add_streaming_input_request(original, self, *args, **kwargs):
-        settings = _bitdecode_settings(getattr(self, "vllm_config", None))
+        settings = bitdecode_settings(getattr(self, "vllm_config", None))
         if settings is not None:
             from vllm_bitdecode import config
 
@@ -350,16 +353,16 @@ def _reports_forced_preemption(scheduler: object) -> bool:
     """Whether a scheduler's engine runs BITDECODE with per-channel K (remembered)."""
     known = scheduler.__dict__.get("_bitdecode_channel_k")
     if known is None:
-        settings = _bitdecode_settings(getattr(scheduler, "vllm_config", None))
+        settings = bitdecode_settings(getattr(scheduler, "vllm_config", None))
         known = scheduler.__dict__["_bitdecode_channel_k"] = (
             settings is not None and settings.channel_k)
     return known
 
 
-def _bitdecode_settings(vllm_config: object) -> object | None:
+def bitdecode_settings(vllm_config: object) -> BitDecodeConfig | None:
     """The ``bitdecode`` settings of an engine config that asks for the backend (None
     for another backend or no config), parsed as start-up parsed them."""
-    if not asks_for_bitdecode(vllm_config):
+    if not _asks_for_bitdecode(vllm_config):
         return None
     from vllm_bitdecode import config
 

@@ -108,9 +108,7 @@ def _engine_settings() -> config.BitDecodeConfig:
     process), else the process's last recorded (``config.get_active``)."""
     from vllm.config import get_current_vllm_config_or_none
 
-    from vllm_bitdecode._registration import asks_for_bitdecode
+    from vllm_bitdecode._registration import bitdecode_settings
 
-    current = get_current_vllm_config_or_none()
-    if asks_for_bitdecode(current):
-        return config.BitDecodeConfig.from_additional_config(current.additional_config)
-    return config.get_active()
+    settings = bitdecode_settings(get_current_vllm_config_or_none())
+    return settings if settings is not None else config.get_active()
