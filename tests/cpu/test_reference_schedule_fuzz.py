@@ -56,6 +56,7 @@ import pytest
 import torch
 
 from tests.cpu.attention_stand_ins import merge_attn_states
+from tests.cpu.test_reference_kc import batch_lists
 from vllm_bitdecode import kc_prefill
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode import reference_kc as kc
@@ -300,24 +301,10 @@ class Run:
         case, bs = self.case, self.case.block_size
         if path == "backend":  # vLLM puts the one-token rows first
             work = [w for w in work if w[1] == 1] + [w for w in work if w[1] > 1]
-        qs, ks, vs, slots, qsl, lens, table, rslot = [], [], [], [], [0], [], [], []
         for req, m in work:
-            s, e = req.done, req.done + m
-            self._alloc(req, e)
-            qs.append(req.seq.q[s:e])
-            ks.append(req.seq.k[s:e])
-            vs.append(req.seq.v[s:e])
-            slots += [req.blocks[p // bs] * bs + p % bs for p in range(s, e)]
-            qsl.append(qsl[-1] + m)
-            lens.append(e)
-            rslot.append(req.slot)
-        width = max(len(r.blocks) for r, _ in work)
-        table = [r.blocks + [0] * (width - len(r.blocks)) for r, _ in work]
-        for _ in range(pad_rows):  # CUDA-graph padding rows: no tokens, seq_len 0
-            qsl.append(qsl[-1])
-            lens.append(0)
-            table.append([0] * width)
-            rslot.append(self.scratch)
+            self._alloc(req, req.done + m)
+        qs, ks, vs, slots, qsl, lens, table, rslot = batch_lists(work, bs, pad_rows,
+                                                                 pad_slot=self.scratch)
         like, g = work[0][0].seq, torch.Generator().manual_seed(self.rng.randrange(2**31))
         for x, t in ((qs, like.q), (ks, like.k), (vs, like.v)):  # garbage that must not land
             x.append((100 * torch.randn((pad_tokens,) + t.shape[1:], generator=g)).to(t.dtype))
