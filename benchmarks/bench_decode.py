@@ -9,7 +9,7 @@ With --channel-k it also times per-channel K mode (issue #7: ``decode_kc``, the 
 from the residual) at both bit widths, records with ``"k_mode": "channel"`` (the others
 ``"token"``); the issue's target is within 10% of per-token mode at the same bits.
 Each record's ``gpu`` holds the SM clock, power and the driver's reasons for a lowered
-clock, sampled every 10 ms (vllm_bitdecode.testing.GpuSampler) from one interval before
+clock, sampled every 10 ms (vllm_bitdecode.testing.gpu_monitor.GpuSampler) from one interval before
 its timed calls to one after them, the timed span's length ``window_s`` and the sampled
 span's ``sampled_s``: most rows' calls take 3-12 ms (H200, 2026-12-02), and counting
 only the samples inside them left 11 rows of 48 with none; with one interval either side
@@ -42,7 +42,8 @@ from vllm_bitdecode.provenance import (
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing import GpuSampler, fa3_paged_decode
+from vllm_bitdecode.testing.baselines import fa3_paged_decode
+from vllm_bitdecode.testing.gpu_monitor import GpuSampler
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16

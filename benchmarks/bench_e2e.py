@@ -12,12 +12,12 @@ Each engine, once started, runs every case asked for:
   prompts is timed in 3 interleaved pairs, each giving (span(1 + 2N) - span(1 + N)) / N
   with a run's span from its requests' first to last token on vLLM's engine-core clock,
   and ms/step is the median pair, so prefill, the front end's work around a run and the
-  first N steps cancel out (vllm_bitdecode.testing._time_decode; records before
+  first N steps cancel out (vllm_bitdecode.testing.engine_timing.time_decode; records before
   2026-12-01 used t(1 + N) - t(1), best of 2, and some of that day the best wall times
   of each length). Each record keeps the figure of every pair, ``ms_per_step_each``,
   the same from wall times, ``ms_per_step_wall_each``, which ``clock`` gave the figure,
   and ``gpu_in_long_runs``: the SM clock, power and the driver's reasons for a lowered
-  clock over the timed long runs (vllm_bitdecode.testing.GpuSampler; None without NVML).
+  clock over the timed long runs (vllm_bitdecode.testing.gpu_monitor.GpuSampler; None without NVML).
 - ``decode_b8_128k`` (only when named in ``--cases``): the same at batch 8 x 130,560,
   where attention is most of a step and sparse decode (issue #6) can show what it saves.
   It needs 1.05M KV tokens, more than a bf16 cache holds on one 80-141 GB GPU; a decode
@@ -66,12 +66,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_bitdecode.provenance import git_commit, gpu_slug, pyplot, write_results
-from vllm_bitdecode.testing import (
-    TIMING_METHOD,
-    parse_kv_cache_tokens,
-    run_in_subprocess,
-    write_model_dir,
-)
+from vllm_bitdecode.testing.engine import parse_kv_cache_tokens, run_in_subprocess
+from vllm_bitdecode.testing.engine_timing import TIMING_METHOD
+from vllm_bitdecode.testing.model_dir import write_model_dir
 
 MAX_MODEL_LEN = 131072
 BLOCK = 16
@@ -225,7 +222,7 @@ def skipped_records(key: str, cases: list[str], reason: str) -> list[dict[str, A
 
 
 def records_from_result(key: str, cases: list[str], res: dict[str, Any]) -> list[dict[str, Any]]:
-    """The JSON records of one engine's result (see vllm_bitdecode.testing.run_engine)."""
+    """The JSON records of one engine's result (see vllm_bitdecode.testing.engine.run_engine)."""
     kv_tokens = res.get("kv_cache_tokens")
     out = []
     timings = {(t["batch"], t["context"]): t for t in res.get("decode_timings", [])}
@@ -502,7 +499,7 @@ def llama_model_dir(tokenizer: bool = False) -> Iterator[str]:
 
 def run_logged(spec: dict[str, Any], log_path: Path,
                timeout: float) -> tuple[dict[str, Any] | None, str | None]:
-    """One engine (testing.run_in_subprocess), its log written to ``log_path``: its
+    """One engine (testing.engine.run_in_subprocess), its log written to ``log_path``: its
     result and None, or None and why it failed (the run of a benchmark goes on)."""
     try:
         res = run_in_subprocess(spec, timeout=timeout)

@@ -4,7 +4,7 @@ FLASH_ATTN bf16 against BITDECODE 4-bit, one run.
 Llama-3-8B shape with dummy weights, CUDA graphs on, prefix caching on, the machinery of
 bench_e2e.py: one engine per (backend, drafts), each timing batch 1 x 130,560 and batch
 8 x 32,768 as bench_e2e's decode cases do: the decode span of 1 + 2N tokens less that of
-1 + N, over N, median of 3 interleaved pairs (vllm_bitdecode.testing._time_decode), so
+1 + N, over N, median of 3 interleaved pairs (vllm_bitdecode.testing.engine_timing.time_decode), so
 the first N tokens (and the steps before the proposer finds the forced token repeating)
 cancel out and the window is steady speculative decoding (until 2026-12-01 the baseline
 was t(1 token): two runs on that day gave 3.39 and 1.86 ms per token for one case, with

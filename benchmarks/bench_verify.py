@@ -46,7 +46,7 @@ from vllm_bitdecode.provenance import (  # noqa: E402
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing import fa3_paged_decode  # noqa: E402
+from vllm_bitdecode.testing.baselines import fa3_paged_decode  # noqa: E402
 
 BITS = 4
 

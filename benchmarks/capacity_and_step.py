@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from vllm_bitdecode.provenance import gpu_slug, results_doc, write_results
-from vllm_bitdecode.testing import run_in_subprocess, write_llama_config
+from vllm_bitdecode.testing.engine import run_in_subprocess
+from vllm_bitdecode.testing.model_dir import write_llama_config
 
 CASES = [
     ("FLASH_ATTN", "bf16", {}),

@@ -3,7 +3,7 @@
 Model: models/stdlib-llama-18m (trained by tools/train_tiny_llama.py). Configurations:
 FLASH_ATTN with a bf16 and an fp8 KV cache, BITDECODE at 4 and 2 bits, each with and
 without the K rotation. Each one runs in its own subprocess (one engine per process, as
-in vllm_bitdecode/testing.py), eager (no torch.compile, no CUDA graphs: start-up
+in vllm_bitdecode/testing/engine.py), eager (no torch.compile, no CUDA graphs: start-up
 dominates here, and the hooks below need eager), prefix caching off. Measured on every
 configuration, with identical token inputs:
 

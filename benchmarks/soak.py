@@ -71,15 +71,14 @@ if str(ROOT) not in sys.path:  # vllm_bitdecode without an install, as in qualit
     sys.path.insert(0, str(ROOT))
 
 from vllm_bitdecode.provenance import git_commit, gpu_slug  # noqa: E402
-from vllm_bitdecode.testing import (  # noqa: E402
-    TIE_LOGPROB,
-    TINY_LLAMA,
+from vllm_bitdecode.testing.comparisons import TIE_LOGPROB  # noqa: E402
+from vllm_bitdecode.testing.engine import parse_kv_cache_tokens  # noqa: E402
+from vllm_bitdecode.testing.model_dir import TINY_LLAMA, write_model_dir  # noqa: E402
+from vllm_bitdecode.testing.server import (  # noqa: E402
     child_processes,
     free_port,
-    parse_kv_cache_tokens,
     parse_prometheus,
     stop_server,
-    write_model_dir,
 )
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,7 +87,8 @@ SERVED_NAME = "bitdecode-soak"
 # ---------------------------------------------------------------- the request mix
 
 # Words of the dummy model's word-level tokenizer: one token each ("w<id>", see
-# vllm_bitdecode.testing.tokenizer_vocab); ids below 20 are special tokens and English words.
+# vllm_bitdecode.testing.model_dir.tokenizer_vocab); ids below 20 are special tokens and
+# English words.
 DUMMY_WORDS = tuple(f"w{i}" for i in range(20, 32000))
 # Words for a model with its own tokenizer (--model PATH): each one to a few tokens.
 TEXT_WORDS = tuple(
@@ -179,7 +179,7 @@ class PromptSource:
 def expected_prompt_tokens(spec: Spec, source: PromptSource) -> int | None:
     """Prompt tokens the server must report, where the tokenizer makes it known: with
     the dummy model's word-level tokenizer, one per word; chat adds "role :" per message
-    and "assistant :" (vllm_bitdecode.testing.CHAT_TEMPLATE)."""
+    and "assistant :" (vllm_bitdecode.testing.model_dir.CHAT_TEMPLATE)."""
     if not source.exact_tokens:
         return None
     if spec.endpoint == "completions":
@@ -572,7 +572,7 @@ def compare_probes(before: list[dict], after: list[dict],
     With ``tie_logprob``, for probes batched with other requests (the storm's): a probe may
     differ from a step where its two best log-probabilities ``before`` were closer than
     that, a near tie that another batch's summation order may break (the rule of
-    vllm_bitdecode.testing.assert_greedy_equal_up_to_ties): such probes are listed in
+    vllm_bitdecode.testing.comparisons.assert_greedy_equal_up_to_ties): such probes are listed in
     ``ties``, not in ``mismatches``, and ``identical_up_to_ties`` allows one probe in 8
     (at least one) to do so. Log-probabilities are compared up to a probe's first
     different token (its context differs from there on)."""
@@ -1085,7 +1085,7 @@ def server_command(args: argparse.Namespace, model_dir: str, port: int) -> list[
         cmd += ["--load-format", "dummy"]
     elif not _has_chat_template(Path(model_dir)):
         # the chat endpoint needs a template; the dummy model's is generic enough
-        from vllm_bitdecode.testing import CHAT_TEMPLATE
+        from vllm_bitdecode.testing.model_dir import CHAT_TEMPLATE
 
         cmd += ["--chat-template", CHAT_TEMPLATE]
     if args.enforce_eager:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import quality  # noqa: E402
 
-from vllm_bitdecode.testing import poison_prefill_workspaces  # noqa: E402
+from vllm_bitdecode.testing.engine_probes import poison_prefill_workspaces  # noqa: E402
 
 VARIANTS = {"first": [0, 1], "second": [0, 1], "poisoned": [0, 1], "long_only": [0]}
 

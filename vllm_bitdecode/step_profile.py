@@ -2,7 +2,7 @@
 running vLLM engine, timed by the CUDA profiler (CUPTI, through ``torch.profiler``) and
 summed by what it does (attention, KV write, GEMMs, compiled elementwise work, ...).
 
-The window is the one ``testing._time_decode`` times: the engine generates 1 + n and
+The window is the one ``testing.engine_timing.time_decode`` times: the engine generates 1 + n and
 1 + 2n tokens from the same cached prompts, and the difference of the two profiles,
 over n, is the GPU work of n decode steps (their CUDA-graph replays included: CUPTI
 records the kernels of a graph one by one); a kernel launched as often in both (the

@@ -1,5 +1,5 @@
 """benchmarks/bench_spec_decode.py: its engines and their specs, records, ratios and the
-main flow with a stand-in engine; and testing._time_decode's forced token and draft
+main flow with a stand-in engine; and engine_timing.time_decode's forced token and draft
 counts."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.scripts import load_script
-from vllm_bitdecode import testing
+from vllm_bitdecode.testing import engine, engine_timing
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -43,7 +43,7 @@ def test_engines_and_their_specs(bench, settings):
         assert [(t["batch"], t["context"], t["forced_token"]) for t in s["decode_timings"]] \
             == [(1, 130560, 42), (8, 32768, 42)]
         json.dumps(s)  # travels as JSON to the engine process
-    kw = testing.engine_kwargs(spec)
+    kw = engine.engine_kwargs(spec)
     assert kw["speculative_config"]["num_speculative_tokens"] == 3
     assert "count_graph_replays" not in kw  # read by run_engine, not vLLM
     assert kw["async_scheduling"] is False
@@ -58,7 +58,7 @@ def test_gpu_ngram_keeps_async_scheduling_on_with_and_without_drafts(bench, sett
     spec = bench.engine_spec("FLASH_ATTN:bf16", 3, "m", settings, "ngram_gpu")
     assert spec["speculative_config"]["method"] == "ngram_gpu"
     assert plain["async_scheduling"] is True and spec["async_scheduling"] is True
-    assert testing.engine_kwargs(spec)["async_scheduling"] is True
+    assert engine.engine_kwargs(spec)["async_scheduling"] is True
     # each method its own results file; the CPU proposer's name is the one committed first
     assert bench.results_path("NVIDIA H200", "ngram").name == "spec_decode_h200.json"
     assert bench.results_path("NVIDIA H200", "ngram_gpu").name == \
@@ -158,7 +158,7 @@ def test_main_flow_with_a_stand_in_engine(bench, monkeypatch, tmp_path, capsys):
 
 
 class Counter(types.SimpleNamespace):
-    """What testing.counters reads of vLLM's metrics: a Counter's name and value."""
+    """What engine_probes.counters reads of vLLM's metrics: a Counter's name and value."""
 
 
 class _FakeLLM:
@@ -176,8 +176,8 @@ class _FakeLLM:
     def get_metrics(self):
         if not self.drafts:
             raise AssertionError("stat logging disabled")
-        return [Counter(name=testing.SPEC_DRAFTS, value=self.count),
-                Counter(name=testing.SPEC_ACCEPTED, value=self.count - 1)]
+        return [Counter(name=engine_timing.SPEC_DRAFTS, value=self.count),
+                Counter(name=engine_timing.SPEC_ACCEPTED, value=self.count - 1)]
 
 
 def test_time_decode_forces_the_token_and_counts_drafts():
@@ -187,13 +187,13 @@ def test_time_decode_forces_the_token_and_counts_drafts():
     less the short runs', per pair."""
     params = types.SimpleNamespace
     llm = _FakeLLM(drafts=3)
-    t = testing._time_decode(llm, params, dict(batch=2, context=5, steps=4, forced_token=42))
+    t = engine_timing.time_decode(llm, params, dict(batch=2, context=5, steps=4, forced_token=42))
     assert all(p.allowed_token_ids == [42] and p.temperature == 0.0 for p in llm.params)
     assert [p.max_tokens for p in llm.params] == [5, 5, 9, 5, 9, 5, 9]
     assert t["forced_token"] == 42 and t["draft_tokens"] == 3 * 4 and t["repeats"] == 3
     assert t["accepted_tokens"] == t["draft_tokens"]  # the "- 1" cancels in the difference
     plain = _FakeLLM(drafts=0)
-    t = testing._time_decode(plain, params, dict(batch=1, context=3, steps=2, repeats=2))
+    t = engine_timing.time_decode(plain, params, dict(batch=1, context=3, steps=2, repeats=2))
     assert [p.max_tokens for p in plain.params] == [3, 3, 5, 3, 5]
     assert all(p.allowed_token_ids is None for p in plain.params)
     assert "draft_tokens" not in t and "forced_token" not in t
@@ -210,13 +210,13 @@ def test_time_decode_counts_graph_replays_per_decode_step():
             replays.count += 3 + 2 * (sp.max_tokens - 1)
             return super().generate(prompts, sp, use_tqdm)
 
-    t = testing._time_decode(Graphed(drafts=0), types.SimpleNamespace,
+    t = engine_timing.time_decode(Graphed(drafts=0), types.SimpleNamespace,
                              dict(batch=1, context=3, steps=4), replays)
     assert t["graph_replays_per_step"] == 2.0
 
 
 def _request_output(first: float, last: float | None):
-    """What testing.decode_span_s reads of a RequestOutput: its metrics' two timestamps
+    """What engine_timing.decode_span_s reads of a RequestOutput: its metrics' two timestamps
     (None: vLLM kept no stats for it)."""
     metrics = None if last is None else types.SimpleNamespace(first_token_ts=first,
                                                               last_token_ts=last)
@@ -225,11 +225,11 @@ def _request_output(first: float, last: float | None):
 
 def test_decode_span_is_the_median_request_span_or_none_without_stats():
     spans = [_request_output(10.0, 10.5), _request_output(3.0, 3.2), _request_output(1, 2)]
-    assert testing.decode_span_s(spans) == pytest.approx(0.5)
-    assert testing.decode_span_s(spans + [_request_output(0.0, None)]) is None
-    assert testing.decode_span_s([_request_output(0.0, 4.0)]) is None  # no first token
-    assert testing.decode_span_s([_request_output(5.0, 4.0)]) is None
-    assert testing.decode_span_s([]) is None
+    assert engine_timing.decode_span_s(spans) == pytest.approx(0.5)
+    assert engine_timing.decode_span_s(spans + [_request_output(0.0, None)]) is None
+    assert engine_timing.decode_span_s([_request_output(0.0, 4.0)]) is None  # no first token
+    assert engine_timing.decode_span_s([_request_output(5.0, 4.0)]) is None
+    assert engine_timing.decode_span_s([]) is None
 
 
 def test_time_decode_takes_the_median_pair_on_the_wall_clock_without_stats(monkeypatch):
@@ -240,7 +240,7 @@ def test_time_decode_takes_the_median_pair_on_the_wall_clock_without_stats(monke
     import gc
 
     clock = [0.0]
-    monkeypatch.setattr(testing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(engine_timing.time, "perf_counter", lambda: clock[0])
     overheads = iter([0.0, 0.500, 0.100, 0.100, 0.100, 0.100, 0.300])  # warm-up first
     collector_on = []
 
@@ -250,7 +250,7 @@ def test_time_decode_takes_the_median_pair_on_the_wall_clock_without_stats(monke
             clock[0] += 0.010 * sp.max_tokens + next(overheads)
             return super().generate(prompts, sp, use_tqdm)
 
-    t = testing._time_decode(Timed(drafts=0), types.SimpleNamespace,
+    t = engine_timing.time_decode(Timed(drafts=0), types.SimpleNamespace,
                              dict(batch=1, context=3, steps=8))
     assert t["clock"] == "wall" and "decode_spans_s" not in t
     assert t["ms_per_step"] == pytest.approx(10.0)
@@ -265,7 +265,7 @@ def test_time_decode_uses_the_engine_clock_when_requests_carry_stats(monkeypatch
     which hold no prefill and no front-end time: the wall clock's overheads (here up to
     0.5 s a run) leave the figure alone, and the median skips the one odd pair."""
     clock = [0.0]
-    monkeypatch.setattr(testing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(engine_timing.time, "perf_counter", lambda: clock[0])
     overheads = iter([0.0, 0.500, 0.100, 0.100, 0.100, 0.100, 0.300])
     step_s = iter([0.010, 0.010, 0.010, 0.010, 0.010, 0.012, 0.010])  # pair 3 short slow
 
@@ -277,7 +277,7 @@ def test_time_decode_uses_the_engine_clock_when_requests_carry_stats(monkeypatch
             return [_request_output(first, first + step * (sp.max_tokens - 1))
                     for _ in range(len(prompts))]
 
-    t = testing._time_decode(Stamped(drafts=0), types.SimpleNamespace,
+    t = engine_timing.time_decode(Stamped(drafts=0), types.SimpleNamespace,
                              dict(batch=2, context=3, steps=8))
     assert t["clock"] == "engine"
     assert t["ms_per_step_each"] == pytest.approx([10.0, 10.0, 8.0])

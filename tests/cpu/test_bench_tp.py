@@ -37,7 +37,7 @@ def test_tp_spec(bench):
     assert "throughput" not in two and two["bitdecode"] == {"bits": 4}
     json.dumps(two)  # travels as JSON to the engine process
 
-    from vllm_bitdecode.testing import engine_kwargs
+    from vllm_bitdecode.testing.engine import engine_kwargs
 
     kw = engine_kwargs(two)
     assert kw["tensor_parallel_size"] == 2 and kw["distributed_executor_backend"] == "ray"

@@ -362,11 +362,11 @@ def _leaky_decode(out, q, cache, table, seq_lens, partial_out, partial_lse, sign
 @pytest.mark.parametrize("pack", [False, True], ids=["rows", "tokens"])
 def test_engine_kernel_check_judges_rows_against_their_own_pages(impl_mod, monkeypatch,
                                                                  pack, leak):
-    """testing._KernelCheck, which the GPU tests install in eager engines: every row of
+    """engine_probes.KernelCheck, which the GPU tests install in eager engines: every row of
     a layer's forward against the reference on that layer's own pages. It passes the
     impl's output (decodes and prefills, every row counted), and flags a decode kernel
     whose query tokens see the tokens after their own."""
-    from vllm_bitdecode import testing
+    from vllm_bitdecode.testing import engine_probes
 
     # the check wraps the builder class; monkeypatch puts the original back afterwards
     monkeypatch.setattr(BitDecodeMetadataBuilder, "build", BitDecodeMetadataBuilder.build)
@@ -374,7 +374,7 @@ def test_engine_kernel_check_judges_rows_against_their_own_pages(impl_mod, monke
         monkeypatch.setattr(impl_mod.ops, "decode", _leaky_decode)
     cfg = BitDecodeConfig(bits=4, rotate_k=True)
     bd_config.set_active(cfg)
-    check = testing._KernelCheck()
+    check = engine_probes.KernelCheck()
     q, cache, cam, _, qlens, num_decodes = _mixed_step(cfg)
     md = _builder(cfg, 64, cam.block_table_tensor.shape[1], pack=pack).build(0, cam)
     impl = impl_mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
@@ -398,10 +398,10 @@ def test_engine_kernel_check_judges_rows_against_their_own_pages(impl_mod, monke
 
 @pytest.mark.parametrize("pack", [False, True], ids=["rows", "tokens"])
 def test_engine_counters_and_check_all_see_each_built_step(monkeypatch, pack):
-    """The GPU tests' per-step hooks on the metadata builder (testing._after_build), all
+    """The GPU tests' per-step hooks on the metadata builder (engine_probes._after_build), all
     installed at once as an engine may have them: the prefill-group counter, the
     decode-row counter (rows and packed steps) and the kernel check's copy of the batch."""
-    from vllm_bitdecode import testing
+    from vllm_bitdecode.testing import engine_probes
 
     # the hooks wrap the builder class; monkeypatch puts the originals back afterwards
     monkeypatch.setattr(BitDecodeMetadataBuilder, "build", BitDecodeMetadataBuilder.build)
@@ -409,8 +409,8 @@ def test_engine_counters_and_check_all_see_each_built_step(monkeypatch, pack):
                         BitDecodeMetadataBuilder._expand_decode_rows)
     cfg = BitDecodeConfig(bits=4)
     bd_config.set_active(cfg)
-    groups, rows = testing._PrefillGroupCounter(), testing._DecodeRowCounter()
-    testing._KernelCheck()  # keeps each step's batch on the metadata
+    groups, rows = engine_probes.PrefillGroupCounter(), engine_probes.DecodeRowCounter()
+    engine_probes.KernelCheck()  # keeps each step's batch on the metadata
     _, _, cam, _, qlens, num_decodes = _mixed_step(cfg)
     md = _builder(cfg, 64, cam.block_table_tensor.shape[1], pack=pack).build(0, cam)
     assert rows.counts == {"steps": 1, "rows": sum(qlens[:num_decodes]),

@@ -1,4 +1,4 @@
-"""testing.GpuSampler: the GPU's clock and power beside the decode timings, sampled by a
+"""gpu_monitor.GpuSampler: the GPU's clock and power beside the decode timings, sampled by a
 process of its own (a stand-in NVML here), summarized over the timed runs only."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from vllm_bitdecode import testing
+from vllm_bitdecode.testing import engine_timing, gpu_monitor
 
 FAKE_NVML = '''
 NVML_CLOCK_SM = 1
@@ -34,7 +34,7 @@ def _fake_nvml(tmp_path, text: str = FAKE_NVML) -> str:
 def test_summary_takes_the_samples_inside_the_windows():
     samples = [[1.0, 1980, 300.0, 0], [2.0, 1600, 690.0, 0x4], [3.0, 1500, 695.0, 0x80],
                [4.0, 1700, 650.0, 0x20], [9.0, 345, 80.0, 0x1]]
-    s = testing.summarize_gpu_samples(samples, [(1.5, 3.0), (3.9, 4.1)])
+    s = gpu_monitor.summarize_gpu_samples(samples, [(1.5, 3.0), (3.9, 4.1)])
     assert s["samples"] == 3
     assert (s["sm_clock_mhz_median"], s["sm_clock_mhz_min"], s["sm_clock_mhz_max"]) == (
         1600, 1500, 1700)
@@ -42,14 +42,14 @@ def test_summary_takes_the_samples_inside_the_windows():
     assert s["sw_power_cap_fraction"] == pytest.approx(1 / 3)
     assert s["hw_slowdown_fraction"] == pytest.approx(1 / 3)  # the power brake
     assert s["thermal_fraction"] == pytest.approx(1 / 3)
-    assert testing.summarize_gpu_samples(samples, [(5.0, 8.0)]) is None
-    assert testing.summarize_gpu_samples([], [(0.0, 10.0)]) is None
+    assert gpu_monitor.summarize_gpu_samples(samples, [(5.0, 8.0)]) is None
+    assert gpu_monitor.summarize_gpu_samples([], [(0.0, 10.0)]) is None
 
 
 def test_sampler_process_reads_nvml_for_the_visible_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", _fake_nvml(tmp_path))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    with testing.GpuSampler(interval_s=0.01) as gpu:
+    with gpu_monitor.GpuSampler(interval_s=0.01) as gpu:
         t0 = time.time()
         time.sleep(0.3)
         t1 = time.time()
@@ -67,7 +67,7 @@ def test_sampler_process_ends_when_its_parent_is_gone(tmp_path):
     that exits at once leaves a sampler that stops within its next sample."""
     env = dict(os.environ, PYTHONPATH=_fake_nvml(tmp_path))
     out = tmp_path / "samples.jsonl"
-    sampler = ("from vllm_bitdecode.testing import gpu_sampler_main; "
+    sampler = ("from vllm_bitdecode.testing.gpu_monitor import gpu_sampler_main; "
                f"gpu_sampler_main({str(out)!r}, 0.01, PARENT)")
     parent = ("import os, subprocess, sys; "
               f"subprocess.Popen([sys.executable, '-c', {sampler!r}.replace('PARENT', "
@@ -83,7 +83,7 @@ def test_sampler_without_nvml_gives_no_summary(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", _fake_nvml(
         tmp_path, "def nvmlInit():\n    raise RuntimeError('no driver')\n"))
     t0 = time.time()
-    with testing.GpuSampler(interval_s=0.01) as gpu:
+    with gpu_monitor.GpuSampler(interval_s=0.01) as gpu:
         pass
     assert time.time() - t0 < 10 and gpu.samples == []
     assert gpu.summary([(t0, time.time())]) is None
@@ -104,7 +104,7 @@ def test_time_decode_reports_the_gpu_over_the_long_runs_only(monkeypatch):
             seen["windows"] = windows
             return {"samples": len(windows)}
 
-    monkeypatch.setattr(testing, "GpuSampler", Sampler)
+    monkeypatch.setattr(engine_timing, "GpuSampler", Sampler)
     runs = []
 
     class LLM:
@@ -112,8 +112,8 @@ def test_time_decode_reports_the_gpu_over_the_long_runs_only(monkeypatch):
             runs.append((sp.max_tokens, time.time()))
             return []
 
-    monkeypatch.setattr(testing, "counters", lambda llm: {})
-    t = testing._time_decode(LLM(), types.SimpleNamespace, dict(batch=1, context=3, steps=4))
+    monkeypatch.setattr(engine_timing, "counters", lambda llm: {})
+    t = engine_timing.time_decode(LLM(), types.SimpleNamespace, dict(batch=1, context=3, steps=4))
     assert t["gpu_in_long_runs"] == {"samples": 3}
     long_starts = [at for n, at in runs[1:] if n == 9]
     assert [a <= at <= b for (a, b), at in zip(seen["windows"], long_starts, strict=True)] == [
@@ -129,7 +129,7 @@ def test_bench_decode_rows_shorter_than_the_interval_get_the_samples_around_them
     sampler = types.SimpleNamespace(interval_s=0.01, samples=[
         [0.985, 1980, 300.0, 0], [0.995, 1830, 690.0, 0x4], [1.009, 1845, 695.0, 0x4],
         [1.025, 1980, 200.0, 0]])
-    sampler.summary = lambda windows: testing.summarize_gpu_samples(sampler.samples, windows)
+    sampler.summary = lambda windows: gpu_monitor.summarize_gpu_samples(sampler.samples, windows)
     g = bench.gpu_around(sampler, (1.0, 1.004))  # no sample inside the 4 ms it was timed
     assert g["samples"] == 2 and g["sm_clock_mhz_max"] == 1845
     assert g["sw_power_cap_fraction"] == 1.0

@@ -35,7 +35,7 @@ def _scheduler(tmp_path, bitdecode: dict | None = None):
 
     import vllm_bitdecode
     from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
-    from vllm_bitdecode.testing import TINY_LLAMA, write_llama_config
+    from vllm_bitdecode.testing.model_dir import TINY_LLAMA, write_llama_config
 
     vllm_bitdecode.register()
     model = str(write_llama_config(tmp_path / "m", **TINY_LLAMA))

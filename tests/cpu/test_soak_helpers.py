@@ -328,7 +328,7 @@ def test_expected_prompt_tokens_match_the_tiny_tokenizer(soak, tmp_path):
     pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
-    from vllm_bitdecode.testing import write_model_dir
+    from vllm_bitdecode.testing.model_dir import write_model_dir
 
     model = write_model_dir(tmp_path / "m", vocab_size=32000)
     tok = AutoTokenizer.from_pretrained(str(model))
@@ -823,7 +823,7 @@ def test_server_command(soak):
     shipped = str(ROOT / "models" / "stdlib-llama-18m")  # weights, no chat template
     real = soak.server_command(soak.parse_args(["--model", shipped]), shipped, 1)
     assert "--load-format" not in real
-    from vllm_bitdecode.testing import CHAT_TEMPLATE
+    from vllm_bitdecode.testing.model_dir import CHAT_TEMPLATE
 
     assert real[real.index("--chat-template") + 1] == CHAT_TEMPLATE
     fake = soak.server_command(soak.parse_args(["--server-cmd", "python s.py --port {port}"]),

@@ -178,13 +178,13 @@ def test_layer_ranges():
 
 
 def test_engine_counter_of_sparse_rows_uses_the_kernels_rule(monkeypatch):
-    """testing._SparseRowCounter (the GPU tests' per-step hook): rows, rows long enough to
+    """engine_probes.SparseRowCounter (the GPU tests' per-step hook): rows, rows long enough to
     decode sparsely, and those of them with keys, as rows_with_score_keys says."""
-    from vllm_bitdecode import testing
+    from vllm_bitdecode.testing import engine_probes
 
     # the hook wraps the builder class; monkeypatch puts the original back afterwards
     monkeypatch.setattr(BitDecodeMetadataBuilder, "build", BitDecodeMetadataBuilder.build)
-    counter = testing._SparseRowCounter()
+    counter = engine_probes.SparseRowCounter()
     _decode_step(_builder("page", 3), [24576 - 3 * i for i in range(32)], 4)
     assert counter.counts["rows"] == counter.counts["with_keys"] == 128
     b = _builder("token", 0, kv_blocks=4096)

@@ -53,7 +53,7 @@ from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
 import vllm_bitdecode
 from vllm_bitdecode import config as bd_config
 from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
-from vllm_bitdecode.testing import TINY_LLAMA
+from vllm_bitdecode.testing.model_dir import TINY_LLAMA
 
 from . import test_config
 

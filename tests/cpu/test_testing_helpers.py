@@ -14,12 +14,19 @@ import types
 import pytest
 import torch
 
-from vllm_bitdecode import testing
+from vllm_bitdecode.testing import (
+    comparisons,
+    engine,
+    engine_probes,
+    gpu_monitor,
+    model_dir,
+    server,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return testing.write_model_dir(tmp_path_factory.mktemp("tiny"), **testing.TINY_LLAMA)
+    return model_dir.write_model_dir(tmp_path_factory.mktemp("tiny"), **model_dir.TINY_LLAMA)
 
 
 def test_model_dir_has_config_and_a_tokenizer_of_the_model_vocab(tiny_dir):
@@ -51,7 +58,7 @@ def test_chat_template_renders_and_vllm_reads_it_as_string_content(tiny_dir):
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                   return_dict=False)
     assert len(ids) == 19 and 0 not in ids  # every word known: no <unk>
-    assert _detect_content_format(testing.CHAT_TEMPLATE, default="openai") == "string"
+    assert _detect_content_format(model_dir.CHAT_TEMPLATE, default="openai") == "string"
 
 
 def test_vllm_random_dataset_samples_with_the_test_tokenizer(tmp_path):
@@ -59,7 +66,7 @@ def test_vllm_random_dataset_samples_with_the_test_tokenizer(tmp_path):
     from vllm.benchmarks.datasets import RandomDataset
     from vllm.tokenizers import get_tokenizer
 
-    model = testing.write_model_dir(tmp_path / "m", vocab_size=4096)
+    model = model_dir.write_model_dir(tmp_path / "m", vocab_size=4096)
     tok = get_tokenizer(str(model))
     reqs = RandomDataset(random_seed=0).sample(tok, num_requests=4, input_len=300,
                                                output_len=7)
@@ -73,30 +80,30 @@ def test_make_model_cli(tmp_path):
     assert out.returncode == 0, out.stderr
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 3 and cfg["vocab_size"] == 1000
-    assert cfg["hidden_size"] == testing.LLAMA3_8B["hidden_size"]
+    assert cfg["hidden_size"] == model_dir.LLAMA3_8B["hidden_size"]
     assert (tmp_path / "m" / "tokenizer.json").exists()
     assert "chat_template" in json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
 
 
 def test_engine_kwargs_backend_choice_and_passthrough():
-    kw = testing.engine_kwargs(dict(model="m", backend="BITDECODE", bitdecode={"bits": 2},
+    kw = engine.engine_kwargs(dict(model="m", backend="BITDECODE", bitdecode={"bits": 2},
                                     disable_log_stats=False, num_gpu_blocks_override=7,
                                     compilation_config={"cudagraph_capture_sizes": [1, 2]}))
     assert kw["attention_backend"] == "BITDECODE"
     assert kw["additional_config"] == {"bitdecode": {"bits": 2}}
     assert kw["disable_log_stats"] is False and kw["num_gpu_blocks_override"] == 7
     assert kw["compilation_config"] == {"cudagraph_capture_sizes": [1, 2]}
-    auto = testing.engine_kwargs(dict(model="m", backend=None,
+    auto = engine.engine_kwargs(dict(model="m", backend=None,
                                       kv_cache_dtype="turboquant_4bit_nc"))
     assert "attention_backend" not in auto and "additional_config" not in auto
     assert auto["kv_cache_dtype"] == "turboquant_4bit_nc"
-    assert testing.engine_kwargs(dict(model="m"))["attention_backend"] == "BITDECODE"
+    assert engine.engine_kwargs(dict(model="m"))["attention_backend"] == "BITDECODE"
 
 
 def test_engine_kwargs_are_accepted_by_vllm_engine_args():
     from vllm.engine.arg_utils import EngineArgs
 
-    kw = testing.engine_kwargs(dict(model="m", backend="BITDECODE", disable_log_stats=False,
+    kw = engine.engine_kwargs(dict(model="m", backend="BITDECODE", disable_log_stats=False,
                                     enable_prefix_caching=True, max_num_batched_tokens=2048,
                                     num_gpu_blocks_override=1100,
                                     compilation_config={"cudagraph_capture_sizes": [1, 8]}))
@@ -107,8 +114,8 @@ def test_engine_kwargs_are_accepted_by_vllm_engine_args():
 def test_parse_kv_cache_tokens():
     log = ("INFO [kv_cache_utils.py:1] GPU KV cache size: 444,112 tokens\n"
            "INFO later GPU KV cache size: 1,671,984 tokens\n")
-    assert testing.parse_kv_cache_tokens(log) == 1671984
-    assert testing.parse_kv_cache_tokens("nothing here") is None
+    assert engine.parse_kv_cache_tokens(log) == 1671984
+    assert engine.parse_kv_cache_tokens("nothing here") is None
 
 
 def _running_means(n: int, dim: int = 256, seed: int = 0) -> torch.Tensor:
@@ -121,18 +128,18 @@ def test_match_rows_by_position_single_request():
     rows = _running_means(3000)
     ref = {"positions": torch.arange(3000), "rows": rows.bfloat16()}
     same = {"positions": torch.arange(3000).flip(0), "rows": rows.flip(0).bfloat16()}
-    errs, overall = testing.match_rows_by_position(same, ref)
+    errs, overall = comparisons.match_rows_by_position(same, ref)
     assert overall == 0 and float(errs.max()) == 0
     # a chunk that missed its history: rows 1000.. are means over the chunk alone
     bad = rows.clone()
     v = torch.diff(torch.cat([torch.zeros(1, 256), rows * torch.arange(1, 3001)[:, None]]), dim=0)
     bad[1000:] = torch.cumsum(v[1000:], 0) / torch.arange(1, 2001)[:, None]
-    errs, overall = testing.match_rows_by_position(
+    errs, overall = comparisons.match_rows_by_position(
         {"positions": torch.arange(3000), "rows": bad.bfloat16()}, ref)
     assert float(errs[:1000].max()) < 1e-2 and float(errs[1000:].min()) > 0.05
     assert overall > 0.3
     # positions the reference never reached
-    errs, _ = testing.match_rows_by_position(
+    errs, _ = comparisons.match_rows_by_position(
         {"positions": torch.tensor([5, 4000]), "rows": rows[:2].bfloat16()}, ref)
     assert math.isinf(float(errs[1])) and math.isfinite(float(errs[0]))
 
@@ -144,11 +151,11 @@ def test_match_rows_by_position_picks_the_right_request_of_a_batch():
     # the test run computed b first, then a, then recomputed part of a (preemption)
     test = {"positions": torch.cat([torch.arange(800), torch.arange(500), torch.arange(200)]),
             "rows": torch.cat([b, a, a[:200]]) * (1 + 1e-3)}
-    errs, overall = testing.match_rows_by_position(test, ref)
+    errs, overall = comparisons.match_rows_by_position(test, ref)
     assert float(errs.max()) < 2e-3 and overall < 2e-3
     # a row from neither request is far from both
     test["rows"][-1] = _running_means(200, seed=3)[-1]
-    errs, _ = testing.match_rows_by_position(test, ref)
+    errs, _ = comparisons.match_rows_by_position(test, ref)
     assert float(errs[-1]) > 0.5
 
 
@@ -156,18 +163,18 @@ def test_greedy_equal_up_to_ties():
     ref = [[1, 2, 3], [4, 5, 6]]
     lps = [[{1: -0.1, 9: -3.0}, {2: -0.5, 7: -0.51}, {3: -0.1, 8: -2.0}],
            [{4: -0.1, 9: -3.0}, {5: -0.1, 9: -3.0}, {6: -0.1, 9: -3.0}]]
-    assert testing.assert_greedy_equal_up_to_ties(ref, ref, lps, 3, "same") == 0
+    assert comparisons.assert_greedy_equal_up_to_ties(ref, ref, lps, 3, "same") == 0
     # request 0 takes the runner-up where the reference's two best are 0.01 apart
-    assert testing.assert_greedy_equal_up_to_ties([[1, 7, 0], [4, 5, 6]], ref, lps, 3,
+    assert comparisons.assert_greedy_equal_up_to_ties([[1, 7, 0], [4, 5, 6]], ref, lps, 3,
                                                   "tie") == 1
     with pytest.raises(AssertionError, match="token 9 instead of 5"):  # no tie there
-        testing.assert_greedy_equal_up_to_ties([[1, 2, 3], [4, 9, 6]], ref, lps, 3, "x")
+        comparisons.assert_greedy_equal_up_to_ties([[1, 2, 3], [4, 9, 6]], ref, lps, 3, "x")
     with pytest.raises(AssertionError, match="did not finish"):
-        testing.assert_greedy_equal_up_to_ties([[1, 2], [4, 5, 6]], ref, lps, 3, "x")
+        comparisons.assert_greedy_equal_up_to_ties([[1, 2], [4, 5, 6]], ref, lps, 3, "x")
     many = [[1, 2, 3]] * 9
     many_lps = [[{1: -0.1, 9: -0.11}, {2: -0.1}, {3: -0.1}]] * 9
     with pytest.raises(AssertionError, match="2 requests diverged"):
-        testing.assert_greedy_equal_up_to_ties([[9, 2, 3]] * 2 + many[2:], many, many_lps, 3,
+        comparisons.assert_greedy_equal_up_to_ties([[9, 2, 3]] * 2 + many[2:], many, many_lps, 3,
                                                "many")
 
 
@@ -175,39 +182,39 @@ def test_greedy_close_follows_vllm_rule():
     ref = [[1, 2, 3], [4, 5, 6]]
     ref_lps = [[{1: -0.1, 9: -3.0}, {2: -0.5, 7: -0.9}, {3: -0.1}],
                [{4: -0.1}, {5: -0.1, 8: -2.0}, {6: -0.1}]]
-    assert testing.assert_greedy_close(ref, ref_lps, ref, ref_lps, 3, "same") == [None, None]
+    assert comparisons.assert_greedy_close(ref, ref_lps, ref, ref_lps, 3, "same") == [None, None]
     # request 0 takes the reference's runner-up at step 1, and the reference's token is
     # among its own top tokens: allowed, compared no further (step 2 differs freely)
     test = [[1, 7, 0], [4, 5, 6]]
     test_lps = [[{1: -0.1}, {7: -0.6, 2: -0.7}, {0: -0.1}], ref_lps[1]]
-    assert testing.assert_greedy_close(test, test_lps, ref, ref_lps, 3, "ok") == [1, None]
+    assert comparisons.assert_greedy_close(test, test_lps, ref, ref_lps, 3, "ok") == [1, None]
     # a token the reference did not rank, or a reference token the test did not rank
     with pytest.raises(AssertionError, match="request 1, step 1: token 9 instead of 5"):
-        testing.assert_greedy_close([[1, 2, 3], [4, 9, 6]], ref_lps, ref, ref_lps, 3, "x")
+        comparisons.assert_greedy_close([[1, 2, 3], [4, 9, 6]], ref_lps, ref, ref_lps, 3, "x")
     no_ref_token = [[{1: -0.1}, {7: -0.6, 3: -0.7}, {0: -0.1}], ref_lps[1]]
     with pytest.raises(AssertionError, match="not among"):
-        testing.assert_greedy_close(test, no_ref_token, ref, ref_lps, 3, "x")
+        comparisons.assert_greedy_close(test, no_ref_token, ref, ref_lps, 3, "x")
     with pytest.raises(AssertionError, match="did not finish"):
-        testing.assert_greedy_close([[1, 2], [4, 5, 6]], ref_lps, ref, ref_lps, 3, "x")
+        comparisons.assert_greedy_close([[1, 2], [4, 5, 6]], ref_lps, ref, ref_lps, 3, "x")
 
 
 def test_teacher_forced_agreement():
     ref = [{"logprob": [-1.0, -2.0], "argmax": [5, 6]}, {"logprob": [-3.0], "argmax": [7]}]
-    same = testing.teacher_forced_agreement(ref, ref)
+    same = comparisons.teacher_forced_agreement(ref, ref)
     assert same == {"ppl_ratio": 1.0, "argmax_agreement": 1.0, "mean_abs_logprob_diff": 0.0}
     worse = [{"logprob": [-1.3, -2.3], "argmax": [5, 9]}, {"logprob": [-3.3], "argmax": [7]}]
-    got = testing.teacher_forced_agreement(worse, ref)
+    got = comparisons.teacher_forced_agreement(worse, ref)
     assert got["ppl_ratio"] == pytest.approx(math.exp(0.3))
     assert got["argmax_agreement"] == pytest.approx(2 / 3)
     assert got["mean_abs_logprob_diff"] == pytest.approx(0.3)
     with pytest.raises(ValueError):  # a request of another length
-        testing.teacher_forced_agreement([{"logprob": [-1.0], "argmax": [5]}, ref[1]], ref)
+        comparisons.teacher_forced_agreement([{"logprob": [-1.0], "argmax": [5]}, ref[1]], ref)
 
 
 def test_prompt_logprobs_picks_the_prompt_token_and_the_argmax():
     lp = collections.namedtuple("Logprob", "logprob rank")
     steps = [None, {8: lp(-0.5, 2), 4: lp(-0.2, 1)}, {6: lp(-0.1, 1)}]
-    assert testing._prompt_logprobs([3, 8, 6], steps) == {"logprob": [-0.5, -0.1],
+    assert engine.teacher_forced_scores([3, 8, 6], steps) == {"logprob": [-0.5, -0.1],
                                                           "argmax": [4, 6]}
 
 
@@ -226,11 +233,11 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
 
     nvml = FakeNvml()
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert testing._visible_gpus(nvml) == ["h0", "h1", "h2"]
+    assert gpu_monitor.visible_gpus(nvml) == ["h0", "h1", "h2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,0")
-    assert testing._visible_gpus(nvml) == ["h2", "h0"]
+    assert gpu_monitor.visible_gpus(nvml) == ["h2", "h0"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-bb, 7")
-    assert testing._visible_gpus(nvml) == ["h1"]  # by UUID prefix; no device 7
+    assert gpu_monitor.visible_gpus(nvml) == ["h1"]  # by UUID prefix; no device 7
 
 
 def test_process_cmdline():
@@ -241,13 +248,13 @@ def test_process_cmdline():
         ps = psutil.Process(proc.pid)
         cmd, deadline = "", time.monotonic() + 10
         while "time.sleep(30)" not in cmd and time.monotonic() < deadline:
-            cmd = testing.process_cmdline(ps)  # "" until the child has exec'd
+            cmd = server.process_cmdline(ps)  # "" until the child has exec'd
             time.sleep(0.05)
         assert "time.sleep(30)" in cmd
     finally:
         proc.kill()
         proc.wait()
-    assert testing.process_cmdline(ps) == ""  # gone
+    assert server.process_cmdline(ps) == ""  # gone
 
 
 def test_stop_server_ends_the_process_and_its_children():
@@ -260,16 +267,16 @@ def test_stop_server_ends_the_process_and_its_children():
                              f"subprocess.Popen([sys.executable, '-c', {child!r}]); "
                              "time.sleep(60)"])
     time.sleep(1.0)
-    children = testing.child_processes(proc.pid)
+    children = server.child_processes(proc.pid)
     assert children, "the stand-in server did not start its child"
-    out = testing.stop_server(proc, children, timeout=10)
+    out = server.stop_server(proc, children, timeout=10)
     assert out["sigterm"] and out["exit_code"] == -15 and not out.get("killed")
     assert out["children_left"] == 0 and out["clean"], out
-    assert not any(testing.process_alive(c) for c in children)
+    assert not any(server.process_alive(c) for c in children)
     stubborn = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                                  "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
     time.sleep(1.0)
-    out = testing.stop_server(stubborn, [], timeout=1)
+    out = server.stop_server(stubborn, [], timeout=1)
     assert out["killed"] and out["exit_code"] == -9 and not out["clean"]
 
 
@@ -293,14 +300,14 @@ def test_batch_counter_counts_unscheduled_and_moved_requests():
             return None
 
     worker = collections.namedtuple("Worker", "model_runner")(Runner())
-    assert testing._install_batch_counter(worker)
+    assert engine_probes.install_batch_counter(worker)
     # step 1: "b" finished, "c" reached max_tokens under async scheduling and sits out
     worker.model_runner._update_states(SchedulerOutput({"a": 1, "d": 1}, {"b"}))
-    got = testing._fetch_batch_counter(worker)
+    got = engine_probes.fetch_batch_counter(worker)
     assert got == {"steps": 1, "unscheduled": 1, "moved": 1}  # "d" moved from 3 to 1
     # step 2: everything scheduled, nothing moves
     worker.model_runner._update_states(SchedulerOutput({"a": 1, "d": 1}, set()))
-    assert testing._fetch_batch_counter(worker) == {"steps": 2, "unscheduled": 1, "moved": 1}
+    assert engine_probes.fetch_batch_counter(worker) == {"steps": 2, "unscheduled": 1, "moved": 1}
 
 
 def test_poison_prefill_workspaces_fills_each_shared_workspace_once():
@@ -313,7 +320,7 @@ def test_poison_prefill_workspaces_fills_each_shared_workspace_once():
 
     model = torch.nn.Sequential(Layer(shared), Layer(shared), Layer(None), Layer(own),
                                 torch.nn.Linear(2, 2))
-    assert testing.poison_prefill_workspaces(model) == 2
+    assert engine_probes.poison_prefill_workspaces(model) == 2
     assert shared.isnan().all() and own.isnan().all()
 
 
@@ -339,5 +346,5 @@ def test_sleep_and_wake_follows_the_level(monkeypatch, level, calls):
     free = iter([(1000, 0), (5000, 0)])
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: next(free))
-    assert testing._sleep_and_wake(FakeLLM(), level) == 4000
+    assert engine_probes.sleep_and_wake(FakeLLM(), level) == 4000
     assert seen == calls

@@ -27,7 +27,8 @@ import functools
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import assert_greedy_close, run_in_subprocess
+from vllm_bitdecode.testing.comparisons import assert_greedy_close
+from vllm_bitdecode.testing.engine import run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 

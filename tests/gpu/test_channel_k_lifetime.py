@@ -14,7 +14,7 @@ after 5-46 tokens, each in the middle of a page:
 
 The batched runs must give the reference's greedy tokens by vLLM's rule for engines whose
 arithmetic differs (the split-K plan and so the summation order follow the batch), and
-counters in the worker (``testing._install_batch_counter``) prove that requests were
+counters in the worker (``testing.engine_probes.install_batch_counter``) prove that requests were
 running but unscheduled and that rows moved. Preemption, prefix-cache hits and chunked
 prefill ending mid-page are in test_serving.py (BITDECODE_SERVING_K_MODE=channel) and
 test_channel_k_e2e.py. About 3 engine starts, 2 minutes.
@@ -27,7 +27,8 @@ import functools
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import assert_greedy_close, run_in_subprocess
+from vllm_bitdecode.testing.comparisons import assert_greedy_close
+from vllm_bitdecode.testing.engine import run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 

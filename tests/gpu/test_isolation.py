@@ -24,12 +24,13 @@ One engine (CUDA graphs, prefix caching, chunked prefill in steps of 2,048 token
   groups (``metadata.prefill_workspace_rows``), which the test checks happened.
 
 Checked: every request of both mixed runs gives the greedy tokens it gave alone, with the
-tie rule of ``vllm_bitdecode.testing.assert_greedy_equal_up_to_ties`` (a request may take
-the runner-up once, at a step where its two best log-probabilities are within 0.02, after
-which it is not compared; at most one request in 8); no answer is a number that appears only in
-another request's prompt; the model answers >= 90% of the prompts right when alone (so the
-answers do depend on each prompt); the comparison is not blind (request i's tokens differ
-from request j's for almost all pairs); and the cache hits happened (num_cached_tokens).
+tie rule of ``vllm_bitdecode.testing.comparisons.assert_greedy_equal_up_to_ties`` (a
+request may take the runner-up once, at a step where its two best log-probabilities are
+within 0.02, after which it is not compared; at most one request in 8); no answer is a
+number that appears only in another request's prompt; the model answers >= 90% of the
+prompts right when alone (so the answers do depend on each prompt); the comparison is not
+blind (request i's tokens differ from request j's for almost all pairs); and the cache
+hits happened (num_cached_tokens).
 
 BITDECODE_ISOLATION_BITS="4" (default; "4,2" adds 2 bits, where the model cannot retrieve
 and only the token comparison applies); BITDECODE_ISOLATION_K_MODE=channel runs it all in
@@ -45,7 +46,8 @@ import re
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import assert_greedy_equal_up_to_ties, run_in_subprocess
+from vllm_bitdecode.testing.comparisons import assert_greedy_equal_up_to_ties
+from vllm_bitdecode.testing.engine import run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 

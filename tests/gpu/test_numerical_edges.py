@@ -3,7 +3,7 @@
 Every case writes its K/V with the quantize-on-write op into pages that hold random bytes
 and reference-written tokens (test_kernels._fill_pages), then decodes with one split and
 with the split planner's count for this GPU, outputs NaN-filled before each run. Two
-baselines: "bf16 attention", FA3 (``vllm_bitdecode.testing.fa3_paged_decode``, as the
+baselines: "bf16 attention", FA3 (``vllm_bitdecode.testing.baselines.fa3_paged_decode``, as the
 benchmarks call it) over the same *unquantized* K/V in a paged cache of the same block
 table and dtype (fp16 runs compare with fp16 attention); and the float32 reference
 (``reference.paged_attention``) on the pages the kernel wrote. The rule of the issue,
@@ -68,7 +68,7 @@ from tests.gpu.test_kernels import (
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode.backend.metadata import decode_slots, plan_num_splits
 from vllm_bitdecode.page_format import PageFormat, rotation_signs
-from vllm_bitdecode.testing import fa3_paged_decode
+from vllm_bitdecode.testing.baselines import fa3_paged_decode
 
 pytestmark = pytest.mark.gpu
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from vllm_bitdecode.testing import (
+from vllm_bitdecode.testing.model_dir import write_model_dir
+from vllm_bitdecode.testing.server import (
     ServedProcess,
     parse_prometheus,
     post_json,
     process_alive,
     vllm_serve,
-    write_model_dir,
 )
 
 pytestmark = pytest.mark.gpu

@@ -39,13 +39,10 @@ import random
 import pytest
 import torch
 
-from vllm_bitdecode.testing import (
-    POISON_BYTE,
-    TINY_LLAMA,
-    match_rows_by_position,
-    run_in_subprocess,
-    write_llama_config,
-)
+from vllm_bitdecode.testing.comparisons import match_rows_by_position
+from vllm_bitdecode.testing.engine import run_in_subprocess
+from vllm_bitdecode.testing.engine_probes import POISON_BYTE
+from vllm_bitdecode.testing.model_dir import TINY_LLAMA, write_llama_config
 
 pytestmark = pytest.mark.gpu
 

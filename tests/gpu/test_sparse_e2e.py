@@ -27,7 +27,9 @@ import functools
 import pytest
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import POISON_BYTE, assert_greedy_close, run_in_subprocess
+from vllm_bitdecode.testing.comparisons import assert_greedy_close
+from vllm_bitdecode.testing.engine import run_in_subprocess
+from vllm_bitdecode.testing.engine_probes import POISON_BYTE
 
 pytestmark = pytest.mark.gpu
 
@@ -94,7 +96,7 @@ def test_cpu_offloading_in_sparse_mode(granularity):
     CPU through vLLM's offloading connector (--kv-offloading-size): the pass-key prompts
     run cold; a prompt shorter than a page (nothing to store) steps the engine while
     their pages' stores finish; then the GPU prefix cache is reset and every GPU page
-    poisoned (testing._kv_cache_bytes), and the prompts again take their pages from the
+    poisoned (testing.engine_probes.kv_cache_bytes), and the prompts again take their pages from the
     CPU and give the cold run's tokens (vLLM's rule for engines whose arithmetic differs:
     the second prefill computes only the last tokens). Control: poisoned again without a
     reset, the prompts hit the GPU's poisoned pages and lose the pass keys."""
@@ -138,7 +140,8 @@ def test_sleep_and_wake_up_keep_the_answers(mode, level):
     buffers, which the CUDA graphs read), which comes back uninitialized. Level 1 keeps
     the weights (and the impl's buffers made beside them: channel mode's residual rows)
     on the CPU; level 2 discards them too, and the test wakes the weights, reloads them
-    from the model's files and then wakes the KV cache (``testing._sleep_and_wake``). The
+    from the model's files and then wakes the KV cache
+    (``testing.engine_probes.sleep_and_wake``). The
     pass-key prompts run before the sleep and after the wake-up, cold both times, with
     CUDA graphs; the answers are the same tokens and log-probabilities (one engine, one
     batch: the same arithmetic)."""
@@ -215,7 +218,7 @@ def test_rows_keep_their_keys_with_drafts_in_a_full_cache():
     decoding together with n-gram drafts, in a KV cache sized to just hold them
     (num_gpu_blocks_override), so that the cache, not max_model_len, bounds the
     workspace. Every row long enough to decode sparsely gets its keys, by the kernels'
-    own test (testing._SparseRowCounter): none falls back to dense decoding. Before
+    own test (testing.engine_probes.SparseRowCounter): none falls back to dense decoding. Before
     90d18b7 the workspace counted the cache's tokens once, not once per query token of a
     request, and most of these rows would have decoded densely (exact, but without the
     saving). H200, 2026-12-02, 7ea9549: passed, with the file's other 5 tests (454 s)."""

@@ -45,7 +45,7 @@ speculative decoding (3 drafts) against one without, both 4-bit, same prompts, g
   where the cached pages' rounding came from than the retrieval job's;
 - in eager engines every attention forward of every layer (decodes, and prefill
   chunks of up to 64 tokens) is checked against the reference on that layer's own
-  pages (testing._KernelCheck): the kernels' error apart from quantization and
+  pages (testing.engine_probes.KernelCheck): the kernels' error apart from quantization and
   schedules. H200, 2026-12-01: worst 9.0e-3 over a forward's decode rows and 9.6e-3
   over its prefill rows, worst single row 2.5e-2, packed multi-token steps and the
   mixed step included;
@@ -66,7 +66,8 @@ import pytest
 import torch
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import match_rows_by_position, run_in_subprocess
+from vllm_bitdecode.testing.comparisons import match_rows_by_position
+from vllm_bitdecode.testing.engine import run_in_subprocess
 
 pytestmark = pytest.mark.gpu
 
@@ -118,7 +119,7 @@ def _run(workload: dict, speculative: str | None, eager: bool) -> dict:
                 # the reference's log-probabilities judge a divergence; the drafts' run
                 # needs none; attention rows are captured in eager engines only
                 # and in eager engines every attention forward of every layer is checked
-                # against the reference on its own pages (testing._KernelCheck)
+                # against the reference on its own pages (testing.engine_probes.KernelCheck)
                 jobs=[dict(name="retrieval", prompts=workload["prompts"], max_tokens=GEN,
                            logprobs=None if speculative else 2, capture=eager,
                            kernel_check=eager),
@@ -274,7 +275,8 @@ def test_speculative_decoding_matches_plain_decoding(workload, plain, method, ea
 def _assert_kernels_match(job: dict, what: str, drafts: bool, prefills: bool = False
                           ) -> None:
     """Every attention forward of the job, in every layer, against the reference on that
-    layer's own pages at that moment (testing._KernelCheck): the kernels' own error, free
+    layer's own pages at that moment (testing.engine_probes.KernelCheck): the kernels' own
+    error, free
     of the quantization and schedule differences that the comparison across engines
     sees. Decode rows of several query tokens per request are among them where there are
     drafts; prefill rows are those of requests of at most 64 query tokens (chunks left

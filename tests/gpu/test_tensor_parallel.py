@@ -39,14 +39,13 @@ import pytest
 import torch
 
 from vllm_bitdecode import stdlib_llama as data
-from vllm_bitdecode.testing import (
+from vllm_bitdecode.testing.comparisons import (
     assert_greedy_close,
     assert_greedy_equal_up_to_ties,
-    post_json,
-    run_in_subprocess,
     teacher_forced_agreement,
-    vllm_serve,
 )
+from vllm_bitdecode.testing.engine import run_in_subprocess
+from vllm_bitdecode.testing.server import post_json, vllm_serve
 
 pytestmark = pytest.mark.gpu
 

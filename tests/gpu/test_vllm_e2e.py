@@ -21,13 +21,10 @@ import time
 import pytest
 import torch
 
-from vllm_bitdecode.testing import (
-    child_processes,
-    nvml_memory,
-    process_cmdline,
-    run_in_subprocess,
-    write_llama_config,
-)
+from vllm_bitdecode.testing.engine import run_in_subprocess
+from vllm_bitdecode.testing.gpu_monitor import nvml_memory
+from vllm_bitdecode.testing.model_dir import write_llama_config
+from vllm_bitdecode.testing.server import child_processes, process_cmdline
 
 pytestmark = pytest.mark.gpu
 
@@ -182,7 +179,7 @@ def test_failed_startup_leaves_no_gpu_memory(model_dir, case):
     """``LLM(...)`` with a bad configuration, as an application starts it: vLLM's engine in
     its own process (VLLM_ENABLE_V1_MULTIPROCESSING=1, vLLM's default and what ``vllm
     serve`` does), in a child process that catches the start-up error and reports
-    (vllm_bitdecode.testing.startup_failure). Once the error is raised, no process of the
+    (vllm_bitdecode.testing.engine.startup_failure). Once the error is raised, no process of the
     test holds GPU memory but the child's own CUDA context, if it has one: the engine
     processes have exited (NVML lists none of them, where it lists processes by this
     namespace's pids), the child holds no PyTorch GPU memory, and the device's used memory
