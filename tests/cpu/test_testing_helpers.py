@@ -85,6 +85,25 @@ def test_make_model_cli(tmp_path):
     assert "chat_template" in json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
 
 
+@pytest.mark.parametrize("failure", [False, True], ids=["engine", "startup_failure"])
+def test_module_entry_runs_a_spec_and_saves_its_result(tmp_path, monkeypatch, failure):
+    """``python -m vllm_bitdecode.testing SPEC OUT``, which run_in_subprocess starts: a spec
+    goes to run_engine, one with a ``startup_failure`` entry to startup_failure, and the
+    result is saved where the parent reads it. (The engines themselves need a GPU.)"""
+    from vllm_bitdecode.testing import __main__ as entry
+
+    spec = {"model": "m", **({"startup_failure": {"baseline_used_mib": 0}} if failure else {})}
+    calls = []
+    monkeypatch.setattr(entry, "run_engine", lambda s: calls.append(("run", s)) or {"ran": 1})
+    monkeypatch.setattr(entry, "startup_failure",
+                        lambda s: calls.append(("fail", s)) or {"failed": 1})
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "spec.json"), str(tmp_path / "o.pt")])
+    entry.main()
+    assert calls == [("fail" if failure else "run", spec)]
+    assert torch.load(tmp_path / "o.pt") == ({"failed": 1} if failure else {"ran": 1})
+
+
 def test_engine_kwargs_backend_choice_and_passthrough():
     kw = engine.engine_kwargs(dict(model="m", backend="BITDECODE", bitdecode={"bits": 2},
                                     disable_log_stats=False, num_gpu_blocks_override=7,
