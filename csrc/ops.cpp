@@ -8,9 +8,11 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <utility>
+#include <vector>
 
 #include "bitdecode/launch.h"
 #include "bitdecode/ops.h"
@@ -89,11 +91,38 @@ void check_aligned_16(const at::Tensor& x, const char* name) {
 }
 
 // A tensor the kernels write must not name one element twice (e.g. an expand()ed view):
-// its rows would overwrite each other.
+// its rows would overwrite each other. has_internal_overlap answers TooHard for any view
+// that is not dense (an as_strided one whose heads overlap passed), so the strides are
+// tested: in ascending order each must step past all that the smaller ones reach.
+// Sufficient, not necessary: an interleaved layout that does not overlap is refused too.
 void check_no_overlap(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, "bitdecode: ", name,
-              " has elements that share memory (an expand()ed or zero-stride view); it is "
-              "written, so each element needs its own memory");
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dims of size > 1
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
+  std::sort(dims.begin(), dims.end());
+  bool apart = true;
+  int64_t reach = 0;  // the largest offset the dims so far address
+  for (const auto& [stride, size] : dims) {
+    apart = apart && stride > reach;
+    reach += stride * (size - 1);
+  }
+  TORCH_CHECK(x.numel() == 0 || apart, "bitdecode: ", name, " has elements that share "
+              "memory (an expand()ed view, or strides under which rows or heads overlap); "
+              "it is written, so each element needs its own memory");
+}
+
+// A written argument must share no memory with another argument of the call: a read one
+// would change under the kernel, a written one be written twice. get_overlap_status
+// answers TooHard where either is not dense (e.g. a slice of a fused qkv tensor): those
+// pass.
+void check_apart(const at::Tensor& x, const char* name,
+                 std::initializer_list<std::pair<const at::Tensor&, const char*>> others) {
+  for (const auto& [y, other] : others) {
+    const at::MemOverlapStatus s = at::get_overlap_status(x, y);
+    TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
+                "bitdecode: ", name, " shares memory with ", other, "; it is written, so it "
+                "needs memory of its own");
+  }
 }
 
 // The residual of the channel mode: block_size exact K rows, then as many V rows, per slot
@@ -302,6 +331,11 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
               "bitdecode: out must match q in shape and dtype");
   check_no_overlap(out, "out");
+  // out may be q itself: a CTA reads all its query rows before it writes an output row,
+  // and writes only those rows; split outputs come from the combine, which waits for the
+  // whole decode grid. Shifted, out would overwrite rows that another CTA still reads.
+  TORCH_CHECK(at::get_overlap_status(out, q) != at::MemOverlapStatus::Partial,
+              "bitdecode: out partially overlaps q; it must be q itself or memory of its own");
   const int64_t num_heads = q.size(1), num_kv_heads = cache.size(1);
   TORCH_CHECK(num_heads <= 65535, "bitdecode: at most 65535 query heads (the combine's "
               "launch grid), got ", num_heads);
@@ -322,6 +356,9 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                 "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
                 "[num_splits, num_seqs, max_query_len, num_heads]");
     check_aligned_16(partial_out, "partial_out");  // the combine reads it in float4s
+    check_apart(partial_out, "partial_out",
+                {{q, "q"}, {out, "out"}, {partial_lse, "partial_lse"}});
+    check_apart(partial_lse, "partial_lse", {{q, "q"}, {out, "out"}});
     check_same_device(partial_out, "partial_out", q);
     check_same_device(partial_lse, "partial_lse", q);
   }
@@ -366,6 +403,7 @@ void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
               "bitdecode: slot_mapping must be a contiguous CUDA int64 vector, one entry per "
               "actual token (key and value may carry padding rows after them)");
   check_cache(cache, g, key.size(1));
+  check_apart(cache, "cache", {{key, "key"}, {value, "value"}});
   check_same_device(key, "key", {{value, "value"}, {slot_mapping, "slot_mapping"},
                                  {cache, "cache"}});
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", key, "key");
@@ -400,6 +438,8 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
                   key_out.scalar_type() == value_out.scalar_type(),
               "bitdecode: key_out and value_out must be contiguous and of one shape and dtype");
   check_cache(cache, g, key_out.size(1), k_param_bits);
+  check_apart(key_out, "key_out", {{value_out, "value_out"}, {cache, "cache"}});
+  check_apart(value_out, "value_out", {{cache, "cache"}});
   TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
                   block_table.dim() == 2 && block_table.stride(1) == 1,
               "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
@@ -621,6 +661,9 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               "bitdecode: min_seq_len must be in [0, 2^31 - 1], got ", min_seq_len);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
+  // the decode writes keys, the top-k reads them and writes the lists and counts
+  check_apart(keys, "keys", {{sel_positions, "sel_positions"}, {sel_count, "sel_count"}});
+  check_apart(sel_positions, "sel_positions", {{sel_count, "sel_count"}});
 
   auto* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   const int64_t capacity = keys.numel() / sel_heads;
@@ -680,6 +723,8 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   }
   check_residual(residual, num_kv_heads, block_size, key.scalar_type());
   check_cache(cache, g, num_kv_heads, kpb);
+  check_apart(cache, "cache", {{residual, "residual"}, {key, "key"}, {value, "value"}});
+  check_apart(residual, "residual", {{key, "key"}, {value, "value"}});
   check_same_device(key, "key", {{value, "value"}, {slot_mapping, "slot_mapping"},
                                  {query_start_loc, "query_start_loc"}, {seq_lens, "seq_lens"},
                                  {row_slot, "row_slot"}, {cache, "cache"},

@@ -369,9 +369,10 @@ ws = torch.empty(1024 * 128, device="cuda")
 """
 
 BAD_CALL = BAD_CALL_SETUP + """a = dict(q=q, bits=4, block_size=16, table=table, out=out, lens=lens,
-         qsl=None, max_query_len=1, cache=cache, min_tiles=8, ws=ws, splits=1)
+         qsl=None, max_query_len=1, cache=cache, min_tiles=8, ws=ws, splits=1,
+         lse=torch.empty(1024, device="cuda"))
 a.update({kwargs})
-o.decode(a["out"], a["q"], a["cache"], a["table"], a["lens"], a["ws"], a["ws"], None, 0.1,
+o.decode(a["out"], a["q"], a["cache"], a["table"], a["lens"], a["ws"], a["lse"], None, 0.1,
          a["bits"], 128, a["block_size"], a["splits"], a["min_tiles"], a["qsl"],
          a["max_query_len"])
 torch.cuda.synchronize()
@@ -406,11 +407,20 @@ BAD_DECODE_CASES = [
      "q must start 16-byte aligned"),
     ("splits=2", None),  # the split path, whose partials are read in float4s
     ("splits=2, ws=ws[1:]", "partial_out must start 16-byte aligned"),
+    # the splits write both workspaces: one buffer for the two is refused
+    ("splits=2, lse=ws", "partial_out shares memory with partial_lse"),
     ("cache=torch.zeros(cache.numel() + 16, dtype=torch.uint8, device='cuda')"
      "[1:cache.numel() + 1].view(cache.shape)", "cache must start 16-byte aligned"),
     # written outputs must not alias themselves
     ("out=torch.empty(1, 1, 128, dtype=torch.bfloat16, device='cuda').expand(1, 8, 128)",
      "out has elements that share memory"),
+    # heads 8 elements apart: not dense, so has_internal_overlap cannot tell (TooHard)
+    ("out=torch.empty(2048, dtype=torch.bfloat16, device='cuda')"
+     ".as_strided((1, 8, 128), (1024, 8, 1))", "out has elements that share memory"),
+    # out may be q itself (in place), but not q shifted by a head
+    ("out=q", None),
+    ("q=(b := torch.randn(1152, dtype=torch.bfloat16, device='cuda'))[:1024].view(1, 8, 128), "
+     "out=b[128:].view(1, 8, 128)", "out partially overlaps q"),
     ("cache=cache[:1].expand(4, *cache.shape[1:])", "cache pages overlap"),
     # query heads are the combine's launch grid y dimension (16 per KV head at most)
     ("q=torch.randn(1, 65552, 128, dtype=torch.bfloat16, device='cuda'), "
@@ -454,6 +464,7 @@ BAD_WRITE_CASES = [
     ("starts=torch.tensor([0, 9, 20], dtype=torch.int32, device='cuda')[::2]",
      "out_start must be a contiguous CUDA int32"),
     ("vout=kout.half()", "of one shape and dtype"),  # written as key_out's dtype
+    ("vout=kout", "key_out shares memory with value_out"),
     ("max_tokens=-1", "max_tokens must be in [0"),
     ("k=k[:, :0], v=k[:, :0]", "at least one KV head"),
     ("k=torch.randn(776, dtype=torch.bfloat16, device='cuda')[1:769].view(3, 2, 128)",
@@ -472,6 +483,26 @@ def test_write_and_read_back_bad_arguments_raise_clear_errors(kwargs, message):
     expect_table_case(BAD_WRITE_CALL, kwargs, message, BAD_WRITE_CASES)
 
 
+def test_dequantize_writes_no_row_past_max_tokens():
+    """The read-back grid rounds up to whole CTAs of 4 warps: its tail warps (here those
+    of token 5) stop at max_tokens, even where a sequence is longer (a caller's broken
+    promise), and write nothing."""
+    gen = torch.Generator().manual_seed(5)
+    fmt = PageFormat(128, 4, 128, 16)
+    cache, table = _fill_pages([20], 2, fmt, torch.bfloat16, False, gen)
+    k_out = torch.full((20, 2, 128), float("nan"), dtype=torch.bfloat16, device=DEV)
+    v_out = torch.full_like(k_out, float("nan"))
+    # 5 tokens x 2 heads: 10 warps of a 12-warp grid
+    _ops().dequantize_pages(cache.to(DEV), table.to(DEV),
+                            torch.tensor([20], dtype=torch.int32, device=DEV),
+                            torch.tensor([0, 20], dtype=torch.int32, device=DEV), k_out, v_out,
+                            4, 128, 16, 5)
+    k, v = ref.read_blocks(cache, table[0, :2], 20, fmt, torch.bfloat16)
+    assert torch.equal(k_out[:5].cpu(), k[:5].to(torch.bfloat16))
+    assert torch.equal(v_out[:5].cpu(), v[:5].to(torch.bfloat16))
+    assert k_out[5:].isnan().all() and v_out[5:].isnan().all()
+
+
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
 def test_decode_block_sizes_and_long_sequence_split_everywhere(bits, block_size):
@@ -486,6 +517,27 @@ def test_decode_block_sizes_and_long_sequence_split_everywhere(bits, block_size)
         got = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, 0.1)
         assert torch.isfinite(got).all()
         assert _rel_err(got, expected) <= 1e-2
+
+
+def test_decode_in_place_over_q_equals_decode_into_its_own_output():
+    """out may be q itself (the op refuses only a partial overlap): a CTA reads its query
+    rows before it writes any, and only those; split outputs come from the combine."""
+    gen = torch.Generator().manual_seed(17)
+    fmt = PageFormat(128, 4, 128, 16)
+    seq_lens = [0, 40, 700, 3000]
+    cache, table = _fill_pages(seq_lens, 2, fmt, torch.bfloat16, True, gen)
+    q = torch.randn(len(seq_lens), 8, 128, generator=gen).to(torch.bfloat16)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=DEV)
+    for num_splits in (1, 8):
+        expected = _run_decode(q, cache, table, seq_lens, fmt, True, num_splits, 0.1)
+        q_d = q.to(DEV)
+        po = torch.empty(num_splits * len(seq_lens) * 8 * 128, device=DEV)
+        pl = torch.empty(num_splits * len(seq_lens) * 8, device=DEV)
+        _ops().decode(q_d, q_d, cache.to(DEV), table.to(DEV), lens, po, pl,
+                      rotation_signs(128).to(DEV), 0.1, 4, 128, 16, num_splits,
+                      MIN_TILES_PER_SPLIT, None, 1)
+        torch.cuda.synchronize()
+        assert torch.equal(q_d.cpu(), expected), f"num_splits={num_splits}"
 
 
 def test_decode_zero_length_sequences_write_zeros():

@@ -327,6 +327,9 @@ BAD_SELECT_CASES = [
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
     # the top-k writes each (sequence, KV head) row's list: rows must not share memory
     ("pos=pos[:, :1].expand(1, 2, 8)", "sel_positions has elements that share memory"),
+    # the decode writes keys, the top-k reads them and writes the lists and counts
+    ("keys=pos.view(-1)", "keys shares memory with sel_positions"),
+    ("count=pos.view(-1)[:1]", "sel_positions shares memory with sel_count"),
     ("keys=keys[:63]", "keys must be a contiguous CUDA int32 workspace"),
     ("keys=keys.float()", "keys must be a contiguous CUDA int32 workspace"),
     ("offs=offs.int()", "key_offsets must be a contiguous CUDA int64"),

@@ -178,9 +178,10 @@ __global__ void __launch_bounds__(kQuantizeWarps * 32) dequantize_kernel(Dequant
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int seq = blockIdx.y;
-  const int64_t item = static_cast<int64_t>(blockIdx.x) * kQuantizeWarps + warp;
-  const int token = static_cast<int>(item / p.num_kv_heads);
-  const int head = static_cast<int>(item % p.num_kv_heads);
+  // the grid's last CTA has warps past max_tokens * num_kv_heads: they stop here and not
+  // only at seq_lens, which a caller may (wrongly) have larger than max_tokens
+  int token, head;
+  if (!warp_token_head(p.max_tokens, p.num_kv_heads, token, head)) return;
   if (token >= p.seq_lens[seq]) return;
   const int64_t block = p.block_table[seq * p.block_table_stride + token / p.page.block_size];
   const int offset = token % p.page.block_size;
