@@ -19,6 +19,7 @@ import random
 import pytest
 import torch
 
+from tests.cpu.step_inputs import batch_lists
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode import reference_kc as kc
 from vllm_bitdecode.page_format import PageFormat
@@ -202,35 +203,6 @@ class Req:
     slot: int  # residual slot
     done: int = 0  # positions computed so far
     outputs: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)
-
-
-def batch_lists(work: list[tuple[Req, int]], block_size: int, pad_rows: int, pad_slot: int
-                ) -> tuple[list, list, list, list[int], list[int], list[int], list[list[int]],
-                           list[int]]:
-    """A step's inputs as vLLM lays them out, as lists: each row's new Q, K and V, the
-    tokens' cache slots, query_start_loc, seq_lens, the block table (rows padded with
-    block 0) and the rows' residual slots, then ``pad_rows`` CUDA-graph padding rows (no
-    tokens, seq_len 0, residual slot ``pad_slot``). ``work``: (request, new tokens) in
-    batch-row order."""
-    bs = block_size
-    qs, ks, vs, slots, qsl, lens, table, rslot = [], [], [], [], [0], [], [], []
-    width = max(len(r.blocks) for r, _ in work)
-    for req, m in work:
-        s, e = req.done, req.done + m
-        qs.append(req.seq.q[s:e])
-        ks.append(req.seq.k[s:e])
-        vs.append(req.seq.v[s:e])
-        slots += [req.blocks[p // bs] * bs + p % bs for p in range(s, e)]
-        qsl.append(qsl[-1] + m)
-        lens.append(e)
-        table.append(req.blocks + [0] * (width - len(req.blocks)))
-        rslot.append(req.slot)
-    for _ in range(pad_rows):  # CUDA-graph padding rows: no tokens, seq_len 0
-        qsl.append(qsl[-1])
-        lens.append(0)
-        table.append([0] * width)
-        rslot.append(pad_slot)
-    return qs, ks, vs, slots, qsl, lens, table, rslot
 
 
 class Engine:

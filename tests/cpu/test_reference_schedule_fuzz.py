@@ -56,7 +56,7 @@ import pytest
 import torch
 
 from tests.cpu.attention_stand_ins import merge_attn_states
-from tests.cpu.test_reference_kc import batch_lists
+from tests.cpu.step_inputs import batch_lists
 from vllm_bitdecode import kc_prefill
 from vllm_bitdecode import reference as ref
 from vllm_bitdecode import reference_kc as kc
