@@ -262,6 +262,54 @@ def test_multi_token_decodes_match_causal_attention(impl_mod, bits, rotate_k, se
     assert_layer_matches(impl, q, cache, md, want)
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("extend", [1, 2])
+def test_drafter_prefill_rows_see_the_lengths_vllm_extended(impl_mod, seed, extend):
+    """vLLM 0.20's drafters (a draft model's first pass: N = 1; parallel drafting: N =
+    k - 1) lengthen every query and context by N with its extend_all_queries_by_N, which
+    leaves seq_lens_cpu_upper_bound N short. Rows pushed past the decode threshold then
+    go through the prefill path, whose host plan must use the true lengths: through
+    build_for_drafting each query token attends exactly to its request's pages. (With
+    the stale bound each context is N rows longer than its plan, which the stand-in
+    read-back refuses; the kernel would write them over the next request's rows.)"""
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+    from vllm.v1.spec_decode.utils import extend_all_queries_by_N
+
+    cfg = BitDecodeConfig(bits=4)
+    bd_config.set_active(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    fmt = cfg.page_format(D, BLOCK)
+    # the target's step: decode requests of up to 1 + 3 drafts (the first with all
+    # three), then prefill chunks
+    qlens = [4] + [rng.randint(1, 4) for _ in range(rng.randint(0, 4))]
+    qlens += [rng.randint(5, 40) for _ in range(rng.randint(0, 2))]
+    lens = [q + rng.randint(0, 200) for q in qlens]
+    ext_lens = [n + extend for n in lens]  # what the drafter's pass attends to
+    cache, table = random_pages(fmt, cfg.rotate_k, ext_lens, KV_HEADS, gen, spare_blocks=2)
+    qsl = torch.tensor([0, *np.cumsum(qlens).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    n_tok = int(qsl[-1])
+    cam = CommonAttentionMetadata(
+        query_start_loc=qsl.clone(), query_start_loc_cpu=qsl.clone(), seq_lens=seq_lens.clone(),
+        num_reqs=len(lens), num_actual_tokens=n_tok, max_query_len=max(qlens),
+        max_seq_len=max(lens), block_table_tensor=table,
+        slot_mapping=torch.zeros(n_tok, dtype=torch.int64),
+        seq_lens_cpu_upper_bound=seq_lens.clone())
+    cam = extend_all_queries_by_N(
+        cam, N=extend, arange=torch.arange(len(lens) + 1, dtype=torch.int32),
+        new_slot_mapping=torch.zeros(n_tok + extend * len(lens), dtype=torch.int64))
+    assert cam.seq_lens.tolist() == ext_lens and cam.seq_lens_cpu_upper_bound.tolist() == lens
+    q = torch.randn(cam.num_actual_tokens, HEADS, D, generator=gen).to(torch.bfloat16)
+    want = ref.paged_attention(q, cache, table, cam.seq_lens, cam.query_start_loc_cpu, SCALE,
+                               fmt, cfg.rotate_k)
+    builder = _builder(cfg, 64, table.shape[1], drafts=3)
+    md = builder.build_for_drafting(cam, draft_index=0)
+    assert md.prefill is not None  # some row went past 1 + 3 query tokens
+    impl = impl_mod.BitDecodeAttentionImpl(HEADS, D, SCALE, KV_HEADS, None, None, "auto")
+    assert_layer_matches(impl, q, cache, md, want)
+
+
 def _vllm_config(num_speculative_tokens: int | None, max_num_seqs: int = 8,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 1000):
     spec = None if num_speculative_tokens is None else types.SimpleNamespace(

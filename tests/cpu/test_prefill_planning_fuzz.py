@@ -329,10 +329,14 @@ def test_workspace_rows_hold_every_chunk_a_step_allows(seed):
     # from the KV spec's: the same rows at every block size
     assert set(rows.values()) == {cap}
     assert cap >= mnbt and cap >= min(mml, window)
-    if cap < mml:  # windows: whole largest pages and a step's tokens plus a page
+    if max(min(mml, window), mnbt) < mml:  # windows: whole largest pages, a step's
+        # tokens plus a page
         assert cap % LARGEST_BLOCK_SIZE == 0 and cap >= mnbt + LARGEST_BLOCK_SIZE
+    else:  # whole, and a drafter's context past max_model_len too
+        assert cap >= mml + LARGEST_BLOCK_SIZE
     bound = -(-max(window, mnbt + LARGEST_BLOCK_SIZE) // LARGEST_BLOCK_SIZE)
-    assert cap <= bound * LARGEST_BLOCK_SIZE  # bounded, whatever max_model_len
+    # bounded, whatever max_model_len
+    assert cap <= bound * LARGEST_BLOCK_SIZE + LARGEST_BLOCK_SIZE
     if mml > max(window, mnbt):  # no longer grows with max_model_len
         assert prefill_workspace_rows(False, 2 * mml, mnbt, 16, window) == cap
     assert prefill_workspace_rows(False, mml + 1, mnbt, 16, window) >= cap

@@ -242,6 +242,16 @@ def test_speculative_decoding_matches_plain_decoding(workload, plain, method, ea
     assert plain["decode_rows"]["steps"] == 0  # one token per request without drafts
     assert metrics.get("vllm:spec_decode_num_draft_tokens", 0) > 0, metrics
     assert metrics.get("vllm:spec_decode_num_accepted_tokens", 0) > 0, metrics
+    if method == "draft_model":
+        # the model drafting for itself over pages quantized alike: its greedy drafts are
+        # the target's tokens but where the prefill path's rounding (the drafter's first
+        # pass, its queries lengthened by vLLM) and the decode kernel's pick another.
+        # A first pass that attends to the wrong rows (before build_for_drafting took
+        # the exact lengths, each request missed its newest key) drafts worse
+        rate = (metrics["vllm:spec_decode_num_accepted_tokens"]
+                / metrics["vllm:spec_decode_num_draft_tokens"])
+        print(f"draft_model: {rate:.1%} of drafts accepted")
+        assert rate >= 0.6, metrics
     if eager:
         _assert_kernels_match(ref, "plain retrieval", drafts=False)
         _assert_kernels_match(ours, "retrieval", drafts=True)

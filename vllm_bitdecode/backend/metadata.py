@@ -257,7 +257,8 @@ def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_
     the sum of the contexts of a step's prefills, which prefix-cache hits make far larger
     than the step's tokens.
 
-    Per-token K: a whole context up to ``window`` tokens (and up to a step's tokens);
+    Per-token K: a whole context up to ``window`` tokens (and up to a step's tokens),
+    and then a page more for a drafter's context, which vLLM lets pass max_model_len;
     a longer one is read in windows (:func:`context_windows`), whose last must hold a
     step's tokens and start on a page, so the rows are then at least a step's tokens plus
     the largest page, and a whole number of the largest pages, whatever the block size
@@ -265,10 +266,13 @@ def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_
     ``kc_prefill.workspace_rows``, one whole request."""
     if channel_k:
         return kc_prefill.workspace_rows(max_model_len, max_num_batched_tokens, block_size)
+    page = LARGEST_BLOCK_SIZE
     rows = max(min(max_model_len, window), max_num_batched_tokens)
     if rows >= max_model_len:
-        return rows  # every context fits whole
-    page = LARGEST_BLOCK_SIZE
+        # every context fits whole, a drafter's too: vLLM 0.20's drafters lengthen their
+        # contexts past max_model_len by up to num_speculative_tokens (a draft model's
+        # first pass, parallel drafting), so a page more
+        return max(rows, max_model_len + page)
     return -(-max(rows, max_num_batched_tokens + page) // page) * page
 
 
@@ -706,6 +710,20 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             channel_k=self._build_channel_k(cam, num_decodes) if self.row_slots else None,
         )
 
+    def build_for_drafting(self, common_attn_metadata: CommonAttentionMetadata,
+                           draft_index: int) -> BitDecodeMetadata:
+        cam = common_attn_metadata
+        if cam.max_query_len > self.reorder_batch_threshold:
+            # Prefill rows are planned on host lengths (_build_prefill). vLLM 0.20's
+            # drafters lengthen every query by N tokens (extend_all_queries_by_N: a
+            # draft model's first pass, parallel drafting) in the device lengths and the
+            # host query starts but not in seq_lens_cpu_upper_bound, which is then N
+            # short: the groups would overlap in the workspace and attention would miss
+            # each request's newest keys. So the drafter's prefill passes take the
+            # exact lengths, with one copy from the device.
+            cam = cam.replace(seq_lens_cpu_upper_bound=cam.seq_lens.cpu())
+        return self.build(common_prefix_len=0, common_attn_metadata=cam, fast_build=True)
+
     def _expand_decode_rows(self, cam: CommonAttentionMetadata, num_decodes: int,
                             rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each query token of the decode requests as a decode row of its own: its
@@ -760,7 +778,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
     def _build_prefill(
         self, cam: CommonAttentionMetadata, num_decodes: int, num_decode_tokens: int
     ) -> PrefillMetadata:
-        # seq_lens_cpu_upper_bound is exact for prefill rows; no device sync needed.
+        # seq_lens_cpu_upper_bound is exact for the runner's prefill rows (the drafter's
+        # are made exact in build_for_drafting); no device sync needed.
         bound = cam.seq_lens_cpu_upper_bound
         if bound is None:  # older callers: one small copy, prefill steps only
             bound = cam.seq_lens.cpu()
