@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -43,6 +44,39 @@ def _section(raw: Any, cls: type, where: str, keys_where: str) -> dict[str, Any]
             f"{sorted(known)}"
         )
     return dict(raw)
+
+
+def _check_section_name(additional_config: Mapping[str, Any], settings: set[str]) -> None:
+    """Settings meant for BITDECODE but not under its key would otherwise leave the
+    defaults in place without a word. Other top-level keys are other plugins' and pass;
+    refused: the key in another case, and, where there is no ``bitdecode`` section,
+    BITDECODE settings at the top level (the nesting forgotten) or a key a typo away."""
+    example = f"--additional-config '{{\"{CONFIG_KEY}\": {{\"bits\": 2}}}}'"
+    keys = [k for k in additional_config if isinstance(k, str) and k != CONFIG_KEY]
+    for key in keys:
+        if key.lower() == CONFIG_KEY:
+            raise BitDecodeConfigError(
+                f"additional_config has a {key!r} section: BITDECODE reads "
+                f"'{CONFIG_KEY}' (lower case), e.g. {example}")
+    if CONFIG_KEY in additional_config:
+        return
+    flat = sorted(k for k in keys if k in settings)
+    if flat:
+        raise BitDecodeConfigError(
+            f"additional_config has BITDECODE setting(s) {flat} at its top level; they go "
+            f"in a '{CONFIG_KEY}' section, e.g. {example}")
+    # typos ("bitdecod", "bit_decode", "bitdecoding", "bit-decode-config"), not a
+    # similar word of another plugin's ("decode" scores 0.8)
+    def near_miss(key: str) -> bool:
+        bare = key.lower().replace("_", "").replace("-", "")
+        return (bare.startswith(CONFIG_KEY[:-1])
+                or difflib.SequenceMatcher(None, bare, CONFIG_KEY).ratio() >= 0.85)
+
+    near = [k for k in keys if near_miss(k)]
+    if near:
+        raise BitDecodeConfigError(
+            f"additional_config has a section {near[0]!r} and none named '{CONFIG_KEY}': "
+            f"BITDECODE reads '{CONFIG_KEY}', e.g. {example}")
 
 
 # Integer settings end up in the kernels' int32 lengths; layer indices past any model's
@@ -330,11 +364,13 @@ def check_sparse_model(
     max_model_len: int | None = None,
     pipeline_parallel_size: int = 1,
     tensor_parallel_size: int = 1,
-    decode_context_parallel_size: int = 1,
     attention_in_every_layer: bool = True,
     speculative_method: str | None = None,
+    max_model_len_fitted: bool = False,
 ) -> SparseLayerPlan:
-    """The start-up checks of sparse mode that need the model; returns its layer plan."""
+    """The start-up checks of sparse mode that need the model; returns its layer plan.
+    ``max_model_len_fitted``: the length is what vLLM fitted to the KV cache
+    (--max-model-len -1), settled after the memory profile."""
     where = f"{CONFIG_KEY}.{SPARSE_KEY}"
     if speculative_method is not None and speculative_method not in SPARSE_DRAFT_METHODS:
         # a drafter's attention layers run through this backend with the target's layer
@@ -356,11 +392,6 @@ def check_sparse_model(
             f"{pipeline_parallel_size}): the selection is passed between layers inside "
             "one process"
         )
-    if decode_context_parallel_size > 1:
-        raise BitDecodeConfigError(
-            f"{where} does not support decode context parallelism "
-            f"(--decode-context-parallel-size {decode_context_parallel_size})"
-        )
     if sparse.shared_selection and tensor_parallel_size > 1:
         raise BitDecodeConfigError(
             f"{where}.shared_selection=true needs all KV heads in one process, but "
@@ -368,18 +399,20 @@ def check_sparse_model(
             "(shared_selection: false)"
         )
     plan = sparse.layer_plan(num_layers)
+    length = (f"--max-model-len -1 fitted the length to the KV cache: {max_model_len} tokens"
+              if max_model_len_fitted else f"--max-model-len is {max_model_len}")
     if max_model_len is not None and sparse.dense_below > max_model_len:
         raise BitDecodeConfigError(
             f"{where}: sequences shorter than min_seq_len={sparse.dense_below} decode "
-            f"densely, but --max-model-len is {max_model_len}, so sparse decode would never "
-            "run; lower min_seq_len / token_budget or disable sparse"
+            f"densely, but {length}, so sparse decode would never run; lower min_seq_len / "
+            "token_budget or disable sparse"
         )
     if max_model_len is not None and sparse.token_budget > max_model_len:
         # every row would keep all of its positions, and the per-row position buffers
         # (outside vLLM's KV budget) grow with the budget
         raise BitDecodeConfigError(
-            f"{where}.token_budget={sparse.token_budget} is above --max-model-len "
-            f"{max_model_len}: no sequence is long enough to leave a position out; lower "
+            f"{where}.token_budget={sparse.token_budget} is above the longest sequence "
+            f"({length}): no sequence is long enough to leave a position out; lower "
             "token_budget or disable sparse"
         )
     return plan
@@ -433,6 +466,7 @@ class BitDecodeConfig:
             raise BitDecodeConfigError(
                 f"additional_config must be a dict holding a '{CONFIG_KEY}' section for "
                 f"BITDECODE, got {type(additional_config).__name__}")
+        _check_section_name(additional_config or {}, {f.name for f in dataclasses.fields(cls)})
         raw = (additional_config or {}).get(CONFIG_KEY, {})
         values = _section(raw, cls, f"additional_config['{CONFIG_KEY}']", CONFIG_KEY)
         if SPARSE_KEY in values:
@@ -557,7 +591,9 @@ def check_model(
         )
     if sliding_window is not None:
         raise BitDecodeConfigError(
-            f"sliding-window attention (window {sliding_window}) is not supported by BITDECODE"
+            f"sliding-window attention (window {sliding_window}) is not supported by "
+            "BITDECODE; --disable-sliding-window serves such a model with full attention, "
+            "--max-model-len then capped at the window"
         )
     if head_size not in page_format.SUPPORTED_HEAD_SIZES:
         raise BitDecodeConfigError(
@@ -576,7 +612,7 @@ def check_model(
             f"--kv-cache-dtype {kv_cache_dtype} (the flag, or with 'auto' the checkpoint's "
             "KV-cache quantization) cannot be combined with BITDECODE, which stores its own "
             "4/2-bit pages; pass --kv-cache-dtype auto, or the model's dtype (bfloat16 or "
-            "float16) for a checkpoint with KV-cache scales, and set "
+            "float16) for a ModelOpt checkpoint with KV-cache quantization, and set "
             f"--additional-config '{{\"{CONFIG_KEY}\": {{\"bits\": 4}}}}'"
         )
     if block_size is not None and block_size not in page_format.SUPPORTED_BLOCK_SIZES:
@@ -590,6 +626,34 @@ def check_model(
                 f"{num_heads} query heads over {num_kv_heads} KV heads: BITDECODE needs "
                 "query heads per KV head to be a whole number of at most 16"
             )
+
+
+def check_context_parallel(decode_context_parallel_size: int,
+                           prefill_context_parallel_size: int) -> None:
+    """Context parallelism interleaves a sequence's pages across ranks and merges their
+    softmax by LSE; the decode kernels return no LSE and walk whole page lists, so every
+    mode refuses it here, before the weights load (vLLM's own check asserts after)."""
+    for size, flag in ((decode_context_parallel_size, "--decode-context-parallel-size"),
+                       (prefill_context_parallel_size, "--prefill-context-parallel-size")):
+        if size > 1:
+            raise BitDecodeConfigError(
+                f"BITDECODE does not support context parallelism ({flag} {size}): its "
+                "decode kernels read each sequence's pages in one process")
+
+
+def check_kv_cache_scheme(quant_config: Any) -> None:
+    """A checkpoint whose quantization config carries a ``kv_cache_scheme``
+    (llm-compressor's compressed-tensors FP8-KV checkpoints) makes every attention layer
+    store fp8 KV whatever --kv-cache-dtype says (vLLM 0.20, Attention.__init__); refused
+    here in one line, where vLLM would say only that the backend does not support
+    kv_cache_dtype fp8."""
+    scheme = getattr(quant_config, "kv_cache_scheme", None)
+    if scheme is not None:
+        raise BitDecodeConfigError(
+            f"this checkpoint's quantization config ({type(quant_config).__name__}) has a "
+            f"kv_cache_scheme ({_shown(scheme)}), which makes vLLM store the KV cache in "
+            "fp8 whatever --kv-cache-dtype says; BITDECODE stores its own 4/2-bit pages. "
+            "Use a checkpoint without KV-cache quantization, or another attention backend")
 
 
 def check_tensor_parallel(total_kv_heads: int, tensor_parallel_size: int) -> None:
@@ -736,6 +800,9 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
         return cfg
     parallel = vllm_config.parallel_config
     check_tensor_parallel(model.get_total_num_kv_heads(), parallel.tensor_parallel_size)
+    check_context_parallel(getattr(parallel, "decode_context_parallel_size", 1),
+                           getattr(parallel, "prefill_context_parallel_size", 1))
+    check_kv_cache_scheme(getattr(vllm_config, "quant_config", None))
     check_model(
         head_size=model.get_head_size(),
         dtype=model.dtype,
@@ -760,11 +827,11 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
             max_model_len=model.max_model_len,
             pipeline_parallel_size=parallel.pipeline_parallel_size,
             tensor_parallel_size=parallel.tensor_parallel_size,
-            decode_context_parallel_size=parallel.decode_context_parallel_size,
             attention_in_every_layer=not (
                 model.is_hybrid or model.is_attention_free or model.has_noops
             ),
             speculative_method=getattr(vllm_config.speculative_config, "method", None),
+            max_model_len_fitted=getattr(model, "original_max_model_len", None) == -1,
         )
     return cfg
 
@@ -782,9 +849,6 @@ def check_channel_k(vllm_config: Any) -> None:
         (vllm_config.speculative_config is not None,
          "speculative decoding (rejected draft tokens would roll back positions whose page "
          "was already quantized)"),
-        (getattr(parallel, "decode_context_parallel_size", 1) > 1
-         or getattr(parallel, "prefill_context_parallel_size", 1) > 1,
-         "context parallelism (pages interleaved across ranks)"),
         (bool(getattr(parallel, "enable_dbo", False)), "dual-batch overlap (--enable-dbo)"),
         (os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"),
          "VLLM_USE_V2_MODEL_RUNNER=1 (the residual-slot hook is for GPUModelRunner)"),

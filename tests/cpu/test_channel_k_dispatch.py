@@ -252,7 +252,6 @@ def _engine(**overrides):
 
 @pytest.mark.parametrize(("overrides", "words"), [
     ({"speculative_config": object()}, ["speculative decoding"]),
-    ({"parallel_config__decode_context_parallel_size": 2}, ["context parallelism"]),
     ({"parallel_config__enable_dbo": True}, ["--enable-dbo"]),
     ({"cache_config__block_size": 256}, ["--block-size 256", "at most 128"]),
 ])

@@ -75,6 +75,27 @@ BAD_SETTINGS = [
      ["prefill_window", "k_mode='token' only"]),
 ]
 
+# settings meant for BITDECODE under another key: an error, not the defaults
+BAD_SECTION_NAMES = [
+    ({"bits": 2}, ["['bits']", "top level", "'bitdecode' section"]),
+    ({"bits": 2, "sparse": {"enabled": True}, "other": {}}, ["['bits', 'sparse']"]),
+    ({"BITDECODE": {"bits": 2}}, ["'BITDECODE' section", "lower case"]),
+    ({"BitDecode": {}, "bitdecode": {}}, ["'BitDecode' section"]),  # which one is meant?
+    ({"bitdecod": {"bits": 2}}, ["'bitdecod'", "none named 'bitdecode'"]),
+    ({"bit_decode": {"bits": 2}}, ["'bit_decode'"]),
+    ({"bitdecoding": {"bits": 2}}, ["'bitdecoding'"]),
+]
+
+
+@pytest.mark.parametrize("additional_config", [
+    {"decode": {"x": 1}},  # another plugin's similar word
+    {"kv_transfer": {}, "quant": 1},
+    {"bitdecode": {"bits": 2}, "bits": 3},  # with a section, top-level keys are others'
+    {"bitdecode": {}, "bit_decode": 1},
+])
+def test_other_plugins_keys_pass(additional_config):
+    BitDecodeConfig.from_additional_config(additional_config)
+
 
 def test_prefill_window_setting():
     assert BitDecodeConfig.from_additional_config({}).prefill_window == 16384
@@ -82,7 +103,7 @@ def test_prefill_window_setting():
     assert BitDecodeConfig.from_additional_config(raw).prefill_window == 4096
 
 
-@pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS)
+@pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS + BAD_SECTION_NAMES)
 def test_bad_settings_raise_one_line_naming_the_setting(raw, words):
     with pytest.raises(BitDecodeConfigError) as info:
         BitDecodeConfig.from_additional_config(raw)
@@ -174,8 +195,12 @@ def _vllm_config(
     is_hybrid=False,
     attention_chunk_size=None,
     kv_transfer_config=None,
+    dcp=1,
+    pcp=1,
+    quant_config=None,
 ):
-    parallel = SimpleNamespace(tensor_parallel_size=1)
+    parallel = SimpleNamespace(tensor_parallel_size=1, decode_context_parallel_size=dcp,
+                               prefill_context_parallel_size=pcp)
 
     def per_rank(n):
         def get(parallel_config):
@@ -207,6 +232,7 @@ def _vllm_config(
         parallel_config=parallel,
         speculative_config=None,
         kv_transfer_config=kv_transfer_config,
+        quant_config=quant_config,
     )
 
 
@@ -231,8 +257,14 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
         ({"dtype": torch.float32}, "dtype"),
         ({"cache_dtype": "fp8"}, "--kv-cache-dtype"),
         ({"block_size": 24}, "--block-size"),
-        ({"sliding_window": 4096}, "sliding"),
+        ({"sliding_window": 4096}, "sliding.*--disable-sliding-window"),
         ({"is_hybrid": True}, "hybrid"),
+        # context parallelism, in every mode (vLLM's own check asserts after the weights)
+        ({"dcp": 2}, "context parallelism .--decode-context-parallel-size 2"),
+        ({"pcp": 2}, "context parallelism .--prefill-context-parallel-size 2"),
+        # a compressed-tensors checkpoint's kv_cache_scheme forces an fp8 KV cache
+        ({"quant_config": SimpleNamespace(kv_cache_scheme={"type": "float", "num_bits": 8})},
+         "kv_cache_scheme .*fp8 whatever --kv-cache-dtype says"),
         ({"attention_chunk_size": 8192}, "chunked local attention"),
         ({"heads": (32, 3)}, "KV heads"),
         ({"additional_config": {"bitdecode": {"bits": 3}}}, "bits"),
@@ -443,7 +475,6 @@ BAD_SPARSE_MODELS = [
     ({"selection_layers": [2, 3]}, {"num_layers": 4}, ["every one", "4 layers"]),
     ({"selection_layers": [1], "dense_layers": [0, 2, 3]}, {"num_layers": 4}, ["every one"]),
     ({}, {"num_layers": 32, "pipeline_parallel_size": 2}, ["pipeline", "2"]),
-    ({}, {"num_layers": 32, "decode_context_parallel_size": 2}, ["context parallel"]),
     ({"shared_selection": True}, {"num_layers": 32, "tensor_parallel_size": 2},
      ["shared_selection", "tensor-parallel-size is 2"]),
     ({}, {"num_layers": 32, "attention_in_every_layer": False}, ["hybrid"]),
@@ -548,8 +579,10 @@ def test_check_vllm_config_checks_the_tensor_parallel_split():
 
 
 def _sparse_vllm_config(sparse, *, num_layers=LLAMA3_8B_LAYERS, max_model_len=131072, pp=1,
-                        tp=1, dcp=1, hybrid=False, speculative=None, **kwargs):
+                        tp=1, dcp=1, hybrid=False, speculative=None, fitted=False, **kwargs):
     vc = _vllm_config({"bitdecode": {"bits": 4, "sparse": sparse}}, **kwargs)
+    # --max-model-len -1: vLLM fits the length to the KV cache after the memory profile
+    vc.model_config.original_max_model_len = -1 if fitted else max_model_len
     if speculative is not None:
         vc.speculative_config = SimpleNamespace(method=speculative)
     vc.model_config.get_total_num_hidden_layers = lambda: num_layers
@@ -582,7 +615,12 @@ def test_check_vllm_config_accepts_a_valid_sparse_section():
         ({"enabled": True}, {"dcp": 2}, "context parallel"),
         ({"enabled": True, "shared_selection": True}, {"tp": 2}, "shared_selection"),
         ({"enabled": True}, {"hybrid": True}, "hybrid"),
-        ({"enabled": True}, {"max_model_len": 2048}, "never"),
+        ({"enabled": True}, {"max_model_len": 2048}, "--max-model-len is 2048.*never"),
+        # the builder checks again once vLLM has fitted the length: the message says so
+        ({"enabled": True}, {"max_model_len": 2048, "fitted": True},
+         "--max-model-len -1 fitted the length to the KV cache: 2048 tokens.*never"),
+        ({"enabled": True, "token_budget": 4096, "min_seq_len": 1024},
+         {"max_model_len": 3000, "fitted": True}, "token_budget=4096 .*fitted.*3000 tokens"),
         ({"enabled": True}, {"speculative": "eagle"}, "'eagle' drafts"),
         ({"enabled": True, "token_budget": 0}, {}, "token_budget"),
         # settings are checked even without a model config

@@ -58,6 +58,7 @@ from vllm_bitdecode.testing.model_dir import TINY_LLAMA
 from . import test_config
 
 BAD_SETTINGS = test_config.BAD_SETTINGS
+BAD_SECTION_NAMES = test_config.BAD_SECTION_NAMES
 # the nested sparse section's bad values (issue #6), where test_config has them
 BAD_SPARSE = getattr(test_config, "BAD_SPARSE", [])
 
@@ -133,6 +134,19 @@ def _additional(settings: Any) -> tuple[str, ...]:
 
 BDE = bd_config.BitDecodeConfigError
 
+# an llm-compressor FP8 checkpoint's quantization_config, KV cache included
+COMPRESSED_TENSORS_FP8_KV = {
+    "quant_method": "compressed-tensors", "format": "float-quantized",
+    "quantization_status": "compressed", "ignore": ["lm_head"],
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "dynamic": False,
+                    "symmetric": True},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                              "dynamic": True, "symmetric": True}}},
+    "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                        "dynamic": False, "symmetric": True}}
+
 ROWS: dict[str, Row] = {
     # ---- controls: the harness lets a good start-up through every stage
     "ok/llama-bf16": Row(),
@@ -142,6 +156,8 @@ ROWS: dict[str, Row] = {
     "ok/kv-cache-dtype-bfloat16": Row(flags=("--kv-cache-dtype", "bfloat16")),
     "ok/kv-offloading": Row(flags=("--kv-offloading-size", "4",
                                    "--disable-hybrid-kv-cache-manager")),
+    # a model whose every layer has the window, served with full attention instead
+    "ok/disable-sliding-window": Row(model="llama-sliding", flags=("--disable-sliding-window",)),
     "ok/kv-transfer-config-offloading": Row(flags=(
         "--kv-transfer-config", '{"kv_connector": "OffloadingConnector", "kv_role": "kv_both"}')),
     # ---- bitdecode settings: one row per key with a wrong type (whatever keys the
@@ -169,7 +185,8 @@ ROWS: dict[str, Row] = {
     "mla": Row(model="deepseek_v2", error=BDE, stage="config",
                words=("MLA", "BITDECODE")),
     "sliding-window-all-layers": Row(model="llama-sliding", error=BDE, stage="config",
-                                     words=("sliding-window", "4096")),
+                                     words=("sliding-window", "4096",
+                                            "--disable-sliding-window")),
     "sliding-window-interleaved": Row(
         config=_cfg(sliding_window=512, layer_types=["sliding_attention", "full_attention"]),
         error=BDE, stage="config", words=("sliding-window", "512")),
@@ -203,6 +220,24 @@ ROWS: dict[str, Row] = {
     "kv-transfer-config-nixl": Row(
         flags=("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'),
         error=BDE, stage="config", words=("NixlConnector", "OffloadingConnector")),
+    # llm-compressor's FP8-KV checkpoints: the quantization config's kv_cache_scheme
+    # makes vLLM store fp8 KV whatever --kv-cache-dtype says (vLLM 0.20's selector would
+    # fail later, saying only "kv_cache_dtype not supported")
+    "compressed-tensors-kv-cache-scheme": Row(
+        config=_cfg(quantization_config=COMPRESSED_TENSORS_FP8_KV), error=BDE, stage="config",
+        words=("kv_cache_scheme", "fp8 whatever --kv-cache-dtype says")),
+    "compressed-tensors-kv-cache-scheme-bf16": Row(
+        config=_cfg(quantization_config=COMPRESSED_TENSORS_FP8_KV),
+        flags=("--kv-cache-dtype", "bfloat16"), error=BDE, stage="config",
+        words=("kv_cache_scheme",)),
+    # context parallelism interleaves pages across ranks (vLLM's own check is an assert
+    # after the weights load); decode context parallelism needs tensor parallelism, whose
+    # config vLLM cannot build without CUDA ops: test_config checks that refusal
+    "prefill-context-parallel": Row(flags=("--prefill-context-parallel-size", "2"),
+                                    error=BDE, stage="config",
+                                    words=("context parallelism",
+                                           "--prefill-context-parallel-size 2")),
+
     "chunked-local-attention": Row(config=_cfg(attention_chunk_size=8192), error=BDE,
                                    stage="config",
                                    words=("chunked local attention", "8192")),  # Llama 4
@@ -283,6 +318,10 @@ class _StandInPlatform(Platform):
     @classmethod
     def get_device_capability(cls, device_id: int = 0) -> DeviceCapability:
         return cls.capability
+
+    @classmethod
+    def device_count(cls) -> int:
+        return 8  # a node of 8 GPUs: rows with a parallel size pass the world-size check
 
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:
@@ -502,10 +541,10 @@ def test_startup(startup, row):
         assert stage == row.stage, f"raised at {stage}, expected {row.stage}: {exc}"
 
 
-@pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS)
+@pytest.mark.parametrize(("raw", "words"), BAD_SETTINGS + BAD_SECTION_NAMES)
 def test_bad_settings_fail_at_startup(startup, raw, words):
-    """test_config.BAD_SETTINGS, given as ``--additional-config``: rejected when vLLM
-    builds its config, with test_config's words."""
+    """test_config.BAD_SETTINGS and BAD_SECTION_NAMES, given as ``--additional-config``:
+    rejected when vLLM builds its config, with test_config's words."""
     row = Row(flags=("--additional-config", json.dumps(raw)))
     stage, exc, _ = startup(row)
     assert isinstance(exc, BDE), f"{stage}: {exc!r}"
