@@ -4,6 +4,16 @@ The kernels live in ``csrc/``; this module only loads them and states shapes for
 torch.compile. Every argument the host can see is checked in ``csrc/ops.cpp``; values
 that live on the device (block-table entries, lengths, slots, query_start_loc) are the
 caller's promise, as in FlashAttention.
+
+Launch order: the decode ops start as programmatic dependents of the kernel before them
+(``launch_impl.cuh``, ``launch_dependent``), so that their CTAs read the step's metadata
+(``seq_lens``, ``block_table``, ``query_start_loc``, ``sel_positions`` / ``sel_count``,
+``row_slot``, ``key_offsets``) while that kernel finishes, and wait only before Q, the
+pages and the residual. Only a kernel that triggers its dependents early lets them start
+before it ends: here the page writes (``quantize_to_pages``, ``write_tokens_kc``), the
+decodes and their combine; none of them writes those inputs, and PyTorch's kernels never
+trigger early. A caller that writes one of them with its own early-triggering kernel
+must not launch a decode op right after it.
 """
 
 from __future__ import annotations
