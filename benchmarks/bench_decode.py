@@ -42,10 +42,18 @@ from vllm_bitdecode.provenance import (
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing.baselines import fa3_paged_decode
+from vllm_bitdecode.testing.baselines import (
+    FA3_GRAPH_MAX_SPLITS,
+    fa3_decode_schedule,
+    fa3_paged_decode,
+)
 from vllm_bitdecode.testing.gpu_monitor import GpuSampler
 
 HQ, HKV, D = 32, 8, 128
+# how the FA3 rows are timed (recorded in the results; before 2026-12-05 each timed call
+# also ran FA3's scheduling kernel, 2-3 us that vLLM spends once per step)
+FA3_METHOD = (f"tile schedule made outside the timed call, num_splits <= "
+              f"{FA3_GRAPH_MAX_SPLITS} (vLLM 0.20 under full CUDA graphs)")
 BLOCK = 16
 GROUP = 128  # channels per quantization group (V, and K in per-token mode)
 DTYPE = torch.bfloat16
@@ -152,9 +160,13 @@ def block_table(batch: int, context: int, gen: torch.Generator,
     return perm.view(batch, per_seq).to(device), num_blocks
 
 
-def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1) -> tuple[float, int]:
+def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1,
+              num_splits: int = FA3_GRAPH_MAX_SPLITS) -> tuple[float, int]:
     """FA3 over paged bf16 / fp8 K/V: each sequence's last ``query_len`` tokens attend
-    (1: decode; more: a prefill chunk, as bench_prefill.py times it)."""
+    (1: decode; more: a prefill chunk, as bench_prefill.py times it). As vLLM 0.20 runs
+    it: the tile schedule made once outside the timed call (vLLM makes it once per step
+    for every layer) and the splits bounded as under its full CUDA graphs (``num_splits``
+    0: FA3's own choice, as vLLM runs a step too large for its graphs)."""
     table, num_blocks = block_table(batch, context, gen)
     k = torch.randn(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda")
     v = torch.randn_like(k)
@@ -167,10 +179,12 @@ def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1) -> tuple[float
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
     seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     out = torch.empty(batch * query_len, HQ, D, dtype=DTYPE, device="cuda")
+    schedule = fa3_decode_schedule(q, k, seqused, context, cu_q, query_len, num_splits)
 
     def run():
         fa3_paged_decode(q, k, v, table, seqused, context, D**-0.5, out=out, cu_seqlens_q=cu_q,
-                         max_seqlen_q=query_len, **kw)
+                         max_seqlen_q=query_len, scheduler_metadata=schedule,
+                         num_splits=num_splits, **kw)
 
     ms = timer(run)
     return ms, batch * context * HKV * D * 2 * k.element_size()
@@ -386,7 +400,7 @@ def main() -> None:
               f"{w['reshape_and_cache_flash_ms']:.4f} ms, quantize "
               f"{w['bitdecode_quantize_ms']:.4f} ms (x{w['ratio']:.2f})")
     doc = results_doc(gpu, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D),
-                      block_size=BLOCK, group_size=GROUP, records=records,
+                      block_size=BLOCK, group_size=GROUP, fa3=FA3_METHOD, records=records,
                       quantize_on_write=writes)
     out = Path(args.out or f"benchmarks/results/decode_{gpu_slug(gpu)}.json")
     write_results(doc, out)

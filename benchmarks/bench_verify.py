@@ -46,7 +46,11 @@ from vllm_bitdecode.provenance import (  # noqa: E402
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing.baselines import fa3_paged_decode  # noqa: E402
+from vllm_bitdecode.testing.baselines import (  # noqa: E402
+    FA3_GRAPH_MAX_SPLITS,
+    fa3_decode_schedule,
+    fa3_paged_decode,
+)
 
 BITS = 4
 
@@ -60,8 +64,11 @@ def bench_fa3(batch: int, context: int, tokens: int, timer: Timer,
     cu_q = torch.arange(0, batch * tokens + 1, tokens, dtype=torch.int32, device="cuda")
     seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
     out = torch.empty_like(q)
+    schedule = fa3_decode_schedule(q, k, seqused, context, cu_q, tokens)  # once a step
     return timer(lambda: fa3_paged_decode(q, k, v, table, seqused, context, D**-0.5, out=out,
-                                          cu_seqlens_q=cu_q, max_seqlen_q=tokens))
+                                          cu_seqlens_q=cu_q, max_seqlen_q=tokens,
+                                          scheduler_metadata=schedule,
+                                          num_splits=FA3_GRAPH_MAX_SPLITS))
 
 
 def bench_bitdecode(batch: int, context: int, tokens: int, packed: bool, timer: Timer,

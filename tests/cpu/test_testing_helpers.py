@@ -367,3 +367,37 @@ def test_sleep_and_wake_follows_the_level(monkeypatch, level, calls):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: next(free))
     assert engine_probes.sleep_and_wake(FakeLLM(), level) == 4000
     assert seen == calls
+
+
+def test_fa3_baseline_runs_with_the_schedule_vllm_makes_once_a_step(monkeypatch):
+    """The FA3 baseline as vLLM 0.20 decodes: the tile schedule made once (for a step) from
+    the batch's shapes and the cache's dtype and page size, then passed to every call with
+    the same split bound; without one, FA3 schedules each call itself."""
+    import vllm.vllm_flash_attn as fa
+
+    from vllm_bitdecode.testing import baselines
+
+    calls: list[dict] = []
+    monkeypatch.setattr(fa, "get_scheduler_metadata", lambda **kw: ("schedule", kw))
+    monkeypatch.setattr(fa, "flash_attn_varlen_func", lambda *a, **kw: calls.append(kw))
+    q = torch.zeros(3, 32, 128, dtype=torch.float8_e4m3fn)
+    k = torch.zeros(40, 16, 8, 128, dtype=torch.float8_e4m3fn)
+    lens = torch.tensor([100, 7, 640], dtype=torch.int32)
+    cu_q = torch.arange(4, dtype=torch.int32)
+    tag, kw = baselines.fa3_decode_schedule(q, k, lens, 640, cu_q)
+    assert tag == "schedule" and kw["cache_seqlens"] is lens and kw["cu_seqlens_q"] is cu_q
+    assert {key: kw[key] for key in ("batch_size", "max_seqlen_q", "max_seqlen_k",
+                                     "num_heads_q", "num_heads_kv", "headdim", "page_size",
+                                     "qkv_dtype", "causal", "num_splits")} == dict(
+        batch_size=3, max_seqlen_q=1, max_seqlen_k=640, num_heads_q=32, num_heads_kv=8,
+        headdim=128, page_size=16, qkv_dtype=torch.float8_e4m3fn, causal=True,
+        num_splits=baselines.FA3_GRAPH_MAX_SPLITS)
+    schedule = (tag, kw)
+    baselines.fa3_paged_decode(q, k, k, None, lens, 640, 0.1, out=torch.empty(3, 32, 128),
+                               cu_seqlens_q=cu_q, scheduler_metadata=schedule,
+                               num_splits=baselines.FA3_GRAPH_MAX_SPLITS)
+    baselines.fa3_paged_decode(q, k, k, None, lens, 640, 0.1, out=torch.empty(3, 32, 128),
+                               cu_seqlens_q=cu_q)
+    assert calls[0]["scheduler_metadata"] is schedule
+    assert calls[0]["num_splits"] == baselines.FA3_GRAPH_MAX_SPLITS
+    assert calls[1]["scheduler_metadata"] is None and calls[1]["num_splits"] == 0
