@@ -75,6 +75,7 @@ class Timer:
         self.record_kernels = kernels
         self.last_kernels: dict[str, float] | None = None
         self.last_window = (0.0, 0.0)  # the last timed calls' span on the Unix clock
+        self.last_spread: list[float] = []  # the last timed calls' 10th and 90th percentiles
         self.flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
 
     def __call__(self, fn) -> float:
@@ -93,6 +94,9 @@ class Timer:
             end.synchronize()
             times.append(start.elapsed_time(end))
         self.last_window = (t0, time.time())
+        # the spread beside the median, so that an outlying reading shows in the results
+        deciles = statistics.quantiles(times, n=10) if len(times) > 1 else times * 9
+        self.last_spread = [deciles[0], deciles[-1]]
         return statistics.median(times)
 
     def kernels(self, fn) -> dict[str, float]:
@@ -319,28 +323,31 @@ def bench_case(batch: int, context: int, args: argparse.Namespace, timer: Timer,
     channel K with --channel-k), one record each; ``window`` is when its calls were timed."""
     base = {}
     rows = []
+
+    def row(**fields) -> dict:  # a record of the timer's last call
+        return dict(fields, window=timer.last_window, ms_p10_p90=timer.last_spread)
+
     for kv in ("bf16", "fp8"):
         ms, nbytes = bench_fa3(batch, context, kv, timer, gen)
         base[kv] = ms
-        rows.append(dict(impl="fa3", kv=kv, ms=ms, bytes=nbytes, window=timer.last_window))
+        rows.append(row(impl="fa3", kv=kv, ms=ms, bytes=nbytes))
     for bits in (4, 2):
         ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen)
-        rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
-                         bytes=nbytes, num_splits=splits, window=timer.last_window))
+        rows.append(row(impl="bitdecode", kv=f"int{bits}", k_mode="token", ms=ms,
+                        bytes=nbytes, num_splits=splits))
         all_layers = (batch * context * HKV * args.cross_layer
                       * PageFormat(D, bits, GROUP, BLOCK).bytes_per_token_head)
         if args.cross_layer > 1 and all_layers / 1e9 <= args.max_gb:
             ms, nbytes, splits = bench_bitdecode(batch, context, bits, timer, gen,
                                                  layers=args.cross_layer)
-            rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="token",
-                             layout="cross_layer", layers=args.cross_layer, ms=ms,
-                             bytes=nbytes, num_splits=splits, window=timer.last_window))
+            rows.append(row(impl="bitdecode", kv=f"int{bits}", k_mode="token",
+                            layout="cross_layer", layers=args.cross_layer, ms=ms,
+                            bytes=nbytes, num_splits=splits))
         for k_params in (args.k_params.split(",") if args.channel_k else []):
             ms, nbytes, splits = bench_bitdecode_kc(batch, context, bits, timer, gen,
                                                     K_PARAMS[k_params])
-            rows.append(dict(impl="bitdecode", kv=f"int{bits}", k_mode="channel",
-                             k_params=k_params, ms=ms, bytes=nbytes, num_splits=splits,
-                             window=timer.last_window))
+            rows.append(row(impl="bitdecode", kv=f"int{bits}", k_mode="channel",
+                            k_params=k_params, ms=ms, bytes=nbytes, num_splits=splits))
     for r in rows:
         r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6,
                  speedup_vs_fa3_bf16=base["bf16"] / r["ms"],

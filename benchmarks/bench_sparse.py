@@ -21,7 +21,15 @@ The reuse rows run the backend's reuse-layer split plan (``plan_reuse_splits``).
 ``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of those split
 counts and no minimum of tiles per split (rows ``sparse-pages-splits``), the measurement
 that plan comes from. ``--kernels`` records each kernel's GPU time per
-row (torch.profiler) and ``--graph`` times CUDA-graph replays, as vLLM runs decode.
+row (torch.profiler, over eager calls: its ``span`` includes the gaps between their
+launches) and ``--graph`` times CUDA-graph replays, as vLLM runs decode.
+
+A row's ``bytes`` (and so ``gbps``) are the useful ones: the codes and parameters of the
+tokens attended (136 B per token and KV head at 4 bits). The token-granular kernels
+fetch more: a token's 8 B of parameters sit in a 32 B sector, and each list entry is 4 B
+(at least 164 B per token, so their GB/s reads 17% or more below the traffic); a
+selection layer also writes and re-reads 4 B of key per token and KV head (about 6%).
+The page-granular rows read whole tiles, within 0.2% of the count.
 
     python benchmarks/bench_sparse.py   # -> benchmarks/results/sparse_<gpu>.json and .png
 """
@@ -84,6 +92,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
     from vllm_bitdecode import ops
 
     def row_of_last_call(**row) -> dict:
+        row["ms_p10_p90"] = timer.last_spread
         if timer.last_kernels is not None:  # where a few-microsecond layer's time goes
             row["kernels_us"] = timer.last_kernels
         return row
