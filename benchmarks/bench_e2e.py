@@ -276,9 +276,14 @@ def _decode_shape(case: str, res: dict[str, Any]) -> tuple[int, int]:
 
 def add_ratios(records: list[dict[str, Any]]) -> None:
     """vs_bf16 / vs_fp8 / vs_int4: tokens/s ratio (decode, throughput) or KV tokens ratio
-    (capacity) against FLASH_ATTN bf16 / fp8 and dense BITDECODE 4-bit of the same case."""
+    (capacity) against FLASH_ATTN bf16 / fp8 and dense BITDECODE 4-bit of the same case.
+    A file merges runs (a record replaces only its own backend and case), so
+    ``ratios_across_runs`` names the ratios whose two records came from different runs
+    (``run``: date and commit), or from a run that records before 2026-12-05 do not
+    name: those compare two leases, whose machines differ by a few percent."""
     base = {(r["key"], r["case"]): r for r in records if not r.get("skipped")}
     for r in records:
+        across = []
         for ref_key, field in (("FLASH_ATTN:bf16", "vs_bf16"), ("FLASH_ATTN:fp8", "vs_fp8"),
                                ("BITDECODE:int4", "vs_int4")):
             ref = base.get((ref_key, r["case"]))
@@ -288,6 +293,9 @@ def add_ratios(records: list[dict[str, Any]]) -> None:
             metric = "kv_cache_tokens" if r["case"] == "capacity_32k" else "tokens_per_s"
             if r.get(metric) and ref.get(metric):
                 r[field] = r[metric] / ref[metric]
+                if ref is not r and (r.get("run") is None or r.get("run") != ref.get("run")):
+                    across.append(field)
+        r["ratios_across_runs"] = across
 
 
 def check_targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -753,6 +761,8 @@ def main(argv: list[str] | None = None) -> None:
                 recs, seen_device = run_backend(key, model, cases, s, log_dir, args.timeout)
                 if device == "unknown" and seen_device:
                     device = seen_device
+            for rec in recs:  # which run each record of a merged file came from
+                rec["run"] = dict(date=date, commit=commit)
             new += recs
             records = merge_records(old, new)
             add_ratios(records)

@@ -215,6 +215,32 @@ def test_records_ratios_targets_and_merge(bench):
     assert "skipped: no FA2" in table and "BITDECODE" in table
 
 
+def test_ratios_say_when_their_records_came_from_different_runs(bench):
+    """A results file merges runs; a ratio between two runs' records (or records that do
+    not name their run) is listed in ratios_across_runs."""
+    cases = ["decode_b8_32k"]
+    first, second = dict(date="2026-12-01", commit="aaa"), dict(date="2026-12-05", commit="bbb")
+    bf16 = bench.records_from_result("FLASH_ATTN:bf16", cases,
+                                     _fake_result(12.96, 20.0, 444_112, 10_000))
+    fp8 = bench.records_from_result("FLASH_ATTN:fp8", cases,
+                                    _fake_result(9.89, 14.0, 888_240, 15_000))
+    int4 = bench.records_from_result("BITDECODE:int4", cases,
+                                     _fake_result(6.9, 9.0, 1_671_984, 26_000))
+    for rec in bf16 + int4:
+        rec["run"] = first
+    fp8[0]["run"] = second
+    recs = bench.merge_records([], bf16 + int4 + fp8)
+    bench.add_ratios(recs)
+    by = {r["key"]: r for r in recs}
+    assert by["BITDECODE:int4"]["vs_bf16"] == pytest.approx(20.0 / 9.0)
+    assert by["BITDECODE:int4"]["ratios_across_runs"] == ["vs_fp8"]
+    assert by["FLASH_ATTN:bf16"]["ratios_across_runs"] == ["vs_fp8"]
+    assert by["FLASH_ATTN:fp8"]["ratios_across_runs"] == ["vs_bf16", "vs_int4"]
+    del by["FLASH_ATTN:bf16"]["run"]  # a record from before records named their run
+    bench.add_ratios(recs)
+    assert by["BITDECODE:int4"]["ratios_across_runs"] == ["vs_bf16", "vs_fp8"]
+
+
 def test_a_decode_batch_that_does_not_fit_is_skipped(bench):
     """8 x 130,560 tokens decoding 129 more need 1,045,632 cache tokens: bf16's 889,856
     of an H200 hold 6 such requests, so its timing would include two waiting."""
