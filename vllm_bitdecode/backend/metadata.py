@@ -641,8 +641,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         if dense > 0:
             self._workspace_warned = True
             logger.warning(
-                "BITDECODE sparse decode: %d of a step's %d decode rows long enough for "
-                "sparse decoding found the score workspace (%d keys) full and decoded "
+                "BITDECODE sparse decode: up to %d of a step's %d decode rows long enough "
+                "for sparse decoding (counted from the host's upper bounds of their "
+                "lengths) found the score workspace (%d keys) full and decoded "
                 "densely: exact, but without the sparse speed-up, and which rows depends on "
                 "their place in the batch. The workspace holds the KV cache's tokens; "
                 "requests that share prefix pages each need keys of their own. Logged "
