@@ -850,7 +850,8 @@ def check_channel_k(vllm_config: Any) -> None:
          "speculative decoding (rejected draft tokens would roll back positions whose page "
          "was already quantized)"),
         (bool(getattr(parallel, "enable_dbo", False)), "dual-batch overlap (--enable-dbo)"),
-        (os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0") not in ("", "0"),
+        # parsed as vllm.envs parses it: an integer, on when not 0 ("00" is off)
+        (int(os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip() or "0") != 0,
          "VLLM_USE_V2_MODEL_RUNNER=1 (the residual-slot hook is for GPUModelRunner)"),
         (cache.block_size is not None and cache.block_size > MAX_CHANNEL_BLOCK_SIZE,
          f"--block-size {cache.block_size} (at most {MAX_CHANNEL_BLOCK_SIZE} in this mode)"),

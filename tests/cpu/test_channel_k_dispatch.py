@@ -267,3 +267,14 @@ def test_channel_mode_refuses_the_v2_model_runner(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     with pytest.raises(bd_config.BitDecodeConfigError, match="V2_MODEL_RUNNER"):
         bd_config.check_channel_k(_engine())
+
+
+@pytest.mark.parametrize(("value", "refused"), [("0", False), ("00", False), ("", False),
+                                                ("1", True), ("2", True)])
+def test_the_v2_runner_flag_is_read_as_vllm_reads_it(monkeypatch, value, refused):
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", value)
+    if refused:
+        with pytest.raises(bd_config.BitDecodeConfigError, match="V2_MODEL_RUNNER"):
+            bd_config.check_channel_k(_engine())
+    else:
+        bd_config.check_channel_k(_engine())
