@@ -248,3 +248,19 @@ def test_wake_up_writes_the_persistent_buffers_again(monkeypatch):
         worker.wake_up(tags)
         for name, t in _persistent(b).items():
             assert torch.equal(t, start[name]), name
+
+
+@pytest.mark.parametrize(("max_len", "warned"), [(2**23 - 4096, False), (2**23 + 16, True)])
+def test_rows_past_the_capped_workspace_are_announced(monkeypatch, max_len, warned):
+    """The workspace is capped at MAX_SCORE_KEYS keys and the kernels' fit test counts a
+    row's tokens: with --max-model-len past the cap, start-up says that the longest rows
+    decode densely."""
+    from vllm_bitdecode.backend import metadata
+
+    lines: list[str] = []
+    monkeypatch.setattr(metadata.logger, "warning", lambda msg, *a: lines.append(msg % a))
+    _builder("page", 0, max_seqs=1, max_len=max_len, kv_blocks=4)
+    said = [line for line in lines if "capped at" in line]
+    assert bool(said) == warned, lines
+    if warned:
+        assert f"{metadata.MAX_SCORE_KEYS} keys" in said[0] and str(max_len) in said[0]

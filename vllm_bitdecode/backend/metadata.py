@@ -600,6 +600,13 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             "shared" if sparse.shared_selection else "per-KV-head", sparse.granularity,
             capacity,
             capacity * sel_heads * 4 / 2**20)
+        if model.max_model_len > capacity:
+            # the kernels' fit test counts a row's tokens (selection.cuh), so a row longer
+            # than the capped workspace never fits, even at page granularity
+            logger.warning(
+                "BITDECODE sparse decode: the score workspace is capped at %d keys, so rows "
+                "longer than that many tokens (--max-model-len is %d) decode densely",
+                capacity, model.max_model_len)
         if sparse.dense_below < sparse.token_budget:
             logger.warning(
                 "BITDECODE sparse decode: min_seq_len=%d is below token_budget=%d; rows "
