@@ -117,7 +117,12 @@ def aggregate(
 def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The newest position plus the ``k - 1`` best-scored older ones, per row of
     ``scores`` [heads, n]; k is clipped to n. Returns [heads, min(k, n)] int64, ascending.
-    Ties go to the lower position."""
+    Ties go to the lower position.
+
+    Two scores the kernel orders otherwise (``selection.cuh``, ``order_key``), neither
+    reachable from finite pages and queries in practice: it ranks +0 above -0 (here
+    equal), and a NaN score below every other (here, in torch's descending sort, above).
+    The GPU tests' near-tie tolerance does not cover them."""
     if type(k) is not int or k <= 0:
         raise ValueError(f"token budget k must be an integer > 0, got {k!r}")
     heads, n = scores.shape

@@ -158,6 +158,27 @@ def test_select_pages_matches_reference(dtype, gqa, shared, block_size):
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_the_smallest_budgets_keep_the_newest_and_reset_the_workspace(shared):
+    """Budgets of 1 (only the newest position: the top-k's own branch, which in shared
+    mode still returns every key it read to 0), 2 and 3, twice on one workspace, so that
+    a key left behind would show in the second call's selection."""
+    gen = torch.Generator().manual_seed(13)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = [1, 2, 3, 700, 4097]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
+    keys = None
+    for budget in (1, 2, 3, 1):
+        q = torch.randn(len(lens), KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
+        want = rs.select(q, cache, table, torch.tensor(lens), SCALE, fmt, True,
+                         token_budget=budget, min_seq_len=1, shared=shared)
+        got, keys = _run(q, cache, table, lens, fmt, True, budget, 1, shared, keys=keys)
+        assert got.counts.tolist() == [min(budget, n) for n in lens]
+        _assert_matches(got, want, q, cache, table, lens, fmt, True, shared)
+        if shared:
+            assert not keys.any(), f"budget {budget}: shared selection left keys behind"
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
 def test_rows_on_the_same_pages_keep_their_own_selection(shared):
     """Prefix caching: two rows read the same pages with different queries; each row must
     get its own top-k (a workspace indexed by physical slot would mix them)."""
