@@ -119,10 +119,11 @@ def top_k_positions(scores: torch.Tensor, k: int) -> torch.Tensor:
     ``scores`` [heads, n]; k is clipped to n. Returns [heads, min(k, n)] int64, ascending.
     Ties go to the lower position.
 
-    Two scores the kernel orders otherwise (``selection.cuh``, ``order_key``), neither
-    reachable from finite pages and queries in practice: it ranks +0 above -0 (here
-    equal), and a NaN score below every other (here, in torch's descending sort, above).
-    The GPU tests' near-tie tolerance does not cover them."""
+    Two scores the kernel orders otherwise (``selection.cuh``, ``order_key``): it ranks
+    +0 above -0 (here equal; both arise where a token's K is all zero, and matter only
+    when the k-th best score is exactly 0), and a NaN score below every other (here, in
+    torch's descending sort, above; only a broken cache or query has one). The GPU tests'
+    near-tie tolerance does not cover them."""
     if type(k) is not int or k <= 0:
         raise ValueError(f"token budget k must be an integer > 0, got {k!r}")
     heads, n = scores.shape
