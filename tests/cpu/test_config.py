@@ -87,14 +87,15 @@ BAD_SECTION_NAMES = [
 ]
 
 
-@pytest.mark.parametrize("additional_config", [
-    {"decode": {"x": 1}},  # another plugin's similar word
-    {"kv_transfer": {}, "quant": 1},
-    {"bitdecode": {"bits": 2}, "bits": 3},  # with a section, top-level keys are others'
-    {"bitdecode": {}, "bit_decode": 1},
+@pytest.mark.parametrize(("additional_config", "bits"), [
+    ({"decode": {"bits": 2}}, 4),  # another plugin's similar word: the defaults
+    ({"kv_transfer": {}, "quant": 1}, 4),
+    ({"bitdecode": {"bits": 2}, "bits": 3}, 2),  # with a section, top-level keys are others'
+    ({"bitdecode": {"bits": 2}, "bit_decode": 1}, 2),
 ])
-def test_other_plugins_keys_pass(additional_config):
-    BitDecodeConfig.from_additional_config(additional_config)
+def test_other_plugins_keys_pass(additional_config, bits):
+    cfg = BitDecodeConfig.from_additional_config(additional_config)
+    assert cfg == BitDecodeConfig(bits=bits)
 
 
 def test_prefill_window_setting():

@@ -36,6 +36,9 @@ BLOCK = 16
 PROMPT_LENS = (211, 397, 530, 777, 901, 1203)
 GEN = [5, 13, 21, 30, 37, 46]  # each request stops at its own step, mid-page
 MAX_MODEL_LEN = 2048
+# every request ends mid-page, within the model length (the tests below rely on it)
+assert all((n + g) % BLOCK for n, g in zip(PROMPT_LENS, GEN, strict=True))
+assert all(n + g < MAX_MODEL_LEN for n, g in zip(PROMPT_LENS, GEN, strict=True))
 
 
 @functools.cache
@@ -76,11 +79,6 @@ def _assert_matches_reference(res: dict, what: str) -> None:
     for i, n in enumerate(GEN):
         assert_greedy_close([got["tokens"][i]], [got["logprobs"][i]], [ref["tokens"][i]],
                             [ref["logprobs"][i]], n, f"{what}, request {i}")
-
-
-def test_the_requests_end_mid_page():
-    assert all((n + g) % BLOCK for n, g in zip(PROMPT_LENS, GEN, strict=True))
-    assert all(n + g < MAX_MODEL_LEN for n, g in zip(PROMPT_LENS, GEN, strict=True))
 
 
 def test_one_at_a_time_reuses_the_slot_and_blocks_of_finished_requests():

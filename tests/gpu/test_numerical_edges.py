@@ -386,12 +386,10 @@ def _near_max_pages_params():
     return out
 
 
-@pytest.mark.parametrize(("dtype", "bits", "magnitude", "signs", "rotate"),
-                         _near_max_pages_params())
-def test_near_max_pages_stay_finite(dtype, bits, magnitude, signs, rotate):
-    """K and V near the maximum: kernel pages equal the reference's byte for byte (the
-    overflow fix is the same on both sides), dequantize to finite values, and the
-    dequantize op (prefill over cached history) gives finite values in the model dtype."""
+def _near_max_pages(dtype, bits, magnitude, signs, rotate):
+    """K and V near the maximum written by the kernel, read back by the reference
+    (``kd``, ``vd``) and by the dequantize op (``k_out``, ``v_out``); and the reference's
+    own pages."""
     gen = torch.Generator().manual_seed(int(bits + 10 * rotate + magnitude % 97))
     fmt = PageFormat(HEAD, bits, 128, BLOCK)
     n = 200
@@ -401,21 +399,45 @@ def test_near_max_pages_stay_finite(dtype, bits, magnitude, signs, rotate):
     pages = _write_op(cache, table, [k], [v], fmt, rotate)
     nb = -(-n // BLOCK)
     kd, vd = ref.read_blocks(pages.cpu(), table[0, :nb], n, fmt, dtype)
-    for name, x in (("K", kd), ("V", vd)):
-        bad = ~torch.isfinite(x)
-        assert not bad.any(), (f"{name} pages dequantize to non-finite values at "
-                               f"(token, head, channel) {bad.nonzero()[:4].tolist()}")
     expected_pages = cache.clone()
     ref.write_tokens(expected_pages, k, v, _slots(table, 0, n, BLOCK), fmt, rotate)
-    differ = pages.cpu() != expected_pages
-    assert not differ.any(), f"kernel and reference pages differ at {differ.nonzero()[:4].tolist()}"
     k_out = torch.full((n, KV_HEADS, HEAD), float("nan"), dtype=dtype, device=DEV)
     v_out = torch.full_like(k_out, float("nan"))
     _ops().dequantize_pages(pages, table.to(DEV), torch.tensor([n], dtype=torch.int32, device=DEV),
                             torch.zeros(2, dtype=torch.int32, device=DEV), k_out, v_out, bits,
                             fmt.group_size, BLOCK, n)
-    assert torch.equal(k_out.cpu(), kd.to(dtype)) and torch.equal(v_out.cpu(), vd.to(dtype))
-    for name, x in (("K", k_out), ("V", v_out)):
+    return dict(pages=pages.cpu(), expected_pages=expected_pages, kd=kd, vd=vd,
+                k_out=k_out.cpu(), v_out=v_out.cpu())
+
+
+@pytest.mark.parametrize(("dtype", "bits", "magnitude", "signs", "rotate"),
+                         [(*p.values,) for p in _near_max_pages_params()],
+                         ids=[p.id for p in _near_max_pages_params()])
+def test_near_max_pages_match_the_reference(dtype, bits, magnitude, signs, rotate):
+    """K and V near the maximum, every case (those whose values do not stay finite
+    included, which test_near_max_pages_stay_finite expects to fail): the kernel's pages
+    equal the reference's byte for byte (the overflow fix is the same on both sides), and
+    the dequantize op (prefill over cached history) gives the reference's values, NaN and
+    inf where it has them."""
+    c = _near_max_pages(dtype, bits, magnitude, signs, rotate)
+    differ = c["pages"] != c["expected_pages"]
+    assert not differ.any(), f"kernel and reference pages differ at {differ.nonzero()[:4].tolist()}"
+    for got, want in ((c["k_out"], c["kd"]), (c["v_out"], c["vd"])):
+        torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("dtype", "bits", "magnitude", "signs", "rotate"),
+                         _near_max_pages_params())
+def test_near_max_pages_stay_finite(dtype, bits, magnitude, signs, rotate):
+    """K and V near the maximum dequantize to finite values, in the reference and through
+    the dequantize op, in the model dtype (that the two agree:
+    test_near_max_pages_match_the_reference)."""
+    c = _near_max_pages(dtype, bits, magnitude, signs, rotate)
+    for name, x in (("K", c["kd"]), ("V", c["vd"])):
+        bad = ~torch.isfinite(x)
+        assert not bad.any(), (f"{name} pages dequantize to non-finite values at "
+                               f"(token, head, channel) {bad.nonzero()[:4].tolist()}")
+    for name, x in (("K", c["k_out"]), ("V", c["v_out"])):
         assert torch.isfinite(x).all(), f"dequantize_pages: {name} not finite in {_dt(dtype)}"
 
 

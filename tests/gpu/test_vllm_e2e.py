@@ -67,7 +67,6 @@ def test_bitdecode_matches_flash_attention_within_quantization_error(
     model_dir, flash_attn_run, bits, prefill_bound, decode_bound
 ):
     run = run_in_subprocess(_spec(model_dir, "BITDECODE", bitdecode={"bits": bits}))
-    assert "Using AttentionBackendEnum.BITDECODE backend" in run["log"] or "BITDECODE" in run["log"]
     assert f"BITDECODE KV cache: {bits}-bit codes" in run["log"]  # the builder's start-up line
     assert run["logprobs_finite"] and run["num_logprobs"] > 0
     assert run["tokens"] == flash_attn_run["tokens"] == [[t] * MAX_TOKENS for t in (11, 22, 33, 44)]
@@ -84,7 +83,9 @@ def test_bitdecode_matches_flash_attention_within_quantization_error(
 
 
 def test_bitdecode_with_cuda_graphs_generates(model_dir):
-    """The default (compiled, CUDA-graph) engine runs and gives finite logprobs."""
+    """A smoke test: the default (compiled, CUDA-graph) engine runs and gives finite
+    logprobs. Outputs under graphs against eager ones: test_serving.py,
+    test_cuda_graphs_match_eager."""
     spec = _spec(model_dir, "BITDECODE")
     spec["enforce_eager"] = False
     spec["generate"]["capture_attention"] = False
