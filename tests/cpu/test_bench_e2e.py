@@ -148,14 +148,20 @@ def _fake_result(ms_b1, ms_b8, kv, tps):
     }
 
 
-def test_records_ratios_targets_and_merge(bench):
-    cases = list(bench.DEFAULT_CASES)
+def _three_backends(bench, cases: list[str]) -> tuple[list, list, list]:
+    """Records of FLASH_ATTN bf16, fp8 and BITDECODE 4-bit for ``cases``."""
     bf16 = bench.records_from_result("FLASH_ATTN:bf16", cases,
                                      _fake_result(12.96, 20.0, 444_112, 10_000))
     fp8 = bench.records_from_result("FLASH_ATTN:fp8", cases,
                                     _fake_result(9.89, 14.0, 888_240, 15_000))
     int4 = bench.records_from_result("BITDECODE:int4", cases,
                                      _fake_result(6.9, 9.0, 1_671_984, 26_000))
+    return bf16, fp8, int4
+
+
+def test_records_ratios_targets_and_merge(bench):
+    cases = list(bench.DEFAULT_CASES)
+    bf16, fp8, int4 = _three_backends(bench, cases)
     tq = bench.skipped_records("TURBOQUANT:tq4", cases, "no FA2")
     recs = bench.merge_records([], bf16 + int4 + tq + fp8)
     assert [r["key"] for r in recs[::4]] == ["FLASH_ATTN:bf16", "FLASH_ATTN:fp8",
@@ -218,14 +224,8 @@ def test_records_ratios_targets_and_merge(bench):
 def test_ratios_say_when_their_records_came_from_different_runs(bench):
     """A results file merges runs; a ratio between two runs' records (or records that do
     not name their run) is listed in ratios_across_runs."""
-    cases = ["decode_b8_32k"]
     first, second = dict(date="2026-12-01", commit="aaa"), dict(date="2026-12-05", commit="bbb")
-    bf16 = bench.records_from_result("FLASH_ATTN:bf16", cases,
-                                     _fake_result(12.96, 20.0, 444_112, 10_000))
-    fp8 = bench.records_from_result("FLASH_ATTN:fp8", cases,
-                                    _fake_result(9.89, 14.0, 888_240, 15_000))
-    int4 = bench.records_from_result("BITDECODE:int4", cases,
-                                     _fake_result(6.9, 9.0, 1_671_984, 26_000))
+    bf16, fp8, int4 = _three_backends(bench, ["decode_b8_32k"])
     for rec in bf16 + int4:
         rec["run"] = first
     fp8[0]["run"] = second
