@@ -242,3 +242,47 @@ def test_every_config_is_valid_engine_arguments(name):
         parsed = BitDecodeConfig.from_additional_config(kw["additional_config"])
         assert parsed.bits == cfg["bitdecode"]["bits"]
     assert kw.get("block_size") == cfg.get("block_size")
+
+
+def test_paired_points_and_their_interval():
+    """Two configurations' answers on the same prompts: the mean paired difference in
+    points with a 95% interval that shrinks with the prompts, and the cells below depth
+    1.0 on their own."""
+    base = {"kv/1024/0.00": "1" * 100, "kv/1024/1.00": "1" * 100, "passkey/1024/0.00": "0" * 4}
+    ours = {"kv/1024/0.00": "0" * 10 + "1" * 90, "kv/1024/1.00": "1" * 100,
+            "passkey/1024/0.00": "1" * 4}
+    p = quality.paired_points(ours, base, "kv")
+    assert p["n"] == 200 and p["mean"] == pytest.approx(-5.0)
+    lo, hi = p["ci95"]
+    sd = math.sqrt((10 * 0.95**2 + 190 * 0.05**2) / 199)
+    assert (hi - lo) / 2 == pytest.approx(100 * 1.96 * sd / math.sqrt(200))
+    assert quality.paired_points(ours, base, "kv", 1.0)["mean"] == pytest.approx(-10.0)
+    assert quality.paired_points(ours, base, "passkey")["mean"] == pytest.approx(100.0)
+
+
+def test_clean_perplexity_leaves_out_the_windows_of_near_duplicates():
+    c = {"perplexity": {"11": {"window": 11}}, "window_nll": {"11": [10.0, 0.0, 20.0]}}
+    assert quality.clean_perplexity(c, []) == {"11": pytest.approx(math.exp(30 / 30))}
+    assert quality.clean_perplexity(c, [(12, 13)]) == {"11": pytest.approx(math.exp(30 / 20))}
+
+
+def test_recompare_rewrites_a_results_file_in_place(tmp_path, monkeypatch, capsys):
+    """--recompare: the stored NLLs and answers of a results file compared again, without
+    an engine; its clean perplexity leaves out the windows of the near-duplicate files."""
+    import shutil
+    import sys
+
+    src = data.REPO_ROOT / "benchmarks" / "results" / "quality_channel_k_h200.json"
+    path = tmp_path / src.name
+    shutil.copy(src, path)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--recompare", str(path)])
+    quality.main()
+    doc = json.loads(path.read_text())
+    assert doc["compared_by"]["commit"] and doc["commit"] == json.loads(src.read_text())["commit"]
+    d = doc["configs"]["int2-channel-g32-b128"]["vs_bf16"]
+    assert d["perplexity_pct"] == json.loads(src.read_text())["configs"][
+        "int2-channel-g32-b128"]["vs_bf16"]["perplexity_pct"]  # the old figure, unchanged
+    assert d["perplexity_pct_clean"]["8192"] > d["perplexity_pct"]["8192"]
+    lo, hi = d["retrieval_points"]["kv"]["ci95"]
+    assert lo < d["retrieval_points"]["kv"]["mean"] < hi
+    assert "int2-channel-g32-b128" in capsys.readouterr().out

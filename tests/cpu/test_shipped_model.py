@@ -274,3 +274,44 @@ def test_gpu_tests_passkey_probes_are_deterministic_and_scored_by_their_keys():
     right = [tok.encode(a + "\n").ids for a in answers]
     assert data.count_right(right, answers) == 2
     assert data.count_right(right[::-1], answers) == (answers[0] == answers[1]) * 2
+
+
+# ---- held-out text the training split nearly holds ------------------------------------------
+
+
+@pytest.mark.skipif(
+    json.loads((MODEL_DIR / "eval" / "heldout_files.json").read_text())["python"]
+    != ".".join(map(str, __import__("sys").version_info[:3])),
+    reason="the training split is the library of the Python the model was trained on")
+def test_near_duplicate_list_is_what_the_training_library_gives():
+    """HELDOUT_NEAR_DUPLICATES are the held-out files more than half of whose lines the
+    training split holds (under other paths), recomputed from this interpreter's library
+    where it is the one the model was trained on."""
+    train, _ = data.split_sources(data.stdlib_sources())
+    lines = {s for _, text in train for s in (line.strip() for line in text.splitlines())
+             if len(s) >= data.NEAR_DUPLICATE_LINE_CHARS}
+    shares = {name: data.near_duplicate_share(doc, lines)
+              for name, doc in zip(data.heldout_files(), data.read_heldout_docs(), strict=True)}
+    found = {name for name, share in shares.items() if share > data.NEAR_DUPLICATE_SHARE}
+    assert found == set(data.HELDOUT_NEAR_DUPLICATES), shares
+    assert shares["argparse.py"] < 0.2  # an ordinary file shares little
+
+
+@needs_tokenizer
+def test_clean_windows_leave_out_every_window_touching_a_near_duplicate():
+    spans = data.near_duplicate_spans()
+    assert [name for name in data.heldout_files() if name in data.HELDOUT_NEAR_DUPLICATES] \
+        == list(data.HELDOUT_NEAR_DUPLICATES)
+    assert len(spans) == len(data.HELDOUT_NEAR_DUPLICATES)
+    stream = data.heldout_tokens()
+    assert spans[-1][1] <= len(stream) and all(a < b for a, b in spans)
+    for length in (2048, 8191):
+        windows = data.ppl_windows(stream, length, 262144)
+        keep = data.clean_windows(len(windows), length, spans)
+        step = length - 1
+        for i in range(len(windows)):
+            touches = any(a < (i + 1) * step and i * step < b for a, b in spans)
+            assert (i in keep) != touches
+        assert 0 < len(keep) < len(windows)
+    assert data.clean_windows(3, 11, [(10, 11)]) == [0, 2]  # token 10: window 1
+    assert data.clean_windows(3, 11, [(9, 10)]) == [1, 2]  # token 9: window 0's last
