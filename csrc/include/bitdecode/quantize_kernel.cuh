@@ -44,8 +44,9 @@ __device__ __forceinline__ void load4(const T* src, float (&x)[4]) {
 // quantizer's own inverse. Shared by the per-token quantizer (quantize_lane) and the
 // per-channel one (kc_write_kernel.cuh), and the twin of reference.quantize.
 // A group spanning both signs near the float32 maximum overflows hi - lo; only there the
-// scale is hi / L - lo / L and a code x / s - z / s, both finite. Inf / NaN inputs take
-// that branch too and stay non-finite.
+// scale is hi / L - lo / L and a code x / s - z / s, both finite. An inf input takes that
+// branch too and leaves its group's parameters non-finite; a NaN is skipped by the min /
+// max (fminf / fmaxf) and gets code 0 (reference.quantize spreads it instead).
 template <typename T, int BITS>
 __device__ __forceinline__ bool group_params(float lo, float hi, T& scale_out, T& zero_out) {
   constexpr float kLevels = static_cast<float>((1 << BITS) - 1);
