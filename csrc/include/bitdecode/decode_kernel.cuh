@@ -15,18 +15,20 @@
 //
 //   S^T  = K Q^T     mma.m16n8k16, A = 16 tokens x 16 channels of K codes, B = Q^T.
 //                    K codes go from the page into A-fragment registers with one lop3
-//                    per register (page_format.py's K order) as M + code, exact
-//                    (M = 128 for bf16, 1024 for fp16). Per-token scale and zero act on
-//                    the fp32 accumulator, M folded into the zero:
-//                    S = scale * (Q . (M + codes)) + (zero - scale * M) * sum(Q)
-//   softmax          online, base 2, over 32-token steps; the output is rescaled only
-//                    in steps where some head's running max moved
-//   O^T += V^T P^T   A = 16 channels x 16 tokens of V codes (M + code, the page's V
-//                    order), B = P^T: the S^T accumulator times the per-token V scale,
-//                    rounded to 16 bits and transposed in registers (movmatrix).
-//                    M * sum(P^T) is taken back with one more MMA whose A is all M, so
-//                    the correction uses exactly the 16-bit values the MMA saw; the V
-//                    zero adds P . zero in fp32.
+//                    per register (page_format.py's K order) as fp16 M + code * 2^bit
+//                    of their slot in the word (M = 1024, HalfSlots), exact, against Q
+//                    in fp16 scaled by 2^-e for the CTA and by 2^-bit per slot (except
+//                    at V group 64, where K meets Q in the model dtype as M + code, M =
+//                    128 for bf16, 1024 for fp16); per-token scale and zero act on the fp32
+//                    accumulator, and M comes back through per-slot sums of Q:
+//                    S = scale * (Q . codes) + zero * sum(Q), with 2^e in the scale
+//   softmax          online, base 2, over steps of one or two 16-token tiles; the output
+//                    is rescaled only in steps where some head's running max moved
+//   O^T += V^T P^T   A = 16 channels x 16 tokens of V codes, centred (code - 2^(bits-1),
+//                    the page's V order), B = P^T: the S^T accumulator times half the
+//                    per-token V scale, rounded to 16 bits and transposed in registers
+//                    (movmatrix); the end doubles O, and P . (zero + 2^(bits-1) scale)
+//                    adds the rest in fp32.
 //
 // The four warps merge through shared memory; with several splits the CTA writes a
 // normalized partial output and its log-sum-exp, and combine_kernel reduces them.
