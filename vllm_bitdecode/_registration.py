@@ -99,6 +99,29 @@ def wrap_once(cls: type, name: str, *, static: bool = False) -> Callable[[Callab
     return install
 
 
+def vllm_supported(required: str) -> bool:
+    """Whether the running vLLM is release ``required`` (local and dev suffixes aside);
+    if not, says so once, as an error."""
+    import vllm
+    from packaging.version import InvalidVersion, Version
+
+    found = getattr(vllm, "__version__", "unknown")
+    try:
+        ok = Version(found).release[:3] == Version(required).release[:3]
+    except InvalidVersion:
+        ok = False
+    if not ok and not _UNSUPPORTED_SAID:
+        _UNSUPPORTED_SAID.append(found)
+        _logger().error(
+            f"vllm-bitdecode supports vLLM {required} only, and this is vLLM {found}: the "
+            f"BITDECODE backend is not registered (other backends run as without the "
+            f"plugin); install vllm=={required}, or uninstall vllm-bitdecode")
+    return ok
+
+
+_UNSUPPORTED_SAID: list[str] = []
+
+
 def register_backend_enum(name: str, class_path: str) -> Enum:
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 

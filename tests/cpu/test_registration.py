@@ -575,3 +575,36 @@ def test_streaming_input_wrapper_refuses_only_bitdecode_channel_mode():
     assert asyncio.run(engine(None, channel)._add_streaming_input_request("b")) == "b"
     with pytest.raises(config.BitDecodeConfigError, match="streaming-input"):
         asyncio.run(engine(_backend_member(), channel)._add_streaming_input_request("c"))
+
+
+@pytest.mark.parametrize(("found", "ok"), [("0.20.0", True), ("0.20.0+cu130", True),
+                                           ("0.20.0.dev3", True), ("0.20.1", False),
+                                           ("0.21.0", False), ("garbage", False)])
+def test_another_vllm_version_gets_no_wrappers(monkeypatch, found, ok):
+    """Under another vLLM, register() installs nothing (vLLM runs it in every engine's
+    processes, and a renamed private method would break engines that never asked for
+    BITDECODE) and says why, once, as an error."""
+    import vllm
+
+    import vllm_bitdecode
+    from vllm_bitdecode import _registration
+
+    monkeypatch.setattr(vllm, "__version__", found)
+    monkeypatch.setattr(_registration, "_UNSUPPORTED_SAID", [])
+    errors: list[str] = []
+    monkeypatch.setattr(_registration, "_logger",
+                        lambda: type("L", (), {"error": staticmethod(errors.append)}))
+    installed: list[str] = []
+    monkeypatch.setattr(_registration, "register_backend_enum",
+                        lambda *a: installed.append("enum"))
+    for name in ("patch_kv_cache_spec", "patch_cli_help", "patch_engine_config",
+                 "patch_allowed_token_mask_swap", "patch_layer_backend_check",
+                 "patch_forced_preemption_report"):
+        monkeypatch.setattr(_registration, name, lambda name=name: installed.append(name))
+    vllm_bitdecode.register()
+    vllm_bitdecode.register()
+    assert bool(installed) == ok
+    assert len(installed) == (14 if ok else 0)  # 7 steps, twice
+    assert len(errors) == (0 if ok else 1)  # said once
+    if not ok:
+        assert f"this is vLLM {found}" in errors[0] and "vllm==0.20.0" in errors[0]
