@@ -1,4 +1,8 @@
-"""How BITDECODE gets into vLLM 0.20 without forking it. Every step is idempotent.
+"""How BITDECODE gets into vLLM 0.20 without forking it. Every step is idempotent, and
+the steps that wrap a class of a heavy vLLM module (the attention layer, the KV-cache
+managers, the input batch, the scheduler) wait until something imports it
+(:func:`when_imported`): vLLM runs ``register`` in every process, the API server's and
+``vllm serve --help``'s too, which until 2026-12-05 it cost about 700 modules and 1 s.
 
 1. ``AttentionBackendEnum`` is a closed Enum, and vLLM resolves a layer's backend by
    ``AttentionBackendEnum[backend.get_name()]``. A real member named BITDECODE (value:
@@ -171,15 +175,73 @@ def _is_bitdecode(attn_backend: object) -> bool:
     return get_name is not None and get_name() == BACKEND_NAME
 
 
-def patch_kv_cache_spec() -> None:
-    from vllm.model_executor.layers.attention.attention import Attention
-    from vllm.v1.core import single_type_kv_cache_manager as managers
+# vLLM's modules whose classes the patches wrap are heavy to import (the attention layer
+# and the KV-cache managers: 2.2 s and 900 modules on the CPU machine) and not needed by
+# processes that build no engine (the API server, `vllm serve --help`): they are patched
+# when something first imports them, not imported here.
+ATTENTION_MODULE = "vllm.model_executor.layers.attention.attention"
+KV_MANAGER_MODULE = "vllm.v1.core.single_type_kv_cache_manager"
+_PENDING: dict[str, list[Callable[[Any], None]]] = {}
 
+
+def when_imported(module_name: str, fn: Callable[[Any], None]) -> None:
+    """``fn(module)`` now if ``module_name`` is imported, else right after its first
+    import finishes (a finder at the front of ``sys.meta_path`` wraps that module's
+    loader, then steps aside)."""
+    import sys
+
+    module = sys.modules.get(module_name)
+    if module is not None:
+        fn(module)
+        return
+    _PENDING.setdefault(module_name, []).append(fn)
+    if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportFinder())
+
+
+class _PostImportFinder:
+    """A ``sys.meta_path`` finder that finds nothing itself: for a module with pending
+    patches it asks the other finders and wraps the found loader's ``exec_module``."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> Any:
+        import sys
+
+        if name not in _PENDING:
+            return None
+        spec = None
+        for finder in sys.meta_path:  # the spec the import would have found without us
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    break
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_patch(module: Any) -> None:
+            exec_module(module)
+            for fn in _PENDING.pop(name, []):
+                fn(module)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+def patch_kv_cache_spec() -> None:
+    when_imported(KV_MANAGER_MODULE, _map_spec_to_manager)
+    when_imported(ATTENTION_MODULE, _patch_get_kv_cache_spec)
+
+
+def _map_spec_to_manager(managers: Any) -> None:
     from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
 
     managers.spec_manager_map.setdefault(BitDecodeAttentionSpec, managers.FullAttentionManager)
 
-    @wrap_once(Attention, "get_kv_cache_spec")
+
+def _patch_get_kv_cache_spec(attention: Any) -> None:
+    from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
+
+    @wrap_once(attention.Attention, "get_kv_cache_spec")
     def get_kv_cache_spec(original, self, vllm_config):
         spec = original(self, vllm_config)
         if spec is None or not _is_bitdecode(self.attn_backend):
@@ -273,9 +335,11 @@ def _logger():
 
 
 def patch_layer_backend_check() -> None:
-    from vllm.model_executor.layers.attention.attention import Attention
+    when_imported(ATTENTION_MODULE, _patch_attention_init)
 
-    @wrap_once(Attention, "__init__")
+
+def _patch_attention_init(attention: Any) -> None:
+    @wrap_once(attention.Attention, "__init__")
     def __init__(original, self, *args, **kwargs):
         # a backend the model passes is refused before vLLM builds its impl (whose own
         # checks would otherwise speak first); any other way to it, after
@@ -318,9 +382,11 @@ def _is_bitdecode_member(backend: object) -> bool:
 
 
 def patch_allowed_token_mask_swap() -> None:
-    from vllm.v1.worker.gpu_input_batch import InputBatch
+    when_imported("vllm.v1.worker.gpu_input_batch", _patch_swap_states)
 
-    @wrap_once(InputBatch, "swap_states")
+
+def _patch_swap_states(gpu_input_batch: Any) -> None:
+    @wrap_once(gpu_input_batch.InputBatch, "swap_states")
     def swap_states(original, self, i1: int, i2: int) -> None:
         mask = self.allowed_token_ids_mask_cpu_tensor  # [max_num_reqs, vocab] bool or None
         rows = None if mask is None else mask[[i1, i2]]  # a copy: indexing with a list
@@ -351,9 +417,12 @@ def patch_streaming_input(engine_cls: type | None = None) -> None:
 def patch_forced_preemption_report(scheduler_cls: type | None = None) -> None:
     """Step 8: make ``scheduler_cls`` (vLLM's ``Scheduler`` by default, which its
     ``AsyncScheduler`` extends) report the requests that ``reset_prefix_cache`` preempted
-    in its next ``schedule()`` output, for per-channel K engines. Idempotent."""
+    in its next ``schedule()`` output, for per-channel K engines. Idempotent. vLLM's own
+    is patched when its module is first imported (the engine core's process)."""
     if scheduler_cls is None:
-        from vllm.v1.core.sched.scheduler import Scheduler as scheduler_cls
+        when_imported("vllm.v1.core.sched.scheduler",
+                      lambda module: patch_forced_preemption_report(module.Scheduler))
+        return
 
     @wrap_once(scheduler_cls, "reset_prefix_cache")
     def reset_prefix_cache(original, self, reset_running_requests: bool = False, *args,

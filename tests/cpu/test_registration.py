@@ -12,6 +12,7 @@ import argparse
 import importlib.metadata
 import pickle
 from enum import Enum
+from pathlib import Path
 
 import pytest
 import torch
@@ -608,3 +609,33 @@ def test_another_vllm_version_gets_no_wrappers(monkeypatch, found, ok):
     assert len(errors) == (0 if ok else 1)  # said once
     if not ok:
         assert f"this is vLLM {found}" in errors[0] and "vllm==0.20.0" in errors[0]
+
+
+def test_register_patches_heavy_modules_when_they_are_imported_not_before():
+    """register() runs in every vLLM process, the API server's and `vllm serve --help`'s
+    included: it imports neither vLLM's attention layer module nor the KV-cache managers
+    (2.2 s and about 900 modules on the CPU machine), and patches them once something
+    imports them, as a process that builds a model does."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+import vllm_bitdecode
+from vllm_bitdecode import _registration as r
+vllm_bitdecode.register()
+heavy = (r.ATTENTION_MODULE, r.KV_MANAGER_MODULE)
+assert not any(m in sys.modules for m in heavy), [m for m in heavy if m in sys.modules]
+from vllm.model_executor.layers.attention.attention import Attention
+from vllm.v1.core import single_type_kv_cache_manager as managers
+from vllm_bitdecode.backend.spec import BitDecodeAttentionSpec
+assert getattr(Attention.__init__, "_bitdecode", False)
+assert getattr(Attention.get_kv_cache_spec, "_bitdecode", False)
+assert managers.spec_manager_map[BitDecodeAttentionSpec] is managers.FullAttentionManager
+vllm_bitdecode.register()  # again, with the modules imported: nothing wrapped twice
+assert not getattr(Attention.__init__.__wrapped__, "_bitdecode", False)
+print("OK")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=str(Path(__file__).resolve().parents[2]))
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
