@@ -512,8 +512,8 @@ def _request(req_id: str, allowed: list[int] | None):
         block_ids=([],), num_computed_tokens=0, output_token_ids=[])
 
 
-@pytest.mark.parametrize("allowed", [([5], [7]), ([5], None), ([3, 4], [9])],
-                         ids=["both-forced", "one-forced", "sets"])
+@pytest.mark.parametrize("allowed", [([5], [7]), ([5], None), ([3, 4], [9]), (None, None)],
+                         ids=["both-forced", "one-forced", "sets", "neither"])
 def test_reordering_swaps_allowed_token_masks(allowed):
     """vLLM's reorder for decode-first backends (ours included) swaps two requests'
     states; each must keep its own allowed-token mask (vLLM 0.20 copies one over the
