@@ -46,29 +46,8 @@ from vllm_bitdecode.provenance import (  # noqa: E402
     save_figure,
     write_results,
 )
-from vllm_bitdecode.testing.baselines import (  # noqa: E402
-    FA3_GRAPH_MAX_SPLITS,
-    fa3_decode_schedule,
-    fa3_paged_decode,
-)
 
 BITS = 4
-
-
-def bench_fa3(batch: int, context: int, tokens: int, timer: Timer,
-              gen: torch.Generator) -> float:
-    table, num_blocks = dense.block_table(batch, context, gen)
-    k = torch.randn(num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda")
-    v = torch.randn_like(k)
-    q = torch.randn(batch * tokens, HQ, D, dtype=DTYPE, device="cuda")
-    cu_q = torch.arange(0, batch * tokens + 1, tokens, dtype=torch.int32, device="cuda")
-    seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    out = torch.empty_like(q)
-    schedule = fa3_decode_schedule(q, k, seqused, context, cu_q, tokens)  # once a step
-    return timer(lambda: fa3_paged_decode(q, k, v, table, seqused, context, D**-0.5, out=out,
-                                          cu_seqlens_q=cu_q, max_seqlen_q=tokens,
-                                          scheduler_metadata=schedule,
-                                          num_splits=FA3_GRAPH_MAX_SPLITS))
 
 
 def bench_bitdecode(batch: int, context: int, tokens: int, packed: bool, timer: Timer,
@@ -135,7 +114,8 @@ def main() -> None:
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             for tokens in map(int, args.tokens.split(",")):
-                fa3 = bench_fa3(batch, context, tokens, timer, gen)
+                fa3, fa3_bytes = dense.bench_fa3(batch, context, "bf16", timer, gen,
+                                                 query_len=tokens)
                 case = []
                 for impl in ("rows", "tokens"):
                     if impl == "rows" and tokens == 1:
@@ -144,8 +124,7 @@ def main() -> None:
                                                  timer, gen)
                     case.append(dict(impl=impl, kv=f"int{BITS}", ms=ms, num_splits=splits,
                                      bytes=batch * context * HKV * fmt.bytes_per_token_head))
-                case.append(dict(impl="fa3", kv="bf16", ms=fa3,
-                                 bytes=batch * context * HKV * D * 2 * 2))
+                case.append(dict(impl="fa3", kv="bf16", ms=fa3, bytes=fa3_bytes))
                 for r in case:
                     r.update(batch=batch, context=context, tokens=tokens,
                              gbps=r["bytes"] / r["ms"] / 1e6,
