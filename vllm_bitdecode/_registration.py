@@ -194,7 +194,9 @@ def when_imported(module_name: str, fn: Callable[[Any], None]) -> None:
     if module is not None:
         fn(module)
         return
-    _PENDING.setdefault(module_name, []).append(fn)
+    pending = _PENDING.setdefault(module_name, [])
+    if fn not in pending:  # register() runs again at every unpickling of the enum member
+        pending.append(fn)
     if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportFinder())
 
@@ -424,8 +426,7 @@ def patch_forced_preemption_report(scheduler_cls: type | None = None) -> None:
     in its next ``schedule()`` output, for per-channel K engines. Idempotent. vLLM's own
     is patched when its module is first imported (the engine core's process)."""
     if scheduler_cls is None:
-        when_imported("vllm.v1.core.sched.scheduler",
-                      lambda module: patch_forced_preemption_report(module.Scheduler))
+        when_imported("vllm.v1.core.sched.scheduler", _patch_vllm_scheduler)
         return
 
     @wrap_once(scheduler_cls, "reset_prefix_cache")
@@ -443,6 +444,10 @@ def patch_forced_preemption_report(scheduler_cls: type | None = None) -> None:
         if forced:
             output.preempted_req_ids = (output.preempted_req_ids or set()) | forced
         return output
+
+
+def _patch_vllm_scheduler(module: Any) -> None:
+    patch_forced_preemption_report(module.Scheduler)
 
 
 def _reports_forced_preemption(scheduler: object) -> bool:

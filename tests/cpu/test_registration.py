@@ -624,6 +624,8 @@ import sys
 import vllm_bitdecode
 from vllm_bitdecode import _registration as r
 vllm_bitdecode.register()
+vllm_bitdecode.register()  # (as an unpickling of the member does): each patch pending once
+assert all(len(set(fns)) == len(fns) for fns in r._PENDING.values()), r._PENDING
 heavy = (r.ATTENTION_MODULE, r.KV_MANAGER_MODULE)
 assert not any(m in sys.modules for m in heavy), [m for m in heavy if m in sys.modules]
 from vllm.model_executor.layers.attention.attention import Attention
