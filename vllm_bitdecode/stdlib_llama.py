@@ -147,12 +147,17 @@ NEAR_DUPLICATE_LINE_CHARS = 16  # lines this long or longer are compared
 NEAR_DUPLICATE_SHARE = 0.5
 
 
+def compared_lines(text: str) -> list[str]:
+    """``text``'s lines that the near-duplicate test compares: stripped, at least
+    NEAR_DUPLICATE_LINE_CHARS long."""
+    return [s for s in (line.strip() for line in text.splitlines())
+            if len(s) >= NEAR_DUPLICATE_LINE_CHARS]
+
+
 def near_duplicate_share(doc: str, train_lines: set[str]) -> float:
-    """The share of ``doc``'s lines (stripped, at least NEAR_DUPLICATE_LINE_CHARS long)
-    that also occur in the training split (``train_lines``, the same lines of its
-    files)."""
-    lines = [s for s in (line.strip() for line in doc.splitlines())
-             if len(s) >= NEAR_DUPLICATE_LINE_CHARS]
+    """The share of ``doc``'s :func:`compared_lines` that also occur in the training
+    split (``train_lines``: the compared lines of its files)."""
+    lines = compared_lines(doc)
     return sum(s in train_lines for s in lines) / max(len(lines), 1)
 
 

@@ -288,8 +288,7 @@ def test_near_duplicate_list_is_what_the_training_library_gives():
     training split holds (under other paths), recomputed from this interpreter's library
     where it is the one the model was trained on."""
     train, _ = data.split_sources(data.stdlib_sources())
-    lines = {s for _, text in train for s in (line.strip() for line in text.splitlines())
-             if len(s) >= data.NEAR_DUPLICATE_LINE_CHARS}
+    lines = {s for _, text in train for s in data.compared_lines(text)}
     shares = {name: data.near_duplicate_share(doc, lines)
               for name, doc in zip(data.heldout_files(), data.read_heldout_docs(), strict=True)}
     found = {name for name, share in shares.items() if share > data.NEAR_DUPLICATE_SHARE}
