@@ -589,17 +589,8 @@ def test_fp16_decode_keeps_small_values_precise(v_std):
     gen = torch.Generator().manual_seed(41)
     fmt = PageFormat(128, 4, 128, 16)
     seq_lens, kv_heads = [8192, 32768], 2
-    blocks = [-(-n // fmt.block_size) for n in seq_lens]
-    cache = torch.randint(0, 256, (sum(blocks) + 2, kv_heads, fmt.head_region_bytes),
-                          generator=gen, dtype=torch.uint8)
-    perm = torch.randperm(cache.shape[0], generator=gen).to(torch.int32)
-    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-    table[0, : blocks[0]], table[1, : blocks[1]] = perm[: blocks[0]], perm[blocks[0]:sum(blocks)]
-    for i, n in enumerate(seq_lens):
-        k = (torch.randn(n, kv_heads, 128, generator=gen) * 2).to(torch.float16)
-        v = (torch.randn(n, kv_heads, 128, generator=gen) * v_std).to(torch.float16)
-        pos = torch.arange(n)
-        ref.write_tokens(cache, k, v, table[i, pos // 16].long() * 16 + pos % 16, fmt, False)
+    cache, table = _fill_pages(seq_lens, kv_heads, fmt, torch.float16, False, gen,
+                               v_std=v_std)
     q = (torch.randn(len(seq_lens), kv_heads * 4, 128, generator=gen) * 1.5).to(torch.float16)
     scale = 128**-0.5
     expected = _reference_decode(q, cache, table, seq_lens, fmt, False, scale)
