@@ -620,9 +620,10 @@ def main() -> None:
         worker_main(*args.worker)
         return
     if args.recompare:
+        spans = heldout_near_duplicates(Path(args.model))  # tokenizes the held-out text
         for path in map(Path, args.recompare):
             doc = json.loads(path.read_text())
-            compare(doc, heldout_near_duplicates(Path(args.model)))
+            compare(doc, spans)
             doc["compared_by"] = {"commit": git_commit(),
                                   "date": datetime.date.today().isoformat()}
             write_results(doc, path)
