@@ -16,6 +16,8 @@ serve a model. By module:
   wake-up.
 - ``engine_timing``: ms per decode step in the steady state, and a ``vllm bench
   throughput``-style run.
+- ``forced_decode``: a logits processor that teacher-forces a generation, so that a text
+  is scored through the decode path (``benchmarks/quality_decode.py``).
 - ``comparisons``: how two engines' tokens, log-probabilities and attention rows are
   compared.
 - ``baselines``: vLLM's FlashAttention-3 paged decode, the kernels' unquantized baseline.
