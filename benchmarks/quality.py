@@ -208,6 +208,21 @@ def capture_attention(llm: Any, prompts: list[list[int]], nxt: list[int],
     return llm.apply_model(_remove_capture)[0]
 
 
+def prefill_window_nll(llm: Any, wins: list[list[int]]) -> list[float]:
+    """Each window's NLL of its tokens after the first, from vLLM's prompt logprobs (the
+    whole window prefilled in one request)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": w} for w in wins], sp, use_tqdm=False)
+    nll = []
+    for w, o in zip(wins, outs, strict=True):
+        plp = o.prompt_logprobs
+        assert plp is not None and len(plp) == len(w), (len(plp or []), len(w))
+        nll.append(-sum(plp[i][w[i]].logprob for i in range(1, len(w))))
+    return nll
+
+
 def engine_kwargs(spec: dict[str, Any]) -> dict[str, Any]:
     kw: dict[str, Any] = dict(
         model=spec["model"], attention_backend=spec["backend"], enforce_eager=True,
@@ -254,13 +269,7 @@ def run_worker(spec: dict[str, Any], llm: Any = None) -> dict[str, Any]:
     res["perplexity"] = {}
     for ctx in st["ppl_contexts"]:
         wins = data.ppl_windows(held, min(ctx, MAX_MODEL_LEN - 1), st["ppl_tokens"])
-        sp = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outs = llm.generate([{"prompt_token_ids": w} for w in wins], sp, use_tqdm=False)
-        nll = []
-        for w, o in zip(wins, outs, strict=True):
-            plp = o.prompt_logprobs
-            assert plp is not None and len(plp) == len(w), (len(plp or []), len(w))
-            nll.append(-sum(plp[i][w[i]].logprob for i in range(1, len(w))))
+        nll = prefill_window_nll(llm, wins)
         n = sum(len(w) - 1 for w in wins)
         res["perplexity"][str(ctx)] = {"window": len(wins[0]), "windows": len(wins),
                                        "tokens": n, "ppl": math.exp(sum(nll) / n),
@@ -310,7 +319,9 @@ def worker_spec(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float
 
 
 def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
-               timeout: float, log_dir: Path) -> dict[str, Any]:
+               timeout: float, log_dir: Path, script: str = __file__) -> dict[str, Any]:
+    """Configuration ``name`` measured by ``script --worker`` (this file's run_worker, or
+    another script's with the same command line) in a subprocess of its own."""
     import torch
 
     spec = worker_spec(name, model_dir, st, gpu_util)
@@ -320,7 +331,7 @@ def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                    VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1")
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--worker", str(spec_path),
+        proc = subprocess.run([sys.executable, script, "--worker", str(spec_path),
                                str(out_path)], capture_output=True, text=True, timeout=timeout,
                               env=env)
         log = proc.stdout + proc.stderr
