@@ -204,6 +204,19 @@ def compare(doc: dict[str, Any], spans: Sequence[tuple[int, int]] = ()) -> None:
         c["compared"] = d
 
 
+def failure(name: str, c: dict[str, Any]) -> str | None:
+    """Why configuration ``name``'s summary fails the run, if it does: a perplexity that
+    is not finite (a NaN logit still lets the forcing pick its token, so only the scores
+    show it), or bf16's decode perplexity off its prefill perplexity (the method check)."""
+    if not all(map(math.isfinite, (c["ppl_prefill"], c["ppl_decode"]))):
+        return f"perplexity not finite: prefill {c['ppl_prefill']}, decode {c['ppl_decode']}"
+    gap = c["compared"]["decode_vs_prefill_pct"]
+    if name == "bf16" and abs(gap) > METHOD_TOLERANCE_PCT:
+        return (f"bf16 decode perplexity {gap:+.2f}% off its prefill perplexity "
+                f"(tolerance {METHOD_TOLERANCE_PCT}%)")
+    return None
+
+
 def plot(doc: dict[str, Any], path: Path) -> str | None:
     plt = pyplot()
     base = doc["configs"].get("bf16")
@@ -321,10 +334,10 @@ def main() -> None:
         compare(doc, spans)
         write_results(doc, out_path)
         c = doc["configs"][name]
-        gap = c["compared"]["decode_vs_prefill_pct"]
-        if name == "bf16" and abs(gap) > METHOD_TOLERANCE_PCT:
-            failures[name] = (f"bf16 decode perplexity {gap:+.2f}% off its prefill "
-                              f"perplexity (tolerance {METHOD_TOLERANCE_PCT}%)")
+        bad = failure(name, c)
+        if bad:
+            print(f"   {bad}", flush=True)
+            failures[name] = bad
             doc["failures"] = failures
             write_results(doc, out_path)
         print(f"   ppl prefill {c['ppl_prefill']:.3f}, decode {c['ppl_decode']:.3f} "

@@ -195,3 +195,14 @@ def test_main_merges_runs_and_fails_when_bf16_decode_and_prefill_disagree(
     with pytest.raises(SystemExit, match="failed: \\['bf16'\\]"):
         qd.main()
     assert "off its prefill" in json.loads(out.read_text())["failures"]["bf16"]
+
+
+def test_a_nan_perplexity_fails_its_configuration(windows):
+    """A NaN logit keeps the forced token (the forcing leaves only it), so the scores are
+    where a NaN shows: such a configuration fails, whatever its name."""
+    res = _result(windows, scale=1.0)
+    res["decode_bin_nll"][1][2] = float("nan")
+    doc = _doc({"bf16": _result(windows), "int4": res})
+    qd.compare(doc)
+    assert qd.failure("bf16", doc["configs"]["bf16"]) is None
+    assert "perplexity not finite" in qd.failure("int4", doc["configs"]["int4"])

@@ -77,6 +77,9 @@ class ForcedTokens(LogitsProcessor):
         rows = list(self.rows)
         # past the list (vLLM never asks: max_tokens <= its length), the last token again
         cols = [tokens[min(len(out), len(tokens) - 1)] for tokens, out in self.rows.values()]
+        if max(cols) >= logits.shape[-1]:  # an index past the logits: a device assert
+            raise ValueError(f"forced token {max(cols)} is past the vocabulary "
+                             f"({logits.shape[-1]} logits)")
         r = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         c = torch.tensor(cols, dtype=torch.long).to(self.device, non_blocking=True)
         keep = logits[r, c]
