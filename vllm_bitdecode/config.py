@@ -799,25 +799,13 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     if model is None:
         return cfg
     parallel = vllm_config.parallel_config
-    check_tensor_parallel(model.get_total_num_kv_heads(), parallel.tensor_parallel_size)
     check_context_parallel(getattr(parallel, "decode_context_parallel_size", 1),
                            getattr(parallel, "prefill_context_parallel_size", 1))
     check_kv_cache_scheme(getattr(vllm_config, "quant_config", None))
-    check_model(
-        head_size=model.get_head_size(),
-        dtype=model.dtype,
-        kv_cache_dtype=vllm_config.cache_config.cache_dtype,
-        block_size=vllm_config.cache_config.block_size
-        if vllm_config.cache_config.user_specified_block_size
-        else None,
-        use_mla=model.use_mla,
-        is_encoder_decoder=model.is_encoder_decoder,
-        sliding_window=model.get_sliding_window(),
-        num_heads=model.get_num_attention_heads(parallel),
-        num_kv_heads=model.get_num_kv_heads(parallel),
-        is_hybrid=model.is_hybrid,
-        attention_chunk_size=model.attention_chunk_size,
-    )
+    cache = vllm_config.cache_config
+    _check_model_config(model, parallel, cache.cache_dtype,
+                        cache.block_size if cache.user_specified_block_size else None)
+    check_speculative(getattr(vllm_config, "speculative_config", None), parallel)
     if cfg.channel_k:
         check_channel_k(vllm_config)
     if cfg.sparse.enabled:
@@ -834,6 +822,59 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
             max_model_len_fitted=getattr(model, "original_max_model_len", None) == -1,
         )
     return cfg
+
+
+def _check_model_config(model: Any, parallel: Any, kv_cache_dtype: str | None,
+                        block_size: int | None) -> None:
+    """check_tensor_parallel and check_model on a vLLM ModelConfig and ParallelConfig."""
+    check_tensor_parallel(model.get_total_num_kv_heads(), parallel.tensor_parallel_size)
+    check_model(
+        head_size=model.get_head_size(),
+        dtype=model.dtype,
+        kv_cache_dtype=kv_cache_dtype,
+        block_size=block_size,
+        use_mla=model.use_mla,
+        is_encoder_decoder=model.is_encoder_decoder,
+        sliding_window=model.get_sliding_window(),
+        num_heads=model.get_num_attention_heads(parallel),
+        num_kv_heads=model.get_num_kv_heads(parallel),
+        is_hybrid=model.is_hybrid,
+        attention_chunk_size=model.attention_chunk_size,
+    )
+
+
+# speculative methods whose drafter has no attention layers (n-gram and suffix lookups,
+# Medusa's and MLP speculators' heads) or reuses the target's hidden states only
+DRAFTERS_WITHOUT_ATTENTION = ("ngram", "ngram_gpu", "suffix", "medusa", "mlp_speculator",
+                              "extract_hidden_states")
+
+
+def check_speculative(speculative_config: Any, target_parallel: Any) -> None:
+    """The drafter's attention layers run through this backend too, but vLLM builds them
+    only after the target's weights have loaded: its model is checked here as the
+    target's is (head size, heads, sliding window, dtype, ...), with the draft's own
+    tensor-parallel size. DFlash drafts attend non-causally, which the kernels do not."""
+    if speculative_config is None:
+        return
+    method = getattr(speculative_config, "method", None)
+    if method == "dflash":
+        raise BitDecodeConfigError(
+            "speculative decoding with 'dflash' drafts is not supported by BITDECODE: vLLM "
+            "then runs every attention layer non-causally, which its kernels do not")
+    draft = getattr(speculative_config, "draft_model_config", None)
+    if method in DRAFTERS_WITHOUT_ATTENTION or draft is None:
+        return
+    window = draft.get_sliding_window()
+    if window is not None:  # --disable-sliding-window does not reach the draft's config
+        raise BitDecodeConfigError(
+            f"the draft model ({draft.model}) uses sliding-window attention (window "
+            f"{window}), which BITDECODE does not support; --disable-sliding-window applies "
+            "to the target model only")
+    parallel = getattr(speculative_config, "draft_parallel_config", None) or target_parallel
+    try:
+        _check_model_config(draft, parallel, None, None)  # the cache's settings: target's
+    except BitDecodeConfigError as e:
+        raise BitDecodeConfigError(f"the draft model ({draft.model}): {e}") from None
 
 
 def check_channel_k(vllm_config: Any) -> None:

@@ -199,8 +199,10 @@ def _vllm_config(
     dcp=1,
     pcp=1,
     quant_config=None,
+    tp=1,
+    speculative_config=None,
 ):
-    parallel = SimpleNamespace(tensor_parallel_size=1, decode_context_parallel_size=dcp,
+    parallel = SimpleNamespace(tensor_parallel_size=tp, decode_context_parallel_size=dcp,
                                prefill_context_parallel_size=pcp)
 
     def per_rank(n):
@@ -211,6 +213,7 @@ def _vllm_config(
         return get
 
     model_config = SimpleNamespace(
+        model="/models/m",
         get_head_size=lambda: head_size,
         dtype=dtype,
         use_mla=False,
@@ -231,7 +234,7 @@ def _vllm_config(
             user_specified_block_size=user_specified_block_size,
         ),
         parallel_config=parallel,
-        speculative_config=None,
+        speculative_config=speculative_config,
         kv_transfer_config=kv_transfer_config,
         quant_config=quant_config,
     )
@@ -289,6 +292,40 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
 def test_check_vllm_config_rejects(kwargs, fragment):
     with pytest.raises(BitDecodeConfigError, match=fragment):
         check_vllm_config(_vllm_config(**kwargs))
+
+
+def _drafter(method, **draft):
+    """A speculative config whose draft model is _vllm_config(**draft)'s model."""
+    d = _vllm_config(**draft)
+    return SimpleNamespace(method=method, draft_model_config=d.model_config,
+                           draft_parallel_config=d.parallel_config)
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    (_drafter("draft_model", head_size=64), "the draft model ./models/m.: head size 64"),
+    (_drafter("eagle", head_size=64), "the draft model .*head size 64"),
+    (_drafter("eagle3", heads=(32, 1)), "the draft model .*32 query heads over 1"),
+    (_drafter("draft_model", sliding_window=512),
+     "the draft model .*window 512.*target model only"),
+    (_drafter("draft_model", dtype=torch.float32), "the draft model .*dtype"),
+    (_drafter("mtp", heads=(12, 3), tp=4), "the draft model .*3 KV heads cannot be split"),
+    (_drafter("dflash"), "'dflash' drafts.*non-causally"),
+])
+def test_the_draft_model_is_checked_like_the_target(spec, fragment):
+    with pytest.raises(BitDecodeConfigError, match=fragment):
+        check_vllm_config(_vllm_config(speculative_config=spec))
+
+
+@pytest.mark.parametrize("spec", [
+    _drafter("draft_model"),
+    _drafter("eagle3", heads=(32, 8), tp=4),
+    # drafters without attention layers: their (here unsupported) model is not looked at
+    _drafter("ngram", head_size=64),
+    _drafter("medusa", head_size=64),
+    SimpleNamespace(method="suffix", draft_model_config=None, draft_parallel_config=None),
+])
+def test_drafters_like_the_target_or_without_attention_pass(spec):
+    assert check_vllm_config(_vllm_config(speculative_config=spec)).bits == 4
 
 
 def test_cpu_offloading_connector_is_accepted_with_per_token_k():

@@ -363,8 +363,12 @@ def platform():
     """The stand-in platform, installed for this module, then the original restored
     (also in modules first imported while the stand-in was installed)."""
     vllm_bitdecode.register()
+    # w8a8_utils computes CUTLASS_FP8_SUPPORTED on import: with the stand-in's capability
+    # it would call a CUDA op, which this machine has not loaded (the quantized
+    # checkpoint's rows import it first when the file runs alone)
     from vllm.engine.arg_utils import EngineArgs  # noqa: F401  (bind before the swap)
     from vllm.model_executor.layers.attention import attention  # noqa: F401
+    from vllm.model_executor.layers.quantization.utils import w8a8_utils  # noqa: F401
 
     original = vllm.platforms.current_platform
     stand_in = _StandInPlatform()
@@ -701,3 +705,41 @@ def test_streaming_input_requests_are_refused_in_channel_mode(platform, tmp_path
     message = str(info.value)
     assert "\n" not in message and "streaming-input" in message
     assert "k_mode='token'" in message and reached == []
+
+
+DRAFTS = [
+    # (speculative method, the draft's config.json overrides, tensor-parallel size, words;
+    # () passes). EAGLE heads and DFlash drafts cannot be inspected by vLLM without CUDA,
+    # nor tensor parallelism set up: test_config.py checks config.check_speculative on
+    # those configurations alone.
+    ("draft_model", {}, 1, ()),
+    ("draft_model", {"head_dim": 64}, 1, ("the draft model", "head size 64")),
+    ("draft_model", {"sliding_window": 512}, 1,
+     ("the draft model", "window 512", "target model only")),
+    ("draft_model", {"num_attention_heads": 32, "num_key_value_heads": 1,
+                     "hidden_size": 4096}, 1, ("the draft model", "32 query heads over 1")),
+]
+
+
+@pytest.mark.parametrize(("method", "draft", "tp", "words"), DRAFTS,
+                         ids=[f"{m}-{'-'.join(map(str, d.values())) or 'ok'}-tp{t}"
+                              for m, d, t, _ in DRAFTS])
+def test_the_draft_model_is_checked_before_the_weights_load(startup, tmp_path, method, draft,
+                                                             tp, words):
+    """A drafter's attention layers run through BITDECODE, but vLLM builds them after the
+    target's weights are in GPU memory: its model is refused when vLLM builds the config,
+    with a message that says it is the draft's. A drafter without attention (n-gram) is
+    not looked at; a draft like the target passes the config stage."""
+    path = tmp_path / "draft"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**MODELS["llama"], **draft}))
+    spec = {"method": method, "model": str(path), "num_speculative_tokens": 2}
+    row = Row(flags=("--speculative-config", json.dumps(spec), "--tensor-parallel-size",
+                     str(tp)))
+    stage, exc, _ = startup(row)
+    if not words:
+        assert stage != "config", f"a draft like the target refused: {exc!r}"
+        return
+    assert isinstance(exc, BDE), f"{stage}: {exc!r}"
+    assert stage == "config"
+    _assert_one_clear_line(exc, words)
