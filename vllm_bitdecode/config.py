@@ -877,6 +877,17 @@ def check_speculative(speculative_config: Any, target_parallel: Any) -> None:
         raise BitDecodeConfigError(f"the draft model ({draft.model}): {e}") from None
 
 
+def drafter_query_extension(vllm_config: Any) -> int:
+    """How many tokens a drafter's first pass may add to a request's query beyond what
+    the scheduler gave it, an upper bound: vLLM 0.20 lengthens every query by the
+    draft's extra slots (parallel drafting: k - 1; a draft model: one more), at most k =
+    num_speculative_tokens. 0 without a drafter that has attention layers."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or getattr(spec, "method", None) in DRAFTERS_WITHOUT_ATTENTION:
+        return 0
+    return int(getattr(spec, "num_speculative_tokens", None) or 0)
+
+
 def check_channel_k(vllm_config: Any) -> None:
     """What per-channel K mode refuses (docs/per-channel-k-design.md, section 10): the
     paths that roll positions back, move pages outside the write, or keep request state

@@ -726,3 +726,16 @@ def test_start_up_line_says_what_a_token_costs(settings, block_size, bytes_per_t
     assert k_words in line and f"pages of {block_size} tokens" in line
     per_token = cfg.head_region_bytes(128, block_size) / block_size
     assert ratio == f"{2 * 128 * 2 / per_token:.2f}x"
+
+
+@pytest.mark.parametrize(("spec", "extension"), [
+    (None, 0),
+    (SimpleNamespace(method="ngram", num_speculative_tokens=5), 0),
+    (SimpleNamespace(method="suffix", num_speculative_tokens=None), 0),
+    (SimpleNamespace(method="draft_model", num_speculative_tokens=3), 3),
+    (SimpleNamespace(method="eagle3", num_speculative_tokens=4), 4),
+])
+def test_drafter_query_extension_bounds_the_first_pass(spec, extension):
+    from vllm_bitdecode.config import drafter_query_extension
+
+    assert drafter_query_extension(SimpleNamespace(speculative_config=spec)) == extension

@@ -315,6 +315,32 @@ def test_random_steps_at_served_sizes(seed):
     _replay(step, md)
 
 
+@pytest.mark.parametrize("ext", [1, 2, 3, 8])
+@pytest.mark.parametrize(("mml", "mnbt"), [(65536, 16384), (8192, 2048), (131072, 20001),
+                                           (20000, 16384)])
+def test_workspace_rows_hold_a_drafters_longer_chunks(mml, mnbt, ext):
+    """A drafter's first pass (vLLM 0.20's extend_all_queries_by_N) lengthens a full
+    chunk by up to ``ext`` tokens, and its context past max_model_len by as many: with
+    ``draft_extension`` the workspace plans every such context at every block size; the
+    rows for no drafter miss some (block 128: a context whose part before the chunk ends
+    126 or 127 tokens into a page, found by review)."""
+    rng = random.Random(mml + 7 * mnbt + ext)
+    cap = prefill_workspace_rows(False, mml, mnbt, 16, PREFILL_WINDOW_TOKENS, ext)
+    q = mnbt + ext
+    lens = sorted(set(range(q, min(q + 3 * LARGEST_BLOCK_SIZE, mml + ext + 1)))
+                  | set(rng.sample(range(q, mml + ext + 1), min(2000, mml + ext + 1 - q))))
+    for bs in SUPPORTED_BLOCK_SIZES:
+        assert prefill_workspace_rows(False, mml, mnbt, bs, PREFILL_WINDOW_TOKENS, ext) == cap
+        for n in lens:
+            wins = context_windows(n, q, cap, bs)
+            assert wins[-1][0] <= n - q and all(a % bs == 0 for a, _ in wins)
+    if (mml, mnbt) == (65536, 16384) and ext >= 2:
+        cap0 = prefill_workspace_rows(False, mml, mnbt, 128)
+        with pytest.raises(ValueError, match="does not fit a window"):
+            for n in lens:
+                context_windows(n, q, cap0, 128)
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_workspace_rows_hold_every_chunk_a_step_allows(seed):
     """For a random configuration, the rows are what the docstring says and every

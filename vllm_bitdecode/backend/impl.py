@@ -107,7 +107,8 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         rows = prefill_workspace_rows(
             self.bitdecode.channel_k, vllm_config.model_config.max_model_len,
             vllm_config.scheduler_config.max_num_batched_tokens,
-            vllm_config.cache_config.block_size, self.bitdecode.prefill_window)
+            vllm_config.cache_config.block_size, self.bitdecode.prefill_window,
+            config.drafter_query_extension(vllm_config))
         dtype = vllm_config.model_config.dtype
         device = torch.device("cuda", torch.cuda.current_device())
         shape = (2, rows, self.num_kv_heads, self.head_size)

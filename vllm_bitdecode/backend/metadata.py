@@ -251,7 +251,8 @@ class PrefillMetadata:
 
 def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_tokens: int,
                            block_size: int,
-                           window: int = config.PREFILL_WINDOW_TOKENS) -> int:
+                           window: int = config.PREFILL_WINDOW_TOKENS,
+                           draft_extension: int = 0) -> int:
     """Rows of K and V that prefill dequantizes into at most, per layer call; a step's
     requests are grouped so that no group needs more. Without the bound the rows were
     the sum of the contexts of a step's prefills, which prefix-cache hits make far larger
@@ -262,18 +263,21 @@ def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_
     a longer one is read in windows (:func:`context_windows`), whose last must hold a
     step's tokens and start on a page, so the rows are then at least a step's tokens plus
     the largest page, and a whole number of the largest pages, whatever the block size
-    (the impl sizes the workspace before vLLM settles it). Channel mode:
-    ``kc_prefill.workspace_rows``, one whole request."""
+    (the impl sizes the workspace before vLLM settles it). ``draft_extension``
+    (config.drafter_query_extension): a drafter's first pass lengthens each query, and so
+    a step's longest chunk, by up to that many tokens. Channel mode (which refuses
+    drafters): ``kc_prefill.workspace_rows``, one whole request."""
     if channel_k:
         return kc_prefill.workspace_rows(max_model_len, max_num_batched_tokens, block_size)
     page = LARGEST_BLOCK_SIZE
-    rows = max(min(max_model_len, window), max_num_batched_tokens)
+    chunk = max_num_batched_tokens + draft_extension
+    rows = max(min(max_model_len, window), chunk)
     if rows >= max_model_len:
         # every context fits whole, a drafter's too: vLLM 0.20's drafters lengthen their
         # contexts past max_model_len by up to num_speculative_tokens (a draft model's
         # first pass, parallel drafting), so a page more
-        return max(rows, max_model_len + page)
-    return -(-max(rows, max_num_batched_tokens + page) // page) * page
+        return max(rows, max_model_len + max(page, draft_extension))
+    return -(-max(rows, chunk + page) // page) * page
 
 
 def context_windows(seq_len: int, query_len: int, capacity: int,
@@ -528,7 +532,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         self.prefill_workspace_rows = prefill_workspace_rows(
             self.bitdecode.channel_k, model.max_model_len,
             vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size,
-            self.bitdecode.prefill_window)
+            self.bitdecode.prefill_window, config.drafter_query_extension(vllm_config))
         self.reset_persistent_buffers()
         _BUILDERS.add(self)
         install_wake_up_hook()
