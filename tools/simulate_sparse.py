@@ -2,9 +2,10 @@
 
 Issue #6 asks whether the reuse layers should gather single tokens (TidalDecode) or whole
 pages (Quest-like) and to measure which pays. ``benchmarks/bench_sparse.py`` times the
-kernel side; this script measures the quality side without kernels or quantization: it runs
-the shipped model with Hugging Face transformers in float32 on the CPU (K and V rounded to
-bf16, as vLLM stores them in a bf16 cache) with the backend's layer plan
+kernel side; this script measures the quality side without kernels: it runs the shipped
+model with Hugging Face transformers in float32 on the CPU (K and V rounded to bf16, as vLLM
+stores them in a bf16 cache, or with ``--kv int4`` read back through the reference quantizer
+as the 4-bit cache returns them, ``tools/simulate_kv_quant.py``) with the backend's layer plan
 (``config.auto_selection_layers``: dense layers before the first selection layer, reuse
 layers after it) and the selection rule of ``reference_sparse.select`` ("max_logit": the
 best scaled logit over the query heads of a KV head):
@@ -24,6 +25,7 @@ argmax at its position (teacher forcing), which is what greedy decoding would pr
 
     python tools/simulate_sparse.py                                   # defaults below
     python tools/simulate_sparse.py --modes dense,token-k256,page-k256 --contexts 2048 --trials 4
+    python tools/simulate_sparse.py --kv int4 --modes dense,page-k256 --trials 0 --ppl-windows 8
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from simulate_kv_quant import Mode, quantize_kv  # noqa: E402
 
 from vllm_bitdecode import config as bd_config  # noqa: E402
 from vllm_bitdecode import stdlib_llama as data  # noqa: E402
@@ -110,8 +116,9 @@ class SparseAttention:
     causally, the selection layer too and leaves the selection mask, reuse layers attend
     under it. ``sparse_rows`` is set per sequence before the forward pass."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, kv: Mode | None = None):
         self.selection = bd_config.auto_selection_layers(num_layers)
+        self.kv = kv or Mode("bf16")  # what K and V read back as (simulate_kv_quant)
         self.use("dense")
 
     def use(self, mode: str) -> None:
@@ -124,8 +131,7 @@ class SparseAttention:
                  **kwargs):
         layer = module.layer_idx
         q = query.float()[0]  # [H, T, D]
-        k = key.to(torch.bfloat16).float()[0]  # [KVH, T, D]
-        v = value.to(torch.bfloat16).float()[0]
+        k, v = (x[0] for x in quantize_kv(key, value, self.kv))  # [KVH, T, D]
         heads, t, d = q.shape
         groups = heads // k.shape[0]
         scale = scaling if scaling is not None else d**-0.5
@@ -164,13 +170,15 @@ def load_model(model_dir: Path, attention: SparseAttention):
 
 @torch.no_grad()
 def run_mode(model, attention: SparseAttention, windows, examples, min_seq_len: int) -> dict:
-    nll, n = 0.0, 0
+    window_nll, n = [], 0
     for w in windows:
         ids = torch.tensor([w])
         attention.sparse_rows = torch.arange(len(w)) + 1 >= min_seq_len
         logits = model(ids).logits[0, :-1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        window_nll.append(float(torch.nn.functional.cross_entropy(logits, ids[0, 1:],
+                                                                  reduction="sum")))
         n += len(w) - 1
+    nll = sum(window_nll)
     right: dict[str, list[int]] = {}
     for ex in examples:
         ids = torch.tensor([ex.tokens])
@@ -181,7 +189,7 @@ def run_mode(model, attention: SparseAttention, windows, examples, min_seq_len: 
         ok = bool((predicted == ids[0, ex.prompt_len :]).all())
         key = f"{ex.task}@{ex.prompt_len + data.ANSWER_MAX_TOKENS}"  # the grid's context
         right.setdefault(key, []).append(int(ok))
-    return dict(ppl=math.exp(nll / n) if n else None,
+    return dict(ppl=math.exp(nll / n) if n else None, window_nll=window_nll,
                 retrieval={k: sum(v) / len(v) for k, v in right.items()},
                 trials={k: len(v) for k, v in right.items()},
                 kept_fraction=attention.kept)
@@ -197,8 +205,15 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=4, help="per task, context and depth")
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--ppl-context", type=int, default=2048)
+    ap.add_argument("--kv", default="bf16",
+                    help="K and V as the cache reads them back: bf16, or a per-token mode of "
+                    "tools/simulate_kv_quant.py (int4, int4-norot, int2-g32, ...); the "
+                    "selection then scores the quantized keys, as the kernels do")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    kv = Mode.parse(args.kv)
+    if kv.own_page or kv.k_per_channel:
+        raise SystemExit(f"--kv {args.kv}: only per-token modes (no -kc, no -own)")
     torch.manual_seed(0)
     model_dir = Path(args.model)
     tok = data.load_tokenizer(model_dir)
@@ -211,7 +226,7 @@ def main() -> None:
     examples = [ex for task in data.TASKS
                 for ex in data.eval_grid(tasks, held, task, contexts, depths, args.trials)]
     num_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
-    attention = SparseAttention(num_layers)
+    attention = SparseAttention(num_layers, kv)
     model = load_model(model_dir, attention)
     results = {}
     for mode in args.modes.split(","):
@@ -225,7 +240,7 @@ def main() -> None:
         print(f"{mode:<12} ppl@{args.ppl_context} {res['ppl']:.3f}  {retrieval}  "
               f"(kept {100 * res['kept_fraction']:.1f}% of the keys, {res['seconds']:.0f} s)",
               flush=True)
-    doc = results_doc("cpu", tool="simulate_sparse", model=str(model_dir),
+    doc = results_doc("cpu", tool="simulate_sparse", model=str(model_dir), kv=args.kv,
                       num_layers=num_layers,
                       selection_layers=list(bd_config.auto_selection_layers(num_layers)),
                       page=PAGE, settings=vars(args), results=results)

@@ -67,3 +67,33 @@ def test_tokenown_selection_keeps_the_own_page_and_the_best_keys_before_it(sim):
             best = s[h, q, :start].topk(k - page).indices.tolist()
             assert mask[h, q].nonzero().flatten().tolist() == sorted(best) + list(
                 range(start, q + 1))
+
+
+@pytest.mark.parametrize("kv", ["bf16", "int4", "int2-norot"])
+def test_attention_reads_keys_and_values_as_the_cache_returns_them(sim, kv):
+    """--kv: every layer attends over K and V passed through simulate_kv_quant's rounding
+    (the reference quantizer), the selection layer included; bf16 only rounds."""
+    g = torch.Generator().manual_seed(3)
+    t, d = 40, 128
+    q = torch.randn(1, 4, t, d, generator=g)
+    k = torch.randn(1, 2, t, d, generator=g)
+    v = torch.randn(1, 2, t, d, generator=g)
+    mode = sim.Mode.parse(kv)
+    attention = sim.SparseAttention(6, mode)
+    attention.use("token-k32")
+    attention.sparse_rows = torch.ones(t, dtype=torch.bool)
+    layer = type("Layer", (), {"layer_idx": attention.selection[0]})()
+    out, _ = attention(layer, q, k, v, None, scaling=d**-0.5)
+    kq, vq = sim.quantize_kv(k, v, mode)
+    if kv != "bf16":
+        assert (kq - k.to(torch.bfloat16).float()).abs().max() > 1e-3  # it did quantize
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, kq.repeat_interleave(2, 1), vq.repeat_interleave(2, 1), is_causal=True,
+        scale=d**-0.5)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-4, atol=1e-5)
+    # the selection ranked the read-back keys: the newest plus the 31 best older ones
+    logits = (q[0] @ kq[0].repeat_interleave(2, 0).transpose(-1, -2)).unflatten(0, (2, 2))
+    best = logits.amax(1)[:, -1, :-1]
+    want_kept = best.topk(31, dim=-1).indices.sort(-1).values
+    kept = attention.mask[:, -1, :-1].nonzero()[:, 1].view(2, 31)
+    assert torch.equal(kept, want_kept)
