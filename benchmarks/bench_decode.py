@@ -57,6 +57,7 @@ FA3_METHOD = (f"tile schedule made outside the timed call, num_splits <= "
 BLOCK = 16
 GROUP = 128  # channels per quantization group (V, and K in per-token mode)
 DTYPE = torch.bfloat16
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 FP8 = torch.float8_e4m3fn
 
 
@@ -182,7 +183,7 @@ def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1,
         kw = dict(q_descale=ones, k_descale=ones, v_descale=ones)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
     seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    out = torch.empty(batch * query_len, HQ, D, dtype=DTYPE, device="cuda")
+    out = torch.empty(batch * query_len, HQ, D, dtype=DTYPE, device="cuda")  # as vLLM's
     schedule = fa3_decode_schedule(q, k, seqused, context, cu_q, query_len, num_splits)
 
     def run():
@@ -362,7 +363,8 @@ def bench_case(batch: int, context: int, args: argparse.Namespace, timer: Timer,
 
 
 def main() -> None:
-    global BLOCK, GROUP  # --block-size / --group-size set what every bench function reads
+    # --block-size / --group-size / --dtype set what every bench function reads
+    global BLOCK, GROUP, DTYPE
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--contexts", default="4096,32768,131072")
@@ -384,8 +386,11 @@ def main() -> None:
                          "out for vLLM's offloading connector, (blocks, LAYERS, heads, "
                          "bytes), pages LAYERS apart; rows with layout cross_layer (cases "
                          "whose whole cache would pass --max-gb are skipped)")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES),
+                    help="the model dtype: queries, unquantized K/V and BITDECODE's page "
+                         "parameters (default bf16)")
     args = ap.parse_args()
-    BLOCK, GROUP = args.block_size, args.group_size
+    BLOCK, GROUP, DTYPE = args.block_size, args.group_size, DTYPES[args.dtype]
 
     timer = Timer(args.reps)
     gen = torch.Generator().manual_seed(0)
@@ -407,7 +412,8 @@ def main() -> None:
               f"{w['reshape_and_cache_flash_ms']:.4f} ms, quantize "
               f"{w['bitdecode_quantize_ms']:.4f} ms (x{w['ratio']:.2f})")
     doc = results_doc(gpu, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV, d=D),
-                      block_size=BLOCK, group_size=GROUP, fa3=FA3_METHOD, records=records,
+                      block_size=BLOCK, group_size=GROUP, dtype=args.dtype, fa3=FA3_METHOD,
+                      records=records,
                       quantize_on_write=writes)
     out = Path(args.out or f"benchmarks/results/decode_{gpu_slug(gpu)}.json")
     write_results(doc, out)
