@@ -344,6 +344,23 @@ def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
     return res
 
 
+def try_config(name: str, model_dir: Path, st: dict[str, Any], args: argparse.Namespace,
+               log_dir: Path, failures: dict[str, str], script: str = __file__
+               ) -> tuple[dict[str, Any] | None, float]:
+    """run_config with ``args``' GPU share and timeout; a failure (the engine's error or
+    the timeout) is printed and recorded in ``failures``, not raised. Also the seconds it
+    took, for the budget's estimate: the timeout for one that timed out, 0 for another
+    failure."""
+    try:
+        res = run_config(name, model_dir, st, args.gpu_memory_utilization, args.timeout,
+                         log_dir, script=script)
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        print(str(e)[-3000:], flush=True)
+        failures[name] = str(e)[-3000:]
+        return None, args.timeout if isinstance(e, subprocess.TimeoutExpired) else 0.0
+    return res, res["wall_s"]
+
+
 def attention_errors(ours: list, ref: list) -> dict[str, Any]:
     """Per layer ||a - b|| / ||b||: over the prefill rows, and over all decode steps; and
     ``nonfinite_rows``, per layer, our captured rows holding a NaN or an infinity (an
@@ -605,6 +622,18 @@ def model_fingerprint(model_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def add_engine_args(ap: argparse.ArgumentParser, timeout: float) -> None:
+    """The options of a script that runs one engine per configuration (try_config):
+    its GPU share, time limits and the worker's hidden entry point."""
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4)
+    ap.add_argument("--timeout", type=float, default=timeout, help="seconds per configuration")
+    ap.add_argument("--budget", type=float, default=540,
+                    help="start no configuration that would likely end after this many "
+                    "seconds (the slowest one so far is the estimate); the rest are listed "
+                    "as not run")
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -615,17 +644,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default "
                     "benchmarks/results/quality_<gpu>.json); the PNGs go beside it")
     ap.add_argument("--copy-to", default=None, help="also copy the JSON and PNGs here")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4)
-    ap.add_argument("--timeout", type=float, default=360, help="seconds per configuration")
-    ap.add_argument("--budget", type=float, default=540,
-                    help="start no configuration that would likely end after this many "
-                    "seconds (the slowest one so far is the estimate); the rest are listed "
-                    "as not run")
+    add_engine_args(ap, timeout=360)
     ap.add_argument("--recompare", nargs="+", metavar="JSON",
                     help="recompute the comparisons of results files already written (their "
                     "stored window NLLs and per-prompt answers) with this version's rules, "
                     "in place; runs no engine")
-    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker_main(*args.worker)
@@ -678,16 +701,10 @@ def main() -> None:
                   f"{args.budget:.0f} s", flush=True)
             continue
         print(f"== {name}: {CONFIGS[name]['label']}", flush=True)
-        try:
-            res = run_config(name, model_dir, st, args.gpu_memory_utilization, args.timeout,
-                             REF_DIR / "logs")
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            print(str(e)[-3000:], flush=True)
-            failures[name] = str(e)[-3000:]
-            slowest = max(slowest, args.timeout if isinstance(e, subprocess.TimeoutExpired)
-                          else 0.0)
+        res, took = try_config(name, model_dir, st, args, REF_DIR / "logs", failures)
+        slowest = max(slowest, took)
+        if res is None:
             continue
-        slowest = max(slowest, res["wall_s"])
         if out_path is None:
             slug = gpu_slug(res["device"])
             out_path = data.REPO_ROOT / "benchmarks" / "results" / f"quality_{slug}.json"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -273,12 +272,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(data.MODEL_DIR))
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/quality_decode_<gpu>.json)")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4)
-    ap.add_argument("--timeout", type=float, default=400, help="seconds per configuration")
-    ap.add_argument("--budget", type=float, default=540,
-                    help="start no configuration that would likely end after this many "
-                    "seconds (the slowest so far is the estimate)")
-    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
+    quality.add_engine_args(ap, timeout=400)
     args = ap.parse_args()
     if args.worker:
         worker_main(*args.worker)
@@ -308,17 +302,11 @@ def main() -> None:
             print(f"== {name}: not started (--budget {args.budget:.0f} s)", flush=True)
             continue
         print(f"== {name}: {quality.CONFIGS[name]['label']}", flush=True)
-        try:
-            res = quality.run_config(name, model_dir, st, args.gpu_memory_utilization,
-                                     args.timeout, quality.REF_DIR / "logs_decode",
-                                     script=__file__)
-        except (RuntimeError, subprocess.TimeoutExpired) as e:
-            print(str(e)[-3000:], flush=True)
-            failures[name] = str(e)[-3000:]
-            slowest = max(slowest, args.timeout if isinstance(e, subprocess.TimeoutExpired)
-                          else 0.0)
+        res, took = quality.try_config(name, model_dir, st, args,
+                                       quality.REF_DIR / "logs_decode", failures, __file__)
+        slowest = max(slowest, took)
+        if res is None:
             continue
-        slowest = max(slowest, res["wall_s"])
         if out_path is None:
             out_path = (data.REPO_ROOT / "benchmarks" / "results"
                         / f"quality_decode_{gpu_slug(res['device'])}.json")

@@ -190,7 +190,7 @@ def test_main_runs_configs_merges_later_runs_and_keeps_to_its_budget(tok, tmp_pa
     (model / "config.json").write_text("{}")
     calls = []
 
-    def fake_run_config(name, model_dir, st, gpu_util, timeout, log_dir):
+    def fake_run_config(name, model_dir, st, gpu_util, timeout, log_dir, script):
         calls.append(name)
         fake = {"bf16": {}, "int4": {"noise": 0.01}, "int2": {"broken_above": 600}}[name]
         spec = {"model": str(model_dir), "settings": {**st, **SETTINGS}, "backend": "x",
