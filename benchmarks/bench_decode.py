@@ -183,7 +183,10 @@ def bench_fa3(batch, context, kv, timer, gen, query_len: int = 1,
         kw = dict(q_descale=ones, k_descale=ones, v_descale=ones)
     cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda") * query_len
     seqused = torch.full((batch,), context, dtype=torch.int32, device="cuda")
-    out = torch.empty(batch * query_len, HQ, D, dtype=DTYPE, device="cuda")  # as vLLM's
+    # FA3 writes an fp8 query's output in bf16 only ("For FP8 input, output must have
+    # dtype BF16"), whatever the model dtype
+    out = torch.empty(batch * query_len, HQ, D, dtype=torch.bfloat16 if kv == "fp8" else DTYPE,
+                      device="cuda")
     schedule = fa3_decode_schedule(q, k, seqused, context, cu_q, query_len, num_splits)
 
     def run():

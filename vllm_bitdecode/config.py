@@ -825,7 +825,7 @@ def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
 
 
 def _check_model_config(model: Any, parallel: Any, kv_cache_dtype: str | None,
-                        block_size: int | None) -> None:
+                        block_size: int | None, check_window: bool = True) -> None:
     """check_tensor_parallel and check_model on a vLLM ModelConfig and ParallelConfig."""
     check_tensor_parallel(model.get_total_num_kv_heads(), parallel.tensor_parallel_size)
     check_model(
@@ -835,7 +835,7 @@ def _check_model_config(model: Any, parallel: Any, kv_cache_dtype: str | None,
         block_size=block_size,
         use_mla=model.use_mla,
         is_encoder_decoder=model.is_encoder_decoder,
-        sliding_window=model.get_sliding_window(),
+        sliding_window=model.get_sliding_window() if check_window else None,
         num_heads=model.get_num_attention_heads(parallel),
         num_kv_heads=model.get_num_kv_heads(parallel),
         is_hybrid=model.is_hybrid,
@@ -864,15 +864,19 @@ def check_speculative(speculative_config: Any, target_parallel: Any) -> None:
     draft = getattr(speculative_config, "draft_model_config", None)
     if method in DRAFTERS_WITHOUT_ATTENTION or draft is None:
         return
-    window = draft.get_sliding_window()
-    if window is not None:  # --disable-sliding-window does not reach the draft's config
+    # A drafter's layers take a window only from its config's layer_types (their cache
+    # config is the target's): a bare sliding_window there, which many configs carry
+    # unused, is not one. --disable-sliding-window does not reach the draft's config.
+    layer_types = getattr(getattr(draft, "hf_text_config", None), "layer_types", None) or ()
+    sliding = sum(t == "sliding_attention" for t in layer_types)
+    if sliding:
         raise BitDecodeConfigError(
-            f"the draft model ({draft.model}) uses sliding-window attention (window "
-            f"{window}), which BITDECODE does not support; --disable-sliding-window applies "
-            "to the target model only")
+            f"the draft model ({draft.model}) has {sliding} sliding-window attention layers "
+            "(its config's layer_types), which BITDECODE does not support; "
+            "--disable-sliding-window applies to the target model only")
     parallel = getattr(speculative_config, "draft_parallel_config", None) or target_parallel
-    try:
-        _check_model_config(draft, parallel, None, None)  # the cache's settings: target's
+    try:  # the cache's settings are the target's
+        _check_model_config(draft, parallel, None, None, check_window=False)
     except BitDecodeConfigError as e:
         raise BitDecodeConfigError(f"the draft model ({draft.model}): {e}") from None
 

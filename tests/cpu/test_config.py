@@ -201,6 +201,7 @@ def _vllm_config(
     quant_config=None,
     tp=1,
     speculative_config=None,
+    layer_types=None,
 ):
     parallel = SimpleNamespace(tensor_parallel_size=tp, decode_context_parallel_size=dcp,
                                prefill_context_parallel_size=pcp)
@@ -214,6 +215,7 @@ def _vllm_config(
 
     model_config = SimpleNamespace(
         model="/models/m",
+        hf_text_config=SimpleNamespace(layer_types=layer_types),
         get_head_size=lambda: head_size,
         dtype=dtype,
         use_mla=False,
@@ -305,8 +307,8 @@ def _drafter(method, **draft):
     (_drafter("draft_model", head_size=64), "the draft model ./models/m.: head size 64"),
     (_drafter("eagle", head_size=64), "the draft model .*head size 64"),
     (_drafter("eagle3", heads=(32, 1)), "the draft model .*32 query heads over 1"),
-    (_drafter("draft_model", sliding_window=512),
-     "the draft model .*window 512.*target model only"),
+    (_drafter("draft_model", layer_types=["sliding_attention", "full_attention"]),
+     "the draft model .*1 sliding-window attention layers.*target model only"),
     (_drafter("draft_model", dtype=torch.float32), "the draft model .*dtype"),
     (_drafter("mtp", heads=(12, 3), tp=4), "the draft model .*3 KV heads cannot be split"),
     (_drafter("dflash"), "'dflash' drafts.*non-causally"),
@@ -318,6 +320,9 @@ def test_the_draft_model_is_checked_like_the_target(spec, fragment):
 
 @pytest.mark.parametrize("spec", [
     _drafter("draft_model"),
+    # a bare sliding_window in a draft's config (many carry one unused): its layers take a
+    # window only from layer_types, their cache config being the target's
+    _drafter("draft_model", sliding_window=512, layer_types=["full_attention"] * 2),
     _drafter("eagle3", heads=(32, 8), tp=4),
     # drafters without attention layers: their (here unsupported) model is not looked at
     _drafter("ngram", head_size=64),

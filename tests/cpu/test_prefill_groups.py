@@ -282,3 +282,27 @@ def test_prefill_q_rotation_is_exact_in_the_model_dtype(impl_mod, dtype):
     err = float((got * impl._prefill_rotation_gain - want).norm() / want.norm())
     assert 0 < err < 4e-3  # one rounding in the model dtype
     assert got.abs().max() <= want.abs().max()
+
+
+def test_a_draft_models_workspace_holds_what_the_targets_builder_plans():
+    """A draft model's layers are built under the draft's config, whose max_model_len
+    may be below the target's (a short-context draft, or the speculative config's
+    max_model_len), while the runner's builder plans their prefill groups with the
+    target's: the impl's workspace is the larger (review: 8195 rows against 16384)."""
+    from vllm_bitdecode.backend.impl import workspace_rows
+
+    def vllm_config(max_model_len, spec=None):
+        return types.SimpleNamespace(
+            model_config=types.SimpleNamespace(max_model_len=max_model_len),
+            scheduler_config=types.SimpleNamespace(max_num_batched_tokens=8192),
+            cache_config=types.SimpleNamespace(block_size=16), speculative_config=spec)
+
+    cfg = BitDecodeConfig()
+    target = vllm_config(32768)
+    spec = types.SimpleNamespace(method="draft_model", num_speculative_tokens=3,
+                                 target_model_config=target.model_config)
+    target.speculative_config = spec
+    builder_rows = prefill_workspace_rows(False, 32768, 8192, 16, cfg.prefill_window, 3)
+    assert workspace_rows(target, cfg) == builder_rows
+    assert workspace_rows(vllm_config(2048, spec), cfg) == builder_rows
+    assert prefill_workspace_rows(False, 2048, 8192, 16, cfg.prefill_window, 3) < builder_rows

@@ -714,8 +714,12 @@ DRAFTS = [
     # those configurations alone.
     ("draft_model", {}, 1, ()),
     ("draft_model", {"head_dim": 64}, 1, ("the draft model", "head size 64")),
-    ("draft_model", {"sliding_window": 512}, 1,
-     ("the draft model", "window 512", "target model only")),
+    # a bare sliding_window (many configs carry one unused) is no window for a draft's
+    # layers, which take one only from layer_types: their cache config is the target's
+    ("draft_model", {"sliding_window": 512}, 1, ()),
+    ("draft_model", {"sliding_window": 512,
+                     "layer_types": ["sliding_attention", "full_attention"]}, 1,
+     ("the draft model", "1 sliding-window attention layers", "target model only")),
     ("draft_model", {"num_attention_heads": 32, "num_key_value_heads": 1,
                      "hidden_size": 4096}, 1, ("the draft model", "32 query heads over 1")),
 ]
