@@ -615,6 +615,15 @@ def check_model(
             "float16) for a ModelOpt checkpoint with KV-cache quantization, and set "
             f"--additional-config '{{\"{CONFIG_KEY}\": {{\"bits\": 4}}}}'"
         )
+    named = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(kv_cache_dtype or "")
+    if named is not None and dtype in page_format.SUPPORTED_DTYPES and named != dtype:
+        # the pages' scales and zero points, the residual and the prefill workspace are in
+        # the model dtype: another 16-bit dtype named here would be silently ignored
+        raise BitDecodeConfigError(
+            f"--kv-cache-dtype {kv_cache_dtype} with a {str(dtype).removeprefix('torch.')} "
+            "model: BITDECODE keeps its page parameters in the model's dtype; pass "
+            "--kv-cache-dtype auto (or the model's dtype), or --dtype to change the model's"
+        )
     if block_size is not None and block_size not in page_format.SUPPORTED_BLOCK_SIZES:
         raise BitDecodeConfigError(
             f"--block-size {block_size} is not supported by BITDECODE; supported: "

@@ -134,6 +134,7 @@ LLAMA3_8B = dict(
         {"dtype": torch.float16},
         {"kv_cache_dtype": None},
         {"kv_cache_dtype": "bfloat16"},
+        {"kv_cache_dtype": "float16", "dtype": torch.float16},
         {"block_size": None},
         {"block_size": 128},
         {"num_heads": 128, "num_kv_heads": 8},  # 16 query heads per KV head: the limit
@@ -156,6 +157,10 @@ BAD_MODELS = [
     # the message says so and names the way out (the model's dtype, explicitly)
     ({"kv_cache_dtype": "fp8"}, "with 'auto' the checkpoint's KV-cache quantization"),
     ({"kv_cache_dtype": "fp8"}, "or the model's dtype (bfloat16 or float16)"),
+    # another 16-bit dtype than the model's would be ignored: the pages keep the model's
+    ({"kv_cache_dtype": "float16"}, "--kv-cache-dtype float16 with a bfloat16 model"),
+    ({"kv_cache_dtype": "bfloat16", "dtype": torch.float16},
+     "--kv-cache-dtype bfloat16 with a float16 model"),
     ({"block_size": 8}, "--block-size"),
     ({"block_size": 24}, "--block-size"),
     ({"block_size": 256}, "--block-size"),

@@ -171,6 +171,9 @@ ROWS: dict[str, Row] = {
                          words=("head size 256", "BITDECODE", "128")),
     "dtype-float32": Row(flags=("--dtype", "float32"), error=BDE, stage="config",
                          words=("float32", "BITDECODE", "--dtype bfloat16")),
+    "kv-cache-dtype-float16-bf16-model": Row(
+        flags=("--kv-cache-dtype", "float16"), error=BDE, stage="config",
+        words=("--kv-cache-dtype float16", "bfloat16 model", "--kv-cache-dtype auto")),
     "kv-cache-dtype-fp8": Row(flags=("--kv-cache-dtype", "fp8"), error=BDE, stage="config",
                               words=("--kv-cache-dtype fp8", "BITDECODE", "bits")),
     "kv-cache-dtype-fp8_e5m2": Row(flags=("--kv-cache-dtype", "fp8_e5m2"), error=BDE,
