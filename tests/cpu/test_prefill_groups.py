@@ -289,7 +289,7 @@ def test_a_draft_models_workspace_holds_what_the_targets_builder_plans():
     may be below the target's (a short-context draft, or the speculative config's
     max_model_len), while the runner's builder plans their prefill groups with the
     target's: the impl's workspace is the larger (review: 8195 rows against 16384)."""
-    from vllm_bitdecode.backend.impl import workspace_rows
+    from vllm_bitdecode.backend.metadata import workspace_rows
 
     def vllm_config(max_model_len, spec=None):
         return types.SimpleNamespace(
@@ -303,6 +303,6 @@ def test_a_draft_models_workspace_holds_what_the_targets_builder_plans():
                                  target_model_config=target.model_config)
     target.speculative_config = spec
     builder_rows = prefill_workspace_rows(False, 32768, 8192, 16, cfg.prefill_window, 3)
-    assert workspace_rows(target, cfg) == builder_rows
-    assert workspace_rows(vllm_config(2048, spec), cfg) == builder_rows
+    assert workspace_rows(target, cfg, 16) == builder_rows
+    assert workspace_rows(vllm_config(2048, spec), cfg, 16) == builder_rows
     assert prefill_workspace_rows(False, 2048, 8192, 16, cfg.prefill_window, 3) < builder_rows

@@ -15,7 +15,7 @@ from vllm_bitdecode.backend.metadata import (
     MIN_TILES_PER_SPLIT,
     BitDecodeMetadata,
     PrefillGroup,
-    prefill_workspace_rows,
+    workspace_rows,
 )
 from vllm_bitdecode.page_format import PageFormat
 from vllm_bitdecode.reference import rotation_matrix
@@ -24,21 +24,6 @@ from vllm_bitdecode.reference import rotation_matrix
 # another; held by the layers, so it goes with the engine.
 _PREFILL_WORKSPACES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
-
-
-def workspace_rows(vllm_config, bitdecode: config.BitDecodeConfig) -> int:
-    """prefill_workspace_rows for the layers built under ``vllm_config``: at least the
-    capacity the metadata builder plans with. A draft model's layers see the draft's own
-    config, whose max_model_len may be below the target's, while the builder (made from
-    the runner's, the target's config) plans their prefills."""
-    spec = getattr(vllm_config, "speculative_config", None)
-    target = getattr(spec, "target_model_config", None)
-    max_model_len = max(vllm_config.model_config.max_model_len,
-                        getattr(target, "max_model_len", 0) or 0)
-    return prefill_workspace_rows(
-        bitdecode.channel_k, max_model_len, vllm_config.scheduler_config.max_num_batched_tokens,
-        vllm_config.cache_config.block_size, bitdecode.prefill_window,
-        config.drafter_query_extension(vllm_config))
 
 class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
     def __init__(
@@ -119,7 +104,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
         KV budget, and GPU memory stays flat whatever the prefix-cache hits of a step."""
         if vllm_config is None or not torch.cuda.is_available():
             return None  # (the CPU tests build layers without a GPU)
-        rows = workspace_rows(vllm_config, self.bitdecode)
+        rows = workspace_rows(vllm_config, self.bitdecode, vllm_config.cache_config.block_size)
         dtype = vllm_config.model_config.dtype
         device = torch.device("cuda", torch.cuda.current_device())
         shape = (2, rows, self.num_kv_heads, self.head_size)

@@ -15,6 +15,7 @@ import dataclasses
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -280,6 +281,22 @@ def prefill_workspace_rows(channel_k: bool, max_model_len: int, max_num_batched_
     return -(-max(rows, chunk + page) // page) * page
 
 
+def workspace_rows(vllm_config: Any, bitdecode: config.BitDecodeConfig, block_size: int) -> int:
+    """prefill_workspace_rows for an engine's settings: what the metadata builder plans
+    with, and what each impl's workspace holds (at ``block_size``: the KV spec's for the
+    builder, the cache config's for the impl, the same rows per token). A draft model's
+    layers are built under the draft's own config, whose max_model_len may be below the
+    target's, while the builder (made from the runner's, the target's config) plans
+    their prefills: the larger length counts."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    target = getattr(spec, "target_model_config", None)
+    max_model_len = max(vllm_config.model_config.max_model_len,
+                        getattr(target, "max_model_len", 0) or 0)
+    return prefill_workspace_rows(
+        bitdecode.channel_k, max_model_len, vllm_config.scheduler_config.max_num_batched_tokens,
+        block_size, bitdecode.prefill_window, config.drafter_query_extension(vllm_config))
+
+
 def context_windows(seq_len: int, query_len: int, capacity: int,
                     block_size: int) -> list[tuple[int, int]]:
     """``[begin, end)`` token windows, in order, that cover a context of ``seq_len``
@@ -529,10 +546,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         # _update_states; rows map to slots of the impls' residual buffers
         self.row_slots = (residual_slots.install_table(max_seqs, device, vllm_config)
                           if self.bitdecode.channel_k else None)
-        self.prefill_workspace_rows = prefill_workspace_rows(
-            self.bitdecode.channel_k, model.max_model_len,
-            vllm_config.scheduler_config.max_num_batched_tokens, kv_cache_spec.block_size,
-            self.bitdecode.prefill_window, config.drafter_query_extension(vllm_config))
+        self.prefill_workspace_rows = workspace_rows(vllm_config, self.bitdecode,
+                                                     kv_cache_spec.block_size)
         self.reset_persistent_buffers()
         _BUILDERS.add(self)
         install_wake_up_hook()
