@@ -156,11 +156,14 @@ def summarize(name: str, res: dict[str, Any], st: dict[str, Any]) -> dict[str, A
     }
 
 
-def _clean_ppl(c: dict[str, Any], keep: list[int], key: str, bins: slice = slice(None)
-               ) -> float:
-    if key == "prefill_nll":
-        return _ppl(sum(c[key][i] for i in keep), len(keep) * (c["window"] - 1))
-    nll = sum(sum(c[key][i][bins]) for i in keep)
+def _prefill_ppl(c: dict[str, Any], keep: list[int]) -> float:
+    """Prefill perplexity over the windows ``keep``."""
+    return _ppl(sum(c["prefill_nll"][i] for i in keep), len(keep) * (c["window"] - 1))
+
+
+def _decode_ppl(c: dict[str, Any], keep: list[int], bins: slice = slice(None)) -> float:
+    """Decode perplexity over the windows ``keep`` and the position ``bins``."""
+    nll = sum(sum(c["decode_bin_nll"][i][bins]) for i in keep)
     return _ppl(nll, len(keep) * sum(c["bin_tokens"][bins]))
 
 
@@ -175,14 +178,14 @@ def compare(doc: dict[str, Any], spans: Sequence[tuple[int, int]] = ()) -> None:
         d: dict[str, Any] = {
             "decode_vs_prefill_pct": 100 * (c["ppl_decode"] / c["ppl_prefill"] - 1),
             "clean_windows": len(keep),
-            "ppl_decode_clean": _clean_ppl(c, keep, "decode_bin_nll"),
-            "ppl_prefill_clean": _clean_ppl(c, keep, "prefill_nll"),
+            "ppl_decode_clean": _decode_ppl(c, keep),
+            "ppl_prefill_clean": _prefill_ppl(c, keep),
         }
         sparse = c["engine"].get("bitdecode", {}).get("sparse")
         first = (sparse or {}).get("min_seq_len", doc["settings"]["position_bin"])
         late = slice(first // doc["settings"]["position_bin"], None)
         d["ppl_decode_clean_from"] = {"position": late.start * doc["settings"]["position_bin"],
-                                      "ppl": _clean_ppl(c, keep, "decode_bin_nll", late)}
+                                      "ppl": _decode_ppl(c, keep, late)}
         for base_name, key in (("bf16", "vs_bf16_pct"), ("int4", "vs_int4_pct")):
             base = configs.get(base_name)
             if base is None or name == base_name or (key == "vs_int4_pct" and not sparse):
@@ -193,12 +196,12 @@ def compare(doc: dict[str, Any], spans: Sequence[tuple[int, int]] = ()) -> None:
             d[key] = {
                 "decode": 100 * (c["ppl_decode"] / base["ppl_decode"] - 1),
                 "decode_clean": 100 * (d["ppl_decode_clean"]
-                                       / _clean_ppl(base, keep, "decode_bin_nll") - 1),
+                                       / _decode_ppl(base, keep) - 1),
                 "decode_clean_from": 100 * (d["ppl_decode_clean_from"]["ppl"]
-                                            / _clean_ppl(base, keep, "decode_bin_nll", late)
+                                            / _decode_ppl(base, keep, late)
                                             - 1),
                 "prefill_clean": 100 * (d["ppl_prefill_clean"]
-                                        / _clean_ppl(base, keep, "prefill_nll") - 1),
+                                        / _prefill_ppl(base, keep) - 1),
             }
         c["compared"] = d
 
@@ -219,8 +222,8 @@ def failure(name: str, c: dict[str, Any]) -> str | None:
 def plot(doc: dict[str, Any], path: Path) -> str | None:
     plt = pyplot()
     base = doc["configs"].get("bf16")
-    if plt is None or base is None:
-        return None
+    if plt is None or base is None or len(doc["configs"]) == 1:
+        return None  # nothing beside bf16 to draw
     fig, ax = plt.subplots(figsize=(7, 4))
     b = doc["settings"]["position_bin"]
     for name, c in doc["configs"].items():
@@ -230,9 +233,6 @@ def plot(doc: dict[str, Any], path: Path) -> str | None:
         ys = [100 * (p / q - 1) for p, q in zip(c["ppl_decode_by_bin"],
                                                 base["ppl_decode_by_bin"], strict=True)]
         ax.plot(xs, ys, "o-", label=c["label"])
-    if len(doc["configs"]) == 1:
-        plt.close(fig)
-        return None
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel(f"position of the predicted token (bins of {b})")
     ax.set_ylabel("decode perplexity vs bf16 decode (%)")
