@@ -73,7 +73,8 @@ def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 3
     return b
 
 
-def _decode_step(b: BitDecodeMetadataBuilder, lens: list[int], tokens_per_request: int):
+def _decode_step(b: BitDecodeMetadataBuilder, lens: list[int], tokens_per_request: int,
+                 prefilling: list[bool] | None = None):
     n = len(lens)
     qsl = torch.arange(0, tokens_per_request * n + 1, tokens_per_request, dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -82,7 +83,8 @@ def _decode_step(b: BitDecodeMetadataBuilder, lens: list[int], tokens_per_reques
         seq_lens_cpu_upper_bound=seq_lens, num_reqs=n, num_actual_tokens=int(qsl[-1]),
         max_query_len=tokens_per_request, max_seq_len=max(lens),
         block_table_tensor=torch.zeros(n, -(-max(lens) // BLOCK), dtype=torch.int32),
-        slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64), is_prefilling=None)
+        slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64),
+        is_prefilling=None if prefilling is None else torch.tensor(prefilling))
     return b.build(0, cam)
 
 
@@ -106,6 +108,25 @@ def test_a_full_cache_of_rows_keeps_every_row_sparse(granularity, unit, drafts):
     assert end <= capacity
     fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len, capacity)
     assert fits.all(), (offsets[fits.tolist().index(False)], capacity)
+
+
+@pytest.mark.parametrize("drafts", [0, 3])
+def test_prompt_chunks_on_the_decode_path_stay_dense(drafts):
+    """A prompt's chunk no longer than a decode's query reaches the decode path (the token
+    a prefix-cache hit leaves, a chunked prefill's last piece); prefill stays dense, so its
+    rows get no score keys, whatever their length, and the other rows keep theirs."""
+    b = _builder("page", drafts)
+    prefilling = [False, True, False, True]
+    md = _decode_step(b, [9000, 8193, 12000, 30000], 1 + drafts, prefilling)
+    sp = md.sparse
+    capacity = sp.keys.numel() // KV_HEADS
+    fits = rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len, capacity)
+    assert fits.tolist() == [not p for p in prefilling for _ in range(1 + drafts)]
+    # the next step, every request decoding: the buffer's rows are written again
+    md = _decode_step(b, [9001, 8194, 12001, 30001], 1 + drafts, [False] * 4)
+    fits = rows_with_score_keys(md.decode_seq_lens, md.sparse.key_offsets,
+                                md.sparse.min_seq_len, capacity)
+    assert fits.all()
 
 
 def test_page_workspace_is_a_sixteenth_of_the_token_one():
@@ -190,8 +211,9 @@ def test_engine_counter_of_sparse_rows_uses_the_kernels_rule(monkeypatch):
     b = _builder("token", 0, kv_blocks=4096)
     _decode_step(b, [30000] * 8, 1)
     _decode_step(b, [100] * 4, 1)  # shorter than min_seq_len: dense by design, not counted
-    assert counter.counts == {"steps": 3, "rows": 128 + 8 + 4, "eligible": 128 + 8,
-                              "with_keys": 128 + 3,
+    _decode_step(b, [9000, 9000], 1, [True, False])  # a prompt's chunk: dense by design
+    assert counter.counts == {"steps": 4, "rows": 128 + 8 + 4 + 2, "eligible": 128 + 8 + 1,
+                              "with_keys": 128 + 3 + 1, "prompt": 1,
                               "capacity": b.sparse.keys.numel() // KV_HEADS}
 
 

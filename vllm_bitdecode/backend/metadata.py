@@ -692,7 +692,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         if num_prefills > 0:
             prefill = self._build_prefill(cam, num_decodes, num_decode_tokens)
         query_start = None
-        if self.reorder_batch_threshold > 1 and not self.pack_queries and num_decodes > 0:
+        rows_per_token = self.reorder_batch_threshold > 1 and not self.pack_queries
+        if rows_per_token and num_decodes > 0:
             # drafts to verify or short chunks: a row per query token (every step, so
             # that a graph captured for a batch size always reads the same buffers)
             seq_lens, block_table = self._expand_decode_rows(cam, num_decodes,
@@ -712,6 +713,10 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             # the persistent buffer graphs captured
             score_key_offsets(seq_lens, self.sparse.selection_unit,
                               out=self.key_offsets[:rows])
+            prompt_rows = self._prompt_rows(cam, num_decodes, expanded=rows_per_token)
+            if prompt_rows is not None:
+                # no score keys: the kernels' rule makes these rows dense in every layer
+                self.key_offsets.index_fill_(0, prompt_rows.to(self.device), -1)
             if not self._workspace_warned:
                 self._check_score_workspace(cam, num_decodes)
             sparse = dataclasses.replace(
@@ -736,6 +741,26 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             sparse=sparse,
             channel_k=self._build_channel_k(cam, num_decodes) if self.row_slots else None,
         )
+
+    @staticmethod
+    def _prompt_rows(cam: CommonAttentionMetadata, num_decodes: int,
+                     expanded: bool) -> torch.Tensor | None:
+        """The decode rows of requests still reading their prompt, on the host (None when
+        there are none). vLLM hands the decode path a prompt's chunk no longer than a
+        decode's query: the one token a prefix-cache hit leaves, the last piece of a
+        chunked prefill. Prefill stays dense in sparse mode, so that a prompt's KV and
+        first token do not depend on the cache's state or the scheduler's load.
+        ``expanded``: a row per query token (_expand_decode_rows)."""
+        flags = cam.is_prefilling  # host tensor, per request (None in drafting passes)
+        if flags is None or num_decodes == 0:
+            return None
+        flags = flags[:num_decodes]
+        if not bool(flags.any()):
+            return None
+        if expanded:
+            request, _ = decode_rows(cam.query_start_loc_cpu.numpy(), num_decodes)
+            flags = flags[torch.from_numpy(request).long()]
+        return flags.nonzero().flatten()
 
     def build_for_drafting(self, common_attn_metadata: CommonAttentionMetadata,
                            draft_index: int) -> BitDecodeMetadata:

@@ -205,10 +205,12 @@ class DecodeRowCounter:
 class SparseRowCounter:
     """In an engine running in this process with sparse mode on: over every step's
     decode rows, how many are long enough to decode sparsely (``eligible``: at least
-    min_seq_len tokens) and how many of those get score keys in the selection layer's
-    workspace (``with_keys``), by the kernels' own test (``selection_row_has_keys`` in
-    selection.cuh: first key plus length in tokens within the capacity); an eligible
-    row without keys decodes densely, exact but without the saving. Reads the step's
+    min_seq_len tokens, not a prompt's chunk; those are ``prompt``, dense by design,
+    backend.metadata's _prompt_rows) and how many of those get score keys in the
+    selection layer's workspace (``with_keys``), by the kernels' own test
+    (``selection_row_has_keys`` in selection.cuh: first key plus length in tokens within
+    the capacity); an eligible row without keys decodes densely, exact but without the
+    saving. Reads the step's
     device tensors after each build, a sync per step: for tests only."""
 
     def __init__(self) -> None:
@@ -218,7 +220,7 @@ class SparseRowCounter:
         )
 
         self.counts = {"steps": 0, "rows": 0, "eligible": 0, "with_keys": 0,
-                       "capacity": 0}
+                       "prompt": 0, "capacity": 0}
         counts = self.counts
 
         def count(cam, md) -> None:
@@ -228,7 +230,10 @@ class SparseRowCounter:
             lens = md.decode_seq_lens
             counts["steps"] += 1
             counts["rows"] += int((lens >= 1).sum())
-            counts["eligible"] += int(rows_long_enough_for_sparse(lens, sp.min_seq_len).sum())
+            long_enough = rows_long_enough_for_sparse(lens, sp.min_seq_len)
+            prompt = sp.key_offsets < 0  # a prompt's short chunk: dense by design
+            counts["prompt"] += int((long_enough & prompt).sum())
+            counts["eligible"] += int((long_enough & ~prompt).sum())
             counts["with_keys"] += int(rows_with_score_keys(
                 lens, sp.key_offsets, sp.min_seq_len, sp.key_capacity).sum())
             counts["capacity"] = sp.key_capacity
