@@ -301,11 +301,18 @@ def run_worker(spec: dict[str, Any], llm: Any = None) -> dict[str, Any]:
     return res
 
 
-def worker_main(spec_path: str, out_path: str) -> None:
+def save_result(res: dict[str, Any], out_path: str) -> None:
+    """The worker's result, whole or not at all: the parent reads it even when the
+    worker times out afterwards (in the engine's shutdown)."""
     import torch
 
-    spec = json.loads(Path(spec_path).read_text())
-    torch.save(run_worker(spec), out_path)
+    torch.save(res, out_path + ".part")
+    os.replace(out_path + ".part", out_path)
+    print(f"saved {out_path}", flush=True)
+
+
+def worker_main(spec_path: str, out_path: str) -> None:
+    save_result(run_worker(json.loads(Path(spec_path).read_text())), out_path)
 
 
 # ---- parent -------------------------------------------------------------------------------
@@ -325,39 +332,50 @@ def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
     import torch
 
     spec = worker_spec(name, model_dir, st, gpu_util)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.pt"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                    VLLM_ALLOW_INSECURE_SERIALIZATION="1", PYTHONUNBUFFERED="1")
         t0 = time.time()
-        proc = subprocess.run([sys.executable, script, "--worker", str(spec_path),
-                               str(out_path)], capture_output=True, text=True, timeout=timeout,
-                              env=env)
-        log = proc.stdout + proc.stderr
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / f"{name}.log").write_text(log)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name}: engine failed (exit {proc.returncode}):\n{log[-4000:]}")
+        # straight into the log, so that a worker killed by the timeout leaves its output
+        with log_path.open("wb") as log_file:
+            try:
+                rc = subprocess.run([sys.executable, script, "--worker", str(spec_path),
+                                     str(out_path)], stdout=log_file, stderr=subprocess.STDOUT,
+                                    timeout=timeout, env=env).returncode
+            except subprocess.TimeoutExpired:
+                if not out_path.exists():
+                    raise
+                rc = 0  # measured and saved; the engine's shutdown ran out of time
+        if rc != 0:
+            log = log_path.read_text(errors="replace")
+            raise RuntimeError(f"{name}: engine failed (exit {rc}):\n{log[-4000:]}")
         res = torch.load(out_path, weights_only=False)
     res["wall_s"] = time.time() - t0
     return res
 
 
 def try_config(name: str, model_dir: Path, st: dict[str, Any], args: argparse.Namespace,
-               log_dir: Path, failures: dict[str, str], script: str = __file__
-               ) -> tuple[dict[str, Any] | None, float]:
-    """run_config with ``args``' GPU share and timeout; a failure (the engine's error or
+               log_dir: Path, failures: dict[str, str], script: str = __file__,
+               deadline: float | None = None) -> tuple[dict[str, Any] | None, float]:
+    """run_config with ``args``' GPU share and timeout, the timeout cut to end by
+    ``deadline`` (a time.time(): the run's --budget); a failure (the engine's error or
     the timeout) is printed and recorded in ``failures``, not raised. Also the seconds it
     took, for the budget's estimate: the timeout for one that timed out, 0 for another
     failure."""
+    timeout = args.timeout
+    if deadline is not None:
+        timeout = max(1.0, min(timeout, deadline - time.time()))
     try:
-        res = run_config(name, model_dir, st, args.gpu_memory_utilization, args.timeout,
+        res = run_config(name, model_dir, st, args.gpu_memory_utilization, timeout,
                          log_dir, script=script)
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         print(str(e)[-3000:], flush=True)
         failures[name] = str(e)[-3000:]
-        return None, args.timeout if isinstance(e, subprocess.TimeoutExpired) else 0.0
+        return None, timeout if isinstance(e, subprocess.TimeoutExpired) else 0.0
     return res, res["wall_s"]
 
 
@@ -629,8 +647,8 @@ def add_engine_args(ap: argparse.ArgumentParser, timeout: float) -> None:
     ap.add_argument("--timeout", type=float, default=timeout, help="seconds per configuration")
     ap.add_argument("--budget", type=float, default=540,
                     help="start no configuration that would likely end after this many "
-                    "seconds (the slowest one so far is the estimate); the rest are listed "
-                    "as not run")
+                    "seconds (the slowest one so far is the estimate), and stop one still "
+                    "running then; the rest are listed as not run")
     ap.add_argument("--worker", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
 
 
@@ -701,7 +719,8 @@ def main() -> None:
                   f"{args.budget:.0f} s", flush=True)
             continue
         print(f"== {name}: {CONFIGS[name]['label']}", flush=True)
-        res, took = try_config(name, model_dir, st, args, REF_DIR / "logs", failures)
+        res, took = try_config(name, model_dir, st, args, REF_DIR / "logs", failures,
+                               deadline=t_all + args.budget)
         slowest = max(slowest, took)
         if res is None:
             continue

@@ -124,16 +124,15 @@ def run_worker(spec: dict[str, Any], llm: Any = None) -> dict[str, Any]:
 def worker_main(spec_path: str, out_path: str) -> None:
     import json
 
-    import torch
-
-    torch.save(run_worker(json.loads(Path(spec_path).read_text())), out_path)
+    quality.save_result(run_worker(json.loads(Path(spec_path).read_text())), out_path)
 
 
 # ---- parent -------------------------------------------------------------------------------
 
 
 def _ppl(nll: float, tokens: int) -> float:
-    return math.exp(nll / tokens)
+    mean = nll / tokens
+    return math.exp(mean) if mean < 700 else math.inf  # exp overflows past ~709
 
 
 def summarize(name: str, res: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
@@ -303,7 +302,8 @@ def main() -> None:
             continue
         print(f"== {name}: {quality.CONFIGS[name]['label']}", flush=True)
         res, took = quality.try_config(name, model_dir, st, args,
-                                       quality.REF_DIR / "logs_decode", failures, __file__)
+                                       quality.REF_DIR / "logs_decode", failures, __file__,
+                                       deadline=t_all + args.budget)
         slowest = max(slowest, took)
         if res is None:
             continue

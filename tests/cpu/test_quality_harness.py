@@ -286,3 +286,60 @@ def test_recompare_rewrites_a_results_file_in_place(tmp_path, monkeypatch, capsy
     lo, hi = d["retrieval_points"]["kv"]["ci95"]
     assert lo < d["retrieval_points"]["kv"]["mean"] < hi
     assert "int2-channel-g32-b128" in capsys.readouterr().out
+
+
+FAKE_WORKER = """
+import importlib.util, json, sys, time
+spec = json.load(open(sys.argv[2]))
+found = importlib.util.spec_from_file_location("quality", spec["quality_py"])
+quality = importlib.util.module_from_spec(found)
+found.loader.exec_module(quality)
+print("measuring", flush=True)
+if spec["mode"] == "fail":
+    sys.exit(3)
+if spec["mode"] != "hang_before_save":
+    quality.save_result({"ppl": 1.5}, sys.argv[3])
+if spec["mode"] != "ok":
+    time.sleep(120)  # an engine whose shutdown hangs
+"""
+
+
+@pytest.mark.parametrize("mode", ["ok", "hang_after_save", "hang_before_save", "fail"])
+def test_a_worker_timed_out_or_failed_keeps_its_log_and_saved_result(tmp_path, monkeypatch,
+                                                                     mode):
+    """run_config: the worker's output goes to its log as it runs, so a worker killed by
+    the timeout (or one that fails) leaves it; a result saved before the timeout counts
+    (the engine's shutdown may hang); without one the timeout is raised, and
+    try_config records it as a failure."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(quality, "worker_spec", lambda *a: {
+        "mode": mode, "quality_py": str(data.REPO_ROOT / "benchmarks" / "quality.py")})
+    args = SimpleNamespace(gpu_memory_utilization=0.1, timeout=15.0)
+    failures: dict[str, str] = {}
+    res, took = quality.try_config("int4", tmp_path, {}, args, tmp_path / "logs", failures,
+                                   script=str(script))
+    log = (tmp_path / "logs" / "int4.log").read_text()
+    assert "measuring" in log
+    if mode in ("ok", "hang_after_save"):
+        assert res is not None and res["ppl"] == 1.5 and failures == {}
+        assert took == res["wall_s"] < 15 + 5
+    else:
+        assert res is None and "int4" in failures
+        assert ("exit 3" in failures["int4"]) == (mode == "fail")
+        assert ("timed out" in failures["int4"]) == (mode == "hang_before_save")
+
+
+def test_a_configuration_ends_by_the_deadline(monkeypatch, tmp_path):
+    """try_config cuts the configuration's timeout to what the run's budget has left."""
+    import time
+
+    seen = []
+    monkeypatch.setattr(quality, "run_config",
+                        lambda name, md, st, util, timeout, log_dir, script: seen.append(
+                            timeout) or {"wall_s": 0.0})
+    args = SimpleNamespace(gpu_memory_utilization=0.1, timeout=400.0)
+    quality.try_config("int4", tmp_path, {}, args, tmp_path, {})
+    quality.try_config("int4", tmp_path, {}, args, tmp_path, {}, deadline=time.time() + 100)
+    quality.try_config("int4", tmp_path, {}, args, tmp_path, {}, deadline=time.time() - 5)
+    assert seen[0] == 400.0 and 95 < seen[1] <= 100 and seen[2] == 1.0
