@@ -286,3 +286,19 @@ def test_rows_past_the_capped_workspace_are_announced(monkeypatch, max_len, warn
     assert bool(said) == warned, lines
     if warned:
         assert f"{metadata.MAX_SCORE_KEYS} keys" in said[0] and str(max_len) in said[0]
+
+
+@pytest.mark.parametrize("granularity,max_seqs,warned", [
+    ("token", 1024, True),  # 1024 rows x 8 heads x 2048 tokens x 4 B: 64 MiB
+    ("page", 1024, False), ("token", 64, False)])  # 4 MiB each
+def test_a_large_selection_buffer_is_announced(monkeypatch, granularity, max_seqs, warned):
+    """The selected positions' buffer is made outside vLLM's KV budget: start-up warns
+    when it passes SELECTION_WARN_BYTES, with its size, and says what lowers it."""
+    seen = _warnings(monkeypatch)
+    monkeypatch.setattr(metadata, "SELECTION_WARN_BYTES", 32 << 20)
+    b = _builder(granularity, 0, max_seqs=max_seqs)
+    size = b.sparse.sel_positions.numel() * 4
+    notes = [m % a for m, a in seen if "selected positions" in m]
+    assert bool(notes) == warned == (size >= 32 << 20), (size, notes)
+    if warned:
+        assert f"{size / 2**30:.2f} GiB" in notes[0] and "page granularity" in notes[0]

@@ -47,6 +47,9 @@ MIN_TILES_PER_SPLIT = 8
 MAX_SPLITS = 64
 # Keys the sparse-mode score workspace holds at most (4 bytes each per selection head).
 MAX_SCORE_KEYS = 1 << 23
+# The selected positions' buffer (rows x heads x budget, int32) above which start-up warns:
+# it is made after vLLM sizes the KV cache, outside that budget.
+SELECTION_WARN_BYTES = 1 << 30
 
 
 # Decode rows (sequences) per kernel call: the launch grid's z dimension (csrc/ops.cpp's
@@ -610,15 +613,24 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             kv_tokens=(vllm_config.cache_config.num_gpu_blocks or 0)
             * self.kv_cache_spec.block_size)
         self.key_offsets = torch.empty(max_rows, dtype=torch.int64, device=device)
+        positions_bytes = max_rows * sel_heads * sparse.unit_budget * 4
         logger.info(
             "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
             "%s; token budget %d, dense below %d tokens, %s selection of %ss; score "
-            "workspace %d keys (%.1f MiB)", list(plan.dense), list(plan.selection),
-            layer_ranges(plan.reuse),
+            "workspace %d keys (%.1f MiB), selected positions %.1f MiB",
+            list(plan.dense), list(plan.selection), layer_ranges(plan.reuse),
             sparse.token_budget, sparse.dense_below,
             "shared" if sparse.shared_selection else "per-KV-head", sparse.granularity,
-            capacity,
-            capacity * sel_heads * 4 / 2**20)
+            capacity, capacity * sel_heads * 4 / 2**20, positions_bytes / 2**20)
+        if positions_bytes >= SELECTION_WARN_BYTES:
+            # made after vLLM sized the KV cache, so it comes out of the memory that
+            # --gpu-memory-utilization leaves free
+            logger.warning(
+                "BITDECODE sparse decode: the selected positions take %.2f GiB per GPU "
+                "(%d decode rows x %d heads x %d %ss), outside the KV cache's budget; "
+                "page granularity (16x fewer), a smaller token_budget or --max-num-seqs "
+                "lowers it", positions_bytes / 2**30, max_rows, sel_heads,
+                sparse.unit_budget, sparse.granularity)
         if model.max_model_len > capacity:
             # the kernels' fit test counts a row's tokens (selection.cuh), so a row longer
             # than the capped workspace never fits, even at page granularity
