@@ -376,10 +376,12 @@ def check_sparse_model(
         # a drafter's attention layers run through this backend with the target's layer
         # plan: EAGLE's are numbered past the target's last layer, a draft model's
         # selection and reuse layers would follow a plan made for another model
+        why = ("no test has run sparse mode beside it"
+               if speculative_method in DRAFTERS_WITHOUT_ATTENTION
+               else "the drafter's attention layers are not in the sparse layer plan")
         raise BitDecodeConfigError(
             f"{where} does not support speculative decoding with {speculative_method!r} "
-            "drafts (the drafter's attention layers are not in the sparse layer plan); "
-            f"use one of {sorted(SPARSE_DRAFT_METHODS)} or disable sparse"
+            f"drafts ({why}); use one of {sorted(SPARSE_DRAFT_METHODS)} or disable sparse"
         )
     if not attention_in_every_layer:
         raise BitDecodeConfigError(
