@@ -779,6 +779,12 @@ def check_kv_connector(kv_transfer_config: Any, channel_k: bool,
     if kv_transfer_config is None:
         return
     connector = getattr(kv_transfer_config, "kv_connector", None)
+    if channel_k:  # first: no connector would do, so no advice about one
+        raise BitDecodeConfigError(
+            f"{CONFIG_KEY}.k_mode='channel' cannot move KV pages through a KV connector "
+            f"({connector!r}; --kv-offloading-size or --kv-transfer-config): each "
+            "request's newest K rows live outside its pages; use k_mode='token' to "
+            "offload with vLLM's CPU offloading connector")
     if connector != OFFLOADING_CONNECTOR:
         # VLLM_USE_SIMPLE_KV_OFFLOAD=1 swaps in another connector behind the same flag
         why = (" (set by VLLM_USE_SIMPLE_KV_OFFLOAD=1; unset it)"
@@ -792,11 +798,6 @@ def check_kv_connector(kv_transfer_config: Any, channel_k: bool,
             "vLLM's offloading connector needs --disable-hybrid-kv-cache-manager beside "
             "--kv-offloading-size (vLLM 0.20 leaves the hybrid KV-cache manager on for it, "
             "and the connector then fails after the KV cache is allocated)")
-    if channel_k:
-        raise BitDecodeConfigError(
-            f"{CONFIG_KEY}.k_mode='channel' cannot offload KV pages (--kv-offloading-size "
-            "or an offloading --kv-transfer-config): each request's newest K rows live "
-            "outside its pages; use k_mode='token' to offload")
 
 
 def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:

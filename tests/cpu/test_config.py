@@ -285,11 +285,13 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
         # only with per-token K
         ({"kv_transfer_config": SimpleNamespace(kv_connector="OffloadingConnector"),
           "additional_config": {"bitdecode": {"k_mode": "channel"}}},
-         "k_mode='channel' cannot offload.*--kv-offloading-size"),
+         "k_mode='channel' cannot move KV pages.*'OffloadingConnector'.*--kv-offloading-size"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector")},
          "only vLLM's CPU offloading connector.*'NixlConnector'"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="LMCacheConnectorV1"),
-          "additional_config": {"bitdecode": {"k_mode": "channel"}}}, "'LMCacheConnectorV1'"),
+          "additional_config": {"bitdecode": {"k_mode": "channel"}}},
+         "k_mode='channel' cannot move KV pages.*'LMCacheConnectorV1'"),
+
         ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"), "model": False},
          "'NixlConnector'"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="SimpleCPUOffloadConnector")},
@@ -299,6 +301,18 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
 def test_check_vllm_config_rejects(kwargs, fragment):
     with pytest.raises(BitDecodeConfigError, match=fragment):
         check_vllm_config(_vllm_config(**kwargs))
+
+
+def test_channel_k_refuses_a_connector_before_advising_on_it():
+    """Channel K can use no connector, so its refusal comes first: not the hybrid
+    manager's advice (--disable-hybrid-kv-cache-manager), which would not help."""
+    from vllm_bitdecode.config import check_kv_connector
+
+    offloading = SimpleNamespace(kv_connector="OffloadingConnector")
+    with pytest.raises(BitDecodeConfigError, match="k_mode='channel' cannot move KV pages"):
+        check_kv_connector(offloading, channel_k=True, hybrid_manager_on=True)
+    with pytest.raises(BitDecodeConfigError, match="--disable-hybrid-kv-cache-manager"):
+        check_kv_connector(offloading, channel_k=False, hybrid_manager_on=True)
 
 
 def _drafter(method, **draft):
