@@ -91,7 +91,9 @@ class BitDecodeAttentionBackend(AttentionBackend):
         # vLLM calls this in every worker with the engine's config current, after the
         # model is loaded and before the KV cache is allocated. Model properties were
         # already checked when the attention layers were built (Impl.__init__); this is
-        # where the settings are parsed and recorded for the static methods.
+        # where the settings are parsed and recorded for the static methods. The size
+        # stays vLLM's default: channel K's residual and the prefill workspace were sized
+        # from cache_config.block_size while the model loaded (per-channel-k-design.md, 9).
         from vllm.config import get_current_vllm_config_or_none
 
         vllm_config = get_current_vllm_config_or_none()
