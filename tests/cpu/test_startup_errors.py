@@ -618,7 +618,7 @@ def test_two_bit_k_per_token_is_warned_about_at_startup(startup, monkeypatch, se
         f"{stage}: {exc!r}"
     assert len(lines) == int(warned)
     for line in lines:
-        assert "\n" not in line and '"k_mode": "channel"' in line and "1242" in line
+        assert "\n" not in line and '"k_mode": "channel"' in line and "1579" in line
 
 
 @pytest.mark.parametrize(("max_num_seqs", "warned"), [(1024, True), (64, False)])
