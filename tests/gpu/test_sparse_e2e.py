@@ -212,6 +212,28 @@ def test_drafts_verify_as_rows_in_sparse_mode():
     assert sum(s is not None for s in diverged) <= n // 2, diverged
 
 
+def test_a_prompts_last_token_on_the_decode_path_stays_dense():
+    """A prompt of m * 16 + 1 tokens sent again hits the prefix cache on its m pages, and
+    vLLM schedules its last token alone, as a decode. Prefill stays dense in sparse mode
+    (backend/metadata.py, _prompt_rows): that row gets no score keys, so the engine's
+    counter sees it as a prompt row, and the answers stay with the cold run's, whose prompts were prefilled whole. Before 1b6e98a such a
+    last token ran selection and reuse at the budget (64 here)."""
+    bos = _prompts()[0][0][0]
+    prompts = [[bos] + p[len(p) - (len(p) - 1) // 16 * 16:] for p in _prompts()[0]]
+    assert all(len(p) % 16 == 1 and len(p) > 4096 for p in prompts)
+    jobs = [dict(name=name, prompts=prompts, max_tokens=GEN, logprobs=5, capture=False,
+                 reset_prefix_cache=name == "cold") for name in ("cold", "warm")]
+    res = _run({"enabled": True, "token_budget": 64, "min_seq_len": 1024}, jobs=jobs,
+               enable_prefix_caching=True, count_sparse_rows=True)
+    cold, warm = res["jobs"]["cold"], res["jobs"]["warm"]
+    counts = res["sparse_rows"]
+    print(f"prompt tails on the decode path: {counts}; cached {warm['num_cached_tokens']}")
+    assert warm["num_cached_tokens"] == [len(p) - 1 for p in prompts], warm["num_cached_tokens"]
+    assert counts["prompt"] >= len(prompts), counts
+    assert_greedy_close(warm["tokens"], warm["logprobs"], cold["tokens"], cold["logprobs"],
+                        GEN, "a prompt's last token from the prefix cache vs the cold run")
+
+
 def test_rows_keep_their_keys_with_drafts_in_a_full_cache():
     """The score workspace holds every decode row of a full cache, drafts' rows included
     (backend/metadata.py, score_workspace_keys): 32 pass-key requests of 6,000 tokens
