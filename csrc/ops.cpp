@@ -111,18 +111,35 @@ void check_no_overlap(const at::Tensor& x, const char* name) {
               "it is written, so each element needs its own memory");
 }
 
+using NamedTensor = std::pair<const at::Tensor*, const char*>;  // nullptr: absent
+
 // A written argument must share no memory with another argument of the call: a read one
-// would change under the kernel, a written one be written twice. get_overlap_status
+// would change under the kernel, a written one be written twice. Each of `written` is
+// checked against the others and against every one of `read`. get_overlap_status
 // answers TooHard where either is not dense (e.g. a slice of a fused qkv tensor): those
 // pass.
-void check_apart(const at::Tensor& x, const char* name,
-                 std::initializer_list<std::pair<const at::Tensor&, const char*>> others) {
-  for (const auto& [y, other] : others) {
-    const at::MemOverlapStatus s = at::get_overlap_status(x, y);
+void check_apart(const NamedTensor* written, size_t num_written, const NamedTensor* read,
+                 size_t num_read) {
+  auto check = [](const NamedTensor& x, const NamedTensor& y) {
+    if (x.first == nullptr || y.first == nullptr) return;
+    const at::MemOverlapStatus s = at::get_overlap_status(*x.first, *y.first);
     TORCH_CHECK(s != at::MemOverlapStatus::Full && s != at::MemOverlapStatus::Partial,
-                "bitdecode: ", name, " shares memory with ", other, "; it is written, so it "
-                "needs memory of its own");
+                "bitdecode: ", x.second, " shares memory with ", y.second, "; it is written, "
+                "so it needs memory of its own");
+  };
+  for (size_t w = 0; w < num_written; ++w) {
+    for (size_t o = w + 1; o < num_written; ++o) check(written[w], written[o]);
+    for (size_t r = 0; r < num_read; ++r) check(written[w], read[r]);
   }
+}
+
+void check_apart(std::initializer_list<NamedTensor> written,
+                 std::initializer_list<NamedTensor> read) {
+  check_apart(written.begin(), written.size(), read.begin(), read.size());
+}
+
+const at::Tensor* present(const std::optional<at::Tensor>& x) {
+  return x.has_value() ? &*x : nullptr;
 }
 
 // The residual of the channel mode: block_size exact K rows, then as many V rows, per slot
@@ -178,6 +195,15 @@ void check_tokens(const at::Tensor& x, const char* name) {
               name, " rows must be contiguous, with token and head strides that are "
               "multiples of 8 elements (16 bytes)");
   check_aligned_16(x, name);
+}
+
+// The write and read-back kernels take one (token, KV head) per warp, 4 warps a CTA, in
+// a grid's x dimension (at most 2^31 - 1), and count tokens in int32.
+void check_write_grid(int64_t tokens, int64_t num_kv_heads) {
+  TORCH_CHECK(tokens <= INT32_MAX && (tokens * num_kv_heads + 3) / 4 <= INT32_MAX,
+              "bitdecode: ", tokens, " tokens of ", num_kv_heads, " KV heads are too many "
+              "for one call (one warp per token and head, in a grid of at most 2^31 - 1 "
+              "CTAs of 4 warps)");
 }
 
 const float* signs_ptr(const std::optional<at::Tensor>& signs) {
@@ -244,6 +270,16 @@ void check_same_device(const at::Tensor& ref, const char* ref_name,
   for (const auto& [x, name] : named) check_same_device(x, name, ref, ref_name);
 }
 
+// The block table of every op that reads pages: a row per sequence, columns contiguous.
+void check_block_table(const at::Tensor& block_table, int64_t num_seqs) {
+  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
+                  block_table.dim() == 2 && block_table.stride(1) == 1,
+              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor, "
+              "contiguous in its last dimension");
+  TORCH_CHECK(block_table.size(0) >= num_seqs, "bitdecode: block_table needs a row per "
+              "sequence, has ", block_table.size(0), " for ", num_seqs);
+}
+
 // Checks what every decode-time op reads: the query tokens (one per sequence unless
 // num_seqs >= 0 says how many sequences they belong to, at most max_query_len each), the
 // sequences' pages, block table and lengths. Returns the number of sequences.
@@ -263,15 +299,14 @@ int64_t check_decode_inputs(const at::Tensor& q, const at::Tensor& cache,
   TORCH_CHECK(num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= kMaxGqaRows,
               "bitdecode: query heads per KV head must divide evenly and be at most ",
               kMaxGqaRows, ", got ", num_heads, "/", num_kv_heads);
-  // a sequence's query tokens sit beside its query heads in the kernel's rows
-  TORCH_CHECK(max_query_len >= 1 && num_heads / num_kv_heads * max_query_len <= kMaxGqaRows,
+  // a sequence's query tokens sit beside its query heads in the kernel's rows (bounded
+  // alone first, so that the product cannot overflow)
+  TORCH_CHECK(max_query_len >= 1 && max_query_len <= kMaxGqaRows &&
+                  num_heads / num_kv_heads * max_query_len <= kMaxGqaRows,
               "bitdecode: query heads per KV head times max_query_len must be at most ",
               kMaxGqaRows, " (the kernel's query rows), got ", num_heads, "/", num_kv_heads,
               " heads and max_query_len ", max_query_len);
-  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
-                  block_table.dim() == 2 && block_table.stride(1) == 1 &&
-                  block_table.size(0) >= num_seqs,
-              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
+  check_block_table(block_table, num_seqs);
   // the kernels index seq_lens[seq] with no stride
   TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt &&
                   seq_lens.dim() == 1 && seq_lens.stride(0) == 1 && seq_lens.size(0) >= num_seqs,
@@ -315,7 +350,8 @@ int64_t check_query_start(const std::optional<at::Tensor>& query_start_loc,
 
 // Checks the arguments that the decode ops share and fills their params (the sparse
 // fields zero). query_start_loc / max_query_len: several query tokens per sequence
-// (decode only).
+// (decode only). also_read: the op's own inputs, which out and the partials must not
+// share memory with either.
 DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                            const at::Tensor& block_table, const at::Tensor& seq_lens,
                            at::Tensor& partial_out, at::Tensor& partial_lse,
@@ -323,7 +359,8 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                            double softmax_scale, const PageGeometry& g, int64_t num_splits,
                            int64_t min_tiles_per_split, int k_param_bits = 0,
                            const std::optional<at::Tensor>& query_start_loc = std::nullopt,
-                           int64_t max_query_len = 1) {
+                           int64_t max_query_len = 1,
+                           std::initializer_list<NamedTensor> also_read = {}) {
   int64_t num_seqs = check_query_start(query_start_loc, max_query_len, q);
   num_seqs = check_decode_inputs(q, cache, block_table, seq_lens, g, k_param_bits, num_seqs,
                                  max_query_len);
@@ -356,14 +393,23 @@ DecodeParams decode_params(at::Tensor& out, const at::Tensor& q, const at::Tenso
                 "bitdecode: partial_lse must be contiguous CUDA float32 with room for "
                 "[num_splits, num_seqs, max_query_len, num_heads]");
     check_aligned_16(partial_out, "partial_out");  // the combine reads it in float4s
-    check_apart(partial_out, "partial_out",
-                {{q, "q"}, {out, "out"}, {partial_lse, "partial_lse"}});
-    check_apart(partial_lse, "partial_lse", {{q, "q"}, {out, "out"}});
     check_same_device(partial_out, "partial_out", q);
     check_same_device(partial_lse, "partial_lse", q);
   }
   check_same_device(out, "out", q);
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", q);
+  // out, the partials and what the decode reads (out against q: above, it may be q)
+  const NamedTensor written[3] = {{&out, "out"},
+                                  {num_splits > 1 ? &partial_out : nullptr, "partial_out"},
+                                  {num_splits > 1 ? &partial_lse : nullptr, "partial_lse"}};
+  NamedTensor read[8] = {{&cache, "cache"}, {&block_table, "block_table"},
+                         {&seq_lens, "seq_lens"}, {present(query_start_loc), "query_start_loc"},
+                         {present(rotation_signs), "rotation_signs"}};
+  size_t num_read = 5;
+  TORCH_INTERNAL_ASSERT(also_read.size() <= 3);
+  for (const NamedTensor& x : also_read) read[num_read++] = x;
+  check_apart(written, 3, read, num_read);
+  for (const NamedTensor& partial : {written[1], written[2]}) check_apart({partial}, {{&q, "q"}});
 
   DecodeParams p{};
   set_decode_inputs(p, q, cache, block_table, seq_lens);
@@ -403,10 +449,13 @@ void quantize_to_pages(const at::Tensor& key, const at::Tensor& value,
               "bitdecode: slot_mapping must be a contiguous CUDA int64 vector, one entry per "
               "actual token (key and value may carry padding rows after them)");
   check_cache(cache, g, key.size(1));
-  check_apart(cache, "cache", {{key, "key"}, {value, "value"}});
+  check_apart({{&cache, "cache"}}, {{&key, "key"}, {&value, "value"},
+                                    {&slot_mapping, "slot_mapping"},
+                                    {present(rotation_signs), "rotation_signs"}});
   check_same_device(key, "key", {{value, "value"}, {slot_mapping, "slot_mapping"},
                                  {cache, "cache"}});
   if (rotation_signs.has_value()) check_same_device(*rotation_signs, "rotation_signs", key, "key");
+  check_write_grid(slot_mapping.size(0), key.size(1));
   const c10::cuda::CUDAGuard guard(key.device());
 
   QuantizeParams p;
@@ -438,11 +487,6 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
                   key_out.scalar_type() == value_out.scalar_type(),
               "bitdecode: key_out and value_out must be contiguous and of one shape and dtype");
   check_cache(cache, g, key_out.size(1), k_param_bits);
-  check_apart(key_out, "key_out", {{value_out, "value_out"}, {cache, "cache"}});
-  check_apart(value_out, "value_out", {{cache, "cache"}});
-  TORCH_CHECK(block_table.is_cuda() && block_table.scalar_type() == at::kInt &&
-                  block_table.dim() == 2 && block_table.stride(1) == 1,
-              "bitdecode: block_table must be a CUDA int32 [num_seqs, max_blocks] tensor");
   // the kernel reads seq_lens[seq] and out_start[seq] with no stride
   TORCH_CHECK(seq_lens.is_cuda() && seq_lens.scalar_type() == at::kInt && seq_lens.dim() == 1 &&
                   seq_lens.stride(0) == 1,
@@ -450,9 +494,7 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
   const int64_t num_seqs = seq_lens.size(0);
   TORCH_CHECK(num_seqs <= kMaxGridSeqs, "bitdecode: at most ", kMaxGridSeqs,
               " sequences per call (the launch grid's y dimension), got ", num_seqs);
-  TORCH_CHECK(block_table.size(0) >= num_seqs,
-              "bitdecode: block_table needs a row per sequence, has ", block_table.size(0),
-              " for ", num_seqs);
+  check_block_table(block_table, num_seqs);
   TORCH_CHECK(out_start.is_cuda() && out_start.scalar_type() == at::kInt &&
                   out_start.dim() == 1 && out_start.stride(0) == 1 &&
                   out_start.size(0) >= num_seqs + 1,
@@ -465,6 +507,10 @@ DequantizeParams dequantize_params(const at::Tensor& cache, const at::Tensor& bl
   check_same_device(cache, "cache", {{block_table, "block_table"}, {seq_lens, "seq_lens"},
                                      {out_start, "out_start"}, {key_out, "key_out"},
                                      {value_out, "value_out"}});
+  check_apart({{&key_out, "key_out"}, {&value_out, "value_out"}},
+              {{&cache, "cache"}, {&block_table, "block_table"}, {&seq_lens, "seq_lens"},
+               {&out_start, "out_start"}});
+  check_write_grid(max_tokens, key_out.size(1));
   DequantizeParams p{};
   p.cache = cache.data_ptr<uint8_t>();
   p.cache_stride_block = cache.stride(0), p.cache_stride_head = cache.stride(1);
@@ -559,8 +605,8 @@ int64_t set_selection(DecodeParams& p, const at::Tensor& sel_positions,
               shared_selection ? " (shared_selection: one set for all KV heads)"
                                : " (one set per KV head)");
   TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= INT32_MAX,
-              "bitdecode: sel_positions must hold a budget of at least 1 ",
-              selection_unit == 1 ? "position" : "page", ", got ", sel_positions.size(2));
+              "bitdecode: sel_positions must hold a budget of 1 to 2^31 - 1 ",
+              selection_unit == 1 ? "positions" : "pages", ", got ", sel_positions.size(2));
   TORCH_CHECK(sel_count.is_cuda() && sel_count.scalar_type() == at::kInt &&
                   sel_count.dim() == 1 && sel_count.size(0) >= num_seqs &&
                   sel_count.stride(0) == 1,
@@ -590,7 +636,9 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   DecodeParams p =
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
-                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split);
+                    rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split, 0,
+                    std::nullopt, 1,
+                    {{&sel_positions, "sel_positions"}, {&sel_count, "sel_count"}});
   // Counts live on the device, so they are not checked here (that would synchronize and
   // could not be captured in a CUDA graph): the kernel reads a count above the budget as
   // the budget and a negative count other than -1 as 0.
@@ -612,7 +660,9 @@ void decode_kc(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   check_kc_block_size(block_size);
   DecodeParams p = decode_params(out, q, cache, block_table, seq_lens, partial_out,
                                  partial_lse, std::nullopt, softmax_scale, g, num_splits,
-                                 min_tiles_per_split, check_k_param_bits(k_param_bits));
+                                 min_tiles_per_split, check_k_param_bits(k_param_bits),
+                                 std::nullopt, 1,
+                                 {{&residual, "residual"}, {&row_slot, "row_slot"}});
   const int64_t num_seqs = q.size(0);
   check_residual(residual, cache.size(1), block_size, q.scalar_type());
   TORCH_CHECK(row_slot.is_cuda() && row_slot.scalar_type() == at::kInt && row_slot.dim() == 1 &&
@@ -661,9 +711,14 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
               "bitdecode: min_seq_len must be in [0, 2^31 - 1], got ", min_seq_len);
   check_same_device(keys, "keys", q);
   check_same_device(key_offsets, "key_offsets", q);
-  // the decode writes keys, the top-k reads them and writes the lists and counts
-  check_apart(keys, "keys", {{sel_positions, "sel_positions"}, {sel_count, "sel_count"}});
-  check_apart(sel_positions, "sel_positions", {{sel_count, "sel_count"}});
+  // the decode writes keys (and out, the partials), the top-k reads the keys and writes
+  // the lists and counts
+  check_apart({{&keys, "keys"}, {&sel_positions, "sel_positions"}, {&sel_count, "sel_count"}},
+              {{&q, "q"}, {&cache, "cache"}, {&block_table, "block_table"},
+               {&seq_lens, "seq_lens"}, {&key_offsets, "key_offsets"},
+               {present(rotation_signs), "rotation_signs"}, {&out, "out"},
+               {p.partial_out ? &partial_out : nullptr, "partial_out"},
+               {p.partial_lse ? &partial_lse : nullptr, "partial_lse"}});
 
   auto* key_data = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   const int64_t capacity = keys.numel() / sel_heads;
@@ -723,8 +778,11 @@ void write_tokens_kc(const at::Tensor& key, const at::Tensor& value,
   }
   check_residual(residual, num_kv_heads, block_size, key.scalar_type());
   check_cache(cache, g, num_kv_heads, kpb);
-  check_apart(cache, "cache", {{residual, "residual"}, {key, "key"}, {value, "value"}});
-  check_apart(residual, "residual", {{key, "key"}, {value, "value"}});
+  check_apart({{&cache, "cache"}, {&residual, "residual"}},
+              {{&key, "key"}, {&value, "value"}, {&slot_mapping, "slot_mapping"},
+               {&query_start_loc, "query_start_loc"}, {&seq_lens, "seq_lens"},
+               {&row_slot, "row_slot"}});
+  check_write_grid(slot_mapping.size(0), num_kv_heads);
   check_same_device(key, "key", {{value, "value"}, {slot_mapping, "slot_mapping"},
                                  {query_start_loc, "query_start_loc"}, {seq_lens, "seq_lens"},
                                  {row_slot, "row_slot"}, {cache, "cache"},
@@ -759,7 +817,8 @@ int64_t decode_ctas_per_sm(const at::Tensor& query_like, int64_t bits, int64_t g
                            int64_t gqa, bool channel_k, int64_t k_param_bits) {
   const at::ScalarType dtype = query_like.scalar_type();
   TORCH_CHECK(query_like.is_cuda() && (dtype == at::kBFloat16 || dtype == at::kHalf),
-              "bitdecode: decode runs on CUDA bfloat16 or float16 queries, got ", dtype);
+              "bitdecode: decode runs on CUDA bfloat16 or float16 queries, got ", dtype,
+              " on ", query_like.device());
   TORCH_CHECK(gqa >= 1 && gqa <= kMaxGqaRows, "bitdecode: query heads per KV head must be in "
               "[1, ", kMaxGqaRows, "], got ", gqa);
   page_geometry(bits, group_size, 16);  // checks bits and group_size

@@ -257,6 +257,8 @@ BAD_KC_CASES = [
     ("residual=torch.zeros(3 * 2 * 2 * 16 * 128 + 8, dtype=torch.bfloat16, device='cuda')"
      "[1:3 * 2 * 2 * 16 * 128 + 1].view(3, 2, 2, 16, 128)", "residual must start 16-byte aligned"),
     ("row_slot=a['row_slot'].long()", "row_slot must be a contiguous CUDA int32"),
+    # the decode writes out, and must not write what it reads
+    ("row_slot=out.view(-1)[:2].view(torch.int32)", "out shares memory with row_slot"),
     ("cache=torch.zeros(4, 2, 2176, dtype=torch.uint8, device='cuda')", "channel-mode page"),
     ("block_size=256", "block size"),
     ("k_param_bits=12", "k_param_bits must be 16 (fp16 K params) or 8 (e4m3), got 12"),

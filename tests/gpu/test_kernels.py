@@ -399,7 +399,10 @@ BAD_DECODE_CASES = [
     ("qsl=torch.tensor([0, 1], dtype=torch.int32, device='cuda'), max_query_len=5",
      "times max_query_len must be at most 16"),
     ("qsl=torch.tensor([0, 1, 1], dtype=torch.int32, device='cuda')",
-     "block_table must be a CUDA int32"),  # two sequences, one block-table row
+     "block_table needs a row per sequence, has 1 for 2"),  # two sequences, one row
+    # bounded alone: 2 * (2**62 + 9) wraps to a negative number, which passed as <= 16
+    ("qsl=torch.tensor([0, 1], dtype=torch.int32, device='cuda'), max_query_len=2**62 + 9",
+     "times max_query_len must be at most 16"),
     ("cache=cache[:, :0]", "at least one KV head"),  # (the heads are divided by it)
     ("q=q[:, :0], out=out[:, :0]", "q must have at least one head"),
     ("cache=cache.flatten()", "cache must be a CUDA uint8 tensor"),  # (not an index error)
@@ -410,6 +413,16 @@ BAD_DECODE_CASES = [
     ("splits=2, ws=ws[1:]", "partial_out must start 16-byte aligned"),
     # the splits write both workspaces: one buffer for the two is refused
     ("splits=2, lse=ws", "partial_out shares memory with partial_lse"),
+    ("splits=2, lse=torch.empty(1, device='cuda')", "partial_lse must be contiguous CUDA "
+     "float32 with room for"),
+    ("splits=2, ws=ws[:128]", "partial_out must be contiguous CUDA float32 with room for"),
+    # nor may what the decode writes share memory with what it reads
+    ("lens=(b := torch.zeros(1024 + 4, dtype=torch.bfloat16, device='cuda'))[1024:]"
+     ".view(torch.int32), out=b[:1024].view(1, 8, 128)", None),  # beside it, apart
+    ("out=(b := torch.zeros(1024, dtype=torch.bfloat16, device='cuda')).view(1, 8, 128), "
+     "lens=b[:2].view(torch.int32)", "out shares memory with seq_lens"),
+    ("splits=2, table=ws[:4].view(torch.int32).view(1, 4)",
+     "partial_out shares memory with block_table"),
     ("cache=torch.zeros(cache.numel() + 16, dtype=torch.uint8, device='cuda')"
      "[1:cache.numel() + 1].view(cache.shape)", "cache must start 16-byte aligned"),
     # written outputs must not alias themselves
@@ -466,6 +479,10 @@ BAD_WRITE_CASES = [
      "out_start must be a contiguous CUDA int32"),
     ("vout=kout.half()", "of one shape and dtype"),  # written as key_out's dtype
     ("vout=kout", "key_out shares memory with value_out"),
+    # what the read-back writes must not be what it reads
+    ("lens=kout.view(-1)[:2].view(torch.int32)", "key_out shares memory with seq_lens"),
+    # what the write writes must not be what it reads
+    ("slots=cache.view(-1)[:24].view(torch.int64)", "cache shares memory with slot_mapping"),
     ("max_tokens=-1", "max_tokens must be in [0"),
     ("k=k[:, :0], v=k[:, :0]", "at least one KV head"),
     ("k=torch.randn(776, dtype=torch.bfloat16, device='cuda')[1:769].view(3, 2, 128)",

@@ -342,8 +342,8 @@ BAD_SELECT_CASES = [
     ("pos=pos.long()", "sel_positions must be a CUDA int32"),
     ("unit=16", None),  # page granularity
     ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
-    ("pos=pos[:, :, :0]", "must hold a budget of at least 1 position"),
-    ("pos=pos[:, :, :0], unit=16", "must hold a budget of at least 1 page"),
+    ("pos=pos[:, :, :0]", "must hold a budget of 1 to 2^31 - 1 positions"),
+    ("pos=pos[:, :, :0], unit=16", "must hold a budget of 1 to 2^31 - 1 pages"),
     ("unit=4", "selection_unit must be 1 (tokens) or 16 (16-token pages), got 4"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
     # the top-k writes each (sequence, KV head) row's list: rows must not share memory
@@ -351,6 +351,9 @@ BAD_SELECT_CASES = [
     # the decode writes keys, the top-k reads them and writes the lists and counts
     ("keys=pos.view(-1)", "keys shares memory with sel_positions"),
     ("count=pos.view(-1)[:1]", "sel_positions shares memory with sel_count"),
+    # nor may they share memory with what the decode reads or writes
+    ("offs=keys[:2].view(torch.long)", "keys shares memory with key_offsets"),
+    ("keys=out.view(-1).view(torch.int32)", "keys shares memory with out"),
     ("keys=keys[:63]", "keys must be a contiguous CUDA int32 workspace"),
     ("keys=keys.float()", "keys must be a contiguous CUDA int32 workspace"),
     ("offs=offs.int()", "key_offsets must be a contiguous CUDA int64"),

@@ -397,7 +397,9 @@ BAD_SPARSE_CASES = [
     ("pos=pos[:0]", "sel_positions has 0 rows for 1 sequences"),
     ("shared=True", "sel_positions has 2 heads, expected 1"),
     ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
-    ("pos=pos[:, :, :0]", "budget of at least 1 position"),
+    ("pos=pos[:, :, :0]", "budget of 1 to 2^31 - 1 positions"),
+    # the decode writes out, and must not write what it reads
+    ("count=out.view(-1)[:2].view(torch.int32)", "out shares memory with sel_count"),
     ("count=count.clamp(max=1), unit=16", None),  # one 16-token page, read whole
     ("pos=pos.transpose(1, 2).contiguous().transpose(1, 2)", "contiguous in its last dimension"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
