@@ -235,10 +235,37 @@ def centred_zero(scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Te
     """The stored zero point ``zc = zero + 2^(bits-1) * scale`` in ``scale``'s dtype, as the
     write kernel computes it: one fma in float32 (the float64 sum of two 16-bit floats
     times a power of two is exact, so rounding it to float32 is the fma's rounding),
-    then rounded to the 16-bit dtype."""
+    then rounded to the 16-bit dtype.
+
+    At the edge of fp16's range that rounding (up to 16 near 65504) can carry the read-back
+    of code 0 or of the top code, ``(code - 2^(bits-1)) * scale + zc`` in one rounding,
+    past fp16's maximum: a key of -65504 beside -57376 would read back as -inf. There zc
+    moves one fp16 step the other way, which moves every read-back of the group by that
+    step and keeps both ends finite."""
     centre = float(1 << (bits - 1))
     zc = centre * scale.to(torch.float64) + zero.to(torch.float64)
-    return zc.to(torch.float32).to(scale.dtype)
+    zc = zc.to(torch.float32).to(scale.dtype)
+    if scale.dtype != torch.float16:
+        return zc
+    top = float((1 << bits) - 1) - centre
+    s, z = scale.to(torch.float64), zc.to(torch.float64)
+    low_inf = torch.isinf((z - centre * s).to(torch.float16))  # exact in float64
+    high_inf = torch.isinf((z + top * s).to(torch.float16))
+    return torch.where(low_inf, _fp16_step(zc, up=True),
+                       torch.where(high_inf, _fp16_step(zc, up=False), zc))
+
+
+def _fp16_step(x: torch.Tensor, up: bool) -> torch.Tensor:
+    """The next fp16 value above (``up``) or below each finite ``x``: its bit pattern one
+    further from or closer to zero (kc_write_kernel.cuh, ``fp16_step``)."""
+    bits = x.view(torch.int16).to(torch.int32) & 0xFFFF
+    neg = (bits & 0x8000) != 0
+    zero = (bits & 0x7FFF) == 0
+    grow = neg != up  # up on a positive or down on a negative: the magnitude grows
+    stepped = torch.where(grow, bits + 1, bits - 1)
+    stepped = torch.where(zero, torch.full_like(bits, 0x0001 if up else 0x8001), stepped)
+    return (torch.where(stepped >= 0x8000, stepped - 0x10000, stepped)
+            .to(torch.int16).view(torch.float16))
 
 
 def dequantize_stored_k(codes: torch.Tensor, scale: torch.Tensor, zc: torch.Tensor,

@@ -672,3 +672,34 @@ def test_fp8_params_are_written_byte_for_byte():
         assert torch.equal(params[:, idx], scale[:, grp].to(kc.K_PARAM_FP8).view(torch.uint8))
         assert torch.equal(params[:, idx + 4], zc[:, grp].to(kc.K_PARAM_FP8).view(torch.uint8))
     _check_against_canonical(r, lay)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_keys_at_the_edge_of_fp16_read_back_finite(bits):
+    """fp16 K parameters: where rounding the stored zero point (zero + 2^(bits-1) scale)
+    to fp16 would carry an end code's read-back past 65504 (-65504 beside -57376 at 4
+    bits read back as -inf before 2026-12-05), zc moves one fp16 step inward: every key
+    in [-65504, 65504] reads back finite, within half a scale and one step of zc; groups
+    away from the edge keep the plainly rounded zc."""
+    g = _gen(50 + bits)
+    top = 65504.0
+    other = -top + torch.rand(8192, generator=g) * 2 * top  # the group's other end
+    edge = torch.stack([torch.full_like(other, -top), other], -1)  # [groups, 2]
+    overflowed = 0
+    for pair in (edge, -edge, top - torch.rand(4096, 2, generator=g) * 600):
+        k = pair.repeat(1, 8).to(torch.float16).unsqueeze(-1)  # [groups, 16 tokens, 1]
+        codes, scale, zero = kc.quantize_channels(k, bits, torch.float16)
+        zc = kc.centred_zero(scale, zero, bits)
+        back = kc.dequantize_stored_k(codes, scale, zc, bits).to(torch.float16)
+        assert torch.isfinite(back).all()
+        plain = (float(1 << (bits - 1)) * scale.double() + zero.double()).float().half()
+        step = (kc._fp16_step(plain, True).float() - plain.float()).abs()
+        err = (back.float() - k.float()).abs().amax(-2)
+        assert (err <= scale.float() / 2 + 2 * step + 1e-3).all()  # [groups, 1] each
+        before = kc.dequantize_stored_k(codes, scale, plain, bits).to(torch.float16)
+        overflowed += int((~torch.isfinite(before)).any(-2).sum())
+    assert overflowed > 0  # the plainly rounded zc read some of these back as inf
+    ordinary = _keys((64, 2, HEAD), torch.float16, 51).transpose(0, 1).unflatten(1, (4, 16))
+    codes, scale, zero = kc.quantize_channels(ordinary, bits, torch.float16)
+    plain = (float(1 << (bits - 1)) * scale.double() + zero.double()).float().half()
+    assert torch.equal(kc.centred_zero(scale, zero, bits), plain)

@@ -100,3 +100,42 @@ def test_write_matches_reference_step_by_step(dtype, bits, block_size, k_param_b
         assert torch.equal(residual_gpu.cpu().view(torch.int16), residual.view(torch.int16)), \
             f"step {steps}: residual differs"
     assert steps >= 3
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_keys_at_the_edge_of_fp16_stay_finite(bits):
+    """fp16 model, fp16 K parameters, every channel of every K group holding -65504 or
+    +65504 and another value anywhere in range: the pages equal the reference's byte for
+    byte (its zero point moved one fp16 step where rounding it would carry an end code's
+    read-back past the maximum, reference_kc.centred_zero), and read back finite."""
+    gen = torch.Generator().manual_seed(60 + bits)
+    block_size, n = 16, 64 * 16  # 64 K groups of 16 tokens, all full
+    layout = kc.KCPageLayout(PageFormat(128, bits, 64, block_size), 16)
+    # each channel: one end at +-65504 (its sign the channel's), the other anywhere
+    other = (torch.rand(n // 2, KV_HEADS, 128, generator=gen) * 2 - 1) * 65504
+    edge = torch.sign(torch.randn(1, KV_HEADS, 128, generator=gen)).expand_as(other) * 65504
+    key = torch.stack([edge, other], 1).flatten(0, 1).to(torch.float16)  # alternate tokens
+    value = torch.randn(n, KV_HEADS, 128, generator=gen).to(torch.float16)
+    blocks = n // block_size
+    cache = torch.randint(0, 256, (blocks + 1, KV_HEADS, layout.head_region_bytes),
+                          generator=gen, dtype=torch.uint8)
+    residual = kc.new_residual(SLOTS, KV_HEADS, layout, torch.float16)
+    cache_gpu, residual_gpu = cache.to(DEV), residual.to(DEV)
+    args = [torch.arange(n, dtype=torch.int64), torch.tensor([0, n], dtype=torch.int32),
+            torch.tensor([n], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)]
+    kc.write_tokens_kc(cache, residual, key, value, *args, layout)
+    _ops().write_tokens_kc(key.to(DEV), value.to(DEV), *(a.to(DEV) for a in args),
+                           cache_gpu, residual_gpu, bits, 64, block_size, 16)
+    torch.cuda.synchronize()
+    diff = (cache_gpu.cpu() != cache).nonzero()
+    assert diff.numel() == 0, f"{diff.shape[0]} page bytes differ, first {diff[:4].tolist()}"
+    k, _ = kc.read_pages_kc(cache, torch.arange(blocks), layout, torch.float16)
+    assert torch.isfinite(k.to(torch.float16)).all()
+    k_out = torch.full((n, KV_HEADS, 128), float("nan"), dtype=torch.float16, device=DEV)
+    v_out = torch.full_like(k_out, float("nan"))
+    _ops().dequantize_pages_kc(cache_gpu, torch.arange(blocks, dtype=torch.int32,
+                                                       device=DEV)[None],
+                               torch.tensor([n], dtype=torch.int32, device=DEV),
+                               torch.tensor([0, n], dtype=torch.int32, device=DEV), k_out,
+                               v_out, bits, 64, block_size, n, 16)
+    assert torch.isfinite(k_out).all()

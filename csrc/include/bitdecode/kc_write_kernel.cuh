@@ -39,6 +39,31 @@
 
 namespace bitdecode {
 
+// The next fp16 value above (up) or below a finite x: its bit pattern one further from
+// zero, or closer (reference_kc._fp16_step).
+__device__ __forceinline__ __half fp16_step(__half x, bool up) {
+  uint16_t bits = __half_as_ushort(x);
+  if ((bits & 0x7fffu) == 0) return __ushort_as_half(up ? 0x0001u : 0x8001u);
+  const bool grow = ((bits & 0x8000u) != 0) != up;  // the magnitude grows
+  return __ushort_as_half(static_cast<uint16_t>(grow ? bits + 1 : bits - 1));
+}
+
+// The stored zero point zc = zero + C scale in fp16 (reference_kc.centred_zero): one fma,
+// rounded once. At the edge of fp16's range that rounding (up to 16 near 65504) can
+// carry the read-back of code 0 or of the top code, (code - C) * scale + zc rounded once
+// (the decode's HFMA2), past the maximum (a key of -65504 beside -57376 read back as
+// -inf); there zc moves one step the other way.
+template <int BITS>
+__device__ __forceinline__ __half centred_zero(__half scale, float zero) {
+  using H = DtypeTraits<__half>;
+  constexpr float kC = kCodeCentre<BITS>;
+  constexpr float kTop = static_cast<float>((1 << BITS) - 1) - kC;
+  const __half zc = H::from_float(__fmaf_rn(kC, H::to_float(scale), zero));
+  if (__hisinf(__hfma(__float2half(-kC), scale, zc))) return fp16_step(zc, true);
+  if (__hisinf(__hfma(__float2half(kTop), scale, zc))) return fp16_step(zc, false);
+  return zc;
+}
+
 // The batch row of token t: the last r with query_start_loc[r] <= t (t inside the batch).
 __device__ __forceinline__ int kc_token_row(const int32_t* qsl, int num_reqs, int t) {
   int lo = 0, hi = num_reqs - 1;
@@ -156,7 +181,7 @@ __global__ void __launch_bounds__(HEAD) kc_page_kernel(KCWriteParams p) {
     for (int i = 0; i < G; ++i) codes[i][c] = code_of<BITS>(key_at(i), s, z, wide);
     __half* k_params = reinterpret_cast<__half*>(tile + p.k_params_offset);
     k_params[at] = scale;
-    k_params[at + 4] = H::from_float(__fmaf_rn(kCodeCentre<BITS>, s, z));  // centred_zero
+    k_params[at + 4] = centred_zero<BITS>(scale, z);
   }
   __syncthreads();
   // pack the group's K rows in the per-token page's row order
