@@ -28,7 +28,10 @@
 //                    the page's V order), B = P^T: the S^T accumulator times half the
 //                    per-token V scale, rounded to 16 bits and transposed in registers
 //                    (movmatrix); the end doubles O, and P . (zero + 2^(bits-1) scale)
-//                    adds the rest in fp32.
+//                    adds the rest in fp32. fp16 models weight the tokens by 2^k P (the
+//                    running maximum less k, fp16_lift_exp), so that small V scales
+//                    still give normal fp16 operands; the warp hands on its maximum less
+//                    k, which takes the lift back.
 //
 // The four warps merge through shared memory; with several splits the CTA writes a
 // normalized partial output and its log-sum-exp, and combine_kernel reduces them.
@@ -130,6 +133,18 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
+}
+
+// fp16 models lift the softmax weights P by 2^k (decode_kernel's lift_k): the V
+// product's B operand is fp16(P * v_scale / 2), and with small V (|V| ~ 1e-4) it fell
+// below fp16's smallest normal for small P and kept few bits. k puts the largest x =
+// v_scale / 2 at x * 2^k in [2^14, 2^15), so that P <= 2^k keeps the operand under
+// fp16's maximum. At most kMaxLiftExp: a nonzero fp16 scale is at least 2^-24 (k <= 39),
+// and 2^40 per token keeps the weights' sum finite in fp32 whatever the length. At least
+// 0: an infinite scale (a group holding inf) lifts nothing, as before.
+constexpr int kMaxLiftExp = 40;
+__device__ __forceinline__ int fp16_lift_exp(float x) {
+  return max(min(141 - (__float_as_int(x) >> 23), kMaxLiftExp), 0);  // x < 2^(e - 126)
 }
 
 template <int N>
@@ -690,6 +705,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // O^T holds half of sum(P * v_scale * (code - centre)) (see below); zero_sum the rest
   float zero_sum[HT][2][kGroups];   // sum over this lane's tokens of P * (zero + centre * scale)
   float m_run[HT][2], l_run[HT][2];
+  // fp16 models: the weights are exp2(s - m_run + lift_k), not exp2(s - m_run), so P,
+  // its sum l_run, o and zero_sum all carry 2^lift_k (fp16_lift_exp of the largest
+  // v_scale the warp has read; the same in every lane, since an MMA sums over all lanes'
+  // tokens). A larger scale lowers it, which rescales them as a moved maximum does, and
+  // the warp hands on m_run - lift_k as its maximum, which takes it back.
+  // Per-channel K at every V group, per-token K at group 128 (the default): the sparse
+  // kernel at V group 32, and the per-token kernels at group 64 once their output
+  // accumulator is in registers (docs/patches/group64-o-registers.patch), have no
+  // register left for it (ptxas spilled 4-8 bytes with every form tried), and the dense,
+  // sparse and selection kernels of one group must stay equal bit for bit. fp16
+  // per-token decode at V groups 32 and 64 keeps the old precision for small V.
+  // The subtractions round up, so that P <= 2^lift_k also where the maximum is so large
+  // (2^24 and up) that m - lift_k rounds: the same value every time, so that an unmoved
+  // step's correction stays exactly 1 and the maximum handed on is the one P used.
+  constexpr bool kLiftV = std::is_same<T, __half>::value && (KC || GROUP == 128);
+  float lift_k = kMaxLiftExp;
 #pragma unroll
   for (int ht = 0; ht < HT; ++ht) {
 #pragma unroll
@@ -833,6 +864,22 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
       }
     }
 
+    // fp16: the lift for this step, from the largest V scale the warp has read
+    float lift_old = 0.0f;  // the exponent before; lift_k is the one after
+    if constexpr (kLiftV) {
+      float x = 0.0f;
+#pragma unroll
+      for (int st = 0; st < NT; ++st)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int gi = 0; gi < kGroups; ++gi) x = fmaxf(x, v_scale[st][r][gi]);
+      // the warp's maximum in one redux: non-negative floats order as their bit patterns
+      x = __int_as_float(__reduce_max_sync(0xffffffffu, __float_as_int(x)));
+      lift_old = lift_k;
+      lift_k = fminf(lift_k, static_cast<float>(fp16_lift_exp(x)));
+    }
+
     // online softmax per head over the step's 32 tokens (8 lanes g share a head)
     float corr[HT][2];
     bool moved = false;
@@ -847,9 +894,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
         const float m_new = fmaxf(m_run[ht][c], mx);
-        const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-        corr[ht][c] = fast_exp2(m_run[ht][c] - m_use);
+        const float m_top = m_new == -INFINITY ? 0.0f : m_new;
+        const float m_use = kLiftV ? __fsub_ru(m_top, lift_k) : m_top;  // fp16: P <= 2^lift_k
+        corr[ht][c] =
+            fast_exp2((kLiftV ? __fsub_ru(m_run[ht][c], lift_old) : m_run[ht][c]) - m_use);
         moved |= m_new != m_run[ht][c];
+        if constexpr (kLiftV) moved |= lift_k != lift_old;
         m_run[ht][c] = m_new;
         float sum = 0.0f;
 #pragma unroll
@@ -1015,7 +1065,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
     if (g == 0) {
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        merge_m[warp * kHeads + 8 * ht + 2 * t + c] = m_run[ht][c];
+        merge_m[warp * kHeads + 8 * ht + 2 * t + c] =
+            kLiftV ? __fsub_ru(m_run[ht][c], lift_k) : m_run[ht][c];
         merge_l[warp * kHeads + 8 * ht + 2 * t + c] = l_run[ht][c];
       }
     }
