@@ -167,8 +167,9 @@ def decode_select(
     highest scaled logit (maximum over the query heads of the KV head, or of all heads
     with ``shared_selection``), ascending; ties go to the lower position. The logits are
     the attention's own: Q rotated like K and rounded to the model dtype. Rows shorter
-    than ``min_seq_len``, and rows whose ``key_offsets[r] + seq_lens[r]`` passes the
-    workspace's capacity, get ``DENSE_ROW`` (-1); padding rows 0; unused position slots
+    than ``min_seq_len``, rows whose ``key_offsets[r]`` is negative (the builder's mark for
+    a prompt's chunk, which stays dense) and rows whose ``key_offsets[r] + seq_lens[r]``
+    passes the workspace's capacity get ``DENSE_ROW`` (-1); padding rows 0; unused position slots
     -1. The workspace holds one 32-bit key per selection unit (token, or 16-token page)
     of the step's rows, per KV head without ``shared_selection`` (head-major:
     ``keys[h * capacity + key_offsets[r] + unit]``): rows that share prefix pages have

@@ -8,6 +8,7 @@ have where the KV cache bounds them, drafts' rows included.
 
 from __future__ import annotations
 
+import functools
 import types
 
 import pytest
@@ -73,19 +74,27 @@ def _builder(granularity: str, drafts: int, max_seqs: int = 64, max_len: int = 3
     return b
 
 
-def _decode_step(b: BitDecodeMetadataBuilder, lens: list[int], tokens_per_request: int,
-                 prefilling: list[bool] | None = None):
+def _cam(lens: list[int], tokens_per_request: int = 1,
+         prefilling: list[bool] | None = None) -> types.SimpleNamespace:
+    """vLLM's CommonAttentionMetadata for a decode step of these lengths; ``prefilling``:
+    its is_prefilling flags, None where vLLM gives none."""
     n = len(lens)
     qsl = torch.arange(0, tokens_per_request * n + 1, tokens_per_request, dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
-    cam = types.SimpleNamespace(
+    return types.SimpleNamespace(
         query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens,
         seq_lens_cpu_upper_bound=seq_lens, num_reqs=n, num_actual_tokens=int(qsl[-1]),
         max_query_len=tokens_per_request, max_seq_len=max(lens),
         block_table_tensor=torch.zeros(n, -(-max(lens) // BLOCK), dtype=torch.int32),
         slot_mapping=torch.zeros(int(qsl[-1]), dtype=torch.int64),
         is_prefilling=None if prefilling is None else torch.tensor(prefilling))
-    return b.build(0, cam)
+
+
+def _decode_step(b: BitDecodeMetadataBuilder, lens: list[int], tokens_per_request: int,
+                 prefilling: list[bool] | None = None):
+    """A decode step; no request prefilling unless ``prefilling`` says so."""
+    flags = [False] * len(lens) if prefilling is None else prefilling
+    return b.build(0, _cam(lens, tokens_per_request, flags))
 
 
 @pytest.mark.parametrize("granularity,unit", [("page", 16), ("token", 1)])
@@ -127,6 +136,31 @@ def test_prompt_chunks_on_the_decode_path_stay_dense(drafts):
     fits = rows_with_score_keys(md.decode_seq_lens, md.sparse.key_offsets,
                                 md.sparse.min_seq_len, capacity)
     assert fits.all()
+
+
+def test_prompt_rows_take_no_room_in_the_workspace():
+    """A prompt row's keys are not counted: the next row starts where it would without
+    it, so prompt tails never push later rows past the workspace."""
+    b = _builder("token", 0)
+    md = _decode_step(b, [9000, 8193, 12000], 1, [False, True, False])
+    assert md.sparse.key_offsets.tolist() == [0, -1, 9000]
+
+
+def test_missing_prefill_flags_are_announced_once(monkeypatch):
+    """vLLM leaves is_prefilling out under dual-batch overlap and its V2 runner: the rows
+    then decode as before (sparse where long enough), and the log says so once."""
+    seen = _warnings(monkeypatch)
+    monkeypatch.setattr(metadata, "_warn_no_prefill_flags",
+                        functools.cache(metadata._warn_no_prefill_flags.__wrapped__))
+    b = _builder("token", 0)
+    _decode_step(b, [9000, 8193], 1)  # flags given: nothing to say
+    assert not [m for m, _ in seen if "is_prefilling" in m]
+    for _ in range(2):
+        md = b.build(0, _cam([9000, 8193]))
+    assert len([m for m, _ in seen if "is_prefilling" in m]) == 1
+    sp = md.sparse
+    assert rows_with_score_keys(md.decode_seq_lens, sp.key_offsets, sp.min_seq_len,
+                                sp.key_capacity).all()
 
 
 def test_page_workspace_is_a_sixteenth_of_the_token_one():

@@ -12,6 +12,7 @@ query, whatever the schedule, sees the same quantized keys and values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -488,6 +489,15 @@ def install_wake_up_hook(worker_cls=None) -> None:
             reset_builders(getattr(self, "vllm_config", None))
 
 
+@functools.cache
+def _warn_no_prefill_flags() -> None:
+    logger.warning(
+        "BITDECODE sparse decode: vLLM passed no is_prefilling flags to this step's "
+        "metadata (dual-batch overlap, or the V2 model runner), so a prompt's last chunk "
+        "of a decode's length (a prefix-cache hit's one token) decodes sparsely here, "
+        "not densely like the rest of the prompt. Logged once.")
+
+
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
     # Full CUDA graphs for pure-decode batches, of one query token per request or of
     # 1 + num_speculative_tokens (on vLLM's tensors, or as rows in persistent buffers);
@@ -723,12 +733,16 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         if self.sparse is not None and rows > 0:
             # each decode row's first key in the score workspace, on the device, into
             # the persistent buffer graphs captured
-            score_key_offsets(seq_lens, self.sparse.selection_unit,
-                              out=self.key_offsets[:rows])
             prompt_rows = self._prompt_rows(cam, num_decodes, expanded=rows_per_token)
+            key_lens = seq_lens
+            if prompt_rows is not None:  # they take no room in the workspace
+                prompt_rows = prompt_rows.to(self.device, non_blocking=True)
+                key_lens = seq_lens.index_fill(0, prompt_rows, 0)
+            score_key_offsets(key_lens, self.sparse.selection_unit,
+                              out=self.key_offsets[:rows])
             if prompt_rows is not None:
                 # no score keys: the kernels' rule makes these rows dense in every layer
-                self.key_offsets.index_fill_(0, prompt_rows.to(self.device), -1)
+                self.key_offsets.index_fill_(0, prompt_rows, -1)
             if not self._workspace_warned:
                 self._check_score_workspace(cam, num_decodes)
             sparse = dataclasses.replace(
@@ -763,8 +777,13 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         chunked prefill. Prefill stays dense in sparse mode, so that a prompt's KV and
         first token do not depend on the cache's state or the scheduler's load.
         ``expanded``: a row per query token (_expand_decode_rows)."""
-        flags = cam.is_prefilling  # host tensor, per request (None in drafting passes)
+        flags = cam.is_prefilling  # host tensor, per request
         if flags is None or num_decodes == 0:
+            # None: a drafter's pass (sparse mode allows none with attention layers),
+            # dual-batch overlap's micro-batches or vLLM's V2 model runner, which do not
+            # pass it on; prompt tails then decode sparsely (_warn_no_prefill_flags)
+            if flags is None and num_decodes > 0:
+                _warn_no_prefill_flags()
             return None
         flags = flags[:num_decodes]
         if not bool(flags.any()):
