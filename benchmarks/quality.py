@@ -349,10 +349,14 @@ def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
             except subprocess.TimeoutExpired:
                 if not out_path.exists():
                     raise
-                rc = 0  # measured and saved; the engine's shutdown ran out of time
-        if rc != 0:
+                rc = None  # measured and saved; the engine's shutdown ran out of time
+        if not out_path.exists():
             log = log_path.read_text(errors="replace")
             raise RuntimeError(f"{name}: engine failed (exit {rc}):\n{log[-4000:]}")
+        if rc != 0:  # saved, then failed or hung in the engine's shutdown: the result counts
+            print(f"{name}: the worker saved its result, then "
+                  f"{'timed out' if rc is None else f'exited {rc}'} (log: {log_path})",
+                  flush=True)
         res = torch.load(out_path, weights_only=False)
     res["wall_s"] = time.time() - t0
     return res

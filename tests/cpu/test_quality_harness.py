@@ -299,17 +299,20 @@ if spec["mode"] == "fail":
     sys.exit(3)
 if spec["mode"] != "hang_before_save":
     quality.save_result({"ppl": 1.5}, sys.argv[3])
+if spec["mode"] == "crash_after_save":
+    sys.exit(7)  # an engine whose shutdown crashes
 if spec["mode"] != "ok":
     time.sleep(120)  # an engine whose shutdown hangs
 """
 
 
-@pytest.mark.parametrize("mode", ["ok", "hang_after_save", "hang_before_save", "fail"])
+@pytest.mark.parametrize("mode", ["ok", "hang_after_save", "crash_after_save",
+                                  "hang_before_save", "fail"])
 def test_a_worker_timed_out_or_failed_keeps_its_log_and_saved_result(tmp_path, monkeypatch,
                                                                      mode):
     """run_config: the worker's output goes to its log as it runs, so a worker killed by
     the timeout (or one that fails) leaves it; a result saved before the timeout counts
-    (the engine's shutdown may hang); without one the timeout is raised, and
+    (the engine's shutdown may hang or crash); without one the failure is raised, and
     try_config records it as a failure."""
     script = tmp_path / "fake_worker.py"
     script.write_text(FAKE_WORKER)
@@ -321,7 +324,7 @@ def test_a_worker_timed_out_or_failed_keeps_its_log_and_saved_result(tmp_path, m
                                    script=str(script))
     log = (tmp_path / "logs" / "int4.log").read_text()
     assert "measuring" in log
-    if mode in ("ok", "hang_after_save"):
+    if mode in ("ok", "hang_after_save", "crash_after_save"):
         assert res is not None and res["ppl"] == 1.5 and failures == {}
         assert took == res["wall_s"] < 15 + 5
     else:
