@@ -780,11 +780,13 @@ def check_kv_connector(kv_transfer_config: Any, channel_k: bool,
         return
     connector = getattr(kv_transfer_config, "kv_connector", None)
     if channel_k:  # first: no connector would do, so no advice about one
+        advice = ("; use k_mode='token' to offload" if connector == OFFLOADING_CONNECTOR
+                  else f" (with k_mode='token', only vLLM's CPU offloading connector, "
+                  f"'{OFFLOADING_CONNECTOR}')")
         raise BitDecodeConfigError(
             f"{CONFIG_KEY}.k_mode='channel' cannot move KV pages through a KV connector "
             f"({connector!r}; --kv-offloading-size or --kv-transfer-config): each "
-            "request's newest K rows live outside its pages; use k_mode='token' to "
-            "offload with vLLM's CPU offloading connector")
+            f"request's newest K rows live outside its pages{advice}")
     if connector != OFFLOADING_CONNECTOR:
         # VLLM_USE_SIMPLE_KV_OFFLOAD=1 swaps in another connector behind the same flag
         why = (" (set by VLLM_USE_SIMPLE_KV_OFFLOAD=1; unset it)"

@@ -285,13 +285,12 @@ def test_check_vllm_config_returns_settings(additional_config, expected):
         # only with per-token K
         ({"kv_transfer_config": SimpleNamespace(kv_connector="OffloadingConnector"),
           "additional_config": {"bitdecode": {"k_mode": "channel"}}},
-         "k_mode='channel' cannot move KV pages.*'OffloadingConnector'.*--kv-offloading-size"),
+         "k_mode='channel' cannot move KV pages.*'OffloadingConnector'.*k_mode='token' to"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector")},
          "only vLLM's CPU offloading connector.*'NixlConnector'"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="LMCacheConnectorV1"),
           "additional_config": {"bitdecode": {"k_mode": "channel"}}},
-         "k_mode='channel' cannot move KV pages.*'LMCacheConnectorV1'"),
-
+         "k_mode='channel' cannot move KV pages.*'LMCacheConnectorV1'.*only vLLM's CPU"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="NixlConnector"), "model": False},
          "'NixlConnector'"),
         ({"kv_transfer_config": SimpleNamespace(kv_connector="SimpleCPUOffloadConnector")},
