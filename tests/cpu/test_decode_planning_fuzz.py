@@ -277,7 +277,9 @@ def _step(rng: random.Random, b: bm.BitDecodeMetadataBuilder, max_rows: int,
         query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq_lens,
         seq_lens_cpu_upper_bound=seq_lens, num_reqs=len(lens), num_actual_tokens=num_tokens,
         max_query_len=max(qlens), max_seq_len=max(lens), block_table_tensor=table,
-        slot_mapping=torch.zeros(num_tokens, dtype=torch.int64), is_prefilling=None)
+        slot_mapping=torch.zeros(num_tokens, dtype=torch.int64),
+        # every decode a real one (prompt chunks on the decode path: test_sparse_workspace)
+        is_prefilling=torch.zeros(len(lens), dtype=torch.bool))
     return cam, real
 
 
