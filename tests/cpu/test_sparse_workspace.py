@@ -8,7 +8,6 @@ have where the KV cache bounds them, drafts' rows included.
 
 from __future__ import annotations
 
-import functools
 import types
 
 import pytest
@@ -149,9 +148,10 @@ def test_prompt_rows_take_no_room_in_the_workspace():
 def test_missing_prefill_flags_are_announced_once(monkeypatch):
     """vLLM leaves is_prefilling out under dual-batch overlap and its V2 runner: the rows
     then decode as before (sparse where long enough), and the log says so once."""
+    from vllm import logger as vllm_logger
+
     seen = _warnings(monkeypatch)
-    monkeypatch.setattr(metadata, "_warn_no_prefill_flags",
-                        functools.cache(metadata._warn_no_prefill_flags.__wrapped__))
+    vllm_logger._print_warning_once.cache_clear()  # once per process: from here
     b = _builder("token", 0)
     _decode_step(b, [9000, 8193], 1)  # flags given: nothing to say
     assert not [m for m, _ in seen if "is_prefilling" in m]
@@ -194,7 +194,8 @@ def _warnings(monkeypatch) -> list[tuple]:
     """The builder's log warnings, as (format, args) (vLLM's loggers do not propagate
     to pytest's caplog)."""
     seen: list[tuple] = []
-    monkeypatch.setattr(metadata.logger, "warning", lambda msg, *a: seen.append((msg, a)))
+    monkeypatch.setattr(metadata.logger, "warning",
+                        lambda msg, *a, **kw: seen.append((msg, a)))  # kw: warning_once's
     return seen
 
 

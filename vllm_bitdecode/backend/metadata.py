@@ -12,7 +12,6 @@ query, whatever the schedule, sees the same quantized keys and values.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -489,15 +488,6 @@ def install_wake_up_hook(worker_cls=None) -> None:
             reset_builders(getattr(self, "vllm_config", None))
 
 
-@functools.cache
-def _warn_no_prefill_flags() -> None:
-    logger.warning(
-        "BITDECODE sparse decode: vLLM passed no is_prefilling flags to this step's "
-        "metadata (dual-batch overlap, or the V2 model runner), so a prompt's last chunk "
-        "of a decode's length (a prefix-cache hit's one token) decodes sparsely here, "
-        "not densely like the rest of the prompt. Logged once.")
-
-
 class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
     # Full CUDA graphs for pure-decode batches, of one query token per request or of
     # 1 + num_speculative_tokens (on vLLM's tensors, or as rows in persistent buffers);
@@ -777,13 +767,16 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
         chunked prefill. Prefill stays dense in sparse mode, so that a prompt's KV and
         first token do not depend on the cache's state or the scheduler's load.
         ``expanded``: a row per query token (_expand_decode_rows)."""
+        if num_decodes == 0:
+            return None
         flags = cam.is_prefilling  # host tensor, per request
-        if flags is None or num_decodes == 0:
-            # None: a drafter's pass (sparse mode allows none with attention layers),
-            # dual-batch overlap's micro-batches or vLLM's V2 model runner, which do not
-            # pass it on; prompt tails then decode sparsely (_warn_no_prefill_flags)
-            if flags is None and num_decodes > 0:
-                _warn_no_prefill_flags()
+        if flags is None:  # dual-batch overlap's micro-batches, vLLM's V2 model runner
+            logger.warning_once(
+                "BITDECODE sparse decode: vLLM passed no is_prefilling flags to this step's "
+                "metadata (dual-batch overlap, or the V2 model runner), so a prompt's last "
+                "chunk of a decode's length (a prefix-cache hit's one token) decodes "
+                "sparsely here, not densely like the rest of the prompt. Logged once.",
+                scope="process")
             return None
         flags = flags[:num_decodes]
         if not bool(flags.any()):

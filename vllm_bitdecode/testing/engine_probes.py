@@ -210,8 +210,8 @@ class SparseRowCounter:
     selection layer's workspace (``with_keys``), by the kernels' own test
     (``selection_row_has_keys`` in selection.cuh: first key plus length in tokens within
     the capacity); an eligible row without keys decodes densely, exact but without the
-    saving. Reads the step's
-    device tensors after each build, a sync per step: for tests only."""
+    saving. Reads the step's device tensors after each build, a sync per step: for tests
+    only."""
 
     def __init__(self) -> None:
         from vllm_bitdecode.backend.metadata import (

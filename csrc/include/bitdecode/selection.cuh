@@ -16,9 +16,10 @@ __device__ __forceinline__ uint32_t order_key(float x) {
 
 // Rows shorter than min_seq_len decode densely and rows past the workspace's capacity
 // too: neither gets keys; nor does a row whose row0 is negative (the builder's mark for a
-// prompt's chunk on the decode path, which stays dense). row0 is the row's first workspace key; a row has one key per
-// selection unit, so counting its tokens here is exact for tokens and conservative for
-// pages (the builder leaves one row's tokens of slack: score_workspace_keys).
+// prompt's chunk on the decode path, which stays dense). row0 is the row's first
+// workspace key; a row has one key per selection unit, so counting its tokens here is
+// exact for tokens and conservative for pages (the builder leaves one row's tokens of
+// slack: score_workspace_keys).
 __device__ __forceinline__ bool selection_row_has_keys(int seq_len, int64_t row0,
                                                        int min_seq_len, int64_t capacity) {
   return seq_len >= 1 && seq_len >= min_seq_len && row0 >= 0 && row0 + seq_len <= capacity;
