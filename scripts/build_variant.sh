@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Build a copy of the tree with one patch of docs/patches applied or reversed, for an A/B
+# whose other side is the pipeline's own build of main (scripts/plans/ab_on_main.plan):
+#     bash scripts/build_variant.sh <dir> <patch file name> apply|reverse
+# Prints `rc=<n>` last, which the plan's wait step looks for. The benchmark scripts find
+# the copy's package first with PYTHONPATH=<dir>:/tmp/site.
+set -u
+dir=$1 patch=docs/patches/$2 mode=$3
+case $mode in apply) flag= ;; reverse) flag=-R ;; *) echo "mode: apply or reverse"; echo rc=2; exit 2 ;; esac
+[ -f "$patch" ] || { echo "no $patch"; echo rc=2; exit 2; }
+rm -rf "$dir" && mkdir -p "$dir" &&
+  tar --exclude=./.kit --exclude=./build --exclude=./.git -cf - . | tar -C "$dir" -xf - &&
+  cd "$dir" && patch $flag -p1 < "$patch" && rm -f vllm_bitdecode/*.so &&
+  python3 setup.py build_ext --inplace > build.log 2>&1
+rc=$?
+tail -3 "$dir/build.log" 2>/dev/null
+echo "rc=$rc"
