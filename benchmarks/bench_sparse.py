@@ -24,6 +24,16 @@ that plan comes from. ``--kernels`` records each kernel's GPU time per
 row (torch.profiler, over eager calls: its ``span`` includes the gaps between their
 launches) and ``--graph`` times CUDA-graph replays, as vLLM runs decode.
 
+A replay of one call still pays the graph's own launch, about as long as a B = 1 reuse
+layer. ``--layers N`` also times each call as a layer of a decode step
+(``ms_in_step``): one CUDA graph of N layers, each a small kernel standing for the
+model's work between attention layers (so that no layer's kernels overlap the next
+layer's, as they can't in a model) then the call, less a graph of the N small kernels
+alone, over N. Every reuse layer of the graph reads its own random selection; FA3 and
+the dense and selection layers read the same cache in every layer, so they are timed in a
+step only where one call reads more than twice the L2 (the next layer then finds none of
+its data there), and the ``_in_step`` ratios appear only where every row has its time.
+
 A row's ``bytes`` (and so ``gbps``) are the useful ones: the codes and parameters of the
 tokens attended (136 B per token and KV head at 4 bits). The token-granular kernels
 fetch more: a token's 8 B of parameters sit in a 32 B sector, and each list entry is 4 B
@@ -37,6 +47,7 @@ The page-granular rows read whole tiles, within 0.2% of the count.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -80,6 +91,53 @@ def random_selection(batch: int, heads: int, context: int, budget: int,
     return out
 
 
+class InStepTimer:
+    """``timer``'s time of one call, and the cost of calls as the layers of a decode step
+    (``in_step``): a CUDA graph of ``layers`` layers, each a separator kernel then its
+    call, timed by ``graph_timer``, less a graph of the separators alone, over ``layers``
+    (ms). ``last_fn`` is the last call timed, for a row timed by another script's code."""
+
+    def __init__(self, timer, layers: int, graph_timer=None, separator=None):
+        if layers < 0:
+            raise ValueError(f"--layers must be >= 0, got {layers}")
+        self.timer = timer
+        self.layers = layers
+        self.graph_timer = graph_timer
+        self.separator = separator
+        self.last_fn = None
+        self._separators_ms: float | None = None  # the same graph for every row
+
+    def __getattr__(self, name):  # last_spread, last_kernels, ... of the wrapped timer
+        return getattr(self.timer, name)
+
+    def __call__(self, fn) -> float:
+        self.last_fn = fn
+        return self.timer(fn)
+
+    def in_step(self, fns: list) -> float:
+        if len(fns) != self.layers or not fns:
+            raise ValueError(f"{len(fns)} layer calls for {self.layers} layers")
+        sep = self.separator
+
+        def step():
+            for f in fns:
+                sep()
+                f()
+
+        if self._separators_ms is None:
+            self._separators_ms = self.graph_timer(lambda: [sep() for _ in fns])
+        return (self.graph_timer(step) - self._separators_ms) / len(fns)
+
+
+def separator_kernel():
+    """A one-kernel stand-in for the model's work between two attention layers. As a
+    plain launch it starts only after the previous layer's last kernel ends: without it,
+    a layer's first kernel (a programmatic launch) could start under the previous layer's
+    combine, which in a model waits behind the layers' projections."""
+    x = torch.zeros(dense.HQ * dense.D * 8, dtype=torch.float32, device="cuda")
+    return lambda: x.add_(1.0)
+
+
 def sweep_splits(requested: list[int], planned: int) -> list[int]:
     """The split counts of --split-sweep that the planned split-K buffers can hold."""
     if any(s < 1 for s in requested):
@@ -87,22 +145,33 @@ def sweep_splits(requested: list[int], planned: int) -> list[int]:
     return [s for s in requested if s <= planned]
 
 
-def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer,
+def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer,
                 gen: torch.Generator, split_sweep: list[int] = ()) -> list[dict]:
     from vllm_bitdecode import ops
 
-    def row_of_last_call(**row) -> dict:
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+
+    def row_of_last_call(in_step: list | None = None, **row) -> dict:
+        """The row of the call just timed; ``in_step``: its layers' calls in a step."""
         row["ms_p10_p90"] = timer.last_spread
         if timer.last_kernels is not None:  # where a few-microsecond layer's time goes
             row["kernels_us"] = timer.last_kernels
+        if in_step:
+            row["ms_in_step"] = timer.in_step(in_step)
         return row
 
-    def timed(fn, **row) -> dict:
-        return row_of_last_call(ms=timer(fn), **row)
+    def repeated(nbytes: int) -> list | None:
+        """The last call as every layer of a step, where a call reads so much more than the
+        L2 holds that the next layer finds none of it there."""
+        return [timer.last_fn] * timer.layers if timer.layers and nbytes > 2 * l2_bytes else None
+
+    def timed(fn, in_step: list | None = None, **row) -> dict:
+        return row_of_last_call(in_step, ms=timer(fn), **row)
 
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
     ms, nbytes = dense.bench_fa3(batch, context, "bf16", timer, gen)
-    rows = [row_of_last_call(impl="fa3", kind="dense", kv="bf16", ms=ms, bytes=nbytes)]
+    rows = [row_of_last_call(repeated(nbytes), impl="fa3", kind="dense", kv="bf16", ms=ms,
+                             bytes=nbytes)]
     table, num_blocks = dense.block_table(batch, context, gen)
     cache = dense.fill_pages(num_blocks, fmt)
     q, out, splits, po, pl, lens = dense.decode_inputs(batch, context, BITS)
@@ -110,13 +179,15 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     scale = dense.D**-0.5
     per_token = fmt.bytes_per_token_head * dense.HKV * batch
+    dense_bytes = context * per_token
 
     def run_dense():
         ops.decode(out, q, cache, table, lens, po, pl, signs, scale, BITS, dense.GROUP,
                    dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
 
-    rows.append(timed(run_dense, impl="bitdecode", kind="dense", kv=f"int{BITS}",
-                      bytes=context * per_token, num_splits=splits))
+    ms = timer(run_dense)
+    rows.append(row_of_last_call(repeated(dense_bytes), impl="bitdecode", kind="dense",
+                                 kv=f"int{BITS}", ms=ms, bytes=dense_bytes, num_splits=splits))
     keys = torch.zeros(batch * context * dense.HKV, dtype=torch.int32, device="cuda")
     offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
     for budget in budgets:
@@ -132,9 +203,11 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
                                   positions, counts, keys, offsets, 0, False, unit)
 
             ms = timer(run_select)
-            rows.append(dict(impl="bitdecode", kind="select" + suffix, kv=f"int{BITS}",
-                             budget=budget, ms=ms, bytes=context * per_token,
-                             num_splits=splits))
+            row = dict(impl="bitdecode", kind="select" + suffix, kv=f"int{BITS}",
+                       budget=budget, ms=ms, bytes=dense_bytes, num_splits=splits)
+            if in_step := repeated(dense_bytes):
+                row["ms_in_step"] = timer.in_step(in_step)
+            rows.append(row)
             # a random selection of the same size (the newest unit kept), as select writes
             positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
             counts.fill_(units)
@@ -148,7 +221,10 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
                                   signs, scale, BITS, dense.GROUP, dense.BLOCK, n,
                                   min_tiles, False, unit)
 
-            rows.append(timed(run_sparse, impl="bitdecode", kind="sparse" + suffix,
+            # in a step, each reuse layer reads its own selection
+            layers = [functools.partial(run_sparse, random_selection(
+                batch, dense.HKV, context // unit, units, gen).cuda()) for _ in range(timer.layers)]
+            rows.append(timed(run_sparse, layers, impl="bitdecode", kind="sparse" + suffix,
                               kv=f"int{BITS}", budget=budget, bytes=budget * per_token,
                               num_splits=reuse))
             if unit == 1:
@@ -161,28 +237,38 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: dense.Timer
     return rows
 
 
-def summarize(rows: list[dict]) -> dict:
-    """The issue's two kernel ratios for one (batch, context)."""
-    fa3 = next(r["ms"] for r in rows if r["impl"] == "fa3")
-    dense_ms = next(r["ms"] for r in rows if r["impl"] == "bitdecode" and r["kind"] == "dense")
+def summarize(rows: list[dict], key: str = "ms") -> dict:
+    """The issue's two kernel ratios for one (batch, context), from each row's ``key``;
+    where every row has an ``ms_in_step``, the same ratios from it follow as
+    ``<name>_in_step``."""
+    fa3 = next(r[key] for r in rows if r["impl"] == "fa3")
+    dense_ms = next(r[key] for r in rows if r["impl"] == "bitdecode" and r["kind"] == "dense")
     out = {}
     for r in rows:
         if r["kind"] == "sparse":
-            out[f"sparse_k{r['budget']}_vs_fa3_bf16"] = fa3 / r["ms"]
-            out[f"sparse_k{r['budget']}_vs_dense_int{BITS}"] = dense_ms / r["ms"]
+            out[f"sparse_k{r['budget']}_vs_fa3_bf16"] = fa3 / r[key]
+            out[f"sparse_k{r['budget']}_vs_dense_int{BITS}"] = dense_ms / r[key]
         elif r["kind"] == "sparse-pages":
-            tokens = next(t["ms"] for t in rows
+            tokens = next(t[key] for t in rows
                           if t["kind"] == "sparse" and t["budget"] == r["budget"])
-            out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16"] = fa3 / r["ms"]
-            out[f"sparse_pages_k{r['budget']}_vs_sparse_tokens"] = tokens / r["ms"]
-            if "kernels_us" in r and "kernels_us" in rows[0]:  # GPU time, launches left out
+            out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16"] = fa3 / r[key]
+            out[f"sparse_pages_k{r['budget']}_vs_sparse_tokens"] = tokens / r[key]
+            if key == "ms" and "kernels_us" in r and "kernels_us" in rows[0]:
+                # GPU time, launches left out
                 out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16_gpu_span"] = (
                     rows[0]["kernels_us"]["span"] / r["kernels_us"]["span"])
         elif r["kind"] == "select":
-            out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r["ms"] / dense_ms
+            out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r[key] / dense_ms
         elif r["kind"] == "select-pages":
-            out[f"page_selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r["ms"] / dense_ms
+            out[f"page_selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r[key] / dense_ms
+    if key == "ms" and all("ms_in_step" in r for r in rows if _ratio_row(r)):
+        out |= {f"{k}_in_step": v for k, v in summarize(rows, "ms_in_step").items()}
     return out
+
+
+def _ratio_row(r: dict) -> bool:
+    """Whether ``summarize`` reads the row (the split sweep's rows it leaves out)."""
+    return r["kind"] != "sparse-pages-splits"
 
 
 def main() -> None:
@@ -197,10 +283,14 @@ def main() -> None:
                     help="time CUDA-graph replays of each call instead of eager calls")
     ap.add_argument("--kernels", action="store_true",
                     help="also record per-kernel GPU times (torch.profiler) per dense/sparse row")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="also time each call as a layer of a step, in a CUDA graph of this "
+                         "many layers (ms_in_step); 0: not")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     split_sweep = [int(s) for s in args.split_sweep.split(",") if s]
-    timer = dense.Timer(args.reps, graph=args.graph, kernels=args.kernels)
+    timer = InStepTimer(dense.Timer(args.reps, graph=args.graph, kernels=args.kernels),
+                        args.layers, dense.Timer(args.reps, graph=True), separator_kernel())
     gen = torch.Generator().manual_seed(0)
     gpu = torch.cuda.get_device_name()
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -210,8 +300,9 @@ def main() -> None:
             rows = bench_cases(batch, context, budgets, timer, gen, split_sweep)
             for r in rows:
                 r.update(batch=batch, context=context, gbps=r["bytes"] / r["ms"] / 1e6)
+                in_step = f"  {r['ms_in_step']:8.4f} ms in a step" if "ms_in_step" in r else ""
                 print(f"B={batch:<3} L={context:<7} {_label(r):<24} {r['kv']:<5} "
-                      f"{r['ms']:8.4f} ms {r['gbps']:7.0f} GB/s", flush=True)
+                      f"{r['ms']:8.4f} ms {r['gbps']:7.0f} GB/s{in_step}", flush=True)
                 if "kernels_us" in r:
                     print("      " + ", ".join(f"{k.split('(')[0][-40:]} {v:.1f} us"
                                             for k, v in r["kernels_us"].items()), flush=True)
@@ -222,6 +313,7 @@ def main() -> None:
     doc = results_doc(gpu, heads=dict(q=dense.HQ, kv=dense.HKV, d=dense.D),
                       block_size=dense.BLOCK, group_size=dense.GROUP, bits=BITS,
                       timing="cuda graph replay" if args.graph else "eager call",
+                      layers_in_step=args.layers,
                       targets=dict(sparse_k2048_128k_vs_fa3_bf16=TARGET_SPARSE_VS_FA3,
                                    selection_layer_vs_dense=TARGET_SELECT_LAYER_VS_DENSE),
                       cases=cases)

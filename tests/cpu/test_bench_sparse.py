@@ -80,3 +80,81 @@ def test_sweep_rows_are_labelled_by_split_count_and_left_out_of_summary_and_plot
                cases=[dict(batch=1, context=32768, records=_rows() + sweep)])
     bench.plot(doc, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+class _FakeGraphTimer:
+    """Each graph's time: 1 ms per separator, ``cost[f]`` per layer call."""
+
+    def __init__(self, cost):
+        self.cost = cost
+        self.graphs = 0
+
+    def __call__(self, step):
+        self.graphs += 1
+        self.ms = 0.0
+        step()
+        return self.ms
+
+
+def test_a_layer_in_a_step_costs_its_graph_less_the_separators():
+    calls = []
+    graph = _FakeGraphTimer({})
+
+    def sep():
+        calls.append("sep")
+        graph.ms += 1.0
+
+    def layer(ms):
+        def f():
+            calls.append(ms)
+            graph.ms += ms
+        return f
+
+    timer = bench.InStepTimer(lambda fn: 7.0, 3, graph, sep)
+    fns = [layer(0.5), layer(0.25), layer(0.75)]
+    assert timer(fns[0]) == 7.0 and timer.last_fn is fns[0]
+    assert timer.in_step(fns) == pytest.approx(0.5)  # (3 + 1.5 - 3) / 3
+    # a separator before every layer, each layer's own call in order
+    assert calls[3:] == ["sep", 0.5, "sep", 0.25, "sep", 0.75]
+    assert graph.graphs == 2
+    timer.in_step(fns)
+    assert graph.graphs == 3  # the separators' graph is timed once
+
+
+def test_a_step_needs_one_call_per_layer():
+    timer = bench.InStepTimer(lambda fn: 1.0, 2, _FakeGraphTimer({}), lambda: None)
+    with pytest.raises(ValueError, match="1 layer calls for 2 layers"):
+        timer.in_step([lambda: None])
+    with pytest.raises(ValueError, match="--layers must be >= 0"):
+        bench.InStepTimer(lambda fn: 1.0, -1)
+
+
+def test_the_wrapped_timers_readings_show_through():
+    class Inner:
+        last_spread = [1.0, 2.0]
+        last_kernels = None
+
+        def __call__(self, fn):
+            return 3.0
+
+    timer = bench.InStepTimer(Inner(), 0)
+    assert timer(lambda: None) == 3.0
+    assert timer.last_spread == [1.0, 2.0] and timer.last_kernels is None
+
+
+def test_in_step_ratios_only_where_every_row_has_its_time():
+    rows = _rows()
+    assert not any(k.endswith("_in_step") for k in bench.summarize(rows))
+    for r, ms in zip(rows, (1.9, 0.45, 0.55, 0.05, 0.5, 0.038), strict=True):
+        r["ms_in_step"] = ms
+    s = bench.summarize(rows)
+    assert s["sparse_pages_k2048_vs_fa3_bf16_in_step"] == pytest.approx(50.0)
+    assert s["sparse_k2048_vs_fa3_bf16_in_step"] == pytest.approx(38.0)
+    assert s["selection_layer_k2048_vs_dense_int4_in_step"] == pytest.approx(0.55 / 0.45)
+    assert s["sparse_pages_k2048_vs_fa3_bf16"] == pytest.approx(40.0)  # the replay's stays
+    # a split sweep's row has no step time and does not hold the ratios back
+    sweep = dict(impl="bitdecode", kind="sparse-pages-splits", kv="int4", budget=2048,
+                 ms=0.01, num_splits=4, min_tiles_per_split=1)
+    assert bench.summarize(rows + [sweep]) == s
+    del rows[1]["ms_in_step"]  # the dense row read less than twice the L2
+    assert not any(k.endswith("_in_step") for k in bench.summarize(rows))
