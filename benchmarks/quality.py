@@ -40,11 +40,13 @@ engine start, eager), 335 s for all six.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -325,6 +327,21 @@ def worker_spec(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float
             **{k: v for k, v in CONFIGS[name].items() if k != "label"}}
 
 
+def run_in_own_group(cmd: list[str], timeout: float, **popen_kw: Any) -> int:
+    """``cmd``'s exit code, run in a process group of its own that is killed whole when
+    it ends or times out (``subprocess.TimeoutExpired``, raised after the kill):
+    subprocess.run's timeout kills only the direct child, and a process it started (a
+    compile worker, a second engine process) would live on holding GPU memory that the
+    next configuration's engine then finds taken."""
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
                timeout: float, log_dir: Path, script: str = __file__) -> dict[str, Any]:
     """Configuration ``name`` measured by ``script --worker`` (this file's run_worker, or
@@ -343,9 +360,9 @@ def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
         # straight into the log, so that a worker killed by the timeout leaves its output
         with log_path.open("wb") as log_file:
             try:
-                rc = subprocess.run([sys.executable, script, "--worker", str(spec_path),
-                                     str(out_path)], stdout=log_file, stderr=subprocess.STDOUT,
-                                    timeout=timeout, env=env).returncode
+                rc = run_in_own_group([sys.executable, script, "--worker", str(spec_path),
+                                       str(out_path)], timeout, stdout=log_file,
+                                      stderr=subprocess.STDOUT, env=env)
             except subprocess.TimeoutExpired:
                 if not out_path.exists():
                     raise

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -335,8 +339,6 @@ def test_a_worker_timed_out_or_failed_keeps_its_log_and_saved_result(tmp_path, m
 
 def test_a_configuration_ends_by_the_deadline(monkeypatch, tmp_path):
     """try_config cuts the configuration's timeout to what the run's budget has left."""
-    import time
-
     seen = []
     monkeypatch.setattr(quality, "run_config",
                         lambda name, md, st, util, timeout, log_dir, script: seen.append(
@@ -346,3 +348,33 @@ def test_a_configuration_ends_by_the_deadline(monkeypatch, tmp_path):
     quality.try_config("int4", tmp_path, {}, args, tmp_path, {}, deadline=time.time() + 100)
     quality.try_config("int4", tmp_path, {}, args, tmp_path, {}, deadline=time.time() - 5)
     assert seen[0] == 400.0 and 95 < seen[1] <= 100 and seen[2] == 1.0
+
+
+@pytest.mark.parametrize("hang", [False, True])
+def test_a_workers_own_children_die_with_it(tmp_path, hang):
+    """run_in_own_group kills the worker's whole process group, on its timeout and after
+    a normal exit, so nothing it started outlives it holding GPU memory."""
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+              f"time.sleep({120 if hang else 0})\n")
+    cmd = [sys.executable, "-c", script]
+    if hang:
+        with pytest.raises(subprocess.TimeoutExpired):
+            quality.run_in_own_group(cmd, 5.0)
+    else:
+        assert quality.run_in_own_group(cmd, 60.0) == 0
+    pid = int(pid_file.read_text())
+    deadline = time.time() + 10
+    while time.time() < deadline:  # killed; reaped by init once its parent is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().split(") ")[1].startswith("Z"):
+                break  # a zombie: dead, not yet reaped
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the worker's child {pid} outlived it")
