@@ -29,10 +29,10 @@ layer. ``--layers N`` also times each call as a layer of a decode step
 (``ms_in_step``): one CUDA graph of N layers, each a small kernel standing for the
 model's work between attention layers (so that no layer's kernels overlap the next
 layer's, as they can't in a model) then the call, less a graph of the N small kernels
-alone, over N. Every reuse layer of the graph reads its own random selection; FA3 and
-the dense and selection layers read the same cache in every layer, so they are timed in a
-step only where one call reads more than twice the L2 (the next layer then finds none of
-its data there), and the ``_in_step`` ratios appear only where every row has its time.
+alone, over N. The small kernel reads twice the L2's size, as a model reads its weights
+between attention layers, so no layer finds the previous one's data in the L2 (FA3 and
+the dense and selection layers read the same cache in every layer; every reuse layer
+reads its own random selection).
 
 A row's ``bytes`` (and so ``gbps``) are the useful ones: the codes and parameters of the
 tokens attended (136 B per token and KV head at 4 bits). The token-granular kernels
@@ -130,12 +130,16 @@ class InStepTimer:
 
 
 def separator_kernel():
-    """A one-kernel stand-in for the model's work between two attention layers. As a
-    plain launch it starts only after the previous layer's last kernel ends: without it,
-    a layer's first kernel (a programmatic launch) could start under the previous layer's
-    combine, which in a model waits behind the layers' projections."""
-    x = torch.zeros(dense.HQ * dense.D * 8, dtype=torch.float32, device="cuda")
-    return lambda: x.add_(1.0)
+    """A stand-in for the model's work between two attention layers: a reduction over
+    twice the L2's size, as the layers' weights are read in between (and reads, so no
+    dirty lines are left to write back during the next layer). Nothing a layer read is
+    left in the L2 for the next one, and as a plain launch it starts only after the
+    previous layer's last kernel ends: without it, a layer's first kernel (a programmatic
+    launch) could start under the previous layer's combine."""
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    weights = torch.ones(2 * l2_bytes // 4, dtype=torch.float32, device="cuda")
+    total = torch.empty((), dtype=torch.float32, device="cuda")
+    return lambda: torch.sum(weights, dim=0, out=total)
 
 
 def sweep_splits(requested: list[int], planned: int) -> list[int]:
@@ -149,8 +153,6 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
                 gen: torch.Generator, split_sweep: list[int] = ()) -> list[dict]:
     from vllm_bitdecode import ops
 
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-
     def row_of_last_call(in_step: list | None = None, **row) -> dict:
         """The row of the call just timed; ``in_step``: its layers' calls in a step."""
         row["ms_p10_p90"] = timer.last_spread
@@ -160,17 +162,17 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             row["ms_in_step"] = timer.in_step(in_step)
         return row
 
-    def repeated(nbytes: int) -> list | None:
-        """The last call as every layer of a step, where a call reads so much more than the
-        L2 holds that the next layer finds none of it there."""
-        return [timer.last_fn] * timer.layers if timer.layers and nbytes > 2 * l2_bytes else None
+    def repeated() -> list | None:
+        """The last call as every layer of a step (the separator between layers leaves
+        nothing of it in the L2)."""
+        return [timer.last_fn] * timer.layers if timer.layers else None
 
     def timed(fn, in_step: list | None = None, **row) -> dict:
         return row_of_last_call(in_step, ms=timer(fn), **row)
 
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
     ms, nbytes = dense.bench_fa3(batch, context, "bf16", timer, gen)
-    rows = [row_of_last_call(repeated(nbytes), impl="fa3", kind="dense", kv="bf16", ms=ms,
+    rows = [row_of_last_call(repeated(), impl="fa3", kind="dense", kv="bf16", ms=ms,
                              bytes=nbytes)]
     table, num_blocks = dense.block_table(batch, context, gen)
     cache = dense.fill_pages(num_blocks, fmt)
@@ -186,7 +188,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
                    dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
 
     ms = timer(run_dense)
-    rows.append(row_of_last_call(repeated(dense_bytes), impl="bitdecode", kind="dense",
+    rows.append(row_of_last_call(repeated(), impl="bitdecode", kind="dense",
                                  kv=f"int{BITS}", ms=ms, bytes=dense_bytes, num_splits=splits))
     keys = torch.zeros(batch * context * dense.HKV, dtype=torch.int32, device="cuda")
     offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
@@ -205,7 +207,7 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             ms = timer(run_select)
             row = dict(impl="bitdecode", kind="select" + suffix, kv=f"int{BITS}",
                        budget=budget, ms=ms, bytes=dense_bytes, num_splits=splits)
-            if in_step := repeated(dense_bytes):
+            if in_step := repeated():
                 row["ms_in_step"] = timer.in_step(in_step)
             rows.append(row)
             # a random selection of the same size (the newest unit kept), as select writes

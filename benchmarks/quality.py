@@ -333,13 +333,29 @@ def run_in_own_group(cmd: list[str], timeout: float, **popen_kw: Any) -> int:
     subprocess.run's timeout kills only the direct child, and a process it started (a
     compile worker, a second engine process) would live on holding GPU memory that the
     next configuration's engine then finds taken."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kw)
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent,
+                            **popen_kw)
     try:
         return proc.wait(timeout=timeout)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the worker, before it starts: the kernel kills it when the harness dies, by
+    SIGKILL too (its own session keeps it out of a timeout's signal to the harness's)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM (a step's `timeout`) ends the harness through SystemExit, so that
+    run_in_own_group's cleanup kills the worker's group, not by the default action, which
+    skips it."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def run_config(name: str, model_dir: Path, st: dict[str, Any], gpu_util: float,
@@ -689,6 +705,7 @@ def main() -> None:
                     "stored window NLLs and per-prompt answers) with this version's rules, "
                     "in place; runs no engine")
     args = ap.parse_args()
+    exit_on_sigterm()
     if args.worker:
         worker_main(*args.worker)
         return

@@ -273,6 +273,7 @@ def main() -> None:
                     help="JSON path (default benchmarks/results/quality_decode_<gpu>.json)")
     quality.add_engine_args(ap, timeout=400)
     args = ap.parse_args()
+    quality.exit_on_sigterm()
     if args.worker:
         worker_main(*args.worker)
         return

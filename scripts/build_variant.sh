@@ -4,7 +4,8 @@
 #     bash scripts/build_variant.sh <dir> <patch file name> apply|reverse
 # Prints `rc=<n>` last, which the plan's wait step looks for. The benchmark scripts find
 # the copy's package first with PYTHONPATH=<dir>:/tmp/site.
-set -u
+set -u -o pipefail
+[ $# -eq 3 ] || { echo "usage: build_variant.sh <dir> <patch file name> apply|reverse"; echo rc=2; exit 2; }
 dir=$1 patch=docs/patches/$2 mode=$3
 case $mode in apply) flag= ;; reverse) flag=-R ;; *) echo "mode: apply or reverse"; echo rc=2; exit 2 ;; esac
 [ -f "$patch" ] || { echo "no $patch"; echo rc=2; exit 2; }

@@ -350,31 +350,63 @@ def test_a_configuration_ends_by_the_deadline(monkeypatch, tmp_path):
     assert seen[0] == 400.0 and 95 < seen[1] <= 100 and seen[2] == 1.0
 
 
+def _wait_until_dead(pid: int, what: str, seconds: float = 10.0) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ")[1].startswith("Z"):
+                    return  # a zombie: dead, not yet reaped
+        except (ProcessLookupError, FileNotFoundError):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} {pid} is still alive")
+
+
+def _worker_with_a_child(pid_file) -> str:
+    """A worker that starts a long-lived child, writes the child's pid, then waits."""
+    return ("import subprocess, sys, time\n"
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+            "time.sleep(float(sys.argv[1]))\n")
+
+
 @pytest.mark.parametrize("hang", [False, True])
 def test_a_workers_own_children_die_with_it(tmp_path, hang):
     """run_in_own_group kills the worker's whole process group, on its timeout and after
     a normal exit, so nothing it started outlives it holding GPU memory."""
     pid_file = tmp_path / "grandchild.pid"
-    script = ("import subprocess, sys, time\n"
-              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
-              f"time.sleep({120 if hang else 0})\n")
-    cmd = [sys.executable, "-c", script]
+    cmd = [sys.executable, "-c", _worker_with_a_child(pid_file), "120" if hang else "0"]
     if hang:
         with pytest.raises(subprocess.TimeoutExpired):
-            quality.run_in_own_group(cmd, 5.0)
+            quality.run_in_own_group(cmd, 15.0)
     else:
         assert quality.run_in_own_group(cmd, 60.0) == 0
-    pid = int(pid_file.read_text())
-    deadline = time.time() + 10
-    while time.time() < deadline:  # killed; reaped by init once its parent is gone
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        with open(f"/proc/{pid}/stat") as f:
-            if f.read().split(") ")[1].startswith("Z"):
-                break  # a zombie: dead, not yet reaped
-        time.sleep(0.1)
-    else:
-        raise AssertionError(f"the worker's child {pid} outlived it")
+    _wait_until_dead(int(pid_file.read_text()), "the worker's child")
+
+
+def test_a_harness_stopped_by_sigterm_takes_its_worker_along(tmp_path):
+    """A step's `timeout` sends SIGTERM to the harness only (the worker has a session of
+    its own): the harness's handler exits through run_in_own_group's cleanup, which
+    kills the worker's group."""
+    import signal
+
+    pid_file = tmp_path / "grandchild.pid"
+    worker = [sys.executable, "-c", _worker_with_a_child(pid_file), "120"]
+    harness = tmp_path / "harness.py"
+    harness.write_text(
+        f"import sys\nsys.path.insert(0, {str(data.REPO_ROOT / 'benchmarks')!r})\n"
+        "import quality\nquality.exit_on_sigterm()\n"
+        f"quality.run_in_own_group({worker!r}, 120.0)\n")
+    proc = subprocess.Popen([sys.executable, str(harness)])
+    try:
+        deadline = time.time() + 60
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.time() < deadline and proc.poll() is None, "the worker never started"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    _wait_until_dead(int(pid_file.read_text()), "the worker's child")
