@@ -604,8 +604,10 @@ int64_t set_selection(DecodeParams& p, const at::Tensor& sel_positions,
               sel_positions.size(1), " heads, expected ", sel_heads,
               shared_selection ? " (shared_selection: one set for all KV heads)"
                                : " (one set per KV head)");
-  TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= INT32_MAX,
-              "bitdecode: sel_positions must hold a budget of 1 to 2^31 - 1 ",
+  // the kernels count a row's selected tokens in int32, rounded up to whole 16-token tiles
+  const int64_t max_budget = (INT32_MAX - 15) / selection_unit;
+  TORCH_CHECK(sel_positions.size(2) >= 1 && sel_positions.size(2) <= max_budget,
+              "bitdecode: sel_positions must hold a budget of 1 to ", max_budget, " ",
               selection_unit == 1 ? "positions" : "pages", ", got ", sel_positions.size(2));
   TORCH_CHECK(sel_count.is_cuda() && sel_count.scalar_type() == at::kInt &&
                   sel_count.dim() == 1 && sel_count.size(0) >= num_seqs &&

@@ -342,8 +342,8 @@ BAD_SELECT_CASES = [
     ("pos=pos.long()", "sel_positions must be a CUDA int32"),
     ("unit=16", None),  # page granularity
     ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
-    ("pos=pos[:, :, :0]", "must hold a budget of 1 to 2^31 - 1 positions"),
-    ("pos=pos[:, :, :0], unit=16", "must hold a budget of 1 to 2^31 - 1 pages"),
+    ("pos=pos[:, :, :0]", "must hold a budget of 1 to 2147483632 positions"),
+    ("pos=pos[:, :, :0], unit=16", "must hold a budget of 1 to 134217727 pages"),
     ("unit=4", "selection_unit must be 1 (tokens) or 16 (16-token pages), got 4"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
     # the top-k writes each (sequence, KV head) row's list: rows must not share memory

@@ -227,11 +227,6 @@ template <typename T, int BITS, int GROUP>
 void launch_decode_select(const DecodeParams& decode, const SelectParams& select,
                           cudaStream_t stream) {
   if (decode.num_seqs == 0) return;
-  if (select.unit_shift == 0) {  // + a key per token
-    launch_decode_and_combine<T, BITS, GROUP, false, false, 1>(decode, stream);
-  } else {  // + a key per 16-token tile
-    launch_decode_and_combine<T, BITS, GROUP, false, false, kTileTokens>(decode, stream);
-  }
   const int heads = select.shared ? 1 : decode.num_kv_heads;
   // Pages: one CTA per (row, head). A row has 16 times fewer keys (8K at 128K tokens),
   // and the cluster's fixed cost dominated: under Nsight Compute (H200, d0cede5) the
@@ -240,6 +235,13 @@ void launch_decode_select(const DecodeParams& decode, const SelectParams& select
   // selection layer at B = 1 fell by 10-11 us (H200, 7ae9977); beyond some 16K pages per
   // row a cluster would pay again.
   const int ranks = select.unit_shift == 0 ? select_topk_ranks(select.num_seqs * heads) : 1;
+  // (before the decode's launch: the cluster query clears the error state it may leave,
+  // which would hide a failed decode launch from the caller's launch check)
+  if (select.unit_shift == 0) {  // + a key per token
+    launch_decode_and_combine<T, BITS, GROUP, false, false, 1>(decode, stream);
+  } else {  // + a key per 16-token tile
+    launch_decode_and_combine<T, BITS, GROUP, false, false, kTileTokens>(decode, stream);
+  }
   const TopkClusterLaunch launch(dim3(select.num_seqs * ranks, heads), ranks, stream,
                                  /*dependent=*/true);
   cudaLaunchKernelEx(&launch.config, select_topk_kernel<kSelectTopkThreads>, select);
