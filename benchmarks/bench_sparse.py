@@ -330,28 +330,39 @@ def _label(r: dict) -> str:
 
 
 def plot(doc: dict, path: Path) -> None:
+    """One bar per row and case (a single replay's time), with the row's time as a layer
+    of a step marked on its bar where it was taken (--layers)."""
     plt = pyplot()
     if plt is None:
         return
 
     cases = doc["cases"]
-    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 3, 4))
+    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 6, 4.2))
     labels = list(dict.fromkeys(_label(r) for case in cases for r in case["records"]
-                                if r["kind"] != "sparse-pages-splits"))  # a sweep: JSON only
+                                if _ratio_row(r)))  # a sweep: JSON only
     width = 0.8 / len(labels)
+    marked = False
     for i, label in enumerate(labels):
-        ys = []
-        for case in cases:
-            ms = [r["ms"] for r in case["records"] if _label(r) == label]
-            ys.append(ms[0] if ms else 0.0)
-        ax.bar([c + i * width for c in range(len(cases))], ys, width, label=label)
+        xs, ys, steps = [], [], []
+        for c, case in enumerate(cases):
+            row = next((r for r in case["records"] if _label(r) == label), None)
+            xs.append(c + i * width)
+            ys.append(row["ms"] if row else 0.0)
+            if row and "ms_in_step" in row:
+                steps.append((c + i * width, row["ms_in_step"]))
+        ax.bar(xs, ys, width, label=label)
+        if steps:
+            ax.plot(*zip(*steps, strict=True), "k_", markersize=9, markeredgewidth=2,
+                    label=None if marked else "as a layer of a step")
+            marked = True
     ax.set_xticks([c + 0.4 - width / 2 for c in range(len(cases))])
     ax.set_xticklabels([f"B={c['batch']}, {c['context'] // 1024}K" for c in cases])
     ax.set_yscale("log")
-    ax.set_ylabel("ms per layer call")
-    ax.legend(fontsize=8)
-    ax.set_title(f"sparse decode (4-bit pages), 32/8 heads, d=128 - {doc['device']} "
-                 f"({doc['date']})")
+    ax.set_ylabel("ms per layer call (CUDA-graph replay)" if doc.get("timing") ==
+                  "cuda graph replay" else "ms per layer call")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title(f"sparse decode, 4-bit pages, 32/8 heads, d=128\n{doc['device']} "
+                 f"({doc['date']}, {doc.get('commit', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
