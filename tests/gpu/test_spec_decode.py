@@ -274,9 +274,14 @@ def test_speculative_decoding_matches_plain_decoding(workload, plain, method, ea
             _assert_kernels_match(forced, job, drafts=True, prefills=hit)
             # after the cache hit, the rows are compared for the leak check only: the
             # two engines' rows differ by schedule alone (see the module docstring)
+            # a model drafting for itself gets nearly every forced draft accepted, so
+            # few positions decode without later query tokens beside them (3 of 88 on an
+            # H100, 2026-12-05, maybe none after the cache hit); the retrieval job above
+            # compares 48 of them for the same method
             _assert_rows_match(workload["prompts"][:FORCED], forced, forced_ref,
                                [None] * FORCED, job,
-                               median_bound=6e-2 if job == "forced_cold" else None)
+                               median_bound=6e-2 if job == "forced_cold" else None,
+                               min_group=0 if method == "draft_model" else 10)
     cached = spec["jobs"]["forced"]["num_cached_tokens"]
     assert all(n > 0 for n in cached), cached  # the second forced job hit the cache
     assert not any(spec["jobs"]["forced_cold"]["num_cached_tokens"])
@@ -324,13 +329,14 @@ def _assert_kernels_match(job: dict, what: str, drafts: bool, prefills: bool = F
 
 def _assert_rows_match(prompts: list[list[int]], ours: dict, ref: dict,
                        diverged: list[int | None], what: str,
-                       median_bound: float | None = 6e-2) -> None:
+                       median_bound: float | None = 6e-2, min_group: int = 10) -> None:
     """At least half of the fed positions compared, within the spread that other batch
     shapes give a 4-bit cache (its K and V come from GEMMs of other shapes, and a code
     can round the other way: median 3.0e-2, worst 0.35 on the H200, 2026-12-01, all
     tokens equal), and no worse where later query tokens of the same request sat in
     the batch: a row that saw them (a causal leak) would match worse than the rows
-    that had none after them, which cannot leak."""
+    that had none after them, which cannot leak. ``min_group``: the rows each side of
+    that comparison needs (0: compared where both sides have rows)."""
     rows = _rows_at_each_decoded_position(prompts, ours, ref, diverged)
     errs = sorted(e for e, _ in rows)
     last = sorted(e for e, after in rows if after == 0)
@@ -343,5 +349,6 @@ def _assert_rows_match(prompts: list[list[int]], ours: dict, ref: dict,
     assert len(errs) >= (GEN - 1) * len(prompts) // 2, len(errs)
     if median_bound is not None:
         assert errs[len(errs) // 2] < median_bound, errs[-10:]
-    assert len(before) >= 10 and len(last) >= 10, (len(before), len(last))
-    assert before[len(before) // 2] <= 2 * last[len(last) // 2] + 5e-3, (before, last)
+    assert len(before) >= min_group and len(last) >= min_group, (len(before), len(last))
+    if before and last:
+        assert before[len(before) // 2] <= 2 * last[len(last) // 2] + 5e-3, (before, last)
