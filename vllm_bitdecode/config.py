@@ -570,8 +570,16 @@ def check_model(
     num_kv_heads: int | None = None,
     is_hybrid: bool = False,
     attention_chunk_size: int | None = None,
+    is_attention_free: bool = False,
+    is_mm_prefix_lm: bool = False,
 ) -> None:
     """Raise BitDecodeConfigError for a model or cache setting BITDECODE cannot serve."""
+    if is_attention_free:
+        # Mamba-style models: vLLM reports head size 0 and no KV heads for them
+        raise BitDecodeConfigError(
+            "attention-free models (Mamba and other state-space models) have no attention "
+            "layers for BITDECODE to serve (model type); serve them without "
+            "--attention-backend")
     if use_mla:
         raise BitDecodeConfigError("MLA models are not supported by BITDECODE (model type)")
     if is_encoder_decoder:
@@ -585,22 +593,28 @@ def check_model(
             "hybrid models (attention beside Mamba or linear-attention layers) are not "
             "supported by BITDECODE (model type)"
         )
+    if is_mm_prefix_lm:
+        # the image / video prefix attends bidirectionally within itself
+        raise BitDecodeConfigError(
+            "models whose multimodal prefix attends bidirectionally are not supported by "
+            "BITDECODE (model type): its kernels are causal only")
     if attention_chunk_size:
         # Llama 4: its chunked layers keep a KV cache of their own kind, not these pages
         raise BitDecodeConfigError(
             f"chunked local attention (attention_chunk_size {attention_chunk_size}) is not "
             "supported by BITDECODE"
         )
+    if head_size not in page_format.SUPPORTED_HEAD_SIZES:
+        raise BitDecodeConfigError(
+            f"head size {head_size} is not supported by BITDECODE; supported: "
+            f"{list(page_format.SUPPORTED_HEAD_SIZES)}"
+        )
+    # after the head size: --disable-sliding-window serves only a head size that passes
     if sliding_window is not None:
         raise BitDecodeConfigError(
             f"sliding-window attention (window {sliding_window}) is not supported by "
             "BITDECODE; --disable-sliding-window serves such a model with full attention, "
             "--max-model-len then capped at the window"
-        )
-    if head_size not in page_format.SUPPORTED_HEAD_SIZES:
-        raise BitDecodeConfigError(
-            f"head size {head_size} is not supported by BITDECODE; supported: "
-            f"{list(page_format.SUPPORTED_HEAD_SIZES)}"
         )
     if dtype not in page_format.SUPPORTED_DTYPES:
         raise BitDecodeConfigError(
@@ -670,6 +684,8 @@ def check_kv_cache_scheme(quant_config: Any) -> None:
 def check_tensor_parallel(total_kv_heads: int, tensor_parallel_size: int) -> None:
     """Each rank keeps whole KV heads: its share of them, or a copy of one."""
     tp = tensor_parallel_size
+    if total_kv_heads < 1:  # an attention-free model: check_model says so
+        return
     if tp > 1 and (total_kv_heads % tp if total_kv_heads >= tp else tp % total_kv_heads):
         raise BitDecodeConfigError(
             f"{total_kv_heads} KV heads cannot be split over --tensor-parallel-size {tp}: "
@@ -802,8 +818,27 @@ def check_kv_connector(kv_transfer_config: Any, channel_k: bool,
             "and the connector then fails after the KV cache is allocated)")
 
 
+def check_platform(platform: Any) -> None:
+    """The kernels are NVIDIA sm_90a code. On vLLM's CPU build the platform would pick its
+    own backend for every layer (with an info line only), and the first layer built would
+    then be refused as if the model had chosen it; ROCm and XPU refuse in their selectors
+    with reasons that do not say this. An unspecified platform (a config built without a
+    GPU, as the tests do) is left to the selector."""
+    if platform.is_cuda() or platform.is_unspecified():
+        return
+    kind = next((name for name, test in (("CPU", platform.is_cpu), ("ROCm", platform.is_rocm),
+                                         ("XPU", platform.is_xpu), ("TPU", platform.is_tpu))
+                 if test()), type(platform).__name__)
+    raise BitDecodeConfigError(
+        f"BITDECODE runs on NVIDIA H100 / H200 GPUs (CUDA, sm_90) only; this vLLM runs on "
+        f"the {kind} platform: serve the model without --attention-backend BITDECODE")
+
+
 def check_vllm_config(vllm_config: Any) -> BitDecodeConfig:
     """Validate everything BITDECODE needs from a VllmConfig; return the parsed settings."""
+    from vllm.platforms import current_platform
+
+    check_platform(current_platform)
     cfg = BitDecodeConfig.from_additional_config(vllm_config.additional_config)
     scheduler = getattr(vllm_config, "scheduler_config", None)
     hybrid_manager_on = getattr(scheduler, "disable_hybrid_kv_cache_manager", True) is False
@@ -854,6 +889,8 @@ def _check_model_config(model: Any, parallel: Any, kv_cache_dtype: str | None,
         num_kv_heads=model.get_num_kv_heads(parallel),
         is_hybrid=model.is_hybrid,
         attention_chunk_size=model.attention_chunk_size,
+        is_attention_free=bool(getattr(model, "is_attention_free", False)),
+        is_mm_prefix_lm=bool(getattr(model, "is_mm_prefix_lm", False)),
     )
 
 

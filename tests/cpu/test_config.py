@@ -12,6 +12,7 @@ from vllm_bitdecode.config import (
     BitDecodeConfigError,
     SparseConfig,
     check_model,
+    check_platform,
     check_sparse_model,
     check_tensor_parallel,
     check_vllm_config,
@@ -167,6 +168,10 @@ BAD_MODELS = [
     ({"use_mla": True}, "MLA"),
     ({"is_encoder_decoder": True}, "encoder-decoder"),
     ({"sliding_window": 4096}, "sliding"),
+    # the head size first: the sliding window's way out would not serve this one
+    ({"sliding_window": 4096, "head_size": 256}, "head size 256"),
+    ({"is_attention_free": True, "head_size": 0, "num_kv_heads": 0}, "attention-free"),
+    ({"is_mm_prefix_lm": True}, "multimodal prefix attends bidirectionally"),
     ({"is_hybrid": True}, "hybrid"),
     ({"attention_chunk_size": 8192}, "chunked local attention"),
     ({"num_heads": 32, "num_kv_heads": 3}, "KV heads"),
@@ -622,6 +627,7 @@ def test_sparse_plan_checks_the_builders_layers_at_startup():
 @pytest.mark.parametrize(("kv_heads", "tp", "ok"), [
     (8, 1, True), (8, 2, True), (8, 8, True), (1, 4, True), (2, 8, True),  # split / copied
     (6, 4, False), (3, 4, False), (8, 3, False), (8, 12, False),
+    (0, 2, True),  # an attention-free model: check_model refuses it (no ZeroDivisionError)
 ])
 def test_tensor_parallel_needs_whole_kv_heads_per_rank(kv_heads, tp, ok):
     if ok:
@@ -764,3 +770,27 @@ def test_drafter_query_extension_bounds_the_first_pass(spec, extension):
     from vllm_bitdecode.config import drafter_query_extension
 
     assert drafter_query_extension(SimpleNamespace(speculative_config=spec)) == extension
+
+
+class _Platform:
+    """vLLM's Platform predicates for one platform kind."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def __getattr__(self, name: str):
+        if name.startswith("is_"):
+            return lambda: name == f"is_{self.kind}"
+        raise AttributeError(name)
+
+
+@pytest.mark.parametrize("kind", ["cuda", "unspecified"])
+def test_cuda_and_an_unspecified_platform_pass(kind):
+    check_platform(_Platform(kind))
+
+
+@pytest.mark.parametrize(("kind", "name"), [("cpu", "CPU"), ("rocm", "ROCm"), ("xpu", "XPU"),
+                                            ("tpu", "TPU"), ("out_of_tree", "_Platform")])
+def test_other_platforms_are_refused_by_name(kind, name):
+    with pytest.raises(BitDecodeConfigError, match=f"runs on the {name} platform"):
+        check_platform(_Platform(kind))

@@ -92,6 +92,11 @@ MODELS: dict[str, dict[str, Any]] = {
         "max_source_positions": 1500, "max_target_positions": 448,
         "encoder_ffn_dim": 1024, "decoder_ffn_dim": 1024, "torch_dtype": "float16",
     },
+    "mamba": {  # attention-free: vLLM reports head size 0 and no KV heads
+        "architectures": ["MambaForCausalLM"], "model_type": "mamba", "hidden_size": 256,
+        "state_size": 16, "num_hidden_layers": 2, "vocab_size": 32000, "intermediate_size": 512,
+        "torch_dtype": "bfloat16",
+    },
     "bert": {  # encoder-only (a pooling model), d=128 heads
         "architectures": ["BertModel"], "model_type": "bert", "hidden_size": 512,
         "num_attention_heads": 4, "num_hidden_layers": 1, "intermediate_size": 1024,
@@ -190,6 +195,13 @@ ROWS: dict[str, Row] = {
     "sliding-window-all-layers": Row(model="llama-sliding", error=BDE, stage="config",
                                      words=("sliding-window", "4096",
                                             "--disable-sliding-window")),
+    # a head size that cannot be served is said first: --disable-sliding-window would not
+    # help Gemma's 256
+    "sliding-window-head-size-256": Row(model="llama-sliding", config=_cfg(head_dim=256),
+                                        error=BDE, stage="config",
+                                        words=("head size 256", "BITDECODE")),
+    "attention-free": Row(model="mamba", error=BDE, stage="config",
+                          words=("attention-free", "BITDECODE")),
     "sliding-window-interleaved": Row(
         config=_cfg(sliding_window=512, layer_types=["sliding_attention", "full_attention"]),
         error=BDE, stage="config", words=("sliding-window", "512")),
@@ -278,10 +290,14 @@ ROWS: dict[str, Row] = {
                      words=("BITDECODE", "compute capability not supported")),
     "gpu-sm120": Row(capability=(12, 0), error=ValueError, stage="selector",
                      words=("BITDECODE", "compute capability not supported")),
-    "rocm-mi300": Row(platform="rocm", capability=(9, 4), error=ValueError,
-                      stage="selector", words=("BITDECODE",)),
-    "rocm-mi200": Row(platform="rocm", capability=(9, 0), error=ValueError,
-                      stage="selector", words=("BITDECODE",)),
+    # other platforms: refused before vLLM's selector, which on vLLM's CPU build would
+    # pick its own backend for every layer (with an info line) instead
+    "rocm-mi300": Row(platform="rocm", capability=(9, 4), error=BDE, stage="config",
+                      words=("BITDECODE", "NVIDIA", "ROCm platform")),
+    "rocm-mi200": Row(platform="rocm", capability=(9, 0), error=BDE, stage="config",
+                      words=("BITDECODE", "NVIDIA", "ROCm platform")),
+    "cpu-platform": Row(platform="cpu", error=BDE, stage="config",
+                        words=("BITDECODE", "NVIDIA", "CPU platform")),
     "value-head-size": Row(layer_kwargs=_cfg(head_size_v=64), error=BDE,
                            words=("V head size 64", "K head size 128")),
     # a model that passes its own backend to Attention (MiMo-V2-Flash and openPangu pass
