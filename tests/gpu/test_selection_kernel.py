@@ -135,14 +135,17 @@ def test_select_matches_reference(dtype, bits, gqa, rotate, shared):
 
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
-@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("gqa", [1, 4, 8, 12])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (2, 128), (4, 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_select_pages_matches_reference(dtype, gqa, shared, block_size):
+def test_select_pages_matches_reference(dtype, bits, group_size, gqa, shared, block_size):
     """Page granularity (selection_unit=16): 16-token pages ranked by their best token,
-    the own page last, at block sizes 16 and 64 (pages are tiles, not vLLM blocks);
+    the own page last, at block sizes 16 and 64 (pages are tiles, not vLLM blocks), up to
+    12 query heads per KV head (the kernel for more than 8), at 2 bits and V group 32;
     twice on one workspace, so that shared mode's reset of every token key counts."""
-    gen = torch.Generator().manual_seed(300 + 10 * gqa + 2 * shared + block_size)
-    fmt = PageFormat(128, 4, 128, block_size)
+    gen = torch.Generator().manual_seed(300 + 10 * gqa + 2 * shared + block_size + bits
+                                        + group_size)
+    fmt = PageFormat(128, bits, group_size, block_size)
     cache, table = _fill_pages([max(n, 1) for n in SEQ_LENS], KV_HEADS, fmt, dtype, True,
                                gen)
     keys = None

@@ -179,17 +179,18 @@ def test_sparse_block_sizes(bits, block_size):
 # ---- page granularity (selection_unit=16) -----------------------------------------------
 @pytest.mark.parametrize("block_size", [16, 64, 128])
 @pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sparse_pages_match_reference(dtype, bits, shared, block_size):
+def test_sparse_pages_match_reference(dtype, bits, gqa, shared, block_size):
     """Lists of 16-token pages (tiles), each read whole with one bulk copy, the own page
-    last and partial, at every block size: the attention over their tokens below the
-    length (reference_sparse.pages_to_positions)."""
-    gen = torch.Generator().manual_seed(block_size + 10 * bits + shared)
+    last and partial, at every block size and GQA 1 / 4 / 8: the attention over their
+    tokens below the length (reference_sparse.pages_to_positions)."""
+    gen = torch.Generator().manual_seed(block_size + 10 * bits + shared + 100 * gqa)
     kv_heads, fmt, rotate = 2, PageFormat(128, bits, 128, block_size), True
     seq_lens = [0, 1, 16, 17, 300, 4001, 2049, 700]
     counts = [0, 1, 1, 2, 7, 128, DENSE_ROW, 44]
-    q, cache, table = _batch(seq_lens, kv_heads, 4, fmt, dtype, rotate, gen)
+    q, cache, table = _batch(seq_lens, kv_heads, gqa, fmt, dtype, rotate, gen)
     sel_heads, budget = (1 if shared else kv_heads), 131
     pages = _page_selection(seq_lens, counts, sel_heads, budget, gen)
     tokens = rs.pages_to_positions(pages, torch.tensor(seq_lens), 16)
