@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import json
 import math
@@ -343,12 +344,16 @@ def run_in_own_group(cmd: list[str], timeout: float, **popen_kw: Any) -> int:
         proc.wait()
 
 
+# prctl, looked up here: the forked child calls it before exec and imports nothing
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
     """In the worker, before it starts: the kernel kills it when the harness dies, by
-    SIGKILL too (its own session keeps it out of a timeout's signal to the harness's)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    SIGKILL too (its own session keeps it out of a timeout's signal to the harness's).
+    Only the worker: what it starts dies with it only where run_in_own_group's cleanup
+    runs."""
+    _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def exit_on_sigterm() -> None:

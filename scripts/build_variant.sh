@@ -7,6 +7,11 @@
 set -u -o pipefail
 [ $# -eq 3 ] || { echo "usage: build_variant.sh <dir> <patch file name> apply|reverse"; echo rc=2; exit 2; }
 dir=$1 patch=docs/patches/$2 mode=$3
+case $dir in
+  /*) ;;
+  *) echo "<dir> must be an absolute path (outside the tree), got $dir"; echo rc=2; exit 2 ;;
+esac
+case $dir/ in "$PWD"/*) echo "<dir> must lie outside the tree ($PWD)"; echo rc=2; exit 2 ;; esac
 case $mode in apply) flag= ;; reverse) flag=-R ;; *) echo "mode: apply or reverse"; echo rc=2; exit 2 ;; esac
 [ -f "$patch" ] || { echo "no $patch"; echo rc=2; exit 2; }
 rm -rf "$dir" && mkdir -p "$dir" &&

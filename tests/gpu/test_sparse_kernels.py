@@ -400,8 +400,8 @@ BAD_SPARSE_CASES = [
     ("pos=pos[:, :1]", "sel_positions has 1 heads, expected 2"),
     ("pos=pos[:, :, :0]", "budget of 1 to 2147483632 positions"),
     # a row's tokens are counted in int32: (budget - 1) * 16 + 16 must stay below 2^31
-    ("pos=torch.zeros(1, 1, 2**27 + 1, dtype=torch.int32, device='cuda'), shared=True, "
-     "unit=16", "budget of 1 to 134217727 pages, got 134217729"),
+    ("pos=torch.zeros(1, 1, 2**27, dtype=torch.int32, device='cuda'), shared=True, "
+     "unit=16", "budget of 1 to 134217727 pages, got 134217728"),
     # the decode writes out, and must not write what it reads
     ("count=out.view(-1)[:2].view(torch.int32)", "out shares memory with sel_count"),
     ("count=count.clamp(max=1), unit=16", None),  # one 16-token page, read whole
