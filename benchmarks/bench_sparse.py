@@ -24,15 +24,15 @@ that plan comes from. ``--kernels`` records each kernel's GPU time per
 row (torch.profiler, over eager calls: its ``span`` includes the gaps between their
 launches) and ``--graph`` times CUDA-graph replays, as vLLM runs decode.
 
-A replay of one call still pays the graph's own launch, about as long as a B = 1 reuse
-layer. ``--layers N`` also times each call as a layer of a decode step
-(``ms_in_step``): one CUDA graph of N layers, each a small kernel standing for the
-model's work between attention layers (so that no layer's kernels overlap the next
-layer's, as they can't in a model) then the call, less a graph of the N small kernels
-alone, over N. The small kernel reads twice the L2's size, as a model reads its weights
-between attention layers, so no layer finds the previous one's data in the L2 (FA3 and
-the dense and selection layers read the same cache in every layer; every reuse layer
-reads its own random selection).
+A replay of one call still pays the graph's own launch (2-3 us more than in a step on an
+H100, about a quarter of a B = 1 reuse layer). ``--layers N`` also times each call as a
+layer of a decode step (``ms_in_step``): one CUDA graph of N layers, each a small kernel
+standing for the model's work between attention layers (so that no layer's kernels
+overlap the next layer's, as they can't in a model) then the call, less a graph of the N
+small kernels alone, over N. The small kernel reads twice the L2's size, as a model
+reads its weights between attention layers, so no layer finds the previous one's data in
+the L2 (FA3 and the dense and selection layers read the same cache in every layer; every
+reuse layer reads its own random selection).
 
 A row's ``bytes`` (and so ``gbps``) are the useful ones: the codes and parameters of the
 tokens attended (136 B per token and KV head at 4 bits). The token-granular kernels
@@ -108,6 +108,8 @@ class InStepTimer:
         self._separators_ms: float | None = None  # the same graph for every row
 
     def __getattr__(self, name):  # last_spread, last_kernels, ... of the wrapped timer
+        if name == "timer":  # not set yet (a copy): no recursion
+            raise AttributeError(name)
         return getattr(self.timer, name)
 
     def __call__(self, fn) -> float:
@@ -291,8 +293,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     split_sweep = [int(s) for s in args.split_sweep.split(",") if s]
+    in_step = (dense.Timer(args.reps, graph=True), separator_kernel()) if args.layers else ()
     timer = InStepTimer(dense.Timer(args.reps, graph=args.graph, kernels=args.kernels),
-                        args.layers, dense.Timer(args.reps, graph=True), separator_kernel())
+                        args.layers, *in_step)
     gen = torch.Generator().manual_seed(0)
     gpu = torch.cuda.get_device_name()
     budgets = [int(b) for b in args.budgets.split(",")]
