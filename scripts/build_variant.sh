@@ -2,8 +2,9 @@
 # Build a copy of the tree with one patch of docs/patches applied or reversed, for an A/B
 # whose other side is the pipeline's own build of main (scripts/plans/ab_on_main.plan):
 #     bash scripts/build_variant.sh <dir> <patch file name> apply|reverse
-# Prints `rc=<n>` last, which the plan's wait step looks for. The benchmark scripts find
-# the copy's package first with PYTHONPATH=<dir>:/tmp/site.
+# Prints `rc=<n>` last, which a background build's wait step looks for, and exits with it
+# (ab_decode.plan's build_base step). The benchmark scripts find the copy's package first
+# with PYTHONPATH=<dir>:/tmp/site.
 set -u -o pipefail
 [ $# -eq 3 ] || { echo "usage: build_variant.sh <dir> <patch file name> apply|reverse"; echo rc=2; exit 2; }
 dir=$1 patch=docs/patches/$2 mode=$3
@@ -21,3 +22,4 @@ rm -rf "$dir" && mkdir -p "$dir" &&
 rc=$?
 tail -3 "$dir/build.log" 2>/dev/null
 echo "rc=$rc"
+exit "$rc"
