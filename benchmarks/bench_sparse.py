@@ -164,18 +164,16 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             row["ms_in_step"] = timer.in_step(in_step)
         return row
 
-    def repeated() -> list | None:
-        """The last call as every layer of a step (the separator between layers leaves
-        nothing of it in the L2)."""
-        return [timer.last_fn] * timer.layers if timer.layers else None
-
     def timed(fn, in_step: list | None = None, **row) -> dict:
         return row_of_last_call(in_step, ms=timer(fn), **row)
 
     fmt = PageFormat(dense.D, BITS, dense.GROUP, dense.BLOCK)
     ms, nbytes = dense.bench_fa3(batch, context, "bf16", timer, gen)
-    rows = [row_of_last_call(repeated(), impl="fa3", kind="dense", kv="bf16", ms=ms,
-                             bytes=nbytes)]
+    # FA3's call is made inside bench_fa3: every layer of its step repeats it (the
+    # separator between layers leaves nothing of it in the L2), as for the dense and
+    # selection layers below
+    rows = [row_of_last_call([timer.last_fn] * timer.layers, impl="fa3", kind="dense",
+                             kv="bf16", ms=ms, bytes=nbytes)]
     table, num_blocks = dense.block_table(batch, context, gen)
     cache = dense.fill_pages(num_blocks, fmt)
     q, out, splits, po, pl, lens = dense.decode_inputs(batch, context, BITS)
@@ -189,9 +187,8 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
         ops.decode(out, q, cache, table, lens, po, pl, signs, scale, BITS, dense.GROUP,
                    dense.BLOCK, splits, MIN_TILES_PER_SPLIT)
 
-    ms = timer(run_dense)
-    rows.append(row_of_last_call(repeated(), impl="bitdecode", kind="dense",
-                                 kv=f"int{BITS}", ms=ms, bytes=dense_bytes, num_splits=splits))
+    rows.append(timed(run_dense, [run_dense] * timer.layers, impl="bitdecode", kind="dense",
+                      kv=f"int{BITS}", bytes=dense_bytes, num_splits=splits))
     keys = torch.zeros(batch * context * dense.HKV, dtype=torch.int32, device="cuda")
     offsets = torch.arange(batch, dtype=torch.int64, device="cuda") * context
     for budget in budgets:
@@ -209,8 +206,8 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             ms = timer(run_select)
             row = dict(impl="bitdecode", kind="select" + suffix, kv=f"int{BITS}",
                        budget=budget, ms=ms, bytes=dense_bytes, num_splits=splits)
-            if in_step := repeated():
-                row["ms_in_step"] = timer.in_step(in_step)
+            if timer.layers:
+                row["ms_in_step"] = timer.in_step([run_select] * timer.layers)
             rows.append(row)
             # a random selection of the same size (the newest unit kept), as select writes
             positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
