@@ -231,7 +231,9 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             if unit == 1:
                 continue
             for n in sweep_splits(list(split_sweep), splits):
+                # with --layers, in a step too: each layer its own selection, as above
                 rows.append(timed(lambda n=n: run_sparse(n=n, min_tiles=1),
+                                  [functools.partial(f, n=n, min_tiles=1) for f in layers],
                                   impl="bitdecode", kind="sparse-pages-splits",
                                   kv=f"int{BITS}", budget=budget, bytes=budget * per_token,
                                   num_splits=n, min_tiles_per_split=1))
