@@ -203,12 +203,11 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
                                   dense.GROUP, dense.BLOCK, splits, MIN_TILES_PER_SPLIT,
                                   positions, counts, keys, offsets, 0, False, unit)
 
-            ms = timer(run_select)
-            row = dict(impl="bitdecode", kind="select" + suffix, kv=f"int{BITS}",
-                       budget=budget, ms=ms, bytes=dense_bytes, num_splits=splits)
-            if timer.layers:
-                row["ms_in_step"] = timer.in_step([run_select] * timer.layers)
-            rows.append(row)
+            # with --kernels, the decode (and combine) beside the top-k: where the
+            # selection layer's time over a dense decode goes
+            rows.append(timed(run_select, [run_select] * timer.layers, impl="bitdecode",
+                              kind="select" + suffix, kv=f"int{BITS}", budget=budget,
+                              bytes=dense_bytes, num_splits=splits))
             # a random selection of the same size (the newest unit kept), as select writes
             positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
             counts.fill_(units)
