@@ -288,8 +288,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=0,
                     help="also time each call as a layer of a step, in a CUDA graph of this "
                          "many layers (ms_in_step); 0: not")
+    ap.add_argument("--group-size", type=int, default=dense.GROUP, choices=(32, 64, 128),
+                    help="V's quantization group (and K's, per token); default 128")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    dense.GROUP = args.group_size  # read by every bench function, as bench_decode's flag
     split_sweep = [int(s) for s in args.split_sweep.split(",") if s]
     in_step = (dense.Timer(args.reps, graph=True), separator_kernel()) if args.layers else ()
     timer = InStepTimer(dense.Timer(args.reps, graph=args.graph, kernels=args.kernels),

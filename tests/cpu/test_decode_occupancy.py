@@ -24,26 +24,26 @@ REGISTERS = 65536  # per SM on sm_90
 THREADS = 128  # kDecodeWarps * 32
 
 
-def _ptxas_report(source: Path, tmp_path: Path) -> dict[str, tuple[int, int]]:
-    """Mangled kernel name -> (registers, spill store bytes)."""
+def _ptxas_report(source: Path, tmp_path: Path) -> dict[str, tuple[int, int, int]]:
+    """Mangled kernel name -> (registers, spill store bytes, stack frame bytes)."""
     proc = subprocess.run(
         ["nvcc", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
          "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc' / 'include'}",
          "-c", str(source), "-o", str(tmp_path / "k.o"), "-Xptxas", "-v"],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out: dict[str, tuple[int, int]] = {}
-    name, spill = None, 0
+    out: dict[str, tuple[int, int, int]] = {}
+    name, spill, stack = None, 0, 0
     for line in proc.stderr.splitlines():
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
-            name, spill = m.group(1), 0
-        m = re.search(r"(\d+) bytes spill stores", line)
+            name, spill, stack = m.group(1), 0, 0
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
         if m and name:
-            spill = int(m.group(1))
+            stack, spill = int(m.group(1)), int(m.group(2))
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
-            out[name] = (int(m.group(1)), spill)
+            out[name] = (int(m.group(1)), spill, stack)
             name = None
     return out
 
@@ -57,9 +57,16 @@ def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path, source):
     shape = re.compile(
         r"decode_kernelI\w+?Li128ELi(\d)ELi(\d+)ELi(\d)ELb(\d)ELb(\d)ELi(\d+)ELb(\d)E")
     checked = 0
-    for name, (regs, spill) in report.items():
+    for name, (regs, spill, stack) in report.items():
         m = shape.search(name)
-        if not m or m.group(3) != "1":
+        if not m:
+            continue
+        # Every kernel, one or two head tiles: a stack frame beyond what spills need is
+        # an array (o) in local memory, read and written around every V MMA, as every
+        # kernel at V group 64 had until 2026-12-05 (160-336 bytes; 2-34x slower). The
+        # one-head-tile sparse and selection kernels at group 64 spill a few bytes.
+        assert stack <= 32 and (stack == 0 or spill > 0), f"{name}: {stack} bytes of stack"
+        if m.group(3) != "1":
             continue
         group = int(m.group(2))
         ctas = 4 if group >= 64 else 3
@@ -67,10 +74,11 @@ def test_one_head_tile_decode_kernels_keep_their_ctas_per_sm(tmp_path, source):
                 f"selection {m.group(6)}, e4m3 K params {m.group(7)}")
         allocated = -(-regs // 8) * 8  # per thread, in the allocation's units of 8
         assert allocated * THREADS * ctas <= REGISTERS, f"{what}: {regs} registers"
-        # No kernel spills. Until V codes were read at mantissa slots (fewer shifts, so
-        # fewer live temporaries) the selection kernels at V group 64 stored 4 bytes
-        # (bf16) and 12-16 (fp16) and the sparse one 4: allowances this test carried.
-        assert spill == 0, f"{what}: {spill} bytes of spill stores"
+        # No kernel spills but the sparse and selection ones at V group 64 (4 bits): with
+        # the V loop unrolled there (its rolled form kept o in local memory) ptxas stores
+        # 4-32 bytes for them. The others stay at zero.
+        allowed = 32 if group == 64 and (m.group(4) == "1" or m.group(6) != "0") else 0
+        assert spill <= allowed, f"{what}: {spill} bytes of spill stores"
         checked += 1
     # V groups 32 / 64 / 128 x per-token, sparse, channel K (fp16 and e4m3 params),
     # selection by token and by page

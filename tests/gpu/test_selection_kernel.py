@@ -118,11 +118,13 @@ SEQ_LENS = [0, 5, 40, 3001, 2049, 700]  # padding, dense (short), all, three ran
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
 @pytest.mark.parametrize("rotate", [False, True], ids=["plain", "rot"])
 @pytest.mark.parametrize("gqa", [1, 4, 8, 12])
-@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (2, 128), (4, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_select_matches_reference(dtype, bits, gqa, rotate, shared):
-    gen = torch.Generator().manual_seed(100 * bits + 10 * gqa + 2 * rotate + shared)
-    fmt = PageFormat(128, bits, 128, 16)
+def test_select_matches_reference(dtype, bits, group_size, gqa, rotate, shared):
+    """Token granularity; V group 64 too, whose kernels unroll the V loop differently."""
+    gen = torch.Generator().manual_seed(100 * bits + 10 * gqa + 2 * rotate + shared
+                                        + group_size)
+    fmt = PageFormat(128, bits, group_size, 16)
     cache, table = _fill_pages([max(n, 1) for n in SEQ_LENS], KV_HEADS, fmt, dtype, rotate,
                                gen)
     q = torch.randn(len(SEQ_LENS), KV_HEADS * gqa, 128, generator=gen).to(dtype)
@@ -136,7 +138,8 @@ def test_select_matches_reference(dtype, bits, gqa, rotate, shared):
 @pytest.mark.parametrize("block_size", [16, 64])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
 @pytest.mark.parametrize("gqa", [1, 4, 8, 12])
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (2, 128), (4, 32)])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (2, 128), (4, 32), (4, 64),
+                                                   (2, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_select_pages_matches_reference(dtype, bits, group_size, gqa, shared, block_size):
     """Page granularity (selection_unit=16): 16-token pages ranked by their best token,

@@ -90,6 +90,19 @@ def test_budget_512_still_retrieves_the_pass_keys(granularity):
     assert right >= n - 1, f"sparse decoding at k=512 answered {right} of {n} pass keys"
 
 
+def test_v_groups_of_64_retrieve_the_pass_keys_with_page_selection():
+    """V groups of 64 have their own selection and reuse kernels (their V loop unrolls
+    differently from group 128's; until 2026-12-05 it kept o in local memory)."""
+    res = _run(None, bitdecode={"bits": 4, "group_size": 64,
+                                "sparse": K512 | {"granularity": "page"}})
+    assert "BITDECODE sparse decode: dense layers [0, 1], selection layers [2]" in res["log"]
+    assert "V per token in groups of 64" in res["log"]
+    n = len(_prompts()[1])
+    right = _answers_right(res)
+    print(f"pass keys right: sparse pages k=512, V group 64: {right}/{n}")
+    assert right >= n - 1, f"V group 64 at k=512 answered {right} of {n} pass keys"
+
+
 @pytest.mark.parametrize("granularity", ["page", "token"])
 def test_cpu_offloading_in_sparse_mode(granularity):
     """Sparse decode (pages or single tokens, k = 512) over pages that come back from the

@@ -982,10 +982,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
 #pragma unroll
           for (int ht = 0; ht < HT; ++ht) Tr::mma(o[ht][m], a, pb[ht][0], pb[ht][1]);
         };
-        // Two forms of one loop, each the one that nvcc 13.0 compiles best: with the bounds
-        // of the second, KC's kernels at V group 64 kept o in local memory; with the fixed
-        // count of the first, the page-selection kernel there spilled twice as much.
-        if constexpr (KC) {
+        // Two forms of one loop, each the one that nvcc 13.0 compiles best. With the bounds
+        // of the second, the loop stays rolled at V group 64 and o, indexed at run time,
+        // goes to local memory (160-336 bytes of stack frame, no "spill" in ptxas' count;
+        // the dense decode at group 64 ran 2-34x slower for it, 2026-12-05): so KC's
+        // kernels and every kernel at group 64 take the fixed count of the first. The
+        // one-head-tile sparse and selection kernels at 4 bits then spill 4-32 bytes.
+        if constexpr (KC || GROUP == 64) {
 #pragma unroll
           for (int mg = 0; mg < GROUP / 16; ++mg) v_mma(gv * GROUP / 16 + mg);
         } else {
