@@ -323,7 +323,8 @@ def main() -> None:
                       targets=dict(sparse_k2048_128k_vs_fa3_bf16=TARGET_SPARSE_VS_FA3,
                                    selection_layer_vs_dense=TARGET_SELECT_LAYER_VS_DENSE),
                       cases=cases)
-    out = Path(args.out or f"benchmarks/results/sparse_{gpu_slug(gpu)}.json")
+    group = "" if dense.GROUP == 128 else f"g{dense.GROUP}_"  # not over the default's file
+    out = Path(args.out or f"benchmarks/results/sparse_{group}{gpu_slug(gpu)}.json")
     write_results(doc, out)
     plot(doc, out.with_suffix(".png"))
 

@@ -249,7 +249,7 @@ def test_decode_matches_dequantized_reference(dtype, bits, group_size, gqa, rota
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 2])
-@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("gqa", [6, 12, 16])
 def test_decode_wide_and_uneven_gqa_groups(dtype, bits, group_size, gqa):
     """More than 8 query heads per KV head take the kernel's second MMA head tile; 6 and
@@ -268,7 +268,7 @@ def test_decode_wide_and_uneven_gqa_groups(dtype, bits, group_size, gqa):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 2])
-@pytest.mark.parametrize("group_size", [32, 128])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize(("gqa", "max_query_len"), [(1, 4), (4, 2), (4, 4), (8, 2), (1, 16),
                                                   (3, 5), (5, 3), (6, 2)])
 def test_decode_query_tokens_match_causal_reference(dtype, bits, group_size, gqa,

@@ -985,7 +985,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
         // Two forms of one loop, each the one that nvcc 13.0 compiles best. With the bounds
         // of the second, the loop stays rolled at V group 64 and o, indexed at run time,
         // goes to local memory (160-336 bytes of stack frame, no "spill" in ptxas' count;
-        // the dense decode at group 64 ran 2-34x slower for it, 2026-12-05): so KC's
+        // the dense decode at group 64 ran 2-35x slower for it, 2026-12-05): so KC's
         // kernels and every kernel at group 64 take the fixed count of the first. The
         // one-head-tile sparse and selection kernels at 4 bits then spill 4-32 bytes.
         if constexpr (KC || GROUP == 64) {
