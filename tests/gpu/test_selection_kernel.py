@@ -231,20 +231,25 @@ def test_rows_past_the_workspace_decode_densely():
                     table[:1], lens[:1], fmt, False, False)
 
 
+@pytest.mark.parametrize("rows", [3, 70])
+@pytest.mark.parametrize("unit", [1, 16], ids=["tokens", "pages"])
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
-def test_equal_scores_go_to_the_lowest_positions(shared):
-    """A zero query gives every token the same key: the kept older positions must be the
-    lowest ones, across the warps' shares (and a row start that is not 16-byte aligned)."""
-    gen = torch.Generator().manual_seed(11)
+def test_equal_scores_go_to_the_lowest_positions(shared, unit, rows):
+    """A zero query gives every token the same key: the kept older positions (tokens or
+    16-token pages) must be the lowest ones, across the warps' shares (and a row start
+    that is not 16-byte aligned). Token selection at 3 rows ranks in clusters of CTAs, at
+    70 rows in one CTA a row (select_topk_ranks), as page selection always does."""
+    gen = torch.Generator().manual_seed(11 + rows + unit)
     fmt = PageFormat(128, 4, 128, 16)
-    lens = [7, 5000, 40_001]
+    lens = [7, 5000, 40_001] + [3001 + 16 * i for i in range(rows - 3)]
     cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
-    q = torch.zeros(3, KV_HEADS * 4, 128, dtype=torch.bfloat16)
+    q = torch.zeros(len(lens), KV_HEADS * 4, 128, dtype=torch.bfloat16)
     for budget in (300, 6000):
-        got, _ = _run(q, cache, table, lens, fmt, True, budget, 1, shared)
+        got, _ = _run(q, cache, table, lens, fmt, True, budget, 1, shared, unit=unit)
         for i, n in enumerate(lens):
-            k = min(budget, n)
-            want = list(range(n)) if n <= budget else [*range(k - 1), n - 1]
+            units = -(-n // unit)
+            k = min(budget, units)
+            want = list(range(units)) if units <= budget else [*range(k - 1), units - 1]
             for h in range(got.positions.shape[1]):
                 assert got.positions[i, h, :k].tolist() == want, (i, h, budget)
 
