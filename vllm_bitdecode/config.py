@@ -1,7 +1,10 @@
 """The ``bitdecode`` settings, read once from vLLM's ``--additional-config``.
 
     vllm serve MODEL --attention-backend BITDECODE \\
-        --additional-config '{"bitdecode": {"bits": 2, "group_size": 64}}'
+        --additional-config '{"bitdecode": {"bits": 4, "group_size": 64}}'
+
+(2 bits keep quality only with K per channel: ``{"bits": 2, "k_mode": "channel",
+"group_size": 32}`` and ``--block-size 128``; accuracy_warnings says so at start-up.)
 
 Sparse decode (issue #6, docs/sparse-mode-design.md) is a nested section:
 

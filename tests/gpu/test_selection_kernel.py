@@ -271,10 +271,13 @@ def test_long_row_matches_reference():
 def test_every_cluster_size(rows, shared):
     """The top-k spreads a row over a cluster of 1, 2, 4 or 8 CTAs, fewer as the batch
     grows (select_topk_ranks): with 2 KV heads on 132 SMs, 10 rows take 4 per (row, head)
-    (8 shared), 20 take 2 (4 shared), 70 take 1 (1); the other tests' few rows take 8."""
+    (8 shared), 20 take 2 (4 shared), 70 take 1 (1); the other tests' few rows take 8. A
+    CTA's range is at least 32 warps x 256 keys: the first two rows (30,011 and 17,003
+    tokens) spread their keys over 4 and 3 CTAs of a cluster, so that every rank counts
+    and adds a histogram, not only rank 0."""
     gen = torch.Generator().manual_seed(13 + rows)
     fmt = PageFormat(128, 4, 128, 16)
-    lens = torch.randint(600, 3000, (rows,), generator=gen).tolist()
+    lens = [30_011, 17_003, *torch.randint(600, 3000, (rows - 2,), generator=gen).tolist()]
     cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
     q = torch.randn(rows, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
     want = rs.select(q, cache, table, torch.tensor(lens), SCALE, fmt, True, token_budget=257,

@@ -61,9 +61,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # Dummy weights give near-uniform attention, so the output error is the V quantization
 # error of Gaussian data: 0.100 (4-bit) and 0.50 (2-bit) in the CPU reference's tests;
-# measured here on an H100 (2026-11-22): 0.099 and 0.497. V groups of 64 (2 bits, as
-# config.py's example) run their own kernels: until 2026-12-05 their output accumulator
-# sat in local memory, 12-35x slower; no engine had run them. The last number is the
+# measured here on an H100 (2026-11-22): 0.099 and 0.497. V groups of 64 run their own
+# kernels: until 2026-12-05 their output accumulator sat in local memory (12-35x slower at
+# 2 bits, the case here); no engine had run them. The last number is the
 # least KV-cache capacity over FlashAttention's: 3.76x the tokens per byte at 4 bits and
 # group 128, 7.1x at 2 bits, 6.4x at 2 bits and group 64 (page_format; vLLM's rounding and
 # its other buffers take some).
