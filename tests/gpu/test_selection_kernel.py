@@ -273,8 +273,8 @@ def test_every_cluster_size(rows, shared):
     grows (select_topk_ranks): with 2 KV heads on 132 SMs, 10 rows take 4 per (row, head)
     (8 shared), 20 take 2 (4 shared), 70 take 1 (1); the other tests' few rows take 8. A
     CTA's range is at least 32 warps x 256 keys: the first two rows (30,011 and 17,003
-    tokens) spread their keys over 4 and 3 CTAs of a cluster, so that every rank counts
-    and adds a histogram, not only rank 0."""
+    tokens) spread their keys over 4 and 3 CTAs of a cluster of 4 or 8, and over both of
+    a cluster of 2, so that every rank counts and adds a histogram, not only rank 0."""
     gen = torch.Generator().manual_seed(13 + rows)
     fmt = PageFormat(128, 4, 128, 16)
     lens = [30_011, 17_003, *torch.randint(600, 3000, (rows - 2,), generator=gen).tolist()]

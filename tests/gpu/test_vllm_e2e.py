@@ -63,10 +63,10 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # error of Gaussian data: 0.100 (4-bit) and 0.50 (2-bit) in the CPU reference's tests;
 # measured here on an H100 (2026-11-22): 0.099 and 0.497. V groups of 64 run their own
 # kernels: until 2026-12-05 their output accumulator sat in local memory (12-35x slower at
-# 2 bits, the case here); no engine had run them. The last number is the
-# least KV-cache capacity over FlashAttention's: 3.76x the tokens per byte at 4 bits and
-# group 128, 7.1x at 2 bits, 6.4x at 2 bits and group 64 (page_format; vLLM's rounding and
-# its other buffers take some).
+# 2 bits, the case here); no engine had run them. The last number is the least KV-cache
+# capacity over FlashAttention's: 3.76x the tokens per byte at 4 bits and group 128, 7.1x
+# at 2 bits, 6.4x at 2 bits and group 64 (page_format; vLLM's rounding and its other
+# buffers take some).
 @pytest.mark.parametrize("bits, group_size, prefill_bound, decode_bound, capacity",
                          [(4, 128, 0.12, 0.12, 3.5), (2, 128, 0.6, 0.6, 6),
                           (2, 64, 0.6, 0.6, 5.4)])
