@@ -366,7 +366,8 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_ylabel("ms per layer call (CUDA-graph replay)" if doc.get("timing") ==
                   "cuda graph replay" else "ms per layer call")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title(f"sparse decode, 4-bit pages, 32/8 heads, d=128\n{doc['device']} "
+    pages = f"{doc.get('bits', 4)}-bit pages, group {doc.get('group_size', 128)}"
+    ax.set_title(f"sparse decode, {pages}, 32/8 heads, d=128\n{doc['device']} "
                  f"({doc['date']}, {doc.get('commit', '')})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
