@@ -17,7 +17,7 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DEST="${1:-.kit}"
-PART_BYTES=17000000  # the working tree (~45 MiB) plus one part must stay under 64 MiB
+PART_BYTES=12000000  # the working tree (~50 MiB) plus one part must stay under 64 MiB
 SHARED_KIT="$HERE/../../shared/device/make-vllm-kit.sh"
 [ -f "$SHARED_KIT" ] || { echo "missing $SHARED_KIT (the shared device kit)" >&2; exit 1; }
 SCRATCH=()  # temporary folders, removed on exit
