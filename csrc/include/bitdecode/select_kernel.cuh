@@ -41,6 +41,24 @@ namespace bitdecode {
 
 constexpr int kSelectTopkThreads = 1024;
 constexpr int kSelectMaxRanks = 8;  // CTAs per (row, head): the portable cluster size
+constexpr int kSelectBins = 2048;   // histogram bins of a radix round (11 bits at most)
+constexpr int kSelectRounds = 3;    // radix rounds over a 32-bit key: 11 + 11 + 10 bits
+
+// The cluster's barrier, or the CTA's alone when the cluster is one CTA (page selection
+// always; token selection per KV head from 9 rows on 8 KV heads and 132 SMs). On a launch
+// with a cluster attribute, even of one CTA, cluster.sync() releases and acquires at
+// cluster scope, which ptxas (13.0, sm_90a) emits as MEMBAR.ALL.GPU before the barrier and
+// CCTL.IVALL after it: a GPU-wide fence and an L1 invalidation (the keys read again in the
+// next pass then come from L2), six times per ranked top-k (eleven before each round had
+// its own histogram); bar.sync needs neither.
+__device__ __forceinline__ void cluster_barrier(cooperative_groups::cluster_group& cluster,
+                                                bool one_cta) {
+  if (one_cta) {
+    __syncthreads();
+  } else {
+    cluster.sync();
+  }
+}
 
 // f(position, key) for every position in [0, count) of keys[], spread over the CTA's
 // threads; the aligned middle in 16-byte loads, four of them in flight per thread.
@@ -75,34 +93,37 @@ __device__ __forceinline__ void for_each_key(const uint32_t* keys, int count, F&
 // One radix round: the cluster's histogram of the key bits [shift, shift + bits) among the
 // older keys whose higher bits equal `prefix` (each CTA counts keys[0, count), its range),
 // then the bin holding the `need`-th largest of them. Returns the bin; `need` becomes the
-// rank inside it. Every CTA of the cluster calls it and gets the same answer.
+// rank inside it. Every CTA of the cluster calls it and gets the same answer. Each round
+// has its own histogram, zeroed before the first (one cluster barrier for all three): no
+// rank then zeroes a histogram another may still read, and the round needs one cluster
+// barrier (the sum complete) where it had three.
 template <int kThreads>
 __device__ uint32_t select_round(cooperative_groups::cluster_group& cluster,
                                  const uint32_t* keys, int count, uint32_t prefix,
                                  uint32_t prefix_mask, int shift, int bits, int& need,
                                  uint32_t* hist, int* shared_int) {
-  constexpr int kBins = 2048;
+  constexpr int kBins = kSelectBins;
   constexpr int kPerThread = kBins / kThreads;
   static_assert(kBins % kThreads == 0, "whole bins per thread");
   const uint32_t bin_mask = (1u << bits) - 1u;
-  for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0u;
-  cluster.sync();  // rank 0's histogram is zero before any rank adds to it
+  const bool one_cta = cluster.num_blocks() == 1;
   for_each_key<kThreads>(keys, count, [&](int, uint32_t key) {
     if ((key & prefix_mask) == prefix) atomicAdd(&hist[(key >> shift) & bin_mask], 1u);
   });
-  uint32_t* total = cluster.map_shared_rank(hist, 0);
+  uint32_t* total = cluster.map_shared_rank(hist, 0);  // rank 0's, in the cluster's window
   if (cluster.block_rank() != 0) {
     __syncthreads();
     for (int b = threadIdx.x; b < kBins; b += kThreads)
       if (hist[b] != 0u) atomicAdd(&total[b], hist[b]);
   }
-  cluster.sync();  // the sum is complete
+  cluster_barrier(cluster, one_cta);  // the sum is complete
   // counts from the top bin down: thread x holds bins kBins-1-(x*kPerThread+j)
   int local[kPerThread];
   int sum = 0;
 #pragma unroll
   for (int j = 0; j < kPerThread; ++j) {
-    local[j] = static_cast<int>(total[kBins - 1 - (threadIdx.x * kPerThread + j)]);
+    const int b = kBins - 1 - (threadIdx.x * kPerThread + j);
+    local[j] = static_cast<int>(one_cta ? hist[b] : total[b]);  // alone: ld.shared
     sum += local[j];
   }
   // exclusive sum over the threads: within each warp, then over the warps
@@ -126,7 +147,7 @@ __device__ uint32_t select_round(cooperative_groups::cluster_group& cluster,
     }
     running += local[j];
   }
-  cluster.sync();  // shared_int is set; rank 0's histogram is read before it is reused
+  __syncthreads();  // shared_int is set
   const uint32_t bin = static_cast<uint32_t>(shared_int[0]);
   need -= shared_int[1];
   __syncthreads();  // shared_int is reused by the next round
@@ -136,7 +157,7 @@ __device__ uint32_t select_round(cooperative_groups::cluster_group& cluster,
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   constexpr int kWarps = kThreads / 32;
-  __shared__ uint32_t hist[2048];
+  __shared__ uint32_t hist[kSelectRounds][kSelectBins];  // one per radix round
   __shared__ int shared_int[2];
   __shared__ int warp_keep[kWarps], warp_ties[kWarps];
   cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
@@ -182,12 +203,16 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
     // the budget - 1 best of the n - 1 older positions, then the newest
     int need = budget - 1;
     uint32_t prefix = 0u, prefix_mask = 0u;
-    constexpr int kShifts[3] = {21, 10, 0}, kWidths[3] = {11, 11, 10};
 #pragma unroll
-    for (int r = 0; r < 3; ++r) {
+    for (int r = 0; r < kSelectRounds; ++r)
+      for (int b = threadIdx.x; b < kSelectBins; b += kThreads) hist[r][b] = 0u;
+    cluster_barrier(cluster, ranks == 1);  // rank 0's histograms are zero before any adds
+    constexpr int kShifts[kSelectRounds] = {21, 10, 0}, kWidths[kSelectRounds] = {11, 11, 10};
+#pragma unroll
+    for (int r = 0; r < kSelectRounds; ++r) {
       const uint32_t bin = select_round<kThreads>(cluster, keys + begin, end - begin, prefix,
                                                   prefix_mask, kShifts[r], kWidths[r], need,
-                                                  hist, shared_int);
+                                                  hist[r], shared_int);
       prefix |= bin << kShifts[r];
       prefix_mask |= ((1u << kWidths[r]) - 1u) << kShifts[r];
     }
@@ -217,23 +242,30 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
       }
     }
     if (lane == 0) warp_keep[warp] = greater, warp_ties[warp] = tie;
-    cluster.sync();
+    cluster_barrier(cluster, ranks == 1);
     // The shares before this warp's, in every rank: their keys above T, and their ties,
     // which go to the lowest positions, so to the first shares.
     const int share = rank * kWarps + warp;
     int keep_before = 0, ties_before = 0;
-    for (int s = lane; s < share; s += 32) {
-      const int* keep = cluster.map_shared_rank(warp_keep, s / kWarps);
-      const int* ties = cluster.map_shared_rank(warp_ties, s / kWarps);
-      keep_before += keep[s % kWarps];
-      ties_before += ties[s % kWarps];
+    if (ranks == 1) {  // this CTA's counts, without the cluster's window
+      for (int s = lane; s < share; s += 32) {
+        keep_before += warp_keep[s];
+        ties_before += warp_ties[s];
+      }
+    } else {
+      for (int s = lane; s < share; s += 32) {
+        const int* keep = cluster.map_shared_rank(warp_keep, s / kWarps);
+        const int* ties = cluster.map_shared_rank(warp_ties, s / kWarps);
+        keep_before += keep[s % kWarps];
+        ties_before += ties[s % kWarps];
+      }
     }
 #pragma unroll
     for (int x = 16; x > 0; x /= 2) {
       keep_before += __shfl_xor_sync(0xffffffffu, keep_before, x);
       ties_before += __shfl_xor_sync(0xffffffffu, ties_before, x);
     }
-    cluster.sync();  // no CTA reads another's shared memory after this
+    if (ranks > 1) cluster.sync();  // no CTA reads another's shared memory after this
     int offset = keep_before + min(ties_wanted, ties_before);
     int tie_quota = max(0, min(tie, ties_wanted - ties_before));
     const unsigned lower = (1u << lane) - 1u;
