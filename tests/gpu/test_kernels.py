@@ -32,9 +32,10 @@ def _random_cache(num_blocks: int, heads: int, fmt: PageFormat, gen: torch.Gener
                          generator=gen)
 
 
-def _fill_pages(seq_lens, heads, fmt, dtype, rotate, gen, extra_blocks=3, v_std=1.0):
-    """Write random K/V (K ~ N(0, 4), V ~ N(0, v_std^2)) for every sequence into shuffled
-    pages; returns cache, block table."""
+def _fill_pages(seq_lens, heads, fmt, dtype, rotate, gen, extra_blocks=3, v_std=1.0,
+                make_keys=None):
+    """Write random K/V (K ~ N(0, 4), or make_keys(n, heads, head_size, gen); V ~ N(0,
+    v_std^2)) for every sequence into shuffled pages; returns cache, block table."""
     blocks_per_seq = [(n + fmt.block_size - 1) // fmt.block_size for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + extra_blocks
     cache = _random_cache(num_blocks, heads, fmt, gen)
@@ -45,7 +46,8 @@ def _fill_pages(seq_lens, heads, fmt, dtype, rotate, gen, extra_blocks=3, v_std=
         table[i, :nb] = perm[nxt : nxt + nb].to(torch.int32)
         nxt += nb
     for i, n in enumerate(seq_lens):
-        k = (torch.randn(n, heads, fmt.head_size, generator=gen) * 2).to(dtype)
+        k = (torch.randn(n, heads, fmt.head_size, generator=gen) * 2 if make_keys is None
+             else make_keys(n, heads, fmt.head_size, gen)).to(dtype)
         v = (torch.randn(n, heads, fmt.head_size, generator=gen) * v_std).to(dtype)
         pos = torch.arange(n)
         slots = table[i, pos // fmt.block_size].long() * fmt.block_size + pos % fmt.block_size

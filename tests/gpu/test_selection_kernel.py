@@ -286,6 +286,71 @@ def test_every_cluster_size(rows, shared):
     _assert_matches(got, want, q, cache, table, lens, fmt, True, shared)
 
 
+LOG2E = 1.4426950408889634
+TOP_ROUNDS_BITS = 22  # the first two radix rounds' bits of a key (11 + 11); round 3 the rest
+
+
+def _near_equal_keys(n, heads, head_size, gen, a=4.0):
+    """Every token's K has one min and max (+a in channel 0, -a in the last, zeros
+    between), so one scale and zero, and its channels 1 and 2 at random quantization
+    levels. With a query of 1 in channel 0, 2^-14 in channel 1 and 2^-16 in channel 2,
+    the logits differ by at most 75 steps of 2^-16 in the kernel's biased products (one
+    fp32 ulp there): up to 76 distinct keys, all within a bin or two of the top 22 bits."""
+    k = torch.zeros(n, heads, head_size)
+    k[..., 0], k[..., -1] = a, -a
+    k[..., 1:3] = -a + torch.randint(0, 16, (n, heads, 2), generator=gen) * (2 * a / 15)
+    return k
+
+
+def _key_scores(keys: torch.Tensor) -> torch.Tensor:
+    """order_key's inverse: the float32 scores of 32-bit keys (held in int32)."""
+    u = keys.long() & 0xFFFFFFFF
+    bits = torch.where(u >= 2**31, u - 2**31, ~u & 0xFFFFFFFF)
+    return torch.where(bits >= 2**31, bits - 2**32, bits).to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("unit", [1, 16], ids=["tokens", "pages"])
+def test_keys_alike_in_their_top_bits_rank_by_their_last_bits(unit):
+    """Keys that share the bits of the first two radix rounds and differ in the last 10:
+    round 3 alone picks the threshold, from the histograms of every rank of the cluster
+    (token selection: two 40K rows spread their keys over 5 CTAs of 8; pages: over the
+    warps of one CTA). Against the CPU oracle these scores are all near-ties, so the
+    selection is checked exactly against the kernel's own keys (left in the per-head
+    workspace): the budget - 1 highest of the older positions, the lowest positions
+    among equal keys, then the newest; and the keys against the oracle's scores."""
+    gen = torch.Generator().manual_seed(14 + unit)
+    fmt = PageFormat(128, 4, 128, 16)
+    lens = [40_001, 33_335]
+    cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, False, gen,
+                               make_keys=_near_equal_keys)
+    q = torch.zeros(len(lens), KV_HEADS * 4, 128)
+    q[..., 0], q[..., 1], q[..., 2] = 1.0, 2.0**-14, 2.0**-16
+    q = q.to(torch.bfloat16)
+    budget = 12_000 if unit == 1 else 700
+    got, keys = _run(q, cache, table, lens, fmt, False, budget, 1, False, unit=unit)
+    keys = keys.cpu().view(KV_HEADS, -1)
+    row0 = 0
+    for i, n in enumerate(lens):
+        units = -(-n // unit)
+        scores = _scores(q, cache, table, n, fmt, False, False, i, unit)  # [heads, units]
+        for h in range(KV_HEADS):
+            row_keys = keys[h, row0 : row0 + units]
+            torch.testing.assert_close(_key_scores(row_keys) / LOG2E, scores[h],
+                                       rtol=NEAR_TIE[torch.bfloat16], atol=0)
+            older = row_keys[:-1].long() & 0xFFFFFFFF
+            order = torch.sort(older, descending=True, stable=True).indices  # ties: lowest
+            want = [*sorted(order[: budget - 1].tolist()), units - 1]
+            assert got.positions[i, h].tolist() == want, f"row {i} head {h}"
+            # what makes this a round-3 test: the threshold's top-22-bit bin holds many
+            # distinct keys, in the ranges of several CTAs (tokens) or warps (pages)
+            threshold = int(older[order[budget - 2]])
+            same_top = (older >> (32 - TOP_ROUNDS_BITS)) == threshold >> (32 - TOP_ROUNDS_BITS)
+            members = same_top.nonzero().flatten()
+            assert older[same_top].unique().numel() >= 8, (i, h)
+            assert int(members[0]) < units // 8 and int(members[-1]) > units * 7 // 8, (i, h)
+        row0 += n  # _run's offsets: one workspace row per token, pages use the first units
+
+
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "cuda-graph"])
 def test_select_right_after_the_write_sees_the_written_token(graph):
     """The selection layer's decode is a programmatic dependent of the step's KV-cache
