@@ -15,7 +15,9 @@ flush, median of --reps). Per (batch, context):
   (``granularity: "page"``; issue #6: "whole pages or single tokens: measure which
   pays"): ``decode_select`` ranking 16-token pages by their best token, and
   ``decode_sparse`` over ``budget / 16`` pages per KV head chosen at random (the newest
-  included), the same bytes as ``sparse`` read as one bulk copy per page.
+  included), the same bytes as ``sparse`` read as one bulk copy per page, each page's
+  place in the cache given (``sel_cache_tiles``, as the backend passes them);
+  ``sparse-pages-table`` is the same layer finding the pages through the block table.
 
 The reuse rows run the backend's reuse-layer split plan (``plan_reuse_splits``). With
 ``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of those split
@@ -69,6 +71,7 @@ from vllm_bitdecode.provenance import (  # noqa: E402
     results_doc,
     write_results,
 )
+from vllm_bitdecode.reference_sparse import Selection, cache_tiles  # noqa: E402
 
 BITS = 4
 TARGET_SPARSE_VS_FA3 = 20.0  # at k = 2048, 128K
@@ -197,11 +200,13 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             units = budget // unit
             positions = torch.empty(batch, dense.HKV, units, dtype=torch.int32, device="cuda")
             counts = torch.empty(batch, dtype=torch.int32, device="cuda")
+            # pages: the lists as places in the cache too, as the backend passes them
+            tiles = torch.empty_like(positions) if unit > 1 else None
 
-            def run_select(positions=positions, counts=counts, unit=unit):
+            def run_select(positions=positions, counts=counts, unit=unit, tiles=tiles):
                 ops.decode_select(out, q, cache, table, lens, po, pl, signs, scale, BITS,
                                   dense.GROUP, dense.BLOCK, splits, MIN_TILES_PER_SPLIT,
-                                  positions, counts, keys, offsets, 0, False, unit)
+                                  positions, counts, keys, offsets, 0, False, unit, tiles)
 
             # with --kernels, the decode (and combine) beside the top-k: where the
             # selection layer's time over a dense decode goes
@@ -215,20 +220,32 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             # the reuse layer's own split plan, as the backend runs it
             reuse = plan_reuse_splits(batch, dense.HKV, num_sms, budget, splits)
 
-            def run_sparse(positions=positions, counts=counts, unit=unit, n=reuse,
-                           min_tiles=MIN_TILES_PER_SPLIT):
+            def tiles_of(positions: torch.Tensor, counts=counts, unit=unit) -> torch.Tensor | None:
+                return None if unit == 1 else cache_tiles(
+                    Selection(positions.cpu(), counts.cpu()), table.cpu(), dense.BLOCK).cuda()
+
+            first_tiles = tiles_of(positions)
+
+            def run_sparse(positions=positions, tiles=first_tiles, counts=counts, unit=unit,
+                           n=reuse, min_tiles=MIN_TILES_PER_SPLIT):
                 ops.decode_sparse(out, q, cache, table, lens, positions, counts, po, pl,
                                   signs, scale, BITS, dense.GROUP, dense.BLOCK, n,
-                                  min_tiles, False, unit)
+                                  min_tiles, False, unit, tiles)
 
             # in a step, each reuse layer reads its own selection
-            layers = [functools.partial(run_sparse, random_selection(
-                batch, dense.HKV, context // unit, units, gen).cuda()) for _ in range(timer.layers)]
+            selections = [random_selection(batch, dense.HKV, context // unit, units,
+                                           gen).cuda() for _ in range(timer.layers)]
+            layers = [functools.partial(run_sparse, s, tiles_of(s)) for s in selections]
             rows.append(timed(run_sparse, layers, impl="bitdecode", kind="sparse" + suffix,
                               kv=f"int{BITS}", budget=budget, bytes=budget * per_token,
                               num_splits=reuse))
             if unit == 1:
                 continue
+            # the same pages found through the block table (no cache tiles), this run's A/B
+            layers_table = [functools.partial(run_sparse, s, None) for s in selections]
+            rows.append(timed(functools.partial(run_sparse, tiles=None), layers_table,
+                              impl="bitdecode", kind="sparse-pages-table", kv=f"int{BITS}",
+                              budget=budget, bytes=budget * per_token, num_splits=reuse))
             for n in sweep_splits(list(split_sweep), splits):
                 # with --layers, in a step too: each layer its own selection, as above
                 rows.append(timed(lambda n=n: run_sparse(n=n, min_tiles=1),
@@ -259,6 +276,10 @@ def summarize(rows: list[dict], key: str = "ms") -> dict:
                 # GPU time, launches left out
                 out[f"sparse_pages_k{r['budget']}_vs_fa3_bf16_gpu_span"] = (
                     rows[0]["kernels_us"]["span"] / r["kernels_us"]["span"])
+        elif r["kind"] == "sparse-pages-table":  # > 1: the cache tiles pay
+            pages = next(t[key] for t in rows
+                         if t["kind"] == "sparse-pages" and t["budget"] == r["budget"])
+            out[f"sparse_pages_k{r['budget']}_table_vs_cache_tiles"] = r[key] / pages
         elif r["kind"] == "select":
             out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r[key] / dense_ms
         elif r["kind"] == "select-pages":

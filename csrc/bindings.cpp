@@ -26,7 +26,7 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor seq_lens, Tensor sel_positions, Tensor sel_count, Tensor(b!) partial_out, "
       "Tensor(c!) partial_lse, Tensor? rotation_signs, float softmax_scale, int bits, "
       "int group_size, int block_size, int num_splits, int min_tiles_per_split, "
-      "bool shared_selection, int selection_unit=1) -> ()");
+      "bool shared_selection, int selection_unit=1, Tensor? sel_cache_tiles=None) -> ()");
   m.def(
       "decode_kc(Tensor(a!) out, Tensor q, Tensor cache, Tensor residual, Tensor block_table, "
       "Tensor seq_lens, Tensor row_slot, Tensor(b!) partial_out, Tensor(c!) partial_lse, "
@@ -38,7 +38,7 @@ TORCH_LIBRARY(bitdecode, m) {
       "Tensor? rotation_signs, float softmax_scale, int bits, int group_size, int block_size, "
       "int num_splits, int min_tiles_per_split, Tensor(d!) sel_positions, "
       "Tensor(e!) sel_count, Tensor(f!) keys, Tensor key_offsets, int min_seq_len, "
-      "bool shared_selection, int selection_unit=1) -> ()");
+      "bool shared_selection, int selection_unit=1, Tensor(g!)? sel_cache_tiles=None) -> ()");
   m.def(
       "write_tokens_kc(Tensor key, Tensor value, Tensor slot_mapping, Tensor query_start_loc, "
       "Tensor seq_lens, Tensor row_slot, Tensor(a!) cache, Tensor(b!) residual, int bits, "

@@ -625,6 +625,25 @@ int64_t set_selection(DecodeParams& p, const at::Tensor& sel_positions,
   return sel_heads;
 }
 
+// Checks the optional cache-tile lists (DecodeParams::sel_cache_tiles): page lists only,
+// shaped and strided as sel_positions. Returns their data, nullptr when absent.
+int32_t* check_cache_tiles(const std::optional<at::Tensor>& sel_cache_tiles,
+                           const at::Tensor& sel_positions, int64_t selection_unit,
+                           const at::Tensor& q) {
+  if (!sel_cache_tiles.has_value()) return nullptr;
+  const at::Tensor& t = *sel_cache_tiles;
+  TORCH_CHECK(selection_unit == 16,
+              "bitdecode: sel_cache_tiles are the places of 16-token pages in the cache; "
+              "pass them with selection_unit 16 only, got selection_unit ", selection_unit);
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kInt && t.sizes() == sel_positions.sizes() &&
+                  t.strides() == sel_positions.strides(),
+              "bitdecode: sel_cache_tiles must be a CUDA int32 tensor of sel_positions' shape ",
+              sel_positions.sizes(), " and strides ", sel_positions.strides(), ", got ",
+              t.scalar_type(), " ", t.sizes(), " strides ", t.strides());
+  check_same_device(t, "sel_cache_tiles", q);
+  return t.data_ptr<int32_t>();
+}
+
 }  // namespace
 
 void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
@@ -634,17 +653,22 @@ void decode_sparse(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
                    const std::optional<at::Tensor>& rotation_signs, double softmax_scale,
                    int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
                    int64_t min_tiles_per_split, bool shared_selection,
-                   int64_t selection_unit) {
+                   int64_t selection_unit,
+                   const std::optional<at::Tensor>& sel_cache_tiles) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   DecodeParams p =
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                     rotation_signs, softmax_scale, g, num_splits, min_tiles_per_split, 0,
                     std::nullopt, 1,
-                    {{&sel_positions, "sel_positions"}, {&sel_count, "sel_count"}});
+                    {{&sel_positions, "sel_positions"}, {&sel_count, "sel_count"},
+                     {present(sel_cache_tiles), "sel_cache_tiles"}});
   // Counts live on the device, so they are not checked here (that would synchronize and
   // could not be captured in a CUDA graph): the kernel reads a count above the budget as
   // the budget and a negative count other than -1 as 0.
   set_selection(p, sel_positions, sel_count, shared_selection, selection_unit, q);
+  // Entries are not checked against the cache here either (on the device): decode_select
+  // writes them from the same block table, and the caller passes that table.
+  p.sel_cache_tiles = check_cache_tiles(sel_cache_tiles, sel_positions, selection_unit, q);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,
@@ -691,7 +715,8 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
                    int64_t bits, int64_t group_size, int64_t block_size, int64_t num_splits,
                    int64_t min_tiles_per_split, at::Tensor& sel_positions,
                    at::Tensor& sel_count, at::Tensor& keys, const at::Tensor& key_offsets,
-                   int64_t min_seq_len, bool shared_selection, int64_t selection_unit) {
+                   int64_t min_seq_len, bool shared_selection, int64_t selection_unit,
+                   const std::optional<at::Tensor>& sel_cache_tiles) {
   const PageGeometry g = page_geometry(bits, group_size, block_size);
   DecodeParams p =
       decode_params(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
@@ -700,6 +725,8 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   const int64_t sel_heads =
       set_selection(p, sel_positions, sel_count, shared_selection, selection_unit, q);
   check_no_overlap(sel_positions, "sel_positions");  // the top-k writes each row's list
+  int32_t* cache_tiles = check_cache_tiles(sel_cache_tiles, sel_positions, selection_unit, q);
+  if (cache_tiles != nullptr) check_no_overlap(*sel_cache_tiles, "sel_cache_tiles");
   TORCH_CHECK(keys.is_cuda() && keys.scalar_type() == at::kInt && keys.is_contiguous() &&
                   keys.numel() % sel_heads == 0,
               "bitdecode: keys must be a contiguous CUDA int32 workspace of ", sel_heads,
@@ -715,7 +742,8 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   check_same_device(key_offsets, "key_offsets", q);
   // the decode writes keys (and out, the partials), the top-k reads the keys and writes
   // the lists and counts
-  check_apart({{&keys, "keys"}, {&sel_positions, "sel_positions"}, {&sel_count, "sel_count"}},
+  check_apart({{&keys, "keys"}, {&sel_positions, "sel_positions"}, {&sel_count, "sel_count"},
+               {present(sel_cache_tiles), "sel_cache_tiles"}},
               {{&q, "q"}, {&cache, "cache"}, {&block_table, "block_table"},
                {&seq_lens, "seq_lens"}, {&key_offsets, "key_offsets"},
                {present(rotation_signs), "rotation_signs"}, {&out, "out"},
@@ -742,6 +770,10 @@ void decode_select(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache
   sp.num_seqs = static_cast<int>(num_seqs);
   sp.min_seq_len = p.sel_min_seq_len;
   sp.shared = shared_selection;
+  sp.sel_cache_tiles = cache_tiles;  // nullptr: positions only
+  sp.block_table = p.block_table;
+  sp.block_table_stride = p.block_table_stride;
+  sp.tile_shift = p.page.block_shift - 4;
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   BITDECODE_DISPATCH(q.scalar_type(), bits, group_size,

@@ -57,7 +57,7 @@ def _decode_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
 def _decode_sparse_fake(out, q, cache, block_table, seq_lens, sel_positions, sel_count,
                         partial_out, partial_lse, rotation_signs, softmax_scale, bits,
                         group_size, block_size, num_splits, min_tiles_per_split,
-                        shared_selection, selection_unit=1):
+                        shared_selection, selection_unit=1, sel_cache_tiles=None):
     return None
 
 
@@ -65,7 +65,7 @@ def _decode_sparse_fake(out, q, cache, block_table, seq_lens, sel_positions, sel
 def _decode_select_fake(out, q, cache, block_table, seq_lens, partial_out, partial_lse,
                         rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
                         min_tiles_per_split, sel_positions, sel_count, keys, key_offsets,
-                        min_seq_len, shared_selection, selection_unit=1):
+                        min_seq_len, shared_selection, selection_unit=1, sel_cache_tiles=None):
     return None
 
 
@@ -113,6 +113,7 @@ def decode_sparse(
     min_tiles_per_split: int,
     shared_selection: bool,
     selection_unit: int = 1,
+    sel_cache_tiles: torch.Tensor | None = None,  # as sel_positions; selection_unit 16 only
 ) -> None:
     """Sparse decode of a reuse layer (docs/sparse-mode-design.md): the dense ``decode``
     over the selected positions only, ``reference_sparse.sparse_attention`` on the GPU.
@@ -128,11 +129,16 @@ def decode_sparse(
     Counts stay on the device and are not checked: a count above the budget reads the
     budget's positions, any other negative count is taken as 0. Splits are planned as for
     ``decode``, each split covering a share of the ``ceil(count / 16)`` tiles.
+
+    ``sel_cache_tiles`` (pages only): the same lists as ``decode_select`` wrote them there,
+    each page's place in the cache, so that the kernel reads a page after one load (the
+    list) instead of two (the list, then ``block_table``); ``sel_positions`` is then read
+    for nothing else. They must come from the same ``block_table``.
     """
     torch.ops.bitdecode.decode_sparse(
         out, q, cache, block_table, seq_lens, sel_positions, sel_count, partial_out,
         partial_lse, rotation_signs, softmax_scale, bits, group_size, block_size, num_splits,
-        min_tiles_per_split, shared_selection, selection_unit,
+        min_tiles_per_split, shared_selection, selection_unit, sel_cache_tiles,
     )
 
 
@@ -158,6 +164,7 @@ def decode_select(
     min_seq_len: int,
     shared_selection: bool,
     selection_unit: int = 1,
+    sel_cache_tiles: torch.Tensor | None = None,  # as sel_positions; written (pages only)
 ) -> None:
     """A selection layer (docs/sparse-mode-design.md): ``decode``, which writes ``out``
     exactly as ``decode`` does, and from the same logits ``reference_sparse.select`` with
@@ -181,13 +188,16 @@ def decode_select(
     with pages of 16 tokens): a page's key is the best of its tokens', the row's own page
     is kept, ``sel_positions`` holds page indices (position // 16) and its last dimension
     is the budget in pages. The workspace then holds one key per page of each row, at
-    the row's offset.
+    the row's offset. With ``sel_cache_tiles`` it also writes each listed page's place
+    in the cache there (``reference_sparse.cache_tiles``: ``block_table[r, page // t] * t
+    + page % t``, ``t = block_size // 16``), for ``decode_sparse``; entries past a row's
+    count are left as they were.
     """
     torch.ops.bitdecode.decode_select(
         out, q, cache, block_table, seq_lens, partial_out, partial_lse, rotation_signs,
         softmax_scale, bits, group_size, block_size, num_splits, min_tiles_per_split,
         sel_positions, sel_count, keys, key_offsets, min_seq_len, shared_selection,
-        selection_unit,
+        selection_unit, sel_cache_tiles,
     )
 
 

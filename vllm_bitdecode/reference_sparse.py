@@ -266,6 +266,27 @@ def pages_to_positions(pages: Selection, seq_lens: torch.Tensor, block_size: int
     return out
 
 
+def cache_tiles(pages: Selection, block_table: torch.Tensor, block_size: int,
+                page_tokens: int = PAGE_TOKENS) -> torch.Tensor:
+    """Each selected page's place in the cache, as ``decode_select`` writes its
+    ``sel_cache_tiles`` for ``decode_sparse``: page ``p`` of row ``r`` is tile ``p % t`` of
+    block ``block_table[r, p // t]``, so ``block_table[r, p // t] * t + p % t`` with ``t =
+    block_size // page_tokens`` pages per block. [rows, heads, page_budget] int32; slots
+    past a row's count (and every slot of a DENSE_ROW or padding row) -1."""
+    if block_size % page_tokens:
+        raise ValueError(f"block_size {block_size} is not a multiple of {page_tokens}")
+    per_block = block_size // page_tokens
+    out = torch.full_like(pages.positions, -1)
+    for i in range(pages.positions.shape[0]):
+        c = int(pages.counts[i])
+        if c <= 0:
+            continue
+        page = pages.positions[i, :, :c].long()
+        out[i, :, :c] = (block_table[i].long()[page // per_block] * per_block +
+                         page % per_block).to(torch.int32)
+    return out
+
+
 # ---- sparse attention -------------------------------------------------------------------
 def gather_tokens(
     cache: torch.Tensor, block_table_row: torch.Tensor, positions: torch.Tensor,

@@ -466,3 +466,30 @@ def test_a_page_budget_over_every_page_equals_dense(block_size):
     got = rs.sparse_attention(q, cache, table, seq_lens, tokens, SCALE, fmt, True)
     torch.testing.assert_close(got, _dense(q, cache, table, seq_lens, fmt, True), atol=1e-5,
                                rtol=1e-5)
+
+
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_cache_tiles_name_each_selected_page_in_its_block(block_size):
+    """A selected 16-token page's place in the cache: its tile in the block that the
+    row's block table maps it to; -1 past the count and for DENSE_ROW and padding rows."""
+    per_block = block_size // 16
+    table = torch.tensor([[7, 2, 9, 4], [3, 0, 5, 1], [6, 8, 10, 11]], dtype=torch.int32)
+    pages = rs.Selection(torch.full((3, 2, 5), -1, dtype=torch.int32),
+                         torch.tensor([3, rs.DENSE_ROW, 0], dtype=torch.int32))
+    last = 4 * per_block - 1  # the row's last page
+    pages.positions[0, 0, :3] = torch.tensor([0, per_block, last])
+    pages.positions[0, 1, :3] = torch.tensor([1 % per_block, 2 * per_block + 1 % per_block, last])
+    got = rs.cache_tiles(pages, table, block_size)
+    for h in range(2):
+        for j in range(3):
+            page = int(pages.positions[0, h, j])
+            block = int(table[0, page // per_block])
+            assert int(got[0, h, j]) == block * per_block + page % per_block
+    assert (got[0, :, 3:] == -1).all() and (got[1:] == -1).all()
+    assert int(got[0, 0, 2]) == 4 * per_block + per_block - 1  # block 4's last tile
+
+
+def test_cache_tiles_refuse_a_block_size_not_of_whole_pages():
+    pages = rs.Selection(torch.zeros(1, 1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="not a multiple of 16"):
+        rs.cache_tiles(pages, torch.zeros(1, 1, dtype=torch.int32), 24)

@@ -51,7 +51,9 @@ def _metadata(cfg: BitDecodeConfig, sparse: bool) -> BitDecodeMetadata:
             sel_positions=torch.zeros(4, KV_HEADS, cfg.sparse.unit_budget, dtype=torch.int32),
             sel_count=torch.zeros(4, dtype=torch.int32),
             keys=torch.zeros(1024 * KV_HEADS, dtype=torch.int32),
-            key_offsets=torch.zeros(2, dtype=torch.int64), reuse_splits=3)
+            key_offsets=torch.zeros(2, dtype=torch.int64), reuse_splits=3,
+            sel_cache_tiles=torch.zeros(4, KV_HEADS, cfg.sparse.unit_budget, dtype=torch.int32)
+            if cfg.sparse.selection_unit > 1 else None)
     return BitDecodeMetadata(
         num_actual_tokens=2, slot_mapping=torch.zeros(2, dtype=torch.int64), num_decodes=2,
         decode_seq_lens=torch.tensor([300, 500], dtype=torch.int32),
@@ -108,13 +110,20 @@ def test_selection_and_reuse_share_the_step_buffers(recorded, granularity):
     assert select[14] is sp.sel_positions and select[15] is sp.sel_count
     assert select[16] is sp.keys and select[17] is sp.key_offsets
     assert select[18] == cfg.sparse.dense_below == 2 * BUDGET and select[19] is False
-    assert sparse[5] is sp.sel_positions and sparse[6] is sp.sel_count and sparse[-2] is False
+    assert sparse[5] is sp.sel_positions and sparse[6] is sp.sel_count and sparse[16] is False
     # the reuse layer runs its own split plan, the selection layer the dense one
     assert sparse[14] == sp.reuse_splits == 3 and select[12] == md.num_splits == 1
     # both ops are told the unit; with pages the buffer holds the budget in pages
     unit = 16 if granularity == "page" else 1
-    assert select[20] == sparse[-1] == unit
+    assert select[20] == sparse[17] == unit
     assert sp.sel_positions.shape[-1] == BUDGET // unit
+    # with pages the selection layer also writes their places in the cache, which the
+    # reuse layers read in place of the block table
+    if granularity == "page":
+        assert sp.sel_cache_tiles.shape == sp.sel_positions.shape
+        assert select[21] is sp.sel_cache_tiles and sparse[18] is sp.sel_cache_tiles
+    else:
+        assert sp.sel_cache_tiles is None and select[21] is None and sparse[18] is None
 
 
 def test_without_sparse_every_layer_decodes_densely(recorded):

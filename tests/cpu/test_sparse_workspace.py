@@ -256,6 +256,7 @@ def _persistent(b: BitDecodeMetadataBuilder) -> dict[str, torch.Tensor]:
     sp = b.sparse
     return {"rotation_signs": b.rotation_signs, "row_seq_lens": b._row_seq_lens,
             "row_block_table": b._row_block_table, "sel_positions": sp.sel_positions,
+            "sel_cache_tiles": sp.sel_cache_tiles,
             "sel_count": sp.sel_count, "keys": sp.keys, "key_offsets": sp.key_offsets,
             "row_slot": b.row_slots.device_row_slot}
 
@@ -278,6 +279,7 @@ def test_wake_up_writes_the_persistent_buffers_again(monkeypatch):
     start = {name: t.clone() for name, t in _persistent(b).items()}
     assert torch.equal(start["rotation_signs"], rotation_signs(128))
     assert (start["sel_positions"] == -1).all() and not start["row_block_table"].any()
+    assert (start["sel_cache_tiles"] == -1).all()  # page granularity
     assert (start["row_slot"] == 4).all()
     metadata._BUILDERS.add(b)
 
@@ -332,7 +334,8 @@ def test_a_large_selection_buffer_is_announced(monkeypatch, granularity, max_seq
     seen = _warnings(monkeypatch)
     monkeypatch.setattr(metadata, "SELECTION_WARN_BYTES", 32 << 20)
     b = _builder(granularity, 0, max_seqs=max_seqs)
-    size = b.sparse.sel_positions.numel() * 4
+    tiles = b.sparse.sel_cache_tiles  # pages: their places in the cache, as many
+    size = (b.sparse.sel_positions.numel() + (0 if tiles is None else tiles.numel())) * 4
     notes = [m % a for m, a in seen if "selected positions" in m]
     assert bool(notes) == warned == (size >= 32 << 20), (size, notes)
     if warned:

@@ -82,14 +82,26 @@ def _run_sparse(q, cache, table, seq_lens, sel, fmt, rotate, num_splits, shared,
     partial_out = torch.full((num_splits * b * hq * d,), float("nan"), device=DEV)
     partial_lse = torch.full((num_splits * b * hq,), float("nan"), device=DEV)
     signs = rotation_signs(d).to(DEV) if rotate else None
-    _ops().decode_sparse(
-        out, q.to(DEV), cache.to(DEV), table.to(DEV),
-        torch.tensor(seq_lens, dtype=torch.int32, device=DEV), sel.positions.to(DEV),
-        sel.counts.to(DEV), partial_out, partial_lse, signs, scale, fmt.bits, fmt.group_size,
-        fmt.block_size, num_splits, min_tiles, shared, unit,
-    )
-    torch.cuda.synchronize()
-    return out.cpu()
+
+    def run(positions, tiles):
+        _ops().decode_sparse(
+            out, q.to(DEV), cache.to(DEV), table.to(DEV),
+            torch.tensor(seq_lens, dtype=torch.int32, device=DEV), positions.to(DEV),
+            sel.counts.to(DEV), partial_out, partial_lse, signs, scale, fmt.bits,
+            fmt.group_size, fmt.block_size, num_splits, min_tiles, shared, unit, tiles,
+        )
+        torch.cuda.synchronize()
+        return out.cpu()
+
+    got = run(sel.positions, None)
+    if unit > 1:  # the pages as places in the cache (decode_select's sel_cache_tiles),
+        # read in place of the positions, which are poisoned for it
+        out.fill_(float("nan"))
+        tiles = rs.cache_tiles(sel, table, fmt.block_size).to(DEV)
+        poisoned = torch.full_like(sel.positions, NO_PAGE)
+        assert torch.equal(run(poisoned, tiles), got), (
+            "the cache tiles read other pages than the table")
+    return got
 
 
 def _reference(q, cache, table, seq_lens, sel, fmt, rotate, scale=SCALE):
@@ -380,10 +392,11 @@ def test_wrapper_matches_the_op_schema():
 BAD_SPARSE_CALL = BAD_CALL_SETUP + """
 pos = torch.arange(16, dtype=torch.int32, device="cuda").view(1, 1, 16).repeat(1, 2, 1)
 count = torch.tensor([5], dtype=torch.int32, device="cuda")
-a = dict(pos=pos, count=count, shared=False, group=128, unit=1)
+tiles = torch.zeros_like(pos)
+a = dict(pos=pos, count=count, shared=False, group=128, unit=1, tiles=None)
 a.update({kwargs})
 o.decode_sparse(out, q, cache, table, lens, a["pos"], a["count"], ws, ws, None, 0.1, 4,
-                a["group"], 16, 1, 8, a["shared"], a["unit"])
+                a["group"], 16, 1, 8, a["shared"], a["unit"], a["tiles"])
 torch.cuda.synchronize()
 print("OK")
 """
@@ -405,6 +418,13 @@ BAD_SPARSE_CASES = [
     # the decode writes out, and must not write what it reads
     ("count=out.view(-1)[:2].view(torch.int32)", "out shares memory with sel_count"),
     ("count=count.clamp(max=1), unit=16", None),  # one 16-token page, read whole
+    ("count=count.clamp(max=1), unit=16, tiles=tiles", None),  # its place in the cache given
+    ("tiles=tiles", "pass them with selection_unit 16 only, got selection_unit 1"),
+    ("unit=16, tiles=tiles[:, :1]", "sel_cache_tiles must be a CUDA int32 tensor of "
+                                    "sel_positions' shape"),
+    ("unit=16, tiles=tiles.cpu()", "sel_cache_tiles must be a CUDA int32 tensor"),
+    ("unit=16, tiles=out.view(-1)[:64].view(torch.int32).view(1, 2, 16)",
+     "out shares memory with sel_cache_tiles"),
     ("pos=pos.transpose(1, 2).contiguous().transpose(1, 2)", "contiguous in its last dimension"),
     ("count=count.long()", "sel_count must be a contiguous CUDA int32"),
     ("count=count[:0]", "sel_count must be a contiguous CUDA int32"),

@@ -169,7 +169,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     md.decode_seq_lens, sp.sel_positions, sp.sel_count, md.partial_out,
                     md.partial_lse, md.rotation_signs, self.scale, fmt.bits, fmt.group_size,
                     fmt.block_size, sp.reuse_splits, MIN_TILES_PER_SPLIT, sp.shared,
-                    sp.selection_unit,
+                    sp.selection_unit, sp.sel_cache_tiles,
                 )
             elif role == config.SELECT:  # dense, and the positions for the reuse layers
                 ops.decode_select(
@@ -178,6 +178,7 @@ class BitDecodeAttentionImpl(AttentionImpl[BitDecodeMetadata]):
                     self.scale, fmt.bits, fmt.group_size, fmt.block_size, md.num_splits,
                     MIN_TILES_PER_SPLIT, sp.sel_positions, sp.sel_count, sp.keys,
                     sp.key_offsets, sp.min_seq_len, sp.shared, sp.selection_unit,
+                    sp.sel_cache_tiles,
                 )
             else:  # with decode_query_start, the rows are the requests' query tokens
                 # and otherwise the rows themselves: not num_decode_tokens, which is

@@ -401,6 +401,10 @@ class SparseMetadata:
     keys: torch.Tensor  # [(num_kv_heads or 1) * key_capacity] int32 score workspace
     key_offsets: torch.Tensor  # [num_decodes] int64: each row's first key (one per unit)
     reuse_splits: int = 1  # the reuse layers' split count this step (plan_reuse_splits)
+    # pages only: the lists again as the pages' places in the cache, written by the
+    # selection layers through the step's block table, so that a reuse layer reads a page
+    # after one load instead of two (ops.decode_select / decode_sparse); None for tokens
+    sel_cache_tiles: torch.Tensor | None = None  # as sel_positions
 
     @property
     def key_capacity(self) -> int:
@@ -571,6 +575,8 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
                 buffer.zero_()
         if self.sparse is not None:
             self.sparse.sel_positions.fill_(-1)
+            if self.sparse.sel_cache_tiles is not None:
+                self.sparse.sel_cache_tiles.fill_(-1)
             self.sparse.sel_count.zero_()
             self.sparse.keys.zero_()
             self.sparse.key_offsets.zero_()
@@ -613,7 +619,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             kv_tokens=(vllm_config.cache_config.num_gpu_blocks or 0)
             * self.kv_cache_spec.block_size)
         self.key_offsets = torch.empty(max_rows, dtype=torch.int64, device=device)
-        positions_bytes = max_rows * sel_heads * sparse.unit_budget * 4
+        # with pages, their places in the cache too (as many)
+        positions_bytes = max_rows * sel_heads * sparse.unit_budget * 4 * (
+            2 if sparse.selection_unit > 1 else 1)
         logger.info(
             "BITDECODE sparse decode: dense layers %s, selection layers %s, reuse layers "
             "%s; token budget %d, dense below %d tokens, %s selection of %ss; score "
@@ -628,7 +636,7 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             logger.warning(
                 "BITDECODE sparse decode: the selected positions take %.2f GiB per GPU "
                 "(%d decode rows x %d heads x %d %ss), outside the KV cache's budget; "
-                "page granularity (16x fewer), a smaller token_budget or --max-num-seqs "
+                "page granularity (8x fewer bytes), a smaller token_budget or --max-num-seqs "
                 "lowers it", positions_bytes / 2**30, max_rows, sel_heads,
                 sparse.unit_budget, sparse.granularity)
         if model.max_model_len > capacity:
@@ -651,6 +659,9 @@ class BitDecodeMetadataBuilder(AttentionMetadataBuilder[BitDecodeMetadata]):
             selection_unit=sparse.selection_unit,
             sel_positions=torch.empty((max_rows, sel_heads, sparse.unit_budget),
                                       dtype=torch.int32, device=device),
+            sel_cache_tiles=torch.empty((max_rows, sel_heads, sparse.unit_budget),
+                                        dtype=torch.int32, device=device)
+            if sparse.selection_unit > 1 else None,
             sel_count=torch.empty(max_rows, dtype=torch.int32, device=device),
             keys=torch.empty(capacity * sel_heads, dtype=torch.int32, device=device),
             key_offsets=self.key_offsets,

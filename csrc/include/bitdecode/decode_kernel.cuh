@@ -45,8 +45,10 @@
 // softmax are untouched and the softmax over the selected tokens is exact. With page
 // granularity (sel_unit_shift = 4) the list holds 16-token tiles instead: the kernel
 // walks them as the dense kernel walks a sequence, one bulk copy per tile, the last (the
-// row's own tile) partial. Rows marked kSelDenseRow walk their pages as the dense kernel
-// does; rows with count 0 write zeros without reading a page.
+// row's own tile) partial; with the selection layer's sel_cache_tiles the entries are
+// the tiles' places in the cache already, so no block-table load. Rows marked
+// kSelDenseRow walk their pages as the dense kernel does; rows with count 0 write zeros
+// without reading a page.
 //
 // SELECT = 1 is the selection layer of sparse decode (decode_select): the dense
 // kernel that also leaves every token's selection key: the maximum of its S^T column over the
@@ -292,8 +294,12 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // in a kernel of a few microseconds. -1: not loaded.
   int pre_first_tile = -1;
   int pre_tile[2] = {-1, -1};
+  // the tile list's entries are places in the cache already (DecodeParams::sel_cache_tiles)
+  bool cache_tiles = false;
   if constexpr (SPARSE) {
-    const int32_t* row_positions = p.sel_positions + seq * p.sel_stride_seq +
+    cache_tiles = p.sel_unit_shift != 0 && p.sel_cache_tiles != nullptr;
+    const int32_t* row_positions = (cache_tiles ? p.sel_cache_tiles : p.sel_positions) +
+                                   seq * p.sel_stride_seq +
                                    (p.sel_shared ? 0 : kv_head) * p.sel_stride_head;
     if (p.sel_unit_shift != 0) {
       pre_first_tile = split * tiles_per_split(p.sel_budget) + warp;
@@ -387,7 +393,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   __syncwarp();
 
   const uint8_t* head_base = p.cache + kv_head * p.cache_stride_head;
-  const int32_t* table = p.block_table + seq * p.block_table_stride;
+  // nullptr when the tile list's entries are places in the cache already: the marker
+  // itself, not a flag beside it, so that no extra register lives through the tile loop
+  // (a flag spilled into it in the 4-bit group-64 one-head-tile kernel)
+  const int32_t* table =
+      tile_list && cache_tiles ? nullptr : p.block_table + seq * p.block_table_stride;
   const int block_shift = p.page.block_shift;
   auto tile_token0 = [&](int i) { return (first_tile + kDecodeWarps * i) * kTileTokens; };
   // Local tile i's page (tile first_tile + 4 i of the sequence), or with a tile list its
@@ -396,12 +406,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // encodings, so that kernels without tile lists keep their registers (one encoding for
   // both made the channel-K kernel spill at 2 bits, V group 64).
   const int tile_shift = block_shift - 4;
-  auto tile_entry = [&](int tile) {
-    return table[tile >> tile_shift] << tile_shift | (tile & ((1 << tile_shift) - 1));
+  // a tile list's entry as that place: read as it is when the list holds places already
+  auto list_entry = [&](int listed) {
+    return table == nullptr ? listed : cache_tile(table, listed, tile_shift);
   };
   auto table_entry = [&](int i) {
     if (i >= n_local) return 0;
-    if (tile_list) return tile_entry(positions[first_tile + kDecodeWarps * i]);
+    if (tile_list) return list_entry(positions[first_tile + kDecodeWarps * i]);
     return table[tile_token0(i) >> block_shift];
   };
   // Lane l holds the source address of local tile 32 * window + l, and of the window
@@ -419,8 +430,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   };
   uint64_t addr_cur = 0, addr_next = 0;
   if (tile_list && first_tile == pre_first_tile) {  // the entries loaded at the start
-    addr_cur = lane < n_local ? tile_address(tile_entry(pre_tile[0]), lane) : 0;
-    addr_next = 32 + lane < n_local ? tile_address(tile_entry(pre_tile[1]), 32 + lane) : 0;
+    addr_cur = lane < n_local ? tile_address(list_entry(pre_tile[0]), lane) : 0;
+    addr_next = 32 + lane < n_local ? tile_address(list_entry(pre_tile[1]), 32 + lane) : 0;
   } else if (!gather) {
     addr_cur = tile_address(table_entry(lane), lane);
     addr_next = tile_address(table_entry(32 + lane), 32 + lane);

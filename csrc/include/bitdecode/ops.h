@@ -64,7 +64,10 @@ void decode_sparse(at::Tensor& out,                  // [seqs, heads, 128]
                    const std::optional<at::Tensor>& rotation_signs,  // [128] f32
                    double softmax_scale, int64_t bits, int64_t group_size, int64_t block_size,
                    int64_t num_splits, int64_t min_tiles_per_split, bool shared_selection,
-                   int64_t selection_unit);
+                   int64_t selection_unit,
+                   // [seqs, kv_heads or 1, budget] int32, selection_unit 16 only: the pages
+                   // as decode_select wrote them into sel_cache_tiles (no block-table load)
+                   const std::optional<at::Tensor>& sel_cache_tiles);
 
 // Per-channel K mode (issue #7): decode over channel-mode pages, each sequence's own page
 // (the one holding position seq_len - 1) with its K and V from residual[row_slot[seq]]
@@ -104,7 +107,11 @@ void decode_select(at::Tensor& out,                  // [seqs, heads, 128]
                    at::Tensor& sel_count,            // [seqs] int32
                    at::Tensor& keys,                 // [(kv_heads or 1) * capacity] int32
                    const at::Tensor& key_offsets,    // [seqs] int64
-                   int64_t min_seq_len, bool shared_selection, int64_t selection_unit);
+                   int64_t min_seq_len, bool shared_selection, int64_t selection_unit,
+                   // [seqs, kv_heads or 1, budget] int32, written with selection_unit 16:
+                   // each listed page's place in the cache, block_table[r][page / (block_size
+                   // / 16)] * (block_size / 16) + page % (block_size / 16)
+                   const std::optional<at::Tensor>& sel_cache_tiles);
 
 // Per-channel K mode (issue #7): V per token into the pages, every page whose last slot a
 // token of this step writes quantized per channel (its earlier keys from the request's

@@ -94,6 +94,12 @@ struct DecodeParams {
   // are 16-token pages (tiles, token t in tile t / 16; each read whole with one bulk
   // copy), ascending, the last one the sequence's own (partial) tile.
   int sel_unit_shift;
+  // nullptr, or with sel_unit_shift 4 the same lists as places in the cache, written by
+  // the selection layer beside sel_positions (same strides): tile t of the sequence as
+  // block_table[seq][t >> (block_shift - 4)] << (block_shift - 4) | t's tile in its page,
+  // so that a reuse layer's first copy waits for one load, not for the list and then the
+  // block table.
+  const int32_t* sel_cache_tiles;
   // Selection layer (decode_select): the dense kernel also writes, for every unit (token,
   // or 16-token tile with sel_unit_shift 4) of a row with keys (selection_row_has_keys),
   // the order key of its highest scaled logit over the KV head's query heads (all heads
@@ -130,6 +136,12 @@ struct SelectParams {
   int num_seqs;
   int min_seq_len;               // rows shorter than this decode densely
   bool shared;                   // one position set for all KV heads (keys reset to 0)
+  // nullptr, or with unit_shift 4 the lists again as places in the cache (DecodeParams::
+  // sel_cache_tiles), written through the rows' block tables
+  int32_t* sel_cache_tiles;      // [>= num_seqs, num_kv_heads or 1, sel_budget], written
+  const int32_t* block_table;    // [>= num_seqs, block_table_stride]
+  int64_t block_table_stride;
+  int tile_shift;                // log2(16-token tiles per page)
 };
 
 // Per-channel K mode (issue #7, docs/per-channel-k-design.md): one step's K/V into the

@@ -189,6 +189,16 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
     for (int i = thread; i < budget; i += stride) positions[i] = -1;
     return;
   }
+  // List entry `slot` is `unit`; with cache tiles also its place in the cache, for the
+  // reuse layers (one block-table load here instead of one in each of them).
+  int32_t* cache_tiles = p.sel_cache_tiles == nullptr
+                             ? nullptr
+                             : p.sel_cache_tiles + seq * p.sel_stride_seq + h * p.sel_stride_head;
+  const int32_t* table = p.block_table + seq * p.block_table_stride;
+  auto put = [&](int slot, int unit) {
+    positions[slot] = unit;
+    if (cache_tiles != nullptr) cache_tiles[slot] = cache_tile(table, unit, p.tile_shift);
+  };
   // Positions [begin, end) of the older ones are this CTA's; warp w's share is
   // [warp_begin, warp_end), a whole number of kChunk-key chunks.
   constexpr int kUnroll = 8, kChunk = 32 * kUnroll;
@@ -198,7 +208,13 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
   const int begin = min(rank * kWarps * per_warp, older);
   const int end = min(begin + kWarps * per_warp, older);
   if (n <= budget) {  // every position
-    for (int i = thread; i < budget; i += stride) positions[i] = i < n ? i : -1;
+    for (int i = thread; i < budget; i += stride) {
+      if (i < n) {
+        put(i, i);
+      } else {
+        positions[i] = -1;
+      }
+    }
   } else if (budget > 1) {
     // the budget - 1 best of the n - 1 older positions, then the newest
     int need = budget - 1;
@@ -280,14 +296,14 @@ __global__ void __launch_bounds__(kThreads) select_topk_kernel(SelectParams p) {
         const bool take = (i < warp_end && v[u] > threshold) ||
                           (is_tie && __popc(tie_mask & lower) < tie_quota);
         const unsigned take_mask = __ballot_sync(0xffffffffu, take);
-        if (take) positions[offset + __popc(take_mask & lower)] = i;
+        if (take) put(offset + __popc(take_mask & lower), i);
         offset += __popc(take_mask);
         tie_quota -= min(tie_quota, __popc(tie_mask));
       }
     }
-    if (thread == 0) positions[budget - 1] = n - 1;
+    if (thread == 0) put(budget - 1, n - 1);
   } else if (thread == 0) {  // a budget of 1 keeps the newest position only
-    positions[0] = n - 1;
+    put(0, n - 1);
   }
   if (p.shared) {  // atomicMax needs zeros next time
     if (n <= budget) {  // no ranges were read: split [0, n) evenly

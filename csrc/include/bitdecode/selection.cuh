@@ -25,4 +25,13 @@ __device__ __forceinline__ bool selection_row_has_keys(int seq_len, int64_t row0
   return seq_len >= 1 && seq_len >= min_seq_len && row0 >= 0 && row0 + seq_len <= capacity;
 }
 
+// A 16-token tile of a sequence as its place in the cache: the tile's page from the
+// row's block table, shifted by tile_shift (pages of 1 << tile_shift tiles), or'd with
+// the tile's index in that page. The host checks that every place fits an int32
+// (csrc/ops.cpp, check_cache). The reuse kernel takes this from the block table, or
+// from the selection layer's top-k, which wrote it (sel_cache_tiles).
+__device__ __forceinline__ int cache_tile(const int32_t* table, int tile, int tile_shift) {
+  return table[tile >> tile_shift] << tile_shift | (tile & ((1 << tile_shift) - 1));
+}
+
 }  // namespace bitdecode
