@@ -17,7 +17,9 @@ flush, median of --reps). Per (batch, context):
   ``decode_sparse`` over ``budget / 16`` pages per KV head chosen at random (the newest
   included), the same bytes as ``sparse`` read as one bulk copy per page, each page's
   place in the cache given (``sel_cache_tiles``, as the backend passes them);
-  ``sparse-pages-table`` is the same layer finding the pages through the block table.
+  ``sparse-pages-table`` is the same layer finding the pages through the block table,
+  and ``select-pages-no-tiles`` the page selection layer writing no cache places (what
+  writing them costs the top-k).
 
 The reuse rows run the backend's reuse-layer split plan (``plan_reuse_splits``). With
 ``--split-sweep 1,4,16,64`` the page reuse layer is also timed with each of those split
@@ -213,6 +215,11 @@ def bench_cases(batch: int, context: int, budgets: list[int], timer: InStepTimer
             rows.append(timed(run_select, [run_select] * timer.layers, impl="bitdecode",
                               kind="select" + suffix, kv=f"int{BITS}", budget=budget,
                               bytes=dense_bytes, num_splits=splits))
+            if unit > 1:  # the same layer without the cache places, this run's A/B
+                no_tiles = functools.partial(run_select, tiles=None)
+                rows.append(timed(no_tiles, [no_tiles] * timer.layers, impl="bitdecode",
+                                  kind="select-pages-no-tiles", kv=f"int{BITS}",
+                                  budget=budget, bytes=dense_bytes, num_splits=splits))
             # a random selection of the same size (the newest unit kept), as select writes
             positions.copy_(random_selection(batch, dense.HKV, context // unit, units, gen))
             counts.fill_(units)
@@ -284,6 +291,10 @@ def summarize(rows: list[dict], key: str = "ms") -> dict:
             out[f"selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r[key] / dense_ms
         elif r["kind"] == "select-pages":
             out[f"page_selection_layer_k{r['budget']}_vs_dense_int{BITS}"] = r[key] / dense_ms
+        elif r["kind"] == "select-pages-no-tiles":  # > 1: what the cache places cost
+            pages = next(t[key] for t in rows
+                         if t["kind"] == "select-pages" and t["budget"] == r["budget"])
+            out[f"page_selection_layer_k{r['budget']}_cache_tiles_vs_none"] = pages / r[key]
     if key == "ms" and all("ms_in_step" in r for r in rows if _ratio_row(r)):
         out |= {f"{k}_in_step": v for k, v in summarize(rows, "ms_in_step").items()}
     return out

@@ -48,6 +48,18 @@ def test_summary_ratios():
     assert not any(k.endswith("gpu_span") for k in s)  # no kernel times recorded
 
 
+def test_summary_ratios_of_the_cache_place_ab_rows():
+    """Each A/B row's ratio divides the slower side by the faster: > 1 where the cache
+    places pay (reuse) or cost (selection)."""
+    rows = _rows() + [
+        dict(impl="bitdecode", kind="sparse-pages-table", kv="int4", budget=2048, ms=0.06),
+        dict(impl="bitdecode", kind="select-pages-no-tiles", kv="int4", budget=2048, ms=0.5)]
+    s = bench.summarize(rows)
+    assert s["sparse_pages_k2048_table_vs_cache_tiles"] == pytest.approx(1.2)
+    assert s["page_selection_layer_k2048_cache_tiles_vs_none"] == pytest.approx(1.1)
+    assert s["page_selection_layer_k2048_vs_dense_int4"] == pytest.approx(1.1)  # its own
+
+
 def test_summary_gpu_span_ratio_from_kernel_times():
     rows = _rows()
     rows[0]["kernels_us"] = {"fa3_kernel": 1900.0, "span": 1950.0}
