@@ -49,14 +49,14 @@ def test_summary_ratios():
 
 
 def test_summary_ratios_of_the_cache_place_ab_rows():
-    """Each A/B row's ratio divides the slower side by the faster: > 1 where the cache
-    places pay (reuse) or cost (selection)."""
+    """Each A/B row's ratio divides the side expected to be slower by the other: > 1
+    where the cache places pay (reuse) or cost (selection)."""
     rows = _rows() + [
         dict(impl="bitdecode", kind="sparse-pages-table", kv="int4", budget=2048, ms=0.06),
-        dict(impl="bitdecode", kind="select-pages-no-tiles", kv="int4", budget=2048, ms=0.5)]
+        dict(impl="bitdecode", kind="select-pages-no-tiles", kv="int4", budget=2048, ms=0.44)]
     s = bench.summarize(rows)
     assert s["sparse_pages_k2048_table_vs_cache_tiles"] == pytest.approx(1.2)
-    assert s["page_selection_layer_k2048_cache_tiles_vs_none"] == pytest.approx(1.1)
+    assert s["page_selection_layer_k2048_cache_tiles_vs_none"] == pytest.approx(1.25)
     assert s["page_selection_layer_k2048_vs_dense_int4"] == pytest.approx(1.1)  # its own
 
 

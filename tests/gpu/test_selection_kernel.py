@@ -330,11 +330,12 @@ def _key_scores(keys: torch.Tensor) -> torch.Tensor:
 def test_keys_alike_in_their_top_bits_rank_by_their_last_bits(unit):
     """Keys that share the bits of the first two radix rounds and differ in the last 10:
     round 3 alone picks the threshold, from the histograms of every rank of the cluster
-    (token selection: two 40K rows spread their keys over 5 CTAs of 8; pages: over the
-    warps of one CTA). Against the CPU oracle these scores are all near-ties, so the
-    selection is checked exactly against the kernel's own keys (left in the per-head
-    workspace): the budget - 1 highest of the older positions, the lowest positions
-    among equal keys, then the newest; and the keys against the oracle's scores."""
+    (token selection: rows of 40,001 and 33,335 tokens spread their keys over 5 CTAs of
+    8; pages: over the warps of one CTA). Against the CPU oracle these scores are all
+    near-ties, so the selection is checked exactly against the kernel's own keys (left in
+    the per-head workspace): the budget - 1 highest of the older positions, the lowest
+    positions among equal keys, then the newest; and the keys against the oracle's
+    scores."""
     gen = torch.Generator().manual_seed(14 + unit)
     fmt = PageFormat(128, 4, 128, 16)
     lens = [40_001, 33_335]
@@ -352,8 +353,10 @@ def test_keys_alike_in_their_top_bits_rank_by_their_last_bits(unit):
         scores = _scores(q, cache, table, n, fmt, False, False, i, unit)  # [heads, units]
         for h in range(KV_HEADS):
             row_keys = keys[h, row0 : row0 + units]
+            # a row's scores span about 5.4e-5; the kernel's sums lose up to about 6e-6
+            # (2^-13 of its biased products, scaled), a key at a wrong position mostly more
             torch.testing.assert_close(_key_scores(row_keys) / LOG2E, scores[h],
-                                       rtol=NEAR_TIE[torch.bfloat16], atol=0)
+                                       rtol=0, atol=1.5e-5)
             older = row_keys[:-1].long() & 0xFFFFFFFF
             order = torch.sort(older, descending=True, stable=True).indices  # ties: lowest
             want = [*sorted(order[: budget - 1].tolist()), units - 1]
@@ -363,7 +366,7 @@ def test_keys_alike_in_their_top_bits_rank_by_their_last_bits(unit):
             threshold = int(older[order[budget - 2]])
             same_top = (older >> (32 - TOP_ROUNDS_BITS)) == threshold >> (32 - TOP_ROUNDS_BITS)
             members = same_top.nonzero().flatten()
-            assert older[same_top].unique().numel() >= 4, (i, h)
+            assert older[same_top].unique().numel() >= 3, (i, h)
             assert int(members[0]) < units // 8 and int(members[-1]) > units * 7 // 8, (i, h)
         row0 += n  # _run's offsets: one workspace row per token, pages use the first units
 
