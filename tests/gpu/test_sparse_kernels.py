@@ -233,6 +233,28 @@ def test_every_page_selected_is_the_dense_decode_bit_for_bit(block_size):
         assert torch.equal(got, dense), f"num_splits={num_splits}"
 
 
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_long_page_lists_refill_their_windows(block_size):
+    """More than 64 tiles per warp in one split: a warp holds the places of its next 64
+    listed tiles, in two windows of 32, and loads the window after as its copies reach
+    the second (decode_kernel.cuh, `issue`), from the block table or from the cache
+    places; _run_sparse reads both, which must agree bit for bit. Row 0 lists fewer
+    pages than the budget, row 1 the whole budget (its first windows loaded beside the
+    count); 100 and 150 tiles per warp in one split, 50 and 75 in two."""
+    gen = torch.Generator().manual_seed(20 + block_size)
+    fmt, rotate = PageFormat(128, 4, 128, block_size), True
+    seq_lens, counts, budget = [8001, 12000], [400, 600], 600
+    q, cache, table = _batch(seq_lens, 2, 4, fmt, torch.bfloat16, rotate, gen)
+    pages = _page_selection(seq_lens, counts, 2, budget, gen)
+    assert pages.counts.tolist() == counts
+    tokens = rs.pages_to_positions(pages, torch.tensor(seq_lens), 16)
+    expected = _reference(q, cache, table, seq_lens, tokens, fmt, rotate)
+    for num_splits in (1, 2):
+        got = _run_sparse(q, cache, table, seq_lens, pages, fmt, rotate, num_splits, False,
+                          unit=16)
+        _assert_rows_close(got, expected, f"num_splits={num_splits}")
+
+
 # ---- dense rows, padding rows, counts out of range --------------------------------------
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 2])
