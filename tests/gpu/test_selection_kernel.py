@@ -47,7 +47,8 @@ NEAR_TIE = {torch.bfloat16: 2e-4, torch.float16: 2e-3}
 
 
 def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
-         keys=None, capacity=None, offsets=None, check_output=True, unit=1):
+         keys=None, capacity=None, offsets=None, check_output=True, unit=1,
+         return_tiles=False):
     rows, hq, d = q.shape
     sel_heads = 1 if shared else cache.shape[1]
     lens = torch.tensor(seq_lens, dtype=torch.int32)
@@ -77,7 +78,7 @@ def _run(q, cache, table, seq_lens, fmt, rotate, budget, min_seq_len, shared, *,
         for i, c in enumerate(sel.counts.tolist()):
             assert torch.equal(tiles[i, :, :max(c, 0)].cpu(), want[i, :, :max(c, 0)]), (
                 f"row {i}: sel_cache_tiles")
-    return sel, keys
+    return (sel, keys, tiles) if return_tiles else (sel, keys)
 
 
 def _scores(q, cache, table, n, fmt, rotate, shared, row, unit=1):
@@ -398,6 +399,23 @@ def test_select_right_after_the_write_sees_the_written_token(graph):
     check_decode_right_after_the_write(pages, decode, reference, graph, gen)
 
 
+def _assert_reuse_layer_matches(q, cache, table, lens, fmt, positions, counts, expected,
+                                 unit=1, tiles=None):
+    """decode_sparse (4 splits, outputs poisoned) over what a selection layer wrote,
+    against the reference's sparse attention."""
+    out = torch.full_like(q, float("nan"), device=DEV)
+    partial_out = torch.full((4 * q.shape[0] * q.shape[1] * 128,), float("nan"), device=DEV)
+    partial_lse = torch.full((4 * q.shape[0] * q.shape[1],), float("nan"), device=DEV)
+    _ops().decode_sparse(out, q.to(DEV), cache.to(DEV), table.to(DEV),
+                         torch.tensor(lens, dtype=torch.int32, device=DEV), positions.to(DEV),
+                         counts.to(DEV), partial_out, partial_lse, rotation_signs(128).to(DEV),
+                         SCALE, fmt.bits, fmt.group_size, fmt.block_size, 4, 1, False, unit,
+                         tiles)
+    torch.cuda.synchronize()
+    err = float((out.cpu().float() - expected).norm() / expected.norm())
+    assert torch.isfinite(out).all() and err <= 1e-2, err
+
+
 def test_selection_feeds_the_sparse_decode_kernel():
     """What a selection layer writes is what a reuse layer reads: decode_sparse over the
     kernel's selection equals the reference's sparse attention over the same selection."""
@@ -409,16 +427,8 @@ def test_selection_feeds_the_sparse_decode_kernel():
     sel, _ = _run(q, cache, table, lens, fmt, True, 512, 64, False)
     assert sel.counts.tolist() == [512, rs.DENSE_ROW, 512]
     expected = rs.sparse_attention(q, cache, table, torch.tensor(lens), sel, SCALE, fmt, True)
-    out = torch.full_like(q, float("nan"), device=DEV)
-    partial_out = torch.full((4 * 3 * q.shape[1] * 128,), float("nan"), device=DEV)
-    partial_lse = torch.full((4 * 3 * q.shape[1],), float("nan"), device=DEV)
-    _ops().decode_sparse(out, q.to(DEV), cache.to(DEV), table.to(DEV),
-                         torch.tensor(lens, dtype=torch.int32, device=DEV),
-                         sel.positions.to(DEV), sel.counts.to(DEV), partial_out, partial_lse,
-                         rotation_signs(128).to(DEV), SCALE, 4, 128, 16, 4, 1, False)
-    torch.cuda.synchronize()
-    err = float((out.cpu().float() - expected).norm() / expected.norm())
-    assert torch.isfinite(out).all() and err <= 1e-2, err
+    _assert_reuse_layer_matches(q, cache, table, lens, fmt, sel.positions, sel.counts,
+                                expected)
 
 
 def test_page_selection_feeds_the_sparse_decode_kernel_through_cache_tiles():
@@ -430,33 +440,15 @@ def test_page_selection_feeds_the_sparse_decode_kernel_through_cache_tiles():
     lens = [4000, 33, 2100]
     cache, table = _fill_pages(lens, KV_HEADS, fmt, torch.bfloat16, True, gen)
     q = torch.randn(3, KV_HEADS * 4, 128, generator=gen).to(torch.bfloat16)
-    rows, heads, budget = 3, KV_HEADS, 32
-    positions = torch.full((rows, heads, budget), POISON, dtype=torch.int32, device=DEV)
-    tiles = torch.full_like(positions, POISON)
-    counts = torch.full((rows,), POISON, dtype=torch.int32, device=DEV)
-    # the builder's layout: one row's keys start where its first token's would, since
-    # selection_row_has_keys counts tokens (a workspace sized in pages decodes densely)
-    keys = torch.zeros(sum(lens) * heads, dtype=torch.int32, device=DEV)
-    offsets = torch.tensor([0, lens[0], lens[0] + lens[1]], dtype=torch.int64, device=DEV)
-    out = torch.full_like(q, float("nan"), device=DEV)
-    partial_out = torch.full((4 * rows * q.shape[1] * 128,), float("nan"), device=DEV)
-    partial_lse = torch.full((4 * rows * q.shape[1],), float("nan"), device=DEV)
-    args = (q.to(DEV), cache.to(DEV), table.to(DEV),
-            torch.tensor(lens, dtype=torch.int32, device=DEV))
-    _ops().decode_select(out, *args, partial_out, partial_lse, rotation_signs(128).to(DEV),
-                         SCALE, 4, 128, 64, 4, 1, positions, counts, keys, offsets, 64, False,
-                         16, tiles)
-    sel = rs.Selection(positions.cpu(), counts.cpu())
-    assert sel.counts.tolist() == [budget, rs.DENSE_ROW, budget]
-    positions.fill_(POISON)  # the reuse layer reads the cache tiles, not the positions
-    out.fill_(float("nan"))
-    _ops().decode_sparse(out, *args, positions, counts, partial_out, partial_lse,
-                         rotation_signs(128).to(DEV), SCALE, 4, 128, 64, 4, 1, False, 16, tiles)
-    torch.cuda.synchronize()
+    sel, _, tiles = _run(q, cache, table, lens, fmt, True, 32, 64, False, unit=16,
+                         return_tiles=True)
+    assert sel.counts.tolist() == [32, rs.DENSE_ROW, 32]
     tokens = rs.pages_to_positions(sel, torch.tensor(lens), 16)
     expected = rs.sparse_attention(q, cache, table, torch.tensor(lens), tokens, SCALE, fmt, True)
-    err = float((out.cpu().float() - expected).norm() / expected.norm())
-    assert torch.isfinite(out).all() and err <= 1e-2, err
+    # the reuse layer reads the cache tiles, not the positions
+    poisoned = torch.full_like(sel.positions, POISON)
+    _assert_reuse_layer_matches(q, cache, table, lens, fmt, poisoned, sel.counts, expected,
+                                unit=16, tiles=tiles)
 
 
 BAD_SELECT = BAD_CALL_SETUP + """pos = torch.zeros(1, 2, 8, dtype=torch.int32, device="cuda")
