@@ -137,6 +137,27 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
+// Online-softmax states (a maximum m, and a sum l and a weighted value a, both scaled by
+// 2^-m) of W warps folded into one, scaled to their largest maximum; a warp that saw no
+// token (m = -inf) adds nothing, and if none did, l = 0. state_of(w): warp w's state.
+struct SoftmaxState {
+  float m, l, a;
+};
+template <int W, typename StateOf>
+__device__ __forceinline__ SoftmaxState fold_states(StateOf state_of) {
+  SoftmaxState r{-INFINITY, 0.0f, 0.0f};
+#pragma unroll
+  for (int w = 0; w < W; ++w) r.m = fmaxf(r.m, state_of(w).m);
+#pragma unroll
+  for (int w = 0; w < W; ++w) {
+    const SoftmaxState s = state_of(w);
+    const float f = s.m == -INFINITY ? 0.0f : fast_exp2(s.m - r.m);
+    r.l += s.l * f;
+    r.a += s.a * f;
+  }
+  return r;
+}
+
 // fp16 models lift the softmax weights P by 2^k (decode_kernel's lift_k): the V
 // product's B operand is fp16(P * v_scale / 2), and with small V (|V| ~ 1e-4) it fell
 // below fp16's smallest normal for small P and kept few bits. k puts the largest x =
@@ -1090,32 +1111,63 @@ __global__ void __launch_bounds__(kDecodeWarps * 32,
   // ---- merge the warps; write the output or this split's partial ---------------------
   for (int idx = threadIdx.x; idx < q_rows * HEAD; idx += blockDim.x) {
     const int row = idx / HEAD, c = idx % HEAD;
-    float m = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) m = fmaxf(m, merge_m[w * kHeads + row]);
-    float l = 0.0f, acc_o = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kDecodeWarps; ++w) {
-      const float mw = merge_m[w * kHeads + row];
-      const float f = mw == -INFINITY ? 0.0f : fast_exp2(mw - m);
-      l += merge_l[w * kHeads + row] * f;
-      acc_o += merge_o[(w * kHeads + row) * HEAD + c] * f;
-    }
+    const SoftmaxState st = fold_states<kDecodeWarps>([&](int w) {
+      const int i = w * kHeads + row;
+      return SoftmaxState{merge_m[i], merge_l[i], merge_o[i * HEAD + c]};
+    });
     // a query row that saw no token of this split (a later token's positions) has l = 0
-    write_row(row, c, l > 0.0f ? acc_o / l : 0.0f, l > 0.0f ? m + log2f(l) : -INFINITY);
+    write_row(row, c, st.l > 0.0f ? st.a / st.l : 0.0f,
+              st.l > 0.0f ? st.m + log2f(st.l) : -INFINITY);
   }
 }
 
 // Reduce the splits of every (query token, head): out = sum_s w_s o_s, w_s ~ 2^lse_s.
 // One CTA per (query token, head). A single long sequence is split up to 64 ways (the
-// planner's MAX_SPLITS), so the splits are read in parallel, not in a chain: the threads
-// stride over the LSEs for their maximum, then warp w accumulates splits w, w +
-// kCombineWarps, ... (each lane 4 channels, one 16-byte load per split, several splits
-// in flight), and the warps' sums meet in shared memory. (One thread per channel walking
-// every split took 22 us of a 50 us decode at 1 x 32K under Nsight Compute.)
+// planner's MAX_SPLITS), so the splits are read in parallel, not in a chain: warp w
+// takes splits w, w + kCombineWarps, ... (each lane 4 channels, one 16-byte load per
+// split), loading a split's log-sum-exp and output together, up to 8 splits a pass,
+// and keeps its own running maximum, rescaling its sums when it moves (as the decode's
+// online softmax does); the warps' sums meet in shared memory, each scaled to the
+// largest maximum. So one round of loads from L2 after griddepcontrol.wait, not two (all
+// the maxima first, then the outputs). With two rounds the combine ended some 2.3 us
+// after the decode at B = 1; one round took the page reuse layer at 1 x 128K from
+// 9.9-10.2 to 9.2-9.5 us in a step (H100, 2026-12-06, docs/patches/README.md).
+// (One thread per channel walking every split took 22 us of a 50 us decode at 1 x 32K
+// under Nsight Compute.)
 constexpr int kCombineWarps = 8;
 
-template <typename T, int HEAD>
+// A load from L2 (relaxed, GPU scope: nothing cached in L1) if `pred`; `dst` keeps its
+// value where not. Volatile, so nvcc issues it where it is written (plain loads were sunk
+// under the test of the value loaded before them), and predicated in the PTX itself,
+// where a guard in C++ became branches that waited on the first load before issuing the
+// rest (SASS, 2026-12-06).
+__device__ __forceinline__ void load_l2_if(bool pred, const float* src, float& dst) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p ld.relaxed.gpu.global.f32 %0, [%2];\n}"
+      : "+f"(dst)
+      : "r"(static_cast<int>(pred)), "l"(src));
+}
+__device__ __forceinline__ void load_l2_if(bool pred, const float4* src, float4& dst) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %4, 0;\n"
+      " @p ld.relaxed.gpu.global.v4.f32 {%0, %1, %2, %3}, [%5];\n}"
+      : "+f"(dst.x), "+f"(dst.y), "+f"(dst.z), "+f"(dst.w)
+      : "r"(static_cast<int>(pred)), "l"(src));
+}
+
+// combine_kernel's splits per warp and pass for num_splits splits: 1, 2, 4 or 8
+constexpr int combine_in_flight(int num_splits) {
+  const int per_warp = (num_splits + kCombineWarps - 1) / kCombineWarps;
+  return per_warp <= 1 ? 1 : per_warp <= 2 ? 2 : per_warp <= 4 ? 4 : 8;
+}
+
+// kInFlight: the splits each warp loads in one pass, ceil(num_splits / kCombineWarps)
+// rounded up to a power of two, at most 8 (combine_in_flight, on the host). A first form
+// always loaded 8, clamped to the last split: at 8 splits in all each warp loaded its one
+// split and 7 repeats, and the dense decode at 8 x 32K took 2% longer than with the two
+// rounds (H100, 2026-12-06); the form of 8 also takes twice the registers of the form
+// of 1 (64 and 32), which would halve the CTAs resident per SM for every split count.
+template <typename T, int HEAD, int kInFlight>
 __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParams p) {
   static_assert(HEAD == 32 * 4, "a warp holds one row, 4 channels per lane");
   __shared__ float warp_max[kCombineWarps];
@@ -1141,46 +1193,58 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(DecodeParam
   const int64_t stride = static_cast<int64_t>(p.num_seqs) * p.max_query_len * p.num_heads;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * p.num_heads + head;
   const float* lse = p.partial_lse + base;
+  const float4* out4 = reinterpret_cast<const float4*>(p.partial_out + base * HEAD) + lane;
 
-  float m = -INFINITY;
-  for (int s = threadIdx.x; s < p.num_splits; s += blockDim.x) m = fmaxf(m, lse[s * stride]);
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-#pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) m = fmaxf(m, warp_max[w]);
-
-  float total = 0.0f;
+  // this warp's splits (warp, warp + kCombineWarps, ...): running maximum m, and the
+  // sums scaled by 2^-m. A pass's loads (each split's lse and output) are all issued
+  // before any is looked at.
+  float m = -INFINITY, total = 0.0f;
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  if (m != -INFINITY) {
-#pragma unroll 4
-    for (int s = warp; s < p.num_splits; s += kCombineWarps) {
-      const float l = lse[s * stride];
-      if (l == -INFINITY) continue;  // an empty split wrote no partial output
-      const float w = fast_exp2(l - m);
-      const float4 o =
-          reinterpret_cast<const float4*>(p.partial_out + (s * stride + base) * HEAD)[lane];
+  for (int s0 = warp; s0 < p.num_splits; s0 += kInFlight * kCombineWarps) {
+    float l[kInFlight];
+    float4 o[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const int s = s0 + k * kCombineWarps;
+      const bool real = k == 0 || s < p.num_splits;  // (k = 0: the loop's own test)
+      l[k] = -INFINITY;  // no such split
+      o[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      load_l2_if(real, lse + int64_t{s} * stride, l[k]);
+      load_l2_if(real, out4 + int64_t{s} * stride * (HEAD / 4), o[k]);
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      // no token in this split (an empty split, or a row that saw none of its tokens,
+      // wrote zeros with lse -inf), or no split
+      if (l[k] == -INFINITY) continue;
+      if (l[k] > m) {  // the first split with tokens, or a larger maximum: rescale
+        const float f = fast_exp2(m - l[k]);  // 0 while m is -inf
+        total *= f;
+        acc.x *= f, acc.y *= f, acc.z *= f, acc.w *= f;
+        m = l[k];
+      }
+      const float w = fast_exp2(l[k] - m);
       total += w;
-      acc.x += w * o.x;
-      acc.y += w * o.y;
-      acc.z += w * o.z;
-      acc.w += w * o.w;
+      acc.x = fmaf(w, o[k].x, acc.x);
+      acc.y = fmaf(w, o[k].y, acc.y);
+      acc.z = fmaf(w, o[k].z, acc.z);
+      acc.w = fmaf(w, o[k].w, acc.w);
     }
   }
-  if (lane == 0) warp_total[warp] = total;
+  if (lane == 0) {
+    warp_max[warp] = m;
+    warp_total[warp] = total;
+  }
   warp_acc[warp][lane] = acc;
   __syncthreads();
   if (threadIdx.x >= HEAD) return;
   const int c = threadIdx.x;
-  float sum_total = 0.0f, sum = 0.0f;
-#pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) {
-    sum_total += warp_total[w];
-    sum += reinterpret_cast<const float*>(&warp_acc[w][c / 4])[c % 4];
-  }
+  const SoftmaxState st = fold_states<kCombineWarps>([&](int w) {
+    return SoftmaxState{warp_max[w], warp_total[w],
+                        reinterpret_cast<const float*>(&warp_acc[w][c / 4])[c % 4]};
+  });
   static_cast<T*>(p.out)[row * p.out_stride_token + head * p.out_stride_head + c] =
-      DtypeTraits<T>::from_float(sum_total > 0.0f ? sum / sum_total : 0.0f);
+      DtypeTraits<T>::from_float(st.l > 0.0f ? st.a / st.l : 0.0f);
 }
 
 }  // namespace bitdecode

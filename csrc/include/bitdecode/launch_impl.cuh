@@ -128,10 +128,17 @@ int decode_ctas_per_sm(int gqa, bool channel_k, bool k_params_fp8) {
 // the decode's tail instead of following it, and it waits (griddepcontrol.wait) until the
 // decode grid has finished and its writes are visible. A decode with splits fits in one
 // wave (plan_num_splits), so the waiting CTAs never keep a decode CTA off an SM.
+// Its form (the splits a warp loads at once) is chosen here, so that the forms for few
+// splits keep their fewer registers.
 template <typename T>
 void launch_combine(const DecodeParams& p, cudaStream_t stream) {
-  launch_dependent(combine_kernel<T, kHeadSize>, dim3(p.num_seqs * p.max_query_len, p.num_heads),
-                   dim3(kCombineWarps * 32), 0, stream, p);
+  const dim3 grid(p.num_seqs * p.max_query_len, p.num_heads), block(kCombineWarps * 32);
+  switch (combine_in_flight(p.num_splits)) {
+    case 1: return launch_dependent(combine_kernel<T, kHeadSize, 1>, grid, block, 0, stream, p);
+    case 2: return launch_dependent(combine_kernel<T, kHeadSize, 2>, grid, block, 0, stream, p);
+    case 4: return launch_dependent(combine_kernel<T, kHeadSize, 4>, grid, block, 0, stream, p);
+    default: return launch_dependent(combine_kernel<T, kHeadSize, 8>, grid, block, 0, stream, p);
+  }
 }
 
 template <typename T, int BITS, int GROUP, bool SPARSE, bool KC = false, int SELECT = 0,
